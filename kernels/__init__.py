@@ -1,0 +1,29 @@
+"""maskkv:: custom ops (installed as ``maskkv_compile.kernels``).
+
+Importing this package registers the ops in the ``maskkv`` namespace. Every op has a
+pure-torch implementation that doubles as the reference oracle in tests, and a fake
+implementation so FX passes, ``opcheck`` and Inductor can trace it.
+
+==========================  ===============================================================
+op                          what it computes
+==========================  ===============================================================
+``maskkv::attention``       canonical bidirectional attention (every spelling lowers to it)
+``maskkv::mask_votes``      per-KV-head votes of the mask queries on prompt keys, and the
+                            per-query-head attention mass on the prompt (chunked)
+``maskkv::select_kv``       top-k per KV head with per-head budgets, padded kept K/V
+``maskkv::cached_attention`` attention over [kept prompt K/V (padded) ; response K/V]
+==========================  ===============================================================
+"""
+
+from . import attention, cached_attention, mask_votes, select_kv  # noqa: F401  (registers ops)
+from .attention import attention_reference
+from .cached_attention import cached_attention_reference
+from .mask_votes import mask_votes_reference
+from .select_kv import select_kv_reference
+
+__all__ = [
+    "attention_reference",
+    "cached_attention_reference",
+    "mask_votes_reference",
+    "select_kv_reference",
+]

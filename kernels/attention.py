@@ -1,0 +1,69 @@
+"""``maskkv::attention``: the canonical attention op.
+
+Every attention spelling found in a model (fused SDPA, the eager matmul -> scale -> softmax
+-> matmul chain, GQA by ``enable_gqa`` / ``repeat_interleave`` / ``expand``+``reshape``) is
+rewritten into this one op by ``passes/find_attention.py``; later passes only look for it.
+
+Shapes: q (B, H, S, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) with H % Hkv == 0 -> (B, H, S, Dv).
+Query head h reads KV head h // (H // Hkv), the grouping of Hugging Face's ``repeat_kv``.
+
+``softmax_dtype`` keeps the eager spelling's numerics: when the model computed the softmax
+in a dtype other than q's (Hugging Face eager attention: float32 softmax, then a cast back),
+the op does the same, so a rewritten float64 model stays bit-faithful to its source.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def expand_kv_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, Hkv, S, D) -> (B, H, S, D), each KV head repeated for its group of query heads."""
+    group = num_heads // x.shape[1]
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    softmax_dtype: Optional[torch.dtype] = None,
+    key_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Plain attention; ``key_mask`` (broadcastable to (B, H, S, Sk), True = attend)."""
+    k = expand_kv_heads(k, q.shape[1])
+    v = expand_kv_heads(v, q.shape[1])
+    if softmax_dtype is None or softmax_dtype == q.dtype:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=scale)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, S, Sk)
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "q, k, v must be 4-D (B, H, S, D)")
+    torch._check(q.shape[1] % k.shape[1] == 0, lambda: f"query heads {q.shape[1]} not a multiple of KV heads {k.shape[1]}")
+
+
+@torch.library.custom_op("maskkv::attention", mutates_args=())
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    softmax_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    _check(q, k, v)
+    return attention_reference(q, k, v, scale, softmax_dtype).contiguous()
+
+
+@attention.register_fake
+def _(q, k, v, scale, softmax_dtype=None):
+    _check(q, k, v)
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))

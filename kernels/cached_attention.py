@@ -1,0 +1,48 @@
+"""``maskkv::cached_attention``: response queries over [kept prompt K/V ; response K/V].
+
+Inputs:  q (B, H, R, D); k, v (B, Hkv, R, D) of the response rows; kept_k, kept_v
+         (B, Hkv, K, D) padded per layer, kept_len (Hkv,) valid prefix per KV head; scale;
+         softmax_dtype as in ``maskkv::attention``.
+Output:  (B, H, R, Dv).
+
+Padding slots (index >= kept_len[h]) get no attention weight. With every prompt entry
+kept, this equals attention over the concatenation of the prompt's and the response's K/V.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .attention import attention_reference, expand_kv_heads
+
+
+def cached_attention_reference(q, k, v, kept_k, kept_v, kept_len, scale, softmax_dtype=None):
+    num_kept = kept_k.shape[2]
+    keys = torch.cat([kept_k, k], dim=2)  # (B, Hkv, K+R, D)
+    values = torch.cat([kept_v, v], dim=2)
+    kept_valid = torch.arange(num_kept, device=q.device) < kept_len[:, None]  # (Hkv, K)
+    resp_valid = kept_valid.new_ones((kept_len.shape[0], k.shape[2]))  # (Hkv, R)
+    key_mask = torch.cat([kept_valid, resp_valid], dim=1)[None, :, None, :]  # (1, Hkv, 1, K+R)
+    key_mask = expand_kv_heads(key_mask, q.shape[1])  # (1, H, 1, K+R)
+    return attention_reference(q, keys, values, scale, softmax_dtype, key_mask=key_mask)
+
+
+@torch.library.custom_op("maskkv::cached_attention", mutates_args=())
+def cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kept_k: torch.Tensor,
+    kept_v: torch.Tensor,
+    kept_len: torch.Tensor,
+    scale: float,
+    softmax_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    return cached_attention_reference(q, k, v, kept_k, kept_v, kept_len, scale, softmax_dtype).contiguous()
+
+
+@cached_attention.register_fake
+def _(q, k, v, kept_k, kept_v, kept_len, scale, softmax_dtype=None):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))

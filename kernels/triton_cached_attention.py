@@ -1,0 +1,125 @@
+"""Two-segment flash attention in Triton for ``maskkv::cached_attention``.
+
+Same contract as ``kernels/cached_attention.py``:
+
+    q (B, H, R, D); k, v (B, Hkv, R, D|Dv) response K/V; kept_k, kept_v (B, Hkv, K, D|Dv)
+    kept prompt K/V padded per layer; kept_len (Hkv,) int64 valid prefix per KV head; scale
+    -> out (B, H, R, Dv) in q's dtype
+
+One program per (block of response queries, batch x query head). It streams the first
+``min(kept_len[kvh], K)`` kept rows and then the R response rows through one online
+softmax (running max, running sum, float32 accumulator), so the two segments are never
+concatenated and the padding of ragged per-head budgets is never read. GQA: query head h
+reads KV head h // (H // Hkv). R, K, D, Dv need not be multiples of the block sizes.
+Probabilities are cast to v's dtype before the P @ V product (as SDPA does); fp32 dots
+run in IEEE precision, not TF32.
+
+``cached_attention_triton`` is the launch function; see ``kernels/triton_votes.py`` for how
+it is wrapped (``wrap_triton``) and why importing this module never needs triton.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .triton_votes import HAS_TRITON, LOG2E, interpreted
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .triton_votes import _dot
+
+    @triton.jit
+    def _attend_segment(
+        q, m, l, acc, k_base, v_base, n_keys, sks, skd, svs, svd, qk_scale,
+        d, d_ok, dv, dv_ok, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        """Fold keys [0, n_keys) of one segment into the online softmax state (m, l, acc)."""
+        for start in range(0, n_keys, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < n_keys
+            kt = tl.load(
+                k_base + cols[None, :] * sks + d[:, None] * skd,
+                mask=d_ok[:, None] & col_ok[None, :], other=0.0,
+            )  # (BLOCK_D, BLOCK_N)
+            vb = tl.load(
+                v_base + cols[:, None] * svs + dv[None, :] * svd,
+                mask=col_ok[:, None] & dv_ok[None, :], other=0.0,
+            )  # (BLOCK_N, BLOCK_DV)
+            s = _dot(q, kt, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l = l * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + _dot(p.to(vb.dtype), vb, UPCAST)
+            m = m_new
+        return m, l, acc
+
+    @triton.jit
+    def _cached_attention_kernel(
+        q_ptr, k_ptr, v_ptr, kk_ptr, kv_ptr, kept_len_ptr, out_ptr,
+        sqb, sqh, sqs, sqd,
+        skb, skh, sks, skd,
+        svb, svh, svs, svd,
+        skkb, skkh, skks, skkd,
+        skvb, skvh, skvs, skvd,
+        sob, soh, sos, sod,
+        H, GROUP, R, K, D, DV, qk_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        kvh = h // GROUP
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < R
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        dv = tl.arange(0, BLOCK_DV)
+        dv_ok = dv < DV
+        q = tl.load(
+            q_ptr + b * sqb + h * sqh + rows[:, None] * sqs + d[None, :] * sqd,
+            mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+        )  # (BLOCK_M, BLOCK_D)
+        m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+        n_kept = tl.minimum(tl.load(kept_len_ptr + kvh), K)
+        m, l, acc = _attend_segment(  # segment 1: the kept prompt entries of this KV head
+            q, m, l, acc, kk_ptr + b * skkb + kvh * skkh, kv_ptr + b * skvb + kvh * skvh,
+            n_kept, skks, skkd, skvs, skvd, qk_scale, d, d_ok, dv, dv_ok, BLOCK_N, UPCAST,
+        )
+        m, l, acc = _attend_segment(  # segment 2: the response K/V (never empty: R >= 1)
+            q, m, l, acc, k_ptr + b * skb + kvh * skh, v_ptr + b * svb + kvh * svh,
+            R, sks, skd, svs, svd, qk_scale, d, d_ok, dv, dv_ok, BLOCK_N, UPCAST,
+        )
+        out = acc / l[:, None]
+        tl.store(
+            out_ptr + b * sob + h * soh + rows[:, None] * sos + dv[None, :] * sod,
+            out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :],
+        )
+
+
+def cached_attention_triton(q, k, v, kept_k, kept_v, kept_len, scale):
+    """Launch the kernel. Shapes and dtypes as in the module docstring."""
+    from torch.library import wrap_triton
+
+    batch, heads, resp, dim = q.shape
+    kv_heads, dim_v = k.shape[1], v.shape[-1]
+    out = torch.empty((batch, heads, resp, dim_v), device=q.device, dtype=q.dtype)
+    if resp == 0:
+        return out
+    block_m, block_n = 32, 64
+    wrap_triton(_cached_attention_kernel)[((resp + block_m - 1) // block_m, batch * heads)](
+        q, k, v, kept_k, kept_v, kept_len.contiguous(), out,
+        *q.stride(), *k.stride(), *v.stride(), *kept_k.stride(), *kept_v.stride(), *out.stride(),
+        heads, heads // kv_heads, resp, kept_k.shape[2], dim, dim_v, float(scale) * LOG2E,
+        BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_DV=max(16, triton.next_power_of_2(dim_v)),
+        UPCAST=interpreted(),
+    )
+    return out

@@ -1,0 +1,173 @@
+"""Fused Triton kernels for ``maskkv::mask_votes`` (CUDA; CPU only under TRITON_INTERPRET=1).
+
+Same contract as ``kernels/mask_votes.py``:
+
+    q (B, H, S, D), k (B, Hkv, S, D), voter_idx (Rv,), prompt_idx (P,) int64, scale
+    -> votes (B, Hkv, P) float32, prompt_mass (B, H) float32
+
+Two passes, neither holds the (Rv x S) score matrix:
+
+1. ``_row_lse_kernel``, one program per (batch x query head, block of voter rows): an online
+   max / sum over all S keys, in key blocks, gives each voter row's log-sum-exp (base 2).
+2. ``_prompt_colsum_kernel``, one program per (batch x KV head, block of prompt columns):
+   loads the block's prompt keys once, then for every query head of the GQA group and every
+   block of voter rows adds exp2(s - lse) into the column sums (the votes) and into that
+   head's mass; the per-block masses land in a (B, H, num_blocks) buffer summed by torch.
+
+Invariants: scores, exponentials and sums are float32 whatever the input dtype (fp16,
+bf16, fp32; fp32 dots run in IEEE precision, not TF32); voter rows and prompt columns are
+read through their index vectors, so nothing is gathered or copied first; Rv, S, P and D
+need not be multiples of any block size (masked loads).
+
+``mask_votes_triton`` is the launch function. Kernels go through ``torch.library.wrap_triton``
+so that, inside a ``torch.library.triton_op``, Inductor sees them; eagerly and under
+``TRITON_INTERPRET=1`` it launches them directly. Importing this module never needs triton.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the package works without triton; only these kernels need it
+    triton = None
+
+HAS_TRITON = triton is not None
+
+LOG2E = 1.4426950408889634
+
+
+def interpreted() -> bool:
+    """True under TRITON_INTERPRET=1 (numpy interpreter: CPU tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _dot(a, b, UPCAST: tl.constexpr):
+        """a @ b accumulated in float32 (IEEE for fp32 inputs). UPCAST: feed the dot fp32
+        operands; set under the interpreter, whose bf16 dot returns garbage (triton 3.7.1)."""
+        if UPCAST:
+            out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            out = tl.dot(a, b, input_precision="ieee")
+        return out
+
+    @triton.jit
+    def _row_lse_kernel(
+        q_ptr, k_ptr, voter_ptr, lse_ptr,
+        sqb, sqh, sqs, sqd, skb, skh, sks, skd,
+        H, GROUP, RV, S, D, qk_scale,
+        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        """lse_ptr[(b*H + h)*RV + r] = log2 sum_j exp2(q_r . k_j * qk_scale) over all S keys."""
+        pid_r = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        kvh = h // GROUP
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < RV
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        qpos = tl.load(voter_ptr + rows, mask=row_ok, other=0)
+        q = tl.load(
+            q_ptr + b * sqb + h * sqh + qpos[:, None] * sqs + d[None, :] * sqd,
+            mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+        )  # (BLOCK_R, BLOCK_D)
+        m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+        l = tl.zeros((BLOCK_R,), tl.float32)
+        for start in range(0, S, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < S
+            kt = tl.load(
+                k_ptr + b * skb + kvh * skh + cols[None, :] * sks + d[:, None] * skd,
+                mask=d_ok[:, None] & col_ok[None, :], other=0.0,
+            )  # (BLOCK_D, BLOCK_N)
+            s = _dot(q, kt, UPCAST) * qk_scale  # (BLOCK_R, BLOCK_N), log2 units
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+            m = m_new
+        tl.store(lse_ptr + pid_bh * RV + rows, m + tl.log2(l), mask=row_ok)
+
+    @triton.jit
+    def _prompt_colsum_kernel(
+        q_ptr, k_ptr, voter_ptr, prompt_ptr, lse_ptr, votes_ptr, mass_ptr,
+        sqb, sqh, sqs, sqd, skb, skh, sks, skd,
+        H, HKV, GROUP, RV, P, D, NUM_PB, qk_scale,
+        BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        """votes[b, kvh, p] = sum over the group's heads and voter rows of exp2(s - lse);
+        mass[b, h, pid_p] = the same sum for head h over this block's prompt columns."""
+        pid_p = tl.program_id(0)
+        pid_bk = tl.program_id(1)
+        b = pid_bk // HKV
+        kvh = pid_bk % HKV
+        cols = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        col_ok = cols < P
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        kpos = tl.load(prompt_ptr + cols, mask=col_ok, other=0)
+        kt = tl.load(
+            k_ptr + b * skb + kvh * skh + kpos[None, :] * sks + d[:, None] * skd,
+            mask=d_ok[:, None] & col_ok[None, :], other=0.0,
+        )  # (BLOCK_D, BLOCK_P): this block's prompt keys, loaded once
+        votes = tl.zeros((BLOCK_P,), tl.float32)
+        for g in range(0, GROUP):
+            h = kvh * GROUP + g
+            head_cols = tl.zeros((BLOCK_P,), tl.float32)
+            for start in range(0, RV, BLOCK_R):
+                rows = start + tl.arange(0, BLOCK_R)
+                row_ok = rows < RV
+                qpos = tl.load(voter_ptr + rows, mask=row_ok, other=0)
+                q = tl.load(
+                    q_ptr + b * sqb + h * sqh + qpos[:, None] * sqs + d[None, :] * sqd,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+                )  # (BLOCK_R, BLOCK_D)
+                lse = tl.load(lse_ptr + (b * H + h) * RV + rows, mask=row_ok, other=0.0)
+                s = _dot(q, kt, UPCAST) * qk_scale  # (BLOCK_R, BLOCK_P)
+                p = tl.exp2(s - lse[:, None])
+                p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+                head_cols += tl.sum(p, 0)
+            votes += head_cols
+            tl.store(mass_ptr + (b * H + h) * NUM_PB + pid_p, tl.sum(head_cols, 0))
+        tl.store(votes_ptr + pid_bk * P + cols, votes, mask=col_ok)
+
+
+def mask_votes_triton(q, k, voter_idx, prompt_idx, scale):
+    """Launch the two kernels. Shapes and dtypes as in the module docstring."""
+    from torch.library import wrap_triton
+
+    batch, heads, _, dim = q.shape
+    kv_heads, seq = k.shape[1], k.shape[2]
+    num_voters, num_prompt = voter_idx.shape[0], prompt_idx.shape[0]
+    voter_idx = voter_idx.contiguous()
+    prompt_idx = prompt_idx.contiguous()
+    block_r, block_n, block_p = 32, 64, 64
+    block_d = max(16, triton.next_power_of_2(dim))
+    num_pb = (num_prompt + block_p - 1) // block_p
+    votes = torch.empty((batch, kv_heads, num_prompt), device=q.device, dtype=torch.float32)
+    mass = torch.empty((batch, heads, num_pb), device=q.device, dtype=torch.float32)
+    lse = torch.empty((batch, heads, num_voters), device=q.device, dtype=torch.float32)
+    if num_voters == 0 or num_prompt == 0:
+        return votes.zero_(), mass.sum(-1)
+    qk_scale = float(scale) * LOG2E
+    wrap_triton(_row_lse_kernel)[((num_voters + block_r - 1) // block_r, batch * heads)](
+        q, k, voter_idx, lse,
+        *q.stride(), *k.stride(),
+        heads, heads // kv_heads, num_voters, seq, dim, qk_scale,
+        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, UPCAST=interpreted(),
+    )
+    wrap_triton(_prompt_colsum_kernel)[(num_pb, batch * kv_heads)](
+        q, k, voter_idx, prompt_idx, lse, votes, mass,
+        *q.stride(), *k.stride(),
+        heads, kv_heads, heads // kv_heads, num_voters, num_prompt, dim, num_pb, qk_scale,
+        BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_D=block_d, UPCAST=interpreted(),
+    )
+    return votes, mass.sum(-1)  # (B, Hkv, P), (B, H)

@@ -1,0 +1,16 @@
+"""maskkv_compile: MaskKV prompt-KV eviction for diffusion LLMs, as a torch.compile pass.
+
+    model = maskkv_compile.optimize(model, budget=256)
+    out = model.generate(prompt_ids, gen_length=128, steps=128, block_length=32)
+"""
+
+from maskkv_compile.api import MaskKVModel, optimize
+from maskkv_compile.config import MaskKVConfig, MaskKVConfigError
+from maskkv_compile.passes import UnsupportedModelError
+from maskkv_compile.runtime import NoMaskTokenError, response_logits_only
+
+__all__ = [
+    "MaskKVConfig", "MaskKVConfigError", "MaskKVModel", "NoMaskTokenError", "UnsupportedModelError",
+    "optimize", "response_logits_only",
+]
+__version__ = "0.1.0"

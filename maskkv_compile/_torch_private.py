@@ -1,0 +1,32 @@
+"""Every private torch API maskkv_compile touches, imported in this one place.
+
+When torch moves, this is the file to fix.
+"""
+
+from __future__ import annotations
+
+from torch._dynamo.utils import lazy_format_graph_code  # noqa: F401  (graph dumps depyf/TORCH_LOGS see)
+from torch._logging import trace_structured  # noqa: F401  (tlparse artifacts)
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: F401
+
+
+def example_value(node):
+    """The fake value dynamo recorded for an FX node (None for nodes we inserted)."""
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def sym_expr(value):
+    """The sympy expression behind a SymInt, or the int itself."""
+    import torch
+
+    return value.node.expr if isinstance(value, torch.SymInt) else value
+
+
+def sym_hint(value) -> int:
+    """A concrete size for a possibly symbolic one (the value dynamo saw while tracing)."""
+    import torch
+
+    if isinstance(value, torch.SymInt):
+        hint = value.node.hint
+        return int(hint) if hint is not None else int(value.node.shape_env.size_hint(value.node.expr))
+    return int(value)

@@ -1,0 +1,97 @@
+"""``optimize(model, budget)``: the one-call public API, and the model it returns."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from maskkv_compile.backend import MaskKVBackend
+from maskkv_compile.config import MaskKVConfig, MaskKVConfigError
+
+# Every MaskKVModel compiles the same forward code object with its own backend; dynamo
+# counts each as a recompile of that code. Allow many before it would fall back to eager.
+_RECOMPILE_LIMIT = 256
+
+
+class MaskKVModel(torch.nn.Module):
+    """A model whose forward runs the MaskKV prefill/step graphs (see ``runtime``).
+
+    ``model(input_ids).logits`` keeps the original contract; ``generate`` is LLaDA's loop.
+    The wrapped model's weights are shared, not copied.
+    """
+
+    def __init__(self, model: torch.nn.Module, config: MaskKVConfig, mask_token_id: int):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.mask_token_id = mask_token_id
+        self.backend = MaskKVBackend(config, mask_token_id)
+        self._compiled = torch.compile(model, backend=self.backend, fullgraph=True)
+        self._last_runtime = None
+
+    def forward(self, input_ids: torch.Tensor, **kwargs):
+        if input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise ValueError(f"input_ids must be (batch, seq) integer token ids, got {tuple(input_ids.shape)} {input_ids.dtype}")
+        torch._dynamo.mark_dynamic(input_ids, 1)
+        kwargs.setdefault("use_cache", False)
+        calls_before = {id(r): r.counts.prefills + r.counts.steps for r in self.backend.runtimes}
+        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, accumulated_recompile_limit=_RECOMPILE_LIMIT):
+            out = self._compiled(input_ids=input_ids, **kwargs)
+        used = [r for r in self.backend.runtimes if r.counts.prefills + r.counts.steps != calls_before.get(id(r), 0)]
+        if len(used) != 1:
+            raise RuntimeError("the MaskKV runtime did not run for this call (dynamo fell back); please report this")
+        self._last_runtime = used[0]
+        return out
+
+    @property
+    def runtime(self):
+        if self._last_runtime is None:
+            raise RuntimeError("the model has not run yet")
+        return self._last_runtime
+
+    def cache_stats(self) -> dict:
+        """Kept tokens per layer and KV head, bytes held, prompt length (last prompt run)."""
+        return self.runtime.cache_stats() if self._last_runtime is not None else {"prompt_len": 0, "layers": [], "bytes": 0}
+
+    def reset(self) -> None:
+        """Forget every cached prompt; the next call is a prefill."""
+        for runtime in self.backend.runtimes:
+            runtime.reset()
+
+    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        from maskkv_compile.generate import generate
+
+        return generate(self, input_ids, mask_token_id=self.mask_token_id, **kwargs)
+
+
+def optimize(
+    model: torch.nn.Module,
+    budget: Optional[int] = None,
+    *,
+    mask_token_id: Optional[int] = None,
+    backend: Optional[str] = None,
+    prompt_refresh: Optional[int] = None,
+    config: Optional[MaskKVConfig] = None,
+) -> MaskKVModel:
+    """Rewrite ``model`` for MaskKV; nothing about the model itself changes.
+
+    budget: prompt KV pairs kept per KV head per layer (default 256).
+    mask_token_id: default ``model.config.mask_token_id``.
+    backend: "inductor" (default) or "eager" (rewritten graphs run as plain FX code).
+    prompt_refresh: recompute the prompt every this many steps (default: never).
+    config: a full :class:`MaskKVConfig`; the keyword arguments above override its fields.
+    """
+    overrides = {
+        k: v
+        for k, v in dict(budget=budget, mask_token_id=mask_token_id, backend=backend, prompt_refresh=prompt_refresh).items()
+        if v is not None
+    }
+    config = MaskKVConfig.from_options(overrides, base=config)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"optimize() takes a torch.nn.Module, got {type(model).__name__}")
+    token = config.mask_token_id if config.mask_token_id is not None else getattr(getattr(model, "config", None), "mask_token_id", None)
+    if token is None:
+        raise MaskKVConfigError("mask_token_id is not set and the model config has none: pass optimize(model, mask_token_id=...)")
+    model.eval()
+    return MaskKVModel(model, config, int(token))

@@ -1,0 +1,88 @@
+"""The one configuration object of maskkv_compile, validated at construction.
+
+``optimize(model, ...)`` and ``torch.compile(model, backend="maskkv", options={...})`` both
+build a :class:`MaskKVConfig`; every option of either surface is a field here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+BACKENDS = ("inductor", "eager")
+
+
+class MaskKVConfigError(ValueError):
+    """An invalid maskkv_compile option; the message names the option and what to do."""
+
+
+def _require_int(name: str, value: Any, *, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MaskKVConfigError(f"{name} must be an int >= {minimum}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise MaskKVConfigError(f"{name} must be >= {minimum}, got {value}")
+
+
+@dataclass(frozen=True)
+class MaskKVConfig:
+    """How MaskKV rewrites and runs a model.
+
+    budget: average number of prompt KV pairs kept per KV head per layer. A prompt no
+        longer than the budget is kept whole, which makes the cache exact.
+    mask_token_id: the [MASK] token id. ``None`` = read it from the model config
+        (``mask_token_id``; LLaDA's is 126336). Required by the time the model runs.
+    backend: "inductor" compiles the rewritten graphs with Inductor; "eager" runs them
+        as plain FX code (debugging, fast tests).
+    prompt_refresh: recompute the prompt (and re-select the kept entries) every this many
+        steps after the prefill; ``None`` never refreshes.
+    vote_shift: offset from a masked position to the query that votes for it. 0 for
+        LLaDA-style models; -1 for Dream, which predicts token i at position i-1.
+    vote_chunk: voter query rows processed at once by ``maskkv::mask_votes``.
+    max_sessions: prompts whose caches are kept at once (2 lets classifier-free guidance
+        alternate a conditional and an unconditional prompt without re-prefilling).
+    """
+
+    budget: int = 256
+    mask_token_id: Optional[int] = None
+    backend: str = "inductor"
+    prompt_refresh: Optional[int] = None
+    vote_shift: int = 0
+    vote_chunk: int = 64
+    max_sessions: int = 2
+
+    def __post_init__(self) -> None:
+        _require_int("budget", self.budget, minimum=1)
+        _require_int("mask_token_id", self.mask_token_id, minimum=0, allow_none=True)
+        if self.backend not in BACKENDS:
+            raise MaskKVConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        _require_int("prompt_refresh", self.prompt_refresh, minimum=1, allow_none=True)
+        if isinstance(self.vote_shift, bool) or not isinstance(self.vote_shift, int):
+            raise MaskKVConfigError(f"vote_shift must be an int (0 LLaDA, -1 Dream), got {self.vote_shift!r}")
+        _require_int("vote_chunk", self.vote_chunk, minimum=1)
+        _require_int("max_sessions", self.max_sessions, minimum=1)
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_options(cls, options: Optional[Mapping[str, Any]] = None, base: Optional["MaskKVConfig"] = None) -> "MaskKVConfig":
+        """Build a config from a dict of options (``torch.compile(..., options=...)``),
+        on top of ``base``; an unknown key is an error that names it."""
+        options = dict(options or {})
+        unknown = {k: options.pop(k) for k in list(options) if k not in cls.option_names()}
+        if unknown:
+            raise MaskKVConfigError(f"unknown option(s) {sorted(unknown)}; valid options: {cls.option_names()}")
+        return dataclasses.replace(base or cls(), **options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.option_names()}
+
+    def fingerprint(self) -> str:
+        """Stable hash of every option (folded into each pass's ``uuid()``)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]

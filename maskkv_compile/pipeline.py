@@ -1,0 +1,88 @@
+"""From one captured graph to the two MaskKV graphs (prefill and step).
+
+    captured --FindAttentionPass--> canonical --+--> prefill (CaptureVotes, EvictKV, MaskOnlyHead)
+                                                +--> step    (SliceSequence, CachedAttention)
+
+Each derived graph is a copy, so the canonical graph stays available to ``explain``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from maskkv_compile.config import MaskKVConfig
+from maskkv_compile.passes import (
+    AttentionSite, CachedAttentionPass, CaptureVotesPass, EvictKVPass, FindAttentionPass, GraphInfo,
+    MaskOnlyHeadPass, PassManager, SliceSequencePass, UnsupportedModelError, analyse, attention_sites,
+)
+from maskkv_compile.passes.base import PassRecord, extra_inputs
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return fx.GraphModule(gm, graph)
+
+
+@dataclass
+class MaskKVGraphs:
+    info: GraphInfo
+    sites: list[AttentionSite]
+    num_inputs: int  # placeholders of the captured graph
+    captured_code: str
+    canonical: fx.GraphModule
+    prefill: fx.GraphModule
+    step: fx.GraphModule
+    prefill_inputs: list[str]  # names of the placeholders the passes appended, in order
+    step_inputs: list[str]
+    head_sliced: bool
+    records: dict[str, list[PassRecord]] = field(default_factory=dict)
+    skipped: tuple[str, ...] = ()
+
+
+def _seen_ops(gm: fx.GraphModule) -> str:
+    ops = Counter(
+        getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes if n.op in ("call_function", "call_method")
+    )
+    return ", ".join(f"{name} x{count}" for name, count in ops.most_common(25))
+
+
+def build_graphs(gm: fx.GraphModule, config: MaskKVConfig, *, strict: bool = True) -> MaskKVGraphs:
+    """Run the passes. ``strict`` (what optimize/the backend use) turns refusals into errors;
+    ``explain`` passes ``strict=False`` to report them instead."""
+    info = analyse(gm)
+    num_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    canonical = copy_graph_module(gm)
+    find = PassManager("canonical", [FindAttentionPass(config)])
+    find(canonical)
+    result = find.records[0].result
+    if strict and result.skipped:
+        raise UnsupportedModelError(
+            "maskkv cannot rewrite these attention sites safely:\n  " + "\n  ".join(result.skipped)
+        )
+    if result.matches == 0:
+        raise UnsupportedModelError("no attention found in the model's graph; ops seen: " + _seen_ops(gm))
+    prefill = copy_graph_module(canonical)
+    prefill_passes = PassManager("prefill", [CaptureVotesPass(config), EvictKVPass(config), MaskOnlyHeadPass(config, info)])
+    prefill_passes(prefill)
+    step = copy_graph_module(canonical)
+    step_passes = PassManager("step", [SliceSequencePass(config, info), CachedAttentionPass(config)])
+    step_passes(step)
+    return MaskKVGraphs(
+        info=info,
+        sites=[site for _, site in attention_sites(canonical)],
+        num_inputs=num_inputs,
+        captured_code=gm.code,
+        canonical=canonical,
+        prefill=prefill,
+        step=step,
+        prefill_inputs=extra_inputs(prefill, num_inputs),
+        step_inputs=extra_inputs(step, num_inputs),
+        head_sliced=prefill_passes.records[-1].result.changed,
+        records={"canonical": find.records, "prefill": prefill_passes.records, "step": step_passes.records},
+        skipped=result.skipped,
+    )

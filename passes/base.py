@@ -1,0 +1,172 @@
+"""Pass infrastructure: the ``PassResult`` record, the ``GraphPass`` base and the manager.
+
+Invariants every pass keeps (checked by the manager after each pass): the graph lints,
+the module is recompiled, and nodes a pass inserts are ``maskkv::`` ops or plain indexing
+of existing tensors. A pass that finds nothing to do says so in its result; whether that
+is an error is the pipeline's decision, never silent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+
+log = logging.getLogger("maskkv_compile.passes")
+graph_log = logging.getLogger("maskkv_compile.graph")
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What one pass did: sites matched, whether the graph changed, sites skipped (why)."""
+
+    name: str
+    matches: int
+    changed: bool
+    skipped: tuple[str, ...] = ()
+    ms: float = 0.0
+    inserted: tuple[str, ...] = ()
+
+
+class GraphPass:
+    """One FX rewrite. Subclasses set ``name`` and implement ``run(gm) -> PassResult``."""
+
+    name = "GraphPass"
+    dead_code_elimination = True  # off for passes whose new nodes a later pass consumes
+
+    def __init__(self, config: Any = None):
+        self.config = config
+
+    def uuid(self) -> str:
+        """Hash of the pass's source and the config: part of every compile cache key."""
+        fingerprint = self.config.fingerprint() if self.config is not None else ""
+        source = inspect.getsource(type(self))
+        return hashlib.sha256((source + fingerprint).encode()).hexdigest()[:16]
+
+    def run(self, gm: fx.GraphModule) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        start = time.perf_counter()
+        before = {n for n in gm.graph.nodes}
+        result = self.run(gm)
+        if self.dead_code_elimination:
+            gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+        inserted = tuple(
+            str(n.target) for n in gm.graph.nodes if n not in before and n.op == "call_function" and "maskkv" in str(n.target)
+        )
+        return dataclasses.replace(result, ms=(time.perf_counter() - start) * 1e3, inserted=inserted)
+
+
+def new_placeholder(gm: fx.GraphModule, name: str) -> fx.Node:
+    """Append a placeholder after the existing ones (the graph's call signature grows)."""
+    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    with gm.graph.inserting_after(last):
+        return gm.graph.placeholder(name)
+
+
+def set_outputs(gm: fx.GraphModule, outputs: tuple) -> None:
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    out.args = (tuple(outputs),)
+
+
+def graph_outputs(gm: fx.GraphModule) -> tuple:
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    result = out.args[0]
+    return tuple(result) if isinstance(result, (tuple, list)) else (result,)
+
+
+@dataclass
+class PassRecord:
+    index: int
+    name: str
+    result: PassResult
+    before: str
+    after: str
+
+
+@dataclass
+class PassManager:
+    """Runs passes in the given order, one log line each, keeping before/after code.
+
+    With ``MASKKV_DEBUG_DIR`` set, each graph is written as
+    ``maskkv.<graph>.<i>.<PassName>.before.py`` / ``.after.py``.
+    """
+
+    graph_name: str
+    passes: list[GraphPass]
+    records: list[PassRecord] = field(default_factory=list)
+    debug_dir: Optional[str] = field(default_factory=lambda: os.environ.get("MASKKV_DEBUG_DIR"))
+
+    def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
+        for i, graph_pass in enumerate(self.passes):
+            before = gm.code
+            result = graph_pass(gm)
+            after = gm.code
+            self.records.append(PassRecord(i, graph_pass.name, result, before, after))
+            log.info(
+                "[%s] %d %s: matches=%d changed=%s skipped=%d (%.1f ms)",
+                self.graph_name, i, graph_pass.name, result.matches, result.changed, len(result.skipped), result.ms,
+            )
+            self._dump(i, graph_pass.name, before, after)
+        return gm
+
+    def _dump(self, i: int, name: str, before: str, after: str) -> None:
+        from maskkv_compile._torch_private import lazy_format_graph_code, trace_structured  # noqa: F401
+
+        stem = f"maskkv.{self.graph_name}.{i}.{name}"
+        if graph_log.isEnabledFor(logging.DEBUG):
+            graph_log.debug("%s.after\n%s", stem, after)
+        trace_structured(
+            "artifact",
+            metadata_fn=lambda: {"name": f"{stem}.after", "encoding": "string"},
+            payload_fn=lambda: after,
+        )
+        if self.debug_dir:
+            os.makedirs(self.debug_dir, exist_ok=True)
+            for suffix, code in (("before", before), ("after", after)):
+                with open(os.path.join(self.debug_dir, f"{stem}.{suffix}.py"), "w") as f:
+                    f.write(_as_module(code))
+
+    def uuid(self) -> str:
+        return hashlib.sha256("".join(p.uuid() for p in self.passes).encode()).hexdigest()[:16]
+
+
+def _as_module(code: str) -> str:
+    """GraphModule code is a method body; make it a module that parses on its own."""
+    return "import torch\nfrom torch import device, inf, nan\n\n" + code.replace("\ndef forward(self", "\ndef forward(self", 1)
+
+
+TargetPredicate = Callable[[fx.Node], bool]
+
+
+def is_call(node: fx.Node, *targets: Any) -> bool:
+    return node.op == "call_function" and node.target in targets
+
+
+def is_method(node: fx.Node, *names: str) -> bool:
+    return node.op == "call_method" and node.target in names
+
+
+
+def placeholder(gm: fx.GraphModule, name: str) -> fx.Node:
+    """The placeholder called ``name``, appended after the existing ones if missing."""
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node.target == name:
+            return node
+    return new_placeholder(gm, name)
+
+
+def extra_inputs(gm: fx.GraphModule, original: int) -> list[str]:
+    """Names of the placeholders the passes added after the ``original`` captured ones."""
+    return [n.target for n in gm.graph.nodes if n.op == "placeholder"][original:]

@@ -1,0 +1,38 @@
+"""CachedAttentionPass (step graph): attention over [kept prompt K/V ; response K/V].
+
+Matches every canonical ``maskkv::attention`` node (after SliceSequencePass its q/k/v are
+the response rows); replaces it with ``maskkv::cached_attention(q, k, v, kept_k_<l>,
+kept_v_<l>, kept_len_<l>, scale, softmax_dtype)`` where the three cache tensors of layer
+``l`` are new graph inputs, in layer order (``STEP_INPUTS_PER_LAYER`` per layer).
+
+Invariant: the response K/V are recomputed every step from the current tokens; only the
+prompt side comes from the cache, already rotated at its absolute positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .base import GraphPass, PassResult, placeholder
+from .find_attention import attention_sites
+
+STEP_INPUTS_PER_LAYER = 3
+
+
+class CachedAttentionPass(GraphPass):
+    name = "CachedAttentionPass"
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        sites = attention_sites(gm)
+        for node, site in sites:
+            cache = [placeholder(gm, f"{kind}_{site.layer}") for kind in ("kept_k", "kept_v", "kept_len")]
+            q, k, v, scale, softmax_dtype = node.args
+            with gm.graph.inserting_before(node):
+                cached = gm.graph.call_function(
+                    torch.ops.maskkv.cached_attention.default, (q, k, v, *cache, scale, softmax_dtype)
+                )
+            cached.meta.update(node.meta)
+            node.replace_all_uses_with(cached)
+            gm.graph.erase_node(node)
+        return PassResult(self.name, matches=len(sites), changed=bool(sites))

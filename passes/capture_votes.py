@@ -1,0 +1,41 @@
+"""CaptureVotesPass (prefill graph): Mask-Voting at every attention site.
+
+Matches every canonical ``maskkv::attention`` node; inserts right after it
+``maskkv::mask_votes(q, k, voter_idx, prompt_idx, scale, chunk)`` where ``voter_idx`` and
+``prompt_idx`` are new graph inputs (positions along the sequence).
+
+Invariants: q/k are the site's own post-RoPE, unrepeated tensors, so the votes see exactly
+the scores the attention computed; the votes node is recorded in the site node's
+``meta["maskkv_votes"]`` for EvictKVPass, which consumes it (so it is never dead code).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from .base import GraphPass, PassResult, placeholder
+from .find_attention import attention_sites
+
+
+class CaptureVotesPass(GraphPass):
+    name = "CaptureVotesPass"
+    dead_code_elimination = False  # the votes have no user until EvictKVPass runs
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        voter_idx = placeholder(gm, "voter_idx")
+        prompt_idx = placeholder(gm, "prompt_idx")
+        sites = attention_sites(gm)
+        for node, site in sites:
+            q, k = node.args[0], node.args[1]
+            with gm.graph.inserting_before(node.next):
+                votes = gm.graph.call_function(
+                    torch.ops.maskkv.mask_votes.default,
+                    (q, k, voter_idx, prompt_idx, site.scale, self.config.vote_chunk),
+                )
+                scores = gm.graph.call_function(operator.getitem, (votes, 0))
+                prompt_mass = gm.graph.call_function(operator.getitem, (votes, 1))
+            node.meta["maskkv_votes"] = (scores, prompt_mass)
+        return PassResult(self.name, matches=len(sites), changed=bool(sites))

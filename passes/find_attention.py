@@ -1,0 +1,193 @@
+"""FindAttentionPass: every attention spelling -> one canonical ``maskkv::attention`` node.
+
+Matches
+  * fused SDPA: ``torch._C._nn.scaled_dot_product_attention`` / ``F.scaled_dot_product_attention``
+    (GQA via ``enable_gqa=True``);
+  * the eager chain ``matmul(q, k^T) -> mul(scale) | div(c) -> softmax(-1) [-> to(dtype)]
+    [-> dropout(p=0 | training=False)] -> matmul(., v)`` (Hugging Face eager, nanoGPT);
+  * GQA key/value repetition feeding either spelling: ``expand`` + ``reshape`` (HF
+    ``repeat_kv``) or ``repeat_interleave(n, dim=1)``; the canonical op reads the
+    unrepeated (B, Hkv, S, D) tensors.
+
+Inserts ``maskkv::attention(q, k, v, scale, softmax_dtype)`` with ``meta["maskkv_site"]``
+(an :class:`AttentionSite`: layer index in graph order, module path, heads, spelling).
+
+Refuses (recorded in ``skipped``, turned into an error by the pipeline): causal attention,
+an attention mask, non-zero dropout, and an eager chain whose intermediate (scores or
+probabilities) is used by anything else -- the rewrite would change what that user sees.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from maskkv_compile import kernels  # noqa: F401  (registers maskkv:: ops)
+from maskkv_compile._torch_private import example_value
+
+from .base import GraphPass, PassResult, is_call, is_method
+
+SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention)
+SOFTMAX_TARGETS = (F.softmax, torch.softmax, torch.nn.functional.softmax)
+MATMUL_TARGETS = (torch.matmul, operator.matmul, torch.bmm)
+DROPOUT_TARGETS = (F.dropout, torch.dropout)
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    layer: int
+    module_path: str
+    heads: int
+    kv_heads: int
+    head_dim: int
+    spelling: str  # "sdpa", "eager", plus "+gqa" when KV heads are shared
+    scale: float
+    node: str  # name of the canonical node
+
+
+class SiteRefused(Exception):
+    """A candidate attention the pass cannot prove safe to rewrite."""
+
+
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "?"
+    path = str(list(stack.values())[-1][0])
+    return re.sub(r"^L\['\w+'\](\[\d+\])?\.?", "", path) or "<root>"
+
+
+def _kwarg(node: fx.Node, name: str, position: int, default=None):
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[position] if len(node.args) > position else default
+
+
+def _single_user(node: fx.Node, what: str) -> fx.Node:
+    users = list(node.users)
+    if len(users) != 1:
+        raise SiteRefused(f"the {what} ({node.name}) is also used by {', '.join(u.name for u in users[1:]) or 'nothing'}")
+    return users[0]
+
+
+def unrepeat_kv(node: fx.Node) -> fx.Node:
+    """Undo HF ``repeat_kv`` (x[:, :, None].expand(...).reshape(...)) or repeat_interleave(n, dim=1)."""
+    if is_method(node, "reshape", "view") or is_call(node, torch.reshape):
+        expanded = node.args[0]
+        if isinstance(expanded, fx.Node) and is_method(expanded, "expand"):
+            unsqueezed = expanded.args[0]
+            if isinstance(unsqueezed, fx.Node) and is_call(unsqueezed, operator.getitem):
+                index = unsqueezed.args[1]
+                if isinstance(index, tuple) and len(index) >= 3 and index[2] is None:
+                    return unsqueezed.args[0]
+    if is_method(node, "repeat_interleave") or is_call(node, torch.repeat_interleave):
+        dim = _kwarg(node, "dim", 2)
+        if dim == 1:
+            return node.args[0]
+    return node
+
+
+def _transposed_key(node: fx.Node) -> fx.Node:
+    """k from k.transpose(-2, -1) / k.transpose(2, 3) / k.mT."""
+    if is_method(node, "transpose") or is_call(node, torch.transpose):
+        dims = {d % 4 for d in node.args[1:3]}
+        if dims == {2, 3}:
+            return node.args[0]
+    raise SiteRefused(f"the second operand of the score matmul ({node.name}) is not a transposed key")
+
+
+class FindAttentionPass(GraphPass):
+    name = "FindAttentionPass"
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        graph = gm.graph
+        skipped: list[str] = []
+        sites = 0
+        for node in list(graph.nodes):
+            try:
+                if is_call(node, *SDPA_TARGETS):
+                    match = self._match_sdpa(node)
+                elif is_call(node, *SOFTMAX_TARGETS) or is_method(node, "softmax"):
+                    match = self._match_eager(node)
+                else:
+                    continue
+            except SiteRefused as refusal:
+                skipped.append(f"{_module_path(node)} ({node.name}): {refusal}")
+                continue
+            out_node, q, k, v, scale, softmax_dtype, spelling = match
+            k, v = unrepeat_kv(k), unrepeat_kv(v)
+            with graph.inserting_before(out_node):
+                canon = graph.call_function(torch.ops.maskkv.attention.default, (q, k, v, float(scale), softmax_dtype))
+            canon.meta.update(out_node.meta)
+            qv, kv = example_value(q), example_value(k)
+            gqa = "+gqa" if kv.shape[1] != qv.shape[1] else ""
+            canon.meta["maskkv_site"] = AttentionSite(
+                layer=sites, module_path=_module_path(out_node), heads=int(qv.shape[1]), kv_heads=int(kv.shape[1]),
+                head_dim=int(qv.shape[-1]), spelling=spelling + gqa, scale=float(scale), node=canon.name,
+            )
+            out_node.replace_all_uses_with(canon)
+            sites += 1
+        return PassResult(self.name, matches=sites, changed=sites > 0, skipped=tuple(skipped))
+
+    @staticmethod
+    def _match_sdpa(node: fx.Node):
+        q, k, v = node.args[:3]
+        if _kwarg(node, "is_causal", 5, False) is not False:
+            raise SiteRefused("causal attention (is_causal=True); MaskKV needs bidirectional attention")
+        if _kwarg(node, "attn_mask", 3) is not None:
+            raise SiteRefused("an attention mask is passed; masks (padding) are not supported yet")
+        if _kwarg(node, "dropout_p", 4, 0.0) not in (0, 0.0):
+            raise SiteRefused("dropout_p is not 0; put the model in eval mode")
+        scale = _kwarg(node, "scale", 6)
+        if scale is None:
+            scale = 1.0 / math.sqrt(example_value(q).shape[-1])
+        return node, q, k, v, scale, None, "sdpa"
+
+    @staticmethod
+    def _match_eager(softmax: fx.Node):
+        dim = _kwarg(softmax, "dim", 1)
+        if dim not in (-1, 3):
+            raise SiteRefused(f"softmax over dim {dim}, not the key dim")
+        softmax_dtype = softmax.kwargs.get("dtype")
+        scaled = softmax.args[0]
+        scale = 1.0
+        while isinstance(scaled, fx.Node) and is_call(scaled, operator.mul, operator.truediv, torch.mul, torch.div):
+            a, b = scaled.args[:2]
+            const, tensor = (b, a) if isinstance(b, (int, float)) else (a, b)
+            if not isinstance(const, (int, float)):
+                raise SiteRefused(f"scores are combined with a tensor ({scaled.name}): an attention mask or bias")
+            scale = scale / const if scaled.target in (operator.truediv, torch.div) else scale * const
+            _single_user(tensor, "score tensor")
+            scaled = tensor
+        if not (isinstance(scaled, fx.Node) and (is_call(scaled, *MATMUL_TARGETS))):
+            raise SiteRefused(f"softmax input {getattr(scaled, 'name', scaled)} is not a scaled q @ k^T")
+        scores = scaled
+        q, kt = scores.args[:2]
+        k = _transposed_key(kt)
+        probs = _single_user(softmax, "attention probabilities")
+        while is_method(probs, "to", "type_as", "float", "half", "bfloat16") or is_call(probs, *DROPOUT_TARGETS):
+            if is_call(probs, *DROPOUT_TARGETS):
+                p = _kwarg(probs, "p", 1, 0.5)
+                training = _kwarg(probs, "training", 2, True)
+                if p not in (0, 0.0) and training is not False:
+                    raise SiteRefused("dropout on the attention probabilities is active; put the model in eval mode")
+            probs = _single_user(probs, "attention probabilities")
+        if not (is_call(probs, *MATMUL_TARGETS) and probs.args[0] is not None):
+            raise SiteRefused(f"attention probabilities feed {probs.name}, not a matmul with v")
+        out = probs
+        v = out.args[1]
+        q_dtype = example_value(q).dtype
+        dtype: Optional[torch.dtype] = softmax_dtype if softmax_dtype not in (None, q_dtype) else None
+        return out, q, k, v, scale, dtype, "eager"
+
+
+def attention_sites(gm: fx.GraphModule) -> list[tuple[fx.Node, AttentionSite]]:
+    """The canonical attention nodes of a graph, in layer order."""
+    return [(n, n.meta["maskkv_site"]) for n in gm.graph.nodes if "maskkv_site" in n.meta]

@@ -1,0 +1,89 @@
+"""Read-only analysis of a captured graph: where the tokens come in, which symbol is the
+sequence length, which output holds the logits. Shared by the passes; rewrites nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from maskkv_compile._torch_private import example_value, sym_expr
+
+from .base import graph_outputs
+
+
+class UnsupportedModelError(RuntimeError):
+    """The model cannot be rewritten safely; the message lists what was seen."""
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    tokens: str  # placeholder name of the (B, S) token ids
+    seq_expr: object  # sympy expression of S (or an int when the trace was static)
+    seq_symbols: tuple[str, ...]  # SymInt placeholders that carry S
+    logits_index: int  # position of the logits among the graph outputs
+    batch: int
+
+
+def _is_seq(value, seq_expr) -> bool:
+    return isinstance(value, torch.SymInt) and sym_expr(value) == seq_expr
+
+
+def analyse(gm: fx.GraphModule) -> GraphInfo:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    candidates = []
+    for node in placeholders:
+        value = example_value(node)
+        if isinstance(value, torch.Tensor) and value.dim() == 2 and not value.is_floating_point() and value.dtype != torch.bool:
+            candidates.append(node)
+    if not candidates:
+        seen = [f"{n.name}: {_describe(example_value(n))}" for n in placeholders if not _is_param(n)]
+        raise UnsupportedModelError(
+            "maskkv needs the model to take (batch, seq) integer token ids; the traced inputs were: " + "; ".join(seen)
+        )
+    if len(candidates) > 1:
+        named = [n for n in candidates if "input_ids" in n.name]
+        if len(named) != 1:
+            raise UnsupportedModelError(
+                "several integer (batch, seq) inputs were traced: "
+                + ", ".join(n.name for n in candidates)
+                + "; call the model with input_ids only (attention_mask/position_ids are not supported yet)"
+            )
+        candidates = named
+    tokens = candidates[0]
+    shape = example_value(tokens).shape
+    seq_expr = sym_expr(shape[1])
+    seq_symbols = tuple(n.name for n in placeholders if _is_seq(example_value(n), seq_expr))
+    return GraphInfo(tokens.name, seq_expr, seq_symbols, find_logits(gm, seq_expr), int(shape[0]))
+
+
+def find_logits(gm: fx.GraphModule, seq_expr) -> int:
+    """The logits: the floating (B, S, V) output with the largest V (the last such on ties)."""
+    best: Optional[tuple[int, int]] = None
+    for i, out in enumerate(graph_outputs(gm)):
+        value = example_value(out) if isinstance(out, fx.Node) else None
+        if isinstance(value, torch.Tensor) and value.dim() == 3 and value.is_floating_point():
+            if sym_expr(value.shape[1]) == seq_expr and isinstance(value.shape[2], int):
+                if best is None or value.shape[2] >= best[1]:
+                    best = (i, value.shape[2])
+    if best is None:
+        outs = [_describe(example_value(o)) if isinstance(o, fx.Node) else repr(o) for o in graph_outputs(gm)]
+        raise UnsupportedModelError("no (batch, seq, vocab) logits among the model outputs: " + "; ".join(outs))
+    return best[0]
+
+
+def node_by_name(gm: fx.GraphModule, name: str) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.name == name)
+
+
+def _is_param(node: fx.Node) -> bool:
+    return "parameters" in node.name or "buffers" in node.name
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"Tensor{tuple(value.shape)} {value.dtype}"
+    return type(value).__name__
