@@ -13,8 +13,8 @@ How a call is routed (the drop-in contract). ``ids`` is the (B, S) token input:
    prefill graph runs; the oldest session is dropped if there are too many.
 4. A session, and every response position still holds the mask token: this is a step-0
    input again (a new generation of the same prompt), so the prefill graph runs afresh.
-5. A session, and ``prompt_refresh`` steps have run since its prefill: the prefill graph
-   runs again (prompt K/V recomputed from the current tokens, kept entries re-selected).
+5. A session, and this call is the ``prompt_refresh``-th since its prefill (every call
+   with ``prompt_refresh=1``): the prefill graph runs again (prompt K/V recomputed from the current tokens, kept entries re-selected).
 6. Otherwise the step graph runs: only the response rows are computed.
 
 Returned logits are (B, S, V) like the original model's; the response rows hold the
@@ -130,7 +130,7 @@ class MaskKVRuntime:
             self.sessions.insert(0, session)
             all_masked = bool((ids.index_select(1, session.resp_idx) == self.mask_token_id).all())
             refresh = self.config.prompt_refresh
-            due = refresh is not None and session.steps_since_prefill >= refresh
+            due = refresh is not None and session.steps_since_prefill + 1 >= refresh
             return session, all_masked or due
         session = self._new_session(ids)
         self.sessions.insert(0, session)

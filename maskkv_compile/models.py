@@ -1,0 +1,49 @@
+"""Small bidirectional stand-ins for LLaDA and Dream, built from transformers configs.
+
+``tiny_llada`` is a Llama with ``is_causal=False`` (multi-head attention, like LLaDA);
+``tiny_dream`` is a Qwen2 with ``is_causal=False`` (GQA and q/k/v biases, like Dream).
+Random weights: they exercise the compiler, not the quality of the answers. Needs
+``transformers`` (the ``[hf]`` extra); the core package does not.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MASK_TOKEN_ID = 255  # last id of the tiny vocabulary, as LLaDA's mask id is outside its text ids
+
+
+def _bidirectional(model):
+    model.config.is_causal = False
+    for module in model.modules():
+        if hasattr(module, "is_causal"):
+            module.is_causal = False
+    return model.eval()
+
+
+def tiny_llada(*, layers: int = 2, hidden: int = 64, heads: int = 4, vocab: int = 256, attn: str = "sdpa",
+               max_positions: int = 8192, seed: int = 0, dtype=torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions,
+        mask_token_id=vocab - 1, attn_implementation=attn,
+    )
+    config.is_causal = False
+    torch.manual_seed(seed)
+    return _bidirectional(LlamaForCausalLM(config)).to(dtype)
+
+
+def tiny_dream(*, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2, vocab: int = 256,
+               attn: str = "sdpa", max_positions: int = 8192, seed: int = 0, dtype=torch.float32):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
+        mask_token_id=vocab - 1, attn_implementation=attn,
+    )
+    config.is_causal = False
+    torch.manual_seed(seed)
+    return _bidirectional(Qwen2ForCausalLM(config)).to(dtype)

@@ -1,0 +1,83 @@
+"""Uncompiled references for MaskKV semantics, built on transformers' attention registry.
+
+``PromptCacheReference`` runs the original model with an attention function that, at a
+prefill, records each layer's post-RoPE prompt K/V (optionally only the top-``budget`` per
+KV head by Mask-Voting computed from the materialized softmax) and, at a step, lets every
+query attend to [those prompt K/V ; the current K/V of the response rows]. The response
+rows' logits are then exactly what a prompt cache (with that eviction) should produce.
+Everything here is plain eager torch on purpose: it is the oracle, not the product.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import AttentionInterface
+
+from maskkv_compile.kernels import select_kv_reference
+
+_NAME = "maskkv_test_reference"
+
+
+def _expand(x, heads):
+    return x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+class PromptCacheReference:
+    def __init__(self, model, budget: int | None = None, vote_shift: int = 0):
+        self.model = copy.deepcopy(model)
+        self.budget = budget
+        self.vote_shift = vote_shift
+        self.kept: dict[int, tuple] = {}  # layer -> (kept positions per (b, h), k, v)
+        self.mode = "prefill"
+        self.resp_idx = None
+        self.captured_qk: dict[int, tuple] = {}  # layer -> (q, k) at the last prefill
+        AttentionInterface.register(_NAME, self._attention)
+        self.model.set_attn_implementation(_NAME)
+        self.model.maskkv_reference = self
+
+    def _attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        assert attention_mask is None
+        layer = module.layer_idx
+        heads = query.shape[1]
+        batch, kv_heads, seq_len, _ = key.shape
+        resp = self.resp_idx
+        prompt = torch.tensor([i for i in range(seq_len) if i not in set(resp.tolist())], dtype=torch.long)
+        if self.mode == "prefill":
+            self.captured_qk[layer] = (query, key)
+            probs = torch.softmax((query @ _expand(key, heads).transpose(-2, -1)) * scaling, dim=-1)  # (B, H, S, S)
+            voters = (resp + self.vote_shift).clamp(0, seq_len - 1)
+            on_prompt = probs[:, :, voters][..., prompt]  # (B, H, R, P)
+            votes = on_prompt.sum(2).view(batch, kv_heads, heads // kv_heads, -1).sum(2)  # (B, Hkv, P)
+            budget = len(prompt) if self.budget is None else self.budget
+            keep = select_kv_reference(votes, torch.full((kv_heads,), budget))
+            positions = [[prompt[idx] for idx in row] for row in keep]
+            self.kept[layer] = (
+                positions,
+                [[key[b, h, positions[b][h]] for h in range(kv_heads)] for b in range(batch)],
+                [[value[b, h, positions[b][h]] for h in range(kv_heads)] for b in range(batch)],
+                probs, votes, on_prompt.sum((2, 3)),
+            )
+            out = probs.to(value.dtype) @ _expand(value, heads)
+        else:
+            positions, kept_k, kept_v = self.kept[layer][:3]
+            out = torch.empty_like(query)
+            group = heads // kv_heads
+            for b in range(batch):
+                for h in range(heads):
+                    keys = torch.cat([kept_k[b][h // group], key[b, h // group, resp]])
+                    values = torch.cat([kept_v[b][h // group], value[b, h // group, resp]])
+                    weights = torch.softmax((query[b, h] @ keys.T) * scaling, dim=-1)
+                    out[b, h] = weights @ values
+        return out.transpose(1, 2).contiguous(), None
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, resp_idx: torch.Tensor, prefill: bool) -> torch.Tensor:
+        """Logits of the response rows, (B, R, V)."""
+        self.mode = "prefill" if prefill else "step"
+        self.resp_idx = resp_idx
+        return self.model(x, use_cache=False).logits[:, resp_idx]
+
+    def kept_positions(self, layer: int) -> list[list[list[int]]]:
+        return [[sorted(int(p) for p in head) for head in row] for row in self.kept[layer][0]]

@@ -1,0 +1,144 @@
+"""The optimized model against its references, step by step (eager backend)."""
+
+import pytest
+import torch
+
+import maskkv_compile
+from maskkv_compile.generate import generate
+
+from helpers import MODEL_KINDS, build, prompt_and_masks
+from reference import PromptCacheReference
+
+
+def commit_most_confident(x, logits, resp_idx, mask_id):
+    """One LLaDA-style step: unmask the single most confident masked response position."""
+    masked = x[:, resp_idx] == mask_id
+    probs = torch.softmax(logits.double(), -1)
+    conf, token = probs.max(-1)
+    conf = torch.where(masked, conf, -1.0)
+    pick = conf.argmax(-1)
+    for b in range(x.shape[0]):
+        x[b, resp_idx[pick[b]]] = token[b, pick[b]]
+    return x
+
+
+def run_against_reference(model, x, resp_idx, budget, steps, tol=1e-5):
+    """Drop-in loop on the MaskKV model; every step's response logits vs the reference."""
+    mask_id = model.config.mask_token_id
+    optimized = maskkv_compile.optimize(model, budget=budget, backend="eager")
+    reference = PromptCacheReference(model, budget=budget)
+    x = x.clone()
+    outputs = []
+    for step in range(steps):
+        with torch.no_grad():
+            ours = optimized(x).logits[:, resp_idx]
+        theirs = reference(x, resp_idx, prefill=step == 0)
+        torch.testing.assert_close(ours, theirs, atol=tol, rtol=tol)
+        outputs.append(ours)
+        x = commit_most_confident(x, ours, resp_idx, mask_id)
+    return optimized, reference, outputs
+
+
+@pytest.mark.parametrize("family,attn", MODEL_KINDS)
+def test_full_budget_refresh_every_step_matches_uncached_tokens(family, attn):
+    model = build(family, attn, dtype=torch.float64)
+    prompt, _ = prompt_and_masks(model, prompt_len=20, gen_len=16)
+    optimized = maskkv_compile.optimize(model, budget=64, backend="eager", prompt_refresh=1)
+    kwargs = dict(gen_length=16, steps=16, block_length=8)
+    ours = optimized.generate(prompt, **kwargs)
+    uncached = generate(model, prompt, mask_token_id=model.config.mask_token_id, **kwargs)
+    assert torch.equal(ours, uncached)
+    assert optimized.runtime.counts.prefills == 16 and optimized.runtime.counts.steps == 0
+
+
+@pytest.mark.parametrize("family,attn", MODEL_KINDS)
+def test_full_budget_no_refresh_matches_prompt_cache(family, attn):
+    model = build(family, attn)
+    _, x = prompt_and_masks(model, prompt_len=20, gen_len=12)
+    resp = torch.arange(20, 32)
+    optimized, _, _ = run_against_reference(model, x, resp, budget=64, steps=6)
+    assert optimized.runtime.counts.prefills == 1 and optimized.runtime.counts.steps == 5
+
+
+@pytest.mark.parametrize("family,attn", MODEL_KINDS)
+def test_eviction_attends_to_exactly_the_kept_entries(family, attn):
+    model = build(family, attn)
+    _, x = prompt_and_masks(model, prompt_len=24, gen_len=8)
+    resp = torch.arange(24, 32)
+    optimized, reference, outputs = run_against_reference(model, x, resp, budget=5, steps=4)
+    session = optimized.runtime.last_session
+    for layer, cache in enumerate(session.layers):
+        ours = [[sorted(int(p) for p in head if p >= 0) for head in row] for row in cache.kept_pos.tolist()]
+        assert ours == reference.kept_positions(layer)
+        assert cache.kept_len.tolist() == [5] * cache.kept_len.numel()
+    # a different budget changes what the steps compute
+    other, _, other_outputs = run_against_reference(model, x, resp, budget=12, steps=2)
+    assert not torch.allclose(outputs[1], other_outputs[1], atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_votes_equal_eager_attention_probabilities(family):
+    model = build(family, "eager")
+    _, x = prompt_and_masks(model, prompt_len=18, gen_len=6)
+    resp = torch.arange(18, 24)
+    optimized = maskkv_compile.optimize(model, budget=4, backend="eager")
+    optimized(x)
+    reference = PromptCacheReference(model, budget=4)
+    reference(x, resp, prefill=True)
+    with torch.no_grad():
+        attentions = model(x, use_cache=False, output_attentions=True).attentions
+    heads, kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
+    for layer, cache in enumerate(optimized.runtime.last_session.layers):
+        probs = attentions[layer][:, :, resp][..., :18]  # (B, H, R, P) from the model's own eager softmax
+        expected_votes = probs.sum(2).view(1, kv_heads, heads // kv_heads, 18).sum(2)
+        torch.testing.assert_close(reference.kept[layer][4], expected_votes, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cache.prompt_mass, probs.sum((2, 3)), atol=1e-5, rtol=1e-5)
+        q_votes = torch.ops.maskkv.mask_votes(*_site_qk(reference, layer), resp, torch.arange(18), _scale(model), 4)[0]
+        torch.testing.assert_close(q_votes, expected_votes, atol=1e-5, rtol=1e-5)
+
+
+def _scale(model):
+    return (model.config.hidden_size // model.config.num_attention_heads) ** -0.5
+
+
+def _site_qk(reference, layer):
+    return reference.captured_qk[layer]
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_infilling_a_span_in_the_middle(family):
+    model = build(family)
+    mask_id = model.config.mask_token_id
+    _, x = prompt_and_masks(model, prompt_len=30, gen_len=0)
+    resp = torch.arange(10, 18)
+    x[:, resp] = mask_id
+    optimized, _, _ = run_against_reference(model, x, resp, budget=64, steps=4)
+    assert optimized.runtime.last_session.resp_idx.tolist() == resp.tolist()
+    run_against_reference(model, x, resp, budget=6, steps=4)
+
+
+def test_drop_in_loop_equals_generate():
+    """An unmodified LLaDA-style loop calling model(x).logits on the whole sequence."""
+    model = build("llada")
+    prompt, _ = prompt_and_masks(model, prompt_len=16, gen_len=8)
+    mask_id = model.config.mask_token_id
+
+    def llada_style_loop(net, prompt, gen_length=8, steps=8):
+        x = torch.cat([prompt, torch.full((1, gen_length), mask_id)], dim=1)
+        for _ in range(steps):
+            mask_index = x == mask_id
+            logits = net(x).logits
+            p = torch.softmax(logits, dim=-1)
+            x0 = logits.argmax(-1)
+            x0_p = torch.gather(p, -1, x0[..., None]).squeeze(-1)
+            confidence = torch.where(mask_index, x0_p, float("-inf"))
+            pick = confidence.topk(1, dim=-1).indices
+            x[0, pick[0]] = x0[0, pick[0]]
+        return x
+
+    optimized = maskkv_compile.optimize(model, budget=6, backend="eager")
+    via_loop = llada_style_loop(optimized, prompt)
+    optimized.reset()
+    via_generate = optimized.generate(prompt, gen_length=8, steps=8, block_length=8)
+    assert torch.equal(via_loop, via_generate)
+    assert optimized.runtime.counts.steps > 0
