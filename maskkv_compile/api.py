@@ -6,8 +6,10 @@ from typing import Optional
 
 import torch
 
+from maskkv_compile._torch_private import BackendCompilerFailed
 from maskkv_compile.backend import MaskKVBackend
 from maskkv_compile.config import MaskKVConfig, MaskKVConfigError
+from maskkv_compile.passes import UnsupportedModelError
 
 # Every MaskKVModel compiles the same forward code object with its own backend; dynamo
 # counts each as a recompile of that code. Allow many before it would fall back to eager.
@@ -36,8 +38,11 @@ class MaskKVModel(torch.nn.Module):
         torch._dynamo.mark_dynamic(input_ids, 1)
         kwargs.setdefault("use_cache", False)
         calls_before = {id(r): r.counts.prefills + r.counts.steps for r in self.backend.runtimes}
-        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, accumulated_recompile_limit=_RECOMPILE_LIMIT):
-            out = self._compiled(input_ids=input_ids, **kwargs)
+        try:
+            with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, accumulated_recompile_limit=_RECOMPILE_LIMIT):
+                out = self._compiled(input_ids=input_ids, **kwargs)
+        except BackendCompilerFailed as failure:  # our own error, raised inside the backend
+            raise failure.inner_exception from None
         used = [r for r in self.backend.runtimes if r.counts.prefills + r.counts.steps != calls_before.get(id(r), 0)]
         if len(used) != 1:
             raise RuntimeError("the MaskKV runtime did not run for this call (dynamo fell back); please report this")
@@ -93,5 +98,10 @@ def optimize(
     token = config.mask_token_id if config.mask_token_id is not None else getattr(getattr(model, "config", None), "mask_token_id", None)
     if token is None:
         raise MaskKVConfigError("mask_token_id is not set and the model config has none: pass optimize(model, mask_token_id=...)")
+    if getattr(getattr(model, "config", None), "is_causal", False) is True:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is configured causal (config.is_causal=True); MaskKV is for bidirectional "
+            "diffusion LLMs. Load it with is_causal=False if it really is one"
+        )
     model.eval()
     return MaskKVModel(model, config, int(token))

@@ -63,7 +63,7 @@ class LayerCache:
     prompt_mass: torch.Tensor  # (B, H)
 
 
-@dataclass
+@dataclass(eq=False)
 class Session:
     shape: tuple[int, int]
     device: torch.device

@@ -142,7 +142,10 @@ class FindAttentionPass(GraphPass):
         if _kwarg(node, "is_causal", 5, False) is not False:
             raise SiteRefused("causal attention (is_causal=True); MaskKV needs bidirectional attention")
         if _kwarg(node, "attn_mask", 3) is not None:
-            raise SiteRefused("an attention mask is passed; masks (padding) are not supported yet")
+            raise SiteRefused(
+                "an attention mask is passed (a causal attention mask, or padding); MaskKV needs bidirectional "
+                "attention without padding"
+            )
         if _kwarg(node, "dropout_p", 4, 0.0) not in (0, 0.0):
             raise SiteRefused("dropout_p is not 0; put the model in eval mode")
         scale = _kwarg(node, "scale", 6)
