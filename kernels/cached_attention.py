@@ -7,6 +7,10 @@ Output:  (B, H, R, Dv).
 
 Padding slots (index >= kept_len[h]) get no attention weight. With every prompt entry
 kept, this equals attention over the concatenation of the prompt's and the response's K/V.
+
+CPU: SDPA over the concatenated K/V with a key mask. CUDA with triton installed (fp16,
+bf16, fp32): the two-segment flash kernel of ``kernels/triton_cached_attention.py``, which
+never concatenates; under torch.compile Inductor sees that kernel (``triton_op``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from . import triton_cached_attention
 from .attention import attention_reference, expand_kv_heads
 
 
@@ -29,6 +34,11 @@ def cached_attention_reference(q, k, v, kept_k, kept_v, kept_len, scale, softmax
     return attention_reference(q, keys, values, scale, softmax_dtype, key_mask=key_mask)
 
 
+def cached_attention_torch(q, k, v, kept_k, kept_v, kept_len, scale, softmax_dtype=None):
+    """The CPU path: SDPA over the concatenation with a key mask."""
+    return cached_attention_reference(q, k, v, kept_k, kept_v, kept_len, scale, softmax_dtype).contiguous()
+
+
 @torch.library.custom_op("maskkv::cached_attention", mutates_args=())
 def cached_attention(
     q: torch.Tensor,
@@ -40,9 +50,14 @@ def cached_attention(
     scale: float,
     softmax_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    return cached_attention_reference(q, k, v, kept_k, kept_v, kept_len, scale, softmax_dtype).contiguous()
+    return cached_attention_torch(q, k, v, kept_k, kept_v, kept_len, scale, softmax_dtype)
 
 
 @cached_attention.register_fake
 def _(q, k, v, kept_k, kept_v, kept_len, scale, softmax_dtype=None):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+# CUDA: the Triton kernel, registered only where both CUDA and triton exist.
+if triton_cached_attention.HAS_TRITON and torch.backends.cuda.is_built():
+    triton_cached_attention.register_cuda(cached_attention, cached_attention_torch)

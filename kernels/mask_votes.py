@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from . import triton_votes
 
 KEY_BLOCK_FACTOR = 16  # keys per block = KEY_BLOCK_FACTOR * chunk (see docs/kernels.md)
 
@@ -47,15 +48,9 @@ def mask_votes_reference(q, k, voter_idx, prompt_idx, scale):
     return votes, on_prompt.sum((2, 3))
 
 
-@torch.library.custom_op("maskkv::mask_votes", mutates_args=())
-def mask_votes(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    voter_idx: torch.Tensor,
-    prompt_idx: torch.Tensor,
-    scale: float,
-    chunk: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_votes_chunked(q, k, voter_idx, prompt_idx, scale, chunk=64):
+    """The CPU path (any device, any float dtype): two passes over key blocks, see Memory."""
+    torch._check(chunk > 0, lambda: f"chunk must be positive, got {chunk}")
     acc = accumulation_dtype(q.dtype)
     batch, heads, _, dim = q.shape
     kv_heads, seq = k.shape[1], k.shape[2]
@@ -83,8 +78,25 @@ def mask_votes(
     return votes, prompt_mass.view(batch, heads)
 
 
+@torch.library.custom_op("maskkv::mask_votes", mutates_args=())
+def mask_votes(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    voter_idx: torch.Tensor,
+    prompt_idx: torch.Tensor,
+    scale: float,
+    chunk: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return mask_votes_chunked(q, k, voter_idx, prompt_idx, scale, chunk)
+
+
 @mask_votes.register_fake
 def _(q, k, voter_idx, prompt_idx, scale, chunk=64):
     acc = accumulation_dtype(q.dtype)
     votes = q.new_empty((q.shape[0], k.shape[1], prompt_idx.shape[0]), dtype=acc)
     return votes, q.new_empty((q.shape[0], q.shape[1]), dtype=acc)
+
+
+# CUDA: the fused Triton kernels, registered only where both CUDA and triton exist.
+if triton_votes.HAS_TRITON and torch.backends.cuda.is_built():
+    triton_votes.register_cuda(mask_votes, mask_votes_chunked)

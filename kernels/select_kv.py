@@ -10,6 +10,22 @@ Invariants: the kept entries of a head are its top-``kept_len[h]`` votes, ties b
 towards the earlier prompt position; within a head they are stored in ascending position
 order; padding holds zeros in K/V and -1 in kept_pos. A budget >= P keeps every prompt
 entry, in order, so the cache is then exactly the prompt's K/V.
+
+Torch on every device; no Triton kernel. Measured (median of 30, B=1 Hkv=8 D=128 fp32,
+budget 256, 2-core CPU, torch 2.13):
+
+    P       whole op   sort of the votes   gather + where of K and V
+    4096    29.4 ms    1.8 ms              28.0 ms
+    16384   45.8 ms    19.6 ms             7.6 ms
+    32768   66.0 ms    49.5 ms             5.2 ms
+
+(the CPU gather time is noisy on 2 cores: 6-28 ms for the same work). A Triton gather can
+only replace the last column, and on a GPU that moves 2 x Hkv x Kmax x D elements (1 MB
+in bf16 at budget 256): a few microseconds, once per layer per prompt, against a prefill
+that runs the whole model. A candidate Triton gather (``_gather_kv_kernel`` in
+``scripts/gpu_check.py``) matches torch exactly under TRITON_INTERPRET=1, but its speed
+could not be measured here (no GPU); ``scripts/gpu_check.py`` prints torch vs Triton for
+the gather at P = 4k..32k. Until a run shows Triton faster, torch stays.
 """
 
 from __future__ import annotations

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from .triton_votes import HAS_TRITON, LOG2E, interpreted
+from typing import Optional
+
+from .triton_votes import HAS_TRITON, LOG2E, route_to_triton, triton_dtype_ok, upcast_dots
 
 if HAS_TRITON:
     import triton
@@ -104,7 +106,10 @@ if HAS_TRITON:
         )
 
 
-def cached_attention_triton(q, k, v, kept_k, kept_v, kept_len, scale):
+def cached_attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept_k: torch.Tensor, kept_v: torch.Tensor,
+    kept_len: torch.Tensor, scale: float,
+) -> torch.Tensor:
     """Launch the kernel. Shapes and dtypes as in the module docstring."""
     from torch.library import wrap_triton
 
@@ -120,6 +125,24 @@ def cached_attention_triton(q, k, v, kept_k, kept_v, kept_len, scale):
         heads, heads // kv_heads, resp, kept_k.shape[2], dim, dim_v, float(scale) * LOG2E,
         BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_DV=max(16, triton.next_power_of_2(dim_v)),
-        UPCAST=interpreted(),
+        UPCAST=upcast_dots(q.dtype),
     )
     return out
+
+
+def register_cuda(op, torch_fn) -> None:
+    """Route ``maskkv::cached_attention`` to the kernel on CUDA (``maskkv::cached_attention_triton``).
+
+    The kernel's softmax is float32, so ``softmax_dtype`` None, float32 or q's dtype qualify.
+    """
+
+    def fused(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept_k: torch.Tensor, kept_v: torch.Tensor,
+        kept_len: torch.Tensor, scale: float, softmax_dtype: Optional[torch.dtype] = None,
+    ) -> torch.Tensor:
+        return cached_attention_triton(q, k, v, kept_k, kept_v, kept_len, scale)
+
+    def supported(q, k, v, kept_k, kept_v, kept_len, scale, softmax_dtype=None):
+        return triton_dtype_ok(q, k, v, kept_k, kept_v) and softmax_dtype in (None, torch.float32, q.dtype)
+
+    route_to_triton(op, "maskkv::cached_attention_triton", fused, torch_fn, supported)

@@ -41,17 +41,17 @@ HAS_TRITON = triton is not None
 LOG2E = 1.4426950408889634
 
 
-def interpreted() -> bool:
-    """True under TRITON_INTERPRET=1 (numpy interpreter: CPU tests)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def upcast_dots(dtype: torch.dtype) -> bool:
+    """bf16 under TRITON_INTERPRET=1 (the numpy interpreter used by the CPU tests), whose
+    bf16 tl.dot returns garbage (triton 3.7.1): there the dots get fp32 operands."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 if HAS_TRITON:
 
     @triton.jit
     def _dot(a, b, UPCAST: tl.constexpr):
-        """a @ b accumulated in float32 (IEEE for fp32 inputs). UPCAST: feed the dot fp32
-        operands; set under the interpreter, whose bf16 dot returns garbage (triton 3.7.1)."""
+        """a @ b accumulated in float32 (IEEE for fp32 inputs); UPCAST: see upcast_dots."""
         if UPCAST:
             out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
         else:
@@ -140,7 +140,9 @@ if HAS_TRITON:
         tl.store(votes_ptr + pid_bk * P + cols, votes, mask=col_ok)
 
 
-def mask_votes_triton(q, k, voter_idx, prompt_idx, scale):
+def mask_votes_triton(
+    q: torch.Tensor, k: torch.Tensor, voter_idx: torch.Tensor, prompt_idx: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the two kernels. Shapes and dtypes as in the module docstring."""
     from torch.library import wrap_triton
 
@@ -156,18 +158,81 @@ def mask_votes_triton(q, k, voter_idx, prompt_idx, scale):
     mass = torch.empty((batch, heads, num_pb), device=q.device, dtype=torch.float32)
     lse = torch.empty((batch, heads, num_voters), device=q.device, dtype=torch.float32)
     if num_voters == 0 or num_prompt == 0:
-        return votes.zero_(), mass.sum(-1)
+        return votes.zero_(), mass.zero_().sum(-1)
     qk_scale = float(scale) * LOG2E
     wrap_triton(_row_lse_kernel)[((num_voters + block_r - 1) // block_r, batch * heads)](
         q, k, voter_idx, lse,
         *q.stride(), *k.stride(),
         heads, heads // kv_heads, num_voters, seq, dim, qk_scale,
-        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, UPCAST=interpreted(),
+        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, UPCAST=upcast_dots(q.dtype),
     )
     wrap_triton(_prompt_colsum_kernel)[(num_pb, batch * kv_heads)](
         q, k, voter_idx, prompt_idx, lse, votes, mass,
         *q.stride(), *k.stride(),
         heads, kv_heads, heads // kv_heads, num_voters, num_prompt, dim, num_pb, qk_scale,
-        BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_D=block_d, UPCAST=interpreted(),
+        BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_D=block_d, UPCAST=upcast_dots(q.dtype),
     )
     return votes, mass.sum(-1)  # (B, Hkv, P), (B, H)
+
+
+# ---- CUDA registration -------------------------------------------------------------------
+
+TRITON_DEVICE_TYPES = ("cuda",)  # devices whose tensors take the Triton path
+
+
+def route_to_triton(op, name, fused_fn, torch_fn, supported) -> None:
+    """Make the custom op ``op`` run ``fused_fn`` (Triton) where ``supported(*args)`` holds.
+
+    ``fused_fn`` (same signature as ``op``) becomes the ``torch.library.triton_op`` ``name``.
+    Eagerly, ``op``'s CUDA kernel calls it (or ``torch_fn`` when not supported). Under
+    torch.compile, AOTAutograd traces with FunctionalTensorMode active; there ``op`` is
+    replaced by the triton_op, which in turn decomposes into ``wrap_triton`` kernel calls
+    that Inductor sees and schedules (this is what triton_op itself does for its own op).
+    Unsupported inputs (float64, CPU) keep ``op`` opaque.
+    """
+    from torch._library.triton import get_triton_kernels_for_op, triton_ops_to_kernels
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    fused = torch.library.triton_op(name, fused_fn, mutates_args=())
+    # AOTAutograd's cache key hashes the kernels of the ops in the dynamo graph (private map)
+    triton_ops_to_kernels[op._name] = get_triton_kernels_for_op(name)
+
+    def cuda_kernel(*args, **kwargs):
+        return fused(*args, **kwargs) if supported(*args, **kwargs) else torch_fn(*args, **kwargs)
+
+    def functional_decomp(mode, func, types, args, kwargs):
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+
+        if supported(*args, **kwargs) and not custom_triton_ops_decomposition_disabled():
+            with mode:
+                return fused(*args, **kwargs)
+        return mode.__torch_dispatch__(func, types, args, kwargs)
+
+    op.register_kernel("cuda", cuda_kernel)
+    op.register_torch_dispatch(FunctionalTensorMode, functional_decomp)
+
+
+def triton_dtype_ok(*tensors) -> bool:
+    """Same floating dtype (fp16/bf16/fp32) on a Triton device, head dim at most 256."""
+    first = tensors[0]
+    return (
+        first.device.type in TRITON_DEVICE_TYPES
+        and first.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and all(t.dtype == first.dtype and t.device == first.device for t in tensors)
+        and all(t.shape[-1] <= 256 for t in tensors)
+    )
+
+
+def register_cuda(op, torch_fn) -> None:
+    """Route ``maskkv::mask_votes`` to the fused kernels on CUDA (``maskkv::mask_votes_triton``)."""
+
+    def fused(
+        q: torch.Tensor, k: torch.Tensor, voter_idx: torch.Tensor, prompt_idx: torch.Tensor,
+        scale: float, chunk: int = 64,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return mask_votes_triton(q, k, voter_idx, prompt_idx, scale)  # chunk: CPU-only knob
+
+    def supported(q, k, voter_idx, prompt_idx, scale, chunk=64):
+        return triton_dtype_ok(q, k)
+
+    route_to_triton(op, "maskkv::mask_votes_triton", fused, torch_fn, supported)

@@ -42,7 +42,8 @@ CASES = [
     for i, (name, (shape, kl)) in enumerate(ATTN_SHAPES.items())
     for dt in ("float32", "bfloat16")
 ] + [
-    {"id": "votes-gqa2-float16-strided", "kernel": "mask_votes", "shape": VOTES_SHAPES["gqa2"], "dtype": "float16", "strided": True},
+    {"id": "votes-gqa2-float16-strided", "kernel": "mask_votes", "shape": VOTES_SHAPES["gqa2"],
+     "dtype": "float16", "strided": True},
     {"id": "attn-gqa3-float16-strided", "kernel": "cached_attention", "shape": ATTN_SHAPES["gqa3-multiblock"][0],
      "kept_len": [3, 90], "dtype": "float16", "strided": True},
 ]

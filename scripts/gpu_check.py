@@ -1,0 +1,310 @@
+"""GPU check of the Triton kernels: correctness against the references, then times.
+
+    python scripts/gpu_check.py                      # on a CUDA machine with triton (< 5 min)
+    TRITON_INTERPRET=1 python scripts/gpu_check.py --cpu-smoke   # every code path, tiny, on CPU
+
+1. Correctness (fresh random inputs, NaN-poisoned outputs): the launch functions of
+   ``kernels/triton_votes.py`` and ``kernels/triton_cached_attention.py`` against
+   ``mask_votes_reference`` / ``cached_attention_reference``, fp32 / bf16 / fp16, GQA,
+   sizes that are not block multiples, ragged kept_len with NaN in the padding; the ops
+   themselves on CUDA tensors (routed to Triton); and torch.compile with Inductor, whose
+   generated code must contain the kernels (the ``triton_op`` route) and match.
+2. Times (ms, CUDA events via ``triton.testing.do_bench``) at P = 4k, 8k, 16k, 32k, L = 256,
+   B=1, H=32, Hkv=8, D=128, bf16:
+   - mask_votes: Triton vs the torch path (the chunked CPU code run on CUDA) vs the
+     materialized softmax (``mask_votes_reference``);
+   - cached_attention with every prompt entry kept: Triton vs the torch path (SDPA with a
+     key mask over the concatenation) vs plain SDPA over concatenated K/V (no mask, which
+     is what the model would run without MaskKV); plus one row with budget 256;
+   - select_kv: the gather of the kept rows, torch (gather + where, as in select_kv) vs a
+     candidate Triton gather defined here (see ``kernels/select_kv.py``), and the whole op.
+Exit status: 0 all checks passed, 1 a check failed, 2 no CUDA (or no triton).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+def fail_unless_runnable(cpu_smoke: bool) -> None:
+    if triton is None:
+        sys.exit(print("gpu_check: triton is not installed (pip install -e '.[gpu]')", file=sys.stderr) or 2)
+    if cpu_smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            sys.exit(print("gpu_check: --cpu-smoke needs TRITON_INTERPRET=1", file=sys.stderr) or 2)
+    elif not torch.cuda.is_available():
+        sys.exit(
+            print(
+                f"gpu_check: CUDA is not available (torch {torch.__version__}, CUDA build: "
+                f"{torch.backends.cuda.is_built()}). Run it on a CUDA machine, or use "
+                "TRITON_INTERPRET=1 ... --cpu-smoke to exercise its code paths on CPU.",
+                file=sys.stderr,
+            )
+            or 2
+        )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gather_kv_kernel(
+        src_ptr, pos_ptr, dst_ptr, HKV, KMAX, D, ssb, ssh, sss, ssd,
+        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """dst[b, h, j] = src[b, h, pos[b, h, j]], zeros where pos < 0; dst contiguous."""
+        pid_k = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // HKV
+        h = pid_bh % HKV
+        slots = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        ok = slots < KMAX
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        pos = tl.load(pos_ptr + pid_bh * KMAX + slots, mask=ok, other=-1)
+        rows = tl.load(
+            src_ptr + b * ssb + h * ssh + pos[:, None] * sss + d[None, :] * ssd,
+            mask=(pos >= 0)[:, None] & d_ok[None, :], other=0.0,
+        )
+        tl.store(dst_ptr + (pid_bh * KMAX + slots)[:, None] * D + d[None, :], rows, mask=ok[:, None] & d_ok[None, :])
+
+
+def triton_gather(k, v, pos):
+    """Candidate Triton gather of the kept rows; pos (B, Hkv, Kmax) with -1 padding."""
+    batch, kv_heads, kmax = pos.shape
+    outs = []
+    for src in (k, v):
+        dst = torch.empty((batch, kv_heads, kmax, src.shape[-1]), device=src.device, dtype=src.dtype)
+        _gather_kv_kernel[(triton.cdiv(kmax, 64), batch * kv_heads)](
+            src, pos, dst, kv_heads, kmax, src.shape[-1], *src.stride(),
+            BLOCK_K=64, BLOCK_D=max(16, triton.next_power_of_2(src.shape[-1])),
+        )
+        outs.append(dst)
+    return outs
+
+
+def torch_gather(k, v, pos):
+    """The gather step of ``maskkv::select_kv``, as written there."""
+    gather_at = pos.clamp(min=0)[..., None]  # (B, Hkv, Kmax, 1)
+    keep = (pos >= 0)[..., None]
+    return [torch.where(keep, x.gather(2, gather_at.expand(-1, -1, -1, x.shape[-1])), 0) for x in (k, v)]
+
+
+# ---- correctness -------------------------------------------------------------------------
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # attention outputs
+
+
+def poisoned(fn, *args):
+    """Run fn with every floating torch.empty NaN-filled; return (outputs, all written)."""
+    real_empty = torch.empty
+
+    def empty(*a, **kw):
+        buf = real_empty(*a, **kw)
+        return buf.fill_(float("nan")) if buf.is_floating_point() else buf
+
+    torch.empty = empty
+    try:
+        out = fn(*args)
+    finally:
+        torch.empty = real_empty
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return outs, all(not torch.isnan(o).any().item() for o in outs)
+
+
+def votes_inputs(shape, dtype, device, gen):
+    b, h, hkv, s, d, rv, p = shape
+    q = torch.randn(b, h, s, d, generator=gen, device=device).to(dtype)
+    k = torch.randn(b, hkv, s, d, generator=gen, device=device).to(dtype)
+    perm = torch.randperm(s, generator=gen, device=device)
+    return q, k, perm[:rv].sort().values, perm[rv : rv + p].sort().values, d**-0.5
+
+
+def attention_inputs(shape, kept_len, dtype, device, gen):
+    b, h, hkv, r, kk, d, dv = shape
+    q, k, v, kept_k, kept_v = (
+        torch.randn(*s, generator=gen, device=device).to(dtype)
+        for s in ((b, h, r, d), (b, hkv, r, d), (b, hkv, r, dv), (b, hkv, kk, d), (b, hkv, kk, dv))
+    )
+    kept_len = torch.tensor(kept_len, device=device)
+    pad = torch.arange(kk, device=device)[None, :, None] >= kept_len[:, None, None]  # (Hkv, K, 1)
+    return q, k, v, kept_k.masked_fill(pad, 0), kept_v.masked_fill(pad, 0), kept_len, d**-0.5, pad
+
+
+def check_rows(device, smoke):
+    from maskkv_compile.kernels.cached_attention import cached_attention_reference
+    from maskkv_compile.kernels.mask_votes import mask_votes_reference
+    from maskkv_compile.kernels.triton_cached_attention import cached_attention_triton
+    from maskkv_compile.kernels.triton_votes import mask_votes_triton
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    dtypes = [torch.float32, torch.bfloat16] if smoke else [torch.float32, torch.bfloat16, torch.float16]
+    vshapes = [(1, 6, 2, 150, 32, 40, 100)]  # (B, H, Hkv, S, D, Rv, P)
+    if not smoke:
+        vshapes.append((2, 32, 8, 4353, 128, 257, 4000))
+    ashapes = [((1, 6, 2, 70, 90, 32, 32), [90, 41])]
+    if not smoke:
+        ashapes.append(((2, 32, 8, 257, 1000, 128, 128), [1000, 0, 17, 999, 256, 513, 64, 1]))
+    rows = []
+    for dtype in dtypes:
+        for shape in vshapes:
+            q, k, vi, pi, scale = votes_inputs(shape, dtype, device, gen)
+            (votes, mass), written = poisoned(mask_votes_triton, q, k, vi, pi, scale)
+            ref_votes, ref_mass = mask_votes_reference(q, k, vi, pi, scale)
+            err = max((votes - ref_votes).abs().max().item(), (mass - ref_mass).abs().max().item())
+            close = [torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in ((votes, ref_votes), (mass, ref_mass))]
+            ok = written and all(close)
+            rows.append(("mask_votes", str(shape), str(dtype)[6:], err, ok))
+        for shape, kept in ashapes:
+            q, k, v, kept_k, kept_v, kept_len, scale, pad = attention_inputs(shape, kept, dtype, device, gen)
+            nan_k, nan_v = kept_k.masked_fill(pad, float("nan")), kept_v.masked_fill(pad, float("nan"))
+            (out,), written = poisoned(cached_attention_triton, q, k, v, nan_k, nan_v, kept_len, scale)
+            ref = cached_attention_reference(*(t.float() for t in (q, k, v, kept_k, kept_v)), kept_len, scale)
+            err = (out.float() - ref).abs().max().item()
+            ok = written and torch.allclose(out.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+            rows.append(("cached_attention", str(shape), str(dtype)[6:], err, ok))
+    k = torch.randn(2, 4, 300, 24, generator=gen, device=device)
+    pos = torch.randint(-1, 300, (2, 4, 77), generator=gen, device=device)
+    got, want = triton_gather(k, k * 2, pos), torch_gather(k, k * 2, pos)
+    err = max((a - b).abs().max().item() for a, b in zip(got, want))
+    rows.append(("select_kv gather", "(2, 4, 300, 24) Kmax=77", "float32", err, all(map(torch.equal, got, want))))
+    if device == "cuda":
+        rows += op_and_inductor_rows(gen)
+    return rows
+
+
+def op_and_inductor_rows(gen):
+    """The registered ops on CUDA tensors, eagerly and under torch.compile (Inductor)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from maskkv_compile.kernels.cached_attention import cached_attention_reference
+    from maskkv_compile.kernels.mask_votes import mask_votes_reference
+
+    rows = []
+    q, k, vi, pi, scale = votes_inputs((1, 8, 2, 600, 64, 100, 480), torch.bfloat16, "cuda", gen)
+    attn_shape = (1, 8, 2, 100, 480, 64, 64)
+    qa, ka, va, kept_k, kept_v, kept_len, _, _ = attention_inputs(attn_shape, [480, 200], torch.bfloat16, "cuda", gen)
+    ref_votes = mask_votes_reference(q, k, vi, pi, scale)[0]
+    ref_attn = cached_attention_reference(qa, ka, va, kept_k, kept_v, kept_len, scale)
+
+    def votes_fn(q, k):
+        return torch.ops.maskkv.mask_votes(q, k, vi, pi, scale)[0]
+
+    def attn_fn(q, k, v):
+        return torch.ops.maskkv.cached_attention(q, k, v, kept_k, kept_v, kept_len, scale)
+
+    for name, fn, args, ref, tol, kernels in (
+        ("op mask_votes", votes_fn, (q, k), ref_votes, 1e-4, ("_row_lse_kernel", "_prompt_colsum_kernel")),
+        ("op cached_attention", attn_fn, (qa, ka, va), ref_attn, 1.6e-2, ("_cached_attention_kernel",)),
+    ):
+        eager = fn(*args)
+        rows.append((name + " eager", "cuda", "bfloat16", (eager.float() - ref.float()).abs().max().item(),
+                     torch.allclose(eager.float(), ref.float(), atol=tol, rtol=tol)))
+        try:
+            out, codes = run_and_get_code(torch.compile(fn, fullgraph=True), *args)
+            seen = all(name_ in "\n".join(codes) for name_ in kernels)
+            err = (out.float() - ref.float()).abs().max().item()
+            rows.append((name + " inductor", "kernels in code: " + str(seen), "bfloat16", err,
+                         seen and torch.allclose(out.float(), ref.float(), atol=tol, rtol=tol)))
+        except Exception as exc:  # report, keep going
+            rows.append((name + " inductor", f"{type(exc).__name__}: {str(exc)[:60]}", "bfloat16", float("nan"), False))
+    return rows
+
+
+# ---- timing ------------------------------------------------------------------------------
+
+
+def bench(fn, device):
+    """Milliseconds per call: CUDA do_bench (median), or the best of 2 calls on CPU."""
+    if device == "cuda":
+        return triton.testing.do_bench(fn, warmup=10, rep=50)
+    fn()
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def timing_rows(device, smoke):
+    from maskkv_compile.kernels.cached_attention import cached_attention_torch
+    from maskkv_compile.kernels.mask_votes import mask_votes_chunked, mask_votes_reference
+    from maskkv_compile.kernels.select_kv import select_kv
+    from maskkv_compile.kernels.triton_cached_attention import cached_attention_triton
+    from maskkv_compile.kernels.triton_votes import mask_votes_triton
+
+    b, h, hkv, d, resp = (1, 4, 2, 16, 16) if smoke else (1, 32, 8, 128, 256)
+    prompts = (64, 128) if smoke else (4096, 8192, 16384, 32768)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = []  # (kernel, P, triton ms, torch path ms, baseline name, baseline ms)
+    for prompt in prompts:
+        seq = prompt + resp
+        q = torch.randn(b, h, seq, d, generator=gen, device=device).to(dtype)
+        k = torch.randn(b, hkv, seq, d, generator=gen, device=device).to(dtype)
+        v = torch.randn(b, hkv, seq, d, generator=gen, device=device).to(dtype)
+        vi, pi, scale = torch.arange(prompt, seq, device=device), torch.arange(prompt, device=device), d**-0.5
+        rows.append(("mask_votes", prompt, bench(lambda: mask_votes_triton(q, k, vi, pi, scale), device),
+                     bench(lambda: mask_votes_chunked(q, k, vi, pi, scale), device),
+                     "materialized", bench(lambda: mask_votes_reference(q, k, vi, pi, scale), device)))
+        qr, kr, vr = q[:, :, prompt:], k[:, :, prompt:], v[:, :, prompt:]
+        kept_k, kept_v = k[:, :, :prompt], v[:, :, :prompt]
+        kept_len = torch.full((hkv,), prompt, device=device)
+        rows.append(("cached_attention all kept", prompt,
+                     bench(lambda: cached_attention_triton(qr, kr, vr, kept_k, kept_v, kept_len, scale), device),
+                     bench(lambda: cached_attention_torch(qr, kr, vr, kept_k, kept_v, kept_len, scale), device),
+                     "SDPA concat", bench(lambda: sdpa(qr, k, v, scale=scale, enable_gqa=True), device)))
+        budgets = torch.full((hkv,), min(256, prompt), device=device)
+        votes = torch.rand(b, hkv, prompt, generator=gen, device=device)
+        pos = select_kv(k, v, votes, pi, budgets)[3]
+        rows.append(("select_kv gather", prompt, bench(lambda: triton_gather(k, v, pos), device),
+                     bench(lambda: torch_gather(k, v, pos), device),
+                     "whole select_kv", bench(lambda: select_kv(k, v, votes, pi, budgets), device)))
+    budget = min(256, prompts[0])
+    kept_len = torch.tensor([budget - 7 * (i % 4) for i in range(hkv)], device=device)
+    kept_k, kept_v = k[:, :, :budget], v[:, :, :budget]
+    rows.append((f"cached_attention budget {budget}", "-",
+                 bench(lambda: cached_attention_triton(qr, kr, vr, kept_k, kept_v, kept_len, scale), device),
+                 bench(lambda: cached_attention_torch(qr, kr, vr, kept_k, kept_v, kept_len, scale), device),
+                 "SDPA concat", bench(lambda: sdpa(qr, torch.cat([kept_k, kr], 2), torch.cat([kept_v, vr], 2),
+                                                   scale=scale, enable_gqa=True), device)))
+    return rows, (b, h, hkv, d, resp, str(dtype)[6:])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU under TRITON_INTERPRET=1")
+    args = parser.parse_args()
+    fail_unless_runnable(args.cpu_smoke)
+    device = "cpu" if args.cpu_smoke else "cuda"
+    started = time.perf_counter()
+    if device == "cuda":
+        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+
+    rows = check_rows(device, args.cpu_smoke)
+    print(f"\n{'check':<28} {'shape':<40} {'dtype':<9} {'max err':>9}  result")
+    for name, shape, dtype, err, ok in rows:
+        print(f"{name:<28} {shape:<40} {dtype:<9} {err:>9.2e}  {'ok' if ok else 'FAIL'}")
+    failed = sum(not ok for *_, ok in rows)
+
+    times, (b, h, hkv, d, resp, dtype) = timing_rows(device, args.cpu_smoke)
+    print(f"\ntimes in ms, B={b} H={h} Hkv={hkv} D={d} L={resp} {dtype}; speed-up = other / triton")
+    print(f"{'kernel':<30} {'P':>6} {'triton':>9} {'torch path':>11} {'x':>6}  {'baseline':<16} {'ms':>9} {'x':>6}")
+    for name, prompt, t_tri, t_torch, base, t_base in times:
+        print(f"{name:<30} {prompt!s:>6} {t_tri:>9.3f} {t_torch:>11.3f} {t_torch / t_tri:>5.1f}x  "
+              f"{base:<16} {t_base:>9.3f} {t_base / t_tri:>5.1f}x")
+    print(f"\n{failed} of {len(rows)} checks failed; {time.perf_counter() - started:.0f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
