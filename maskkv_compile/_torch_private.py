@@ -31,3 +31,7 @@ def sym_hint(value) -> int:
         hint = value.node.hint
         return int(hint) if hint is not None else int(value.node.shape_env.size_hint(value.node.expr))
     return int(value)
+
+from torch._guards import TracingContext, tracing  # noqa: E402,F401  (a fresh context per Inductor compile)
+from torch._inductor.compile_fx import compile_fx  # noqa: E402,F401
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext  # noqa: E402,F401

@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 
 from maskkv_compile.config import MaskKVConfig
+from maskkv_compile.inductor import SEQ, InductorGraph
 from maskkv_compile.pipeline import MaskKVGraphs, build_graphs
 from maskkv_compile.passes import PREFILL_OUTPUTS_PER_LAYER
 
@@ -104,17 +105,21 @@ class MaskKVRuntime:
         self.last_session: Optional[Session] = None
         names = [n.name for n in graphs.canonical.graph.nodes if n.op == "placeholder"]
         self.tokens_pos = names.index(graphs.info.tokens)
-        self._prefill = self._compile(graphs.prefill)
-        self._step = self._compile(graphs.step)
+        self._prefill = self._compile(graphs.prefill, {"resp_idx": (0,), "voter_idx": (0,), "prompt_idx": (0,)})
+        self._step = self._compile(
+            graphs.step, {"resp_idx": (0,), **{f"kept_{kv}_{i}": (2,) for i in range(len(graphs.sites)) for kv in "kv"}}
+        )
 
     @classmethod
     def from_graph(cls, gm, config: MaskKVConfig, mask_token_id: int) -> "MaskKVRuntime":
         return cls(build_graphs(gm, config), config, mask_token_id)
 
-    def _compile(self, gm):
+    def _compile(self, gm, dynamic_extra: dict):
         if self.config.backend == "eager":
             return gm
-        return torch.compile(gm, backend="inductor", dynamic=True, fullgraph=True)
+        info = self.graphs.info
+        dynamic = {info.tokens: (1,), **{name: SEQ for name in info.seq_symbols}, **dynamic_extra}
+        return InductorGraph(gm, dynamic, info.tokens)
 
     def reset(self) -> None:
         self.sessions.clear()
