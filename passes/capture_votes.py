@@ -28,12 +28,12 @@ class CaptureVotesPass(GraphPass):
         voter_idx = placeholder(gm, "voter_idx")
         prompt_idx = placeholder(gm, "prompt_idx")
         sites = attention_sites(gm)
-        for node, site in sites:
-            q, k = node.args[0], node.args[1]
+        for node, _ in sites:
+            q, k, scale = node.args[0], node.args[1], node.args[3]
             with gm.graph.inserting_before(node.next):
                 votes = gm.graph.call_function(
                     torch.ops.maskkv.mask_votes.default,
-                    (q, k, voter_idx, prompt_idx, site.scale, self.config.vote_chunk),
+                    (q, k, voter_idx, prompt_idx, scale, self.config.vote_chunk),
                 )
                 scores = gm.graph.call_function(operator.getitem, (votes, 0))
                 prompt_mass = gm.graph.call_function(operator.getitem, (votes, 1))

@@ -48,7 +48,7 @@ class AttentionSite:
     kv_heads: int
     head_dim: int
     spelling: str  # "sdpa", "eager", plus "+gqa" when KV heads are shared
-    scale: float
+    scale: float  # nan when the graph computes it (dynamo's unspecialized floats under dynamic=True)
     node: str  # name of the canonical node
 
 
@@ -124,13 +124,13 @@ class FindAttentionPass(GraphPass):
             out_node, q, k, v, scale, softmax_dtype, spelling = match
             k, v = unrepeat_kv(k), unrepeat_kv(v)
             with graph.inserting_before(out_node):
-                canon = graph.call_function(torch.ops.maskkv.attention.default, (q, k, v, float(scale), softmax_dtype))
+                canon = graph.call_function(torch.ops.maskkv.attention.default, (q, k, v, scale, softmax_dtype))
             canon.meta.update(out_node.meta)
             qv, kv = example_value(q), example_value(k)
             gqa = "+gqa" if kv.shape[1] != qv.shape[1] else ""
             canon.meta["maskkv_site"] = AttentionSite(
                 layer=sites, module_path=_module_path(out_node), heads=int(qv.shape[1]), kv_heads=int(kv.shape[1]),
-                head_dim=int(qv.shape[-1]), spelling=spelling + gqa, scale=float(scale), node=canon.name,
+                head_dim=int(qv.shape[-1]), spelling=spelling + gqa, scale=scale if isinstance(scale, float) else float("nan"), node=canon.name,
             )
             out_node.replace_all_uses_with(canon)
             sites += 1

@@ -1,0 +1,539 @@
+"""How many prompt KV pairs each layer and KV head keeps: MaskKV and its baselines (maskkv.md §4).
+
+Pure torch / Python, no graph code. Vocabulary:
+
+* ``B`` (``budget``): average number of prompt KV pairs kept per KV head per layer.
+* ``k_l`` (layer budget): the average per KV head in layer ``l``. Every layer allocator returns
+  a list of floats with ``sum_l k_l == n_layers * B`` (up to float rounding).
+  :func:`layer_slot_totals` turns them into integers that sum exactly.
+* ``k_{l,h}`` (head budget): an int64 tensor ``(Hkv,)``. Every head allocator guarantees
+  ``sum_h k_{l,h} == round(Hkv * k_l)`` (round half up) and ``lo <= k_{l,h} <= hi`` with
+  ``hi = prompt_len`` and ``lo = min(min_keep, prompt_len)``; when ``Hkv * k_l`` lies outside
+  ``[Hkv*lo, Hkv*hi]`` the total is clamped into that range (e.g. a prompt shorter than the budget
+  is kept whole). Ties are broken towards the lower head index.
+* Head allocators compute on the CPU in float64 (a few numbers per layer) and return the
+  budgets on the device of their input statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# ---------------------------------------------------------------- layer level (offline)
+
+
+def _check_budget(budget: float) -> float:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
+        raise ValueError(f"budget must be a finite number > 0, got {budget!r}")
+    return float(budget)
+
+
+def _check_n_layers(n_layers: int) -> int:
+    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
+        raise ValueError(f"n_layers must be an int >= 1, got {n_layers!r}")
+    return n_layers
+
+
+def _check_fraction(name: str, value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _importance(importance: Sequence[float]) -> list[float]:
+    """Validated per-layer importance; tiny negatives (float noise in 1 - cos) become 0."""
+    values = [float(v) for v in importance]
+    if not values:
+        raise ValueError("importance is empty: need one value per layer")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"importance must be finite, got {values}")
+    return [max(v, 0.0) for v in values]
+
+
+def uniform_layer_budgets(n_layers: int, budget: float) -> list[float]:
+    """``k_l = B`` for every layer."""
+    return [_check_budget(budget)] * _check_n_layers(n_layers)
+
+
+def maskkv_layer_budgets(importance: Sequence[float], budget: float, beta: float = 0.4) -> list[float]:
+    """MaskKV's boundary-aware layer budgets.
+
+    Groups: boundary = {first, last layer}, middle = the rest. With ``N`` layers::
+
+        k_base = beta * B                                  (every layer)
+        k_imp  = (1 - beta) * B * N                        (shared by importance)
+        k_l    = k_base + k_imp * I_group(l) / (I_boundary + I_middle) / |group(l)|
+
+    ``I_group`` is the sum of the layer importances ``I_l = 1 - mean cos(h_in, h_out)`` in the
+    group; inside a group the share is split evenly. ``N`` = 1 or 2 has no middle group, so
+    every layer gets ``B``; all-zero importance falls back to uniform. ``beta = 1`` is uniform.
+    Invariant: ``sum(k_l) == N * B``.
+    """
+    imp, budget, beta = _importance(importance), _check_budget(budget), _check_fraction("beta", beta)
+    n = len(imp)
+    total_imp = sum(imp)
+    if total_imp <= 0.0:
+        return uniform_layer_budgets(n, budget)
+    boundary, middle = sorted({0, n - 1}), list(range(1, n - 1))
+    k_imp = (1.0 - beta) * budget * n
+    out = [0.0] * n
+    for group in (boundary, middle):
+        if group:
+            per_layer = k_imp * sum(imp[l] for l in group) / total_imp / len(group)
+            for l in group:
+                out[l] = beta * budget + per_layer
+    return out
+
+
+def pyramid_layer_budgets(n_layers: int, budget: float, beta: float = 20.0) -> list[float]:
+    """PyramidKV: budgets decrease arithmetically with depth.
+
+    With total ``T = N * B``: top (last) layer ``k_top = T / (beta * N) = B / beta``, bottom (first)
+    layer ``k_bottom = 2 * T / N - k_top``, and layer ``l`` interpolates linearly:
+    ``k_l = k_bottom - (k_bottom - k_top) * l / (N - 1)``. The mean of an arithmetic sequence is
+    the mean of its ends, ``B``, so ``sum(k_l) == N * B``. ``beta >= 1`` (1 = uniform).
+    """
+    n, budget = _check_n_layers(n_layers), _check_budget(budget)
+    if beta < 1.0:
+        raise ValueError(f"PyramidKV beta must be >= 1 (1 = uniform), got {beta!r}")
+    if n == 1:
+        return [budget]
+    top = budget / beta
+    bottom = 2.0 * budget - top
+    step = (bottom - top) / (n - 1)
+    return [bottom - step * l for l in range(n)]
+
+
+def _least_important_group(values: list[float]) -> list[int]:
+    """Exact 1-D 3-means (minimum within-group sum of squares; optimal groups are contiguous in
+    sorted order): the layer indices of the group with the lowest importance. Deterministic: ties
+    in value sort by layer index, ties in cost keep the first split found."""
+    order = sorted(range(len(values)), key=lambda i: (values[i], i))
+    xs = [values[i] for i in order]
+    s1, s2 = [0.0], [0.0]
+    for x in xs:
+        s1.append(s1[-1] + x)
+        s2.append(s2[-1] + x * x)
+
+    def sse(a: int, b: int) -> float:
+        t = s1[b] - s1[a]
+        return (s2[b] - s2[a]) - t * t / (b - a)
+
+    n = len(xs)
+    best = min(((sse(0, i) + sse(i, j) + sse(j, n), i) for i in range(1, n - 1) for j in range(i + 1, n)),
+               key=lambda cost_split: cost_split[0])
+    return sorted(order[: best[1]])
+
+
+def squeeze_layer_budgets(importance: Sequence[float], budget: float, low_fraction: float = 0.4) -> list[float]:
+    """SqueezeAttention: layers clustered into 3 groups by importance (``1 - cos`` similarity of
+    the attention block's input and output; exact 1-D 3-means). Each layer of the least important
+    group (lowest importance = highest cosine similarity) gets ``low_fraction * B`` (40% of the
+    average budget); what it gives up is spread evenly over the other layers:
+    ``k_other = (N * B - |low| * low_fraction * B) / (N - |low|)``. Fewer than 3 layers or equal
+    importances (no groups to tell apart): uniform. Invariant: ``sum(k_l) == N * B``.
+    """
+    imp, budget = _importance(importance), _check_budget(budget)
+    low_fraction = _check_fraction("low_fraction", low_fraction)
+    n = len(imp)
+    if n < 3 or max(imp) == min(imp):
+        return uniform_layer_budgets(n, budget)
+    low = set(_least_important_group(imp))
+    k_low = low_fraction * budget
+    k_other = (n * budget - len(low) * k_low) / (n - len(low))
+    return [k_low if l in low else k_other for l in range(n)]
+
+
+def layer_slot_totals(layer_budgets: Sequence[float], n_kv_heads: int) -> list[int]:
+    """Integer slots per layer, ``T_l ~ n_kv_heads * k_l``, summing exactly to
+    ``round(n_kv_heads * sum(k_l))`` (largest remainder). Pass ``T_l / n_kv_heads`` as the layer
+    budget of a head allocator to make the model-wide total exact."""
+    shares = torch.tensor([float(k) for k in layer_budgets], dtype=torch.float64) * n_kv_heads
+    return largest_remainder(shares, math.floor(float(shares.sum()) + 0.5)).tolist()
+
+
+# ---------------------------------------------------------------- integer rounding helpers
+
+
+def _round_to_total(x: Tensor, total: int, lo: int, hi: int) -> Tensor:
+    """Integers in [lo, hi] summing to ``total``, starting from ``floor(x)``: +1 to the largest
+    remainders (ties: lower index first) until the total is met, or -1 from the smallest
+    remainders (ties: higher index first) if the floors overshoot."""
+    k = torch.floor(x).clamp(lo, hi)
+    rem = torch.round((x - k) * 1e9) / 1e9  # quantized: float noise must not break exact ties
+    deficit = total - int(k.sum())
+    while deficit != 0:
+        step = 1 if deficit > 0 else -1
+        if step > 0:
+            cand = torch.nonzero(k < hi).flatten()
+            order = torch.sort(-rem[cand], stable=True).indices
+        else:
+            cand = torch.nonzero(k > lo).flatten().flip(0)
+            order = torch.sort(rem[cand], stable=True).indices
+        if cand.numel() == 0:
+            raise ValueError(f"cannot reach total {total} with {x.numel()} values in [{lo}, {hi}]")
+        take = cand[order[: abs(deficit)]]
+        k[take] += step
+        rem[take] -= step
+        deficit -= step * take.numel()
+    return k.to(torch.int64)
+
+
+def largest_remainder(shares: Tensor, total: int) -> Tensor:
+    """Split the integer ``total`` proportionally to non-negative ``shares`` (Hamilton method):
+    quotas ``q_i = total * s_i / sum(s)``, ``floor(q_i)``, then one more to the largest remainders
+    (ties: lower index first). Returns int64 with ``sum == total`` and ``|k_i - q_i| < 1``.
+    All-zero shares split evenly."""
+    s = shares.detach().to("cpu", torch.float64).flatten()
+    if isinstance(total, bool) or int(total) != total or total < 0:
+        raise ValueError(f"total must be an int >= 0, got {total!r}")
+    if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+        raise ValueError("shares must be finite and >= 0")
+    if float(s.sum()) <= 0.0:
+        s = torch.ones_like(s)
+    return _round_to_total(s / s.sum() * int(total), int(total), 0, int(total)).to(shares.device)
+
+
+def _fit_proportional(q: Tensor, total: float, lo: int, hi: int) -> Tensor:
+    """``x_i = clip(lam * q_i, lo, hi)`` with ``sum x == total`` (``q >= 0``, float64): solved
+    exactly on the breakpoints of the monotone piecewise-linear ``f(lam) = sum clip(lam q, lo, hi)``.
+    Zero-quota entries stay at ``lo`` unless every positive one is already at ``hi``."""
+    pos = q > 0
+    if not bool(pos.any()):
+        q, pos = torch.ones_like(q), torch.ones_like(pos)
+    n_pos = int(pos.sum())
+    cap = n_pos * hi + (q.numel() - n_pos) * lo
+    if total >= cap:
+        x = torch.where(pos, float(hi), float(lo)).to(torch.float64)
+        if total > cap:
+            x[~pos] = _fit_proportional(torch.ones(q.numel() - n_pos, dtype=torch.float64), total - n_pos * hi, lo, hi)
+        return x
+    qp = q[pos]
+    bps = torch.unique(torch.cat([torch.zeros(1, dtype=torch.float64), lo / qp, hi / qp]))
+    f = (bps[:, None] * q[None, :]).clamp(lo, hi).sum(1)
+    i = int(torch.searchsorted(f, torch.tensor([total], dtype=torch.float64))[0])
+    if i == 0:
+        return torch.full_like(q, float(lo))
+    lam = bps[i - 1] + (total - f[i - 1]) * (bps[i] - bps[i - 1]) / (f[i] - f[i - 1])
+    return (lam * q).clamp(lo, hi)
+
+
+def clamp_and_redistribute(quotas: Tensor, total: int, lo: int, hi: int) -> Tensor:
+    """Integer budgets in ``[lo, hi]`` with ``sum == total`` that follow real ``quotas``.
+
+    ``total`` is first clamped into ``[n*lo, n*hi]`` (outside it nothing else is feasible). If
+    every quota is already within bounds and ``|sum(quotas) - total| < 1``, the result is
+    ``floor(quota)`` plus largest-remainder rounding (so a head keeps at least ``floor(q_i)``).
+    Otherwise the clamped heads sit at their bound and what a clamp frees (or takes) is shared
+    by the other heads in proportion to their quotas -- ``x_i = clip(lam * q_i, lo, hi)`` with
+    ``sum x == total`` -- then rounded by largest remainder (ties: lower index first).
+    """
+    q = quotas.detach().to("cpu", torch.float64).flatten()
+    lo, hi, total = int(lo), int(hi), int(total)
+    if lo < 0 or lo > hi:
+        raise ValueError(f"need 0 <= lo <= hi, got lo={lo}, hi={hi}")
+    if not bool(torch.isfinite(q).all()):
+        raise ValueError("quotas must be finite")
+    n = q.numel()
+    total = min(max(total, n * lo), n * hi)
+    if bool(((q >= lo) & (q <= hi)).all()) and abs(float(q.sum()) - total) < 1.0:
+        x = q
+    else:
+        x = _fit_proportional(q.clamp_min(0.0), float(total), lo, hi)
+    return _round_to_total(x, total, lo, hi).to(quotas.device)
+
+
+# ---------------------------------------------------------------- head level (online, per layer)
+
+
+def _layer_total(n_kv_heads: int, layer_budget: float) -> int:
+    return math.floor(n_kv_heads * float(layer_budget) + 0.5)
+
+
+def _bounds(min_keep: int, prompt_len: Optional[int], total: int) -> tuple[int, int]:
+    hi = total if prompt_len is None else int(prompt_len)
+    if hi < 0 or min_keep < 0:
+        raise ValueError(f"prompt_len and min_keep must be >= 0, got {prompt_len!r}, {min_keep!r}")
+    return min(int(min_keep), hi), hi
+
+
+def uniform_head_budgets(n_kv_heads: int, layer_budget: float, prompt_len: Optional[int], min_keep: int = 1,
+                         device: Union[str, torch.device, None] = None) -> Tensor:
+    """Every KV head gets ``k_l``; the ``round(Hkv * k_l)`` total is exact (extra slots to the
+    lower head indices), clamped to ``[min(min_keep, prompt_len), prompt_len]``."""
+    total = _layer_total(n_kv_heads, layer_budget)
+    quotas = torch.full((n_kv_heads,), float(layer_budget), dtype=torch.float64)
+    return clamp_and_redistribute(quotas, total, *_bounds(min_keep, prompt_len, total)).to(device)
+
+
+def prompt_preference(prompt_mass: Tensor, n_voters: Union[int, float, Tensor], n_kv_heads: Optional[int] = None) -> Tensor:
+    """Per-KV-head prompt preference ``P_h = S_mp / (S_mp + S_mm)``, float64 ``(Hkv,)`` on CPU.
+
+    ``prompt_mass`` is ``S_mp``, the attention mass the voting (mask) queries put on prompt keys,
+    shape ``(H,)`` or ``(B, H)`` over query heads. Each voter's softmax row sums to 1 over all keys,
+    so ``S_mp + S_mm = n_voters`` (a number, or per-example ``(B,)`` / ``(B, H)``). Reductions:
+    the batch by its mean (budgets are shared across the batch), then the ``G = H // n_kv_heads``
+    query heads of a KV head (heads ``j*G .. j*G+G-1``, as ``repeat_kv`` lays them out) by their
+    sum, since the kept set is per KV head (sum and mean rank alike after normalization).
+    """
+    pm = prompt_mass.detach().to("cpu", torch.float64)
+    pm = pm.unsqueeze(0) if pm.dim() == 1 else pm
+    if pm.dim() != 2:
+        raise ValueError(f"prompt_mass must be (H,) or (B, H), got shape {tuple(prompt_mass.shape)}")
+    nv = torch.as_tensor(n_voters, dtype=torch.float64).to("cpu")
+    nv = nv.reshape(-1, 1) if nv.dim() == 1 else nv
+    if bool((nv <= 0).any()):
+        raise ValueError(f"n_voters must be > 0, got {n_voters!r}")
+    pref = (pm / nv).mean(0)
+    heads = pref.numel()
+    n_kv = heads if n_kv_heads is None else int(n_kv_heads)
+    if n_kv < 1 or heads % n_kv:
+        raise ValueError(f"{heads} query heads cannot be grouped into {n_kv} KV heads")
+    return pref.view(n_kv, heads // n_kv).sum(1).clamp_min(0.0)
+
+
+def maskkv_head_budgets(prompt_mass: Tensor, n_voters: Union[int, float, Tensor], layer_budget: float,
+                        alpha: float = 0.1, min_keep: int = 1, prompt_len: Optional[int] = None,
+                        n_kv_heads: Optional[int] = None) -> Tensor:
+    """MaskKV's prompt-preference head budgets for one layer (int64 ``(Hkv,)``).
+
+    ``P^_h = P_h / sum_h P_h`` (see :func:`prompt_preference`; all-zero -> uniform) and::
+
+        k_{l,h} = floor(alpha * k_l + (1 - alpha) * Hkv * k_l * P^_h)
+
+    plus largest-remainder rounding so ``sum_h k_{l,h} == round(Hkv * k_l)``; then clamped to
+    ``[min(min_keep, prompt_len), prompt_len]`` with redistribution (:func:`clamp_and_redistribute`).
+    A head with no prompt preference gets ``floor(alpha * k_l)`` (or one more by remainder, or
+    ``min_keep`` if larger). ``alpha = 1`` is uniform.
+    """
+    alpha = _check_fraction("alpha", alpha)
+    pref = prompt_preference(prompt_mass, n_voters, n_kv_heads)
+    n = pref.numel()
+    p_hat = pref / pref.sum() if float(pref.sum()) > 0 else torch.full_like(pref, 1.0 / n)
+    k_l = float(layer_budget)
+    quotas = alpha * k_l + (1.0 - alpha) * n * k_l * p_hat
+    total = _layer_total(n, k_l)
+    return clamp_and_redistribute(quotas, total, *_bounds(min_keep, prompt_len, total)).to(prompt_mass.device)
+
+
+def adakv_head_budgets(scores: Tensor, layer_budget: float, safeguard: float = 0.2, min_keep: int = 1,
+                       prompt_len: Optional[int] = None) -> Tensor:
+    """AdaKV head budgets for one layer from its votes ``(Hkv, P)`` or ``(B, Hkv, P)`` (batch: mean).
+
+    Of the layer total ``T = round(Hkv * k_l)``, ``round(safeguard * T)`` slots are spread evenly
+    over the heads (the safeguard against starving sparse heads); the other ``R`` go to the
+    ``R`` highest scores of the whole layer, chosen jointly across heads (ties: lower head, then
+    lower position): a head gets as many as it wins. Then clamped to
+    ``[min(min_keep, prompt_len), prompt_len]`` (``prompt_len`` defaults to ``P``) with
+    redistribution. Every head keeps at least ``floor(safeguard * k_l)`` unless ``min_keep`` or
+    ``prompt_len`` forces otherwise.
+    """
+    safeguard = _check_fraction("safeguard", safeguard)
+    s = scores.detach().to("cpu", torch.float64)
+    s = s.mean(0) if s.dim() == 3 else s
+    if s.dim() != 2:
+        raise ValueError(f"scores must be (Hkv, P) or (B, Hkv, P), got shape {tuple(scores.shape)}")
+    n, p = s.shape
+    total = _layer_total(n, layer_budget)
+    lo, hi = _bounds(min_keep, p if prompt_len is None else prompt_len, total)
+    total = min(max(total, n * lo), n * hi)
+    guard = largest_remainder(torch.ones(n), math.floor(safeguard * total + 0.5))
+    rest = min(total - int(guard.sum()), n * p)
+    won = torch.sort(s.flatten(), descending=True, stable=True).indices[:rest]
+    quotas = guard + torch.bincount(won // p, minlength=n)
+    return clamp_and_redistribute(quotas.to(torch.float64), total, lo, hi).to(scores.device)
+
+
+# ---------------------------------------------------------------- voters and vote post-processing
+
+
+def snapkv_pool(votes: Tensor, kernel: int = 5) -> Tensor:
+    """SnapKV's 1-D average pooling over the last (position) dim, same length:
+    ``out[p] = sum_{|q - p| <= kernel // 2, 0 <= q < P} votes[q] / kernel`` (zero padding counted in
+    the mean, as ``avg_pool1d``'s default). ``kernel`` must be odd; votes must be finite. Pooling
+    spreads votes onto padded positions: the selection must still exclude padding."""
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"kernel must be odd and >= 1, got {kernel}")
+    if kernel == 1:
+        return votes
+    flat = votes.reshape(-1, 1, votes.shape[-1]).float()
+    pooled = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+    return pooled.reshape(votes.shape).to(votes.dtype)
+
+
+def streaming_votes(P: int, sink: int = 4, device: Union[str, torch.device, None] = None,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
+    """StreamingLLM as scores ``(P,)``: sink positions ``i < sink`` score ``2P - i`` (all above
+    every other score, earliest first), the rest score their position (most recent first), so the
+    top-k is the ``min(k, sink)`` first tokens plus the ``k - sink`` most recent ones."""
+    pos = torch.arange(P, device=device, dtype=torch.float64)
+    return torch.where(pos < sink, 2 * P - pos, pos).to(dtype)
+
+
+def random_votes(B: int, Hkv: int, P: int, seed: int = 0, device: Union[str, torch.device, None] = None) -> Tensor:
+    """Uniform random scores ``(B, Hkv, P)`` from a CPU generator seeded with ``seed``: the same on
+    every call and every device."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.rand((B, Hkv, P), generator=gen).to(device)
+
+
+def _as_index(idx) -> Tensor:
+    idx = torch.as_tensor(idx, dtype=torch.long)
+    if idx.dim() > 1:
+        raise ValueError(f"positions must be 1-D (shared by the batch), got shape {tuple(idx.shape)}")
+    return idx.flatten()
+
+
+def _mask_voters(prompt_idx: Tensor, resp_idx: Tensor, window: int, shift: int) -> Tensor:
+    last = int(torch.cat([prompt_idx, resp_idx]).max()) if prompt_idx.numel() + resp_idx.numel() else 0
+    return (resp_idx + shift).clamp(0, last)
+
+
+_VOTERS: dict[str, Callable[[Tensor, Tensor, int, int], Tensor]] = {
+    "mask": _mask_voters,
+    "window": lambda prompt_idx, resp_idx, window, shift: prompt_idx[max(prompt_idx.numel() - window, 0):],
+    "prompt": lambda prompt_idx, resp_idx, window, shift: prompt_idx,
+    "all": lambda prompt_idx, resp_idx, window, shift: torch.sort(torch.cat([prompt_idx, resp_idx])).values,
+    "none": lambda prompt_idx, resp_idx, window, shift: prompt_idx[:0],
+}
+
+
+def voter_positions(policy: Union[str, "Policy"], prompt_idx, resp_idx, window: int = 32, shift: int = 0) -> Tensor:
+    """Sequence positions (int64, 1-D) of the queries that vote under ``policy``:
+    mask voters (maskkv, mask_voting_uniform) = response positions ``+ shift`` clamped to the
+    sequence (Dream: shift -1); window voters (snapkv and the allocation baselines built on it) =
+    the last ``window`` prompt positions; prompt_voting = all prompt positions; all_voting = every
+    position; streaming / random use no voters (empty)."""
+    kind = get_policy(policy).voters
+    return _VOTERS[kind](_as_index(prompt_idx), _as_index(resp_idx), int(window), int(shift))
+
+
+# ---------------------------------------------------------------- policy registry
+
+
+def _need_importance(importance: Optional[Sequence[float]], n_layers: int, policy: str) -> Sequence[float]:
+    if importance is None:
+        raise ValueError(f"policy {policy!r} needs a layer-importance profile (LayerProfile.importance); "
+                         "measure one on calibration prompts first")
+    if len(importance) != n_layers:
+        raise ValueError(f"importance has {len(importance)} values but the model has {n_layers} layers")
+    return importance
+
+
+_LAYER_ALLOCATORS: dict[str, Callable[..., list[float]]] = {
+    "uniform": lambda pol, n, b, imp, **kw: uniform_layer_budgets(n, b),
+    "maskkv": lambda pol, n, b, imp, **kw: maskkv_layer_budgets(_need_importance(imp, n, pol), b, **kw),
+    "pyramid": lambda pol, n, b, imp, **kw: pyramid_layer_budgets(n, b, **kw),
+    "squeeze": lambda pol, n, b, imp, **kw: squeeze_layer_budgets(_need_importance(imp, n, pol), b, **kw),
+}
+
+
+def _need(value, what: str, policy: str):
+    if value is None:
+        raise ValueError(f"policy {policy!r} needs {what}")
+    return value
+
+
+_HEAD_ALLOCATORS: dict[str, Callable[..., Tensor]] = {
+    "uniform": lambda pol, k_l, n_kv, p, mk, pm, nv, votes, **kw: uniform_head_budgets(n_kv, k_l, p, mk),
+    "maskkv": lambda pol, k_l, n_kv, p, mk, pm, nv, votes, **kw: maskkv_head_budgets(
+        _need(pm, "prompt_mass", pol), _need(nv, "n_voters", pol), k_l, min_keep=mk, prompt_len=p, n_kv_heads=n_kv, **kw),
+    "adakv": lambda pol, k_l, n_kv, p, mk, pm, nv, votes, **kw: adakv_head_budgets(
+        _need(votes, "votes", pol), k_l, min_keep=mk, prompt_len=p, **kw),
+}
+
+_VOTE_TRANSFORMS: dict[str, Callable[..., Tensor]] = {
+    "none": lambda pol, votes, shape, device, kw: _need(votes, "votes", pol),
+    "snapkv_pool": lambda pol, votes, shape, device, kw: snapkv_pool(_need(votes, "votes", pol), kw.get("kernel", 5)),
+    "streaming": lambda pol, votes, shape, device, kw: streaming_votes(shape[-1], kw.get("sink", 4), device).expand(shape),
+    "random": lambda pol, votes, shape, device, kw: random_votes(*shape, seed=kw.get("seed", 0), device=device),
+}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """An eviction policy: who votes, how votes become scores, and how the budget is split.
+
+    voters: "mask" | "window" | "prompt" | "all" | "none" (see :func:`voter_positions`).
+    vote_transform: "none" | "snapkv_pool" | "streaming" | "random".
+    layer_allocator: "uniform" | "maskkv" | "pyramid" | "squeeze".
+    head_allocator: "uniform" | "maskkv" | "adakv".
+    """
+
+    name: str
+    voters: str
+    vote_transform: str
+    layer_allocator: str
+    head_allocator: str
+    description: str = ""
+
+    @property
+    def needs_profile(self) -> bool:
+        """Whether the layer allocator needs a layer-importance profile."""
+        return self.layer_allocator in ("maskkv", "squeeze")
+
+    def layer_budgets(self, n_layers: int, budget: float, importance: Optional[Sequence[float]] = None,
+                      **options) -> list[float]:
+        """Per-layer budgets ``k_l`` (``options``: the allocator's hyper-parameters, e.g. beta)."""
+        return _LAYER_ALLOCATORS[self.layer_allocator](self.name, n_layers, budget, importance, **options)
+
+    def head_budgets(self, layer_budget: float, *, n_kv_heads: int, prompt_len: int, min_keep: int = 1,
+                     prompt_mass: Optional[Tensor] = None, n_voters=None, votes: Optional[Tensor] = None,
+                     **options) -> Tensor:
+        """int64 ``(Hkv,)`` budgets of one layer; passes what the head allocator needs
+        (maskkv: prompt_mass + n_voters; adakv: votes ``(B, Hkv, P)``)."""
+        return _HEAD_ALLOCATORS[self.head_allocator](self.name, layer_budget, n_kv_heads, prompt_len, min_keep,
+                                                     prompt_mass, n_voters, votes, **options)
+
+    def selection_scores(self, votes: Optional[Tensor], shape: tuple[int, int, int],
+                         device: Union[str, torch.device, None] = None, **options) -> Tensor:
+        """Scores ``(B, Hkv, P)`` whose per-head top-k is kept (options: kernel, sink, seed)."""
+        return _VOTE_TRANSFORMS[self.vote_transform](self.name, votes, tuple(shape), device, options)
+
+
+POLICIES: dict[str, Policy] = {p.name: p for p in (
+    Policy("maskkv", "mask", "none", "maskkv", "maskkv", "Mask-Voting + boundary-aware layers + prompt-preference heads"),
+    Policy("mask_voting_uniform", "mask", "none", "uniform", "uniform", "Mask-Voting with uniform budgets"),
+    Policy("snapkv", "window", "snapkv_pool", "uniform", "uniform", "last-window prompt queries vote, pooled"),
+    Policy("prompt_voting", "prompt", "none", "uniform", "uniform", "all prompt queries vote"),
+    Policy("all_voting", "all", "none", "uniform", "uniform", "every query votes"),
+    Policy("streaming", "none", "streaming", "uniform", "uniform", "StreamingLLM: sink + most recent"),
+    Policy("random", "none", "random", "uniform", "uniform", "seeded random subset"),
+    Policy("pyramidkv", "window", "snapkv_pool", "pyramid", "uniform", "SnapKV selection, PyramidKV layer budgets"),
+    Policy("squeezeattention", "window", "snapkv_pool", "squeeze", "uniform", "SnapKV selection, SqueezeAttention layers"),
+    Policy("adakv", "window", "snapkv_pool", "uniform", "adakv", "SnapKV selection, AdaKV head budgets"),
+)}
+
+
+def get_policy(name: Union[str, Policy]) -> Policy:
+    """The registered policy called ``name`` (a :class:`Policy` passes through)."""
+    if isinstance(name, Policy):
+        return name
+    try:
+        return POLICIES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown policy {name!r}; valid policies: {', '.join(sorted(POLICIES))}") from None
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def format_budget_table(table: Sequence[Tensor]) -> str:
+    """Layers x KV heads budget table (plus each layer's total) as text, via ``tabulate``."""
+    n_heads = max((int(t.numel()) for t in table), default=0)
+    headers = ["layer", *(f"kv{h}" for h in range(n_heads)), "total"]
+    rows = []
+    for layer, t in enumerate(table):
+        vals = [int(v) for v in t.flatten().tolist()]
+        rows.append([layer, *vals, *([""] * (n_heads - len(vals))), sum(vals)])
+    try:
+        from tabulate import tabulate
+    except ImportError:  # tabulate is an optional (test) dependency
+        return "\n".join("  ".join(str(c) for c in row) for row in [headers, *rows])
+    return tabulate(rows, headers=headers, tablefmt="simple")
