@@ -12,10 +12,12 @@ op                          what it computes
                             per-query-head attention mass on the prompt (chunked)
 ``maskkv::select_kv``       top-k per KV head with per-head budgets, padded kept K/V
 ``maskkv::cached_attention`` attention over [kept prompt K/V (padded) ; response K/V]
+``maskkv::selection_scores`` a policy's ranking of the prompt entries (votes, pooled, ...)
+``maskkv::head_budgets``    a policy's per-KV-head budgets of one layer
 ==========================  ===============================================================
 """
 
-from . import attention, cached_attention, mask_votes, select_kv  # noqa: F401  (registers ops)
+from . import attention, budget_ops, cached_attention, mask_votes, select_kv  # noqa: F401  (registers ops)
 from .attention import attention_reference
 from .cached_attention import cached_attention_reference
 from .mask_votes import mask_votes_reference

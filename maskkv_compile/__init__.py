@@ -5,12 +5,15 @@
 """
 
 from maskkv_compile.api import MaskKVModel, optimize
+from maskkv_compile.calibrate import calibrate
 from maskkv_compile.config import MaskKVConfig, MaskKVConfigError
+from maskkv_compile.explain import explain
 from maskkv_compile.passes import UnsupportedModelError
+from maskkv_compile.profile import LayerProfile, ProfileMismatchError
 from maskkv_compile.runtime import NoMaskTokenError, response_logits_only
 
 __all__ = [
-    "MaskKVConfig", "MaskKVConfigError", "MaskKVModel", "NoMaskTokenError", "UnsupportedModelError",
-    "optimize", "response_logits_only",
+    "LayerProfile", "MaskKVConfig", "MaskKVConfigError", "MaskKVModel", "NoMaskTokenError", "ProfileMismatchError",
+    "UnsupportedModelError", "calibrate", "optimize", "response_logits_only",
 ]
 __version__ = "0.1.0"

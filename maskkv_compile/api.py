@@ -10,6 +10,7 @@ from maskkv_compile._torch_private import BackendCompilerFailed
 from maskkv_compile.backend import MaskKVBackend
 from maskkv_compile.config import MaskKVConfig, MaskKVConfigError
 from maskkv_compile.passes import UnsupportedModelError
+from maskkv_compile.profile import model_fingerprint
 
 # Every MaskKVModel compiles the same forward code object with its own backend; dynamo
 # counts each as a recompile of that code. Allow many before it would fall back to eager.
@@ -59,6 +60,10 @@ class MaskKVModel(torch.nn.Module):
         """Kept tokens per layer and KV head, bytes held, prompt length (last prompt run)."""
         return self.runtime.cache_stats() if self._last_runtime is not None else {"prompt_len": 0, "layers": [], "bytes": 0}
 
+    def explain_budgets(self) -> str:
+        """The kept entries per layer (rows) and KV head (columns) of the last prompt, as a table."""
+        return self.runtime.budget_table()
+
     def reset(self) -> None:
         """Forget every cached prompt; the next call is a prefill."""
         for runtime in self.backend.runtimes:
@@ -77,6 +82,8 @@ def optimize(
     mask_token_id: Optional[int] = None,
     backend: Optional[str] = None,
     prompt_refresh: Optional[int] = None,
+    policy: Optional[str] = None,
+    profile=None,
     config: Optional[MaskKVConfig] = None,
 ) -> MaskKVModel:
     """Rewrite ``model`` for MaskKV; nothing about the model itself changes.
@@ -85,11 +92,14 @@ def optimize(
     mask_token_id: default ``model.config.mask_token_id``.
     backend: "inductor" (default) or "eager" (rewritten graphs run as plain FX code).
     prompt_refresh: recompute the prompt every this many steps (default: never).
+    policy: "maskkv" (default) or a baseline name (see ``maskkv_compile.budgets.POLICIES``).
+    profile: a LayerProfile from ``calibrate`` (refused if measured on another model).
     config: a full :class:`MaskKVConfig`; the keyword arguments above override its fields.
     """
     overrides = {
         k: v
-        for k, v in dict(budget=budget, mask_token_id=mask_token_id, backend=backend, prompt_refresh=prompt_refresh).items()
+        for k, v in dict(budget=budget, mask_token_id=mask_token_id, backend=backend, prompt_refresh=prompt_refresh,
+                         policy=policy, profile=profile).items()
         if v is not None
     }
     config = MaskKVConfig.from_options(overrides, base=config)
@@ -98,6 +108,8 @@ def optimize(
     token = config.mask_token_id if config.mask_token_id is not None else getattr(getattr(model, "config", None), "mask_token_id", None)
     if token is None:
         raise MaskKVConfigError("mask_token_id is not set and the model config has none: pass optimize(model, mask_token_id=...)")
+    if config.profile is not None:
+        config.profile.check_compatible(model_fingerprint(getattr(model, "config", model), type(model).__name__))
     if getattr(getattr(model, "config", None), "is_causal", False) is True:
         raise UnsupportedModelError(
             f"{type(model).__name__} is configured causal (config.is_causal=True); MaskKV is for bidirectional "

@@ -45,6 +45,20 @@ class MaskKVConfig:
     vote_chunk: voter query rows processed at once by ``maskkv::mask_votes``.
     max_sessions: prompts whose caches are kept at once (2 lets classifier-free guidance
         alternate a conditional and an unconditional prompt without re-prefilling).
+    policy: eviction policy, a name from ``maskkv_compile.budgets.POLICIES``: "maskkv"
+        (Mask-Voting, boundary-aware layer budgets, prompt-preference head budgets) or a
+        baseline (snapkv, prompt_voting, all_voting, streaming, random, pyramidkv,
+        squeezeattention, adakv, mask_voting_uniform).
+    profile: offline :class:`~maskkv_compile.profile.LayerProfile` for policies that split the
+        budget across layers by importance (maskkv, squeezeattention). Without one they fall
+        back to uniform layer budgets (with a warning).
+    alpha: base rate of the prompt-preference head allocation (paper: 0.1).
+    beta: base rate of the boundary-aware layer allocation (paper: 0.4).
+    min_keep: fewest prompt entries any KV head keeps.
+    window: voter window of SnapKV and the baselines built on it (paper: 32).
+    pool_kernel: SnapKV's average-pooling kernel over positions (5).
+    sink: StreamingLLM's sink tokens (4).
+    seed: seed of the ``random`` policy.
     """
 
     budget: int = 256
@@ -54,6 +68,15 @@ class MaskKVConfig:
     vote_shift: int = 0
     vote_chunk: int = 64
     max_sessions: int = 2
+    policy: str = "maskkv"
+    profile: Optional[Any] = None
+    alpha: float = 0.1
+    beta: float = 0.4
+    min_keep: int = 1
+    window: int = 32
+    pool_kernel: int = 5
+    sink: int = 4
+    seed: int = 0
 
     def __post_init__(self) -> None:
         _require_int("budget", self.budget, minimum=1)
@@ -65,6 +88,21 @@ class MaskKVConfig:
             raise MaskKVConfigError(f"vote_shift must be an int (0 LLaDA, -1 Dream), got {self.vote_shift!r}")
         _require_int("vote_chunk", self.vote_chunk, minimum=1)
         _require_int("max_sessions", self.max_sessions, minimum=1)
+        from maskkv_compile.budgets import get_policy
+        from maskkv_compile.profile import LayerProfile
+
+        try:
+            get_policy(self.policy)
+        except ValueError as error:
+            raise MaskKVConfigError(f"policy: {error}") from None
+        if self.profile is not None and not isinstance(self.profile, LayerProfile):
+            raise MaskKVConfigError(f"profile must be a LayerProfile (see maskkv_compile.calibrate), got {type(self.profile).__name__}")
+        for name in ("alpha", "beta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise MaskKVConfigError(f"{name} must be a number in [0, 1], got {value!r}")
+        for name in ("min_keep", "window", "pool_kernel", "sink", "seed"):
+            _require_int(name, getattr(self, name), minimum=0 if name in ("sink", "seed") else 1)
 
     @classmethod
     def option_names(cls) -> list[str]:
@@ -81,7 +119,10 @@ class MaskKVConfig:
         return dataclasses.replace(base or cls(), **options)
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.option_names()}
+        options = {name: getattr(self, name) for name in self.option_names()}
+        if self.profile is not None:
+            options["profile"] = self.profile.to_dict()
+        return options
 
     def fingerprint(self) -> str:
         """Stable hash of every option (folded into each pass's ``uuid()``)."""

@@ -33,6 +33,7 @@ from typing import Optional
 
 import torch
 
+from maskkv_compile.budgets import format_budget_table, voter_positions
 from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.inductor import SEQ, InductorGraph
 from maskkv_compile.pipeline import MaskKVGraphs, build_graphs
@@ -86,11 +87,6 @@ class Session:
 class Counts:
     prefills: int = 0
     steps: int = 0
-
-
-def uniform_budgets(graphs: MaskKVGraphs, budget: int, device) -> list[torch.Tensor]:
-    """Per layer, per KV head budgets: the same ``budget`` everywhere."""
-    return [torch.full((site.kv_heads,), budget, dtype=torch.long, device=device) for site in graphs.sites]
 
 
 class MaskKVRuntime:
@@ -175,11 +171,9 @@ class MaskKVRuntime:
         return outputs
 
     def _run_prefill(self, args, session: Session):
-        seq_len = session.shape[1]
-        voter_idx = (session.resp_idx + self.config.vote_shift).clamp(0, seq_len - 1)
-        extra = {"resp_idx": session.resp_idx, "voter_idx": voter_idx, "prompt_idx": session.prompt_idx}
-        for layer, budget in enumerate(uniform_budgets(self.graphs, self.config.budget, session.device)):
-            extra[f"budget_{layer}"] = budget
+        cfg = self.config
+        voter_idx = voter_positions(cfg.policy, session.prompt_idx, session.resp_idx, cfg.window, cfg.vote_shift)
+        extra = {"resp_idx": session.resp_idx, "voter_idx": voter_idx.to(session.device), "prompt_idx": session.prompt_idx}
         outputs = self._prefill(*args, *(extra[name] for name in self.graphs.prefill_inputs))
         n_layers = len(self.graphs.sites)
         base, caches = outputs[: len(outputs) - PREFILL_OUTPUTS_PER_LAYER * n_layers], outputs[len(outputs) - PREFILL_OUTPUTS_PER_LAYER * n_layers :]
@@ -215,24 +209,39 @@ class MaskKVRuntime:
 
     # -- introspection ---------------------------------------------------------------------
     def cache_stats(self) -> dict:
+        """What the last prompt's cache holds.
+
+        bytes: held by the padded per-layer K/V tensors; valid_bytes: the kept entries alone
+        (sum of head budgets x entry size; the difference is each layer's padding up to its
+        largest head); uniform_bytes: a cache keeping min(budget, P) entries in every head.
+        """
         session = self.last_session
         if session is None:
-            return {"prompt_len": 0, "response_len": 0, "layers": [], "bytes": 0}
-        layers = [
-            {
+            return {"prompt_len": 0, "response_len": 0, "layers": [], "bytes": 0, "valid_bytes": 0, "uniform_bytes": 0}
+        prompt_len = int(session.prompt_idx.numel())
+        layers = []
+        for site, cache in zip(self.graphs.sites, session.layers):
+            batch, _, _, dk = cache.kept_k.shape
+            entry = batch * (dk + cache.kept_v.shape[-1]) * cache.kept_k.element_size()  # one (k, v) pair, all rows
+            layers.append({
                 "layer": site.layer,
                 "module": site.module_path,
                 "kept_per_kv_head": cache.kept_len.tolist(),
                 "padded_to": int(cache.kept_k.shape[2]),
                 "bytes": cache.kept_k.nbytes + cache.kept_v.nbytes,
-            }
-            for site, cache in zip(self.graphs.sites, session.layers)
-        ]
+                "valid_bytes": int(cache.kept_len.sum()) * entry,
+                "uniform_bytes": site.kv_heads * min(self.config.budget, prompt_len) * entry,
+            })
         return {
-            "prompt_len": int(session.prompt_idx.numel()),
+            "policy": self.config.policy,
+            "prompt_len": prompt_len,
             "response_len": int(session.resp_idx.numel()),
             "layers": layers,
-            "bytes": sum(layer["bytes"] for layer in layers),
+            **{key: sum(layer[key] for layer in layers) for key in ("bytes", "valid_bytes", "uniform_bytes")},
             "prefills": self.counts.prefills,
             "steps": self.counts.steps,
         }
+
+    def budget_table(self) -> str:
+        session = self.last_session
+        return format_budget_table([cache.kept_len for cache in session.layers]) if session else "(no prompt yet)"

@@ -1,8 +1,16 @@
-"""EvictKVPass (prefill graph): budgeted eviction right where each layer's K/V are made.
+"""EvictKVPass (prefill graph): each layer decides and keeps its prompt entries right away.
 
 Matches every canonical ``maskkv::attention`` node that CaptureVotesPass annotated; inserts
-``maskkv::select_kv(k, v, votes, prompt_idx, budget_<layer>)`` after it, where
-``budget_<layer>`` is a new (Hkv,) int64 graph input (the per-head budgets of that layer).
+after it, for layer ``l`` with ``Hkv`` KV heads:
+
+    scores  = maskkv::selection_scores(votes, policy, pool_kernel, sink, seed)
+    budgets = maskkv::head_budgets(prompt_mass, scores, voter_idx, k_l, budget, policy, alpha, min_keep)
+    kept    = maskkv::select_kv(k, v, scores, prompt_idx, budgets)
+
+The layer budgets ``k_l`` come from the policy's layer allocator at pass time (offline:
+from the config's LayerProfile where the policy uses one), made integral per layer with
+``layer_slot_totals`` so the whole model keeps exactly ``n_layers * Hkv * budget`` entries
+when the prompt is long enough. They are constants of the graph (part of ``uuid()``).
 
 The graph then also returns, per layer, ``(kept_k, kept_v, kept_len, kept_pos,
 prompt_mass)`` after its original outputs (``PREFILL_OUTPUTS_PER_LAYER`` of them). Only the
@@ -11,34 +19,61 @@ kept entries outlive the layer: its full K/V die after the attention, as before.
 
 from __future__ import annotations
 
+import logging
 import operator
 
 import torch
 import torch.fx as fx
 
+from maskkv_compile.budgets import get_policy, layer_slot_totals, uniform_layer_budgets
+
 from .base import GraphPass, PassResult, graph_outputs, placeholder, set_outputs
 from .find_attention import attention_sites
 
 PREFILL_OUTPUTS_PER_LAYER = 5
+log = logging.getLogger("maskkv_compile.passes")
+
+
+def layer_budgets(config, kv_heads: list[int]) -> list[float]:
+    """Average per-KV-head budget of every layer, as the policy's layer allocator splits it."""
+    policy = get_policy(config.policy)
+    n_layers = len(kv_heads)
+    if policy.needs_profile and config.profile is None:
+        log.warning("policy %r has no layer profile: uniform layer budgets (run maskkv_compile.calibrate)", policy.name)
+        budgets = uniform_layer_budgets(n_layers, config.budget)
+    else:
+        importance = config.profile.importance if config.profile is not None else None
+        options = {"beta": config.beta} if policy.layer_allocator == "maskkv" else {}
+        budgets = policy.layer_budgets(n_layers, config.budget, importance, **options)
+    # integral slots per layer, exact in total; spread back to a per-head average
+    totals = [layer_slot_totals(budgets, heads)[layer] for layer, heads in enumerate(kv_heads)]
+    return [total / heads for total, heads in zip(totals, kv_heads)]
 
 
 class EvictKVPass(GraphPass):
     name = "EvictKVPass"
 
     def run(self, gm: fx.GraphModule) -> PassResult:
+        cfg = self.config
         prompt_idx = placeholder(gm, "prompt_idx")
-        extra: list[fx.Node] = []
+        voter_idx = placeholder(gm, "voter_idx")
         sites = attention_sites(gm)
-        for node, site in sites:
+        per_layer = layer_budgets(cfg, [site.kv_heads for _, site in sites])
+        extra: list[fx.Node] = []
+        for (node, site), layer_budget in zip(sites, per_layer):
             if "maskkv_votes" not in node.meta:
                 raise RuntimeError(f"EvictKVPass needs CaptureVotesPass first (layer {site.layer} has no votes)")
-            scores, prompt_mass = node.meta["maskkv_votes"]
-            budget = placeholder(gm, f"budget_{site.layer}")
+            votes, prompt_mass = node.meta["maskkv_votes"]
             k, v = node.args[1], node.args[2]
-            anchor = prompt_mass.next
-            with gm.graph.inserting_before(anchor):
-                select = gm.graph.call_function(torch.ops.maskkv.select_kv.default, (k, v, scores, prompt_idx, budget))
-                kept = [gm.graph.call_function(operator.getitem, (select, i)) for i in range(4)]
+            call = gm.graph.call_function
+            with gm.graph.inserting_before(prompt_mass.next):
+                scores = call(torch.ops.maskkv.selection_scores.default, (votes, cfg.policy, cfg.pool_kernel, cfg.sink, cfg.seed))
+                budgets = call(
+                    torch.ops.maskkv.head_budgets.default,
+                    (prompt_mass, scores, voter_idx, float(layer_budget), cfg.budget, cfg.policy, float(cfg.alpha), cfg.min_keep),
+                )
+                select = call(torch.ops.maskkv.select_kv.default, (k, v, scores, prompt_idx, budgets))
+                kept = [call(operator.getitem, (select, i)) for i in range(4)]
             extra += [*kept, prompt_mass]
         set_outputs(gm, graph_outputs(gm) + tuple(extra))
         return PassResult(self.name, matches=len(sites), changed=bool(sites))

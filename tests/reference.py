@@ -15,7 +15,10 @@ import copy
 import torch
 from transformers import AttentionInterface
 
+from maskkv_compile.budgets import get_policy, voter_positions
+from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.kernels import select_kv_reference
+from maskkv_compile.passes.evict_kv import layer_budgets
 
 _NAME = "maskkv_test_reference"
 
@@ -25,10 +28,16 @@ def _expand(x, heads):
 
 
 class PromptCacheReference:
-    def __init__(self, model, budget: int | None = None, vote_shift: int = 0):
+    def __init__(self, model, budget: int | None = None, vote_shift: int = 0, policy: str = "mask_voting_uniform",
+                 **options):
+        """``budget=None`` keeps the whole prompt; otherwise ``policy`` (and ``options``, as
+        MaskKVConfig fields) chooses voters, scores and budgets as the registry defines them."""
         self.model = copy.deepcopy(model)
         self.budget = budget
         self.vote_shift = vote_shift
+        self.config = MaskKVConfig(budget=budget or 1, policy=policy, vote_shift=vote_shift, **options)
+        n_layers, kv_heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+        self.layer_budgets = layer_budgets(self.config, [kv_heads] * n_layers)
         self.kept: dict[int, tuple] = {}  # layer -> (kept positions per (b, h), k, v)
         self.mode = "prefill"
         self.resp_idx = None
@@ -47,11 +56,22 @@ class PromptCacheReference:
         if self.mode == "prefill":
             self.captured_qk[layer] = (query, key)
             probs = torch.softmax((query @ _expand(key, heads).transpose(-2, -1)) * scaling, dim=-1)  # (B, H, S, S)
-            voters = (resp + self.vote_shift).clamp(0, seq_len - 1)
-            on_prompt = probs[:, :, voters][..., prompt]  # (B, H, R, P)
+            cfg = self.config
+            voters = voter_positions(cfg.policy, prompt, resp, cfg.window, cfg.vote_shift)
+            on_prompt = probs[:, :, voters][..., prompt]  # (B, H, Rv, P)
             votes = on_prompt.sum(2).view(batch, kv_heads, heads // kv_heads, -1).sum(2)  # (B, Hkv, P)
-            budget = len(prompt) if self.budget is None else self.budget
-            keep = select_kv_reference(votes, torch.full((kv_heads,), budget))
+            if self.budget is None or len(prompt) <= self.budget:
+                scores, budgets = votes, torch.full((kv_heads,), len(prompt))
+            else:
+                policy = get_policy(cfg.policy)
+                scores = policy.selection_scores(votes, tuple(votes.shape), kernel=cfg.pool_kernel, sink=cfg.sink,
+                                                 seed=cfg.seed).to(votes.dtype)
+                options = {"alpha": cfg.alpha} if policy.head_allocator == "maskkv" else {}
+                budgets = policy.head_budgets(
+                    self.layer_budgets[layer], n_kv_heads=kv_heads, prompt_len=len(prompt), min_keep=cfg.min_keep,
+                    prompt_mass=on_prompt.sum((2, 3)), n_voters=max(len(voters), 1), votes=scores, **options,
+                )
+            keep = select_kv_reference(scores, budgets)
             positions = [[prompt[idx] for idx in row] for row in keep]
             self.kept[layer] = (
                 positions,

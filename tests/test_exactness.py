@@ -22,11 +22,12 @@ def commit_most_confident(x, logits, resp_idx, mask_id):
     return x
 
 
-def run_against_reference(model, x, resp_idx, budget, steps, tol=1e-5):
+def run_against_reference(model, x, resp_idx, budget, steps, tol=1e-5, policy="mask_voting_uniform", **options):
     """Drop-in loop on the MaskKV model; every step's response logits vs the reference."""
     mask_id = model.config.mask_token_id
-    optimized = maskkv_compile.optimize(model, budget=budget, backend="eager")
-    reference = PromptCacheReference(model, budget=budget)
+    config = maskkv_compile.MaskKVConfig(budget=budget, backend="eager", policy=policy, **options)
+    optimized = maskkv_compile.optimize(model, config=config)
+    reference = PromptCacheReference(model, budget=budget, policy=policy, **options)
     x = x.clone()
     outputs = []
     for step in range(steps):

@@ -92,3 +92,21 @@ def test_cached_attention_equals_unpadded_gather():
     again = torch.ops.maskkv.cached_attention(q, k, v, garbage, kept_v, kept_len, 0.4, None)
     torch.testing.assert_close(again, out)
     opcheck(torch.ops.maskkv.cached_attention.default, (q, k, v, kept_k, kept_v, kept_len, 0.4, None))
+
+
+@pytest.mark.parametrize("policy", ["maskkv", "snapkv", "streaming", "random", "adakv"])
+def test_policy_ops(policy):
+    from maskkv_compile.budgets import get_policy
+
+    votes = torch.rand(2, 2, 30, generator=torch.Generator().manual_seed(5))
+    mass = torch.rand(2, 4) * 8
+    voters = torch.arange(30, 38)
+    scores = torch.ops.maskkv.selection_scores(votes, policy, 5, 4, 0)
+    expected = get_policy(policy).selection_scores(votes, tuple(votes.shape), kernel=5, sink=4, seed=0)
+    torch.testing.assert_close(scores, expected.to(scores.dtype))
+    budgets = torch.ops.maskkv.head_budgets(mass, scores, voters, 6.0, 6, policy, 0.1, 1)
+    assert budgets.dtype == torch.long and int(budgets.sum()) == 12 and bool((budgets <= 30).all())
+    # a prompt no longer than the budget is kept whole
+    assert torch.ops.maskkv.head_budgets(mass, scores, voters, 6.0, 30, policy, 0.1, 1).tolist() == [30, 30]
+    opcheck(torch.ops.maskkv.selection_scores.default, (votes, policy, 5, 4, 0))
+    opcheck(torch.ops.maskkv.head_budgets.default, (mass, scores, voters, 6.0, 6, policy, 0.1, 1))
