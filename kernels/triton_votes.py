@@ -190,8 +190,9 @@ def route_to_triton(op, name, fused_fn, torch_fn, supported) -> None:
     that Inductor sees and schedules (this is what triton_op itself does for its own op).
     Unsupported inputs (float64, CPU) keep ``op`` opaque.
     """
-    from torch._library.triton import get_triton_kernels_for_op, triton_ops_to_kernels
-    from torch._subclasses.functional_tensor import FunctionalTensorMode
+    from maskkv_compile._torch_private import triton_route_internals
+
+    get_triton_kernels_for_op, triton_ops_to_kernels, FunctionalTensorMode, decomposition_disabled = triton_route_internals()
 
     fused = torch.library.triton_op(name, fused_fn, mutates_args=())
     # AOTAutograd's cache key hashes the kernels of the ops in the dynamo graph (private map)
@@ -201,9 +202,7 @@ def route_to_triton(op, name, fused_fn, torch_fn, supported) -> None:
         return fused(*args, **kwargs) if supported(*args, **kwargs) else torch_fn(*args, **kwargs)
 
     def functional_decomp(mode, func, types, args, kwargs):
-        from torch.export._trace import custom_triton_ops_decomposition_disabled
-
-        if supported(*args, **kwargs) and not custom_triton_ops_decomposition_disabled():
+        if supported(*args, **kwargs) and not decomposition_disabled():
             with mode:
                 return fused(*args, **kwargs)
         return mode.__torch_dispatch__(func, types, args, kwargs)

@@ -35,3 +35,17 @@ def sym_hint(value) -> int:
 from torch._guards import TracingContext, tracing  # noqa: E402,F401  (a fresh context per Inductor compile)
 from torch._inductor.compile_fx import compile_fx  # noqa: E402,F401
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext  # noqa: E402,F401
+
+from torch._dynamo import config as dynamo_config  # noqa: E402,F401  (recompile limits)
+from torch._dynamo import mark_dynamic  # noqa: E402,F401
+
+
+def triton_route_internals():
+    """What the CUDA Triton route of ``kernels/`` needs (imported lazily: CUDA + triton only):
+    AOTAutograd's op -> kernels map, FunctionalTensorMode, and export's switch that keeps
+    triton ops opaque."""
+    from torch._library.triton import get_triton_kernels_for_op, triton_ops_to_kernels
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+    from torch.export._trace import custom_triton_ops_decomposition_disabled
+
+    return get_triton_kernels_for_op, triton_ops_to_kernels, FunctionalTensorMode, custom_triton_ops_decomposition_disabled

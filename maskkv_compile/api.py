@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from maskkv_compile._torch_private import BackendCompilerFailed
+from maskkv_compile._torch_private import BackendCompilerFailed, dynamo_config, mark_dynamic
 from maskkv_compile.backend import MaskKVBackend
 from maskkv_compile.config import MaskKVConfig, MaskKVConfigError
 from maskkv_compile.passes import UnsupportedModelError
@@ -36,11 +36,11 @@ class MaskKVModel(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, **kwargs):
         if input_ids.dim() != 2 or input_ids.is_floating_point():
             raise ValueError(f"input_ids must be (batch, seq) integer token ids, got {tuple(input_ids.shape)} {input_ids.dtype}")
-        torch._dynamo.mark_dynamic(input_ids, 1)
+        mark_dynamic(input_ids, 1)
         kwargs.setdefault("use_cache", False)
         calls_before = {id(r): r.counts.prefills + r.counts.steps for r in self.backend.runtimes}
         try:
-            with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, accumulated_recompile_limit=_RECOMPILE_LIMIT):
+            with dynamo_config.patch(recompile_limit=_RECOMPILE_LIMIT, accumulated_recompile_limit=_RECOMPILE_LIMIT):
                 out = self._compiled(input_ids=input_ids, **kwargs)
         except BackendCompilerFailed as failure:  # our own error, raised inside the backend
             raise failure.inner_exception from None

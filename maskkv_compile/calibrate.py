@@ -12,6 +12,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from maskkv_compile._torch_private import mark_dynamic
 from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.passes import FindAttentionPass, PassManager, UnsupportedModelError, analyse
 from maskkv_compile.passes.capture_residual import CaptureResidualPass
@@ -71,7 +72,7 @@ def calibrate(
     model.eval()
     for prompt in tqdm(prompts, desc="calibrating MaskKV layer profile", disable=not progress):
         x = torch.cat([prompt, torch.full((prompt.shape[0], gen_length), token, dtype=prompt.dtype, device=prompt.device)], 1)
-        torch._dynamo.mark_dynamic(x, 1)
+        mark_dynamic(x, 1)
         compiled(input_ids=x, use_cache=False)
     fingerprint = model_fingerprint(getattr(model, "config", model), type(model).__name__)
     return LayerProfile.from_measurements(backend.measurements, fingerprint, gen_length=gen_length)
