@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -31,13 +32,15 @@ class MaskKVModel(torch.nn.Module):
         self.mask_token_id = mask_token_id
         self.backend = MaskKVBackend(config, mask_token_id)
         self._compiled = torch.compile(model, backend=self.backend, fullgraph=True)
+        self._takes_use_cache = "use_cache" in inspect.signature(model.forward).parameters
         self._last_runtime = None
 
     def forward(self, input_ids: torch.Tensor, **kwargs):
         if input_ids.dim() != 2 or input_ids.is_floating_point():
             raise ValueError(f"input_ids must be (batch, seq) integer token ids, got {tuple(input_ids.shape)} {input_ids.dtype}")
         mark_dynamic(input_ids, 1)
-        kwargs.setdefault("use_cache", False)
+        if self._takes_use_cache:
+            kwargs.setdefault("use_cache", False)  # a returned KV cache would keep every layer's full K/V alive
         calls_before = {id(r): r.counts.prefills + r.counts.steps for r in self.backend.runtimes}
         try:
             with dynamo_config.patch(recompile_limit=_RECOMPILE_LIMIT, accumulated_recompile_limit=_RECOMPILE_LIMIT):
