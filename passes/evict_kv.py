@@ -19,8 +19,8 @@ kept entries outlive the layer: its full K/V die after the attention, as before.
 
 from __future__ import annotations
 
-import logging
 import operator
+import warnings
 
 import torch
 import torch.fx as fx
@@ -31,7 +31,6 @@ from .base import GraphPass, PassResult, graph_outputs, placeholder, set_outputs
 from .find_attention import attention_sites
 
 PREFILL_OUTPUTS_PER_LAYER = 5
-log = logging.getLogger("maskkv_compile.passes")
 
 
 def layer_budgets(config, kv_heads: list[int]) -> list[float]:
@@ -39,7 +38,8 @@ def layer_budgets(config, kv_heads: list[int]) -> list[float]:
     policy = get_policy(config.policy)
     n_layers = len(kv_heads)
     if policy.needs_profile and config.profile is None:
-        log.warning("policy %r has no layer profile: uniform layer budgets (run maskkv_compile.calibrate)", policy.name)
+        # a UserWarning is shown once per process by Python's default filter
+        warnings.warn(f"policy {policy.name!r} has no layer profile: uniform layer budgets (run maskkv_compile.calibrate)")
         budgets = uniform_layer_budgets(n_layers, config.budget)
     else:
         importance = config.profile.importance if config.profile is not None else None
