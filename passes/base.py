@@ -110,7 +110,9 @@ class PassManager:
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
         for i, graph_pass in enumerate(self.passes):
+            stem = f"maskkv.{self.graph_name}.{i}.{graph_pass.name}"
             before = gm.code
+            self._dump(f"{stem}.before", gm)
             result = graph_pass(gm)
             after = gm.code
             self.records.append(PassRecord(i, graph_pass.name, result, before, after))
@@ -118,33 +120,42 @@ class PassManager:
                 "[%s] %d %s: matches=%d changed=%s skipped=%d (%.1f ms)",
                 self.graph_name, i, graph_pass.name, result.matches, result.changed, len(result.skipped), result.ms,
             )
-            self._dump(i, graph_pass.name, before, after)
+            self._dump(f"{stem}.after", gm)
         return gm
 
-    def _dump(self, i: int, name: str, before: str, after: str) -> None:
-        from maskkv_compile._torch_private import lazy_format_graph_code, trace_structured  # noqa: F401
+    def _dump(self, name: str, gm: fx.GraphModule) -> None:
+        """``gm`` as it is now, under ``name``: to the ``maskkv_compile.graph`` logger (DEBUG,
+        the format TORCH_LOGS and depyf read), as a tlparse artifact, and to ``debug_dir``.
+        Every consumer formats the graph right here, so a "before" dump shows the graph
+        before the pass mutates it."""
+        from maskkv_compile._torch_private import lazy_format_graph_code, trace_structured
 
-        stem = f"maskkv.{self.graph_name}.{i}.{name}"
         if graph_log.isEnabledFor(logging.DEBUG):
-            graph_log.debug("%s.after\n%s", stem, after)
+            graph_log.debug("%s", lazy_format_graph_code(name, gm, include_stride=True, include_device=True))
         trace_structured(
             "artifact",
-            metadata_fn=lambda: {"name": f"{stem}.after", "encoding": "string"},
-            payload_fn=lambda: after,
+            metadata_fn=lambda: {"name": name, "encoding": "string"},
+            payload_fn=lambda: _readable(gm),
         )
         if self.debug_dir:
             os.makedirs(self.debug_dir, exist_ok=True)
-            for suffix, code in (("before", before), ("after", after)):
-                with open(os.path.join(self.debug_dir, f"{stem}.{suffix}.py"), "w") as f:
-                    f.write(_as_module(code))
+            with open(os.path.join(self.debug_dir, f"{name}.py"), "w") as f:
+                f.write(_as_module(name, gm))
 
     def uuid(self) -> str:
         return hashlib.sha256("".join(p.uuid() for p in self.passes).encode()).hexdigest()[:16]
 
 
-def _as_module(code: str) -> str:
-    """GraphModule code is a method body; make it a module that parses on its own."""
-    return "import torch\nfrom torch import device, inf, nan\n\n" + code.replace("\ndef forward(self", "\ndef forward(self", 1)
+def _readable(gm: fx.GraphModule) -> str:
+    return gm.print_readable(print_output=False, include_stride=True, include_device=True)
+
+
+def _as_module(name: str, gm: fx.GraphModule) -> str:
+    """The graph as a Python module that parses on its own (``ast.parse``): the class
+    ``print_readable`` shows (shapes, strides and devices as annotations, source lines as
+    comments) under the imports its code names."""
+    header = f"# {name}: written by maskkv_compile (MASKKV_DEBUG_DIR)\nimport torch\nfrom torch import device, inf, nan\n\n\n"
+    return header + _readable(gm) + "\n"
 
 
 TargetPredicate = Callable[[fx.Node], bool]

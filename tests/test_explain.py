@@ -1,0 +1,387 @@
+"""explain(): sites, passes, diffs, HTML, debug dumps, pass uuids, the `diff` CLI and example."""
+
+import ast
+import logging
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import maskkv_compile
+from maskkv_compile.config import MaskKVConfig
+from maskkv_compile.explain import Report
+from maskkv_compile.passes import (
+    CachedAttentionPass, CaptureVotesPass, EvictKVPass, FindAttentionPass, MaskOnlyHeadPass, SliceSequencePass,
+    UnsupportedModelError,
+)
+
+from helpers import MODEL_KINDS, build, prompt_and_masks
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT_LEN, GEN_LEN, BUDGET = 16, 8, 8
+# what every graph's pass list is, in order (pipeline.build_graphs)
+PASSES = {
+    "canonical": ["FindAttentionPass"],
+    "prefill": ["CaptureVotesPass", "EvictKVPass", "MaskOnlyHeadPass"],
+    "step": ["SliceSequencePass", "CachedAttentionPass"],
+}
+BARE_ATTENTION = {"sdpa": "scaled_dot_product_attention", "eager": "softmax"}
+
+
+def explain(family="llada", attn="sdpa", budget=BUDGET, prompt_len=PROMPT_LEN, **options) -> Report:
+    model = build(family, attn)
+    _, x = prompt_and_masks(model, prompt_len, GEN_LEN)
+    return maskkv_compile.explain(model, x, budget=budget, **options)
+
+
+def added(diff: str) -> str:
+    return "\n".join(line for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++"))
+
+
+def removed(diff: str) -> str:
+    return "\n".join(line for line in diff.splitlines() if line.startswith("-") and not line.startswith("---"))
+
+
+@pytest.mark.parametrize("family,attn", MODEL_KINDS)
+def test_sites_passes_plan_and_diffs(family, attn):
+    report = explain(family, attn)
+    config = build(family, attn).config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    gqa = "+gqa" if kv_heads != heads else ""
+
+    # one site per layer, with the right head counts and spelling
+    assert [(s.layer, s.module_path, s.heads, s.kv_heads, s.spelling) for s in report.sites] == [
+        (layer, f"model.layers.{layer}.self_attn", heads, kv_heads, attn + gqa) for layer in range(config.num_hidden_layers)
+    ]
+    assert report.skipped == () and report.rewritten
+
+    # every pass run, in order, with what it did
+    assert {g: [r.name for r in report.passes if r.graph == g] for g in PASSES} == PASSES
+    for run in report.passes:
+        assert run.changed and run.matches >= 1 and run.ms > 0 and len(run.uuid) == 16
+    inserted = {(graph, op) for graph, _, op in report.inserted}
+    assert {("canonical", "maskkv::attention"), ("prefill", "maskkv::mask_votes"), ("prefill", "maskkv::select_kv"),
+            ("step", "maskkv::cached_attention")} <= inserted
+    votes = next(r for r in report.passes if r.name == "CaptureVotesPass")
+    assert votes.inserted == ("maskkv::mask_votes",) * config.num_hidden_layers
+
+    # kept-KV plan: KV heads x budget per layer (budget below the prompt length here)
+    assert report.prompt_len == PROMPT_LEN
+    assert [(p.layer, p.kv_heads, p.budget, p.entries) for p in report.plan] == [
+        (layer, kv_heads, BUDGET, kv_heads * BUDGET) for layer in range(config.num_hidden_layers)
+    ]
+    head_dim = config.hidden_size // heads
+    assert report.kept_bytes == config.num_hidden_layers * kv_heads * BUDGET * 2 * head_dim * 4  # K+V, float32
+
+    # before: the bare attention; after: maskkv:: ops instead
+    bare = BARE_ATTENTION[attn]
+    assert bare in report.captured_code
+    prefill, step = report.diff("prefill"), report.diff("step")
+    assert prefill.startswith("--- captured\n+++ prefill\n") and step.startswith("--- captured\n+++ step\n")
+    assert "torch.ops.maskkv.mask_votes" in added(prefill) and "torch.ops.maskkv.select_kv" in added(prefill)
+    assert "torch.ops.maskkv.cached_attention" in added(step)
+    for graph, diff in (("prefill", prefill), ("step", step)):
+        assert bare in removed(diff) and bare not in added(diff)
+        assert bare not in report.code(graph)
+
+    # the summary
+    text = str(report)
+    assert type(build(family, attn)).__name__ in text
+    for needle in ("model.layers.1.self_attn", "CachedAttentionPass", "maskkv::mask_votes x2",
+                   f"{kv_heads} x {BUDGET} = {kv_heads * BUDGET}", attn + gqa):
+        assert needle in text
+
+
+def test_budget_is_clamped_to_the_prompt_length():
+    report = explain("dream", "sdpa", budget=256, prompt_len=12)
+    assert report.prompt_len == 12
+    assert [(p.budget, p.entries) for p in report.plan] == [(12, 2 * 12)] * 2
+    assert "2 x 12 = 24" in str(report)
+
+
+def test_explain_leaves_model_and_input_alone_and_optimize_still_works():
+    model = build("llada", "sdpa")
+    model.train()
+    model.model.layers[1].eval()
+    modes = [m.training for m in model.modules()]
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    _, x = prompt_and_masks(model, PROMPT_LEN, GEN_LEN)
+    report = maskkv_compile.explain(model, x, budget=BUDGET)
+    assert len(report.sites) == 2
+    assert calls == []  # captured, not run
+    assert [m.training for m in model.modules()] == modes
+    assert not hasattr(x, "_dynamo_dynamic_indices")
+    for _ in range(2):  # again, then the real thing: no stale cache entry in the way
+        maskkv_compile.explain(model, x, budget=BUDGET)
+    optimized = maskkv_compile.optimize(model, budget=BUDGET, backend="eager")
+    assert optimized(x).logits.shape == (1, PROMPT_LEN + GEN_LEN, 256)
+
+
+def test_explain_errors():
+    model = build("llada", "sdpa")
+    prompt, x = prompt_and_masks(model, PROMPT_LEN, GEN_LEN)
+    with pytest.raises(maskkv_compile.MaskKVConfigError, match="bugdet"):
+        maskkv_compile.explain(model, x, bugdet=3)
+    with pytest.raises(maskkv_compile.NoMaskTokenError, match="no mask token"):
+        maskkv_compile.explain(model, prompt)
+
+
+# -- counter-examples: a model whose attention probabilities are also an output ------------------
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        probs = torch.softmax(q @ k.transpose(-2, -1) * (1 / math.sqrt(d // self.heads)), dim=-1)
+        return self.out((probs @ v).transpose(1, 2).reshape(b, s, d)), probs
+
+
+class LeakyProbs(nn.Module):
+    """Bidirectional eager attention; the layers in ``leak`` return their probabilities too."""
+
+    def __init__(self, layers=2, leak=(1,), dim=32, vocab=32):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList(Attention(dim, 4) for _ in range(layers))
+        self.head = nn.Linear(dim, vocab)
+        self.leak = leak
+
+    def forward(self, input_ids, **kwargs):
+        x = self.embed(input_ids)
+        leaked = []
+        for i, layer in enumerate(self.layers):
+            out, probs = layer(x)
+            x = x + out
+            if i in self.leak:
+                leaked.append(probs)
+        return (self.head(x), *leaked)
+
+
+class NoAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.head = nn.Linear(16, 32)
+
+    def forward(self, input_ids):
+        return self.head(torch.relu(self.embed(input_ids)))
+
+
+MASK = 31
+
+
+def leaky_input():
+    x = torch.randint(0, MASK, (1, 12), generator=torch.Generator().manual_seed(0))
+    x[:, 8:] = MASK
+    return x
+
+
+def test_site_whose_probabilities_are_also_returned_is_skipped_with_the_reason():
+    torch.manual_seed(0)
+    report = maskkv_compile.explain(LeakyProbs().eval(), leaky_input(), budget=4, mask_token_id=MASK)
+    assert [(s.layer, s.module_path, s.spelling) for s in report.sites] == [(0, "layers.0", "eager")]
+    assert len(report.skipped) == 1
+    reason = report.skipped[0]
+    assert reason.startswith("layers.1 (") and "attention probabilities" in reason and "also used by" in reason
+    find = next(r for r in report.passes if r.name == "FindAttentionPass")
+    assert find.matches == 1 and find.skipped == report.skipped
+    text = str(report)
+    assert "1 rewritten, 1 skipped" in text and "also used by" in text
+    # the rewritten graph still holds the refused layer's softmax, the other one is gone
+    assert report.code("prefill").count("torch.softmax") == 1 and report.captured_code.count("torch.softmax") == 2
+
+
+def test_strict_pipeline_refuses_what_explain_reports():
+    torch.manual_seed(0)
+    optimized = maskkv_compile.optimize(LeakyProbs().eval(), budget=4, mask_token_id=MASK, backend="eager")
+    with pytest.raises(UnsupportedModelError, match="also used by"):
+        optimized(leaky_input())
+
+
+def test_every_site_refused_gives_a_report_without_rewritten_graphs():
+    torch.manual_seed(0)
+    report = maskkv_compile.explain(LeakyProbs(layers=1, leak=(0,)).eval(), leaky_input(), budget=4, mask_token_id=MASK)
+    assert not report.rewritten and report.sites == [] and report.plan == []
+    assert len(report.skipped) == 1 and "also used by" in report.skipped[0]
+    assert "nothing was rewritten" in str(report)
+    with pytest.raises(ValueError, match="also used by"):
+        report.diff("prefill")
+
+
+def test_model_without_attention_raises():
+    with pytest.raises(UnsupportedModelError, match="no attention found"):
+        maskkv_compile.explain(NoAttention().eval(), leaky_input(), mask_token_id=MASK)
+
+
+# -- HTML, dumps, logs ---------------------------------------------------------------------------
+
+
+def test_to_html_highlights_the_inserted_ops(tmp_path):
+    report = explain("dream", "eager")
+    path = tmp_path / "explain.html"
+    assert report.to_html(path) == str(path)
+    page = path.read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count('<table class="diff"') == 2
+    for op in ("mask_votes", "select_kv", "cached_attention"):
+        assert f'<mark class="maskkv">torch.ops.maskkv.{op}.default</mark>' in page
+    assert '<tr class="maskkv-row">' in page
+    assert "model.layers.0.self_attn" in page  # the summary
+
+
+def expected_dump_names():
+    return {
+        f"maskkv.{graph}.{i}.{name}.{when}.py"
+        for graph, names in PASSES.items() for i, name in enumerate(names) for when in ("before", "after")
+    }
+
+
+def without_comments(source: str) -> str:
+    return "\n".join(line for line in source.splitlines() if not line.lstrip().startswith("#"))
+
+
+def test_debug_dir_dumps_every_graph_before_and_after_every_pass_as_python(tmp_path, monkeypatch):
+    monkeypatch.setenv("MASKKV_DEBUG_DIR", str(tmp_path / "dumps"))
+    explain("llada", "sdpa")
+    files = {p.name: p.read_text() for p in (tmp_path / "dumps").iterdir()}
+    assert set(files) == expected_dump_names()
+    for name, source in files.items():
+        ast.parse(source, filename=name)
+        assert "class GraphModule(torch.nn.Module):" in source and "def forward(self" in source
+    code = {name: without_comments(source) for name, source in files.items()}  # comments quote the model source
+    assert "scaled_dot_product_attention" in code["maskkv.canonical.0.FindAttentionPass.before.py"]
+    assert "scaled_dot_product_attention" not in code["maskkv.canonical.0.FindAttentionPass.after.py"]
+    assert "torch.ops.maskkv.mask_votes" not in code["maskkv.prefill.0.CaptureVotesPass.before.py"]
+    assert "torch.ops.maskkv.mask_votes" in code["maskkv.prefill.0.CaptureVotesPass.after.py"]
+    assert "torch.ops.maskkv.cached_attention" in code["maskkv.step.1.CachedAttentionPass.after.py"]
+    # a pass's "before" is the previous pass's "after"
+    assert files["maskkv.prefill.1.EvictKVPass.before.py"].split("\n", 1)[1] == \
+        files["maskkv.prefill.0.CaptureVotesPass.after.py"].split("\n", 1)[1]
+
+
+class Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_graphs_go_to_the_graph_logger_and_to_structured_trace():
+    graph_log = logging.getLogger("maskkv_compile.graph")
+    trace_log = logging.getLogger("torch.__trace")  # what TORCH_TRACE / tlparse read
+    graph_handler, trace_handler = Collect(), Collect()
+    level = graph_log.level
+    graph_log.setLevel(logging.DEBUG)
+    graph_log.addHandler(graph_handler)
+    trace_log.addHandler(trace_handler)
+    try:
+        explain("llada", "eager")
+    finally:
+        graph_log.removeHandler(graph_handler)
+        graph_log.setLevel(level)
+        trace_log.removeHandler(trace_handler)
+    names = {stem[:-3] for stem in expected_dump_names()}
+    logged = [record.getMessage() for record in graph_handler.records]
+    assert len(logged) == len(names)
+    for message in logged:  # lazy_format_graph_code's format, which depyf and TORCH_LOGS show
+        assert message.startswith("TRACED GRAPH\n ===== maskkv.") and "class GraphModule(torch.nn.Module)" in message
+    assert any("===== maskkv.prefill.0.CaptureVotesPass.after =====" in m and "torch.ops.maskkv.mask_votes" in m
+               for m in logged)
+    artifacts = {
+        r.metadata["artifact"]["name"]: r.payload for r in trace_handler.records
+        if "artifact" in getattr(r, "metadata", {}) and r.metadata["artifact"]["name"].startswith("maskkv.")
+    }
+    assert set(artifacts) == names
+    assert "torch.ops.maskkv.cached_attention" in artifacts["maskkv.step.1.CachedAttentionPass.after"]
+    ast.parse(artifacts["maskkv.step.1.CachedAttentionPass.after"])
+
+
+# -- pass uuids ----------------------------------------------------------------------------------
+
+
+def pass_uuids(config: MaskKVConfig) -> dict[str, str]:
+    passes = [FindAttentionPass(config), CaptureVotesPass(config), EvictKVPass(config), MaskOnlyHeadPass(config, None),
+              SliceSequencePass(config, None), CachedAttentionPass(config)]
+    return {p.name: p.uuid() for p in passes}
+
+
+def second_option() -> dict:
+    """policy where MaskKVConfig has it (a policy other than the default), else prompt_refresh."""
+    if "policy" in MaskKVConfig.option_names():
+        from maskkv_compile.budgets import POLICIES
+
+        return {"policy": next(name for name in POLICIES if name != MaskKVConfig().policy)}
+    return {"prompt_refresh": 4}
+
+
+def test_pass_uuids_are_stable_and_follow_the_config():
+    base = pass_uuids(MaskKVConfig(budget=8))
+    assert len(base) == 6 and len(set(base.values())) == 6  # one per pass class
+    assert pass_uuids(MaskKVConfig(budget=8)) == base
+    for changed in ({"budget": 16}, second_option()):
+        other = pass_uuids(MaskKVConfig(**{"budget": 8, **changed}))
+        assert all(other[name] != base[name] for name in base), changed
+    # the same in a fresh interpreter: a cache key must not depend on the process
+    code = ("import json; from maskkv_compile.config import MaskKVConfig; "
+            "from maskkv_compile.passes import FindAttentionPass, EvictKVPass; "
+            "print(json.dumps([p(MaskKVConfig(budget=8)).uuid() for p in (FindAttentionPass, EvictKVPass)]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == f'["{base["FindAttentionPass"]}", "{base["EvictKVPass"]}"]'
+
+
+def test_explain_reports_the_pass_uuids():
+    first, again = explain("dream", "sdpa"), explain("dream", "sdpa")
+    assert [r.uuid for r in first.passes] == [r.uuid for r in again.passes]
+    assert [r.uuid for r in first.passes] == [pass_uuids(first.config)[r.name] for r in first.passes]
+    other = explain("dream", "sdpa", budget=BUDGET + 1)
+    assert all(a.uuid != b.uuid for a, b in zip(first.passes, other.passes))
+
+
+# -- CLI and example ------------------------------------------------------------------------------
+
+
+def run(*args, timeout=300):
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_cli_diff(tmp_path):
+    html = tmp_path / "diff.html"
+    out = run("-m", "maskkv_compile.cli", "diff", "--model", "tiny-qwen2", "--attn", "eager", "--budget", "8",
+              "--prompt-len", "16", "--gen-length", "8", "--html", str(html))
+    assert "MaskKV explain: Qwen2ForCausalLM" in out and "eager+gqa" in out and "2 x 8 = 16" in out
+    assert "=== prefill graph: captured -> rewritten ===" in out and "=== step graph: captured -> rewritten ===" in out
+    assert "+++ prefill" in out and "+++ step" in out
+    assert "torch.ops.maskkv.mask_votes" in out and "torch.ops.maskkv.cached_attention" in out
+    assert '<mark class="maskkv">' in html.read_text()
+
+
+def test_cli_diff_help():
+    out = run("-m", "maskkv_compile.cli", "diff", "--help")
+    for option in ("--model", "tiny-llama", "tiny-qwen2", "--budget", "--html", "--attn"):
+        assert option in out
+    assert "diff" in run("-m", "maskkv_compile.cli", "--help")
+
+
+def test_explain_diff_example(tmp_path):
+    html = tmp_path / "example.html"
+    out = run("examples/explain_diff.py", "--html", str(html))
+    assert "attention sites: 2 rewritten, 0 skipped" in out and "eager+gqa" in out
+    assert "inserted ops: maskkv::attention, maskkv::cached_attention" in out
+    assert "+++ step" in out and "torch.ops.maskkv.cached_attention" in out
+    assert html.exists()
