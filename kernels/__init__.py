@@ -17,15 +17,20 @@ op                          what it computes
 ==========================  ===============================================================
 """
 
-from . import attention, budget_ops, cached_attention, mask_votes, select_kv  # noqa: F401  (registers ops)
-from .attention import attention_reference
-from .cached_attention import cached_attention_reference
-from .mask_votes import mask_votes_reference
-from .select_kv import select_kv_reference
+# This folder installs as maskkv_compile.kernels. From the repository root it is also
+# importable as a top-level "kernels", and transformers imports that name to probe for
+# Hugging Face's kernels package: stay empty then (no version -> "not available"), so the
+# maskkv:: ops are registered once, by maskkv_compile.kernels.
+if __name__ != "kernels":
+    from . import attention, budget_ops, cached_attention, mask_votes, select_kv  # noqa: F401  (registers ops)
+    from .attention import attention_reference
+    from .cached_attention import cached_attention_reference
+    from .mask_votes import mask_votes_reference
+    from .select_kv import select_kv_reference
 
-__all__ = [
-    "attention_reference",
-    "cached_attention_reference",
-    "mask_votes_reference",
-    "select_kv_reference",
-]
+    __all__ = [
+        "attention_reference",
+        "cached_attention_reference",
+        "mask_votes_reference",
+        "select_kv_reference",
+    ]
