@@ -39,6 +39,13 @@ class MaskKVModel(torch.nn.Module):
         if input_ids.dim() != 2 or input_ids.is_floating_point():
             raise ValueError(f"input_ids must be (batch, seq) integer token ids, got {tuple(input_ids.shape)} {input_ids.dtype}")
         mark_dynamic(input_ids, 1)
+        mask = kwargs.pop("attention_mask", None)
+        if mask is not None and not bool((mask == 1).all()):
+            raise ValueError("attention_mask with padding (zeros) is not supported yet: pass equal-length prompts "
+                             "without padding (an all-ones mask is accepted and dropped)")
+        for value in kwargs.values():  # per-token inputs (token_type_ids, position_ids) vary with S too
+            if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == input_ids.shape:
+                mark_dynamic(value, 1)
         if self._takes_use_cache:
             kwargs.setdefault("use_cache", False)  # a returned KV cache would keep every layer's full K/V alive
         calls_before = {id(r): r.counts.prefills + r.counts.steps for r in self.backend.runtimes}

@@ -6,7 +6,8 @@ How a call is routed (the drop-in contract). ``ids`` is the (B, S) token input:
    held the mask token when the session began), the prompt tokens at every other position,
    and each layer's kept K/V. Up to ``config.max_sessions`` are kept, most recent first.
 2. A call belongs to a session when it has the same shape and device and the same tokens
-   at all of the session's prompt positions (so masks can only be at response positions).
+   at all of the session's prompt positions (so masks can only be at response positions),
+   and the same values there in every other per-token input (token_type_ids, ...).
    Among several, the one with the longest prompt wins.
 3. No session: a new prompt. It must contain the mask token (else ``NoMaskTokenError``),
    at the same columns in every row of the batch; those columns become ``resp_idx``. The
@@ -72,14 +73,16 @@ class Session:
     resp_idx: torch.Tensor  # (R,)
     prompt_idx: torch.Tensor  # (P,)
     prompt_tokens: torch.Tensor  # (B, P)
+    prompt_inputs: list[torch.Tensor]  # other per-token inputs at the prompt positions
     layers: list[LayerCache] = field(default_factory=list)
     steps_since_prefill: int = 0
 
-    def matches(self, ids: torch.Tensor) -> bool:
+    def matches(self, ids: torch.Tensor, per_token: list[torch.Tensor]) -> bool:
         return (
             tuple(ids.shape) == self.shape
             and ids.device == self.device
             and bool((ids.index_select(1, self.prompt_idx) == self.prompt_tokens).all())
+            and all(torch.equal(x.index_select(1, self.prompt_idx), y) for x, y in zip(per_token, self.prompt_inputs))
         )
 
 
@@ -101,6 +104,7 @@ class MaskKVRuntime:
         self.last_session: Optional[Session] = None
         names = [n.name for n in graphs.canonical.graph.nodes if n.op == "placeholder"]
         self.tokens_pos = names.index(graphs.info.tokens)
+        self.per_token_pos = [names.index(name) for name in graphs.info.per_token]
         self._prefill = self._compile(graphs.prefill, {"resp_idx": (0,), "voter_idx": (0,), "prompt_idx": (0,)})
         self._step = self._compile(
             graphs.step, {"resp_idx": (0,), **{f"kept_{kv}_{i}": (2,) for i in range(len(graphs.sites)) for kv in "kv"}}
@@ -114,7 +118,8 @@ class MaskKVRuntime:
         if self.config.backend == "eager":
             return gm
         info = self.graphs.info
-        dynamic = {info.tokens: (1,), **{name: SEQ for name in info.seq_symbols}, **dynamic_extra}
+        dynamic = {info.tokens: (1,), **{name: (1,) for name in info.per_token}, **{name: SEQ for name in info.seq_symbols},
+                   **dynamic_extra}
         return InductorGraph(gm, dynamic, info.tokens)
 
     def reset(self) -> None:
@@ -122,9 +127,9 @@ class MaskKVRuntime:
         self.last_session = None
 
     # -- routing ---------------------------------------------------------------------------
-    def _route(self, ids: torch.Tensor) -> tuple[Session, bool]:
+    def _route(self, ids: torch.Tensor, per_token: list[torch.Tensor]) -> tuple[Session, bool]:
         """(session, run_prefill)."""
-        matching = [s for s in self.sessions if s.matches(ids)]
+        matching = [s for s in self.sessions if s.matches(ids, per_token)]
         if matching:
             session = max(matching, key=lambda s: s.prompt_idx.numel())
             self.sessions.remove(session)
@@ -133,12 +138,12 @@ class MaskKVRuntime:
             refresh = self.config.prompt_refresh
             due = refresh is not None and session.steps_since_prefill + 1 >= refresh
             return session, all_masked or due
-        session = self._new_session(ids)
+        session = self._new_session(ids, per_token)
         self.sessions.insert(0, session)
         del self.sessions[self.config.max_sessions :]
         return session, True
 
-    def _new_session(self, ids: torch.Tensor) -> Session:
+    def _new_session(self, ids: torch.Tensor, per_token: list[torch.Tensor]) -> Session:
         masked = ids == self.mask_token_id  # (B, S)
         if not bool(masked.any()):
             raise NoMaskTokenError(
@@ -159,13 +164,15 @@ class MaskKVRuntime:
             resp_idx=column.nonzero().flatten(),
             prompt_idx=(~column).nonzero().flatten(),
             prompt_tokens=ids[:, ~column].clone(),
+            prompt_inputs=[x[:, ~column].clone() for x in per_token],
         )
 
     # -- execution -------------------------------------------------------------------------
     def __call__(self, *args):
         ids = args[self.tokens_pos]
+        per_token = [args[i] for i in self.per_token_pos]
         with torch.no_grad():
-            session, prefill = self._route(ids)
+            session, prefill = self._route(ids, per_token)
             outputs = self._run_prefill(args, session) if prefill else self._run_step(args, session)
         self.last_session = session
         return outputs

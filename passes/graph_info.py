@@ -24,6 +24,7 @@ class GraphInfo:
     tokens: str  # placeholder name of the (B, S) token ids
     seq_expr: object  # sympy expression of S (or an int when the trace was static)
     seq_symbols: tuple[str, ...]  # SymInt placeholders that carry S
+    per_token: tuple[str, ...]  # other (B, S, ...) inputs (token_type_ids, position_ids, ...)
     logits_index: int  # position of the logits among the graph outputs
     batch: int
 
@@ -57,7 +58,12 @@ def analyse(gm: fx.GraphModule) -> GraphInfo:
     shape = example_value(tokens).shape
     seq_expr = sym_expr(shape[1])
     seq_symbols = tuple(n.name for n in placeholders if _is_seq(example_value(n), seq_expr))
-    return GraphInfo(tokens.name, seq_expr, seq_symbols, find_logits(gm, seq_expr), int(shape[0]))
+    per_token = tuple(
+        n.name for n in placeholders
+        if n is not tokens and isinstance(example_value(n), torch.Tensor) and example_value(n).dim() >= 2
+        and _is_seq(example_value(n).shape[1], seq_expr)
+    )
+    return GraphInfo(tokens.name, seq_expr, seq_symbols, per_token, find_logits(gm, seq_expr), int(shape[0]))
 
 
 def find_logits(gm: fx.GraphModule, seq_expr) -> int:

@@ -1,7 +1,8 @@
 """SliceSequencePass (step graph): compute only the response rows, at absolute positions.
 
 The sequence dimension is cut at its sources, so everything downstream is (B, R, ...):
-  * the token ids placeholder          -> ``index_select(ids, 1, resp_idx)``
+  * the token ids placeholder, and every other (B, S, ...) input (token_type_ids,
+    position_ids)                      -> ``index_select(x, 1, resp_idx)``
   * ``arange`` of length S (positions) -> ``resp_idx + start`` (absolute positions for RoPE
                                           and learned position embeddings)
   * ``table[..., :S]`` (cached rotary tables, ``position_ids``/``token_type_ids`` buffers)
@@ -47,11 +48,12 @@ class SliceSequencePass(GraphPass):
         first_op = next(n for n in graph.nodes if n.op != "placeholder")
         with graph.inserting_before(first_op):
             num_resp = graph.call_method("size", (resp_idx, 0))
-        tokens = node_by_name(gm, self.info.tokens)
-        with graph.inserting_before(first_op):
-            sliced = graph.call_function(torch.index_select, (tokens, 1, resp_idx))
-        tokens.replace_all_uses_with(sliced, delete_user_cb=lambda user: user is not sliced)
-        rewrites += 1
+        for name in (self.info.tokens, *self.info.per_token):
+            per_token = node_by_name(gm, name)
+            with graph.inserting_before(first_op):
+                sliced = graph.call_function(torch.index_select, (per_token, 1, resp_idx))
+            per_token.replace_all_uses_with(sliced, delete_user_cb=lambda user, sliced=sliced: user is not sliced)
+            rewrites += 1
 
         for node in list(graph.nodes):
             if is_call(node, torch.arange) and self._is_seq(example_value(node).shape[0]):
@@ -130,8 +132,13 @@ def check_no_sequence_left(gm: fx.GraphModule, info: GraphInfo) -> None:
                     leftovers.append(f"{n.name} = {n.format_node()} -> {tuple(result.shape)}")
             return result
 
-    with mode:
-        _Recorder(gm).run(*args)
+    try:
+        with mode:
+            _Recorder(gm).run(*args)
+    except Exception as error:  # a shape clash: some length-S source was not sliced
+        raise UnsupportedModelError(
+            f"the step graph mixes sliced and full-length tensors after slicing at the known sources: {error}"
+        ) from error
     if leftovers:
         raise UnsupportedModelError(
             "the step graph still computes full-sequence tensors after slicing at the known sources "

@@ -144,3 +144,22 @@ def test_temperature_sampling_is_seeded():
     b = optimized.generate(prompt, generator=torch.Generator().manual_seed(0), **kwargs)
     c = optimized.generate(prompt, generator=torch.Generator().manual_seed(1), remasking="random", **kwargs)
     assert torch.equal(a, b) and not (a == 255).any() and not (c == 255).any()
+
+
+def test_per_token_inputs_are_sliced_and_an_all_ones_mask_is_dropped():
+    model = build("llada")
+    _, x = prompt_and_masks(model, 16, 6)
+    resp = torch.arange(16, 22)
+    plain = maskkv_compile.optimize(model, budget=5, backend="eager")
+    explicit = maskkv_compile.optimize(model, budget=5, backend="eager")
+    positions = torch.arange(x.shape[1])[None]
+    for step in range(3):
+        ours = explicit(x, position_ids=positions, attention_mask=torch.ones_like(x)).logits[:, resp]
+        torch.testing.assert_close(ours, plain(x).logits[:, resp])
+        x[0, 16 + step] = 7
+    assert explicit.runtime.counts.steps == 2
+    # different position ids at the prompt positions: a different prompt, so a new prefill
+    with pytest.raises(NoMaskTokenError):
+        explicit(x.masked_fill(x == 255, 3), position_ids=positions + 1)
+    with pytest.raises(ValueError, match="padding"):
+        explicit(x, attention_mask=torch.zeros_like(x))
