@@ -15,7 +15,9 @@ How a call is routed (the drop-in contract). ``ids`` is the (B, S) token input:
 4. A session, and every response position still holds the mask token: this is a step-0
    input again (a new generation of the same prompt), so the prefill graph runs afresh.
 5. A session, and this call is the ``prompt_refresh``-th since its prefill (every call
-   with ``prompt_refresh=1``): the prefill graph runs again (prompt K/V recomputed from the current tokens, kept entries re-selected).
+   with ``prompt_refresh=1``): the prefill graph runs again on the current tokens; the
+   prompt K/V are recomputed and re-selected, the voters being the session's response
+   positions (masked or already committed).
 6. Otherwise the step graph runs: only the response rows are computed.
 
 Returned logits are (B, S, V) like the original model's; the response rows hold the
@@ -182,8 +184,8 @@ class MaskKVRuntime:
         voter_idx = voter_positions(cfg.policy, session.prompt_idx, session.resp_idx, cfg.window, cfg.vote_shift)
         extra = {"resp_idx": session.resp_idx, "voter_idx": voter_idx.to(session.device), "prompt_idx": session.prompt_idx}
         outputs = self._prefill(*args, *(extra[name] for name in self.graphs.prefill_inputs))
-        n_layers = len(self.graphs.sites)
-        base, caches = outputs[: len(outputs) - PREFILL_OUTPUTS_PER_LAYER * n_layers], outputs[len(outputs) - PREFILL_OUTPUTS_PER_LAYER * n_layers :]
+        split = len(outputs) - PREFILL_OUTPUTS_PER_LAYER * len(self.graphs.sites)  # original outputs, then caches
+        base, caches = outputs[:split], outputs[split:]
         session.layers = [
             LayerCache(*caches[i : i + PREFILL_OUTPUTS_PER_LAYER]) for i in range(0, len(caches), PREFILL_OUTPUTS_PER_LAYER)
         ]
