@@ -1,50 +1,63 @@
-"""Timing and peak-memory helpers for the demo and the benchmark (not for tests)."""
+"""Timing and peak-memory helpers for the demo and the benchmarks (not for tests).
+
+Peak memory is the kernel's resident-set high-water mark (``VmHWM``) over the block, above
+the resident size at its start. Before the block, freed heap memory is handed back to the
+OS (``malloc_trim``) and the high-water mark is reset (``/proc/self/clear_refs``), so runs
+measured one after another in one process do not hide behind memory an earlier run freed.
+Linux only; elsewhere the peak reads 0.
+"""
 
 from __future__ import annotations
 
-import os
-import threading
+import ctypes
+import gc
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+def _status_kib(field: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
+def _release_and_reset() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+    except OSError:
+        pass
 
 
 @dataclass
 class Measurement:
     seconds: float = 0.0
-    peak_rss_delta: int = 0  # peak resident memory above the level at the start, bytes
+    peak_rss_delta: int = 0  # bytes of resident memory above the level at the start
 
 
 @contextmanager
-def measure(interval: float = 0.005):
-    """Wall time and peak RSS (sampled every ``interval`` s by a thread) of a block."""
+def measure():
+    """Wall time and peak resident memory of a block."""
     result = Measurement()
-    start_rss = rss_bytes()
-    peak = [start_rss]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_bytes())
-            done.wait(interval)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
+    _release_and_reset()
+    start_rss = _status_kib("VmRSS")
     start = time.perf_counter()
     try:
         yield result
     finally:
         result.seconds = time.perf_counter() - start
-        done.set()
-        thread.join()
-        result.peak_rss_delta = max(peak[0], rss_bytes()) - start_rss
+        result.peak_rss_delta = max(_status_kib("VmHWM") - start_rss, 0) * 1024
 
 
 def human_bytes(n: float) -> str:
