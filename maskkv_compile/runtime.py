@@ -25,6 +25,11 @@ model's logits and the prompt rows hold zeros (the prompt is not recomputed). In
 ``response_logits_only()`` the logits are (B, R, V), the response rows in position order.
 Other outputs (e.g. a returned KV cache) cover the rows the graph computed: all rows
 at a prefill, the response rows at a step. ``reset()`` drops every session.
+
+Sessions live in the runtime of one dynamo graph. When dynamo recompiles (a new batch
+size, changed guards), the new graph's runtime starts empty, so the next call is a prefill
+of whatever it is given (``optimize`` marks the sequence dim the same way on every call,
+so its own calls do not trigger this).
 """
 
 from __future__ import annotations

@@ -175,3 +175,22 @@ def test_static_sequence_length_is_refused(tiny):
     error = backend_error(tiny, dynamic_seq=False, options=VALID)
     assert isinstance(error.inner_exception, UnsupportedModelError)
     assert "mark_dynamic(input_ids, 1)" in str(error) and "symbolic" in str(error)
+
+
+def test_dynamic_true_with_the_eager_option_equals_optimize():
+    """dynamic=True turns the model's float constants (the attention scale) into graph inputs."""
+    import maskkv_compile
+    from maskkv_compile.models import tiny_dream
+
+    model = tiny_dream(layers=2, hidden=64)
+    x = torch.randint(0, 255, (1, 40), generator=torch.Generator().manual_seed(0))
+    x[:, 32:] = 255
+    compiled = torch.compile(model, backend="maskkv", dynamic=True,
+                             options={"budget": 8, "mask_token_id": 255, "backend": "eager"})
+    optimized = maskkv_compile.optimize(model, budget=8, backend="eager")
+    for step in range(3):
+        ours = compiled(x, use_cache=False).logits[:, 32:]
+        # a clone: optimize() marks its input dynamic, which would change the compiled model's guards
+        torch.testing.assert_close(ours, optimized(x.clone()).logits[:, 32:])
+        x[0, 32 + step] = int(ours[0, step].argmax())
+    assert optimized.runtime.counts.steps == 2
