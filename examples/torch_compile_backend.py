@@ -17,7 +17,7 @@ compiled = torch.compile(model, backend="maskkv", options={"budget": 8, "mask_to
 x = torch.randint(0, mask_id, (1, 40), generator=torch.Generator().manual_seed(2))
 x[:, 32:] = mask_id
 torch._dynamo.mark_dynamic(x, 1)
-for step in range(4):
+for _ in range(4):
     logits = compiled(x, use_cache=False).logits
     masked = (x == mask_id).nonzero()[:, 1]
     best = logits[0, masked].softmax(-1).max(-1)

@@ -14,6 +14,6 @@ from maskkv_compile.runtime import NoMaskTokenError, response_logits_only
 
 __all__ = [
     "LayerProfile", "MaskKVConfig", "MaskKVConfigError", "MaskKVModel", "NoMaskTokenError", "ProfileMismatchError",
-    "UnsupportedModelError", "calibrate", "optimize", "response_logits_only",
+    "UnsupportedModelError", "calibrate", "explain", "optimize", "response_logits_only",
 ]
 __version__ = "0.1.0"

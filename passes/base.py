@@ -15,9 +15,8 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-import torch
 import torch.fx as fx
 
 log = logging.getLogger("maskkv_compile.passes")
@@ -158,16 +157,12 @@ def _as_module(name: str, gm: fx.GraphModule) -> str:
     return header + _readable(gm) + "\n"
 
 
-TargetPredicate = Callable[[fx.Node], bool]
-
-
 def is_call(node: fx.Node, *targets: Any) -> bool:
     return node.op == "call_function" and node.target in targets
 
 
 def is_method(node: fx.Node, *names: str) -> bool:
     return node.op == "call_method" and node.target in names
-
 
 
 def placeholder(gm: fx.GraphModule, name: str) -> fx.Node:

@@ -39,7 +39,8 @@ def layer_budgets(config, kv_heads: list[int]) -> list[float]:
     n_layers = len(kv_heads)
     if policy.needs_profile and config.profile is None:
         # a UserWarning is shown once per process by Python's default filter
-        warnings.warn(f"policy {policy.name!r} has no layer profile: uniform layer budgets (run maskkv_compile.calibrate)")
+        warnings.warn(f"policy {policy.name!r} has no layer profile: uniform layer budgets (run maskkv_compile.calibrate)",
+                      stacklevel=2)
         budgets = uniform_layer_budgets(n_layers, config.budget)
     else:
         importance = config.profile.importance if config.profile is not None else None
