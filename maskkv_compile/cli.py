@@ -84,6 +84,33 @@ def cmd_diff(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    """Quality suite (maskkv_compile.evaluation): policies x budgets on a real pretrained model."""
+    from pathlib import Path
+
+    from maskkv_compile.evaluation import ModelUnavailable, markdown, plot, run_suite, table, targets
+
+    torch.set_num_threads(args.threads)
+    try:
+        suite = run_suite(args.model, args.policies, args.budgets, samples=args.samples, tasks=args.tasks, out=args.out,
+                          resume=args.resume, progress=not args.quiet, seed=args.seed)
+    except ModelUnavailable as error:
+        print(f"{args.model}: {error}", file=sys.stderr)
+        return 2
+    results, stem = suite.results, Path(args.out) / f"quality_{args.model.replace('-', '_')}"
+    Path(f"{stem}.md").write_text(markdown(results) + "\n")
+    pngs = [] if args.no_plots else plot(results, stem)
+    print(results["note"])
+    for metric in ("retention", "agree_uncached", "kl"):
+        print(f"\n{metric} (all {len(results['samples'])} samples):")
+        print(table(results, metric, fmt="simple"))
+    for line in targets(results):
+        print(line)
+    print(f"\n{suite.optimize_calls} optimize() calls, {suite.model_calls} model calls this run; "
+          f"wrote {suite.json_path}, {stem}.md" + "".join(f", {p}" for p in pngs))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maskkv-compile", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +154,30 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--hidden", type=int, default=64)
     diff.add_argument("--seed", type=int, default=0)
     diff.set_defaults(func=cmd_diff)
+
+    from maskkv_compile.evaluation.models import MODELS
+
+    quality = sub.add_parser(
+        "eval", help="quality suite: retention / agreement / KL of every policy x budget on a real pretrained model",
+        description="Infill masked spans with the greedy one-token-per-step loop through optimize(model)(x).logits for "
+        "every policy x budget and the references (uncached, full prompt cache, full cache + refresh); write a JSON of "
+        "every cell, markdown tables and PNG plots to --out. See docs/quality.md.",
+    )
+    quality.add_argument("--model", choices=MODELS, default="antiberty",
+                         help="antiberty / rxnfp: pretrained (pip install --no-deps antiberty==0.1.3 rxnfp==0.1.0); "
+                         "tiny-llama: random weights, for CI (its numbers mean nothing)")
+    quality.add_argument("--policies", nargs="+", default=None, help="default: every registered policy")
+    quality.add_argument("--budgets", nargs="+", default=["4", "6", "8", "12", "16", "32", "full"],
+                         help="prompt KV pairs kept per head; 'full' keeps the whole prompt")
+    quality.add_argument("--samples", type=int, default=8, help="sequences per task")
+    quality.add_argument("--tasks", nargs="+", default=None, help="default: every task of the model")
+    quality.add_argument("--out", default="quality-out", help="folder for quality_<model>.{json,md} and PNGs")
+    quality.add_argument("--resume", action="store_true", help="keep the cells already in the JSON, run the rest")
+    quality.add_argument("--seed", type=int, default=0)
+    quality.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    quality.add_argument("--no-plots", action="store_true")
+    quality.add_argument("--quiet", action="store_true", help="no progress bar")
+    quality.set_defaults(func=cmd_eval)
     return parser
 
 

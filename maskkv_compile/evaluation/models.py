@@ -1,0 +1,257 @@
+"""The models and samples of the quality suite.
+
+A :class:`Bundle` is one model with its mask id, the samples to infill and the calibration
+prompts (disjoint from the samples) that MaskKV's layer profile is measured on:
+
+* ``antiberty``: AntiBERTy (pretrained BERT, 8 layers, antibody sequences; ``pip install
+  --no-deps antiberty==0.1.3``). Samples: public heavy chains (``data/antibody_heavy_chains.tsv``);
+  task ``cdr3`` masks the Kabat CDR-H3 loop (infilling, prompt on both sides), task ``suffix``
+  masks the last 20 residues.
+* ``rxnfp``: the rxnfp BERT (pretrained masked LM, 12 layers, reaction SMILES; ``pip install
+  --no-deps rxnfp==0.1.0``). Samples: patent reactions (``data/uspto_reactions.tsv``); task
+  ``product_span`` masks 12 tokens in the middle of the product, ``suffix`` the last 20 tokens.
+  rxnfp's own tokenizer imports rdkit, so the SMILES are split here by a regex with the
+  package's vocabulary file.
+* ``tiny-llama``: :func:`maskkv_compile.models.tiny_llada` with random weights and random
+  sequences: fast, for CI only; its quality numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import importlib.util
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+MODELS = ("antiberty", "rxnfp", "tiny-llama")
+TASKS = {"antiberty": ("cdr3", "suffix"), "rxnfp": ("product_span", "suffix"), "tiny-llama": ("span", "suffix")}
+
+
+class ModelUnavailable(RuntimeError):
+    """The package that ships the model's weights is not installed."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sequence with one masked span ``[start, stop)``; the rest of it is the prompt."""
+
+    id: str
+    task: str
+    ids: tuple[int, ...]  # the true tokens, special tokens included
+    start: int
+    stop: int
+
+    @property
+    def span_len(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.ids) - self.span_len
+
+    def masked(self, mask_id: int) -> torch.Tensor:
+        x = torch.tensor([self.ids], dtype=torch.long)
+        x[0, self.start:self.stop] = mask_id
+        return x
+
+    def truth(self) -> list[int]:
+        return list(self.ids[self.start:self.stop])
+
+    def to_dict(self) -> dict:
+        return {"task": self.task, "ids": list(self.ids), "start": self.start, "stop": self.stop,
+                "prompt_len": self.prompt_len}
+
+
+@dataclass
+class Bundle:
+    name: str
+    model: torch.nn.Module
+    mask_id: int
+    samples: list[Sample]
+    calibration: list[torch.Tensor]  # (1, P) prompts without masks
+    calibration_gen_length: int
+    decode: Callable[[Sequence[int]], str]
+    note: str = ""
+    tasks: tuple[str, ...] = field(default_factory=tuple)
+
+
+def read_table(name: str) -> list[dict]:
+    """Rows of a tab-separated file of ``maskkv_compile/data`` ('#' lines are comments)."""
+    text = (importlib.resources.files("maskkv_compile") / "data" / name).read_text()
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    header = lines[0].split("\t")
+    return [dict(zip(header, line.split("\t"))) for line in lines[1:]]
+
+
+def _select(rows: list[dict], n: Optional[int]) -> tuple[list[dict], list[dict]]:
+    evaluated = [r for r in rows if r["split"] == "eval"]
+    calibration = [r for r in rows if r["split"] == "calibration"]
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"samples must be >= 1, got {n}")
+        evaluated = evaluated[:n]
+    return evaluated, calibration
+
+
+def _check_tasks(model: str, tasks: Optional[Sequence[str]]) -> tuple[str, ...]:
+    tasks = tuple(tasks) if tasks else TASKS[model]
+    unknown = [t for t in tasks if t not in TASKS[model]]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown} for {model}; valid: {list(TASKS[model])}")
+    return tasks
+
+
+def _package_dir(name: str, pip: str) -> str:
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise ModelUnavailable(f"{name} is not installed: pip install --no-deps {pip}")
+    return os.path.dirname(spec.origin)
+
+
+def _read_vocab(path: str) -> dict[str, int]:
+    with open(path) as f:
+        return {line.rstrip("\n"): i for i, line in enumerate(f)}
+
+
+def _bert(folder: str) -> torch.nn.Module:
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # unused pooler / extra heads: "unexpected keys"
+    try:
+        return transformers.BertForMaskedLM.from_pretrained(folder).eval()
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+# ------------------------------------------------------------------ AntiBERTy
+
+
+def kabat_cdr_h3(vh: str) -> tuple[int, int]:
+    """``[start, stop)`` of the Kabat CDR-H3 (H95-H102) in a heavy-chain variable domain: it
+    starts 3 residues after the Cys at H92 and ends before the Trp of the ``WGxG`` motif (H103)."""
+    motifs = [m.start() for m in re.finditer(r"(?=WG.G)", vh)]
+    if not motifs:
+        raise ValueError(f"no WGxG motif (H103-H106) in {vh}")
+    stop = motifs[-1]
+    cys = vh.rfind("C", 0, stop - 3)
+    if cys < 80:
+        raise ValueError(f"no Cys H92 before the WGxG motif in {vh}")
+    return cys + 3, stop
+
+
+def load_antiberty(samples: Optional[int] = None, tasks: Optional[Sequence[str]] = None, suffix_len: int = 20) -> Bundle:
+    folder = os.path.join(_package_dir("antiberty", "antiberty==0.1.3"), "trained_models")
+    tasks = _check_tasks("antiberty", tasks)
+    model = _bert(os.path.join(folder, "AntiBERTy_md_smooth"))
+    # transformers 5.x BertTokenizer(vocab_file=...) does not read this vocabulary: one token per residue.
+    vocab = _read_vocab(os.path.join(folder, "vocab.txt"))
+    itos = {i: t for t, i in vocab.items()}
+
+    def encode(seq: str) -> list[int]:
+        return [vocab["[CLS]"]] + [vocab[c] for c in seq] + [vocab["[SEP]"]]
+
+    evaluated, calibration = _select(read_table("antibody_heavy_chains.tsv"), samples)
+    out = []
+    for task in tasks:
+        for row in evaluated:
+            vh = row["vh"]
+            start, stop = kabat_cdr_h3(vh) if task == "cdr3" else (len(vh) - suffix_len, len(vh))
+            out.append(Sample(f"{row['name']}/{task}", task, tuple(encode(vh)), start + 1, stop + 1))  # +1: [CLS]
+    return Bundle(
+        "antiberty", model, vocab["[MASK]"], out,
+        [torch.tensor([encode(r["vh"])]) for r in calibration], calibration_gen_length=12,
+        decode=lambda ids: "".join(itos[int(i)] for i in ids), tasks=tasks,
+        note="AntiBERTy (BertForMaskedLM, 8 layers x 8 heads, hidden 512), pretrained on antibody sequences",
+    )
+
+
+# ------------------------------------------------------------------ rxnfp
+
+# One token per bracket atom, two-letter halogen, atom, ring-closure label, bond or branch
+# symbol; ">>" separates precursors from products.
+SMILES_TOKEN = re.compile(r"\[[^\[\]]+\]|Br|Cl|>>|%\d\d|[BCNOSPFIbcnosp]|\d|[=#\-+\\/().:~@?*$>]")
+
+
+def smiles_tokens(smiles: str) -> list[str]:
+    tokens = SMILES_TOKEN.findall(smiles)
+    if "".join(tokens) != smiles:
+        raise ValueError(f"cannot split {smiles!r} into SMILES tokens")
+    return tokens
+
+
+def load_rxnfp(samples: Optional[int] = None, tasks: Optional[Sequence[str]] = None, span_len: int = 12,
+               suffix_len: int = 20) -> Bundle:
+    folder = os.path.join(_package_dir("rxnfp", "rxnfp==0.1.0"), "models", "transformers", "bert_pretrained")
+    tasks = _check_tasks("rxnfp", tasks)
+    model = _bert(folder)
+    vocab = _read_vocab(os.path.join(folder, "vocab.txt"))
+    itos = {i: t for t, i in vocab.items()}
+
+    def encode(rxn: str) -> list[int]:
+        tokens = smiles_tokens(rxn)
+        missing = sorted({t for t in tokens if t not in vocab})
+        if missing:
+            raise ValueError(f"tokens {missing} of {rxn!r} are not in the rxnfp vocabulary")
+        return [vocab["[CLS]"]] + [vocab[t] for t in tokens] + [vocab["[SEP]"]]
+
+    evaluated, calibration = _select(read_table("uspto_reactions.tsv"), samples)
+    out = []
+    arrow = vocab[">>"]
+    for task in tasks:
+        for row in evaluated:
+            ids = encode(row["rxn"])
+            product = ids.index(arrow) + 1, len(ids) - 1  # product tokens, [SEP] excluded
+            if task == "suffix":
+                start, stop = product[1] - suffix_len, product[1]
+            else:
+                start = product[0] + max(0, (product[1] - product[0] - span_len) // 2)
+                stop = min(start + span_len, product[1])
+            out.append(Sample(f"{row['id']}/{task}", task, tuple(ids), start, stop))
+    return Bundle(
+        "rxnfp", model, vocab["[MASK]"], out,
+        [torch.tensor([encode(r["rxn"])]) for r in calibration], calibration_gen_length=12,
+        decode=lambda ids: "".join(itos[int(i)] for i in ids), tasks=tasks,
+        note="rxnfp bert_pretrained (BertForMaskedLM, 12 layers x 4 heads, hidden 256), pretrained on reaction SMILES",
+    )
+
+
+# ------------------------------------------------------------------ tiny-llama
+
+
+def load_tiny_llama(samples: Optional[int] = None, tasks: Optional[Sequence[str]] = None, seed: int = 0,
+                    seq_len: int = 40, span_len: int = 6, layers: int = 2, hidden: int = 64) -> Bundle:
+    from maskkv_compile.models import tiny_llada
+
+    tasks = _check_tasks("tiny-llama", tasks)
+    model = tiny_llada(layers=layers, hidden=hidden, seed=seed)
+    mask_id = model.config.mask_token_id
+    n = 4 if samples is None else samples
+    gen = torch.Generator().manual_seed(seed)
+    sequences = torch.randint(0, mask_id, (n + 2, seq_len), generator=gen)
+    out = []
+    for task in tasks:
+        for i in range(n):
+            start = (seq_len - span_len) // 2 if task == "span" else seq_len - span_len
+            out.append(Sample(f"random{i}/{task}", task, tuple(sequences[i].tolist()), start, start + span_len))
+    return Bundle(
+        "tiny-llama", model, mask_id, out, [sequences[n:n + 1], sequences[n + 1:]], calibration_gen_length=span_len,
+        decode=lambda ids: " ".join(str(int(i)) for i in ids), tasks=tasks,
+        note=f"tiny LLaDA-style Llama ({layers} layers, hidden {hidden}), RANDOM weights and random tokens: "
+             "exercises the suite only, its quality numbers mean nothing",
+    )
+
+
+def load_bundle(name: str, samples: Optional[int] = None, tasks: Optional[Sequence[str]] = None, seed: int = 0) -> Bundle:
+    """The named model with ``samples`` sequences per task (default: all eval rows; tiny-llama 4)."""
+    if name == "antiberty":
+        return load_antiberty(samples, tasks)
+    if name == "rxnfp":
+        return load_rxnfp(samples, tasks)
+    if name == "tiny-llama":
+        return load_tiny_llama(samples, tasks, seed=seed)
+    raise ValueError(f"unknown model {name!r}; valid: {list(MODELS)}")

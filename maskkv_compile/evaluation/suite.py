@@ -1,0 +1,299 @@
+"""The quality suite: every sample x (policy, budget), the same greedy infilling loop, metrics.
+
+Loop (LLaDA's ``low_confidence`` remasking with ``steps == span length``): each step calls
+``net(x).logits`` -- the drop-in contract, token ids only -- and fixes the one masked position
+whose most likely token is the most probable (the mask token itself is never predicted).
+
+Configurations (rows of the JSON's ``cells``):
+
+* ``uncached``: the plain model in the same loop (reference);
+* ``full_cache``: ``optimize(budget=FULL_BUDGET)``: the whole prompt is kept; the prompt K/V
+  are computed once at step 0 and reused (reference);
+* ``full_cache+refresh``: the same with ``prompt_refresh=1`` (a prefill every step; equals
+  ``uncached`` up to float rounding);
+* ``<policy>@<budget>``: ``optimize(model, budget=B, mask_token_id=..., backend="eager",
+  policy=P, profile=profile)``; ``<policy>@full`` uses ``FULL_BUDGET``. Policies whose layer
+  allocator needs a layer profile (maskkv, squeezeattention) get one from
+  :func:`maskkv_compile.calibrate` on the bundle's calibration prompts, never on evaluated ones.
+
+Per cell (one sample, one configuration): ``tokens`` (the fill), ``score`` (fraction equal to
+the true tokens), ``agree_uncached`` / ``agree_full`` (fraction equal to the uncached /
+full-cache fill), ``kl`` (mean over still-masked positions of KL(uncached || cached) of the
+softmaxed logits at step 1, the first step-graph call, both models fed the same ``x``),
+``kept`` (mean kept prompt entries per KV head), ``seconds``.
+
+Resumable: the JSON is rewritten after every configuration; with ``resume=True`` the cells
+already in it are not recomputed (and a configuration whose cells are all present is not even
+optimized), the layer profile is read back from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from maskkv_compile.evaluation.models import Bundle, Sample
+
+FULL = "full"
+FULL_BUDGET = 1 << 16  # >= every prompt, even for maskkv's smallest layer share (beta * B)
+UNCACHED, FULL_CACHE, FULL_REFRESH = "uncached", "full_cache", "full_cache+refresh"
+REFERENCES = (UNCACHED, FULL_CACHE, FULL_REFRESH)
+FORMAT = "maskkv-quality"
+VERSION = 1
+
+Budget = Union[int, str]
+
+
+@dataclass(frozen=True)
+class Config:
+    key: str
+    policy: Optional[str] = None  # None: the plain model
+    budget: Optional[Budget] = None
+    refresh: Optional[int] = None
+
+    @property
+    def int_budget(self) -> int:
+        return FULL_BUDGET if self.budget == FULL else int(self.budget)
+
+
+def config_key(policy: str, budget: Budget) -> str:
+    return f"{policy}@{budget}"
+
+
+def parse_budget(value: Union[str, int]) -> Budget:
+    if isinstance(value, str) and value.lower() == FULL:
+        return FULL
+    budget = int(value)
+    if budget < 1:
+        raise ValueError(f"budgets must be >= 1 or 'full', got {value!r}")
+    return budget
+
+
+def configurations(policies: Sequence[str], budgets: Sequence[Budget]) -> list[Config]:
+    """References first (the others' agreement is measured against them), then policy x budget."""
+    refs = [Config(UNCACHED), Config(FULL_CACHE, "mask_voting_uniform", FULL),
+            Config(FULL_REFRESH, "mask_voting_uniform", FULL, refresh=1)]
+    return refs + [Config(config_key(p, b), p, b) for p in policies for b in budgets]
+
+
+def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    """Mean over rows of KL(softmax(p) || softmax(q)), in float64."""
+    log_p = torch.log_softmax(p_logits.double(), -1)
+    log_q = torch.log_softmax(q_logits.double(), -1)
+    return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+
+
+def agreement(a: Sequence[int], b: Sequence[int]) -> float:
+    return sum(int(x == y) for x, y in zip(a, b)) / max(len(a), 1)
+
+
+@torch.no_grad()
+def infill(net, sample: Sample, mask_id: int, reference: Optional[torch.nn.Module] = None):
+    """The greedy loop; returns (filled tokens, KL at step 1 against ``reference`` or None, calls)."""
+    x = sample.masked(mask_id)
+    kl = None
+    for step in range(sample.span_len):
+        masked = x[0] == mask_id
+        logits = net(x).logits[0].float()
+        if step == 1 and reference is not None:
+            ref = reference(x).logits[0].float()
+            kl = kl_divergence(ref[masked], logits[masked])
+        logits[:, mask_id] = float("-inf")
+        confidence, tokens = torch.softmax(logits, -1).max(-1)
+        confidence = torch.where(masked, confidence, float("-inf"))
+        pick = int(confidence.argmax())
+        x[0, pick] = tokens[pick]
+    assert not bool((x == mask_id).any())
+    return x[0, sample.start:sample.stop].tolist(), kl, sample.span_len
+
+
+class Suite:
+    """Runs (or resumes) the suite for one :class:`Bundle`; ``results`` is the JSON document."""
+
+    def __init__(self, bundle: Bundle, policies: Sequence[str], budgets: Sequence[Budget], *,
+                 json_path: Optional[Union[str, Path]] = None, resume: bool = False, progress: bool = True,
+                 seed: int = 0):
+        from maskkv_compile.budgets import get_policy
+
+        for policy in policies:
+            get_policy(policy)  # unknown names fail before anything runs
+        self.bundle = bundle
+        self.policies = list(policies)
+        self.budgets = [parse_budget(b) for b in budgets]
+        self.json_path = Path(json_path) if json_path else None
+        self.progress = progress
+        self.seed = seed
+        self.optimize_calls = 0  # what a resumed run must not repeat
+        self.model_calls = 0
+        self.profile = None
+        self.results = self._fresh()
+        if resume and self.json_path and self.json_path.exists():
+            self._merge(json.loads(self.json_path.read_text()))
+
+    # -- the JSON document -------------------------------------------------------------------
+    def _fresh(self) -> dict:
+        b = self.bundle
+        return {
+            "format": FORMAT, "version": VERSION, "model": b.name, "note": b.note, "seed": self.seed,
+            "environment": {"torch": torch.__version__, **_versions()},
+            "full_budget": FULL_BUDGET, "policies": self.policies, "budgets": self.budgets, "tasks": list(b.tasks),
+            "samples": {s.id: {**s.to_dict(), "text": b.decode(s.truth())} for s in b.samples},
+            "profile": None,
+            "cells": {},
+        }
+
+    def _merge(self, old: dict) -> None:
+        if old.get("format") != FORMAT or old.get("model") != self.bundle.name:
+            raise ValueError(f"{self.json_path} is not a quality JSON of {self.bundle.name}")
+        for sid, sample in self.results["samples"].items():
+            prev = old["samples"].get(sid)
+            if prev is not None and (prev["ids"], prev["start"], prev["stop"]) != (sample["ids"], sample["start"], sample["stop"]):
+                raise ValueError(f"{self.json_path}: sample {sid} differs from the one evaluated now; use another --out")
+        self.results["samples"] = {**old["samples"], **self.results["samples"]}
+        self.results["cells"] = old.get("cells", {})
+        self.results["policies"] = _union(old.get("policies", []), self.policies)
+        self.results["budgets"] = _union(old.get("budgets", []), self.budgets)
+        self.results["tasks"] = _union(old.get("tasks", []), self.results["tasks"])
+        if old.get("profile"):
+            from maskkv_compile.profile import LayerProfile
+
+            self.results["profile"] = old["profile"]
+            p = old["profile"]
+            self.profile = LayerProfile(tuple(p["importance"]), p["fingerprint"], version=p["version"], meta=p.get("meta", {}))
+
+    def save(self) -> None:
+        self._agreements()
+        if self.json_path is None:
+            return
+        self.json_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.json_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.results, indent=1, sort_keys=False) + "\n")
+        os.replace(tmp, self.json_path)
+
+    # -- running -----------------------------------------------------------------------------
+    def _missing(self, config: Config) -> list[Sample]:
+        done = self.results["cells"].get(config.key, {})
+        return [s for s in self.bundle.samples if s.id not in done]
+
+    def _layer_profile(self):
+        if self.profile is None:
+            import maskkv_compile
+
+            b = self.bundle
+            self.profile = maskkv_compile.calibrate(b.model, b.calibration, gen_length=b.calibration_gen_length,
+                                                    mask_token_id=b.mask_id, progress=False)
+            self.model_calls += len(b.calibration)
+            self.results["profile"] = self.profile.to_dict()
+        return self.profile
+
+    def _net(self, config: Config):
+        if config.policy is None:
+            return self.bundle.model
+        import maskkv_compile
+        from maskkv_compile.budgets import get_policy
+        from maskkv_compile.config import MaskKVConfig
+
+        profile = self._layer_profile() if get_policy(config.policy).needs_profile else None
+        self.optimize_calls += 1
+        return maskkv_compile.optimize(self.bundle.model, budget=config.int_budget, mask_token_id=self.bundle.mask_id,
+                                       backend="eager", policy=config.policy, profile=profile,
+                                       prompt_refresh=config.refresh, config=MaskKVConfig(seed=self.seed))
+
+    def run(self) -> dict:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # tqdm is optional
+            tqdm = None
+        configs = configurations(self.policies, self.budgets)
+        todo = [(c, self._missing(c)) for c in configs]
+        total = sum(len(m) for _, m in todo)
+        bar = tqdm(total=total, desc=f"quality {self.bundle.name}", unit="cell", disable=not self.progress or total == 0) if tqdm else None
+        torch.manual_seed(self.seed)
+        for config, missing in todo:
+            if not missing:
+                continue
+            if bar is not None:
+                bar.set_postfix_str(config.key)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                net = self._net(config)
+                cells = self.results["cells"].setdefault(config.key, {})
+                for sample in missing:
+                    cells[sample.id] = self._cell(config, net, sample)
+                    if bar is not None:
+                        bar.update(1)
+            del net
+            torch._dynamo.reset()  # each optimized model holds its own compiled graphs; drop them
+            self.save()
+        if bar is not None:
+            bar.close()
+        self.save()
+        return self.results
+
+    def _agreements(self) -> None:
+        """``agree_uncached`` / ``agree_full`` of every cell, from the stored fills."""
+        cells = self.results["cells"]
+        for key, by_sample in cells.items():
+            for sid, cell in by_sample.items():
+                for name, ref in (("agree_uncached", UNCACHED), ("agree_full", FULL_CACHE)):
+                    other = cells.get(ref, {}).get(sid)
+                    cell[name] = None if other is None else agreement(cell["tokens"], other["tokens"])
+
+    def _cell(self, config: Config, net, sample: Sample) -> dict:
+        t0 = time.perf_counter()
+        reference = None if config.policy is None else self.bundle.model
+        if config.policy is not None:
+            net.reset()
+        tokens, kl, calls = infill(net, sample, self.bundle.mask_id, reference)
+        seconds = time.perf_counter() - t0
+        self.model_calls += calls + (reference is not None and sample.span_len > 1)
+        kept = None
+        if config.policy is not None:
+            layers = net.cache_stats()["layers"]
+            kept = sum(sum(layer["kept_per_kv_head"]) / len(layer["kept_per_kv_head"]) for layer in layers) / len(layers)
+        return {
+            "tokens": tokens, "text": self.bundle.decode(tokens),
+            "score": agreement(tokens, sample.truth()),
+            "kl": 0.0 if config.key == UNCACHED else kl,
+            "kept": kept, "seconds": round(seconds, 4),
+        }
+
+
+def _union(a: Sequence, b: Sequence) -> list:
+    out = list(a)
+    out += [x for x in b if x not in out]
+    return out
+
+
+def _versions() -> dict:
+    out = {}
+    for name in ("transformers", "antiberty", "rxnfp"):
+        try:
+            from importlib.metadata import version
+
+            out[name] = version(name)
+        except Exception:  # not installed
+            pass
+    return out
+
+
+def run_suite(model: str = "tiny-llama", policies: Optional[Sequence[str]] = None,
+              budgets: Sequence[Budget] = (4, 8, FULL), *, samples: Optional[int] = None,
+              tasks: Optional[Sequence[str]] = None, out: Optional[Union[str, Path]] = None, resume: bool = False,
+              progress: bool = True, seed: int = 0, bundle: Optional[Bundle] = None) -> Suite:
+    """Load ``model``, run every missing cell, write ``<out>/quality_<model>.json``; returns the suite."""
+    from maskkv_compile.budgets import POLICIES
+    from maskkv_compile.evaluation.models import load_bundle
+
+    bundle = bundle or load_bundle(model, samples, tasks, seed=seed)
+    path = Path(out) / f"quality_{bundle.name.replace('-', '_')}.json" if out is not None else None
+    suite = Suite(bundle, list(policies or POLICIES), budgets, json_path=path, resume=resume, progress=progress, seed=seed)
+    suite.run()
+    return suite

@@ -1,0 +1,139 @@
+"""The quality suite (maskkv_compile.evaluation, `maskkv-compile eval`, examples/eval_suite.py)
+on small slices: it runs end to end and checks its own invariants."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from maskkv_compile.cli import main as cli_main
+from maskkv_compile.evaluation import FULL, Suite, aggregate, load_bundle, markdown, plot, run_suite, table
+from maskkv_compile.evaluation.models import kabat_cdr_h3, read_table, smiles_tokens
+from maskkv_compile.evaluation.suite import FULL_CACHE, FULL_REFRESH, UNCACHED, configurations
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def check_invariants(results: dict, policies, budgets, sample_ids):
+    cells = results["cells"]
+    # the JSON has every cell, each with every metric
+    for config in configurations(policies, budgets):
+        assert set(cells[config.key]) == set(sample_ids), config.key
+        for cell in cells[config.key].values():
+            assert {"tokens", "score", "agree_uncached", "agree_full", "kl", "seconds"} <= set(cell)
+            assert 0.0 <= cell["score"] <= 1.0 and 0.0 <= cell["agree_uncached"] <= 1.0
+    for sid in sample_ids:
+        full = cells[FULL_CACHE][sid]
+        assert full["agree_full"] == 1.0  # the full cache agrees with itself
+        assert cells[UNCACHED][sid]["agree_uncached"] == 1.0 and cells[UNCACHED][sid]["kl"] == 0.0
+        # a prefill at every step is the uncached model again
+        assert cells[FULL_REFRESH][sid]["agree_uncached"] == 1.0 and cells[FULL_REFRESH][sid]["kl"] < 1e-6
+        for policy in policies:  # with the whole prompt kept, every policy is the full cache
+            cell = cells[f"{policy}@{FULL}"][sid]
+            assert cell["agree_full"] == 1.0 and cell["tokens"] == full["tokens"], policy
+            assert cell["kl"] == pytest.approx(full["kl"], rel=1e-6, abs=1e-9)
+            assert cell["kept"] == results["samples"][sid]["prompt_len"]
+
+
+def test_tiny_llama_suite_invariants_and_resume(tmp_path):
+    policies, budgets = ["maskkv", "snapkv", "random"], [4, FULL]
+    suite = run_suite("tiny-llama", policies, budgets, samples=1, out=tmp_path, progress=False)
+    path = tmp_path / "quality_tiny_llama.json"
+    saved = json.loads(path.read_text())
+    ids = list(saved["samples"])
+    assert len(ids) == 2 and suite.optimize_calls == 2 + len(policies) * len(budgets)
+    check_invariants(saved, policies, budgets, ids)
+    assert saved["profile"]["importance"]  # maskkv got a layer profile (from the calibration prompts)
+    for cell in saved["cells"]["maskkv@4"].values():
+        assert cell["kept"] == 4 and cell["kl"] > 0  # an evicted cache is not the uncached model
+    tables = {m: table(saved, m) for m in ("retention", "agree_uncached", "agree_full", "kl")}
+    assert "maskkv" in tables["kl"] and "full cache (no eviction)" in tables["kl"]
+
+    # resuming from a complete JSON recomputes nothing and gives the same tables
+    again = Suite(load_bundle("tiny-llama", samples=1), policies, budgets, json_path=path, resume=True, progress=False)
+    again.run()
+    assert again.optimize_calls == 0 and again.model_calls == 0
+    assert {m: table(again.results, m) for m in tables} == tables
+    assert json.loads(path.read_text())["cells"] == saved["cells"]
+
+    # a missing configuration is recomputed alone, deterministically
+    partial = json.loads(path.read_text())
+    del partial["cells"]["snapkv@4"]
+    path.write_text(json.dumps(partial))
+    third = run_suite("tiny-llama", policies, budgets, samples=1, out=tmp_path, resume=True, progress=False)
+    assert third.optimize_calls == 1
+    redone = third.results["cells"]["snapkv@4"]
+    assert {k: c["tokens"] for k, c in redone.items()} == {k: c["tokens"] for k, c in saved["cells"]["snapkv@4"].items()}
+    assert third.results["cells"]["snapkv@4"].keys() == saved["cells"]["snapkv@4"].keys()
+
+    assert "### task span" in markdown(saved)
+    assert all(p.stat().st_size > 1000 for p in plot(saved, tmp_path / "q"))
+
+
+def test_cli_eval_and_resume(tmp_path, capsys):
+    args = ["eval", "--model", "tiny-llama", "--policies", "mask_voting_uniform", "--budgets", "2", "full",
+            "--samples", "1", "--tasks", "suffix", "--out", str(tmp_path), "--quiet", "--no-plots",
+            "--threads", str(torch.get_num_threads())]
+    assert cli_main(args) == 0
+    first = capsys.readouterr().out
+    assert "4 optimize() calls" in first and "agree_uncached" in first
+    assert cli_main(args + ["--resume"]) == 0
+    second = capsys.readouterr().out
+    assert "0 optimize() calls, 0 model calls" in second
+    assert first.split("optimize() calls")[0].rsplit("\n", 1)[0] == second.split("optimize() calls")[0].rsplit("\n", 1)[0]
+    assert (tmp_path / "quality_tiny_llama.md").read_text().startswith("model: tiny LLaDA-style")
+
+
+def test_antiberty_bundle():
+    pytest.importorskip("antiberty")
+    bundle = load_bundle("antiberty", samples=2)
+    assert [s.id for s in bundle.samples] == ["trastuzumab/cdr3", "adalimumab/cdr3", "trastuzumab/suffix", "adalimumab/suffix"]
+    cdr3 = bundle.samples[0]
+    assert bundle.decode(cdr3.truth()) == "WGGDGFYAMDY" and cdr3.prompt_len == 111
+    x = cdr3.masked(bundle.mask_id)
+    assert bool((x[0, cdr3.start:cdr3.stop] == bundle.mask_id).all()) and int((x == bundle.mask_id).sum()) == 11
+    # calibration chains are never evaluated
+    calibration = {tuple(c[0].tolist()) for c in bundle.calibration}
+    assert len(calibration) == 4 and not calibration & {s.ids for s in load_bundle("antiberty").samples}
+
+
+def test_data_files():
+    rows = read_table("antibody_heavy_chains.tsv")
+    evaluated = [r for r in rows if r["split"] == "eval"]
+    assert len(evaluated) >= 8 and {r["name"] for r in rows[:4]} == {"trastuzumab", "adalimumab", "pertuzumab", "rituximab"}
+    cdr3 = {r["name"]: r["vh"][slice(*kabat_cdr_h3(r["vh"]))] for r in rows}
+    assert cdr3["trastuzumab"] == "WGGDGFYAMDY" and cdr3["adalimumab"] == "VSYLSTASSLDY"
+    assert cdr3["rituximab"] == "STYYGGDWYFNV"
+    reactions = read_table("uspto_reactions.tsv")
+    assert len([r for r in reactions if r["split"] == "eval"]) >= 8
+    for row in reactions:
+        tokens = smiles_tokens(row["rxn"])
+        assert tokens.count(">>") == 1 and tokens.count("(") == tokens.count(")")
+    assert smiles_tokens("CC(=O)[O-].[Na+]>>Clc1ccccc1Br") == [
+        "C", "C", "(", "=", "O", ")", "[O-]", ".", "[Na+]", ">>", "Cl", "c", "1", "c", "c", "c", "c", "c", "1", "Br"]
+
+
+def test_eval_suite_example(tmp_path):
+    policies, budgets = ["maskkv", "snapkv"], [4, FULL]
+    result = subprocess.run([sys.executable, "examples/eval_suite.py", "--out", str(tmp_path), "--policies", *policies,
+                             "--budgets", *map(str, budgets)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "agree_uncached:" in out and "full cache (no eviction)" in out
+    assert "0 optimize() calls, 0 model calls, same table: True" in out
+    (path,) = tmp_path.glob("quality_*.json")  # the example runs AntiBERTy when installed, else tiny-llama
+    results = json.loads(path.read_text())
+    ids = list(results["samples"])
+    check_invariants(results, policies, budgets, ids)
+    assert len(results["tasks"]) == 2 and list(tmp_path.glob("quality_*_kl.png"))
+    assert results["profile"]["meta"]["n_prompts"] >= 2  # maskkv's profile: calibration prompts only
+    if results["model"] == "antiberty":  # the real pretrained model on a small slice
+        assert ids == ["trastuzumab/cdr3", "trastuzumab/suffix"]
+        assert results["samples"]["trastuzumab/cdr3"]["text"] == "WGGDGFYAMDY"
+        # a pretrained model recovers real residues: the uncached fill is far from random (1/20)
+        assert sum(results["cells"]["uncached"][i]["score"] for i in ids) / len(ids) > 0.3
+        assert aggregate(results, "maskkv@full", ids)["retention"] == pytest.approx(100.0)
+        assert "B=4 (4%)" in table(results, "retention")
