@@ -34,10 +34,14 @@ def test_torch_compile_backend_example_without_importing_the_package():
     assert "after 4 steps:" in out
 
 
-def test_cli_demo():
-    out = run("-m", "maskkv_compile.cli", "demo", "--prompt-len", "64", "--gen-length", "8", "--steps", "8",
-              "--block-length", "8", "--layers", "2", "--hidden", "64", "--backend", "eager")
-    assert "tokens/s" in out and "agreement with the uncached model" in out
+@pytest.mark.parametrize("model", ["tiny-llama", "antiberty"])
+def test_cli_demo(model):
+    if model == "antiberty":
+        pytest.importorskip("antiberty")
+    out = run("-m", "maskkv_compile.cli", "demo", "--model", model, "--backend", "eager")
+    assert "tokens/s" in out and "agreement with uncached" in out
+    if model == "antiberty":
+        assert "true     : WGGDGFYAMDY" in out  # trastuzumab's CDR-H3, filled by the real model
 
 
 def test_cli_bench():
