@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from maskkv_compile.budgets import get_policy
+from maskkv_compile.policies import get_policy
 
 
 @torch.library.custom_op("maskkv::selection_scores", mutates_args=())

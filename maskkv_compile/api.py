@@ -102,7 +102,7 @@ def optimize(
     mask_token_id: default ``model.config.mask_token_id``.
     backend: "inductor" (default) or "eager" (rewritten graphs run as plain FX code).
     prompt_refresh: recompute the prompt every this many steps (default: never).
-    policy: "maskkv" (default) or a baseline name (see ``maskkv_compile.budgets.POLICIES``).
+    policy: "maskkv" (default) or a baseline name (see ``maskkv_compile.policies.POLICIES``).
     profile: a LayerProfile from ``calibrate`` (refused if measured on another model).
     config: a full :class:`MaskKVConfig`; the keyword arguments above override its fields.
     """

@@ -45,7 +45,7 @@ class MaskKVConfig:
     vote_chunk: voter query rows processed at once by ``maskkv::mask_votes``.
     max_sessions: prompts whose caches are kept at once (2 lets classifier-free guidance
         alternate a conditional and an unconditional prompt without re-prefilling).
-    policy: eviction policy, a name from ``maskkv_compile.budgets.POLICIES``: "maskkv"
+    policy: eviction policy, a name from ``maskkv_compile.policies.POLICIES``: "maskkv"
         (Mask-Voting, boundary-aware layer budgets, prompt-preference head budgets) or a
         baseline (snapkv, prompt_voting, all_voting, streaming, random, pyramidkv,
         squeezeattention, adakv, mask_voting_uniform).
@@ -88,7 +88,7 @@ class MaskKVConfig:
             raise MaskKVConfigError(f"vote_shift must be an int (0 LLaDA, -1 Dream), got {self.vote_shift!r}")
         _require_int("vote_chunk", self.vote_chunk, minimum=1)
         _require_int("max_sessions", self.max_sessions, minimum=1)
-        from maskkv_compile.budgets import get_policy
+        from maskkv_compile.policies import get_policy
         from maskkv_compile.profile import LayerProfile
 
         try:

@@ -41,7 +41,7 @@ from typing import Optional
 
 import torch
 
-from maskkv_compile.budgets import format_budget_table, voter_positions
+from maskkv_compile.policies import format_budget_table, voter_positions
 from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.inductor import SEQ, InductorGraph
 from maskkv_compile.pipeline import MaskKVGraphs, build_graphs

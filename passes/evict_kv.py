@@ -25,7 +25,8 @@ import warnings
 import torch
 import torch.fx as fx
 
-from maskkv_compile.budgets import get_policy, layer_slot_totals, uniform_layer_budgets
+from maskkv_compile.budgets import layer_slot_totals, uniform_layer_budgets
+from maskkv_compile.policies import get_policy
 
 from .base import GraphPass, PassResult, graph_outputs, placeholder, set_outputs
 from .find_attention import attention_sites

@@ -15,7 +15,7 @@ import copy
 import torch
 from transformers import AttentionInterface
 
-from maskkv_compile.budgets import get_policy, voter_positions
+from maskkv_compile.policies import get_policy, voter_positions
 from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.kernels import select_kv_reference
 from maskkv_compile.passes.evict_kv import layer_budgets

@@ -10,12 +10,14 @@ import random
 import pytest
 import torch
 
-from maskkv_compile import budgets as bd
+from maskkv_compile import policies as pol
 from maskkv_compile.budgets import (
-    POLICIES, adakv_head_budgets, clamp_and_redistribute, format_budget_table, get_policy, largest_remainder,
-    layer_slot_totals, maskkv_head_budgets, maskkv_layer_budgets, prompt_preference, pyramid_layer_budgets,
-    random_votes, snapkv_pool, squeeze_layer_budgets, streaming_votes, uniform_head_budgets,
-    uniform_layer_budgets, voter_positions,
+    adakv_head_budgets, clamp_and_redistribute, largest_remainder, layer_slot_totals, maskkv_head_budgets,
+    maskkv_layer_budgets, prompt_preference, pyramid_layer_budgets, squeeze_layer_budgets, uniform_head_budgets,
+    uniform_layer_budgets,
+)
+from maskkv_compile.policies import (
+    POLICIES, format_budget_table, get_policy, random_votes, snapkv_pool, streaming_votes, voter_positions,
 )
 
 
@@ -352,8 +354,8 @@ def test_registry_names_and_errors():
     assert "h2o" in str(err.value) and all(name in str(err.value) for name in expected)
     assert get_policy(POLICIES["adakv"]) is POLICIES["adakv"]
     for policy in POLICIES.values():  # every named component exists
-        assert policy.voters in bd._VOTERS and policy.vote_transform in bd._VOTE_TRANSFORMS
-        assert policy.layer_allocator in bd._LAYER_ALLOCATORS and policy.head_allocator in bd._HEAD_ALLOCATORS
+        assert policy.voters in pol._VOTERS and policy.vote_transform in pol._VOTE_TRANSFORMS
+        assert policy.layer_allocator in pol._LAYER_ALLOCATORS and policy.head_allocator in pol._HEAD_ALLOCATORS
 
 
 def test_policy_dispatch():

@@ -321,7 +321,7 @@ def pass_uuids(config: MaskKVConfig) -> dict[str, str]:
 def second_option() -> dict:
     """policy where MaskKVConfig has it (a policy other than the default), else prompt_refresh."""
     if "policy" in MaskKVConfig.option_names():
-        from maskkv_compile.budgets import POLICIES
+        from maskkv_compile.policies import POLICIES
 
         return {"policy": next(name for name in POLICIES if name != MaskKVConfig().policy)}
     return {"prompt_refresh": 4}

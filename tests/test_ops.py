@@ -96,7 +96,7 @@ def test_cached_attention_equals_unpadded_gather():
 
 @pytest.mark.parametrize("policy", ["maskkv", "snapkv", "streaming", "random", "adakv"])
 def test_policy_ops(policy):
-    from maskkv_compile.budgets import get_policy
+    from maskkv_compile.policies import get_policy
 
     votes = torch.rand(2, 2, 30, generator=torch.Generator().manual_seed(5))
     mass = torch.rand(2, 4) * 8

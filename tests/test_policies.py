@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import maskkv_compile
-from maskkv_compile.budgets import POLICIES
+from maskkv_compile.policies import POLICIES
 from maskkv_compile.profile import LayerProfile, ProfileMismatchError, attention_importance, model_fingerprint
 
 from helpers import build, prompt_and_masks

@@ -120,7 +120,7 @@ class Suite:
     def __init__(self, bundle: Bundle, policies: Sequence[str], budgets: Sequence[Budget], *,
                  json_path: Optional[Union[str, Path]] = None, resume: bool = False, progress: bool = True,
                  seed: int = 0):
-        from maskkv_compile.budgets import get_policy
+        from maskkv_compile.policies import get_policy
 
         for policy in policies:
             get_policy(policy)  # unknown names fail before anything runs
@@ -197,7 +197,7 @@ class Suite:
         if config.policy is None:
             return self.bundle.model
         import maskkv_compile
-        from maskkv_compile.budgets import get_policy
+        from maskkv_compile.policies import get_policy
         from maskkv_compile.config import MaskKVConfig
 
         profile = self._layer_profile() if get_policy(config.policy).needs_profile else None
@@ -289,7 +289,7 @@ def run_suite(model: str = "tiny-llama", policies: Optional[Sequence[str]] = Non
               tasks: Optional[Sequence[str]] = None, out: Optional[Union[str, Path]] = None, resume: bool = False,
               progress: bool = True, seed: int = 0, bundle: Optional[Bundle] = None) -> Suite:
     """Load ``model``, run every missing cell, write ``<out>/quality_<model>.json``; returns the suite."""
-    from maskkv_compile.budgets import POLICIES
+    from maskkv_compile.policies import POLICIES
     from maskkv_compile.evaluation.models import load_bundle
 
     bundle = bundle or load_bundle(model, samples, tasks, seed=seed)
