@@ -42,7 +42,8 @@ class MaskKVConfig:
         steps after the prefill; ``None`` never refreshes.
     vote_shift: offset from a masked position to the query that votes for it. 0 for
         LLaDA-style models; -1 for Dream, which predicts token i at position i-1.
-    vote_chunk: voter query rows processed at once by ``maskkv::mask_votes``.
+    vote_chunk: voter query rows processed at once by ``maskkv::mask_votes`` on CPU (keys go
+        16x that at a time), which bounds its memory by chunk x P, not L x P.
     max_sessions: prompts whose caches are kept at once (2 lets classifier-free guidance
         alternate a conditional and an unconditional prompt without re-prefilling).
     policy: eviction policy, a name from ``maskkv_compile.policies.POLICIES``: "maskkv"
