@@ -36,14 +36,13 @@ import torch
 import torch.fx as fx
 
 from maskkv_compile._torch_private import BackendCompilerFailed, dynamo_config, example_value, mark_dynamic
+from maskkv_compile.api import _RECOMPILE_LIMIT  # explain's capture counts as a recompile too
 from maskkv_compile.config import MaskKVConfig, MaskKVConfigError
 from maskkv_compile.passes import AttentionSite, FindAttentionPass, PassManager, UnsupportedModelError
 from maskkv_compile.pipeline import MaskKVGraphs, build_graphs, copy_graph_module
 
 GRAPHS = ("canonical", "prefill", "step")
 _OP_IN_CODE = re.compile(r"torch\.ops\.maskkv\.\w+(?:\.\w+)?")
-# the same limits optimize() uses: explain's capture counts as a recompile of the model's forward
-_RECOMPILE_LIMIT = 256
 
 
 @dataclass(frozen=True)
