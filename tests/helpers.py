@@ -19,3 +19,8 @@ def prompt_and_masks(model, prompt_len: int, gen_len: int, batch: int = 1, seed:
     prompt = torch.randint(0, mask_id, (batch, prompt_len), generator=gen)
     x = torch.cat([prompt, torch.full((batch, gen_len), mask_id)], dim=1)
     return prompt, x
+
+
+def kept_positions(cache) -> list[list[list[int]]]:
+    """The absolute positions a LayerCache keeps, per batch row and KV head, padding dropped."""
+    return [[sorted(int(p) for p in head if p >= 0) for head in row] for row in cache.kept_pos.tolist()]

@@ -7,7 +7,7 @@ import maskkv_compile
 from maskkv_compile.policies import POLICIES
 from maskkv_compile.profile import LayerProfile, ProfileMismatchError, attention_importance, model_fingerprint
 
-from helpers import build, prompt_and_masks
+from helpers import build, kept_positions, prompt_and_masks
 from test_exactness import run_against_reference
 
 
@@ -26,7 +26,7 @@ def test_policy_keeps_what_its_reference_keeps(policy, family):
                                                      profile=profile, window=8)
     stats = optimized.cache_stats()
     for layer, cache in enumerate(optimized.runtime.last_session.layers):
-        ours = [[sorted(int(p) for p in head if p >= 0) for head in row] for row in cache.kept_pos.tolist()]
+        ours = kept_positions(cache)
         assert ours == reference.kept_positions(layer), f"{policy} layer {layer}"
     kv_heads = model.config.num_key_value_heads
     total = sum(sum(layer["kept_per_kv_head"]) for layer in stats["layers"])
