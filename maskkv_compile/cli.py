@@ -105,16 +105,22 @@ def cmd_eval(args) -> int:
 
     from maskkv_compile.evaluation import ModelUnavailable, markdown, plot, run_suite, table, targets
 
+    if (args.heatmap or args.checkpoint) and args.model != "tiny-dllm":
+        print(f"--heatmap and --checkpoint are for the retrieval model: use --model tiny-dllm (got {args.model})",
+              file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     try:
         suite = run_suite(args.model, args.policies, args.budgets, samples=args.samples, tasks=args.tasks, out=args.out,
-                          resume=args.resume, progress=not args.quiet, seed=args.seed)
+                          resume=args.resume, progress=not args.quiet, seed=args.seed, checkpoint=args.checkpoint)
     except ModelUnavailable as error:
         print(f"{args.model}: {error}", file=sys.stderr)
         return 2
     results, stem = suite.results, Path(args.out) / f"quality_{args.model.replace('-', '_')}"
     Path(f"{stem}.md").write_text(markdown(results) + "\n")
     pngs = [] if args.no_plots else plot(results, stem)
+    if args.heatmap:
+        pngs += _needle_heatmap(args, suite, Path(args.out))
     print(results["note"])
     for metric in ("retention", "agree_uncached", "kl"):
         print(f"\n{metric} (all {len(results['samples'])} samples):")
@@ -124,6 +130,26 @@ def cmd_eval(args) -> int:
     print(f"\n{suite.optimize_calls} optimize() calls, {suite.model_calls} model calls this run; "
           f"wrote {suite.json_path}, {stem}.md" + "".join(f", {p}" for p in pngs))
     return 0
+
+
+def _needle_heatmap(args, suite, out) -> list:
+    """Depth x length exact match of the retrieval model (``eval --model tiny-dllm --heatmap``)."""
+    import json
+
+    from maskkv_compile.evaluation.heatmap import heatmap, plot_heatmap
+
+    result = heatmap(suite.bundle.model, args.heatmap_policies, args.heatmap_budget, lengths=args.heatmap_lengths,
+                     depths=args.heatmap_depths, samples=args.heatmap_samples, profile=suite.layer_profile(),
+                     seed=args.seed, progress=not args.quiet)
+    path = out / "needle_heatmap.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print("\nneedle retrieval exact match by haystack length (rows) x needle depth (columns):")
+    for label, grid in result["exact_match"].items():
+        print(f"{label}:")
+        print(_tabulate([[length, *row] for length, row in zip(result["lengths"], grid)],
+                        ["length"] + [f"depth {d:g}" for d in result["depths"]]))
+    pngs = [] if args.no_plots else [plot_heatmap(result, out / "needle_heatmap.png")]
+    return [path, *pngs]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--seed", type=int, default=0)
     diff.set_defaults(func=cmd_diff)
 
+    from maskkv_compile.evaluation.heatmap import DEPTHS, LENGTHS
     from maskkv_compile.evaluation.models import MODELS
 
     quality = sub.add_parser(
@@ -174,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quality.add_argument("--model", choices=MODELS, default="antiberty",
                          help="antiberty / rxnfp: pretrained (pip install --no-deps antiberty==0.1.3 rxnfp==0.1.0); "
+                         "tiny-dllm: the project's own needle-retrieval dLLM (bundled); "
                          "tiny-llama: random weights, for CI (its numbers mean nothing)")
     quality.add_argument("--policies", nargs="+", default=None, help="default: every registered policy")
     quality.add_argument("--budgets", nargs="+", default=["4", "6", "8", "12", "16", "32", "full"],
@@ -186,6 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     quality.add_argument("--no-plots", action="store_true")
     quality.add_argument("--quiet", action="store_true", help="no progress bar")
+    quality.add_argument("--checkpoint", metavar="DIR",
+                         help="tiny-dllm only: a folder written by scripts/train_tiny_dllm.py (default: the shipped one)")
+    quality.add_argument("--heatmap", action="store_true",
+                         help="tiny-dllm only: also a needle depth x haystack length exact-match heatmap")
+    quality.add_argument("--heatmap-policies", nargs="+", default=["maskkv", "snapkv", "streaming"])
+    quality.add_argument("--heatmap-budget", type=int, default=8)
+    quality.add_argument("--heatmap-samples", type=int, default=8, help="sequences per heatmap cell")
+    quality.add_argument("--heatmap-lengths", type=int, nargs="+", default=list(LENGTHS), help="haystack lengths")
+    quality.add_argument("--heatmap-depths", type=float, nargs="+", default=list(DEPTHS),
+                         help="relative depths of the asked needle")
     quality.set_defaults(func=cmd_eval)
     return parser
 

@@ -1,18 +1,24 @@
-"""Train a tiny LLaDA-style diffusion LM on RULER-style needle retrieval (see docs/tiny_dllm.md).
+"""Train the tiny LLaDA-style diffusion LM on RULER-style needle retrieval (docs/tiny_dllm.md).
 
-A 4-layer bidirectional Llama (``is_causal=False``) learns RULER-style needle retrieval with the
-masked-diffusion objective of LLaDA: per sequence ``t ~ U(0, 1)``, every answer token is masked
-with probability ``t`` (at least one), prompt tokens with probability ``prompt_rate * t``; the
-loss is the cross-entropy on the masked positions (weighted 1/t on answer tokens as in LLaDA,
-clipped). Curriculum: the haystack length grows when the held-out exact match at the current
-length is high enough. Task generator: :func:`needle_task` below (seeded).
+A bidirectional Llama (``is_causal=False``) learns with LLaDA's masked-diffusion objective: per
+sequence ``t ~ U(0.05, 1)``, every answer token is masked with probability ``t`` (at least one
+per sequence) and the loss is the cross-entropy on the masked tokens, weighted ``1/t`` (clipped
+at 5). Two tasks from :mod:`maskkv_compile.evaluation.needles` are mixed in every run:
 
-Status: retrieval did NOT emerge within the time box (see docs/tiny_dllm.md); no checkpoint ships.
+* ``needle_task``: needles ``key v1 v2`` in a filler haystack, every needle queried once;
+* ``copy_task``: a random segment and, after filler, its copy to fill in. Without it the model
+  sits for thousands of steps on a "one of the values in this haystack" plateau; with it the
+  find-and-copy circuit forms within a few thousand steps and retrieval follows.
 
-    python scripts/train_tiny_dllm.py --minutes 20 --out out/tiny_dllm
+Curriculum: the haystack grows (``--stages``) when held-out exact match at the current length
+(2 needles, greedy low-confidence unmasking, uncached) reaches ``--advance-at``.
 
-Writes ``<out>/log.jsonl`` (loss, exact match per step), ``<out>/last`` and ``<out>/best``
-(``save_pretrained`` folders; best = highest exact match at the longest haystack reached).
+    python scripts/train_tiny_dllm.py --minutes 30 --out out/tiny_dllm
+    python scripts/train_tiny_dllm.py --minutes 30 --out out/tiny_dllm --resume   # continue
+    python scripts/train_tiny_dllm.py --out out/tiny_dllm --plot docs/tiny_dllm_curves.png
+
+Writes ``<out>/log.jsonl`` (loss per step, exact match per evaluation) and ``<out>/last``
+(``save_pretrained`` folder plus ``train_state.pt``: optimizer, step, stage, generators).
 """
 
 from __future__ import annotations
@@ -22,255 +28,204 @@ import json
 import os
 import random
 import time
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-# Vocabulary of the tiny diffusion LM, for a RULER-style
-# needle-in-a-haystack task: a haystack of filler tokens with ``needles`` needles
-# ``KEY V1 V2`` at random depths, then ``SEP`` and query groups ``QUERY KEY V1 V2``.
-# The answer (V1 V2 of the last group) is the masked span.
-DLLM_KEYS = 24          # ids 0..23
-DLLM_VALUES = 24        # ids 24..47
-DLLM_FILLER = range(48, 58)
-DLLM_BOS, DLLM_SEP, DLLM_QUERY = 58, 59, 60
-DLLM_VOCAB = 64
-DLLM_MASK = DLLM_VOCAB - 1
-DLLM_VALUE_LEN = 2
+from maskkv_compile.evaluation import needles as task
 
 
-def needle_task(gen: torch.Generator, haystack: int, needles: int, queries: int = 1,
-                depth: Optional[float] = None) -> tuple[list[int], list[tuple[int, int]]]:
-    """One sequence: ``BOS haystack SEP (QUERY key v1 v2)*queries``; returns the ids and the
-    ``[start, stop)`` of every answer. ``haystack`` counts all tokens between BOS and SEP (needles
-    included). ``depth`` in [0, 1] puts the first needle (the one the last query asks for) at
-    that relative depth; otherwise every needle goes to a random depth."""
-    if not 1 <= queries <= needles:
-        raise ValueError(f"need 1 <= queries <= needles, got {queries} queries, {needles} needles")
-    def randint(n):
-        return int(torch.randint(n, (1,), generator=gen))
-
-    keys = torch.randperm(DLLM_KEYS, generator=gen)[:needles].tolist()
-    values = [[DLLM_KEYS + randint(DLLM_VALUES) for _ in range(DLLM_VALUE_LEN)] for _ in keys]
-    width = 1 + DLLM_VALUE_LEN
-    n_filler = haystack - width * needles
-    if n_filler < 0:
-        raise ValueError(f"haystack {haystack} too short for {needles} needles")
-    filler = (torch.randint(len(DLLM_FILLER), (n_filler,), generator=gen) + DLLM_FILLER[0]).tolist()
-    # insertion points into the filler, one per needle (sorted; equal points keep needle order)
-    points = [randint(n_filler + 1) for _ in keys]
-    if depth is not None:
-        points[0] = round(depth * n_filler)
-    order = sorted(range(len(keys)), key=lambda i: (points[i], i))
-    body, prev = [], 0
-    for i in order:
-        body += filler[prev:points[i]] + [keys[i]] + values[i]
-        prev = points[i]
-    body += filler[prev:]
-    ids = [DLLM_BOS] + body + [DLLM_SEP]
-    # queries: the last one asks for needle 0, the others for other needles (distinct, so that
-    # no answer is given away by another query; at most ``needles`` queries)
-    asked = (torch.randperm(needles - 1, generator=gen) + 1).tolist()[:queries - 1] + [0]
-    answers = []
-    for i in asked:
-        ids += [DLLM_QUERY, keys[i]]
-        answers.append((len(ids), len(ids) + DLLM_VALUE_LEN))
-        ids += values[i]
-    return ids, answers
-
-
-STAGES = (32, 64, 128, 256)  # haystack lengths of the curriculum
-
-
-def build_model(hidden=160, layers=4, heads=4, seed=0):
+def build_model(hidden: int, layers: int, heads: int, max_positions: int, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=DLLM_VOCAB, hidden_size=hidden, intermediate_size=3 * hidden,
+    config = LlamaConfig(vocab_size=task.VOCAB, hidden_size=hidden, intermediate_size=4 * hidden,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                         max_position_embeddings=512, mask_token_id=DLLM_MASK, attn_implementation="sdpa",
-                         tie_word_embeddings=False, rope_theta=10000.0)
+                         max_position_embeddings=max_positions, mask_token_id=task.MASK,
+                         tie_word_embeddings=False, attn_implementation="sdpa")
     config.is_causal = False
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    model.config.is_causal = False
     for module in model.modules():
         if hasattr(module, "is_causal"):
             module.is_causal = False
     return model
 
 
-def batch(gen, size, haystack, needles, queries):
-    """(x, answer-mask) of ``size`` sequences of one length (the haystack is fixed per batch)."""
-    rows, ans = [], []
-    n = needles if isinstance(needles, int) else int(torch.randint(needles[0], needles[1] + 1, (1,), generator=gen))
-    q = n if queries is None else min(queries, n)
-    for _ in range(size):
-        ids, answers = needle_task(gen, haystack, n, q)
-        rows.append(ids)
-        a = torch.zeros(len(ids), dtype=torch.bool)
-        for s, e in answers:
-            a[s:e] = True
-        ans.append(a)
-    width = max(len(r) for r in rows)
-    x = torch.full((size, width), DLLM_MASK, dtype=torch.long)
-    is_ans = torch.zeros((size, width), dtype=torch.bool)
-    valid = torch.zeros((size, width), dtype=torch.bool)
-    for i, (r, a) in enumerate(zip(rows, ans)):
-        # right-align so that every sequence ends with its answer (lengths differ by the query groups);
-        # left padding is the mask token and is excluded from the loss
-        x[i, width - len(r):] = torch.tensor(r)
-        is_ans[i, width - len(r):] = a
-        valid[i, width - len(r):] = True
-    return x, is_ans, valid
+def needle_batch(gen: torch.Generator, size: int, haystack: int, needles: int,
+                 keys: int = len(task.KEYS)) -> tuple[torch.Tensor, torch.Tensor]:
+    """``size`` sequences querying all of their ``needles`` needles; all have the same length."""
+    rows = [task.needle_task(gen, haystack, needles, queries=needles, keys=keys) for _ in range(size)]
+    x = torch.tensor([r.ids for r in rows])
+    answer = torch.zeros_like(x, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        for start, stop in r.answers:
+            answer[i, start:stop] = True
+    return x, answer
 
 
-def diffusion_loss(model, x, is_ans, valid, gen, prompt_rate=0.1, weight=True):
+def diffusion_loss(model, x: torch.Tensor, answer: torch.Tensor, gen: torch.Generator,
+                   filler_rate: float) -> tuple[torch.Tensor, float]:
+    """LLaDA's objective on the answer tokens and, at ``filler_rate`` times the answer rate, on
+    the filler (which teaches the attention to look at neighbours, as text does); returns
+    (weighted loss, plain answer CE)."""
     b = x.shape[0]
     t = torch.rand(b, 1, generator=gen).clamp(min=0.05)
     r = torch.rand(x.shape, generator=gen)
-    masked = is_ans & (r < t)
-    # at least one answer token masked per sequence
-    first = torch.where(is_ans, torch.rand(x.shape, generator=gen), -1.0).argmax(1)
-    masked[torch.arange(b), first] = True
-    masked |= (~is_ans) & valid & (r < prompt_rate * t)
-    inp = torch.where(masked, DLLM_MASK, x)
-    logits = model(inp).logits
+    masked = answer & (r < t)
+    if answer.any():
+        one = torch.where(answer, torch.rand(x.shape, generator=gen), -1.0).argmax(1)  # at least one per row
+        masked[torch.arange(b), one] = True
+    filler = (x >= task.FILLER[0]) & (x <= task.FILLER[-1]) & ~answer
+    masked |= filler & (r < filler_rate * t)
+    logits = model(torch.where(masked, task.MASK, x)).logits
     ce = F.cross_entropy(logits[masked], x[masked], reduction="none")
-    w = torch.where(is_ans, 1.0 / t if weight else 1.0, 1.0).expand_as(x)[masked].clamp(max=5.0)
-    ans_tokens = is_ans[masked]
-    return (ce * w).sum() / masked.sum(), ce[ans_tokens].mean().item()
+    weight = (1.0 / t).expand_as(x)[masked].clamp(max=5.0)
+    return (ce * weight).sum() / masked.sum(), ce[answer[masked] if answer.any() else masked[masked]].mean().item()
 
 
 @torch.no_grad()
-def exact_match(model, haystack, needles, n=64, seed=10**6, depth=None):
-    """Held-out exact match of the last answer (greedy unmasking, one token per step, uncached)."""
-    gen = torch.Generator().manual_seed(seed + haystack * 100 + needles)
-    model.eval()
-    seqs = [needle_task(gen, haystack, needles, 1, depth=depth) for _ in range(n)]
-    x = torch.tensor([s[0] for s in seqs])
-    start, stop = seqs[0][1][-1]
+def exact_match(model, haystack: int, needles: int, n: int = 64, seed: int = 10**6, keys: int = len(task.KEYS)) -> float:
+    """Held-out exact match of the last answer: greedy low-confidence unmasking, one token per
+    step, uncached (the evaluation suite's loop), on sequences the training stream never draws."""
+    gen = torch.Generator().manual_seed(seed + 100 * haystack + needles)
+    seqs = [task.needle_task(gen, haystack, needles, keys=keys) for _ in range(n)]
+    x = torch.tensor([s.ids for s in seqs])
+    start, stop = seqs[0].answers[-1]
     truth = x[:, start:stop].clone()
-    x[:, start:stop] = DLLM_MASK
+    x[:, start:stop] = task.MASK
+    was_training = model.training
+    model.eval()
+    rows = torch.arange(n)
     for _ in range(stop - start):
         logits = model(x).logits[:, start:stop].float()
-        logits[..., DLLM_MASK] = float("-inf")
-        conf, tok = torch.softmax(logits, -1).max(-1)
-        still = x[:, start:stop] == DLLM_MASK
-        conf = torch.where(still, conf, float("-inf"))
+        logits[..., task.MASK] = float("-inf")
+        conf, tok = logits.softmax(-1).max(-1)
+        conf = torch.where(x[:, start:stop] == task.MASK, conf, float("-inf"))
         pick = conf.argmax(1)
-        rows = torch.arange(n)
         x[rows, start + pick] = tok[rows, pick]
-    model.train()
+    model.train(was_training)
     return (x[:, start:stop] == truth).all(1).float().mean().item()
 
 
-def plot_curves(log_path, png):
-    """Loss / answer cross-entropy (smoothed) and held-out exact match vs steps."""
+def plot_curves(log_path: str, png: str) -> None:
+    """Answer cross-entropy (smoothed) and held-out exact match per haystack length vs step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     recs = [json.loads(line) for line in open(log_path)]
-    steps = [r["step"] for r in recs]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in ("loss", "answer_ce"):
-        vals = [r[key] for r in recs]
-        k = 50
-        smooth = [sum(vals[max(0, i - k):i + 1]) / len(vals[max(0, i - k):i + 1]) for i in range(len(vals))]
-        a.plot(steps, smooth, label=f"{key} (mean of 50 steps)")
+    for kind in ("needle", "copy"):
+        pts = [(r["step"], r["answer_ce"]) for r in recs if r.get("task") == kind]
+        if pts:
+            steps, vals = zip(*pts)
+            k = 50
+            smooth = [sum(vals[max(0, i - k):i + 1]) / len(vals[max(0, i - k):i + 1]) for i in range(len(vals))]
+            a.plot(steps, smooth, label=f"{kind} task (mean of {k} batches)")
     a.set_xlabel("step")
+    a.set_ylabel("cross-entropy on masked answer tokens")
     a.set_yscale("log")
     a.legend()
-    a.set_title("masked-diffusion loss")
-    evals = [r for r in recs if any(k.startswith("em_") for k in r)]
-    for h in STAGES:
-        pts = [(r["step"], r[f"em_{h}"]) for r in evals if f"em_{h}" in r]
-        if pts:
-            b.plot(*zip(*pts), marker=".", label=f"haystack {h}")
+    evals = [r for r in recs if "em" in r]
+    for h in sorted({int(k) for r in evals for k in r["em"]}):
+        pts = [(r["step"], r["em"][str(h)]) for r in evals if str(h) in r["em"]]
+        b.plot(*zip(*pts), marker=".", label=f"haystack {h}")
     b.set_xlabel("step")
-    b.set_ylabel("exact match (2 needles, held out, uncached)")
+    b.set_ylabel("held-out exact match (2 needles, uncached)")
     b.set_ylim(-0.02, 1.02)
     b.legend()
-    b.set_title("held-out retrieval")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--minutes", type=float, default=20)
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--minutes", type=float, default=30, help="wall-clock budget of this run")
     ap.add_argument("--out", default="out/tiny_dllm")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--hidden", type=int, default=160)
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--resume", action="store_true", help="continue from <out>/last (optimizer and curriculum too)")
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--value-len", type=int, default=DLLM_VALUE_LEN, help="tokens per needle value (the answer)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--eval-every", type=int, default=100)
-    ap.add_argument("--advance-at", type=float, default=0.85, help="exact match that moves to the next length")
-    ap.add_argument("--max-needles", type=int, default=6)
-    ap.add_argument("--min-needles", type=int, default=1)
-    ap.add_argument("--prompt-rate", type=float, default=0.1, help="prompt tokens masked with prob prompt_rate * t")
-    ap.add_argument("--no-weight", action="store_true", help="no 1/t weight on answer tokens")
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--init", help="continue from this save_pretrained folder (optimizer state restarts)")
+    ap.add_argument("--tokens", type=int, default=2048, help="tokens per batch (rows = tokens // length)")
+    ap.add_argument("--copy-frac", type=float, default=0.25, help="share of batches from the copy task")
+    ap.add_argument("--filler-rate", type=float, default=0.5, help="filler masked at this times the answer rate")
+    ap.add_argument("--filler-warmup", type=int, default=0, help="steps on the filler alone before any answer")
+    ap.add_argument("--stages", type=int, nargs="+", default=[32, 64, 128, 256], help="haystack lengths")
+    ap.add_argument("--advance-at", type=float, default=0.9, help="exact match that moves to the next length")
+    ap.add_argument("--max-needles", type=int, default=4)
+    ap.add_argument("--keys", type=int, default=len(task.KEYS), help="draw needle keys from this many key ids")
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", metavar="PNG", help="only plot <out>/log.jsonl to PNG")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     if args.plot:
         return plot_curves(os.path.join(args.out, "log.jsonl"), args.plot)
+    torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
-    globals()["DLLM_VALUE_LEN"] = args.value_len  # read by needle_task
-    model = build_model(args.hidden, args.layers, args.heads, seed=args.seed)
-    if args.init:
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(os.path.join(args.init, "model.safetensors")), strict=False)
-    model.train()
+    last = os.path.join(args.out, "last")
+    model = build_model(args.hidden, args.layers, args.heads, max_positions=max(1024, 2 * max(args.stages) + 64), seed=args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(args.seed)
     rng = random.Random(args.seed)
-    stage, best, step, t0 = 0, -1.0, 0, time.time()
+    step, stage = 0, 0
+    if args.resume:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(os.path.join(last, "model.safetensors")))
+        state = torch.load(os.path.join(last, "train_state.pt"), weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["gen"])
+        rng.setstate(state["rng"])
+        step, stage = state["step"], state["stage"]
+    model.train()
+
+    def save() -> None:
+        model.save_pretrained(last)
+        torch.save({"optimizer": opt.state_dict(), "gen": gen.get_state(), "rng": rng.getstate(),
+                    "step": step, "stage": stage}, os.path.join(last, "train_state.pt"))
+
+    t0 = time.time()
     deadline = t0 + 60 * args.minutes
-    log = open(os.path.join(args.out, "log.jsonl"), "a")
-    warmup = args.warmup
-    while time.time() < deadline:
-        lr = args.lr * min(1.0, (step + 1) / warmup)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        # lengths up to the current stage, biased to the current one
-        hay = STAGES[stage] if rng.random() < 0.6 else rng.choice(STAGES[:stage + 1])
-        bsz = max(8, args.batch * 64 // max(64, hay))  # roughly constant tokens per step
-        x, is_ans, valid = batch(gen, bsz, hay, (args.min_needles, args.max_needles), None)
-        loss, ans_ce = diffusion_loss(model, x, is_ans, valid, gen, args.prompt_rate, not args.no_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        rec = {"step": step, "time": round(time.time() - t0, 1), "loss": round(loss.item(), 4),
-               "answer_ce": round(ans_ce, 4), "haystack": hay, "stage": STAGES[stage]}
-        if step % args.eval_every == 0:
-            em = {f"em_{h}": exact_match(model, h, 2, n=64) for h in STAGES[:stage + 2] if h <= 256}
-            rec.update(em)
-            cur = em[f"em_{STAGES[stage]}"]
-            score = STAGES[stage] * 10 + cur  # longer haystack first, then exact match
-            if score > best:
-                best = score
-                model.save_pretrained(os.path.join(args.out, "best"))
-            model.save_pretrained(os.path.join(args.out, "last"))
-            if cur >= args.advance_at and stage + 1 < len(STAGES):
-                stage += 1
-            print(json.dumps(rec), flush=True)
-        elif step % 20 == 0:
-            print(json.dumps(rec), flush=True)
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
-    model.save_pretrained(os.path.join(args.out, "last"))
+    with open(os.path.join(args.out, "log.jsonl"), "a") as log:
+        while time.time() < deadline:
+            for group in opt.param_groups:
+                group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+            # the current length most of the time, an earlier one otherwise (no forgetting)
+            hay = args.stages[stage] if rng.random() < 0.6 else rng.choice(args.stages[:stage + 1])
+            if step < args.filler_warmup:  # the filler alone first: neighbour heads before retrieval
+                kind = "filler"
+                x, answer = needle_batch(gen, max(4, args.tokens // hay), hay, 1)
+                answer = torch.zeros_like(answer)
+            elif rng.random() < args.copy_frac:
+                kind = "copy"
+                x, answer = task.copy_task(gen, max(4, args.tokens // hay), hay)
+            else:
+                kind = "needle"
+                n = rng.randint(1, args.max_needles)
+                x, answer = needle_batch(gen, max(4, args.tokens // hay), hay, n, args.keys)
+            filler_rate = {"filler": 1.0, "needle": args.filler_rate, "copy": 0.0}[kind]
+            loss, answer_ce = diffusion_loss(model, x, answer, gen, filler_rate)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            rec = {"step": step, "time": round(time.time() - t0, 1), "task": kind, "haystack": hay,
+                   "loss": round(loss.item(), 4), "answer_ce": round(answer_ce, 4)}
+            if step % args.eval_every == 0:
+                rec["em"] = {str(h): exact_match(model, h, 2, keys=args.keys) for h in args.stages[:stage + 2]}
+                if rec["em"][str(args.stages[stage])] >= args.advance_at and stage + 1 < len(args.stages):
+                    stage += 1
+                rec["stage"] = args.stages[stage]
+                save()
+                print(json.dumps(rec), flush=True)
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+    save()
 
 
 if __name__ == "__main__":

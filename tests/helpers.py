@@ -1,7 +1,10 @@
 """Model builders and inputs shared by the tests (tests/ is on sys.path under pytest)."""
 
+import pytest
 import torch
 
+from maskkv_compile.evaluation import FULL
+from maskkv_compile.evaluation.suite import FULL_CACHE, FULL_REFRESH, UNCACHED, configurations
 from maskkv_compile.models import tiny_dream, tiny_llada
 
 FAMILIES = {"llada": tiny_llada, "dream": tiny_dream}
@@ -24,3 +27,24 @@ def prompt_and_masks(model, prompt_len: int, gen_len: int, batch: int = 1, seed:
 def kept_positions(cache) -> list[list[list[int]]]:
     """The absolute positions a LayerCache keeps, per batch row and KV head, padding dropped."""
     return [[sorted(int(p) for p in head if p >= 0) for head in row] for row in cache.kept_pos.tolist()]
+
+
+def check_invariants(results: dict, policies, budgets, sample_ids):
+    cells = results["cells"]
+    # the JSON has every cell, each with every metric
+    for config in configurations(policies, budgets):
+        assert set(cells[config.key]) == set(sample_ids), config.key
+        for cell in cells[config.key].values():
+            assert {"tokens", "score", "agree_uncached", "agree_full", "kl", "seconds"} <= set(cell)
+            assert 0.0 <= cell["score"] <= 1.0 and 0.0 <= cell["agree_uncached"] <= 1.0
+    for sid in sample_ids:
+        full = cells[FULL_CACHE][sid]
+        assert full["agree_full"] == 1.0  # the full cache agrees with itself
+        assert cells[UNCACHED][sid]["agree_uncached"] == 1.0 and cells[UNCACHED][sid]["kl"] == 0.0
+        # a prefill at every step is the uncached model again
+        assert cells[FULL_REFRESH][sid]["agree_uncached"] == 1.0 and cells[FULL_REFRESH][sid]["kl"] < 1e-6
+        for policy in policies:  # with the whole prompt kept, every policy is the full cache
+            cell = cells[f"{policy}@{FULL}"][sid]
+            assert cell["agree_full"] == 1.0 and cell["tokens"] == full["tokens"], policy
+            assert cell["kl"] == pytest.approx(full["kl"], rel=1e-6, abs=1e-9)
+            assert cell["kept"] == results["samples"][sid]["prompt_len"]

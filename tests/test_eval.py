@@ -12,30 +12,9 @@ import torch
 from maskkv_compile.cli import main as cli_main
 from maskkv_compile.evaluation import FULL, Suite, aggregate, load_bundle, markdown, plot, run_suite, table
 from maskkv_compile.evaluation.models import kabat_cdr_h3, read_table, smiles_tokens
-from maskkv_compile.evaluation.suite import FULL_CACHE, FULL_REFRESH, UNCACHED, configurations
+from helpers import check_invariants
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def check_invariants(results: dict, policies, budgets, sample_ids):
-    cells = results["cells"]
-    # the JSON has every cell, each with every metric
-    for config in configurations(policies, budgets):
-        assert set(cells[config.key]) == set(sample_ids), config.key
-        for cell in cells[config.key].values():
-            assert {"tokens", "score", "agree_uncached", "agree_full", "kl", "seconds"} <= set(cell)
-            assert 0.0 <= cell["score"] <= 1.0 and 0.0 <= cell["agree_uncached"] <= 1.0
-    for sid in sample_ids:
-        full = cells[FULL_CACHE][sid]
-        assert full["agree_full"] == 1.0  # the full cache agrees with itself
-        assert cells[UNCACHED][sid]["agree_uncached"] == 1.0 and cells[UNCACHED][sid]["kl"] == 0.0
-        # a prefill at every step is the uncached model again
-        assert cells[FULL_REFRESH][sid]["agree_uncached"] == 1.0 and cells[FULL_REFRESH][sid]["kl"] < 1e-6
-        for policy in policies:  # with the whole prompt kept, every policy is the full cache
-            cell = cells[f"{policy}@{FULL}"][sid]
-            assert cell["agree_full"] == 1.0 and cell["tokens"] == full["tokens"], policy
-            assert cell["kl"] == pytest.approx(full["kl"], rel=1e-6, abs=1e-9)
-            assert cell["kept"] == results["samples"][sid]["prompt_len"]
 
 
 def test_tiny_llama_suite_invariants_and_resume(tmp_path):

@@ -12,6 +12,12 @@ prompts (disjoint from the samples) that MaskKV's layer profile is measured on:
   ``product_span`` masks 12 tokens in the middle of the product, ``suffix`` the last 20 tokens.
   rxnfp's own tokenizer imports rdkit, so the SMILES are split here by a regex with the
   package's vocabulary file.
+* ``tiny-dllm``: a LLaDA-style diffusion LM (bidirectional Llama) trained by
+  ``scripts/train_tiny_dllm.py`` on RULER-style needle retrieval
+  (:mod:`maskkv_compile.evaluation.needles`), loaded from ``data/tiny_dllm`` when one ships, or
+  from ``checkpoint=``. Task ``single`` has one needle in a 256-token haystack, ``multikey``
+  four (one asked for, three distractors). The answer is the needle's 2-token value; the score
+  is exact match of the whole value.
 * ``tiny-llama``: :func:`maskkv_compile.models.tiny_llada` with random weights and random
   sequences: fast, for CI only; its quality numbers mean nothing.
 """
@@ -27,8 +33,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-MODELS = ("antiberty", "rxnfp", "tiny-llama")
-TASKS = {"antiberty": ("cdr3", "suffix"), "rxnfp": ("product_span", "suffix"), "tiny-llama": ("span", "suffix")}
+MODELS = ("antiberty", "rxnfp", "tiny-dllm", "tiny-llama")
+TASKS = {"antiberty": ("cdr3", "suffix"), "rxnfp": ("product_span", "suffix"), "tiny-dllm": ("single", "multikey"),
+         "tiny-llama": ("span", "suffix")}
 
 
 class ModelUnavailable(RuntimeError):
@@ -77,6 +84,7 @@ class Bundle:
     decode: Callable[[Sequence[int]], str]
     note: str = ""
     tasks: tuple[str, ...] = field(default_factory=tuple)
+    exact: bool = False  # score a sample 1 only if the whole span is right (retrieval), else per token
 
 
 def read_table(name: str) -> list[dict]:
@@ -220,6 +228,80 @@ def load_rxnfp(samples: Optional[int] = None, tasks: Optional[Sequence[str]] = N
     )
 
 
+# ------------------------------------------------------------------ tiny-dllm
+
+TINY_DLLM_HAYSTACK = 256
+TINY_DLLM_NEEDLES = {"single": 1, "multikey": 4}
+
+
+def tiny_dllm_folder(checkpoint: Optional[str] = None) -> str:
+    """The retrieval dLLM to load: ``checkpoint`` (a ``save_pretrained`` folder written by
+    ``scripts/train_tiny_dllm.py``) or the one shipped in ``data/tiny_dllm``."""
+    if checkpoint is None:
+        shipped = importlib.resources.files("maskkv_compile") / "data" / "tiny_dllm" / "config.json"
+        if not shipped.is_file():
+            raise ModelUnavailable(
+                "no tiny-dllm checkpoint ships with this version (see docs/tiny_dllm.md): train one with "
+                "scripts/train_tiny_dllm.py and pass its folder, e.g. --checkpoint out/tiny_dllm/last")
+        return str(shipped.parent)
+    if not os.path.isfile(os.path.join(checkpoint, "config.json")):
+        raise ModelUnavailable(f"{checkpoint} is not a save_pretrained folder (no config.json in it)")
+    return checkpoint
+
+
+def load_tiny_dllm_model(checkpoint: Optional[str] = None) -> torch.nn.Module:
+    """The needle-retrieval dLLM (a bidirectional Llama), in eval mode."""
+    import transformers
+
+    from maskkv_compile.models import _bidirectional
+
+    return _bidirectional(transformers.LlamaForCausalLM.from_pretrained(tiny_dllm_folder(checkpoint)))
+
+
+def needle_name(token: int) -> str:
+    """``k3`` (key), ``v7`` (value), ``.`` (filler), ``<bos>`` ... for one needle-task token."""
+    from maskkv_compile.evaluation import needles as nt
+
+    if token in nt.KEYS:
+        return f"k{token - nt.KEYS[0]}"
+    if token in nt.VALUES:
+        return f"v{token - nt.VALUES[0]}"
+    if token in nt.FILLER:
+        return "."
+    return {nt.BOS: "<bos>", nt.SEP: "<sep>", nt.QUERY: "<q>", nt.MASK: "<mask>"}.get(token, f"<{token}>")
+
+
+def load_tiny_dllm(samples: Optional[int] = None, tasks: Optional[Sequence[str]] = None, seed: int = 0,
+                   haystack: int = TINY_DLLM_HAYSTACK, checkpoint: Optional[str] = None) -> Bundle:
+    from maskkv_compile.evaluation import needles as nt
+
+    tasks = _check_tasks("tiny-dllm", tasks)
+    model = load_tiny_dllm_model(checkpoint)
+    n = 16 if samples is None else samples
+    if n < 1:
+        raise ValueError(f"samples must be >= 1, got {n}")
+    out = []
+    for task in tasks:
+        # evaluation and calibration streams: fixed seeds, disjoint from training's (seed 0..)
+        gen = torch.Generator().manual_seed(7_000_000 + 1000 * seed + TINY_DLLM_NEEDLES[task])
+        for i in range(n):
+            seq = nt.needle_task(gen, haystack, TINY_DLLM_NEEDLES[task])
+            start, stop = seq.answers[-1]
+            out.append(Sample(f"needle{i}/{task}", task, tuple(seq.ids), start, stop))
+    gen = torch.Generator().manual_seed(8_000_000 + seed)
+    calibration = []
+    for needles in (1, 2, 4, 4):
+        seq = nt.needle_task(gen, haystack, needles)
+        calibration.append(torch.tensor([seq.ids[:seq.answers[-1][0]]]))
+    return Bundle(
+        "tiny-dllm", model, nt.MASK, out, calibration, calibration_gen_length=nt.VALUE_LEN,
+        decode=lambda ids: " ".join(needle_name(int(i)) for i in ids), tasks=tasks, exact=True,
+        note=f"tiny-dllm: LLaDA-style diffusion LM trained by scripts/train_tiny_dllm.py on RULER-style needle "
+             f"retrieval ({checkpoint or 'data/tiny_dllm'}, {model.config.num_hidden_layers} layers); haystack "
+             f"{haystack} tokens, score = exact match of the {nt.VALUE_LEN}-token value",
+    )
+
+
 # ------------------------------------------------------------------ tiny-llama
 
 
@@ -246,12 +328,18 @@ def load_tiny_llama(samples: Optional[int] = None, tasks: Optional[Sequence[str]
     )
 
 
-def load_bundle(name: str, samples: Optional[int] = None, tasks: Optional[Sequence[str]] = None, seed: int = 0) -> Bundle:
-    """The named model with ``samples`` sequences per task (default: all eval rows; tiny-llama 4)."""
+def load_bundle(name: str, samples: Optional[int] = None, tasks: Optional[Sequence[str]] = None, seed: int = 0,
+                checkpoint: Optional[str] = None) -> Bundle:
+    """The named model with ``samples`` sequences per task (default: all eval rows; tiny-dllm 16,
+    tiny-llama 4); ``checkpoint`` is a tiny-dllm folder to load instead of the shipped one."""
+    if checkpoint is not None and name != "tiny-dllm":
+        raise ValueError(f"checkpoint= is for tiny-dllm only, not {name!r}")
     if name == "antiberty":
         return load_antiberty(samples, tasks)
     if name == "rxnfp":
         return load_rxnfp(samples, tasks)
+    if name == "tiny-dllm":
+        return load_tiny_dllm(samples, tasks, seed=seed, checkpoint=checkpoint)
     if name == "tiny-llama":
         return load_tiny_llama(samples, tasks, seed=seed)
     raise ValueError(f"unknown model {name!r}; valid: {list(MODELS)}")

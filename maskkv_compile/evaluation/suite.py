@@ -17,7 +17,7 @@ Configurations (rows of the JSON's ``cells``):
   :func:`maskkv_compile.calibrate` on the bundle's calibration prompts, never on evaluated ones.
 
 Per cell (one sample, one configuration): ``tokens`` (the fill), ``score`` (fraction equal to
-the true tokens), ``agree_uncached`` / ``agree_full`` (fraction equal to the uncached /
+the true tokens; for a retrieval bundle, 1 if all of them are, else 0), ``agree_uncached`` / ``agree_full`` (fraction equal to the uncached /
 full-cache fill), ``kl`` (mean over still-masked positions of KL(uncached || cached) of the
 softmaxed logits at step 1, the first step-graph call, both models fed the same ``x``),
 ``kept`` (mean kept prompt entries per KV head), ``seconds``.
@@ -182,7 +182,7 @@ class Suite:
         done = self.results["cells"].get(config.key, {})
         return [s for s in self.bundle.samples if s.id not in done]
 
-    def _layer_profile(self):
+    def layer_profile(self):
         if self.profile is None:
             import maskkv_compile
 
@@ -200,7 +200,7 @@ class Suite:
         from maskkv_compile.policies import get_policy
         from maskkv_compile.config import MaskKVConfig
 
-        profile = self._layer_profile() if get_policy(config.policy).needs_profile else None
+        profile = self.layer_profile() if get_policy(config.policy).needs_profile else None
         self.optimize_calls += 1
         return maskkv_compile.optimize(self.bundle.model, budget=config.int_budget, mask_token_id=self.bundle.mask_id,
                                        backend="eager", policy=config.policy, profile=profile,
@@ -260,10 +260,15 @@ class Suite:
             kept = sum(sum(layer["kept_per_kv_head"]) / len(layer["kept_per_kv_head"]) for layer in layers) / len(layers)
         return {
             "tokens": tokens, "text": self.bundle.decode(tokens),
-            "score": agreement(tokens, sample.truth()),
+            "score": self._score(tokens, sample),
             "kl": 0.0 if config.key == UNCACHED else kl,
             "kept": kept, "seconds": round(seconds, 4),
         }
+
+    def _score(self, tokens: list[int], sample: Sample) -> float:
+        if self.bundle.exact:
+            return float(tokens == sample.truth())
+        return agreement(tokens, sample.truth())
 
 
 def _union(a: Sequence, b: Sequence) -> list:
@@ -287,12 +292,14 @@ def _versions() -> dict:
 def run_suite(model: str = "tiny-llama", policies: Optional[Sequence[str]] = None,
               budgets: Sequence[Budget] = (4, 8, FULL), *, samples: Optional[int] = None,
               tasks: Optional[Sequence[str]] = None, out: Optional[Union[str, Path]] = None, resume: bool = False,
-              progress: bool = True, seed: int = 0, bundle: Optional[Bundle] = None) -> Suite:
-    """Load ``model``, run every missing cell, write ``<out>/quality_<model>.json``; returns the suite."""
+              progress: bool = True, seed: int = 0, bundle: Optional[Bundle] = None,
+              checkpoint: Optional[str] = None) -> Suite:
+    """Load ``model`` (``checkpoint``: a tiny-dllm folder), run every missing cell, write
+    ``<out>/quality_<model>.json``; returns the suite."""
     from maskkv_compile.policies import POLICIES
     from maskkv_compile.evaluation.models import load_bundle
 
-    bundle = bundle or load_bundle(model, samples, tasks, seed=seed)
+    bundle = bundle or load_bundle(model, samples, tasks, seed=seed, checkpoint=checkpoint)
     path = Path(out) / f"quality_{bundle.name.replace('-', '_')}.json" if out is not None else None
     suite = Suite(bundle, list(policies or POLICIES), budgets, json_path=path, resume=resume, progress=progress, seed=seed)
     suite.run()
