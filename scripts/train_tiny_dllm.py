@@ -1,14 +1,21 @@
-"""Train the tiny LLaDA-style diffusion LM on RULER-style needle retrieval (docs/tiny_dllm.md).
+"""Train a tiny LLaDA-style diffusion LM on RULER-style needle retrieval (docs/tiny_dllm.md).
+
+Status: retrieval has NOT emerged on this 2-core CPU (12 runs over two sessions, about 64k steps
+in all; the best run plateaued at a 2-needle exact match of about 0.3, a guess between the
+needles). No checkpoint ships. The script is kept so that a longer or GPU run can continue it, and
+its checkpoints plug straight into ``maskkv-compile eval --model tiny-dllm --checkpoint DIR``.
 
 A bidirectional Llama (``is_causal=False``) learns with LLaDA's masked-diffusion objective: per
 sequence ``t ~ U(0.05, 1)``, every answer token is masked with probability ``t`` (at least one
-per sequence) and the loss is the cross-entropy on the masked tokens, weighted ``1/t`` (clipped
-at 5). Two tasks from :mod:`maskkv_compile.evaluation.needles` are mixed in every run:
+per sequence), filler tokens with probability ``filler_rate * t``, and the loss is the
+cross-entropy on the masked tokens, weighted ``1/t`` (clipped at 5). Batches come from
+:mod:`maskkv_compile.evaluation.needles`:
 
-* ``needle_task``: needles ``key v1 v2`` in a filler haystack, every needle queried once;
-* ``copy_task``: a random segment and, after filler, its copy to fill in. Without it the model
-  sits for thousands of steps on a "one of the values in this haystack" plateau; with it the
-  find-and-copy circuit forms within a few thousand steps and retrieval follows.
+* ``needle``: needles ``key v1 v2`` in a Markov-chain filler haystack, every needle queried once;
+* ``copy`` (``--copy-frac``): a random segment repeated at a random place in random tokens,
+  the second copy to fill in (the induction circuit retrieval needs, in its densest form);
+* ``filler`` (the first ``--filler-warmup`` steps): the filler alone, masked, so that the
+  attention learns to read neighbours before any answer is asked for.
 
 Curriculum: the haystack grows (``--stages``) when held-out exact match at the current length
 (2 needles, greedy low-confidence unmasking, uncached) reaches ``--advance-at``.

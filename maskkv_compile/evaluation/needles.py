@@ -10,9 +10,9 @@ One sequence is ``BOS haystack SEP (QUERY key value)*queries``:
   of a retrieval sample. The *last* group asks for needle 0, whose depth can be set (for the
   depth x length heatmap); earlier groups ask for other needles, so no answer is given away.
 
-:func:`copy_task` is the training-only companion: a random segment, filler, then the same
-segment again, whose second copy is to be filled in. It is the dense form of the same circuit
-(find the token before me elsewhere, copy the one after it) and gets retrieval past its plateau.
+:func:`copy_task` is a training companion: a random segment repeated at a random place in
+random tokens, the second copy to be filled in. It asks for the circuit retrieval needs (find
+where my neighbours occur elsewhere, copy what follows there) in its densest form.
 
 Everything is drawn from a ``torch.Generator``: the same seed gives the same sequences.
 """
