@@ -1,9 +1,14 @@
 """Train a tiny LLaDA-style diffusion LM on RULER-style needle retrieval (docs/tiny_dllm.md).
 
-Status: retrieval has NOT emerged on this 2-core CPU (12 runs over two sessions, about 64k steps
-in all; the best run plateaued at a 2-needle exact match of about 0.3, a guess between the
-needles). No checkpoint ships. The script is kept so that a longer or GPU run can continue it, and
-its checkpoints plug straight into ``maskkv-compile eval --model tiny-dllm --checkpoint DIR``.
+The shipped ``maskkv_compile/data/tiny_dllm`` is run 13 of docs/tiny_dllm.md, about 12 minutes
+on a 2-core CPU (stopped by hand after 5,750 steps):
+
+    python scripts/train_tiny_dllm.py --minutes 38 --layers 3 --ar-steps 4000 --copy-frac 0 --out out/ar
+
+``--ar-steps`` is what makes retrieval emerge: causal next-token pretraining first (as Dream
+starts from an autoregressive model), then the masked-diffusion loss below. Twelve earlier runs
+without it sat on a "guess among the needles" plateau. Any checkpoint this script writes plugs
+into ``maskkv-compile eval --model tiny-dllm --checkpoint DIR``.
 
 A bidirectional Llama (``is_causal=False``) learns with LLaDA's masked-diffusion objective: per
 sequence ``t ~ U(0.05, 1)``, every answer token is masked with probability ``t`` (at least one
@@ -14,8 +19,10 @@ cross-entropy on the masked tokens, weighted ``1/t`` (clipped at 5). Batches com
 * ``needle``: needles ``key v1 v2`` in a Markov-chain filler haystack, every needle queried once;
 * ``copy`` (``--copy-frac``): a random segment repeated at a random place in random tokens,
   the second copy to fill in (the induction circuit retrieval needs, in its densest form);
-* ``filler`` (the first ``--filler-warmup`` steps): the filler alone, masked, so that the
-  attention learns to read neighbours before any answer is asked for.
+* ``filler`` (``--filler-warmup`` steps): the filler alone, masked, so that the attention
+  learns to read neighbours before any answer is asked for;
+* ``ar`` (the first ``--ar-steps`` steps): causal attention and next-token loss on needle
+  sequences, before any of the above.
 
 Curriculum: the haystack grows (``--stages``) when held-out exact match at the current length
 (2 needles, greedy low-confidence unmasking, uncached) reaches ``--advance-at``.
@@ -49,13 +56,25 @@ def build_model(hidden: int, layers: int, heads: int, max_positions: int, seed: 
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                          max_position_embeddings=max_positions, mask_token_id=task.MASK,
                          tie_word_embeddings=False, attn_implementation="sdpa")
-    config.is_causal = False
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    return set_causal(LlamaForCausalLM(config), False)
+
+
+def set_causal(model, causal: bool):
+    """Switch the attention between causal (autoregressive pretraining) and bidirectional."""
+    model.config.is_causal = causal
     for module in model.modules():
         if hasattr(module, "is_causal"):
-            module.is_causal = False
+            module.is_causal = causal
     return model
+
+
+def next_token_loss(model, x: torch.Tensor, answer: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Autoregressive pretraining: next-token cross-entropy on every position; returns (loss,
+    CE on the answer tokens)."""
+    logits = model(x).logits[:, :-1]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
+    return ce.mean(), ce[answer[:, 1:].reshape(-1)].mean().item()
 
 
 def needle_batch(gen: torch.Generator, size: int, haystack: int, needles: int,
@@ -123,15 +142,16 @@ def plot_curves(log_path: str, png: str) -> None:
 
     recs = [json.loads(line) for line in open(log_path)]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for kind in ("needle", "copy"):
+    names = {"ar": "autoregressive pretraining", "needle": "needle task", "copy": "copy task"}
+    for kind in names:
         pts = [(r["step"], r["answer_ce"]) for r in recs if r.get("task") == kind]
         if pts:
             steps, vals = zip(*pts)
             k = 50
             smooth = [sum(vals[max(0, i - k):i + 1]) / len(vals[max(0, i - k):i + 1]) for i in range(len(vals))]
-            a.plot(steps, smooth, label=f"{kind} task (mean of {k} batches)")
+            a.plot(steps, smooth, label=f"{names[kind]} (mean of {k} batches)")
     a.set_xlabel("step")
-    a.set_ylabel("cross-entropy on masked answer tokens")
+    a.set_ylabel("cross-entropy on answer tokens")
     a.set_yscale("log")
     a.legend()
     evals = [r for r in recs if "em" in r]
@@ -160,6 +180,7 @@ def main() -> None:
     ap.add_argument("--copy-frac", type=float, default=0.25, help="share of batches from the copy task")
     ap.add_argument("--filler-rate", type=float, default=0.5, help="filler masked at this times the answer rate")
     ap.add_argument("--filler-warmup", type=int, default=0, help="steps on the filler alone before any answer")
+    ap.add_argument("--ar-steps", type=int, default=0, help="causal next-token pretraining steps before the diffusion loss")
     ap.add_argument("--stages", type=int, nargs="+", default=[32, 64, 128, 256], help="haystack lengths")
     ap.add_argument("--advance-at", type=float, default=0.9, help="exact match that moves to the next length")
     ap.add_argument("--max-needles", type=int, default=4)
@@ -203,7 +224,11 @@ def main() -> None:
                 group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
             # the current length most of the time, an earlier one otherwise (no forgetting)
             hay = args.stages[stage] if rng.random() < 0.6 else rng.choice(args.stages[:stage + 1])
-            if step < args.filler_warmup:  # the filler alone first: neighbour heads before retrieval
+            set_causal(model, step < args.ar_steps)
+            if step < args.ar_steps:  # autoregressive pretraining first, as Dream starts from an AR model
+                kind = "ar"
+                x, answer = needle_batch(gen, max(4, args.tokens // hay), hay, rng.randint(1, args.max_needles), args.keys)
+            elif step < args.ar_steps + args.filler_warmup:  # the filler alone first: neighbour heads before retrieval
                 kind = "filler"
                 x, answer = needle_batch(gen, max(4, args.tokens // hay), hay, 1)
                 answer = torch.zeros_like(answer)
@@ -214,8 +239,11 @@ def main() -> None:
                 kind = "needle"
                 n = rng.randint(1, args.max_needles)
                 x, answer = needle_batch(gen, max(4, args.tokens // hay), hay, n, args.keys)
-            filler_rate = {"filler": 1.0, "needle": args.filler_rate, "copy": 0.0}[kind]
-            loss, answer_ce = diffusion_loss(model, x, answer, gen, filler_rate)
+            if kind == "ar":
+                loss, answer_ce = next_token_loss(model, x, answer)
+            else:
+                filler_rate = {"filler": 1.0, "needle": args.filler_rate, "copy": 0.0}[kind]
+                loss, answer_ce = diffusion_loss(model, x, answer, gen, filler_rate)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -224,6 +252,7 @@ def main() -> None:
             rec = {"step": step, "time": round(time.time() - t0, 1), "task": kind, "haystack": hay,
                    "loss": round(loss.item(), 4), "answer_ce": round(answer_ce, 4)}
             if step % args.eval_every == 0:
+                set_causal(model, False)
                 rec["em"] = {str(h): exact_match(model, h, 2, keys=args.keys) for h in args.stages[:stage + 2]}
                 if rec["em"][str(args.stages[stage])] >= args.advance_at and stage + 1 < len(args.stages):
                     stage += 1

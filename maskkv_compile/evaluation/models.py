@@ -12,10 +12,10 @@ prompts (disjoint from the samples) that MaskKV's layer profile is measured on:
   ``product_span`` masks 12 tokens in the middle of the product, ``suffix`` the last 20 tokens.
   rxnfp's own tokenizer imports rdkit, so the SMILES are split here by a regex with the
   package's vocabulary file.
-* ``tiny-dllm``: a LLaDA-style diffusion LM (bidirectional Llama) trained by
-  ``scripts/train_tiny_dllm.py`` on RULER-style needle retrieval
-  (:mod:`maskkv_compile.evaluation.needles`), loaded from ``data/tiny_dllm`` when one ships, or
-  from ``checkpoint=``. Task ``single`` has one needle in a 256-token haystack, ``multikey``
+* ``tiny-dllm``: the project's own LLaDA-style diffusion LM (3-layer bidirectional Llama, 0.8M
+  parameters) trained by ``scripts/train_tiny_dllm.py`` on RULER-style needle retrieval
+  (:mod:`maskkv_compile.evaluation.needles`), shipped in ``data/tiny_dllm``; ``checkpoint=``
+  loads another folder the script wrote. Task ``single`` has one needle in a 256-token haystack, ``multikey``
   four (one asked for, three distractors). The answer is the needle's 2-token value; the score
   is exact match of the whole value.
 * ``tiny-llama``: :func:`maskkv_compile.models.tiny_llada` with random weights and random
@@ -238,12 +238,7 @@ def tiny_dllm_folder(checkpoint: Optional[str] = None) -> str:
     """The retrieval dLLM to load: ``checkpoint`` (a ``save_pretrained`` folder written by
     ``scripts/train_tiny_dllm.py``) or the one shipped in ``data/tiny_dllm``."""
     if checkpoint is None:
-        shipped = importlib.resources.files("maskkv_compile") / "data" / "tiny_dllm" / "config.json"
-        if not shipped.is_file():
-            raise ModelUnavailable(
-                "no tiny-dllm checkpoint ships with this version (see docs/tiny_dllm.md): train one with "
-                "scripts/train_tiny_dllm.py and pass its folder, e.g. --checkpoint out/tiny_dllm/last")
-        return str(shipped.parent)
+        return str(importlib.resources.files("maskkv_compile") / "data" / "tiny_dllm")
     if not os.path.isfile(os.path.join(checkpoint, "config.json")):
         raise ModelUnavailable(f"{checkpoint} is not a save_pretrained folder (no config.json in it)")
     return checkpoint
