@@ -15,9 +15,9 @@ prompts (disjoint from the samples) that MaskKV's layer profile is measured on:
 * ``tiny-dllm``: the project's own LLaDA-style diffusion LM (3-layer bidirectional Llama, 0.8M
   parameters) trained by ``scripts/train_tiny_dllm.py`` on RULER-style needle retrieval
   (:mod:`maskkv_compile.evaluation.needles`), shipped in ``data/tiny_dllm``; ``checkpoint=``
-  loads another folder the script wrote. Task ``single`` has one needle in a 256-token haystack, ``multikey``
-  four (one asked for, three distractors). The answer is the needle's 2-token value; the score
-  is exact match of the whole value.
+  loads another folder the script wrote. Task ``single`` has one needle in a 256-token
+  haystack, ``multikey`` four (one asked for, three distractors). The answer is the needle's
+  2-token value; the score is exact match of the whole value.
 * ``tiny-llama``: :func:`maskkv_compile.models.tiny_llada` with random weights and random
   sequences: fast, for CI only; its quality numbers mean nothing.
 """

@@ -17,8 +17,8 @@ Configurations (rows of the JSON's ``cells``):
   :func:`maskkv_compile.calibrate` on the bundle's calibration prompts, never on evaluated ones.
 
 Per cell (one sample, one configuration): ``tokens`` (the fill), ``score`` (fraction equal to
-the true tokens; for a retrieval bundle, 1 if all of them are, else 0), ``agree_uncached`` / ``agree_full`` (fraction equal to the uncached /
-full-cache fill), ``kl`` (mean over still-masked positions of KL(uncached || cached) of the
+the true tokens; for a retrieval bundle, 1 if all of them are, else 0), ``agree_uncached`` /
+``agree_full`` (fraction equal to the uncached / full-cache fill), ``kl`` (mean over still-masked positions of KL(uncached || cached) of the
 softmaxed logits at step 1, the first step-graph call, both models fed the same ``x``),
 ``kept`` (mean kept prompt entries per KV head), ``seconds``.
 
@@ -183,6 +183,7 @@ class Suite:
         return [s for s in self.bundle.samples if s.id not in done]
 
     def layer_profile(self):
+        """The layer profile, measured once on the bundle's calibration prompts (or read back)."""
         if self.profile is None:
             import maskkv_compile
 
