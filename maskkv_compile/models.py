@@ -13,12 +13,17 @@ import torch
 MASK_TOKEN_ID = 255  # last id of the tiny vocabulary, as LLaDA's mask id is outside its text ids
 
 
-def _bidirectional(model):
-    model.config.is_causal = False
+def set_causal(model, causal: bool):
+    """Switch a transformers model's attention between causal and bidirectional, in place."""
+    model.config.is_causal = causal
     for module in model.modules():
         if hasattr(module, "is_causal"):
-            module.is_causal = False
-    return model.eval()
+            module.is_causal = causal
+    return model
+
+
+def _bidirectional(model):
+    return set_causal(model, False).eval()
 
 
 def _build(config_cls, model_cls, *, layers, hidden, heads, kv_heads, vocab, attn, max_positions, seed, dtype):

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from maskkv_compile.evaluation import needles as task
+from maskkv_compile.models import set_causal
 
 
 def build_model(hidden: int, layers: int, heads: int, max_positions: int, seed: int = 0):
@@ -58,15 +59,6 @@ def build_model(hidden: int, layers: int, heads: int, max_positions: int, seed: 
                          tie_word_embeddings=False, attn_implementation="sdpa")
     torch.manual_seed(seed)
     return set_causal(LlamaForCausalLM(config), False)
-
-
-def set_causal(model, causal: bool):
-    """Switch the attention between causal (autoregressive pretraining) and bidirectional."""
-    model.config.is_causal = causal
-    for module in model.modules():
-        if hasattr(module, "is_causal"):
-            module.is_causal = causal
-    return model
 
 
 def next_token_loss(model, x: torch.Tensor, answer: torch.Tensor) -> tuple[torch.Tensor, float]:

@@ -19,8 +19,8 @@ from typing import Sequence, Union
 import torch
 
 from maskkv_compile.evaluation import needles as nt
-from maskkv_compile.evaluation.models import Sample
-from maskkv_compile.evaluation.suite import FULL_BUDGET, infill
+from maskkv_compile.evaluation.models import Sample, needle_sample
+from maskkv_compile.evaluation.suite import FULL_BUDGET, infill, optimized
 
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 LENGTHS = (32, 64, 128, 256)
@@ -28,12 +28,8 @@ LENGTHS = (32, 64, 128, 256)
 
 def needle_samples(length: int, depth: float, samples: int, needles: int, seed: int = 0) -> list[Sample]:
     gen = torch.Generator().manual_seed(9_000_000 + 10_000 * seed + 10 * length + round(100 * depth))
-    out = []
-    for i in range(samples):
-        seq = nt.needle_task(gen, length, needles, depth=depth)
-        start, stop = seq.answers[-1]
-        out.append(Sample(f"T{length}/d{depth:g}/{i}", "heatmap", tuple(seq.ids), start, stop))
-    return out
+    return [needle_sample(f"T{length}/d{depth:g}/{i}", "heatmap", nt.needle_task(gen, length, needles, depth=depth))
+            for i in range(samples)]
 
 
 def heatmap(model: torch.nn.Module, policies: Sequence[str] = ("maskkv", "snapkv", "streaming"), budget: int = 8, *,
@@ -41,12 +37,11 @@ def heatmap(model: torch.nn.Module, policies: Sequence[str] = ("maskkv", "snapkv
             profile=None, seed: int = 0, progress: bool = True) -> dict:
     """Exact match per (configuration, length, depth); ``profile`` is the layer profile for the
     policies that need one (``maskkv``, ``squeezeattention``)."""
-    import maskkv_compile
     from maskkv_compile.policies import get_policy
 
     if budget < 1:
         raise ValueError(f"budget must be >= 1, got {budget}")
-    for policy in policies:
+    for policy in policies:  # fail before anything runs
         if get_policy(policy).needs_profile and profile is None:
             raise ValueError(f"policy {policy!r} needs a layer profile: pass profile=maskkv_compile.calibrate(...)")
     configs = {"uncached": None, "full cache": ("mask_voting_uniform", FULL_BUDGET)}
@@ -62,12 +57,7 @@ def heatmap(model: torch.nn.Module, policies: Sequence[str] = ("maskkv", "snapkv
     for label, spec in tqdm(list(configs.items()), desc="needle heatmap", disable=not progress):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if spec is None:
-                net = model
-            else:
-                policy, b = spec
-                net = maskkv_compile.optimize(model, budget=b, mask_token_id=nt.MASK, backend="eager", policy=policy,
-                                              profile=profile if get_policy(policy).needs_profile else None)
+            net = model if spec is None else optimized(model, nt.MASK, *spec, profile=profile, seed=seed)
             rows = []
             for length in lengths:
                 row = []

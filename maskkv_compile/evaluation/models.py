@@ -266,6 +266,13 @@ def needle_name(token: int) -> str:
     return {nt.BOS: "<bos>", nt.SEP: "<sep>", nt.QUERY: "<q>", nt.MASK: "<mask>"}.get(token, f"<{token}>")
 
 
+def needle_sample(sid: str, task: str, seq) -> Sample:
+    """The suite sample of a :class:`~maskkv_compile.evaluation.needles.Needles` sequence: its
+    last answer (needle 0's value) masked."""
+    start, stop = seq.answers[-1]
+    return Sample(sid, task, tuple(seq.ids), start, stop)
+
+
 def load_tiny_dllm(samples: Optional[int] = None, tasks: Optional[Sequence[str]] = None, seed: int = 0,
                    haystack: int = TINY_DLLM_HAYSTACK, checkpoint: Optional[str] = None) -> Bundle:
     from maskkv_compile.evaluation import needles as nt
@@ -279,10 +286,8 @@ def load_tiny_dllm(samples: Optional[int] = None, tasks: Optional[Sequence[str]]
     for task in tasks:
         # evaluation and calibration streams: fixed seeds, disjoint from training's (seed 0..)
         gen = torch.Generator().manual_seed(7_000_000 + 1000 * seed + TINY_DLLM_NEEDLES[task])
-        for i in range(n):
-            seq = nt.needle_task(gen, haystack, TINY_DLLM_NEEDLES[task])
-            start, stop = seq.answers[-1]
-            out.append(Sample(f"needle{i}/{task}", task, tuple(seq.ids), start, stop))
+        out += [needle_sample(f"needle{i}/{task}", task, nt.needle_task(gen, haystack, TINY_DLLM_NEEDLES[task]))
+                for i in range(n)]
     gen = torch.Generator().manual_seed(8_000_000 + seed)
     calibration = []
     for needles in (1, 2, 4, 4):

@@ -94,6 +94,21 @@ def agreement(a: Sequence[int], b: Sequence[int]) -> float:
     return sum(int(x == y) for x, y in zip(a, b)) / max(len(a), 1)
 
 
+def optimized(model: torch.nn.Module, mask_id: int, policy: str, budget: int, *, profile=None,
+              refresh: Optional[int] = None, seed: int = 0):
+    """``model`` as every configuration of the suite runs it: ``optimize`` on the eager backend.
+    ``profile`` is required by the policies whose layer allocator needs one, ignored by the rest."""
+    import maskkv_compile
+    from maskkv_compile.config import MaskKVConfig
+    from maskkv_compile.policies import get_policy
+
+    if get_policy(policy).needs_profile and profile is None:
+        raise ValueError(f"policy {policy!r} needs a layer profile: pass profile=maskkv_compile.calibrate(...)")
+    return maskkv_compile.optimize(model, budget=budget, mask_token_id=mask_id, backend="eager", policy=policy,
+                                   profile=profile if get_policy(policy).needs_profile else None,
+                                   prompt_refresh=refresh, config=MaskKVConfig(seed=seed))
+
+
 @torch.no_grad()
 def infill(net, sample: Sample, mask_id: int, reference: Optional[torch.nn.Module] = None):
     """The greedy loop; returns (filled tokens, KL at step 1 against ``reference`` or None, calls)."""
@@ -197,15 +212,12 @@ class Suite:
     def _net(self, config: Config):
         if config.policy is None:
             return self.bundle.model
-        import maskkv_compile
         from maskkv_compile.policies import get_policy
-        from maskkv_compile.config import MaskKVConfig
 
         profile = self.layer_profile() if get_policy(config.policy).needs_profile else None
         self.optimize_calls += 1
-        return maskkv_compile.optimize(self.bundle.model, budget=config.int_budget, mask_token_id=self.bundle.mask_id,
-                                       backend="eager", policy=config.policy, profile=profile,
-                                       prompt_refresh=config.refresh, config=MaskKVConfig(seed=self.seed))
+        return optimized(self.bundle.model, self.bundle.mask_id, config.policy, config.int_budget, profile=profile,
+                         refresh=config.refresh, seed=self.seed)
 
     def run(self) -> dict:
         try:
