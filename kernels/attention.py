@@ -4,7 +4,9 @@ Every attention spelling found in a model (fused SDPA, the eager matmul -> scale
 -> matmul chain, GQA by ``enable_gqa`` / ``repeat_interleave`` / ``expand``+``reshape``) is
 rewritten into this one op by ``passes/find_attention.py``; later passes only look for it.
 
-Shapes: q (B, H, S, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) with H % Hkv == 0 -> (B, H, S, Dv).
+Shapes: q (B, H, S, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) with H % Hkv == 0 -> (B, H, S, Dv);
+optional key_valid (B, Sk) bool: False marks a padding key that no query attends to (the
+prefill graph passes it for padded batches; ``None`` or all True is plain attention).
 Query head h reads KV head h // (H // Hkv), the grouping of Hugging Face's ``repeat_kv``.
 
 ``softmax_dtype`` keeps the eager spelling's numerics: when the model computed the softmax
@@ -58,12 +60,20 @@ def attention(
     v: torch.Tensor,
     scale: float,
     softmax_dtype: Optional[torch.dtype] = None,
+    key_valid: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     _check(q, k, v)
-    return attention_reference(q, k, v, scale, softmax_dtype).contiguous()
+    return attention_reference(q, k, v, scale, softmax_dtype, key_mask=padding_mask(key_valid)).contiguous()
+
+
+def padding_mask(key_valid: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """(B, Sk) key validity -> an SDPA key mask (B, 1, 1, Sk), or None when nothing is padding."""
+    if key_valid is None or bool(key_valid.all()):
+        return None
+    return key_valid[:, None, None, :]
 
 
 @attention.register_fake
-def _(q, k, v, scale, softmax_dtype=None):
+def _(q, k, v, scale, softmax_dtype=None, key_valid=None):
     _check(q, k, v)
     return q.new_empty((*q.shape[:-1], v.shape[-1]))

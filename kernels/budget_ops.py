@@ -2,16 +2,20 @@
 
 Both wrap the pure-torch policy math of ``maskkv_compile.budgets`` (the registry of voters
 and allocators) so that the prefill graph decides each layer's kept set right after that
-layer's attention, with the policy named by a string argument.
+layer's attention, with the policy named by a string argument. Both work row by row: a
+row's scores and budgets are computed from that row's own prompt entries, exactly as if
+it were alone (batch invariance).
 
-``selection_scores(votes (B, Hkv, P), policy, kernel, sink, seed) -> (B, Hkv, P)``: what the
-per-head top-k ranks (votes as they are, SnapKV-pooled, StreamingLLM's sink+recent order,
-or seeded random scores).
+``selection_scores(votes (B, Hkv, P), prompt_valid (B, P), policy, kernel, sink, seed) ->
+(B, Hkv, P)``: what the per-head top-k ranks (votes as they are, SnapKV-pooled,
+StreamingLLM's sink+recent order, or seeded random scores), computed over the row's valid
+prompt columns in order; ``-inf`` at the other columns, which are never kept.
 
-``head_budgets(prompt_mass (B, H), scores (B, Hkv, P), voter_idx (Rv,), layer_budget,
-budget, policy, alpha, min_keep) -> (Hkv,) int64``: the layer's per-KV-head budgets; they
-sum to round(Hkv * layer_budget) and lie in [min(min_keep, P), P]. A prompt no longer than
-the model-wide average ``budget`` is kept whole in every layer, whatever the policy.
+``head_budgets(prompt_mass (B, H), scores (B, Hkv, P), voter_valid (B, Rv), layer_budget,
+budget, policy, alpha, min_keep) -> (B, Hkv) int64``: each row's per-KV-head budgets; they
+sum to round(Hkv * layer_budget) and lie in [min(min_keep, P_b), P_b], P_b the row's prompt
+length (its finite scores). A row whose prompt is no longer than the model-wide average
+``budget`` is kept whole in every layer, whatever the policy.
 """
 
 from __future__ import annotations
@@ -22,14 +26,20 @@ from maskkv_compile.policies import get_policy
 
 
 @torch.library.custom_op("maskkv::selection_scores", mutates_args=())
-def selection_scores(votes: torch.Tensor, policy: str, kernel: int, sink: int, seed: int) -> torch.Tensor:
+def selection_scores(votes: torch.Tensor, prompt_valid: torch.Tensor, policy: str, kernel: int, sink: int,
+                     seed: int) -> torch.Tensor:
     chosen = get_policy(policy)
-    scores = chosen.selection_scores(votes, tuple(votes.shape), votes.device, kernel=kernel, sink=sink, seed=seed)
-    return scores.to(votes.dtype).contiguous().clone()
+    out = torch.full_like(votes, float("-inf"))
+    for row in range(votes.shape[0]):
+        columns = prompt_valid[row].nonzero().flatten()  # (P_b,) the row's own prompt, in order
+        own = votes[row : row + 1].index_select(2, columns)  # (1, Hkv, P_b)
+        scores = chosen.selection_scores(own, tuple(own.shape), votes.device, kernel=kernel, sink=sink, seed=seed)
+        out[row].index_copy_(1, columns, scores[0].to(votes.dtype))
+    return out
 
 
 @selection_scores.register_fake
-def _(votes, policy, kernel, sink, seed):
+def _(votes, prompt_valid, policy, kernel, sink, seed):
     return torch.empty_like(votes)
 
 
@@ -37,24 +47,31 @@ def _(votes, policy, kernel, sink, seed):
 def head_budgets(
     prompt_mass: torch.Tensor,
     scores: torch.Tensor,
-    voter_idx: torch.Tensor,
+    voter_valid: torch.Tensor,
     layer_budget: float,
     budget: int,
     policy: str,
     alpha: float,
     min_keep: int,
 ) -> torch.Tensor:
-    if scores.shape[2] <= budget:  # the prompt fits the budget: nothing to evict, under any policy
-        return torch.full((scores.shape[1],), scores.shape[2], dtype=torch.long, device=scores.device)
     chosen = get_policy(policy)
     options = {"alpha": alpha} if chosen.head_allocator == "maskkv" else {}
-    budgets = chosen.head_budgets(
-        layer_budget, n_kv_heads=scores.shape[1], prompt_len=scores.shape[2], min_keep=min_keep,
-        prompt_mass=prompt_mass, n_voters=max(voter_idx.numel(), 1), votes=scores, **options,
-    )
-    return budgets.to(device=scores.device, dtype=torch.long).clone()
+    batch, kv_heads = scores.shape[:2]
+    out = torch.empty((batch, kv_heads), dtype=torch.long, device=scores.device)
+    for row in range(batch):
+        columns = torch.isfinite(scores[row, 0]).nonzero().flatten()
+        prompt_len = int(columns.numel())
+        if prompt_len <= budget:  # the prompt fits the budget: nothing to evict, under any policy
+            out[row] = prompt_len
+            continue
+        out[row] = chosen.head_budgets(
+            layer_budget, n_kv_heads=kv_heads, prompt_len=prompt_len, min_keep=min_keep,
+            prompt_mass=prompt_mass[row : row + 1], n_voters=max(int(voter_valid[row].sum()), 1),
+            votes=scores[row : row + 1].index_select(2, columns), **options,
+        ).to(out.device)
+    return out
 
 
 @head_budgets.register_fake
-def _(prompt_mass, scores, voter_idx, layer_budget, budget, policy, alpha, min_keep):
-    return scores.new_empty((scores.shape[1],), dtype=torch.long)
+def _(prompt_mass, scores, voter_valid, layer_budget, budget, policy, alpha, min_keep):
+    return scores.new_empty((scores.shape[0], scores.shape[1]), dtype=torch.long)

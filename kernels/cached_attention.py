@@ -1,11 +1,15 @@
 """``maskkv::cached_attention``: response queries over [kept prompt K/V ; response K/V].
 
-Inputs:  q (B, H, R, D); k, v (B, Hkv, R, D) of the response rows; kept_k, kept_v
-         (B, Hkv, K, D) padded per layer, kept_len (Hkv,) valid prefix per KV head; scale;
-         softmax_dtype as in ``maskkv::attention``.
-Output:  (B, H, R, Dv).
+Inputs:  q (B, H, R, D); k, v (B, Hkv, R, D) of the rows the step computes; kept_k, kept_v
+         (B, Hkv, K, D) padded per layer, kept_len (B, Hkv) valid prefix per row and KV
+         head; resp_valid (B, R) bool, True where computed row j is one of row b's
+         response keys (False: a row computed for another row of the batch, or a query-only
+         row such as a shifted-logits model's last prompt row); scale; softmax_dtype as in
+         ``maskkv::attention``.
+Output:  (B, H, R, Dv): every computed row's output (query rows are never masked).
 
-Padding slots (index >= kept_len[h]) get no attention weight. With every prompt entry
+Padding slots (index >= kept_len[b, h]) and keys with resp_valid False get no attention
+weight. With every prompt entry
 kept, this equals attention over the concatenation of the prompt's and the response's K/V.
 
 CPU: SDPA over the concatenated K/V with a key mask. CUDA with triton installed (fp16,
@@ -23,20 +27,20 @@ from . import triton_cached_attention
 from .attention import attention_reference, expand_kv_heads
 
 
-def cached_attention_reference(q, k, v, kept_k, kept_v, kept_len, scale, softmax_dtype=None):
+def cached_attention_reference(q, k, v, kept_k, kept_v, kept_len, resp_valid, scale, softmax_dtype=None):
     num_kept = kept_k.shape[2]
     keys = torch.cat([kept_k, k], dim=2)  # (B, Hkv, K+R, D)
     values = torch.cat([kept_v, v], dim=2)
-    kept_valid = torch.arange(num_kept, device=q.device) < kept_len[:, None]  # (Hkv, K)
-    resp_valid = kept_valid.new_ones((kept_len.shape[0], k.shape[2]))  # (Hkv, R)
-    key_mask = torch.cat([kept_valid, resp_valid], dim=1)[None, :, None, :]  # (1, Hkv, 1, K+R)
-    key_mask = expand_kv_heads(key_mask, q.shape[1])  # (1, H, 1, K+R)
+    kept_valid = torch.arange(num_kept, device=q.device) < kept_len[..., None]  # (B, Hkv, K)
+    resp = resp_valid[:, None, :].expand(-1, kept_len.shape[1], -1)  # (B, Hkv, R)
+    key_mask = torch.cat([kept_valid, resp], dim=2)[:, :, None, :]  # (B, Hkv, 1, K+R)
+    key_mask = expand_kv_heads(key_mask, q.shape[1])  # (B, H, 1, K+R)
     return attention_reference(q, keys, values, scale, softmax_dtype, key_mask=key_mask)
 
 
-def cached_attention_torch(q, k, v, kept_k, kept_v, kept_len, scale, softmax_dtype=None):
+def cached_attention_torch(q, k, v, kept_k, kept_v, kept_len, resp_valid, scale, softmax_dtype=None):
     """The CPU path: SDPA over the concatenation with a key mask."""
-    return cached_attention_reference(q, k, v, kept_k, kept_v, kept_len, scale, softmax_dtype).contiguous()
+    return cached_attention_reference(q, k, v, kept_k, kept_v, kept_len, resp_valid, scale, softmax_dtype).contiguous()
 
 
 @torch.library.custom_op("maskkv::cached_attention", mutates_args=())
@@ -47,14 +51,15 @@ def cached_attention(
     kept_k: torch.Tensor,
     kept_v: torch.Tensor,
     kept_len: torch.Tensor,
+    resp_valid: torch.Tensor,
     scale: float,
     softmax_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    return cached_attention_torch(q, k, v, kept_k, kept_v, kept_len, scale, softmax_dtype)
+    return cached_attention_torch(q, k, v, kept_k, kept_v, kept_len, resp_valid, scale, softmax_dtype)
 
 
 @cached_attention.register_fake
-def _(q, k, v, kept_k, kept_v, kept_len, scale, softmax_dtype=None):
+def _(q, k, v, kept_k, kept_v, kept_len, resp_valid, scale, softmax_dtype=None):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 

@@ -1,12 +1,16 @@
 """``maskkv::select_kv``: budgeted top-k eviction into a padded per-layer cache.
 
-Inputs:  k, v (B, Hkv, S, D); votes (B, Hkv, P); prompt_idx (P,) positions of the prompt
-         along S; budgets (Hkv,) int64, the number of prompt entries each KV head keeps.
-Outputs: kept_k, kept_v (B, Hkv, Kmax, D), Kmax = max_h min(budgets[h], P)
-         kept_len (Hkv,) int64 = min(budgets[h], P), valid prefix of each head
+Inputs:  k, v (B, Hkv, S, D); votes (B, Hkv, P) scores, -inf where a row may not keep an
+         entry (padding, or a column that is not that row's prompt); prompt_idx (P,)
+         positions of the prompt along S; budgets (B, Hkv) int64, the number of prompt
+         entries each row's KV head keeps.
+Outputs: kept_k, kept_v (B, Hkv, Kmax, D), Kmax = max over rows and heads of kept_len
+         kept_len (B, Hkv) int64 = min(budgets[b, h], P_b), valid prefix of each row's head,
+         P_b the row's eligible (finite-score) entries
          kept_pos (B, Hkv, Kmax) int64 absolute positions kept, -1 in the padding
 
-Invariants: the kept entries of a head are its top-``kept_len[h]`` votes, ties broken
+Invariants: rows never share anything (a row's kept set is what it would be alone); the
+kept entries of a head are its top-``kept_len[h]`` votes, ties broken
 towards the earlier prompt position; within a head they are stored in ascending position
 order; padding holds zeros in K/V and -1 in kept_pos. A budget >= P keeps every prompt
 entry, in order, so the cache is then exactly the prompt's K/V.
@@ -34,14 +38,15 @@ import torch
 
 
 def select_kv_reference(votes: torch.Tensor, budgets: torch.Tensor) -> list[list[torch.Tensor]]:
-    """Oracle: for each (batch, KV head), the sorted prompt-local indices kept."""
+    """Oracle: for each (batch, KV head), the sorted prompt-local indices kept (-inf never)."""
     out = []
     for b in range(votes.shape[0]):
         row = []
         for h in range(votes.shape[1]):
-            n = min(int(budgets[h]), votes.shape[2])
+            eligible = [j for j in range(votes.shape[2]) if float(votes[b, h, j]) != float("-inf")]
+            n = min(int(budgets[b, h]), len(eligible))
             # stable descending sort: equal votes keep the earlier position first
-            order = sorted(range(votes.shape[2]), key=lambda j: (-float(votes[b, h, j]), j))
+            order = sorted(eligible, key=lambda j: (-float(votes[b, h, j]), j))
             row.append(torch.tensor(sorted(order[:n]), dtype=torch.long))
         out.append(row)
     return out
@@ -56,15 +61,16 @@ def select_kv(
     budgets: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, kv_heads, num_prompt = votes.shape
-    kept_len = budgets.to(torch.long).clamp(min=0, max=num_prompt)  # (Hkv,)
-    kmax = int(kept_len.max()) if kv_heads else 0
+    eligible = torch.isfinite(votes).sum(-1)  # (B, Hkv): -inf marks what a row may not keep
+    kept_len = torch.minimum(budgets.to(torch.long).clamp(min=0), eligible)  # (B, Hkv)
+    kmax = int(kept_len.max()) if kept_len.numel() else 0
     ranked = torch.sort(votes, dim=-1, descending=True, stable=True).indices[..., :kmax]  # (B, Hkv, Kmax)
-    valid = torch.arange(kmax, device=votes.device) < kept_len[:, None]  # (Hkv, Kmax)
+    valid = torch.arange(kmax, device=votes.device) < kept_len[..., None]  # (B, Hkv, Kmax)
     # padding slots sort after every real index; the real ones come out in position order
     local = torch.sort(torch.where(valid, ranked, num_prompt), dim=-1).values
     pos = torch.where(valid, prompt_idx[local.clamp(max=max(num_prompt - 1, 0))], -1)
     gather_at = pos.clamp(min=0)[..., None]  # (B, Hkv, Kmax, 1)
-    keep = valid[None, :, :, None]
+    keep = valid[..., None]
     kept_k = torch.where(keep, k.gather(2, gather_at.expand(-1, -1, -1, k.shape[-1])), 0)
     kept_v = torch.where(keep, v.gather(2, gather_at.expand(-1, -1, -1, v.shape[-1])), 0)
     return kept_k, kept_v, kept_len, pos
@@ -77,6 +83,6 @@ def _(k, v, votes, prompt_idx, budgets):
     return (
         k.new_empty((batch, kv_heads, kmax, k.shape[-1])),
         v.new_empty((batch, kv_heads, kmax, v.shape[-1])),
-        budgets.new_empty((kv_heads,), dtype=torch.long),
+        budgets.new_empty((batch, kv_heads), dtype=torch.long),
         budgets.new_empty((batch, kv_heads, kmax), dtype=torch.long),
     )
