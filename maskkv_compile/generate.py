@@ -46,14 +46,24 @@ def gumbel_perturb(logits: torch.Tensor, temperature: float, generator: Optional
     return logits.exp() / (-torch.log(uniform)) ** temperature
 
 
-def _validate(prompt, mask_token_id, gen_length, steps, block_length, temperature, cfg_scale, remasking):
-    if prompt.dim() != 2 or prompt.is_floating_point():
-        raise ValueError(f"input_ids must be (batch, prompt_len) token ids, got {tuple(prompt.shape)} {prompt.dtype}")
+def check_prompt(prompt: torch.Tensor, mask_token_id: int, loop: str = "generate()") -> None:
+    """(batch, prompt_len) integer ids without the mask token; ``loop`` names the caller in errors."""
+    if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.is_floating_point() or prompt.is_complex():
+        shape = tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__
+        raise ValueError(f"input_ids must be (batch, prompt_len) token ids, got {shape} {getattr(prompt, 'dtype', '')}")
     if bool((prompt == mask_token_id).any()):
-        raise ValueError(f"the prompt contains the mask token {mask_token_id}; the response is appended by generate()")
-    for name, value in (("gen_length", gen_length), ("steps", steps), ("block_length", block_length)):
+        raise ValueError(f"the prompt contains the mask token {mask_token_id}; the response is appended by {loop}")
+
+
+def check_positive_ints(**values) -> None:
+    for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _validate(prompt, mask_token_id, gen_length, steps, block_length, temperature, cfg_scale, remasking):
+    check_prompt(prompt, mask_token_id)
+    check_positive_ints(gen_length=gen_length, steps=steps, block_length=block_length)
     if gen_length % block_length:
         raise ValueError(f"gen_length ({gen_length}) must be a multiple of block_length ({block_length})")
     if steps % (gen_length // block_length):
