@@ -25,7 +25,7 @@ mask_id = model.config.mask_token_id
 prompt = torch.randint(0, mask_id, (1, 32), generator=torch.Generator().manual_seed(0))
 x = torch.cat([prompt, torch.full((1, 16), mask_id)], dim=1)  # step-0 input: prompt, then masks
 
-report = maskkv_compile.explain(model, x, budget=8, vote_shift=-1)
+report = maskkv_compile.explain(model, x, budget=8, family="dream")
 print(report)
 print()
 print("inserted ops:", ", ".join(sorted({op for _, _, op in report.inserted})))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 from typing import Optional
 
@@ -11,7 +13,9 @@ from maskkv_compile._torch_private import BackendCompilerFailed, dynamo_config, 
 from maskkv_compile.backend import MaskKVBackend
 from maskkv_compile.config import MaskKVConfig, MaskKVConfigError
 from maskkv_compile.passes import UnsupportedModelError
+from maskkv_compile.masks import padding_from_masks
 from maskkv_compile.profile import model_fingerprint
+from maskkv_compile.runtime import padding
 
 # Every MaskKVModel compiles the same forward code object with its own backend; dynamo
 # counts each as a recompile of that code. Allow many before it would fall back to eager.
@@ -21,28 +25,50 @@ _RECOMPILE_LIMIT = 256
 class MaskKVModel(torch.nn.Module):
     """A model whose forward runs the MaskKV prefill/step graphs (see ``runtime``).
 
-    ``model(input_ids).logits`` keeps the original contract; ``generate`` is LLaDA's loop.
-    The wrapped model's weights are shared, not copied.
+    ``model(input_ids, ...).logits`` keeps the original contract (positional arguments are
+    the wrapped forward's, in its order); ``generate`` is LLaDA's loop. The wrapped model's
+    weights are shared, not copied, and so are its attributes: ``config``, ``device``,
+    ``dtype``, ``generation_config`` and every method are the wrapped model's, the methods
+    bound to a view of it whose calls (``self(...)``, ``self.forward(...)``) go through
+    MaskKV. So a loop that is a method of the model (Dream's ``diffusion_generate``) runs
+    unmodified on the optimized model, and a method whose name ends in ``generate`` starts
+    from an empty cache. The MaskKV options are ``maskkv_config``.
     """
 
     def __init__(self, model: torch.nn.Module, config: MaskKVConfig, mask_token_id: int):
         super().__init__()
-        self.model = model
-        self.config = config
+        self.wrapped = model
+        self.maskkv_config = config
         self.mask_token_id = mask_token_id
         self.backend = MaskKVBackend(config, mask_token_id)
         self._compiled = torch.compile(model, backend=self.backend, fullgraph=True)
-        self._takes_use_cache = "use_cache" in inspect.signature(model.forward).parameters
+        parameters = inspect.signature(model.forward).parameters
+        self._takes_use_cache = "use_cache" in parameters
+        self._positional = [name for name, p in parameters.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         self._last_runtime = None
+        object.__setattr__(self, "_view", _routed_view(model, self))  # not a submodule: it shares the model's state
 
-    def forward(self, input_ids: torch.Tensor, **kwargs):
-        if input_ids.dim() != 2 or input_ids.is_floating_point():
-            raise ValueError(f"input_ids must be (batch, seq) integer token ids, got {tuple(input_ids.shape)} {input_ids.dtype}")
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            pass
+        value = getattr(self.__dict__["_view"], name)  # AttributeError names the wrapped model's class
+        if callable(value) and name.endswith("generate"):
+            return _fresh_generation(self, value)
+        return value
+
+    def forward(self, input_ids: torch.Tensor, *args, **kwargs):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be (batch, seq) integer token ids, got {shape}")
+        named = self._positional[1 : 1 + len(args)]
+        if len(args) > len(named):
+            raise TypeError(f"{type(self.wrapped).__name__}.forward takes {len(self._positional)} positional arguments, "
+                            f"got {1 + len(args)}")
+        kwargs.update(zip(named, args))
+        key_valid = padding_from_masks(input_ids, kwargs)
         mark_dynamic(input_ids, 1)
-        mask = kwargs.pop("attention_mask", None)
-        if mask is not None and not bool((mask == 1).all()):
-            raise ValueError("attention_mask with padding (zeros) is not supported yet: pass equal-length prompts "
-                             "without padding (an all-ones mask is accepted and dropped)")
         for value in kwargs.values():  # per-token inputs (token_type_ids, position_ids) vary with S too
             if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == input_ids.shape:
                 mark_dynamic(value, 1)
@@ -50,7 +76,8 @@ class MaskKVModel(torch.nn.Module):
             kwargs.setdefault("use_cache", False)  # a returned KV cache would keep every layer's full K/V alive
         calls_before = {id(r): r.counts.prefills + r.counts.steps for r in self.backend.runtimes}
         try:
-            with dynamo_config.patch(recompile_limit=_RECOMPILE_LIMIT, accumulated_recompile_limit=_RECOMPILE_LIMIT):
+            with dynamo_config.patch(recompile_limit=_RECOMPILE_LIMIT, accumulated_recompile_limit=_RECOMPILE_LIMIT), \
+                    padding(key_valid):
                 out = self._compiled(input_ids=input_ids, **kwargs)
         except BackendCompilerFailed as failure:  # our own error, raised inside the backend
             raise failure.inner_exception from None
@@ -82,7 +109,32 @@ class MaskKVModel(torch.nn.Module):
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         from maskkv_compile.generate import generate
 
+        self.reset()
         return generate(self, input_ids, mask_token_id=self.mask_token_id, **kwargs)
+
+
+def _routed_view(model: torch.nn.Module, optimized: MaskKVModel) -> torch.nn.Module:
+    """An object of a subclass of ``model``'s class that shares ``model``'s state (its
+    ``__dict__``) and whose calls go to ``optimized``: methods read from it see the model's
+    attributes and call MaskKV when they call ``self``."""
+    cls = type(model)
+
+    def call(self, *args, **kwargs):
+        return optimized(*args, **kwargs)
+
+    routed = type(f"MaskKV{cls.__name__}", (cls,), {"__call__": call, "forward": call, "__module__": __name__})
+    view = object.__new__(routed)
+    object.__setattr__(view, "__dict__", model.__dict__)
+    return view
+
+
+def _fresh_generation(optimized: MaskKVModel, method):
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        optimized.reset()  # a new generation starts from step 0, whatever the last one committed
+        return method(*args, **kwargs)
+
+    return run
 
 
 def optimize(
@@ -94,6 +146,7 @@ def optimize(
     prompt_refresh: Optional[int] = None,
     policy: Optional[str] = None,
     profile=None,
+    family: Optional[str] = None,
     config: Optional[MaskKVConfig] = None,
 ) -> MaskKVModel:
     """Rewrite ``model`` for MaskKV; nothing about the model itself changes.
@@ -104,12 +157,14 @@ def optimize(
     prompt_refresh: recompute the prompt every this many steps (default: never).
     policy: "maskkv" (default) or a baseline name (see ``maskkv_compile.policies.POLICIES``).
     profile: a LayerProfile from ``calibrate`` (refused if measured on another model).
+    family: "llada" or "dream" (where a token's logits live); default: "dream" when
+        ``model.config.model_type`` is Dream's, else "llada".
     config: a full :class:`MaskKVConfig`; the keyword arguments above override its fields.
     """
     overrides = {
         k: v
         for k, v in dict(budget=budget, mask_token_id=mask_token_id, backend=backend, prompt_refresh=prompt_refresh,
-                         policy=policy, profile=profile).items()
+                         policy=policy, profile=profile, family=family).items()
         if v is not None
     }
     config = MaskKVConfig.from_options(overrides, base=config)
@@ -125,5 +180,8 @@ def optimize(
             f"{type(model).__name__} is configured causal (config.is_causal=True); MaskKV is for bidirectional "
             "diffusion LLMs. Load it with is_causal=False if it really is one"
         )
+    if config.family is None:
+        detected = "dream" if str(getattr(getattr(model, "config", None), "model_type", "")).lower() == "dream" else "llada"
+        config = dataclasses.replace(config, family=detected)
     model.eval()
     return MaskKVModel(model, config, int(token))

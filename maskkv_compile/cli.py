@@ -86,7 +86,7 @@ def cmd_diff(args) -> int:
     mask_id = model.config.mask_token_id
     prompt = torch.randint(0, mask_id, (1, args.prompt_len), generator=torch.Generator().manual_seed(args.seed))
     x = torch.cat([prompt, torch.full((1, args.gen_length), mask_id)], dim=1)
-    options = {"vote_shift": -1} if args.model == "tiny-qwen2" else {}  # Dream predicts token i at i-1
+    options = {"family": "dream"} if args.model == "tiny-qwen2" else {}  # Dream predicts token i at i-1
     report = explain(model, x, budget=args.budget, **options)
     print(report)
     graphs = ["prefill", "step"] if args.graph == "all" else [args.graph]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 BACKENDS = ("inductor", "eager")
+FAMILIES = {"llada": 0, "dream": 1}  # family -> how many rows before a token its logits live
 
 
 class MaskKVConfigError(ValueError):
@@ -40,8 +41,11 @@ class MaskKVConfig:
         as plain FX code (debugging, fast tests).
     prompt_refresh: recompute the prompt (and re-select the kept entries) every this many
         steps after the prefill; ``None`` never refreshes.
-    vote_shift: offset from a masked position to the query that votes for it. 0 for
-        LLaDA-style models; -1 for Dream, which predicts token i at position i-1.
+    family: where a token's logits live. "llada": at the token's own row (LLaDA, most
+        masked LMs); "dream": one row earlier (Dream, adapted from an autoregressive model,
+        predicts token i at row i-1 and its loop shifts the logits). The voters, the prefill
+        head, the step graph's rows and the returned logits all follow it. ``None`` = detect
+        from the model (``config.model_type == "Dream"``), else "llada".
     vote_chunk: voter query rows processed at once by ``maskkv::mask_votes`` on CPU (keys go
         16x that at a time), which bounds its memory by chunk x P, not L x P.
     max_sessions: prompts whose caches are kept at once (2 lets classifier-free guidance
@@ -66,7 +70,7 @@ class MaskKVConfig:
     mask_token_id: Optional[int] = None
     backend: str = "inductor"
     prompt_refresh: Optional[int] = None
-    vote_shift: int = 0
+    family: Optional[str] = None
     vote_chunk: int = 64
     max_sessions: int = 2
     policy: str = "maskkv"
@@ -85,8 +89,8 @@ class MaskKVConfig:
         if self.backend not in BACKENDS:
             raise MaskKVConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         _require_int("prompt_refresh", self.prompt_refresh, minimum=1, allow_none=True)
-        if isinstance(self.vote_shift, bool) or not isinstance(self.vote_shift, int):
-            raise MaskKVConfigError(f"vote_shift must be an int (0 LLaDA, -1 Dream), got {self.vote_shift!r}")
+        if self.family is not None and self.family not in FAMILIES:
+            raise MaskKVConfigError(f"family must be one of {sorted(FAMILIES)} (or None to detect), got {self.family!r}")
         _require_int("vote_chunk", self.vote_chunk, minimum=1)
         _require_int("max_sessions", self.max_sessions, minimum=1)
         from maskkv_compile.policies import get_policy
@@ -104,6 +108,11 @@ class MaskKVConfig:
                 raise MaskKVConfigError(f"{name} must be a number in [0, 1], got {value!r}")
         for name in ("min_keep", "window", "pool_kernel", "sink", "seed"):
             _require_int(name, getattr(self, name), minimum=0 if name in ("sink", "seed") else 1)
+
+    @property
+    def logits_shift(self) -> int:
+        """How many rows before a token its logits live (0 LLaDA, 1 Dream)."""
+        return FAMILIES[self.family or "llada"]
 
     @classmethod
     def option_names(cls) -> list[str]:

@@ -43,6 +43,7 @@ from typing import Optional
 import torch
 
 from maskkv_compile.generate import check_positive_ints, check_prompt, gumbel_perturb
+from maskkv_compile.runtime import response_logits_only
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
@@ -130,11 +131,16 @@ def sample_with_confidence(logits: torch.Tensor, *, alg: str, temperature: float
 
 
 def _shifted_response_logits(model, x: torch.Tensor, prompt_len: int, model_kwargs: dict) -> torch.Tensor:
-    """Rows prompt_len-1 .. S-2 of the model's (B, S, V) logits: the predictions of the response."""
-    logits = model(x, **model_kwargs).logits
+    """The predictions of the response (B, L, V): rows prompt_len-1 .. S-2 of the model's
+    (B, S, V) logits; a MaskKV model inside ``response_logits_only`` returns them already."""
+    with response_logits_only():
+        logits = model(x, **model_kwargs).logits
+    response_len = x.shape[1] - prompt_len
+    if logits.dim() == 3 and tuple(logits.shape[:2]) == (x.shape[0], response_len):
+        return logits
     if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(x.shape):
         raise ValueError(f"the model must return (batch, seq, vocab) logits for every row of x {tuple(x.shape)}, "
-                         f"got {tuple(logits.shape)} (response-only logits cannot be shifted)")
+                         f"got {tuple(logits.shape)}")
     return logits[:, prompt_len - 1: x.shape[1] - 1]
 
 

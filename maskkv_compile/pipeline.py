@@ -1,6 +1,6 @@
 """From one captured graph to the two MaskKV graphs (prefill and step).
 
-    captured --FindAttentionPass--> canonical --+--> prefill (CaptureVotes, EvictKV, MaskOnlyHead)
+    captured --FindAttentionPass--> canonical --+--> prefill (MaskPadding, CaptureVotes, EvictKV, MaskOnlyHead)
                                                 +--> step    (SliceSequence, CachedAttention)
 
 Each derived graph is a copy, so the canonical graph stays available to ``explain``.
@@ -16,7 +16,7 @@ import torch.fx as fx
 from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.passes import (
     AttentionSite, CachedAttentionPass, CaptureVotesPass, EvictKVPass, FindAttentionPass, GraphInfo,
-    MaskOnlyHeadPass, PassManager, SliceSequencePass, UnsupportedModelError, analyse, attention_sites,
+    MaskOnlyHeadPass, MaskPaddingPass, PassManager, SliceSequencePass, UnsupportedModelError, analyse, attention_sites,
 )
 from maskkv_compile.passes.base import PassRecord, extra_inputs
 
@@ -67,7 +67,7 @@ def build_graphs(gm: fx.GraphModule, config: MaskKVConfig, *, strict: bool = Tru
     if result.matches == 0:
         raise UnsupportedModelError("no attention found in the model's graph; ops seen: " + _seen_ops(gm))
     prefill = copy_graph_module(canonical)
-    prefill_passes = PassManager("prefill", [CaptureVotesPass(config), EvictKVPass(config), MaskOnlyHeadPass(config, info)])
+    prefill_passes = PassManager("prefill", [MaskPaddingPass(config), CaptureVotesPass(config), EvictKVPass(config), MaskOnlyHeadPass(config, info)])
     prefill_passes(prefill)
     step = copy_graph_module(canonical)
     step_passes = PassManager("step", [SliceSequencePass(config, info), CachedAttentionPass(config)])

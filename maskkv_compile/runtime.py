@@ -1,30 +1,43 @@
 """The MaskKV runtime: decides, call by call, between the prefill and the step graph.
 
-How a call is routed (the drop-in contract). ``ids`` is the (B, S) token input:
+A *session* is one prompt's cache: its :class:`~maskkv_compile.layout.Layout` (each row's
+prompt, response and padding, and the rows the step computes), the tokens of the call that
+last used it, and each layer's kept K/V. Up to ``config.max_sessions`` live at once, most
+recent first. Each call is routed by evidence from its tokens (``ids``, (B, S)), its padding
+(``key_valid``, from the caller's attention mask) and its other per-token inputs
+(token_type_ids, position_ids, ...):
 
-1. A *session* is one prompt's cache: the response positions ``resp_idx`` (where ``ids``
-   held the mask token when the session began), the prompt tokens at every other position,
-   and each layer's kept K/V. Up to ``config.max_sessions`` are kept, most recent first.
-2. A call belongs to a session when it has the same shape and device and the same tokens
-   at all of the session's prompt positions (so masks can only be at response positions),
-   and the same values there in every other per-token input (token_type_ids, ...).
-   Among several, the one with the longest prompt wins.
-3. No session: a new prompt. It must contain the mask token (else ``NoMaskTokenError``),
-   at the same columns in every row of the batch; those columns become ``resp_idx``. The
-   prefill graph runs; the oldest session is dropped if there are too many.
-4. A session, and every response position still holds the mask token: this is a step-0
-   input again (a new generation of the same prompt), so the prefill graph runs afresh.
-5. A session, and this call is the ``prompt_refresh``-th since its prefill (every call
-   with ``prompt_refresh=1``): the prefill graph runs again on the current tokens; the
-   prompt K/V are recomputed and re-selected, the voters being the session's response
-   positions (masked or already committed).
-6. Otherwise the step graph runs: only the response rows are computed.
+1. CONTINUE: a session continues when the call has its shape, device and padding, and the
+   same tokens and per-token inputs at every prompt position of every row. A session with
+   an empty prompt in some row (an all-mask row with no conditional row to copy) matches no
+   call: there is nothing to tell its continuation from a new prompt, so each such call is
+   a fresh prefill (correct, uncached).
+2. RESTART: a continuing call in which some response position that held a committed token
+   at the session's last call holds the mask token again starts a new generation: the
+   layout is inferred afresh and the prefill graph runs. (Committing the mask id itself, as
+   a random-weight model may, never looks like a restart: nothing went back.) The loops of
+   the optimized model (``generate``, and any ``*generate`` method of the wrapped model
+   called through it) also start from an empty runtime, so every generation begins with a
+   prefill whatever it commits.
+3. REFRESH: a continuing call that is the ``prompt_refresh``-th since the session's prefill
+   reruns the prefill graph on the current tokens with the same layout: the prompt K/V are
+   recomputed and re-selected, the voters being the session's response positions (masked
+   or already committed).
+4. STEP: any other continuing call runs the step graph: only the computed rows.
+5. NEW: a call that continues no session is a new prompt. Its layout comes from its own
+   mask tokens (see ``layout.py``; every row must hold one, else ``NoMaskTokenError``),
+   where a *masked copy* row (CFG's unconditional row, in the same batch or sent in its own
+   call right after the conditional one) takes its reference row's response. The prefill
+   graph runs; the oldest session is dropped if there are too many.
 
-Returned logits are (B, S, V) like the original model's; the response rows hold the
-model's logits and the prompt rows hold zeros (the prompt is not recomputed). Inside
-``response_logits_only()`` the logits are (B, R, V), the response rows in position order.
-Other outputs (e.g. a returned KV cache) cover the rows the graph computed: all rows
-at a prefill, the response rows at a step. ``reset()`` drops every session.
+Returned logits are (B, S, V) like the original model's: each row's response rows (and,
+for Dream, the row before each response position, which holds its logits) carry the
+model's logits, every other row zeros (the prompt is not recomputed). Inside
+``response_logits_only()`` they are (B, R, V): position j holds the logits that predict
+row b's j-th response token (already shifted for Dream), which needs every row to have
+the same number of response positions. Other outputs (e.g. hidden states) cover the rows
+the graph computed: all rows at a prefill, the computed rows at a step. ``reset()`` drops
+every session. Every transition is counted (``counts``) and logged at DEBUG.
 
 Sessions live in the runtime of one dynamo graph. When dynamo recompiles (a new batch
 size, changed guards), the new graph's runtime starts empty, so the next call is a prefill
@@ -36,22 +49,26 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from maskkv_compile.policies import format_budget_table, voter_positions
 from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.inductor import SEQ, InductorGraph
-from maskkv_compile.pipeline import MaskKVGraphs, build_graphs
+from maskkv_compile.layout import Layout, NoMaskTokenError, infer_layout
 from maskkv_compile.passes import PREFILL_OUTPUTS_PER_LAYER
+from maskkv_compile.pipeline import MaskKVGraphs, build_graphs
+from maskkv_compile.policies import format_budget_table
+
+__all__ = ["MaskKVRuntime", "NoMaskTokenError", "padding", "response_logits_only"]
+
+log = logging.getLogger("maskkv_compile.runtime")
 
 _RESPONSE_ONLY = contextvars.ContextVar("maskkv_response_logits_only", default=False)
-
-
-class NoMaskTokenError(ValueError):
-    """A new prompt reached the model without any mask token to fill."""
+_KEY_VALID: contextvars.ContextVar[Optional[torch.Tensor]] = contextvars.ContextVar("maskkv_key_valid", default=None)
 
 
 @contextlib.contextmanager
@@ -64,39 +81,65 @@ def response_logits_only():
         _RESPONSE_ONLY.reset(token)
 
 
+@contextlib.contextmanager
+def padding(key_valid: Optional[torch.Tensor]):
+    """The (B, S) padding of the calls made in this block (False = padding); set by the
+    optimized model from the caller's attention mask, which is not traced into the graphs."""
+    token = _KEY_VALID.set(key_valid)
+    try:
+        yield
+    finally:
+        _KEY_VALID.reset(token)
+
+
 @dataclass
 class LayerCache:
     kept_k: torch.Tensor  # (B, Hkv, Kmax, D)
     kept_v: torch.Tensor  # (B, Hkv, Kmax, Dv)
-    kept_len: torch.Tensor  # (Hkv,)
+    kept_len: torch.Tensor  # (B, Hkv)
     kept_pos: torch.Tensor  # (B, Hkv, Kmax), -1 in the padding
     prompt_mass: torch.Tensor  # (B, H)
 
 
 @dataclass(eq=False)
 class Session:
-    shape: tuple[int, int]
-    device: torch.device
-    resp_idx: torch.Tensor  # (R,)
-    prompt_idx: torch.Tensor  # (P,)
-    prompt_tokens: torch.Tensor  # (B, P)
+    layout: Layout
+    ids: torch.Tensor  # (B, S) the tokens of the last call
     prompt_inputs: list[torch.Tensor]  # other per-token inputs at the prompt positions
     layers: list[LayerCache] = field(default_factory=list)
     steps_since_prefill: int = 0
 
-    def matches(self, ids: torch.Tensor, per_token: list[torch.Tensor]) -> bool:
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.ids.shape)
+
+    @property
+    def resp_idx(self) -> torch.Tensor:
+        """The rows the step graph computes (the response rows, plus Dream's read rows)."""
+        return self.layout.rows
+
+    def continues(self, ids: torch.Tensor, per_token: list[torch.Tensor], key_valid: torch.Tensor) -> bool:
+        prompt = self.layout.prompt
         return (
-            tuple(ids.shape) == self.shape
-            and ids.device == self.device
-            and bool((ids.index_select(1, self.prompt_idx) == self.prompt_tokens).all())
-            and all(torch.equal(x.index_select(1, self.prompt_idx), y) for x, y in zip(per_token, self.prompt_inputs))
+            self.layout.has_prompt
+            and ids.shape == self.ids.shape
+            and ids.device == self.ids.device
+            and torch.equal(key_valid, self.layout.key_valid)
+            and torch.equal(ids[prompt], self.ids[prompt])
+            and all(torch.equal(x[prompt], y) for x, y in zip(per_token, self.prompt_inputs))
         )
+
+    def restarted(self, ids: torch.Tensor, mask_token_id: int) -> bool:
+        """Some response position went back from a committed token to the mask token."""
+        back = (ids == mask_token_id) & (self.ids != mask_token_id) & self.layout.response
+        return bool(back.any())
 
 
 @dataclass
 class Counts:
     prefills: int = 0
     steps: int = 0
+    transitions: Counter = field(default_factory=Counter)  # new, restart, refresh, step
 
 
 class MaskKVRuntime:
@@ -112,9 +155,11 @@ class MaskKVRuntime:
         names = [n.name for n in graphs.canonical.graph.nodes if n.op == "placeholder"]
         self.tokens_pos = names.index(graphs.info.tokens)
         self.per_token_pos = [names.index(name) for name in graphs.info.per_token]
-        self._prefill = self._compile(graphs.prefill, {"resp_idx": (0,), "voter_idx": (0,), "prompt_idx": (0,)})
+        per_row = {name: (1,) for name in ("key_valid", "voter_valid", "prompt_valid", "resp_valid")}
+        self._prefill = self._compile(graphs.prefill, {"resp_idx": (0,), "voter_idx": (0,), "prompt_idx": (0,), **per_row})
         self._step = self._compile(
-            graphs.step, {"resp_idx": (0,), **{f"kept_{kv}_{i}": (2,) for i in range(len(graphs.sites)) for kv in "kv"}}
+            graphs.step,
+            {"resp_idx": (0,), **per_row, **{f"kept_{kv}_{i}": (2,) for i in range(len(graphs.sites)) for kv in "kv"}},
         )
 
     @classmethod
@@ -134,60 +179,50 @@ class MaskKVRuntime:
         self.last_session = None
 
     # -- routing ---------------------------------------------------------------------------
-    def _route(self, ids: torch.Tensor, per_token: list[torch.Tensor]) -> tuple[Session, bool]:
-        """(session, run_prefill)."""
-        matching = [s for s in self.sessions if s.matches(ids, per_token)]
-        if matching:
-            session = max(matching, key=lambda s: s.prompt_idx.numel())
+    def _route(self, ids: torch.Tensor, per_token: list[torch.Tensor], key_valid: torch.Tensor) -> tuple[Session, str]:
+        """(session, transition): transition is "new", "restart", "refresh" or "step"."""
+        session = next((s for s in self.sessions if s.continues(ids, per_token, key_valid)), None)
+        if session is not None:
             self.sessions.remove(session)
-            self.sessions.insert(0, session)
-            all_masked = bool((ids.index_select(1, session.resp_idx) == self.mask_token_id).all())
-            refresh = self.config.prompt_refresh
-            due = refresh is not None and session.steps_since_prefill + 1 >= refresh
-            return session, all_masked or due
-        session = self._new_session(ids, per_token)
-        self.sessions.insert(0, session)
-        del self.sessions[self.config.max_sessions :]
-        return session, True
-
-    def _new_session(self, ids: torch.Tensor, per_token: list[torch.Tensor]) -> Session:
-        masked = ids == self.mask_token_id  # (B, S)
-        if not bool(masked.any()):
-            raise NoMaskTokenError(
-                f"no mask token (id {self.mask_token_id}) in the input of shape {tuple(ids.shape)}: the first call "
-                "for a prompt must hold the mask token at every position to generate. Check mask_token_id, or "
-                "call the original model for a plain forward pass."
-            )
-        if not bool((masked == masked[:1]).all()):
-            raise ValueError(
-                "the rows of the batch have their mask tokens at different positions; MaskKV shares one response "
-                "layout across a batch. Call the model once per layout (e.g. classifier-free guidance's "
-                "unconditional rows separately)."
-            )
-        column = masked[0]
-        return Session(
-            shape=tuple(ids.shape),
-            device=ids.device,
-            resp_idx=column.nonzero().flatten(),
-            prompt_idx=(~column).nonzero().flatten(),
-            prompt_tokens=ids[:, ~column].clone(),
-            prompt_inputs=[x[:, ~column].clone() for x in per_token],
-        )
+            if not session.restarted(ids, self.mask_token_id):
+                self.sessions.insert(0, session)
+                refresh = self.config.prompt_refresh
+                due = refresh is not None and session.steps_since_prefill + 1 >= refresh
+                return session, "refresh" if due else "step"
+        references = [(s.ids, s.layout) for s in self.sessions
+                      if s.ids.shape == ids.shape and s.ids.device == ids.device and torch.equal(s.layout.key_valid, key_valid)]
+        layout = infer_layout(ids, key_valid, self.mask_token_id, shift=self.config.logits_shift,
+                              policy=self.config.policy, window=self.config.window, references=references)
+        fresh = Session(layout, ids, [x[layout.prompt].clone() for x in per_token])
+        if layout.has_prompt:
+            self.sessions.insert(0, fresh)
+            del self.sessions[self.config.max_sessions :]
+        return fresh, "new" if session is None else "restart"
 
     # -- execution -------------------------------------------------------------------------
     def __call__(self, *args):
         ids = args[self.tokens_pos]
         per_token = [args[i] for i in self.per_token_pos]
+        key_valid = _KEY_VALID.get()
+        if key_valid is None or key_valid.shape != ids.shape:
+            key_valid = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
         with torch.no_grad():
-            session, prefill = self._route(ids, per_token)
-            outputs = self._run_prefill(args, session) if prefill else self._run_step(args, session)
+            session, transition = self._route(ids, per_token, key_valid)
+            log.debug("%s: %s (prompt %s, response %s)", transition, tuple(ids.shape), session.layout.prompt_lens,
+                      session.layout.response_lens)
+            self.counts.transitions[transition] += 1
+            outputs = self._run_step(args, session) if transition == "step" else self._run_prefill(args, session)
+            session.ids = ids.clone()
         self.last_session = session
         return outputs
 
+    def _per_row_inputs(self, layout: Layout) -> dict:
+        return {"resp_idx": layout.rows, "key_valid": layout.key_valid, "resp_valid": layout.resp_valid,
+                "voter_idx": layout.voter_idx, "voter_valid": layout.voter_valid,
+                "prompt_idx": layout.prompt_idx, "prompt_valid": layout.prompt_valid}
+
     def _run_prefill(self, args, session: Session):
-        cfg = self.config
-        voter_idx = voter_positions(cfg.policy, session.prompt_idx, session.resp_idx, cfg.window, cfg.vote_shift)
-        extra = {"resp_idx": session.resp_idx, "voter_idx": voter_idx.to(session.device), "prompt_idx": session.prompt_idx}
+        extra = self._per_row_inputs(session.layout)
         outputs = self._prefill(*args, *(extra[name] for name in self.graphs.prefill_inputs))
         split = len(outputs) - PREFILL_OUTPUTS_PER_LAYER * len(self.graphs.sites)  # original outputs, then caches
         base, caches = outputs[:split], outputs[split:]
@@ -198,11 +233,11 @@ class MaskKVRuntime:
         self.counts.prefills += 1
         logits = base[self.graphs.info.logits_index]
         if not self.graphs.head_sliced:
-            logits = logits.index_select(1, session.resp_idx)
+            logits = logits.index_select(1, session.layout.rows)
         return self._with_logits(base, logits, session)
 
     def _run_step(self, args, session: Session):
-        extra = {"resp_idx": session.resp_idx}
+        extra = self._per_row_inputs(session.layout)
         for layer, cache in enumerate(session.layers):
             extra.update({f"kept_k_{layer}": cache.kept_k, f"kept_v_{layer}": cache.kept_v, f"kept_len_{layer}": cache.kept_len})
         outputs = self._step(*args, *(extra[name] for name in self.graphs.step_inputs))
@@ -211,11 +246,20 @@ class MaskKVRuntime:
         return self._with_logits(outputs, outputs[self.graphs.info.logits_index], session)
 
     def _with_logits(self, outputs, logits: torch.Tensor, session: Session):
-        """Put the (B, R, V) response logits back at their rows, unless response-only."""
-        if not _RESPONSE_ONLY.get():
-            batch, seq_len = session.shape
-            full = logits.new_zeros((batch, seq_len, logits.shape[-1]))
-            full[:, session.resp_idx] = logits
+        """The (B, C, V) logits of the computed rows, as the caller's contract wants them."""
+        layout = session.layout
+        if _RESPONSE_ONLY.get():
+            if layout.read_idx is None:
+                raise ValueError(
+                    f"response_logits_only() needs the same number of response positions in every row, got "
+                    f"{layout.response_lens}; call without it to get (B, S, V) logits"
+                )
+            logits = logits.gather(1, layout.read_idx[..., None].expand(-1, -1, logits.shape[-1]))  # (B, R, V)
+        else:
+            if not bool(layout.returned.all()):  # rows computed for a batch mate are not this row's logits
+                logits = logits.masked_fill(~layout.returned[..., None], 0)
+            full = logits.new_zeros((*session.shape, logits.shape[-1]))  # (B, S, V)
+            full.index_copy_(1, layout.rows, logits)
             logits = full
         outputs = list(outputs)
         outputs[self.graphs.info.logits_index] = logits
@@ -225,37 +269,46 @@ class MaskKVRuntime:
     def cache_stats(self) -> dict:
         """What the last prompt's cache holds.
 
-        bytes: held by the padded per-layer K/V tensors; valid_bytes: the kept entries alone
-        (sum of head budgets x entry size; the difference is each layer's padding up to its
-        largest head); uniform_bytes: a cache keeping min(budget, P) entries in every head.
+        prompt_len / response_len: the longest row's (``prompt_lens`` / ``response_lens``: each
+        row's). Per layer, ``kept_per_kv_head`` is the first row's kept entries per KV head and
+        ``kept_per_row`` every row's. bytes: held by the padded per-layer K/V tensors;
+        valid_bytes: the kept entries alone (the difference is each layer's padding up to its
+        largest row and head); uniform_bytes: a cache keeping min(budget, P_b) entries in every
+        head of every row. prefills / steps / transitions: what this runtime has run so far.
         """
         session = self.last_session
         if session is None:
-            return {"prompt_len": 0, "response_len": 0, "layers": [], "bytes": 0, "valid_bytes": 0, "uniform_bytes": 0}
-        prompt_len = int(session.prompt_idx.numel())
+            return {"prompt_len": 0, "response_len": 0, "layers": [], "bytes": 0, "valid_bytes": 0, "uniform_bytes": 0,
+                    "prefills": self.counts.prefills, "steps": self.counts.steps}
+        prompt_lens, response_lens = session.layout.prompt_lens, session.layout.response_lens
         layers = []
         for site, cache in zip(self.graphs.sites, session.layers):
-            batch, _, _, dk = cache.kept_k.shape
-            entry = batch * (dk + cache.kept_v.shape[-1]) * cache.kept_k.element_size()  # one (k, v) pair, all rows
+            entry = (cache.kept_k.shape[-1] + cache.kept_v.shape[-1]) * cache.kept_k.element_size()  # one (k, v) pair
+            kept = cache.kept_len.tolist()
             layers.append({
                 "layer": site.layer,
                 "module": site.module_path,
-                "kept_per_kv_head": cache.kept_len.tolist(),
+                "kept_per_kv_head": kept[0],
+                "kept_per_row": kept,
                 "padded_to": int(cache.kept_k.shape[2]),
                 "bytes": cache.kept_k.nbytes + cache.kept_v.nbytes,
                 "valid_bytes": int(cache.kept_len.sum()) * entry,
-                "uniform_bytes": site.kv_heads * min(self.config.budget, prompt_len) * entry,
+                "uniform_bytes": site.kv_heads * sum(min(self.config.budget, p) for p in prompt_lens) * entry,
             })
         return {
             "policy": self.config.policy,
-            "prompt_len": prompt_len,
-            "response_len": int(session.resp_idx.numel()),
+            "prompt_len": max(prompt_lens),
+            "response_len": max(response_lens),
+            "prompt_lens": prompt_lens,
+            "response_lens": response_lens,
             "layers": layers,
             **{key: sum(layer[key] for layer in layers) for key in ("bytes", "valid_bytes", "uniform_bytes")},
             "prefills": self.counts.prefills,
             "steps": self.counts.steps,
+            "transitions": dict(self.counts.transitions),
         }
 
     def budget_table(self) -> str:
+        """Layers x KV heads kept, for the first row of the last prompt."""
         session = self.last_session
-        return format_budget_table([cache.kept_len for cache in session.layers]) if session else "(no prompt yet)"
+        return format_budget_table([cache.kept_len[0] for cache in session.layers]) if session else "(no prompt yet)"

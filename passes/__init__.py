@@ -3,7 +3,8 @@
 Order (see ``maskkv_compile.pipeline``):
 
     canonical:  FindAttentionPass       every attention spelling -> maskkv::attention
-    prefill:    CaptureVotesPass        maskkv::mask_votes at every site
+    prefill:    MaskPaddingPass         padding keys out of every maskkv::attention
+                CaptureVotesPass        maskkv::mask_votes at every site
                 EvictKVPass             maskkv::select_kv, kept K/V become graph outputs
                 MaskOnlyHeadPass        LM head on the response rows only
     step:       SliceSequencePass       token ids / positions / tables gathered at resp_idx
@@ -17,10 +18,11 @@ from .evict_kv import PREFILL_OUTPUTS_PER_LAYER, EvictKVPass
 from .find_attention import AttentionSite, FindAttentionPass, attention_sites
 from .graph_info import GraphInfo, UnsupportedModelError, analyse
 from .mask_only_head import MaskOnlyHeadPass
+from .mask_padding import MaskPaddingPass
 from .slice_sequence import SliceSequencePass
 
 __all__ = [
     "AttentionSite", "CachedAttentionPass", "CaptureVotesPass", "EvictKVPass", "FindAttentionPass", "GraphInfo",
-    "GraphPass", "MaskOnlyHeadPass", "PassManager", "PassResult", "PREFILL_OUTPUTS_PER_LAYER", "STEP_INPUTS_PER_LAYER",
+    "GraphPass", "MaskOnlyHeadPass", "MaskPaddingPass", "PassManager", "PassResult", "PREFILL_OUTPUTS_PER_LAYER", "STEP_INPUTS_PER_LAYER",
     "SliceSequencePass", "UnsupportedModelError", "analyse", "attention_sites",
 ]

@@ -1,8 +1,10 @@
 """CaptureVotesPass (prefill graph): Mask-Voting at every attention site.
 
 Matches every canonical ``maskkv::attention`` node; inserts right after it
-``maskkv::mask_votes(q, k, voter_idx, prompt_idx, scale, chunk)`` where ``voter_idx`` and
-``prompt_idx`` are new graph inputs (positions along the sequence).
+``maskkv::mask_votes(q, k, voter_idx, prompt_idx, scale, chunk, key_valid, voter_valid,
+prompt_valid)`` where ``voter_idx`` / ``prompt_idx`` (positions along the sequence, shared
+by the batch) and the per-row masks ``key_valid`` (B, S), ``voter_valid`` (B, V),
+``prompt_valid`` (B, P) are new graph inputs (see ``maskkv_compile/layout.py``).
 
 Invariants: q/k are the site's own post-RoPE, unrepeated tensors, so the votes see exactly
 the scores the attention computed; the votes node is recorded in the site node's
@@ -25,15 +27,16 @@ class CaptureVotesPass(GraphPass):
     dead_code_elimination = False  # the votes have no user until EvictKVPass runs
 
     def run(self, gm: fx.GraphModule) -> PassResult:
-        voter_idx = placeholder(gm, "voter_idx")
-        prompt_idx = placeholder(gm, "prompt_idx")
+        voter_idx, prompt_idx, key_valid, voter_valid, prompt_valid = (
+            placeholder(gm, name) for name in ("voter_idx", "prompt_idx", "key_valid", "voter_valid", "prompt_valid")
+        )
         sites = attention_sites(gm)
         for node, _ in sites:
             q, k, scale = node.args[0], node.args[1], node.args[3]
             with gm.graph.inserting_before(node.next):
                 votes = gm.graph.call_function(
                     torch.ops.maskkv.mask_votes.default,
-                    (q, k, voter_idx, prompt_idx, scale, self.config.vote_chunk),
+                    (q, k, voter_idx, prompt_idx, scale, self.config.vote_chunk, key_valid, voter_valid, prompt_valid),
                 )
                 scores = gm.graph.call_function(operator.getitem, (votes, 0))
                 prompt_mass = gm.graph.call_function(operator.getitem, (votes, 1))

@@ -3,8 +3,8 @@
 Matches every canonical ``maskkv::attention`` node that CaptureVotesPass annotated; inserts
 after it, for layer ``l`` with ``Hkv`` KV heads:
 
-    scores  = maskkv::selection_scores(votes, policy, pool_kernel, sink, seed)
-    budgets = maskkv::head_budgets(prompt_mass, scores, voter_idx, k_l, budget, policy, alpha, min_keep)
+    scores  = maskkv::selection_scores(votes, prompt_valid, policy, pool_kernel, sink, seed)
+    budgets = maskkv::head_budgets(prompt_mass, scores, voter_valid, k_l, budget, policy, alpha, min_keep)
     kept    = maskkv::select_kv(k, v, scores, prompt_idx, budgets)
 
 The layer budgets ``k_l`` come from the policy's layer allocator at pass time (offline:
@@ -12,7 +12,7 @@ from the config's LayerProfile where the policy uses one), made integral per lay
 ``layer_slot_totals`` so the whole model keeps exactly ``n_layers * Hkv * budget`` entries
 when the prompt is long enough. They are constants of the graph (part of ``uuid()``).
 
-The graph then also returns, per layer, ``(kept_k, kept_v, kept_len, kept_pos,
+Budgets and kept lengths are per row, (B, Hkv). The graph then also returns, per layer, ``(kept_k, kept_v, kept_len, kept_pos,
 prompt_mass)`` after its original outputs (``PREFILL_OUTPUTS_PER_LAYER`` of them). Only the
 kept entries outlive the layer: its full K/V die after the attention, as before.
 """
@@ -58,7 +58,8 @@ class EvictKVPass(GraphPass):
     def run(self, gm: fx.GraphModule) -> PassResult:
         cfg = self.config
         prompt_idx = placeholder(gm, "prompt_idx")
-        voter_idx = placeholder(gm, "voter_idx")
+        prompt_valid = placeholder(gm, "prompt_valid")
+        voter_valid = placeholder(gm, "voter_valid")
         sites = attention_sites(gm)
         per_layer = layer_budgets(cfg, [site.kv_heads for _, site in sites])
         extra: list[fx.Node] = []
@@ -69,10 +70,10 @@ class EvictKVPass(GraphPass):
             k, v = node.args[1], node.args[2]
             call = gm.graph.call_function
             with gm.graph.inserting_before(prompt_mass.next):
-                scores = call(torch.ops.maskkv.selection_scores.default, (votes, cfg.policy, cfg.pool_kernel, cfg.sink, cfg.seed))
+                scores = call(torch.ops.maskkv.selection_scores.default, (votes, prompt_valid, cfg.policy, cfg.pool_kernel, cfg.sink, cfg.seed))
                 budgets = call(
                     torch.ops.maskkv.head_budgets.default,
-                    (prompt_mass, scores, voter_idx, float(layer_budget), cfg.budget, cfg.policy, float(cfg.alpha), cfg.min_keep),
+                    (prompt_mass, scores, voter_valid, float(layer_budget), cfg.budget, cfg.policy, float(cfg.alpha), cfg.min_keep),
                 )
                 select = call(torch.ops.maskkv.select_kv.default, (k, v, scores, prompt_idx, budgets))
                 kept = [call(operator.getitem, (select, i)) for i in range(4)]

@@ -28,14 +28,13 @@ def _expand(x, heads):
 
 
 class PromptCacheReference:
-    def __init__(self, model, budget: int | None = None, vote_shift: int = 0, policy: str = "mask_voting_uniform",
+    def __init__(self, model, budget: int | None = None, family: str = "llada", policy: str = "mask_voting_uniform",
                  **options):
         """``budget=None`` keeps the whole prompt; otherwise ``policy`` (and ``options``, as
         MaskKVConfig fields) chooses voters, scores and budgets as the registry defines them."""
         self.model = copy.deepcopy(model)
         self.budget = budget
-        self.vote_shift = vote_shift
-        self.config = MaskKVConfig(budget=budget or 1, policy=policy, vote_shift=vote_shift, **options)
+        self.config = MaskKVConfig(budget=budget or 1, policy=policy, family=family, **options)
         n_layers, kv_heads = model.config.num_hidden_layers, model.config.num_key_value_heads
         self.layer_budgets = layer_budgets(self.config, [kv_heads] * n_layers)
         self.kept: dict[int, tuple] = {}  # layer -> (kept positions per (b, h), k, v)
@@ -57,7 +56,7 @@ class PromptCacheReference:
             self.captured_qk[layer] = (query, key)
             probs = torch.softmax((query @ _expand(key, heads).transpose(-2, -1)) * scaling, dim=-1)  # (B, H, S, S)
             cfg = self.config
-            voters = voter_positions(cfg.policy, prompt, resp, cfg.window, cfg.vote_shift)
+            voters = voter_positions(cfg.policy, prompt, resp, cfg.window, -cfg.logits_shift)
             on_prompt = probs[:, :, voters][..., prompt]  # (B, H, Rv, P)
             votes = on_prompt.sum(2).view(batch, kv_heads, heads // kv_heads, -1).sum(2)  # (B, Hkv, P)
             if self.budget is None or len(prompt) <= self.budget:
@@ -71,7 +70,7 @@ class PromptCacheReference:
                     self.layer_budgets[layer], n_kv_heads=kv_heads, prompt_len=len(prompt), min_keep=cfg.min_keep,
                     prompt_mass=on_prompt.sum((2, 3)), n_voters=max(len(voters), 1), votes=scores, **options,
                 )
-            keep = select_kv_reference(scores, budgets)
+            keep = select_kv_reference(scores, budgets.expand(batch, -1))
             positions = [[prompt[idx] for idx in row] for row in keep]
             self.kept[layer] = (
                 positions,
@@ -93,11 +92,13 @@ class PromptCacheReference:
         return out.transpose(1, 2).contiguous(), None
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, resp_idx: torch.Tensor, prefill: bool) -> torch.Tensor:
-        """Logits of the response rows, (B, R, V)."""
+    def __call__(self, x: torch.Tensor, resp_idx: torch.Tensor, prefill: bool, rows=None) -> torch.Tensor:
+        """Logits of ``rows`` (default: the response rows), (B, len(rows), V). At a step every
+        query attends to [kept prompt ; response], so a prompt row's logits are what its query,
+        recomputed like a response row, gives (what a shifted-logits model reads)."""
         self.mode = "prefill" if prefill else "step"
         self.resp_idx = resp_idx
-        return self.model(x, use_cache=False).logits[:, resp_idx]
+        return self.model(x, use_cache=False).logits[:, resp_idx if rows is None else rows]
 
     def kept_positions(self, layer: int) -> list[list[list[int]]]:
         return [[sorted(int(p) for p in head) for head in row] for row in self.kept[layer][0]]

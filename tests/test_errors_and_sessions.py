@@ -106,14 +106,6 @@ def test_batch_of_two_prompts_equals_each_alone():
         assert torch.equal(batched[row : row + 1], alone)
 
 
-def test_rows_with_different_mask_layouts_are_refused():
-    model = build("llada")
-    _, x = prompt_and_masks(model, 10, 4, batch=2)
-    x[1, 3] = model.config.mask_token_id
-    with pytest.raises(ValueError, match="different positions"):
-        maskkv_compile.optimize(model, budget=4, backend="eager")(x)
-
-
 def test_classifier_free_guidance_runs_cached_and_matches_full_budget():
     model = build("llada", dtype=torch.float64)
     prompt, _ = prompt_and_masks(model, 10, 8)

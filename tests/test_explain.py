@@ -15,7 +15,7 @@ import maskkv_compile
 from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.explain import Report
 from maskkv_compile.passes import (
-    CachedAttentionPass, CaptureVotesPass, EvictKVPass, FindAttentionPass, MaskOnlyHeadPass, SliceSequencePass,
+    CachedAttentionPass, CaptureVotesPass, EvictKVPass, FindAttentionPass, MaskOnlyHeadPass, MaskPaddingPass, SliceSequencePass,
     UnsupportedModelError,
 )
 
@@ -26,7 +26,7 @@ PROMPT_LEN, GEN_LEN, BUDGET = 16, 8, 8
 # what every graph's pass list is, in order (pipeline.build_graphs)
 PASSES = {
     "canonical": ["FindAttentionPass"],
-    "prefill": ["CaptureVotesPass", "EvictKVPass", "MaskOnlyHeadPass"],
+    "prefill": ["MaskPaddingPass", "CaptureVotesPass", "EvictKVPass", "MaskOnlyHeadPass"],
     "step": ["SliceSequencePass", "CachedAttentionPass"],
 }
 BARE_ATTENTION = {"sdpa": "scaled_dot_product_attention", "eager": "softmax"}
@@ -262,12 +262,12 @@ def test_debug_dir_dumps_every_graph_before_and_after_every_pass_as_python(tmp_p
     code = {name: without_comments(source) for name, source in files.items()}  # comments quote the model source
     assert "scaled_dot_product_attention" in code["maskkv.canonical.0.FindAttentionPass.before.py"]
     assert "scaled_dot_product_attention" not in code["maskkv.canonical.0.FindAttentionPass.after.py"]
-    assert "torch.ops.maskkv.mask_votes" not in code["maskkv.prefill.0.CaptureVotesPass.before.py"]
-    assert "torch.ops.maskkv.mask_votes" in code["maskkv.prefill.0.CaptureVotesPass.after.py"]
+    assert "torch.ops.maskkv.mask_votes" not in code["maskkv.prefill.1.CaptureVotesPass.before.py"]
+    assert "torch.ops.maskkv.mask_votes" in code["maskkv.prefill.1.CaptureVotesPass.after.py"]
     assert "torch.ops.maskkv.cached_attention" in code["maskkv.step.1.CachedAttentionPass.after.py"]
     # a pass's "before" is the previous pass's "after"
-    assert files["maskkv.prefill.1.EvictKVPass.before.py"].split("\n", 1)[1] == \
-        files["maskkv.prefill.0.CaptureVotesPass.after.py"].split("\n", 1)[1]
+    assert files["maskkv.prefill.2.EvictKVPass.before.py"].split("\n", 1)[1] == \
+        files["maskkv.prefill.1.CaptureVotesPass.after.py"].split("\n", 1)[1]
 
 
 class Collect(logging.Handler):
@@ -298,7 +298,7 @@ def test_graphs_go_to_the_graph_logger_and_to_structured_trace():
     assert len(logged) == len(names)
     for message in logged:  # lazy_format_graph_code's format, which depyf and TORCH_LOGS show
         assert message.startswith("TRACED GRAPH\n ===== maskkv.") and "class GraphModule(torch.nn.Module)" in message
-    assert any("===== maskkv.prefill.0.CaptureVotesPass.after =====" in m and "torch.ops.maskkv.mask_votes" in m
+    assert any("===== maskkv.prefill.1.CaptureVotesPass.after =====" in m and "torch.ops.maskkv.mask_votes" in m
                for m in logged)
     artifacts = {
         r.metadata["artifact"]["name"]: r.payload for r in trace_handler.records
@@ -313,7 +313,7 @@ def test_graphs_go_to_the_graph_logger_and_to_structured_trace():
 
 
 def pass_uuids(config: MaskKVConfig) -> dict[str, str]:
-    passes = [FindAttentionPass(config), CaptureVotesPass(config), EvictKVPass(config), MaskOnlyHeadPass(config, None),
+    passes = [FindAttentionPass(config), MaskPaddingPass(config), CaptureVotesPass(config), EvictKVPass(config), MaskOnlyHeadPass(config, None),
               SliceSequencePass(config, None), CachedAttentionPass(config)]
     return {p.name: p.uuid() for p in passes}
 

@@ -1,0 +1,153 @@
+"""Where each row's prompt, response and padding are, and which rows the step graph computes.
+
+A :class:`Layout` is decided once per prompt (at its prefill) from the tokens, the padding
+and the model family, and never changes until the next prefill of a new layout:
+
+* padding: ``key_valid`` (B, S), False at padding (from the caller's attention mask);
+* response of row b: the real positions that hold the mask token at the prefill, except in
+  a *masked copy* row (classifier-free guidance's unconditional row: a row equal to
+  another row wherever it is not a mask, and masked at some of that row's prompt positions).
+  A masked copy takes its reference row's response; its extra masks are its prompt (they are
+  never committed), so both CFG halves are cached alike;
+* prompt of row b: its real positions that are not response;
+* rows the step computes (``rows``, (C,), shared by the batch): every row's response
+  positions and, for a shifted-logits family (Dream: token i is predicted at row i-1), the
+  row before each response position. A computed row is one of row b's *keys* only if it is
+  row b's response (``resp_valid``): a row computed for a batch mate, or a shifted model's
+  last prompt row (its K/V stay the cached ones), is a query only.
+
+Per-row masks over shared index vectors (``prompt_idx`` + ``prompt_valid``, ``voter_idx`` +
+``voter_valid``) let one graph serve rows of different lengths and layouts while every row
+computes exactly what it would alone (batch invariance).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from maskkv_compile.policies import voter_positions
+
+
+class NoMaskTokenError(ValueError):
+    """A new prompt reached the model without any mask token to fill."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    key_valid: torch.Tensor  # (B, S) bool, False at padding
+    response: torch.Tensor  # (B, S) bool
+    rows: torch.Tensor  # (C,) int64 positions the step graph computes, ascending
+    resp_valid: torch.Tensor  # (B, C) bool: computed row c is one of row b's response keys
+    returned: torch.Tensor  # (B, C) bool: row b's logits at computed row c are returned
+    read_idx: Optional[torch.Tensor]  # (B, R) index into rows of the logits of each response position
+    prompt_idx: torch.Tensor  # (P,) union of the rows' prompt positions
+    prompt_valid: torch.Tensor  # (B, P)
+    voter_idx: torch.Tensor  # (V,) union of the rows' voter positions
+    voter_valid: torch.Tensor  # (B, V)
+    twins: tuple[Optional[int], ...]  # per row: the row index whose response a masked copy took (or None)
+
+    @property
+    def prompt(self) -> torch.Tensor:  # (B, S) bool
+        return self.key_valid & ~self.response
+
+    @property
+    def prompt_lens(self) -> list[int]:
+        return self.prompt.sum(1).tolist()
+
+    @property
+    def response_lens(self) -> list[int]:
+        return self.response.sum(1).tolist()
+
+    @property
+    def has_prompt(self) -> bool:
+        """Every row has a prompt: only then can a later call be told apart from a new prompt."""
+        return bool(self.prompt.any(1).all())
+
+
+def _is_masked_copy(ids: torch.Tensor, masked: torch.Tensor, ref_ids: torch.Tensor, ref_masked: torch.Tensor,
+                    valid: torch.Tensor) -> bool:
+    """Row ``ids`` is ``ref_ids`` with some of the reference's prompt positions masked (1-D rows)."""
+    return (
+        bool((masked | ~ref_masked | ~valid).all())  # masked wherever the reference is
+        and bool((masked & ~ref_masked & valid).any())  # and at some of the reference's prompt
+        and bool(((ids == ref_ids) | masked | ~valid).all())  # equal wherever unmasked
+    )
+
+
+def _in_batch_reference(row: int, ids, masked, key_valid, resolved: dict) -> Optional[int]:
+    """A row of this batch that ``row`` is a masked copy of; LLaDA's ``cat([x, un_x])`` pairs
+    row i + B/2 with row i, so that partner wins when it qualifies."""
+    batch = ids.shape[0]
+    order = list(range(batch))
+    if batch % 2 == 0 and row >= batch // 2:
+        order.remove(row - batch // 2)
+        order.insert(0, row - batch // 2)
+    for ref in order:
+        if ref == row or ref not in resolved or resolved[ref] is not None:
+            continue  # a reference must itself be a plain (conditional) row
+        if torch.equal(key_valid[ref], key_valid[row]) and _is_masked_copy(
+            ids[row], masked[row], ids[ref], masked[ref], key_valid[row]
+        ):
+            return ref
+    return None
+
+
+def infer_layout(ids: torch.Tensor, key_valid: torch.Tensor, mask_token_id: int, *, shift: int, policy: str,
+                 window: int, references: Sequence[tuple[torch.Tensor, "Layout"]] = ()) -> Layout:
+    """The layout of a new prompt. ``references``: (last ids, layout) of live sessions of the same
+    shape and padding, most recent first, for a masked copy sent in its own call (CFG as two calls)."""
+    masked = (ids == mask_token_id) & key_valid  # (B, S)
+    batch = ids.shape[0]
+    response = masked.clone()
+    twins: dict[int, Optional[int]] = {}
+    for row in sorted(range(batch), key=lambda r: int(masked[r].sum())):  # plain rows resolve first
+        ref = _in_batch_reference(row, ids, masked, key_valid, twins)
+        if ref is not None:
+            response[row] = response[ref]
+        else:
+            for ref_ids, ref_layout in references:
+                ref_masked = (ref_ids[row] == mask_token_id) & key_valid[row]
+                if _is_masked_copy(ids[row], masked[row], ref_ids[row], ref_masked, key_valid[row]):
+                    response[row] = ref_layout.response[row]
+                    break
+        twins[row] = ref
+    missing = [row for row in range(batch) if not bool(response[row].any())]
+    if missing:
+        raise NoMaskTokenError(
+            f"no mask token (id {mask_token_id}) in row(s) {missing} of the input of shape {tuple(ids.shape)}: the "
+            "first call for a prompt must hold the mask token at every position to generate (padding excluded). "
+            "Check mask_token_id, or call the original model for a plain forward pass."
+        )
+    return _build(ids.device, key_valid, response, shift, policy, window, tuple(twins[r] for r in range(batch)))
+
+
+def _union(per_row: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row position sets -> (sorted union (N,), membership (B, N))."""
+    union = torch.unique(torch.cat(per_row)) if per_row else torch.zeros(0, dtype=torch.long)
+    union = union.to(device)
+    member = torch.stack([torch.isin(union, positions) for positions in per_row])
+    return union, member
+
+
+def _build(device, key_valid, response, shift, policy, window, twins) -> Layout:
+    prompt = key_valid & ~response
+    resp_pos = [r.nonzero().flatten() for r in response]
+    prompt_pos = [p.nonzero().flatten() for p in prompt]
+    # where each response position's logits live (Dream: one row earlier; the first row reads itself)
+    read_pos = [(r - shift).clamp(min=0) for r in resp_pos]
+    rows, _ = _union([torch.cat([r, q]) for r, q in zip(resp_pos, read_pos)], device)
+    resp_valid = response[:, rows]
+    returned = torch.stack([torch.isin(rows, torch.cat([r, q])) for r, q in zip(resp_pos, read_pos)])
+    lengths = {int(r.numel()) for r in resp_pos}
+    read_idx = torch.stack([torch.searchsorted(rows, q) for q in read_pos]) if len(lengths) == 1 else None
+    voters = []
+    for b, (p, r) in enumerate(zip(prompt_pos, resp_pos)):
+        v = voter_positions(policy, p.cpu(), r.cpu(), window, -shift).to(device)
+        voters.append(v[key_valid[b, v]])  # padding never votes
+    prompt_idx, prompt_valid = _union(prompt_pos, device)
+    voter_idx, voter_valid = _union(voters, device)
+    return Layout(key_valid, response, rows, resp_valid, returned, read_idx, prompt_idx, prompt_valid,
+                  voter_idx, voter_valid, twins)

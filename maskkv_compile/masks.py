@@ -1,0 +1,88 @@
+"""The caller's attention mask, in every spelling dLLM loops use, as per-row padding.
+
+MaskKV never traces the mask: it reads it here, checks that it only marks padding, drops
+it from the call, and hands the padding to the graphs as ``key_valid`` (B, S), False at
+padding keys. Spellings accepted (``attention_mask`` unless named otherwise):
+
+* ``None`` or the string ``"full"`` (Dream's loop without padding): no padding;
+* 2-D (B, S) of 0/1 (Hugging Face tokenizers; left or right padding, any pattern);
+* 4-D bool (B, 1, S, S) (Dream's loop with padding): ``m[b, 0, i, j]`` must be
+  ``valid[b, j]`` for every real query row i (padding query rows may be anything);
+* 4-D (B, 1, 1, S) bool or 0/1: a key mask;
+* ``attention_bias`` (LLaDA's forward), or a floating 4-D ``attention_mask``: additive,
+  0 where attended and a large negative number (or -inf) where not, padding-shaped as above.
+
+Anything else (a causal or block mask, arbitrary float biases, values other than 0/1) is
+an error naming what is supported: MaskKV models are bidirectional and keep one prompt
+cache per row, so the only masking that means something to them is padding.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+MASK_NAMES = ("attention_mask", "attention_bias")
+_BLOCKED = -1e4  # an additive bias at or below this blocks a key
+
+
+def _refuse(name: str, value, why: str) -> ValueError:
+    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else repr(value)
+    return ValueError(
+        f"{name} {shape}: {why}. MaskKV accepts padding masks only: None or 'full'; a (batch, seq) 0/1 mask; a "
+        "(batch, 1, seq, seq) bool mask whose real rows equal the key padding (Dream); a (batch, 1, 1, seq) key "
+        "mask; or an additive bias of 0 and -inf (LLaDA's attention_bias) with the same shape rules"
+    )
+
+
+def _allowed(name: str, mask: torch.Tensor) -> torch.Tensor:
+    """Any spelling -> bool 'may attend', same shape."""
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_floating_point():
+        blocked, open_ = mask <= _BLOCKED, mask == 0
+        if not bool((blocked | open_).all()):
+            raise _refuse(name, mask, "a float mask holds values other than 0 and a large negative number")
+        return open_
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise _refuse(name, mask, "an integer mask holds values other than 0 and 1")
+    return mask == 1
+
+
+def key_padding(name: str, mask, batch: int, seq: int) -> Optional[torch.Tensor]:
+    """(B, S) bool, False at padding keys; None when the mask marks no padding."""
+    if mask is None or (isinstance(mask, str) and mask == "full"):
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise _refuse(name, mask, "not a tensor")
+    allowed = _allowed(name, mask)
+    if allowed.dim() == 2 and allowed.shape == (batch, seq):
+        valid = allowed
+    elif allowed.dim() == 4 and allowed.shape[0] == batch and allowed.shape[1] == 1 and allowed.shape[-1] == seq:
+        if allowed.shape[2] == 1:
+            valid = allowed[:, 0, 0]
+        elif allowed.shape[2] == seq:
+            valid = allowed[:, 0].any(1)  # a key is real when some query may see it
+            rows = allowed[:, 0]  # (B, S, S)
+            real_rows_ok = (rows == valid[:, None, :]) | ~valid[:, :, None]
+            if not bool(real_rows_ok.all()):
+                raise _refuse(name, mask, "some real query row does not see exactly the real keys (a causal, block "
+                                          "or sliding-window mask?)")
+        else:
+            raise _refuse(name, mask, f"a 4-D mask must be (batch, 1, seq, seq) or (batch, 1, 1, seq) for seq {seq}")
+    else:
+        raise _refuse(name, mask, f"expected (batch, seq) = ({batch}, {seq}) or a 4-D mask")
+    if not bool(valid.any(1).all()):
+        raise _refuse(name, mask, "a row has no real token at all")
+    return None if bool(valid.all()) else valid.to(torch.bool)
+
+
+def padding_from_masks(input_ids: torch.Tensor, kwargs: dict) -> Optional[torch.Tensor]:
+    """Pop every mask spelling out of ``kwargs``; return the padding they agree on."""
+    batch, seq = input_ids.shape
+    found = [key_padding(name, kwargs.pop(name), batch, seq) for name in MASK_NAMES if name in kwargs]
+    found = [valid for valid in found if valid is not None]
+    if len(found) > 1 and not torch.equal(found[0], found[1]):
+        raise ValueError("attention_mask and attention_bias mark different padding; pass one of them")
+    return found[0].to(input_ids.device) if found else None
