@@ -2,17 +2,26 @@
 
 Same contract as ``kernels/cached_attention.py``:
 
-    q (B, H, R, D); k, v (B, Hkv, R, D|Dv) response K/V; kept_k, kept_v (B, Hkv, K, D|Dv)
-    kept prompt K/V padded per layer; kept_len (Hkv,) int64 valid prefix per KV head; scale
-    -> out (B, H, R, Dv) in q's dtype
+    q (B, H, R, D); k, v (B, Hkv, R, D|Dv) K/V of the R rows the step computes; kept_k,
+    kept_v (B, Hkv, K, D|Dv) kept prompt K/V padded per layer; kept_len (B, Hkv) int64 valid
+    prefix per batch row and KV head; resp_valid (B, R) bool, True where computed row j is
+    one of batch row b's response keys; scale -> out (B, H, R, Dv) in q's dtype
 
 One program per (block of response queries, batch x query head). It streams the first
-``min(kept_len[kvh], K)`` kept rows and then the R response rows through one online
-softmax (running max, running sum, float32 accumulator), so the two segments are never
-concatenated and the padding of ragged per-head budgets is never read. GQA: query head h
-reads KV head h // (H // Hkv). R, K, D, Dv need not be multiples of the block sizes.
-Probabilities are cast to v's dtype before the P @ V product (as SDPA does); fp32 dots
-run in IEEE precision, not TF32.
+``min(kept_len[b, kvh], K)`` kept rows of its batch row and KV head, then the R response
+rows, through one online softmax (running max, running sum, float32 accumulator), so the
+two segments are never concatenated. Response key j counts only where resp_valid[b, j]
+holds; every query row is computed (resp_valid masks keys, never queries).
+
+Invariants: the kept padding (slot >= kept_len[b, kvh]) and the K/V of the response keys
+masked for row b are never read (masked loads; the tests fill them with NaN); a block whose
+keys are all masked leaves the softmax state unchanged (the running max is guarded against
+-inf - -inf); a query with no key at all (kept_len 0 and resp_valid all False) gets zeros,
+as the CPU path's SDPA gives for a fully masked row.
+GQA: query head h reads KV head h // (H // Hkv). R, K, D, Dv need not be multiples of the
+block sizes, and every tensor is read through its strides (kept_len and resp_valid too).
+Probabilities are cast to v's dtype before the P @ V product (as SDPA does); fp32 dots run
+in IEEE precision, not TF32.
 
 ``cached_attention_triton`` is the launch function; see ``kernels/triton_votes.py`` for how
 it is wrapped (``wrap_triton``) and why importing this module never needs triton.
@@ -34,13 +43,16 @@ if HAS_TRITON:
 
     @triton.jit
     def _attend_segment(
-        q, m, l, acc, k_base, v_base, n_keys, sks, skd, svs, svd, qk_scale,
-        d, d_ok, dv, dv_ok, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+        q, m, l, acc, k_base, v_base, valid_base, n_keys, sks, skd, svs, svd, s_valid, qk_scale,
+        d, d_ok, dv, dv_ok, BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr, UPCAST: tl.constexpr,
     ):
-        """Fold keys [0, n_keys) of one segment into the online softmax state (m, l, acc)."""
+        """Fold keys [0, n_keys) of one segment into the online softmax state (m, l, acc);
+        with HAS_VALID, key j counts only where valid_base[j * s_valid] is True."""
         for start in range(0, n_keys, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             col_ok = cols < n_keys
+            if HAS_VALID:
+                col_ok = col_ok & (tl.load(valid_base + cols * s_valid, mask=col_ok, other=0) != 0)
             kt = tl.load(
                 k_base + cols[None, :] * sks + d[:, None] * skd,
                 mask=d_ok[:, None] & col_ok[None, :], other=0.0,
@@ -52,8 +64,10 @@ if HAS_TRITON:
             s = _dot(q, kt, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
             s = tl.where(col_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(s - m_new[:, None])
+            # no key so far (m_new = -inf): subtract 0 instead, so that p = alpha = 0, not NaN
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_ref)
+            p = tl.exp2(s - m_ref[:, None])
             l = l * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + _dot(p.to(vb.dtype), vb, UPCAST)
             m = m_new
@@ -61,12 +75,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _cached_attention_kernel(
-        q_ptr, k_ptr, v_ptr, kk_ptr, kv_ptr, kept_len_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, kk_ptr, kv_ptr, kept_len_ptr, resp_valid_ptr, out_ptr,
         sqb, sqh, sqs, sqd,
         skb, skh, sks, skd,
         svb, svh, svs, svd,
         skkb, skkh, skks, skkd,
         skvb, skvh, skvs, skvd,
+        slb, slh, srb, srs,
         sob, soh, sos, sod,
         H, GROUP, R, K, D, DV, qk_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -90,16 +105,16 @@ if HAS_TRITON:
         m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
-        n_kept = tl.minimum(tl.load(kept_len_ptr + kvh), K)
-        m, l, acc = _attend_segment(  # segment 1: the kept prompt entries of this KV head
-            q, m, l, acc, kk_ptr + b * skkb + kvh * skkh, kv_ptr + b * skvb + kvh * skvh,
-            n_kept, skks, skkd, skvs, skvd, qk_scale, d, d_ok, dv, dv_ok, BLOCK_N, UPCAST,
+        n_kept = tl.minimum(tl.load(kept_len_ptr + b * slb + kvh * slh), K)
+        m, l, acc = _attend_segment(  # segment 1: the kept prompt entries of this row's KV head
+            q, m, l, acc, kk_ptr + b * skkb + kvh * skkh, kv_ptr + b * skvb + kvh * skvh, resp_valid_ptr,
+            n_kept, skks, skkd, skvs, skvd, 0, qk_scale, d, d_ok, dv, dv_ok, BLOCK_N, False, UPCAST,
         )
-        m, l, acc = _attend_segment(  # segment 2: the response K/V (never empty: R >= 1)
-            q, m, l, acc, k_ptr + b * skb + kvh * skh, v_ptr + b * svb + kvh * svh,
-            R, sks, skd, svs, svd, qk_scale, d, d_ok, dv, dv_ok, BLOCK_N, UPCAST,
+        m, l, acc = _attend_segment(  # segment 2: the response K/V valid for this batch row
+            q, m, l, acc, k_ptr + b * skb + kvh * skh, v_ptr + b * svb + kvh * svh, resp_valid_ptr + b * srb,
+            R, sks, skd, svs, svd, srs, qk_scale, d, d_ok, dv, dv_ok, BLOCK_N, True, UPCAST,
         )
-        out = acc / l[:, None]
+        out = tl.where(l[:, None] > 0, acc / tl.where(l > 0, l, 1.0)[:, None], 0.0)  # no key at all: zeros
         tl.store(
             out_ptr + b * sob + h * soh + rows[:, None] * sos + dv[None, :] * sod,
             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :],
@@ -108,7 +123,7 @@ if HAS_TRITON:
 
 def cached_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept_k: torch.Tensor, kept_v: torch.Tensor,
-    kept_len: torch.Tensor, scale: float,
+    kept_len: torch.Tensor, resp_valid: torch.Tensor, scale: float,
 ) -> torch.Tensor:
     """Launch the kernel. Shapes and dtypes as in the module docstring."""
     from torch.library import wrap_triton
@@ -120,8 +135,9 @@ def cached_attention_triton(
         return out
     block_m, block_n = 32, 64
     wrap_triton(_cached_attention_kernel)[((resp + block_m - 1) // block_m, batch * heads)](
-        q, k, v, kept_k, kept_v, kept_len.contiguous(), out,
-        *q.stride(), *k.stride(), *v.stride(), *kept_k.stride(), *kept_v.stride(), *out.stride(),
+        q, k, v, kept_k, kept_v, kept_len, resp_valid, out,
+        *q.stride(), *k.stride(), *v.stride(), *kept_k.stride(), *kept_v.stride(),
+        *kept_len.stride(), *resp_valid.stride(), *out.stride(),
         heads, heads // kv_heads, resp, kept_k.shape[2], dim, dim_v, float(scale) * LOG2E,
         BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_DV=max(16, triton.next_power_of_2(dim_v)),
@@ -133,16 +149,22 @@ def cached_attention_triton(
 def register_cuda(op, torch_fn) -> None:
     """Route ``maskkv::cached_attention`` to the kernel on CUDA (``maskkv::cached_attention_triton``).
 
-    The kernel's softmax is float32, so ``softmax_dtype`` None, float32 or q's dtype qualify.
+    The kernel's softmax is float32, so ``softmax_dtype`` None, float32 or q's dtype qualify;
+    kept_len must be int64 and resp_valid bool (the op's contract), on q's device.
     """
 
     def fused(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept_k: torch.Tensor, kept_v: torch.Tensor,
-        kept_len: torch.Tensor, scale: float, softmax_dtype: Optional[torch.dtype] = None,
+        kept_len: torch.Tensor, resp_valid: torch.Tensor, scale: float, softmax_dtype: Optional[torch.dtype] = None,
     ) -> torch.Tensor:
-        return cached_attention_triton(q, k, v, kept_k, kept_v, kept_len, scale)
+        return cached_attention_triton(q, k, v, kept_k, kept_v, kept_len, resp_valid, scale)
 
-    def supported(q, k, v, kept_k, kept_v, kept_len, scale, softmax_dtype=None):
-        return triton_dtype_ok(q, k, v, kept_k, kept_v) and softmax_dtype in (None, torch.float32, q.dtype)
+    def supported(q, k, v, kept_k, kept_v, kept_len, resp_valid, scale, softmax_dtype=None):
+        return (
+            triton_dtype_ok(q, k, v, kept_k, kept_v)
+            and softmax_dtype in (None, torch.float32, q.dtype)
+            and kept_len.dtype == torch.long and kept_len.device == q.device
+            and resp_valid.dtype == torch.bool and resp_valid.device == q.device
+        )
 
     route_to_triton(op, "maskkv::cached_attention_triton", fused, torch_fn, supported)

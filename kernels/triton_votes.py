@@ -2,22 +2,38 @@
 
 Same contract as ``kernels/mask_votes.py``:
 
-    q (B, H, S, D), k (B, Hkv, S, D), voter_idx (Rv,), prompt_idx (P,) int64, scale
+    q (B, H, S, D), k (B, Hkv, S, D), voter_idx (Rv,), prompt_idx (P,) int64, scale, and the
+    optional bool masks key_valid (B, S), voter_valid (B, Rv), prompt_valid (B, P)
     -> votes (B, Hkv, P) float32, prompt_mass (B, H) float32
 
 Two passes, neither holds the (Rv x S) score matrix:
 
 1. ``_row_lse_kernel``, one program per (batch x query head, block of voter rows): an online
    max / sum over all S keys, in key blocks, gives each voter row's log-sum-exp (base 2).
+   Keys with key_valid False get -inf before the max / sum.
 2. ``_prompt_colsum_kernel``, one program per (batch x KV head, block of prompt columns):
    loads the block's prompt keys once, then for every query head of the GQA group and every
    block of voter rows adds exp2(s - lse) into the column sums (the votes) and into that
    head's mass; the per-block masses land in a (B, H, num_blocks) buffer summed by torch.
+   A term counts only where its voter row votes for that batch row (voter_valid) and its
+   column is that row's prompt (prompt_valid) and not a padding key (key_valid at the
+   column's position), so masked rows and columns add nothing to votes or mass.
+
+Masks on CUDA: the kernels honour all three masks themselves (this is the long-prompt fast
+path, and padded batches are where it matters), so giving a mask never sends the op to the
+torch path (only a mask that is not bool, or not on q's device, does). Each mask is a
+constexpr switch (``HAS_KEY_MASK`` ...): without it nothing extra is loaded, and a given
+mask is read as is, with no all-True test (that would sync the device and be
+data-dependent under torch.compile). Masks are read through their strides.
 
 Invariants: scores, exponentials and sums are float32 whatever the input dtype (fp16,
 bf16, fp32; fp32 dots run in IEEE precision, not TF32); voter rows and prompt columns are
 read through their index vectors, so nothing is gathered or copied first; Rv, S, P and D
-need not be multiples of any block size (masked loads).
+need not be multiples of any block size (masked loads); a key block whose keys are all
+padding leaves a row's running max / sum unchanged (guarded against -inf - -inf, e.g. left
+padding longer than a block); masked terms are selected away (tl.where), never multiplied
+by 0, so masked keys may hold any value. A batch row with no valid key at all gets zero
+votes and mass (the torch reference gives NaN there).
 
 ``mask_votes_triton`` is the launch function. Kernels go through ``torch.library.wrap_triton``
 so that, inside a ``torch.library.triton_op``, Inductor sees them; eagerly and under
@@ -27,6 +43,7 @@ so that, inside a ``torch.library.triton_op``, Inductor sees them; eagerly and u
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 
@@ -60,12 +77,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _row_lse_kernel(
-        q_ptr, k_ptr, voter_ptr, lse_ptr,
-        sqb, sqh, sqs, sqd, skb, skh, sks, skd,
+        q_ptr, k_ptr, voter_ptr, key_valid_ptr, lse_ptr,
+        sqb, sqh, sqs, sqd, skb, skh, sks, skd, skvb, skvs,
         H, GROUP, RV, S, D, qk_scale,
-        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_KEY_MASK: tl.constexpr, UPCAST: tl.constexpr,
     ):
-        """lse_ptr[(b*H + h)*RV + r] = log2 sum_j exp2(q_r . k_j * qk_scale) over all S keys."""
+        """lse_ptr[(b*H + h)*RV + r] = log2 sum_j exp2(q_r . k_j * qk_scale) over the valid keys."""
         pid_r = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -85,6 +103,8 @@ if HAS_TRITON:
         for start in range(0, S, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             col_ok = cols < S
+            if HAS_KEY_MASK:
+                col_ok = col_ok & (tl.load(key_valid_ptr + b * skvb + cols * skvs, mask=col_ok, other=0) != 0)
             kt = tl.load(
                 k_ptr + b * skb + kvh * skh + cols[None, :] * sks + d[:, None] * skd,
                 mask=d_ok[:, None] & col_ok[None, :], other=0.0,
@@ -92,19 +112,24 @@ if HAS_TRITON:
             s = _dot(q, kt, UPCAST) * qk_scale  # (BLOCK_R, BLOCK_N), log2 units
             s = tl.where(col_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
-            l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: 0, not NaN
+            l = l * tl.exp2(m - m_ref) + tl.sum(tl.exp2(s - m_ref[:, None]), 1)
             m = m_new
         tl.store(lse_ptr + pid_bh * RV + rows, m + tl.log2(l), mask=row_ok)
 
     @triton.jit
     def _prompt_colsum_kernel(
-        q_ptr, k_ptr, voter_ptr, prompt_ptr, lse_ptr, votes_ptr, mass_ptr,
-        sqb, sqh, sqs, sqd, skb, skh, sks, skd,
+        q_ptr, k_ptr, voter_ptr, prompt_ptr, key_valid_ptr, voter_valid_ptr, prompt_valid_ptr,
+        lse_ptr, votes_ptr, mass_ptr,
+        sqb, sqh, sqs, sqd, skb, skh, sks, skd, skvb, skvs, svvb, svvr, spvb, spvp,
         H, HKV, GROUP, RV, P, D, NUM_PB, qk_scale,
-        BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_KEY_MASK: tl.constexpr, HAS_VOTER_MASK: tl.constexpr, HAS_PROMPT_MASK: tl.constexpr,
+        UPCAST: tl.constexpr,
     ):
         """votes[b, kvh, p] = sum over the group's heads and voter rows of exp2(s - lse);
-        mass[b, h, pid_p] = the same sum for head h over this block's prompt columns."""
+        mass[b, h, pid_p] = the same sum for head h over this block's prompt columns.
+        Only the terms of valid (voter row, prompt column) pairs are summed."""
         pid_p = tl.program_id(0)
         pid_bk = tl.program_id(1)
         b = pid_bk // HKV
@@ -118,6 +143,11 @@ if HAS_TRITON:
             k_ptr + b * skb + kvh * skh + kpos[None, :] * sks + d[:, None] * skd,
             mask=d_ok[:, None] & col_ok[None, :], other=0.0,
         )  # (BLOCK_D, BLOCK_P): this block's prompt keys, loaded once
+        col_counts = col_ok  # the columns that are this batch row's (non-padding) prompt
+        if HAS_KEY_MASK:
+            col_counts = col_counts & (tl.load(key_valid_ptr + b * skvb + kpos * skvs, mask=col_ok, other=0) != 0)
+        if HAS_PROMPT_MASK:
+            col_counts = col_counts & (tl.load(prompt_valid_ptr + b * spvb + cols * spvp, mask=col_ok, other=0) != 0)
         votes = tl.zeros((BLOCK_P,), tl.float32)
         for g in range(0, GROUP):
             h = kvh * GROUP + g
@@ -125,6 +155,11 @@ if HAS_TRITON:
             for start in range(0, RV, BLOCK_R):
                 rows = start + tl.arange(0, BLOCK_R)
                 row_ok = rows < RV
+                row_counts = row_ok
+                if HAS_VOTER_MASK:
+                    row_counts = row_counts & (
+                        tl.load(voter_valid_ptr + b * svvb + rows * svvr, mask=row_ok, other=0) != 0
+                    )
                 qpos = tl.load(voter_ptr + rows, mask=row_ok, other=0)
                 q = tl.load(
                     q_ptr + b * sqb + h * sqh + qpos[:, None] * sqs + d[None, :] * sqd,
@@ -133,15 +168,22 @@ if HAS_TRITON:
                 lse = tl.load(lse_ptr + (b * H + h) * RV + rows, mask=row_ok, other=0.0)
                 s = _dot(q, kt, UPCAST) * qk_scale  # (BLOCK_R, BLOCK_P)
                 p = tl.exp2(s - lse[:, None])
-                p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+                p = tl.where(row_counts[:, None] & col_counts[None, :], p, 0.0)
                 head_cols += tl.sum(p, 0)
             votes += head_cols
             tl.store(mass_ptr + (b * H + h) * NUM_PB + pid_p, tl.sum(head_cols, 0))
         tl.store(votes_ptr + pid_bk * P + cols, votes, mask=col_ok)
 
 
+def _mask_args(mask, placeholder):
+    """(pointer, stride 0, stride 1, present) for an optional (B, N) bool mask."""
+    return (placeholder, 0, 0, False) if mask is None else (mask, *mask.stride(), True)
+
+
 def mask_votes_triton(
-    q: torch.Tensor, k: torch.Tensor, voter_idx: torch.Tensor, prompt_idx: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, voter_idx: torch.Tensor, prompt_idx: torch.Tensor, scale: float,
+    key_valid: Optional[torch.Tensor] = None, voter_valid: Optional[torch.Tensor] = None,
+    prompt_valid: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the two kernels. Shapes and dtypes as in the module docstring."""
     from torch.library import wrap_triton
@@ -159,18 +201,23 @@ def mask_votes_triton(
     lse = torch.empty((batch, heads, num_voters), device=q.device, dtype=torch.float32)
     if num_voters == 0 or num_prompt == 0:
         return votes.zero_(), mass.zero_().sum(-1)
+    # an absent mask: the kernel never loads it (constexpr switch); any tensor fills the slot
+    kv_ptr, skvb, skvs, has_key = _mask_args(key_valid, voter_idx)
+    vv_ptr, svvb, svvr, has_voter = _mask_args(voter_valid, voter_idx)
+    pv_ptr, spvb, spvp, has_prompt = _mask_args(prompt_valid, voter_idx)
     qk_scale = float(scale) * LOG2E
     wrap_triton(_row_lse_kernel)[((num_voters + block_r - 1) // block_r, batch * heads)](
-        q, k, voter_idx, lse,
-        *q.stride(), *k.stride(),
+        q, k, voter_idx, kv_ptr, lse,
+        *q.stride(), *k.stride(), skvb, skvs,
         heads, heads // kv_heads, num_voters, seq, dim, qk_scale,
-        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, UPCAST=upcast_dots(q.dtype),
+        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, HAS_KEY_MASK=has_key, UPCAST=upcast_dots(q.dtype),
     )
     wrap_triton(_prompt_colsum_kernel)[(num_pb, batch * kv_heads)](
-        q, k, voter_idx, prompt_idx, lse, votes, mass,
-        *q.stride(), *k.stride(),
+        q, k, voter_idx, prompt_idx, kv_ptr, vv_ptr, pv_ptr, lse, votes, mass,
+        *q.stride(), *k.stride(), skvb, skvs, svvb, svvr, spvb, spvp,
         heads, kv_heads, heads // kv_heads, num_voters, num_prompt, dim, num_pb, qk_scale,
-        BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_D=block_d, UPCAST=upcast_dots(q.dtype),
+        BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_D=block_d,
+        HAS_KEY_MASK=has_key, HAS_VOTER_MASK=has_voter, HAS_PROMPT_MASK=has_prompt, UPCAST=upcast_dots(q.dtype),
     )
     return votes, mass.sum(-1)  # (B, Hkv, P), (B, H)
 
@@ -223,15 +270,22 @@ def triton_dtype_ok(*tensors) -> bool:
 
 
 def register_cuda(op, torch_fn) -> None:
-    """Route ``maskkv::mask_votes`` to the fused kernels on CUDA (``maskkv::mask_votes_triton``)."""
+    """Route ``maskkv::mask_votes`` to the fused kernels on CUDA (``maskkv::mask_votes_triton``).
+
+    The kernels honour key_valid / voter_valid / prompt_valid (see the module docstring);
+    a mask that is not bool or not on q's device sends the call to ``torch_fn``.
+    """
 
     def fused(
         q: torch.Tensor, k: torch.Tensor, voter_idx: torch.Tensor, prompt_idx: torch.Tensor,
-        scale: float, chunk: int = 64,
+        scale: float, chunk: int = 64, key_valid: Optional[torch.Tensor] = None,
+        voter_valid: Optional[torch.Tensor] = None, prompt_valid: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return mask_votes_triton(q, k, voter_idx, prompt_idx, scale)  # chunk: CPU-only knob
+        # chunk: CPU-only knob
+        return mask_votes_triton(q, k, voter_idx, prompt_idx, scale, key_valid, voter_valid, prompt_valid)
 
-    def supported(q, k, voter_idx, prompt_idx, scale, chunk=64):
-        return triton_dtype_ok(q, k)
+    def supported(q, k, voter_idx, prompt_idx, scale, chunk=64, key_valid=None, voter_valid=None, prompt_valid=None):
+        masks = [m for m in (key_valid, voter_valid, prompt_valid) if m is not None]
+        return triton_dtype_ok(q, k) and all(m.dtype == torch.bool and m.device == q.device for m in masks)
 
     route_to_triton(op, "maskkv::mask_votes_triton", fused, torch_fn, supported)

@@ -6,13 +6,17 @@
 1. Correctness (fresh random inputs, NaN-poisoned outputs): the launch functions of
    ``kernels/triton_votes.py`` and ``kernels/triton_cached_attention.py`` against
    ``mask_votes_reference`` / ``cached_attention_reference``, fp32 / bf16 / fp16, GQA,
-   sizes that are not block multiples, ragged kept_len with NaN in the padding; the ops
-   themselves on CUDA tensors (routed to Triton); and torch.compile with Inductor, whose
-   generated code must contain the kernels (the ``triton_op`` route) and match.
+   sizes that are not block multiples; votes with and without the per-row masks
+   (key_valid with NaN in the padding keys and a fully padded key block, voter_valid,
+   prompt_valid); ragged per-row kept_len (B, Hkv) with NaN in the padding and resp_valid
+   with False entries (NaN in those response K/V); the ops themselves on CUDA tensors
+   (routed to Triton, masks given); and torch.compile with Inductor, whose generated code
+   must contain the kernels (the ``triton_op`` route) and match.
 2. Times (ms, CUDA events via ``triton.testing.do_bench``) at P = 4k, 8k, 16k, 32k, L = 256,
    B=1, H=32, Hkv=8, D=128, bf16:
    - mask_votes: Triton vs the torch path (the chunked CPU code run on CUDA) vs the
-     materialized softmax (``mask_votes_reference``);
+     materialized softmax (``mask_votes_reference``); and with the three masks given
+     (a left-padded row), Triton vs the torch path vs Triton without masks;
    - cached_attention with every prompt entry kept: Triton vs the torch path (SDPA with a
      key mask over the concatenation) vs plain SDPA over concatenated K/V (no mask, which
      is what the model would run without MaskKV); plus one row with budget 256;
@@ -131,15 +135,35 @@ def votes_inputs(shape, dtype, device, gen):
     return q, k, perm[:rv].sort().values, perm[rv : rv + p].sort().values, d**-0.5
 
 
-def attention_inputs(shape, kept_len, dtype, device, gen):
+def vote_masks(b, s, rv, p, voter_idx, device, gen):
+    """key_valid (B, S), voter_valid (B, Rv), prompt_valid (B, P), random False entries; the
+    last row's first min(70, S // 2) keys are padding (a whole 64-key block)."""
+    key_valid = torch.rand(b, s, generator=gen, device=device) >= 0.2
+    key_valid[:, voter_idx] = True
+    key_valid[-1, : min(70, s // 2)] = False
+    voter_valid = torch.rand(b, rv, generator=gen, device=device) >= 1 / 3
+    prompt_valid = torch.rand(b, p, generator=gen, device=device) >= 1 / 3
+    return key_valid, voter_valid, prompt_valid
+
+
+def attention_inputs(shape, kept_len, dtype, device, gen, ragged_resp=False):
+    """kept_len (B, Hkv); with ragged_resp, resp_valid masks a third of row 0's response keys
+    at random and the first min(R - 1, 66) of every other row's. Returns also the kept
+    padding (B, Hkv, K, 1) and the masked response rows (B, 1, R, 1)."""
     b, h, hkv, r, kk, d, dv = shape
     q, k, v, kept_k, kept_v = (
         torch.randn(*s, generator=gen, device=device).to(dtype)
         for s in ((b, h, r, d), (b, hkv, r, d), (b, hkv, r, dv), (b, hkv, kk, d), (b, hkv, kk, dv))
     )
     kept_len = torch.tensor(kept_len, device=device)
-    pad = torch.arange(kk, device=device)[None, :, None] >= kept_len[:, None, None]  # (Hkv, K, 1)
-    return q, k, v, kept_k.masked_fill(pad, 0), kept_v.masked_fill(pad, 0), kept_len, d**-0.5, pad
+    resp_valid = torch.ones(b, r, dtype=torch.bool, device=device)
+    if ragged_resp:
+        resp_valid[0] = torch.rand(r, generator=gen, device=device) >= 1 / 3
+        resp_valid[1:, : min(r - 1, 66)] = False
+    pad = torch.arange(kk, device=device)[None, None, :, None] >= kept_len[:, :, None, None]  # (B, Hkv, K, 1)
+    masked = ~resp_valid[:, None, :, None]
+    return (q, k, v, kept_k.masked_fill(pad, 0), kept_v.masked_fill(pad, 0), kept_len, resp_valid, d**-0.5,
+            pad, masked)
 
 
 def check_rows(device, smoke):
@@ -150,30 +174,41 @@ def check_rows(device, smoke):
 
     gen = torch.Generator(device=device).manual_seed(0)
     dtypes = [torch.float32, torch.bfloat16] if smoke else [torch.float32, torch.bfloat16, torch.float16]
-    vshapes = [(1, 6, 2, 150, 32, 40, 100)]  # (B, H, Hkv, S, D, Rv, P)
+    vshapes = [((1, 6, 2, 150, 32, 40, 100), False), ((2, 4, 2, 150, 24, 40, 100), True)]  # (B, H, Hkv, S, D, Rv, P), masks
     if not smoke:
-        vshapes.append((2, 32, 8, 4353, 128, 257, 4000))
-    ashapes = [((1, 6, 2, 70, 90, 32, 32), [90, 41])]
+        vshapes += [((2, 32, 8, 4353, 128, 257, 4000), False), ((2, 32, 8, 4353, 128, 257, 4000), True)]
+    ashapes = [((1, 6, 2, 70, 90, 32, 32), [[90, 41]], False), ((2, 6, 2, 70, 90, 32, 32), [[90, 0], [0, 41]], True)]
     if not smoke:
-        ashapes.append(((2, 32, 8, 257, 1000, 128, 128), [1000, 0, 17, 999, 256, 513, 64, 1]))
+        ashapes.append(((2, 32, 8, 257, 1000, 128, 128),
+                        [[1000, 0, 17, 999, 256, 513, 64, 1], [0, 1000, 3, 255, 257, 64, 999, 100]], True))
     rows = []
     for dtype in dtypes:
-        for shape in vshapes:
+        for shape, with_masks in vshapes:
             q, k, vi, pi, scale = votes_inputs(shape, dtype, device, gen)
-            (votes, mass), written = poisoned(mask_votes_triton, q, k, vi, pi, scale)
-            ref_votes, ref_mass = mask_votes_reference(q, k, vi, pi, scale)
+            masks, k_in = (None, None, None), k
+            if with_masks:
+                b, _, _, s, _, rv, p = shape
+                masks = vote_masks(b, s, rv, p, vi, device, gen)
+                k_in = k.masked_fill(~masks[0][:, None, :, None], float("nan"))  # padding keys: never counted
+            (votes, mass), written = poisoned(mask_votes_triton, q, k_in, vi, pi, scale, *masks)
+            ref_votes, ref_mass = mask_votes_reference(q, k, vi, pi, scale, *masks)
             err = max((votes - ref_votes).abs().max().item(), (mass - ref_mass).abs().max().item())
             close = [torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in ((votes, ref_votes), (mass, ref_mass))]
             ok = written and all(close)
-            rows.append(("mask_votes", str(shape), str(dtype)[6:], err, ok))
-        for shape, kept in ashapes:
-            q, k, v, kept_k, kept_v, kept_len, scale, pad = attention_inputs(shape, kept, dtype, device, gen)
+            rows.append(("mask_votes" + (" masked" if with_masks else ""), str(shape), str(dtype)[6:], err, ok))
+        for shape, kept, ragged in ashapes:
+            q, k, v, kept_k, kept_v, kept_len, resp_valid, scale, pad, masked = attention_inputs(
+                shape, kept, dtype, device, gen, ragged_resp=ragged
+            )
             nan_k, nan_v = kept_k.masked_fill(pad, float("nan")), kept_v.masked_fill(pad, float("nan"))
-            (out,), written = poisoned(cached_attention_triton, q, k, v, nan_k, nan_v, kept_len, scale)
-            ref = cached_attention_reference(*(t.float() for t in (q, k, v, kept_k, kept_v)), kept_len, scale)
+            nan_rk, nan_rv = k.masked_fill(masked, float("nan")), v.masked_fill(masked, float("nan"))
+            (out,), written = poisoned(cached_attention_triton, q, nan_rk, nan_rv, nan_k, nan_v, kept_len, resp_valid,
+                                       scale)
+            ref = cached_attention_reference(*(t.float() for t in (q, k, v, kept_k, kept_v)), kept_len, resp_valid,
+                                             scale)
             err = (out.float() - ref).abs().max().item()
             ok = written and torch.allclose(out.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
-            rows.append(("cached_attention", str(shape), str(dtype)[6:], err, ok))
+            rows.append(("cached_attention" + (" rows" if ragged else ""), str(shape), str(dtype)[6:], err, ok))
     k = torch.randn(2, 4, 300, 24, generator=gen, device=device)
     pos = torch.randint(-1, 300, (2, 4, 77), generator=gen, device=device)
     got, want = triton_gather(k, k * 2, pos), torch_gather(k, k * 2, pos)
@@ -185,24 +220,28 @@ def check_rows(device, smoke):
 
 
 def op_and_inductor_rows(gen):
-    """The registered ops on CUDA tensors, eagerly and under torch.compile (Inductor)."""
+    """The registered ops on CUDA tensors (masks given), eagerly and under torch.compile (Inductor)."""
     from torch._inductor.utils import run_and_get_code
 
     from maskkv_compile.kernels.cached_attention import cached_attention_reference
     from maskkv_compile.kernels.mask_votes import mask_votes_reference
 
     rows = []
-    q, k, vi, pi, scale = votes_inputs((1, 8, 2, 600, 64, 100, 480), torch.bfloat16, "cuda", gen)
-    attn_shape = (1, 8, 2, 100, 480, 64, 64)
-    qa, ka, va, kept_k, kept_v, kept_len, _, _ = attention_inputs(attn_shape, [480, 200], torch.bfloat16, "cuda", gen)
-    ref_votes = mask_votes_reference(q, k, vi, pi, scale)[0]
-    ref_attn = cached_attention_reference(qa, ka, va, kept_k, kept_v, kept_len, scale)
+    vshape = (2, 8, 2, 600, 64, 100, 480)
+    q, k, vi, pi, scale = votes_inputs(vshape, torch.bfloat16, "cuda", gen)
+    masks = vote_masks(vshape[0], vshape[3], vshape[5], vshape[6], vi, "cuda", gen)
+    attn_shape = (2, 8, 2, 100, 480, 64, 64)
+    qa, ka, va, kept_k, kept_v, kept_len, resp_valid, _, _, _ = attention_inputs(
+        attn_shape, [[480, 200], [0, 333]], torch.bfloat16, "cuda", gen, ragged_resp=True
+    )
+    ref_votes = mask_votes_reference(q, k, vi, pi, scale, *masks)[0]
+    ref_attn = cached_attention_reference(qa, ka, va, kept_k, kept_v, kept_len, resp_valid, scale)
 
     def votes_fn(q, k):
-        return torch.ops.maskkv.mask_votes(q, k, vi, pi, scale)[0]
+        return torch.ops.maskkv.mask_votes(q, k, vi, pi, scale, 64, *masks)[0]
 
     def attn_fn(q, k, v):
-        return torch.ops.maskkv.cached_attention(q, k, v, kept_k, kept_v, kept_len, scale)
+        return torch.ops.maskkv.cached_attention(q, k, v, kept_k, kept_v, kept_len, resp_valid, scale)
 
     for name, fn, args, ref, tol, kernels in (
         ("op mask_votes", votes_fn, (q, k), ref_votes, 1e-4, ("_row_lse_kernel", "_prompt_colsum_kernel")),
@@ -256,25 +295,34 @@ def timing_rows(device, smoke):
         rows.append(("mask_votes", prompt, bench(lambda: mask_votes_triton(q, k, vi, pi, scale), device),
                      bench(lambda: mask_votes_chunked(q, k, vi, pi, scale), device),
                      "materialized", bench(lambda: mask_votes_reference(q, k, vi, pi, scale), device)))
+        masks = vote_masks(b, seq, resp, prompt, vi, device, gen)
+        rows.append(("mask_votes masked", prompt, bench(lambda: mask_votes_triton(q, k, vi, pi, scale, *masks), device),
+                     bench(lambda: mask_votes_chunked(q, k, vi, pi, scale, 64, *masks), device),
+                     "triton no masks", bench(lambda: mask_votes_triton(q, k, vi, pi, scale), device)))
         qr, kr, vr = q[:, :, prompt:], k[:, :, prompt:], v[:, :, prompt:]
         kept_k, kept_v = k[:, :, :prompt], v[:, :, :prompt]
-        kept_len = torch.full((hkv,), prompt, device=device)
+        kept_len = torch.full((b, hkv), prompt, device=device)
+        resp_valid = torch.ones((b, resp), dtype=torch.bool, device=device)
         rows.append(("cached_attention all kept", prompt,
-                     bench(lambda: cached_attention_triton(qr, kr, vr, kept_k, kept_v, kept_len, scale), device),
-                     bench(lambda: cached_attention_torch(qr, kr, vr, kept_k, kept_v, kept_len, scale), device),
+                     bench(lambda: cached_attention_triton(qr, kr, vr, kept_k, kept_v, kept_len, resp_valid, scale),
+                           device),
+                     bench(lambda: cached_attention_torch(qr, kr, vr, kept_k, kept_v, kept_len, resp_valid, scale),
+                           device),
                      "SDPA concat", bench(lambda: sdpa(qr, k, v, scale=scale, enable_gqa=True), device)))
-        budgets = torch.full((hkv,), min(256, prompt), device=device)
+        budgets = torch.full((b, hkv), min(256, prompt), device=device)
         votes = torch.rand(b, hkv, prompt, generator=gen, device=device)
         pos = select_kv(k, v, votes, pi, budgets)[3]
         rows.append(("select_kv gather", prompt, bench(lambda: triton_gather(k, v, pos), device),
                      bench(lambda: torch_gather(k, v, pos), device),
                      "whole select_kv", bench(lambda: select_kv(k, v, votes, pi, budgets), device)))
     budget = min(256, prompts[0])
-    kept_len = torch.tensor([budget - 7 * (i % 4) for i in range(hkv)], device=device)
+    kept_len = torch.tensor([[budget - 7 * (i % 4) for i in range(hkv)]] * b, device=device)  # (B, Hkv)
     kept_k, kept_v = k[:, :, :budget], v[:, :, :budget]
     rows.append((f"cached_attention budget {budget}", "-",
-                 bench(lambda: cached_attention_triton(qr, kr, vr, kept_k, kept_v, kept_len, scale), device),
-                 bench(lambda: cached_attention_torch(qr, kr, vr, kept_k, kept_v, kept_len, scale), device),
+                 bench(lambda: cached_attention_triton(qr, kr, vr, kept_k, kept_v, kept_len, resp_valid, scale),
+                       device),
+                 bench(lambda: cached_attention_torch(qr, kr, vr, kept_k, kept_v, kept_len, resp_valid, scale),
+                       device),
                  "SDPA concat", bench(lambda: sdpa(qr, torch.cat([kept_k, kr], 2), torch.cat([kept_v, vr], 2),
                                                    scale=scale, enable_gqa=True), device)))
     return rows, (b, h, hkv, d, resp, str(dtype)[6:])

@@ -1,10 +1,15 @@
-"""Each maskkv:: op against an independent pure-torch computation, plus ``opcheck``."""
+"""Each maskkv:: op against an independent pure-torch computation, plus ``opcheck``.
+
+The ops work row by row (per-row layouts: padding keys, per-row voters and prompt columns,
+per-row budgets and kept lengths, response-key validity); the independent computations here
+loop over rows and drop what a row may not see, rather than masking.
+"""
 
 import pytest
 import torch
 from torch.library import opcheck
 
-from maskkv_compile.kernels import select_kv_reference
+from maskkv_compile.kernels import cached_attention_reference, mask_votes_reference, select_kv_reference
 
 
 def qkv(batch=2, heads=4, kv_heads=2, seq=13, dim=8, dtype=torch.float32, seed=0):
@@ -16,16 +21,42 @@ def qkv(batch=2, heads=4, kv_heads=2, seq=13, dim=8, dtype=torch.float32, seed=0
 
 
 def naive_attention(q, k, v, scale, keep=None):
-    """Loop over (batch, head): softmax over the allowed keys only."""
+    """Loop over (batch, head): softmax over the allowed keys only.
+
+    ``keep``: None (every key), or keep[b][kv_head] a list of the key indices row b's KV head
+    may attend to.
+    """
     out = torch.empty_like(q)
     group = q.shape[1] // k.shape[1]
     for b in range(q.shape[0]):
         for h in range(q.shape[1]):
             keys, values = k[b, h // group], v[b, h // group]
             if keep is not None:
-                keys, values = keys[keep[h // group]], values[keep[h // group]]
+                keys, values = keys[keep[b][h // group]], values[keep[b][h // group]]
             out[b, h] = torch.softmax(q[b, h] @ keys.T * scale, -1) @ values
     return out
+
+
+def naive_votes(q, k, voter_idx, prompt_idx, scale, key_valid, voter_valid, prompt_valid):
+    """Votes and prompt mass row by row: drop the padding keys from the softmax, then sum over
+    the row's voters and the row's prompt columns only (other columns vote 0)."""
+    batch, heads = q.shape[:2]
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    votes = torch.zeros(batch, kv_heads, prompt_idx.numel(), dtype=torch.float64)
+    mass = torch.zeros(batch, heads, dtype=torch.float64)
+    for b in range(batch):
+        keys = key_valid[b].nonzero().flatten().tolist()
+        voters = [int(voter_idx[r]) for r in range(voter_idx.numel()) if voter_valid[b, r]]
+        for h in range(heads):
+            probs = torch.softmax(q[b, h, voters].double() @ k[b, h // group, keys].double().T * scale, -1)
+            for j in range(prompt_idx.numel()):
+                pos = int(prompt_idx[j])
+                if prompt_valid[b, j] and pos in keys:
+                    column = probs[:, keys.index(pos)].sum()
+                    votes[b, h // group, j] += column
+                    mass[b, h] += column
+    return votes, mass
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
@@ -35,6 +66,21 @@ def test_attention(kv_heads, softmax_dtype):
     out = torch.ops.maskkv.attention(q, k, v, 0.3, softmax_dtype)
     torch.testing.assert_close(out, naive_attention(q, k, v, 0.3), atol=1e-6 if softmax_dtype else 1e-12, rtol=1e-6)
     opcheck(torch.ops.maskkv.attention.default, (q.float(), k.float(), v.float(), 0.3, softmax_dtype))
+
+
+@pytest.mark.parametrize("softmax_dtype", [None, torch.float32])
+def test_attention_padding_keys(softmax_dtype):
+    q, k, v = qkv(kv_heads=2, dtype=torch.float64)
+    key_valid = torch.ones(2, 13, dtype=torch.bool)
+    key_valid[0, :4] = False  # row 0 left-padded
+    key_valid[1, [5, 12]] = False
+    out = torch.ops.maskkv.attention(q, k, v, 0.3, softmax_dtype, key_valid)
+    keep = [[key_valid[b].nonzero().flatten().tolist()] * 2 for b in range(2)]
+    torch.testing.assert_close(out, naive_attention(q, k, v, 0.3, keep), atol=1e-6 if softmax_dtype else 1e-12, rtol=1e-6)
+    # all True is plain attention
+    plain = torch.ops.maskkv.attention(q, k, v, 0.3, softmax_dtype, torch.ones(2, 13, dtype=torch.bool))
+    torch.testing.assert_close(plain, torch.ops.maskkv.attention(q, k, v, 0.3, softmax_dtype))
+    opcheck(torch.ops.maskkv.attention.default, (q.float(), k.float(), v.float(), 0.3, softmax_dtype, key_valid))
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
@@ -55,43 +101,161 @@ def test_mask_votes(kv_heads):
     opcheck(torch.ops.maskkv.mask_votes.default, (q, k, voters, prompt, 0.35, 3))
 
 
+def vote_masks(batch=2, seq=23, n_voters=8, n_prompt=15, seed=7):
+    """key_valid (B, S), voter_valid (B, Rv), prompt_valid (B, P): row 1 is left-padded over
+    its first 16 keys (a whole key block at chunk 1) and some voters / prompt columns of each
+    row don't count."""
+    gen = torch.Generator().manual_seed(seed)
+    key_valid = torch.ones(batch, seq, dtype=torch.bool)
+    key_valid[1, :16] = False
+    key_valid[0, 3] = False
+    voter_valid = torch.rand(batch, n_voters, generator=gen) >= 0.3
+    voter_valid[:, 0] = True
+    prompt_valid = torch.rand(batch, n_prompt, generator=gen) >= 0.3
+    return key_valid, voter_valid, prompt_valid
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_mask_votes_with_masks_equals_reference(kv_heads, chunk):
+    q, k, _ = qkv(kv_heads=kv_heads, seq=23)
+    voters, prompt = torch.arange(16, 23), torch.tensor([0, 1, 2, 3, 5, 7, 8, 9, 10, 11, 12, 13, 14, 15, 20])
+    voters = torch.cat([voters, torch.tensor([4])])  # a voter at a key that is padding in row 1
+    masks = vote_masks()
+    votes, mass = torch.ops.maskkv.mask_votes(q, k, voters, prompt, 0.35, chunk, *masks)
+    ref_votes, ref_mass = mask_votes_reference(q, k, voters, prompt, 0.35, *masks)
+    torch.testing.assert_close(votes, ref_votes, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mass, ref_mass, atol=1e-5, rtol=1e-5)
+    naive = naive_votes(q, k, voters, prompt, 0.35, *masks)
+    torch.testing.assert_close(votes.double(), naive[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mass.double(), naive[1], atol=1e-5, rtol=1e-5)
+    # a column that is not the row's prompt, or a padding key, gets no vote
+    key_valid, _, prompt_valid = masks
+    no_vote = ~prompt_valid | ~key_valid[:, prompt]  # (B, P)
+    assert (votes.permute(0, 2, 1)[no_vote] == 0).all()
+    # all-True masks are the same as none
+    ones = [torch.ones_like(m) for m in masks]
+    plain = torch.ops.maskkv.mask_votes(q, k, voters, prompt, 0.35, chunk)
+    for a, b in zip(torch.ops.maskkv.mask_votes(q, k, voters, prompt, 0.35, chunk, *ones), plain):
+        torch.testing.assert_close(a, b)
+    opcheck(torch.ops.maskkv.mask_votes.default, (q, k, voters, prompt, 0.35, chunk, *masks))
+    opcheck(torch.ops.maskkv.mask_votes.default, (q, k, voters, prompt, 0.35, chunk, masks[0], None, masks[2]))
+
+
+def test_mask_votes_rows_are_independent():
+    """A row's votes with masks are what that row's own layout gives alone, unpadded."""
+    q, k, _ = qkv(kv_heads=2, seq=30)
+    voters, prompt = torch.arange(23, 30), torch.arange(23)
+    key_valid, voter_valid, prompt_valid = vote_masks(seq=30, n_voters=7, n_prompt=23)
+    votes, mass = torch.ops.maskkv.mask_votes(q, k, voters, prompt, 0.35, 3, key_valid, voter_valid, prompt_valid)
+    for b in range(2):
+        keys = key_valid[b].nonzero().flatten()  # the row alone: drop its padding keys
+        at = {int(p): i for i, p in enumerate(keys)}
+        own_voters = torch.tensor([at[int(voters[r])] for r in range(7) if voter_valid[b, r]], dtype=torch.long)
+        own_cols = [j for j in range(23) if prompt_valid[b, j] and key_valid[b, prompt[j]]]
+        assert len(own_cols) >= 3 and own_voters.numel() >= 3
+        own_prompt = torch.tensor([at[int(prompt[j])] for j in own_cols], dtype=torch.long)
+        alone = torch.ops.maskkv.mask_votes(q[b : b + 1, :, keys], k[b : b + 1, :, keys], own_voters, own_prompt, 0.35, 3)
+        torch.testing.assert_close(votes[b][:, own_cols], alone[0][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mass[b], alone[1][0], atol=1e-5, rtol=1e-5)
+
+
 def test_select_kv():
     _, k, v = qkv(seq=20)
     prompt = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 12, 13, 14, 15, 16, 17])  # a hole: 8..11 are the response
     votes = torch.rand(2, 2, prompt.numel(), generator=torch.Generator().manual_seed(3))
     votes[0, 0, 3] = votes[0, 0, 5]  # a tie: the earlier position must win
-    budgets = torch.tensor([4, 9])
+    budgets = torch.tensor([[4, 9], [6, 0]])  # (B, Hkv), per row
     kept_k, kept_v, kept_len, kept_pos = torch.ops.maskkv.select_kv(k, v, votes, prompt, budgets)
     expected = select_kv_reference(votes, budgets)
-    assert kept_len.tolist() == [4, 9] and kept_k.shape == (2, 2, 9, 8)
+    assert kept_len.tolist() == [[4, 9], [6, 0]] and kept_k.shape == (2, 2, 9, 8)
     for b in range(2):
         for h in range(2):
-            n = int(kept_len[h])
+            n = int(kept_len[b, h])
             positions = prompt[expected[b][h]]
             assert kept_pos[b, h, :n].tolist() == positions.tolist()
             assert (kept_pos[b, h, n:] == -1).all()
             torch.testing.assert_close(kept_k[b, h, :n], k[b, h, positions])
             torch.testing.assert_close(kept_v[b, h, :n], v[b, h, positions])
-            assert (kept_k[b, h, n:] == 0).all()
+            assert (kept_k[b, h, n:] == 0).all() and (kept_v[b, h, n:] == 0).all()
     # a budget >= P keeps the whole prompt, in order
-    whole = torch.ops.maskkv.select_kv(k, v, votes, prompt, torch.tensor([99, 99]))[3]
+    whole = torch.ops.maskkv.select_kv(k, v, votes, prompt, torch.full((2, 2), 99))[3]
     assert (whole == prompt).all()
+    opcheck(torch.ops.maskkv.select_kv.default, (k, v, votes, prompt, budgets))
+
+
+def test_select_kv_per_row_eligibility():
+    """-inf marks what a row may not keep: never kept, even with budget to spare; each row's
+    kept set is the one it gets alone."""
+    _, k, v = qkv(seq=20)
+    prompt = torch.arange(14)
+    votes = torch.rand(2, 2, 14, generator=torch.Generator().manual_seed(4))
+    votes[0, :, 10:] = float("-inf")  # row 0's prompt is 10 long (right padding)
+    votes[1, :, :5] = float("-inf")  # row 1's is 9 long (left padding)
+    votes[1, 1, 7] = float("-inf")  # and head 1 may not keep one more entry
+    budgets = torch.tensor([[12, 3], [9, 20]])
+    kept_k, kept_v, kept_len, kept_pos = torch.ops.maskkv.select_kv(k, v, votes, prompt, budgets)
+    assert kept_len.tolist() == [[10, 3], [9, 8]]  # min(budget, the row's eligible entries)
+    expected = select_kv_reference(votes, budgets)
+    for b in range(2):
+        alone = torch.ops.maskkv.select_kv(k[b : b + 1], v[b : b + 1], votes[b : b + 1], prompt, budgets[b : b + 1])
+        for h in range(2):
+            n = int(kept_len[b, h])
+            kept = kept_pos[b, h, :n]
+            assert torch.isfinite(votes[b, h, kept]).all(), "kept a -inf entry"
+            assert kept.tolist() == prompt[expected[b][h]].tolist()
+            assert (kept_pos[b, h, n:] == -1).all()
+            # the row alone: same kept_len, positions and K/V (its Kmax may be smaller)
+            assert int(alone[2][0, h]) == n
+            assert alone[3][0, h, :n].tolist() == kept.tolist()
+            torch.testing.assert_close(alone[0][0, h, :n], kept_k[b, h, :n])
+            torch.testing.assert_close(alone[1][0, h, :n], kept_v[b, h, :n])
     opcheck(torch.ops.maskkv.select_kv.default, (k, v, votes, prompt, budgets))
 
 
 def test_cached_attention_equals_unpadded_gather():
     q, k, v = qkv(seq=6)  # response rows
     _, kept_k, kept_v = qkv(seq=9, seed=4)  # padded prompt cache
-    kept_len = torch.tensor([5, 9])
-    out = torch.ops.maskkv.cached_attention(q, k, v, kept_k, kept_v, kept_len, 0.4, None)
+    kept_len = torch.tensor([[5, 9], [0, 3]])  # (B, Hkv): per row and KV head, a zero included
+    resp_valid = torch.ones(2, 6, dtype=torch.bool)
+    out = torch.ops.maskkv.cached_attention(q, k, v, kept_k, kept_v, kept_len, resp_valid, 0.4, None)
     keys, values = torch.cat([kept_k, k], 2), torch.cat([kept_v, v], 2)
-    keep = [list(range(int(n))) + list(range(9, 15)) for n in kept_len]
+    keep = [[list(range(int(n))) + list(range(9, 15)) for n in row] for row in kept_len]
     torch.testing.assert_close(out, naive_attention(q, keys, values, 0.4, keep), atol=1e-5, rtol=1e-5)
     garbage = kept_k.clone()
-    garbage[:, 0, 5:] = 1e4  # padding content must not matter
-    again = torch.ops.maskkv.cached_attention(q, k, v, garbage, kept_v, kept_len, 0.4, None)
+    garbage[0, 0, 5:] = 1e4  # padding content must not matter
+    garbage[1, :, 3:] = -1e4
+    again = torch.ops.maskkv.cached_attention(q, k, v, garbage, kept_v, kept_len, resp_valid, 0.4, None)
     torch.testing.assert_close(again, out)
-    opcheck(torch.ops.maskkv.cached_attention.default, (q, k, v, kept_k, kept_v, kept_len, 0.4, None))
+    opcheck(torch.ops.maskkv.cached_attention.default, (q, k, v, kept_k, kept_v, kept_len, resp_valid, 0.4, None))
+
+
+@pytest.mark.parametrize("softmax_dtype", [None, torch.float32])
+def test_cached_attention_response_validity(softmax_dtype):
+    """resp_valid False: that computed row is no key of that batch row (its query still is)."""
+    q, k, v = qkv(seq=6, dtype=torch.float64)
+    _, kept_k, kept_v = qkv(seq=9, seed=4, dtype=torch.float64)
+    kept_len = torch.tensor([[5, 9], [2, 0]])
+    resp_valid = torch.tensor([[True, False, True, True, False, True], [False, False, False, True, True, True]])
+    out = torch.ops.maskkv.cached_attention(q, k, v, kept_k, kept_v, kept_len, resp_valid, 0.4, softmax_dtype)
+    keys, values = torch.cat([kept_k, k], 2), torch.cat([kept_v, v], 2)
+    keep = [
+        [list(range(int(kept_len[b, h]))) + [9 + j for j in range(6) if resp_valid[b, j]] for h in range(2)]
+        for b in range(2)
+    ]
+    torch.testing.assert_close(out, naive_attention(q, keys, values, 0.4, keep), atol=1e-6 if softmax_dtype else 1e-12,
+                               rtol=1e-6)
+    torch.testing.assert_close(out, cached_attention_reference(q, k, v, kept_k, kept_v, kept_len, resp_valid, 0.4,
+                                                               softmax_dtype))
+    assert torch.isfinite(out).all()  # every query row computed, masked ones included
+    # what a masked response key holds does not matter
+    k2, v2 = k.clone(), v.clone()
+    k2[~resp_valid[:, None, :].expand_as(k2[..., 0])] = 1e4
+    v2[~resp_valid[:, None, :].expand_as(v2[..., 0])] = -1e4
+    again = torch.ops.maskkv.cached_attention(q, k2, v2, kept_k, kept_v, kept_len, resp_valid, 0.4, softmax_dtype)
+    torch.testing.assert_close(again, out)
+    opcheck(torch.ops.maskkv.cached_attention.default,
+            (q.float(), k.float(), v.float(), kept_k.float(), kept_v.float(), kept_len, resp_valid, 0.4, softmax_dtype))
 
 
 @pytest.mark.parametrize("policy", ["maskkv", "snapkv", "streaming", "random", "adakv"])
@@ -100,13 +264,23 @@ def test_policy_ops(policy):
 
     votes = torch.rand(2, 2, 30, generator=torch.Generator().manual_seed(5))
     mass = torch.rand(2, 4) * 8
-    voters = torch.arange(30, 38)
-    scores = torch.ops.maskkv.selection_scores(votes, policy, 5, 4, 0)
-    expected = get_policy(policy).selection_scores(votes, tuple(votes.shape), kernel=5, sink=4, seed=0)
-    torch.testing.assert_close(scores, expected.to(scores.dtype))
-    budgets = torch.ops.maskkv.head_budgets(mass, scores, voters, 6.0, 6, policy, 0.1, 1)
-    assert budgets.dtype == torch.long and int(budgets.sum()) == 12 and bool((budgets <= 30).all())
-    # a prompt no longer than the budget is kept whole
-    assert torch.ops.maskkv.head_budgets(mass, scores, voters, 6.0, 30, policy, 0.1, 1).tolist() == [30, 30]
-    opcheck(torch.ops.maskkv.selection_scores.default, (votes, policy, 5, 4, 0))
-    opcheck(torch.ops.maskkv.head_budgets.default, (mass, scores, voters, 6.0, 6, policy, 0.1, 1))
+    prompt_valid = torch.ones(2, 30, dtype=torch.bool)
+    prompt_valid[1, :10] = False  # row 1's prompt: the last 20 columns
+    voter_valid = torch.ones(2, 8, dtype=torch.bool)
+    voter_valid[1, 5:] = False
+    scores = torch.ops.maskkv.selection_scores(votes, prompt_valid, policy, 5, 4, 0)
+    # each row scored alone, over its own prompt columns in order; -inf elsewhere
+    row0 = get_policy(policy).selection_scores(votes[:1], (1, 2, 30), kernel=5, sink=4, seed=0)
+    row1 = get_policy(policy).selection_scores(votes[1:, :, 10:], (1, 2, 20), kernel=5, sink=4, seed=0)
+    torch.testing.assert_close(scores[0], row0[0].to(scores.dtype))
+    torch.testing.assert_close(scores[1, :, 10:], row1[0].to(scores.dtype))
+    assert (scores[1, :, :10] == float("-inf")).all()
+    budgets = torch.ops.maskkv.head_budgets(mass, scores, voter_valid, 6.0, 6, policy, 0.1, 1)
+    assert budgets.dtype == torch.long and budgets.shape == (2, 2)
+    assert budgets.sum(1).tolist() == [12, 12]
+    assert bool((budgets[0] <= 30).all()) and bool((budgets[1] <= 20).all())
+    # a prompt no longer than the budget is kept whole (each row: its own prompt length)
+    assert torch.ops.maskkv.head_budgets(mass, scores, voter_valid, 6.0, 30, policy, 0.1, 1).tolist() == [[30, 30],
+                                                                                                         [20, 20]]
+    opcheck(torch.ops.maskkv.selection_scores.default, (votes, prompt_valid, policy, 5, 4, 0))
+    opcheck(torch.ops.maskkv.head_budgets.default, (mass, scores, voter_valid, 6.0, 6, policy, 0.1, 1))

@@ -5,9 +5,12 @@ kernels are decorated), and other test modules must not see it, so every check r
 subprocess (``tests/_triton_worker.py``): one for all interpreter cases, one for the
 torch.compile registration, one for the GPU-check script's smoke mode. Shapes are small
 (the interpreter is slow) but include non-multiples of every block size (32 rows, 64
-keys, 16 head dims), GQA groups of 1, 2 and 3, non-contiguous q/k, ragged and zero
-kept_len with NaN in the padding. Outputs are allocated NaN-poisoned to catch unwritten
-elements.
+keys, 16 head dims), GQA groups of 1, 2 and 3, non-contiguous q/k and masks, ragged
+per-row kept_len (B, Hkv) with zeros and NaN in the padding, resp_valid with False entries
+(NaN in those response K/V; a whole masked key block; a row with no key at all), and
+masked votes (padding keys holding NaN, including a fully padded key block; voter rows and
+prompt columns that do not count; a row with no voter). Outputs are allocated NaN-poisoned
+to catch unwritten elements.
 """
 
 from __future__ import annotations
@@ -28,24 +31,51 @@ VOTES_SHAPES = {  # (B, H, Hkv, S, D, Rv, P)
     "gqa2": (2, 4, 2, 77, 24, 19, 50),
     "gqa3-multiblock": (1, 6, 2, 150, 32, 40, 100),
 }
-ATTN_SHAPES = {  # (B, H, Hkv, R, K, D, Dv), kept_len per KV head
-    "tiny-full": ((1, 2, 2, 5, 13, 8, 8), [13, 13]),
-    "gqa2-ragged": ((2, 4, 2, 37, 50, 24, 16), [50, 0]),
-    "gqa3-multiblock": ((1, 6, 2, 70, 90, 32, 32), [90, 41]),
+MASKED_VOTES_SHAPES = {  # masks "ragged": see vote_masks in the worker
+    "gqa2-leftpad-block": (2, 4, 2, 150, 24, 40, 100),  # row 1: its first 70 keys are padding
+    "mha-row-without-voters": (3, 2, 2, 33, 8, 7, 20),  # row 1: no voter at all
+}
+ATTN_SHAPES = {  # (B, H, Hkv, R, K, D, Dv), kept_len (B, Hkv) per row and KV head
+    "tiny-full": ((1, 2, 2, 5, 13, 8, 8), [[13, 13]]),
+    "gqa2-ragged": ((2, 4, 2, 37, 50, 24, 16), [[50, 0], [3, 50]]),
+    "gqa3-multiblock": ((1, 6, 2, 70, 90, 32, 32), [[90, 41]]),
+}
+RAGGED_ATTN_SHAPES = {  # resp_valid "ragged" / "row-without-keys": see response_valid in the worker
+    # row 1, KV head 0: nothing kept and its first 66 response keys masked (a whole 64-key block)
+    "gqa3-rows-masked-block": ((2, 6, 2, 70, 90, 32, 32), [[90, 0], [0, 41]], "ragged"),
+    "gqa2-rows-ragged": ((2, 4, 2, 37, 50, 24, 16), [[17, 0], [50, 3]], "ragged"),
+    # row 1, KV head 0: no key at all -> zeros (as SDPA)
+    "mqa-row-without-keys": ((2, 2, 1, 5, 13, 8, 8), [[13], [0]], "row-without-keys"),
 }
 CASES = [
     {"id": f"votes-{name}-{dt}", "kernel": "mask_votes", "shape": shape, "dtype": dt, "seed": i}
     for i, (name, shape) in enumerate(VOTES_SHAPES.items())
     for dt in ("float32", "bfloat16")
 ] + [
+    {"id": f"votes-masked-{name}-{dt}", "kernel": "mask_votes", "shape": shape, "dtype": dt, "seed": 10 + i,
+     "masks": "ragged"}
+    for i, (name, shape) in enumerate(MASKED_VOTES_SHAPES.items())
+    for dt in ("float32", "bfloat16")
+] + [
     {"id": f"attn-{name}-{dt}", "kernel": "cached_attention", "shape": shape, "kept_len": kl, "dtype": dt, "seed": i}
     for i, (name, (shape, kl)) in enumerate(ATTN_SHAPES.items())
     for dt in ("float32", "bfloat16")
 ] + [
+    {"id": f"attn-{name}-{dt}", "kernel": "cached_attention", "shape": shape, "kept_len": kl, "resp_valid": rv,
+     "dtype": dt, "seed": 20 + i}
+    for i, (name, (shape, kl, rv)) in enumerate(RAGGED_ATTN_SHAPES.items())
+    for dt in ("float32", "bfloat16")
+] + [
     {"id": "votes-gqa2-float16-strided", "kernel": "mask_votes", "shape": VOTES_SHAPES["gqa2"],
      "dtype": "float16", "strided": True},
+    {"id": "votes-masked-gqa2-float16-strided", "kernel": "mask_votes", "shape": VOTES_SHAPES["gqa2"],
+     "dtype": "float16", "strided": True, "masks": "ragged", "seed": 30},
+    {"id": "votes-masks-all-true-tiny-float32", "kernel": "mask_votes", "shape": VOTES_SHAPES["tiny-mha"],
+     "dtype": "float32", "masks": "all-true"},
     {"id": "attn-gqa3-float16-strided", "kernel": "cached_attention", "shape": ATTN_SHAPES["gqa3-multiblock"][0],
-     "kept_len": [3, 90], "dtype": "float16", "strided": True},
+     "kept_len": [[3, 90]], "dtype": "float16", "strided": True},
+    {"id": "attn-rows-float16-strided", "kernel": "cached_attention", "shape": RAGGED_ATTN_SHAPES["gqa2-rows-ragged"][0],
+     "kept_len": [[0, 50], [9, 1]], "resp_valid": "ragged", "dtype": "float16", "strided": True, "seed": 31},
 ]
 
 
