@@ -79,12 +79,11 @@ def mask_votes_chunked(q, k, voter_idx, prompt_idx, scale, chunk=64, key_valid=N
     key_block = chunk * KEY_BLOCK_FACTOR
     votes = q.new_zeros((batch, kv_heads, num_prompt), dtype=acc)
     prompt_mass = q.new_zeros((batch, kv_heads, group), dtype=acc)
-    key_bias = None if key_valid is None or bool(key_valid.all()) else \
-        torch.zeros(key_valid.shape, dtype=acc, device=q.device).masked_fill(~key_valid, float("-inf"))  # (B, S)
+    padding = None if key_valid is None or bool(key_valid.all()) else ~key_valid[:, None, None, :]  # (B, 1, 1, S)
     voter_w, column_w = _weights(voter_valid, votes), _weights(prompt_valid, votes)
-    if key_bias is not None:  # a padding key is no prompt column either
-        padded = key_bias.index_select(1, prompt_idx) == 0
-        column_w = padded.to(acc) if column_w is None else column_w * padded
+    if padding is not None:  # a padding key is no prompt column either
+        real = key_valid.index_select(1, prompt_idx).to(acc)
+        column_w = real if column_w is None else column_w * real
     for start in range(0, voter_idx.numel(), chunk):
         rows = voter_idx[start : start + chunk]
         n = rows.numel()
@@ -95,8 +94,8 @@ def mask_votes_chunked(q, k, voter_idx, prompt_idx, scale, chunk=64, key_valid=N
         for ks in range(0, seq, key_block):
             keys = k[:, :, ks : ks + key_block].to(acc)  # (B, Hkv, kb, D)
             scores = qc @ keys.transpose(-2, -1)  # (B, Hkv, G*n, kb)
-            if key_bias is not None:
-                scores = scores + key_bias[:, None, None, ks : ks + key_block]
+            if padding is not None:  # masked_fill, not a -inf bias: garbage (NaN) in a padding key stays out
+                scores = scores.masked_fill(padding[..., ks : ks + key_block], float("-inf"))
             lse = torch.logaddexp(lse, torch.logsumexp(scores, dim=-1))
         # pass 2: column sums of exp(s - lse) over the prompt keys, one key block at a time
         row_w = None if voter_w is None else voter_w[:, start : start + n].repeat(1, group)[:, None, :, None]  # (B, 1, G*n, 1)

@@ -5,11 +5,11 @@ it from the call, and hands the padding to the graphs as ``key_valid`` (B, S), F
 padding keys. Spellings accepted (``attention_mask`` unless named otherwise):
 
 * ``None`` or the string ``"full"`` (Dream's loop without padding): no padding;
-* 2-D (B, S) of 0/1 (Hugging Face tokenizers; left or right padding, any pattern);
+* 2-D (B, S) of 0/1, any dtype (Hugging Face tokenizers; left or right padding, any pattern);
 * 4-D bool (B, 1, S, S) (Dream's loop with padding): ``m[b, 0, i, j]`` must be
   ``valid[b, j]`` for every real query row i (padding query rows may be anything);
 * 4-D (B, 1, 1, S) bool or 0/1: a key mask;
-* ``attention_bias`` (LLaDA's forward), or a floating 4-D ``attention_mask``: additive,
+* ``attention_bias`` (LLaDA's forward), or any floating 4-D mask: additive,
   0 where attended and a large negative number (or -inf) where not, padding-shaped as above.
 
 Anything else (a causal or block mask, arbitrary float biases, values other than 0/1) is
@@ -40,13 +40,13 @@ def _allowed(name: str, mask: torch.Tensor) -> torch.Tensor:
     """Any spelling -> bool 'may attend', same shape."""
     if mask.dtype == torch.bool:
         return mask
-    if mask.is_floating_point():
+    if mask.is_floating_point() and mask.dim() == 4:
         blocked, open_ = mask <= _BLOCKED, mask == 0
         if not bool((blocked | open_).all()):
             raise _refuse(name, mask, "a float mask holds values other than 0 and a large negative number")
         return open_
     if not bool(((mask == 0) | (mask == 1)).all()):
-        raise _refuse(name, mask, "an integer mask holds values other than 0 and 1")
+        raise _refuse(name, mask, "a 0/1 mask holds values other than 0 and 1")
     return mask == 1
 
 
