@@ -102,7 +102,7 @@ class MaskKVModel(torch.nn.Module):
         return self.runtime.budget_table()
 
     def reset(self) -> None:
-        """Forget every cached prompt; the next call is a prefill."""
+        """Forget every cached prompt (the next call is a prefill) and zero the counts."""
         for runtime in self.backend.runtimes:
             runtime.reset()
 

@@ -175,8 +175,10 @@ class MaskKVRuntime:
         return InductorGraph(gm, dynamic, info.tokens)
 
     def reset(self) -> None:
+        """Drop every session and start the counts afresh."""
         self.sessions.clear()
         self.last_session = None
+        self.counts = Counts()
 
     # -- routing ---------------------------------------------------------------------------
     def _route(self, ids: torch.Tensor, per_token: list[torch.Tensor], key_valid: torch.Tensor) -> tuple[Session, str]:
