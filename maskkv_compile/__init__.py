@@ -2,9 +2,13 @@
 
     model = maskkv_compile.optimize(model, budget=256)
     out = model.generate(prompt_ids, gen_length=128, steps=128, block_length=32)
+
+    compiled = torch.compile(model, backend="maskkv", options={"budget": 256, "mask_token_id": 126336})
+    maskkv_compile.runtimes(compiled)   # the MaskKV runtimes that ran for it
 """
 
 from maskkv_compile.api import MaskKVModel, optimize
+from maskkv_compile.backend import runtimes
 from maskkv_compile.calibrate import calibrate
 from maskkv_compile.config import MaskKVConfig, MaskKVConfigError
 from maskkv_compile.explain import explain
@@ -15,5 +19,6 @@ from maskkv_compile.runtime import NoMaskTokenError, response_logits_only
 __all__ = [
     "LayerProfile", "MaskKVConfig", "MaskKVConfigError", "MaskKVModel", "NoMaskTokenError", "ProfileMismatchError",
     "UnsupportedModelError", "calibrate", "explain", "optimize", "response_logits_only",
+    "runtimes",
 ]
 __version__ = "0.1.0"

@@ -34,10 +34,16 @@ def sym_hint(value) -> int:
 
 from torch._guards import TracingContext, tracing  # noqa: E402,F401  (a fresh context per Inductor compile)
 from torch._inductor.compile_fx import compile_fx  # noqa: E402,F401
+from torch._inductor import list_mode_options  # noqa: E402,F401  (torch.compile's mode -> Inductor options)
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext  # noqa: E402,F401
 
 from torch._dynamo import config as dynamo_config  # noqa: E402,F401  (recompile limits)
 from torch._dynamo import mark_dynamic  # noqa: E402,F401
+
+
+def original_module(compiled):
+    """The module ``torch.compile`` wrapped (``OptimizedModule._orig_mod``), else ``compiled`` itself."""
+    return getattr(compiled, "_orig_mod", compiled)
 
 
 def triton_route_internals():

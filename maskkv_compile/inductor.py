@@ -10,12 +10,19 @@ code checks no guards, so the runtime keeps the guards' worth itself:
     same sizes.
 (Dynamo's own ``torch.compile`` cannot be used here: the rewritten graphs run inside the
 outer compiled region, where it leaves a copied dynamo graph uncompiled.)
+
+Inductor options (what ``torch.compile(mode=...)`` turns into, e.g. ``max_autotune``) reach
+``compile_fx`` as ``config_patches``: pass them to ``InductorGraph``, or build the graphs
+inside ``with inductor_config_patches({...}):`` (how the backend hands them through the
+runtime, which builds its InductorGraphs while it is constructed).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import sympy
 import torch
@@ -28,6 +35,20 @@ from maskkv_compile._torch_private import (
 log = logging.getLogger("maskkv_compile.inductor")
 
 SEQ = "seq"  # marks a SymInt input that equals the token length
+
+_CONFIG_PATCHES: contextvars.ContextVar[Mapping[str, object]] = contextvars.ContextVar(
+    "maskkv_inductor_config_patches", default={}
+)
+
+
+@contextlib.contextmanager
+def inductor_config_patches(patches: Mapping[str, object]):
+    """InductorGraphs created inside this block compile with these Inductor config patches."""
+    token = _CONFIG_PATCHES.set(dict(patches))
+    try:
+        yield
+    finally:
+        _CONFIG_PATCHES.reset(token)
 
 
 def _only_size_bounds(guards) -> bool:
@@ -45,11 +66,15 @@ class InductorGraph:
     """A rewritten graph compiled lazily with Inductor on its first call of each size class.
 
     dynamic: placeholder name -> the dims that vary from call to call (``SEQ`` for a SymInt
-    input equal to the tokens' dim 1); ``tokens`` names the token placeholder.
+    input equal to the tokens' dim 1); ``tokens`` names the token placeholder;
+    ``config_patches``: Inductor config for ``compile_fx`` (default: the enclosing
+    ``inductor_config_patches`` block's, else none).
     """
 
-    def __init__(self, gm: fx.GraphModule, dynamic: Mapping[str, Sequence[int] | str], tokens: str):
+    def __init__(self, gm: fx.GraphModule, dynamic: Mapping[str, Sequence[int] | str], tokens: str,
+                 config_patches: Optional[Mapping[str, object]] = None):
         self.gm = gm
+        self.config_patches = dict(_CONFIG_PATCHES.get() if config_patches is None else config_patches)
         self.names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         self.dynamic = dynamic
         self.tokens = tokens
@@ -91,7 +116,7 @@ class InductorGraph:
             if fakes[i] is None:
                 fakes[i] = seq if self.dynamic.get(name) == SEQ else arg
         with tracing(TracingContext(mode)):
-            fn = compile_fx(self.gm, fakes)
+            fn = compile_fx(self.gm, fakes, config_patches=self.config_patches or None)
         self.compiles += 1
         generic = _only_size_bounds(env.guards)
         log.info("compiled %s graph with Inductor (%s)", "generic" if generic else "size-specialized", self._sizes(args))
