@@ -70,7 +70,7 @@ def cmd_bench(args) -> int:
     from maskkv_compile.bench import run_benchmark
 
     run_benchmark(prompt_lens=args.prompt_lens, gen_length=args.gen_length, steps=args.steps, budgets=args.budgets,
-                  layers=args.layers, hidden=args.hidden, backend=args.backend, print_fn=print)
+                  layers=args.layers, hidden=args.hidden, backend=args.backend, cfg_scale=args.cfg_scale, print_fn=print)
     return 0
 
 
@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--layers", type=int, default=4)
     bench.add_argument("--hidden", type=int, default=256)
     bench.add_argument("--backend", choices=["inductor", "eager"], default="inductor")
+    bench.add_argument("--cfg-scale", type=float, default=1.0,
+                       help="also time classifier-free guidance, uncached vs MaskKV at the first budget (0: skip)")
     bench.set_defaults(func=cmd_bench)
 
     diff = sub.add_parser(

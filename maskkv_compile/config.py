@@ -48,6 +48,12 @@ class MaskKVConfig:
         from the model (``config.model_type == "Dream"``), else "llada".
     vote_chunk: voter query rows processed at once by ``maskkv::mask_votes`` on CPU (keys go
         16x that at a time), which bounds its memory by chunk x P, not L x P.
+    reuse_logits: the drop-in call's (B, S, V) logits live in one buffer per prompt, of
+        which each call rewrites only the rows it computed (the prompt rows stay zero).
+        Saves allocating and zeroing B x S x V floats every step (4 GB in fp32 at LLaDA's
+        vocabulary and an 8k prompt); the catch: a logits tensor returned by an earlier call
+        changes when the model is called again. Off by default; ``response_logits_only()``
+        avoids the (B, S, V) tensor altogether.
     max_sessions: prompts whose caches are kept at once (2 lets classifier-free guidance
         alternate a conditional and an unconditional prompt without re-prefilling).
     policy: eviction policy, a name from ``maskkv_compile.policies.POLICIES``: "maskkv"
@@ -72,6 +78,7 @@ class MaskKVConfig:
     prompt_refresh: Optional[int] = None
     family: Optional[str] = None
     vote_chunk: int = 64
+    reuse_logits: bool = False
     max_sessions: int = 2
     policy: str = "maskkv"
     profile: Optional[Any] = None
@@ -93,6 +100,8 @@ class MaskKVConfig:
             raise MaskKVConfigError(f"family must be one of {sorted(FAMILIES)} (or None to detect), got {self.family!r}")
         _require_int("vote_chunk", self.vote_chunk, minimum=1)
         _require_int("max_sessions", self.max_sessions, minimum=1)
+        if not isinstance(self.reuse_logits, bool):
+            raise MaskKVConfigError(f"reuse_logits must be True or False, got {self.reuse_logits!r}")
         from maskkv_compile.policies import get_policy
         from maskkv_compile.profile import LayerProfile
 

@@ -108,6 +108,7 @@ class Session:
     prompt_inputs: list[torch.Tensor]  # other per-token inputs at the prompt positions
     layers: list[LayerCache] = field(default_factory=list)
     steps_since_prefill: int = 0
+    logits_buffer: Optional[torch.Tensor] = None  # (B, S, V) with config.reuse_logits
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -260,8 +261,11 @@ class MaskKVRuntime:
         else:
             if not bool(layout.returned.all()):  # rows computed for a batch mate are not this row's logits
                 logits = logits.masked_fill(~layout.returned[..., None], 0)
-            full = logits.new_zeros((*session.shape, logits.shape[-1]))  # (B, S, V)
-            full.index_copy_(1, layout.rows, logits)
+            full = session.logits_buffer
+            if full is None or full.dtype != logits.dtype:
+                full = logits.new_zeros((*session.shape, logits.shape[-1]))  # (B, S, V)
+                session.logits_buffer = full if self.config.reuse_logits else None
+            full.index_copy_(1, layout.rows, logits)  # only the computed rows: the others stay zero
             logits = full
         outputs = list(outputs)
         outputs[self.graphs.info.logits_index] = logits

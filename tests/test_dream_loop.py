@@ -297,12 +297,12 @@ def test_bad_inputs_error_clearly(sdpa_model):
         with pytest.raises(ValueError, match=message):
             run(**kwargs)
 
-    class ResponseOnly:  # a model that returns only the response rows cannot be shifted
+    class MissingRow:  # neither every row nor the response's predictions (MaskKV's response_logits_only)
         def __call__(self, x, **kwargs):
-            return type("Out", (), {"logits": sdpa_model(x, **kwargs).logits[:, -2:]})()
+            return type("Out", (), {"logits": sdpa_model(x, **kwargs).logits[:, 1:]})()
 
-    with pytest.raises(ValueError, match="response-only logits"):
-        dream_generate(ResponseOnly(), ids, mask_token_id=mask_id, max_new_tokens=2, steps=1)
+    with pytest.raises(ValueError, match="logits for every row"):
+        dream_generate(MissingRow(), ids, mask_token_id=mask_id, max_new_tokens=2, steps=1)
     with pytest.raises(TypeError, match="unknown generation options"):
         sdpa_model.diffusion_generate(ids, max_new_tokens=2, steps=1, block_length=2)
     with pytest.raises(ValueError, match="alg must be one of"):

@@ -26,6 +26,13 @@ def test_drop_in_loop_example():
     assert "calls: 1 prefill, 7 steps" in out
 
 
+def test_dream_padded_batch_example():
+    out = run("examples/dream_padded_batch.py")
+    assert "prompt lengths: [5, 12, 9] | transitions: {'new': 1, 'step': 5}" in out
+    assert "each row as alone: True" in out
+    assert "CFG in one batch: {'new': 1, 'step': 5} | unconditional row's prompt: 12 masks" in out
+
+
 @pytest.mark.inductor
 def test_torch_compile_backend_example_without_importing_the_package():
     source = (ROOT / "examples/torch_compile_backend.py").read_text()
@@ -50,6 +57,11 @@ def test_cli_bench():
     out = run("-m", "maskkv_compile.cli", "bench", "--prompt-lens", "48", "--gen-length", "8", "--steps", "8",
               "--budgets", "4", "--layers", "1", "--hidden", "64", "--backend", "eager")
     assert "MaskKV budget 4" in out and "prompt cache (no eviction)" in out
+    rows = {line.split("  ")[1].strip(): line for line in out.splitlines() if line.strip().startswith("48 ")}
+    assert {"uncached", "uncached CFG", "MaskKV budget 4, CFG"} <= set(rows)
+    for name in ("MaskKV budget 4", "MaskKV budget 4, CFG"):
+        speedup = next(cell for cell in rows[name].split() if cell.endswith("x"))
+        assert float(speedup[:-1]) > 0  # the ratio parses (the run asserts that CFG ran steps on both halves)
 
 
 def test_cli_help():
