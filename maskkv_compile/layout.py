@@ -6,7 +6,8 @@ and the model family, and never changes until the next prefill of a new layout:
 * padding: ``key_valid`` (B, S), False at padding (from the caller's attention mask);
 * response of row b: the real positions that hold the mask token at the prefill, except in
   a *masked copy* row (classifier-free guidance's unconditional row: a row equal to
-  another row wherever it is not a mask, and masked at some of that row's prompt positions).
+  another row wherever it is not a mask, and masked at every one of that row's prompt
+  positions; at step 0 an all-mask row beside a conditional row is read this way).
   A masked copy takes its reference row's response; its extra masks are its prompt (they are
   never committed), so both CFG halves are cached alike;
 * prompt of row b: its real positions that are not response;
@@ -69,10 +70,14 @@ class Layout:
 
 def _is_masked_copy(ids: torch.Tensor, masked: torch.Tensor, ref_ids: torch.Tensor, ref_masked: torch.Tensor,
                     valid: torch.Tensor) -> bool:
-    """Row ``ids`` is ``ref_ids`` with some of the reference's prompt positions masked (1-D rows)."""
+    """Row ``ids`` is ``ref_ids`` with the reference's whole prompt masked (1-D rows): CFG's
+    unconditional row. A row that masks only part of another row's prompt is a row of its own
+    (an infilling variant, whose every mask is response)."""
+    ref_prompt = ~ref_masked & valid
     return (
-        bool((masked | ~ref_masked | ~valid).all())  # masked wherever the reference is
-        and bool((masked & ~ref_masked & valid).any())  # and at some of the reference's prompt
+        bool(ref_prompt.any())
+        and bool((masked | ~ref_masked | ~valid).all())  # masked wherever the reference is
+        and bool((masked | ~ref_prompt).all())  # and at every position of the reference's prompt
         and bool(((ids == ref_ids) | masked | ~valid).all())  # equal wherever unmasked
     )
 

@@ -67,7 +67,9 @@ def build_graphs(gm: fx.GraphModule, config: MaskKVConfig, *, strict: bool = Tru
     if result.matches == 0:
         raise UnsupportedModelError("no attention found in the model's graph; ops seen: " + _seen_ops(gm))
     prefill = copy_graph_module(canonical)
-    prefill_passes = PassManager("prefill", [MaskPaddingPass(config), CaptureVotesPass(config), EvictKVPass(config), MaskOnlyHeadPass(config, info)])
+    prefill_passes = PassManager(
+        "prefill", [MaskPaddingPass(config), CaptureVotesPass(config), EvictKVPass(config), MaskOnlyHeadPass(config, info)]
+    )
     prefill_passes(prefill)
     step = copy_graph_module(canonical)
     step_passes = PassManager("step", [SliceSequencePass(config, info), CachedAttentionPass(config)])

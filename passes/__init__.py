@@ -23,6 +23,6 @@ from .slice_sequence import SliceSequencePass
 
 __all__ = [
     "AttentionSite", "CachedAttentionPass", "CaptureVotesPass", "EvictKVPass", "FindAttentionPass", "GraphInfo",
-    "GraphPass", "MaskOnlyHeadPass", "MaskPaddingPass", "PassManager", "PassResult", "PREFILL_OUTPUTS_PER_LAYER", "STEP_INPUTS_PER_LAYER",
-    "SliceSequencePass", "UnsupportedModelError", "analyse", "attention_sites",
+    "GraphPass", "MaskOnlyHeadPass", "MaskPaddingPass", "PassManager", "PassResult", "PREFILL_OUTPUTS_PER_LAYER",
+    "STEP_INPUTS_PER_LAYER", "SliceSequencePass", "UnsupportedModelError", "analyse", "attention_sites",
 ]

@@ -1,5 +1,6 @@
 """Every example script and CLI subcommand runs (small sizes, eager backend where it matters)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,7 +58,7 @@ def test_cli_bench():
     out = run("-m", "maskkv_compile.cli", "bench", "--prompt-lens", "48", "--gen-length", "8", "--steps", "8",
               "--budgets", "4", "--layers", "1", "--hidden", "64", "--backend", "eager")
     assert "MaskKV budget 4" in out and "prompt cache (no eviction)" in out
-    rows = {line.split("  ")[1].strip(): line for line in out.splitlines() if line.strip().startswith("48 ")}
+    rows = {re.split(r"\s{2,}", line.strip())[1]: line for line in out.splitlines() if line.strip().startswith("48 ")}
     assert {"uncached", "uncached CFG", "MaskKV budget 4, CFG"} <= set(rows)
     for name in ("MaskKV budget 4", "MaskKV budget 4, CFG"):
         speedup = next(cell for cell in rows[name].split() if cell.endswith("x"))

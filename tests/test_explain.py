@@ -329,7 +329,7 @@ def second_option() -> dict:
 
 def test_pass_uuids_are_stable_and_follow_the_config():
     base = pass_uuids(MaskKVConfig(budget=8))
-    assert len(base) == 6 and len(set(base.values())) == 6  # one per pass class
+    assert len(base) == 7 and len(set(base.values())) == 7  # one per pass class
     assert pass_uuids(MaskKVConfig(budget=8)) == base
     for changed in ({"budget": 16}, second_option()):
         other = pass_uuids(MaskKVConfig(**{"budget": 8, **changed}))

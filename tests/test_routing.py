@@ -156,3 +156,20 @@ def test_rows_with_different_mask_layouts_each_get_their_own_response():
     # response-only logits need rectangular responses
     with pytest.raises(ValueError, match="same number of response positions"), maskkv_compile.response_logits_only():
         optimized(x)
+
+
+def test_a_row_masking_part_of_another_rows_prompt_is_its_own_row_not_a_cfg_copy():
+    """Two infilling variants of one sequence: the second masks an extra span. Only a row that
+    masks the other's whole prompt is read as CFG's unconditional copy."""
+    model = build("llada")
+    mask_id = model.config.mask_token_id
+    _, x = prompt_and_masks(model, P + L, 0)
+    x = x.repeat(2, 1)
+    x[:, 14:18] = mask_id
+    x[1, 2:5] = mask_id  # an extra span: response too
+    optimized = maskkv_compile.optimize(model, budget=4, backend="eager")
+    logits = optimized(x).logits
+    layout = optimized.runtime.last_session.layout
+    assert layout.twins == (None, None)
+    assert layout.response[1].nonzero().flatten().tolist() == [2, 3, 4, 14, 15, 16, 17]
+    assert bool((logits[1, 2:5] != 0).any(-1).all())  # the extra span's logits are returned
