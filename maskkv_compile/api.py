@@ -147,6 +147,7 @@ def optimize(
     policy: Optional[str] = None,
     profile=None,
     family: Optional[str] = None,
+    block_length: Optional[int] = None,
     config: Optional[MaskKVConfig] = None,
 ) -> MaskKVModel:
     """Rewrite ``model`` for MaskKV; nothing about the model itself changes.
@@ -159,12 +160,14 @@ def optimize(
     profile: a LayerProfile from ``calibrate`` (refused if measured on another model).
     family: "llada" or "dream" (where a token's logits live); default: "dream" when
         ``model.config.model_type`` is Dream's, else "llada".
+    block_length: dual cache for semi-autoregressive loops: a step computes only the current
+        block's rows (see ``maskkv_compile/blocks.py``); default: every response row.
     config: a full :class:`MaskKVConfig`; the keyword arguments above override its fields.
     """
     overrides = {
         k: v
         for k, v in dict(budget=budget, mask_token_id=mask_token_id, backend=backend, prompt_refresh=prompt_refresh,
-                         policy=policy, profile=profile, family=family).items()
+                         policy=policy, profile=profile, family=family, block_length=block_length).items()
         if v is not None
     }
     config = MaskKVConfig.from_options(overrides, base=config)

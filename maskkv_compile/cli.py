@@ -66,11 +66,19 @@ def cmd_demo(args) -> int:
     return 0
 
 
+QUICK_BENCH = dict(prompt_lens=[48], gen_length=8, steps=8, budgets=[4], layers=1, hidden=64, block_length=4,
+                   backend="eager")
+
+
 def cmd_bench(args) -> int:
     from maskkv_compile.bench import run_benchmark
 
+    if args.quick:  # CI-sized: a functional smoke run, not a measurement
+        for name, value in QUICK_BENCH.items():
+            setattr(args, name, value)
     run_benchmark(prompt_lens=args.prompt_lens, gen_length=args.gen_length, steps=args.steps, budgets=args.budgets,
-                  layers=args.layers, hidden=args.hidden, backend=args.backend, cfg_scale=args.cfg_scale, print_fn=print)
+                  layers=args.layers, hidden=args.hidden, backend=args.backend, cfg_scale=args.cfg_scale,
+                  block_length=args.block_length, print_fn=print)
     return 0
 
 
@@ -162,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--backend", choices=["inductor", "eager"], default="inductor")
     demo.set_defaults(func=cmd_demo)
 
-    bench = sub.add_parser("bench", help="tokens/s and peak RSS: uncached vs prompt cache vs MaskKV")
+    bench = sub.add_parser("bench", help="tokens/s and peak RSS: uncached (eager, compiled) vs prompt/dual cache vs MaskKV")
     bench.add_argument("--prompt-lens", type=int, nargs="+", default=[1024, 2048, 4096])
     bench.add_argument("--gen-length", type=int, default=64)
     bench.add_argument("--steps", type=int, default=64)
@@ -172,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backend", choices=["inductor", "eager"], default="inductor")
     bench.add_argument("--cfg-scale", type=float, default=1.0,
                        help="also time classifier-free guidance, uncached vs MaskKV at the first budget (0: skip)")
+    bench.add_argument("--block-length", type=int, default=32,
+                       help="LLaDA's block length for every run, and the dual cache's (min with --gen-length)")
+    bench.add_argument("--quick", action="store_true",
+                       help="tiny CI-sized run (overrides the sizes: " + ", ".join(f"{k}={v}" for k, v in QUICK_BENCH.items()) + ")")
     bench.set_defaults(func=cmd_bench)
 
     diff = sub.add_parser(

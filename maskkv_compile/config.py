@@ -70,6 +70,15 @@ class MaskKVConfig:
     pool_kernel: SnapKV's average-pooling kernel over positions (5).
     sink: StreamingLLM's sink tokens (4).
     seed: seed of the ``random`` policy.
+    block_length: dual cache (Fast-dLLM's, for semi-autoregressive loops such as LLaDA's
+        ``generate(..., block_length=...)``). Each row's response positions, in order, are cut
+        into blocks of this many; at a block's first call the step graph computes every
+        response row and caches their K/V, and the block's later calls compute only that
+        block's rows, attending to [kept prompt K/V ; cached K/V of the other response rows ;
+        the block's own]. Needs the same number of response positions in every row (else the
+        session runs plain steps and ``cache_stats()["block_cache"]`` says why). ``None``
+        (default): every step computes every response row, as without this option. See
+        ``maskkv_compile/blocks.py``.
     """
 
     budget: int = 256
@@ -89,6 +98,7 @@ class MaskKVConfig:
     pool_kernel: int = 5
     sink: int = 4
     seed: int = 0
+    block_length: Optional[int] = None
 
     def __post_init__(self) -> None:
         _require_int("budget", self.budget, minimum=1)
@@ -100,6 +110,7 @@ class MaskKVConfig:
             raise MaskKVConfigError(f"family must be one of {sorted(FAMILIES)} (or None to detect), got {self.family!r}")
         _require_int("vote_chunk", self.vote_chunk, minimum=1)
         _require_int("max_sessions", self.max_sessions, minimum=1)
+        _require_int("block_length", self.block_length, minimum=1, allow_none=True)
         if not isinstance(self.reuse_logits, bool):
             raise MaskKVConfigError(f"reuse_logits must be True or False, got {self.reuse_logits!r}")
         from maskkv_compile.policies import get_policy

@@ -1,7 +1,9 @@
 """From one captured graph to the two MaskKV graphs (prefill and step).
 
     captured --FindAttentionPass--> canonical --+--> prefill (MaskPadding, CaptureVotes, EvictKV, MaskOnlyHead)
-                                                +--> step    (SliceSequence, CachedAttention)
+                                                +--> step    (SliceSequence, CachedAttention[, ResponseKVOutputs])
+
+ResponseKVOutputs runs only with ``config.block_length`` (the dual cache needs the response K/V).
 
 Each derived graph is a copy, so the canonical graph stays available to ``explain``.
 """
@@ -16,7 +18,8 @@ import torch.fx as fx
 from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.passes import (
     AttentionSite, CachedAttentionPass, CaptureVotesPass, EvictKVPass, FindAttentionPass, GraphInfo,
-    MaskOnlyHeadPass, MaskPaddingPass, PassManager, SliceSequencePass, UnsupportedModelError, analyse, attention_sites,
+    MaskOnlyHeadPass, MaskPaddingPass, PassManager, ResponseKVOutputsPass, SliceSequencePass, UnsupportedModelError,
+    analyse, attention_sites,
 )
 from maskkv_compile.passes.base import PassRecord, extra_inputs
 
@@ -72,7 +75,10 @@ def build_graphs(gm: fx.GraphModule, config: MaskKVConfig, *, strict: bool = Tru
     )
     prefill_passes(prefill)
     step = copy_graph_module(canonical)
-    step_passes = PassManager("step", [SliceSequencePass(config, info), CachedAttentionPass(config)])
+    step_pipeline = [SliceSequencePass(config, info), CachedAttentionPass(config)]
+    if config.block_length is not None:
+        step_pipeline.append(ResponseKVOutputsPass(config))
+    step_passes = PassManager("step", step_pipeline)
     step_passes(step)
     return MaskKVGraphs(
         info=info,

@@ -23,7 +23,13 @@ recent first. Each call is routed by evidence from its tokens (``ids``, (B, S)),
    reruns the prefill graph on the current tokens with the same layout: the prompt K/V are
    recomputed and re-selected, the voters being the session's response positions (masked
    or already committed).
-4. STEP: any other continuing call runs the step graph: only the computed rows.
+4. STEP: any other continuing call runs the step graph: only the computed rows. With
+   ``block_length`` set (the dual cache, ``blocks.py``), a step whose current block (the
+   lowest block of response positions still holding a mask) is not the cached one is a
+   BLOCK_REFRESH: the step graph over every response row, whose response K/V are kept; the
+   block's later calls are BLOCK_STEPs: the step graph over the block's rows only, against
+   [kept prompt ; cached K/V of the other response rows]. The first step after every
+   prefill or refresh is a block refresh.
 5. NEW: a call that continues no session is a new prompt. Its layout comes from its own
    mask tokens (see ``layout.py``; every row must hold one, else ``NoMaskTokenError``),
    where a *masked copy* row (CFG's unconditional row, in the same batch or sent in its own
@@ -35,7 +41,8 @@ for Dream, the row before each response position, which holds its logits) carry 
 model's logits, every other row zeros (the prompt is not recomputed). Inside
 ``response_logits_only()`` they are (B, R, V): position j holds the logits that predict
 row b's j-th response token (already shifted for Dream), which needs every row to have
-the same number of response positions. Other outputs (e.g. hidden states) cover the rows
+the same number of response positions. At a block step only the current block's response
+rows carry logits; every other response row is zeros in both forms. Other outputs (e.g. hidden states) cover the rows
 the graph computed: all rows at a prefill, the computed rows at a step. ``reset()`` drops
 every session. Every transition is counted (``counts``) and logged at DEBUG.
 
@@ -56,10 +63,11 @@ from typing import Optional
 
 import torch
 
+from maskkv_compile import blocks
 from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.inductor import SEQ, InductorGraph
 from maskkv_compile.layout import Layout, NoMaskTokenError, infer_layout
-from maskkv_compile.passes import PREFILL_OUTPUTS_PER_LAYER
+from maskkv_compile.passes import PREFILL_OUTPUTS_PER_LAYER, RESPONSE_KV_OUTPUTS_PER_LAYER
 from maskkv_compile.pipeline import MaskKVGraphs, build_graphs
 from maskkv_compile.policies import format_budget_table
 
@@ -109,6 +117,8 @@ class Session:
     layers: list[LayerCache] = field(default_factory=list)
     steps_since_prefill: int = 0
     logits_buffer: Optional[torch.Tensor] = None  # (B, S, V) with config.reuse_logits
+    block: Optional[blocks.BlockCache] = None  # the dual cache of the current block (block_length)
+    block_note: Optional[str] = None  # why the dual cache does not apply to this session
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -140,7 +150,7 @@ class Session:
 class Counts:
     prefills: int = 0
     steps: int = 0
-    transitions: Counter = field(default_factory=Counter)  # new, restart, refresh, step
+    transitions: Counter = field(default_factory=Counter)  # new, restart, refresh, step, block_refresh, block_step
 
 
 class MaskKVRuntime:
@@ -211,10 +221,15 @@ class MaskKVRuntime:
             key_valid = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
         with torch.no_grad():
             session, transition = self._route(ids, per_token, key_valid)
+            if transition == "step" and self.config.block_length is not None:
+                transition = self._block_transition(session, ids)
             log.debug("%s: %s (prompt %s, response %s)", transition, tuple(ids.shape), session.layout.prompt_lens,
                       session.layout.response_lens)
             self.counts.transitions[transition] += 1
-            outputs = self._run_step(args, session) if transition == "step" else self._run_prefill(args, session)
+            if transition in ("step", "block_refresh", "block_step"):
+                outputs = self._run_step(args, session, transition)
+            else:
+                outputs = self._run_prefill(args, session)
             session.ids = ids.clone()
         self.last_session = session
         return outputs
@@ -233,24 +248,48 @@ class MaskKVRuntime:
             LayerCache(*caches[i : i + PREFILL_OUTPUTS_PER_LAYER]) for i in range(0, len(caches), PREFILL_OUTPUTS_PER_LAYER)
         ]
         session.steps_since_prefill = 0
+        session.block = None  # the next step is a block refresh
         self.counts.prefills += 1
         logits = base[self.graphs.info.logits_index]
         if not self.graphs.head_sliced:
             logits = logits.index_select(1, session.layout.rows)
         return self._with_logits(base, logits, session)
 
-    def _run_step(self, args, session: Session):
-        extra = self._per_row_inputs(session.layout)
+    def _block_transition(self, session: Session, ids: torch.Tensor) -> str:
+        """"block_refresh", "block_step", or "step" (no mask left, or blocks do not apply)."""
+        positions, session.block_note = blocks.response_positions(session.layout, self.config.block_length)
+        if positions is None:
+            return "step"
+        index = blocks.current_block(ids, positions, self.mask_token_id, self.config.block_length)
+        if index is None:
+            return "step"
+        return "block_step" if session.block is not None and session.block.index == index else "block_refresh"
+
+    def _run_step(self, args, session: Session, transition: str = "step"):
+        block = session.block if transition == "block_step" else None
+        layout = block.layout if block is not None else session.layout
+        extra = self._per_row_inputs(layout)
         for layer, cache in enumerate(session.layers):
-            extra.update({f"kept_k_{layer}": cache.kept_k, f"kept_v_{layer}": cache.kept_v, f"kept_len_{layer}": cache.kept_len})
+            kept = block.layers[layer] if block is not None else (cache.kept_k, cache.kept_v, cache.kept_len)
+            extra.update({f"kept_k_{layer}": kept[0], f"kept_v_{layer}": kept[1], f"kept_len_{layer}": kept[2]})
         outputs = self._step(*args, *(extra[name] for name in self.graphs.step_inputs))
+        if self.config.block_length is not None:  # the step graph also returns each layer's response K/V
+            split = len(outputs) - RESPONSE_KV_OUTPUTS_PER_LAYER * len(self.graphs.sites)
+            outputs, kv = outputs[:split], outputs[split:]
+            if transition == "block_refresh":
+                block_length = self.config.block_length
+                positions, _ = blocks.response_positions(session.layout, block_length)
+                index = blocks.current_block(args[self.tokens_pos], positions, self.mask_token_id, block_length)
+                pairs = [tuple(kv[i : i + RESPONSE_KV_OUTPUTS_PER_LAYER]) for i in range(0, len(kv), RESPONSE_KV_OUTPUTS_PER_LAYER)]
+                session.block = blocks.build_block_cache(index, block_length, session.layout, positions,
+                                                         self.config.logits_shift, session.layers, pairs)
         session.steps_since_prefill += 1
         self.counts.steps += 1
-        return self._with_logits(outputs, outputs[self.graphs.info.logits_index], session)
+        return self._with_logits(outputs, outputs[self.graphs.info.logits_index], session, block)
 
-    def _with_logits(self, outputs, logits: torch.Tensor, session: Session):
+    def _with_logits(self, outputs, logits: torch.Tensor, session: Session, block: Optional[blocks.BlockCache] = None):
         """The (B, C, V) logits of the computed rows, as the caller's contract wants them."""
-        layout = session.layout
+        layout = block.layout if block is not None else session.layout
         if _RESPONSE_ONLY.get():
             if layout.read_idx is None:
                 raise ValueError(
@@ -258,6 +297,10 @@ class MaskKVRuntime:
                     f"{layout.response_lens}; call without it to get (B, S, V) logits"
                 )
             logits = logits.gather(1, layout.read_idx[..., None].expand(-1, -1, logits.shape[-1]))  # (B, R, V)
+            if block is not None:  # (B, n, V) of the block -> (B, R, V), zeros outside it
+                full = logits.new_zeros((logits.shape[0], session.layout.response_lens[0], logits.shape[-1]))
+                full[:, block.start : block.stop] = logits
+                logits = full
         else:
             if not bool(layout.returned.all()):  # rows computed for a batch mate are not this row's logits
                 logits = logits.masked_fill(~layout.returned[..., None], 0)
@@ -312,7 +355,18 @@ class MaskKVRuntime:
             "prefills": self.counts.prefills,
             "steps": self.counts.steps,
             "transitions": dict(self.counts.transitions),
+            "block_cache": self._block_stats(session),
         }
+
+    def _block_stats(self, session: Session) -> Optional[dict]:
+        """The dual cache (None without ``block_length``): current block, response columns it
+        covers, bytes of the merged per-layer caches, and why it does not apply, if so."""
+        if self.config.block_length is None:
+            return None
+        block = session.block
+        return {"block_length": self.config.block_length, "current_block": None if block is None else block.index,
+                "columns": None if block is None else (block.start, block.stop),
+                "bytes": 0 if block is None else block.bytes, "note": session.block_note}
 
     def budget_table(self) -> str:
         """Layers x KV heads kept, for the first row of the last prompt."""

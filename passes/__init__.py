@@ -9,6 +9,7 @@ Order (see ``maskkv_compile.pipeline``):
                 MaskOnlyHeadPass        LM head on the response rows only
     step:       SliceSequencePass       token ids / positions / tables gathered at resp_idx
                 CachedAttentionPass     maskkv::cached_attention over [kept ; response]
+                ResponseKVOutputsPass   (block_length only) each layer's response K/V as outputs
 """
 
 from .base import GraphPass, PassManager, PassResult
@@ -19,10 +20,12 @@ from .find_attention import AttentionSite, FindAttentionPass, attention_sites
 from .graph_info import GraphInfo, UnsupportedModelError, analyse
 from .mask_only_head import MaskOnlyHeadPass
 from .mask_padding import MaskPaddingPass
+from .response_kv_outputs import RESPONSE_KV_OUTPUTS_PER_LAYER, ResponseKVOutputsPass
 from .slice_sequence import SliceSequencePass
 
 __all__ = [
     "AttentionSite", "CachedAttentionPass", "CaptureVotesPass", "EvictKVPass", "FindAttentionPass", "GraphInfo",
     "GraphPass", "MaskOnlyHeadPass", "MaskPaddingPass", "PassManager", "PassResult", "PREFILL_OUTPUTS_PER_LAYER",
+    "RESPONSE_KV_OUTPUTS_PER_LAYER", "ResponseKVOutputsPass",
     "STEP_INPUTS_PER_LAYER", "SliceSequencePass", "UnsupportedModelError", "analyse", "attention_sites",
 ]

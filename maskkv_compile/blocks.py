@@ -1,0 +1,109 @@
+"""The dual cache (``MaskKVConfig.block_length``): a step computes only the current block.
+
+Semi-autoregressive loops (LLaDA's ``generate(..., block_length=...)``) denoise the response
+block by block. Fast-dLLM's *dual cache* caches the K/V of every response row outside the
+block being denoised and recomputes only that block's rows; this module is its bookkeeping
+for the MaskKV runtime. The rule, evidence from the call alone (``runtime.py`` routes):
+
+* Blocks: each row's response positions, in ascending order, are cut into blocks of
+  ``block_length`` (the last may be shorter). Every row needs the same number of response
+  positions (the same blocks for the batch); otherwise the session runs plain steps and
+  ``cache_stats()["block_cache"]["note"]`` says why.
+* Current block of a call: the lowest block that holds a mask token in some row (``None``
+  when no mask is left: a plain step).
+* Block refresh: a call that would run the step graph and whose current block is not the
+  one cached (the first step after every prefill or prompt refresh, and the first call of
+  each new block) runs the step graph over every response row, exactly today's step, and
+  keeps each layer's response K/V (``ResponseKVOutputsPass``). Per layer the runtime then
+  builds a merged cache: per (row, KV head) the kept prompt entries followed by the K/V of
+  the row's response positions outside the current block (``kept_len`` grows by their
+  number).
+* Block step: the block's later calls run the same step graph with the block's rows (plus
+  Dream's read rows, query only) as the computed rows and the merged cache as the kept K/V:
+  the block's queries attend to [kept prompt ; cached other response rows ; the block's
+  fresh K/V].
+
+Logits of response rows outside the current block come back as zeros at a block step (in
+the (B, S, V) and the (B, R, V) forms; with ``reuse_logits`` the (B, S, V) buffer keeps what
+an earlier call wrote there). LLaDA's loop reads only the current block, so give
+``block_length`` the loop's block length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from maskkv_compile.layout import Layout
+
+
+@dataclass
+class BlockCache:
+    index: int  # the current block
+    start: int  # its response columns [start, stop) in each row's ordered response positions
+    stop: int
+    layout: Layout  # the full layout with rows / resp_valid / returned / read_idx of the block
+    layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # per layer (kept_k, kept_v, kept_len), merged
+
+    @property
+    def bytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v, _ in self.layers)
+
+
+def response_positions(layout: Layout, block_length: int) -> tuple[Optional[torch.Tensor], Optional[str]]:
+    """(B, R) each row's response positions in order, or (None, why blocks do not apply)."""
+    lengths = layout.response_lens
+    if len(set(lengths)) != 1:
+        return None, f"rows have different numbers of response positions {lengths}: plain steps (no dual cache)"
+    return torch.stack([row.nonzero().flatten() for row in layout.response]), None
+
+
+def current_block(ids: torch.Tensor, positions: torch.Tensor, mask_token_id: int, block_length: int) -> Optional[int]:
+    """The lowest block holding a mask token in some row (None: no mask left)."""
+    masked = (ids.gather(1, positions) == mask_token_id).any(0)  # (R,)
+    first = masked.nonzero()
+    return int(first[0]) // block_length if first.numel() else None
+
+
+def block_layout(layout: Layout, positions: torch.Tensor, start: int, stop: int, shift: int) -> Layout:
+    """``layout`` with the computed rows restricted to response columns [start, stop) of every
+    row (and, for a shifted family, the row before each of them, query only)."""
+    block = positions[:, start:stop]  # (B, n)
+    read = (block - shift).clamp(min=0)
+    rows = torch.unique(torch.cat([block.flatten(), read.flatten()]))  # sorted
+    in_block = torch.zeros_like(layout.response).scatter_(1, block, True)
+    returned = torch.stack([torch.isin(rows, torch.cat([b, r])) for b, r in zip(block, read)])
+    return dataclasses.replace(layout, rows=rows, resp_valid=in_block[:, rows], returned=returned,
+                               read_idx=torch.searchsorted(rows, read))
+
+
+def merge_layer(kept_k, kept_v, kept_len, k, v, columns):
+    """[kept prompt ; the response K/V at ``columns`` (B, m) of the computed rows] as a padded
+    per-(row, KV head) prefix: the m entries go right after each (row, head)'s kept ones."""
+    batch, heads = kept_len.shape
+    m = columns.shape[1]
+    steps = torch.arange(m, device=kept_len.device)
+    dest = (kept_len[..., None] + steps)[..., None]  # (B, Hkv, m, 1)
+
+    def one(kept, fresh):
+        dim = fresh.shape[-1]
+        picked = fresh.gather(2, columns[:, None, :, None].expand(batch, heads, m, dim))
+        merged = torch.cat([kept, kept.new_zeros((batch, heads, m, dim))], dim=2)
+        return merged.scatter_(2, dest.expand(-1, -1, -1, dim), picked.to(kept.dtype))
+
+    return one(kept_k, k), one(kept_v, v), kept_len + m
+
+
+def build_block_cache(index: int, block_length: int, layout: Layout, positions: torch.Tensor, shift: int,
+                      prompt_layers, response_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> BlockCache:
+    """At a block refresh: ``response_kv`` holds each layer's K/V of ``layout.rows``."""
+    start = index * block_length
+    stop = min(start + block_length, positions.shape[1])
+    others = torch.cat([positions[:, :start], positions[:, stop:]], dim=1)  # (B, m) response outside the block
+    columns = torch.searchsorted(layout.rows, others)
+    layers = [merge_layer(cache.kept_k, cache.kept_v, cache.kept_len, k, v, columns)
+              for cache, (k, v) in zip(prompt_layers, response_kv)]
+    return BlockCache(index, start, stop, block_layout(layout, positions, start, stop, shift), layers)
