@@ -116,3 +116,47 @@ def test_eval_suite_example(tmp_path):
         assert sum(results["cells"]["uncached"][i]["score"] for i in ids) / len(ids) > 0.3
         assert aggregate(results, "maskkv@full", ids)["retention"] == pytest.approx(100.0)
         assert "B=4 (4%)" in table(results, "retention")
+
+
+def _synthetic(scores: dict, kl: dict = None) -> dict:
+    """A quality JSON with the given per-sample scores (and KLs) per configuration key."""
+    n = len(next(iter(scores.values())))
+    ids = [f"s{i}/t" for i in range(n)]
+    cells = {key: {sid: {"tokens": [], "score": float(v), "agree_uncached": float(v), "agree_full": float(v),
+                         "kl": (kl or {}).get(key, [0.5] * n)[i]}
+                   for i, (sid, v) in enumerate(zip(ids, values))}
+             for key, values in scores.items()}
+    return {"note": "synthetic", "model": "synthetic", "policies": ["maskkv", "snapkv"], "budgets": [4],
+            "tasks": ["t"], "samples": {sid: {"task": "t", "prompt_len": 100} for sid in ids}, "cells": cells}
+
+
+def test_bootstrap_intervals():
+    from maskkv_compile.evaluation.report import interval, paired_interval
+    from maskkv_compile.evaluation.suite import FULL_CACHE
+
+    coin = [1, 0] * 8  # 16 samples, mean 0.5: the normal approximation gives 0.5 +- 1.96 * 0.125
+    results = _synthetic({FULL_CACHE: [1] * 16, "maskkv@4": coin, "snapkv@4": [0, 1] * 8},
+                         kl={"maskkv@4": [0.1, 0.3] * 8, "snapkv@4": [0.2, 0.6] * 8})
+    ids = list(results["samples"])
+    lo, hi = interval(results, "maskkv@4", ids, "score")
+    assert 0.2 < lo < 0.3 and 0.7 < hi < 0.8
+    spread = _synthetic({FULL_CACHE: [1] * 16, "maskkv@4": [i / 15 for i in range(16)], "snapkv@4": [0] * 16})
+    seeded = interval(spread, "maskkv@4", ids, "score")
+    assert seeded == interval(spread, "maskkv@4", ids, "score") != interval(spread, "maskkv@4", ids, "score", seed=1)
+    assert interval(results, FULL_CACHE, ids, "score") == (1.0, 1.0)  # no spread, no interval
+    lo, hi = interval(results, "maskkv@4", ids, "retention")
+    assert lo < 50.0 < hi
+    # retention resamples the full cache's scores with the config's (a ratio of paired sums):
+    # a configuration that scores what the full cache scores is 100 [100, 100] whatever the spread
+    same = _synthetic({FULL_CACHE: coin, "maskkv@4": coin, "snapkv@4": coin})
+    assert interval(same, "maskkv@4", ids, "retention") == (100.0, 100.0)
+    # paired: the same resample for both configurations
+    diff, (lo, hi) = paired_interval(same, "maskkv@4", "snapkv@4", ids, "score")
+    assert diff == lo == hi == 0.0
+    ratio, (lo, hi) = paired_interval(results, "maskkv@4", "snapkv@4", ids, "kl")  # snapkv's KL is exactly 2x
+    assert ratio == pytest.approx(2.0) and lo == pytest.approx(2.0) and hi == pytest.approx(2.0)
+    diff, (lo, hi) = paired_interval(results, "maskkv@4", "snapkv@4", ids, "score")
+    assert diff == 0.0 and lo < -0.2 and hi > 0.2  # anti-correlated samples: a wide interval around a tie
+    text = table(results, "score", budgets=[4])
+    assert "**0.500** [0.25, 0.75]" in text  # the value in bold (the best), then its interval
+    assert "bootstrap interval" in markdown(results)

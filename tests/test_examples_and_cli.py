@@ -49,9 +49,34 @@ def test_cli_demo(model):
     if model == "antiberty":
         pytest.importorskip("antiberty")
     out = run("-m", "maskkv_compile.cli", "demo", "--model", model, "--backend", "eager")
-    assert "tokens/s" in out and "agreement with uncached" in out
+    lines = out.splitlines()
+    sample = re.search(r"^sample: \S+, prompt (\d+) tokens, (\d+) masked positions filled one per step$", out, re.M)
+    assert sample, out
+    prompt_len, span = map(int, sample.groups())
+    assert span > 1 and prompt_len > 8  # a fill of several steps, on a prompt longer than the budget (8)
+
+    def row(name):
+        (line,) = [line for line in lines if line.startswith(name)]
+        return re.split(r"\s{2,}", line.strip())
+
+    header = re.split(r"\s{2,}", next(line for line in lines if line.startswith("run ")).strip())
+    assert header == ["run", "tokens/s", "kept KV", "true tokens", "agreement with uncached"]
+    uncached, ours = row("uncached model"), row("MaskKV budget 8 (eager)")
+    for cells in (uncached, ours):
+        assert len(cells) == 5 and float(cells[1]) > 0  # tokens/s parses
+        hits, total = map(int, cells[3].split("/"))
+        assert total == span and 0 <= hits <= span
+    agree, total = map(int, ours[4].split("/"))
+    assert total == span and 0 <= agree <= span
+    number, unit = ours[2].split()
+    assert float(number) > 0 and unit in ("B", "KiB", "MiB")  # a kept cache was held
+    # the MaskKV row ran cached: one prefill, then a step per remaining position
+    assert f"MaskKV calls in the timed fill: 1 prefill, {span - 1} steps (transitions {{'new': 1, 'step': {span - 1}}})" in out
+    fills = {name: re.search(rf"^{name}\s*: (.+)$", out, re.M).group(1) for name in ("true", "uncached", "MaskKV")}
     if model == "antiberty":
-        assert "true     : WGGDGFYAMDY" in out  # trastuzumab's CDR-H3, filled by the real model
+        assert fills["true"] == "WGGDGFYAMDY"  # trastuzumab's CDR-H3, filled by the real model
+        assert all(len(fill) == span for fill in fills.values())  # one residue per position
+        assert sum(a == b for a, b in zip(fills["MaskKV"], fills["uncached"])) == agree  # the table says what it filled
 
 
 def test_cli_bench():

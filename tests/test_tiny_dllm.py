@@ -136,9 +136,11 @@ def test_train_script_then_suite_and_heatmap_on_its_checkpoint(tmp_path, capsys)
     assert (out / "needle_heatmap.png").stat().st_size > 1000
 
 
-def test_shipped_checkpoint_retrieves():
-    """data/tiny_dllm ships because it retrieves: >= 80 % exact match at full cache (the uncached
-    loop) on 32 held-out 256-token haystacks per task, far above guessing among the needles."""
+def test_shipped_checkpoint_retrieves_uncached():
+    """data/tiny_dllm ships because it retrieves: the plain model (no MaskKV, no cache: every step
+    recomputes the whole sequence) in the suite's greedy loop fills >= 80 % of 32 held-out
+    256-token haystacks per task exactly, far above guessing among the needles. What MaskKV and
+    the full prompt cache keep of it is the quality suite's business (docs/quality.md)."""
     bundle = load_bundle("tiny-dllm", samples=32)
     model = bundle.model
     assert model.config.mask_token_id == nt.MASK and not model.model.layers[0].self_attn.is_causal
