@@ -296,7 +296,7 @@ class MaskKVRuntime:
                     f"response_logits_only() needs the same number of response positions in every row, got "
                     f"{layout.response_lens}; call without it to get (B, S, V) logits"
                 )
-            logits = logits.gather(1, layout.read_idx[..., None].expand(-1, -1, logits.shape[-1]))  # (B, R, V)
+            logits = _read_rows(logits, layout.read_idx)  # (B, R, V)
             if block is not None:  # (B, n, V) of the block -> (B, R, V), zeros outside it
                 full = logits.new_zeros((logits.shape[0], session.layout.response_lens[0], logits.shape[-1]))
                 full[:, block.start : block.stop] = logits
@@ -372,3 +372,15 @@ class MaskKVRuntime:
         """Layers x KV heads kept, for the first row of the last prompt."""
         session = self.last_session
         return format_budget_table([cache.kept_len[0] for cache in session.layers]) if session else "(no prompt yet)"
+
+
+def _read_rows(logits: torch.Tensor, read_idx: torch.Tensor) -> torch.Tensor:
+    """(B, C, V) logits of the computed rows -> (B, R, V) at ``read_idx`` (B, R). The common
+    layouts (every row reads the same rows; LLaDA's, where they are all the computed rows) are
+    a view or one index_select instead of a gather over B x R x V elements."""
+    shared = read_idx[0]
+    if bool((read_idx == shared).all()):
+        if shared.numel() == logits.shape[1] and bool((shared == torch.arange(shared.numel(), device=shared.device)).all()):
+            return logits
+        return logits.index_select(1, shared)
+    return logits.gather(1, read_idx[..., None].expand(-1, -1, logits.shape[-1]))
