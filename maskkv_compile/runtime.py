@@ -221,13 +221,14 @@ class MaskKVRuntime:
             key_valid = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
         with torch.no_grad():
             session, transition = self._route(ids, per_token, key_valid)
+            block_at = None  # (block index, response positions) at a block refresh
             if transition == "step" and self.config.block_length is not None:
-                transition = self._block_transition(session, ids)
+                transition, block_at = self._block_transition(session, ids)
             log.debug("%s: %s (prompt %s, response %s)", transition, tuple(ids.shape), session.layout.prompt_lens,
                       session.layout.response_lens)
             self.counts.transitions[transition] += 1
             if transition in ("step", "block_refresh", "block_step"):
-                outputs = self._run_step(args, session, transition)
+                outputs = self._run_step(args, session, transition, block_at)
             else:
                 outputs = self._run_prefill(args, session)
             session.ids = ids.clone()
@@ -255,17 +256,20 @@ class MaskKVRuntime:
             logits = logits.index_select(1, session.layout.rows)
         return self._with_logits(base, logits, session)
 
-    def _block_transition(self, session: Session, ids: torch.Tensor) -> str:
-        """"block_refresh", "block_step", or "step" (no mask left, or blocks do not apply)."""
+    def _block_transition(self, session: Session, ids: torch.Tensor) -> tuple[str, Optional[tuple]]:
+        """("block_refresh", (index, positions)), ("block_step", None), or ("step", None) (no mask
+        left, or blocks do not apply)."""
         positions, session.block_note = blocks.response_positions(session.layout, self.config.block_length)
         if positions is None:
-            return "step"
+            return "step", None
         index = blocks.current_block(ids, positions, self.mask_token_id, self.config.block_length)
         if index is None:
-            return "step"
-        return "block_step" if session.block is not None and session.block.index == index else "block_refresh"
+            return "step", None
+        if session.block is not None and session.block.index == index:
+            return "block_step", None
+        return "block_refresh", (index, positions)
 
-    def _run_step(self, args, session: Session, transition: str = "step"):
+    def _run_step(self, args, session: Session, transition: str = "step", block_at: Optional[tuple] = None):
         block = session.block if transition == "block_step" else None
         layout = block.layout if block is not None else session.layout
         extra = self._per_row_inputs(layout)
@@ -276,12 +280,10 @@ class MaskKVRuntime:
         if self.config.block_length is not None:  # the step graph also returns each layer's response K/V
             split = len(outputs) - RESPONSE_KV_OUTPUTS_PER_LAYER * len(self.graphs.sites)
             outputs, kv = outputs[:split], outputs[split:]
-            if transition == "block_refresh":
-                block_length = self.config.block_length
-                positions, _ = blocks.response_positions(session.layout, block_length)
-                index = blocks.current_block(args[self.tokens_pos], positions, self.mask_token_id, block_length)
+            if block_at is not None:  # a block refresh: build the block's merged caches
+                index, positions = block_at
                 pairs = [tuple(kv[i : i + RESPONSE_KV_OUTPUTS_PER_LAYER]) for i in range(0, len(kv), RESPONSE_KV_OUTPUTS_PER_LAYER)]
-                session.block = blocks.build_block_cache(index, block_length, session.layout, positions,
+                session.block = blocks.build_block_cache(index, self.config.block_length, session.layout, positions,
                                                          self.config.logits_shift, session.layers, pairs)
         session.steps_since_prefill += 1
         self.counts.steps += 1
