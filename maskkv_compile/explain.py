@@ -228,6 +228,7 @@ p.lead {{ margin: 0 0 8px; color: #444; }}
 code {{ font-size: 12px; overflow-wrap: anywhere; }}
 table.sites {{ border-collapse: collapse; margin-bottom: 10px; }}
 table.sites td, table.sites th {{ border: 1px solid #ccc; padding: 2px 6px; text-align: left; vertical-align: top; }}
+table.sites code {{ white-space: nowrap; }}
 section.site {{ border: 1px solid #ddd; border-radius: 4px; padding: 4px 8px; margin-bottom: 10px; }}
 table.side {{ width: 100%; table-layout: fixed; border-collapse: collapse; }}
 table.side th {{ background: #eee; text-align: left; padding: 2px 6px; }}

@@ -176,7 +176,7 @@ def _arg(a) -> str:
     return repr(a)
 
 
-def _info(node: fx.Node, width: int = 90) -> NodeInfo:
+def _info(node: fx.Node, width: int = 400) -> NodeInfo:
     op = _op(node)
     name = readable_name(node.name)
     if node.op == "placeholder":
