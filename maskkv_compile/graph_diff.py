@@ -217,10 +217,23 @@ def node_layers(gm: fx.GraphModule) -> dict[str, Optional[int]]:
     return layers
 
 
-def _outputs(gm: fx.GraphModule) -> list[str]:
+def _output_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     out = gm.graph.output_node().args[0]
     flat = out if isinstance(out, (list, tuple)) else [out]
-    return [a.name for a in flat if isinstance(a, fx.Node)]
+    return [a for a in flat if isinstance(a, fx.Node)]
+
+
+def _outputs(gm: fx.GraphModule) -> list[str]:
+    return [node.name for node in _output_nodes(gm)]
+
+
+def _output_label(node: fx.Node) -> str:
+    """``getitem_13`` -> ``getitem_13 (select_kv[0])``: which op's result became an output."""
+    name = readable_name(node.name)
+    if node.op == "call_function" and _op(node) == "getitem" and isinstance(node.args[0], fx.Node):
+        source = _op(node.args[0])
+        return f"{name} ({source.split('::')[-1]}[{node.args[1]}])"
+    return name
 
 
 def structural_diff(captured: Optional[fx.GraphModule], graphs, names: Iterable[str] = ("prefill", "step")) -> list[SiteDiff]:
@@ -264,10 +277,14 @@ def structural_diff(captured: Optional[fx.GraphModule], graphs, names: Iterable[
         for node in canonical.graph.nodes:
             if node.name not in present and node.op != "output":
                 at(canonical_node_layers.get(node.name)).graphs[graph].removed.append(_info(node))
-        for name in _outputs(gm):
-            if name not in canonical_outputs:
-                at(layers.get(name)).graphs[graph].outputs.append(readable_name(name))
+        for node in _output_nodes(gm):
+            if node.name not in canonical_outputs:
+                at(layers.get(node.name)).graphs[graph].outputs.append(_output_label(node))
     return [*(sites[k] for k in sorted(sites)), outside]
+
+
+def _count(n: int, what: str = "node") -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
 
 
 def _names(items: list[NodeInfo]) -> str:
@@ -290,7 +307,7 @@ def structural_text(site_diffs: list[SiteDiff], width: int = WIDTH) -> str:
             continue
         emit(f"== {site.title} ==")
         if site.matched or site.canonical:
-            emit(f"matched (captured, {len(site.matched)} nodes): {_names(site.matched) or '-'}", "  ")
+            emit(f"matched (captured, {_count(len(site.matched))}): {_names(site.matched) or '-'}", "  ")
             emit(f"replaced by (canonical): {_names(site.canonical) or '-'}", "  ")
             for info in site.canonical:
                 emit(("* " if info.maskkv else "  ") + info.text, "    ")
@@ -298,7 +315,7 @@ def structural_text(site_diffs: list[SiteDiff], width: int = WIDTH) -> str:
             if not (change.inserted or change.removed or change.inputs or change.outputs):
                 emit(f"{graph}: unchanged", "  ")
                 continue
-            emit(f"{graph}: {len(change.inserted)} nodes inserted ({', '.join(change.maskkv_ops) or 'no maskkv:: op'})", "  ")
+            emit(f"{graph}: {_count(len(change.inserted))} inserted ({', '.join(change.maskkv_ops) or 'no maskkv:: op'})", "  ")
             if change.inputs:
                 emit(f"inputs added: {', '.join(change.inputs)}", "    ")
             if change.outputs:
@@ -337,7 +354,7 @@ def _change_cell(change: GraphChange) -> str:
         parts.append("<details><summary>removed: " + html.escape(_names(change.removed)) + "</summary>"
                      + _node_list(change.removed, "del") + "</details>")
     plain = [i for i in change.inserted if not i.maskkv]
-    parts.append(f"<p><b>inserted:</b> {len(change.inserted)} nodes</p>")
+    parts.append(f"<p><b>inserted:</b> {_count(len(change.inserted))}</p>")
     parts.append(_node_list(change.inserted, "add") if len(plain) <= 12 else
                  _node_list([i for i in change.inserted if i.maskkv], "add")
                  + f"<details><summary>all {len(change.inserted)} inserted nodes</summary>"
@@ -360,7 +377,7 @@ def site_table_html(site_diffs: list[SiteDiff]) -> str:
         )
         rows.append(
             f"<tr><td><a href='#site-{site.layer}'>{site.layer}</a></td><td><code>{html.escape(site.module_path)}</code></td>"
-            f"<td>{html.escape(site.attention)}</td><td>{len(site.matched)} nodes &rarr; "
+            f"<td>{html.escape(site.attention)}</td><td>{_count(len(site.matched))} &rarr; "
             f"{html.escape(_names(site.canonical) or '-')}</td>{cells}</tr>"
         )
     return (f"<table class='sites'><tr><th>layer</th><th>module</th><th>attention</th><th>matched</th>{head}</tr>"
@@ -379,7 +396,7 @@ def sites_html(site_diffs: list[SiteDiff]) -> str:
         cols = "".join(f"<td>{_change_cell(site.graphs[g])}</td>" for g in graphs)
         heads = "".join(f"<th>{html.escape(g)} graph</th>" for g in graphs)
         matched = (
-            f"<details><summary>matched in the captured graph: {len(site.matched)} nodes "
+            f"<details><summary>matched in the captured graph: {_count(len(site.matched))} "
             f"({html.escape(_names(site.matched) or '-')})</summary>{_node_list(site.matched, 'del')}</details>"
             f"<p><b>replaced by (canonical):</b></p>{_node_list(site.canonical, 'add')}"
             if site.matched or site.canonical else ""
