@@ -408,7 +408,34 @@ def sites_html(site_diffs: list[SiteDiff]) -> str:
     return "\n".join(out)
 
 
+def main(argv=None) -> int:
+    """``python -m maskkv_compile.graph_diff FILE [FILE2]``: a MASKKV_DEBUG_DIR dump (or any
+    graph code) with module-path names and wrapped lines; with two files, their folded diff."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="+", metavar="FILE")
+    parser.add_argument("--width", type=int, default=WIDTH)
+    args = parser.parse_args(argv)
+    texts = []
+    for path in args.files[:2]:
+        with open(path, encoding="utf-8") as f:
+            texts.append(f.read())
+    if len(texts) == 1:
+        print(readable_code(texts[0], args.width))
+    else:
+        import os
+
+        names = [os.path.basename(path) for path in args.files[:2]]
+        print(folded_diff(texts[0], texts[1], *names, width=args.width), end="")
+    return 0
+
+
 __all__ = [
     "GraphChange", "NodeInfo", "SiteDiff", "folded_diff", "node_layers", "readable_code", "readable_name",
     "site_table_html", "sites_html", "structural_diff", "structural_text", "wrap",
 ]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

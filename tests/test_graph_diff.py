@@ -1,6 +1,10 @@
 """graph_diff: readable names, wrapped/folded diffs, the per-site structural diff and the HTML page."""
 
 import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -107,3 +111,28 @@ def test_site_diffs_checks_the_graph_name():
     report = maskkv_compile.explain(build("llada", "sdpa"), prompt_and_masks(build("llada", "sdpa"), 16, 8)[1], budget=8)
     with pytest.raises(ValueError, match="graph must be one of"):
         report.site_diffs(("nope",))
+
+
+def test_debug_dumps_read_by_module_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("MASKKV_DEBUG_DIR", str(tmp_path))
+    model = build("llada", "sdpa")
+    maskkv_compile.explain(model, prompt_and_masks(model, 16, 8)[1], budget=8)
+    before = tmp_path / "maskkv.prefill.2.EvictKVPass.before.py"
+    after = tmp_path / "maskkv.prefill.2.EvictKVPass.after.py"
+    assert FLAT.search(before.read_text())  # the dump stays valid Python: dynamo's names
+    root = Path(__file__).resolve().parent.parent
+    one = subprocess.run([sys.executable, "-m", "maskkv_compile.graph_diff", str(before)], cwd=root,
+                         capture_output=True, text=True, check=True).stdout
+    assert "model.layers.0.self_attn.q_proj.weight" in one and not FLAT.search(one)
+    two = subprocess.run([sys.executable, "-m", "maskkv_compile.graph_diff", str(before), str(after)], cwd=root,
+                         capture_output=True, text=True, check=True).stdout
+    assert "torch.ops.maskkv.select_kv" in two and "unchanged lines ..." in two
+    assert max(len(line) for line in (one + two).splitlines()) <= WIDTH
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium (apt-get install chromium)")
+def test_screenshot_script(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "scripts/screenshot_report.py", "--model", "tiny-llama", "--out", str(tmp_path),
+                    "--width", "1280", "--height", "600"], cwd=root, check=True, capture_output=True, timeout=300)
+    assert (tmp_path / "explain_report_tiny-llama.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
