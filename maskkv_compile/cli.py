@@ -101,6 +101,9 @@ def cmd_diff(args) -> int:
     report = explain(model, x, budget=args.budget, **options)
     print(report)
     graphs = ["prefill", "step"] if args.graph == "all" else [args.graph]
+    if report.rewritten:
+        print("\n=== per attention site: what was matched and inserted ===")
+        print(report.structural() if args.graph == "all" else report.structural(args.graph), end="")
     for graph in graphs if report.rewritten else []:
         print(f"\n=== {graph} graph: captured -> rewritten ===")
         print(report.diff(graph), end="")

@@ -2,7 +2,8 @@
 
     report = maskkv_compile.explain(model, input_ids, budget=64)
     print(report)                  # attention sites, pass runs, inserted ops, kept-KV plan
-    print(report.diff("step"))     # unified diff: captured graph -> rewritten step graph
+    print(report.diff("step"))     # line diff, captured -> rewritten step graph (module-path names, folded)
+    print(report.structural())     # per attention site: matched, inserted (maskkv:: ops), inputs/outputs added
     report.to_html("maskkv.html")  # side-by-side diff, maskkv:: ops highlighted
 
 The model is captured with dynamo exactly as ``optimize`` captures it (sequence length
@@ -38,6 +39,9 @@ import torch.fx as fx
 from maskkv_compile._torch_private import BackendCompilerFailed, dynamo_config, example_value, mark_dynamic
 from maskkv_compile.api import _RECOMPILE_LIMIT  # explain's capture counts as a recompile too
 from maskkv_compile.config import MaskKVConfig, MaskKVConfigError
+from maskkv_compile.graph_diff import (
+    WIDTH, SiteDiff, folded_diff, readable_code, site_table_html, sites_html, structural_diff, structural_text,
+)
 from maskkv_compile.passes import AttentionSite, FindAttentionPass, PassManager, UnsupportedModelError
 from maskkv_compile.pipeline import MaskKVGraphs, build_graphs, copy_graph_module
 
@@ -89,6 +93,7 @@ class Report:
     captured_code: str
     codes: dict[str, str] = field(default_factory=dict)  # graph name -> rewritten code
     graphs: Optional[MaskKVGraphs] = None  # None when every attention site was refused
+    captured: Optional[fx.GraphModule] = None  # the graph dynamo captured, before any pass
 
     # -- queries ---------------------------------------------------------------------------
     @property
@@ -119,14 +124,29 @@ class Report:
             )
         return self.codes[graph]
 
-    def diff(self, graph: str = "prefill", context: int = 3) -> str:
-        """Unified diff of the captured graph's code -> the rewritten ``graph``'s code."""
-        return "".join(
-            difflib.unified_diff(
-                self.captured_code.splitlines(keepends=True), self.code(graph).splitlines(keepends=True),
-                fromfile="captured", tofile=graph, n=context,
-            )
-        )
+    def diff(self, graph: str = "prefill", context: int = 3, width: int = WIDTH) -> str:
+        """Diff of the captured graph's code -> the rewritten ``graph``'s code: parameters and
+        buffers by module path, lines wrapped to ``width``, unchanged stretches folded to
+        ``... N unchanged lines ...`` beyond ``context`` lines."""
+        return folded_diff(self.captured_code, self.code(graph), "captured", graph, context=context, width=width)
+
+    def site_diffs(self, graphs: tuple[str, ...] = ("prefill", "step")) -> list[SiteDiff]:
+        """The structural diff: per attention site, the captured nodes matched, the canonical
+        ``maskkv::attention`` that replaced them, and per rewritten graph the nodes inserted,
+        removed, and the inputs/outputs added (last entry: outside every layer)."""
+        if not self.rewritten:
+            return []
+        for graph in graphs:
+            self.code(graph)  # validates the name
+        return structural_diff(self.captured, self.graphs, graphs)
+
+    def structural(self, graph: Optional[str] = None, width: int = WIDTH) -> str:
+        """The structural diff as text (``graph`` None: prefill and step), every line at most
+        ``width`` wide, inserted ``maskkv::`` ops marked ``*``."""
+        graphs = ("prefill", "step") if graph is None else (graph,)
+        if not self.rewritten:
+            return self.code(graphs[0])  # raises with the reasons
+        return structural_text(self.site_diffs(graphs), width=width)
 
     # -- rendering -------------------------------------------------------------------------
     def site_rows(self) -> list[list[Any]]:
@@ -174,18 +194,25 @@ class Report:
         return self.summary()
 
     def to_html(self, path, graphs: tuple[str, ...] = ("prefill", "step")) -> str:
-        """Write a page: the summary, then a side-by-side diff (captured -> rewritten) per
-        graph, with the ``maskkv::`` ops highlighted. Returns ``path``."""
-        sections = [
-            f"<h1>MaskKV explain: {html.escape(self.model)}</h1>",
-            f"<pre class='summary'>{html.escape(self.summary())}</pre>",
-        ]
+        """Write one self-contained page (no script, no network): the site table, each site's
+        matched nodes and its rewritten graphs side by side with the inserted ``maskkv::`` ops
+        highlighted, then the summary and the line diffs (readable names, wrapped, folded).
+        Returns ``path``."""
+        sections = [f"<h1>MaskKV explain: {html.escape(self.model)}</h1>",
+                    f"<p class='lead'>{html.escape(self.summary().splitlines()[0])}</p>"]
+        if self.rewritten:
+            site_diffs = self.site_diffs(graphs)
+            sections += [site_table_html(site_diffs), sites_html(site_diffs)]
+        else:
+            sections.append("<p>nothing was rewritten: every attention site was refused</p>")
+        sections.append(f"<details open><summary>summary</summary><pre class='summary'>{html.escape(self.summary())}</pre></details>")
         differ = difflib.HtmlDiff(tabsize=4)
+        captured = readable_code(self.captured_code, 80).splitlines()
         for graph in graphs if self.rewritten else ():
             table = differ.make_table(
-                self.captured_code.splitlines(), self.code(graph).splitlines(), "captured", graph, context=True, numlines=4,
+                captured, readable_code(self.code(graph), 80).splitlines(), "captured", graph, context=True, numlines=3,
             )
-            sections.append(f"<h2>{graph} graph</h2>\n{_highlight(table)}")
+            sections.append(f"<details><summary>{graph} graph: line diff of the code</summary>\n{_highlight(table)}</details>")
         page = _PAGE.format(title=html.escape(f"MaskKV explain: {self.model}"), body="\n".join(sections))
         with open(path, "w", encoding="utf-8") as f:
             f.write(page)
@@ -193,12 +220,25 @@ class Report:
 
 
 _PAGE = """<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>{title}</title>
+<html><head><meta charset="utf-8"><meta name="viewport" content="width=device-width"><title>{title}</title>
 <style>
-body {{ font-family: sans-serif; }}
-pre.summary {{ background: #f6f6f6; padding: 1em; }}
+body {{ font-family: sans-serif; font-size: 14px; max-width: 1240px; margin: 0 auto; padding: 0 12px; }}
+h1 {{ font-size: 20px; margin: 10px 0 4px; }} h3 {{ font-size: 15px; margin: 6px 0; }}
+p.lead {{ margin: 0 0 8px; color: #444; }}
+code {{ font-size: 12px; overflow-wrap: anywhere; }}
+table.sites {{ border-collapse: collapse; margin-bottom: 10px; }}
+table.sites td, table.sites th {{ border: 1px solid #ccc; padding: 2px 6px; text-align: left; vertical-align: top; }}
+table.sites code {{ white-space: nowrap; }}
+section.site {{ border: 1px solid #ddd; border-radius: 4px; padding: 4px 8px; margin-bottom: 10px; }}
+table.side {{ width: 100%; table-layout: fixed; border-collapse: collapse; }}
+table.side th {{ background: #eee; text-align: left; padding: 2px 6px; }}
+table.side td {{ vertical-align: top; padding: 2px 6px; border-right: 1px solid #ddd; }}
+ul.nodes {{ margin: 2px 0; padding-left: 16px; }} ul.nodes li {{ margin: 0; }}
+li.add.op {{ background: #f3e6ff; }} li.del {{ color: #8a1f1f; }} p.none {{ color: #888; margin: 2px 0; }}
+section.site p {{ margin: 3px 0; }}
+pre.summary {{ background: #f6f6f6; padding: 1em; white-space: pre-wrap; }}
 table.diff {{ font-family: monospace; font-size: 12px; border: 1px solid #ccc; }}
-table.diff td {{ white-space: nowrap; vertical-align: top; }}
+table.diff td {{ vertical-align: top; }}
 .diff_header {{ background-color: #e0e0e0; }}
 td.diff_header {{ text-align: right; }}
 .diff_next {{ background-color: #c0c0c0; }}
@@ -420,6 +460,7 @@ def _report(model, config, token, input_ids, prompt_len, gm, graphs: Optional[Ma
         captured_code=gm.code,
         codes=codes,
         graphs=graphs,
+        captured=gm,
     )
 
 

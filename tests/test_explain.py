@@ -367,6 +367,9 @@ def test_cli_diff(tmp_path):
     assert "MaskKV explain: Qwen2ForCausalLM" in out and "eager+gqa" in out and "2 x 8 = 16" in out
     assert "=== prefill graph: captured -> rewritten ===" in out and "=== step graph: captured -> rewritten ===" in out
     assert "+++ prefill" in out and "+++ step" in out
+    assert "=== per attention site: what was matched and inserted ===" in out
+    assert "== layer 1: model.layers.1.self_attn (eager+gqa) ==" in out and "unchanged lines ..." in out
+    assert "_modules_" not in out and "_parameters_" not in out
     assert "torch.ops.maskkv.mask_votes" in out and "torch.ops.maskkv.cached_attention" in out
     assert '<mark class="maskkv">' in html.read_text()
 

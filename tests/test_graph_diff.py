@@ -1,0 +1,138 @@
+"""graph_diff: readable names, wrapped/folded diffs, the per-site structural diff and the HTML page."""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import maskkv_compile
+from maskkv_compile.graph_diff import WIDTH, folded_diff, readable_code, readable_name, wrap
+
+from helpers import build, prompt_and_masks
+
+FLAT = re.compile(r"_(?:modules|parameters|buffers)_")
+# what each rewritten graph inserts at every attention site
+SITE_OPS = {
+    "prefill": {"maskkv::mask_votes", "maskkv::selection_scores", "maskkv::head_budgets", "maskkv::select_kv"},
+    "step": {"maskkv::cached_attention"},
+}
+
+
+@pytest.fixture(scope="module", params=[("llada", "sdpa"), ("dream", "eager")], ids=["llada-sdpa", "dream-eager"])
+def report(request):
+    family, attn = request.param
+    model = build(family, attn)
+    _, x = prompt_and_masks(model, 16, 8)
+    return maskkv_compile.explain(model, x, budget=8)
+
+
+def test_readable_name():
+    flat = "L_args_0_modules_model_modules_layers_modules_0_modules_self_attn_modules_q_proj_parameters_weight_"
+    assert readable_name(flat) == "model.layers.0.self_attn.q_proj.weight"
+    assert readable_name(flat.replace("L_", "l_", 1)) == "model.layers.0.self_attn.q_proj.weight"
+    assert readable_name("L_self_modules_model_modules_rotary_emb_buffers_inv_freq_") == "model.rotary_emb.inv_freq"
+    assert readable_name("L_kwargs_input_ids_") == "input_ids"
+    for name in ("q_embed", "getitem_13", "key_valid", "attention_default_1"):
+        assert readable_name(name) == name
+
+
+def test_wrap_and_fold():
+    line = "    def forward(self, " + ", ".join(f"argument_number_{i}" for i in range(40)) + "):"
+    pieces = wrap(line, 60)
+    assert all(len(p) <= 60 for p in pieces) and "".join(p.strip() for p in pieces).replace(",", ", ").count("argument_number_") == 40
+    assert all(p.startswith("        ") for p in pieces[1:])
+    assert wrap("x" * 80, 50) == ["x" * 50, "    " + "x" * 30]
+    before = "\n".join(f"line {i}" for i in range(50))
+    after = before.replace("line 25", "line twenty-five")
+    diff = folded_diff(before, after, "a", "b", context=2)
+    assert diff.startswith("--- a\n+++ b\n")
+    assert "  ... 23 unchanged lines ...\n" in diff and "  ... 22 unchanged lines ...\n" in diff
+    assert "- line 25\n+ line twenty-five\n" in diff
+
+
+def test_text_forms_have_module_paths_and_bounded_lines(report):
+    for graph in ("prefill", "step"):
+        for text in (report.diff(graph), report.structural(graph), readable_code(report.code(graph))):
+            assert not FLAT.search(text), [line for line in text.splitlines() if FLAT.search(line)][:3]
+            assert max(len(line) for line in text.splitlines()) <= WIDTH
+        diff = report.diff(graph)
+        assert "model.layers.0.self_attn.q_proj.weight" in readable_code(report.code(graph))
+        assert "model.norm.weight" in diff  # the signature's last unchanged lines, as context
+        assert re.search(r"^  \.\.\. \d+ unchanged lines \.\.\.$", diff, re.M)
+    assert max(len(line) for line in report.diff("prefill", width=60).splitlines()) <= 60
+
+
+def test_structural_diff_lists_every_site_and_every_inserted_op(report):
+    sites = report.site_diffs()
+    assert [s.layer for s in sites] == [s.layer for s in report.sites] + [None]
+    for site, found in zip(sites, report.sites):
+        assert site.module_path == found.module_path and site.attention == found.spelling
+        assert [n.op for n in site.canonical if n.maskkv] == ["maskkv::attention"]
+        assert site.matched, "the captured nodes maskkv::attention replaced"
+        for graph, ops in SITE_OPS.items():
+            assert set(site.graphs[graph].maskkv_ops) == ops, (site.layer, graph)
+        assert site.graphs["prefill"].outputs, "kept K/V and votes become prefill outputs"
+        assert [n.op for n in site.graphs["step"].removed] == ["maskkv::attention"]
+        assert {name.rsplit("_", 1)[0] for name in site.graphs["step"].inputs} >= {"kept_k", "kept_v"}
+    # every maskkv:: op the passes report inserting into prefill/step is attributed to a site
+    for graph in SITE_OPS:
+        reported = sorted(op for g, _, op in report.inserted if g == graph)
+        assert sorted(op for s in sites for op in s.graphs[graph].maskkv_ops) == reported
+    outside = sites[-1]
+    assert "resp_idx" in outside.graphs["step"].inputs  # the step graph slices to the response
+    text = report.structural()
+    for site in report.sites:
+        assert f"== layer {site.layer}: {site.module_path} ({site.spelling}) ==" in text
+    assert text.count("* cached_attention_default") == len(report.sites)
+
+
+def test_html_is_self_contained_with_the_site_table_first(report, tmp_path):
+    page = (tmp_path / "r.html")
+    report.to_html(page)
+    text = page.read_text()
+    assert not re.search(r"(?:src|href)\s*=\s*['\"]?(?:https?:)?//", text) and "<script" not in text
+    assert "@import" not in text and "url(" not in text
+    assert not FLAT.search(text)
+    # the site table, then each site's section, before the summary and the line diffs
+    table, first_site = text.index("<table class='sites'>"), text.index("id='site-0'")
+    assert table < first_site < text.index("<pre class='summary'>") < text.index('<table class="diff"')
+    for site in report.sites:
+        section = text[text.index(f"id='site-{site.layer}'"):]
+        section = section[: section.index("</section>")]
+        for op in set().union(*SITE_OPS.values()):
+            assert f'<mark class="maskkv">{op}</mark>' in section
+    assert text.count("<section class='site'") >= len(report.sites)
+
+
+def test_site_diffs_checks_the_graph_name():
+    report = maskkv_compile.explain(build("llada", "sdpa"), prompt_and_masks(build("llada", "sdpa"), 16, 8)[1], budget=8)
+    with pytest.raises(ValueError, match="graph must be one of"):
+        report.site_diffs(("nope",))
+
+
+def test_debug_dumps_read_by_module_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("MASKKV_DEBUG_DIR", str(tmp_path))
+    model = build("llada", "sdpa")
+    maskkv_compile.explain(model, prompt_and_masks(model, 16, 8)[1], budget=8)
+    before = tmp_path / "maskkv.prefill.2.EvictKVPass.before.py"
+    after = tmp_path / "maskkv.prefill.2.EvictKVPass.after.py"
+    assert FLAT.search(before.read_text())  # the dump stays valid Python: dynamo's names
+    root = Path(__file__).resolve().parent.parent
+    one = subprocess.run([sys.executable, "-m", "maskkv_compile.graph_diff", str(before)], cwd=root,
+                         capture_output=True, text=True, check=True).stdout
+    assert "model.layers.0.self_attn.q_proj.weight" in one and not FLAT.search(one)
+    two = subprocess.run([sys.executable, "-m", "maskkv_compile.graph_diff", str(before), str(after)], cwd=root,
+                         capture_output=True, text=True, check=True).stdout
+    assert "torch.ops.maskkv.select_kv" in two and "unchanged lines ..." in two
+    assert max(len(line) for line in (one + two).splitlines()) <= WIDTH
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium (apt-get install chromium)")
+def test_screenshot_script(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "scripts/screenshot_report.py", "--model", "tiny-llama", "--out", str(tmp_path),
+                    "--width", "1280", "--height", "600"], cwd=root, check=True, capture_output=True, timeout=300)
+    assert (tmp_path / "explain_report_tiny-llama.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
