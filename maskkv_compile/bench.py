@@ -241,8 +241,13 @@ def run_benchmark(*, prompt_lens, gen_length, steps, budgets, layers, hidden, ba
             opt.generate(prompt[:, : min(64, prompt_len)], **kwargs)  # warm-up (compiles once, any length)
             opt.reset()
             timed[name] = proxy = TimedModel(opt)
+            compiles_before = _inductor_compiles(opt), len(opt.backend.runtimes)
             with measure() as m:
                 out = generate(proxy, prompt, mask_token_id=mask_id, **kwargs)
+            compiles_after = _inductor_compiles(opt), len(opt.backend.runtimes)
+            if compiles_after != compiles_before:  # the warm-up should have compiled everything the loop runs
+                print_fn(f"warning: {name} compiled inside the timed loop (Inductor compiles, MaskKV runtimes: "
+                         f"{compiles_before} -> {compiles_after}); its times include compilation")
             stats = opt.cache_stats()
             if (name.endswith(DUAL) or name.startswith("dual")) and steps > gen_length // block_length:
                 assert stats["transitions"].get("block_step", 0) > 0, f"{name} ran no block step"
