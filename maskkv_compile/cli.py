@@ -76,12 +76,18 @@ QUICK_BENCH = dict(prompt_lens=[48], gen_length=8, steps=8, budgets=[4], layers=
 def cmd_bench(args) -> int:
     from maskkv_compile.bench import run_benchmark
 
+    from maskkv_compile.bench import PRESETS
+
     if args.quick:  # CI-sized: a functional smoke run, not a measurement
         for name, value in QUICK_BENCH.items():
             setattr(args, name, value)
+    for name, value in PRESETS[args.preset].items():  # the preset's sizes, where no flag gave one
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     run_benchmark(prompt_lens=args.prompt_lens, gen_length=args.gen_length, steps=args.steps, budgets=args.budgets,
                   layers=args.layers, hidden=args.hidden, backend=args.backend, cfg_scale=args.cfg_scale,
-                  block_length=args.block_length, print_fn=print)
+                  block_length=args.block_length, preset=args.preset, vocab=args.vocab, floor=args.floor,
+                  sweep=args.compile_sweep, sweep_lens=args.sweep_lens, print_fn=print)
     return 0
 
 
@@ -177,12 +183,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="tokens/s and peak RSS: uncached (eager, compiled) vs prompt/dual cache vs MaskKV")
-    bench.add_argument("--prompt-lens", type=int, nargs="+", default=[1024, 2048, 4096])
+    bench.add_argument("--preset", choices=["tiny", "llada-shape"], default="tiny",
+                       help="tiny: 4 layers, hidden 256, vocab 1024, prompts 1024 2048 4096; llada-shape: LLaDA-8B's "
+                       "per-layer shapes (hidden 4096, 32 heads, MLP 12288, vocab 126464) at 1 layer, prompts 1024 2048 "
+                       "(~5 GB of fp32 weights); --layers/--hidden/--vocab/--prompt-lens override")
+    bench.add_argument("--prompt-lens", type=int, nargs="+", default=None)
     bench.add_argument("--gen-length", type=int, default=64)
     bench.add_argument("--steps", type=int, default=64)
     bench.add_argument("--budgets", type=int, nargs="+", default=[64, 256])
-    bench.add_argument("--layers", type=int, default=4)
-    bench.add_argument("--hidden", type=int, default=256)
+    bench.add_argument("--layers", type=int, default=None)
+    bench.add_argument("--hidden", type=int, default=None,
+                       help="heads: hidden / 64 (tiny) or / 128 (llada-shape); MLP 2x (tiny) or 3x (llada-shape)")
+    bench.add_argument("--vocab", type=int, default=None)
+    bench.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                       help="per-step and prefill latency of the MaskKV rows, against one forward over the computed "
+                       "rows alone (step/floor) and one uncached forward (prefill/forward)")
+    bench.add_argument("--compile-sweep", action="store_true",
+                       help="also: Inductor compile time cold/warm and recompiles over 5 more prompt lengths")
+    bench.add_argument("--sweep-lens", type=int, nargs="+", default=None,
+                       help="the compile sweep's prompt lengths (default: 5 around the first --prompt-lens)")
     bench.add_argument("--backend", choices=["inductor", "eager"], default="inductor")
     bench.add_argument("--cfg-scale", type=float, default=1.0,
                        help="also time classifier-free guidance, uncached vs MaskKV at the first budget (0: skip)")

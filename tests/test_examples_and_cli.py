@@ -92,6 +92,69 @@ def test_cli_bench():
             assert float(ratios[1][:-1]) > 0, name  # vs compiled (the dual rows: the run asserts block steps ran)
 
 
+def _bench_table(out, prompt):
+    lines = out.splitlines()
+    header = next(line for line in lines if line.strip().startswith("prompt ") and "run" in line)
+    headers = re.split(r"\s{2,}", header.strip())
+    rows = {}
+    for line in lines:
+        if line.strip().startswith(f"{prompt} "):
+            cells = re.split(r"\s{2,}", line.strip())
+            assert len(cells) == len(headers), (headers, cells)
+            rows[cells[1]] = dict(zip(headers, cells))
+    return headers, rows
+
+
+def test_cli_bench_floor_columns_and_quick():
+    out = run("-m", "maskkv_compile.cli", "bench", "--quick", "--cfg-scale", "0")
+    headers, rows = _bench_table(out, 48)
+    assert headers[-4:] == ["step ms", "prefill ms", "step/floor", "prefill/forward"]
+    for name in ("prompt cache (no eviction)", "dual cache (no eviction)", "MaskKV budget 4", "MaskKV budget 4 + dual cache"):
+        row = rows[name]
+        assert float(row["step ms"]) > 0 and float(row["prefill ms"]) > 0, row
+        assert float(row["step/floor"][:-1]) > 0 and float(row["prefill/forward"][:-1]) > 0, row
+    assert rows["uncached"]["step/floor"] == "-"  # the floor is for the cached rows
+
+
+def test_cli_bench_llada_shape_preset_and_compile_sweep():
+    out = run("-m", "maskkv_compile.cli", "bench", "--preset", "llada-shape", "--layers", "1", "--prompt-lens", "64",
+              "--gen-length", "4", "--steps", "4", "--block-length", "2", "--budgets", "8", "--hidden", "128",
+              "--backend", "eager", "--cfg-scale", "0", "--compile-sweep")
+    assert "Llama-style (llada-shape), 1 layers, hidden 128, 1 heads, MLP 384, vocab 126464" in out
+    headers, rows = _bench_table(out, 64)
+    assert {"uncached", "uncached, torch.compile", "MaskKV budget 8", "MaskKV budget 8 + dual cache"} <= set(rows)
+    for name in ("MaskKV budget 8", "MaskKV budget 8 + dual cache"):
+        assert float(rows[name]["step/floor"][:-1]) > 0 and float(rows[name]["prefill/forward"][:-1]) > 0
+    sweep = {re.split(r"\s{2,}", line.strip())[0]: re.split(r"\s{2,}", line.strip())
+             for line in out.splitlines() if line.startswith("MaskKV budget 8")}
+    assert set(sweep) == {"MaskKV budget 8", "MaskKV budget 8 + dual cache"}
+    for cells in sweep.values():  # cold s, warm s, Inductor compiles, recompiles, new dynamo graphs
+        assert float(cells[1]) > 0 and float(cells[2]) > 0
+        assert cells[3:] == ["0", "0", "0"]  # eager backend: no Inductor; the sweep adds no dynamo graph either
+
+
+def test_bench_timed_model_records_transitions_and_rows():
+    import torch
+
+    import maskkv_compile
+    from maskkv_compile.bench import TimedModel, build_model
+    from maskkv_compile.generate import generate
+
+    model = build_model("tiny", layers=1, hidden=64, vocab=256, max_positions=64)
+    mask_id = model.config.mask_token_id
+    prompt = torch.randint(0, mask_id, (1, 20), generator=torch.Generator().manual_seed(0))
+    opt = maskkv_compile.optimize(model, budget=4, backend="eager", block_length=4)
+    proxy = TimedModel(opt)
+    generate(proxy, prompt, mask_token_id=mask_id, gen_length=8, steps=8, block_length=4)
+    kinds = [t for t, _, _ in proxy.calls]
+    assert kinds == ["new", "block_refresh", "block_step", "block_step", "block_refresh", "block_step", "block_step",
+                     "block_step"], kinds
+    rows = {t: r.numel() for t, _, r in proxy.calls}
+    assert rows == {"new": 28, "block_refresh": 8, "block_step": 4}, rows  # a block step computes its block alone
+    summary = proxy.summary()
+    assert summary["floor_rows"].numel() == 4 and summary["step_s"] > 0 and summary["prefill_s"] > 0
+
+
 def test_cli_help():
     for sub in ([], ["demo"], ["bench"]):
         assert "usage" in run("-m", "maskkv_compile.cli", *sub, "--help")
