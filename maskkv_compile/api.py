@@ -19,7 +19,7 @@ from maskkv_compile.runtime import padding
 
 # Every MaskKVModel compiles the same forward code object with its own backend; dynamo
 # counts each as a recompile of that code. Allow many before it would fall back to eager.
-_RECOMPILE_LIMIT = 256
+RECOMPILE_LIMIT = 256
 
 
 class MaskKVModel(torch.nn.Module):
@@ -76,7 +76,7 @@ class MaskKVModel(torch.nn.Module):
             kwargs.setdefault("use_cache", False)  # a returned KV cache would keep every layer's full K/V alive
         calls_before = {id(r): r.counts.prefills + r.counts.steps for r in self.backend.runtimes}
         try:
-            with dynamo_config.patch(recompile_limit=_RECOMPILE_LIMIT, accumulated_recompile_limit=_RECOMPILE_LIMIT), \
+            with dynamo_config.patch(recompile_limit=RECOMPILE_LIMIT, accumulated_recompile_limit=RECOMPILE_LIMIT), \
                     padding(key_valid):
                 out = self._compiled(input_ids=input_ids, **kwargs)
         except BackendCompilerFailed as failure:  # our own error, raised inside the backend

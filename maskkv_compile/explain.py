@@ -37,7 +37,7 @@ import torch
 import torch.fx as fx
 
 from maskkv_compile._torch_private import BackendCompilerFailed, dynamo_config, example_value, mark_dynamic
-from maskkv_compile.api import _RECOMPILE_LIMIT  # explain's capture counts as a recompile too
+from maskkv_compile.api import RECOMPILE_LIMIT  # explain's capture counts as a recompile too
 from maskkv_compile.config import MaskKVConfig, MaskKVConfigError
 from maskkv_compile.graph_diff import (
     WIDTH, SiteDiff, folded_diff, readable_code, site_table_html, sites_html, structural_diff, structural_text,
@@ -353,7 +353,7 @@ def capture(model: torch.nn.Module, input_ids: torch.Tensor) -> fx.GraphModule:
     compiled = torch.compile(model, backend=_record, fullgraph=True)
     try:
         with torch.no_grad(), dynamo_config.patch(
-            recompile_limit=_RECOMPILE_LIMIT, accumulated_recompile_limit=_RECOMPILE_LIMIT, suppress_errors=False
+            recompile_limit=RECOMPILE_LIMIT, accumulated_recompile_limit=RECOMPILE_LIMIT, suppress_errors=False
         ):
             compiled(*args, **kwargs)
     except BackendCompilerFailed as failure:
