@@ -103,6 +103,7 @@ def test_case_against_reference(seed):
     if valid is not None:
         kwargs = {"attention_mask": valid.long(), "position_ids": (valid.long().cumsum(-1) - 1).clamp(min=0)}
     x = x.clone()
+    first_rows = []  # each row as the prefill saw it (the reference replays it)
     for step in range(2):
         with torch.no_grad():
             logits = optimized(x, **kwargs).logits  # (B, S, V)
