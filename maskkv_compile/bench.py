@@ -50,6 +50,7 @@ import torch
 import maskkv_compile
 from maskkv_compile._torch_private import dynamo_config
 from maskkv_compile.api import RECOMPILE_LIMIT
+from maskkv_compile.cli import BENCH_RUNS as RUNS
 from maskkv_compile.generate import generate
 from maskkv_compile.measure import human_bytes, measure
 from maskkv_compile.models import set_causal, tiny_llada
@@ -221,7 +222,9 @@ def compile_sweep(model, *, budget, block_length, backend, first_len, sweep_lens
 
 def run_benchmark(*, prompt_lens, gen_length, steps, budgets, layers, hidden, backend, cfg_scale=0.0,
                   block_length=32, preset="tiny", vocab=None, floor=True, sweep=False, sweep_lens=None,
-                  print_fn=print) -> list[dict]:
+                  runs=RUNS, print_fn=print) -> list[dict]:
+    """Time every run of ``runs`` (plus the eager uncached loop, always: the reference) at each
+    prompt length; print the table and return one dict per row."""
     from maskkv_compile.cli import _tabulate
 
     torch.manual_seed(0)
@@ -236,9 +239,19 @@ def run_benchmark(*, prompt_lens, gen_length, steps, budgets, layers, hidden, ba
     kwargs = dict(gen_length=gen_length, steps=steps, block_length=block_length)
     rows, results = [], []
     full = max(prompt_lens) + gen_length
-    runners = {"prompt cache (no eviction)": (full, None), "dual cache (no eviction)": (full, block_length)}
+    unknown = set(runs) - set(RUNS)
+    if unknown:
+        raise ValueError(f"unknown bench runs {sorted(unknown)}; choose from {list(RUNS)}")
+    runners = {}
+    if "prompt-cache" in runs:
+        runners["prompt cache (no eviction)"] = (full, None)
+    if "dual-cache" in runs:
+        runners["dual cache (no eviction)"] = (full, block_length)
     for b in budgets:
-        runners.update({f"MaskKV budget {b}": (b, None), f"MaskKV budget {b}{DUAL}": (b, block_length)})
+        if "maskkv" in runs:
+            runners[f"MaskKV budget {b}"] = (b, None)
+        if "maskkv-dual" in runs:
+            runners[f"MaskKV budget {b}{DUAL}"] = (b, block_length)
     optimized = {name: maskkv_compile.optimize(model, budget=b, backend=backend, block_length=blocks)
                  for name, (b, blocks) in runners.items()}
     compiled = CompiledUncached(model, backend)
@@ -246,11 +259,14 @@ def run_benchmark(*, prompt_lens, gen_length, steps, budgets, layers, hidden, ba
         prompt = torch.randint(0, mask_id, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
         with measure() as base:
             reference = generate(model, prompt, mask_token_id=mask_id, **kwargs)
-        with torch.no_grad():  # warm-up: compile on the timed shape, outside the timing
-            compiled(torch.cat([prompt, torch.full((1, gen_length), mask_id)], dim=1))
-        with measure() as compiled_base:
-            out = generate(compiled, prompt, mask_token_id=mask_id, **kwargs)
-        entries = [("uncached", base, reference, None), (COMPILED, compiled_base, out, None)]
+        entries = [("uncached", base, reference, None)]
+        compiled_base = None
+        if "compiled" in runs:
+            with torch.no_grad():  # warm-up: compile on the timed shape, outside the timing
+                compiled(torch.cat([prompt, torch.full((1, gen_length), mask_id)], dim=1))
+            with measure() as compiled_base:
+                out = generate(compiled, prompt, mask_token_id=mask_id, **kwargs)
+            entries.append((COMPILED, compiled_base, out, None))
         floors, timed = {}, {}
         for name, opt in optimized.items():
             opt.generate(prompt[:, : min(64, prompt_len)], **kwargs)  # warm-up (compiles once, any length)
@@ -285,6 +301,8 @@ def run_benchmark(*, prompt_lens, gen_length, steps, budgets, layers, hidden, ba
                 cfg_reference = generate(model, prompt, mask_token_id=mask_id, **guided)
             cfg_entries = [("uncached CFG", cfg_base, cfg_reference, None)]
             name = f"MaskKV budget {budgets[0]}"
+            if name not in optimized:
+                raise ValueError("the CFG rows time MaskKV at the first budget: keep 'maskkv' in runs, or cfg_scale=0")
             opt = optimized[name]
             with measure() as m:
                 out = opt.generate(prompt, **guided)
@@ -295,8 +313,8 @@ def run_benchmark(*, prompt_lens, gen_length, steps, budgets, layers, hidden, ba
         for group_base, group_reference, group in groups:
             for name, m, out, kept in group:
                 agree = (out[:, prompt_len:] == group_reference[:, prompt_len:]).float().mean().item()
-                versus_compiled = compiled_base.seconds / m.seconds if group_base is base else None
-                row = dict(prompt=prompt_len, run=name, tokens_per_s=gen_length / m.seconds,
+                versus_compiled = compiled_base.seconds / m.seconds if group_base is base and compiled_base else None
+                row = dict(prompt=prompt_len, run=name, seconds=m.seconds, tokens_per_s=gen_length / m.seconds,
                            speedup=group_base.seconds / m.seconds, speedup_vs_compiled=versus_compiled,
                            peak_rss=m.peak_rss_delta, kept_bytes=kept, agreement=agree)
                 cells = [prompt_len, name, f"{row['tokens_per_s']:.2f}", f"{row['speedup']:.1f}x",
@@ -317,9 +335,12 @@ def run_benchmark(*, prompt_lens, gen_length, steps, budgets, layers, hidden, ba
                 rows.append(cells)
         print_fn(f"prompt {prompt_len} done")
     config = model.config
-    print_fn(f"Llama-style ({preset}), {layers} layers, hidden {hidden}, {config.num_attention_heads} heads, MLP "
+    setup = (f"Llama-style ({preset}), {layers} layers, hidden {hidden}, {config.num_attention_heads} heads, MLP "
              f"{config.intermediate_size}, vocab {config.vocab_size}, gen {gen_length}, {steps} steps, block {block_length}, "
              f"backend {backend}, {torch.get_num_threads()} threads")
+    for row in results:
+        row["setup"] = setup
+    print_fn(setup)
     headers = ["prompt", "run", "tokens/s", "vs uncached", "vs compiled", "peak RSS", "kept KV", "agreement"]
     if floor:
         headers += ["step ms", "prefill ms", "step/floor", "prefill/forward"]

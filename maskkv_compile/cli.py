@@ -69,6 +69,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
+BENCH_RUNS = ("compiled", "prompt-cache", "dual-cache", "maskkv", "maskkv-dual")  # besides eager uncached
 QUICK_BENCH = dict(prompt_lens=[48], gen_length=8, steps=8, budgets=[4], layers=1, hidden=64, block_length=4,
                    backend="eager")
 
@@ -84,10 +85,22 @@ def cmd_bench(args) -> int:
     for name, value in PRESETS[args.preset].items():  # the preset's sizes, where no flag gave one
         if getattr(args, name) is None:
             setattr(args, name, value)
-    run_benchmark(prompt_lens=args.prompt_lens, gen_length=args.gen_length, steps=args.steps, budgets=args.budgets,
-                  layers=args.layers, hidden=args.hidden, backend=args.backend, cfg_scale=args.cfg_scale,
-                  block_length=args.block_length, preset=args.preset, vocab=args.vocab, floor=args.floor,
-                  sweep=args.compile_sweep, sweep_lens=args.sweep_lens, print_fn=print)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run_benchmark(prompt_lens=args.prompt_lens, gen_length=args.gen_length, steps=args.steps,
+                         budgets=args.budgets, layers=args.layers, hidden=args.hidden, backend=args.backend,
+                         cfg_scale=args.cfg_scale, block_length=args.block_length, preset=args.preset,
+                         vocab=args.vocab, floor=args.floor, sweep=args.compile_sweep, sweep_lens=args.sweep_lens,
+                         runs=args.runs, print_fn=print)
+    if args.json or args.plots:
+        from maskkv_compile.bench_plots import plot_bench, write_results
+
+        command = "maskkv-compile " + " ".join(sys.argv[1:])
+        if args.json:
+            write_results(args.json, rows, command)
+        if args.plots:
+            for path in plot_bench(rows, args.plots, title=command):
+                print(f"wrote {path}")
     return 0
 
 
@@ -207,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also time classifier-free guidance, uncached vs MaskKV at the first budget (0: skip)")
     bench.add_argument("--block-length", type=int, default=32,
                        help="LLaDA's block length for every run, and the dual cache's (min with --gen-length)")
+    bench.add_argument("--runs", nargs="+", choices=BENCH_RUNS, default=list(BENCH_RUNS),
+                       help="which configurations to time besides the eager uncached loop (the reference; always run)")
+    bench.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    bench.add_argument("--json", metavar="PATH", help="also write every row (and the command) as JSON here")
+    bench.add_argument("--plots", metavar="DIR",
+                       help="also draw speed-up and peak memory vs prompt length here (bench_speedup.png, bench_memory.png)")
     bench.add_argument("--quick", action="store_true",
                        help="tiny CI-sized run (overrides the sizes: " + ", ".join(f"{k}={v}" for k, v in QUICK_BENCH.items()) + ")")
     bench.set_defaults(func=cmd_bench)

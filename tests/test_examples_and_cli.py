@@ -1,5 +1,6 @@
 """Every example script and CLI subcommand runs (small sizes, eager backend where it matters)."""
 
+import json
 import re
 import subprocess
 import sys
@@ -90,6 +91,23 @@ def test_cli_bench():
         assert float(ratios[0][:-1]) > 0, name  # vs uncached (the run asserts CFG ran cached on both halves)
         if name != "MaskKV budget 4, CFG":
             assert float(ratios[1][:-1]) > 0, name  # vs compiled (the dual rows: the run asserts block steps ran)
+
+
+def test_cli_bench_runs_json_and_plots(tmp_path):
+    results, plots = tmp_path / "bench.json", tmp_path / "plots"
+    out = run("-m", "maskkv_compile.cli", "bench", "--quick", "--cfg-scale", "0", "--no-floor", "--threads", "1",
+              "--runs", "maskkv", "maskkv-dual", "--json", str(results), "--plots", str(plots))
+    assert "1 threads" in out
+    data = json.loads(results.read_text())
+    assert data["command"].startswith("maskkv-compile bench --quick")
+    runs = {(row["prompt"], row["run"]) for row in data["rows"]}
+    names = {"uncached", "MaskKV budget 4", "MaskKV budget 4 + dual cache"}  # no compiled, prompt or dual cache row
+    assert runs == {(48, name) for name in names}
+    assert all(row["speedup"] > 0 and row["seconds"] > 0 and "1 threads" in row["setup"] for row in data["rows"])
+    for name in ("bench_speedup.png", "bench_memory.png"):
+        assert (plots / name).read_bytes()[:4] == b"\x89PNG", name
+    again = run("-m", "maskkv_compile.bench_plots", str(results), "--out", str(tmp_path / "again"))
+    assert "bench_speedup.png" in again and (tmp_path / "again" / "bench_memory.png").exists()
 
 
 def _bench_table(out, prompt):
