@@ -61,11 +61,13 @@ def response_positions(layout: Layout, block_length: int) -> tuple[Optional[torc
     return torch.stack([row.nonzero().flatten() for row in layout.response]), None
 
 
-def current_block(ids: torch.Tensor, positions: torch.Tensor, mask_token_id: int, block_length: int) -> Optional[int]:
-    """The lowest block holding a mask token in some row (None: no mask left)."""
+def current_block(ids: torch.Tensor, positions: torch.Tensor, mask_token_id: int, block_length: int) -> torch.Tensor:
+    """0-d int64 on ids' device: the lowest block holding a mask token in some row, -1 when no
+    mask is left (computed on the device: the runtime reads it with its other evidence)."""
     masked = (ids.gather(1, positions) == mask_token_id).any(0)  # (R,)
-    first = masked.nonzero()
-    return int(first[0]) // block_length if first.numel() else None
+    width = masked.numel()
+    first = torch.where(masked, torch.arange(width, device=ids.device), width).min()
+    return torch.where(first < width, first // block_length, -1)
 
 
 def block_layout(layout: Layout, positions: torch.Tensor, start: int, stop: int, shift: int) -> Layout:
@@ -76,8 +78,10 @@ def block_layout(layout: Layout, positions: torch.Tensor, start: int, stop: int,
     rows = torch.unique(torch.cat([block.flatten(), read.flatten()]))  # sorted
     in_block = torch.zeros_like(layout.response).scatter_(1, block, True)
     returned = torch.stack([torch.isin(rows, torch.cat([b, r])) for b, r in zip(block, read)])
-    return dataclasses.replace(layout, rows=rows, resp_valid=in_block[:, rows], returned=returned,
-                               read_idx=torch.searchsorted(rows, read))
+    out = dataclasses.replace(layout, rows=rows, resp_valid=in_block[:, rows], returned=returned,
+                              read_idx=torch.searchsorted(rows, read))
+    out.read_plan, out.all_returned  # read the host facts now, at the block refresh, not at its steps
+    return out
 
 
 def merge_layer(kept_k, kept_v, kept_len, k, v, columns):

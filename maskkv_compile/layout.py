@@ -25,6 +25,7 @@ computes exactly what it would alone (batch invariance).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional, Sequence
 
 import torch
@@ -50,22 +51,41 @@ class Layout:
     voter_valid: torch.Tensor  # (B, V)
     twins: tuple[Optional[int], ...]  # per row: the row index whose response a masked copy took (or None)
 
-    @property
+    # Host-side facts, read from the device once per layout (never per step: on CUDA each
+    # read is a synchronisation).
+    @cached_property
     def prompt(self) -> torch.Tensor:  # (B, S) bool
         return self.key_valid & ~self.response
 
-    @property
+    @cached_property
     def prompt_lens(self) -> list[int]:
         return self.prompt.sum(1).tolist()
 
-    @property
+    @cached_property
     def response_lens(self) -> list[int]:
         return self.response.sum(1).tolist()
 
-    @property
+    @cached_property
     def has_prompt(self) -> bool:
         """Every row has a prompt: only then can a later call be told apart from a new prompt."""
-        return bool(self.prompt.any(1).all())
+        return min(self.prompt_lens) > 0
+
+    @cached_property
+    def all_returned(self) -> bool:
+        """Every row's logits at every computed row are returned (no batch mate's rows)."""
+        return bool(self.returned.all())
+
+    @cached_property
+    def read_plan(self) -> tuple[str, Optional[torch.Tensor]]:
+        """How (B, C, V) logits of the computed rows become (B, R, V) at ``read_idx``:
+        ("all", None) when every row reads every computed row in order (LLaDA), ("select",
+        (R,) index) when every row reads the same rows, else ("gather", (B, R) index)."""
+        shared = self.read_idx[0]
+        if not bool((self.read_idx == shared).all()):
+            return "gather", self.read_idx
+        if shared.numel() == self.rows.numel() and bool((shared == torch.arange(shared.numel(), device=shared.device)).all()):
+            return "all", None
+        return "select", shared
 
 
 def _is_masked_copy(ids: torch.Tensor, masked: torch.Tensor, ref_ids: torch.Tensor, ref_masked: torch.Tensor,

@@ -113,12 +113,14 @@ class LayerCache:
 class Session:
     layout: Layout
     ids: torch.Tensor  # (B, S) the tokens of the last call
-    prompt_inputs: list[torch.Tensor]  # other per-token inputs at the prompt positions
+    per_token: list[torch.Tensor]  # the other per-token inputs of the prefill, (B, S, ...)
     layers: list[LayerCache] = field(default_factory=list)
     steps_since_prefill: int = 0
     logits_buffer: Optional[torch.Tensor] = None  # (B, S, V) with config.reuse_logits
     block: Optional[blocks.BlockCache] = None  # the dual cache of the current block (block_length)
     block_note: Optional[str] = None  # why the dual cache does not apply to this session
+    block_length: Optional[int] = None  # the dual cache's blocks (config.block_length), if they apply:
+    block_positions: Optional[torch.Tensor] = None  # (B, R) each row's response positions, in order
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -129,21 +131,32 @@ class Session:
         """The rows the step graph computes (the response rows, plus Dream's read rows)."""
         return self.layout.rows
 
-    def continues(self, ids: torch.Tensor, per_token: list[torch.Tensor], key_valid: torch.Tensor) -> bool:
-        prompt = self.layout.prompt
-        return (
-            self.layout.has_prompt
-            and ids.shape == self.ids.shape
-            and ids.device == self.ids.device
-            and torch.equal(key_valid, self.layout.key_valid)
-            and torch.equal(ids[prompt], self.ids[prompt])
-            and all(torch.equal(x[prompt], y) for x, y in zip(per_token, self.prompt_inputs))
-        )
+    def evidence(self, ids: torch.Tensor, per_token: list[torch.Tensor], key_valid: torch.Tensor,
+                 mask_token_id: int) -> Optional[torch.Tensor]:
+        """Whether the call continues this session, as a (3,) int64 tensor on the call's device:
+        [continues, restarted, current block or -1], or None when host facts already rule it out
+        (no prompt in some row, another shape or device). Computed without reading the device,
+        so that routing reads it once per call (on CUDA each read is a synchronisation).
 
-    def restarted(self, ids: torch.Tensor, mask_token_id: int) -> bool:
-        """Some response position went back from a committed token to the mask token."""
-        back = (ids == mask_token_id) & (self.ids != mask_token_id) & self.layout.response
-        return bool(back.any())
+        continues: same padding, same tokens and per-token inputs at every prompt position;
+        restarted: some response position that held a committed token at the last call holds
+        the mask token again; current block: see ``blocks.current_block`` (-1 without blocks).
+        """
+        layout = self.layout
+        if not (layout.has_prompt and ids.shape == self.ids.shape and ids.device == self.ids.device
+                and all(x.shape == y.shape for x, y in zip(per_token, self.per_token))):
+            return None
+        prompt = layout.prompt  # (B, S)
+        differs = (key_valid != layout.key_valid).any() | (prompt & (ids != self.ids)).any()
+        for x, y in zip(per_token, self.per_token):
+            at_prompt = prompt.view(*prompt.shape, *[1] * (x.dim() - 2))  # (B, S, 1, ...)
+            differs = differs | (at_prompt & (x != y)).any()
+        restarted = ((ids == mask_token_id) & (self.ids != mask_token_id) & layout.response).any()
+        if self.block_positions is None:
+            block = torch.full((), -1, dtype=torch.long, device=ids.device)
+        else:
+            block = blocks.current_block(ids, self.block_positions, mask_token_id, self.block_length)
+        return torch.stack([(~differs).long(), restarted.long(), block])
 
 
 @dataclass
@@ -192,25 +205,37 @@ class MaskKVRuntime:
         self.counts = Counts()
 
     # -- routing ---------------------------------------------------------------------------
-    def _route(self, ids: torch.Tensor, per_token: list[torch.Tensor], key_valid: torch.Tensor) -> tuple[Session, str]:
-        """(session, transition): transition is "new", "restart", "refresh" or "step"."""
-        session = next((s for s in self.sessions if s.continues(ids, per_token, key_valid)), None)
-        if session is not None:
-            self.sessions.remove(session)
-            if not session.restarted(ids, self.mask_token_id):
-                self.sessions.insert(0, session)
-                refresh = self.config.prompt_refresh
-                due = refresh is not None and session.steps_since_prefill + 1 >= refresh
-                return session, "refresh" if due else "step"
+    def _route(self, ids: torch.Tensor, per_token: list[torch.Tensor],
+               key_valid: torch.Tensor) -> tuple[Session, str, Optional[int]]:
+        """(session, transition, current block): transition is "new", "restart", "refresh" or
+        "step"; the block (``blocks.current_block``) is None without the dual cache or when no
+        mask is left. Every live session's evidence is read from the device at once."""
+        candidates = [(s, e) for s in self.sessions
+                      if (e := s.evidence(ids, per_token, key_valid, self.mask_token_id)) is not None]
+        session = block = None
+        if candidates:
+            facts = torch.stack([e for _, e in candidates]).tolist()  # the call's one device read
+            match = next((i for i, (continues, _, _) in enumerate(facts) if continues), None)
+            if match is not None:
+                session, (_, restarted, block) = candidates[match][0], facts[match]
+                self.sessions.remove(session)
+                if not restarted:
+                    self.sessions.insert(0, session)
+                    refresh = self.config.prompt_refresh
+                    due = refresh is not None and session.steps_since_prefill + 1 >= refresh
+                    return session, "refresh" if due else "step", None if block < 0 else block
         references = [(s.ids, s.layout) for s in self.sessions
                       if s.ids.shape == ids.shape and s.ids.device == ids.device and torch.equal(s.layout.key_valid, key_valid)]
         layout = infer_layout(ids, key_valid, self.mask_token_id, shift=self.config.logits_shift,
                               policy=self.config.policy, window=self.config.window, references=references)
-        fresh = Session(layout, ids, [x[layout.prompt].clone() for x in per_token])
+        fresh = Session(layout, ids, [x.clone() for x in per_token])
+        if self.config.block_length is not None:
+            fresh.block_positions, fresh.block_note = blocks.response_positions(layout, self.config.block_length)
+            fresh.block_length = self.config.block_length
         if layout.has_prompt:
             self.sessions.insert(0, fresh)
             del self.sessions[self.config.max_sessions :]
-        return fresh, "new" if session is None else "restart"
+        return fresh, "new" if session is None else "restart", None
 
     # -- execution -------------------------------------------------------------------------
     def __call__(self, *args):
@@ -220,10 +245,10 @@ class MaskKVRuntime:
         if key_valid is None or key_valid.shape != ids.shape:
             key_valid = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
         with torch.no_grad():
-            session, transition = self._route(ids, per_token, key_valid)
+            session, transition, block = self._route(ids, per_token, key_valid)
             block_at = None  # (block index, response positions) at a block refresh
-            if transition == "step" and self.config.block_length is not None:
-                transition, block_at = self._block_transition(session, ids)
+            if transition == "step" and block is not None:
+                transition, block_at = self._block_transition(session, block)
             log.debug("%s: %s (prompt %s, response %s)", transition, tuple(ids.shape), session.layout.prompt_lens,
                       session.layout.response_lens)
             self.counts.transitions[transition] += 1
@@ -256,18 +281,12 @@ class MaskKVRuntime:
             logits = logits.index_select(1, session.layout.rows)
         return self._with_logits(base, logits, session)
 
-    def _block_transition(self, session: Session, ids: torch.Tensor) -> tuple[str, Optional[tuple]]:
-        """("block_refresh", (index, positions)), ("block_step", None), or ("step", None) (no mask
-        left, or blocks do not apply)."""
-        positions, session.block_note = blocks.response_positions(session.layout, self.config.block_length)
-        if positions is None:
-            return "step", None
-        index = blocks.current_block(ids, positions, self.mask_token_id, self.config.block_length)
-        if index is None:
-            return "step", None
+    def _block_transition(self, session: Session, index: int) -> tuple[str, Optional[tuple]]:
+        """("block_refresh", (index, positions)) when the call's current block is not the cached
+        one, else ("block_step", None)."""
         if session.block is not None and session.block.index == index:
             return "block_step", None
-        return "block_refresh", (index, positions)
+        return "block_refresh", (index, session.block_positions)
 
     def _run_step(self, args, session: Session, transition: str = "step", block_at: Optional[tuple] = None):
         block = session.block if transition == "block_step" else None
@@ -298,13 +317,13 @@ class MaskKVRuntime:
                     f"response_logits_only() needs the same number of response positions in every row, got "
                     f"{layout.response_lens}; call without it to get (B, S, V) logits"
                 )
-            logits = _read_rows(logits, layout.read_idx)  # (B, R, V)
+            logits = _read_rows(logits, layout.read_plan)  # (B, R, V)
             if block is not None:  # (B, n, V) of the block -> (B, R, V), zeros outside it
                 full = logits.new_zeros((logits.shape[0], session.layout.response_lens[0], logits.shape[-1]))
                 full[:, block.start : block.stop] = logits
                 logits = full
         else:
-            if not bool(layout.returned.all()):  # rows computed for a batch mate are not this row's logits
+            if not layout.all_returned:  # rows computed for a batch mate are not this row's logits
                 logits = logits.masked_fill(~layout.returned[..., None], 0)
             full = session.logits_buffer
             if full is None or full.dtype != logits.dtype:
@@ -376,13 +395,12 @@ class MaskKVRuntime:
         return format_budget_table([cache.kept_len[0] for cache in session.layers]) if session else "(no prompt yet)"
 
 
-def _read_rows(logits: torch.Tensor, read_idx: torch.Tensor) -> torch.Tensor:
-    """(B, C, V) logits of the computed rows -> (B, R, V) at ``read_idx`` (B, R). The common
-    layouts (every row reads the same rows; LLaDA's, where they are all the computed rows) are
-    a view or one index_select instead of a gather over B x R x V elements."""
-    shared = read_idx[0]
-    if bool((read_idx == shared).all()):
-        if shared.numel() == logits.shape[1] and bool((shared == torch.arange(shared.numel(), device=shared.device)).all()):
-            return logits
-        return logits.index_select(1, shared)
-    return logits.gather(1, read_idx[..., None].expand(-1, -1, logits.shape[-1]))
+def _read_rows(logits: torch.Tensor, plan: tuple[str, Optional[torch.Tensor]]) -> torch.Tensor:
+    """(B, C, V) logits of the computed rows -> (B, R, V), by the layout's ``read_plan``: the
+    common layouts are a view or one index_select instead of a gather over B x R x V elements."""
+    kind, index = plan
+    if kind == "all":
+        return logits
+    if kind == "select":
+        return logits.index_select(1, index)
+    return logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))

@@ -1,0 +1,136 @@
+"""The step path reads the device once per call: the GPU-readiness contract of runtime.py.
+
+On CUDA every read of a tensor's value on the host (``bool(t)``, ``int(t)``, ``.item()``,
+``.tolist()``, ``torch.equal``, ``nonzero``, ``unique``) is a synchronisation that stalls the
+launch queue; a step graph run under CUDA graphs must have none. On this CPU machine a read
+costs nothing, so the tests count them instead: at the Python level (the Tensor methods that
+read) and at the dispatcher (the aten ops that must read to know their output size).
+
+Contract: a step call (``step``, ``block_step``) reads the device exactly once, in routing
+(every live session's evidence in one ``tolist``); the step graph itself reads nothing. A
+block refresh and a prefill may read (new layout, per-layer budgets), once per block or
+prompt.
+"""
+
+import contextlib
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import maskkv_compile
+from maskkv_compile.generate import generate
+from maskkv_compile.runtime import MaskKVRuntime
+
+from helpers import build, prompt_and_masks
+
+READING_OPS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.equal.default",
+               "aten.is_nonzero.default", "aten.masked_select.default", "aten._unique2.default",
+               "aten.unique_consecutive.default", "aten.unique_dim.default"}
+READING_METHODS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist")
+
+
+class _DispatchReads(TorchDispatchMode):
+    def __init__(self, counts):
+        super().__init__()
+        self.counts = counts
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func) in READING_OPS:
+            self.counts[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def count_reads():
+    """Counter of host reads in the block (Python-level Tensor reads + reading aten ops)."""
+    counts = Counter()
+    originals = {name: getattr(torch.Tensor, name) for name in READING_METHODS}
+
+    def counting(name, original):
+        def method(self, *args, **kwargs):
+            counts[name] += 1
+            return original(self, *args, **kwargs)
+        return method
+
+    try:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, counting(name, original))
+        with _DispatchReads(counts):
+            yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Per runtime call: (transition, reads of the whole call, reads inside the graph)."""
+    calls = []
+    call, run_step, run_prefill = MaskKVRuntime.__call__, MaskKVRuntime._run_step, MaskKVRuntime._run_prefill
+
+    def graph_reads(self):  # wrap the compiled graphs of this runtime once
+        if getattr(self, "_counted", False):
+            return
+        self._counted = True
+        for name in ("_step", "_prefill"):
+            graph = getattr(self, name)
+
+            def counted(*args, _graph=graph):
+                with count_reads() as inside:
+                    out = _graph(*args)
+                calls[-1]["graph"] = inside
+                return out
+            setattr(self, name, counted)
+
+    def recording_call(self, *args):
+        graph_reads(self)
+        before = Counter(self.counts.transitions)
+        calls.append({})
+        with count_reads() as reads:
+            out = call(self, *args)
+        (transition,) = (self.counts.transitions - before).keys()
+        calls[-1].update(transition=transition, reads=reads)
+        return out
+
+    monkeypatch.setattr(MaskKVRuntime, "__call__", recording_call)
+    return calls
+
+
+def _check(calls, step_kinds):
+    steps = [c for c in calls if c["transition"] in step_kinds]
+    assert steps, [c["transition"] for c in calls]
+    for c in steps:
+        assert sum(c["graph"].values()) == 0, (c["transition"], c["graph"])  # the step graph reads nothing
+        assert c["reads"] == Counter({"tolist": 1}), (c["transition"], c["reads"])  # routing's one read
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_a_step_reads_the_device_once(recorded, family):
+    model = build(family)
+    prompt, _ = prompt_and_masks(model, 40, 12)
+    opt = maskkv_compile.optimize(model, budget=8, backend="eager")
+    opt.generate(prompt, gen_length=12, steps=12, block_length=12)
+    assert opt.cache_stats()["transitions"] == {"new": 1, "step": 11}
+    _check(recorded, {"step"})
+
+
+def test_a_block_step_reads_the_device_once(recorded):
+    model = build("llada")
+    prompt, _ = prompt_and_masks(model, 40, 16)
+    opt = maskkv_compile.optimize(model, budget=8, backend="eager", block_length=4)
+    generate(opt, prompt, mask_token_id=model.config.mask_token_id, gen_length=16, steps=16, block_length=4)
+    assert opt.cache_stats()["transitions"] == {"new": 1, "block_refresh": 4, "block_step": 11}
+    _check(recorded, {"block_step"})
+    refreshes = [c for c in recorded if c["transition"] == "block_refresh"]
+    assert all(sum(c["graph"].values()) == 0 for c in refreshes)  # the step graph, over every response row
+
+
+def test_the_counter_sees_reads(recorded):
+    """The counter is not blind: a read inside a graph call shows up."""
+    with count_reads() as reads:
+        x = torch.arange(4)
+        bool(x.any()), x.tolist(), x.nonzero(), torch.equal(x, x)
+    assert reads["__bool__"] == 1 and reads["tolist"] == 1
+    assert reads["aten.nonzero.default"] == 1 and reads["aten.equal.default"] == 1
