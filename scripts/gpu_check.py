@@ -22,6 +22,10 @@
      is what the model would run without MaskKV); plus one row with budget 256;
    - select_kv: the gather of the kept rows, torch (gather + where, as in select_kv) vs a
      candidate Triton gather defined here (see ``kernels/select_kv.py``), and the whole op.
+3. The full LLaDA loop on LLaDA-shaped layers (2 layers of hidden 4096, 32 heads, MLP 12288,
+   vocabulary 126,464, bf16), gen 256, 256 steps, block 32, at P = 4k..32k: seconds per
+   generation, uncached vs MaskKV 256 vs MaskKV 256 + dual cache vs the same under CUDA
+   graphs (``torch.compile(backend="maskkv", options={..., "mode": "reduce-overhead"})``).
 Exit status: 0 all checks passed, 1 a check failed, 2 no CUDA (or no triton).
 """
 
@@ -328,6 +332,61 @@ def timing_rows(device, smoke):
     return rows, (b, h, hkv, d, resp, str(dtype)[6:])
 
 
+def loop_rows(device, smoke):
+    """The full LLaDA loop on LLaDA-shaped layers: uncached vs MaskKV vs MaskKV + dual cache
+    (and the dual cache under CUDA graphs, ``mode="reduce-overhead"``), seconds per generation.
+    Each run is warmed up on a short prompt first (compiles), then timed once per prompt
+    length with a synchronize on both sides. A run that raises prints its error as its row."""
+    import maskkv_compile
+    from maskkv_compile.bench import build_model
+    from maskkv_compile.generate import generate
+
+    layers, hidden, vocab = (1, 128, 512) if smoke else (2, 4096, 126464)
+    prompts, gen_length, steps, block, budget = ((64, 128), 16, 16, 4, 8) if smoke else \
+        ((4096, 8192, 16384, 32768), 256, 256, 32, 256)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    model = build_model("llada-shape", layers=layers, hidden=hidden, vocab=vocab,
+                        max_positions=max(prompts) + gen_length).to(device, dtype)
+    mask_id = model.config.mask_token_id
+    loop = dict(mask_token_id=mask_id, gen_length=gen_length, steps=steps, block_length=block)
+    backend = "eager" if smoke else "inductor"
+    runs = {
+        "uncached": model,
+        f"MaskKV {budget}": maskkv_compile.optimize(model, budget=budget, backend=backend),
+        f"MaskKV {budget} + dual cache": maskkv_compile.optimize(model, budget=budget, backend=backend, block_length=block),
+    }
+    if not smoke:
+        runs[f"MaskKV {budget} + dual, reduce-overhead"] = torch.compile(
+            model, backend="maskkv", options={"budget": budget, "block_length": block, "mode": "reduce-overhead"})
+
+    def timed(runner, prompt):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        generate(runner, prompt, **loop)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    gen = torch.Generator().manual_seed(0)
+    rows = []  # (run, P, seconds or error)
+    for name, runner in runs.items():
+        try:
+            timed(runner, torch.randint(0, mask_id, (1, 64), generator=gen).to(device))  # warm-up: compiles
+        except Exception as error:  # noqa: BLE001 - report, go on with the other runs
+            rows += [(name, p, f"{type(error).__name__}: {str(error)[:80]}") for p in prompts]
+            continue
+        for prompt_len in prompts:
+            prompt = torch.randint(0, mask_id, (1, prompt_len), generator=gen).to(device)
+            try:
+                rows.append((name, prompt_len, timed(runner, prompt)))
+            except Exception as error:  # noqa: BLE001
+                rows.append((name, prompt_len, f"{type(error).__name__}: {str(error)[:80]}"))
+    setup = (f"LLaDA-shaped, {layers} layers, hidden {hidden}, vocab {vocab}, {str(dtype)[6:]}, gen {gen_length}, "
+             f"{steps} steps, block {block}, budget {budget}, backend {backend}")
+    return rows, setup
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU under TRITON_INTERPRET=1")
@@ -350,6 +409,16 @@ def main() -> int:
     for name, prompt, t_tri, t_torch, base, t_base in times:
         print(f"{name:<30} {prompt!s:>6} {t_tri:>9.3f} {t_torch:>11.3f} {t_torch / t_tri:>5.1f}x  "
               f"{base:<16} {t_base:>9.3f} {t_base / t_tri:>5.1f}x")
+    loops, setup = loop_rows(device, args.cpu_smoke)
+    uncached = {p: t for name, p, t in loops if name == "uncached" and isinstance(t, float)}
+    print(f"\nfull loop, seconds per generation: {setup}; speed-up = uncached / run")
+    print(f"{'run':<40} {'P':>6} {'s':>9} {'x':>7}")
+    for name, prompt, t in loops:
+        if isinstance(t, float):
+            ratio = f"{uncached[prompt] / t:>6.1f}x" if prompt in uncached else "      -"
+            print(f"{name:<40} {prompt:>6} {t:>9.2f} {ratio}")
+        else:
+            print(f"{name:<40} {prompt:>6} {t}")
     print(f"\n{failed} of {len(rows)} checks failed; {time.perf_counter() - started:.0f} s")
     return 1 if failed else 0
 

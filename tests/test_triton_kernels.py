@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import re
+
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +124,10 @@ def test_gpu_check_without_cuda_says_so():
 
 def test_gpu_check_cpu_smoke():
     pytest.importorskip("triton", reason="triton not installed (pip install maskkv-compile[gpu])")
-    proc = _run(["scripts/gpu_check.py", "--cpu-smoke"], interpret=True)
+    proc = _run(["scripts/gpu_check.py", "--cpu-smoke"], interpret=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "FAIL" not in proc.stdout
     assert "mask_votes" in proc.stdout and "cached_attention" in proc.stdout and "select_kv" in proc.stdout
+    loop = proc.stdout[proc.stdout.index("full loop"):]
+    for run in ("uncached", "MaskKV 8", "MaskKV 8 + dual cache"):  # every run timed at both prompts, none failed
+        assert len(re.findall(rf"^{re.escape(run)} +(64|128) +[0-9.]+ +[0-9.]+x$", loop, re.M)) == 2, (run, loop)
