@@ -10,8 +10,10 @@ Rewrites, for a rank holding ``h`` query and ``hkv`` KV heads of a layer:
                                  ranks the votes of the whole layer jointly)
                               -> scores[:, :1].expand(B, world*hkv, P)              (the other allocators
                                  read only the head count and the valid prompt columns)
-    budgets = head_budgets(...)                                                     (B, world*hkv), the
-                                 single-device allocation, the same on every rank
+    budgets = head_budgets(..., k_l, ...)                                           (B, world*hkv), the
+                                 single-device allocation, the same on every rank; k_l is
+                                 recomputed from every layer's global KV head count (the
+                                 model-wide integral layer totals depend on it)
     budgets[:, rank*hkv : rank*hkv + hkv]                                           this rank's share
 
 Invariants: every rank's budgets are its block of the allocation the unsharded model makes
@@ -32,6 +34,7 @@ from maskkv_compile.distributed import check_divides, head_sharding
 from maskkv_compile.policies import get_policy
 
 from .base import GraphPass, PassResult
+from .evict_kv import layer_budgets
 from .find_attention import attention_sites
 
 
@@ -42,11 +45,17 @@ class ShardBudgetsPass(GraphPass):
         by_mass = {node.meta["maskkv_votes"][1]: (node, site) for node, site in attention_sites(gm)
                    if "maskkv_votes" in node.meta}
         joint = get_policy(self.config.policy).head_allocator == "adakv"
+        nodes = [n for n in gm.graph.nodes if n.target is torch.ops.maskkv.head_budgets.default]
+        shards = [head_sharding(by_mass[n.args[0]][0]) for n in nodes]
+        if all(shard is None or shard.world == 1 for shard in shards):
+            return PassResult(self.name, matches=0, changed=False)
+        # the layer totals are made integral over the model's KV heads: all of them, not this rank's
+        every_kv = [by_mass[n.args[0]][1].kv_heads * (shard.world if shard else 1) for n, shard in zip(nodes, shards)]
+        per_layer = layer_budgets(self.config, every_kv)
         rewritten = 0
-        for budgets in [n for n in gm.graph.nodes if n.target is torch.ops.maskkv.head_budgets.default]:
+        for budgets, shard, layer_budget in zip(nodes, shards, per_layer):
             prompt_mass, scores = budgets.args[:2]
             site_node, site = by_mass[prompt_mass]
-            shard = head_sharding(site_node)
             if shard is None or shard.world == 1:
                 continue
             check_divides(site_node, site.heads, site.kv_heads, shard)
@@ -59,7 +68,7 @@ class ShardBudgetsPass(GraphPass):
                 else:
                     first = call(operator.getitem, (scores, (slice(None), slice(0, 1))))  # (B, 1, P)
                     every_scores = gm.graph.call_method("expand", (first, -1, world * hkv, -1))  # (B, world*hkv, P)
-            budgets.args = (every_mass, every_scores, *budgets.args[2:])
+            budgets.args = (every_mass, every_scores, budgets.args[2], float(layer_budget), *budgets.args[4:])
             with gm.graph.inserting_after(budgets):
                 share = call(operator.getitem, (budgets, (slice(None), slice(shard.rank * hkv, (shard.rank + 1) * hkv))))
             budgets.replace_all_uses_with(share, delete_user_cb=lambda user: user is not share)
