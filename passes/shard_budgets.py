@@ -26,6 +26,7 @@ graphs without collectives are left as they are.
 from __future__ import annotations
 
 import operator
+import warnings
 
 import torch
 import torch.fx as fx
@@ -51,7 +52,9 @@ class ShardBudgetsPass(GraphPass):
             return PassResult(self.name, matches=0, changed=False)
         # the layer totals are made integral over the model's KV heads: all of them, not this rank's
         every_kv = [by_mass[n.args[0]][1].kv_heads * (shard.world if shard else 1) for n, shard in zip(nodes, shards)]
-        per_layer = layer_budgets(self.config, every_kv)
+        with warnings.catch_warnings():  # EvictKVPass has already warned about a missing profile
+            warnings.simplefilter("ignore")
+            per_layer = layer_budgets(self.config, every_kv)
         rewritten = 0
         for budgets, shard, layer_budget in zip(nodes, shards, per_layer):
             prompt_mass, scores = budgets.args[:2]
