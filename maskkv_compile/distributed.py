@@ -179,6 +179,15 @@ def check_collectives_preserved(captured: fx.GraphModule, **derived: fx.GraphMod
                 f"one; please report this):\n  captured: {want}\n  {name}: {got}")
 
 
+def check_local_attention(sites) -> None:
+    """Refuse attention over DTensors: MaskKV's ops work on each rank's local heads."""
+    for node, site in sites:
+        if any(is_dtensor(example_value(arg)) for arg in node.args[:3] if isinstance(arg, fx.Node)):
+            raise TensorParallelError(
+                f"the attention at {site.module_path} computes on DTensors; MaskKV needs each rank's local heads as "
+                "plain tensors: shard q/k/v with ColwiseParallel(use_local_output=True) (the default)")
+
+
 def check_no_sequence_sharding(gm: fx.GraphModule, seq_expr) -> None:
     """Refuse sequence parallelism: a DTensor sharded along a dimension of length S."""
     for node in gm.graph.nodes:

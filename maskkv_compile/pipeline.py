@@ -72,6 +72,7 @@ def build_graphs(gm: fx.GraphModule, config: MaskKVConfig, *, strict: bool = Tru
         )
     if result.matches == 0:
         raise UnsupportedModelError("no attention found in the model's graph; ops seen: " + _seen_ops(gm))
+    distributed.check_local_attention(attention_sites(canonical))
     prefill = copy_graph_module(canonical)
     prefill_passes = PassManager(
         "prefill", [MaskPaddingPass(config), CaptureVotesPass(config), EvictKVPass(config), ShardBudgetsPass(config),

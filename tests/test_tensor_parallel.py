@@ -118,6 +118,15 @@ def check_family(build, rank, mesh):
         assert torch.equal(tokens, generate(single, prompt, mask_token_id=mask, **loop))
 
 
+def check_gather_heads(rank):
+    """maskkv::gather_heads against torch.cat of every rank's block (over the mesh's group)."""
+    from torch.distributed.distributed_c10d import _get_default_group
+
+    blocks = [torch.arange(12, dtype=torch.float64).view(2, 3, 2) + 100 * r for r in range(WORLD)]  # (B, h, P)
+    got = torch.ops.maskkv.gather_heads(blocks[rank], _get_default_group().group_name, WORLD)
+    assert torch.equal(got, torch.cat(blocks, 1))  # (B, WORLD*h, P), rank order
+
+
 def check_refusals(mesh):
     # 3 KV heads (6 query heads of 16 dims) cannot be split over 2 ranks
     uneven = shard(tiny_dream(layers=1, hidden=96, heads=6, kv_heads=3, dtype=torch.float64), mesh)
@@ -132,6 +141,7 @@ def worker(rank: int, port: int):
     try:
         torch._dynamo.reset()
         mesh = init_device_mesh("cpu", (WORLD,))
+        check_gather_heads(rank)
         check_family(tiny_llada, rank, mesh)
         check_family(tiny_dream, rank, mesh)
         check_refusals(mesh)
@@ -149,3 +159,11 @@ def test_two_ranks_match_one_process():
     import torch.multiprocessing as mp
 
     mp.start_processes(worker, args=(free_port(),), nprocs=WORLD, start_method="fork", join=True)
+
+
+def test_gather_heads_opcheck_single_rank():
+    from torch.library import opcheck
+
+    x = torch.randn(2, 3, 5)
+    opcheck(torch.ops.maskkv.gather_heads.default, (x, "unused", 1))  # one rank: no group is touched
+    assert torch.equal(torch.ops.maskkv.gather_heads(x, "unused", 1), x)
