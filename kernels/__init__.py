@@ -14,6 +14,7 @@ op                          what it computes
 ``maskkv::cached_attention`` attention over [kept prompt K/V (padded) ; response K/V]
 ``maskkv::selection_scores`` a policy's ranking of the prompt entries (votes, pooled, ...)
 ``maskkv::head_budgets``    a policy's per-KV-head budgets of one layer
+``maskkv::gather_heads``    tensor parallelism: every rank's heads of a statistic, in order
 ==========================  ===============================================================
 """
 
@@ -22,7 +23,7 @@ op                          what it computes
 # Hugging Face's kernels package: stay empty then (no version -> "not available"), so the
 # maskkv:: ops are registered once, by maskkv_compile.kernels.
 if __name__ != "kernels":
-    from . import attention, budget_ops, cached_attention, mask_votes, select_kv  # noqa: F401  (registers ops)
+    from . import attention, budget_ops, cached_attention, mask_votes, select_kv, tp_ops  # noqa: F401  (registers ops)
     from .attention import attention_reference
     from .cached_attention import cached_attention_reference
     from .mask_votes import mask_votes_reference

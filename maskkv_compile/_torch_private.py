@@ -55,3 +55,10 @@ def triton_route_internals():
     from torch.export._trace import custom_triton_ops_decomposition_disabled
 
     return get_triton_kernels_for_op, triton_ops_to_kernels, FunctionalTensorMode, custom_triton_ops_decomposition_disabled
+
+
+def resolve_process_group(group_name: str):
+    """The ProcessGroup a functional collective names by string."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(group_name)

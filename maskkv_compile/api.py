@@ -12,6 +12,7 @@ import torch
 from maskkv_compile._torch_private import BackendCompilerFailed, dynamo_config, mark_dynamic
 from maskkv_compile.backend import MaskKVBackend
 from maskkv_compile.config import MaskKVConfig, MaskKVConfigError
+from maskkv_compile.distributed import check_model as check_tensor_parallel
 from maskkv_compile.passes import UnsupportedModelError
 from maskkv_compile.masks import padding_from_masks
 from maskkv_compile.profile import model_fingerprint
@@ -183,6 +184,7 @@ def optimize(
             f"{type(model).__name__} is configured causal (config.is_causal=True); MaskKV is for bidirectional "
             "diffusion LLMs. Load it with is_causal=False if it really is one"
         )
+    check_tensor_parallel(model)  # heads the mesh does not divide: refused before tracing
     if config.family is None:
         detected = "dream" if str(getattr(getattr(model, "config", None), "model_type", "")).lower() == "dream" else "llada"
         config = dataclasses.replace(config, family=detected)

@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
+from maskkv_compile import distributed
 from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.passes import (
     AttentionSite, CachedAttentionPass, CaptureVotesPass, EvictKVPass, FindAttentionPass, GraphInfo,
-    MaskOnlyHeadPass, MaskPaddingPass, PassManager, ResponseKVOutputsPass, SliceSequencePass, UnsupportedModelError,
+    MaskOnlyHeadPass, MaskPaddingPass, PassManager, ResponseKVOutputsPass, ShardBudgetsPass, SliceSequencePass,
+    UnsupportedModelError,
     analyse, attention_sites,
 )
 from maskkv_compile.passes.base import PassRecord, extra_inputs
@@ -58,6 +60,7 @@ def build_graphs(gm: fx.GraphModule, config: MaskKVConfig, *, strict: bool = Tru
     """Run the passes. ``strict`` (what optimize/the backend use) turns refusals into errors;
     ``explain`` passes ``strict=False`` to report them instead."""
     info = analyse(gm)
+    distributed.check_no_sequence_sharding(gm, info.seq_expr)
     num_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
     canonical = copy_graph_module(gm)
     find = PassManager("canonical", [FindAttentionPass(config)])
@@ -69,9 +72,11 @@ def build_graphs(gm: fx.GraphModule, config: MaskKVConfig, *, strict: bool = Tru
         )
     if result.matches == 0:
         raise UnsupportedModelError("no attention found in the model's graph; ops seen: " + _seen_ops(gm))
+    distributed.check_local_attention(attention_sites(canonical))
     prefill = copy_graph_module(canonical)
     prefill_passes = PassManager(
-        "prefill", [MaskPaddingPass(config), CaptureVotesPass(config), EvictKVPass(config), MaskOnlyHeadPass(config, info)]
+        "prefill", [MaskPaddingPass(config), CaptureVotesPass(config), EvictKVPass(config), ShardBudgetsPass(config),
+                    MaskOnlyHeadPass(config, info)]
     )
     prefill_passes(prefill)
     step = copy_graph_module(canonical)
@@ -80,6 +85,7 @@ def build_graphs(gm: fx.GraphModule, config: MaskKVConfig, *, strict: bool = Tru
         step_pipeline.append(ResponseKVOutputsPass(config))
     step_passes = PassManager("step", step_pipeline)
     step_passes(step)
+    distributed.check_collectives_preserved(gm, prefill=prefill, step=step)
     return MaskKVGraphs(
         info=info,
         sites=[site for _, site in attention_sites(canonical)],

@@ -6,6 +6,7 @@ Order (see ``maskkv_compile.pipeline``):
     prefill:    MaskPaddingPass         padding keys out of every maskkv::attention
                 CaptureVotesPass        maskkv::mask_votes at every site
                 EvictKVPass             maskkv::select_kv, kept K/V become graph outputs
+                ShardBudgetsPass        (tensor parallelism) head budgets from every rank's heads
                 MaskOnlyHeadPass        LM head on the response rows only
     step:       SliceSequencePass       token ids / positions / tables gathered at resp_idx
                 CachedAttentionPass     maskkv::cached_attention over [kept ; response]
@@ -21,11 +22,12 @@ from .graph_info import GraphInfo, UnsupportedModelError, analyse
 from .mask_only_head import MaskOnlyHeadPass
 from .mask_padding import MaskPaddingPass
 from .response_kv_outputs import RESPONSE_KV_OUTPUTS_PER_LAYER, ResponseKVOutputsPass
+from .shard_budgets import ShardBudgetsPass
 from .slice_sequence import SliceSequencePass
 
 __all__ = [
     "AttentionSite", "CachedAttentionPass", "CaptureVotesPass", "EvictKVPass", "FindAttentionPass", "GraphInfo",
     "GraphPass", "MaskOnlyHeadPass", "MaskPaddingPass", "PassManager", "PassResult", "PREFILL_OUTPUTS_PER_LAYER",
-    "RESPONSE_KV_OUTPUTS_PER_LAYER", "ResponseKVOutputsPass",
+    "RESPONSE_KV_OUTPUTS_PER_LAYER", "ResponseKVOutputsPass", "ShardBudgetsPass",
     "STEP_INPUTS_PER_LAYER", "SliceSequencePass", "UnsupportedModelError", "analyse", "attention_sites",
 ]

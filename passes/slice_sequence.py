@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 
 from maskkv_compile._torch_private import FakeTensorMode, example_value, sym_expr, sym_hint
+from maskkv_compile.distributed import fake_like, real_object
 
 from .base import GraphPass, PassResult, is_call, placeholder
 from .graph_info import GraphInfo, UnsupportedModelError, node_by_name
@@ -115,11 +116,11 @@ def check_no_sequence_left(gm: fx.GraphModule, info: GraphInfo) -> None:
             value = example_value(node)
             if isinstance(value, torch.Tensor):
                 shape = [CHECK_SEQ if sym_expr(d) == info.seq_expr else sym_hint(d) for d in value.shape]
-                args.append(torch.zeros(shape, dtype=value.dtype))
+                args.append(fake_like(value, shape))  # a DTensor input (tensor parallelism) stays one
             elif isinstance(value, torch.SymInt):
                 args.append(CHECK_SEQ if sym_expr(value) == info.seq_expr else sym_hint(value))
             else:
-                args.append(value)
+                args.append(real_object(value))  # e.g. the DeviceMesh of a tensor-parallel model
     leftovers: list[str] = []
 
     class _Recorder(fx.Interpreter):

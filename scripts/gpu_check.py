@@ -2,6 +2,7 @@
 
     python scripts/gpu_check.py                      # on a CUDA machine with triton (< 5 min)
     TRITON_INTERPRET=1 python scripts/gpu_check.py --cpu-smoke   # every code path, tiny, on CPU
+    python scripts/gpu_check.py --multi-gpu          # more than one GPU: MaskKV under tensor parallelism
 
 1. Correctness (fresh random inputs, NaN-poisoned outputs): the launch functions of
    ``kernels/triton_votes.py`` and ``kernels/triton_cached_attention.py`` against
@@ -26,7 +27,14 @@
    vocabulary 126,464, bf16), gen 256, 256 steps, block 32, at P = 4k..32k: seconds per
    generation, uncached vs MaskKV 256 vs MaskKV 256 + dual cache vs the same under CUDA
    graphs (``torch.compile(backend="maskkv", options={..., "mode": "reduce-overhead"})``).
-Exit status: 0 all checks passed, 1 a check failed, 2 no CUDA (or no triton).
+4. ``--multi-gpu`` (only that, on a machine with more than one GPU): MaskKV on a
+   tensor-parallel model, one GPU per rank over nccl: ``examples/tensor_parallel.py --cuda``
+   under ``torchrun --nproc-per-node <GPUs, at most 4, a divisor of the 4 heads>``, with the
+   eager and the Inductor backend; each must report the same tokens on every rank and, at
+   full budget with a prefill every step, the uncached sharded model's tokens. Never run
+   here (no GPU); written against the CPU/gloo run of the same example, which CI runs.
+Exit status: 0 all checks passed, 1 a check failed, 2 no CUDA (or no triton, or fewer than
+two GPUs for --multi-gpu).
 """
 
 from __future__ import annotations
@@ -387,10 +395,40 @@ def loop_rows(device, smoke):
     return rows, setup
 
 
+def multi_gpu_check() -> int:
+    """The tensor-parallel example on every GPU (up to 4), eager and Inductor; 0 ok, 1 failed, 2 < 2 GPUs."""
+    import subprocess
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count < 2:
+        print(f"gpu_check --multi-gpu: needs more than one GPU, found {count}", file=sys.stderr)
+        return 2
+    ranks = max(n for n in (2, 4) if n <= count)  # the example's model has 4 heads
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    failed = 0
+    for backend in ("eager", "inductor"):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+                   "examples/tensor_parallel.py", "--cuda", "--backend", backend]
+        started = time.perf_counter()
+        result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=900)
+        out = result.stdout
+        ok = (result.returncode == 0 and "same tokens on every rank: True" in out
+              and "full budget + refresh every step == uncached sharded model: True" in out)
+        failed += not ok
+        print(f"tensor parallel, {ranks} GPUs, nccl, backend {backend}: {'ok' if ok else 'FAIL'} "
+              f"({time.perf_counter() - started:.0f} s)\n{out}")
+        if not ok:
+            print(result.stderr[-4000:], file=sys.stderr)
+    return 1 if failed else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU under TRITON_INTERPRET=1")
+    parser.add_argument("--multi-gpu", action="store_true", help="only the tensor-parallel check, one GPU per rank")
     args = parser.parse_args()
+    if args.multi_gpu:
+        return multi_gpu_check()
     fail_unless_runnable(args.cpu_smoke)
     device = "cpu" if args.cpu_smoke else "cuda"
     started = time.perf_counter()
