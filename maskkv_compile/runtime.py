@@ -46,6 +46,15 @@ rows carry logits; every other response row is zeros in both forms. Other output
 the graph computed: all rows at a prefill, the computed rows at a step. ``reset()`` drops
 every session. Every transition is counted (``counts``) and logged at DEBUG.
 
+Host reads (each one a synchronisation on CUDA): a STEP or BLOCK_STEP reads the device
+once, in routing (every live session's evidence, ``Session.evidence``, stacked and read with
+one ``tolist``); the step graph itself reads nothing, so it can be replayed as a CUDA graph.
+What the host needs about a layout (lengths, the logits read plan, each row's response
+positions for the dual cache) is read once when the layout is made, at the prefill or block
+refresh. The prefill graph still reads per layer (the head allocation runs in float64 on the
+host, and each layer's padded kept length is data-dependent): once per prompt, not per step.
+``tests/test_host_reads.py`` counts them.
+
 Sessions live in the runtime of one dynamo graph. When dynamo recompiles (a new batch
 size, changed guards), the new graph's runtime starts empty, so the next call is a prefill
 of whatever it is given (``optimize`` marks the sequence dim the same way on every call,
