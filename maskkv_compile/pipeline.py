@@ -4,6 +4,10 @@
                                                 +--> step    (SliceSequence, CachedAttention[, ResponseKVOutputs])
 
 ResponseKVOutputs runs only with ``config.block_length`` (the dual cache needs the response K/V).
+With ``config.revote`` the prefill also runs KeepPromptKV (each layer's prompt K/V as outputs: the
+second tier), and a third graph is derived from the step graph:
+
+                                                     step --> revote (RevoteKV)
 
 Each derived graph is a copy, so the canonical graph stays available to ``explain``.
 """
@@ -12,14 +16,15 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch.fx as fx
 
 from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.passes import (
     AttentionSite, CachedAttentionPass, CaptureVotesPass, EvictKVPass, FindAttentionPass, GraphInfo,
-    MaskOnlyHeadPass, MaskPaddingPass, PassManager, ResponseKVOutputsPass, SliceSequencePass, UnsupportedModelError,
-    analyse, attention_sites,
+    KeepPromptKVPass, MaskOnlyHeadPass, MaskPaddingPass, PassManager, ResponseKVOutputsPass, RevoteKVPass,
+    SliceSequencePass, UnsupportedModelError, analyse, attention_sites,
 )
 from maskkv_compile.passes.base import PassRecord, extra_inputs
 
@@ -45,6 +50,8 @@ class MaskKVGraphs:
     head_sliced: bool
     records: dict[str, list[PassRecord]] = field(default_factory=dict)
     skipped: tuple[str, ...] = ()
+    revote: Optional[fx.GraphModule] = None  # with config.revote: the step graph that re-selects
+    revote_inputs: list[str] = field(default_factory=list)
 
 
 def _seen_ops(gm: fx.GraphModule) -> str:
@@ -70,8 +77,10 @@ def build_graphs(gm: fx.GraphModule, config: MaskKVConfig, *, strict: bool = Tru
     if result.matches == 0:
         raise UnsupportedModelError("no attention found in the model's graph; ops seen: " + _seen_ops(gm))
     prefill = copy_graph_module(canonical)
+    keep_prompt = [KeepPromptKVPass(config)] if config.revote is not None else []
     prefill_passes = PassManager(
-        "prefill", [MaskPaddingPass(config), CaptureVotesPass(config), EvictKVPass(config), MaskOnlyHeadPass(config, info)]
+        "prefill",
+        [MaskPaddingPass(config), CaptureVotesPass(config), EvictKVPass(config), *keep_prompt, MaskOnlyHeadPass(config, info)],
     )
     prefill_passes(prefill)
     step = copy_graph_module(canonical)
@@ -80,6 +89,13 @@ def build_graphs(gm: fx.GraphModule, config: MaskKVConfig, *, strict: bool = Tru
         step_pipeline.append(ResponseKVOutputsPass(config))
     step_passes = PassManager("step", step_pipeline)
     step_passes(step)
+    records = {"canonical": find.records, "prefill": prefill_passes.records, "step": step_passes.records}
+    revote = None
+    if config.revote is not None:
+        revote = copy_graph_module(step)
+        revote_passes = PassManager("revote", [RevoteKVPass(config)])
+        revote_passes(revote)
+        records["revote"] = revote_passes.records
     return MaskKVGraphs(
         info=info,
         sites=[site for _, site in attention_sites(canonical)],
@@ -91,6 +107,8 @@ def build_graphs(gm: fx.GraphModule, config: MaskKVConfig, *, strict: bool = Tru
         prefill_inputs=extra_inputs(prefill, num_inputs),
         step_inputs=extra_inputs(step, num_inputs),
         head_sliced=prefill_passes.records[-1].result.changed,
-        records={"canonical": find.records, "prefill": prefill_passes.records, "step": step_passes.records},
+        records=records,
         skipped=result.skipped,
+        revote=revote,
+        revote_inputs=extra_inputs(revote, num_inputs) if revote is not None else [],
     )
