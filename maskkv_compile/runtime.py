@@ -30,6 +30,8 @@ recent first. Each call is routed by evidence from its tokens (``ids``, (B, S)),
    block's later calls are BLOCK_STEPs: the step graph over the block's rows only, against
    [kept prompt ; cached K/V of the other response rows]. The first step after every
    prefill or refresh is a block refresh.
+   With ``revote`` set, a step that ``revote.due`` names runs the re-vote graph instead,
+   which also replaces every layer's kept entries (``maskkv_compile/revote.py``).
 5. NEW: a call that continues no session is a new prompt. Its layout comes from its own
    mask tokens (see ``layout.py``; every row must hold one, else ``NoMaskTokenError``),
    where a *masked copy* row (CFG's unconditional row, in the same batch or sent in its own
@@ -245,10 +247,9 @@ class MaskKVRuntime:
     def _run_prefill(self, args, session: Session):
         extra = self._per_row_inputs(session.layout)
         outputs = self._prefill(*args, *(extra[name] for name in self.graphs.prefill_inputs))
-        split = len(outputs) - PREFILL_OUTPUTS_PER_LAYER * len(self.graphs.sites)  # original outputs, then caches
         if self.graphs.revote is not None:  # the second tier comes last
             outputs, session.tier = revote.take_tier(outputs, session.layout, len(self.graphs.sites), self.config.logits_shift)
-            split = len(outputs) - PREFILL_OUTPUTS_PER_LAYER * len(self.graphs.sites)
+        split = len(outputs) - PREFILL_OUTPUTS_PER_LAYER * len(self.graphs.sites)  # original outputs, then caches
         base, caches = outputs[:split], outputs[split:]
         session.layers = [
             LayerCache(*caches[i : i + PREFILL_OUTPUTS_PER_LAYER]) for i in range(0, len(caches), PREFILL_OUTPUTS_PER_LAYER)

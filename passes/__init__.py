@@ -30,7 +30,8 @@ from .slice_sequence import SliceSequencePass
 
 __all__ = [
     "AttentionSite", "CachedAttentionPass", "CaptureVotesPass", "EvictKVPass", "FindAttentionPass", "GraphInfo",
-    "GraphPass", "KeepPromptKVPass", "MaskOnlyHeadPass", "MaskPaddingPass", "PassManager", "PassResult", "PREFILL_OUTPUTS_PER_LAYER", "PROMPT_KV_OUTPUTS_PER_LAYER",
+    "GraphPass", "KeepPromptKVPass", "MaskOnlyHeadPass", "MaskPaddingPass", "PassManager", "PassResult",
+    "PREFILL_OUTPUTS_PER_LAYER", "PROMPT_KV_OUTPUTS_PER_LAYER",
     "RESPONSE_KV_OUTPUTS_PER_LAYER", "REVOTE_OUTPUTS_PER_LAYER", "ResponseKVOutputsPass", "RevoteKVPass",
     "STEP_INPUTS_PER_LAYER", "SliceSequencePass", "UnsupportedModelError", "analyse", "attention_sites",
 ]
