@@ -15,6 +15,9 @@ op                          what it computes
 ``maskkv::selection_scores`` a policy's ranking of the prompt entries (votes, pooled, ...)
 ``maskkv::head_budgets``    a policy's per-KV-head budgets of one layer
 ``maskkv::gather_heads``    tensor parallelism: every rank's heads of a statistic, in order
+``maskkv::prompt_kv``       a layer's prompt K/V, kept as the second tier (``revote``)
+``maskkv::revote_kv``       re-selection at a step: the step's queries vote over the second
+                            tier, top-k under the same per-head budgets
 ==========================  ===============================================================
 """
 
@@ -23,7 +26,7 @@ op                          what it computes
 # Hugging Face's kernels package: stay empty then (no version -> "not available"), so the
 # maskkv:: ops are registered once, by maskkv_compile.kernels.
 if __name__ != "kernels":
-    from . import attention, budget_ops, cached_attention, mask_votes, select_kv, tp_ops  # noqa: F401  (registers ops)
+    from . import attention, budget_ops, cached_attention, mask_votes, revote, select_kv, tp_ops  # noqa: F401  (registers ops)
     from .attention import attention_reference
     from .cached_attention import cached_attention_reference
     from .mask_votes import mask_votes_reference

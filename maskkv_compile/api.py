@@ -149,6 +149,7 @@ def optimize(
     profile=None,
     family: Optional[str] = None,
     block_length: Optional[int] = None,
+    revote=None,
     config: Optional[MaskKVConfig] = None,
 ) -> MaskKVModel:
     """Rewrite ``model`` for MaskKV; nothing about the model itself changes.
@@ -163,12 +164,15 @@ def optimize(
         ``model.config.model_type`` is Dream's, else "llada".
     block_length: dual cache for semi-autoregressive loops: a step computes only the current
         block's rows (see ``maskkv_compile/blocks.py``); default: every response row.
+    revote: re-select the kept entries while decoding with the step's own queries: an int k
+        (every k steps) or "block" (every block refresh); see ``maskkv_compile/revote.py``.
     config: a full :class:`MaskKVConfig`; the keyword arguments above override its fields.
     """
     overrides = {
         k: v
         for k, v in dict(budget=budget, mask_token_id=mask_token_id, backend=backend, prompt_refresh=prompt_refresh,
-                         policy=policy, profile=profile, family=family, block_length=block_length).items()
+                         policy=policy, profile=profile, family=family, block_length=block_length,
+                         revote=revote).items()
         if v is not None
     }
     config = MaskKVConfig.from_options(overrides, base=config)

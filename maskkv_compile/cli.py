@@ -145,7 +145,8 @@ def cmd_eval(args) -> int:
     torch.set_num_threads(args.threads)
     try:
         suite = run_suite(args.model, args.policies, args.budgets, samples=args.samples, tasks=args.tasks, out=args.out,
-                          resume=args.resume, progress=not args.quiet, seed=args.seed, checkpoint=args.checkpoint)
+                          resume=args.resume, progress=not args.quiet, seed=args.seed, checkpoint=args.checkpoint,
+                          revotes=args.revote, refreshes=args.refresh)
     except ModelUnavailable as error:
         print(f"{args.model}: {error}", file=sys.stderr)
         return 2
@@ -154,6 +155,14 @@ def cmd_eval(args) -> int:
     pngs = [] if args.no_plots else plot(results, stem)
     if args.heatmap:
         pngs += _needle_heatmap(args, suite, Path(args.out))
+    if args.revote or args.refresh:  # the trade-off: retention vs step cost, one-shot / revote / refresh
+        from maskkv_compile.evaluation import tradeoff
+
+        Path(f"{stem}_tradeoff.md").write_text(tradeoff.markdown(results) + "\n")
+        if not args.no_plots:
+            pngs.append(tradeoff.plot(results, f"{stem}_pareto.png"))
+        print("\nretention vs step cost (one-shot, revote, refresh):")
+        print(tradeoff.table(results, fmt="simple"))
     print(results["note"])
     for metric in ("retention", "agree_uncached", "kl"):
         print(f"\n{metric} (all {len(results['samples'])} samples):")
@@ -265,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--budgets", nargs="+", default=["4", "6", "8", "12", "16", "32", "full"],
                          help="prompt KV pairs kept per head; 'full' keeps the whole prompt")
     quality.add_argument("--samples", type=int, default=8, help="sequences per task")
+    quality.add_argument("--revote", nargs="+", type=int, default=[], metavar="K",
+                         help="also run every policy x budget with revote=K (re-select every K steps with the step's "
+                         "queries; maskkv_compile/revote.py); writes quality_<model>_tradeoff.md and _pareto.png")
+    quality.add_argument("--refresh", nargs="+", type=int, default=[], metavar="K",
+                         help="also run every policy x budget with prompt_refresh=K (the expensive reference)")
     quality.add_argument("--tasks", nargs="+", default=None, help="default: every task of the model")
     quality.add_argument("--out", default="quality-out", help="folder for quality_<model>.{json,md} and PNGs")
     quality.add_argument("--resume", action="store_true", help="keep the cells already in the JSON, run the rest")

@@ -79,6 +79,16 @@ class MaskKVConfig:
         session runs plain steps and ``cache_stats()["block_cache"]`` says why). ``None``
         (default): every step computes every response row, as without this option. See
         ``maskkv_compile/blocks.py``.
+    revote: re-selection while decoding (``maskkv_compile/revote.py``). The prefill also keeps
+        every layer's prompt K/V (the *second tier*, outside the hot cache, reported apart in
+        ``cache_stats()["second_tier"]``); at a re-vote step the step's own queries of the
+        response rows vote over the whole prompt at each layer, layer by layer inside the step,
+        the policy ranks the votes and the top-k per KV head under the prefill's per-head
+        budgets replaces the hot cache (positions stay absolute; no prompt row is recomputed).
+        ``None`` (default): never, exactly as without this option. An int ``k``: every k-th
+        step call after a prefill or prompt refresh (1 = every step). ``"block"``: at every
+        block refresh of the dual cache (needs ``block_length``; an int with ``block_length``
+        is refused, since a re-vote must see every response row).
     """
 
     budget: int = 256
@@ -99,6 +109,7 @@ class MaskKVConfig:
     sink: int = 4
     seed: int = 0
     block_length: Optional[int] = None
+    revote: Optional[Any] = None
 
     def __post_init__(self) -> None:
         _require_int("budget", self.budget, minimum=1)
@@ -111,6 +122,16 @@ class MaskKVConfig:
         _require_int("vote_chunk", self.vote_chunk, minimum=1)
         _require_int("max_sessions", self.max_sessions, minimum=1)
         _require_int("block_length", self.block_length, minimum=1, allow_none=True)
+        if self.revote is not None:
+            if self.revote == "block":
+                if self.block_length is None:
+                    raise MaskKVConfigError('revote="block" re-selects at dual-cache block refreshes: set block_length too, '
+                                            "or give revote an int (every k steps)")
+            elif isinstance(self.revote, bool) or not isinstance(self.revote, int) or self.revote < 1:
+                raise MaskKVConfigError(f'revote must be None, an int >= 1 (every k steps) or "block", got {self.revote!r}')
+            elif self.block_length is not None:
+                raise MaskKVConfigError(f'revote={self.revote} with block_length: a block step does not compute every '
+                                        'response row; use revote="block" (re-select at every block refresh)')
         if not isinstance(self.reuse_logits, bool):
             raise MaskKVConfigError(f"reuse_logits must be True or False, got {self.reuse_logits!r}")
         from maskkv_compile.policies import get_policy

@@ -4,6 +4,10 @@
                                                 +--> step    (SliceSequence, CachedAttention[, ResponseKVOutputs])
 
 ResponseKVOutputs runs only with ``config.block_length`` (the dual cache needs the response K/V).
+With ``config.revote`` the prefill also runs KeepPromptKV (each layer's prompt K/V as outputs: the
+second tier), and a third graph is derived from the step graph:
+
+                                                     step --> revote (RevoteKV)
 
 Each derived graph is a copy, so the canonical graph stays available to ``explain``.
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch.fx as fx
 
@@ -19,9 +24,8 @@ from maskkv_compile import distributed
 from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.passes import (
     AttentionSite, CachedAttentionPass, CaptureVotesPass, EvictKVPass, FindAttentionPass, GraphInfo,
-    MaskOnlyHeadPass, MaskPaddingPass, PassManager, ResponseKVOutputsPass, ShardBudgetsPass, SliceSequencePass,
-    UnsupportedModelError,
-    analyse, attention_sites,
+    KeepPromptKVPass, MaskOnlyHeadPass, MaskPaddingPass, PassManager, ResponseKVOutputsPass, RevoteKVPass,
+    ShardBudgetsPass, SliceSequencePass, UnsupportedModelError, analyse, attention_sites,
 )
 from maskkv_compile.passes.base import PassRecord, extra_inputs
 
@@ -47,6 +51,8 @@ class MaskKVGraphs:
     head_sliced: bool
     records: dict[str, list[PassRecord]] = field(default_factory=dict)
     skipped: tuple[str, ...] = ()
+    revote: Optional[fx.GraphModule] = None  # with config.revote: the step graph that re-selects
+    revote_inputs: list[str] = field(default_factory=list)
 
 
 def _seen_ops(gm: fx.GraphModule) -> str:
@@ -74,9 +80,11 @@ def build_graphs(gm: fx.GraphModule, config: MaskKVConfig, *, strict: bool = Tru
         raise UnsupportedModelError("no attention found in the model's graph; ops seen: " + _seen_ops(gm))
     distributed.check_local_attention(attention_sites(canonical))
     prefill = copy_graph_module(canonical)
+    keep_prompt = [KeepPromptKVPass(config)] if config.revote is not None else []
     prefill_passes = PassManager(
-        "prefill", [MaskPaddingPass(config), CaptureVotesPass(config), EvictKVPass(config), ShardBudgetsPass(config),
-                    MaskOnlyHeadPass(config, info)]
+        "prefill",
+        [MaskPaddingPass(config), CaptureVotesPass(config), EvictKVPass(config), ShardBudgetsPass(config), *keep_prompt,
+         MaskOnlyHeadPass(config, info)],
     )
     prefill_passes(prefill)
     step = copy_graph_module(canonical)
@@ -85,7 +93,15 @@ def build_graphs(gm: fx.GraphModule, config: MaskKVConfig, *, strict: bool = Tru
         step_pipeline.append(ResponseKVOutputsPass(config))
     step_passes = PassManager("step", step_pipeline)
     step_passes(step)
-    distributed.check_collectives_preserved(gm, prefill=prefill, step=step)
+    records = {"canonical": find.records, "prefill": prefill_passes.records, "step": step_passes.records}
+    revote = None
+    if config.revote is not None:
+        revote = copy_graph_module(step)
+        revote_passes = PassManager("revote", [RevoteKVPass(config)])
+        revote_passes(revote)
+        records["revote"] = revote_passes.records
+    derived = {"prefill": prefill, "step": step, **({"revote": revote} if revote is not None else {})}
+    distributed.check_collectives_preserved(gm, **derived)
     return MaskKVGraphs(
         info=info,
         sites=[site for _, site in attention_sites(canonical)],
@@ -97,6 +113,8 @@ def build_graphs(gm: fx.GraphModule, config: MaskKVConfig, *, strict: bool = Tru
         prefill_inputs=extra_inputs(prefill, num_inputs),
         step_inputs=extra_inputs(step, num_inputs),
         head_sliced=prefill_passes.records[-1].result.changed,
-        records={"canonical": find.records, "prefill": prefill_passes.records, "step": step_passes.records},
+        records=records,
         skipped=result.skipped,
+        revote=revote,
+        revote_inputs=extra_inputs(revote, num_inputs) if revote is not None else [],
     )

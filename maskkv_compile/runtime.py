@@ -30,6 +30,8 @@ recent first. Each call is routed by evidence from its tokens (``ids``, (B, S)),
    block's later calls are BLOCK_STEPs: the step graph over the block's rows only, against
    [kept prompt ; cached K/V of the other response rows]. The first step after every
    prefill or refresh is a block refresh.
+   With ``revote`` set, a step that ``revote.due`` names runs the re-vote graph instead,
+   which also replaces every layer's kept entries (``maskkv_compile/revote.py``).
 5. NEW: a call that continues no session is a new prompt. Its layout comes from its own
    mask tokens (see ``layout.py``; every row must hold one, else ``NoMaskTokenError``),
    where a *masked copy* row (CFG's unconditional row, in the same batch or sent in its own
@@ -72,7 +74,7 @@ from typing import Optional
 
 import torch
 
-from maskkv_compile import blocks
+from maskkv_compile import blocks, revote
 from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.inductor import SEQ, InductorGraph
 from maskkv_compile.layout import Layout, NoMaskTokenError, infer_layout
@@ -130,6 +132,7 @@ class Session:
     block_note: Optional[str] = None  # why the dual cache does not apply to this session
     block_length: Optional[int] = None  # the dual cache's blocks (config.block_length), if they apply:
     block_positions: Optional[torch.Tensor] = None  # (B, R) each row's response positions, in order
+    tier: Optional[revote.SecondTier] = None  # with config.revote: the full prompt K/V (revote.py)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -173,6 +176,7 @@ class Counts:
     prefills: int = 0
     steps: int = 0
     transitions: Counter = field(default_factory=Counter)  # new, restart, refresh, step, block_refresh, block_step
+    revotes: int = 0  # step calls that re-selected the hot cache (config.revote)
 
 
 class MaskKVRuntime:
@@ -190,10 +194,10 @@ class MaskKVRuntime:
         self.per_token_pos = [names.index(name) for name in graphs.info.per_token]
         per_row = {name: (1,) for name in ("key_valid", "voter_valid", "prompt_valid", "resp_valid")}
         self._prefill = self._compile(graphs.prefill, {"resp_idx": (0,), "voter_idx": (0,), "prompt_idx": (0,), **per_row})
-        self._step = self._compile(
-            graphs.step,
-            {"resp_idx": (0,), **per_row, **{f"kept_{kv}_{i}": (2,) for i in range(len(graphs.sites)) for kv in "kv"}},
-        )
+        step_dynamic = {"resp_idx": (0,), **per_row, **{f"kept_{kv}_{i}": (2,) for i in range(len(graphs.sites)) for kv in "kv"}}
+        self._step = self._compile(graphs.step, step_dynamic)
+        if graphs.revote is not None:  # the step graph that also re-selects (revote.py)
+            self._revote = self._compile(graphs.revote, {**step_dynamic, **revote.dynamic_dims(len(graphs.sites))})
 
     @classmethod
     def from_graph(cls, gm, config: MaskKVConfig, mask_token_id: int) -> "MaskKVRuntime":
@@ -277,6 +281,8 @@ class MaskKVRuntime:
     def _run_prefill(self, args, session: Session):
         extra = self._per_row_inputs(session.layout)
         outputs = self._prefill(*args, *(extra[name] for name in self.graphs.prefill_inputs))
+        if self.graphs.revote is not None:  # the second tier comes last
+            outputs, session.tier = revote.take_tier(outputs, session.layout, len(self.graphs.sites), self.config.logits_shift)
         split = len(outputs) - PREFILL_OUTPUTS_PER_LAYER * len(self.graphs.sites)  # original outputs, then caches
         base, caches = outputs[:split], outputs[split:]
         session.layers = [
@@ -304,7 +310,13 @@ class MaskKVRuntime:
         for layer, cache in enumerate(session.layers):
             kept = block.layers[layer] if block is not None else (cache.kept_k, cache.kept_v, cache.kept_len)
             extra.update({f"kept_k_{layer}": kept[0], f"kept_v_{layer}": kept[1], f"kept_len_{layer}": kept[2]})
-        outputs = self._step(*args, *(extra[name] for name in self.graphs.step_inputs))
+        if revote.due(self.config, session, transition):  # the re-vote graph replaces the hot cache
+            extra.update(revote.graph_inputs(session.tier))
+            outputs = revote.take_selection(self._revote(*args, *(extra[name] for name in self.graphs.revote_inputs)),
+                                            session, len(self.graphs.sites))
+            self.counts.revotes += 1
+        else:
+            outputs = self._step(*args, *(extra[name] for name in self.graphs.step_inputs))
         if self.config.block_length is not None:  # the step graph also returns each layer's response K/V
             split = len(outputs) - RESPONSE_KV_OUTPUTS_PER_LAYER * len(self.graphs.sites)
             outputs, kv = outputs[:split], outputs[split:]
@@ -353,7 +365,9 @@ class MaskKVRuntime:
         ``kept_per_row`` every row's. bytes: held by the padded per-layer K/V tensors;
         valid_bytes: the kept entries alone (the difference is each layer's padding up to its
         largest row and head); uniform_bytes: a cache keeping min(budget, P_b) entries in every
-        head of every row. prefills / steps / transitions: what this runtime has run so far.
+        head of every row. prefills / steps / transitions: what this runtime has run so far;
+        revotes: the step calls that re-selected (``revote``); second_tier: with ``revote``, the
+        bytes of the full prompt K/V the session keeps outside the hot cache (``revote.stats``).
         """
         session = self.last_session
         if session is None:
@@ -386,6 +400,8 @@ class MaskKVRuntime:
             "steps": self.counts.steps,
             "transitions": dict(self.counts.transitions),
             "block_cache": self._block_stats(session),
+            "revotes": self.counts.revotes,
+            "second_tier": revote.stats(session.tier),
         }
 
     def _block_stats(self, session: Session) -> Optional[dict]:

@@ -12,7 +12,11 @@ Configurations (rows of the JSON's ``cells``):
 * ``full_cache+refresh``: the same with ``prompt_refresh=1`` (a prefill every step; equals
   ``uncached`` up to float rounding);
 * ``<policy>@<budget>``: ``optimize(model, budget=B, mask_token_id=..., backend="eager",
-  policy=P, profile=profile)``; ``<policy>@full`` uses ``FULL_BUDGET``. Policies whose layer
+  policy=P, profile=profile)``; ``<policy>@full`` uses ``FULL_BUDGET``.
+* ``<policy>@<budget>+revote<k>`` (``revotes=[k, ...]``): the same with ``revote=k`` (re-selection
+  with the step's queries every k steps, ``maskkv_compile/revote.py``), and
+  ``<policy>@<budget>+refresh<k>`` (``refreshes=[k, ...]``): with ``prompt_refresh=k``, the
+  expensive way to the same end. Both only at budgets below ``full``. Policies whose layer
   allocator needs a layer profile (maskkv, squeezeattention) get one from
   :func:`maskkv_compile.calibrate` on the bundle's calibration prompts, never on evaluated ones.
 
@@ -20,7 +24,9 @@ Per cell (one sample, one configuration): ``tokens`` (the fill), ``score`` (frac
 the true tokens; for a retrieval bundle, 1 if all of them are, else 0), ``agree_uncached`` /
 ``agree_full`` (fraction equal to the uncached / full-cache fill), ``kl`` (mean over still-masked positions of KL(uncached || cached) of the
 softmaxed logits at step 1, the first step-graph call, both models fed the same ``x``),
-``kept`` (mean kept prompt entries per KV head), ``seconds``.
+``kept`` (mean kept prompt entries per KV head), ``seconds`` (the whole cell, the KL reference
+included), ``net_seconds`` (the calls of the configuration's model alone: its cost per token),
+``step_ms`` (mean of its calls after the first: the per-step cost), ``revotes`` (re-votes run).
 
 Resumable: the JSON is rewritten after every configuration; with ``resume=True`` the cells
 already in it are not recomputed (and a configuration whose cells are all present is not even
@@ -57,14 +63,21 @@ class Config:
     policy: Optional[str] = None  # None: the plain model
     budget: Optional[Budget] = None
     refresh: Optional[int] = None
+    revote: Optional[Union[int, str]] = None
 
     @property
     def int_budget(self) -> int:
         return FULL_BUDGET if self.budget == FULL else int(self.budget)
 
 
-def config_key(policy: str, budget: Budget) -> str:
-    return f"{policy}@{budget}"
+def config_key(policy: str, budget: Budget, *, revote: Optional[Union[int, str]] = None,
+               refresh: Optional[int] = None) -> str:
+    key = f"{policy}@{budget}"
+    if revote is not None:
+        key += f"+revote{revote}"
+    if refresh is not None:
+        key += f"+refresh{refresh}"
+    return key
 
 
 def parse_budget(value: Union[str, int]) -> Budget:
@@ -76,11 +89,20 @@ def parse_budget(value: Union[str, int]) -> Budget:
     return budget
 
 
-def configurations(policies: Sequence[str], budgets: Sequence[Budget]) -> list[Config]:
-    """References first (the others' agreement is measured against them), then policy x budget."""
+def configurations(policies: Sequence[str], budgets: Sequence[Budget], revotes: Sequence[Union[int, str]] = (),
+                   refreshes: Sequence[int] = ()) -> list[Config]:
+    """References first (the others' agreement is measured against them), then policy x budget,
+    then policy x budget (below full) x each re-vote interval, and x each prompt refresh interval."""
     refs = [Config(UNCACHED), Config(FULL_CACHE, "mask_voting_uniform", FULL),
             Config(FULL_REFRESH, "mask_voting_uniform", FULL, refresh=1)]
-    return refs + [Config(config_key(p, b), p, b) for p in policies for b in budgets]
+    out = refs + [Config(config_key(p, b), p, b) for p in policies for b in budgets]
+    for p in policies:
+        for b in budgets:
+            if b == FULL:
+                continue
+            out += [Config(config_key(p, b, revote=r), p, b, revote=r) for r in revotes]
+            out += [Config(config_key(p, b, refresh=r), p, b, refresh=r) for r in refreshes]
+    return out
 
 
 def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
@@ -95,7 +117,7 @@ def agreement(a: Sequence[int], b: Sequence[int]) -> float:
 
 
 def optimized(model: torch.nn.Module, mask_id: int, policy: str, budget: int, *, profile=None,
-              refresh: Optional[int] = None, seed: int = 0):
+              refresh: Optional[int] = None, seed: int = 0, revote: Optional[Union[int, str]] = None):
     """``model`` as every configuration of the suite runs it: ``optimize`` on the eager backend.
     ``profile`` is required by the policies whose layer allocator needs one, ignored by the rest."""
     import maskkv_compile
@@ -106,7 +128,7 @@ def optimized(model: torch.nn.Module, mask_id: int, policy: str, budget: int, *,
         raise ValueError(f"policy {policy!r} needs a layer profile: pass profile=maskkv_compile.calibrate(...)")
     return maskkv_compile.optimize(model, budget=budget, mask_token_id=mask_id, backend="eager", policy=policy,
                                    profile=profile if get_policy(policy).needs_profile else None,
-                                   prompt_refresh=refresh, config=MaskKVConfig(seed=seed))
+                                   prompt_refresh=refresh, revote=revote, config=MaskKVConfig(seed=seed))
 
 
 @torch.no_grad()
@@ -134,7 +156,7 @@ class Suite:
 
     def __init__(self, bundle: Bundle, policies: Sequence[str], budgets: Sequence[Budget], *,
                  json_path: Optional[Union[str, Path]] = None, resume: bool = False, progress: bool = True,
-                 seed: int = 0):
+                 seed: int = 0, revotes: Sequence[Union[int, str]] = (), refreshes: Sequence[int] = ()):
         from maskkv_compile.policies import get_policy
 
         for policy in policies:
@@ -142,6 +164,8 @@ class Suite:
         self.bundle = bundle
         self.policies = list(policies)
         self.budgets = [parse_budget(b) for b in budgets]
+        self.revotes = [parse_revote(r) for r in revotes]
+        self.refreshes = [int(r) for r in refreshes]
         self.json_path = Path(json_path) if json_path else None
         self.progress = progress
         self.seed = seed
@@ -159,6 +183,7 @@ class Suite:
             "format": FORMAT, "version": VERSION, "model": b.name, "note": b.note, "seed": self.seed,
             "environment": {"torch": torch.__version__, **_versions()},
             "full_budget": FULL_BUDGET, "policies": self.policies, "budgets": self.budgets, "tasks": list(b.tasks),
+            "revotes": self.revotes, "refreshes": self.refreshes,
             "samples": {s.id: {**s.to_dict(), "text": b.decode(s.truth())} for s in b.samples},
             "profile": None,
             "cells": {},
@@ -175,6 +200,8 @@ class Suite:
         self.results["cells"] = old.get("cells", {})
         self.results["policies"] = _union(old.get("policies", []), self.policies)
         self.results["budgets"] = _union(old.get("budgets", []), self.budgets)
+        self.results["revotes"] = _union(old.get("revotes", []), self.revotes)
+        self.results["refreshes"] = _union(old.get("refreshes", []), self.refreshes)
         self.results["tasks"] = _union(old.get("tasks", []), self.results["tasks"])
         if old.get("profile"):
             from maskkv_compile.profile import LayerProfile
@@ -217,14 +244,14 @@ class Suite:
         profile = self.layer_profile() if get_policy(config.policy).needs_profile else None
         self.optimize_calls += 1
         return optimized(self.bundle.model, self.bundle.mask_id, config.policy, config.int_budget, profile=profile,
-                         refresh=config.refresh, seed=self.seed)
+                         refresh=config.refresh, seed=self.seed, revote=config.revote)
 
     def run(self) -> dict:
         try:
             from tqdm.auto import tqdm
         except ImportError:  # tqdm is optional
             tqdm = None
-        configs = configurations(self.policies, self.budgets)
+        configs = configurations(self.policies, self.budgets, self.revotes, self.refreshes)
         todo = [(c, self._missing(c)) for c in configs]
         total = sum(len(m) for _, m in todo)
         bar = tqdm(total=total, desc=f"quality {self.bundle.name}", unit="cell", disable=not self.progress or total == 0) if tqdm else None
@@ -237,6 +264,10 @@ class Suite:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 net = self._net(config)
+                if config.policy is not None:  # warm-up, untimed: the first call traces and compiles
+                    net.reset()
+                    infill(net, missing[0], self.bundle.mask_id)
+                    self.model_calls += missing[0].span_len
                 cells = self.results["cells"].setdefault(config.key, {})
                 for sample in missing:
                     cells[sample.id] = self._cell(config, net, sample)
@@ -264,24 +295,52 @@ class Suite:
         reference = None if config.policy is None else self.bundle.model
         if config.policy is not None:
             net.reset()
-        tokens, kl, calls = infill(net, sample, self.bundle.mask_id, reference)
+        timed = _Timed(net)
+        tokens, kl, calls = infill(timed, sample, self.bundle.mask_id, reference)
         seconds = time.perf_counter() - t0
         self.model_calls += calls + (reference is not None and sample.span_len > 1)
-        kept = None
+        kept = revotes = None
         if config.policy is not None:
-            layers = net.cache_stats()["layers"]
+            stats = net.cache_stats()
+            layers = stats["layers"]
             kept = sum(sum(layer["kept_per_kv_head"]) / len(layer["kept_per_kv_head"]) for layer in layers) / len(layers)
+            revotes = stats.get("revotes", 0)
+        steps = timed.times[1:]
         return {
             "tokens": tokens, "text": self.bundle.decode(tokens),
             "score": self._score(tokens, sample),
             "kl": 0.0 if config.key == UNCACHED else kl,
-            "kept": kept, "seconds": round(seconds, 4),
+            "kept": kept, "seconds": round(seconds, 4), "net_seconds": round(sum(timed.times), 5),
+            "step_ms": round(1e3 * sum(steps) / len(steps), 4) if steps else None, "revotes": revotes,
         }
 
     def _score(self, tokens: list[int], sample: Sample) -> float:
         if self.bundle.exact:
             return float(tokens == sample.truth())
         return agreement(tokens, sample.truth())
+
+
+class _Timed:
+    """Calls ``net`` and records each call's wall time (the cost of the configuration alone)."""
+
+    def __init__(self, net):
+        self.net, self.times = net, []
+
+    def __call__(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = self.net(*args, **kwargs)
+        self.times.append(time.perf_counter() - t0)
+        return out
+
+
+def parse_revote(value: Union[str, int]) -> Union[int, str]:
+    if isinstance(value, str) and value == "block":
+        raise ValueError("revote='block' needs block_length, which the suite's one-token-per-step loop does not use; "
+                         "give an int (every k steps)")
+    revote = int(value)
+    if revote < 1:
+        raise ValueError(f"revote intervals must be >= 1, got {value!r}")
+    return revote
 
 
 def _union(a: Sequence, b: Sequence) -> list:
@@ -306,7 +365,8 @@ def run_suite(model: str = "tiny-llama", policies: Optional[Sequence[str]] = Non
               budgets: Sequence[Budget] = (4, 8, FULL), *, samples: Optional[int] = None,
               tasks: Optional[Sequence[str]] = None, out: Optional[Union[str, Path]] = None, resume: bool = False,
               progress: bool = True, seed: int = 0, bundle: Optional[Bundle] = None,
-              checkpoint: Optional[str] = None) -> Suite:
+              checkpoint: Optional[str] = None, revotes: Sequence[Union[int, str]] = (),
+              refreshes: Sequence[int] = ()) -> Suite:
     """Load ``model`` (``checkpoint``: a tiny-dllm folder), run every missing cell, write
     ``<out>/quality_<model>.json``; returns the suite."""
     from maskkv_compile.policies import POLICIES
@@ -314,6 +374,7 @@ def run_suite(model: str = "tiny-llama", policies: Optional[Sequence[str]] = Non
 
     bundle = bundle or load_bundle(model, samples, tasks, seed=seed, checkpoint=checkpoint)
     path = Path(out) / f"quality_{bundle.name.replace('-', '_')}.json" if out is not None else None
-    suite = Suite(bundle, list(policies or POLICIES), budgets, json_path=path, resume=resume, progress=progress, seed=seed)
+    suite = Suite(bundle, list(policies or POLICIES), budgets, json_path=path, resume=resume, progress=progress, seed=seed,
+                  revotes=revotes, refreshes=refreshes)
     suite.run()
     return suite

@@ -1,0 +1,111 @@
+"""``maskkv::prompt_kv`` and ``maskkv::revote_kv``: the second tier and re-selection from it.
+
+``prompt_kv(k, v, prompt_idx) -> (prompt_k, prompt_v)``, each (B, Hkv, P, D): a layer's
+post-RoPE K/V at the prompt positions ``prompt_idx`` (P,), copied out of the prefill so that
+a later re-vote can choose among every prompt entry (``MaskKVConfig.revote``).
+
+``revote_kv(q, k, prompt_k, prompt_v, prompt_pos, prompt_valid, resp_valid, voter_idx,
+voter_valid, kept_k, kept_len, scale, chunk, policy, kernel, sink, seed)
+-> (kept_k, kept_v, kept_len, kept_pos)``: one layer's re-selection at a step.
+
+  q (B, H, C, D), k (B, Hkv, C, D): the step's computed rows (post-RoPE, absolute positions);
+  prompt_k, prompt_v (B, Hkv, P, D): the second tier; prompt_pos (P,) their absolute positions;
+  prompt_valid (B, P): prompt column p is row b's; resp_valid (B, C): computed row c is one of
+  row b's response keys; voter_idx (Rv,) indices into C of the voting queries, voter_valid
+  (B, Rv); kept_k (B, Hkv, Kmax, D): the current hot cache, read for its padded length only;
+  kept_len (B, Hkv): the per-row, per-head budgets, kept as they are.
+
+Votes: for each KV head, the sum over voters (and the query heads of its group) of
+softmax(q [prompt_k ; k]^T * scale) at the prompt columns, the softmax running over every
+key row b attends to (its prompt and its response rows), exactly Mask-Voting's rule with the
+step's queries. The policy turns votes into scores (``maskkv::selection_scores``: SnapKV
+pools them, StreamingLLM and random ignore them) and the top-``kept_len`` per (row, KV head)
+are kept, ties to the earlier position, stored in position order, padded with zeros (K/V) and
+-1 (positions) to Kmax. Positions are absolute (``prompt_pos``), as the prefill's are.
+With ``kept_len`` equal to the prompt length every entry is kept, in order: the output equals
+the prefill's cache bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .mask_votes import mask_votes_chunked
+
+
+def revote_votes(q, k, prompt_k, prompt_valid, resp_valid, voter_idx, voter_valid, scale, chunk=64):
+    """(B, Hkv, P) votes of the voters over the prompt columns, softmax over [prompt ; response]."""
+    num_prompt = prompt_k.shape[2]
+    keys = torch.cat([prompt_k, k.to(prompt_k.dtype)], dim=2)  # (B, Hkv, P + C, D)
+    key_valid = torch.cat([prompt_valid, resp_valid], dim=1)  # (B, P + C)
+    columns = torch.arange(num_prompt, device=q.device)
+    votes, _ = mask_votes_chunked(q, keys, voter_idx, columns, scale, chunk, key_valid, voter_valid, prompt_valid)
+    return votes
+
+
+def _select(prompt_k, prompt_v, scores, prompt_pos, budgets, kmax):
+    """Top-``budgets`` of ``scores`` per (row, head), in position order, padded to ``kmax``."""
+    num_prompt = scores.shape[-1]
+    ranked = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :kmax]  # (B, Hkv, <=Kmax)
+    if ranked.shape[-1] < kmax:  # a prompt shorter than the padded length: pad the ranking
+        ranked = torch.cat([ranked, ranked.new_zeros((*ranked.shape[:-1], kmax - ranked.shape[-1]))], dim=-1)
+    valid = torch.arange(kmax, device=scores.device) < budgets[..., None]  # (B, Hkv, Kmax)
+    local = torch.sort(torch.where(valid, ranked, num_prompt), dim=-1).values  # padding sorts last
+    at = local.clamp(max=max(num_prompt - 1, 0))
+    gather_at = at[..., None]
+    keep = valid[..., None]
+    kept_k = torch.where(keep, prompt_k.gather(2, gather_at.expand(-1, -1, -1, prompt_k.shape[-1])), 0)
+    kept_v = torch.where(keep, prompt_v.gather(2, gather_at.expand(-1, -1, -1, prompt_v.shape[-1])), 0)
+    pos = torch.where(valid, prompt_pos[at], -1)
+    return kept_k, kept_v, pos
+
+
+@torch.library.custom_op("maskkv::prompt_kv", mutates_args=())
+def prompt_kv(k: torch.Tensor, v: torch.Tensor, prompt_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return k.index_select(2, prompt_idx), v.index_select(2, prompt_idx)
+
+
+@prompt_kv.register_fake
+def _(k, v, prompt_idx):
+    num_prompt = prompt_idx.shape[0]
+    return (k.new_empty((*k.shape[:2], num_prompt, k.shape[-1])), v.new_empty((*v.shape[:2], num_prompt, v.shape[-1])))
+
+
+@torch.library.custom_op("maskkv::revote_kv", mutates_args=())
+def revote_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    prompt_k: torch.Tensor,
+    prompt_v: torch.Tensor,
+    prompt_pos: torch.Tensor,
+    prompt_valid: torch.Tensor,
+    resp_valid: torch.Tensor,
+    voter_idx: torch.Tensor,
+    voter_valid: torch.Tensor,
+    kept_k: torch.Tensor,
+    kept_len: torch.Tensor,
+    scale: float,
+    chunk: int,
+    policy: str,
+    kernel: int,
+    sink: int,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    votes = revote_votes(q, k, prompt_k, prompt_valid, resp_valid, voter_idx, voter_valid, scale, chunk)
+    scores = torch.ops.maskkv.selection_scores(votes, prompt_valid, policy, kernel, sink, seed)
+    eligible = torch.isfinite(scores).sum(-1)  # (B, Hkv)
+    budgets = torch.minimum(kept_len.to(torch.long), eligible)
+    new_k, new_v, pos = _select(prompt_k, prompt_v, scores, prompt_pos, budgets, kept_k.shape[2])
+    return new_k, new_v, budgets, pos
+
+
+@revote_kv.register_fake
+def _(q, k, prompt_k, prompt_v, prompt_pos, prompt_valid, resp_valid, voter_idx, voter_valid, kept_k, kept_len,
+      scale, chunk, policy, kernel, sink, seed):
+    batch, kv_heads, kmax = kept_k.shape[:3]
+    return (
+        prompt_k.new_empty((batch, kv_heads, kmax, prompt_k.shape[-1])),
+        prompt_v.new_empty((batch, kv_heads, kmax, prompt_v.shape[-1])),
+        kept_len.new_empty((batch, kv_heads), dtype=torch.long),
+        kept_len.new_empty((batch, kv_heads, kmax), dtype=torch.long),
+    )

@@ -1,0 +1,134 @@
+"""Re-selection while decoding (``MaskKVConfig.revote``): the second tier and when to re-vote.
+
+One-shot Mask-Voting chooses the kept prompt entries once, with the queries of step 0, which
+know nothing of the tokens decoded later. With ``revote`` set:
+
+* **Second tier.** The prefill graph also returns each layer's post-RoPE prompt K/V
+  (``KeepPromptKVPass``: (B, Hkv, P, D) at ``layout.prompt_idx``). The session keeps them
+  outside the hot cache, on the model's device (on a CPU host that is ordinary memory);
+  ``cache_stats()["second_tier"]`` reports their bytes, apart from the hot cache's, which
+  stays at the budget. They live and die with the session (dropped with it, by ``reset()``,
+  by a new prompt that pushes it out, and replaced at every prefill or prompt refresh).
+* **Re-vote step.** A step call that is due (``due``) runs the *re-vote graph* instead of the
+  step graph: the same computation, where before each layer's cached attention
+  ``maskkv::revote_kv`` lets the step's own queries of the voting rows vote over that layer's
+  whole prompt (softmax over [prompt ; response keys], as at the prefill), the policy ranks
+  the votes (``maskkv::selection_scores``), and the top entries per (row, KV head) under the
+  prefill's per-head budgets (``kept_len``) become the layer's hot cache; the layer then
+  attends to them. Layer l votes with the queries that layers < l produced from their new
+  selections: exactly what this step computes. Positions stay absolute; no prompt row is
+  recomputed. Cost: one scoring of the voting rows against P keys per layer (and a sort of P
+  scores per KV head), against a prompt refresh's forward over every prompt row.
+* **Voters.** At a re-vote every policy votes with the response rows (Dream: the row before
+  each response position), the queries a step computes; prompt queries (SnapKV's window) are
+  not recomputed. So a re-voting SnapKV is SnapKV's pooling and budgets with the response
+  queries' votes; StreamingLLM's and random's selections ignore votes and do not change.
+* **Schedule.** ``revote=k``: the k-th, 2k-th, ... step call after each prefill or prompt
+  refresh. ``revote="block"``: every block refresh of the dual cache (``blocks.py``), whose
+  merged cache is then built from the new selection. ``cache_stats()["revotes"]`` counts them.
+
+With the whole prompt kept (budget >= prompt), a re-vote keeps every entry, in order: the
+hot cache, and every output, are bit-equal to a plain step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from maskkv_compile.layout import Layout
+from maskkv_compile.passes import PROMPT_KV_OUTPUTS_PER_LAYER, REVOTE_OUTPUTS_PER_LAYER
+from maskkv_compile.policies import voter_positions
+
+
+@dataclass
+class SecondTier:
+    """A session's full prompt K/V per layer, and the voting rows of its re-votes."""
+
+    prompt_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (B, Hkv, P, D) each
+    prompt_pos: torch.Tensor  # (P,) absolute positions of the prompt columns
+    prompt_valid: torch.Tensor  # (B, P)
+    voter_idx: torch.Tensor  # (Rv,) indices into layout.rows of the voting queries
+    voter_valid: torch.Tensor  # (B, Rv)
+    revotes: int = 0  # re-votes run from this tier
+
+    @property
+    def bytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.prompt_kv)
+
+
+def voters(layout: Layout, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Rv,) indices into ``layout.rows`` of the rows that vote at a re-vote, (B, Rv) per row:
+    each row's response positions (``shift`` rows earlier, Dream), padding excluded, the rule
+    Mask-Voting uses at the prefill."""
+    rows = layout.rows
+    per_row = []
+    for b in range(layout.response.shape[0]):
+        prompt = layout.prompt[b].nonzero().flatten().cpu()
+        response = layout.response[b].nonzero().flatten().cpu()
+        v = voter_positions("mask_voting_uniform", prompt, response, 1, -shift).to(rows.device)
+        per_row.append(v[layout.key_valid[b, v]])
+    union = torch.unique(torch.cat(per_row))
+    local = torch.searchsorted(rows, union)
+    if not bool((rows[local.clamp(max=rows.numel() - 1)] == union).all()):  # a voter the step does not compute
+        raise RuntimeError(f"re-vote voters {union.tolist()} are not all computed rows {rows.tolist()}")
+    return local, torch.stack([torch.isin(union, v) for v in per_row])
+
+
+def take_tier(outputs: tuple, layout: Layout, n_layers: int, shift: int) -> tuple[tuple, SecondTier]:
+    """Split the prefill's outputs: (the others, the session's second tier)."""
+    split = len(outputs) - PROMPT_KV_OUTPUTS_PER_LAYER * n_layers
+    flat = outputs[split:]
+    pairs = [tuple(flat[i : i + PROMPT_KV_OUTPUTS_PER_LAYER]) for i in range(0, len(flat), PROMPT_KV_OUTPUTS_PER_LAYER)]
+    idx, valid = voters(layout, shift)
+    return outputs[:split], SecondTier(pairs, layout.prompt_idx, layout.prompt_valid, idx, valid)
+
+
+def due(config, session, transition: str) -> bool:
+    """Whether this step call re-selects (``session.steps_since_prefill`` counts the step
+    calls since its prefill or refresh, before this one)."""
+    if config.revote is None or session.tier is None:
+        return False
+    if config.revote == "block":
+        return transition == "block_refresh"
+    return transition == "step" and (session.steps_since_prefill + 1) % config.revote == 0
+
+
+def graph_inputs(tier: SecondTier) -> dict:
+    """The re-vote graph's inputs beyond the step graph's."""
+    extra = {"prompt_pos": tier.prompt_pos, "prompt_valid": tier.prompt_valid, "revoter_idx": tier.voter_idx,
+             "revoter_valid": tier.voter_valid}
+    for layer, (k, v) in enumerate(tier.prompt_kv):
+        extra[f"prompt_k_{layer}"], extra[f"prompt_v_{layer}"] = k, v
+    return extra
+
+
+def dynamic_dims(n_layers: int) -> dict:
+    """The dims of the re-vote graph's extra inputs that vary from prompt to prompt (Inductor)."""
+    dims = {"prompt_pos": (0,), "prompt_valid": (1,), "revoter_idx": (0,), "revoter_valid": (1,)}
+    for layer in range(n_layers):
+        dims[f"prompt_k_{layer}"] = dims[f"prompt_v_{layer}"] = (2,)
+    return dims
+
+
+def take_selection(outputs: tuple, session, n_layers: int) -> tuple:
+    """Strip the re-vote graph's new selections from its outputs into ``session.layers``."""
+    split = len(outputs) - REVOTE_OUTPUTS_PER_LAYER * n_layers
+    flat = outputs[split:]
+    for layer in range(n_layers):
+        k, v, length, pos = flat[layer * REVOTE_OUTPUTS_PER_LAYER : (layer + 1) * REVOTE_OUTPUTS_PER_LAYER]
+        session.layers[layer] = dataclasses.replace(session.layers[layer], kept_k=k, kept_v=v, kept_len=length,
+                                                    kept_pos=pos)
+    session.tier.revotes += 1
+    return outputs[:split]
+
+
+def stats(tier: Optional[SecondTier]) -> Optional[dict]:
+    """``cache_stats()["second_tier"]``: None without ``revote``."""
+    if tier is None:
+        return None
+    return {"bytes": tier.bytes, "layers": [k.nbytes + v.nbytes for k, v in tier.prompt_kv],
+            "prompt_len": int(tier.prompt_pos.numel()), "revotes": tier.revotes}

@@ -1,0 +1,57 @@
+"""RevoteKVPass (the re-vote graph, only with ``revote``): each layer re-selects its hot cache
+from the second tier with the step's own queries, then attends to what it chose.
+
+Runs on a copy of the step graph after CachedAttentionPass (and ResponseKVOutputsPass). Matches
+every ``maskkv::cached_attention(q, k, v, kept_k_<l>, kept_v_<l>, kept_len_<l>, resp_valid,
+scale, softmax_dtype)`` node; inserts before it
+
+    new = maskkv::revote_kv(q, k, prompt_k_<l>, prompt_v_<l>, prompt_pos, prompt_valid, resp_valid,
+                            revoter_idx, revoter_valid, kept_k_<l>, kept_len_<l>, scale, chunk,
+                            policy, pool_kernel, sink, seed)
+
+and makes the attention read ``new``'s K/V and lengths instead of the old hot cache. New graph
+inputs: ``prompt_k_<l>`` / ``prompt_v_<l>`` (the second tier), ``prompt_pos`` (P,), ``prompt_valid``
+(B, P), ``revoter_idx`` (Rv,) indices into the computed rows of the voting queries and
+``revoter_valid`` (B, Rv). The graph returns, after its other outputs, per layer in layer order
+``(kept_k, kept_v, kept_len, kept_pos)`` (``REVOTE_OUTPUTS_PER_LAYER``): the new hot cache.
+
+Invariant: layer l's queries are computed from layers < l that already attended to their new
+selections, so every layer votes with exactly the queries this step computes (what a prefill
+does with its own queries), and no prompt row is recomputed.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from .base import GraphPass, PassResult, graph_outputs, is_call, placeholder, set_outputs
+
+REVOTE_OUTPUTS_PER_LAYER = 4
+
+
+class RevoteKVPass(GraphPass):
+    name = "RevoteKVPass"
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        cfg = self.config
+        sites = [n for n in gm.graph.nodes if is_call(n, torch.ops.maskkv.cached_attention.default)]
+        shared = [placeholder(gm, name) for name in ("prompt_pos", "prompt_valid", "revoter_idx", "revoter_valid")]
+        prompt_pos, prompt_valid, revoter_idx, revoter_valid = shared
+        extra = []
+        for layer, node in enumerate(sites):  # graph order is layer order
+            q, k, v, kept_k, kept_v, kept_len, resp_valid, scale = node.args[:8]
+            prompt_k, prompt_v = (placeholder(gm, f"{kind}_{layer}") for kind in ("prompt_k", "prompt_v"))
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(
+                    torch.ops.maskkv.revote_kv.default,
+                    (q, k, prompt_k, prompt_v, prompt_pos, prompt_valid, resp_valid, revoter_idx, revoter_valid,
+                     kept_k, kept_len, scale, cfg.vote_chunk, cfg.policy, cfg.pool_kernel, cfg.sink, cfg.seed),
+                )
+                fresh = [gm.graph.call_function(operator.getitem, (new, i)) for i in range(REVOTE_OUTPUTS_PER_LAYER)]
+            node.args = (q, k, v, fresh[0], fresh[1], fresh[2], *node.args[6:])
+            extra += fresh
+        set_outputs(gm, graph_outputs(gm) + tuple(extra))
+        return PassResult(self.name, matches=len(sites), changed=bool(sites))
