@@ -113,22 +113,30 @@ class Report:
     def kept_bytes(self) -> int:
         return sum(layer.bytes for layer in self.plan)
 
-    def code(self, graph: str) -> str:
-        """The rewritten code of ``graph`` ("canonical", "prefill" or "step")."""
-        if graph not in GRAPHS:
-            raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
-        if graph not in self.codes:
+    def code(self, graph: str, readable: bool = True) -> str:
+        """The code of ``graph``: "captured" (dynamo's, before any pass), or the rewritten
+        "canonical", "prefill" or "step". ``readable``: parameters and buffers by module path,
+        lines wrapped to :data:`~maskkv_compile.graph_diff.WIDTH` (for reading); else the
+        GraphModule's own code (dynamo's flattened names, runnable)."""
+        if graph == "captured":
+            code = self.captured_code
+        elif graph not in GRAPHS:
+            raise ValueError(f"graph must be 'captured' or one of {GRAPHS}, got {graph!r}")
+        elif graph not in self.codes:
             raise ValueError(
                 f"no {graph} graph: every attention site was refused, so nothing was rewritten. Why:\n  "
                 + "\n  ".join(self.skipped)
             )
-        return self.codes[graph]
+        else:
+            code = self.codes[graph]
+        return readable_code(code) if readable else code
 
     def diff(self, graph: str = "prefill", context: int = 3, width: int = WIDTH) -> str:
         """Diff of the captured graph's code -> the rewritten ``graph``'s code: parameters and
         buffers by module path, lines wrapped to ``width``, unchanged stretches folded to
         ``... N unchanged lines ...`` beyond ``context`` lines."""
-        return folded_diff(self.captured_code, self.code(graph), "captured", graph, context=context, width=width)
+        return folded_diff(self.captured_code, self.code(graph, readable=False), "captured", graph, context=context,
+                           width=width)
 
     def site_diffs(self, graphs: tuple[str, ...] = ("prefill", "step")) -> list[SiteDiff]:
         """The structural diff: per attention site, the captured nodes matched, the canonical
@@ -137,7 +145,8 @@ class Report:
         if not self.rewritten:
             return []
         for graph in graphs:
-            self.code(graph)  # validates the name
+            if graph not in GRAPHS:
+                raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
         return structural_diff(self.captured, self.graphs, graphs)
 
     def structural(self, graph: Optional[str] = None, width: int = WIDTH) -> str:
@@ -210,7 +219,8 @@ class Report:
         captured = readable_code(self.captured_code, 80).splitlines()
         for graph in graphs if self.rewritten else ():
             table = differ.make_table(
-                captured, readable_code(self.code(graph), 80).splitlines(), "captured", graph, context=True, numlines=3,
+                captured, readable_code(self.code(graph, readable=False), 80).splitlines(), "captured", graph,
+                context=True, numlines=3,
             )
             sections.append(f"<details><summary>{graph} graph: line diff of the code</summary>\n{_highlight(table)}</details>")
         page = _PAGE.format(title=html.escape(f"MaskKV explain: {self.model}"), body="\n".join(sections))

@@ -1,7 +1,7 @@
 """explain(): sites, passes, diffs, HTML, debug dumps, pass uuids, the `diff` CLI and example."""
 
-import ast
 import logging
+import re
 import math
 import subprocess
 import sys
@@ -14,6 +14,7 @@ from torch import nn
 import maskkv_compile
 from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.explain import Report
+from maskkv_compile.graph_diff import WIDTH
 from maskkv_compile.passes import (
     CachedAttentionPass, CaptureVotesPass, EvictKVPass, FindAttentionPass, MaskOnlyHeadPass, MaskPaddingPass, SliceSequencePass,
     UnsupportedModelError,
@@ -251,14 +252,26 @@ def without_comments(source: str) -> str:
     return "\n".join(line for line in source.splitlines() if not line.lstrip().startswith("#"))
 
 
-def test_debug_dir_dumps_every_graph_before_and_after_every_pass_as_python(tmp_path, monkeypatch):
+FLAT = re.compile(r"\b[Ll]_(?:args|self|kwargs)_|_(?:modules|parameters|buffers)_")  # dynamo's flattened names
+
+
+def assert_readable(text: str):
+    """Module-path names, no line wider than graph_diff.WIDTH."""
+    assert not FLAT.search(text), [line for line in text.splitlines() if FLAT.search(line)][:3]
+    assert "model.layers.0.self_attn.q_proj.weight" in text
+    assert max(len(line) for line in text.splitlines()) <= WIDTH
+
+
+def test_debug_dir_dumps_every_graph_before_and_after_every_pass_readably(tmp_path, monkeypatch):
     monkeypatch.setenv("MASKKV_DEBUG_DIR", str(tmp_path / "dumps"))
     explain("llada", "sdpa")
     files = {p.name: p.read_text() for p in (tmp_path / "dumps").iterdir()}
     assert set(files) == expected_dump_names()
     for name, source in files.items():
-        ast.parse(source, filename=name)
+        assert source.startswith(f"# {name[:-3]}: written by maskkv_compile")
         assert "class GraphModule(torch.nn.Module):" in source and "def forward(self" in source
+        assert_readable(source)
+        assert " = model.layers.0.self_attn.q_proj.weight\n" not in source  # dynamo's rebinding lines dropped
     code = {name: without_comments(source) for name, source in files.items()}  # comments quote the model source
     assert "scaled_dot_product_attention" in code["maskkv.canonical.0.FindAttentionPass.before.py"]
     assert "scaled_dot_product_attention" not in code["maskkv.canonical.0.FindAttentionPass.after.py"]
@@ -298,6 +311,7 @@ def test_graphs_go_to_the_graph_logger_and_to_structured_trace():
     assert len(logged) == len(names)
     for message in logged:  # lazy_format_graph_code's format, which depyf and TORCH_LOGS show
         assert message.startswith("TRACED GRAPH\n ===== maskkv.") and "class GraphModule(torch.nn.Module)" in message
+        assert_readable(message)
     assert any("===== maskkv.prefill.1.CaptureVotesPass.after =====" in m and "torch.ops.maskkv.mask_votes" in m
                for m in logged)
     artifacts = {
@@ -306,7 +320,8 @@ def test_graphs_go_to_the_graph_logger_and_to_structured_trace():
     }
     assert set(artifacts) == names
     assert "torch.ops.maskkv.cached_attention" in artifacts["maskkv.step.1.CachedAttentionPass.after"]
-    ast.parse(artifacts["maskkv.step.1.CachedAttentionPass.after"])
+    for payload in artifacts.values():
+        assert_readable(payload)
 
 
 # -- pass uuids ----------------------------------------------------------------------------------

@@ -45,6 +45,13 @@ def test_wrap_and_fold():
     assert all(len(p) <= 60 for p in pieces) and "".join(p.strip() for p in pieces).replace(",", ", ").count("argument_number_") == 40
     assert all(p.startswith("        ") for p in pieces[1:])
     assert wrap("x" * 80, 50) == ["x" * 50, "    " + "x" * 30]
+    typed = '        out: "f32[1, 4, s27, 16][64*s27, 16, 64, 1]cpu" = torch.ops.maskkv.attention.default(q, k, v, 0.25)'
+    pieces = wrap(typed, 60)
+    assert all(len(p) <= 60 and p.count('"') % 2 == 0 for p in pieces), pieces  # not broken inside the string
+    comment = "        # File: transformers/models/qwen2/modeling_qwen2.py:350 in forward, code: x = self.embed(ids)"
+    assert all(p.startswith("        #") and len(p) <= 60 for p in wrap(comment, 60))
+    rebinding = "        l_kwargs_input_ids_ = L_kwargs_input_ids_\n        y = f(l_kwargs_input_ids_)"
+    assert readable_code(rebinding) == "        y = f(input_ids)"  # dynamo's rebinding, "x = x" once renamed, dropped
     before = "\n".join(f"line {i}" for i in range(50))
     after = before.replace("line 25", "line twenty-five")
     diff = folded_diff(before, after, "a", "b", context=2)
@@ -55,11 +62,12 @@ def test_wrap_and_fold():
 
 def test_text_forms_have_module_paths_and_bounded_lines(report):
     for graph in ("prefill", "step"):
-        for text in (report.diff(graph), report.structural(graph), readable_code(report.code(graph))):
+        for text in (report.diff(graph), report.structural(graph), report.code(graph), report.code("captured")):
             assert not FLAT.search(text), [line for line in text.splitlines() if FLAT.search(line)][:3]
             assert max(len(line) for line in text.splitlines()) <= WIDTH
         diff = report.diff(graph)
-        assert "model.layers.0.self_attn.q_proj.weight" in readable_code(report.code(graph))
+        assert "model.layers.0.self_attn.q_proj.weight" in report.code(graph)
+        assert FLAT.search(report.code(graph, readable=False))  # the GraphModule's own code, on request
         assert "model.norm.weight" in diff  # the signature's last unchanged lines, as context
         assert re.search(r"^  \.\.\. \d+ unchanged lines \.\.\.$", diff, re.M)
     assert max(len(line) for line in report.diff("prefill", width=60).splitlines()) <= 60
@@ -119,7 +127,9 @@ def test_debug_dumps_read_by_module_path(tmp_path, monkeypatch):
     maskkv_compile.explain(model, prompt_and_masks(model, 16, 8)[1], budget=8)
     before = tmp_path / "maskkv.prefill.2.EvictKVPass.before.py"
     after = tmp_path / "maskkv.prefill.2.EvictKVPass.after.py"
-    assert FLAT.search(before.read_text())  # the dump stays valid Python: dynamo's names
+    dump = before.read_text()
+    assert "model.layers.0.self_attn.q_proj.weight" in dump and "L_args_0_modules" not in dump and not FLAT.search(dump)
+    assert max(len(line) for line in dump.splitlines()) <= WIDTH
     root = Path(__file__).resolve().parent.parent
     one = subprocess.run([sys.executable, "-m", "maskkv_compile.graph_diff", str(before)], cwd=root,
                          capture_output=True, text=True, check=True).stdout
