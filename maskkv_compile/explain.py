@@ -42,6 +42,7 @@ from maskkv_compile.config import MaskKVConfig, MaskKVConfigError
 from maskkv_compile.graph_diff import (
     WIDTH, SiteDiff, folded_diff, readable_code, site_table_html, sites_html, structural_diff, structural_text,
 )
+from maskkv_compile.graph_view import LEGEND, site_views
 from maskkv_compile.passes import AttentionSite, FindAttentionPass, PassManager, UnsupportedModelError
 from maskkv_compile.pipeline import MaskKVGraphs, build_graphs, copy_graph_module
 
@@ -211,7 +212,8 @@ class Report:
                     f"<p class='lead'>{html.escape(self.summary().splitlines()[0])}</p>"]
         if self.rewritten:
             site_diffs = self.site_diffs(graphs)
-            sections += [site_table_html(site_diffs), sites_html(site_diffs)]
+            views = site_views(self.captured, self.graphs, graphs)
+            sections += [site_table_html(site_diffs), f"<p class='legend'>{LEGEND}</p>", sites_html(site_diffs, views)]
         else:
             sections.append("<p>nothing was rewritten: every attention site was refused</p>")
         sections.append(f"<details open><summary>summary</summary><pre class='summary'>{html.escape(self.summary())}</pre></details>")
@@ -229,6 +231,18 @@ class Report:
         return str(path)
 
 
+    def to_model_explorer(self, path) -> str:
+        """Write the captured, canonical, prefill and step graphs as one Model Explorer graph
+        collection (JSON; open with ``model-explorer PATH``, package ``ai-edge-model-explorer``,
+        not needed to write it). Node ids are fx names, shared by the graphs, so the split view's
+        "Match node id" sync lines them up. Returns ``path``."""
+        if not self.rewritten:
+            self.code("prefill")  # raises with the reasons
+        from maskkv_compile.model_explorer import write
+
+        return write(path, self.captured, self.graphs, f"MaskKV: {self.model}")
+
+
 _PAGE = """<!DOCTYPE html>
 <html><head><meta charset="utf-8"><meta name="viewport" content="width=device-width"><title>{title}</title>
 <style>
@@ -243,6 +257,11 @@ section.site {{ border: 1px solid #ddd; border-radius: 4px; padding: 4px 8px; ma
 table.side {{ width: 100%; table-layout: fixed; border-collapse: collapse; }}
 table.side th {{ background: #eee; text-align: left; padding: 2px 6px; }}
 table.side td {{ vertical-align: top; padding: 2px 6px; border-right: 1px solid #ddd; }}
+div.views {{ display: flex; gap: 8px; align-items: flex-start; margin: 4px 0; }}
+figure.view {{ flex: 1 1 0; min-width: 0; margin: 0; border: 1px solid #eee; padding: 2px 4px; overflow-x: auto; }}
+figure.view figcaption {{ font-size: 12px; color: #333; font-weight: bold; }}
+figure.view svg {{ display: block; margin: 2px auto; max-width: 100%; height: auto; }}
+p.legend {{ margin: 2px 0 6px; font-size: 12px; }} p.legend svg {{ vertical-align: middle; }}
 ul.nodes {{ margin: 2px 0; padding-left: 16px; }} ul.nodes li {{ margin: 0; }}
 li.add.op {{ background: #f3e6ff; }} li.del {{ color: #8a1f1f; }} p.none {{ color: #888; margin: 2px 0; }}
 section.site p {{ margin: 3px 0; }}

@@ -406,8 +406,13 @@ def site_table_html(site_diffs: list[SiteDiff]) -> str:
             + "".join(rows) + "</table>")
 
 
-def sites_html(site_diffs: list[SiteDiff]) -> str:
-    """One section per site: matched -> canonical, then the rewritten graphs side by side."""
+def sites_html(site_diffs: list[SiteDiff], views: Optional[dict] = None) -> str:
+    """One section per site: its pictures (``views``, from :func:`maskkv_compile.graph_view.site_views`:
+    captured | each rewritten graph), matched -> canonical, then the rewritten graphs' node
+    lists side by side."""
+    from maskkv_compile.graph_view import views_html
+
+    views = views or {}
     out = []
     for site in site_diffs:
         changed = any(g.inserted or g.removed or g.inputs or g.outputs for g in site.graphs.values())
@@ -423,8 +428,9 @@ def sites_html(site_diffs: list[SiteDiff]) -> str:
             f"<p><b>replaced by (canonical):</b></p>{_node_list(site.canonical, 'add')}"
             if site.matched or site.canonical else ""
         )
+        picture = views_html(views[site.layer], anchor) if site.layer in views else ""
         out.append(
-            f"<section class='site' id='{anchor}'><h3>{html.escape(site.title)}</h3>{matched}"
+            f"<section class='site' id='{anchor}'><h3>{html.escape(site.title)}</h3>{picture}{matched}"
             f"<table class='side'><tr>{heads}</tr><tr>{cols}</tr></table></section>"
         )
     return "\n".join(out)
