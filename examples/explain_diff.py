@@ -4,7 +4,7 @@
 
 Prints the attention sites, every pass run with the maskkv:: ops it inserted, the kept-KV
 plan, then the unified diff of the captured graph against the rewritten one. Set
-MASKKV_DEBUG_DIR=dir to also get every graph before and after every pass as Python files.
+MASKKV_DEBUG_DIR=dir to also get every graph before and after every pass as readable files.
 """
 
 import argparse

@@ -4,7 +4,8 @@
     print(report)                  # attention sites, pass runs, inserted ops, kept-KV plan
     print(report.diff("step"))     # line diff, captured -> rewritten step graph (module-path names, folded)
     print(report.structural())     # per attention site: matched, inserted (maskkv:: ops), inputs/outputs added
-    report.to_html("maskkv.html")  # side-by-side diff, maskkv:: ops highlighted
+    report.to_html("maskkv.html")  # site table, each site's before/after drawn (SVG), node lists, line diffs
+    report.to_model_explorer("maskkv.json")  # the four graphs for Google's Model Explorer
 
 The model is captured with dynamo exactly as ``optimize`` captures it (sequence length
 symbolic, ``use_cache=False``, eval mode) by a backend that records the graph and stops the
@@ -16,7 +17,8 @@ gets a report with the reasons and no rewritten graphs.
 
 The passes' own view, for any compile (``optimize``, ``backend="maskkv"`` or ``explain``):
 ``MASKKV_DEBUG_DIR=dir`` writes every graph before and after every pass as
-``maskkv.<graph>.<i>.<Pass>.{before,after}.py``; ``TORCH_LOGS="+maskkv_compile"`` logs the
+``maskkv.<graph>.<i>.<Pass>.{before,after}.py`` (module-path names, wrapped: for reading);
+``TORCH_LOGS="+maskkv_compile"`` logs the
 same graphs (``maskkv_compile.graph`` logger, the format depyf reads) and one line per pass;
 ``TORCH_TRACE=dir`` records them as artifacts that ``tlparse`` shows.
 """
@@ -205,7 +207,8 @@ class Report:
 
     def to_html(self, path, graphs: tuple[str, ...] = ("prefill", "step")) -> str:
         """Write one self-contained page (no script, no network): the site table, each site's
-        matched nodes and its rewritten graphs side by side with the inserted ``maskkv::`` ops
+        subgraph drawn before (captured) and after (each rewritten graph) side by side, its
+        matched nodes and its rewritten graphs' node lists with the inserted ``maskkv::`` ops
         highlighted, then the summary and the line diffs (readable names, wrapped, folded).
         Returns ``path``."""
         sections = [f"<h1>MaskKV explain: {html.escape(self.model)}</h1>",

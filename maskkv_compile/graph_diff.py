@@ -1,8 +1,9 @@
 """Readable graphs and a structural diff of what the MaskKV passes did, per attention site.
 
 Used by :class:`maskkv_compile.explain.Report` (``report.diff``, ``report.structural``,
-``report.to_html``) and by ``maskkv-compile diff``. No dependencies beyond the standard
-library and torch.fx.
+``report.to_html``), by the passes' graph dumps and messages, and by ``maskkv-compile diff``.
+No dependencies beyond the standard library and torch.fx. The pictures of each site are in
+:mod:`maskkv_compile.graph_view`, the Model Explorer export in :mod:`maskkv_compile.model_explorer`.
 
 - :func:`readable_code` renames dynamo's flattened placeholders
   (``L_args_0_modules_model_modules_layers_modules_0_modules_self_attn_modules_q_proj_parameters_weight_``)

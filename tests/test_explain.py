@@ -1,5 +1,6 @@
 """explain(): sites, passes, diffs, HTML, debug dumps, pass uuids, the `diff` CLI and example."""
 
+import json
 import logging
 import re
 import math
@@ -378,7 +379,7 @@ def run(*args, timeout=300):
 def test_cli_diff(tmp_path):
     html = tmp_path / "diff.html"
     out = run("-m", "maskkv_compile.cli", "diff", "--model", "tiny-qwen2", "--attn", "eager", "--budget", "8",
-              "--prompt-len", "16", "--gen-length", "8", "--html", str(html))
+              "--prompt-len", "16", "--gen-length", "8", "--html", str(html), "--model-explorer", str(tmp_path / "me.json"))
     assert "MaskKV explain: Qwen2ForCausalLM" in out and "eager+gqa" in out and "2 x 8 = 16" in out
     assert "=== prefill graph: captured -> rewritten ===" in out and "=== step graph: captured -> rewritten ===" in out
     assert "+++ prefill" in out and "+++ step" in out
@@ -386,12 +387,16 @@ def test_cli_diff(tmp_path):
     assert "== layer 1: model.layers.1.self_attn (eager+gqa) ==" in out and "unchanged lines ..." in out
     assert "_modules_" not in out and "_parameters_" not in out
     assert "torch.ops.maskkv.mask_votes" in out and "torch.ops.maskkv.cached_attention" in out
-    assert '<mark class="maskkv">' in html.read_text()
+    page = html.read_text()
+    assert '<mark class="maskkv">' in page and page.count("<svg xmlns") == 3 * 2 + 3  # 3 views per layer, + outside
+    graphs = json.loads((tmp_path / "me.json").read_text())["graphs"]
+    assert [g["id"] for g in graphs] == ["captured", "canonical", "prefill", "step"]
+    assert f"Model Explorer graphs written to {tmp_path / 'me.json'}" in out
 
 
 def test_cli_diff_help():
     out = run("-m", "maskkv_compile.cli", "diff", "--help")
-    for option in ("--model", "tiny-llama", "tiny-qwen2", "--budget", "--html", "--attn"):
+    for option in ("--model", "tiny-llama", "tiny-qwen2", "--budget", "--html", "--attn", "--model-explorer"):
         assert option in out
     assert "diff" in run("-m", "maskkv_compile.cli", "--help")
 
