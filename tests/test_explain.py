@@ -403,8 +403,8 @@ def test_cli_diff_help():
 
 def test_explain_diff_example(tmp_path):
     html = tmp_path / "example.html"
-    out = run("examples/explain_diff.py", "--html", str(html))
+    out = run("examples/explain_diff.py", "--html", str(html), "--model-explorer", str(tmp_path / "me.json"))
     assert "attention sites: 2 rewritten, 0 skipped" in out and "eager+gqa" in out
     assert "inserted ops: maskkv::attention, maskkv::cached_attention" in out
     assert "+++ step" in out and "torch.ops.maskkv.cached_attention" in out
-    assert html.exists()
+    assert html.exists() and json.loads((tmp_path / "me.json").read_text())["label"] == "MaskKV: Qwen2ForCausalLM"
