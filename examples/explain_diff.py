@@ -1,10 +1,10 @@
 """explain(): what the MaskKV passes do to a model's graph (the model is not run).
 
-    python examples/explain_diff.py [--graph prefill|step] [--html explain.html]
+    python examples/explain_diff.py [--graph prefill|step] [--html explain.html] [--model-explorer graphs.json]
 
 Prints the attention sites, every pass run with the maskkv:: ops it inserted, the kept-KV
 plan, then the unified diff of the captured graph against the rewritten one. Set
-MASKKV_DEBUG_DIR=dir to also get every graph before and after every pass as Python files.
+MASKKV_DEBUG_DIR=dir to also get every graph before and after every pass as readable files.
 """
 
 import argparse
@@ -16,7 +16,8 @@ from maskkv_compile.models import tiny_dream
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--graph", default="step", choices=["prefill", "step"])
-parser.add_argument("--html", help="also write a side-by-side HTML diff here")
+parser.add_argument("--html", help="also write the HTML report here (each site's before/after drawn)")
+parser.add_argument("--model-explorer", help="also write the graphs as Model Explorer JSON here")
 args = parser.parse_args()
 
 # a Dream-style Qwen2 (grouped-query attention) spelled as HF's eager attention chain
@@ -32,4 +33,6 @@ print("inserted ops:", ", ".join(sorted({op for _, _, op in report.inserted})))
 print(f"\n=== {args.graph} graph: captured -> rewritten ===")
 print(report.diff(args.graph), end="")
 if args.html:
-    print("\nside-by-side diff written to", report.to_html(args.html))
+    print("\nHTML report written to", report.to_html(args.html))
+if args.model_explorer:  # view with: pip install ai-edge-model-explorer; model-explorer PATH
+    print("Model Explorer graphs written to", report.to_model_explorer(args.model_explorer))

@@ -129,6 +129,10 @@ def cmd_diff(args) -> int:
     if args.html:
         report.to_html(args.html, graphs=tuple(graphs))
         print(f"\nside-by-side diff written to {args.html}")
+    if args.model_explorer and report.rewritten:
+        report.to_model_explorer(args.model_explorer)
+        print(f"Model Explorer graphs written to {args.model_explorer} (view: pip install ai-edge-model-explorer; "
+              f"model-explorer {args.model_explorer})")
     return 0
 
 
@@ -249,7 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--budget", type=int, default=64, help="prompt KV pairs kept per KV head per layer")
     diff.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="attention implementation")
     diff.add_argument("--graph", choices=["prefill", "step", "all"], default="all", help="which rewritten graph to diff")
-    diff.add_argument("--html", metavar="PATH", help="also write a side-by-side HTML diff here")
+    diff.add_argument("--html", metavar="PATH", help="also write the HTML report here: site table, each site's "
+                      "before/after drawn, node lists, line diffs (one file, works offline)")
+    diff.add_argument("--model-explorer", metavar="PATH", help="also write the captured, canonical, prefill and step "
+                      "graphs as Model Explorer JSON here (view with `model-explorer PATH`, package ai-edge-model-explorer)")
     diff.add_argument("--prompt-len", type=int, default=48)
     diff.add_argument("--gen-length", type=int, default=16)
     diff.add_argument("--layers", type=int, default=2)

@@ -4,7 +4,8 @@
     print(report)                  # attention sites, pass runs, inserted ops, kept-KV plan
     print(report.diff("step"))     # line diff, captured -> rewritten step graph (module-path names, folded)
     print(report.structural())     # per attention site: matched, inserted (maskkv:: ops), inputs/outputs added
-    report.to_html("maskkv.html")  # side-by-side diff, maskkv:: ops highlighted
+    report.to_html("maskkv.html")  # site table, each site's before/after drawn (SVG), node lists, line diffs
+    report.to_model_explorer("maskkv.json")  # the four graphs for Google's Model Explorer
 
 The model is captured with dynamo exactly as ``optimize`` captures it (sequence length
 symbolic, ``use_cache=False``, eval mode) by a backend that records the graph and stops the
@@ -16,7 +17,8 @@ gets a report with the reasons and no rewritten graphs.
 
 The passes' own view, for any compile (``optimize``, ``backend="maskkv"`` or ``explain``):
 ``MASKKV_DEBUG_DIR=dir`` writes every graph before and after every pass as
-``maskkv.<graph>.<i>.<Pass>.{before,after}.py``; ``TORCH_LOGS="+maskkv_compile"`` logs the
+``maskkv.<graph>.<i>.<Pass>.{before,after}.py`` (module-path names, wrapped: for reading);
+``TORCH_LOGS="+maskkv_compile"`` logs the
 same graphs (``maskkv_compile.graph`` logger, the format depyf reads) and one line per pass;
 ``TORCH_TRACE=dir`` records them as artifacts that ``tlparse`` shows.
 """
@@ -42,6 +44,7 @@ from maskkv_compile.config import MaskKVConfig, MaskKVConfigError
 from maskkv_compile.graph_diff import (
     WIDTH, SiteDiff, folded_diff, readable_code, site_table_html, sites_html, structural_diff, structural_text,
 )
+from maskkv_compile.graph_view import LEGEND, site_views
 from maskkv_compile.passes import AttentionSite, FindAttentionPass, PassManager, UnsupportedModelError
 from maskkv_compile.pipeline import MaskKVGraphs, build_graphs, copy_graph_module
 
@@ -113,22 +116,30 @@ class Report:
     def kept_bytes(self) -> int:
         return sum(layer.bytes for layer in self.plan)
 
-    def code(self, graph: str) -> str:
-        """The rewritten code of ``graph`` ("canonical", "prefill" or "step")."""
-        if graph not in GRAPHS:
-            raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
-        if graph not in self.codes:
+    def code(self, graph: str, readable: bool = True) -> str:
+        """The code of ``graph``: "captured" (dynamo's, before any pass), or the rewritten
+        "canonical", "prefill" or "step". ``readable``: parameters and buffers by module path,
+        lines wrapped to :data:`~maskkv_compile.graph_diff.WIDTH` (for reading); else the
+        GraphModule's own code (dynamo's flattened names, runnable)."""
+        if graph == "captured":
+            code = self.captured_code
+        elif graph not in GRAPHS:
+            raise ValueError(f"graph must be 'captured' or one of {GRAPHS}, got {graph!r}")
+        elif graph not in self.codes:
             raise ValueError(
                 f"no {graph} graph: every attention site was refused, so nothing was rewritten. Why:\n  "
                 + "\n  ".join(self.skipped)
             )
-        return self.codes[graph]
+        else:
+            code = self.codes[graph]
+        return readable_code(code) if readable else code
 
     def diff(self, graph: str = "prefill", context: int = 3, width: int = WIDTH) -> str:
         """Diff of the captured graph's code -> the rewritten ``graph``'s code: parameters and
         buffers by module path, lines wrapped to ``width``, unchanged stretches folded to
         ``... N unchanged lines ...`` beyond ``context`` lines."""
-        return folded_diff(self.captured_code, self.code(graph), "captured", graph, context=context, width=width)
+        return folded_diff(self.captured_code, self.code(graph, readable=False), "captured", graph, context=context,
+                           width=width)
 
     def site_diffs(self, graphs: tuple[str, ...] = ("prefill", "step")) -> list[SiteDiff]:
         """The structural diff: per attention site, the captured nodes matched, the canonical
@@ -137,7 +148,8 @@ class Report:
         if not self.rewritten:
             return []
         for graph in graphs:
-            self.code(graph)  # validates the name
+            if graph not in GRAPHS:
+                raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
         return structural_diff(self.captured, self.graphs, graphs)
 
     def structural(self, graph: Optional[str] = None, width: int = WIDTH) -> str:
@@ -195,14 +207,16 @@ class Report:
 
     def to_html(self, path, graphs: tuple[str, ...] = ("prefill", "step")) -> str:
         """Write one self-contained page (no script, no network): the site table, each site's
-        matched nodes and its rewritten graphs side by side with the inserted ``maskkv::`` ops
+        subgraph drawn before (captured) and after (each rewritten graph) side by side, its
+        matched nodes and its rewritten graphs' node lists with the inserted ``maskkv::`` ops
         highlighted, then the summary and the line diffs (readable names, wrapped, folded).
         Returns ``path``."""
         sections = [f"<h1>MaskKV explain: {html.escape(self.model)}</h1>",
                     f"<p class='lead'>{html.escape(self.summary().splitlines()[0])}</p>"]
         if self.rewritten:
             site_diffs = self.site_diffs(graphs)
-            sections += [site_table_html(site_diffs), sites_html(site_diffs)]
+            views = site_views(self.captured, self.graphs, graphs)
+            sections += [site_table_html(site_diffs), f"<p class='legend'>{LEGEND}</p>", sites_html(site_diffs, views)]
         else:
             sections.append("<p>nothing was rewritten: every attention site was refused</p>")
         sections.append(f"<details open><summary>summary</summary><pre class='summary'>{html.escape(self.summary())}</pre></details>")
@@ -210,13 +224,26 @@ class Report:
         captured = readable_code(self.captured_code, 80).splitlines()
         for graph in graphs if self.rewritten else ():
             table = differ.make_table(
-                captured, readable_code(self.code(graph), 80).splitlines(), "captured", graph, context=True, numlines=3,
+                captured, readable_code(self.code(graph, readable=False), 80).splitlines(), "captured", graph,
+                context=True, numlines=3,
             )
             sections.append(f"<details><summary>{graph} graph: line diff of the code</summary>\n{_highlight(table)}</details>")
         page = _PAGE.format(title=html.escape(f"MaskKV explain: {self.model}"), body="\n".join(sections))
         with open(path, "w", encoding="utf-8") as f:
             f.write(page)
         return str(path)
+
+
+    def to_model_explorer(self, path) -> str:
+        """Write the captured, canonical, prefill and step graphs as one Model Explorer graph
+        collection (JSON; open with ``model-explorer PATH``, package ``ai-edge-model-explorer``,
+        not needed to write it). Node ids are fx names, shared by the graphs, so the split view's
+        "Match node id" sync lines them up. Returns ``path``."""
+        if not self.rewritten:
+            self.code("prefill")  # raises with the reasons
+        from maskkv_compile.model_explorer import write
+
+        return write(path, self.captured, self.graphs, f"MaskKV: {self.model}")
 
 
 _PAGE = """<!DOCTYPE html>
@@ -233,6 +260,11 @@ section.site {{ border: 1px solid #ddd; border-radius: 4px; padding: 4px 8px; ma
 table.side {{ width: 100%; table-layout: fixed; border-collapse: collapse; }}
 table.side th {{ background: #eee; text-align: left; padding: 2px 6px; }}
 table.side td {{ vertical-align: top; padding: 2px 6px; border-right: 1px solid #ddd; }}
+div.views {{ display: flex; gap: 8px; align-items: flex-start; margin: 4px 0; }}
+figure.view {{ flex: 1 1 0; min-width: 0; margin: 0; border: 1px solid #eee; padding: 2px 4px; overflow-x: auto; }}
+figure.view figcaption {{ font-size: 12px; color: #333; font-weight: bold; }}
+figure.view svg {{ display: block; margin: 2px auto; max-width: 100%; height: auto; }}
+p.legend {{ margin: 2px 0 6px; font-size: 12px; }} p.legend svg {{ vertical-align: middle; }}
 ul.nodes {{ margin: 2px 0; padding-left: 16px; }} ul.nodes li {{ margin: 0; }}
 li.add.op {{ background: #f3e6ff; }} li.del {{ color: #8a1f1f; }} p.none {{ color: #888; margin: 2px 0; }}
 section.site p {{ margin: 3px 0; }}

@@ -1,8 +1,9 @@
 """Readable graphs and a structural diff of what the MaskKV passes did, per attention site.
 
 Used by :class:`maskkv_compile.explain.Report` (``report.diff``, ``report.structural``,
-``report.to_html``) and by ``maskkv-compile diff``. No dependencies beyond the standard
-library and torch.fx.
+``report.to_html``), by the passes' graph dumps and messages, and by ``maskkv-compile diff``.
+No dependencies beyond the standard library and torch.fx. The pictures of each site are in
+:mod:`maskkv_compile.graph_view`, the Model Explorer export in :mod:`maskkv_compile.model_explorer`.
 
 - :func:`readable_code` renames dynamo's flattened placeholders
   (``L_args_0_modules_model_modules_layers_modules_0_modules_self_attn_modules_q_proj_parameters_weight_``)
@@ -50,32 +51,54 @@ def readable_name(name: str) -> str:
 
 
 def readable_code(code: str, width: Optional[int] = WIDTH) -> str:
-    """``code`` with flattened names as module paths and, with ``width``, lines wrapped."""
-    renamed = _FLAT.sub(lambda m: readable_name(m.group(0)), code)
+    """``code`` with flattened names as module paths and, with ``width``, lines wrapped.
+    Dynamo's ``l_x_ = L_x_`` rebindings, which read ``x = x`` once renamed, are dropped;
+    source comments name files below ``site-packages`` (``transformers/models/...``)."""
+    renamed = _SITE_PACKAGES.sub(r"\1", _FLAT.sub(lambda m: readable_name(m.group(0)), code))
+    lines = [line for line in renamed.splitlines() if not _SELF_ASSIGN.fullmatch(line)]
     if width is None:
-        return renamed
-    return "\n".join(part for line in renamed.splitlines() for part in wrap(line, width))
+        return "\n".join(lines)
+    return "\n".join(part for line in lines for part in wrap(line, width))
+
+
+_SELF_ASSIGN = re.compile(r"\s*([\w.]+) = \1")
+_SITE_PACKAGES = re.compile(r"(# File: )\S*?[/\\](?:site|dist)-packages[/\\]")  # print_readable's source paths
 
 
 def wrap(line: str, width: int = WIDTH) -> list[str]:
-    """Break ``line`` after commas (else spaces) so that no piece is wider than ``width``;
-    continuation lines are indented 4 past the line's own indent. A single token wider than
-    the width is cut."""
+    """Break ``line`` after commas (else spaces), outside string literals where it can, so
+    that no piece is wider than ``width``; continuation lines are indented 4 past the line's
+    own indent (a comment's continue as comments). A single token wider than the width is cut."""
     if len(line) <= width:
         return [line]
-    indent = " " * (len(line) - len(line.lstrip()) + 4)
+    lead = len(line) - len(line.lstrip())
+    comment = line.lstrip().startswith("#")
+    indent = " " * lead + ("#   " if comment else "    ")
     pieces, rest = [], line
     while len(rest) > width:
-        cut = rest.rfind(", ", len(indent) + 1, width - 1)
-        if cut > 0:
-            cut += 2
-        else:
-            cut = rest.rfind(" ", len(indent) + 1, width)
-            cut = cut + 1 if cut > 0 else width
+        cut = _cut(rest, len(indent) + 1, width, comment)
         pieces.append(rest[:cut].rstrip())
         rest = indent + rest[cut:].lstrip()
     pieces.append(rest)
     return pieces
+
+
+def _cut(text: str, lo: int, width: int, comment: bool) -> int:
+    """Where to break ``text``: after the last ", " (else " ") in ``[lo, width)`` outside a
+    string literal, else after any space there, else at ``width``."""
+    quoted, quote = [], None
+    for ch in text[:width]:
+        quoted.append(quote is not None)
+        if not comment and ch in "'\"":
+            quote = None if quote == ch else (ch if quote is None else quote)
+    for sep in (", ", " "):
+        i = text.rfind(sep, lo, width - len(sep) + 1)
+        while i > 0 and quoted[i]:
+            i = text.rfind(sep, lo, i)
+        if i > 0:
+            return i + len(sep)
+    i = text.rfind(" ", lo, width)
+    return i + 1 if i > 0 else width
 
 
 # -- line diff -----------------------------------------------------------------------------------
@@ -384,8 +407,13 @@ def site_table_html(site_diffs: list[SiteDiff]) -> str:
             + "".join(rows) + "</table>")
 
 
-def sites_html(site_diffs: list[SiteDiff]) -> str:
-    """One section per site: matched -> canonical, then the rewritten graphs side by side."""
+def sites_html(site_diffs: list[SiteDiff], views: Optional[dict] = None) -> str:
+    """One section per site: its pictures (``views``, from :func:`maskkv_compile.graph_view.site_views`:
+    captured | each rewritten graph), matched -> canonical, then the rewritten graphs' node
+    lists side by side."""
+    from maskkv_compile.graph_view import views_html
+
+    views = views or {}
     out = []
     for site in site_diffs:
         changed = any(g.inserted or g.removed or g.inputs or g.outputs for g in site.graphs.values())
@@ -401,8 +429,9 @@ def sites_html(site_diffs: list[SiteDiff]) -> str:
             f"<p><b>replaced by (canonical):</b></p>{_node_list(site.canonical, 'add')}"
             if site.matched or site.canonical else ""
         )
+        picture = views_html(views[site.layer], anchor) if site.layer in views else ""
         out.append(
-            f"<section class='site' id='{anchor}'><h3>{html.escape(site.title)}</h3>{matched}"
+            f"<section class='site' id='{anchor}'><h3>{html.escape(site.title)}</h3>{picture}{matched}"
             f"<table class='side'><tr>{heads}</tr><tr>{cols}</tr></table></section>"
         )
     return "\n".join(out)

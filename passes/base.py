@@ -99,7 +99,8 @@ class PassManager:
     """Runs passes in the given order, one log line each, keeping before/after code.
 
     With ``MASKKV_DEBUG_DIR`` set, each graph is written as
-    ``maskkv.<graph>.<i>.<PassName>.before.py`` / ``.after.py``.
+    ``maskkv.<graph>.<i>.<PassName>.before.py`` / ``.after.py``: for reading (parameters by
+    module path, lines wrapped), like every other view of a graph this project prints.
     """
 
     graph_name: str
@@ -130,7 +131,7 @@ class PassManager:
         from maskkv_compile._torch_private import lazy_format_graph_code, trace_structured
 
         if graph_log.isEnabledFor(logging.DEBUG):
-            graph_log.debug("%s", lazy_format_graph_code(name, gm, include_stride=True, include_device=True))
+            graph_log.debug("%s", _Readable(lazy_format_graph_code(name, gm, include_stride=True, include_device=True)))
         trace_structured(
             "artifact",
             metadata_fn=lambda: {"name": name, "encoding": "string"},
@@ -145,15 +146,35 @@ class PassManager:
         return hashlib.sha256("".join(p.uuid() for p in self.passes).encode()).hexdigest()[:16]
 
 
+class _Readable:
+    """A lazily formatted graph (formatted only when a handler emits it), made readable."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def __str__(self) -> str:
+        from maskkv_compile.graph_diff import readable_code
+
+        return readable_code(str(self.text))
+
+
 def _readable(gm: fx.GraphModule) -> str:
-    return gm.print_readable(print_output=False, include_stride=True, include_device=True)
+    """``print_readable``'s class (shapes, strides and devices as annotations, source lines as
+    comments) with dynamo's flattened names as module paths
+    (``model.layers.0.self_attn.q_proj.weight``) and every line wrapped to
+    :data:`maskkv_compile.graph_diff.WIDTH`. For reading: dotted names do not parse."""
+    from maskkv_compile.graph_diff import readable_code
+
+    return readable_code(gm.print_readable(print_output=False, include_stride=True, include_device=True))
 
 
 def _as_module(name: str, gm: fx.GraphModule) -> str:
-    """The graph as a Python module that parses on its own (``ast.parse``): the class
-    ``print_readable`` shows (shapes, strides and devices as annotations, source lines as
-    comments) under the imports its code names."""
-    header = f"# {name}: written by maskkv_compile (MASKKV_DEBUG_DIR)\nimport torch\nfrom torch import device, inf, nan\n\n\n"
+    """The graph as ``print_readable`` shows it, made readable, under a header naming it."""
+    header = (
+        f"# {name}: written by maskkv_compile (MASKKV_DEBUG_DIR)\n"
+        "# For reading: parameters and buffers by module path, long lines wrapped.\n"
+        "# `python -m maskkv_compile.graph_diff A.py B.py` diffs two dumps.\n\n"
+    )
     return header + _readable(gm) + "\n"
 
 

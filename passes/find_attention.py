@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from maskkv_compile import kernels  # noqa: F401  (registers maskkv:: ops)
 from maskkv_compile._torch_private import example_value
+from maskkv_compile.graph_diff import readable_name  # errors name nodes by module path
 
 from .base import GraphPass, PassResult, is_call, is_method
 
@@ -73,7 +74,7 @@ def _kwarg(node: fx.Node, name: str, position: int, default=None):
 def _single_user(node: fx.Node, what: str) -> fx.Node:
     users = list(node.users)
     if len(users) != 1:
-        raise SiteRefused(f"the {what} ({node.name}) is also used by {', '.join(u.name for u in users[1:]) or 'nothing'}")
+        raise SiteRefused(f"the {what} ({readable_name(node.name)}) is also used by {', '.join(readable_name(u.name) for u in users[1:]) or 'nothing'}")
     return users[0]
 
 
@@ -100,7 +101,7 @@ def _transposed_key(node: fx.Node) -> fx.Node:
         dims = {d % 4 for d in node.args[1:3]}
         if dims == {2, 3}:
             return node.args[0]
-    raise SiteRefused(f"the second operand of the score matmul ({node.name}) is not a transposed key")
+    raise SiteRefused(f"the second operand of the score matmul ({readable_name(node.name)}) is not a transposed key")
 
 
 class FindAttentionPass(GraphPass):
@@ -119,7 +120,7 @@ class FindAttentionPass(GraphPass):
                 else:
                     continue
             except SiteRefused as refusal:
-                skipped.append(f"{_module_path(node)} ({node.name}): {refusal}")
+                skipped.append(f"{_module_path(node)} ({readable_name(node.name)}): {refusal}")
                 continue
             out_node, q, k, v, scale, softmax_dtype, spelling = match
             k, v = unrepeat_kv(k), unrepeat_kv(v)
@@ -165,12 +166,12 @@ class FindAttentionPass(GraphPass):
             a, b = scaled.args[:2]
             const, tensor = (b, a) if isinstance(b, (int, float)) else (a, b)
             if not isinstance(const, (int, float)):
-                raise SiteRefused(f"scores are combined with a tensor ({scaled.name}): an attention mask or bias")
+                raise SiteRefused(f"scores are combined with a tensor ({readable_name(scaled.name)}): an attention mask or bias")
             scale = scale / const if scaled.target in (operator.truediv, torch.div) else scale * const
             _single_user(tensor, "score tensor")
             scaled = tensor
         if not (isinstance(scaled, fx.Node) and (is_call(scaled, *MATMUL_TARGETS))):
-            raise SiteRefused(f"softmax input {getattr(scaled, 'name', scaled)} is not a scaled q @ k^T")
+            raise SiteRefused(f"softmax input {readable_name(scaled.name) if isinstance(scaled, fx.Node) else scaled} is not a scaled q @ k^T")
         scores = scaled
         q, kt = scores.args[:2]
         k = _transposed_key(kt)
@@ -183,7 +184,7 @@ class FindAttentionPass(GraphPass):
                     raise SiteRefused("dropout on the attention probabilities is active; put the model in eval mode")
             probs = _single_user(probs, "attention probabilities")
         if not (is_call(probs, *MATMUL_TARGETS) and probs.args[0] is not None):
-            raise SiteRefused(f"attention probabilities feed {probs.name}, not a matmul with v")
+            raise SiteRefused(f"attention probabilities feed {readable_name(probs.name)}, not a matmul with v")
         out = probs
         v = out.args[1]
         q_dtype = example_value(q).dtype

@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 
 from maskkv_compile._torch_private import example_value, sym_expr
+from maskkv_compile.graph_diff import readable_name  # messages name nodes by module path
 
 from .base import graph_outputs
 
@@ -41,7 +42,7 @@ def analyse(gm: fx.GraphModule) -> GraphInfo:
         if isinstance(value, torch.Tensor) and value.dim() == 2 and not value.is_floating_point() and value.dtype != torch.bool:
             candidates.append(node)
     if not candidates:
-        seen = [f"{n.name}: {_describe(example_value(n))}" for n in placeholders if not _is_param(n)]
+        seen = [f"{readable_name(n.name)}: {_describe(example_value(n))}" for n in placeholders if not _is_param(n)]
         raise UnsupportedModelError(
             "maskkv needs the model to take (batch, seq) integer token ids; the traced inputs were: " + "; ".join(seen)
         )

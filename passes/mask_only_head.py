@@ -15,6 +15,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from maskkv_compile.graph_diff import readable_code  # messages name nodes by module path
+
 from .base import GraphPass, PassResult, graph_outputs, is_call, is_method, placeholder
 from .graph_info import GraphInfo
 
@@ -34,7 +36,8 @@ class MaskOnlyHeadPass(GraphPass):
         while is_method(node, *PASS_THROUGH_METHODS) and len(node.users) == 1:
             node = node.args[0]
         if not is_call(node, *HEAD_TARGETS):
-            return PassResult(self.name, 0, False, skipped=(f"logits come from {node.format_node()}, not a linear head",))
+            source = readable_code(node.format_node(), None)
+            return PassResult(self.name, 0, False, skipped=(f"logits come from {source}, not a linear head",))
         resp_idx = placeholder(gm, "resp_idx")
         hidden = node.args[0]
         with gm.graph.inserting_before(node):

@@ -25,6 +25,7 @@ import torch.fx as fx
 
 from maskkv_compile._torch_private import FakeTensorMode, example_value, sym_expr, sym_hint
 from maskkv_compile.distributed import fake_like, real_object
+from maskkv_compile.graph_diff import readable_code, readable_name  # messages name nodes by module path
 
 from .base import GraphPass, PassResult, is_call, placeholder
 from .graph_info import GraphInfo, UnsupportedModelError, node_by_name
@@ -75,7 +76,7 @@ class SliceSequencePass(GraphPass):
         start = args[0] if len(args) >= 2 else node.kwargs.get("start", 0)
         step = args[2] if len(args) >= 3 else node.kwargs.get("step", 1)
         if step != 1:
-            raise UnsupportedModelError(f"position source {node.name} is an arange with step {step}")
+            raise UnsupportedModelError(f"position source {readable_name(node.name)} is an arange with step {step}")
         dtype = node.kwargs.get("dtype")
         with gm.graph.inserting_before(node):
             positions = resp_idx if start == 0 else gm.graph.call_function(operator.add, (resp_idx, start))
@@ -130,7 +131,7 @@ def check_no_sequence_left(gm: fx.GraphModule, info: GraphInfo) -> None:
             result = super().run_node(n)
             if n.op == "call_function" or n.op == "call_method":
                 if isinstance(result, torch.Tensor) and CHECK_SEQ in result.shape:
-                    leftovers.append(f"{n.name} = {n.format_node()} -> {tuple(result.shape)}")
+                    leftovers.append(readable_code(f"{n.name} = {n.format_node()} -> {tuple(result.shape)}", None))
             return result
 
     try:

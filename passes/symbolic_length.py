@@ -34,6 +34,7 @@ import torch.fx as fx
 from maskkv_compile._torch_private import (
     DimDynamic, FakeTensorMode, ShapeEnv, StatelessSymbolicContext, example_value, sym_expr,
 )
+from maskkv_compile.graph_diff import readable_code, readable_name  # messages name nodes by module path
 
 from .base import GraphPass, PassResult, is_call
 from .graph_info import UnsupportedModelError, analyse
@@ -131,7 +132,7 @@ class SymbolicLengthPass(GraphPass):
         """The other (B, S, ...) inputs; refuses an S that is also another input size."""
         per_token, clashes = [], []
         if batch == S:
-            clashes.append(f"the batch size of {tokens.name}")
+            clashes.append(f"the batch size of {readable_name(tokens.name)}")
         for node in gm.graph.nodes:
             value = example_value(node) if node.op == "placeholder" else None
             if node is tokens or not isinstance(value, torch.Tensor):
@@ -142,7 +143,7 @@ class SymbolicLengthPass(GraphPass):
                 dims = [d for d in range(value.dim()) if d != 1 and value.shape[d] == S]
             else:
                 dims = [d for d in range(value.dim()) if value.shape[d] == S]
-            clashes += [f"dim {d} of {node.name} {tuple(value.shape)}" for d in dims]
+            clashes += [f"dim {d} of {readable_name(node.name)} {tuple(value.shape)}" for d in dims]
         if clashes:
             more = f" and {len(clashes) - 3} more" if len(clashes) > 3 else ""
             raise UnsupportedModelError(
@@ -169,11 +170,11 @@ class SymbolicLengthPass(GraphPass):
                     kwargs[key], c = _substitute(kwargs[key], S, seq)
                     count += c
             if count:
-                replaced.append(f"{node.name} = {node.format_node()}")
+                replaced.append(readable_code(f"{node.name} = {node.format_node()}", None))
                 node.args, node.kwargs = tuple(args), kwargs
             left = _ints_equal_to(node.args, S) + _ints_equal_to(node.kwargs, S)
             if left:
-                leftovers.append(f"{node.name} = {node.format_node()}")
+                leftovers.append(readable_code(f"{node.name} = {node.format_node()}", None))
         return replaced, leftovers
 
 

@@ -1,7 +1,8 @@
 """explain(): sites, passes, diffs, HTML, debug dumps, pass uuids, the `diff` CLI and example."""
 
-import ast
+import json
 import logging
+import re
 import math
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from torch import nn
 import maskkv_compile
 from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.explain import Report
+from maskkv_compile.graph_diff import WIDTH
 from maskkv_compile.passes import (
     CachedAttentionPass, CaptureVotesPass, EvictKVPass, FindAttentionPass, MaskOnlyHeadPass, MaskPaddingPass, SliceSequencePass,
     UnsupportedModelError,
@@ -251,14 +253,26 @@ def without_comments(source: str) -> str:
     return "\n".join(line for line in source.splitlines() if not line.lstrip().startswith("#"))
 
 
-def test_debug_dir_dumps_every_graph_before_and_after_every_pass_as_python(tmp_path, monkeypatch):
+FLAT = re.compile(r"\b[Ll]_(?:args|self|kwargs)_|_(?:modules|parameters|buffers)_")  # dynamo's flattened names
+
+
+def assert_readable(text: str):
+    """Module-path names, no line wider than graph_diff.WIDTH."""
+    assert not FLAT.search(text), [line for line in text.splitlines() if FLAT.search(line)][:3]
+    assert "model.layers.0.self_attn.q_proj.weight" in text
+    assert max(len(line) for line in text.splitlines()) <= WIDTH
+
+
+def test_debug_dir_dumps_every_graph_before_and_after_every_pass_readably(tmp_path, monkeypatch):
     monkeypatch.setenv("MASKKV_DEBUG_DIR", str(tmp_path / "dumps"))
     explain("llada", "sdpa")
     files = {p.name: p.read_text() for p in (tmp_path / "dumps").iterdir()}
     assert set(files) == expected_dump_names()
     for name, source in files.items():
-        ast.parse(source, filename=name)
+        assert source.startswith(f"# {name[:-3]}: written by maskkv_compile")
         assert "class GraphModule(torch.nn.Module):" in source and "def forward(self" in source
+        assert_readable(source)
+        assert " = model.layers.0.self_attn.q_proj.weight\n" not in source  # dynamo's rebinding lines dropped
     code = {name: without_comments(source) for name, source in files.items()}  # comments quote the model source
     assert "scaled_dot_product_attention" in code["maskkv.canonical.0.FindAttentionPass.before.py"]
     assert "scaled_dot_product_attention" not in code["maskkv.canonical.0.FindAttentionPass.after.py"]
@@ -298,6 +312,7 @@ def test_graphs_go_to_the_graph_logger_and_to_structured_trace():
     assert len(logged) == len(names)
     for message in logged:  # lazy_format_graph_code's format, which depyf and TORCH_LOGS show
         assert message.startswith("TRACED GRAPH\n ===== maskkv.") and "class GraphModule(torch.nn.Module)" in message
+        assert_readable(message)
     assert any("===== maskkv.prefill.1.CaptureVotesPass.after =====" in m and "torch.ops.maskkv.mask_votes" in m
                for m in logged)
     artifacts = {
@@ -306,7 +321,8 @@ def test_graphs_go_to_the_graph_logger_and_to_structured_trace():
     }
     assert set(artifacts) == names
     assert "torch.ops.maskkv.cached_attention" in artifacts["maskkv.step.1.CachedAttentionPass.after"]
-    ast.parse(artifacts["maskkv.step.1.CachedAttentionPass.after"])
+    for payload in artifacts.values():
+        assert_readable(payload)
 
 
 # -- pass uuids ----------------------------------------------------------------------------------
@@ -363,7 +379,7 @@ def run(*args, timeout=300):
 def test_cli_diff(tmp_path):
     html = tmp_path / "diff.html"
     out = run("-m", "maskkv_compile.cli", "diff", "--model", "tiny-qwen2", "--attn", "eager", "--budget", "8",
-              "--prompt-len", "16", "--gen-length", "8", "--html", str(html))
+              "--prompt-len", "16", "--gen-length", "8", "--html", str(html), "--model-explorer", str(tmp_path / "me.json"))
     assert "MaskKV explain: Qwen2ForCausalLM" in out and "eager+gqa" in out and "2 x 8 = 16" in out
     assert "=== prefill graph: captured -> rewritten ===" in out and "=== step graph: captured -> rewritten ===" in out
     assert "+++ prefill" in out and "+++ step" in out
@@ -371,20 +387,24 @@ def test_cli_diff(tmp_path):
     assert "== layer 1: model.layers.1.self_attn (eager+gqa) ==" in out and "unchanged lines ..." in out
     assert "_modules_" not in out and "_parameters_" not in out
     assert "torch.ops.maskkv.mask_votes" in out and "torch.ops.maskkv.cached_attention" in out
-    assert '<mark class="maskkv">' in html.read_text()
+    page = html.read_text()
+    assert '<mark class="maskkv">' in page and page.count("<svg xmlns") == 3 * 2 + 3  # 3 views per layer, + outside
+    graphs = json.loads((tmp_path / "me.json").read_text())["graphs"]
+    assert [g["id"] for g in graphs] == ["captured", "canonical", "prefill", "step"]
+    assert f"Model Explorer graphs written to {tmp_path / 'me.json'}" in out
 
 
 def test_cli_diff_help():
     out = run("-m", "maskkv_compile.cli", "diff", "--help")
-    for option in ("--model", "tiny-llama", "tiny-qwen2", "--budget", "--html", "--attn"):
+    for option in ("--model", "tiny-llama", "tiny-qwen2", "--budget", "--html", "--attn", "--model-explorer"):
         assert option in out
     assert "diff" in run("-m", "maskkv_compile.cli", "--help")
 
 
 def test_explain_diff_example(tmp_path):
     html = tmp_path / "example.html"
-    out = run("examples/explain_diff.py", "--html", str(html))
+    out = run("examples/explain_diff.py", "--html", str(html), "--model-explorer", str(tmp_path / "me.json"))
     assert "attention sites: 2 rewritten, 0 skipped" in out and "eager+gqa" in out
     assert "inserted ops: maskkv::attention, maskkv::cached_attention" in out
     assert "+++ step" in out and "torch.ops.maskkv.cached_attention" in out
-    assert html.exists()
+    assert html.exists() and json.loads((tmp_path / "me.json").read_text())["label"] == "MaskKV: Qwen2ForCausalLM"
