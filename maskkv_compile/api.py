@@ -12,7 +12,7 @@ import torch
 from maskkv_compile._torch_private import BackendCompilerFailed, dynamo_config, mark_dynamic
 from maskkv_compile.backend import MaskKVBackend
 from maskkv_compile.config import MaskKVConfig, MaskKVConfigError
-from maskkv_compile.distributed import check_model as check_tensor_parallel
+from maskkv_compile.distributed import check_model as check_tensor_parallel, mixed_dtensor_error
 from maskkv_compile.passes import UnsupportedModelError
 from maskkv_compile.masks import padding_from_masks
 from maskkv_compile.profile import model_fingerprint
@@ -82,6 +82,11 @@ class MaskKVModel(torch.nn.Module):
                 out = self._compiled(input_ids=input_ids, **kwargs)
         except BackendCompilerFailed as failure:  # our own error, raised inside the backend
             raise failure.inner_exception from None
+        except RuntimeError as failure:  # dynamo's trace of a sharded model that mixes DTensors and tensors
+            mixed = mixed_dtensor_error(failure)
+            if mixed is None:
+                raise
+            raise mixed from failure
         used = [r for r in self.backend.runtimes if r.counts.prefills + r.counts.steps != calls_before.get(id(r), 0)]
         if len(used) != 1:
             raise RuntimeError("the MaskKV runtime did not run for this call (dynamo fell back); please report this")

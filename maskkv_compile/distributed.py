@@ -188,6 +188,24 @@ def check_local_attention(sites) -> None:
                 "plain tensors: shard q/k/v with ColwiseParallel(use_local_output=True) (the default)")
 
 
+_MIXED = "mixed torch.Tensor and DTensor"
+
+
+def mixed_dtensor_error(error: BaseException) -> Optional[TensorParallelError]:
+    """The error to raise instead of torch's when tracing a sharded model failed on an op mixing
+    DTensors and plain tensors (``None`` for any other failure). A transformers model whose q/k/v
+    projections return DTensors (``ColwiseParallel(use_local_output=False)``) fails this way at
+    its rotary embedding, before any MaskKV pass sees the graph -- and in eager too."""
+    if _MIXED not in str(error):
+        return None
+    first = next((line.strip() for line in str(error).splitlines() if _MIXED in line), "")
+    return TensorParallelError(
+        "tracing the tensor-parallel model failed on an op mixing DTensors and plain tensors (attention over "
+        "DTensors?). MaskKV runs attention on each rank's local heads as plain tensors: shard q/k/v with "
+        "ColwiseParallel(use_local_output=True) (the default) and o with RowwiseParallel(); attention over DTensors "
+        f"(use_local_output=False) and sequence parallelism are not supported. torch said: {first[:400]}")
+
+
 def check_no_sequence_sharding(gm: fx.GraphModule, seq_expr) -> None:
     """Refuse sequence parallelism: a DTensor sharded along a dimension of length S."""
     for node in gm.graph.nodes:

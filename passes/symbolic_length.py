@@ -32,8 +32,9 @@ import torch
 import torch.fx as fx
 
 from maskkv_compile._torch_private import (
-    DimDynamic, FakeTensorMode, ShapeEnv, StatelessSymbolicContext, example_value, sym_expr,
+    DimDynamic, FakeTensorMode, ShapeEnv, StatelessSymbolicContext, example_value, sym_expr, tracing,
 )
+from maskkv_compile.distributed import fake_like, is_dtensor, real_object
 from maskkv_compile.graph_diff import readable_code, readable_name  # messages name nodes by module path
 
 from .base import GraphPass, PassResult, is_call
@@ -189,10 +190,12 @@ def _fake_inputs(gm: fx.GraphModule, mode, tokens: fx.Node, per_token: list[fx.N
             if node is tokens or node in per_token:
                 shape = (value.shape[0], length, *value.shape[2:])
                 args.append(torch.zeros(shape, dtype=value.dtype, device=value.device))
+            elif is_dtensor(value):  # a sharded parameter (tensor parallelism) stays a DTensor
+                args.append(fake_like(value, value.shape))
             elif isinstance(value, torch.Tensor):
                 args.append(torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device))
             else:
-                args.append(value)
+                args.append(real_object(value))  # e.g. the DeviceMesh of a tensor-parallel model
     return args
 
 
@@ -233,7 +236,7 @@ def _propagate(gm: fx.GraphModule, tokens: fx.Node, per_token: list[fx.Node], S:
 
     run = _Run(gm, record)
     try:
-        with mode:
+        with tracing(None), mode:  # DTensor ops find the active fake mode, not the one dynamo traced with
             run.run(*args)
     except Exception as error:  # noqa: BLE001 - any failure means the rewrite is not sound
         raise UnsupportedModelError(
@@ -260,7 +263,7 @@ def _verify(gm, tokens, per_token, symbol, S: int, trial: int, replaced: list[st
     failure = None
     run = _Run(gm, check)
     try:
-        with mode:
+        with tracing(None), mode:
             run.run(*args)
     except Exception as error:  # noqa: BLE001 - a shape clash: some S was not (or wrongly) made symbolic
         failure = run.failure(error)

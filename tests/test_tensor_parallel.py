@@ -8,9 +8,17 @@ optimized model's own loop):
 * under a budget below the prompt, with a layer profile (fractional layer budgets) and heads
   made to prefer the prompt differently (ragged head budgets), the tokens equal the
   single-process MaskKV run and the kept positions of every global KV head are the same;
+* ``torch.compile(sharded, backend="maskkv", options=...)`` (the eager backend option, a
+  static first trace made symbolic by SymbolicLengthPass), driven by the same loop, gives the
+  tokens of ``optimize`` on the same sharded model, through one MaskKV runtime (1 prefill, then
+  steps) -- on the Llama stand-in only (each trace costs ~10 s of CPU per rank);
 * with the whole prompt kept and a prefill every step, the tokens equal the uncached loop of
   the sharded model and of the unsharded one;
-* a head count the mesh does not divide is refused by ``optimize`` with the numbers.
+* refused with an error naming it: a head count the mesh does not divide (with the numbers),
+  sequence parallelism (the usual SequenceParallel plan: sequence-sharded norms and residual
+  stream), attention over DTensors (q/k/v with ``ColwiseParallel(use_local_output=False)``).
+
+Everything runs in one pair of ranks (one spawn: the traces, not the spawn, are the cost).
 
 The ranks are forked from the test process (torch and transformers are already imported
 there: forking saves ~15 s of imports per rank on this machine).
@@ -19,6 +27,7 @@ there: forking saves ~15 s of imports per rank on this machine).
 from __future__ import annotations
 
 import copy
+import datetime
 import socket
 
 import pytest
@@ -35,20 +44,49 @@ from maskkv_compile.models import tiny_dream, tiny_llada  # noqa: E402
 from maskkv_compile.profile import LayerProfile, model_fingerprint  # noqa: E402
 
 WORLD = 2
-PROMPT, GEN, BUDGET = 24, 8, 7
+PROMPT, GEN, BUDGET = 25, 8, 7  # 33 tokens: no dim of the models (a static trace, torch.compile's, would refuse it)
 
 
-def shard(model, mesh):
-    """PyTorch tensor parallelism of a Llama/Qwen2-style decoder: heads and MLP columns split."""
+def shard(model, mesh, local_attention: bool = True):
+    """PyTorch tensor parallelism of a Llama/Qwen2-style decoder: heads and MLP columns split.
+    ``local_attention=False``: q/k/v return DTensors (attention over DTensors, refused)."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     plan = {}
     for i in range(len(model.model.layers)):
         prefix = f"model.layers.{i}."
-        plan.update({prefix + f"self_attn.{n}_proj": ColwiseParallel() for n in "qkv"})
+        plan.update({prefix + f"self_attn.{n}_proj": ColwiseParallel(use_local_output=local_attention) for n in "qkv"})
         plan[prefix + "self_attn.o_proj"] = RowwiseParallel()
         plan.update({prefix + f"mlp.{n}_proj": ColwiseParallel() for n in ("gate", "up")})
         plan[prefix + "mlp.down_proj"] = RowwiseParallel()
+    return parallelize_module(model, mesh, plan)
+
+
+def shard_sequence(model, mesh):
+    """Sequence parallelism on top of the head split (torch's recipe for Llama-style models):
+    the embedding output, norms and residual stream sharded along the sequence (Shard(1)),
+    gathered before attention and the MLP, reduce-scattered after o/down, gathered for the head."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
+
+    gather = dict(desired_input_layouts=(Replicate(),), use_local_output=True)
+    plan = {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1),
+                                                  use_local_output=False),
+            "model.norm": SequenceParallel(),
+            "lm_head": PrepareModuleInput(input_layouts=(Shard(1),), **gather)}
+    for i in range(len(model.model.layers)):
+        prefix = f"model.layers.{i}."
+        plan[prefix + "input_layernorm"] = SequenceParallel()
+        plan[prefix + "post_attention_layernorm"] = SequenceParallel()
+        plan[prefix + "self_attn"] = PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
+                                                        desired_input_kwarg_layouts={"hidden_states": Replicate()},
+                                                        use_local_output=True)
+        plan[prefix + "mlp"] = PrepareModuleInput(input_layouts=(Shard(1),), **gather)
+        plan.update({prefix + f"self_attn.{n}_proj": ColwiseParallel() for n in "qkv"})
+        plan[prefix + "self_attn.o_proj"] = RowwiseParallel(output_layouts=Shard(1), use_local_output=False)
+        plan.update({prefix + f"mlp.{n}_proj": ColwiseParallel() for n in ("gate", "up")})
+        plan[prefix + "mlp.down_proj"] = RowwiseParallel(output_layouts=Shard(1), use_local_output=False)
     return parallelize_module(model, mesh, plan)
 
 
@@ -77,7 +115,7 @@ def global_kept(cache) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(list(lens), 1), torch.cat(list(poss), 1)
 
 
-def check_family(build, rank, mesh):
+def check_family(build, rank, mesh, compile_path=False):
     base = sharpen_first_head(build(layers=3, dtype=torch.float64))
     single = copy.deepcopy(base)
     sharded = shard(base, mesh)
@@ -109,6 +147,12 @@ def check_family(build, rank, mesh):
         assert ragged  # the head allocation really depended on every head's preference
         assert int(sum(lens.sum() for lens, _ in kept)) < 3 * PROMPT * single.config.num_key_value_heads
 
+    if compile_path:  # torch.compile's spelling, same loop, same sharded model: optimize's tokens, MaskKV every call
+        compiled = torch.compile(sharded, backend="maskkv", options=dict(
+            budget=BUDGET, backend="eager", policy="maskkv", profile=profile, mask_token_id=mask))
+        assert torch.equal(generate(compiled, prompt, mask_token_id=mask, **loop), tokens)
+        assert [(r.counts.prefills, r.counts.steps) for r in maskkv_compile.runtimes(compiled)] == [(1, GEN - 1)]
+
     # whole prompt, a prefill every step: the uncached loop of either model
     exact = maskkv_compile.optimize(sharded, budget=64, backend="eager", prompt_refresh=1)
     tokens = exact.generate(prompt, **loop)
@@ -132,17 +176,28 @@ def check_refusals(mesh):
     uneven = shard(tiny_dream(layers=1, hidden=96, heads=6, kv_heads=3, dtype=torch.float64), mesh)
     with pytest.raises(TensorParallelError, match="3 KV heads.*size 2 does not divide"):
         maskkv_compile.optimize(uneven, budget=4, backend="eager")
+    prompt = torch.randint(0, 255, (1, PROMPT), generator=torch.Generator().manual_seed(2))
+    # sequence parallelism: the model runs (eagerly) with its residual stream split along the sequence
+    sequence = shard_sequence(tiny_llada(layers=1, dtype=torch.float64), mesh)
+    assert sequence(prompt).logits.shape == (1, PROMPT, 256)
+    with pytest.raises(TensorParallelError, match=r"sharded along the sequence \(placement S\(1\)\): sequence parallelism"):
+        maskkv_compile.optimize(sequence, budget=4, backend="eager")(prompt)
+    # q/k/v as DTensors: the rotary embedding mixes them with plain tensors, under dynamo as in eager
+    dtensors = shard(tiny_llada(layers=1, dtype=torch.float64), mesh, local_attention=False)
+    with pytest.raises(TensorParallelError, match=r"attention over DTensors \(use_local_output=False\)"):
+        maskkv_compile.optimize(dtensors, budget=4, backend="eager")(prompt)
 
 
 def worker(rank: int, port: int):
     from torch.distributed.device_mesh import init_device_mesh
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(minutes=5))  # a rank left behind fails instead of hanging
     try:
         torch._dynamo.reset()
         mesh = init_device_mesh("cpu", (WORLD,))
         check_gather_heads(rank)
-        check_family(tiny_llada, rank, mesh)
+        check_family(tiny_llada, rank, mesh, compile_path=True)
         check_family(tiny_dream, rank, mesh)
         check_refusals(mesh)
     finally:
