@@ -92,6 +92,17 @@ def test_cli_demo(model):
         assert sum(a == b for a, b in zip(fills["MaskKV"], fills["uncached"])) == agree  # the table says what it filled
 
 
+def test_revote_example():
+    out = run("examples/revote.py")
+    hits = {name: (int(a), int(b)) for name, a, b in re.findall(r"^(.+?) +exact match (\d+)/(\d+)", out, re.M)}
+    assert set(hits) == {"uncached", "MaskKV, one-shot votes", "MaskKV, revote=1"}, out
+    assert hits["MaskKV, revote=1"] == hits["uncached"]  # re-selection recovers the uncached model's retrieval
+    assert hits["MaskKV, revote=1"][0] >= hits["MaskKV, one-shot votes"][0]
+    steps = dict(re.findall(r"^(MaskKV.+?) +exact.*\((\d+ steps, \d+) of them re-votes\)", out, re.M))
+    one_shot, revoting = (steps[name].split(" steps, ") for name in ("MaskKV, one-shot votes", "MaskKV, revote=1"))
+    assert one_shot[1] == "0" and int(revoting[1]) == int(revoting[0]) > 0  # every step re-voted, none without
+
+
 def test_cli_bench():
     out = run("-m", "maskkv_compile.cli", "bench", "--quick")
     rows = {re.split(r"\s{2,}", line.strip())[1]: line for line in out.splitlines() if line.strip().startswith("48 ")}
