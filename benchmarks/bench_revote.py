@@ -10,9 +10,10 @@ interval k how many times cheaper its step is than ``prompt_refresh=k`` (when bo
 With ``--gen-length`` = 1 + a multiple of every interval, each interval fires exactly
 (step calls / k) times, so the mean is the cost averaged over a whole generation.
 
-    python benchmarks/bench_revote.py --model tiny-dllm --gen-length 33 --revote 1 4 8 --refresh 1 4 8
-    python benchmarks/bench_revote.py --model tiny-dllm --haystack 1000 --budget 50 --gen-length 17
-    python benchmarks/bench_revote.py --model llama --prompt-len 2048 --layers 4 --hidden 256 --budget 102 205
+    python benchmarks/bench_revote.py --model tiny-dllm --budget 13 --revote 1 4 8 --refresh 1 4 8
+    python benchmarks/bench_revote.py --model tiny-dllm --haystack 1000 --budget 50 --revote 1 4 8 --refresh 1 4 8
+    python benchmarks/bench_revote.py --model llama --prompt-len 2048 --layers 4 --hidden 256 --budget 102 \
+        --revote 1 4 8 --refresh 1 4 8 --repeats 3
 """
 
 import argparse
@@ -32,7 +33,7 @@ parser.add_argument("--haystack", type=int, default=None,
                          "sample; the model has 1024 positions)")
 parser.add_argument("--layers", type=int, default=4)
 parser.add_argument("--hidden", type=int, default=256)
-parser.add_argument("--gen-length", type=int, default=16)
+parser.add_argument("--gen-length", type=int, default=17, help="a prefill, then gen-length - 1 step calls")
 parser.add_argument("--budget", type=int, nargs="+", default=[13, 26])
 parser.add_argument("--policy", default="maskkv")
 parser.add_argument("--revote", type=int, nargs="+", default=[1, 4])
@@ -44,7 +45,6 @@ torch.manual_seed(0)
 
 if args.model == "tiny-dllm":
     from maskkv_compile.evaluation.models import load_bundle
-
     from maskkv_compile.evaluation.needles import needle_task
 
     bundle = load_bundle("tiny-dllm", 1, ["single"])
