@@ -5,10 +5,15 @@ each committing the leftmost mask with a fixed token, so every configuration doe
 work) ``--repeats`` times, round-robin over the configurations so that load on a shared CPU
 drifts over all of them alike. Printed side by side from one run: median prefill ms, mean
 step ms over the generation's step calls (re-vote steps included), tokens/s over the whole
-generation, and the step cost relative to one-shot MaskKV at the same budget.
+generation, the step cost relative to one-shot MaskKV at the same budget, and for each re-vote
+interval k how many times cheaper its step is than ``prompt_refresh=k`` (when both ran).
+With ``--gen-length`` = 1 + a multiple of every interval, each interval fires exactly
+(step calls / k) times, so the mean is the cost averaged over a whole generation.
 
-    python benchmarks/bench_revote.py --model tiny-dllm --gen-length 16 --revote 1 4 --refresh 1 4
-    python benchmarks/bench_revote.py --model llama --prompt-len 2048 --layers 4 --hidden 256
+    python benchmarks/bench_revote.py --model tiny-dllm --budget 13 --revote 1 4 8 --refresh 1 4 8
+    python benchmarks/bench_revote.py --model tiny-dllm --haystack 1000 --budget 50 --revote 1 4 8 --refresh 1 4 8
+    python benchmarks/bench_revote.py --model llama --prompt-len 2048 --layers 4 --hidden 256 --budget 102 \
+        --revote 1 4 8 --refresh 1 4 8 --repeats 3
 """
 
 import argparse
@@ -22,10 +27,13 @@ from maskkv_compile.cli import _tabulate
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", choices=["tiny-dllm", "llama"], default="tiny-dllm")
-parser.add_argument("--prompt-len", type=int, default=256, help="llama only (tiny-dllm: a 256-token needle haystack)")
+parser.add_argument("--prompt-len", type=int, default=256, help="llama only")
+parser.add_argument("--haystack", type=int, default=None,
+                    help="tiny-dllm only: a one-needle haystack of this many tokens (default: the suite's 256-token "
+                         "sample; the model has 1024 positions)")
 parser.add_argument("--layers", type=int, default=4)
 parser.add_argument("--hidden", type=int, default=256)
-parser.add_argument("--gen-length", type=int, default=16)
+parser.add_argument("--gen-length", type=int, default=17, help="a prefill, then gen-length - 1 step calls")
 parser.add_argument("--budget", type=int, nargs="+", default=[13, 26])
 parser.add_argument("--policy", default="maskkv")
 parser.add_argument("--revote", type=int, nargs="+", default=[1, 4])
@@ -37,10 +45,15 @@ torch.manual_seed(0)
 
 if args.model == "tiny-dllm":
     from maskkv_compile.evaluation.models import load_bundle
+    from maskkv_compile.evaluation.needles import needle_task
 
     bundle = load_bundle("tiny-dllm", 1, ["single"])
     model, mask_id, sample = bundle.model, bundle.mask_id, bundle.samples[0]
-    prompt = torch.tensor([sample.ids[: sample.start]])
+    if args.haystack is None:
+        prompt = torch.tensor([sample.ids[: sample.start]])
+    else:  # the same task on a longer haystack: BOS haystack SEP QUERY key, then the masked value
+        task = needle_task(torch.Generator().manual_seed(0), args.haystack, needles=1)
+        prompt = torch.tensor([task.ids[: task.answers[0][0]]])
     profile = maskkv_compile.calibrate(model, bundle.calibration, gen_length=bundle.calibration_gen_length,
                                        mask_token_id=mask_id, progress=False)
 else:
@@ -103,10 +116,14 @@ for name in nets:
     total = statistics.median(prefill[name]) + step_ms / 1e3 * (args.gen_length - 1)
     stats = counts.get(name, {})
     tier = (stats.get("second_tier") or {}).get("bytes", 0)
+    refresh = name.replace(" revote ", " refresh ")
+    cheaper = (statistics.median(steps[refresh]) / statistics.median(steps[name])
+               if " revote " in name and refresh in steps else None)
     rows.append([name, f"{1e3 * statistics.median(prefill[name]):.1f}", f"{step_ms:.2f}",
-                 "" if rel is None else f"{rel:.2f}x", f"{args.gen_length / total:.1f}",
+                 "" if rel is None else f"{rel:.2f}x", "" if cheaper is None else f"{cheaper:.2f}x",
+                 f"{args.gen_length / total:.1f}",
                  stats.get("revotes", ""), stats.get("bytes", ""), tier or ""])
 print(f"{args.model}: prompt {prompt.shape[1]}, {args.gen_length} tokens in {args.gen_length} calls, policy "
       f"{args.policy}, backend {args.backend}, median of {args.repeats} round-robin repeats")
 print(_tabulate(rows, ["configuration", "prefill ms", "step ms (mean over the generation)", "step vs one-shot",
-                       "tokens/s", "re-votes (last generation)", "hot cache bytes", "second tier bytes"]))
+                       "refresh k / revote k", "tokens/s", "re-votes (last generation)", "hot cache bytes", "second tier bytes"]))

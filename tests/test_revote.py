@@ -334,23 +334,36 @@ def test_block_revote_at_every_block_refresh():
 
 @pytest.mark.inductor
 def test_inductor_revote_matches_eager():
+    """The unmodified loop on both backends, two prompts of different lengths: the compiled model
+    commits the same tokens, keeps the same entries after every call and gives the same logits as
+    eager; the re-vote graph really ran under Inductor (and re-selected something), and neither
+    it nor the step graph was compiled again for the second prompt length."""
     model = build("dream")
     mask = model.config.mask_token_id
-    _, x = prompt_and_masks(model, 20, 4)
-    results = []
-    for backend in ("eager", "inductor"):
-        net = maskkv_compile.optimize(model, budget=4, backend=backend, revote=1, family="dream")
-        y, logits = x.clone(), []
-        for _ in range(3):
-            out = net(y).logits
-            logits.append(out)
-            greedy_commit(y, out, mask)
-        results.append((logits, [kept_positions(c) for c in net.runtime.last_session.layers], net.cache_stats()))
-    (eager, eager_kept, _), (compiled, compiled_kept, stats) = results
-    assert stats["revotes"] == 2
-    assert eager_kept == compiled_kept
-    for a, b in zip(eager, compiled):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    nets = {backend: maskkv_compile.optimize(model, budget=4, backend=backend, revote=2, family="dream")
+            for backend in ("eager", "inductor")}
+    for prompt_len, seed in ((20, 1), (33, 5)):
+        _, x = prompt_and_masks(model, prompt_len, 5, seed=seed)
+        runs = {}
+        for backend, net in nets.items():
+            y, logits, kept = x.clone(), [], []
+            for _ in range(5):  # a prefill, then 4 steps: steps 2 and 4 re-vote
+                out = net(y).logits
+                logits.append(out)
+                kept.append([kept_positions(c) for c in net.runtime.last_session.layers])
+                greedy_commit(y, out, mask)
+            runs[backend] = (y, logits, kept)
+        (eager_y, eager_logits, eager_kept), (ours_y, ours_logits, ours_kept) = runs["eager"], runs["inductor"]
+        assert torch.equal(ours_y, eager_y), "the compiled loop committed other tokens"
+        assert ours_kept == eager_kept
+        assert ours_kept[2] != ours_kept[0], "the re-vote changed no kept set: the test could not see it"
+        for a, b in zip(ours_logits, eager_logits):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    for backend, net in nets.items():
+        stats = net.cache_stats()
+        assert stats["revotes"] == 4 and stats["steps"] == 8 and stats["prefills"] == 2, (backend, stats)
+    runtime = nets["inductor"].runtime
+    assert runtime._revote.compiles == 1 and runtime._step.compiles == 1, "Inductor recompiled for a new prompt length"
 
 
 class _nothing:
