@@ -62,3 +62,4 @@ def resolve_process_group(group_name: str):
     from torch.distributed.distributed_c10d import _resolve_process_group
 
     return _resolve_process_group(group_name)
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass  # noqa: E402,F401  (DTensor parameters)

@@ -29,7 +29,8 @@ import torch
 import torch.fx as fx
 
 from maskkv_compile._torch_private import (
-    DimDynamic, FakeTensorMode, ShapeEnv, StatelessSymbolicContext, TracingContext, compile_fx, tracing,
+    DimDynamic, FakeTensorMode, ShapeEnv, StatelessSymbolicContext, TracingContext, compile_fx,
+    is_traceable_wrapper_subclass, tracing,
 )
 
 log = logging.getLogger("maskkv_compile.inductor")
@@ -104,7 +105,9 @@ class InductorGraph:
         fakes: list = [None] * len(args)
         by_name = dict(zip(self.names, range(len(args))))
         for i, (name, arg) in enumerate(zip(self.names, args)):
-            if isinstance(arg, torch.Tensor):
+            if is_traceable_wrapper_subclass(arg):  # a DTensor parameter (tensor parallelism): static sizes
+                fakes[i] = mode.from_tensor(arg, static_shapes=True)
+            elif isinstance(arg, torch.Tensor):
                 dims = self.dynamic.get(name, ())
                 dims = dims if isinstance(dims, (list, tuple)) else ()
                 context = StatelessSymbolicContext(
