@@ -81,9 +81,11 @@ def build_graphs(gm: fx.GraphModule, config: MaskKVConfig, *, strict: bool = Tru
     distributed.check_local_attention(attention_sites(canonical))
     prefill = copy_graph_module(canonical)
     keep_prompt = [KeepPromptKVPass(config)] if config.revote is not None else []
+    # a tensor-parallel model (its graph runs collectives): every rank's budgets from every head
+    shard_budgets = [ShardBudgetsPass(config)] if distributed.collective_signature(gm) else []
     prefill_passes = PassManager(
         "prefill",
-        [MaskPaddingPass(config), CaptureVotesPass(config), EvictKVPass(config), ShardBudgetsPass(config), *keep_prompt,
+        [MaskPaddingPass(config), CaptureVotesPass(config), EvictKVPass(config), *shard_budgets, *keep_prompt,
          MaskOnlyHeadPass(config, info)],
     )
     prefill_passes(prefill)
