@@ -35,12 +35,14 @@ def test_dream_padded_batch_example():
     assert "CFG in one batch: {'new': 1, 'step': 5} | unconditional row's prompt: 12 masks" in out
 
 
-def test_tensor_parallel_example():
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.inductor)])
+def test_tensor_parallel_example(backend):
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available in this torch build")
-    out = run("-m", "torch.distributed.run", "--nproc-per-node", "2", "examples/tensor_parallel.py")
+    out = run("-m", "torch.distributed.run", "--nproc-per-node", "2", "examples/tensor_parallel.py", "--backend", backend,
+              timeout=600)
     assert "rank 1 kept per layer and local KV head: [[8, 8], [8, 8]]" in out  # 2 of the 4 KV heads per rank
     assert "same tokens on every rank: True" in out
     assert "calls: 1 prefill, 15 steps" in out

@@ -216,34 +216,6 @@ def test_two_ranks_match_one_process():
     mp.start_processes(worker, args=(free_port(),), nprocs=WORLD, start_method="fork", join=True)
 
 
-def inductor_worker(rank: int, port: int):
-    """optimize's default backend on the sharded model: Inductor's tokens equal the eager backend's."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(minutes=5))
-    try:
-        torch._dynamo.reset()
-        sharded = shard(sharpen_first_head(tiny_llada(layers=2)), init_device_mesh("cpu", (WORLD,)))
-        prompt = torch.randint(0, sharded.config.mask_token_id, (1, PROMPT), generator=torch.Generator().manual_seed(3))
-        loop = dict(gen_length=GEN, steps=GEN, block_length=GEN)
-        eager = maskkv_compile.optimize(sharded, budget=BUDGET, backend="eager").generate(prompt, **loop)
-        compiled = maskkv_compile.optimize(sharded, budget=BUDGET)  # backend="inductor", the default
-        assert torch.equal(compiled.generate(prompt, **loop), eager)
-        runtime = compiled.runtime
-        assert (runtime.counts.prefills, runtime.counts.steps) == (1, GEN - 1)
-        assert runtime._prefill.compiles == 1 and runtime._step.compiles == 1  # both graphs ran compiled
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.inductor
-def test_two_ranks_inductor_matches_eager():
-    import torch.multiprocessing as mp
-
-    mp.start_processes(inductor_worker, args=(free_port(),), nprocs=WORLD, start_method="fork", join=True)
-
-
 def test_gather_heads_opcheck_single_rank():
     from torch.library import opcheck
 
