@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from .mask_votes import mask_votes_chunked
+from .select_kv import gather_kept, kept_columns
 
 
 def revote_votes(q, k, prompt_k, prompt_valid, resp_valid, voter_idx, voter_valid, scale, chunk=64):
@@ -41,23 +42,6 @@ def revote_votes(q, k, prompt_k, prompt_valid, resp_valid, voter_idx, voter_vali
     columns = torch.arange(num_prompt, device=q.device)
     votes, _ = mask_votes_chunked(q, keys, voter_idx, columns, scale, chunk, key_valid, voter_valid, prompt_valid)
     return votes
-
-
-def _select(prompt_k, prompt_v, scores, prompt_pos, budgets, kmax):
-    """Top-``budgets`` of ``scores`` per (row, head), in position order, padded to ``kmax``."""
-    num_prompt = scores.shape[-1]
-    ranked = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :kmax]  # (B, Hkv, <=Kmax)
-    if ranked.shape[-1] < kmax:  # a prompt shorter than the padded length: pad the ranking
-        ranked = torch.cat([ranked, ranked.new_zeros((*ranked.shape[:-1], kmax - ranked.shape[-1]))], dim=-1)
-    valid = torch.arange(kmax, device=scores.device) < budgets[..., None]  # (B, Hkv, Kmax)
-    local = torch.sort(torch.where(valid, ranked, num_prompt), dim=-1).values  # padding sorts last
-    at = local.clamp(max=max(num_prompt - 1, 0))
-    gather_at = at[..., None]
-    keep = valid[..., None]
-    kept_k = torch.where(keep, prompt_k.gather(2, gather_at.expand(-1, -1, -1, prompt_k.shape[-1])), 0)
-    kept_v = torch.where(keep, prompt_v.gather(2, gather_at.expand(-1, -1, -1, prompt_v.shape[-1])), 0)
-    pos = torch.where(valid, prompt_pos[at], -1)
-    return kept_k, kept_v, pos
 
 
 @torch.library.custom_op("maskkv::prompt_kv", mutates_args=())
@@ -95,8 +79,9 @@ def revote_kv(
     scores = torch.ops.maskkv.selection_scores(votes, prompt_valid, policy, kernel, sink, seed)
     eligible = torch.isfinite(scores).sum(-1)  # (B, Hkv)
     budgets = torch.minimum(kept_len.to(torch.long), eligible)
-    new_k, new_v, pos = _select(prompt_k, prompt_v, scores, prompt_pos, budgets, kept_k.shape[2])
-    return new_k, new_v, budgets, pos
+    columns, valid = kept_columns(scores, budgets, kept_k.shape[2])  # (B, Hkv, Kmax) each
+    new_k, new_v = gather_kept(prompt_k, prompt_v, columns, valid)
+    return new_k, new_v, budgets, torch.where(valid, prompt_pos[columns], -1)
 
 
 @revote_kv.register_fake

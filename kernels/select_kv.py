@@ -52,6 +52,29 @@ def select_kv_reference(votes: torch.Tensor, budgets: torch.Tensor) -> list[list
     return out
 
 
+def kept_columns(scores: torch.Tensor, kept_len: torch.Tensor, kmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each (row, head)'s top-``kept_len`` columns of ``scores`` (B, Hkv, P), ties to the earlier
+    column, in column order and padded to ``kmax``: (columns (B, Hkv, Kmax), clamped into range
+    in the padding, and valid (B, Hkv, Kmax), False in the padding)."""
+    num = scores.shape[-1]
+    ranked = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :kmax]  # (B, Hkv, <=Kmax)
+    if ranked.shape[-1] < kmax:  # fewer columns than the padded length
+        ranked = torch.cat([ranked, ranked.new_zeros((*ranked.shape[:-1], kmax - ranked.shape[-1]))], dim=-1)
+    valid = torch.arange(kmax, device=scores.device) < kept_len[..., None]  # (B, Hkv, Kmax)
+    # padding slots sort after every real column; the real ones come out in column order
+    columns = torch.sort(torch.where(valid, ranked, num), dim=-1).values
+    return columns.clamp(max=max(num - 1, 0)), valid
+
+
+def gather_kept(k: torch.Tensor, v: torch.Tensor, at: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v (B, Hkv, S, D) at rows ``at`` (B, Hkv, Kmax); zeros where ``valid`` is False."""
+    index = at[..., None]  # (B, Hkv, Kmax, 1)
+    keep = valid[..., None]
+    kept_k = torch.where(keep, k.gather(2, index.expand(-1, -1, -1, k.shape[-1])), 0)
+    kept_v = torch.where(keep, v.gather(2, index.expand(-1, -1, -1, v.shape[-1])), 0)
+    return kept_k, kept_v
+
+
 @torch.library.custom_op("maskkv::select_kv", mutates_args=())
 def select_kv(
     k: torch.Tensor,
@@ -60,20 +83,13 @@ def select_kv(
     prompt_idx: torch.Tensor,
     budgets: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    batch, kv_heads, num_prompt = votes.shape
     eligible = torch.isfinite(votes).sum(-1)  # (B, Hkv): -inf marks what a row may not keep
     kept_len = torch.minimum(budgets.to(torch.long).clamp(min=0), eligible)  # (B, Hkv)
     kmax = int(kept_len.max()) if kept_len.numel() else 0
-    ranked = torch.sort(votes, dim=-1, descending=True, stable=True).indices[..., :kmax]  # (B, Hkv, Kmax)
-    valid = torch.arange(kmax, device=votes.device) < kept_len[..., None]  # (B, Hkv, Kmax)
-    # padding slots sort after every real index; the real ones come out in position order
-    local = torch.sort(torch.where(valid, ranked, num_prompt), dim=-1).values
-    pos = torch.where(valid, prompt_idx[local.clamp(max=max(num_prompt - 1, 0))], -1)
-    gather_at = pos.clamp(min=0)[..., None]  # (B, Hkv, Kmax, 1)
-    keep = valid[..., None]
-    kept_k = torch.where(keep, k.gather(2, gather_at.expand(-1, -1, -1, k.shape[-1])), 0)
-    kept_v = torch.where(keep, v.gather(2, gather_at.expand(-1, -1, -1, v.shape[-1])), 0)
-    return kept_k, kept_v, kept_len, pos
+    columns, valid = kept_columns(votes, kept_len, kmax)  # (B, Hkv, Kmax) each
+    at = prompt_idx[columns]  # absolute positions
+    kept_k, kept_v = gather_kept(k, v, at, valid)
+    return kept_k, kept_v, kept_len, torch.where(valid, at, -1)
 
 
 @select_kv.register_fake

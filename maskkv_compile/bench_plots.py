@@ -37,7 +37,7 @@ def load_results(paths: list[str]) -> list[dict]:
 
 
 def _by_setup(rows: list[dict]) -> dict[str, dict[str, list[dict]]]:
-    """{setup: {run name: rows sorted by prompt}}; rows without a speed-up are left out."""
+    """{setup: {run name: rows sorted by prompt}}."""
     grouped: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         grouped[row.get("setup", "")][row["run"]].append(row)

@@ -41,6 +41,7 @@ import torch
 
 from maskkv_compile.layout import Layout
 from maskkv_compile.passes import PROMPT_KV_OUTPUTS_PER_LAYER, REVOTE_OUTPUTS_PER_LAYER
+from maskkv_compile.passes.base import split_layer_outputs
 from maskkv_compile.policies import voter_positions
 
 
@@ -80,11 +81,9 @@ def voters(layout: Layout, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def take_tier(outputs: tuple, layout: Layout, n_layers: int, shift: int) -> tuple[tuple, SecondTier]:
     """Split the prefill's outputs: (the others, the session's second tier)."""
-    split = len(outputs) - PROMPT_KV_OUTPUTS_PER_LAYER * n_layers
-    flat = outputs[split:]
-    pairs = [tuple(flat[i : i + PROMPT_KV_OUTPUTS_PER_LAYER]) for i in range(0, len(flat), PROMPT_KV_OUTPUTS_PER_LAYER)]
+    outputs, pairs = split_layer_outputs(outputs, PROMPT_KV_OUTPUTS_PER_LAYER, n_layers)
     idx, valid = voters(layout, shift)
-    return outputs[:split], SecondTier(pairs, layout.prompt_idx, layout.prompt_valid, idx, valid)
+    return outputs, SecondTier(pairs, layout.prompt_idx, layout.prompt_valid, idx, valid)
 
 
 def due(config, session, transition: str) -> bool:
@@ -116,14 +115,12 @@ def dynamic_dims(n_layers: int) -> dict:
 
 def take_selection(outputs: tuple, session, n_layers: int) -> tuple:
     """Strip the re-vote graph's new selections from its outputs into ``session.layers``."""
-    split = len(outputs) - REVOTE_OUTPUTS_PER_LAYER * n_layers
-    flat = outputs[split:]
-    for layer in range(n_layers):
-        k, v, length, pos = flat[layer * REVOTE_OUTPUTS_PER_LAYER : (layer + 1) * REVOTE_OUTPUTS_PER_LAYER]
+    outputs, selections = split_layer_outputs(outputs, REVOTE_OUTPUTS_PER_LAYER, n_layers)
+    for layer, (k, v, length, pos) in enumerate(selections):
         session.layers[layer] = dataclasses.replace(session.layers[layer], kept_k=k, kept_v=v, kept_len=length,
                                                     kept_pos=pos)
     session.tier.revotes += 1
-    return outputs[:split]
+    return outputs
 
 
 def stats(tier: Optional[SecondTier]) -> Optional[dict]:

@@ -79,6 +79,7 @@ from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.inductor import SEQ, InductorGraph
 from maskkv_compile.layout import Layout, NoMaskTokenError, infer_layout
 from maskkv_compile.passes import PREFILL_OUTPUTS_PER_LAYER, RESPONSE_KV_OUTPUTS_PER_LAYER
+from maskkv_compile.passes.base import split_layer_outputs
 from maskkv_compile.pipeline import MaskKVGraphs, build_graphs
 from maskkv_compile.policies import format_budget_table
 
@@ -130,8 +131,7 @@ class Session:
     logits_buffer: Optional[torch.Tensor] = None  # (B, S, V) with config.reuse_logits
     block: Optional[blocks.BlockCache] = None  # the dual cache of the current block (block_length)
     block_note: Optional[str] = None  # why the dual cache does not apply to this session
-    block_length: Optional[int] = None  # the dual cache's blocks (config.block_length), if they apply:
-    block_positions: Optional[torch.Tensor] = None  # (B, R) each row's response positions, in order
+    block_positions: Optional[torch.Tensor] = None  # (B, R) each row's response positions (block_length)
     tier: Optional[revote.SecondTier] = None  # with config.revote: the full prompt K/V (revote.py)
 
     @property
@@ -144,7 +144,7 @@ class Session:
         return self.layout.rows
 
     def evidence(self, ids: torch.Tensor, per_token: list[torch.Tensor], key_valid: torch.Tensor,
-                 mask_token_id: int) -> Optional[torch.Tensor]:
+                 mask_token_id: int, block_length: Optional[int]) -> Optional[torch.Tensor]:
         """Whether the call continues this session, as a (3,) int64 tensor on the call's device:
         [continues, restarted, current block or -1], or None when host facts already rule it out
         (no prompt in some row, another shape or device). Computed without reading the device,
@@ -167,7 +167,7 @@ class Session:
         if self.block_positions is None:
             block = torch.full((), -1, dtype=torch.long, device=ids.device)
         else:
-            block = blocks.current_block(ids, self.block_positions, mask_token_id, self.block_length)
+            block = blocks.current_block(ids, self.block_positions, mask_token_id, block_length)
         return torch.stack([(~differs).long(), restarted.long(), block])
 
 
@@ -224,7 +224,7 @@ class MaskKVRuntime:
         "step"; the block (``blocks.current_block``) is None without the dual cache or when no
         mask is left. Every live session's evidence is read from the device at once."""
         candidates = [(s, e) for s in self.sessions
-                      if (e := s.evidence(ids, per_token, key_valid, self.mask_token_id)) is not None]
+                      if (e := s.evidence(ids, per_token, key_valid, self.mask_token_id, self.config.block_length)) is not None]
         session = block = None
         if candidates:
             facts = torch.stack([e for _, e in candidates]).tolist()  # the call's one device read
@@ -244,7 +244,6 @@ class MaskKVRuntime:
         fresh = Session(layout, ids, [x.clone() for x in per_token])
         if self.config.block_length is not None:
             fresh.block_positions, fresh.block_note = blocks.response_positions(layout, self.config.block_length)
-            fresh.block_length = self.config.block_length
         if layout.has_prompt:
             self.sessions.insert(0, fresh)
             del self.sessions[self.config.max_sessions :]
@@ -283,11 +282,8 @@ class MaskKVRuntime:
         outputs = self._prefill(*args, *(extra[name] for name in self.graphs.prefill_inputs))
         if self.graphs.revote is not None:  # the second tier comes last
             outputs, session.tier = revote.take_tier(outputs, session.layout, len(self.graphs.sites), self.config.logits_shift)
-        split = len(outputs) - PREFILL_OUTPUTS_PER_LAYER * len(self.graphs.sites)  # original outputs, then caches
-        base, caches = outputs[:split], outputs[split:]
-        session.layers = [
-            LayerCache(*caches[i : i + PREFILL_OUTPUTS_PER_LAYER]) for i in range(0, len(caches), PREFILL_OUTPUTS_PER_LAYER)
-        ]
+        base, caches = split_layer_outputs(outputs, PREFILL_OUTPUTS_PER_LAYER, len(self.graphs.sites))
+        session.layers = [LayerCache(*cache) for cache in caches]
         session.steps_since_prefill = 0
         session.block = None  # the next step is a block refresh
         self.counts.prefills += 1
@@ -318,11 +314,9 @@ class MaskKVRuntime:
         else:
             outputs = self._step(*args, *(extra[name] for name in self.graphs.step_inputs))
         if self.config.block_length is not None:  # the step graph also returns each layer's response K/V
-            split = len(outputs) - RESPONSE_KV_OUTPUTS_PER_LAYER * len(self.graphs.sites)
-            outputs, kv = outputs[:split], outputs[split:]
+            outputs, pairs = split_layer_outputs(outputs, RESPONSE_KV_OUTPUTS_PER_LAYER, len(self.graphs.sites))
             if block_at is not None:  # a block refresh: build the block's merged caches
                 index, positions = block_at
-                pairs = [tuple(kv[i : i + RESPONSE_KV_OUTPUTS_PER_LAYER]) for i in range(0, len(kv), RESPONSE_KV_OUTPUTS_PER_LAYER)]
                 session.block = blocks.build_block_cache(index, self.config.block_length, session.layout, positions,
                                                          self.config.logits_shift, session.layers, pairs)
         session.steps_since_prefill += 1

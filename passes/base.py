@@ -197,3 +197,11 @@ def placeholder(gm: fx.GraphModule, name: str) -> fx.Node:
 def extra_inputs(gm: fx.GraphModule, original: int) -> list[str]:
     """Names of the placeholders the passes added after the ``original`` captured ones."""
     return [n.target for n in gm.graph.nodes if n.op == "placeholder"][original:]
+
+
+def split_layer_outputs(outputs, per_layer: int, n_layers: int) -> tuple[tuple, list[tuple]]:
+    """A graph's outputs -> (the ones before, one tuple of ``per_layer`` per layer): the passes
+    that add per-layer outputs append them after the others, layer by layer."""
+    split = len(outputs) - per_layer * n_layers
+    rest = tuple(outputs[split:])
+    return tuple(outputs[:split]), [rest[i : i + per_layer] for i in range(0, len(rest), per_layer)]
