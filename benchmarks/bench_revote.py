@@ -14,6 +14,8 @@ With ``--gen-length`` = 1 + a multiple of every interval, each interval fires ex
     python benchmarks/bench_revote.py --model tiny-dllm --haystack 1000 --budget 50 --revote 1 4 8 --refresh 1 4 8
     python benchmarks/bench_revote.py --model llama --prompt-len 2048 --layers 4 --hidden 256 --budget 102 \
         --revote 1 4 8 --refresh 1 4 8 --repeats 3
+    python benchmarks/bench_revote.py --model llada-shape --prompt-len 2048 --layers 1 --hidden 4096 --budget 102 \
+        --revote 1 4 --refresh 4 --repeats 1 --no-baselines
 """
 
 import argparse
@@ -26,8 +28,9 @@ import maskkv_compile
 from maskkv_compile.cli import _tabulate
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--model", choices=["tiny-dllm", "llama"], default="tiny-dllm")
-parser.add_argument("--prompt-len", type=int, default=256, help="llama only")
+parser.add_argument("--model", choices=["tiny-dllm", "llama", "llada-shape"], default="tiny-dllm",
+                    help="llada-shape: maskkv-compile bench's preset (head dim 128, MLP 3 x hidden, vocab 126464)")
+parser.add_argument("--prompt-len", type=int, default=256, help="llama and llada-shape")
 parser.add_argument("--haystack", type=int, default=None,
                     help="tiny-dllm only: a one-needle haystack of this many tokens (default: the suite's 256-token "
                          "sample; the model has 1024 positions)")
@@ -40,6 +43,9 @@ parser.add_argument("--revote", type=int, nargs="+", default=[1, 4])
 parser.add_argument("--refresh", type=int, nargs="+", default=[1, 4])
 parser.add_argument("--repeats", type=int, default=5)
 parser.add_argument("--backend", choices=["eager", "inductor"], default="eager")
+parser.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the uncached model and the full cache (--no-baselines at sizes where the "
+                         "uncached loop takes minutes)")
 args = parser.parse_args()
 torch.manual_seed(0)
 
@@ -56,6 +62,14 @@ if args.model == "tiny-dllm":
         prompt = torch.tensor([task.ids[: task.answers[0][0]]])
     profile = maskkv_compile.calibrate(model, bundle.calibration, gen_length=bundle.calibration_gen_length,
                                        mask_token_id=mask_id, progress=False)
+elif args.model == "llada-shape":
+    from maskkv_compile.bench import build_model
+
+    model = build_model("llada-shape", layers=args.layers, hidden=args.hidden, vocab=126464,
+                        max_positions=args.prompt_len + args.gen_length + 16)  # its mask row zeroed
+    mask_id = model.config.mask_token_id
+    prompt = torch.randint(0, mask_id, (1, args.prompt_len))
+    profile = None
 else:
     from maskkv_compile.models import tiny_llada
 
@@ -68,7 +82,7 @@ else:
 x0 = torch.cat([prompt, torch.full((1, args.gen_length), mask_id)], dim=1)
 fill = 1 if mask_id != 1 else 2  # the token every configuration commits
 
-configs = {"uncached": None, "full cache": dict(budget=1 << 16, policy="mask_voting_uniform")}
+configs = {"uncached": None, "full cache": dict(budget=1 << 16, policy="mask_voting_uniform")} if args.baselines else {}
 for b in args.budget:
     configs[f"B={b} one-shot"] = dict(budget=b, policy=args.policy)
     configs.update({f"B={b} revote {k}": dict(budget=b, policy=args.policy, revote=k) for k in args.revote})

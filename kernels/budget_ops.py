@@ -29,6 +29,8 @@ from maskkv_compile.policies import get_policy
 def selection_scores(votes: torch.Tensor, prompt_valid: torch.Tensor, policy: str, kernel: int, sink: int,
                      seed: int) -> torch.Tensor:
     chosen = get_policy(policy)
+    if chosen.vote_transform == "none":  # votes as they are: the same for every row at once
+        return torch.where(prompt_valid[:, None, :], votes, float("-inf"))
     out = torch.full_like(votes, float("-inf"))
     for row in range(votes.shape[0]):
         columns = prompt_valid[row].nonzero().flatten()  # (P_b,) the row's own prompt, in order

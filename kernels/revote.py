@@ -30,17 +30,50 @@ from __future__ import annotations
 
 import torch
 
-from .mask_votes import mask_votes_chunked
+from .mask_votes import KEY_BLOCK_FACTOR, accumulation_dtype
 from .select_kv import gather_kept, kept_columns
 
 
+# Above this many scores per (row, KV head) the prompt keys go in blocks of this many columns,
+# two passes (log-sum-exp first); at or below it one score block serves both.
+SCORE_BLOCK = 1 << 20
+
+
 def revote_votes(q, k, prompt_k, prompt_valid, resp_valid, voter_idx, voter_valid, scale, chunk=64):
-    """(B, Hkv, P) votes of the voters over the prompt columns, softmax over [prompt ; response]."""
-    num_prompt = prompt_k.shape[2]
-    keys = torch.cat([prompt_k, k.to(prompt_k.dtype)], dim=2)  # (B, Hkv, P + C, D)
-    key_valid = torch.cat([prompt_valid, resp_valid], dim=1)  # (B, P + C)
-    columns = torch.arange(num_prompt, device=q.device)
-    votes, _ = mask_votes_chunked(q, keys, voter_idx, columns, scale, chunk, key_valid, voter_valid, prompt_valid)
+    """(B, Hkv, P) votes of the voters over the prompt columns, softmax over [prompt ; response].
+
+    The prompt keys and the step's keys are scored apart (nothing concatenated or copied):
+    each voter's log-sum-exp merges both, then the prompt columns' exp(s - lse) are summed.
+    Voters are few (the response rows), so all of a KV head's voters, its query heads' included,
+    go in one matmul; the prompt keys go in one block, or in ``chunk * KEY_BLOCK_FACTOR``-column
+    blocks when the scores would exceed ``SCORE_BLOCK`` per (row, KV head).
+    """
+    acc = accumulation_dtype(q.dtype)
+    batch, heads, _, dim = q.shape
+    kv_heads, num_prompt = prompt_k.shape[1], prompt_k.shape[2]
+    group, voters = heads // kv_heads, voter_idx.numel()
+    # (B, H, Rv, D) -> (B, Hkv, G*Rv, D): a KV head's query heads are consecutive
+    qv = q.index_select(2, voter_idx).to(acc).reshape(batch, kv_heads, group * voters, dim) * scale
+    voter_w = voter_valid.repeat(1, group).to(acc)[:, None, :, None]  # (B, 1, G*Rv, 1)
+    prompt_out = ~prompt_valid[:, None, None, :]  # (B, 1, 1, P)
+
+    def prompt_scores(start, stop):  # (B, Hkv, G*Rv, stop - start), -inf off the row's prompt
+        scores = qv @ prompt_k[:, :, start:stop].to(acc).transpose(-2, -1)
+        return scores.masked_fill(prompt_out[..., start:stop], float("-inf"))
+
+    response = (qv @ k.to(acc).transpose(-2, -1)).masked_fill(~resp_valid[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(response, dim=-1)  # (B, Hkv, G*Rv)
+    if group * voters * num_prompt <= SCORE_BLOCK:
+        scores = prompt_scores(0, num_prompt)
+        lse = torch.logaddexp(lse, torch.logsumexp(scores, dim=-1))
+        return (torch.exp(scores - lse[..., None]) * voter_w).sum(2)
+    block = chunk * KEY_BLOCK_FACTOR
+    for start in range(0, num_prompt, block):
+        lse = torch.logaddexp(lse, torch.logsumexp(prompt_scores(start, start + block), dim=-1))
+    votes = qv.new_empty((batch, kv_heads, num_prompt))
+    for start in range(0, num_prompt, block):
+        probs = torch.exp(prompt_scores(start, start + block) - lse[..., None]) * voter_w
+        votes[..., start : start + block] = probs.sum(2)
     return votes
 
 

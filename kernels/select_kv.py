@@ -16,20 +16,21 @@ order; padding holds zeros in K/V and -1 in kept_pos. A budget >= P keeps every 
 entry, in order, so the cache is then exactly the prompt's K/V.
 
 Torch on every device; no Triton kernel. Measured (median of 30, B=1 Hkv=8 D=128 fp32,
-budget 256, 2-core CPU, torch 2.13):
+budget 256, one core, torch 2.13; `kept_columns` is the top-k threshold that replaced a
+stable sort of all P votes, which alone took 1.8 / 19.6 / 49.5 ms at these lengths):
 
-    P       whole op   sort of the votes   gather + where of K and V
-    4096    29.4 ms    1.8 ms              28.0 ms
-    16384   45.8 ms    19.6 ms             7.6 ms
-    32768   66.0 ms    49.5 ms             5.2 ms
+    P       whole op   kept_columns
+    4096    3.4 ms     0.7 ms
+    16384   5.8 ms     2.4 ms
+    32768   8.4 ms     4.1 ms
 
-(the CPU gather time is noisy on 2 cores: 6-28 ms for the same work). A Triton gather can
-only replace the last column, and on a GPU that moves 2 x Hkv x Kmax x D elements (1 MB
-in bf16 at budget 256): a few microseconds, once per layer per prompt, against a prefill
-that runs the whole model. A candidate Triton gather (``_gather_kv_kernel`` in
-``scripts/gpu_check.py``) matches torch exactly under TRITON_INTERPRET=1, but its speed
-could not be measured here (no GPU); ``scripts/gpu_check.py`` prints torch vs Triton for
-the gather at P = 4k..32k. Until a run shows Triton faster, torch stays.
+The rest is the gather of K and V. A Triton gather can only replace that, and on a GPU it
+moves 2 x Hkv x Kmax x D elements (1 MB in bf16 at budget 256): a few microseconds, once
+per layer per prompt, against a prefill that runs the whole model. A candidate Triton
+gather (``_gather_kv_kernel`` in ``scripts/gpu_check.py``) matches torch exactly under
+TRITON_INTERPRET=1, but its speed could not be measured here (no GPU);
+``scripts/gpu_check.py`` prints torch vs Triton for the gather at P = 4k..32k. Until a run
+shows Triton faster, torch stays.
 """
 
 from __future__ import annotations
@@ -54,16 +55,30 @@ def select_kv_reference(votes: torch.Tensor, budgets: torch.Tensor) -> list[list
 
 def kept_columns(scores: torch.Tensor, kept_len: torch.Tensor, kmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each (row, head)'s top-``kept_len`` columns of ``scores`` (B, Hkv, P), ties to the earlier
-    column, in column order and padded to ``kmax``: (columns (B, Hkv, Kmax), clamped into range
-    in the padding, and valid (B, Hkv, Kmax), False in the padding)."""
-    num = scores.shape[-1]
-    ranked = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :kmax]  # (B, Hkv, <=Kmax)
-    if ranked.shape[-1] < kmax:  # fewer columns than the padded length
-        ranked = torch.cat([ranked, ranked.new_zeros((*ranked.shape[:-1], kmax - ranked.shape[-1]))], dim=-1)
+    column, in column order and padded to ``kmax``: (columns (B, Hkv, Kmax), 0 in the padding,
+    and valid (B, Hkv, Kmax), False in the padding). ``kept_len`` must not exceed a row's
+    finite scores.
+
+    No sort over P: a top-Kmax gives each head's threshold t (its kept_len-th largest score);
+    every column above t is kept, and of the columns equal to t the earliest ones that fill
+    the budget (a stable descending sort's choice). The kept columns are then numbered in
+    column order by a cumulative sum and scattered into their slots.
+    """
+    batch, kv_heads, num = scores.shape
     valid = torch.arange(kmax, device=scores.device) < kept_len[..., None]  # (B, Hkv, Kmax)
-    # padding slots sort after every real column; the real ones come out in column order
-    columns = torch.sort(torch.where(valid, ranked, num), dim=-1).values
-    return columns.clamp(max=max(num - 1, 0)), valid
+    columns = torch.zeros((batch, kv_heads, kmax + 1), dtype=torch.long, device=scores.device)
+    if kmax == 0 or num == 0:
+        return columns[..., :kmax], valid
+    top = torch.topk(scores, min(kmax, num), dim=-1).values  # (B, Hkv, <=Kmax), descending
+    last = (kept_len.clamp(min=1, max=top.shape[-1]) - 1)[..., None]  # (B, Hkv, 1)
+    threshold = top.gather(-1, last)  # (B, Hkv, 1)
+    above = scores > threshold  # (B, Hkv, P)
+    tied = scores == threshold
+    room = kept_len[..., None] - above.sum(-1, keepdim=True)  # how many tied columns still fit
+    keep = above | (tied & (tied.cumsum(-1) <= room))  # (B, Hkv, P), kept_len True per head
+    slot = torch.where(keep, keep.cumsum(-1) - 1, kmax)  # the column's place; kmax = dropped
+    columns.scatter_(-1, slot, torch.arange(num, device=scores.device).expand(batch, kv_heads, num))
+    return torch.where(valid, columns[..., :kmax], 0), valid
 
 
 def gather_kept(k: torch.Tensor, v: torch.Tensor, at: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

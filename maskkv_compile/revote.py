@@ -17,8 +17,8 @@ know nothing of the tokens decoded later. With ``revote`` set:
   prefill's per-head budgets (``kept_len``) become the layer's hot cache; the layer then
   attends to them. Layer l votes with the queries that layers < l produced from their new
   selections: exactly what this step computes. Positions stay absolute; no prompt row is
-  recomputed. Cost: one scoring of the voting rows against P keys per layer (and a sort of P
-  scores per KV head), against a prompt refresh's forward over every prompt row.
+  recomputed. Cost: one scoring of the voting rows against P keys per layer (and a top-k of
+  P scores per KV head), against a prompt refresh's forward over every prompt row.
 * **Voters.** At a re-vote every policy votes with the response rows (Dream: the row before
   each response position), the queries a step computes; prompt queries (SnapKV's window) are
   not recomputed. So a re-voting SnapKV is SnapKV's pooling and budgets with the response

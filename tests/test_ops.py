@@ -184,6 +184,28 @@ def test_select_kv():
     opcheck(torch.ops.maskkv.select_kv.default, (k, v, votes, prompt, budgets))
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_select_kv_many_ties_and_ineligible_entries(seed):
+    """Scores from a few integer levels (ties everywhere, including at the budget's edge), -inf
+    entries and budgets from 0 to past the eligible count: the kept set is a stable descending
+    sort's, in position order (select_kv finds it from a top-k threshold, not a sort)."""
+    gen = torch.Generator().manual_seed(seed)
+    _, k, v = qkv(batch=3, kv_heads=2, heads=2, seq=40, seed=seed)
+    prompt = torch.arange(40)
+    votes = torch.randint(0, 4, (3, 2, 40), generator=gen).float()
+    votes[torch.rand(3, 2, 40, generator=gen) < 0.2] = float("-inf")
+    budgets = torch.randint(0, 45, (3, 2), generator=gen)
+    budgets[0, 0] = 0
+    kept_len, kept_pos = torch.ops.maskkv.select_kv(k, v, votes, prompt, budgets)[2:]
+    expected = select_kv_reference(votes, budgets)
+    for b in range(3):
+        for h in range(2):
+            n = int(kept_len[b, h])
+            assert n == min(int(budgets[b, h]), int(torch.isfinite(votes[b, h]).sum()))
+            assert kept_pos[b, h, :n].tolist() == expected[b][h].tolist()
+            assert (kept_pos[b, h, n:] == -1).all()
+
+
 def test_select_kv_per_row_eligibility():
     """-inf marks what a row may not keep: never kept, even with budget to spare; each row's
     kept set is the one it gets alone."""

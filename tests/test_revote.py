@@ -21,6 +21,7 @@ from transformers import AttentionInterface
 
 import maskkv_compile
 from maskkv_compile.config import MaskKVConfig, MaskKVConfigError
+from maskkv_compile.kernels import revote as revote_kernels
 from maskkv_compile.kernels import select_kv_reference
 from maskkv_compile.policies import POLICIES, get_policy
 
@@ -136,7 +137,11 @@ def _revote_inputs(batch=2, heads=4, kv_heads=2, prompt=11, rows=5, dim=8, seed=
     return (q, k, prompt_k, prompt_v, prompt_pos, prompt_valid, resp_valid, voter_idx, voter_valid, kept_k, kept_len)
 
 
-def test_revote_op_matches_a_per_row_reference():
+@pytest.mark.parametrize("blocked", [False, True], ids=["one score block", "prompt in blocks"])
+def test_revote_op_matches_a_per_row_reference(blocked, monkeypatch):
+    if blocked:  # scores above SCORE_BLOCK go in prompt blocks of chunk * KEY_BLOCK_FACTOR columns, two passes
+        monkeypatch.setattr(revote_kernels, "SCORE_BLOCK", 1)
+        monkeypatch.setattr(revote_kernels, "KEY_BLOCK_FACTOR", 1)
     args = _revote_inputs()
     q, k, prompt_k, prompt_v, prompt_pos, prompt_valid, resp_valid, voter_idx, voter_valid, kept_k, kept_len = args
     scale = 0.4
