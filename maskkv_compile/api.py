@@ -155,6 +155,7 @@ def optimize(
     family: Optional[str] = None,
     block_length: Optional[int] = None,
     revote=None,
+    second_tier: Optional[str] = None,
     config: Optional[MaskKVConfig] = None,
 ) -> MaskKVModel:
     """Rewrite ``model`` for MaskKV; nothing about the model itself changes.
@@ -171,13 +172,15 @@ def optimize(
         block's rows (see ``maskkv_compile/blocks.py``); default: every response row.
     revote: re-select the kept entries while decoding with the step's own queries: an int k
         (every k steps) or "block" (every block refresh); see ``maskkv_compile/revote.py``.
+    second_tier: where ``revote`` keeps every prompt K/V between re-votes: "device" (default)
+        or "host" (page-locked host memory on CUDA, copied in at each re-vote).
     config: a full :class:`MaskKVConfig`; the keyword arguments above override its fields.
     """
     overrides = {
         k: v
         for k, v in dict(budget=budget, mask_token_id=mask_token_id, backend=backend, prompt_refresh=prompt_refresh,
                          policy=policy, profile=profile, family=family, block_length=block_length,
-                         revote=revote).items()
+                         revote=revote, second_tier=second_tier).items()
         if v is not None
     }
     config = MaskKVConfig.from_options(overrides, base=config)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 BACKENDS = ("inductor", "eager")
+SECOND_TIERS = ("device", "host")  # where revote keeps the full prompt K/V (see MaskKVConfig.second_tier)
 FAMILIES = {"llada": 0, "dream": 1}  # family -> how many rows before a token its logits live
 
 
@@ -89,6 +90,11 @@ class MaskKVConfig:
         step call after a prefill or prompt refresh (1 = every step). ``"block"``: at every
         block refresh of the dual cache (needs ``block_length``; an int with ``block_length``
         is refused, since a re-vote must see every response row).
+    second_tier: where ``revote`` keeps the second tier. ``"device"`` (default): on the model's
+        device. ``"host"``: in host memory (page-locked when the model is on CUDA, so the copies
+        run asynchronously), copied to the device at each re-vote and dropped there after it:
+        between re-votes the device holds only the hot cache. On a CPU model both are the same
+        memory. Needs ``revote``.
     """
 
     budget: int = 256
@@ -110,6 +116,7 @@ class MaskKVConfig:
     seed: int = 0
     block_length: Optional[int] = None
     revote: Optional[Any] = None
+    second_tier: str = "device"
 
     def __post_init__(self) -> None:
         _require_int("budget", self.budget, minimum=1)
@@ -132,6 +139,11 @@ class MaskKVConfig:
             elif self.block_length is not None:
                 raise MaskKVConfigError(f'revote={self.revote} with block_length: a block step does not compute every '
                                         'response row; use revote="block" (re-select at every block refresh)')
+        if self.second_tier not in SECOND_TIERS:
+            raise MaskKVConfigError(f"second_tier must be one of {SECOND_TIERS}, got {self.second_tier!r}")
+        if self.second_tier != "device" and self.revote is None:
+            raise MaskKVConfigError(f"second_tier={self.second_tier!r} places revote's second tier: set revote too "
+                                    "(an int k or \"block\"), or leave second_tier at \"device\"")
         if not isinstance(self.reuse_logits, bool):
             raise MaskKVConfigError(f"reuse_logits must be True or False, got {self.reuse_logits!r}")
         from maskkv_compile.policies import get_policy

@@ -5,10 +5,14 @@ know nothing of the tokens decoded later. With ``revote`` set:
 
 * **Second tier.** The prefill graph also returns each layer's post-RoPE prompt K/V
   (``KeepPromptKVPass``: (B, Hkv, P, D) at ``layout.prompt_idx``). The session keeps them
-  outside the hot cache, on the model's device (on a CPU host that is ordinary memory);
-  ``cache_stats()["second_tier"]`` reports their bytes, apart from the hot cache's, which
-  stays at the budget. They live and die with the session (dropped with it, by ``reset()``,
-  by a new prompt that pushes it out, and replaced at every prefill or prompt refresh).
+  outside the hot cache: on the model's device (``second_tier="device"``), or in host memory
+  (``"host"``: page-locked when the model is on CUDA; copied out once per prefill, and into
+  the device at each re-vote, asynchronously on the current stream, the device copies dropped
+  when the re-vote is done). On a CPU model both are ordinary memory.
+  ``cache_stats()["second_tier"]`` reports their bytes and where they are, apart from the hot
+  cache's, which stays at the budget. They live and die with the session (dropped with it, by
+  ``reset()``, by a new prompt that pushes it out, and replaced at every prefill or prompt
+  refresh).
 * **Re-vote step.** A step call that is due (``due``) runs the *re-vote graph* instead of the
   step graph: the same computation, where before each layer's cached attention
   ``maskkv::revote_kv`` lets the step's own queries of the voting rows vote over that layer's
@@ -79,9 +83,21 @@ def voters(layout: Layout, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
     return local, torch.stack([torch.isin(union, v) for v in per_row])
 
 
-def take_tier(outputs: tuple, layout: Layout, n_layers: int, shift: int) -> tuple[tuple, SecondTier]:
-    """Split the prefill's outputs: (the others, the session's second tier)."""
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in host memory: itself if it is there, else a page-locked copy, written
+    asynchronously on the current stream (a later copy back on that stream runs after it)."""
+    if tensor.device.type == "cpu":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
+def take_tier(outputs: tuple, layout: Layout, n_layers: int, shift: int, where: str = "device") -> tuple[tuple, SecondTier]:
+    """Split the prefill's outputs: (the others, the session's second tier, kept ``where``:
+    "device" as the prefill made it, or "host")."""
     outputs, pairs = split_layer_outputs(outputs, PROMPT_KV_OUTPUTS_PER_LAYER, n_layers)
+    if where == "host":
+        pairs = [(to_host(k), to_host(v)) for k, v in pairs]
     idx, valid = voters(layout, shift)
     return outputs, SecondTier(pairs, layout.prompt_idx, layout.prompt_valid, idx, valid)
 
@@ -97,11 +113,14 @@ def due(config, session, transition: str) -> bool:
 
 
 def graph_inputs(tier: SecondTier) -> dict:
-    """The re-vote graph's inputs beyond the step graph's."""
+    """The re-vote graph's inputs beyond the step graph's: the tier on the device of the
+    session's layout (a host tier is copied in here; the copies die with the call)."""
+    device = tier.prompt_pos.device
     extra = {"prompt_pos": tier.prompt_pos, "prompt_valid": tier.prompt_valid, "revoter_idx": tier.voter_idx,
              "revoter_valid": tier.voter_valid}
     for layer, (k, v) in enumerate(tier.prompt_kv):
-        extra[f"prompt_k_{layer}"], extra[f"prompt_v_{layer}"] = k, v
+        extra[f"prompt_k_{layer}"] = k.to(device, non_blocking=True)
+        extra[f"prompt_v_{layer}"] = v.to(device, non_blocking=True)
     return extra
 
 
@@ -127,5 +146,7 @@ def stats(tier: Optional[SecondTier]) -> Optional[dict]:
     """``cache_stats()["second_tier"]``: None without ``revote``."""
     if tier is None:
         return None
+    first = tier.prompt_kv[0][0] if tier.prompt_kv else tier.prompt_pos
     return {"bytes": tier.bytes, "layers": [k.nbytes + v.nbytes for k, v in tier.prompt_kv],
-            "prompt_len": int(tier.prompt_pos.numel()), "revotes": tier.revotes}
+            "prompt_len": int(tier.prompt_pos.numel()), "revotes": tier.revotes, "device": str(first.device),
+            "pinned": bool(first.is_pinned()) if first.device.type == "cpu" else False}

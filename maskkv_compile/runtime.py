@@ -281,7 +281,8 @@ class MaskKVRuntime:
         extra = self._per_row_inputs(session.layout)
         outputs = self._prefill(*args, *(extra[name] for name in self.graphs.prefill_inputs))
         if self.graphs.revote is not None:  # the second tier comes last
-            outputs, session.tier = revote.take_tier(outputs, session.layout, len(self.graphs.sites), self.config.logits_shift)
+            outputs, session.tier = revote.take_tier(outputs, session.layout, len(self.graphs.sites), self.config.logits_shift,
+                                                     self.config.second_tier)
         base, caches = split_layer_outputs(outputs, PREFILL_OUTPUTS_PER_LAYER, len(self.graphs.sites))
         session.layers = [LayerCache(*cache) for cache in caches]
         session.steps_since_prefill = 0

@@ -27,6 +27,9 @@
    vocabulary 126,464, bf16), gen 256, 256 steps, block 32, at P = 4k..32k: seconds per
    generation, uncached vs MaskKV 256 vs MaskKV 256 + dual cache vs the same under CUDA
    graphs (``torch.compile(backend="maskkv", options={..., "mode": "reduce-overhead"})``).
+   Also: ``revote`` with the second tier in page-locked host memory (``second_tier="host"``)
+   against the device tier: the same tokens and kept positions, the tier on the CPU and
+   pinned, less device memory held after the prefill.
 4. ``--multi-gpu`` (only that, on a machine with more than one GPU): MaskKV on a
    tensor-parallel model, one GPU per rank over nccl: ``examples/tensor_parallel.py --cuda``
    under ``torchrun --nproc-per-node <GPUs, at most 4, a divisor of the 4 heads>``, with the
@@ -228,7 +231,44 @@ def check_rows(device, smoke):
     rows.append(("select_kv gather", "(2, 4, 300, 24) Kmax=77", "float32", err, all(map(torch.equal, got, want))))
     if device == "cuda":
         rows += op_and_inductor_rows(gen)
+    rows += second_tier_rows(device)
     return rows
+
+
+def second_tier_rows(device):
+    """``revote`` with ``second_tier="host"`` against ``"device"`` on a tiny model: the same
+    tokens and kept positions through a drop-in loop that re-votes every step; on CUDA the host
+    tier is page-locked CPU memory and the device holds less after the prefill."""
+    import maskkv_compile
+    from maskkv_compile.models import tiny_llada
+
+    model = tiny_llada(layers=2, hidden=64, heads=4, vocab=128).to(device)
+    mask = model.config.mask_token_id
+    x = torch.cat([torch.randint(0, mask, (1, 40), generator=torch.Generator().manual_seed(1)),
+                   torch.full((1, 6), mask)], dim=1).to(device)
+    runs = {}
+    for where in ("device", "host"):
+        net = maskkv_compile.optimize(model, budget=4, backend="eager", revote=1, second_tier=where)
+        y, held = x.clone(), None
+        for _ in range(6):
+            logits = net(y).logits
+            if held is None and device == "cuda":
+                held = torch.cuda.memory_allocated()
+            masked = (y == mask).nonzero()
+            if masked.numel():
+                row, col = masked[0].tolist()
+                y[row, col] = logits[row, col].argmax()
+        stats = net.cache_stats()
+        runs[where] = (y, [layer.kept_pos for layer in net.runtime.last_session.layers], stats, held)
+        del net
+    (y, kept, stats, held), (hy, hkept, hstats, hheld) = runs["device"], runs["host"]
+    same = torch.equal(y, hy) and all(torch.equal(a, b) for a, b in zip(kept, hkept))
+    tier = hstats["second_tier"]
+    placed = tier["device"] == "cpu" and (tier["pinned"] if device == "cuda" else True)
+    lighter = hheld < held if device == "cuda" else True
+    ok = same and placed and lighter and stats["revotes"] == hstats["revotes"] == 5
+    note = f"tier on {tier['device']} pinned={tier['pinned']}" + (f" held {held} vs {hheld} B" if held else "")
+    return [("revote second_tier=host", note[:40], "float32", 0.0, ok)]
 
 
 def op_and_inductor_rows(gen):

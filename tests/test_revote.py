@@ -99,6 +99,8 @@ def infill_input(model, prompt_len=24, span=(10, 16)):
     ({"revote": "often"}, "revote must be"),
     ({"revote": "block"}, "set block_length"),
     ({"revote": 2, "block_length": 4}, 'use revote="block"'),
+    ({"revote": 1, "second_tier": "disk"}, "second_tier must be one of"),
+    ({"second_tier": "host"}, "set revote too"),
 ])
 def test_bad_revote_options_are_refused(options, message):
     with pytest.raises(MaskKVConfigError, match=message):
@@ -292,6 +294,27 @@ def test_second_tier_is_freed_with_the_session():
     net.reset()
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+def test_host_second_tier_runs_the_same_revotes():
+    """second_tier="host": the tier is in host memory and every re-vote reads it from there. On a
+    CPU model that is the device's own memory, so the tokens and kept sets equal the device
+    tier's; the copies to and from a CUDA device are checked by scripts/gpu_check.py."""
+    model = build("llada")
+    _, x = prompt_and_masks(model, 24, 6)
+    mask = model.config.mask_token_id
+    runs = {}
+    for where in ("device", "host"):
+        net = maskkv_compile.optimize(model, budget=4, backend="eager", revote=1, second_tier=where)
+        y = x.clone()
+        for _ in range(6):
+            greedy_commit(y, net(y).logits, mask)
+        runs[where] = (y, net.cache_stats(), [layer.kept_pos for layer in net.runtime.last_session.layers])
+    (tokens, stats, kept), (host_tokens, host_stats, host_kept) = runs["device"], runs["host"]
+    assert torch.equal(tokens, host_tokens) and all(torch.equal(a, b) for a, b in zip(kept, host_kept))
+    assert host_stats["revotes"] == stats["revotes"] == 5 and host_stats["prefills"] == 1
+    assert host_stats["second_tier"]["device"] == "cpu" and host_stats["second_tier"]["pinned"] is False
+    assert host_stats["second_tier"]["bytes"] == stats["second_tier"]["bytes"] > 0
 
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))
