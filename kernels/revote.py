@@ -45,8 +45,9 @@ def revote_votes(q, k, prompt_k, prompt_valid, resp_valid, voter_idx, voter_vali
     The prompt keys and the step's keys are scored apart (nothing concatenated or copied):
     each voter's log-sum-exp merges both, then the prompt columns' exp(s - lse) are summed.
     Voters are few (the response rows), so all of a KV head's voters, its query heads' included,
-    go in one matmul; the prompt keys go in one block, or in ``chunk * KEY_BLOCK_FACTOR``-column
-    blocks when the scores would exceed ``SCORE_BLOCK`` per (row, KV head).
+    go in one matmul; the prompt keys go in one block (one exp, normalized by each voter's
+    denominator inside the summing matmul), or in ``chunk * KEY_BLOCK_FACTOR``-column blocks,
+    two passes, when the scores would exceed ``SCORE_BLOCK`` per (row, KV head).
     """
     acc = accumulation_dtype(q.dtype)
     batch, heads, _, dim = q.shape
@@ -62,11 +63,14 @@ def revote_votes(q, k, prompt_k, prompt_valid, resp_valid, voter_idx, voter_vali
         return scores.masked_fill(prompt_out[..., start:stop], float("-inf"))
 
     response = (qv @ k.to(acc).transpose(-2, -1)).masked_fill(~resp_valid[:, None, None, :], float("-inf"))
-    lse = torch.logsumexp(response, dim=-1)  # (B, Hkv, G*Rv)
-    if group * voters * num_prompt <= SCORE_BLOCK:
+    if group * voters * num_prompt <= SCORE_BLOCK:  # one exp of the prompt scores serves both sums
         scores = prompt_scores(0, num_prompt)
-        lse = torch.logaddexp(lse, torch.logsumexp(scores, dim=-1))
-        return (torch.exp(scores - lse[..., None]) * voter_w).sum(2)
+        top = torch.maximum(scores.amax(-1, keepdim=True), response.amax(-1, keepdim=True))  # (B, Hkv, G*Rv, 1)
+        unnormed = torch.exp(scores - top)
+        total = unnormed.sum(-1, keepdim=True) + torch.exp(response - top).sum(-1, keepdim=True)
+        # (B, Hkv, 1, G*Rv) @ (B, Hkv, G*Rv, P): each voter's row over its softmax denominator, summed
+        return ((voter_w / total).transpose(-2, -1) @ unnormed).squeeze(-2)
+    lse = torch.logsumexp(response, dim=-1)  # (B, Hkv, G*Rv)
     block = chunk * KEY_BLOCK_FACTOR
     for start in range(0, num_prompt, block):
         lse = torch.logaddexp(lse, torch.logsumexp(prompt_scores(start, start + block), dim=-1))
