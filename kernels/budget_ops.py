@@ -9,7 +9,9 @@ it were alone (batch invariance).
 ``selection_scores(votes (B, Hkv, P), prompt_valid (B, P), policy, kernel, sink, seed) ->
 (B, Hkv, P)``: what the per-head top-k ranks (votes as they are, SnapKV-pooled,
 StreamingLLM's sink+recent order, or seeded random scores), computed over the row's valid
-prompt columns in order; ``-inf`` at the other columns, which are never kept.
+prompt columns in order; ``-inf`` at the other columns, which are never kept. Policies that
+rank the votes as they are do this for every row at once, without reading the device; the
+others go row by row (each row's columns read on the host, once per layer and selection).
 
 ``head_budgets(prompt_mass (B, H), scores (B, Hkv, P), voter_valid (B, Rv), layer_budget,
 budget, policy, alpha, min_keep) -> (B, Hkv) int64``: each row's per-KV-head budgets; they

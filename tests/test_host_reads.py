@@ -6,8 +6,9 @@ launch queue; a step graph run under CUDA graphs must have none. On this CPU mac
 costs nothing, so the tests count them instead: at the Python level (the Tensor methods that
 read) and at the dispatcher (the aten ops that must read to know their output size).
 
-Contract: a step call (``step``, ``block_step``) reads the device exactly once, in routing
-(every live session's evidence in one ``tolist``); the step graph itself reads nothing. A
+Contract: a step call (``step``, ``block_step``, a ``revote`` step) reads the device exactly
+once, in routing (every live session's evidence in one ``tolist``); the step graph and the
+re-vote graph read nothing. A
 block refresh and a prefill may read (new layout, per-layer budgets), once per block or
 prompt.
 """
@@ -74,8 +75,10 @@ def recorded(monkeypatch):
         if getattr(self, "_counted", False):
             return
         self._counted = True
-        for name in ("_step", "_prefill"):
-            graph = getattr(self, name)
+        for name in ("_step", "_prefill", "_revote"):
+            graph = getattr(self, name, None)
+            if graph is None:
+                continue
 
             def counted(*args, _graph=graph):
                 with count_reads() as inside:
@@ -125,6 +128,18 @@ def test_a_block_step_reads_the_device_once(recorded):
     _check(recorded, {"block_step"})
     refreshes = [c for c in recorded if c["transition"] == "block_refresh"]
     assert all(sum(c["graph"].values()) == 0 for c in refreshes)  # the step graph, over every response row
+
+
+def test_a_revote_step_reads_the_device_once(recorded):
+    """A re-vote (revote=1: every step) runs the re-vote graph, which reads nothing either: the
+    votes, the top-k threshold and the gathers keep every size static."""
+    model = build("llada")
+    prompt, _ = prompt_and_masks(model, 40, 12)
+    opt = maskkv_compile.optimize(model, budget=8, backend="eager", revote=1)
+    opt.generate(prompt, gen_length=12, steps=12, block_length=12)
+    stats = opt.cache_stats()
+    assert stats["transitions"] == {"new": 1, "step": 11} and stats["revotes"] == 11
+    _check(recorded, {"step"})
 
 
 def test_the_counter_sees_reads(recorded):
