@@ -21,7 +21,7 @@
    - cached_attention with every prompt entry kept: Triton vs the torch path (SDPA with a
      key mask over the concatenation) vs plain SDPA over concatenated K/V (no mask, which
      is what the model would run without MaskKV); plus one row with budget 256;
-   - select_kv: the gather of the kept rows, torch (gather + where, as in select_kv) vs a
+   - select_kv: the gather of the kept rows, torch (select_kv's ``gather_kept``) vs a
      candidate Triton gather defined here (see ``kernels/select_kv.py``), and the whole op.
 3. The full LLaDA loop on LLaDA-shaped layers (2 layers of hidden 4096, 32 heads, MLP 12288,
    vocabulary 126,464, bf16), gen 256, 256 steps, block 32, at P = 4k..32k: seconds per
@@ -114,10 +114,10 @@ def triton_gather(k, v, pos):
 
 
 def torch_gather(k, v, pos):
-    """The gather step of ``maskkv::select_kv``, as written there."""
-    gather_at = pos.clamp(min=0)[..., None]  # (B, Hkv, Kmax, 1)
-    keep = (pos >= 0)[..., None]
-    return [torch.where(keep, x.gather(2, gather_at.expand(-1, -1, -1, x.shape[-1])), 0) for x in (k, v)]
+    """The gather step of ``maskkv::select_kv`` (its ``gather_kept``)."""
+    from maskkv_compile.kernels.select_kv import gather_kept
+
+    return list(gather_kept(k, v, pos.clamp(min=0), pos >= 0))
 
 
 # ---- correctness -------------------------------------------------------------------------
