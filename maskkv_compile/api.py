@@ -156,6 +156,7 @@ def optimize(
     block_length: Optional[int] = None,
     revote=None,
     second_tier: Optional[str] = None,
+    revote_voters: Optional[str] = None,
     config: Optional[MaskKVConfig] = None,
 ) -> MaskKVModel:
     """Rewrite ``model`` for MaskKV; nothing about the model itself changes.
@@ -174,13 +175,16 @@ def optimize(
         (every k steps) or "block" (every block refresh); see ``maskkv_compile/revote.py``.
     second_tier: where ``revote`` keeps every prompt K/V between re-votes: "device" (default)
         or "host" (page-locked host memory on CUDA, copied in at each re-vote).
+    revote_voters: who votes at a re-vote: "response" (default: every response row) or
+        "masked" (the rows still masked in the call).
     config: a full :class:`MaskKVConfig`; the keyword arguments above override its fields.
     """
     overrides = {
         k: v
         for k, v in dict(budget=budget, mask_token_id=mask_token_id, backend=backend, prompt_refresh=prompt_refresh,
                          policy=policy, profile=profile, family=family, block_length=block_length,
-                         revote=revote, second_tier=second_tier).items()
+                         revote=revote, second_tier=second_tier,
+                         revote_voters=revote_voters).items()
         if v is not None
     }
     config = MaskKVConfig.from_options(overrides, base=config)

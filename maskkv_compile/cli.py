@@ -150,7 +150,7 @@ def cmd_eval(args) -> int:
     try:
         suite = run_suite(args.model, args.policies, args.budgets, samples=args.samples, tasks=args.tasks, out=args.out,
                           resume=args.resume, progress=not args.quiet, seed=args.seed, checkpoint=args.checkpoint,
-                          revotes=args.revote, refreshes=args.refresh)
+                          revotes=args.revote, refreshes=args.refresh, revote_voters=args.revote_voters)
     except ModelUnavailable as error:
         print(f"{args.model}: {error}", file=sys.stderr)
         return 2
@@ -284,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--revote", nargs="+", type=int, default=[], metavar="K",
                          help="also run every policy x budget with revote=K (re-select every K steps with the step's "
                          "queries; maskkv_compile/revote.py); writes quality_<model>_tradeoff.md and _pareto.png")
+    quality.add_argument("--revote-voters", choices=["response", "masked"], default="response",
+                         help="who votes in the --revote cells: every response row, or the rows still masked "
+                         "(MaskKVConfig.revote_voters); masked cells are keyed <policy>@<B>+revote<K>+masked")
     quality.add_argument("--refresh", nargs="+", type=int, default=[], metavar="K",
                          help="also run every policy x budget with prompt_refresh=K (the expensive reference)")
     quality.add_argument("--tasks", nargs="+", default=None, help="default: every task of the model")

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Optional
 
 BACKENDS = ("inductor", "eager")
 SECOND_TIERS = ("device", "host")  # where revote keeps the full prompt K/V (see MaskKVConfig.second_tier)
+REVOTE_VOTERS = ("response", "masked")  # which response rows vote at a re-vote (MaskKVConfig.revote_voters)
 FAMILIES = {"llada": 0, "dream": 1}  # family -> how many rows before a token its logits live
 
 
@@ -95,6 +96,10 @@ class MaskKVConfig:
         run asynchronously), copied to the device at each re-vote and dropped there after it:
         between re-votes the device holds only the hot cache. On a CPU model both are the same
         memory. Needs ``revote``.
+    revote_voters: which rows vote at a re-vote. ``"response"`` (default): every response row
+        (Dream: the row before each), decoded or not. ``"masked"``: only those whose position is
+        still the mask token in the call, as at the prefill, where every response position is;
+        a row with no mask left votes with all its response rows. Needs ``revote``.
     """
 
     budget: int = 256
@@ -117,6 +122,7 @@ class MaskKVConfig:
     block_length: Optional[int] = None
     revote: Optional[Any] = None
     second_tier: str = "device"
+    revote_voters: str = "response"
 
     def __post_init__(self) -> None:
         _require_int("budget", self.budget, minimum=1)
@@ -144,6 +150,11 @@ class MaskKVConfig:
         if self.second_tier != "device" and self.revote is None:
             raise MaskKVConfigError(f"second_tier={self.second_tier!r} places revote's second tier: set revote too "
                                     "(an int k or \"block\"), or leave second_tier at \"device\"")
+        if self.revote_voters not in REVOTE_VOTERS:
+            raise MaskKVConfigError(f"revote_voters must be one of {REVOTE_VOTERS}, got {self.revote_voters!r}")
+        if self.revote_voters != "response" and self.revote is None:
+            raise MaskKVConfigError(f"revote_voters={self.revote_voters!r} chooses who votes at a re-vote: set revote too "
+                                    "(an int k or \"block\"), or leave revote_voters at \"response\"")
         if not isinstance(self.reuse_logits, bool):
             raise MaskKVConfigError(f"reuse_logits must be True or False, got {self.reuse_logits!r}")
         from maskkv_compile.policies import get_policy

@@ -25,7 +25,9 @@ know nothing of the tokens decoded later. With ``revote`` set:
   P scores per KV head), against a prompt refresh's forward over every prompt row.
 * **Voters.** At a re-vote every policy votes with the response rows (Dream: the row before
   each response position), the queries a step computes; prompt queries (SnapKV's window) are
-  not recomputed. So a re-voting SnapKV is SnapKV's pooling and budgets with the response
+  not recomputed. ``revote_voters="masked"`` narrows them to the rows whose position is still
+  the mask token in the call (``still_masked``), as at the prefill; a row with no mask left
+  keeps every voter. So a re-voting SnapKV is SnapKV's pooling and budgets with the response
   queries' votes; StreamingLLM's and random's selections ignore votes and do not change.
 * **Schedule.** ``revote=k``: the k-th, 2k-th, ... step call after each prefill or prompt
   refresh. ``revote="block"``: every block refresh of the dual cache (``blocks.py``), whose
@@ -112,12 +114,24 @@ def due(config, session, transition: str) -> bool:
     return transition == "step" and (session.steps_since_prefill + 1) % config.revote == 0
 
 
-def graph_inputs(tier: SecondTier) -> dict:
+def still_masked(tier: SecondTier, layout: Layout, ids: torch.Tensor, mask_token_id: int, shift: int) -> torch.Tensor:
+    """(B, Rv): whether the position each voter predicts (its row + ``shift``) is still the mask
+    token in ``ids`` (B, S). Computed on the device; nothing is read."""
+    positions = (layout.rows.index_select(0, tier.voter_idx) + shift).clamp(max=ids.shape[1] - 1)  # (Rv,)
+    return ids.index_select(1, positions) == mask_token_id
+
+
+def graph_inputs(tier: SecondTier, masked: Optional[torch.Tensor] = None) -> dict:
     """The re-vote graph's inputs beyond the step graph's: the tier on the device of the
-    session's layout (a host tier is copied in here; the copies die with the call)."""
+    session's layout (a host tier is copied in here; the copies die with the call). With
+    ``masked`` (B, Rv) only those voters vote, except in a row where none is left."""
     device = tier.prompt_pos.device
+    voter_valid = tier.voter_valid
+    if masked is not None:
+        narrowed = voter_valid & masked
+        voter_valid = torch.where(narrowed.any(1, keepdim=True), narrowed, voter_valid)
     extra = {"prompt_pos": tier.prompt_pos, "prompt_valid": tier.prompt_valid, "revoter_idx": tier.voter_idx,
-             "revoter_valid": tier.voter_valid}
+             "revoter_valid": voter_valid}
     for layer, (k, v) in enumerate(tier.prompt_kv):
         extra[f"prompt_k_{layer}"] = k.to(device, non_blocking=True)
         extra[f"prompt_v_{layer}"] = v.to(device, non_blocking=True)

@@ -308,7 +308,11 @@ class MaskKVRuntime:
             kept = block.layers[layer] if block is not None else (cache.kept_k, cache.kept_v, cache.kept_len)
             extra.update({f"kept_k_{layer}": kept[0], f"kept_v_{layer}": kept[1], f"kept_len_{layer}": kept[2]})
         if revote.due(self.config, session, transition):  # the re-vote graph replaces the hot cache
-            extra.update(revote.graph_inputs(session.tier))
+            masked = None
+            if self.config.revote_voters == "masked":
+                masked = revote.still_masked(session.tier, session.layout, args[self.tokens_pos], self.mask_token_id,
+                                             self.config.logits_shift)
+            extra.update(revote.graph_inputs(session.tier, masked))
             outputs = revote.take_selection(self._revote(*args, *(extra[name] for name in self.graphs.revote_inputs)),
                                             session, len(self.graphs.sites))
             self.counts.revotes += 1

@@ -66,6 +66,36 @@ def test_cli_eval_and_resume(tmp_path, capsys):
     assert (tmp_path / "quality_tiny_llama.md").read_text().startswith("model: tiny LLaDA-style")
 
 
+def test_cli_eval_trade_off_with_revote_and_refresh(tmp_path, capsys):
+    """`eval --revote/--refresh` runs the re-vote and refresh cells next to one-shot and writes the
+    trade-off table and Pareto plot; `--revote-voters masked --resume` adds its own cells beside
+    the first run's, which are not recomputed."""
+    from maskkv_compile.evaluation import tradeoff
+
+    args = ["eval", "--model", "tiny-llama", "--policies", "maskkv", "--budgets", "3", "full", "--samples", "1",
+            "--tasks", "suffix", "--out", str(tmp_path), "--quiet", "--threads", str(torch.get_num_threads()),
+            "--revote", "1", "--refresh", "2"]
+    assert cli_main(args) == 0
+    assert "retention vs step cost" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "quality_tiny_llama.json").read_text())
+    revoted = saved["cells"]["maskkv@3+revote1"]
+    assert all(cell["revotes"] >= 1 for cell in revoted.values())
+    assert all(cell["revotes"] == 0 for cell in saved["cells"]["maskkv@3+refresh2"].values())
+    settings = [row["setting"] for row in tradeoff.rows(saved) if row["setting"] != "reference"]
+    assert settings == ["one-shot", "revote 1", "refresh 2"], settings
+    assert (tmp_path / "quality_tiny_llama_tradeoff.md").exists()
+    assert (tmp_path / "quality_tiny_llama_pareto.png").stat().st_size > 1000
+
+    assert cli_main(args + ["--revote-voters", "masked", "--resume"]) == 0
+    assert "1 optimize() calls" in capsys.readouterr().out  # only the masked-voters cell is new
+    both = json.loads((tmp_path / "quality_tiny_llama.json").read_text())
+    assert both["revote_voters"] == ["response", "masked"]
+    assert both["cells"]["maskkv@3+revote1"] == revoted
+    assert all(cell["revotes"] >= 1 for cell in both["cells"]["maskkv@3+revote1+masked"].values())
+    settings = [row["setting"] for row in tradeoff.rows(both) if row["setting"] != "reference"]
+    assert settings == ["one-shot", "revote 1", "revote 1 masked", "refresh 2"], settings
+
+
 def test_antiberty_bundle():
     pytest.importorskip("antiberty")
     bundle = load_bundle("antiberty", samples=2)

@@ -31,10 +31,11 @@ _NAME = "maskkv_test_revote_reference"
 
 
 class RevoteReference:
-    def __init__(self, model, policy: str, shift: int, **options):
+    def __init__(self, model, policy: str, shift: int, masked_only: bool = False, **options):
         self.model = copy.deepcopy(model)
         self.config = MaskKVConfig(policy=policy, **options)
         self.shift = shift
+        self.masked_only, self.mask, self.x = masked_only, model.config.mask_token_id, None
         self.prompt_kv = {}
         self.kept = {}  # layer -> [row][kv head] kept positions
         self.budgets = None  # layer -> (B, Hkv) budgets
@@ -55,6 +56,9 @@ class RevoteReference:
         prompt_k, prompt_v = self.prompt_kv[layer]
         num_prompt = len(self.prompt)
         voters = [max(p - self.shift, 0) for p in self.response]
+        if self.masked_only:  # revote_voters="masked": the positions still masked vote (all, if none is)
+            assert batch == 1
+            voters = [max(p - self.shift, 0) for p in self.response if self.x[0, p] == self.mask] or voters
         keys = torch.cat([prompt_k, key[:, :, self.response]], dim=2).repeat_interleave(group, 1)  # (B, H, P + R, D)
         probs = torch.softmax(query[:, :, voters] @ keys.transpose(-2, -1) * scaling, -1)  # (B, H, Rv, P + R)
         votes = probs[..., :num_prompt].sum(2).view(batch, kv_heads, group, num_prompt).sum(2)  # (B, Hkv, P)
@@ -74,7 +78,7 @@ class RevoteReference:
 
     @torch.no_grad()
     def __call__(self, x, prefill: bool):
-        self.mode = "prefill" if prefill else "revote"
+        self.mode, self.x = "prefill" if prefill else "revote", x
         return self.model(x, use_cache=False).logits
 
 
@@ -101,6 +105,8 @@ def infill_input(model, prompt_len=24, span=(10, 16)):
     ({"revote": 2, "block_length": 4}, 'use revote="block"'),
     ({"revote": 1, "second_tier": "disk"}, "second_tier must be one of"),
     ({"second_tier": "host"}, "set revote too"),
+    ({"revote": 1, "revote_voters": "all"}, "revote_voters must be one of"),
+    ({"revote_voters": "masked"}, "set revote too"),
 ])
 def test_bad_revote_options_are_refused(options, message):
     with pytest.raises(MaskKVConfigError, match=message):
@@ -203,13 +209,15 @@ def test_whole_prompt_kept_revote_is_bit_equal(family):
     assert revoted[1]["bytes"] == plain[1]["bytes"]  # the hot cache is the same size
 
 
-@pytest.mark.parametrize("family,layout,policy", [
-    ("llada", "suffix", "mask_voting_uniform"), ("llada", "infill", "snapkv"),
-    ("dream", "suffix", "mask_voting_uniform"), ("dream", "infill", "mask_voting_uniform"),
+@pytest.mark.parametrize("family,layout,policy,voters", [
+    ("llada", "suffix", "mask_voting_uniform", "response"), ("llada", "infill", "snapkv", "response"),
+    ("dream", "suffix", "mask_voting_uniform", "response"), ("dream", "infill", "mask_voting_uniform", "response"),
+    ("llada", "suffix", "mask_voting_uniform", "masked"), ("dream", "infill", "mask_voting_uniform", "masked"),
 ])  # "dream": a Qwen2 (GQA) model run with Dream's shifted logits: the voters are the rows before the masks
-def test_revote_keeps_the_reference_top_k_of_the_current_queries(family, layout, policy):
+def test_revote_keeps_the_reference_top_k_of_the_current_queries(family, layout, policy, voters):
     """Every re-vote step: each layer's new kept set equals the reference's top-k of the votes of
-    the queries this step computes, over the whole prompt; the logits match the reference's."""
+    the queries this step computes (revote_voters="masked": of the rows still masked), over the
+    whole prompt; the logits match the reference's."""
     model = build(family)
     mask = model.config.mask_token_id
     if layout == "suffix":
@@ -219,8 +227,9 @@ def test_revote_keeps_the_reference_top_k_of_the_current_queries(family, layout,
     response = (x[0] == mask).nonzero().flatten().tolist()
     prompt = [i for i in range(x.shape[1]) if i not in response]
     shift = 1 if family == "dream" else 0
-    net = maskkv_compile.optimize(model, budget=5, backend="eager", revote=1, policy=policy, family=family)
-    reference = RevoteReference(model, policy, shift)
+    net = maskkv_compile.optimize(model, budget=5, backend="eager", revote=1, policy=policy, family=family,
+                                  revote_voters=voters)
+    reference = RevoteReference(model, policy, shift, masked_only=voters == "masked")
     reference.prompt, reference.response = prompt, response
     y = x.clone()
     out = net(y).logits

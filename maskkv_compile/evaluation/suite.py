@@ -64,6 +64,7 @@ class Config:
     budget: Optional[Budget] = None
     refresh: Optional[int] = None
     revote: Optional[Union[int, str]] = None
+    revote_voters: str = "response"
 
     @property
     def int_budget(self) -> int:
@@ -71,10 +72,10 @@ class Config:
 
 
 def config_key(policy: str, budget: Budget, *, revote: Optional[Union[int, str]] = None,
-               refresh: Optional[int] = None) -> str:
+               refresh: Optional[int] = None, revote_voters: str = "response") -> str:
     key = f"{policy}@{budget}"
     if revote is not None:
-        key += f"+revote{revote}"
+        key += f"+revote{revote}" + ("" if revote_voters == "response" else f"+{revote_voters}")
     if refresh is not None:
         key += f"+refresh{refresh}"
     return key
@@ -90,7 +91,7 @@ def parse_budget(value: Union[str, int]) -> Budget:
 
 
 def configurations(policies: Sequence[str], budgets: Sequence[Budget], revotes: Sequence[Union[int, str]] = (),
-                   refreshes: Sequence[int] = ()) -> list[Config]:
+                   refreshes: Sequence[int] = (), revote_voters: str = "response") -> list[Config]:
     """References first (the others' agreement is measured against them), then policy x budget,
     then policy x budget (below full) x each re-vote interval, and x each prompt refresh interval."""
     refs = [Config(UNCACHED), Config(FULL_CACHE, "mask_voting_uniform", FULL),
@@ -100,7 +101,8 @@ def configurations(policies: Sequence[str], budgets: Sequence[Budget], revotes: 
         for b in budgets:
             if b == FULL:
                 continue
-            out += [Config(config_key(p, b, revote=r), p, b, revote=r) for r in revotes]
+            out += [Config(config_key(p, b, revote=r, revote_voters=revote_voters), p, b, revote=r,
+                           revote_voters=revote_voters) for r in revotes]
             out += [Config(config_key(p, b, refresh=r), p, b, refresh=r) for r in refreshes]
     return out
 
@@ -117,7 +119,8 @@ def agreement(a: Sequence[int], b: Sequence[int]) -> float:
 
 
 def optimized(model: torch.nn.Module, mask_id: int, policy: str, budget: int, *, profile=None,
-              refresh: Optional[int] = None, seed: int = 0, revote: Optional[Union[int, str]] = None):
+              refresh: Optional[int] = None, seed: int = 0, revote: Optional[Union[int, str]] = None,
+              revote_voters: str = "response"):
     """``model`` as every configuration of the suite runs it: ``optimize`` on the eager backend.
     ``profile`` is required by the policies whose layer allocator needs one, ignored by the rest."""
     import maskkv_compile
@@ -128,7 +131,8 @@ def optimized(model: torch.nn.Module, mask_id: int, policy: str, budget: int, *,
         raise ValueError(f"policy {policy!r} needs a layer profile: pass profile=maskkv_compile.calibrate(...)")
     return maskkv_compile.optimize(model, budget=budget, mask_token_id=mask_id, backend="eager", policy=policy,
                                    profile=profile if get_policy(policy).needs_profile else None,
-                                   prompt_refresh=refresh, revote=revote, config=MaskKVConfig(seed=seed))
+                                   prompt_refresh=refresh, revote=revote,
+                                   revote_voters=revote_voters if revote is not None else None, config=MaskKVConfig(seed=seed))
 
 
 @torch.no_grad()
@@ -156,7 +160,8 @@ class Suite:
 
     def __init__(self, bundle: Bundle, policies: Sequence[str], budgets: Sequence[Budget], *,
                  json_path: Optional[Union[str, Path]] = None, resume: bool = False, progress: bool = True,
-                 seed: int = 0, revotes: Sequence[Union[int, str]] = (), refreshes: Sequence[int] = ()):
+                 seed: int = 0, revotes: Sequence[Union[int, str]] = (), refreshes: Sequence[int] = (),
+                 revote_voters: str = "response"):
         from maskkv_compile.policies import get_policy
 
         for policy in policies:
@@ -166,6 +171,7 @@ class Suite:
         self.budgets = [parse_budget(b) for b in budgets]
         self.revotes = [parse_revote(r) for r in revotes]
         self.refreshes = [int(r) for r in refreshes]
+        self.revote_voters = revote_voters
         self.json_path = Path(json_path) if json_path else None
         self.progress = progress
         self.seed = seed
@@ -184,6 +190,7 @@ class Suite:
             "environment": {"torch": torch.__version__, **_versions()},
             "full_budget": FULL_BUDGET, "policies": self.policies, "budgets": self.budgets, "tasks": list(b.tasks),
             "revotes": self.revotes, "refreshes": self.refreshes,
+            "revote_voters": [self.revote_voters] if self.revotes else [],
             "samples": {s.id: {**s.to_dict(), "text": b.decode(s.truth())} for s in b.samples},
             "profile": None,
             "cells": {},
@@ -202,6 +209,8 @@ class Suite:
         self.results["budgets"] = _union(old.get("budgets", []), self.budgets)
         self.results["revotes"] = _union(old.get("revotes", []), self.revotes)
         self.results["refreshes"] = _union(old.get("refreshes", []), self.refreshes)
+        self.results["revote_voters"] = _union(old.get("revote_voters", ["response"] if old.get("revotes") else []),
+                                               self.results["revote_voters"])
         self.results["tasks"] = _union(old.get("tasks", []), self.results["tasks"])
         if old.get("profile"):
             from maskkv_compile.profile import LayerProfile
@@ -244,14 +253,15 @@ class Suite:
         profile = self.layer_profile() if get_policy(config.policy).needs_profile else None
         self.optimize_calls += 1
         return optimized(self.bundle.model, self.bundle.mask_id, config.policy, config.int_budget, profile=profile,
-                         refresh=config.refresh, seed=self.seed, revote=config.revote)
+                         refresh=config.refresh, seed=self.seed, revote=config.revote,
+                         revote_voters=config.revote_voters)
 
     def run(self) -> dict:
         try:
             from tqdm.auto import tqdm
         except ImportError:  # tqdm is optional
             tqdm = None
-        configs = configurations(self.policies, self.budgets, self.revotes, self.refreshes)
+        configs = configurations(self.policies, self.budgets, self.revotes, self.refreshes, self.revote_voters)
         todo = [(c, self._missing(c)) for c in configs]
         total = sum(len(m) for _, m in todo)
         bar = tqdm(total=total, desc=f"quality {self.bundle.name}", unit="cell", disable=not self.progress or total == 0) if tqdm else None
@@ -366,7 +376,7 @@ def run_suite(model: str = "tiny-llama", policies: Optional[Sequence[str]] = Non
               tasks: Optional[Sequence[str]] = None, out: Optional[Union[str, Path]] = None, resume: bool = False,
               progress: bool = True, seed: int = 0, bundle: Optional[Bundle] = None,
               checkpoint: Optional[str] = None, revotes: Sequence[Union[int, str]] = (),
-              refreshes: Sequence[int] = ()) -> Suite:
+              refreshes: Sequence[int] = (), revote_voters: str = "response") -> Suite:
     """Load ``model`` (``checkpoint``: a tiny-dllm folder), run every missing cell, write
     ``<out>/quality_<model>.json``; returns the suite."""
     from maskkv_compile.policies import POLICIES
@@ -375,6 +385,6 @@ def run_suite(model: str = "tiny-llama", policies: Optional[Sequence[str]] = Non
     bundle = bundle or load_bundle(model, samples, tasks, seed=seed, checkpoint=checkpoint)
     path = Path(out) / f"quality_{bundle.name.replace('-', '_')}.json" if out is not None else None
     suite = Suite(bundle, list(policies or POLICIES), budgets, json_path=path, resume=resume, progress=progress, seed=seed,
-                  revotes=revotes, refreshes=refreshes)
+                  revotes=revotes, refreshes=refreshes, revote_voters=revote_voters)
     suite.run()
     return suite

@@ -44,7 +44,8 @@ def rows(results: dict, task: Optional[str] = None) -> list[dict]:
             base = config_key(policy, budget)
             base_cost = _cost(results, base, ids)
             keys = [(base, "one-shot")]
-            keys += [(config_key(policy, budget, revote=r), f"revote {r}") for r in results.get("revotes", [])]
+            keys += [(config_key(policy, budget, revote=r, revote_voters=v), f"revote {r}" + ("" if v == "response" else f" {v}"))
+                     for v in results.get("revote_voters", ["response"]) for r in results.get("revotes", [])]
             keys += [(config_key(policy, budget, refresh=r), f"refresh {r}") for r in results.get("refreshes", [])]
             for key, setting in keys:
                 agg, cost = aggregate(results, key, ids), _cost(results, key, ids)
@@ -131,7 +132,10 @@ def plot(results: dict, path: str | Path, task: Optional[str] = None) -> Path:
     ax.scatter([], [], color="white", edgecolor="black", marker="^", label="revote")
     ax.scatter([], [], color="white", edgecolor="black", marker="s", label="prompt refresh")
     ax.scatter([], [], color="white", edgecolor="black", marker="*", s=120, label="references")
-    ax.set_xscale("log")
+    if data:
+        ax.set_xscale("log")
+    else:  # no configuration made a step call (one-token spans): nothing to time
+        ax.text(0.5, 0.5, "no step calls to time", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("median step latency (ms, the configuration's own calls after the prefill; same run)")
     ax.set_ylabel("retention (%) vs the full prompt cache")
     ids = sample_ids(results, task)
