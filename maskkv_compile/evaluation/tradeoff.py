@@ -134,8 +134,9 @@ def plot(results: dict, path: str | Path, task: Optional[str] = None) -> Path:
     ax.scatter([], [], color="white", edgecolor="black", marker="*", s=120, label="references")
     if data:
         ax.set_xscale("log")
-    else:  # no configuration made a step call (one-token spans): nothing to time
-        ax.text(0.5, 0.5, "no step calls to time", ha="center", va="center", transform=ax.transAxes)
+    else:  # e.g. a model scored without retention (tiny-llama), or one-token spans (no step call)
+        ax.text(0.5, 0.5, "nothing to plot: no configuration has both a retention and a step time",
+                ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("median step latency (ms, the configuration's own calls after the prefill; same run)")
     ax.set_ylabel("retention (%) vs the full prompt cache")
     ids = sample_ids(results, task)
