@@ -25,10 +25,11 @@ know nothing of the tokens decoded later. With ``revote`` set:
   P scores per KV head), against a prompt refresh's forward over every prompt row.
 * **Voters.** At a re-vote every policy votes with the response rows (Dream: the row before
   each response position), the queries a step computes; prompt queries (SnapKV's window) are
-  not recomputed. ``revote_voters="masked"`` narrows them to the rows whose position is still
-  the mask token in the call (``still_masked``), as at the prefill; a row with no mask left
-  keeps every voter. So a re-voting SnapKV is SnapKV's pooling and budgets with the response
+  not recomputed. So a re-voting SnapKV is SnapKV's pooling and budgets with the response
   queries' votes; StreamingLLM's and random's selections ignore votes and do not change.
+  ``revote_voters="masked"`` narrows the voters to the rows whose position is still the mask
+  token in the call (``still_masked``), as at the prefill; a row with no mask left keeps every
+  voter.
 * **Schedule.** ``revote=k``: the k-th, 2k-th, ... step call after each prefill or prompt
   refresh. ``revote="block"``: every block refresh of the dual cache (``blocks.py``), whose
   merged cache is then built from the new selection. ``cache_stats()["revotes"]`` counts them.
