@@ -79,7 +79,7 @@ def kept_columns(scores: torch.Tensor, kept_len: torch.Tensor, kmax: int) -> tup
     keep = above | (tied & (tied.cumsum(-1) <= room))  # (B, Hkv, P), kept_len True per head
     slot = torch.where(keep, keep.cumsum(-1) - 1, kmax)  # the column's place; kmax = dropped
     columns.scatter_(-1, slot, torch.arange(num, device=scores.device).expand(batch, kv_heads, num))
-    return torch.where(valid, columns[..., :kmax], 0), valid
+    return columns[..., :kmax], valid  # slots past kept_len were never written: still 0
 
 
 def gather_kept(k: torch.Tensor, v: torch.Tensor, at: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

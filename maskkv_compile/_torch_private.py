@@ -9,6 +9,7 @@ from torch._dynamo.exc import BackendCompilerFailed  # noqa: F401  (unwrapped to
 from torch._dynamo.utils import lazy_format_graph_code  # noqa: F401  (graph dumps depyf/TORCH_LOGS see)
 from torch._logging import trace_structured  # noqa: F401  (tlparse artifacts)
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: F401
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass  # noqa: F401  (DTensor parameters)
 
 
 def example_value(node):
@@ -62,4 +63,3 @@ def resolve_process_group(group_name: str):
     from torch.distributed.distributed_c10d import _resolve_process_group
 
     return _resolve_process_group(group_name)
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass  # noqa: E402,F401  (DTensor parameters)

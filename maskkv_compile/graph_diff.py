@@ -212,11 +212,20 @@ def _info(node: fx.Node, width: int = 400) -> NodeInfo:
     return NodeInfo(node.name, op, text)
 
 
-def _stack_layer(node: fx.Node) -> Optional[str]:
+def stack_path(node: fx.Node) -> Optional[str]:
+    """The innermost module dynamo recorded for ``node``, as its source path without the model
+    argument (``L['self'].model.layers[0].self_attn`` -> ``model.layers[0].self_attn``); None
+    when the node has no module stack."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return None
-    path = re.sub(r"^L\['\w+'\](\[\d+\])?\.?", "", str(list(stack.values())[-1][0]))
+    return re.sub(r"^L\['\w+'\](\[\d+\])?\.?", "", str(list(stack.values())[-1][0]))
+
+
+def _stack_layer(node: fx.Node) -> Optional[str]:
+    path = stack_path(node)
+    if path is None:
+        return None
     m = _LAYER.search(path)
     return m.group(1) if m else ""
 

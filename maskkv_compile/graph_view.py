@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch.fx as fx
 
-from maskkv_compile.graph_diff import _info, _op, node_layers, readable_name
+from maskkv_compile.graph_diff import _count, _info, _op, node_layers, readable_name
 
 KINDS = ("maskkv", "added", "removed", "input", "context", "output")
 # fill, stroke, dashed, rounded
@@ -69,10 +69,6 @@ class GraphView:
         """The nodes the passes removed (captured view) or added (rewritten views), inputs included."""
         return [n for n in self.nodes if n.kind in ("maskkv", "added", "removed", "input")]
 
-    @property
-    def maskkv_ops(self) -> list[str]:
-        return [n.op for n in self.nodes if n.kind == "maskkv"]
-
 
 def site_views(captured: fx.GraphModule, graphs, names=("prefill", "step")) -> dict[Optional[int], list[GraphView]]:
     """Layer (None: outside every layer) -> [captured view, one view per rewritten graph in
@@ -92,13 +88,13 @@ def site_views(captured: fx.GraphModule, graphs, names=("prefill", "step")) -> d
             n.name for n in captured.graph.nodes
             if n.op != "output" and n.name not in canonical_names and captured_layers.get(n.name) == layer
         }
-        row = [build_view("captured", captured, removed, captured_names, before=True)]
+        row = [build_view("captured", captured, removed, captured_names)]
         for name, gm, layers in per_graph:
             new = {n.name for n in gm.graph.nodes
                    if n.op != "output" and n.name not in captured_names and layers.get(n.name) == layer}
             if layer is None:  # inputs shared by the sites are drawn at the sites, not outside
                 new = {name for name in new if not _only_in_layers(gm, name, layers)}
-            row.append(build_view(name, gm, new, captured_names, before=False))
+            row.append(build_view(name, gm, new, captured_names))
         if layer is not None or any(view.changed for view in row):
             views[layer] = row
     return views
@@ -109,10 +105,22 @@ def _only_in_layers(gm: fx.GraphModule, name: str, layers: dict) -> bool:
     return node is not None and bool(node.users) and all(layers.get(u.name) is not None for u in node.users)
 
 
-def build_view(graph: str, gm: fx.GraphModule, members: set[str], reference: set[str], before: bool) -> GraphView:
+def change_kind(node: fx.Node, captured: bool, reference: set[str]) -> str:
+    """How the passes changed ``node``: in the captured graph "removed" (the caller passes only
+    nodes that are gone); in a rewritten graph, for a node not in ``reference`` (the captured
+    graph's names), "input" (a new placeholder), "maskkv" (a maskkv:: op) or "added"."""
+    if captured:
+        return "removed"
+    if node.op == "placeholder":
+        return "input"
+    return "maskkv" if _op(node).startswith("maskkv::") else "added"
+
+
+def build_view(graph: str, gm: fx.GraphModule, members: set[str], reference: set[str]) -> GraphView:
     """The view of ``members`` (node names of ``gm``) with one step of context, laid out.
     ``reference``: the captured graph's node names (what is not new in a rewritten graph)."""
     view = GraphView(graph)
+    before = graph == "captured"
     nodes = {n.name: n for n in gm.graph.nodes}
     folded = {
         name for name in members
@@ -127,12 +135,12 @@ def build_view(graph: str, gm: fx.GraphModule, members: set[str], reference: set
         if node.op == "output":
             return "output"
         if before:
-            return "removed" if node.name in members else "context"
+            return change_kind(node, True, reference) if node.name in members else "context"
         if node.op == "placeholder" and node.name not in reference:
             return "input"  # a new graph input, also where it is only context
         if node.name not in members:
             return "context"
-        return "maskkv" if _op(node).startswith("maskkv::") else "added"
+        return change_kind(node, False, reference)
 
     def add(node: fx.Node) -> str:
         if node.name not in drawn:
@@ -291,10 +299,9 @@ LEGEND = "<span class='legend'>" + " ".join(
 def caption(view: GraphView) -> str:
     changed = [n for n in view.nodes if n.kind in ("maskkv", "added", "removed")]
     if view.graph == "captured":
-        return f"captured: {len(changed)} node{'s' if len(changed) != 1 else ''} replaced"
+        return f"captured: {_count(len(changed))} replaced"
     inputs = sum(n.kind == "input" for n in view.nodes)
-    return (f"{view.graph}: {len(changed)} new node{'s' if len(changed) != 1 else ''}"
-            + (f", {inputs} new input{'s' if inputs != 1 else ''}" if inputs else ""))
+    return f"{view.graph}: {_count(len(changed), 'new node')}" + (f", {_count(inputs, 'new input')}" if inputs else "")
 
 
 def views_html(views: list[GraphView], uid: str) -> str:
@@ -306,4 +313,5 @@ def views_html(views: list[GraphView], uid: str) -> str:
     return f"<div class='views'>{figures}</div>"
 
 
-__all__ = ["GraphView", "KINDS", "LEGEND", "ViewNode", "build_view", "caption", "site_views", "svg", "views_html"]
+__all__ = ["GraphView", "KINDS", "LEGEND", "ViewNode", "build_view", "caption", "change_kind", "site_views", "svg",
+           "views_html"]

@@ -30,22 +30,20 @@ import torch
 import torch.fx as fx
 
 from maskkv_compile._torch_private import example_value
-from maskkv_compile.graph_diff import _info, _op, node_layers, readable_name
+from maskkv_compile.graph_diff import _info, _op, node_layers, readable_name, stack_path
+from maskkv_compile.graph_view import _STYLE, change_kind
 
 GRAPH_IDS = ("captured", "canonical", "prefill", "step")
-_COLOURS = {"maskkv": ("#e0b0ff", "#7a1fc2"), "added": ("#d8f5d8", "#2e7d32"), "removed": ("#ffd9d9", "#b22222"),
-            "input": ("#fff1b8", "#a67c00")}
+_COLOURS = {kind: _STYLE[kind][:2] for kind in ("maskkv", "added", "removed", "input")}  # (fill, stroke) as in the HTML
 _STATUS = {"maskkv": "inserted maskkv:: op", "added": "inserted", "removed": "replaced by maskkv::attention",
            "input": "graph input added by the passes"}
 
 
 def _module_path(node: fx.Node) -> Optional[str]:
     """``L['args'][0].model.layers[0].self_attn`` -> ``model.layers.0.self_attn``."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
+    path = stack_path(node)
+    if path is None:
         return None
-    path = str(list(stack.values())[-1][0])
-    path = re.sub(r"^L\['\w+'\](?:\[\d+\])?\.?", "", path)
     path = re.sub(r"\[['\"]?(\w+)['\"]?\]", r".\1", path)  # [0] / ['0'] -> .0
     return path.strip(".")
 
@@ -118,12 +116,9 @@ def collection(captured: fx.GraphModule, graphs, label: str) -> dict:
         for node in gm.graph.nodes:
             if node.op == "output":
                 continue
-            if graph_id == "captured":
-                if node.name not in canonical_names:
-                    kinds[node.name] = "removed"
-            elif node.name not in captured_names:
-                kinds[node.name] = ("input" if node.op == "placeholder"
-                                    else "maskkv" if _op(node).startswith("maskkv::") else "added")
+            gone = graph_id == "captured" and node.name not in canonical_names
+            if gone or (graph_id != "captured" and node.name not in captured_names):
+                kinds[node.name] = change_kind(node, graph_id == "captured", captured_names)
         graph = graph_json(gm, graph_id, kinds, site_paths)
         summary = {"graph": graph_id, "nodes": str(len(graph["nodes"]))}
         ops = sorted({_op(n) for n in gm.graph.nodes if kinds.get(n.name) == "maskkv"})

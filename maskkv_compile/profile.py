@@ -150,6 +150,11 @@ class LayerProfile:
         data = json.loads(Path(path).read_text())
         if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
             raise ValueError(f"{path} is not a MaskKV layer profile (expected format {PROFILE_FORMAT!r})")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LayerProfile":
+        """The profile :meth:`to_dict` wrote (as saved inside a quality JSON too)."""
         return cls(tuple(data["importance"]), data["fingerprint"], version=data["version"], meta=data.get("meta", {}))
 
     def check_compatible(self, fingerprint: Union[Mapping[str, Any], Any]) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import operator
-import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 
 from maskkv_compile import kernels  # noqa: F401  (registers maskkv:: ops)
 from maskkv_compile._torch_private import example_value
-from maskkv_compile.graph_diff import readable_name  # errors name nodes by module path
+from maskkv_compile.graph_diff import readable_name, stack_path  # errors name nodes by module path
 
 from .base import GraphPass, PassResult, is_call, is_method
 
@@ -58,11 +57,8 @@ class SiteRefused(Exception):
 
 
 def _module_path(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return "?"
-    path = str(list(stack.values())[-1][0])
-    return re.sub(r"^L\['\w+'\](\[\d+\])?\.?", "", path) or "<root>"
+    path = stack_path(node)
+    return "?" if path is None else path or "<root>"
 
 
 def _kwarg(node: fx.Node, name: str, position: int, default=None):

@@ -7,6 +7,7 @@ KV head and sample) that a `revote=1` step keeps, for `maskkv` on the quality su
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -16,8 +17,7 @@ from maskkv_compile.profile import LayerProfile
 
 name, budget = sys.argv[1], int(sys.argv[2])
 bundle = load_bundle(name, 8)
-p = json.load(open(f"docs/revote/quality_{name.replace('-', '_')}.json"))["profile"]
-profile = LayerProfile(tuple(p["importance"]), p["fingerprint"], version=p["version"], meta=p.get("meta", {}))
+profile = LayerProfile.from_dict(json.loads(Path(f"docs/revote/quality_{name.replace('-', '_')}.json").read_text())["profile"])
 net = optimized(bundle.model, bundle.mask_id, "maskkv", budget, profile=profile, revote=1)  # as the suite builds a cell
 
 

@@ -216,8 +216,7 @@ class Suite:
             from maskkv_compile.profile import LayerProfile
 
             self.results["profile"] = old["profile"]
-            p = old["profile"]
-            self.profile = LayerProfile(tuple(p["importance"]), p["fingerprint"], version=p["version"], meta=p.get("meta", {}))
+            self.profile = LayerProfile.from_dict(old["profile"])
 
     def save(self) -> None:
         self._agreements()
