@@ -10,7 +10,7 @@ op                          what it computes
 ``maskkv::attention``       canonical bidirectional attention (every spelling lowers to it)
 ``maskkv::mask_votes``      per-KV-head votes of the mask queries on prompt keys, and the
                             per-query-head attention mass on the prompt (chunked)
-``maskkv::select_kv``       top-k per KV head with per-head budgets, padded kept K/V
+``maskkv::select_kv``       top-k per KV head with per-head budgets, flat kept K/V of static size
 ``maskkv::cached_attention`` attention over [kept prompt K/V (padded) ; response K/V]
 ``maskkv::selection_scores`` a policy's ranking of the prompt entries (votes, pooled, ...)
 ``maskkv::head_budgets``    a policy's per-KV-head budgets of one layer

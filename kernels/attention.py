@@ -6,7 +6,9 @@ rewritten into this one op by ``passes/find_attention.py``; later passes only lo
 
 Shapes: q (B, H, S, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) with H % Hkv == 0 -> (B, H, S, Dv);
 optional key_valid (B, Sk) bool: False marks a padding key that no query attends to (the
-prefill graph passes it for padded batches; ``None`` or all True is plain attention).
+prefill graph passes it for padded batches). ``None`` or an empty (B, 0) mask is plain
+attention: the runtime passes (B, 0) for a layout without padding, a fact it reads once when
+the layout is made, so the op never reads the mask to find out.
 Query head h reads KV head h // (H // Hkv), the grouping of Hugging Face's ``repeat_kv``.
 
 ``softmax_dtype`` keeps the eager spelling's numerics: when the model computed the softmax
@@ -66,11 +68,15 @@ def attention(
     return attention_reference(q, k, v, scale, softmax_dtype, key_mask=padding_mask(key_valid)).contiguous()
 
 
+def key_padding(key_valid: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The (B, Sk) key validity, or None when nothing is padding (None or (B, 0))."""
+    return None if key_valid is None or key_valid.shape[-1] == 0 else key_valid
+
+
 def padding_mask(key_valid: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """(B, Sk) key validity -> an SDPA key mask (B, 1, 1, Sk), or None when nothing is padding."""
-    if key_valid is None or bool(key_valid.all()):
-        return None
-    return key_valid[:, None, None, :]
+    key_valid = key_padding(key_valid)
+    return None if key_valid is None else key_valid[:, None, None, :]
 
 
 @attention.register_fake

@@ -17,7 +17,9 @@ others go row by row (each row's columns read on the host, once per layer and se
 budget, policy, alpha, min_keep) -> (B, Hkv) int64``: each row's per-KV-head budgets; they
 sum to round(Hkv * layer_budget) and lie in [min(min_keep, P_b), P_b], P_b the row's prompt
 length (its finite scores). A row whose prompt is no longer than the model-wide average
-``budget`` is kept whole in every layer, whatever the policy.
+``budget`` is kept whole in every layer, whatever the policy. The uniform and maskkv head
+allocators (every policy but AdaKV) do every row at once on the device and read nothing, so
+under them a prefill graph needs no host synchronisation; AdaKV goes row by row on the CPU.
 """
 
 from __future__ import annotations
@@ -61,19 +63,24 @@ def head_budgets(
     chosen = get_policy(policy)
     options = {"alpha": alpha} if chosen.head_allocator == "maskkv" else {}
     batch, kv_heads = scores.shape[:2]
-    out = torch.empty((batch, kv_heads), dtype=torch.long, device=scores.device)
-    for row in range(batch):
-        columns = torch.isfinite(scores[row, 0]).nonzero().flatten()
-        prompt_len = int(columns.numel())
-        if prompt_len <= budget:  # the prompt fits the budget: nothing to evict, under any policy
-            out[row] = prompt_len
-            continue
-        out[row] = chosen.head_budgets(
-            layer_budget, n_kv_heads=kv_heads, prompt_len=prompt_len, min_keep=min_keep,
-            prompt_mass=prompt_mass[row : row + 1], n_voters=max(int(voter_valid[row].sum()), 1),
-            votes=scores[row : row + 1].index_select(2, columns), **options,
-        ).to(out.device)
-    return out
+    prompt_len = torch.isfinite(scores[:, 0]).sum(-1)  # (B,) each row's own prompt
+    n_voters = voter_valid.sum(1).clamp(min=1)  # (B,)
+    if chosen.allocates_rows:  # every row at once, on the device
+        out = chosen.head_budgets_rows(layer_budget, n_kv_heads=kv_heads, prompt_len=prompt_len, min_keep=min_keep,
+                                       prompt_mass=prompt_mass, n_voters=n_voters, **options)
+    else:
+        out = torch.zeros((batch, kv_heads), dtype=torch.long, device=scores.device)
+        for row in range(batch):
+            columns = torch.isfinite(scores[row, 0]).nonzero().flatten()
+            if columns.numel() <= budget:  # kept whole below
+                continue
+            out[row] = chosen.head_budgets(
+                layer_budget, n_kv_heads=kv_heads, prompt_len=int(columns.numel()), min_keep=min_keep,
+                prompt_mass=prompt_mass[row : row + 1], n_voters=int(n_voters[row]),
+                votes=scores[row : row + 1].index_select(2, columns), **options,
+            ).to(out.device)
+    # a prompt that fits the budget: nothing to evict, under any policy
+    return torch.where(prompt_len[:, None] <= budget, prompt_len[:, None], out)
 
 
 @head_budgets.register_fake

@@ -11,7 +11,8 @@ Inputs:  q (B, H, S, D), k (B, Hkv, S, D), voter_idx (Rv,) and prompt_idx (P,) i
          False at padding keys (out of every softmax), voter_valid (B, Rv) False where a
          voter position does not vote for that row, prompt_valid (B, P) False where a
          prompt column is not that row's prompt (its votes are 0 and its mass is not
-         prompt mass). ``None`` (or all True) means every row is the same layout.
+         prompt mass). ``None`` (or all True) means every row is the same layout; a
+         (B, 0) key_valid means no padding (as for ``maskkv::attention``).
 Outputs: votes (B, Hkv, P)   accumulated in float32 (float64 for float64 inputs)
          prompt_mass (B, H)  attention mass of the voters on the prompt keys, per query
                              head; prompt preference is prompt_mass / Rv, since each row
@@ -34,6 +35,7 @@ from typing import Optional
 import torch
 
 from . import triton_votes
+from .attention import key_padding
 
 KEY_BLOCK_FACTOR = 16  # keys per block = KEY_BLOCK_FACTOR * chunk (see docs/kernels.md)
 
@@ -42,9 +44,18 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def free_to_read(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s values on the host costs no synchronisation: it is on the CPU."""
+    return t.device.type == "cpu"
+
+
 def _weights(valid, like):
-    """An optional bool mask as multiplicative weights in ``like``'s dtype (None stays None)."""
-    return None if valid is None or bool(valid.all()) else valid.to(like.dtype)
+    """An optional bool mask as multiplicative weights in ``like``'s dtype (None stays None).
+    An all-True mask is dropped where finding out is free (``free_to_read``); elsewhere it is
+    applied (a product with 1.0, exact) rather than read."""
+    if valid is None or (free_to_read(valid) and bool(valid.all())):
+        return None
+    return valid.to(like.dtype)
 
 
 def mask_votes_reference(q, k, voter_idx, prompt_idx, scale, key_valid=None, voter_valid=None, prompt_valid=None):
@@ -79,7 +90,8 @@ def mask_votes_chunked(q, k, voter_idx, prompt_idx, scale, chunk=64, key_valid=N
     key_block = chunk * KEY_BLOCK_FACTOR
     votes = q.new_zeros((batch, kv_heads, num_prompt), dtype=acc)
     prompt_mass = q.new_zeros((batch, kv_heads, group), dtype=acc)
-    padding = None if key_valid is None or bool(key_valid.all()) else ~key_valid[:, None, None, :]  # (B, 1, 1, S)
+    key_valid = key_padding(key_valid)
+    padding = None if key_valid is None else ~key_valid[:, None, None, :]  # (B, 1, 1, S)
     voter_w, column_w = _weights(voter_valid, votes), _weights(prompt_valid, votes)
     if padding is not None:  # a padding key is no prompt column either
         real = key_valid.index_select(1, prompt_idx).to(acc)

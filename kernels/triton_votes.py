@@ -47,6 +47,8 @@ from typing import Optional
 
 import torch
 
+from .attention import key_padding
+
 try:
     import triton
     import triton.language as tl
@@ -281,8 +283,8 @@ def register_cuda(op, torch_fn) -> None:
         scale: float, chunk: int = 64, key_valid: Optional[torch.Tensor] = None,
         voter_valid: Optional[torch.Tensor] = None, prompt_valid: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # chunk: CPU-only knob
-        return mask_votes_triton(q, k, voter_idx, prompt_idx, scale, key_valid, voter_valid, prompt_valid)
+        # chunk: CPU-only knob; a (B, 0) key_valid is no padding
+        return mask_votes_triton(q, k, voter_idx, prompt_idx, scale, key_padding(key_valid), voter_valid, prompt_valid)
 
     def supported(q, k, voter_idx, prompt_idx, scale, chunk=64, key_valid=None, voter_valid=None, prompt_valid=None):
         masks = [m for m in (key_valid, voter_valid, prompt_valid) if m is not None]

@@ -13,7 +13,9 @@ Pure torch / Python, no graph code. Vocabulary:
   ``hi = prompt_len`` and ``lo = min(min_keep, prompt_len)``; when ``Hkv * k_l`` lies outside
   ``[Hkv*lo, Hkv*hi]`` the total is clamped into that range (e.g. a prompt shorter than the budget
   is kept whole). Ties are broken towards the lower head index.
-* Head allocators compute on the CPU in float64 (a few numbers per layer) and return the
+* Head allocators compute in float64 (a few numbers per layer). The ``_rows`` variants (uniform,
+  maskkv) do every row of a batch at once on the device of their inputs without reading it, so
+  the prefill graph needs no host synchronisation; the others run on the CPU and return the
   budgets on the device of their input statistics.
 """
 
@@ -159,30 +161,73 @@ def layer_slot_totals(layer_budgets: Sequence[float], n_kv_heads: int) -> list[i
 
 
 # ---------------------------------------------------------------- integer rounding helpers
+#
+# The ``_rows`` functions work on a batch of independent rows (B, n) in float64 on any device,
+# without reading the device: every branch is a ``where``, every loop a rank. The host
+# functions below them validate their inputs and run one row.
 
 
-def _round_to_total(x: Tensor, total: int, lo: int, hi: int) -> Tensor:
-    """Integers in [lo, hi] summing to ``total``, starting from ``floor(x)``: +1 to the largest
-    remainders (ties: lower index first) until the total is met, or -1 from the smallest
-    remainders (ties: higher index first) if the floors overshoot."""
+def _round_rows(x: Tensor, total: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """Integers in [lo, hi] summing to ``total`` per row, from ``floor(x)``: +1 to the largest
+    remainders (ties: lower index first). ``x`` (B, n) float64 with ``lo <= x <= hi`` and
+    ``total - 1 < sum(x) <= total + 1`` (so the floors never overshoot and one +1 per entry
+    suffices); ``total`` (B,), ``lo``/``hi`` (B, 1) float64. Returns int64 (B, n)."""
     k = torch.floor(x).clamp(lo, hi)
     rem = torch.round((x - k) * 1e9) / 1e9  # quantized: float noise must not break exact ties
-    deficit = total - int(k.sum())
-    while deficit != 0:
-        step = 1 if deficit > 0 else -1
-        if step > 0:
-            cand = torch.nonzero(k < hi).flatten()
-            order = torch.sort(-rem[cand], stable=True).indices
-        else:
-            cand = torch.nonzero(k > lo).flatten().flip(0)
-            order = torch.sort(rem[cand], stable=True).indices
-        if cand.numel() == 0:
-            raise ValueError(f"cannot reach total {total} with {x.numel()} values in [{lo}, {hi}]")
-        take = cand[order[: abs(deficit)]]
-        k[take] += step
-        rem[take] -= step
-        deficit -= step * take.numel()
-    return k.to(torch.int64)
+    deficit = total - k.sum(1)  # (B,)
+    priority = torch.where(k < hi, rem, float("-inf"))  # a head at hi takes no more
+    order = torch.sort(-priority, dim=1, stable=True).indices  # (B, n) best first, ties by index
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(x.shape[1], device=x.device).expand_as(order))
+    return (k + ((rank < deficit[:, None]) & (k < hi))).to(torch.int64)
+
+
+def _scale_rows(q: Tensor, total: Tensor, lo: Tensor, hi: Tensor, active: Tensor) -> Tensor:
+    """``x_i = clip(lam * q_i, lo, hi)`` over the ``active`` entries of each row with
+    ``sum x == total``, solved exactly on the breakpoints of the monotone piecewise-linear
+    ``f(lam) = sum clip(lam q, lo, hi)``; ``lo`` everywhere when ``total <= f(0)``. Needs
+    ``total < f(max breakpoint)``; inactive entries are left at 0 (the caller ignores them)."""
+    w = active.to(q.dtype)
+    inv = torch.where(active & (q > 0), 1.0 / torch.where(q > 0, q, 1.0), 0.0)  # (B, n); 0 = a dummy breakpoint
+    bps = torch.cat([torch.zeros_like(q[:, :1]), lo * inv, hi * inv], 1).sort(1).values  # (B, 2n+1)
+    f = ((bps[:, :, None] * q[:, None, :]).clamp(lo[..., None], hi[..., None]) * w[:, None, :]).sum(-1)  # (B, 2n+1)
+    i = torch.searchsorted(f, total[:, None])  # (B, 1): the first breakpoint with f >= total
+    below, above = (i - 1).clamp(min=0), i.clamp(max=bps.shape[1] - 1)
+    b0, b1, f0, f1 = bps.gather(1, below), bps.gather(1, above), f.gather(1, below), f.gather(1, above)
+    lam = b0 + (total[:, None] - f0) * (b1 - b0) / (f1 - f0)  # f1 > f0 wherever i > 0
+    return torch.where(i == 0, lo, (lam * q).clamp(lo, hi)) * w
+
+
+def _fit_rows(q: Tensor, total: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """Real budgets ``clip(lam * q_i, lo, hi)`` summing to ``total`` (``q >= 0``). Zero-quota
+    entries stay at ``lo`` unless every positive one is at ``hi``; then they share what is
+    left evenly. All-zero quotas count as equal ones."""
+    none = ~(q > 0).any(1, keepdim=True)
+    q = torch.where(none, 1.0, q)
+    pos = q > 0
+    n_pos = pos.sum(1).to(q.dtype)  # (B,)
+    cap = n_pos * hi[:, 0] + (q.shape[1] - n_pos) * lo[:, 0]  # f at the largest breakpoint
+    spread = _scale_rows(q, total, lo, hi, torch.ones_like(pos))
+    rest = _scale_rows(torch.ones_like(q), total - n_pos * hi[:, 0], lo, hi, ~pos)  # the zero quotas' share
+    filled = torch.where(pos, hi, torch.where((total > cap)[:, None], rest, lo))
+    return torch.where((total >= cap)[:, None], filled, spread)
+
+
+def clamp_and_redistribute_rows(quotas: Tensor, total: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """:func:`clamp_and_redistribute` for every row of ``quotas`` (B, n) at once, on their
+    device and without reading it: ``total``, ``lo``, ``hi`` (B,) (``0 <= lo <= hi``).
+    Returns int64 (B, n)."""
+    q = quotas.to(torch.float64)
+    n = q.shape[1]
+    lo, hi = lo.to(q)[:, None], hi.to(q)[:, None]  # (B, 1)
+    total = torch.minimum(torch.maximum(total.to(q), n * lo[:, 0]), n * hi[:, 0])  # outside: infeasible
+    as_is = ((q >= lo) & (q <= hi)).all(1) & ((q.sum(1) - total).abs() < 1.0)  # (B,)
+    x = torch.where(as_is[:, None], q, _fit_rows(q.clamp_min(0.0), total, lo, hi))
+    return _round_rows(x, total, lo, hi)
+
+
+def _one_row(x: Tensor, total: int, lo: int, hi: int) -> Tensor:
+    """(n,) float64 -> the rows functions' (1, n) inputs, and back."""
+    return x[None], *(torch.tensor([float(v)], dtype=torch.float64) for v in (total, lo, hi))
 
 
 def largest_remainder(shares: Tensor, total: int) -> Tensor:
@@ -197,31 +242,8 @@ def largest_remainder(shares: Tensor, total: int) -> Tensor:
         raise ValueError("shares must be finite and >= 0")
     if float(s.sum()) <= 0.0:
         s = torch.ones_like(s)
-    return _round_to_total(s / s.sum() * int(total), int(total), 0, int(total)).to(shares.device)
-
-
-def _fit_proportional(q: Tensor, total: float, lo: int, hi: int) -> Tensor:
-    """``x_i = clip(lam * q_i, lo, hi)`` with ``sum x == total`` (``q >= 0``, float64): solved
-    exactly on the breakpoints of the monotone piecewise-linear ``f(lam) = sum clip(lam q, lo, hi)``.
-    Zero-quota entries stay at ``lo`` unless every positive one is already at ``hi``."""
-    pos = q > 0
-    if not bool(pos.any()):
-        q, pos = torch.ones_like(q), torch.ones_like(pos)
-    n_pos = int(pos.sum())
-    cap = n_pos * hi + (q.numel() - n_pos) * lo
-    if total >= cap:
-        x = torch.where(pos, float(hi), float(lo)).to(torch.float64)
-        if total > cap:
-            x[~pos] = _fit_proportional(torch.ones(q.numel() - n_pos, dtype=torch.float64), total - n_pos * hi, lo, hi)
-        return x
-    qp = q[pos]
-    bps = torch.unique(torch.cat([torch.zeros(1, dtype=torch.float64), lo / qp, hi / qp]))
-    f = (bps[:, None] * q[None, :]).clamp(lo, hi).sum(1)
-    i = int(torch.searchsorted(f, torch.tensor([total], dtype=torch.float64))[0])
-    if i == 0:
-        return torch.full_like(q, float(lo))
-    lam = bps[i - 1] + (total - f[i - 1]) * (bps[i] - bps[i - 1]) / (f[i] - f[i - 1])
-    return (lam * q).clamp(lo, hi)
+    x, t, lo, hi = _one_row(s / s.sum() * int(total), int(total), 0, int(total))
+    return _round_rows(x, t, lo[:, None], hi[:, None])[0].to(shares.device)
 
 
 def clamp_and_redistribute(quotas: Tensor, total: int, lo: int, hi: int) -> Tensor:
@@ -233,6 +255,7 @@ def clamp_and_redistribute(quotas: Tensor, total: int, lo: int, hi: int) -> Tens
     Otherwise the clamped heads sit at their bound and what a clamp frees (or takes) is shared
     by the other heads in proportion to their quotas -- ``x_i = clip(lam * q_i, lo, hi)`` with
     ``sum x == total`` -- then rounded by largest remainder (ties: lower index first).
+    (One row of :func:`clamp_and_redistribute_rows`, with its inputs checked.)
     """
     q = quotas.detach().to("cpu", torch.float64).flatten()
     lo, hi, total = int(lo), int(hi), int(total)
@@ -240,13 +263,7 @@ def clamp_and_redistribute(quotas: Tensor, total: int, lo: int, hi: int) -> Tens
         raise ValueError(f"need 0 <= lo <= hi, got lo={lo}, hi={hi}")
     if not bool(torch.isfinite(q).all()):
         raise ValueError("quotas must be finite")
-    n = q.numel()
-    total = min(max(total, n * lo), n * hi)
-    if bool(((q >= lo) & (q <= hi)).all()) and abs(float(q.sum()) - total) < 1.0:
-        x = q
-    else:
-        x = _fit_proportional(q.clamp_min(0.0), float(total), lo, hi)
-    return _round_to_total(x, total, lo, hi).to(quotas.device)
+    return clamp_and_redistribute_rows(*_one_row(q, total, lo, hi))[0].to(quotas.device)
 
 
 # ---------------------------------------------------------------- head level (online, per layer)
@@ -320,6 +337,34 @@ def maskkv_head_budgets(prompt_mass: Tensor, n_voters: Union[int, float, Tensor]
     quotas = alpha * k_l + (1.0 - alpha) * n * k_l * p_hat
     total = _layer_total(n, k_l)
     return clamp_and_redistribute(quotas, total, *_bounds(min_keep, prompt_len, total)).to(prompt_mass.device)
+
+
+def _rows_bounds(n_kv_heads: int, layer_budget: float, min_keep: int, prompt_len: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(total, lo, hi), each (B,): the layer total and each row's head bounds, as :func:`_bounds`."""
+    hi = prompt_len.to(torch.float64)
+    return torch.full_like(hi, _layer_total(n_kv_heads, layer_budget)), hi.clamp(max=int(min_keep)), hi
+
+
+def uniform_head_budgets_rows(n_kv_heads: int, layer_budget: float, prompt_len: Tensor, min_keep: int = 1) -> Tensor:
+    """:func:`uniform_head_budgets` for each row's ``prompt_len`` (B,): int64 (B, Hkv) on its
+    device, without reading it."""
+    quotas = torch.full((prompt_len.shape[0], n_kv_heads), float(layer_budget), dtype=torch.float64, device=prompt_len.device)
+    return clamp_and_redistribute_rows(quotas, *_rows_bounds(n_kv_heads, layer_budget, min_keep, prompt_len))
+
+
+def maskkv_head_budgets_rows(prompt_mass: Tensor, n_voters: Tensor, layer_budget: float, prompt_len: Tensor,
+                             n_kv_heads: int, alpha: float = 0.1, min_keep: int = 1) -> Tensor:
+    """:func:`maskkv_head_budgets` for every row alone, all rows at once: ``prompt_mass``
+    (B, H), ``n_voters`` and ``prompt_len`` (B,). int64 (B, Hkv) on the device of
+    ``prompt_mass``, computed there without reading it."""
+    batch, heads = prompt_mass.shape
+    pref = prompt_mass.to(torch.float64) / n_voters.to(torch.float64)[:, None]  # (B, H)
+    pref = pref.view(batch, n_kv_heads, heads // n_kv_heads).sum(2).clamp_min(0.0)  # (B, Hkv), as prompt_preference
+    mass = pref.sum(1, keepdim=True)
+    p_hat = torch.where(mass > 0, pref / torch.where(mass > 0, mass, 1.0), 1.0 / n_kv_heads)
+    k_l = float(layer_budget)
+    quotas = alpha * k_l + (1.0 - alpha) * n_kv_heads * k_l * p_hat
+    return clamp_and_redistribute_rows(quotas, *_rows_bounds(n_kv_heads, k_l, min_keep, prompt_len))
 
 
 def adakv_head_budgets(scores: Tensor, layer_budget: float, safeguard: float = 0.2, min_keep: int = 1,

@@ -58,6 +58,11 @@ class Layout:
         return self.key_valid & ~self.response
 
     @cached_property
+    def padded(self) -> bool:
+        """Some row has padding."""
+        return not bool(self.key_valid.all())
+
+    @cached_property
     def prompt_lens(self) -> list[int]:
         return self.prompt.sum(1).tolist()
 

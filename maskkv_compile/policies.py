@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from maskkv_compile.budgets import (
-    adakv_head_budgets, maskkv_head_budgets, maskkv_layer_budgets, pyramid_layer_budgets, squeeze_layer_budgets,
-    uniform_head_budgets, uniform_layer_budgets,
+    adakv_head_budgets, maskkv_head_budgets, maskkv_head_budgets_rows, maskkv_layer_budgets, pyramid_layer_budgets,
+    squeeze_layer_budgets, uniform_head_budgets, uniform_head_budgets_rows, uniform_layer_budgets,
 )
 
 # ---------------------------------------------------------------- voters and vote post-processing
@@ -117,6 +117,12 @@ _HEAD_ALLOCATORS: dict[str, Callable[..., Tensor]] = {
         _need(votes, "votes", pol), k_l, min_keep=mk, prompt_len=p, **kw),
 }
 
+# the allocators that do every row of a batch at once on the device, without reading it
+_ROW_HEAD_ALLOCATORS: dict[str, Callable[..., Tensor]] = {
+    "uniform": lambda k_l, n_kv, p, mk, pm, nv, **kw: uniform_head_budgets_rows(n_kv, k_l, p, mk),
+    "maskkv": lambda k_l, n_kv, p, mk, pm, nv, **kw: maskkv_head_budgets_rows(pm, nv, k_l, p, n_kv, min_keep=mk, **kw),
+}
+
 _VOTE_TRANSFORMS: dict[str, Callable[..., Tensor]] = {
     "none": lambda pol, votes, shape, device, kw: _need(votes, "votes", pol),
     "snapkv_pool": lambda pol, votes, shape, device, kw: snapkv_pool(_need(votes, "votes", pol), kw.get("kernel", 5)),
@@ -159,6 +165,19 @@ class Policy:
         (maskkv: prompt_mass + n_voters; adakv: votes ``(B, Hkv, P)``)."""
         return _HEAD_ALLOCATORS[self.head_allocator](self.name, layer_budget, n_kv_heads, prompt_len, min_keep,
                                                      prompt_mass, n_voters, votes, **options)
+
+    @property
+    def allocates_rows(self) -> bool:
+        """Whether :meth:`head_budgets_rows` serves this policy (uniform and maskkv heads; AdaKV's
+        joint ranking runs row by row on the CPU)."""
+        return self.head_allocator in _ROW_HEAD_ALLOCATORS
+
+    def head_budgets_rows(self, layer_budget: float, *, n_kv_heads: int, prompt_len: Tensor, min_keep: int,
+                          prompt_mass: Tensor, n_voters: Tensor, **options) -> Tensor:
+        """int64 ``(B, Hkv)``: :meth:`head_budgets` of every row alone (``prompt_len``,
+        ``n_voters`` (B,), ``prompt_mass`` (B, H)), all at once on their device, reading nothing."""
+        return _ROW_HEAD_ALLOCATORS[self.head_allocator](layer_budget, n_kv_heads, prompt_len, min_keep, prompt_mass,
+                                                         n_voters, **options)
 
     def selection_scores(self, votes: Optional[Tensor], shape: tuple[int, int, int],
                          device: Union[str, torch.device, None] = None, **options) -> Tensor:

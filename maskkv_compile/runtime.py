@@ -53,9 +53,12 @@ once, in routing (every live session's evidence, ``Session.evidence``, stacked a
 one ``tolist``); the step graph itself reads nothing, so it can be replayed as a CUDA graph.
 What the host needs about a layout (lengths, the logits read plan, each row's response
 positions for the dual cache) is read once when the layout is made, at the prefill or block
-refresh. The prefill graph still reads per layer (the head allocation runs in float64 on the
-host, and each layer's padded kept length is data-dependent): once per prompt, not per step.
-``tests/test_host_reads.py`` counts them.
+refresh. The prefill graph reads nothing under every policy whose votes are ranked as they are
+and whose heads are allocated on the device (maskkv and the uniform-budget ones: its kept
+caches are flat, of a static size); the runtime then reads every layer's kept lengths at once,
+to pad each head of a layer to the layer's largest (``LayerCache``), and the layout is read
+when it is made. AdaKV and the pooled, StreamingLLM and random policies also read inside the
+prefill graph, once per layer. ``tests/test_host_reads.py`` counts them.
 
 Sessions live in the runtime of one dynamo graph. When dynamo recompiles (a new batch
 size, changed guards), the new graph's runtime starts empty, so the next call is a prefill
@@ -77,6 +80,7 @@ import torch
 from maskkv_compile import blocks, revote
 from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.inductor import SEQ, InductorGraph
+from maskkv_compile.kernels.select_kv import pad_kept
 from maskkv_compile.layout import Layout, NoMaskTokenError, infer_layout
 from maskkv_compile.passes import PREFILL_OUTPUTS_PER_LAYER, RESPONSE_KV_OUTPUTS_PER_LAYER
 from maskkv_compile.passes.base import split_layer_outputs
@@ -119,6 +123,20 @@ class LayerCache:
     kept_len: torch.Tensor  # (B, Hkv)
     kept_pos: torch.Tensor  # (B, Hkv, Kmax), -1 in the padding
     prompt_mass: torch.Tensor  # (B, H)
+
+
+def padded_caches(flat: list[tuple[torch.Tensor, ...]]) -> list[LayerCache]:
+    """The prefill's per-layer ``(kept_k, kept_v, kept_len, kept_pos, prompt_mass)`` in
+    ``maskkv::select_kv``'s flat layout -> LayerCaches, each head padded to its layer's
+    largest kept length. Every layer's largest is read in one ``tolist``."""
+    if not flat:
+        return []
+    widths = torch.stack([kept_len.amax() for _, _, kept_len, _, _ in flat])
+    caches = []
+    for (kept_k, kept_v, kept_len, kept_pos, prompt_mass), width in zip(flat, widths.tolist()):
+        k, v, pos = pad_kept(kept_k, kept_v, kept_len, kept_pos, width)
+        caches.append(LayerCache(k, v, kept_len, pos, prompt_mass))
+    return caches
 
 
 @dataclass(eq=False)
@@ -279,12 +297,14 @@ class MaskKVRuntime:
 
     def _run_prefill(self, args, session: Session):
         extra = self._per_row_inputs(session.layout)
+        if not session.layout.padded:  # (B, 0): no padding, a fact the ops then need not read
+            extra["key_valid"] = session.layout.key_valid[:, :0]
         outputs = self._prefill(*args, *(extra[name] for name in self.graphs.prefill_inputs))
         if self.graphs.revote is not None:  # the second tier comes last
             outputs, session.tier = revote.take_tier(outputs, session.layout, len(self.graphs.sites), self.config.logits_shift,
                                                      self.config.second_tier)
         base, caches = split_layer_outputs(outputs, PREFILL_OUTPUTS_PER_LAYER, len(self.graphs.sites))
-        session.layers = [LayerCache(*cache) for cache in caches]
+        session.layers = padded_caches(caches)
         session.steps_since_prefill = 0
         session.block = None  # the next step is a block refresh
         self.counts.prefills += 1

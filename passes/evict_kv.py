@@ -5,12 +5,15 @@ after it, for layer ``l`` with ``Hkv`` KV heads:
 
     scores  = maskkv::selection_scores(votes, prompt_valid, policy, pool_kernel, sink, seed)
     budgets = maskkv::head_budgets(prompt_mass, scores, voter_valid, k_l, budget, policy, alpha, min_keep)
-    kept    = maskkv::select_kv(k, v, scores, prompt_idx, budgets)
+    kept    = maskkv::select_kv(k, v, scores, prompt_idx, budgets, slots_l)
 
 The layer budgets ``k_l`` come from the policy's layer allocator at pass time (offline:
 from the config's LayerProfile where the policy uses one), made integral per layer with
 ``layer_slot_totals`` so the whole model keeps exactly ``n_layers * Hkv * budget`` entries
 when the prompt is long enough. They are constants of the graph (part of ``uuid()``).
+
+``slots_l`` bounds any row's total budget in the layer (``kept_slots``): the flat kept cache
+has a static size, so the prefill graph has no data-dependent size.
 
 Budgets and kept lengths are per row, (B, Hkv). The graph then also returns, per layer, ``(kept_k, kept_v, kept_len, kept_pos,
 prompt_mass)`` after its original outputs (``PREFILL_OUTPUTS_PER_LAYER`` of them). Only the
@@ -19,6 +22,7 @@ kept entries outlive the layer: its full K/V die after the attention, as before.
 
 from __future__ import annotations
 
+import math
 import operator
 import warnings
 
@@ -52,6 +56,13 @@ def layer_budgets(config, kv_heads: list[int]) -> list[float]:
     return [total / heads for total, heads in zip(totals, kv_heads)]
 
 
+def kept_slots(config, kv_heads: int, layer_budget: float) -> int:
+    """A bound on one row's kept entries in a layer of ``kv_heads`` KV heads: the layer's slot
+    total, ``Hkv * budget`` (a prompt no longer than the budget is kept whole in every layer) or
+    ``Hkv * min_keep``, whichever is largest."""
+    return max(math.floor(kv_heads * layer_budget + 0.5), kv_heads * config.budget, kv_heads * config.min_keep)
+
+
 class EvictKVPass(GraphPass):
     name = "EvictKVPass"
 
@@ -75,7 +86,8 @@ class EvictKVPass(GraphPass):
                     torch.ops.maskkv.head_budgets.default,
                     (prompt_mass, scores, voter_valid, float(layer_budget), cfg.budget, cfg.policy, float(cfg.alpha), cfg.min_keep),
                 )
-                select = call(torch.ops.maskkv.select_kv.default, (k, v, scores, prompt_idx, budgets))
+                slots = kept_slots(cfg, site.kv_heads, layer_budget)
+                select = call(torch.ops.maskkv.select_kv.default, (k, v, scores, prompt_idx, budgets, slots))
                 kept = [call(operator.getitem, (select, i)) for i in range(4)]
             extra += [*kept, prompt_mass]
         set_outputs(gm, graph_outputs(gm) + tuple(extra))

@@ -15,6 +15,8 @@ Rewrites, for a rank holding ``h`` query and ``hkv`` KV heads of a layer:
                                  recomputed from every layer's global KV head count (the
                                  model-wide integral layer totals depend on it)
     budgets[:, rank*hkv : rank*hkv + hkv]                                           this rank's share
+    select_kv(..., slots)     -> the slots bound of the whole layer (a rank's share may take
+                                 any part of it)
 
 Invariants: every rank's budgets are its block of the allocation the unsharded model makes
 (the gathered statistics are the unsharded ones, in global head order); the only new
@@ -35,7 +37,7 @@ from maskkv_compile.distributed import check_divides, head_sharding
 from maskkv_compile.policies import get_policy
 
 from .base import GraphPass, PassResult
-from .evict_kv import layer_budgets
+from .evict_kv import kept_slots, layer_budgets
 from .find_attention import attention_sites
 
 
@@ -75,5 +77,8 @@ class ShardBudgetsPass(GraphPass):
             with gm.graph.inserting_after(budgets):
                 share = call(operator.getitem, (budgets, (slice(None), slice(shard.rank * hkv, (shard.rank + 1) * hkv))))
             budgets.replace_all_uses_with(share, delete_user_cb=lambda user: user is not share)
+            for select in list(share.users):  # a rank's share may take any part of the layer's total
+                if select.target is torch.ops.maskkv.select_kv.default:
+                    select.args = (*select.args[:5], kept_slots(self.config, world * hkv, layer_budget))
             rewritten += 1
         return PassResult(self.name, matches=rewritten, changed=rewritten > 0)

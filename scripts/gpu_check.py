@@ -29,7 +29,9 @@
    graphs (``torch.compile(backend="maskkv", options={..., "mode": "reduce-overhead"})``).
    Also: ``revote`` with the second tier in page-locked host memory (``second_tier="host"``)
    against the device tier: the same tokens and kept positions, the tier on the CPU and
-   pinned, less device memory held after the prefill.
+   pinned, less device memory held after the prefill. And the host-synchronisation contract:
+   one prefill and two steps of a tiny model (one row, and a left-padded batch) with the
+   prefill and step graphs under ``torch.cuda.set_sync_debug_mode("error")``.
 4. ``--multi-gpu`` (only that, on a machine with more than one GPU): MaskKV on a
    tensor-parallel model, one GPU per rank over nccl: ``examples/tensor_parallel.py --cuda``
    under ``torchrun --nproc-per-node <GPUs, at most 4, a divisor of the 4 heads>``, with the
@@ -231,7 +233,51 @@ def check_rows(device, smoke):
     rows.append(("select_kv gather", "(2, 4, 300, 24) Kmax=77", "float32", err, all(map(torch.equal, got, want))))
     if device == "cuda":
         rows += op_and_inductor_rows(gen)
+        rows += sync_rows()
     rows += second_tier_rows(device)
+    return rows
+
+
+def sync_rows():
+    """The prefill and step graphs under ``torch.cuda.set_sync_debug_mode("error")``: any op
+    that synchronises with the host inside them raises (``tests/test_host_reads.py`` counts the
+    reads on the CPU; this is the same contract on CUDA, with a padded batch too)."""
+    import maskkv_compile
+    from maskkv_compile.models import tiny_llada
+
+    model = tiny_llada(layers=2, hidden=64, heads=4, vocab=128).to("cuda")
+    mask = model.config.mask_token_id
+    x = torch.cat([torch.randint(0, mask, (2, 40), generator=torch.Generator().manual_seed(1)),
+                   torch.full((2, 6), mask)], dim=1).to("cuda")
+    valid = torch.ones(x.shape, dtype=torch.bool, device="cuda")
+    valid[1, :7] = False  # row 1 left-padded
+    rows = []
+    for name, kwargs in (("one layout", {}), ("padded batch", {"attention_mask": valid.long()})):
+        net = maskkv_compile.optimize(model, budget=8, backend="eager")
+        try:
+            net(x, **kwargs)  # builds the runtime
+            runtime = net.runtime
+            for graph in ("_prefill", "_step"):
+                inner = getattr(runtime, graph)
+
+                def strict(*args, _inner=inner):
+                    torch.cuda.set_sync_debug_mode("error")
+                    try:
+                        return _inner(*args)
+                    finally:
+                        torch.cuda.set_sync_debug_mode("default")
+                setattr(runtime, graph, strict)
+            net.reset()
+            y = x.clone()
+            for _ in range(3):
+                logits = net(y, **kwargs).logits
+                y[:, -6] = logits[:, -6].argmax(-1)
+            transitions = net.cache_stats()["transitions"]
+            ok = transitions == {"new": 1, "step": 2}
+            error = str(transitions)
+        except RuntimeError as exc:
+            ok, error = False, str(exc).splitlines()[0]
+        rows.append((f"no sync in prefill/step graphs, {name}", error[:40], "float32", 0.0, ok))
     return rows
 
 
@@ -329,7 +375,7 @@ def bench(fn, device):
 def timing_rows(device, smoke):
     from maskkv_compile.kernels.cached_attention import cached_attention_torch
     from maskkv_compile.kernels.mask_votes import mask_votes_chunked, mask_votes_reference
-    from maskkv_compile.kernels.select_kv import select_kv
+    from maskkv_compile.kernels.select_kv import pad_kept, select_kv
     from maskkv_compile.kernels.triton_cached_attention import cached_attention_triton
     from maskkv_compile.kernels.triton_votes import mask_votes_triton
 
@@ -363,10 +409,12 @@ def timing_rows(device, smoke):
                      "SDPA concat", bench(lambda: sdpa(qr, k, v, scale=scale, enable_gqa=True), device)))
         budgets = torch.full((b, hkv), min(256, prompt), device=device)
         votes = torch.rand(b, hkv, prompt, generator=gen, device=device)
-        pos = select_kv(k, v, votes, pi, budgets)[3]
+        slots = hkv * min(256, prompt)
+        flat = select_kv(k, v, votes, pi, budgets, slots)
+        pos = pad_kept(*flat, int(flat[2].max()))[2]  # (B, Hkv, Kmax), as the runtime pads it
         rows.append(("select_kv gather", prompt, bench(lambda: triton_gather(k, v, pos), device),
                      bench(lambda: torch_gather(k, v, pos), device),
-                     "whole select_kv", bench(lambda: select_kv(k, v, votes, pi, budgets), device)))
+                     "whole select_kv", bench(lambda: select_kv(k, v, votes, pi, budgets, slots), device)))
     budget = min(256, prompts[0])
     kept_len = torch.tensor([[budget - 7 * (i % 4) for i in range(hkv)]] * b, device=device)  # (B, Hkv)
     kept_k, kept_v = k[:, :, :budget], v[:, :, :budget]

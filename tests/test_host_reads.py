@@ -8,9 +8,10 @@ read) and at the dispatcher (the aten ops that must read to know their output si
 
 Contract: a step call (``step``, ``block_step``, a ``revote`` step) reads the device exactly
 once, in routing (every live session's evidence in one ``tolist``); the step graph and the
-re-vote graph read nothing. A
-block refresh and a prefill may read (new layout, per-layer budgets), once per block or
-prompt.
+re-vote graph read nothing. Under the maskkv policy the prefill graph reads nothing either
+(head budgets on the device, flat kept caches of a static size); a prefill call reads what
+making its layout reads and every layer's kept lengths in one ``tolist``. A block refresh may
+read (its layout), once per block.
 """
 
 import contextlib
@@ -22,9 +23,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import maskkv_compile
 from maskkv_compile.generate import generate
+from maskkv_compile import runtime as runtime_module
 from maskkv_compile.runtime import MaskKVRuntime
 
-from helpers import build, prompt_and_masks
+from helpers import build, kept_positions, prompt_and_masks
+from maskkv_compile.kernels import mask_votes
 
 READING_OPS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.equal.default",
                "aten.is_nonzero.default", "aten.masked_select.default", "aten._unique2.default",
@@ -140,6 +143,49 @@ def test_a_revote_step_reads_the_device_once(recorded):
     stats = opt.cache_stats()
     assert stats["transitions"] == {"new": 1, "step": 11} and stats["revotes"] == 11
     _check(recorded, {"step"})
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["one row", "padded batch"])
+def test_a_prefill_graph_reads_nothing(recorded, monkeypatch, padded):
+    """The prefill graph reads nothing where a read is a synchronisation, and the prefill call
+    reads its kept lengths once. On the CPU the votes may read an all-True voter or column mask
+    to skip it (``free_to_read``, where a read is free); made to answer as on a GPU, the same
+    call must give the same logits and kept sets and read nothing inside the graph."""
+    model = build("llada")
+    _, x = prompt_and_masks(model, 30, 8, batch=2 if padded else 1)
+    kwargs = {}
+    if padded:
+        valid = torch.ones(x.shape, dtype=torch.bool)
+        valid[1, :9] = False  # row 1: a shorter prompt, left-padded
+        x[1, :9] = 0
+        kwargs = {"attention_mask": valid.long()}
+    opt = maskkv_compile.optimize(model, budget=24 if padded else 8, backend="eager")  # padded: row 1 is kept whole
+    padding_reads, pad = [], runtime_module.padded_caches
+
+    def counted_padding(flat):
+        with count_reads() as reads:
+            out = pad(flat)
+        padding_reads.append(reads)
+        return out
+
+    monkeypatch.setattr(runtime_module, "padded_caches", counted_padding)
+    runs = []
+    for free in (True, False):
+        monkeypatch.setattr(mask_votes, "free_to_read", lambda t, free=free: free)
+        opt.reset()
+        with torch.no_grad():
+            logits = opt(x, **kwargs).logits
+        kept = [kept_positions(cache) for cache in opt.runtime.last_session.layers]
+        runs.append((logits, kept, recorded[-1]))
+    (logits, kept, on_cpu), (logits_gpu_like, kept_gpu_like, gpu_like) = runs
+    assert on_cpu["transition"] == gpu_like["transition"] == "new"
+    assert torch.equal(logits, logits_gpu_like) and kept == kept_gpu_like
+    assert [len(row[0]) for row in kept[0]] == ([24, 21] if padded else [8])  # evicted (and a row kept whole)
+    assert sum(gpu_like["graph"].values()) == 0, gpu_like["graph"]
+    assert on_cpu["graph"] == Counter({"__bool__": 4})  # the CPU path reads its two masks, in two layers
+    assert padding_reads == [Counter({"tolist": 1})] * 2  # every layer's kept lengths, at once
+    on_cpu_graph = on_cpu["graph"]
+    assert set(on_cpu_graph) <= {"__bool__"}, on_cpu_graph  # only the free mask checks, on the CPU
 
 
 def test_the_counter_sees_reads(recorded):

@@ -10,6 +10,7 @@ import torch
 from torch.library import opcheck
 
 from maskkv_compile.kernels import cached_attention_reference, mask_votes_reference, select_kv_reference
+from maskkv_compile.kernels.select_kv import pad_kept
 
 
 def qkv(batch=2, heads=4, kv_heads=2, seq=13, dim=8, dtype=torch.float32, seed=0):
@@ -160,13 +161,47 @@ def test_mask_votes_rows_are_independent():
         torch.testing.assert_close(mass[b], alone[1][0], atol=1e-5, rtol=1e-5)
 
 
+def select_padded(k, v, votes, prompt, budgets, slots=None):
+    """maskkv::select_kv, its flat cache padded per head the way the runtime pads it after a prefill."""
+    slots = votes.shape[1] * votes.shape[2] if slots is None else slots
+    kept_k, kept_v, kept_len, kept_pos = torch.ops.maskkv.select_kv(k, v, votes, prompt, budgets, slots)
+    padded = pad_kept(kept_k, kept_v, kept_len, kept_pos, int(kept_len.max()))
+    return padded[0], padded[1], kept_len, padded[2]
+
+
+def test_select_kv_flat_layout():
+    """The op's own output: every head's entries one after the other, (B, min(Hkv*P, slots), D)
+    whatever the budgets, -1 / zeros after the row's last head."""
+    _, k, v = qkv(batch=2, kv_heads=3, heads=3, seq=30, seed=2)
+    prompt = torch.arange(2, 27)  # P = 25
+    votes = torch.rand(2, 3, 25, generator=torch.Generator().manual_seed(5))
+    votes[1, :, 20:] = float("-inf")
+    budgets = torch.tensor([[7, 1, 12], [3, 9, 30]])
+    for slots, size in ((40, 40), (500, 75)):  # T = min(Hkv * P, slots)
+        kept_k, kept_v, kept_len, kept_pos = torch.ops.maskkv.select_kv(k, v, votes, prompt, budgets, slots)
+        assert kept_k.shape == (2, size, 8) and kept_v.shape == (2, size, 8) and kept_pos.shape == (2, size)
+        assert kept_len.tolist() == [[7, 1, 12], [3, 9, 20]]
+        expected = select_kv_reference(votes, budgets)
+        for b in range(2):
+            start = 0
+            for h in range(3):
+                n = int(kept_len[b, h])
+                positions = prompt[expected[b][h]]
+                assert kept_pos[b, start : start + n].tolist() == positions.tolist()
+                torch.testing.assert_close(kept_k[b, start : start + n], k[b, h, positions])
+                torch.testing.assert_close(kept_v[b, start : start + n], v[b, h, positions])
+                start += n
+            assert (kept_pos[b, start:] == -1).all() and (kept_k[b, start:] == 0).all() and (kept_v[b, start:] == 0).all()
+        opcheck(torch.ops.maskkv.select_kv.default, (k, v, votes, prompt, budgets, slots))
+
+
 def test_select_kv():
     _, k, v = qkv(seq=20)
     prompt = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 12, 13, 14, 15, 16, 17])  # a hole: 8..11 are the response
     votes = torch.rand(2, 2, prompt.numel(), generator=torch.Generator().manual_seed(3))
     votes[0, 0, 3] = votes[0, 0, 5]  # a tie: the earlier position must win
     budgets = torch.tensor([[4, 9], [6, 0]])  # (B, Hkv), per row
-    kept_k, kept_v, kept_len, kept_pos = torch.ops.maskkv.select_kv(k, v, votes, prompt, budgets)
+    kept_k, kept_v, kept_len, kept_pos = select_padded(k, v, votes, prompt, budgets)
     expected = select_kv_reference(votes, budgets)
     assert kept_len.tolist() == [[4, 9], [6, 0]] and kept_k.shape == (2, 2, 9, 8)
     for b in range(2):
@@ -179,9 +214,9 @@ def test_select_kv():
             torch.testing.assert_close(kept_v[b, h, :n], v[b, h, positions])
             assert (kept_k[b, h, n:] == 0).all() and (kept_v[b, h, n:] == 0).all()
     # a budget >= P keeps the whole prompt, in order
-    whole = torch.ops.maskkv.select_kv(k, v, votes, prompt, torch.full((2, 2), 99))[3]
+    whole = select_padded(k, v, votes, prompt, torch.full((2, 2), 99))[3]
     assert (whole == prompt).all()
-    opcheck(torch.ops.maskkv.select_kv.default, (k, v, votes, prompt, budgets))
+    opcheck(torch.ops.maskkv.select_kv.default, (k, v, votes, prompt, budgets, 28))
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -196,7 +231,7 @@ def test_select_kv_many_ties_and_ineligible_entries(seed):
     votes[torch.rand(3, 2, 40, generator=gen) < 0.2] = float("-inf")
     budgets = torch.randint(0, 45, (3, 2), generator=gen)
     budgets[0, 0] = 0
-    kept_len, kept_pos = torch.ops.maskkv.select_kv(k, v, votes, prompt, budgets)[2:]
+    kept_len, kept_pos = select_padded(k, v, votes, prompt, budgets)[2:]
     expected = select_kv_reference(votes, budgets)
     for b in range(3):
         for h in range(2):
@@ -216,11 +251,11 @@ def test_select_kv_per_row_eligibility():
     votes[1, :, :5] = float("-inf")  # row 1's is 9 long (left padding)
     votes[1, 1, 7] = float("-inf")  # and head 1 may not keep one more entry
     budgets = torch.tensor([[12, 3], [9, 20]])
-    kept_k, kept_v, kept_len, kept_pos = torch.ops.maskkv.select_kv(k, v, votes, prompt, budgets)
+    kept_k, kept_v, kept_len, kept_pos = select_padded(k, v, votes, prompt, budgets)
     assert kept_len.tolist() == [[10, 3], [9, 8]]  # min(budget, the row's eligible entries)
     expected = select_kv_reference(votes, budgets)
     for b in range(2):
-        alone = torch.ops.maskkv.select_kv(k[b : b + 1], v[b : b + 1], votes[b : b + 1], prompt, budgets[b : b + 1])
+        alone = select_padded(k[b : b + 1], v[b : b + 1], votes[b : b + 1], prompt, budgets[b : b + 1])
         for h in range(2):
             n = int(kept_len[b, h])
             kept = kept_pos[b, h, :n]
@@ -232,7 +267,7 @@ def test_select_kv_per_row_eligibility():
             assert alone[3][0, h, :n].tolist() == kept.tolist()
             torch.testing.assert_close(alone[0][0, h, :n], kept_k[b, h, :n])
             torch.testing.assert_close(alone[1][0, h, :n], kept_v[b, h, :n])
-    opcheck(torch.ops.maskkv.select_kv.default, (k, v, votes, prompt, budgets))
+    opcheck(torch.ops.maskkv.select_kv.default, (k, v, votes, prompt, budgets, 28))
 
 
 def test_cached_attention_equals_unpadded_gather():

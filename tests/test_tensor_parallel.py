@@ -191,6 +191,10 @@ def check_refusals(mesh):
 def worker(rank: int, port: int):
     from torch.distributed.device_mesh import init_device_mesh
 
+    # A forked child must not enter OpenMP: the parent's thread pool did not come with it, and
+    # libgomp waits on it forever (seen here once an earlier test ran a parallel SDPA). One
+    # thread per rank runs every op inline, and two ranks fill this machine's two cores.
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(minutes=5))  # a rank left behind fails instead of hanging
     try:
