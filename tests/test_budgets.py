@@ -381,3 +381,42 @@ def test_format_budget_table():
     lines = text.splitlines()
     assert "kv0" in lines[0] and "kv1" in lines[0] and "total" in lines[0]
     assert lines[-1].split() == ["1", "11", "2", "13"]
+
+
+@pytest.mark.parametrize("policy", ["maskkv", "mask_voting_uniform"])
+@pytest.mark.parametrize("seed", range(6))
+def test_head_budgets_op_every_row_at_once_equals_each_row_alone(policy, seed):
+    """``maskkv::head_budgets`` allocates every row of a batch at once, on the device, reading
+    nothing (``clamp_and_redistribute_rows``); each row's budgets must equal the policy's host
+    allocator run on that row alone. Ragged prompts (rows shorter than the budget are kept
+    whole), all-zero or half-zero prompt mass, clamps at ``min_keep`` and at the prompt length."""
+    rng = random.Random(seed)
+    import maskkv_compile.kernels  # noqa: F401  (registers the ops)
+
+    chosen = get_policy(policy)
+    for case in range(40):
+        batch, kv_heads, group = rng.randint(1, 3), rng.choice([1, 2, 4, 8, 32]), rng.choice([1, 2, 4])
+        num, budget = rng.randint(1, 300), rng.randint(1, 64)
+        layer_budget = round(budget * rng.uniform(0.3, 2.0) * kv_heads) / kv_heads
+        alpha, min_keep = rng.choice([0.0, 0.1, 0.5, 1.0]), rng.choice([0, 1, 4, 16])
+        gen = torch.Generator().manual_seed(seed * 100 + case)
+        mass = torch.rand(batch, kv_heads * group, generator=gen) ** rng.choice([1, 3, 8]) * rng.uniform(0.01, 20)
+        if case % 7 == 0:
+            mass[:, : kv_heads * group // 2] = 0
+        if case % 11 == 0:
+            mass.zero_()
+        scores = torch.rand(batch, kv_heads, num, generator=gen)
+        for row in range(batch):
+            scores[row, :, rng.randint(0, num):] = float("-inf")  # the row's prompt is a prefix
+        voter_valid = torch.rand(batch, 20, generator=gen) < rng.random()
+        got = torch.ops.maskkv.head_budgets(mass, scores, voter_valid, float(layer_budget), budget, policy, alpha, min_keep)
+        for row in range(batch):
+            prompt_len = int(torch.isfinite(scores[row, 0]).sum())
+            if prompt_len <= budget:
+                assert got[row].tolist() == [prompt_len] * kv_heads
+                continue
+            options = {"alpha": alpha} if chosen.head_allocator == "maskkv" else {}
+            alone = chosen.head_budgets(layer_budget, n_kv_heads=kv_heads, prompt_len=prompt_len, min_keep=min_keep,
+                                        prompt_mass=mass[row : row + 1], n_voters=max(int(voter_valid[row].sum()), 1),
+                                        **options)
+            assert got[row].tolist() == alone.tolist(), (case, row)
