@@ -225,8 +225,8 @@ def clamp_and_redistribute_rows(quotas: Tensor, total: Tensor, lo: Tensor, hi: T
     return _round_rows(x, total, lo, hi)
 
 
-def _one_row(x: Tensor, total: int, lo: int, hi: int) -> Tensor:
-    """(n,) float64 -> the rows functions' (1, n) inputs, and back."""
+def _one_row(x: Tensor, total: int, lo: int, hi: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One row as the ``_rows`` functions take it: x (1, n); total, lo, hi (1,) float64."""
     return x[None], *(torch.tensor([float(v)], dtype=torch.float64) for v in (total, lo, hi))
 
 
