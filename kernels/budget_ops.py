@@ -9,9 +9,10 @@ it were alone (batch invariance).
 ``selection_scores(votes (B, Hkv, P), prompt_valid (B, P), policy, kernel, sink, seed) ->
 (B, Hkv, P)``: what the per-head top-k ranks (votes as they are, SnapKV-pooled,
 StreamingLLM's sink+recent order, or seeded random scores), computed over the row's valid
-prompt columns in order; ``-inf`` at the other columns, which are never kept. Policies that
-rank the votes as they are do this for every row at once, without reading the device; the
-others go row by row (each row's columns read on the host, once per layer and selection).
+prompt columns in order; ``-inf`` at the other columns, which are never kept. Every policy
+but the random one does this for every row at once, without reading the device (SnapKV's
+pooling and StreamingLLM's order run on each row's own columns moved to the front); the
+random scores go row by row (each row's columns read on the host, once per layer).
 
 ``head_budgets(prompt_mass (B, H), scores (B, Hkv, P), voter_valid (B, Rv), layer_budget,
 budget, policy, alpha, min_keep) -> (B, Hkv) int64``: each row's per-KV-head budgets; they
@@ -26,7 +27,15 @@ from __future__ import annotations
 
 import torch
 
-from maskkv_compile.policies import get_policy
+from maskkv_compile.policies import get_policy, snapkv_pool, streaming_votes_rows
+
+
+def own_columns_first(prompt_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) -> (order, own), each (B, P): ``order`` lists each row's own prompt columns first,
+    in column order, then the others; ``own`` is True over the first ``P_b`` places."""
+    order = torch.sort((~prompt_valid).to(torch.uint8), dim=1, stable=True).indices
+    own = torch.arange(prompt_valid.shape[1], device=prompt_valid.device) < prompt_valid.sum(1, keepdim=True)
+    return order, own
 
 
 @torch.library.custom_op("maskkv::selection_scores", mutates_args=())
@@ -35,8 +44,17 @@ def selection_scores(votes: torch.Tensor, prompt_valid: torch.Tensor, policy: st
     chosen = get_policy(policy)
     if chosen.vote_transform == "none":  # votes as they are: the same for every row at once
         return torch.where(prompt_valid[:, None, :], votes, float("-inf"))
+    if chosen.vote_transform in ("snapkv_pool", "streaming"):  # every row at once, its own columns moved first
+        order, own = own_columns_first(prompt_valid)
+        at = order[:, None, :].expand_as(votes)  # (B, Hkv, P)
+        if chosen.vote_transform == "snapkv_pool":  # zeros past the row's prompt: the pooling's own zero padding
+            scores = snapkv_pool(torch.where(own[:, None, :], votes.gather(-1, at), 0), kernel)
+        else:
+            scores = streaming_votes_rows(own.sum(1), votes.shape[-1], sink)[:, None, :].expand_as(votes)
+        out = torch.empty_like(votes).scatter_(-1, at, scores.to(votes.dtype))  # back to the columns
+        return torch.where(prompt_valid[:, None, :], out, float("-inf"))
     out = torch.full_like(votes, float("-inf"))
-    for row in range(votes.shape[0]):
+    for row in range(votes.shape[0]):  # random scores: their shape depends on the row's prompt length
         columns = prompt_valid[row].nonzero().flatten()  # (P_b,) the row's own prompt, in order
         own = votes[row : row + 1].index_select(2, columns)  # (1, Hkv, P_b)
         scores = chosen.selection_scores(own, tuple(own.shape), votes.device, kernel=kernel, sink=sink, seed=seed)

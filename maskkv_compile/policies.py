@@ -45,6 +45,14 @@ def streaming_votes(P: int, sink: int = 4, device: Union[str, torch.device, None
     return torch.where(pos < sink, 2 * P - pos, pos).to(dtype)
 
 
+def streaming_votes_rows(prompt_len: Tensor, width: int, sink: int = 4, dtype: torch.dtype = torch.float32) -> Tensor:
+    """:func:`streaming_votes` of each row's ``prompt_len`` (B,) at once, on its device without
+    reading it: (B, width), row b's first ``prompt_len[b]`` entries its scores (the rest are
+    filler for the caller to drop)."""
+    pos = torch.arange(width, device=prompt_len.device, dtype=torch.float64)[None, :]  # (1, width)
+    return torch.where(pos < sink, 2 * prompt_len.to(torch.float64)[:, None] - pos, pos).to(dtype)
+
+
 def random_votes(B: int, Hkv: int, P: int, seed: int = 0, device: Union[str, torch.device, None] = None) -> Tensor:
     """Uniform random scores ``(B, Hkv, P)`` from a CPU generator seeded with ``seed``: the same on
     every call and every device."""

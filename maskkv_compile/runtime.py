@@ -53,12 +53,12 @@ once, in routing (every live session's evidence, ``Session.evidence``, stacked a
 one ``tolist``); the step graph itself reads nothing, so it can be replayed as a CUDA graph.
 What the host needs about a layout (lengths, the logits read plan, each row's response
 positions for the dual cache) is read once when the layout is made, at the prefill or block
-refresh. The prefill graph reads nothing under every policy whose votes are ranked as they are
-and whose heads are allocated on the device (maskkv and the uniform-budget ones: its kept
+refresh. The prefill graph reads nothing under every policy but AdaKV and random (head budgets
+are allocated on the device, selection scores computed for every row at once, and the kept
 caches are flat, of a static size); the runtime then reads every layer's kept lengths at once,
 to pad each head of a layer to the layer's largest (``LayerCache``), and the layout is read
-when it is made. AdaKV and the pooled, StreamingLLM and random policies also read inside the
-prefill graph, once per layer. ``tests/test_host_reads.py`` counts them.
+when it is made. AdaKV's head allocation and the random scores read inside the prefill graph,
+once per layer. ``tests/test_host_reads.py`` counts them.
 
 Sessions live in the runtime of one dynamo graph. When dynamo recompiles (a new batch
 size, changed guards), the new graph's runtime starts empty, so the next call is a prefill

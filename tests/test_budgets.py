@@ -420,3 +420,29 @@ def test_head_budgets_op_every_row_at_once_equals_each_row_alone(policy, seed):
                                         prompt_mass=mass[row : row + 1], n_voters=max(int(voter_valid[row].sum()), 1),
                                         **options)
             assert got[row].tolist() == alone.tolist(), (case, row)
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "streaming"])
+def test_selection_scores_op_every_row_at_once_equals_each_row_alone(policy):
+    """``maskkv::selection_scores`` pools (SnapKV) or orders (StreamingLLM) every row at once,
+    its own prompt columns moved to the front, without reading the device; each row's scores
+    must equal the policy's transform run on that row's own columns alone, bit for bit, and
+    be -inf elsewhere. Own columns anywhere (left padding, holes), in float32 and float64."""
+    import maskkv_compile.kernels  # noqa: F401  (registers the ops)
+
+    rng = random.Random(1)
+    chosen = get_policy(policy)
+    for case in range(60):
+        batch, kv_heads, num = rng.randint(1, 4), rng.choice([1, 2, 4]), rng.randint(1, 60)
+        gen = torch.Generator().manual_seed(case)
+        votes = torch.rand(batch, kv_heads, num, generator=gen, dtype=rng.choice([torch.float32, torch.float64]))
+        valid = torch.rand(batch, num, generator=gen) < rng.uniform(0.2, 1.0)
+        valid[:, rng.randrange(num)] = True  # every row has a prompt
+        kernel, sink = rng.choice([1, 3, 5, 7]), rng.randint(0, 8)
+        got = torch.ops.maskkv.selection_scores(votes, valid, policy, kernel, sink, 0)
+        for row in range(batch):
+            columns = valid[row].nonzero().flatten()
+            own = votes[row : row + 1].index_select(2, columns)
+            alone = chosen.selection_scores(own, tuple(own.shape), votes.device, kernel=kernel, sink=sink)
+            assert torch.equal(got[row][:, columns], alone[0].to(votes.dtype)), (case, row)
+            assert (got[row][:, ~valid[row]] == float("-inf")).all()

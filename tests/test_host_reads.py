@@ -145,12 +145,14 @@ def test_a_revote_step_reads_the_device_once(recorded):
     _check(recorded, {"step"})
 
 
+@pytest.mark.parametrize("policy", ["maskkv", "snapkv", "streaming"])
 @pytest.mark.parametrize("padded", [False, True], ids=["one row", "padded batch"])
-def test_a_prefill_graph_reads_nothing(recorded, monkeypatch, padded):
+def test_a_prefill_graph_reads_nothing(recorded, monkeypatch, padded, policy):
     """The prefill graph reads nothing where a read is a synchronisation, and the prefill call
     reads its kept lengths once. On the CPU the votes may read an all-True voter or column mask
     to skip it (``free_to_read``, where a read is free); made to answer as on a GPU, the same
-    call must give the same logits and kept sets and read nothing inside the graph."""
+    call must give the same logits and kept sets and read nothing inside the graph. (Every
+    policy but AdaKV and random: those read once per layer.)"""
     model = build("llada")
     _, x = prompt_and_masks(model, 30, 8, batch=2 if padded else 1)
     kwargs = {}
@@ -159,7 +161,7 @@ def test_a_prefill_graph_reads_nothing(recorded, monkeypatch, padded):
         valid[1, :9] = False  # row 1: a shorter prompt, left-padded
         x[1, :9] = 0
         kwargs = {"attention_mask": valid.long()}
-    opt = maskkv_compile.optimize(model, budget=24 if padded else 8, backend="eager")  # padded: row 1 is kept whole
+    opt = maskkv_compile.optimize(model, budget=24 if padded else 8, backend="eager", policy=policy)  # padded: row 1 kept whole
     padding_reads, pad = [], runtime_module.padded_caches
 
     def counted_padding(flat):
@@ -182,7 +184,7 @@ def test_a_prefill_graph_reads_nothing(recorded, monkeypatch, padded):
     assert torch.equal(logits, logits_gpu_like) and kept == kept_gpu_like
     assert [len(row[0]) for row in kept[0]] == ([24, 21] if padded else [8])  # evicted (and a row kept whole)
     assert sum(gpu_like["graph"].values()) == 0, gpu_like["graph"]
-    assert on_cpu["graph"] == Counter({"__bool__": 4})  # the CPU path reads its two masks, in two layers
+    assert set(on_cpu["graph"]) <= {"__bool__"}  # the CPU path may read its masks, nothing else
     assert padding_reads == [Counter({"tolist": 1})] * 2  # every layer's kept lengths, at once
     on_cpu_graph = on_cpu["graph"]
     assert set(on_cpu_graph) <= {"__bool__"}, on_cpu_graph  # only the free mask checks, on the CPU
