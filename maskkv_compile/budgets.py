@@ -331,12 +331,19 @@ def maskkv_head_budgets(prompt_mass: Tensor, n_voters: Union[int, float, Tensor]
     """
     alpha = _check_fraction("alpha", alpha)
     pref = prompt_preference(prompt_mass, n_voters, n_kv_heads)
-    n = pref.numel()
-    p_hat = pref / pref.sum() if float(pref.sum()) > 0 else torch.full_like(pref, 1.0 / n)
-    k_l = float(layer_budget)
-    quotas = alpha * k_l + (1.0 - alpha) * n * k_l * p_hat
-    total = _layer_total(n, k_l)
+    total = _layer_total(pref.numel(), layer_budget)
+    quotas = _maskkv_quotas(pref[None], layer_budget, alpha)[0]
     return clamp_and_redistribute(quotas, total, *_bounds(min_keep, prompt_len, total)).to(prompt_mass.device)
+
+
+def _maskkv_quotas(pref: Tensor, layer_budget: float, alpha: float) -> Tensor:
+    """Real head budgets ``alpha * k_l + (1 - alpha) * Hkv * k_l * P^_h`` from the prompt
+    preferences ``pref`` (B, Hkv) float64, ``P^`` each row's normalized (all zero: uniform)."""
+    n_kv_heads = pref.shape[1]
+    mass = pref.sum(1, keepdim=True)
+    p_hat = torch.where(mass > 0, pref / torch.where(mass > 0, mass, 1.0), 1.0 / n_kv_heads)
+    k_l = float(layer_budget)
+    return alpha * k_l + (1.0 - alpha) * n_kv_heads * k_l * p_hat
 
 
 def _rows_bounds(n_kv_heads: int, layer_budget: float, min_keep: int, prompt_len: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -360,11 +367,8 @@ def maskkv_head_budgets_rows(prompt_mass: Tensor, n_voters: Tensor, layer_budget
     batch, heads = prompt_mass.shape
     pref = prompt_mass.to(torch.float64) / n_voters.to(torch.float64)[:, None]  # (B, H)
     pref = pref.view(batch, n_kv_heads, heads // n_kv_heads).sum(2).clamp_min(0.0)  # (B, Hkv), as prompt_preference
-    mass = pref.sum(1, keepdim=True)
-    p_hat = torch.where(mass > 0, pref / torch.where(mass > 0, mass, 1.0), 1.0 / n_kv_heads)
-    k_l = float(layer_budget)
-    quotas = alpha * k_l + (1.0 - alpha) * n_kv_heads * k_l * p_hat
-    return clamp_and_redistribute_rows(quotas, *_rows_bounds(n_kv_heads, k_l, min_keep, prompt_len))
+    quotas = _maskkv_quotas(pref, layer_budget, alpha)
+    return clamp_and_redistribute_rows(quotas, *_rows_bounds(n_kv_heads, layer_budget, min_keep, prompt_len))
 
 
 def adakv_head_budgets(scores: Tensor, layer_budget: float, safeguard: float = 0.2, min_keep: int = 1,

@@ -105,10 +105,10 @@ def _only_in_layers(gm: fx.GraphModule, name: str, layers: dict) -> bool:
     return node is not None and bool(node.users) and all(layers.get(u.name) is not None for u in node.users)
 
 
-def change_kind(node: fx.Node, captured: bool, reference: set[str]) -> str:
-    """How the passes changed ``node``: in the captured graph "removed" (the caller passes only
-    nodes that are gone); in a rewritten graph, for a node not in ``reference`` (the captured
-    graph's names), "input" (a new placeholder), "maskkv" (a maskkv:: op) or "added"."""
+def change_kind(node: fx.Node, captured: bool) -> str:
+    """How the passes changed ``node``, which the caller knows to be changed: in the captured
+    graph "removed"; in a rewritten graph "input" (a new placeholder), "maskkv" (a maskkv::
+    op) or "added"."""
     if captured:
         return "removed"
     if node.op == "placeholder":
@@ -135,12 +135,12 @@ def build_view(graph: str, gm: fx.GraphModule, members: set[str], reference: set
         if node.op == "output":
             return "output"
         if before:
-            return change_kind(node, True, reference) if node.name in members else "context"
+            return change_kind(node, True) if node.name in members else "context"
         if node.op == "placeholder" and node.name not in reference:
             return "input"  # a new graph input, also where it is only context
         if node.name not in members:
             return "context"
-        return change_kind(node, False, reference)
+        return change_kind(node, False)
 
     def add(node: fx.Node) -> str:
         if node.name not in drawn:

@@ -118,7 +118,7 @@ def collection(captured: fx.GraphModule, graphs, label: str) -> dict:
                 continue
             gone = graph_id == "captured" and node.name not in canonical_names
             if gone or (graph_id != "captured" and node.name not in captured_names):
-                kinds[node.name] = change_kind(node, graph_id == "captured", captured_names)
+                kinds[node.name] = change_kind(node, graph_id == "captured")
         graph = graph_json(gm, graph_id, kinds, site_paths)
         summary = {"graph": graph_id, "nodes": str(len(graph["nodes"]))}
         ops = sorted({_op(n) for n in gm.graph.nodes if kinds.get(n.name) == "maskkv"})
