@@ -14,10 +14,10 @@ from maskkv_compile.config import MaskKVConfig, MaskKVConfigError
 from maskkv_compile.explain import explain
 from maskkv_compile.passes import UnsupportedModelError
 from maskkv_compile.profile import LayerProfile, ProfileMismatchError
-from maskkv_compile.runtime import NoMaskTokenError, response_logits_only
+from maskkv_compile.runtime import CacheFallbackWarning, NoMaskTokenError, response_logits_only
 
 __all__ = [
-    "LayerProfile", "MaskKVConfig", "MaskKVConfigError", "MaskKVModel", "NoMaskTokenError", "ProfileMismatchError",
+    "CacheFallbackWarning", "LayerProfile", "MaskKVConfig", "MaskKVConfigError", "MaskKVModel", "NoMaskTokenError", "ProfileMismatchError",
     "UnsupportedModelError", "calibrate", "explain", "optimize", "response_logits_only",
     "runtimes",
 ]

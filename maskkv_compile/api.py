@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import warnings
 from typing import Optional
 
 import torch
@@ -16,7 +17,16 @@ from maskkv_compile.distributed import check_model as check_tensor_parallel, mix
 from maskkv_compile.passes import UnsupportedModelError
 from maskkv_compile.masks import padding_from_masks
 from maskkv_compile.profile import model_fingerprint
-from maskkv_compile.runtime import padding
+from maskkv_compile.dual_cache import generation_block_length
+from maskkv_compile.runtime import Counts, MaskKVRuntime, padding
+
+# forward arguments a MaskKV model cannot honour: the graphs compute the response rows only
+_REFUSED = {
+    "labels": "MaskKV computes logits for the response rows only, so the model cannot compute its loss over the "
+              "sequence; call the original model for training or evaluation losses, or compute the loss from the "
+              "returned logits at the response positions",
+    "past_key_values": "MaskKV keeps its own prompt cache; call without past_key_values",
+}
 
 # Every MaskKVModel compiles the same forward code object with its own backend; dynamo
 # counts each as a recompile of that code. Allow many before it would fall back to eager.
@@ -47,6 +57,7 @@ class MaskKVModel(torch.nn.Module):
         self._takes_use_cache = "use_cache" in parameters
         self._positional = [name for name, p in parameters.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         self._last_runtime = None
+        self._warned_block = False
         object.__setattr__(self, "_view", _routed_view(model, self))  # not a submodule: it shares the model's state
 
     def __getattr__(self, name: str):
@@ -63,11 +74,22 @@ class MaskKVModel(torch.nn.Module):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be (batch, seq) integer token ids, got {shape}")
+        if input_ids.numel() == 0:
+            raise ValueError(f"input_ids of shape {tuple(input_ids.shape)} holds no token: give every row at least one "
+                             "token (the prompt and its mask tokens)")
         named = self._positional[1 : 1 + len(args)]
         if len(args) > len(named):
             raise TypeError(f"{type(self.wrapped).__name__}.forward takes {len(self._positional)} positional arguments, "
                             f"got {1 + len(args)}")
         kwargs.update(zip(named, args))
+        for name, why in _REFUSED.items():
+            if kwargs.get(name) is not None:
+                raise ValueError(f"{name}= is not supported by a MaskKV model: {why}")
+        keep = kwargs.pop("logits_to_keep", 0)
+        if not (isinstance(keep, int) and keep == 0):
+            raise ValueError(f"logits_to_keep={keep!r} is not supported by a MaskKV model: it returns the logits of the "
+                             "response rows (zeros elsewhere); use maskkv_compile.response_logits_only() to get only "
+                             "those, or leave logits_to_keep at 0")
         key_valid = padding_from_masks(input_ids, kwargs)
         mark_dynamic(input_ids, 1)
         for value in kwargs.values():  # per-token inputs (token_type_ids, position_ids) vary with S too
@@ -94,14 +116,31 @@ class MaskKVModel(torch.nn.Module):
         return out
 
     @property
-    def runtime(self):
+    def runtime(self) -> MaskKVRuntime:
+        """The runtime of the last call (one per dynamo graph: a new batch size is a new graph)."""
         if self._last_runtime is None:
             raise RuntimeError("the model has not run yet")
         return self._last_runtime
 
+    @property
+    def runtimes(self) -> list[MaskKVRuntime]:
+        """Every runtime built for this model, oldest first."""
+        return list(self.backend.runtimes)
+
     def cache_stats(self) -> dict:
-        """Kept tokens per layer and KV head, bytes held, prompt length (last prompt run)."""
-        return self.runtime.cache_stats() if self._last_runtime is not None else {"prompt_len": 0, "layers": [], "bytes": 0}
+        """The last prompt's cache (kept tokens per layer and KV head, bytes held, lengths), and
+        the counts (prefills, steps, transitions, fallbacks, revotes) summed over every runtime
+        of the model (``runtime_counts`` has them per runtime)."""
+        if self._last_runtime is None:
+            return {"prompt_len": 0, "layers": [], "bytes": 0, **MaskKVRuntime.count_stats(Counts()),
+                    "runtime_counts": []}
+        stats = self.runtime.cache_stats()
+        total = Counts()
+        for runtime in self.backend.runtimes:
+            total = total.add(runtime.counts)
+        stats.update(MaskKVRuntime.count_stats(total))
+        stats["runtime_counts"] = [MaskKVRuntime.count_stats(r.counts) for r in self.backend.runtimes]
+        return stats
 
     def explain_budgets(self) -> str:
         """The kept entries per layer (rows) and KV head (columns) of the last prompt, as a table."""
@@ -113,10 +152,14 @@ class MaskKVModel(torch.nn.Module):
             runtime.reset()
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """LLaDA's loop (``maskkv_compile.generate``). With ``block_length`` in the config, the
+        dual cache follows this call's ``block_length`` (the loop's own block grid)."""
         from maskkv_compile.generate import generate
 
         self.reset()
-        return generate(self, input_ids, mask_token_id=self.mask_token_id, **kwargs)
+        block = kwargs.get("block_length", 128) if self.maskkv_config.block_length is not None else None
+        with generation_block_length(block):
+            return generate(self, input_ids, mask_token_id=self.mask_token_id, **kwargs)
 
 
 def _routed_view(model: torch.nn.Module, optimized: MaskKVModel) -> torch.nn.Module:
@@ -135,10 +178,19 @@ def _routed_view(model: torch.nn.Module, optimized: MaskKVModel) -> torch.nn.Mod
 
 
 def _fresh_generation(optimized: MaskKVModel, method):
+    """A generation method of the wrapped model (Dream's ``diffusion_generate``): it starts from
+    an empty cache, and the dual cache is off for it (its block grid, if any, is unknown)."""
     @functools.wraps(method)
     def run(*args, **kwargs):
         optimized.reset()  # a new generation starts from step 0, whatever the last one committed
-        return method(*args, **kwargs)
+        if optimized.maskkv_config.block_length is not None and not optimized._warned_block:
+            optimized._warned_block = True
+            warnings.warn(f"maskkv_compile: {method.__name__} is the wrapped model's own loop, whose blocks MaskKV "
+                          f"does not know: it runs without the dual cache (block_length="
+                          f"{optimized.maskkv_config.block_length} applies to model(x) calls and model.generate)",
+                          UserWarning, stacklevel=2)
+        with generation_block_length(None):
+            return method(*args, **kwargs)
 
     return run
 

@@ -13,10 +13,10 @@ Behaviour, as LLaDA documents it (Nie et al. 2025, "Large Language Diffusion Mod
   * ``cfg_scale > 0``: classifier-free guidance against the same sequence with the prompt
     masked, ``uncond + (cfg_scale + 1) * (cond - uncond)``.
 
-Differences, stated: the conditional and unconditional passes are two calls rather than
-one batch of 2B (same numbers, row by row), and random draws (Gumbel noise, ``random``
-scores) cover the response positions only, so seeded samples differ from a loop that
-draws over the whole sequence.
+Difference, stated: random draws (Gumbel noise, ``random`` scores) cover the response
+positions only, so seeded samples differ from a loop that draws over the whole sequence.
+The conditional and unconditional passes go in one batch of 2B, as in LLaDA's loop (the
+unconditional rows are read as masked copies of the conditional ones, ``layout.py``).
 """
 
 from __future__ import annotations
@@ -109,12 +109,14 @@ def generate(
             block_end = block_start + block_length
             schedule = transfer_schedule((response[:, block_start:block_end] == mask_token_id).sum(1), steps_per_block)
             for step in range(steps_per_block):
-                logits = _response_logits(model, x, prompt_len)
-                if cfg_scale > 0:
+                if cfg_scale > 0:  # one batch [x ; x with the prompt masked], as LLaDA's loop does
                     unconditional = x.clone()
                     unconditional[:, :prompt_len] = mask_token_id
-                    uncond_logits = _response_logits(model, unconditional, prompt_len)
+                    both = _response_logits(model, torch.cat([x, unconditional]), prompt_len)
+                    logits, uncond_logits = both.chunk(2)
                     logits = uncond_logits + (cfg_scale + 1) * (logits - uncond_logits)
+                else:
+                    logits = _response_logits(model, x, prompt_len)
                 predicted = gumbel_perturb(logits, temperature, generator).argmax(-1)  # (B, L)
                 if remasking == "low_confidence":
                     probs = torch.softmax(logits, dim=-1)

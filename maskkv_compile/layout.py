@@ -5,11 +5,20 @@ and the model family, and never changes until the next prefill of a new layout:
 
 * padding: ``key_valid`` (B, S), False at padding (from the caller's attention mask);
 * response of row b: the real positions that hold the mask token at the prefill, except in
-  a *masked copy* row (classifier-free guidance's unconditional row: a row equal to
-  another row wherever it is not a mask, and masked at every one of that row's prompt
-  positions; at step 0 an all-mask row beside a conditional row is read this way).
-  A masked copy takes its reference row's response; its extra masks are its prompt (they are
-  never committed), so both CFG halves are cached alike;
+  a *masked copy* row (classifier-free guidance's unconditional row), which takes its
+  reference row's response; its extra masks are its prompt (they are never committed), so
+  both CFG halves are cached alike. The reference is either
+  - a row of the same call (LLaDA's ``cat([x, un_x])``): a row equal to it wherever not
+    masked, and masked at every one of its prompt positions; row i + B/2 pairs with row i
+    first (at step 0 an all-mask row beside a conditional row is read this way); or
+  - the same row of the *previous* call (CFG as two calls, the unconditional call right
+    after the conditional one): masked at every prompt position of that call's session,
+    equal to its tokens at every one of its response positions (masked where they were
+    masked, the same token where committed), and mirroring no other live session so. An
+    all-mask row after two prompts at step 0 mirrors both: it is nobody's copy (a prefill
+    without a cache), never a copy of the wrong one.
+  The masked prompt positions of a copy are the one place where a mask token gets no logits
+  (zeros): CFG combines them with the conditional row's prompt, which a loop never commits;
 * prompt of row b: its real positions that are not response;
 * rows the step computes (``rows``, (C,), shared by the batch): every row's response
   positions and, for a shifted-logits family (Dream: token i is predicted at row i-1), the
@@ -95,8 +104,8 @@ class Layout:
 
 def _is_masked_copy(ids: torch.Tensor, masked: torch.Tensor, ref_ids: torch.Tensor, ref_masked: torch.Tensor,
                     valid: torch.Tensor) -> bool:
-    """Row ``ids`` is ``ref_ids`` with the reference's whole prompt masked (1-D rows): CFG's
-    unconditional row. A row that masks only part of another row's prompt is a row of its own
+    """Row ``ids`` is ``ref_ids`` of the same call with the reference's whole prompt masked (1-D
+    rows): CFG's unconditional row in LLaDA's ``cat([x, un_x])``. A row that masks only part of another row's prompt is a row of its own
     (an infilling variant, whose every mask is response)."""
     ref_prompt = ~ref_masked & valid
     return (
@@ -125,10 +134,21 @@ def _in_batch_reference(row: int, ids, masked, key_valid, resolved: dict) -> Opt
     return None
 
 
+def _mirrors(ids: torch.Tensor, masked: torch.Tensor, row: int, ref_ids: torch.Tensor, ref_layout: "Layout") -> bool:
+    """Row ``row`` of ``ids`` is the same row of a session's last call ``ref_ids`` with the
+    session's prompt masked, and exactly its tokens at the session's response positions."""
+    prompt, response = ref_layout.prompt[row], ref_layout.response[row]
+    return (bool(prompt.any()) and bool((masked[row] | ~prompt).all())
+            and bool(((ids[row] == ref_ids[row]) | ~response).all()))
+
+
 def infer_layout(ids: torch.Tensor, key_valid: torch.Tensor, mask_token_id: int, *, shift: int, policy: str,
-                 window: int, references: Sequence[tuple[torch.Tensor, "Layout"]] = ()) -> Layout:
-    """The layout of a new prompt. ``references``: (last ids, layout) of live sessions of the same
-    shape and padding, most recent first, for a masked copy sent in its own call (CFG as two calls)."""
+                 window: int, previous: Optional[tuple[torch.Tensor, "Layout"]] = None,
+                 others: Sequence[tuple[torch.Tensor, "Layout"]] = ()) -> Layout:
+    """The layout of a new prompt. ``previous``: (last ids, layout) of the session the previous
+    call ran on, when it has this call's shape and padding (a masked copy sent in its own call,
+    CFG as two calls); ``others``: the other live sessions of that shape and padding, which a
+    copy of ``previous`` must not mirror too."""
     masked = (ids == mask_token_id) & key_valid  # (B, S)
     batch = ids.shape[0]
     response = masked.clone()
@@ -137,12 +157,10 @@ def infer_layout(ids: torch.Tensor, key_valid: torch.Tensor, mask_token_id: int,
         ref = _in_batch_reference(row, ids, masked, key_valid, twins)
         if ref is not None:
             response[row] = response[ref]
-        else:
-            for ref_ids, ref_layout in references:
-                ref_masked = (ref_ids[row] == mask_token_id) & key_valid[row]
-                if _is_masked_copy(ids[row], masked[row], ref_ids[row], ref_masked, key_valid[row]):
-                    response[row] = ref_layout.response[row]
-                    break
+        elif previous is not None and _mirrors(ids, masked, row, *previous) and not any(
+            _mirrors(ids, masked, row, *other) for other in others
+        ):
+            response[row] = previous[1].response[row]
         twins[row] = ref
     missing = [row for row in range(batch) if not bool(response[row].any())]
     if missing:

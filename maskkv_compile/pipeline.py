@@ -31,9 +31,11 @@ from maskkv_compile.passes.base import PassRecord, extra_inputs
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` (nodes, their meta, and the output names of ``append_outputs``)."""
     graph = fx.Graph()
     out = graph.graph_copy(gm.graph, {})
-    graph.output(out)
+    node = graph.output(out)
+    node.meta.update(next(n for n in reversed(gm.graph.nodes) if n.op == "output").meta)
     return fx.GraphModule(gm, graph)
 
 

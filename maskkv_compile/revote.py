@@ -47,9 +47,9 @@ from typing import Optional
 import torch
 
 from maskkv_compile.layout import Layout
-from maskkv_compile.passes import PROMPT_KV_OUTPUTS_PER_LAYER, REVOTE_OUTPUTS_PER_LAYER
-from maskkv_compile.passes.base import split_layer_outputs
 from maskkv_compile.policies import voter_positions
+from maskkv_compile.routing import Plan
+from maskkv_compile.session import Call, Feature, Session
 
 
 @dataclass
@@ -95,26 +95,6 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
     return host.copy_(tensor, non_blocking=True)
 
 
-def take_tier(outputs: tuple, layout: Layout, n_layers: int, shift: int, where: str = "device") -> tuple[tuple, SecondTier]:
-    """Split the prefill's outputs: (the others, the session's second tier, kept ``where``:
-    "device" as the prefill made it, or "host")."""
-    outputs, pairs = split_layer_outputs(outputs, PROMPT_KV_OUTPUTS_PER_LAYER, n_layers)
-    if where == "host":
-        pairs = [(to_host(k), to_host(v)) for k, v in pairs]
-    idx, valid = voters(layout, shift)
-    return outputs, SecondTier(pairs, layout.prompt_idx, layout.prompt_valid, idx, valid)
-
-
-def due(config, session, transition: str) -> bool:
-    """Whether this step call re-selects (``session.steps_since_prefill`` counts the step
-    calls since its prefill or refresh, before this one)."""
-    if config.revote is None or session.tier is None:
-        return False
-    if config.revote == "block":
-        return transition == "block_refresh"
-    return transition == "step" and (session.steps_since_prefill + 1) % config.revote == 0
-
-
 def still_masked(tier: SecondTier, layout: Layout, ids: torch.Tensor, mask_token_id: int, shift: int) -> torch.Tensor:
     """(B, Rv): whether the position each voter predicts (its row + ``shift``) is still the mask
     token in ``ids`` (B, S). Computed on the device; nothing is read."""
@@ -147,16 +127,6 @@ def dynamic_dims(n_layers: int) -> dict:
     return dims
 
 
-def take_selection(outputs: tuple, session, n_layers: int) -> tuple:
-    """Strip the re-vote graph's new selections from its outputs into ``session.layers``."""
-    outputs, selections = split_layer_outputs(outputs, REVOTE_OUTPUTS_PER_LAYER, n_layers)
-    for layer, (k, v, length, pos) in enumerate(selections):
-        session.layers[layer] = dataclasses.replace(session.layers[layer], kept_k=k, kept_v=v, kept_len=length,
-                                                    kept_pos=pos)
-    session.tier.revotes += 1
-    return outputs
-
-
 def stats(tier: Optional[SecondTier]) -> Optional[dict]:
     """``cache_stats()["second_tier"]``: None without ``revote``."""
     if tier is None:
@@ -165,3 +135,54 @@ def stats(tier: Optional[SecondTier]) -> Optional[dict]:
     return {"bytes": tier.bytes, "layers": [k.nbytes + v.nbytes for k, v in tier.prompt_kv],
             "prompt_len": int(tier.prompt_pos.numel()), "revotes": tier.revotes, "device": str(first.device),
             "pinned": bool(first.is_pinned()) if first.device.type == "cpu" else False}
+
+
+@dataclass
+class RevoteState:
+    tier: Optional[SecondTier] = None  # replaced at every prefill
+
+
+class Revote(Feature):
+    """Re-selection as a runtime feature (``config.revote``): the prefill keeps the second tier
+    (graph outputs "prompt_kv"); a step whose plan says ``revote`` runs the "revote" graph, whose
+    outputs "reselected" replace every layer's kept entries."""
+
+    name = "revote"
+
+    def __init__(self, shift: int, where: str, voters_rule: str, mask_token_id: int):
+        self.shift = shift
+        self.where = where
+        self.voters_rule = voters_rule
+        self.mask_token_id = mask_token_id
+
+    def start(self, session: Session) -> None:
+        session.state[self.name] = RevoteState()
+
+    def prefill_outputs(self, session: Session, named: dict) -> None:
+        pairs = named["prompt_kv"]
+        if self.where == "host":
+            pairs = [(to_host(k), to_host(v)) for k, v in pairs]
+        idx, valid = voters(session.layout, self.shift)
+        layout = session.layout
+        session.state[self.name].tier = SecondTier(pairs, layout.prompt_idx, layout.prompt_valid, idx, valid)
+
+    def step_graph(self, session: Session, plan: Plan, call: Call, inputs: dict) -> Optional[str]:
+        tier = session.state[self.name].tier
+        if not plan.revote or tier is None:
+            return None
+        masked = None
+        if self.voters_rule == "masked":
+            masked = still_masked(tier, session.layout, call.ids, self.mask_token_id, self.shift)
+        inputs.update(graph_inputs(tier, masked))
+        return "revote"
+
+    def step_outputs(self, session: Session, plan: Plan, named: dict) -> None:
+        if "reselected" not in named:
+            return
+        for layer, (k, v, length, pos) in enumerate(named["reselected"]):
+            session.layers[layer] = dataclasses.replace(session.layers[layer], kept_k=k, kept_v=v, kept_len=length,
+                                                        kept_pos=pos)
+        session.state[self.name].tier.revotes += 1
+
+    def stats(self, session: Optional[Session]) -> dict:
+        return {"second_tier": None if session is None else stats(session.state[self.name].tier)}

@@ -1,42 +1,23 @@
-"""The MaskKV runtime: decides, call by call, between the prefill and the step graph.
+"""The MaskKV runtime: runs, call by call, the plan ``routing.decide`` makes.
 
-A *session* is one prompt's cache: its :class:`~maskkv_compile.layout.Layout` (each row's
-prompt, response and padding, and the rows the step computes), the tokens of the call that
-last used it, and each layer's kept K/V. Up to ``config.max_sessions`` live at once, most
-recent first. Each call is routed by evidence from its tokens (``ids``, (B, S)), its padding
-(``key_valid``, from the caller's attention mask) and its other per-token inputs
-(token_type_ids, position_ids, ...):
+A *session* is one prompt's cache (``session.py``): its
+:class:`~maskkv_compile.layout.Layout` (each row's prompt, response and padding, and the rows
+the step computes), the tokens of the call that last used it, each layer's kept K/V, the
+weights it was prefilled with, and the state of each feature. Up to
+``config.max_sessions`` live at once, most recent first.
 
-1. CONTINUE: a session continues when the call has its shape, device and padding, and the
-   same tokens and per-token inputs at every prompt position of every row. A session with
-   an empty prompt in some row (an all-mask row with no conditional row to copy) matches no
-   call: there is nothing to tell its continuation from a new prompt, so each such call is
-   a fresh prefill (correct, uncached).
-2. RESTART: a continuing call in which some response position that held a committed token
-   at the session's last call holds the mask token again starts a new generation: the
-   layout is inferred afresh and the prefill graph runs. (Committing the mask id itself, as
-   a random-weight model may, never looks like a restart: nothing went back.) The loops of
-   the optimized model (``generate``, and any ``*generate`` method of the wrapped model
-   called through it) also start from an empty runtime, so every generation begins with a
-   prefill whatever it commits.
-3. REFRESH: a continuing call that is the ``prompt_refresh``-th since the session's prefill
-   reruns the prefill graph on the current tokens with the same layout: the prompt K/V are
-   recomputed and re-selected, the voters being the session's response positions (masked
-   or already committed).
-4. STEP: any other continuing call runs the step graph: only the computed rows. With
-   ``block_length`` set (the dual cache, ``blocks.py``), a step whose current block (the
-   lowest block of response positions still holding a mask) is not the cached one is a
-   BLOCK_REFRESH: the step graph over every response row, whose response K/V are kept; the
-   block's later calls are BLOCK_STEPs: the step graph over the block's rows only, against
-   [kept prompt ; cached K/V of the other response rows]. The first step after every
-   prefill or refresh is a block refresh.
-   With ``revote`` set, a step that ``revote.due`` names runs the re-vote graph instead,
-   which also replaces every layer's kept entries (``maskkv_compile/revote.py``).
-5. NEW: a call that continues no session is a new prompt. Its layout comes from its own
-   mask tokens (see ``layout.py``; every row must hold one, else ``NoMaskTokenError``),
-   where a *masked copy* row (CFG's unconditional row, in the same batch or sent in its own
-   call right after the conditional one) takes its reference row's response. The prefill
-   graph runs; the oldest session is dropped if there are too many.
+Each call goes through three stages, each in one place:
+
+1. **Facts** (``_facts``): for every live session (and every recently dropped one) a few
+   0-d device tensors (continues, restarted, the dual cache's current block and off-grid
+   commit), stacked and read with one ``tolist``; and the weight signature, from tensor
+   metadata (``session.weight_signature``).
+2. **Decision** (``routing.decide``): a pure function of the sessions' states and the
+   facts; every rule is written there, in order, with its reason.
+3. **Execution**: a prefill (NEW, RESTART, REFRESH, UNCACHED) or a step (STEP,
+   BLOCK_REFRESH, BLOCK_STEP), with the features (``dual_cache.DualCache``,
+   ``revote.Revote``) plugged in at their hooks (``session.Feature``). Graph inputs and
+   outputs are found by name (``passes.base.append_outputs``), never by position.
 
 Returned logits are (B, S, V) like the original model's: each row's response rows (and,
 for Dream, the row before each response position, which holds its logits) carry the
@@ -44,26 +25,20 @@ model's logits, every other row zeros (the prompt is not recomputed). Inside
 ``response_logits_only()`` they are (B, R, V): position j holds the logits that predict
 row b's j-th response token (already shifted for Dream), which needs every row to have
 the same number of response positions. At a block step only the current block's response
-rows carry logits; every other response row is zeros in both forms. Other outputs (e.g. hidden states) cover the rows
-the graph computed: all rows at a prefill, the computed rows at a step. ``reset()`` drops
-every session. Every transition is counted (``counts``) and logged at DEBUG.
+rows carry logits; every other response row is zeros in both forms. Other outputs (e.g.
+hidden states) cover the rows the graph computed: all rows at a prefill, the computed rows
+at a step. ``reset()`` drops every session. Every transition is counted (``counts``) and
+logged at DEBUG; every fallback (``routing.Fallback``) is counted and warned once.
 
 Host reads (each one a synchronisation on CUDA): a STEP or BLOCK_STEP reads the device
-once, in routing (every live session's evidence, ``Session.evidence``, stacked and read with
-one ``tolist``); the step graph itself reads nothing, so it can be replayed as a CUDA graph.
-What the host needs about a layout (lengths, the logits read plan, each row's response
-positions for the dual cache) is read once when the layout is made, at the prefill or block
-refresh. The prefill graph reads nothing under every policy but AdaKV and random (head budgets
-are allocated on the device, selection scores computed for every row at once, and the kept
-caches are flat, of a static size); the runtime then reads every layer's kept lengths at once,
-to pad each head of a layer to the layer's largest (``LayerCache``), and the layout is read
-when it is made. AdaKV's head allocation and the random scores read inside the prefill graph,
-once per layer. ``tests/test_host_reads.py`` counts them.
+once, in routing; the step graph itself reads nothing, so it can be replayed as a CUDA
+graph. What the host needs about a layout is read once when the layout is made. The prefill
+graph reads nothing under every policy but AdaKV and random; the runtime then reads every
+layer's kept lengths at once, to pad each head of a layer to the layer's largest
+(``session.padded_caches``). ``tests/test_host_reads.py`` counts them.
 
-Sessions live in the runtime of one dynamo graph. When dynamo recompiles (a new batch
-size, changed guards), the new graph's runtime starts empty, so the next call is a prefill
-of whatever it is given (``optimize`` marks the sequence dim the same way on every call,
-so its own calls do not trigger this).
+One runtime serves every batch size its dynamo graph admits (a graph traced with a symbolic
+batch serves them all; Inductor artifacts are keyed by the batch size too).
 """
 
 from __future__ import annotations
@@ -71,28 +46,36 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from maskkv_compile import blocks, revote
 from maskkv_compile.config import MaskKVConfig
+from maskkv_compile.dual_cache import DualCache
 from maskkv_compile.inductor import SEQ, InductorGraph
-from maskkv_compile.kernels.select_kv import pad_kept
 from maskkv_compile.layout import Layout, NoMaskTokenError, infer_layout
-from maskkv_compile.passes import PREFILL_OUTPUTS_PER_LAYER, RESPONSE_KV_OUTPUTS_PER_LAYER
-from maskkv_compile.passes.base import split_layer_outputs
+from maskkv_compile.passes.base import output_groups, split_outputs
 from maskkv_compile.pipeline import MaskKVGraphs, build_graphs
 from maskkv_compile.policies import format_budget_table
+from maskkv_compile.revote import Revote, dynamic_dims as revote_dynamic_dims
+from maskkv_compile.routing import CallFacts, Fallback, Plan, Policy, SessionFacts, SessionState, Transition, decide, new_prompt
+from maskkv_compile.session import Call, LayerCache, Session, padded_caches, weight_signature
 
-__all__ = ["MaskKVRuntime", "NoMaskTokenError", "padding", "response_logits_only"]
+__all__ = ["CacheFallbackWarning", "LayerCache", "MaskKVRuntime", "NoMaskTokenError", "Transition", "padding",
+           "response_logits_only"]
 
 log = logging.getLogger("maskkv_compile.runtime")
 
 _RESPONSE_ONLY = contextvars.ContextVar("maskkv_response_logits_only", default=False)
 _KEY_VALID: contextvars.ContextVar[Optional[torch.Tensor]] = contextvars.ContextVar("maskkv_key_valid", default=None)
+
+
+class CacheFallbackWarning(UserWarning):
+    """A call ran slower than the cached path (``routing.Fallback`` says why); warned once per
+    reason and runtime, counted in ``cache_stats()["fallbacks"]`` every time."""
 
 
 @contextlib.contextmanager
@@ -117,84 +100,21 @@ def padding(key_valid: Optional[torch.Tensor]):
 
 
 @dataclass
-class LayerCache:
-    kept_k: torch.Tensor  # (B, Hkv, Kmax, D)
-    kept_v: torch.Tensor  # (B, Hkv, Kmax, Dv)
-    kept_len: torch.Tensor  # (B, Hkv)
-    kept_pos: torch.Tensor  # (B, Hkv, Kmax), -1 in the padding
-    prompt_mass: torch.Tensor  # (B, H)
-
-
-def padded_caches(flat: list[tuple[torch.Tensor, ...]]) -> list[LayerCache]:
-    """The prefill's per-layer ``(kept_k, kept_v, kept_len, kept_pos, prompt_mass)`` in
-    ``maskkv::select_kv``'s flat layout -> LayerCaches, each head padded to its layer's
-    largest kept length. Every layer's largest is read in one ``tolist``."""
-    if not flat:
-        return []
-    widths = torch.stack([kept_len.amax() for _, _, kept_len, _, _ in flat])
-    caches = []
-    for (kept_k, kept_v, kept_len, kept_pos, prompt_mass), width in zip(flat, widths.tolist()):
-        k, v, pos = pad_kept(kept_k, kept_v, kept_len, kept_pos, width)
-        caches.append(LayerCache(k, v, kept_len, pos, prompt_mass))
-    return caches
-
-
-@dataclass(eq=False)
-class Session:
-    layout: Layout
-    ids: torch.Tensor  # (B, S) the tokens of the last call
-    per_token: list[torch.Tensor]  # the other per-token inputs of the prefill, (B, S, ...)
-    layers: list[LayerCache] = field(default_factory=list)
-    steps_since_prefill: int = 0
-    logits_buffer: Optional[torch.Tensor] = None  # (B, S, V) with config.reuse_logits
-    block: Optional[blocks.BlockCache] = None  # the dual cache of the current block (block_length)
-    block_note: Optional[str] = None  # why the dual cache does not apply to this session
-    block_positions: Optional[torch.Tensor] = None  # (B, R) each row's response positions (block_length)
-    tier: Optional[revote.SecondTier] = None  # with config.revote: the full prompt K/V (revote.py)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.ids.shape)
-
-    @property
-    def resp_idx(self) -> torch.Tensor:
-        """The rows the step graph computes (the response rows, plus Dream's read rows)."""
-        return self.layout.rows
-
-    def evidence(self, ids: torch.Tensor, per_token: list[torch.Tensor], key_valid: torch.Tensor,
-                 mask_token_id: int, block_length: Optional[int]) -> Optional[torch.Tensor]:
-        """Whether the call continues this session, as a (3,) int64 tensor on the call's device:
-        [continues, restarted, current block or -1], or None when host facts already rule it out
-        (no prompt in some row, another shape or device). Computed without reading the device,
-        so that routing reads it once per call (on CUDA each read is a synchronisation).
-
-        continues: same padding, same tokens and per-token inputs at every prompt position;
-        restarted: some response position that held a committed token at the last call holds
-        the mask token again; current block: see ``blocks.current_block`` (-1 without blocks).
-        """
-        layout = self.layout
-        if not (layout.has_prompt and ids.shape == self.ids.shape and ids.device == self.ids.device
-                and all(x.shape == y.shape for x, y in zip(per_token, self.per_token))):
-            return None
-        prompt = layout.prompt  # (B, S)
-        differs = (key_valid != layout.key_valid).any() | (prompt & (ids != self.ids)).any()
-        for x, y in zip(per_token, self.per_token):
-            at_prompt = prompt.view(*prompt.shape, *[1] * (x.dim() - 2))  # (B, S, 1, ...)
-            differs = differs | (at_prompt & (x != y)).any()
-        restarted = ((ids == mask_token_id) & (self.ids != mask_token_id) & layout.response).any()
-        if self.block_positions is None:
-            block = torch.full((), -1, dtype=torch.long, device=ids.device)
-        else:
-            block = blocks.current_block(ids, self.block_positions, mask_token_id, block_length)
-        return torch.stack([(~differs).long(), restarted.long(), block])
-
-
-@dataclass
 class Counts:
     prefills: int = 0
     steps: int = 0
-    transitions: Counter = field(default_factory=Counter)  # new, restart, refresh, step, block_refresh, block_step
+    transitions: Counter = field(default_factory=Counter)  # Transition values -> calls
     revotes: int = 0  # step calls that re-selected the hot cache (config.revote)
+    fallbacks: Counter = field(default_factory=Counter)  # Fallback names -> calls
+
+    def add(self, other: "Counts") -> "Counts":
+        return Counts(self.prefills + other.prefills, self.steps + other.steps, self.transitions + other.transitions,
+                      self.revotes + other.revotes, self.fallbacks + other.fallbacks)
+
+
+def _is_weight(name: str) -> bool:
+    """A placeholder dynamo made of a module's parameter or buffer."""
+    return "_parameters_" in name or "_buffers_" in name
 
 
 class MaskKVRuntime:
@@ -205,17 +125,39 @@ class MaskKVRuntime:
         self.config = config
         self.mask_token_id = mask_token_id
         self.sessions: list[Session] = []
+        self.dropped: list[Session] = []  # sessions pushed out by max_sessions, without their caches
         self.counts = Counts()
-        self.last_session: Optional[Session] = None
-        names = [n.name for n in graphs.canonical.graph.nodes if n.op == "placeholder"]
-        self.tokens_pos = names.index(graphs.info.tokens)
-        self.per_token_pos = [names.index(name) for name in graphs.info.per_token]
+        self.last_session: Optional[Session] = None  # the session the last call ran on (None: uncached)
+        self._warned: set[Fallback] = set()
+        info = graphs.info
+        placeholders = [n for n in graphs.canonical.graph.nodes if n.op == "placeholder"]
+        names = [n.name for n in placeholders]
+        self.tokens_pos = names.index(info.tokens)
+        self.per_token_pos = [names.index(name) for name in info.per_token]
+        fixed = {self.tokens_pos, *self.per_token_pos}
+        tensors = [i for i, n in enumerate(placeholders)
+                   if isinstance(n.meta.get("example_value", n.meta.get("val")), torch.Tensor) and i not in fixed]
+        self.weight_pos = [i for i in tensors if _is_weight(names[i])]
+        self.other_pos = [i for i in tensors if not _is_weight(names[i])]
+        self.routing = Policy(prompt_refresh=config.prompt_refresh, revote=config.revote)
+        self.features = []  # in hook order: re-selection first, so the dual cache merges the new selection
+        if graphs.revote is not None:
+            self.features.append(Revote(config.logits_shift, config.second_tier, config.revote_voters, mask_token_id))
+        if config.block_length is not None:
+            self.features.append(DualCache(config.block_length, config.logits_shift, mask_token_id))
+        self.dual = next((f for f in self.features if isinstance(f, DualCache)), None)
         per_row = {name: (1,) for name in ("key_valid", "voter_valid", "prompt_valid", "resp_valid")}
-        self._prefill = self._compile(graphs.prefill, {"resp_idx": (0,), "voter_idx": (0,), "prompt_idx": (0,), **per_row})
-        step_dynamic = {"resp_idx": (0,), **per_row, **{f"kept_{kv}_{i}": (2,) for i in range(len(graphs.sites)) for kv in "kv"}}
-        self._step = self._compile(graphs.step, step_dynamic)
+        step_dynamic = {"resp_idx": (0,), **per_row,
+                        **{f"kept_{kv}_{i}": (2,) for i in range(len(graphs.sites)) for kv in "kv"}}
+        self._graphs = {
+            "prefill": (self._compile(graphs.prefill, {"resp_idx": (0,), "voter_idx": (0,), "prompt_idx": (0,), **per_row}),
+                        graphs.prefill_inputs, output_groups(graphs.prefill)),
+            "step": (self._compile(graphs.step, step_dynamic), graphs.step_inputs, output_groups(graphs.step)),
+        }
         if graphs.revote is not None:  # the step graph that also re-selects (revote.py)
-            self._revote = self._compile(graphs.revote, {**step_dynamic, **revote.dynamic_dims(len(graphs.sites))})
+            dynamic = {**step_dynamic, **revote_dynamic_dims(len(graphs.sites))}
+            self._graphs["revote"] = (self._compile(graphs.revote, dynamic), graphs.revote_inputs,
+                                      output_groups(graphs.revote))
 
     @classmethod
     def from_graph(cls, gm, config: MaskKVConfig, mask_token_id: int) -> "MaskKVRuntime":
@@ -232,123 +174,161 @@ class MaskKVRuntime:
     def reset(self) -> None:
         """Drop every session and start the counts afresh."""
         self.sessions.clear()
+        self.dropped.clear()
         self.last_session = None
         self.counts = Counts()
 
-    # -- routing ---------------------------------------------------------------------------
-    def _route(self, ids: torch.Tensor, per_token: list[torch.Tensor],
-               key_valid: torch.Tensor) -> tuple[Session, str, Optional[int]]:
-        """(session, transition, current block): transition is "new", "restart", "refresh" or
-        "step"; the block (``blocks.current_block``) is None without the dual cache or when no
-        mask is left. Every live session's evidence is read from the device at once."""
-        candidates = [(s, e) for s in self.sessions
-                      if (e := s.evidence(ids, per_token, key_valid, self.mask_token_id, self.config.block_length)) is not None]
-        session = block = None
-        if candidates:
-            facts = torch.stack([e for _, e in candidates]).tolist()  # the call's one device read
-            match = next((i for i, (continues, _, _) in enumerate(facts) if continues), None)
-            if match is not None:
-                session, (_, restarted, block) = candidates[match][0], facts[match]
-                self.sessions.remove(session)
-                if not restarted:
-                    self.sessions.insert(0, session)
-                    refresh = self.config.prompt_refresh
-                    due = refresh is not None and session.steps_since_prefill + 1 >= refresh
-                    return session, "refresh" if due else "step", None if block < 0 else block
-        references = [(s.ids, s.layout) for s in self.sessions
-                      if s.ids.shape == ids.shape and s.ids.device == ids.device and torch.equal(s.layout.key_valid, key_valid)]
-        layout = infer_layout(ids, key_valid, self.mask_token_id, shift=self.config.logits_shift,
-                              policy=self.config.policy, window=self.config.window, references=references)
-        fresh = Session(layout, ids, [x.clone() for x in per_token])
-        if self.config.block_length is not None:
-            fresh.block_positions, fresh.block_note = blocks.response_positions(layout, self.config.block_length)
-        if layout.has_prompt:
-            self.sessions.insert(0, fresh)
-            del self.sessions[self.config.max_sessions :]
-        return fresh, "new" if session is None else "restart", None
-
-    # -- execution -------------------------------------------------------------------------
-    def __call__(self, *args):
+    # -- 1. facts ---------------------------------------------------------------------------
+    def _call(self, args) -> Call:
         ids = args[self.tokens_pos]
-        per_token = [args[i] for i in self.per_token_pos]
         key_valid = _KEY_VALID.get()
         if key_valid is None or key_valid.shape != ids.shape:
             key_valid = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+        return Call(args, ids, [args[i] for i in self.per_token_pos], [args[i] for i in self.other_pos], key_valid,
+                    weight_signature(args[i] for i in self.weight_pos))
+
+    def _facts(self, call: Call) -> tuple[list[Optional[SessionFacts]], Optional[Fallback]]:
+        """Every live session's facts, and whether the call continues a dropped session, from
+        one read of the device."""
+        pending, keys = [], []
+        for session in (*self.sessions, *self.dropped):
+            if not session.matches(call):
+                keys.append(None)
+                continue
+            facts = {"continues": session.continues(call), "restarted": session.restarted(call, self.mask_token_id)}
+            for feature in self.features if session in self.sessions else ():
+                facts.update(feature.evidence(session, call))
+            keys.append(list(facts))
+            pending += facts.values()
+        values = iter(torch.stack([v.long() for v in pending]).tolist() if pending else [])
+        read = []
+        for key in keys:
+            read.append(None if key is None else dict(zip(key, (next(values) for _ in key))))
+        live, dropped = read[: len(self.sessions)], read[len(self.sessions) :]
+        facts = [None if f is None else SessionFacts(
+            continues=bool(f["continues"]), restarted=bool(f["restarted"]),
+            current_block=f["current_block"] if f.get("current_block", -1) >= 0 else None,
+            off_grid=bool(f.get("off_grid", 0))) for f in live]
+        came_back = any(f is not None and f["continues"] for f in dropped)
+        return facts, Fallback.SESSION_DROPPED if came_back else None
+
+    def _state(self, session: Session) -> SessionState:
+        dual = self.dual is not None and self.dual.active(session)
+        return SessionState(session.steps_since_prefill, self.dual.cached_block(session) if dual else None, dual,
+                            session.weights)
+
+    # -- 2. decision, 3. execution ------------------------------------------------------------
+    def __call__(self, *args):
         with torch.no_grad():
-            session, transition, block = self._route(ids, per_token, key_valid)
-            block_at = None  # (block index, response positions) at a block refresh
-            if transition == "step" and block is not None:
-                transition, block_at = self._block_transition(session, block)
-            log.debug("%s: %s (prompt %s, response %s)", transition, tuple(ids.shape), session.layout.prompt_lens,
-                      session.layout.response_lens)
-            self.counts.transitions[transition] += 1
-            if transition in ("step", "block_refresh", "block_step"):
-                outputs = self._run_step(args, session, transition, block_at)
+            call = self._call(args)
+            facts, dropped = self._facts(call)
+            plan = decide([self._state(s) for s in self.sessions], facts, CallFacts(call.weights, dropped), self.routing)
+            session, plan = self._session_for(plan, call)
+            log.debug("%s: %s (prompt %s, response %s)", plan.transition.value, tuple(call.ids.shape),
+                      session.layout.prompt_lens, session.layout.response_lens)
+            self.counts.transitions[plan.transition.value] += 1
+            if plan.fallback is not None:
+                self._fall_back(plan.fallback)
+            if plan.transition.is_prefill:
+                outputs = self._run_prefill(call, session)
             else:
-                outputs = self._run_prefill(args, session)
-            session.ids = ids.clone()
-        self.last_session = session
+                outputs = self._run_step(call, session, plan)
+            session.ids = call.ids.clone()
+        self.last_session = session if plan.transition is not Transition.UNCACHED else None
         return outputs
 
-    def _per_row_inputs(self, layout: Layout) -> dict:
+    def _session_for(self, plan: Plan, call: Call) -> tuple[Session, Plan]:
+        """The session the plan runs on: a live one, or a new one (which may turn the plan UNCACHED)."""
+        live = list(self.sessions)
+        if plan.stale:  # their prefill ran with other weights: never continued, never a CFG reference
+            self.sessions = [s for i, s in enumerate(live) if i not in plan.stale]
+        if plan.session is not None:
+            session = live[plan.session]
+            self.sessions.remove(session)
+            if plan.transition is not Transition.RESTART:
+                self.sessions.insert(0, session)
+                return session, plan
+        layout = self._new_layout(call)
+        plan = new_prompt(plan, layout.has_prompt)
+        session = Session(layout, call.ids, [x.clone() for x in call.per_token], [x.clone() for x in call.others],
+                          call.weights)
+        for feature in self.features:
+            feature.start(session)
+        if plan.transition is not Transition.UNCACHED:
+            self.sessions.insert(0, session)
+            for old in self.sessions[self.config.max_sessions :]:  # remembered without caches, to say why
+                self.dropped.insert(0, Session(old.layout, old.ids, old.per_token, old.others, old.weights))
+            del self.sessions[self.config.max_sessions :]
+            del self.dropped[self.config.max_sessions :]
+        return session, plan
+
+    def _new_layout(self, call: Call) -> Layout:
+        """The layout of a new prompt; CFG's unconditional half sent in its own call is read as a
+        masked copy of the previous call's session only (``layout.py``)."""
+        def same(s: Session) -> bool:
+            return (s.ids.shape == call.ids.shape and s.ids.device == call.ids.device
+                    and torch.equal(s.layout.key_valid, call.key_valid))
+
+        previous = self.last_session if self.last_session in self.sessions and same(self.last_session) else None
+        others = [(s.ids, s.layout) for s in self.sessions if s is not previous and same(s)]
+        return infer_layout(call.ids, call.key_valid, self.mask_token_id, shift=self.config.logits_shift,
+                            policy=self.config.policy, window=self.config.window,
+                            previous=None if previous is None else (previous.ids, previous.layout), others=others)
+
+    def _fall_back(self, fallback: Fallback) -> None:
+        self.counts.fallbacks[fallback.name.lower()] += 1
+        if fallback not in self._warned:
+            self._warned.add(fallback)
+            warnings.warn(f"maskkv_compile: {fallback.value}", CacheFallbackWarning, stacklevel=2)
+
+    def _run(self, graph: str, args: tuple, inputs: dict) -> tuple[tuple, dict]:
+        """Run a graph; (the model's own outputs, output group -> per-layer tuples)."""
+        fn, names, groups = self._graphs[graph]
+        return split_outputs(fn(*args, *(inputs[name] for name in names)), groups)
+
+    @staticmethod
+    def _per_row_inputs(layout: Layout) -> dict:
         return {"resp_idx": layout.rows, "key_valid": layout.key_valid, "resp_valid": layout.resp_valid,
                 "voter_idx": layout.voter_idx, "voter_valid": layout.voter_valid,
                 "prompt_idx": layout.prompt_idx, "prompt_valid": layout.prompt_valid}
 
-    def _run_prefill(self, args, session: Session):
-        extra = self._per_row_inputs(session.layout)
+    def _run_prefill(self, call: Call, session: Session):
+        inputs = self._per_row_inputs(session.layout)
         if not session.layout.padded:  # (B, 0): no padding, a fact the ops then need not read
-            extra["key_valid"] = session.layout.key_valid[:, :0]
-        outputs = self._prefill(*args, *(extra[name] for name in self.graphs.prefill_inputs))
-        if self.graphs.revote is not None:  # the second tier comes last
-            outputs, session.tier = revote.take_tier(outputs, session.layout, len(self.graphs.sites), self.config.logits_shift,
-                                                     self.config.second_tier)
-        base, caches = split_layer_outputs(outputs, PREFILL_OUTPUTS_PER_LAYER, len(self.graphs.sites))
-        session.layers = padded_caches(caches)
+            inputs["key_valid"] = session.layout.key_valid[:, :0]
+        base, named = self._run("prefill", call.args, inputs)
+        session.layers = padded_caches(named["kept"])
         session.steps_since_prefill = 0
-        session.block = None  # the next step is a block refresh
+        session.weights = call.weights
+        for feature in self.features:
+            feature.prefill_outputs(session, named)
         self.counts.prefills += 1
         logits = base[self.graphs.info.logits_index]
         if not self.graphs.head_sliced:
             logits = logits.index_select(1, session.layout.rows)
         return self._with_logits(base, logits, session)
 
-    def _block_transition(self, session: Session, index: int) -> tuple[str, Optional[tuple]]:
-        """("block_refresh", (index, positions)) when the call's current block is not the cached
-        one, else ("block_step", None)."""
-        if session.block is not None and session.block.index == index:
-            return "block_step", None
-        return "block_refresh", (index, session.block_positions)
-
-    def _run_step(self, args, session: Session, transition: str = "step", block_at: Optional[tuple] = None):
-        block = session.block if transition == "block_step" else None
-        layout = block.layout if block is not None else session.layout
-        extra = self._per_row_inputs(layout)
-        for layer, cache in enumerate(session.layers):
-            kept = block.layers[layer] if block is not None else (cache.kept_k, cache.kept_v, cache.kept_len)
-            extra.update({f"kept_k_{layer}": kept[0], f"kept_v_{layer}": kept[1], f"kept_len_{layer}": kept[2]})
-        if revote.due(self.config, session, transition):  # the re-vote graph replaces the hot cache
-            masked = None
-            if self.config.revote_voters == "masked":
-                masked = revote.still_masked(session.tier, session.layout, args[self.tokens_pos], self.mask_token_id,
-                                             self.config.logits_shift)
-            extra.update(revote.graph_inputs(session.tier, masked))
-            outputs = revote.take_selection(self._revote(*args, *(extra[name] for name in self.graphs.revote_inputs)),
-                                            session, len(self.graphs.sites))
-            self.counts.revotes += 1
-        else:
-            outputs = self._step(*args, *(extra[name] for name in self.graphs.step_inputs))
-        if self.config.block_length is not None:  # the step graph also returns each layer's response K/V
-            outputs, pairs = split_layer_outputs(outputs, RESPONSE_KV_OUTPUTS_PER_LAYER, len(self.graphs.sites))
-            if block_at is not None:  # a block refresh: build the block's merged caches
-                index, positions = block_at
-                session.block = blocks.build_block_cache(index, self.config.block_length, session.layout, positions,
-                                                         self.config.logits_shift, session.layers, pairs)
+    def _run_step(self, call: Call, session: Session, plan: Plan):
+        view = None
+        for feature in self.features:
+            view = feature.step_view(session, plan) or view
+        layout = session.layout if view is None else view.layout
+        inputs = self._per_row_inputs(layout)
+        kept = [(c.kept_k, c.kept_v, c.kept_len) for c in session.layers] if view is None else view.kept
+        for layer, (k, v, length) in enumerate(kept):
+            inputs.update({f"kept_k_{layer}": k, f"kept_v_{layer}": v, f"kept_len_{layer}": length})
+        graph = "step"
+        for feature in self.features:
+            graph = feature.step_graph(session, plan, call, inputs) or graph
+        base, named = self._run(graph, call.args, inputs)
+        for feature in self.features:
+            feature.step_outputs(session, plan, named)
+        self.counts.revotes += graph == "revote"
         session.steps_since_prefill += 1
         self.counts.steps += 1
-        return self._with_logits(outputs, outputs[self.graphs.info.logits_index], session, block)
+        return self._with_logits(base, base[self.graphs.info.logits_index], session, None if view is None else view.block)
 
-    def _with_logits(self, outputs, logits: torch.Tensor, session: Session, block: Optional[blocks.BlockCache] = None):
+    def _with_logits(self, outputs, logits: torch.Tensor, session: Session, block=None):
         """The (B, C, V) logits of the computed rows, as the caller's contract wants them."""
         layout = block.layout if block is not None else session.layout
         if _RESPONSE_ONLY.get():
@@ -377,7 +357,7 @@ class MaskKVRuntime:
 
     # -- introspection ---------------------------------------------------------------------
     def cache_stats(self) -> dict:
-        """What the last prompt's cache holds.
+        """What the last prompt's cache holds, and what this runtime has run.
 
         prompt_len / response_len: the longest row's (``prompt_lens`` / ``response_lens``: each
         row's). Per layer, ``kept_per_kv_head`` is the first row's kept entries per KV head and
@@ -385,13 +365,19 @@ class MaskKVRuntime:
         valid_bytes: the kept entries alone (the difference is each layer's padding up to its
         largest row and head); uniform_bytes: a cache keeping min(budget, P_b) entries in every
         head of every row. prefills / steps / transitions: what this runtime has run so far;
-        revotes: the step calls that re-selected (``revote``); second_tier: with ``revote``, the
-        bytes of the full prompt K/V the session keeps outside the hot cache (``revote.stats``).
+        fallbacks: calls slower than the cached path, by reason (``routing.Fallback``); revotes:
+        the step calls that re-selected (``revote``); second_tier: with ``revote``, the bytes of
+        the full prompt K/V the session keeps outside the hot cache; block_cache: with
+        ``block_length``, the dual cache of the current block.
         """
         session = self.last_session
+        stats = {"policy": self.config.policy, "prompt_len": 0, "response_len": 0, "layers": [], "bytes": 0,
+                 "valid_bytes": 0, "uniform_bytes": 0, **self.count_stats(self.counts),
+                 "block_cache": None, "second_tier": None}
+        for feature in self.features:
+            stats.update(feature.stats(session))
         if session is None:
-            return {"prompt_len": 0, "response_len": 0, "layers": [], "bytes": 0, "valid_bytes": 0, "uniform_bytes": 0,
-                    "prefills": self.counts.prefills, "steps": self.counts.steps}
+            return stats
         prompt_lens, response_lens = session.layout.prompt_lens, session.layout.response_lens
         layers = []
         for site, cache in zip(self.graphs.sites, session.layers):
@@ -407,31 +393,20 @@ class MaskKVRuntime:
                 "valid_bytes": int(cache.kept_len.sum()) * entry,
                 "uniform_bytes": site.kv_heads * sum(min(self.config.budget, p) for p in prompt_lens) * entry,
             })
-        return {
-            "policy": self.config.policy,
+        stats.update({
             "prompt_len": max(prompt_lens),
             "response_len": max(response_lens),
             "prompt_lens": prompt_lens,
             "response_lens": response_lens,
             "layers": layers,
             **{key: sum(layer[key] for layer in layers) for key in ("bytes", "valid_bytes", "uniform_bytes")},
-            "prefills": self.counts.prefills,
-            "steps": self.counts.steps,
-            "transitions": dict(self.counts.transitions),
-            "block_cache": self._block_stats(session),
-            "revotes": self.counts.revotes,
-            "second_tier": revote.stats(session.tier),
-        }
+        })
+        return stats
 
-    def _block_stats(self, session: Session) -> Optional[dict]:
-        """The dual cache (None without ``block_length``): current block, response columns it
-        covers, bytes of the merged per-layer caches, and why it does not apply, if so."""
-        if self.config.block_length is None:
-            return None
-        block = session.block
-        return {"block_length": self.config.block_length, "current_block": None if block is None else block.index,
-                "columns": None if block is None else (block.start, block.stop),
-                "bytes": 0 if block is None else block.bytes, "note": session.block_note}
+    @staticmethod
+    def count_stats(counts: Counts) -> dict:
+        return {"prefills": counts.prefills, "steps": counts.steps, "transitions": dict(counts.transitions),
+                "revotes": counts.revotes, "fallbacks": dict(counts.fallbacks)}
 
     def budget_table(self) -> str:
         """Layers x KV heads kept, for the first row of the last prompt."""

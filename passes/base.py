@@ -199,9 +199,40 @@ def extra_inputs(gm: fx.GraphModule, original: int) -> list[str]:
     return [n.target for n in gm.graph.nodes if n.op == "placeholder"][original:]
 
 
-def split_layer_outputs(outputs, per_layer: int, n_layers: int) -> tuple[tuple, list[tuple]]:
-    """A graph's outputs -> (the ones before, one tuple of ``per_layer`` per layer): the passes
-    that add per-layer outputs append them after the others, layer by layer."""
-    split = len(outputs) - per_layer * n_layers
-    rest = tuple(outputs[split:])
-    return tuple(outputs[:split]), [rest[i : i + per_layer] for i in range(0, len(rest), per_layer)]
+OUTPUT_GROUPS = "maskkv_output_groups"  # output node meta: what each graph output is
+
+
+def append_outputs(gm: fx.GraphModule, group: str, per_layer: list[tuple[fx.Node, ...]]) -> None:
+    """Append one tuple of nodes per layer to the graph's outputs, named ``group``: the
+    runtime finds them by that name (``split_outputs``), never by position or count."""
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    names = output_groups(gm)
+    flat = []
+    for layer, nodes in enumerate(per_layer):
+        flat += nodes
+        names += [(group, layer, i, len(nodes)) for i in range(len(nodes))]
+    set_outputs(gm, graph_outputs(gm) + tuple(flat))
+    out.meta[OUTPUT_GROUPS] = names
+
+
+def output_groups(gm: fx.GraphModule) -> list:
+    """Per graph output: None for the model's own outputs, else (group, layer, field, fields)."""
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    names = list(out.meta.get(OUTPUT_GROUPS, ()))
+    return names + [None] * (len(graph_outputs(gm)) - len(names))
+
+
+def split_outputs(outputs, groups: list) -> tuple[tuple, dict[str, list[tuple]]]:
+    """A graph's outputs -> (the model's own outputs, group -> one tuple per layer), by the
+    names ``append_outputs`` recorded (``groups`` is ``output_groups`` of the graph)."""
+    base, named = [], {}
+    for value, name in zip(outputs, groups):
+        if name is None:
+            base.append(value)
+            continue
+        group, layer, field, fields = name
+        layers = named.setdefault(group, [])
+        while len(layers) <= layer:
+            layers.append([None] * fields)
+        layers[layer][field] = value
+    return tuple(base), {group: [tuple(fields) for fields in layers] for group, layers in named.items()}

@@ -32,7 +32,7 @@ import torch.fx as fx
 from maskkv_compile.budgets import layer_slot_totals, uniform_layer_budgets
 from maskkv_compile.policies import get_policy
 
-from .base import GraphPass, PassResult, graph_outputs, placeholder, set_outputs
+from .base import GraphPass, PassResult, append_outputs, placeholder
 from .find_attention import attention_sites
 
 PREFILL_OUTPUTS_PER_LAYER = 5
@@ -73,7 +73,7 @@ class EvictKVPass(GraphPass):
         voter_valid = placeholder(gm, "voter_valid")
         sites = attention_sites(gm)
         per_layer = layer_budgets(cfg, [site.kv_heads for _, site in sites])
-        extra: list[fx.Node] = []
+        extra: list[tuple[fx.Node, ...]] = []
         for (node, site), layer_budget in zip(sites, per_layer):
             if "maskkv_votes" not in node.meta:
                 raise RuntimeError(f"EvictKVPass needs CaptureVotesPass first (layer {site.layer} has no votes)")
@@ -89,6 +89,6 @@ class EvictKVPass(GraphPass):
                 slots = kept_slots(cfg, site.kv_heads, layer_budget)
                 select = call(torch.ops.maskkv.select_kv.default, (k, v, scores, prompt_idx, budgets, slots))
                 kept = [call(operator.getitem, (select, i)) for i in range(4)]
-            extra += [*kept, prompt_mass]
-        set_outputs(gm, graph_outputs(gm) + tuple(extra))
+            extra.append((*kept, prompt_mass))
+        append_outputs(gm, "kept", extra)
         return PassResult(self.name, matches=len(sites), changed=bool(sites))

@@ -27,7 +27,7 @@ class GraphInfo:
     seq_symbols: tuple[str, ...]  # SymInt placeholders that carry S
     per_token: tuple[str, ...]  # other (B, S, ...) inputs (token_type_ids, position_ids, ...)
     logits_index: int  # position of the logits among the graph outputs
-    batch: int
+    batch: object  # sympy expression of the batch size (an int when static); never int()-ed: that would guard
 
 
 def _is_seq(value, seq_expr) -> bool:
@@ -64,7 +64,7 @@ def analyse(gm: fx.GraphModule) -> GraphInfo:
         if n is not tokens and isinstance(example_value(n), torch.Tensor) and example_value(n).dim() >= 2
         and _is_seq(example_value(n).shape[1], seq_expr)
     )
-    return GraphInfo(tokens.name, seq_expr, seq_symbols, per_token, find_logits(gm, seq_expr), int(shape[0]))
+    return GraphInfo(tokens.name, seq_expr, seq_symbols, per_token, find_logits(gm, seq_expr), sym_expr(shape[0]))
 
 
 def find_logits(gm: fx.GraphModule, seq_expr) -> int:

@@ -15,7 +15,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .base import GraphPass, PassResult, graph_outputs, placeholder, set_outputs
+from .base import GraphPass, PassResult, append_outputs, placeholder
 from .find_attention import attention_sites
 
 PROMPT_KV_OUTPUTS_PER_LAYER = 2
@@ -32,6 +32,6 @@ class KeepPromptKVPass(GraphPass):
             k, v = node.args[1], node.args[2]
             with gm.graph.inserting_before(node.next):
                 pair = gm.graph.call_function(torch.ops.maskkv.prompt_kv.default, (k, v, prompt_idx))
-                extra += [gm.graph.call_function(operator.getitem, (pair, i)) for i in range(2)]
-        set_outputs(gm, graph_outputs(gm) + tuple(extra))
+                extra.append(tuple(gm.graph.call_function(operator.getitem, (pair, i)) for i in range(2)))
+        append_outputs(gm, "prompt_kv", extra)
         return PassResult(self.name, matches=len(sites), changed=bool(sites))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .base import GraphPass, PassResult, graph_outputs, is_call, set_outputs
+from .base import GraphPass, PassResult, append_outputs, is_call
 
 RESPONSE_KV_OUTPUTS_PER_LAYER = 2
 
@@ -25,6 +25,6 @@ class ResponseKVOutputsPass(GraphPass):
         sites = [n for n in gm.graph.nodes if is_call(n, torch.ops.maskkv.cached_attention.default)]
         extra = []
         for node in sites:  # graph order is layer order
-            extra += [node.args[1], node.args[2]]
-        set_outputs(gm, graph_outputs(gm) + tuple(extra))
+            extra.append((node.args[1], node.args[2]))
+        append_outputs(gm, "response_kv", extra)
         return PassResult(self.name, matches=len(sites), changed=bool(sites))

@@ -27,7 +27,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .base import GraphPass, PassResult, graph_outputs, is_call, placeholder, set_outputs
+from .base import GraphPass, PassResult, append_outputs, is_call, placeholder
 
 REVOTE_OUTPUTS_PER_LAYER = 4
 
@@ -52,6 +52,6 @@ class RevoteKVPass(GraphPass):
                 )
                 fresh = [gm.graph.call_function(operator.getitem, (new, i)) for i in range(REVOTE_OUTPUTS_PER_LAYER)]
             node.args = (q, k, v, fresh[0], fresh[1], fresh[2], *node.args[6:])
-            extra += fresh
-        set_outputs(gm, graph_outputs(gm) + tuple(extra))
+            extra.append(tuple(fresh))
+        append_outputs(gm, "reselected", extra)
         return PassResult(self.name, matches=len(sites), changed=bool(sites))

@@ -129,7 +129,7 @@ class SymbolicLengthPass(GraphPass):
         return PassResult(self.name, matches=len(replaced), changed=True)
 
     @staticmethod
-    def _check_inputs(gm: fx.GraphModule, tokens: fx.Node, S: int, batch: int) -> list[fx.Node]:
+    def _check_inputs(gm: fx.GraphModule, tokens: fx.Node, S: int, batch) -> list[fx.Node]:
         """The other (B, S, ...) inputs; refuses an S that is also another input size."""
         per_token, clashes = [], []
         if batch == S:
@@ -139,7 +139,7 @@ class SymbolicLengthPass(GraphPass):
             if node is tokens or not isinstance(value, torch.Tensor):
                 continue
             state = "parameters" in node.name or "buffers" in node.name
-            if not state and value.dim() >= 2 and value.shape[0] == batch and value.shape[1] == S:
+            if not state and value.dim() >= 2 and sym_expr(value.shape[0]) == batch and value.shape[1] == S:
                 per_token.append(node)
                 dims = [d for d in range(value.dim()) if d != 1 and value.shape[d] == S]
             else:

@@ -180,11 +180,13 @@ def test_inductor_block_steps_do_not_recompile():
 
 
 def test_cfg_runs_block_steps_on_both_halves():
-    """LLaDA's loop with classifier-free guidance (two calls a step): each half is its own
-    session with its own block cache."""
+    """LLaDA's loop with classifier-free guidance (one batch [x ; un_x] a step): the
+    unconditional rows are masked copies of the conditional ones, and the batch runs block
+    steps as one session."""
     model = build("llada")
     prompt, _ = prompt_and_masks(model, prompt_len=20, gen_len=16)
     optimized = maskkv_compile.optimize(model, budget=4096, backend="eager", block_length=4)
     out = optimized.generate(prompt, gen_length=16, steps=16, block_length=4, cfg_scale=1.0)
     assert (out != model.config.mask_token_id).all()
-    assert optimized.cache_stats()["transitions"] == {"new": 2, "block_refresh": 8, "block_step": 22}
+    assert optimized.cache_stats()["transitions"] == {"new": 1, "block_refresh": 4, "block_step": 11}
+    assert optimized.runtime.last_session.layout.twins == (None, 0)

@@ -102,15 +102,17 @@ def test_an_all_mask_input_never_captures_the_next_prompt():
     mask_id = model.config.mask_token_id
     optimized = maskkv_compile.optimize(model, budget=4, backend="eager")
     everything = torch.full((1, P + L), mask_id)
-    optimized(everything)
-    optimized(everything)  # nothing tells a continuation from a new prompt: a fresh prefill
-    assert transitions(optimized) == {"new": 2}
+    with pytest.warns(maskkv_compile.CacheFallbackWarning, match="no prompt"):
+        optimized(everything)
+    optimized(everything)  # nothing tells a continuation from a new prompt: a prefill, no session kept
+    assert transitions(optimized) == {"uncached": 2}
+    assert optimized.cache_stats()["fallbacks"] == {"no_prompt": 2}
     assert optimized.cache_stats()["prompt_len"] == 0
     _, x = prompt_and_masks(model, P, L)
     optimized(x)
     x[0, P] = 3
     optimized(x)
-    assert transitions(optimized) == {"new": 3, "step": 1}
+    assert transitions(optimized) == {"uncached": 2, "new": 1, "step": 1}
     assert optimized.cache_stats()["prompt_len"] == P
 
 

@@ -1,0 +1,158 @@
+"""The routing rules of the MaskKV runtime, as one pure decision.
+
+Every call of a MaskKV model is routed by :func:`decide`: from what the runtime holds (its
+live sessions, :class:`SessionState`) and what the call shows (:class:`CallFacts`, and per
+live session :class:`SessionFacts`, computed on the device and read once), to a
+:class:`Plan`: which :class:`Transition` runs, on which session, and why. Nothing here
+touches a tensor; ``runtime.py`` gathers the facts and executes the plan, and
+``tests/test_routing_table.py`` checks every rule as a table of cases.
+
+The rules, in the order they are tried:
+
+1. STALE: a session whose prefill ran with other weights (a parameter or buffer of the
+   model was written in place, replaced, or changed dtype or device since: ``load_state_dict``,
+   an optimizer step, ``.to(dtype)``) is dropped before anything else; a call that continues
+   it is a NEW prompt, counted as a re-prefill for "weights changed".
+2. CONTINUE: the first live session (most recent first) whose facts say the call continues
+   it: same shape, device and padding, same tokens and per-token inputs at every prompt
+   position, and the same values of every other tensor input.
+3. RESTART: a continuing call in which a response position that held a committed token at
+   the session's last call holds the mask token again is a new generation: NEW layout,
+   prefill (``Transition.RESTART``).
+4. REFRESH: a continuing call that is the ``prompt_refresh``-th since the prefill reruns
+   the prefill on the same layout.
+5. STEP / BLOCK_REFRESH / BLOCK_STEP: any other continuing call runs the step graph. With
+   the dual cache active for the session (``dual_cache.py``) and a mask left in the call,
+   a call whose current block is the cached one is a BLOCK_STEP, any other a BLOCK_REFRESH.
+   A loop that committed a token outside the cached block since the last call does not
+   follow the block grid: the session leaves the dual cache (``Fallback``), and the call
+   is a plain STEP. ``revote`` marks the plan (``Plan.revote``) at a due step
+   (every k-th step) or block refresh (``revote="block"``).
+6. NEW: any other call is a new prompt. Its layout comes from its own tokens
+   (``layout.py``); when some row has no prompt (an all-mask row that copies no
+   conditional row) nothing could tell its next call from a new prompt, so it runs the
+   prefill UNCACHED (no session is kept) and says why. A NEW call that continues a session
+   this runtime dropped (more than ``max_sessions`` prompts, or stale weights) is counted
+   as a re-prefill with that reason.
+
+Every reason for running without the cache, or re-running a prefill the loop did not ask
+for, is a :class:`Fallback`: counted in ``cache_stats()["fallbacks"]`` and warned once per
+reason and runtime (invariant I3 of ``tests/test_invariants.py``).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+
+class Transition(str, enum.Enum):
+    """What a call runs; the value is the key it is counted under in ``cache_stats()``."""
+
+    NEW = "new"  # prefill of a new prompt (a session is kept)
+    RESTART = "restart"  # prefill of a new generation of a live session's prompt
+    REFRESH = "refresh"  # prefill on a live session's layout (``prompt_refresh``)
+    STEP = "step"  # the step graph over every computed row
+    BLOCK_REFRESH = "block_refresh"  # the step graph over every row; the block's dual cache is built
+    BLOCK_STEP = "block_step"  # the step graph over the current block's rows
+    UNCACHED = "uncached"  # a prefill whose session cannot be kept (``Plan.reason`` says why)
+
+    @property
+    def is_prefill(self) -> bool:
+        return self in (Transition.NEW, Transition.RESTART, Transition.REFRESH, Transition.UNCACHED)
+
+
+class Fallback(str, enum.Enum):
+    """Why a call ran slower than the cached path; each is counted and warned once."""
+
+    NO_PROMPT = "a row has no prompt (an all-mask row copying no conditional row): prefill without a cache"
+    WEIGHTS_CHANGED = "the model's weights changed since the prefill: the prompt was prefilled again"
+    SESSION_DROPPED = ("a prompt whose session was dropped (more than max_sessions prompts in turn) came back: "
+                       "prefilled again; raise max_sessions to keep them all")
+    BLOCK_GRID = ("the dual cache is off for this prompt: its response length is not a multiple of "
+                  "block_length (a generation resumed after its cache was lost, or a loop whose blocks "
+                  "do not tile the response), so the loop's block grid cannot be told; plain steps run")
+    BLOCK_OFF_GRID = ("the dual cache is off for this prompt: the loop committed a token outside the block "
+                      "being computed, so it does not denoise block by block with block_length; plain steps run")
+    RAGGED_BLOCKS = ("the dual cache is off for this prompt: rows have different numbers of response "
+                     "positions; plain steps run")
+
+
+@dataclass(frozen=True)
+class SessionState:
+    """What routing needs of a live session (host facts, no tensors)."""
+
+    steps_since_prefill: int  # step calls since its prefill or refresh
+    cached_block: Optional[int]  # the block whose dual cache is built (None: none)
+    dual_cache: bool  # the dual cache applies to it
+    weights: object  # the weight signature of its prefill
+
+
+@dataclass(frozen=True)
+class SessionFacts:
+    """What a call shows about one live session (read from the device in one go)."""
+
+    continues: bool
+    restarted: bool = False
+    current_block: Optional[int] = None  # lowest block holding a mask (None: none left / no dual cache)
+    off_grid: bool = False  # a token was committed outside the cached block since the last call
+
+
+@dataclass(frozen=True)
+class CallFacts:
+    weights: object  # the weight signature now
+    dropped: Optional[Fallback] = None  # the call continues a session this runtime dropped, and why
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The routing settings of a runtime (from ``MaskKVConfig``)."""
+
+    prompt_refresh: Optional[int] = None
+    revote: Optional[object] = None  # None, an int k, or "block"
+
+
+@dataclass(frozen=True)
+class Plan:
+    transition: Transition
+    session: Optional[int] = None  # index into the live sessions (None: a new layout)
+    block: Optional[int] = None  # the current block at a block refresh / step
+    revote: bool = False  # run the re-vote graph (a due step or block refresh)
+    stale: tuple[int, ...] = ()  # live sessions to drop first: their weights are not the model's
+    fallback: Optional[Fallback] = None  # why this call is slower than the cached path
+    leave_dual_cache: bool = False  # the session stops using the dual cache (``fallback`` says why)
+
+
+def decide(sessions: Sequence[SessionState], facts: Sequence[Optional[SessionFacts]], call: CallFacts,
+           policy: Policy) -> Plan:
+    """The plan for one call. ``facts[i]`` is None when host facts already rule session i out
+    (another shape or device). A NEW plan may still become UNCACHED once its layout is known
+    (:func:`new_prompt`)."""
+    stale = tuple(i for i, s in enumerate(sessions) if s.weights != call.weights)
+    match = next((i for i, f in enumerate(facts) if f is not None and f.continues and i not in stale), None)
+    if match is None:
+        continued_stale = any(facts[i] is not None and facts[i].continues for i in stale)
+        fallback = Fallback.WEIGHTS_CHANGED if continued_stale else call.dropped
+        return Plan(Transition.NEW, stale=stale, fallback=fallback)
+    state, fact = sessions[match], facts[match]
+    if fact.restarted:
+        return Plan(Transition.RESTART, match, stale=stale)
+    if policy.prompt_refresh is not None and state.steps_since_prefill + 1 >= policy.prompt_refresh:
+        return Plan(Transition.REFRESH, match, stale=stale)
+    if state.dual_cache and fact.off_grid:
+        return Plan(Transition.STEP, match, stale=stale, fallback=Fallback.BLOCK_OFF_GRID, leave_dual_cache=True)
+    if state.dual_cache and fact.current_block is not None:
+        if fact.current_block == state.cached_block:
+            return Plan(Transition.BLOCK_STEP, match, fact.current_block, stale=stale)
+        return Plan(Transition.BLOCK_REFRESH, match, fact.current_block, revote=policy.revote == "block", stale=stale)
+    every = policy.revote if isinstance(policy.revote, int) else None
+    due = every is not None and (state.steps_since_prefill + 1) % every == 0
+    return Plan(Transition.STEP, match, revote=due, stale=stale)
+
+
+def new_prompt(plan: Plan, has_prompt: bool) -> Plan:
+    """A NEW plan once the call's layout is known: UNCACHED when some row has no prompt."""
+    if plan.transition is Transition.NEW and not has_prompt:
+        return Plan(Transition.UNCACHED, stale=plan.stale, fallback=Fallback.NO_PROMPT)
+    return plan

@@ -1,0 +1,168 @@
+"""A session (one prompt's cache) and the interface of the runtime's features.
+
+A :class:`Session` holds what the runtime knows of one prompt: its
+:class:`~maskkv_compile.layout.Layout`, the tokens and inputs of its last call, each layer's
+kept K/V (:class:`LayerCache`), the weights it was prefilled with, and one state object per
+feature. A :class:`Feature` (the dual cache, re-selection; the next one is one more class) plugs
+into the runtime at these points and touches no other feature's state:
+
+* ``start(session)``: a new session was made (its layout is known);
+* ``prefill_outputs(session, named)``: after a prefill, take the feature's named outputs;
+* ``step_view(session, plan)`` / ``step_graph(session, plan, call, inputs)``: before a step,
+  the rows it computes and the graph it runs, with its extra inputs;
+* ``step_outputs(session, plan, named)``: after a step, take the feature's named outputs;
+
+plus ``evidence`` (device tensors routing reads with its others) and ``stats``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from maskkv_compile.kernels.select_kv import pad_kept
+from maskkv_compile.layout import Layout
+
+if TYPE_CHECKING:
+    from maskkv_compile.routing import Plan
+
+
+@dataclass
+class LayerCache:
+    kept_k: torch.Tensor  # (B, Hkv, Kmax, D)
+    kept_v: torch.Tensor  # (B, Hkv, Kmax, Dv)
+    kept_len: torch.Tensor  # (B, Hkv)
+    kept_pos: torch.Tensor  # (B, Hkv, Kmax), -1 in the padding
+    prompt_mass: torch.Tensor  # (B, H)
+
+
+def padded_caches(flat: list[tuple[torch.Tensor, ...]]) -> list[LayerCache]:
+    """The prefill's per-layer ``(kept_k, kept_v, kept_len, kept_pos, prompt_mass)`` in
+    ``maskkv::select_kv``'s flat layout -> LayerCaches, each head padded to its layer's
+    largest kept length. Every layer's largest is read in one ``tolist``."""
+    if not flat:
+        return []
+    widths = torch.stack([kept_len.amax() for _, _, kept_len, _, _ in flat])
+    caches = []
+    for (kept_k, kept_v, kept_len, kept_pos, prompt_mass), width in zip(flat, widths.tolist()):
+        k, v, pos = pad_kept(kept_k, kept_v, kept_len, kept_pos, width)
+        caches.append(LayerCache(k, v, kept_len, pos, prompt_mass))
+    return caches
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call's inputs, as the runtime reads them."""
+
+    args: tuple  # the graph's flat inputs
+    ids: torch.Tensor  # (B, S) token ids
+    per_token: list  # other (B, S, ...) inputs
+    others: list  # every other non-weight tensor input (compared by value)
+    key_valid: torch.Tensor  # (B, S) bool, False at padding
+    weights: tuple  # the weight signature (``weight_signature``)
+
+
+def weight_signature(tensors) -> tuple:
+    """Changes whenever a parameter or buffer is written in place (its version counter), replaced
+    (its storage) or converted (dtype, device): cheap, read from tensor metadata only."""
+    signature = []
+    for t in tensors:
+        try:
+            version = t._version
+        except RuntimeError:  # an inference tensor keeps no version counter
+            version = -1
+        signature.append((t.data_ptr(), version, t.dtype, t.device))
+    return tuple(signature)
+
+
+@dataclass(eq=False)
+class Session:
+    layout: Layout
+    ids: torch.Tensor  # (B, S) the tokens of the last call
+    per_token: list[torch.Tensor]  # the other per-token inputs of the prefill, (B, S, ...)
+    others: list[torch.Tensor]  # the other tensor inputs of the prefill
+    weights: tuple  # the weight signature of the prefill
+    layers: list[LayerCache] = field(default_factory=list)
+    steps_since_prefill: int = 0
+    logits_buffer: Optional[torch.Tensor] = None  # (B, S, V) with config.reuse_logits
+    state: dict[str, Any] = field(default_factory=dict)  # feature name -> its state for this session
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.ids.shape)
+
+    @property
+    def resp_idx(self) -> torch.Tensor:
+        """The rows the step graph computes (the response rows, plus Dream's read rows)."""
+        return self.layout.rows
+
+    # the features' states, under the names the tests and tools read
+    @property
+    def block(self):
+        dual = self.state.get("dual_cache")
+        return None if dual is None else dual.block
+
+    @property
+    def tier(self):
+        revote = self.state.get("revote")
+        return None if revote is None else revote.tier
+
+    def matches(self, call: Call) -> bool:
+        """Host facts allow the call to continue this session (shape, device, inputs)."""
+        return (self.layout.has_prompt and call.ids.shape == self.ids.shape and call.ids.device == self.ids.device
+                and len(call.per_token) == len(self.per_token) and len(call.others) == len(self.others)
+                and all(x.shape == y.shape for x, y in zip(call.per_token, self.per_token))
+                and all(x.shape == y.shape and x.dtype == y.dtype for x, y in zip(call.others, self.others)))
+
+    def continues(self, call: Call) -> torch.Tensor:
+        """0-d bool on the call's device: the call has this session's padding, and its tokens,
+        per-token inputs (at every prompt position) and other inputs are the session's.
+        Computed without reading the device (routing reads every fact of a call at once)."""
+        layout = self.layout
+        prompt = layout.prompt  # (B, S)
+        differs = (call.key_valid != layout.key_valid).any() | (prompt & (call.ids != self.ids)).any()
+        for x, y in zip(call.per_token, self.per_token):
+            at_prompt = prompt.view(*prompt.shape, *[1] * (x.dim() - 2))  # (B, S, 1, ...)
+            differs = differs | (at_prompt & (x != y)).any()
+        for x, y in zip(call.others, self.others):
+            differs = differs | (x != y).any()
+        return ~differs
+
+    def restarted(self, call: Call, mask_token_id: int) -> torch.Tensor:
+        """0-d bool: a response position that held a committed token at the last call holds the
+        mask token again (a new generation of the same prompt)."""
+        return ((call.ids == mask_token_id) & (self.ids != mask_token_id) & self.layout.response).any()
+
+
+class Feature:
+    """A runtime feature: the hooks are no-ops unless a subclass fills them in."""
+
+    name = "feature"
+
+    def start(self, session: Session) -> None:
+        """A new session (its layout is known)."""
+
+    def evidence(self, session: Session, call: Call) -> dict[str, torch.Tensor]:
+        """0-d device tensors that routing reads with the session's other facts."""
+        return {}
+
+    def prefill_outputs(self, session: Session, named: dict) -> None:
+        """After a prefill: ``named`` maps output group -> per-layer tuples (``passes.base``)."""
+
+    def step_view(self, session: Session, plan: "Plan"):
+        """Before a step: what it computes instead of the session's layout and kept entries
+        (a ``dual_cache.StepView``), or None."""
+        return None
+
+    def step_graph(self, session: Session, plan: "Plan", call: Call, inputs: dict) -> Optional[str]:
+        """Before a step: update ``inputs`` (graph input name -> tensor) in place and return the
+        name of the graph to run instead of "step", or None."""
+        return None
+
+    def step_outputs(self, session: Session, plan: "Plan", named: dict) -> None:
+        """After a step: take the feature's named outputs."""
+
+    def stats(self, session: Optional[Session]) -> dict:
+        return {}
