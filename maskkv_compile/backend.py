@@ -129,6 +129,7 @@ class MaskKVBackend:
                 raise UnsupportedModelError(str(error) + _GRAPH_BREAK_HINT) from error
             raise
         self.runtimes.append(runtime)
+        _record(runtime, gm, example_inputs)
         return ScalarGuard(runtime, scalars.specialized) if scalars.specialized else runtime
 
 
@@ -143,11 +144,12 @@ def _record(runtime: MaskKVRuntime, gm, example_inputs) -> None:
 
 
 def runtimes(compiled) -> list[MaskKVRuntime]:
-    """The MaskKV runtimes ``backend="maskkv"`` built for this model, oldest first.
+    """The MaskKV runtimes built for this model, oldest first.
 
-    ``compiled``: what ``torch.compile(model, backend="maskkv", ...)`` returned, or the model.
-    A runtime belongs to the model when its graph reads the model's parameters or buffers
-    (so two ``torch.compile`` calls on one model share them; ``optimize``'s are not listed).
+    ``compiled``: what ``torch.compile(model, backend="maskkv", ...)`` returned, the model, or
+    what ``optimize`` returned. A runtime belongs to the model when its graph reads the model's
+    parameters or buffers (so two ``torch.compile`` calls on one model share them, and
+    ``optimize``'s runtimes of the model are listed too).
     ``sum(r.counts.prefills + r.counts.steps for r in runtimes(compiled))`` is the number of
     calls MaskKV ran; fewer than the calls made means dynamo ran some without the backend.
     Raises ``RuntimeError`` when there is none: the model has not been called yet, or dynamo
@@ -181,6 +183,4 @@ def maskkv_backend(gm, example_inputs, options: Optional[Mapping[str, Any]] = No
     options = dict(options or {})
     option_mode = options.pop("mode", None)
     backend = MaskKVBackend(MaskKVConfig.from_options(options), mode=option_mode)
-    compiled = backend(gm, example_inputs)
-    _record(backend.runtimes[-1], gm, example_inputs)
-    return compiled
+    return backend(gm, example_inputs)

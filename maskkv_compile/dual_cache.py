@@ -172,12 +172,13 @@ class DualCache(Feature):
         self.shift = shift
         self.mask_token_id = mask_token_id
 
-    def start(self, session: Session) -> None:
+    def start(self, session: Session) -> Optional[Fallback]:
         length = _GENERATION_BLOCK_LENGTH.get()
         state = DualCacheState(self.block_length if length is _UNSET else length)
         if state.block_length is not None:
             state.positions, state.fallback = response_positions(session.layout, state.block_length)
         session.state[self.name] = state
+        return state.fallback
 
     def active(self, session: Session) -> bool:
         return session.state[self.name].positions is not None

@@ -7,7 +7,9 @@ code checks no guards, so the runtime keeps the guards' worth itself:
   * sizes 0 and 1 are specialized by the shape environment, so an input with such a size
     gets its own compile (the key records which dynamic sizes are 0/1);
   * if the compile produced any other guard, the artifact is only reused for exactly the
-    same sizes.
+    same sizes;
+  * the batch size is compiled static and always part of the key (a runtime serves every
+    batch size its dynamo graph admits: under ``dynamic=True`` one graph serves them all).
 (Dynamo's own ``torch.compile`` cannot be used here: the rewritten graphs run inside the
 outer compiled region, where it leaves a copied dynamo graph uncompiled.)
 
@@ -83,7 +85,8 @@ class InductorGraph:
         self.compiles = 0
 
     def _sizes(self, args) -> tuple[int, ...]:
-        sizes = []
+        """The call's size class: the batch (compiled static) and every dynamic dim."""
+        sizes = [int(args[self.names.index(self.tokens)].shape[0])]
         for name, arg in zip(self.names, args):
             dims = self.dynamic.get(name)
             if isinstance(dims, (list, tuple)):
@@ -92,7 +95,7 @@ class InductorGraph:
 
     def __call__(self, *args):
         sizes = self._sizes(args)
-        small = tuple(s if s < 2 else None for s in sizes)
+        small = (sizes[0], *(s if s < 2 else None for s in sizes[1:]))  # the batch is always part of the key
         fn = self.compiled.get(small) or self.compiled.get(sizes)
         if fn is None:
             fn, generic = self._compile(args)

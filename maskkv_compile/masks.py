@@ -7,7 +7,8 @@ padding keys. Spellings accepted (``attention_mask`` unless named otherwise):
 * ``None`` or the string ``"full"`` (Dream's loop without padding): no padding;
 * 2-D (B, S) of 0/1, any dtype (Hugging Face tokenizers; left or right padding, any pattern);
 * 4-D bool (B, 1, S, S) (Dream's loop with padding): ``m[b, 0, i, j]`` must be
-  ``valid[b, j]`` for every real query row i (padding query rows may be anything);
+  ``valid[b, j]`` for every real query row i (padding query rows may see nothing, or every
+  key, as transformers' ``_unmask_unattended`` makes them);
 * 4-D (B, 1, 1, S) bool or 0/1: a key mask;
 * ``attention_bias`` (LLaDA's forward), or any floating 4-D mask: additive,
   0 where attended and a large negative number (or -inf) where not, padding-shaped as above.
@@ -50,6 +51,18 @@ def _allowed(name: str, mask: torch.Tensor) -> torch.Tensor:
     return mask == 1
 
 
+def _real_keys(rows: torch.Tensor) -> torch.Tensor:
+    """(B, S, S) query x key 'may attend' -> (B, S) real keys. A real query row sees exactly the
+    real keys; a padding query row sees nothing, or everything (transformers'
+    ``_unmask_unattended`` and Dream-style builders open them up to avoid NaN rows). So the
+    real keys are the pattern of the rows that are neither empty nor full, or every key when
+    all rows are (no padding, or padding rows that see nothing)."""
+    seen = rows.sum(-1)  # (B, S)
+    partial = (seen > 0) & (seen < rows.shape[-1])  # (B, S)
+    pattern = (rows & partial[..., None]).any(1)  # (B, S): keys some partial row sees
+    return torch.where(partial.any(1, keepdim=True), pattern, rows.any(1))
+
+
 def key_padding(name: str, mask, batch: int, seq: int) -> Optional[torch.Tensor]:
     """(B, S) bool, False at padding keys; None when the mask marks no padding."""
     if mask is None or (isinstance(mask, str) and mask == "full"):
@@ -63,8 +76,8 @@ def key_padding(name: str, mask, batch: int, seq: int) -> Optional[torch.Tensor]
         if allowed.shape[2] == 1:
             valid = allowed[:, 0, 0]
         elif allowed.shape[2] == seq:
-            valid = allowed[:, 0].any(1)  # a key is real when some query may see it
             rows = allowed[:, 0]  # (B, S, S)
+            valid = _real_keys(rows)
             real_rows_ok = (rows == valid[:, None, :]) | ~valid[:, :, None]
             if not bool(real_rows_ok.all()):
                 raise _refuse(name, mask, "some real query row does not see exactly the real keys (a causal, block "

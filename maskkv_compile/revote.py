@@ -157,6 +157,7 @@ class Revote(Feature):
 
     def start(self, session: Session) -> None:
         session.state[self.name] = RevoteState()
+        return None
 
     def prefill_outputs(self, session: Session, named: dict) -> None:
         pairs = named["prompt_kv"]

@@ -253,7 +253,9 @@ class MaskKVRuntime:
         session = Session(layout, call.ids, [x.clone() for x in call.per_token], [x.clone() for x in call.others],
                           call.weights)
         for feature in self.features:
-            feature.start(session)
+            fallback = feature.start(session)
+            if fallback is not None and plan.transition is not Transition.UNCACHED:
+                self._fall_back(fallback)
         if plan.transition is not Transition.UNCACHED:
             self.sessions.insert(0, session)
             for old in self.sessions[self.config.max_sessions :]:  # remembered without caches, to say why

@@ -26,7 +26,7 @@ from maskkv_compile.kernels.select_kv import pad_kept
 from maskkv_compile.layout import Layout
 
 if TYPE_CHECKING:
-    from maskkv_compile.routing import Plan
+    from maskkv_compile.routing import Fallback, Plan
 
 
 @dataclass
@@ -141,8 +141,9 @@ class Feature:
 
     name = "feature"
 
-    def start(self, session: Session) -> None:
-        """A new session (its layout is known)."""
+    def start(self, session: Session) -> Optional["Fallback"]:
+        """A new session (its layout is known); returns why the feature does not apply to it, if
+        that makes the session slower than it could be (counted and warned by the runtime)."""
 
     def evidence(self, session: Session, call: Call) -> dict[str, torch.Tensor]:
         """0-d device tensors that routing reads with the session's other facts."""

@@ -34,3 +34,32 @@ def llada_loop(model, prompt: torch.Tensor, mask_id: int, gen_length: int, steps
             picked = confidence[row].topk(count).indices
             x[row, picked] = x0[row, picked]
     return x
+
+
+@torch.no_grad()
+def block_loop(model, prompt: torch.Tensor, mask_id: int, gen_length: int, block_length: int, per_step: int = 1,
+               before_call=None, check=None) -> torch.Tensor:
+    """LLaDA's semi-autoregressive loop, drop-in: blocks of ``block_length`` left to right,
+    ``per_step`` most confident masked positions of the current block committed per call.
+    ``before_call(step)`` runs before each call (to lose the session, say); ``check(x, logits,
+    block)`` sees every call's input, logits and the current block's positions."""
+    batch, prompt_len = prompt.shape
+    x = torch.cat([prompt, torch.full((batch, gen_length), mask_id, dtype=prompt.dtype)], dim=1)
+    step = 0
+    for start in range(prompt_len, prompt_len + gen_length, block_length):
+        block = torch.arange(start, start + block_length)
+        while bool((x[:, block] == mask_id).any()):
+            if before_call is not None:
+                before_call(step)
+            logits = model(x).logits
+            if check is not None:
+                check(x, logits, block)
+            confidence = torch.softmax(logits.double(), -1).amax(-1)  # (B, S)
+            predicted = logits.argmax(-1)
+            for row in range(batch):
+                masked = block[x[row, block] == mask_id]
+                if masked.numel():
+                    picked = masked[confidence[row, masked].topk(min(per_step, masked.numel())).indices]
+                    x[row, picked] = predicted[row, picked]
+            step += 1
+    return x

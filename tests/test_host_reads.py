@@ -78,17 +78,14 @@ def recorded(monkeypatch):
         if getattr(self, "_counted", False):
             return
         self._counted = True
-        for name in ("_step", "_prefill", "_revote"):
-            graph = getattr(self, name, None)
-            if graph is None:
-                continue
+        for name, (graph, inputs, groups) in self._graphs.items():  # prefill, step, revote
 
             def counted(*args, _graph=graph):
                 with count_reads() as inside:
                     out = _graph(*args)
                 calls[-1]["graph"] = inside
                 return out
-            setattr(self, name, counted)
+            self._graphs[name] = (counted, inputs, groups)
 
     def recording_call(self, *args):
         graph_reads(self)
