@@ -166,7 +166,10 @@ def runtimes(compiled) -> list[MaskKVRuntime]:
     if not found:
         raise RuntimeError(
             f"no MaskKV runtime was built for this {type(module).__name__}: it has not been called since it was "
-            "compiled, or dynamo did not hand its graph to the maskkv backend (it ran the model without it)"
+            "compiled, or dynamo did not hand its graph to the maskkv backend (it ran the model without it). "
+            "A method of the model (Dream's diffusion_generate, ...) called on what torch.compile returned runs "
+            "the original module, never the compiled one: compile the model in place instead, "
+            "model.compile(backend='maskkv', options={...}), or use maskkv_compile.optimize(model)"
         )
     return found
 

@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 
 from maskkv_compile._torch_private import (
-    DimDynamic, FakeTensorMode, ShapeEnv, StatelessSymbolicContext, example_value, sym_expr, tracing,
+    DimDynamic, FakeTensorMode, ShapeEnv, StatelessSymbolicContext, example_value, sym_expr, sym_hint, tracing,
 )
 from maskkv_compile.distributed import fake_like, is_dtensor, real_object
 from maskkv_compile.graph_diff import readable_code, readable_name  # messages name nodes by module path
@@ -179,16 +179,21 @@ class SymbolicLengthPass(GraphPass):
         return replaced, leftovers
 
 
-def _fake_inputs(gm: fx.GraphModule, mode, tokens: fx.Node, per_token: list[fx.Node], length) -> list:
-    """Fake values for the placeholders: tokens and per-token inputs of ``length``, the rest as traced."""
+def _fake_inputs(gm: fx.GraphModule, mode, tokens: fx.Node, per_token: list[fx.Node], length, batch) -> list:
+    """Fake values for the placeholders: tokens and per-token inputs of ``length`` and ``batch``
+    rows (the batch may be symbolic too: dynamo's automatic dynamic shapes after a second batch
+    size), a SymInt input that is the batch as ``batch``, the rest as traced."""
     args = []
+    batch_expr = sym_expr(example_value(tokens).shape[0])
     with mode:
         for node in gm.graph.nodes:
             if node.op != "placeholder":
                 continue
             value = example_value(node)
-            if node is tokens or node in per_token:
-                shape = (value.shape[0], length, *value.shape[2:])
+            if isinstance(value, torch.SymInt) and not isinstance(batch_expr, int) and sym_expr(value) == batch_expr:
+                args.append(batch)
+            elif node is tokens or node in per_token:
+                shape = (batch, length, *value.shape[2:])
                 args.append(torch.zeros(shape, dtype=value.dtype, device=value.device))
             elif is_dtensor(value):  # a sharded parameter (tensor parallelism) stays a DTensor
                 args.append(fake_like(value, value.shape))
@@ -224,10 +229,12 @@ def _propagate(gm: fx.GraphModule, tokens: fx.Node, per_token: list[fx.Node], S:
     env = ShapeEnv()
     mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
     value = example_value(tokens)
-    context = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.STATIC, DimDynamic.DYNAMIC])
-    fake_tokens = mode.from_tensor(torch.zeros(tuple(value.shape), dtype=value.dtype), symbolic_context=context)
+    batch = DimDynamic.DYNAMIC if isinstance(value.shape[0], torch.SymInt) else DimDynamic.STATIC
+    context = StatelessSymbolicContext(dynamic_sizes=[batch, DimDynamic.DYNAMIC])
+    hints = tuple(sym_hint(d) for d in value.shape)
+    fake_tokens = mode.from_tensor(torch.zeros(hints, dtype=value.dtype), symbolic_context=context)
     length = fake_tokens.shape[1]  # SymInt s, hint S
-    args = _fake_inputs(gm, mode, tokens, per_token, length)
+    args = _fake_inputs(gm, mode, tokens, per_token, length, fake_tokens.shape[0])
 
     def record(node, result):
         node.meta["example_value"] = result
@@ -249,14 +256,16 @@ def _propagate(gm: fx.GraphModule, tokens: fx.Node, per_token: list[fx.Node], S:
 def _verify(gm, tokens, per_token, symbol, S: int, trial: int, replaced: list[str]) -> None:
     """Run on fake inputs of length ``trial``; every shape must be its symbolic shape at ``trial``."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    args = _fake_inputs(gm, mode, tokens, per_token, trial)
+    batch = example_value(tokens).shape[0]  # after _propagate: an int, or its own symbol
+    args = _fake_inputs(gm, mode, tokens, per_token, trial, sym_hint(batch))
+    values = {symbol: trial, **({sym_expr(batch): sym_hint(batch)} if isinstance(batch, torch.SymInt) else {})}
     expected = {n: example_value(n) for n in gm.graph.nodes}
     mismatches: list[str] = []
 
     def check(node, result):
         want = expected.get(node)
         if isinstance(result, torch.Tensor) and isinstance(want, torch.Tensor):
-            shape = [int(sym_expr(d).subs(symbol, trial)) if isinstance(d, torch.SymInt) else d for d in want.shape]
+            shape = [int(sym_expr(d).subs(values)) if isinstance(d, torch.SymInt) else d for d in want.shape]
             if list(result.shape) != shape:
                 mismatches.append(f"{node.name} = {node.format_node()}: {tuple(result.shape)}, expected {tuple(shape)}")
 

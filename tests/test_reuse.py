@@ -217,3 +217,47 @@ def test_cache_stats_total_every_runtime_and_runtimes_lists_optimizes():
     assert stats["prefills"] == 3 and stats["steps"] == 3
     assert len(stats["runtime_counts"]) == len(maskkv_compile.runtimes(optimized)) >= 2
     assert maskkv_compile.runtimes(optimized) == optimized.runtimes
+
+
+@pytest.mark.parametrize("dynamic", [True, None])
+def test_the_backend_serves_every_batch_size_without_a_recompile_each(dynamic):
+    """dynamic=True: one graph, one runtime, for every batch size; without it, dynamo's
+    automatic dynamic shapes: a static graph for the first size, one dynamic graph after."""
+    torch._dynamo.reset()
+    model = build("llada", dtype=torch.float64)
+    compiled = torch.compile(model, backend="maskkv", dynamic=dynamic,
+                             options={"budget": 64, "mask_token_id": model.config.mask_token_id, "backend": "eager",
+                                      "prompt_refresh": 1})
+    sizes = (2, 3, 4, 5, 6, 7, 8, 9, 10, 3)  # more than dynamo's recompile limit (8)
+    for batch in sizes:
+        _, x = prompt_and_masks(model, 25, 8, batch=batch, seed=batch)
+        for _ in range(2):
+            assert_real_logits(compiled(x, use_cache=False).logits, model, x, use_cache=False)
+            x[:, 25] = 3
+    runtimes = maskkv_compile.runtimes(compiled)
+    assert len(runtimes) == (1 if dynamic else 2)
+    assert sum(r.counts.prefills + r.counts.steps for r in runtimes) == 2 * len(sizes)  # MaskKV ran every call
+
+
+def test_the_backend_under_a_models_own_generate_method():
+    """torch.compile returns a wrapper whose methods run the original module: the trap is named
+    by runtimes(); model.compile(backend="maskkv") compiles in place, and Dream's own loop then
+    runs through MaskKV, token for token the uncached loop's at full budget with refresh."""
+    torch._dynamo.reset()
+    model = tiny_dream_style(dtype=torch.float64)
+    ids = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(0))
+    options = {"budget": 64, "mask_token_id": model.config.mask_token_id, "backend": "eager", "prompt_refresh": 1,
+               "family": "dream"}
+
+    def run(m):
+        return m.diffusion_generate(ids, max_new_tokens=8, steps=8, generator=torch.Generator().manual_seed(1))
+
+    reference = run(model)
+    wrapper = torch.compile(model, backend="maskkv", options=options)
+    run(wrapper)
+    with pytest.raises(RuntimeError, match=r"model.compile\(backend='maskkv'"):
+        maskkv_compile.runtimes(wrapper)
+    model.compile(backend="maskkv", options=options)
+    assert torch.equal(run(model), reference)
+    (runtime,) = maskkv_compile.runtimes(model)
+    assert dict(runtime.counts.transitions) == {"new": 1, "refresh": 7}
