@@ -222,7 +222,7 @@ def optimize(
     family: "llada" or "dream" (where a token's logits live); default: "dream" when
         ``model.config.model_type`` is Dream's, else "llada".
     block_length: dual cache for semi-autoregressive loops: a step computes only the current
-        block's rows (see ``maskkv_compile/blocks.py``); default: every response row.
+        block's rows (see ``maskkv_compile/dual_cache.py``); default: every response row.
     revote: re-select the kept entries while decoding with the step's own queries: an int k
         (every k steps) or "block" (every block refresh); see ``maskkv_compile/revote.py``.
     second_tier: where ``revote`` keeps every prompt K/V between re-votes: "device" (default)

@@ -31,7 +31,7 @@ know nothing of the tokens decoded later. With ``revote`` set:
   token in the call (``still_masked``), as at the prefill; a row with no mask left keeps every
   voter.
 * **Schedule.** ``revote=k``: the k-th, 2k-th, ... step call after each prefill or prompt
-  refresh. ``revote="block"``: every block refresh of the dual cache (``blocks.py``), whose
+  refresh. ``revote="block"``: every block refresh of the dual cache (``dual_cache.py``), whose
   merged cache is then built from the new selection. ``cache_stats()["revotes"]`` counts them.
 
 With the whole prompt kept (budget >= prompt), a re-vote keeps every entry, in order: the

@@ -4,7 +4,7 @@ become graph outputs.
 After CachedAttentionPass, every ``maskkv::cached_attention(q, k, v, ...)`` node's ``k`` and
 ``v`` (B, Hkv, C, D) are the post-RoPE K/V of the computed rows. This pass appends them to
 the graph's outputs, ``RESPONSE_KV_OUTPUTS_PER_LAYER`` per layer in layer order, after the
-original outputs: the dual cache (``maskkv_compile/blocks.py``) stores them at a block's
+original outputs: the dual cache (``maskkv_compile/dual_cache.py``) stores them at a block's
 first call. Without ``block_length`` the pass is not run and the step graph is unchanged.
 """
 

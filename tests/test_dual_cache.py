@@ -1,7 +1,7 @@
 """The dual cache (``block_length``) against a dual-cache reference written here, step by step.
 
 ``DualCacheReference`` runs the original model (eager torch, transformers' attention
-registry) with an attention function that follows the documented rule (``blocks.py``):
+registry) with an attention function that follows the documented rule (``dual_cache.py``):
 at the prefill, full attention, recording each layer's post-RoPE K/V of the prompt; at a
 block refresh, every query attends to [recorded prompt K/V ; current response K/V] and the
 response K/V are recorded; at a block step, every query attends to [recorded prompt K/V ;
