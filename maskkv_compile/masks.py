@@ -14,7 +14,8 @@ padding keys. Spellings accepted (``attention_mask`` unless named otherwise):
   0 where attended and a large negative number (or -inf) where not, padding-shaped as above.
 
 Anything else (a causal or block mask, arbitrary float biases, values other than 0/1) is
-an error naming what is supported: MaskKV models are bidirectional and keep one prompt
+an error naming what it is (``describe_structure``: causal, block-causal with its block
+length, a sliding window) and what is supported: MaskKV models are bidirectional and keep one prompt
 cache per row, so the only masking that means something to them is padding.
 """
 
@@ -63,6 +64,32 @@ def _real_keys(rows: torch.Tensor) -> torch.Tensor:
     return torch.where(partial.any(1, keepdim=True), pattern, rows.any(1))
 
 
+def describe_structure(rows: torch.Tensor, valid: torch.Tensor) -> str:
+    """What a (B, S, S) 'may attend' pattern is, in words, judged on its real rows and keys:
+    causal, block-causal with its block length (block diffusion: LLaDA2, SDAR, Fast-dLLM v2),
+    a sliding window, or another pattern (the first row that shows it)."""
+    pos = torch.arange(rows.shape[-1], device=rows.device)
+    real = valid[:, :, None] & valid[:, None, :]  # (B, S, S) real query x real key
+    seen = rows & real
+    if bool((seen == (real & (pos[None, :] <= pos[:, None]))).all()):
+        return "causal (each token sees the tokens up to itself): a causal LM, not a diffusion LM"
+    ends = torch.where(seen, pos, -1).amax(-1) + 1  # (B, S): one past the last key each row sees
+    starts = torch.where(seen, pos, rows.shape[-1]).amin(-1)  # (B, S): the first key each row sees
+    sees_prefix = seen == (real & (pos[None, None, :] < ends[..., None]))
+    if bool(sees_prefix.all()) and bool((starts[valid] == starts[valid].min()).all()):
+        bounds = torch.cat([starts[valid].min().view(1), torch.unique(ends[valid])])
+        block = int(torch.diff(bounds).max())  # the first or last block may be partial
+        return (f"block-causal with blocks of {block} (block diffusion, as LLaDA2, SDAR and Fast-dLLM v2 call their "
+                "models): not supported yet; call such a model without MaskKV")
+    window = int((ends - starts)[valid].max())
+    causal_window = (pos[None, :] <= pos[:, None]) & (pos[:, None] - pos[None, :] < window)  # (S, S)
+    if bool((seen == (real & causal_window)).all()):
+        return f"a causal sliding window of {window}"
+    b, i = [int(v[0]) for v in torch.nonzero(valid & ~((rows == valid[:, None, :]) | ~valid[:, :, None]).all(-1),
+                                              as_tuple=True)]
+    return f"another pattern (row {b}, query {i} sees {int(seen[b, i].sum())} of {int(valid[b].sum())} real keys)"
+
+
 def key_padding(name: str, mask, batch: int, seq: int) -> Optional[torch.Tensor]:
     """(B, S) bool, False at padding keys; None when the mask marks no padding."""
     if mask is None or (isinstance(mask, str) and mask == "full"):
@@ -80,8 +107,8 @@ def key_padding(name: str, mask, batch: int, seq: int) -> Optional[torch.Tensor]
             valid = _real_keys(rows)
             real_rows_ok = (rows == valid[:, None, :]) | ~valid[:, :, None]
             if not bool(real_rows_ok.all()):
-                raise _refuse(name, mask, "some real query row does not see exactly the real keys (a causal, block "
-                                          "or sliding-window mask?)")
+                raise _refuse(name, mask, "some real query row does not see exactly the real keys: the mask is "
+                                          + describe_structure(rows, valid))
         else:
             raise _refuse(name, mask, f"a 4-D mask must be (batch, 1, seq, seq) or (batch, 1, 1, seq) for seq {seq}")
     else:
