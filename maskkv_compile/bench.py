@@ -29,7 +29,7 @@ and forward are medians of ``FLOOR_REPEATS`` calls, timed in the same run, after
 
 ``compile_sweep``: Inductor compile time of a MaskKV model, cold (first call, a fresh
 ``TORCHINDUCTOR_CACHE_DIR``) and warm (a second, new optimized model on the same cache dir),
-then the Inductor compiles (``runtime._prefill.compiles + runtime._step.compiles``) and the
+then the Inductor compiles (``runtime.compiled("prefill").compiles + runtime.compiled("step").compiles``) and the
 dynamo graphs (MaskKV runtimes) added over a sweep of 5 other prompt lengths (target 0).
 
 Presets: ``tiny`` (vocab 1024, heads = hidden / 64, MLP 2 x hidden) and ``llada-shape``
@@ -169,7 +169,7 @@ def forward_seconds(model, x: torch.Tensor) -> float:
 
 
 def _inductor_compiles(opt) -> int:
-    return sum(getattr(graph, "compiles", 0) for runtime in opt.backend.runtimes for graph in (runtime._prefill, runtime._step))
+    return sum(getattr(graph, "compiles", 0) for runtime in opt.backend.runtimes for graph in (runtime.compiled("prefill"), runtime.compiled("step")))
 
 
 def compile_sweep(model, *, budget, block_length, backend, first_len, sweep_lens, gen_length, steps,

@@ -91,12 +91,13 @@ def response_positions(layout: Layout, block_length: int) -> tuple[Optional[torc
     return torch.stack([row.nonzero().flatten() for row in layout.response]), None
 
 
-def current_block(ids: torch.Tensor, positions: torch.Tensor, mask_token_id: int, block_length: int) -> torch.Tensor:
-    """0-d int64 on ids' device: the lowest block holding a mask token in some row, -1 when no
-    mask is left (computed on the device: the runtime reads it with its other evidence)."""
-    masked = (ids.gather(1, positions) == mask_token_id).any(0)  # (R,)
+def current_block(masked: torch.Tensor, positions: torch.Tensor, block_length: int) -> torch.Tensor:
+    """0-d int64 on the device: the lowest block holding a mask token in some row (``masked``
+    (B, S) bool), -1 when no mask is left (computed on the device: the runtime reads it with
+    its other evidence)."""
+    masked = masked.gather(1, positions).any(0)  # (R,)
     width = masked.numel()
-    first = torch.where(masked, torch.arange(width, device=ids.device), width).min()
+    first = torch.where(masked, torch.arange(width, device=masked.device), width).min()
     return torch.where(first < width, first // block_length, -1)
 
 
@@ -187,10 +188,9 @@ class DualCache(Feature):
         state = session.state[self.name]
         if state.positions is None:
             return {}
-        facts = {"current_block": current_block(call.ids, state.positions, self.mask_token_id, state.block_length)}
+        facts = {"current_block": current_block(call.masked, state.positions, state.block_length)}
         if state.block is not None:  # a commit outside the block since the last call: not the loop's grid
-            committed = (session.ids == self.mask_token_id) & (call.ids != self.mask_token_id)
-            facts["off_grid"] = (committed & state.block.outside).any()
+            facts["off_grid"] = (session.masked & ~call.masked & state.block.outside).any()
         return facts
 
     def prefill_outputs(self, session: Session, named: dict) -> None:

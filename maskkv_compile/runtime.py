@@ -159,6 +159,11 @@ class MaskKVRuntime:
             self._graphs["revote"] = (self._compile(graphs.revote, dynamic), graphs.revote_inputs,
                                       output_groups(graphs.revote))
 
+    def compiled(self, graph: str):
+        """The runnable of one graph ("prefill", "step", "revote"): an ``InductorGraph`` (its
+        ``compiles`` counts Inductor compiles) or, with the eager backend, the GraphModule."""
+        return self._graphs[graph][0]
+
     @classmethod
     def from_graph(cls, gm, config: MaskKVConfig, mask_token_id: int) -> "MaskKVRuntime":
         return cls(build_graphs(gm, config), config, mask_token_id)
@@ -185,7 +190,7 @@ class MaskKVRuntime:
         if key_valid is None or key_valid.shape != ids.shape:
             key_valid = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
         return Call(args, ids, [args[i] for i in self.per_token_pos], [args[i] for i in self.other_pos], key_valid,
-                    weight_signature(args[i] for i in self.weight_pos))
+                    weight_signature([args[i] for i in self.weight_pos]), ids == self.mask_token_id)
 
     def _facts(self, call: Call) -> tuple[list[Optional[SessionFacts]], Optional[Fallback]]:
         """Every live session's facts, and whether the call continues a dropped session, from
@@ -195,7 +200,7 @@ class MaskKVRuntime:
             if not session.matches(call):
                 keys.append(None)
                 continue
-            facts = {"continues": session.continues(call), "restarted": session.restarted(call, self.mask_token_id)}
+            facts = {"continues": session.continues(call), "restarted": session.restarted(call)}
             for feature in self.features if session in self.sessions else ():
                 facts.update(feature.evidence(session, call))
             keys.append(list(facts))
@@ -233,7 +238,7 @@ class MaskKVRuntime:
                 outputs = self._run_prefill(call, session)
             else:
                 outputs = self._run_step(call, session, plan)
-            session.ids = call.ids.clone()
+            session.ids, session.masked = call.ids.clone(), call.masked
         self.last_session = session if plan.transition is not Transition.UNCACHED else None
         return outputs
 
@@ -250,7 +255,8 @@ class MaskKVRuntime:
                 return session, plan
         layout = self._new_layout(call)
         plan = new_prompt(plan, layout.has_prompt)
-        session = Session(layout, call.ids, [x.clone() for x in call.per_token], [x.clone() for x in call.others],
+        session = Session(layout, call.ids, call.masked, [x.clone() for x in call.per_token],
+                          [x.clone() for x in call.others],
                           call.weights)
         for feature in self.features:
             fallback = feature.start(session)
@@ -259,7 +265,8 @@ class MaskKVRuntime:
         if plan.transition is not Transition.UNCACHED:
             self.sessions.insert(0, session)
             for old in self.sessions[self.config.max_sessions :]:  # remembered without caches, to say why
-                self.dropped.insert(0, Session(old.layout, old.ids, old.per_token, old.others, old.weights))
+                self.dropped.insert(0, Session(old.layout, old.ids, old.masked, old.per_token, old.others,
+                                                   old.weights))
             del self.sessions[self.config.max_sessions :]
             del self.dropped[self.config.max_sessions :]
         return session, plan

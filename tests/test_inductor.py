@@ -39,5 +39,5 @@ def test_inductor_matches_eager_and_does_not_recompile(family):
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     assert len(compiled.backend.runtimes) == 1, "the outer graph was recompiled for a new prompt length"
     runtime = compiled.backend.runtimes[0]
-    assert runtime._prefill.compiles == 1 and runtime._step.compiles == 1, "Inductor recompiled for a new length"
+    assert runtime.compiled("prefill").compiles == 1 and runtime.compiled("step").compiles == 1, "Inductor recompiled for a new length"
     assert counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"] == 2

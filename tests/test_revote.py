@@ -400,7 +400,7 @@ def test_inductor_revote_matches_eager():
         stats = net.cache_stats()
         assert stats["revotes"] == 4 and stats["steps"] == 8 and stats["prefills"] == 2, (backend, stats)
     runtime = nets["inductor"].runtime
-    assert runtime._revote.compiles == 1 and runtime._step.compiles == 1, "Inductor recompiled for a new prompt length"
+    assert runtime.compiled("revote").compiles == 1 and runtime.compiled("step").compiles == 1, "Inductor recompiled for a new prompt length"
 
 
 class _nothing:
