@@ -10,7 +10,7 @@ after it, for layer ``l`` with ``Hkv`` KV heads:
 The layer budgets ``k_l`` come from the policy's layer allocator at pass time (offline:
 from the config's LayerProfile where the policy uses one), made integral per layer with
 ``layer_slot_totals`` so the whole model keeps exactly ``n_layers * Hkv * budget`` entries
-when the prompt is long enough. They are constants of the graph (part of ``uuid()``).
+when the prompt is long enough. They are constants of the graph: a graph built for one config is never another's.
 
 ``slots_l`` bounds any row's total budget in the layer (``kept_slots``): the flat kept cache
 has a static size, so the prefill graph has no data-dependent size.
