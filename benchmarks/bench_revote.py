@@ -25,7 +25,7 @@ import time
 import torch
 
 import maskkv_compile
-from maskkv_compile.cli import _tabulate
+from maskkv_compile.measure import table
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", choices=["tiny-dllm", "llama", "llada-shape"], default="tiny-dllm",
@@ -139,5 +139,5 @@ for name in nets:
                  stats.get("revotes", ""), stats.get("bytes", ""), tier or ""])
 print(f"{args.model}: prompt {prompt.shape[1]}, {args.gen_length} tokens in {args.gen_length} calls, policy "
       f"{args.policy}, backend {args.backend}, median of {args.repeats} round-robin repeats")
-print(_tabulate(rows, ["configuration", "prefill ms", "step ms (mean over the generation)", "step vs one-shot",
+print(table(rows, ["configuration", "prefill ms", "step ms (mean over the generation)", "step vs one-shot",
                        "refresh k / revote k", "tokens/s", "re-votes (last generation)", "hot cache bytes", "second tier bytes"]))
