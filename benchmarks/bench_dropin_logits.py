@@ -25,7 +25,7 @@ import torch
 
 import maskkv_compile
 from maskkv_compile.measure import human_bytes, measure, table
-from maskkv_compile.models import tiny_llada
+from maskkv_compile.tiny_models import tiny_llada
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--prompt-len", type=int, default=8192)

@@ -41,7 +41,7 @@ import torch
 
 import maskkv_compile
 from maskkv_compile.measure import human_bytes, measure, table
-from maskkv_compile.models import tiny_llada
+from maskkv_compile.tiny_models import tiny_llada
 from maskkv_compile.profile import LayerProfile, model_fingerprint
 
 parser = argparse.ArgumentParser()

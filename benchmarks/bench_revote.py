@@ -71,7 +71,7 @@ elif args.model == "llada-shape":
     prompt = torch.randint(0, mask_id, (1, args.prompt_len))
     profile = None
 else:
-    from maskkv_compile.models import tiny_llada
+    from maskkv_compile.tiny_models import tiny_llada
 
     model = tiny_llada(layers=args.layers, hidden=args.hidden, heads=max(args.hidden // 64, 1), vocab=512)
     mask_id = model.config.mask_token_id

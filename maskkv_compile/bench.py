@@ -52,7 +52,7 @@ from maskkv_compile._torch_private import dynamo_config
 from maskkv_compile.api import RECOMPILE_LIMIT
 from maskkv_compile.generate import generate
 from maskkv_compile.measure import human_bytes, measure, table
-from maskkv_compile.models import set_causal, tiny_llada
+from maskkv_compile.tiny_models import set_causal, tiny_llada
 
 RUNS = ("compiled", "prompt-cache", "dual-cache", "maskkv", "maskkv-dual")  # besides eager uncached
 

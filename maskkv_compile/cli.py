@@ -101,7 +101,7 @@ DIFF_MODELS = {"tiny-llama": "tiny_llada", "tiny-qwen2": "tiny_dream"}
 
 def cmd_diff(args) -> int:
     """Show what the MaskKV passes do to a bundled model: report, then graph diffs."""
-    from maskkv_compile import models
+    from maskkv_compile import tiny_models as models
     from maskkv_compile.explain import explain
 
     model = getattr(models, DIFF_MODELS[args.model])(layers=args.layers, hidden=args.hidden, attn=args.attn, seed=args.seed)

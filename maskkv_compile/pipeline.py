@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch.fx as fx
 
-from maskkv_compile import distributed
+from maskkv_compile import tensor_parallel as distributed
 from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.passes import (
     AttentionSite, CachedAttentionPass, CaptureVotesPass, EvictKVPass, FindAttentionPass, GraphInfo,

@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from maskkv_compile._torch_private import FakeTensorMode, example_value, sym_expr, sym_hint
-from maskkv_compile.distributed import fake_like, real_object
+from maskkv_compile.tensor_parallel import fake_like, real_object
 from maskkv_compile.naming import readable_code, readable_name  # messages name nodes by module path
 
 from .base import GraphPass, PassResult, is_call, placeholder

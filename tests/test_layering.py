@@ -12,10 +12,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # installed name -> folder (pyproject.toml's package-dir)
 FOLDERS = {"maskkv_compile": ROOT / "maskkv_compile", "maskkv_compile.passes": ROOT / "passes",
            "maskkv_compile.kernels": ROOT / "kernels"}
-# the tools: reports, pictures, benchmarks, evaluation and the command line
+# the tools: reports, pictures, benchmarks, evaluation, the demo models and the command line
 TOOLS = ("maskkv_compile.explain", "maskkv_compile.graph_diff", "maskkv_compile.graph_view",
          "maskkv_compile.model_explorer", "maskkv_compile.bench", "maskkv_compile.bench_plots",
-         "maskkv_compile.measure", "maskkv_compile.cli", "maskkv_compile.evaluation")
+         "maskkv_compile.measure", "maskkv_compile.cli", "maskkv_compile.evaluation", "maskkv_compile.tiny_models")
 
 
 def is_tool(module: str) -> bool:
