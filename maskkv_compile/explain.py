@@ -433,16 +433,16 @@ def explain(model: torch.nn.Module, input_ids: torch.Tensor, *, config: Optional
     try:
         graphs = build_graphs(gm, config, strict=False)
     except UnsupportedModelError:
-        refused = _refused_sites(gm, config)
+        refused = _refused_sites(gm)
         if not refused:
             raise
         return _report(model, config, int(token), input_ids, prompt_len, gm, None, refused)
     return _report(model, config, int(token), input_ids, prompt_len, gm, graphs, None)
 
 
-def _refused_sites(gm: fx.GraphModule, config: MaskKVConfig) -> Optional[PassManager]:
+def _refused_sites(gm: fx.GraphModule) -> Optional[PassManager]:
     """The canonical pass alone, when attention was seen but every site refused."""
-    manager = PassManager("canonical", [FindAttentionPass(config)])
+    manager = PassManager("canonical", [FindAttentionPass()])
     manager(copy_graph_module(gm))
     result = manager.records[0].result
     return manager if result.matches == 0 and result.skipped else None

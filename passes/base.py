@@ -36,13 +36,11 @@ class PassResult:
 
 
 class GraphPass:
-    """One FX rewrite. Subclasses set ``name`` and implement ``run(gm) -> PassResult``."""
+    """One FX rewrite. Subclasses set ``name`` and implement ``run(gm) -> PassResult``; a pass
+    takes in ``__init__`` exactly what it reads (the config, the graph's info), nothing else."""
 
     name = "GraphPass"
     dead_code_elimination = True  # off for passes whose new nodes a later pass consumes
-
-    def __init__(self, config: Any = None):
-        self.config = config
 
     def run(self, gm: fx.GraphModule) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError

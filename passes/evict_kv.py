@@ -30,6 +30,7 @@ import torch
 import torch.fx as fx
 
 from maskkv_compile.budgets import layer_slot_totals, uniform_layer_budgets
+from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.policies import get_policy
 
 from .base import GraphPass, PassResult, graph_outputs, placeholder, set_outputs
@@ -65,6 +66,9 @@ def kept_slots(config, kv_heads: int, layer_budget: float) -> int:
 
 class EvictKVPass(GraphPass):
     name = "EvictKVPass"
+
+    def __init__(self, config: MaskKVConfig):
+        self.config = config
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         cfg = self.config

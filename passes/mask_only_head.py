@@ -27,8 +27,7 @@ PASS_THROUGH_METHODS = ("to", "float", "contiguous")
 class MaskOnlyHeadPass(GraphPass):
     name = "MaskOnlyHeadPass"
 
-    def __init__(self, config, info: GraphInfo):
-        super().__init__(config)
+    def __init__(self, info: GraphInfo):
         self.info = info
 
     def run(self, gm: fx.GraphModule) -> PassResult:

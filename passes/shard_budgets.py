@@ -33,8 +33,9 @@ import warnings
 import torch
 import torch.fx as fx
 
-from maskkv_compile.tensor_parallel import check_divides, head_sharding
+from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.policies import get_policy
+from maskkv_compile.tensor_parallel import check_divides, head_sharding
 
 from .base import GraphPass, PassResult
 from .evict_kv import kept_slots, layer_budgets
@@ -43,6 +44,9 @@ from .find_attention import attention_sites
 
 class ShardBudgetsPass(GraphPass):
     name = "ShardBudgetsPass"
+
+    def __init__(self, config: MaskKVConfig):
+        self.config = config
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         by_mass = {node.meta["maskkv_votes"][1]: (node, site) for node, site in attention_sites(gm)

@@ -36,8 +36,7 @@ CHECK_SEQ, CHECK_RESP = 761, 7  # sizes for the fake-tensor check; S must not co
 class SliceSequencePass(GraphPass):
     name = "SliceSequencePass"
 
-    def __init__(self, config, info: GraphInfo):
-        super().__init__(config)
+    def __init__(self, info: GraphInfo):
         self.info = info
 
     def _is_seq(self, value) -> bool:
