@@ -24,9 +24,8 @@ import time
 import torch
 
 import maskkv_compile
-from maskkv_compile.cli import _tabulate
-from maskkv_compile.measure import human_bytes, measure
-from maskkv_compile.models import tiny_llada
+from maskkv_compile.measure import human_bytes, measure, table
+from maskkv_compile.tiny_models import tiny_llada
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--prompt-len", type=int, default=8192)
@@ -89,5 +88,5 @@ base = runs["response_logits_only(): (B, R, V)"][0]
 full_bytes = x.numel() * args.vocab * torch.finfo(dtype).bits // 8
 print(f"vocab {args.vocab}, prompt {args.prompt_len}, response {args.gen_length}, {args.dtype}, budget {args.budget}; "
       f"one (B, S, V) logits tensor = {human_bytes(full_bytes)}; {torch.get_num_threads()} threads")
-print(_tabulate([[name, f"{t * 1e3:.1f} ms", f"{t / base:.1f}x", human_bytes(peak)] for name, (t, peak) in runs.items()],
+print(table([[name, f"{t * 1e3:.1f} ms", f"{t / base:.1f}x", human_bytes(peak)] for name, (t, peak) in runs.items()],
                 headers=["one step", "median", "vs response-only", "peak RSS"]))

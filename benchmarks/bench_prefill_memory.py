@@ -40,9 +40,8 @@ import statistics
 import torch
 
 import maskkv_compile
-from maskkv_compile.cli import _tabulate
-from maskkv_compile.measure import human_bytes, measure
-from maskkv_compile.models import tiny_llada
+from maskkv_compile.measure import human_bytes, measure, table
+from maskkv_compile.tiny_models import tiny_llada
 from maskkv_compile.profile import LayerProfile, model_fingerprint
 
 parser = argparse.ArgumentParser()
@@ -133,9 +132,9 @@ print(f"tiny LLaDA-style model, {args.layers} layers, hidden {args.hidden}, voca
       f"budget {args.budget}, {torch.get_num_threads()} threads; each cell: the median peak of {args.repeats} calls "
       "(min-max in MiB); ratios of the medians")
 print("\nMaskKV prefill, same graph and head (LM head on the response rows): peak RSS above the start")
-print(_tabulate(evict_rows, headers=["prompt", "evict per layer", "keep every layer's K/V", "ratio", "kept after (evict)",
+print(table(evict_rows, headers=["prompt", "evict per layer", "keep every layer's K/V", "ratio", "kept after (evict)",
                                      "all layers' prompt K/V"]))
 print("\nOriginal transformers forward, use_cache=True (holds every layer's K/V): the LM head on all rows vs on the "
       f"{R} response rows (logits_to_keep={R}); last column: use_cache=False, head on the response rows")
-print(_tabulate(head_rows, headers=["prompt", "head on all rows", "head on response rows", "saved", "ratio",
+print(table(head_rows, headers=["prompt", "head on all rows", "head on response rows", "saved", "ratio",
                                     "all rows' logits", "no cache"]))

@@ -25,7 +25,7 @@ import time
 import torch
 
 import maskkv_compile
-from maskkv_compile.cli import _tabulate
+from maskkv_compile.measure import table
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", choices=["tiny-dllm", "llama", "llada-shape"], default="tiny-dllm",
@@ -71,7 +71,7 @@ elif args.model == "llada-shape":
     prompt = torch.randint(0, mask_id, (1, args.prompt_len))
     profile = None
 else:
-    from maskkv_compile.models import tiny_llada
+    from maskkv_compile.tiny_models import tiny_llada
 
     model = tiny_llada(layers=args.layers, hidden=args.hidden, heads=max(args.hidden // 64, 1), vocab=512)
     mask_id = model.config.mask_token_id
@@ -139,5 +139,5 @@ for name in nets:
                  stats.get("revotes", ""), stats.get("bytes", ""), tier or ""])
 print(f"{args.model}: prompt {prompt.shape[1]}, {args.gen_length} tokens in {args.gen_length} calls, policy "
       f"{args.policy}, backend {args.backend}, median of {args.repeats} round-robin repeats")
-print(_tabulate(rows, ["configuration", "prefill ms", "step ms (mean over the generation)", "step vs one-shot",
+print(table(rows, ["configuration", "prefill ms", "step ms (mean over the generation)", "step vs one-shot",
                        "refresh k / revote k", "tokens/s", "re-votes (last generation)", "hot cache bytes", "second tier bytes"]))

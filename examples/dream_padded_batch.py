@@ -11,7 +11,7 @@ import torch
 
 import maskkv_compile
 from maskkv_compile.dream import dream_generate
-from maskkv_compile.models import tiny_dream, tiny_llada
+from maskkv_compile.tiny_models import tiny_dream, tiny_llada
 
 model = tiny_dream(layers=2, hidden=64)
 mask_id, pad_id = model.config.mask_token_id, 0

@@ -7,7 +7,7 @@ prompt (masks present, prompt new) and computes only the response rows afterward
 import torch
 
 import maskkv_compile
-from maskkv_compile.models import tiny_llada
+from maskkv_compile.tiny_models import tiny_llada
 
 model = tiny_llada(layers=2, hidden=64)
 mask_id = model.config.mask_token_id

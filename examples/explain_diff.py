@@ -12,7 +12,7 @@ import argparse
 import torch
 
 import maskkv_compile
-from maskkv_compile.models import tiny_dream
+from maskkv_compile.tiny_models import tiny_dream
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--graph", default="step", choices=["prefill", "step"])

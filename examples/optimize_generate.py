@@ -9,7 +9,7 @@ import torch
 
 import maskkv_compile
 from maskkv_compile.generate import generate
-from maskkv_compile.models import tiny_llada
+from maskkv_compile.tiny_models import tiny_llada
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--backend", default="eager", choices=["eager", "inductor"])

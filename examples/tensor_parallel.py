@@ -18,7 +18,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 import maskkv_compile
 from maskkv_compile.generate import generate
-from maskkv_compile.models import tiny_llada
+from maskkv_compile.tiny_models import tiny_llada
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--cuda", action="store_true", help="one GPU per rank (nccl) instead of CPU (gloo)")

@@ -21,20 +21,23 @@ op                          what it computes
 ==========================  ===============================================================
 """
 
-# This folder installs as maskkv_compile.kernels. From the repository root it is also
-# importable as a top-level "kernels", and transformers imports that name to probe for
-# Hugging Face's kernels package: stay empty then (no version -> "not available"), so the
-# maskkv:: ops are registered once, by maskkv_compile.kernels.
-if __name__ != "kernels":
-    from . import attention, budget_ops, cached_attention, mask_votes, revote, select_kv, tp_ops  # noqa: F401  (registers ops)
-    from .attention import attention_reference
-    from .cached_attention import cached_attention_reference
-    from .mask_votes import mask_votes_reference
-    from .select_kv import select_kv_reference
+# Absolute imports: this folder is the package maskkv_compile.kernels. Where the repository
+# root is on sys.path (``python -m ...`` or ``python -c`` run from it) the folder is also
+# importable as a top-level ``kernels``, and transformers imports that name to probe for
+# Hugging Face's kernels package; the import then finds the ops in maskkv_compile.kernels,
+# registered once, and no version, so transformers reads "not available"
+# (tests/test_layering.py runs that probe).
+from maskkv_compile.kernels import (  # noqa: F401  (registers ops)
+    attention, budget_ops, cached_attention, mask_votes, revote, select_kv, tp_ops,
+)
+from maskkv_compile.kernels.attention import attention_reference
+from maskkv_compile.kernels.cached_attention import cached_attention_reference
+from maskkv_compile.kernels.mask_votes import mask_votes_reference
+from maskkv_compile.kernels.select_kv import select_kv_reference
 
-    __all__ = [
-        "attention_reference",
-        "cached_attention_reference",
-        "mask_votes_reference",
-        "select_kv_reference",
-    ]
+__all__ = [
+    "attention_reference",
+    "cached_attention_reference",
+    "mask_votes_reference",
+    "select_kv_reference",
+]

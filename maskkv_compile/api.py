@@ -13,7 +13,7 @@ import torch
 from maskkv_compile._torch_private import BackendCompilerFailed, dynamo_config, mark_dynamic
 from maskkv_compile.backend import MaskKVBackend
 from maskkv_compile.config import MaskKVConfig, MaskKVConfigError
-from maskkv_compile.distributed import check_model as check_tensor_parallel, mixed_dtensor_error
+from maskkv_compile.tensor_parallel import check_model as check_tensor_parallel, mixed_dtensor_error
 from maskkv_compile.passes import UnsupportedModelError
 from maskkv_compile.masks import padding_from_masks
 from maskkv_compile.profile import model_fingerprint

@@ -50,10 +50,11 @@ import torch
 import maskkv_compile
 from maskkv_compile._torch_private import dynamo_config
 from maskkv_compile.api import RECOMPILE_LIMIT
-from maskkv_compile.cli import BENCH_RUNS as RUNS
 from maskkv_compile.generate import generate
-from maskkv_compile.measure import human_bytes, measure
-from maskkv_compile.models import set_causal, tiny_llada
+from maskkv_compile.measure import human_bytes, measure, table
+from maskkv_compile.tiny_models import set_causal, tiny_llada
+
+RUNS = ("compiled", "prompt-cache", "dual-cache", "maskkv", "maskkv-dual")  # besides eager uncached
 
 
 COMPILED = "uncached, torch.compile"
@@ -175,8 +176,6 @@ def _inductor_compiles(opt) -> int:
 def compile_sweep(model, *, budget, block_length, backend, first_len, sweep_lens, gen_length, steps,
                   print_fn=print) -> list[dict]:
     """Cold/warm compile time of MaskKV (and + dual cache), and compiles over ``sweep_lens``."""
-    from maskkv_compile.cli import _tabulate
-
     mask_id = model.config.mask_token_id
     kwargs = dict(gen_length=gen_length, steps=steps, block_length=block_length)
 
@@ -215,7 +214,7 @@ def compile_sweep(model, *, budget, block_length, backend, first_len, sweep_lens
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
     print_fn(f"compile: first generate at prompt {first_len} (cold: fresh TORCHINDUCTOR_CACHE_DIR; warm: new model, same "
              f"cache dir), then prompts {list(sweep_lens)}; backend {backend}")
-    print_fn(_tabulate(rows, headers=["run", "cold s", "warm s", "Inductor compiles", "recompiles in sweep",
+    print_fn(table(rows, headers=["run", "cold s", "warm s", "Inductor compiles", "recompiles in sweep",
                                       "new dynamo graphs in sweep"]))
     return results
 
@@ -225,8 +224,6 @@ def run_benchmark(*, prompt_lens, gen_length, steps, budgets, layers, hidden, ba
                   runs=RUNS, print_fn=print) -> list[dict]:
     """Time every run of ``runs`` (plus the eager uncached loop, always: the reference) at each
     prompt length; print the table and return one dict per row."""
-    from maskkv_compile.cli import _tabulate
-
     torch.manual_seed(0)
     vocab = PRESETS[preset]["vocab"] if vocab is None else vocab
     if sweep and not sweep_lens:  # 5 lengths other than the first, none of them a multiple of another
@@ -344,7 +341,7 @@ def run_benchmark(*, prompt_lens, gen_length, steps, budgets, layers, hidden, ba
     headers = ["prompt", "run", "tokens/s", "vs uncached", "vs compiled", "peak RSS", "kept KV", "agreement"]
     if floor:
         headers += ["step ms", "prefill ms", "step/floor", "prefill/forward"]
-    print_fn(_tabulate(rows, headers=headers))
+    print_fn(table(rows, headers=headers))
     if floor:
         print_fn("step ms / prefill ms: medians of the timed loop's MaskKV calls by transition; floor: one forward of the "
                  "model (same backend as the compiled row) over the computed positions alone (the steps' most common "

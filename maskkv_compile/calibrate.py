@@ -13,7 +13,6 @@ from typing import Iterable, Optional
 import torch
 
 from maskkv_compile._torch_private import mark_dynamic
-from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.passes import FindAttentionPass, PassManager, UnsupportedModelError, analyse
 from maskkv_compile.passes.capture_residual import CaptureResidualPass
 from maskkv_compile.pipeline import copy_graph_module
@@ -29,7 +28,7 @@ class _CalibrationBackend:
     def __call__(self, gm, example_inputs):
         analyse(gm)
         graph = copy_graph_module(gm)
-        manager = PassManager("calibration", [FindAttentionPass(MaskKVConfig()), CaptureResidualPass()])
+        manager = PassManager("calibration", [FindAttentionPass(), CaptureResidualPass()])
         manager(graph)
         find, residual = (record.result for record in manager.records)
         problems = find.skipped + residual.skipped

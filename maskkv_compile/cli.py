@@ -7,15 +7,8 @@ import sys
 
 import torch
 
-
-def _tabulate(rows, headers):
-    try:
-        from tabulate import tabulate
-
-        return tabulate(rows, headers=headers, floatfmt=".3g")
-    except ImportError:  # tabulate is optional: plain columns
-        lines = ["  ".join(str(h) for h in headers)] + ["  ".join(str(c) for c in row) for row in rows]
-        return "\n".join(lines)
+from maskkv_compile.bench import RUNS as BENCH_RUNS
+from maskkv_compile.measure import table as _tabulate
 
 
 def cmd_demo(args) -> int:
@@ -69,7 +62,6 @@ def cmd_demo(args) -> int:
     return 0
 
 
-BENCH_RUNS = ("compiled", "prompt-cache", "dual-cache", "maskkv", "maskkv-dual")  # besides eager uncached
 QUICK_BENCH = dict(prompt_lens=[48], gen_length=8, steps=8, budgets=[4], layers=1, hidden=64, block_length=4,
                    backend="eager")
 
@@ -109,7 +101,7 @@ DIFF_MODELS = {"tiny-llama": "tiny_llada", "tiny-qwen2": "tiny_dream"}
 
 def cmd_diff(args) -> int:
     """Show what the MaskKV passes do to a bundled model: report, then graph diffs."""
-    from maskkv_compile import models
+    from maskkv_compile import tiny_models as models
     from maskkv_compile.explain import explain
 
     model = getattr(models, DIFF_MODELS[args.model])(layers=args.layers, hidden=args.hidden, attn=args.attn, seed=args.seed)

@@ -41,10 +41,9 @@ import torch.fx as fx
 from maskkv_compile._torch_private import BackendCompilerFailed, dynamo_config, example_value, mark_dynamic
 from maskkv_compile.api import RECOMPILE_LIMIT  # explain's capture counts as a recompile too
 from maskkv_compile.config import MaskKVConfig, MaskKVConfigError
-from maskkv_compile.graph_diff import (
-    WIDTH, SiteDiff, folded_diff, readable_code, site_table_html, sites_html, structural_diff, structural_text,
-)
-from maskkv_compile.graph_view import LEGEND, site_views
+from maskkv_compile.graph_diff import SiteDiff, folded_diff, structural_diff, structural_text
+from maskkv_compile.graph_view import LEGEND, site_table_html, site_views, sites_html
+from maskkv_compile.naming import WIDTH, readable_code
 from maskkv_compile.passes import AttentionSite, FindAttentionPass, PassManager, UnsupportedModelError
 from maskkv_compile.pipeline import MaskKVGraphs, build_graphs, copy_graph_module
 
@@ -64,7 +63,6 @@ class PassRun:
     ms: float
     inserted: tuple[str, ...]  # maskkv:: ops the pass added, e.g. ("maskkv::mask_votes", ...)
     skipped: tuple[str, ...]
-    uuid: str  # GraphPass.uuid(): the pass's source and the config
 
 
 @dataclass(frozen=True)
@@ -119,7 +117,7 @@ class Report:
     def code(self, graph: str, readable: bool = True) -> str:
         """The code of ``graph``: "captured" (dynamo's, before any pass), or the rewritten
         "canonical", "prefill" or "step". ``readable``: parameters and buffers by module path,
-        lines wrapped to :data:`~maskkv_compile.graph_diff.WIDTH` (for reading); else the
+        lines wrapped to :data:`~maskkv_compile.naming.WIDTH` (for reading); else the
         GraphModule's own code (dynamo's flattened names, runnable)."""
         if graph == "captured":
             code = self.captured_code
@@ -435,34 +433,19 @@ def explain(model: torch.nn.Module, input_ids: torch.Tensor, *, config: Optional
     try:
         graphs = build_graphs(gm, config, strict=False)
     except UnsupportedModelError:
-        refused = _refused_sites(gm, config)
+        refused = _refused_sites(gm)
         if not refused:
             raise
         return _report(model, config, int(token), input_ids, prompt_len, gm, None, refused)
     return _report(model, config, int(token), input_ids, prompt_len, gm, graphs, None)
 
 
-def _refused_sites(gm: fx.GraphModule, config: MaskKVConfig) -> Optional[PassManager]:
+def _refused_sites(gm: fx.GraphModule) -> Optional[PassManager]:
     """The canonical pass alone, when attention was seen but every site refused."""
-    manager = PassManager("canonical", [FindAttentionPass(config)])
+    manager = PassManager("canonical", [FindAttentionPass()])
     manager(copy_graph_module(gm))
     result = manager.records[0].result
     return manager if result.matches == 0 and result.skipped else None
-
-
-def _pass_uuid(name: str, config: MaskKVConfig) -> str:
-    from maskkv_compile import passes
-    from maskkv_compile.passes.base import GraphPass
-
-    cls = getattr(passes, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, GraphPass)):
-        return ""
-    graph_pass = cls.__new__(cls)
-    GraphPass.__init__(graph_pass, config)  # uuid() reads the class source and the config only
-    try:
-        return graph_pass.uuid()
-    except AttributeError:
-        return ""
 
 
 def _report(model, config, token, input_ids, prompt_len, gm, graphs: Optional[MaskKVGraphs], refused) -> Report:
@@ -472,7 +455,6 @@ def _report(model, config, token, input_ids, prompt_len, gm, graphs: Optional[Ma
             graph=graph, index=record.index, name=record.name, matches=record.result.matches,
             changed=record.result.changed, ms=record.result.ms,
             inserted=tuple(_op_name(op) for op in record.result.inserted), skipped=record.result.skipped,
-            uuid=_pass_uuid(record.name, config),
         )
         for graph, graph_records in records.items()
         for record in graph_records

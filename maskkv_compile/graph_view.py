@@ -1,5 +1,6 @@
 """Pictures of what the passes changed at each attention site: a small layered drawing (SVG)
-of the site's subgraph in the captured graph and in each rewritten graph, side by side.
+of the site's subgraph in the captured graph and in each rewritten graph, side by side, and
+the HTML sections of the report that hold them (:func:`site_table_html`, :func:`sites_html`).
 
 Used by :meth:`maskkv_compile.explain.Report.to_html` (and so by ``maskkv-compile diff --html``).
 Standard library and torch.fx only: the SVG is inline markup with its colours as attributes,
@@ -25,11 +26,12 @@ from typing import Optional
 
 import torch.fx as fx
 
-from maskkv_compile.graph_diff import _count, _info, _op, node_layers, readable_name
+from maskkv_compile.graph_diff import GraphChange, NodeInfo, SiteDiff, node_info, node_layers, op_counts, op_name, plural
+from maskkv_compile.naming import readable_name
 
 KINDS = ("maskkv", "added", "removed", "input", "context", "output")
 # fill, stroke, dashed, rounded
-_STYLE = {
+STYLE = {
     "maskkv": ("#e0b0ff", "#7a1fc2", False, False),
     "added": ("#d8f5d8", "#2e7d32", False, False),
     "removed": ("#ffd9d9", "#b22222", False, False),
@@ -113,7 +115,7 @@ def change_kind(node: fx.Node, captured: bool) -> str:
         return "removed"
     if node.op == "placeholder":
         return "input"
-    return "maskkv" if _op(node).startswith("maskkv::") else "added"
+    return "maskkv" if op_name(node).startswith("maskkv::") else "added"
 
 
 def build_view(graph: str, gm: fx.GraphModule, members: set[str], reference: set[str]) -> GraphView:
@@ -145,7 +147,7 @@ def build_view(graph: str, gm: fx.GraphModule, members: set[str], reference: set
     def add(node: fx.Node) -> str:
         if node.name not in drawn:
             k = kind(node)
-            info = _info(node)
+            info = node_info(node)
             if node.op == "output":
                 label, title = "output", "graph output"
             elif k in ("context", "input"):
@@ -267,7 +269,7 @@ def svg(view: GraphView, uid: str) -> str:
                        f"{html.escape(label)}</text>")
         out.append("</g>")
     for n in view.nodes:
-        fill, stroke, dashed, rounded = _STYLE[n.kind]
+        fill, stroke, dashed, rounded = STYLE[n.kind]
         weight = ' font-weight="bold"' if n.kind == "maskkv" else ""
         dash = ' stroke-dasharray="3,2"' if dashed else ""
         out.append(
@@ -282,7 +284,7 @@ def svg(view: GraphView, uid: str) -> str:
 
 
 def _swatch(kind: str) -> str:
-    fill, stroke, dashed, rounded = _STYLE[kind]
+    fill, stroke, dashed, rounded = STYLE[kind]
     dash = ' stroke-dasharray="3,2"' if dashed else ""
     return (f'<svg width="14" height="12"><rect x="1" y="1" width="12" height="10" rx="{5 if rounded else 2}" '
             f'fill="{fill}" stroke="{stroke}"{dash}/></svg>')
@@ -299,9 +301,9 @@ LEGEND = "<span class='legend'>" + " ".join(
 def caption(view: GraphView) -> str:
     changed = [n for n in view.nodes if n.kind in ("maskkv", "added", "removed")]
     if view.graph == "captured":
-        return f"captured: {_count(len(changed))} replaced"
+        return f"captured: {plural(len(changed))} replaced"
     inputs = sum(n.kind == "input" for n in view.nodes)
-    return f"{view.graph}: {_count(len(changed), 'new node')}" + (f", {_count(inputs, 'new input')}" if inputs else "")
+    return f"{view.graph}: {plural(len(changed), 'new node')}" + (f", {plural(inputs, 'new input')}" if inputs else "")
 
 
 def views_html(views: list[GraphView], uid: str) -> str:
@@ -313,5 +315,88 @@ def views_html(views: list[GraphView], uid: str) -> str:
     return f"<div class='views'>{figures}</div>"
 
 
-__all__ = ["GraphView", "KINDS", "LEGEND", "ViewNode", "build_view", "caption", "change_kind", "site_views", "svg",
-           "views_html"]
+# -- HTML sections ------------------------------------------------------------------------------
+
+
+def _node_list(items: list[NodeInfo], cls: str) -> str:
+    if not items:
+        return "<p class='none'>none</p>"
+    rows = []
+    for info in items:
+        text = html.escape(info.text)
+        if info.maskkv:
+            text = text.replace(html.escape(info.op), f'<mark class="maskkv">{html.escape(info.op)}</mark>', 1)
+        rows.append(f"<li class='{cls}{' op' if info.maskkv else ''}'><code>{text}</code></li>")
+    return "<ul class='nodes'>" + "".join(rows) + "</ul>"
+
+
+def _change_cell(change: GraphChange) -> str:
+    parts = []
+    if change.inputs:
+        parts.append("<p><b>inputs added:</b> " + ", ".join(f"<code>{html.escape(n)}</code>" for n in change.inputs) + "</p>")
+    if change.outputs:
+        parts.append("<p><b>outputs added:</b> " + ", ".join(f"<code>{html.escape(n)}</code>" for n in change.outputs) + "</p>")
+    if change.removed:
+        parts.append("<details><summary>removed: " + html.escape(op_counts(change.removed)) + "</summary>"
+                     + _node_list(change.removed, "del") + "</details>")
+    plain = [i for i in change.inserted if not i.maskkv]
+    parts.append(f"<p><b>inserted:</b> {plural(len(change.inserted))}</p>")
+    parts.append(_node_list(change.inserted, "add") if len(plain) <= 12 else
+                 _node_list([i for i in change.inserted if i.maskkv], "add")
+                 + f"<details><summary>all {len(change.inserted)} inserted nodes</summary>"
+                 + _node_list(change.inserted, "add") + "</details>")
+    return "".join(parts)
+
+
+def site_table_html(site_diffs: list[SiteDiff]) -> str:
+    graphs = list(site_diffs[0].graphs) if site_diffs else []
+    head = "".join(f"<th>{html.escape(g)}: maskkv:: ops inserted</th>" for g in graphs)
+    rows = []
+    for site in site_diffs:
+        if site.layer is None:
+            continue
+        cells = "".join(
+            "<td>" + (", ".join(f'<mark class="maskkv">{html.escape(op)}</mark>' for op in site.graphs[g].maskkv_ops) or "-")
+            + (f"<br><small>outputs +{len(site.graphs[g].outputs)}</small>" if site.graphs[g].outputs else "")
+            + "</td>"
+            for g in graphs
+        )
+        rows.append(
+            f"<tr><td><a href='#site-{site.layer}'>{site.layer}</a></td><td><code>{html.escape(site.module_path)}</code></td>"
+            f"<td>{html.escape(site.attention)}</td><td>{plural(len(site.matched))} &rarr; "
+            f"{html.escape(op_counts(site.canonical) or '-')}</td>{cells}</tr>"
+        )
+    return (f"<table class='sites'><tr><th>layer</th><th>module</th><th>attention</th><th>matched</th>{head}</tr>"
+            + "".join(rows) + "</table>")
+
+
+def sites_html(site_diffs: list[SiteDiff], views: Optional[dict] = None) -> str:
+    """One section per site: its pictures (``views``, from :func:`site_views`:
+    captured | each rewritten graph), matched -> canonical, then the rewritten graphs' node
+    lists side by side."""
+    views = views or {}
+    out = []
+    for site in site_diffs:
+        changed = any(g.inserted or g.removed or g.inputs or g.outputs for g in site.graphs.values())
+        if site.layer is None and not (site.matched or site.canonical or changed):
+            continue
+        anchor = f"site-{site.layer}" if site.layer is not None else "site-outside"
+        graphs = list(site.graphs)
+        cols = "".join(f"<td>{_change_cell(site.graphs[g])}</td>" for g in graphs)
+        heads = "".join(f"<th>{html.escape(g)} graph</th>" for g in graphs)
+        matched = (
+            f"<details><summary>matched in the captured graph: {plural(len(site.matched))} "
+            f"({html.escape(op_counts(site.matched) or '-')})</summary>{_node_list(site.matched, 'del')}</details>"
+            f"<p><b>replaced by (canonical):</b></p>{_node_list(site.canonical, 'add')}"
+            if site.matched or site.canonical else ""
+        )
+        picture = views_html(views[site.layer], anchor) if site.layer in views else ""
+        out.append(
+            f"<section class='site' id='{anchor}'><h3>{html.escape(site.title)}</h3>{picture}{matched}"
+            f"<table class='side'><tr>{heads}</tr><tr>{cols}</tr></table></section>"
+        )
+    return "\n".join(out)
+
+
+__all__ = ["GraphView", "KINDS", "LEGEND", "STYLE", "ViewNode", "build_view", "caption", "change_kind", "site_table_html",
+           "site_views", "sites_html", "svg", "views_html"]

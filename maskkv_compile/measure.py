@@ -1,4 +1,5 @@
-"""Timing and peak-memory helpers for the demo and the benchmarks (not for tests).
+"""Timing and peak-memory helpers for the demo and the benchmarks (not for tests), and the
+plain table they print (:func:`table`).
 
 Peak memory is the kernel's resident-set high-water mark (``VmHWM``) over the block, above
 the resident size at its start. Before the block, freed heap memory is handed back to the
@@ -66,3 +67,15 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def table(rows, headers) -> str:
+    """``rows`` under ``headers`` as text: tabulate's grid when tabulate is installed, else
+    plain columns."""
+    try:
+        from tabulate import tabulate
+
+        return tabulate(rows, headers=headers, floatfmt=".3g")
+    except ImportError:  # tabulate is optional: plain columns
+        lines = ["  ".join(str(h) for h in headers)] + ["  ".join(str(c) for c in row) for row in rows]
+        return "\n".join(lines)

@@ -30,11 +30,12 @@ import torch
 import torch.fx as fx
 
 from maskkv_compile._torch_private import example_value
-from maskkv_compile.graph_diff import _info, _op, node_layers, readable_name, stack_path
-from maskkv_compile.graph_view import _STYLE, change_kind
+from maskkv_compile.graph_diff import node_info, node_layers, op_name
+from maskkv_compile.graph_view import STYLE, change_kind
+from maskkv_compile.naming import readable_name, stack_path
 
 GRAPH_IDS = ("captured", "canonical", "prefill", "step")
-_COLOURS = {kind: _STYLE[kind][:2] for kind in ("maskkv", "added", "removed", "input")}  # (fill, stroke) as in the HTML
+_COLOURS = {kind: STYLE[kind][:2] for kind in ("maskkv", "added", "removed", "input")}  # (fill, stroke) as in the HTML
 _STATUS = {"maskkv": "inserted maskkv:: op", "added": "inserted", "removed": "replaced by maskkv::attention",
            "input": "graph input added by the passes"}
 
@@ -67,7 +68,7 @@ def graph_json(gm: fx.GraphModule, graph_id: str, kinds: dict[str, str], site_pa
     layers = node_layers(gm)
     nodes = []
     for node in gm.graph.nodes:
-        info = _info(node)
+        info = node_info(node)
         if node.op == "placeholder":
             name = readable_name(node.name)
             owner, _, leaf = name.rpartition(".")
@@ -121,7 +122,7 @@ def collection(captured: fx.GraphModule, graphs, label: str) -> dict:
                 kinds[node.name] = change_kind(node, graph_id == "captured")
         graph = graph_json(gm, graph_id, kinds, site_paths)
         summary = {"graph": graph_id, "nodes": str(len(graph["nodes"]))}
-        ops = sorted({_op(n) for n in gm.graph.nodes if kinds.get(n.name) == "maskkv"})
+        ops = sorted({op_name(n) for n in gm.graph.nodes if kinds.get(n.name) == "maskkv"})
         if ops:
             summary["maskkv:: ops"] = ", ".join(ops)
         graph["groupNodeAttributes"] = {"": summary}

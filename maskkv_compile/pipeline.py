@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch.fx as fx
 
-from maskkv_compile import distributed
+from maskkv_compile import tensor_parallel as distributed
 from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.passes import (
     AttentionSite, CachedAttentionPass, CaptureVotesPass, EvictKVPass, FindAttentionPass, GraphInfo,
@@ -71,7 +71,7 @@ def build_graphs(gm: fx.GraphModule, config: MaskKVConfig, *, strict: bool = Tru
     distributed.check_no_sequence_sharding(gm, info.seq_expr)
     num_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
     canonical = copy_graph_module(gm)
-    find = PassManager("canonical", [FindAttentionPass(config)])
+    find = PassManager("canonical", [FindAttentionPass()])
     find(canonical)
     result = find.records[0].result
     if strict and result.skipped:
@@ -82,19 +82,19 @@ def build_graphs(gm: fx.GraphModule, config: MaskKVConfig, *, strict: bool = Tru
         raise UnsupportedModelError("no attention found in the model's graph; ops seen: " + _seen_ops(gm))
     distributed.check_local_attention(attention_sites(canonical))
     prefill = copy_graph_module(canonical)
-    keep_prompt = [KeepPromptKVPass(config)] if config.revote is not None else []
+    keep_prompt = [KeepPromptKVPass()] if config.revote is not None else []
     # a tensor-parallel model (its graph runs collectives): every rank's budgets from every head
     shard_budgets = [ShardBudgetsPass(config)] if distributed.collective_signature(gm) else []
     prefill_passes = PassManager(
         "prefill",
-        [MaskPaddingPass(config), CaptureVotesPass(config), EvictKVPass(config), *shard_budgets, *keep_prompt,
-         MaskOnlyHeadPass(config, info)],
+        [MaskPaddingPass(), CaptureVotesPass(config), EvictKVPass(config), *shard_budgets, *keep_prompt,
+         MaskOnlyHeadPass(info)],
     )
     prefill_passes(prefill)
     step = copy_graph_module(canonical)
-    step_pipeline = [SliceSequencePass(config, info), CachedAttentionPass(config)]
+    step_pipeline = [SliceSequencePass(info), CachedAttentionPass()]
     if config.block_length is not None:
-        step_pipeline.append(ResponseKVOutputsPass(config))
+        step_pipeline.append(ResponseKVOutputsPass())
     step_passes = PassManager("step", step_pipeline)
     step_passes(step)
     records = {"canonical": find.records, "prefill": prefill_passes.records, "step": step_passes.records}

@@ -9,8 +9,6 @@ is an error is the pipeline's decision, never silent.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import inspect
 import logging
 import os
 import time
@@ -18,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch.fx as fx
+
+from maskkv_compile.naming import readable_code
 
 log = logging.getLogger("maskkv_compile.passes")
 graph_log = logging.getLogger("maskkv_compile.graph")
@@ -36,19 +36,11 @@ class PassResult:
 
 
 class GraphPass:
-    """One FX rewrite. Subclasses set ``name`` and implement ``run(gm) -> PassResult``."""
+    """One FX rewrite. Subclasses set ``name`` and implement ``run(gm) -> PassResult``; a pass
+    takes in ``__init__`` exactly what it reads (the config, the graph's info), nothing else."""
 
     name = "GraphPass"
     dead_code_elimination = True  # off for passes whose new nodes a later pass consumes
-
-    def __init__(self, config: Any = None):
-        self.config = config
-
-    def uuid(self) -> str:
-        """Hash of the pass's source and the config: part of every compile cache key."""
-        fingerprint = self.config.fingerprint() if self.config is not None else ""
-        source = inspect.getsource(type(self))
-        return hashlib.sha256((source + fingerprint).encode()).hexdigest()[:16]
 
     def run(self, gm: fx.GraphModule) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -142,9 +134,6 @@ class PassManager:
             with open(os.path.join(self.debug_dir, f"{name}.py"), "w") as f:
                 f.write(_as_module(name, gm))
 
-    def uuid(self) -> str:
-        return hashlib.sha256("".join(p.uuid() for p in self.passes).encode()).hexdigest()[:16]
-
 
 class _Readable:
     """A lazily formatted graph (formatted only when a handler emits it), made readable."""
@@ -153,8 +142,6 @@ class _Readable:
         self.text = text
 
     def __str__(self) -> str:
-        from maskkv_compile.graph_diff import readable_code
-
         return readable_code(str(self.text))
 
 
@@ -162,9 +149,7 @@ def _readable(gm: fx.GraphModule) -> str:
     """``print_readable``'s class (shapes, strides and devices as annotations, source lines as
     comments) with dynamo's flattened names as module paths
     (``model.layers.0.self_attn.q_proj.weight``) and every line wrapped to
-    :data:`maskkv_compile.graph_diff.WIDTH`. For reading: dotted names do not parse."""
-    from maskkv_compile.graph_diff import readable_code
-
+    :data:`maskkv_compile.naming.WIDTH`. For reading: dotted names do not parse."""
     return readable_code(gm.print_readable(print_output=False, include_stride=True, include_device=True))
 
 

@@ -18,6 +18,8 @@ import operator
 import torch
 import torch.fx as fx
 
+from maskkv_compile.config import MaskKVConfig
+
 from .base import GraphPass, PassResult, placeholder
 from .find_attention import attention_sites
 
@@ -25,6 +27,9 @@ from .find_attention import attention_sites
 class CaptureVotesPass(GraphPass):
     name = "CaptureVotesPass"
     dead_code_elimination = False  # the votes have no user until EvictKVPass runs
+
+    def __init__(self, config: MaskKVConfig):
+        self.config = config
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         voter_idx, prompt_idx, key_valid, voter_valid, prompt_valid = (

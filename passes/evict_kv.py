@@ -10,7 +10,7 @@ after it, for layer ``l`` with ``Hkv`` KV heads:
 The layer budgets ``k_l`` come from the policy's layer allocator at pass time (offline:
 from the config's LayerProfile where the policy uses one), made integral per layer with
 ``layer_slot_totals`` so the whole model keeps exactly ``n_layers * Hkv * budget`` entries
-when the prompt is long enough. They are constants of the graph (part of ``uuid()``).
+when the prompt is long enough. They are constants of the graph: a graph built for one config is never another's.
 
 ``slots_l`` bounds any row's total budget in the layer (``kept_slots``): the flat kept cache
 has a static size, so the prefill graph has no data-dependent size.
@@ -30,6 +30,7 @@ import torch
 import torch.fx as fx
 
 from maskkv_compile.budgets import layer_slot_totals, uniform_layer_budgets
+from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.policies import get_policy
 
 from .base import GraphPass, PassResult, append_outputs, placeholder
@@ -65,6 +66,9 @@ def kept_slots(config, kv_heads: int, layer_budget: float) -> int:
 
 class EvictKVPass(GraphPass):
     name = "EvictKVPass"
+
+    def __init__(self, config: MaskKVConfig):
+        self.config = config
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         cfg = self.config

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from maskkv_compile import kernels  # noqa: F401  (registers maskkv:: ops)
 from maskkv_compile._torch_private import example_value
-from maskkv_compile.graph_diff import readable_name, stack_path  # errors name nodes by module path
+from maskkv_compile.naming import readable_name, stack_path  # errors name nodes by module path
 
 from .base import GraphPass, PassResult, is_call, is_method
 

@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 
 from maskkv_compile._torch_private import example_value, sym_expr
-from maskkv_compile.graph_diff import readable_name  # messages name nodes by module path
+from maskkv_compile.naming import readable_name  # messages name nodes by module path
 
 from .base import graph_outputs
 

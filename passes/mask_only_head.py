@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from maskkv_compile.graph_diff import readable_code  # messages name nodes by module path
+from maskkv_compile.naming import readable_code  # messages name nodes by module path
 
 from .base import GraphPass, PassResult, graph_outputs, is_call, is_method, placeholder
 from .graph_info import GraphInfo
@@ -27,8 +27,7 @@ PASS_THROUGH_METHODS = ("to", "float", "contiguous")
 class MaskOnlyHeadPass(GraphPass):
     name = "MaskOnlyHeadPass"
 
-    def __init__(self, config, info: GraphInfo):
-        super().__init__(config)
+    def __init__(self, info: GraphInfo):
         self.info = info
 
     def run(self, gm: fx.GraphModule) -> PassResult:

@@ -27,6 +27,8 @@ import operator
 import torch
 import torch.fx as fx
 
+from maskkv_compile.config import MaskKVConfig
+
 from .base import GraphPass, PassResult, append_outputs, is_call, placeholder
 
 REVOTE_OUTPUTS_PER_LAYER = 4
@@ -34,6 +36,9 @@ REVOTE_OUTPUTS_PER_LAYER = 4
 
 class RevoteKVPass(GraphPass):
     name = "RevoteKVPass"
+
+    def __init__(self, config: MaskKVConfig):
+        self.config = config
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         cfg = self.config

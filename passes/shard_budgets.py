@@ -1,7 +1,7 @@
 """ShardBudgetsPass (prefill graph, tensor parallelism): single-device head budgets on every rank.
 
 Matches every ``maskkv::head_budgets`` node (inserted by EvictKVPass) whose attention site
-holds a shard of the heads (``maskkv_compile.distributed.head_sharding``: the site's output
+holds a shard of the heads (``maskkv_compile.tensor_parallel.head_sharding``: the site's output
 reaches a row-wise projection that is all-reduced over a process group of ``world`` ranks).
 Rewrites, for a rank holding ``h`` query and ``hkv`` KV heads of a layer:
 
@@ -33,8 +33,9 @@ import warnings
 import torch
 import torch.fx as fx
 
-from maskkv_compile.distributed import check_divides, head_sharding
+from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.policies import get_policy
+from maskkv_compile.tensor_parallel import check_divides, head_sharding
 
 from .base import GraphPass, PassResult
 from .evict_kv import kept_slots, layer_budgets
@@ -43,6 +44,9 @@ from .find_attention import attention_sites
 
 class ShardBudgetsPass(GraphPass):
     name = "ShardBudgetsPass"
+
+    def __init__(self, config: MaskKVConfig):
+        self.config = config
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         by_mass = {node.meta["maskkv_votes"][1]: (node, site) for node, site in attention_sites(gm)

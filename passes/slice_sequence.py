@@ -24,8 +24,8 @@ import torch
 import torch.fx as fx
 
 from maskkv_compile._torch_private import FakeTensorMode, example_value, sym_expr, sym_hint
-from maskkv_compile.distributed import fake_like, real_object
-from maskkv_compile.graph_diff import readable_code, readable_name  # messages name nodes by module path
+from maskkv_compile.tensor_parallel import fake_like, real_object
+from maskkv_compile.naming import readable_code, readable_name  # messages name nodes by module path
 
 from .base import GraphPass, PassResult, is_call, placeholder
 from .graph_info import GraphInfo, UnsupportedModelError, node_by_name
@@ -36,8 +36,7 @@ CHECK_SEQ, CHECK_RESP = 761, 7  # sizes for the fake-tensor check; S must not co
 class SliceSequencePass(GraphPass):
     name = "SliceSequencePass"
 
-    def __init__(self, config, info: GraphInfo):
-        super().__init__(config)
+    def __init__(self, info: GraphInfo):
         self.info = info
 
     def _is_seq(self, value) -> bool:

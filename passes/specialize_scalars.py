@@ -33,7 +33,6 @@ class SpecializeScalarsPass(GraphPass):
     name = "SpecializeScalarsPass"
 
     def __init__(self, example_inputs: Sequence):
-        super().__init__(None)
         self.example_inputs = list(example_inputs)
         self.specialized: dict[int, tuple[str, float]] = {}  # placeholder position -> (name, value)
 

@@ -34,8 +34,8 @@ import torch.fx as fx
 from maskkv_compile._torch_private import (
     DimDynamic, FakeTensorMode, ShapeEnv, StatelessSymbolicContext, example_value, sym_expr, sym_hint, tracing,
 )
-from maskkv_compile.distributed import fake_like, is_dtensor, real_object
-from maskkv_compile.graph_diff import readable_code, readable_name  # messages name nodes by module path
+from maskkv_compile.tensor_parallel import fake_like, is_dtensor, real_object
+from maskkv_compile.naming import readable_code, readable_name  # messages name nodes by module path
 
 from .base import GraphPass, PassResult, is_call
 from .graph_info import UnsupportedModelError, analyse

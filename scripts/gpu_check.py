@@ -243,7 +243,7 @@ def sync_rows():
     that synchronises with the host inside them raises (``tests/test_host_reads.py`` counts the
     reads on the CPU; this is the same contract on CUDA, with a padded batch too)."""
     import maskkv_compile
-    from maskkv_compile.models import tiny_llada
+    from maskkv_compile.tiny_models import tiny_llada
 
     model = tiny_llada(layers=2, hidden=64, heads=4, vocab=128).to("cuda")
     mask = model.config.mask_token_id
@@ -286,7 +286,7 @@ def second_tier_rows(device):
     tokens and kept positions through a drop-in loop that re-votes every step; on CUDA the host
     tier is page-locked CPU memory and the device holds less after the prefill."""
     import maskkv_compile
-    from maskkv_compile.models import tiny_llada
+    from maskkv_compile.tiny_models import tiny_llada
 
     model = tiny_llada(layers=2, hidden=64, heads=4, vocab=128).to(device)
     mask = model.config.mask_token_id

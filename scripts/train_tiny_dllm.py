@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from maskkv_compile.evaluation import needles as task
-from maskkv_compile.models import set_causal
+from maskkv_compile.tiny_models import set_causal
 
 
 def build_model(hidden: int, layers: int, heads: int, max_positions: int, seed: int = 0):

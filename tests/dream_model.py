@@ -28,7 +28,7 @@ from transformers import Qwen2Config, Qwen2Model
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen2.modeling_qwen2 import Qwen2PreTrainedModel
 
-from maskkv_compile.models import set_causal
+from maskkv_compile.tiny_models import set_causal
 
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 

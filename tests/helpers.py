@@ -5,7 +5,7 @@ import torch
 
 from maskkv_compile.evaluation import FULL
 from maskkv_compile.evaluation.suite import FULL_CACHE, FULL_REFRESH, UNCACHED, configurations
-from maskkv_compile.models import tiny_dream, tiny_llada
+from maskkv_compile.tiny_models import tiny_dream, tiny_llada
 
 FAMILIES = {"llada": tiny_llada, "dream": tiny_dream}
 MODEL_KINDS = [(family, attn) for family in FAMILIES for attn in ("sdpa", "eager")]

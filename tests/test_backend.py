@@ -33,7 +33,7 @@ def denoise(model, x, mask_id, steps):
 '''
 
 # The child never imports maskkv_compile before compiling: the models are built from
-# transformers configs written out here (what maskkv_compile.models.tiny_llada / tiny_dream
+# transformers configs written out here (what maskkv_compile.tiny_models.tiny_llada / tiny_dream
 # build, seed 0), and "maskkv" is found through the torch_dynamo_backends entry point. Each
 # run is the plain user spelling: no mark_dynamic, options only (and dynamic= when asked).
 # After the loop it asks maskkv_compile.runtimes which MaskKV runtimes ran, and how often.
@@ -293,7 +293,7 @@ def test_a_graph_break_is_an_error_that_says_so(tiny):
 def test_dynamic_true_with_the_eager_option_equals_optimize():
     """dynamic=True turns the model's float constants (the attention scale) into graph inputs."""
     import maskkv_compile
-    from maskkv_compile.models import tiny_dream
+    from maskkv_compile.tiny_models import tiny_dream
 
     model = tiny_dream(layers=2, hidden=64)
     x = torch.randint(0, 255, (1, 40), generator=torch.Generator().manual_seed(0))
@@ -311,7 +311,7 @@ def test_dynamic_true_with_the_eager_option_equals_optimize():
 
 def test_a_changed_float_attribute_under_dynamic_true_is_an_error():
     """dynamic=True passes the attention scale as an input; the backend compiled its value in."""
-    from maskkv_compile.models import tiny_llada
+    from maskkv_compile.tiny_models import tiny_llada
 
     model = tiny_llada(layers=2, hidden=64, attn="eager")
     compiled = torch.compile(model, backend="maskkv", dynamic=True, options=VALID)

@@ -39,7 +39,7 @@ def model_for(name: str):
         return base
     model = LLaDAStyle(base.config).to(torch.float64).eval()
     model.load_state_dict(base.state_dict())
-    return maskkv_compile.models.set_causal(model, False)
+    return maskkv_compile.tiny_models.set_causal(model, False)
 
 
 def batch_inputs(model, lengths=LENGTHS, seed=0):

@@ -1,4 +1,4 @@
-"""explain(): sites, passes, diffs, HTML, debug dumps, pass uuids, the `diff` CLI and example."""
+"""explain(): sites, passes, diffs, HTML, debug dumps, graphs that follow the config, the `diff` CLI and example."""
 
 import json
 import logging
@@ -15,11 +15,9 @@ from torch import nn
 import maskkv_compile
 from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.explain import Report
-from maskkv_compile.graph_diff import WIDTH
-from maskkv_compile.passes import (
-    CachedAttentionPass, CaptureVotesPass, EvictKVPass, FindAttentionPass, MaskOnlyHeadPass, MaskPaddingPass, SliceSequencePass,
-    UnsupportedModelError,
-)
+from maskkv_compile.naming import WIDTH
+from maskkv_compile.explain import GRAPHS
+from maskkv_compile.passes import UnsupportedModelError
 
 from helpers import MODEL_KINDS, build, prompt_and_masks
 
@@ -64,7 +62,7 @@ def test_sites_passes_plan_and_diffs(family, attn):
     # every pass run, in order, with what it did
     assert {g: [r.name for r in report.passes if r.graph == g] for g in PASSES} == PASSES
     for run in report.passes:
-        assert run.changed and run.matches >= 1 and run.ms > 0 and len(run.uuid) == 16
+        assert run.changed and run.matches >= 1 and run.ms > 0
     inserted = {(graph, op) for graph, _, op in report.inserted}
     assert {("canonical", "maskkv::attention"), ("prefill", "maskkv::mask_votes"), ("prefill", "maskkv::select_kv"),
             ("step", "maskkv::cached_attention")} <= inserted
@@ -325,13 +323,10 @@ def test_graphs_go_to_the_graph_logger_and_to_structured_trace():
         assert_readable(payload)
 
 
-# -- pass uuids ----------------------------------------------------------------------------------
-
-
-def pass_uuids(config: MaskKVConfig) -> dict[str, str]:
-    passes = [FindAttentionPass(config), MaskPaddingPass(config), CaptureVotesPass(config), EvictKVPass(config), MaskOnlyHeadPass(config, None),
-              SliceSequencePass(config, None), CachedAttentionPass(config)]
-    return {p.name: p.uuid() for p in passes}
+# -- graphs follow the config ---------------------------------------------------------------------
+# (The passes once carried vLLM-style uuid() hashes for a compile cache key that nothing read.
+# What they stood for is a property of the graphs: the options are constants of the rewritten
+# graphs, so a graph built for one config is never the graph of another.)
 
 
 def second_option() -> dict:
@@ -343,28 +338,15 @@ def second_option() -> dict:
     return {"prompt_refresh": 4}
 
 
-def test_pass_uuids_are_stable_and_follow_the_config():
-    base = pass_uuids(MaskKVConfig(budget=8))
-    assert len(base) == 7 and len(set(base.values())) == 7  # one per pass class
-    assert pass_uuids(MaskKVConfig(budget=8)) == base
-    for changed in ({"budget": 16}, second_option()):
-        other = pass_uuids(MaskKVConfig(**{"budget": 8, **changed}))
-        assert all(other[name] != base[name] for name in base), changed
-    # the same in a fresh interpreter: a cache key must not depend on the process
-    code = ("import json; from maskkv_compile.config import MaskKVConfig; "
-            "from maskkv_compile.passes import FindAttentionPass, EvictKVPass; "
-            "print(json.dumps([p(MaskKVConfig(budget=8)).uuid() for p in (FindAttentionPass, EvictKVPass)]))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == f'["{base["FindAttentionPass"]}", "{base["EvictKVPass"]}"]'
-
-
-def test_explain_reports_the_pass_uuids():
+def test_rewritten_graphs_are_deterministic_and_follow_the_config():
     first, again = explain("dream", "sdpa"), explain("dream", "sdpa")
-    assert [r.uuid for r in first.passes] == [r.uuid for r in again.passes]
-    assert [r.uuid for r in first.passes] == [pass_uuids(first.config)[r.name] for r in first.passes]
-    other = explain("dream", "sdpa", budget=BUDGET + 1)
-    assert all(a.uuid != b.uuid for a, b in zip(first.passes, other.passes))
+    assert [r.name for r in first.passes] == [r.name for r in again.passes]
+    for graph in GRAPHS:
+        assert first.code(graph, readable=False) == again.code(graph, readable=False), graph
+    for changed in ({"budget": BUDGET + 1}, second_option()):
+        other = explain("dream", "sdpa", **changed)
+        assert other.config != first.config
+        assert other.code("prefill", readable=False) != first.code("prefill", readable=False), changed
 
 
 # -- CLI and example ------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 import maskkv_compile
-from maskkv_compile.graph_diff import WIDTH, folded_diff, readable_code, readable_name, wrap
+from maskkv_compile.graph_diff import folded_diff
+from maskkv_compile.naming import WIDTH, readable_code, readable_name, wrap
 
 from helpers import build, prompt_and_masks
 

@@ -15,7 +15,7 @@ from maskkv_compile.evaluation import ModelUnavailable, load_bundle
 from maskkv_compile.evaluation import needles as nt
 from maskkv_compile.evaluation.heatmap import heatmap, needle_samples, plot_heatmap
 from maskkv_compile.evaluation.suite import infill
-from maskkv_compile.models import tiny_llada
+from maskkv_compile.tiny_models import tiny_llada
 
 from helpers import check_invariants
 

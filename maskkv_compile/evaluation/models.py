@@ -18,7 +18,7 @@ prompts (disjoint from the samples) that MaskKV's layer profile is measured on:
   loads another folder the script wrote. Task ``single`` has one needle in a 256-token
   haystack, ``multikey`` four (one asked for, three distractors). The answer is the needle's
   2-token value; the score is exact match of the whole value.
-* ``tiny-llama``: :func:`maskkv_compile.models.tiny_llada` with random weights and random
+* ``tiny-llama``: :func:`maskkv_compile.tiny_models.tiny_llada` with random weights and random
   sequences: fast, for CI only; its quality numbers mean nothing.
 """
 
@@ -248,7 +248,7 @@ def load_tiny_dllm_model(checkpoint: Optional[str] = None) -> torch.nn.Module:
     """The needle-retrieval dLLM (a bidirectional Llama), in eval mode."""
     import transformers
 
-    from maskkv_compile.models import _bidirectional
+    from maskkv_compile.tiny_models import _bidirectional
 
     return _bidirectional(transformers.LlamaForCausalLM.from_pretrained(tiny_dllm_folder(checkpoint)))
 
@@ -307,7 +307,7 @@ def load_tiny_dllm(samples: Optional[int] = None, tasks: Optional[Sequence[str]]
 
 def load_tiny_llama(samples: Optional[int] = None, tasks: Optional[Sequence[str]] = None, seed: int = 0,
                     seq_len: int = 40, span_len: int = 6, layers: int = 2, hidden: int = 64) -> Bundle:
-    from maskkv_compile.models import tiny_llada
+    from maskkv_compile.tiny_models import tiny_llada
 
     tasks = _check_tasks("tiny-llama", tasks)
     model = tiny_llada(layers=layers, hidden=hidden, seed=seed)
