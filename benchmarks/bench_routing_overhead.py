@@ -23,7 +23,7 @@ from maskkv_compile.runtime import MaskKVRuntime
 try:
     from maskkv_compile.tiny_models import tiny_llada
 except ImportError:  # older layouts
-    from maskkv_compile.models import tiny_llada
+    from maskkv_compile.models import tiny_llada  # noqa: F401
 
 
 def wrap_graphs(runtime, timings):

@@ -25,7 +25,7 @@ import torch
 
 import maskkv_compile
 from maskkv_compile import CacheFallbackWarning
-from maskkv_compile.models import tiny_dream, tiny_llada
+from maskkv_compile.tiny_models import tiny_dream, tiny_llada
 
 SEQUENCES = 50
 PREFILLS = ("new", "restart", "uncached")
