@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
@@ -64,12 +66,14 @@ class Revote:
 
     def __post_init__(self) -> None:
         if self.every != "block" and (isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1):
-            raise MaskKVConfigError(f'Revote(every=...) must be an int >= 1 (re-vote every k steps) or "block" (at every '
-                                    f"dual-cache block refresh), got {self.every!r}")
+            raise MaskKVConfigError(f'revote must be an int >= 1 (Revote(every=k): re-vote every k steps) or "block" (at '
+                                    f"every dual-cache block refresh), got {self.every!r}")
         if self.voters not in REVOTE_VOTERS:
-            raise MaskKVConfigError(f"Revote(voters=...) must be one of {REVOTE_VOTERS}, got {self.voters!r}")
+            raise MaskKVConfigError(f"revote_voters must be one of {REVOTE_VOTERS} (Revote(voters=...): who votes at a "
+                                    f"re-vote), got {self.voters!r}")
         if self.second_tier not in SECOND_TIERS:
-            raise MaskKVConfigError(f"Revote(second_tier=...) must be one of {SECOND_TIERS}, got {self.second_tier!r}")
+            raise MaskKVConfigError(f"second_tier must be one of {SECOND_TIERS} (Revote(second_tier=...): where the "
+                                    f"full prompt K/V waits between re-votes), got {self.second_tier!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -357,20 +361,30 @@ class MaskKVConfig:
 
 
 def detect_family(model: Any = None, graph: Any = None) -> str:
-    """The model family (``MaskKVConfig.family``) when none is given: "dream" when the model's
-    config says ``model_type == "Dream"`` or, for a graph (what ``backend="maskkv"`` receives), when
-    a module of the graph is Dream's (a class named ``Dream...``, or one whose config says so);
-    else "llada". ``optimize`` and the backend both call this, so both give the same default."""
+    """The model family (``MaskKVConfig.family``) when none is given; ``optimize`` and the
+    ``backend="maskkv"`` both call this, so both give the same default.
+
+    "dream" when the model's config says ``model_type == "Dream"``; for a graph (what the
+    backend receives, without the model), when one of its modules is Dream's (a class named
+    ``Dream...``, as Dream's ``DreamBaseModel`` / ``DreamDecoderLayer``) or the model's own
+    ``forward`` (the outermost frame of the graph's stack traces) is defined in a file named
+    after Dream (``modeling_dream.py``). Else "llada" (logits at the token's own row).
+    """
     config = getattr(model, "config", None)
     if config is not None and str(getattr(config, "model_type", "")).lower() == "dream":
         return "dream"
-    if graph is not None:
-        for node in getattr(getattr(graph, "graph", graph), "nodes", ()):
-            for entry in (node.meta.get("nn_module_stack") or {}).values():
-                kind = entry[1] if isinstance(entry, tuple) and len(entry) > 1 else entry
-                name = kind if isinstance(kind, str) else getattr(kind, "__qualname__", "")
-                if name.rsplit(".", 1)[-1].lower().startswith("dream"):
-                    return "dream"
+    nodes = list(getattr(getattr(graph, "graph", graph), "nodes", ())) if graph is not None else []
+    for node in nodes:
+        for entry in (node.meta.get("nn_module_stack") or {}).values():
+            kind = entry[1] if isinstance(entry, tuple) and len(entry) > 1 else entry
+            name = kind if isinstance(kind, str) else getattr(kind, "__qualname__", "")
+            if name.rsplit(".", 1)[-1].lower().startswith("dream"):
+                return "dream"
+    for node in nodes:
+        trace = node.meta.get("stack_trace")
+        if trace:  # the first frame is the root module's forward
+            match = re.search(r'File "([^"]+)", line \d+, in forward', trace)
+            return "dream" if match and "dream" in os.path.basename(match.group(1)).lower() else "llada"
     return "llada"
 
 
