@@ -236,3 +236,15 @@ def test_kernels_import_no_policy_code():
         bad = [m for m in imported if m.split(".")[-1] in ("policies", "policy_ops", "budgets", "config")]
         assert not bad, f"{path.name} imports {bad}"
     assert hasattr(torch.ops.maskkv, "selection_scores") and hasattr(torch.ops.maskkv, "head_budgets")
+
+
+def test_the_cli_takes_policy_names_validated_by_the_config():
+    import argparse
+
+    from maskkv_compile.cli import build_parser, policy_name
+
+    assert policy_name("snapkv") == "snapkv"
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown policy 'h2o'.*snapkv"):
+        policy_name("h2o")
+    args = build_parser().parse_args(["eval", "--policies", "maskkv", "adakv", "--heatmap-policies", "streaming"])
+    assert args.policies == ["maskkv", "adakv"] and args.heatmap_policies == ["streaming"]
