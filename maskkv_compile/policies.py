@@ -1,8 +1,14 @@
 """Eviction policies: who votes, how votes become scores, how the budget is split.
 
-One registry (``POLICIES``) of small frozen records, each naming its voters, its vote
-transform, its layer allocator and its head allocator; the allocators' math lives in
-:mod:`maskkv_compile.budgets`. Dispatch goes through lookup tables, not an if-chain.
+A policy is one frozen class whose constructor arguments are its options, validated at
+construction: :class:`MaskKV` (alpha, beta, profile), :class:`MaskVotingUniform`,
+:class:`SnapKV` (window, kernel), :class:`PromptVoting`, :class:`AllVoting`,
+:class:`StreamingLLM` (sinks), :class:`Random` (seed), and the baselines that select as SnapKV
+does, :class:`PyramidKV`, :class:`SqueezeAttention` (profile) and :class:`AdaKV`, each taking
+a ``SnapKV(...)``. A class's ``name`` is its string spelling (``POLICIES`` maps each name to
+the object with default options); its class attributes name the mechanisms the runtime runs
+(voters, vote transform, layer and head allocators), whose math is below and in
+:mod:`maskkv_compile.budgets`. Adding a policy is adding one subclass.
 """
 
 from __future__ import annotations
