@@ -12,13 +12,15 @@ op                          what it computes
                             per-query-head attention mass on the prompt (chunked)
 ``maskkv::select_kv``       top-k per KV head with per-head budgets, flat kept K/V of static size
 ``maskkv::cached_attention`` attention over [kept prompt K/V (padded) ; response K/V]
-``maskkv::selection_scores`` a policy's ranking of the prompt entries (votes, pooled, ...)
-``maskkv::head_budgets``    a policy's per-KV-head budgets of one layer
 ``maskkv::gather_heads``    tensor parallelism: every rank's heads of a statistic, in order
 ``maskkv::prompt_kv``       a layer's prompt K/V, kept as the second tier (``revote``)
 ``maskkv::revote_kv``       re-selection at a step: the step's queries vote over the second
                             tier, top-k under the same per-head budgets
 ==========================  ===============================================================
+
+The policy ops ``maskkv::selection_scores`` and ``maskkv::head_budgets`` are policy code, not
+kernels: they live in ``maskkv_compile/policy_ops.py``, registered when
+``maskkv_compile.policies`` is imported. Nothing here imports a policy.
 """
 
 # Absolute imports: this folder is the package maskkv_compile.kernels. Where the repository
@@ -28,7 +30,7 @@ op                          what it computes
 # registered once, and no version, so transformers reads "not available"
 # (tests/test_layering.py runs that probe).
 from maskkv_compile.kernels import (  # noqa: F401  (registers ops)
-    attention, budget_ops, cached_attention, mask_votes, revote, select_kv, tp_ops,
+    attention, cached_attention, mask_votes, revote, select_kv, tp_ops,
 )
 from maskkv_compile.kernels.attention import attention_reference
 from maskkv_compile.kernels.cached_attention import cached_attention_reference

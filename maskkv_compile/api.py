@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import warnings
@@ -12,7 +11,7 @@ import torch
 
 from maskkv_compile._torch_private import BackendCompilerFailed, dynamo_config, mark_dynamic
 from maskkv_compile.backend import MaskKVBackend
-from maskkv_compile.config import MaskKVConfig, MaskKVConfigError
+from maskkv_compile.config import MaskKVConfig, MaskKVConfigError, resolve
 from maskkv_compile.tensor_parallel import check_model as check_tensor_parallel, mixed_dtensor_error
 from maskkv_compile.passes import UnsupportedModelError
 from maskkv_compile.masks import padding_from_masks
@@ -253,8 +252,6 @@ def optimize(
             "diffusion LLMs. Load it with is_causal=False if it really is one"
         )
     check_tensor_parallel(model)  # heads the mesh does not divide: refused before tracing
-    if config.family is None:
-        detected = "dream" if str(getattr(getattr(model, "config", None), "model_type", "")).lower() == "dream" else "llada"
-        config = dataclasses.replace(config, family=detected)
+    config = resolve(config, model=model)  # the family, as backend="maskkv" detects it
     model.eval()
     return MaskKVModel(model, config, int(token))

@@ -44,7 +44,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from maskkv_compile._torch_private import list_mode_options, original_module
-from maskkv_compile.config import MaskKVConfig, MaskKVConfigError
+from maskkv_compile.config import MaskKVConfig, MaskKVConfigError, resolve
 from maskkv_compile.inductor import inductor_config_patches
 from maskkv_compile.passes import PassManager, UnsupportedModelError, analyse
 from maskkv_compile.passes.specialize_scalars import SpecializeScalarsPass
@@ -123,7 +123,7 @@ class MaskKVBackend:
             if isinstance(analyse(gm).seq_expr, int):
                 PassManager("captured", [SymbolicLengthPass()])(gm)
             with inductor_config_patches(self.inductor_options):
-                runtime = MaskKVRuntime.from_graph(gm, self.config, self.mask_token_id)
+                runtime = MaskKVRuntime.from_graph(gm, resolve(self.config, graph=gm), self.mask_token_id)
         except UnsupportedModelError as error:
             if any(part in str(error) for part in _PARTIAL_GRAPH):
                 raise UnsupportedModelError(str(error) + _GRAPH_BREAK_HINT) from error

@@ -190,6 +190,17 @@ def _needle_heatmap(args, suite, out) -> list:
     return [path, *pngs]
 
 
+def policy_name(value: str) -> str:
+    """argparse type of a policy option: a policy's string spelling ("maskkv", "snapkv", ...),
+    validated where every option is (MaskKVConfig), which names the valid ones."""
+    from maskkv_compile.config import MaskKVConfig, MaskKVConfigError
+
+    try:
+        return MaskKVConfig(policy=value).policy
+    except MaskKVConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maskkv-compile", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -269,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="antiberty / rxnfp: pretrained (pip install --no-deps antiberty==0.1.3 rxnfp==0.1.0); "
                          "tiny-dllm: the project's own needle-retrieval dLLM (bundled); "
                          "tiny-llama: random weights, for CI (its numbers mean nothing)")
-    quality.add_argument("--policies", nargs="+", default=None, help="default: every registered policy")
+    quality.add_argument("--policies", nargs="+", type=policy_name, default=None,
+                         help="policy names (maskkv, snapkv, ...: each policy object with its default options); "
+                         "default: every registered policy")
     quality.add_argument("--budgets", nargs="+", default=["4", "6", "8", "12", "16", "32", "full"],
                          help="prompt KV pairs kept per head; 'full' keeps the whole prompt")
     quality.add_argument("--samples", type=int, default=8, help="sequences per task")
@@ -278,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "queries; maskkv_compile/revote.py); writes quality_<model>_tradeoff.md and _pareto.png")
     quality.add_argument("--revote-voters", choices=["response", "masked"], default="response",
                          help="who votes in the --revote cells: every response row, or the rows still masked "
-                         "(MaskKVConfig.revote_voters); masked cells are keyed <policy>@<B>+revote<K>+masked")
+                         "(Revote(voters=...)); masked cells are keyed <policy>@<B>+revote<K>+masked")
     quality.add_argument("--refresh", nargs="+", type=int, default=[], metavar="K",
                          help="also run every policy x budget with prompt_refresh=K (the expensive reference)")
     quality.add_argument("--tasks", nargs="+", default=None, help="default: every task of the model")
@@ -292,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="tiny-dllm only: a folder written by scripts/train_tiny_dllm.py (default: the shipped one)")
     quality.add_argument("--heatmap", action="store_true",
                          help="tiny-dllm only: also a needle depth x haystack length exact-match heatmap")
-    quality.add_argument("--heatmap-policies", nargs="+", default=["maskkv", "snapkv", "streaming"])
+    quality.add_argument("--heatmap-policies", nargs="+", type=policy_name, default=["maskkv", "snapkv", "streaming"])
     quality.add_argument("--heatmap-budget", type=int, default=8)
     quality.add_argument("--heatmap-samples", type=int, default=8, help="sequences per heatmap cell")
     quality.add_argument("--heatmap-lengths", type=int, nargs="+", default=list(LENGTHS), help="haystack lengths")

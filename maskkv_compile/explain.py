@@ -186,6 +186,7 @@ class Report:
         lines = [
             f"MaskKV explain: {self.model}, input {tuple(self.input_shape)} = prompt {self.prompt_len} + "
             f"{response} masked (mask id {self.mask_token_id}); {options}",
+            f"layer allocation: {self.config.layer_allocation}",
             "",
             f"attention sites: {len(self.sites)} rewritten, {len(self.skipped)} skipped",
         ]

@@ -380,7 +380,8 @@ class MaskKVRuntime:
         ``block_length``, the dual cache of the current block.
         """
         session = self.last_session
-        stats = {"policy": self.config.policy, "prompt_len": 0, "response_len": 0, "layers": [], "bytes": 0,
+        stats = {"policy": self.config.policy, "config": self.config.describe(),
+                 "layer_allocation": self.config.layer_allocation, "prompt_len": 0, "response_len": 0, "layers": [], "bytes": 0,
                  "valid_bytes": 0, "uniform_bytes": 0, **self.count_stats(self.counts),
                  "block_cache": None, "second_tier": None}
         for feature in self.features:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import maskkv_compile
-from maskkv_compile.policies import POLICIES
+from maskkv_compile.policies import POLICIES, get_policy
 from maskkv_compile.profile import LayerProfile, ProfileMismatchError, attention_importance, model_fingerprint
 
 from helpers import build, kept_positions, prompt_and_masks
@@ -15,6 +15,16 @@ def profile_for(model, importance):
     return LayerProfile(tuple(importance), model_fingerprint(model.config, type(model).__name__))
 
 
+def policy_with(name, **options):
+    """The policy called ``name`` with those of ``options`` (flat names: profile, window, ...)
+    that it has; the others do not apply to it (and would be refused)."""
+    policy = get_policy(name)
+    for option, value in options.items():
+        if policy.takes(option):
+            policy = policy.with_flat(option, value)
+    return policy
+
+
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 @pytest.mark.parametrize("family", ["llada", "dream"])
 def test_policy_keeps_what_its_reference_keeps(policy, family):
@@ -22,8 +32,8 @@ def test_policy_keeps_what_its_reference_keeps(policy, family):
     _, x = prompt_and_masks(model, prompt_len=40, gen_len=8)
     resp = torch.arange(40, 48)
     profile = profile_for(model, [0.05, 0.3, 0.2])
-    optimized, reference, _ = run_against_reference(model, x, resp, budget=6, steps=2, policy=policy,
-                                                     profile=profile, window=8)
+    chosen = policy_with(policy, profile=profile, window=8)
+    optimized, reference, _ = run_against_reference(model, x, resp, budget=6, steps=2, policy=chosen)
     stats = optimized.cache_stats()
     for layer, cache in enumerate(optimized.runtime.last_session.layers):
         ours = kept_positions(cache)
@@ -40,7 +50,7 @@ def test_budget_at_least_prompt_is_exact_for_every_policy(policy):
     prompt, _ = prompt_and_masks(model, prompt_len=12, gen_len=8)
     kwargs = dict(gen_length=8, steps=8, block_length=8)
     profile = profile_for(model, [0.05, 0.3, 0.2])
-    ours = maskkv_compile.optimize(model, budget=12, backend="eager", policy=policy, profile=profile)
+    ours = maskkv_compile.optimize(model, budget=12, backend="eager", policy=policy_with(policy, profile=profile))
     out = ours.generate(prompt, **kwargs)
     assert all(layer["kept_per_kv_head"] == [12, 12] for layer in ours.cache_stats()["layers"])
     no_eviction = maskkv_compile.optimize(model, budget=10_000, backend="eager").generate(prompt, **kwargs)

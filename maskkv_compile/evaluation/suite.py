@@ -124,15 +124,15 @@ def optimized(model: torch.nn.Module, mask_id: int, policy: str, budget: int, *,
     """``model`` as every configuration of the suite runs it: ``optimize`` on the eager backend.
     ``profile`` is required by the policies whose layer allocator needs one, ignored by the rest."""
     import maskkv_compile
-    from maskkv_compile.config import MaskKVConfig
     from maskkv_compile.policies import get_policy
 
     if get_policy(policy).needs_profile and profile is None:
         raise ValueError(f"policy {policy!r} needs a layer profile: pass profile=maskkv_compile.calibrate(...)")
-    return maskkv_compile.optimize(model, budget=budget, mask_token_id=mask_id, backend="eager", policy=policy,
+    chosen = get_policy(policy).with_flat("seed", seed) if get_policy(policy).takes("seed") else get_policy(policy)
+    return maskkv_compile.optimize(model, budget=budget, mask_token_id=mask_id, backend="eager", policy=chosen,
                                    profile=profile if get_policy(policy).needs_profile else None,
                                    prompt_refresh=refresh, revote=revote,
-                                   revote_voters=revote_voters if revote is not None else None, config=MaskKVConfig(seed=seed))
+                                   revote_voters=revote_voters if revote is not None else None)
 
 
 @torch.no_grad()

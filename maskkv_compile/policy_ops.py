@@ -1,7 +1,8 @@
 """``maskkv::selection_scores`` and ``maskkv::head_budgets``: a policy's per-layer decisions.
 
-Both wrap the pure-torch policy math of ``maskkv_compile.budgets`` (the registry of voters
-and allocators) so that the prefill graph decides each layer's kept set right after that
+Policy code, not kernels (they moved here from ``kernels/budget_ops.py`` so that the kernel
+layer imports no policy): registered by ``maskkv_compile.policies``, which imports this module.
+Both wrap the pure-torch policy math (``maskkv_compile.policies`` and ``budgets``) so that the prefill graph decides each layer's kept set right after that
 layer's attention, with the policy named by a string argument. Both work row by row: a
 row's scores and budgets are computed from that row's own prompt entries, exactly as if
 it were alone (batch invariance).
