@@ -555,6 +555,3 @@ def format_budget_table(table: Sequence[Tensor]) -> str:
     except ImportError:  # tabulate is an optional (test) dependency
         return "\n".join("  ".join(str(c) for c in row) for row in [headers, *rows])
     return tabulate(rows, headers=headers, tablefmt="simple")
-
-
-from maskkv_compile import policy_ops  # noqa: E402,F401  (registers maskkv::selection_scores and maskkv::head_budgets)

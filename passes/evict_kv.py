@@ -33,6 +33,8 @@ from maskkv_compile.budgets import layer_slot_totals, uniform_layer_budgets
 from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.policies import get_policy
 
+from maskkv_compile import policy_ops  # noqa: F401  (registers the maskkv:: policy ops this pass inserts)
+
 from .base import GraphPass, PassResult, append_outputs, placeholder
 from .find_attention import attention_sites
 

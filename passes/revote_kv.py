@@ -29,6 +29,8 @@ import torch.fx as fx
 
 from maskkv_compile.config import MaskKVConfig
 
+from maskkv_compile import policy_ops  # noqa: F401  (registers the maskkv:: policy ops this pass inserts)
+
 from .base import GraphPass, PassResult, append_outputs, is_call, placeholder
 
 REVOTE_OUTPUTS_PER_LAYER = 4
