@@ -2,8 +2,16 @@ import os
 
 import pytest
 import torch
+import torch._dynamo
+import torch._functorch.config
+import torch._inductor.config
 
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".inductor-cache"))
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".inductor-cache")
+)
+
+# config modules a test may patch by assignment (a `config.patch` context restores itself)
+_CONFIGS = (torch._dynamo.config, torch._inductor.config, torch._functorch.config)
 
 
 @pytest.fixture(autouse=True)
@@ -11,3 +19,39 @@ def _fresh_dynamo():
     """Each test compiles from scratch: no dynamo cache entries carried between tests."""
     torch._dynamo.reset()
     yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_globals():
+    """Whatever a test sets globally (thread count, default dtype, deterministic algorithms,
+    matmul precision, grad mode, dynamo/Inductor/functorch config, environment variables) is put
+    back afterwards, so no test depends on which tests ran before it."""
+    threads = torch.get_num_threads()
+    dtype = torch.get_default_dtype()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    precision = torch.get_float32_matmul_precision()
+    grad = torch.is_grad_enabled()
+    configs = [config.get_config_copy() for config in _CONFIGS]
+    environ = dict(os.environ)
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    if torch.get_default_dtype() != dtype:
+        torch.set_default_dtype(dtype)
+    if (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) != (
+        deterministic,
+        warn_only,
+    ):
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    if torch.get_float32_matmul_precision() != precision:
+        torch.set_float32_matmul_precision(precision)
+    torch.set_grad_enabled(grad)
+    for config, saved in zip(_CONFIGS, configs):
+        now = config.get_config_copy()
+        for key, value in saved.items():
+            if now.get(key) is not value and now.get(key) != value:
+                setattr(config, key, value)
+    if dict(os.environ) != environ:
+        os.environ.clear()
+        os.environ.update(environ)

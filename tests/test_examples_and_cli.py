@@ -1,35 +1,73 @@
-"""Every example script and CLI subcommand runs (small sizes, eager backend where it matters)."""
+"""Every example script and CLI subcommand runs (small sizes, eager backend where it matters).
+
+Examples and subcommands run in this process (``runpy`` / ``cli.main``): a fresh interpreter
+proves nothing more there and costs seconds each. Subprocesses remain where the process is
+the point: the installed console script, the torchrun launches (two ranks) and the
+torch.compile backend example that must work without the package imported.
+"""
 
 import json
 import re
+import runpy
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
+
+from maskkv_compile.bench_plots import main as plots_main
+from maskkv_compile.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(*args, timeout=300):
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    """A fresh interpreter, for what needs one."""
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
 
-def test_optimize_generate_example():
-    out = run("examples/optimize_generate.py")
+@pytest.fixture
+def script(monkeypatch, capsys):
+    """Run an example script in this process as ``__main__``; its stdout."""
+
+    def run_script(path, *args):
+        monkeypatch.chdir(ROOT)
+        monkeypatch.setattr(sys, "argv", [path, *args])
+        runpy.run_path(str(ROOT / path), run_name="__main__")
+        return capsys.readouterr().out
+
+    return run_script
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """``maskkv-compile ARGS`` in this process; its stdout."""
+
+    def run_cli(*args):
+        monkeypatch.setattr(sys, "argv", ["maskkv-compile", *args])  # bench --json records it
+        assert cli_main(list(args)) == 0
+        return capsys.readouterr().out
+
+    return run_cli
+
+
+def test_optimize_generate_example(script):
+    out = script("examples/optimize_generate.py")
     assert "full budget == uncached: True" in out
     assert "kept per layer and KV head: [[8, 8, 8, 8], [8, 8, 8, 8]]" in out
 
 
-def test_drop_in_loop_example():
-    out = run("examples/drop_in_loop.py")
+def test_drop_in_loop_example(script):
+    out = script("examples/drop_in_loop.py")
     assert "calls: 1 prefill, 7 steps" in out
 
 
-def test_dream_padded_batch_example():
-    out = run("examples/dream_padded_batch.py")
+def test_dream_padded_batch_example(script):
+    out = script("examples/dream_padded_batch.py")
     assert "prompt lengths: [5, 12, 9] | transitions: {'new': 1, 'step': 5}" in out
     assert "each row as alone: True" in out
     assert "CFG in one batch: {'new': 1, 'step': 5} | unconditional row's prompt: 12 masks" in out
@@ -60,10 +98,10 @@ def test_torch_compile_backend_example_without_importing_the_package():
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "antiberty"])
-def test_cli_demo(model):
+def test_cli_demo(model, cli):
     if model == "antiberty":
         pytest.importorskip("antiberty")
-    out = run("-m", "maskkv_compile.cli", "demo", "--model", model, "--backend", "eager")
+    out = cli("demo", "--model", model, "--backend", "eager")
     lines = out.splitlines()
     sample = re.search(r"^sample: \S+, prompt (\d+) tokens, (\d+) masked positions filled one per step$", out, re.M)
     assert sample, out
@@ -94,8 +132,8 @@ def test_cli_demo(model):
         assert sum(a == b for a, b in zip(fills["MaskKV"], fills["uncached"])) == agree  # the table says what it filled
 
 
-def test_revote_example():
-    out = run("examples/revote.py")
+def test_revote_example(script):
+    out = script("examples/revote.py")
     hits = {name: (int(a), int(b)) for name, a, b in re.findall(r"^(.+?) +exact match (\d+)/(\d+)", out, re.M)}
     assert set(hits) == {"uncached", "MaskKV, one-shot votes", "MaskKV, revote=1"}, out
     assert hits["MaskKV, revote=1"] == hits["uncached"]  # re-selection recovers the uncached model's retrieval
@@ -103,36 +141,6 @@ def test_revote_example():
     steps = dict(re.findall(r"^(MaskKV.+?) +exact.*\((\d+ steps, \d+) of them re-votes\)", out, re.M))
     one_shot, revoting = (steps[name].split(" steps, ") for name in ("MaskKV, one-shot votes", "MaskKV, revote=1"))
     assert one_shot[1] == "0" and int(revoting[1]) == int(revoting[0]) > 0  # every step re-voted, none without
-
-
-def test_cli_bench():
-    out = run("-m", "maskkv_compile.cli", "bench", "--quick")
-    rows = {re.split(r"\s{2,}", line.strip())[1]: line for line in out.splitlines() if line.strip().startswith("48 ")}
-    plain = {"uncached", "uncached, torch.compile", "prompt cache (no eviction)", "dual cache (no eviction)",
-             "MaskKV budget 4", "MaskKV budget 4 + dual cache"}
-    assert plain | {"uncached CFG", "MaskKV budget 4, CFG"} <= set(rows)
-    for name in plain - {"uncached"} | {"MaskKV budget 4, CFG"}:
-        ratios = [cell for cell in re.split(r"\s{2,}", rows[name].strip()) if cell.endswith("x") or cell == "-"]
-        assert float(ratios[0][:-1]) > 0, name  # vs uncached (the run asserts CFG ran cached on both halves)
-        if name != "MaskKV budget 4, CFG":
-            assert float(ratios[1][:-1]) > 0, name  # vs compiled (the dual rows: the run asserts block steps ran)
-
-
-def test_cli_bench_runs_json_and_plots(tmp_path):
-    results, plots = tmp_path / "bench.json", tmp_path / "plots"
-    out = run("-m", "maskkv_compile.cli", "bench", "--quick", "--cfg-scale", "0", "--no-floor", "--threads", "1",
-              "--runs", "maskkv", "maskkv-dual", "--json", str(results), "--plots", str(plots))
-    assert "1 threads" in out
-    data = json.loads(results.read_text())
-    assert data["command"].startswith("maskkv-compile bench --quick")
-    runs = {(row["prompt"], row["run"]) for row in data["rows"]}
-    names = {"uncached", "MaskKV budget 4", "MaskKV budget 4 + dual cache"}  # no compiled, prompt or dual cache row
-    assert runs == {(48, name) for name in names}
-    assert all(row["speedup"] > 0 and row["seconds"] > 0 and "1 threads" in row["setup"] for row in data["rows"])
-    for name in ("bench_speedup.png", "bench_memory.png"):
-        assert (plots / name).read_bytes()[:4] == b"\x89PNG", name
-    again = run("-m", "maskkv_compile.bench_plots", str(results), "--out", str(tmp_path / "again"))
-    assert "bench_speedup.png" in again and (tmp_path / "again" / "bench_memory.png").exists()
 
 
 def _bench_table(out, prompt):
@@ -148,19 +156,50 @@ def _bench_table(out, prompt):
     return headers, rows
 
 
-def test_cli_bench_floor_columns_and_quick():
-    out = run("-m", "maskkv_compile.cli", "bench", "--quick", "--cfg-scale", "0")
-    headers, rows = _bench_table(out, 48)
+def test_cli_bench_quick_rows_ratios_and_floor_columns(cli):
+    """One ``bench --quick`` (CFG on): every run's row, its ratios, and the floor columns."""
+    out = cli("bench", "--quick")
+    headers, rows = _bench_table(out, 48)  # every row has every column
+    plain = {"uncached", "uncached, torch.compile", "prompt cache (no eviction)",
+             "dual cache (no eviction)", "MaskKV budget 4", "MaskKV budget 4 + dual cache"}
+    assert plain | {"uncached CFG", "MaskKV budget 4, CFG"} <= set(rows)
+    for name in plain - {"uncached"} | {"MaskKV budget 4, CFG"}:
+        # vs uncached (the run asserts CFG ran cached on both halves)
+        assert float(rows[name]["vs uncached"][:-1]) > 0, name
+        if name != "MaskKV budget 4, CFG":
+            # vs compiled (the dual rows: the run asserts block steps ran)
+            assert float(rows[name]["vs compiled"][:-1]) > 0, name
     assert headers[-4:] == ["step ms", "prefill ms", "step/floor", "prefill/forward"]
-    for name in ("prompt cache (no eviction)", "dual cache (no eviction)", "MaskKV budget 4", "MaskKV budget 4 + dual cache"):
+    for name in ("prompt cache (no eviction)", "dual cache (no eviction)", "MaskKV budget 4",
+                 "MaskKV budget 4 + dual cache"):
         row = rows[name]
         assert float(row["step ms"]) > 0 and float(row["prefill ms"]) > 0, row
         assert float(row["step/floor"][:-1]) > 0 and float(row["prefill/forward"][:-1]) > 0, row
     assert rows["uncached"]["step/floor"] == "-"  # the floor is for the cached rows
 
 
-def test_cli_bench_llada_shape_preset_and_compile_sweep():
-    out = run("-m", "maskkv_compile.cli", "bench", "--preset", "llada-shape", "--layers", "1", "--prompt-lens", "64",
+def test_cli_bench_runs_json_and_plots(tmp_path, cli, capsys):
+    results, plots = tmp_path / "bench.json", tmp_path / "plots"
+    out = cli("bench", "--quick", "--cfg-scale", "0", "--no-floor", "--threads", "1",
+              "--runs", "maskkv", "maskkv-dual", "--json", str(results), "--plots", str(plots))
+    assert "1 threads" in out
+    data = json.loads(results.read_text())
+    assert data["command"].startswith("maskkv-compile bench --quick")
+    runs = {(row["prompt"], row["run"]) for row in data["rows"]}
+    # no compiled, prompt or dual cache row
+    names = {"uncached", "MaskKV budget 4", "MaskKV budget 4 + dual cache"}
+    assert runs == {(48, name) for name in names}
+    assert all(row["speedup"] > 0 and row["seconds"] > 0 and "1 threads" in row["setup"]
+               for row in data["rows"])
+    for name in ("bench_speedup.png", "bench_memory.png"):
+        assert (plots / name).read_bytes()[:4] == b"\x89PNG", name
+    assert plots_main([str(results), "--out", str(tmp_path / "again")]) == 0
+    again = capsys.readouterr().out
+    assert "bench_speedup.png" in again and (tmp_path / "again" / "bench_memory.png").exists()
+
+
+def test_cli_bench_llada_shape_preset_and_compile_sweep(cli):
+    out = cli("bench", "--preset", "llada-shape", "--layers", "1", "--prompt-lens", "64",
               "--gen-length", "4", "--steps", "4", "--block-length", "2", "--budgets", "8", "--hidden", "128",
               "--backend", "eager", "--cfg-scale", "0", "--compile-sweep")
     assert "Llama-style (llada-shape), 1 layers, hidden 128, 1 heads, MLP 384, vocab 126464" in out
@@ -198,6 +237,14 @@ def test_bench_timed_model_records_transitions_and_rows():
     assert summary["floor_rows"].numel() == 4 and summary["step_s"] > 0 and summary["prefill_s"] > 0
 
 
-def test_cli_help():
-    for sub in ([], ["demo"], ["bench"]):
-        assert "usage" in run("-m", "maskkv_compile.cli", *sub, "--help")
+def test_cli_help(capsys):
+    # the installed console script: the one subprocess here, it checks the entry point
+    dirs = [sysconfig.get_path("scripts"), str(Path(sys.executable).parent)]
+    exe = next((Path(d) / "maskkv-compile" for d in dirs if (Path(d) / "maskkv-compile").exists()), None)
+    assert exe is not None, f"no maskkv-compile console script in {dirs}"
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "usage: maskkv-compile" in out.stdout, out.stderr[-3000:]
+    for sub in ("demo", "bench"):
+        with pytest.raises(SystemExit) as exit_:
+            cli_main([sub, "--help"])
+        assert exit_.value.code == 0 and f"usage: maskkv-compile {sub}" in capsys.readouterr().out
