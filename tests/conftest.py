@@ -1,4 +1,7 @@
 import os
+import runpy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +12,8 @@ import torch._inductor.config
 os.environ.setdefault(
     "TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".inductor-cache")
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # config modules a test may patch by assignment (a `config.patch` context restores itself)
 _CONFIGS = (torch._dynamo.config, torch._inductor.config, torch._functorch.config)
@@ -55,3 +60,33 @@ def _restore_torch_globals():
     if dict(os.environ) != environ:
         os.environ.clear()
         os.environ.update(environ)
+
+
+# -- entry points in this process: a fresh interpreter proves nothing more for them --------------
+
+
+@pytest.fixture
+def script(monkeypatch, capsys):
+    """Run a script of the repository (``examples/x.py ARGS``) in this process as ``__main__``,
+    from the repository root; its stdout."""
+
+    def run_script(path, *args):
+        monkeypatch.chdir(ROOT)
+        monkeypatch.setattr(sys, "argv", [path, *args])
+        runpy.run_path(str(ROOT / path), run_name="__main__")
+        return capsys.readouterr().out
+
+    return run_script
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """``maskkv-compile ARGS`` in this process (exit status 0); its stdout."""
+    from maskkv_compile.cli import main
+
+    def run_cli(*args):
+        monkeypatch.setattr(sys, "argv", ["maskkv-compile", *args])  # bench --json records it
+        assert main(list(args)) == 0
+        return capsys.readouterr().out
+
+    return run_cli

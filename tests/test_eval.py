@@ -2,8 +2,6 @@
 on small slices: it runs end to end and checks its own invariants."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -125,12 +123,10 @@ def test_data_files():
         "C", "C", "(", "=", "O", ")", "[O-]", ".", "[Na+]", ">>", "Cl", "c", "1", "c", "c", "c", "c", "c", "1", "Br"]
 
 
-def test_eval_suite_example(tmp_path):
+def test_eval_suite_example(tmp_path, script):
     policies, budgets = ["maskkv", "snapkv"], [4, FULL]
-    result = subprocess.run([sys.executable, "examples/eval_suite.py", "--out", str(tmp_path), "--policies", *policies,
-                             "--budgets", *map(str, budgets)], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = result.stdout
+    out = script("examples/eval_suite.py", "--out", str(tmp_path), "--policies", *policies,
+                 "--budgets", *map(str, budgets))
     assert "agree_uncached:" in out and "full cache (no eviction)" in out
     assert "0 optimize() calls, 0 model calls, same table: True" in out
     (path,) = tmp_path.glob("quality_*.json")  # the example runs AntiBERTy when installed, else tiny-llama

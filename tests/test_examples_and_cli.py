@@ -8,7 +8,6 @@ torch.compile backend example that must work without the package imported.
 
 import json
 import re
-import runpy
 import subprocess
 import sys
 import sysconfig
@@ -28,31 +27,6 @@ def run(*args, timeout=300):
                             timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
-
-
-@pytest.fixture
-def script(monkeypatch, capsys):
-    """Run an example script in this process as ``__main__``; its stdout."""
-
-    def run_script(path, *args):
-        monkeypatch.chdir(ROOT)
-        monkeypatch.setattr(sys, "argv", [path, *args])
-        runpy.run_path(str(ROOT / path), run_name="__main__")
-        return capsys.readouterr().out
-
-    return run_script
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    """``maskkv-compile ARGS`` in this process; its stdout."""
-
-    def run_cli(*args):
-        monkeypatch.setattr(sys, "argv", ["maskkv-compile", *args])  # bench --json records it
-        assert cli_main(list(args)) == 0
-        return capsys.readouterr().out
-
-    return run_cli
 
 
 def test_optimize_generate_example(script):

@@ -370,15 +370,9 @@ def test_explain_reports_the_pass_uuids():
 # -- CLI and example ------------------------------------------------------------------------------
 
 
-def run(*args, timeout=300):
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
-
-
-def test_cli_diff(tmp_path):
+def test_cli_diff(tmp_path, cli):
     html = tmp_path / "diff.html"
-    out = run("-m", "maskkv_compile.cli", "diff", "--model", "tiny-qwen2", "--attn", "eager", "--budget", "8",
+    out = cli("diff", "--model", "tiny-qwen2", "--attn", "eager", "--budget", "8",
               "--prompt-len", "16", "--gen-length", "8", "--html", str(html), "--model-explorer", str(tmp_path / "me.json"))
     assert "MaskKV explain: Qwen2ForCausalLM" in out and "eager+gqa" in out and "2 x 8 = 16" in out
     assert "=== prefill graph: captured -> rewritten ===" in out and "=== step graph: captured -> rewritten ===" in out
@@ -394,16 +388,25 @@ def test_cli_diff(tmp_path):
     assert f"Model Explorer graphs written to {tmp_path / 'me.json'}" in out
 
 
-def test_cli_diff_help():
-    out = run("-m", "maskkv_compile.cli", "diff", "--help")
-    for option in ("--model", "tiny-llama", "tiny-qwen2", "--budget", "--html", "--attn", "--model-explorer"):
-        assert option in out
-    assert "diff" in run("-m", "maskkv_compile.cli", "--help")
+def test_cli_diff_help(capsys):
+    from maskkv_compile.cli import main as cli_main
+
+    for argv in (["diff", "--help"], ["--help"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(argv)
+        assert exit_.value.code == 0
+        out = capsys.readouterr().out
+        if argv[0] == "diff":
+            options = ("--model", "tiny-llama", "tiny-qwen2", "--budget", "--html", "--attn",
+                       "--model-explorer")
+            for option in options:
+                assert option in out
+    assert "diff" in out
 
 
-def test_explain_diff_example(tmp_path):
+def test_explain_diff_example(tmp_path, script):
     html = tmp_path / "example.html"
-    out = run("examples/explain_diff.py", "--html", str(html), "--model-explorer", str(tmp_path / "me.json"))
+    out = script("examples/explain_diff.py", "--html", str(html), "--model-explorer", str(tmp_path / "me.json"))
     assert "attention sites: 2 rewritten, 0 skipped" in out and "eager+gqa" in out
     assert "inserted ops: maskkv::attention, maskkv::cached_attention" in out
     assert "+++ step" in out and "torch.ops.maskkv.cached_attention" in out

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import maskkv_compile
+from maskkv_compile.graph_diff import main as graph_diff_main
 from maskkv_compile.graph_diff import WIDTH, folded_diff, readable_code, readable_name, wrap
 
 from helpers import build, prompt_and_masks
@@ -121,7 +122,7 @@ def test_site_diffs_checks_the_graph_name():
         report.site_diffs(("nope",))
 
 
-def test_debug_dumps_read_by_module_path(tmp_path, monkeypatch):
+def test_debug_dumps_read_by_module_path(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MASKKV_DEBUG_DIR", str(tmp_path))
     model = build("llada", "sdpa")
     maskkv_compile.explain(model, prompt_and_masks(model, 16, 8)[1], budget=8)
@@ -130,12 +131,13 @@ def test_debug_dumps_read_by_module_path(tmp_path, monkeypatch):
     dump = before.read_text()
     assert "model.layers.0.self_attn.q_proj.weight" in dump and "L_args_0_modules" not in dump and not FLAT.search(dump)
     assert max(len(line) for line in dump.splitlines()) <= WIDTH
-    root = Path(__file__).resolve().parent.parent
-    one = subprocess.run([sys.executable, "-m", "maskkv_compile.graph_diff", str(before)], cwd=root,
-                         capture_output=True, text=True, check=True).stdout
+    # python -m maskkv_compile.graph_diff FILE [FILE2], in this process
+    capsys.readouterr()
+    assert graph_diff_main([str(before)]) == 0
+    one = capsys.readouterr().out
     assert "model.layers.0.self_attn.q_proj.weight" in one and not FLAT.search(one)
-    two = subprocess.run([sys.executable, "-m", "maskkv_compile.graph_diff", str(before), str(after)], cwd=root,
-                         capture_output=True, text=True, check=True).stdout
+    assert graph_diff_main([str(before), str(after)]) == 0
+    two = capsys.readouterr().out
     assert "torch.ops.maskkv.select_kv" in two and "unchanged lines ..." in two
     assert max(len(line) for line in (one + two).splitlines()) <= WIDTH
 

@@ -3,8 +3,6 @@ checkpoint (it must really retrieve), the training script (a few steps, then res
 and the depth x length heatmap on a checkpoint it writes."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -99,20 +97,19 @@ def test_heatmap_invariants(tmp_path):
         heatmap(model, ["maskkv"], 4, lengths=(32,), depths=(0.0,), samples=1)
 
 
-def train(out: Path, *extra: str) -> list[dict]:
-    cmd = [sys.executable, "scripts/train_tiny_dllm.py", "--out", str(out), "--minutes", "0.05", "--eval-every", "10",
-           "--stages", "32", "64", "--tokens", "256", "--threads", "1", *extra]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+def train(script, out: Path, *extra: str) -> list[dict]:
+    """scripts/train_tiny_dllm.py, in this process; the records of its log."""
+    script("scripts/train_tiny_dllm.py", "--out", str(out), "--minutes", "0.05", "--eval-every", "10",
+           "--stages", "32", "64", "--tokens", "256", "--threads", "1", *extra)
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-def test_train_script_then_suite_and_heatmap_on_its_checkpoint(tmp_path, capsys):
-    log = train(tmp_path / "run", "--ar-steps", "5", "--filler-warmup", "5")
+def test_train_script_then_suite_and_heatmap_on_its_checkpoint(tmp_path, capsys, script):
+    log = train(script, tmp_path / "run", "--ar-steps", "5", "--filler-warmup", "5")
     assert [r["step"] for r in log] == list(range(1, len(log) + 1))
     assert [r["task"] for r in log[:10]] == ["ar"] * 5 + ["filler"] * 5  # causal pretraining, then the filler
     assert any("em" in r for r in log) and (tmp_path / "run" / "last" / "model.safetensors").is_file()
-    resumed = train(tmp_path / "run", "--resume")  # the step count (and curriculum) carries on
+    resumed = train(script, tmp_path / "run", "--resume")  # the step count (and curriculum) carries on
     assert [r["step"] for r in resumed] == list(range(1, len(resumed) + 1)) and len(resumed) > len(log)
 
     out = tmp_path / "eval"
