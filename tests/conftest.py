@@ -15,6 +15,12 @@ os.environ.setdefault(
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# One intra-op thread for the whole session: the models are tiny (more threads only contend on
+# the 2-core CI machine, and under `-n 2` each worker has one core), and every test starts
+# with the same setting whatever ran before it. A test that wants more sets it; the fixture
+# below puts it back.
+torch.set_num_threads(1)
+
 # config modules a test may patch by assignment (a `config.patch` context restores itself)
 _CONFIGS = (torch._dynamo.config, torch._inductor.config, torch._functorch.config)
 

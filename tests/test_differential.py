@@ -94,7 +94,6 @@ def commit_one(x, logits_rows, response, mask_id):
 
 @pytest.mark.parametrize("seed", range(CASES))
 def test_case_against_reference(seed):
-    torch.set_num_threads(1)
     family, attn, budget, layout, x, valid, _ = make_case(seed)
     model, optimized = optimized_for(family, attn, budget)
     shift = optimized.maskkv_config.logits_shift

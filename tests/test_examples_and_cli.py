@@ -53,7 +53,7 @@ def test_tensor_parallel_example(backend):
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available in this torch build")
-    out = run("-m", "torch.distributed.run", "--nproc-per-node", "2", "examples/tensor_parallel.py", "--backend", backend,
+    out = run("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "examples/tensor_parallel.py", "--backend", backend,
               timeout=600)
     assert "rank 1 kept per layer and local KV head: [[8, 8], [8, 8]]" in out  # 2 of the 4 KV heads per rank
     assert "same tokens on every rank: True" in out
