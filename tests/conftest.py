@@ -50,7 +50,10 @@ def _restore_torch_globals():
         torch.set_num_threads(threads)
     if torch.get_default_dtype() != dtype:
         torch.set_default_dtype(dtype)
-    if (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) != (
+    if (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    ) != (
         deterministic,
         warn_only,
     ):
