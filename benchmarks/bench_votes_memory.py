@@ -39,7 +39,6 @@ def _status_kib(field: str) -> int:
 def measure_one(method: str, prompt: int, resp: int, repeat: int) -> dict:
     """Runs in the child process: peak extra RSS (MiB) of one call, best time (s)."""
     import torch
-
     from maskkv_compile.kernels.mask_votes import mask_votes_reference
 
     gen = torch.Generator().manual_seed(0)
@@ -69,8 +68,19 @@ def measure_one(method: str, prompt: int, resp: int, repeat: int) -> dict:
 
 def run_child(method: str, prompt: int, resp: int, repeat: int) -> dict:
     proc = subprocess.run(
-        [sys.executable, __file__, "--child", method, str(prompt), str(resp), "--repeat", str(repeat)],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            method,
+            str(prompt),
+            str(resp),
+            "--repeat",
+            str(repeat),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(proc.stdout.splitlines()[-1])
 
@@ -78,7 +88,9 @@ def run_child(method: str, prompt: int, resp: int, repeat: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--repeat", type=int, default=2, help="timed calls per measurement (best kept)")
+    parser.add_argument(
+        "--repeat", type=int, default=2, help="timed calls per measurement (best kept)"
+    )
     parser.add_argument("--child", nargs=3, metavar=("METHOD", "P", "L"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -86,10 +98,16 @@ def main() -> None:
         print(json.dumps(measure_one(method, int(prompt), int(resp), args.repeat)))
         return
 
-    sizes = [(1024, 64), (2048, 64)] if args.quick else [(p, l) for l in (64, 256) for p in (4096, 8192, 16384)]
+    sizes = (
+        [(1024, 64), (2048, 64)]
+        if args.quick
+        else [(p, l) for l in (64, 256) for p in (4096, 8192, 16384)]
+    )
     print(f"mask_votes, CPU float32, B={B} H={H} Hkv={HKV} D={D}; peak = extra RSS during one call")
-    head = (f"{'P':>6} {'L':>4} | {'peak MiB mat':>12} {'chunked':>8} {'ratio':>6} | "
-            f"{'time s mat':>10} {'chunked':>8} {'ratio':>6}")
+    head = (
+        f"{'P':>6} {'L':>4} | {'peak MiB mat':>12} {'chunked':>8} {'ratio':>6} | "
+        f"{'time s mat':>10} {'chunked':>8} {'ratio':>6}"
+    )
     print(head)
     print("-" * len(head))
     for prompt, resp in sizes:
@@ -101,7 +119,10 @@ def main() -> None:
             f"{chk['seconds']:>8.3f} {chk['seconds'] / mat['seconds']:>5.2f}x",
             flush=True,
         )
-    print("ratio: peak = materialized / chunked (higher: chunked saves more); time = chunked / materialized")
+    print(
+        "ratio: peak = materialized / chunked (higher: chunked saves more); "
+        "time = chunked / materialized"
+    )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ prompts = [torch.randint(1, mask_id, (n,), generator=gen) for n in lengths]
 ids = torch.full((3, max(lengths)), pad_id)
 attention_mask = torch.zeros_like(ids)
 for row, prompt in enumerate(prompts):  # left padding, as Dream's tokenizer does
-    ids[row, -len(prompt):] = prompt
-    attention_mask[row, -len(prompt):] = 1
+    ids[row, -len(prompt) :] = prompt
+    attention_mask[row, -len(prompt) :] = 1
 
 optimized = maskkv_compile.optimize(model, budget=4, backend="eager", family="dream")
 kwargs = dict(mask_token_id=mask_id, max_new_tokens=6, steps=6, alg="entropy")
@@ -43,5 +43,10 @@ for _ in range(6):  # LLaDA's CFG: the unconditional row is x with its prompt ma
     masked = (x[0] == llada.config.mask_token_id).nonzero().flatten()
     confidence, token = logits[0, masked].softmax(-1).max(-1)
     x[0, masked[confidence.argmax()]] = token[confidence.argmax()]
-print("CFG in one batch:", cfg.cache_stats()["transitions"], "| unconditional row's prompt:",
-      cfg.cache_stats()["prompt_lens"][1], "masks")
+print(
+    "CFG in one batch:",
+    cfg.cache_stats()["transitions"],
+    "| unconditional row's prompt:",
+    cfg.cache_stats()["prompt_lens"][1],
+    "masks",
+)

@@ -29,4 +29,10 @@ x[:, 16:24] = mask_id  # infilling: the masked span is in the middle
 optimized = maskkv_compile.optimize(model, budget=6, backend="eager")
 filled = fill(optimized, x.clone(), steps=8)
 print("filled span:", filled[0, 16:24].tolist())
-print("calls:", optimized.cache_stats()["prefills"], "prefill,", optimized.cache_stats()["steps"], "steps")
+print(
+    "calls:",
+    optimized.cache_stats()["prefills"],
+    "prefill,",
+    optimized.cache_stats()["steps"],
+    "steps",
+)

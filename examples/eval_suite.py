@@ -25,8 +25,11 @@ from maskkv_compile.evaluation import plot, run_suite, table, targets
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     have_antiberty = importlib.util.find_spec("antiberty") is not None
-    parser.add_argument("--model", default="antiberty" if have_antiberty else "tiny-llama",
-                        choices=["antiberty", "rxnfp", "tiny-llama"])
+    parser.add_argument(
+        "--model",
+        default="antiberty" if have_antiberty else "tiny-llama",
+        choices=["antiberty", "rxnfp", "tiny-llama"],
+    )
     parser.add_argument("--policies", nargs="+", default=["maskkv", "snapkv", "streaming"])
     parser.add_argument("--budgets", nargs="+", default=["4", "full"])
     parser.add_argument("--samples", type=int, default=1, help="sequences per task")
@@ -36,10 +39,15 @@ def main():
     out = args.out or tempfile.mkdtemp(prefix="maskkv-quality-")
 
     t0 = time.perf_counter()
-    suite = run_suite(args.model, args.policies, args.budgets, samples=args.samples, out=out, progress=False)
+    suite = run_suite(
+        args.model, args.policies, args.budgets, samples=args.samples, out=out, progress=False
+    )
     results = suite.results
     print(results["note"])
-    print(f"{len(results['samples'])} samples; {suite.optimize_calls} optimize() calls, {time.perf_counter() - t0:.0f}s")
+    print(
+        f"{len(results['samples'])} samples; {suite.optimize_calls} optimize() calls, "
+        f"{time.perf_counter() - t0:.0f}s"
+    )
     for metric in ("retention", "agree_uncached", "agree_full", "kl"):
         print(f"\n{metric}:")
         print(table(results, metric, fmt="simple"))
@@ -48,10 +56,20 @@ def main():
     for path in plot(results, f"{out}/quality_{args.model.replace('-', '_')}"):
         print("plot:", path)
 
-    again = run_suite(args.model, args.policies, args.budgets, samples=args.samples, out=out, resume=True, progress=False)
+    again = run_suite(
+        args.model,
+        args.policies,
+        args.budgets,
+        samples=args.samples,
+        out=out,
+        resume=True,
+        progress=False,
+    )
     same = table(again.results, "agree_uncached") == table(results, "agree_uncached")
-    print(f"\nresumed from {again.json_path}: {again.optimize_calls} optimize() calls, "
-          f"{again.model_calls} model calls, same table: {same}")
+    print(
+        f"\nresumed from {again.json_path}: {again.optimize_calls} optimize() calls, "
+        f"{again.model_calls} model calls, same table: {same}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """explain(): what the MaskKV passes do to a model's graph (the model is not run).
 
-    python examples/explain_diff.py [--graph prefill|step] [--html explain.html] [--model-explorer graphs.json]
+    python examples/explain_diff.py [--graph prefill|step] [--html explain.html] \
+        [--model-explorer graphs.json]
 
 Prints the attention sites, every pass run with the maskkv:: ops it inserted, the kept-KV
 plan, then the unified diff of the captured graph against the rewritten one. Set
@@ -16,7 +17,9 @@ from maskkv_compile.tiny_models import tiny_dream
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--graph", default="step", choices=["prefill", "step"])
-parser.add_argument("--html", help="also write the HTML report here (each site's before/after drawn)")
+parser.add_argument(
+    "--html", help="also write the HTML report here (each site's before/after drawn)"
+)
 parser.add_argument("--model-explorer", help="also write the graphs as Model Explorer JSON here")
 args = parser.parse_args()
 

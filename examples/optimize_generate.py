@@ -1,6 +1,6 @@
 """optimize() + generate(): MaskKV on a small LLaDA-style model, against the uncached loop.
 
-    python examples/optimize_generate.py [--backend eager|inductor]
+python examples/optimize_generate.py [--backend eager|inductor]
 """
 
 import argparse
@@ -30,5 +30,8 @@ small = maskkv_compile.optimize(model, budget=8, backend=args.backend)
 out = small.generate(prompt, gen_length=16, steps=16, block_length=8)
 stats = small.cache_stats()
 print("generated:", out[0, 48:].tolist())
-print(f"kept per layer and KV head: {[layer['kept_per_kv_head'] for layer in stats['layers']]}, "
-      f"{stats['bytes']} bytes, prompt {stats['prompt_len']} tokens, {stats['prefills']} prefill(s), {stats['steps']} steps")
+print(
+    f"kept per layer and KV head: {[layer['kept_per_kv_head'] for layer in stats['layers']]}, "
+    f"{stats['bytes']} bytes, prompt {stats['prompt_len']} tokens, "
+    f"{stats['prefills']} prefill(s), {stats['steps']} steps"
+)

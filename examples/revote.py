@@ -25,18 +25,27 @@ from maskkv_compile.evaluation.suite import infill
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=4, help="haystacks per task")
-    parser.add_argument("--budget", type=int, default=13, help="kept prompt entries per KV head per layer")
+    parser.add_argument(
+        "--budget", type=int, default=13, help="kept prompt entries per KV head per layer"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     bundle = load_bundle("tiny-dllm", samples=args.samples)
     model, mask_id = bundle.model, bundle.model.config.mask_token_id
     prompt_len = bundle.samples[0].prompt_len
-    print(f"tiny-dllm, {len(bundle.samples)} haystacks, prompt {prompt_len} tokens, budget {args.budget} "
-          f"({100 * args.budget / prompt_len:.0f}% of the prompt)")
+    print(
+        f"tiny-dllm, {len(bundle.samples)} haystacks, prompt {prompt_len} tokens, "
+        f"budget {args.budget} "
+        f"({100 * args.budget / prompt_len:.0f}% of the prompt)"
+    )
     runs = {
         "uncached": model,
-        "MaskKV, one-shot votes": maskkv_compile.optimize(model, budget=args.budget, backend="eager"),
-        "MaskKV, revote=1": maskkv_compile.optimize(model, budget=args.budget, backend="eager", revote=1),
+        "MaskKV, one-shot votes": maskkv_compile.optimize(
+            model, budget=args.budget, backend="eager"
+        ),
+        "MaskKV, revote=1": maskkv_compile.optimize(
+            model, budget=args.budget, backend="eager", revote=1
+        ),
     }
     for name, net in runs.items():
         hits, revotes, steps = 0, 0, 0
@@ -47,7 +56,9 @@ def main():
             hits += filled == sample.truth()
             if net is not model:
                 stats = net.cache_stats()
-                assert stats["prompt_len"] > 0 and stats["prefills"] == 1, stats  # cached: one prefill, then steps
+                assert stats["prompt_len"] > 0 and stats["prefills"] == 1, (
+                    stats
+                )  # cached: one prefill, then steps
                 revotes, steps = revotes + stats["revotes"], steps + stats["steps"]
         counts = "" if net is model else f"   ({steps} steps, {revotes} of them re-votes)"
         print(f"{name:<24} exact match {hits}/{len(bundle.samples)}{counts}")

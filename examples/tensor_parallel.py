@@ -21,7 +21,9 @@ from maskkv_compile.generate import generate
 from maskkv_compile.tiny_models import tiny_llada
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--cuda", action="store_true", help="one GPU per rank (nccl) instead of CPU (gloo)")
+parser.add_argument(
+    "--cuda", action="store_true", help="one GPU per rank (nccl) instead of CPU (gloo)"
+)
 parser.add_argument("--backend", default="eager", choices=["eager", "inductor"])
 args = parser.parse_args()
 
@@ -32,7 +34,9 @@ if args.cuda:
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 mesh = init_device_mesh(device, (world,))
 
-model = tiny_llada(layers=2, hidden=64, heads=4, dtype=torch.float64).to(device)  # same seed: same weights on every rank
+model = tiny_llada(layers=2, hidden=64, heads=4, dtype=torch.float64).to(
+    device
+)  # same seed: same weights on every rank
 plan = {}
 for i in range(len(model.model.layers)):
     layer = f"model.layers.{i}."
@@ -53,7 +57,10 @@ kept = [layer["kept_per_kv_head"] for layer in stats["layers"]]
 every = [None] * world
 dist.all_gather_object(every, (out[0, 48:].tolist(), kept))
 if rank == 0:
-    print(f"{world} ranks, {model.config.num_attention_heads} heads: each rank's cache holds its local KV heads")
+    print(
+        f"{world} ranks, {model.config.num_attention_heads} heads: "
+        "each rank's cache holds its local KV heads"
+    )
     for r, (_, rank_kept) in enumerate(every):
         print(f"rank {r} kept per layer and local KV head: {rank_kept}")
     print("same tokens on every rank:", all(tokens == every[0][0] for tokens, _ in every))
@@ -61,7 +68,9 @@ if rank == 0:
     print(f"calls: {stats['prefills']} prefill, {stats['steps']} steps")
 
 exact = maskkv_compile.optimize(model, budget=64, backend=args.backend, prompt_refresh=1)
-same = torch.equal(exact.generate(prompt, **loop), generate(model, prompt, mask_token_id=mask_id, **loop))
+same = torch.equal(
+    exact.generate(prompt, **loop), generate(model, prompt, mask_token_id=mask_id, **loop)
+)
 if rank == 0:
     print("full budget + refresh every step == uncached sharded model:", same)
 dist.destroy_process_group()

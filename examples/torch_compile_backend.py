@@ -28,4 +28,6 @@ print("after 4 steps:", x[0, 32:].tolist())
 import maskkv_compile  # noqa: E402  (after compiling: only to ask which runtimes ran)
 
 counts = [(r.counts.prefills, r.counts.steps) for r in maskkv_compile.runtimes(compiled)]
-print("MaskKV runtimes (prefills, steps):", counts)  # [(1, 3)]: every call ran MaskKV, no eager fallback
+print(
+    "MaskKV runtimes (prefills, steps):", counts
+)  # [(1, 3)]: every call ran MaskKV, no eager fallback

@@ -2,7 +2,7 @@
 
     python scripts/gpu_check.py                      # on a CUDA machine with triton (< 5 min)
     TRITON_INTERPRET=1 python scripts/gpu_check.py --cpu-smoke   # every code path, tiny, on CPU
-    python scripts/gpu_check.py --multi-gpu          # more than one GPU: MaskKV under tensor parallelism
+    python scripts/gpu_check.py --multi-gpu          # more than one GPU: tensor parallelism
 
 1. Correctness (fresh random inputs, NaN-poisoned outputs): the launch functions of
    ``kernels/triton_votes.py`` and ``kernels/triton_cached_attention.py`` against
@@ -61,7 +61,10 @@ except ImportError:
 
 def fail_unless_runnable(cpu_smoke: bool) -> None:
     if triton is None:
-        sys.exit(print("gpu_check: triton is not installed (pip install -e '.[gpu]')", file=sys.stderr) or 2)
+        sys.exit(
+            print("gpu_check: triton is not installed (pip install -e '.[gpu]')", file=sys.stderr)
+            or 2
+        )
     if cpu_smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
             sys.exit(print("gpu_check: --cpu-smoke needs TRITON_INTERPRET=1", file=sys.stderr) or 2)
@@ -81,8 +84,18 @@ if triton is not None:
 
     @triton.jit
     def _gather_kv_kernel(
-        src_ptr, pos_ptr, dst_ptr, HKV, KMAX, D, ssb, ssh, sss, ssd,
-        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+        src_ptr,
+        pos_ptr,
+        dst_ptr,
+        HKV,
+        KMAX,
+        D,
+        ssb,
+        ssh,
+        sss,
+        ssd,
+        BLOCK_K: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         """dst[b, h, j] = src[b, h, pos[b, h, j]], zeros where pos < 0; dst contiguous."""
         pid_k = tl.program_id(0)
@@ -96,9 +109,14 @@ if triton is not None:
         pos = tl.load(pos_ptr + pid_bh * KMAX + slots, mask=ok, other=-1)
         rows = tl.load(
             src_ptr + b * ssb + h * ssh + pos[:, None] * sss + d[None, :] * ssd,
-            mask=(pos >= 0)[:, None] & d_ok[None, :], other=0.0,
+            mask=(pos >= 0)[:, None] & d_ok[None, :],
+            other=0.0,
         )
-        tl.store(dst_ptr + (pid_bh * KMAX + slots)[:, None] * D + d[None, :], rows, mask=ok[:, None] & d_ok[None, :])
+        tl.store(
+            dst_ptr + (pid_bh * KMAX + slots)[:, None] * D + d[None, :],
+            rows,
+            mask=ok[:, None] & d_ok[None, :],
+        )
 
 
 def triton_gather(k, v, pos):
@@ -106,10 +124,19 @@ def triton_gather(k, v, pos):
     batch, kv_heads, kmax = pos.shape
     outs = []
     for src in (k, v):
-        dst = torch.empty((batch, kv_heads, kmax, src.shape[-1]), device=src.device, dtype=src.dtype)
+        dst = torch.empty(
+            (batch, kv_heads, kmax, src.shape[-1]), device=src.device, dtype=src.dtype
+        )
         _gather_kv_kernel[(triton.cdiv(kmax, 64), batch * kv_heads)](
-            src, pos, dst, kv_heads, kmax, src.shape[-1], *src.stride(),
-            BLOCK_K=64, BLOCK_D=max(16, triton.next_power_of_2(src.shape[-1])),
+            src,
+            pos,
+            dst,
+            kv_heads,
+            kmax,
+            src.shape[-1],
+            *src.stride(),
+            BLOCK_K=64,
+            BLOCK_D=max(16, triton.next_power_of_2(src.shape[-1])),
         )
         outs.append(dst)
     return outs
@@ -177,10 +204,22 @@ def attention_inputs(shape, kept_len, dtype, device, gen, ragged_resp=False):
     if ragged_resp:
         resp_valid[0] = torch.rand(r, generator=gen, device=device) >= 1 / 3
         resp_valid[1:, : min(r - 1, 66)] = False
-    pad = torch.arange(kk, device=device)[None, None, :, None] >= kept_len[:, :, None, None]  # (B, Hkv, K, 1)
+    pad = (
+        torch.arange(kk, device=device)[None, None, :, None] >= kept_len[:, :, None, None]
+    )  # (B, Hkv, K, 1)
     masked = ~resp_valid[:, None, :, None]
-    return (q, k, v, kept_k.masked_fill(pad, 0), kept_v.masked_fill(pad, 0), kept_len, resp_valid, d**-0.5,
-            pad, masked)
+    return (
+        q,
+        k,
+        v,
+        kept_k.masked_fill(pad, 0),
+        kept_v.masked_fill(pad, 0),
+        kept_len,
+        resp_valid,
+        d**-0.5,
+        pad,
+        masked,
+    )
 
 
 def check_rows(device, smoke):
@@ -190,14 +229,30 @@ def check_rows(device, smoke):
     from maskkv_compile.kernels.triton_votes import mask_votes_triton
 
     gen = torch.Generator(device=device).manual_seed(0)
-    dtypes = [torch.float32, torch.bfloat16] if smoke else [torch.float32, torch.bfloat16, torch.float16]
-    vshapes = [((1, 6, 2, 150, 32, 40, 100), False), ((2, 4, 2, 150, 24, 40, 100), True)]  # (B, H, Hkv, S, D, Rv, P), masks
+    dtypes = (
+        [torch.float32, torch.bfloat16] if smoke else [torch.float32, torch.bfloat16, torch.float16]
+    )
+    vshapes = [
+        ((1, 6, 2, 150, 32, 40, 100), False),
+        ((2, 4, 2, 150, 24, 40, 100), True),
+    ]  # (B, H, Hkv, S, D, Rv, P), masks
     if not smoke:
-        vshapes += [((2, 32, 8, 4353, 128, 257, 4000), False), ((2, 32, 8, 4353, 128, 257, 4000), True)]
-    ashapes = [((1, 6, 2, 70, 90, 32, 32), [[90, 41]], False), ((2, 6, 2, 70, 90, 32, 32), [[90, 0], [0, 41]], True)]
+        vshapes += [
+            ((2, 32, 8, 4353, 128, 257, 4000), False),
+            ((2, 32, 8, 4353, 128, 257, 4000), True),
+        ]
+    ashapes = [
+        ((1, 6, 2, 70, 90, 32, 32), [[90, 41]], False),
+        ((2, 6, 2, 70, 90, 32, 32), [[90, 0], [0, 41]], True),
+    ]
     if not smoke:
-        ashapes.append(((2, 32, 8, 257, 1000, 128, 128),
-                        [[1000, 0, 17, 999, 256, 513, 64, 1], [0, 1000, 3, 255, 257, 64, 999, 100]], True))
+        ashapes.append(
+            (
+                (2, 32, 8, 257, 1000, 128, 128),
+                [[1000, 0, 17, 999, 256, 513, 64, 1], [0, 1000, 3, 255, 257, 64, 999, 100]],
+                True,
+            )
+        )
     rows = []
     for dtype in dtypes:
         for shape, with_masks in vshapes:
@@ -206,31 +261,76 @@ def check_rows(device, smoke):
             if with_masks:
                 b, _, _, s, _, rv, p = shape
                 masks = vote_masks(b, s, rv, p, vi, device, gen)
-                k_in = k.masked_fill(~masks[0][:, None, :, None], float("nan"))  # padding keys: never counted
+                k_in = k.masked_fill(
+                    ~masks[0][:, None, :, None], float("nan")
+                )  # padding keys: never counted
             (votes, mass), written = poisoned(mask_votes_triton, q, k_in, vi, pi, scale, *masks)
             ref_votes, ref_mass = mask_votes_reference(q, k, vi, pi, scale, *masks)
             err = max((votes - ref_votes).abs().max().item(), (mass - ref_mass).abs().max().item())
-            close = [torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in ((votes, ref_votes), (mass, ref_mass))]
+            close = [
+                torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+                for a, b in ((votes, ref_votes), (mass, ref_mass))
+            ]
             ok = written and all(close)
-            rows.append(("mask_votes" + (" masked" if with_masks else ""), str(shape), str(dtype)[6:], err, ok))
+            rows.append(
+                (
+                    "mask_votes" + (" masked" if with_masks else ""),
+                    str(shape),
+                    str(dtype)[6:],
+                    err,
+                    ok,
+                )
+            )
         for shape, kept, ragged in ashapes:
             q, k, v, kept_k, kept_v, kept_len, resp_valid, scale, pad, masked = attention_inputs(
                 shape, kept, dtype, device, gen, ragged_resp=ragged
             )
-            nan_k, nan_v = kept_k.masked_fill(pad, float("nan")), kept_v.masked_fill(pad, float("nan"))
-            nan_rk, nan_rv = k.masked_fill(masked, float("nan")), v.masked_fill(masked, float("nan"))
-            (out,), written = poisoned(cached_attention_triton, q, nan_rk, nan_rv, nan_k, nan_v, kept_len, resp_valid,
-                                       scale)
-            ref = cached_attention_reference(*(t.float() for t in (q, k, v, kept_k, kept_v)), kept_len, resp_valid,
-                                             scale)
+            nan_k, nan_v = (
+                kept_k.masked_fill(pad, float("nan")),
+                kept_v.masked_fill(pad, float("nan")),
+            )
+            nan_rk, nan_rv = (
+                k.masked_fill(masked, float("nan")),
+                v.masked_fill(masked, float("nan")),
+            )
+            (out,), written = poisoned(
+                cached_attention_triton,
+                q,
+                nan_rk,
+                nan_rv,
+                nan_k,
+                nan_v,
+                kept_len,
+                resp_valid,
+                scale,
+            )
+            ref = cached_attention_reference(
+                *(t.float() for t in (q, k, v, kept_k, kept_v)), kept_len, resp_valid, scale
+            )
             err = (out.float() - ref).abs().max().item()
             ok = written and torch.allclose(out.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
-            rows.append(("cached_attention" + (" rows" if ragged else ""), str(shape), str(dtype)[6:], err, ok))
+            rows.append(
+                (
+                    "cached_attention" + (" rows" if ragged else ""),
+                    str(shape),
+                    str(dtype)[6:],
+                    err,
+                    ok,
+                )
+            )
     k = torch.randn(2, 4, 300, 24, generator=gen, device=device)
     pos = torch.randint(-1, 300, (2, 4, 77), generator=gen, device=device)
     got, want = triton_gather(k, k * 2, pos), torch_gather(k, k * 2, pos)
     err = max((a - b).abs().max().item() for a, b in zip(got, want))
-    rows.append(("select_kv gather", "(2, 4, 300, 24) Kmax=77", "float32", err, all(map(torch.equal, got, want))))
+    rows.append(
+        (
+            "select_kv gather",
+            "(2, 4, 300, 24) Kmax=77",
+            "float32",
+            err,
+            all(map(torch.equal, got, want)),
+        )
+    )
     if device == "cuda":
         rows += op_and_inductor_rows(gen)
         rows += sync_rows()
@@ -247,8 +347,13 @@ def sync_rows():
 
     model = tiny_llada(layers=2, hidden=64, heads=4, vocab=128).to("cuda")
     mask = model.config.mask_token_id
-    x = torch.cat([torch.randint(0, mask, (2, 40), generator=torch.Generator().manual_seed(1)),
-                   torch.full((2, 6), mask)], dim=1).to("cuda")
+    x = torch.cat(
+        [
+            torch.randint(0, mask, (2, 40), generator=torch.Generator().manual_seed(1)),
+            torch.full((2, 6), mask),
+        ],
+        dim=1,
+    ).to("cuda")
     valid = torch.ones(x.shape, dtype=torch.bool, device="cuda")
     valid[1, :7] = False  # row 1 left-padded
     rows = []
@@ -266,6 +371,7 @@ def sync_rows():
                         return _inner(*args)
                     finally:
                         torch.cuda.set_sync_debug_mode("default")
+
                 setattr(runtime, graph, strict)
             net.reset()
             y = x.clone()
@@ -290,8 +396,13 @@ def second_tier_rows(device):
 
     model = tiny_llada(layers=2, hidden=64, heads=4, vocab=128).to(device)
     mask = model.config.mask_token_id
-    x = torch.cat([torch.randint(0, mask, (1, 40), generator=torch.Generator().manual_seed(1)),
-                   torch.full((1, 6), mask)], dim=1).to(device)
+    x = torch.cat(
+        [
+            torch.randint(0, mask, (1, 40), generator=torch.Generator().manual_seed(1)),
+            torch.full((1, 6), mask),
+        ],
+        dim=1,
+    ).to(device)
     runs = {}
     for where in ("device", "host"):
         net = maskkv_compile.optimize(model, budget=4, backend="eager", revote=1, second_tier=where)
@@ -305,7 +416,12 @@ def second_tier_rows(device):
                 row, col = masked[0].tolist()
                 y[row, col] = logits[row, col].argmax()
         stats = net.cache_stats()
-        runs[where] = (y, [layer.kept_pos for layer in net.runtime.last_session.layers], stats, held)
+        runs[where] = (
+            y,
+            [layer.kept_pos for layer in net.runtime.last_session.layers],
+            stats,
+            held,
+        )
         del net
     (y, kept, stats, held), (hy, hkept, hstats, hheld) = runs["device"], runs["host"]
     same = torch.equal(y, hy) and all(torch.equal(a, b) for a, b in zip(kept, hkept))
@@ -313,16 +429,18 @@ def second_tier_rows(device):
     placed = tier["device"] == "cpu" and (tier["pinned"] if device == "cuda" else True)
     lighter = hheld < held if device == "cuda" else True
     ok = same and placed and lighter and stats["revotes"] == hstats["revotes"] == 5
-    note = f"tier on {tier['device']} pinned={tier['pinned']}" + (f" held {held} vs {hheld} B" if held else "")
+    note = f"tier on {tier['device']} pinned={tier['pinned']}" + (
+        f" held {held} vs {hheld} B" if held else ""
+    )
     return [("revote second_tier=host", note[:40], "float32", 0.0, ok)]
 
 
 def op_and_inductor_rows(gen):
-    """The registered ops on CUDA tensors (masks given), eagerly and under torch.compile (Inductor)."""
-    from torch._inductor.utils import run_and_get_code
-
+    """The registered ops on CUDA tensors (masks given), eagerly and under torch.compile
+    (Inductor)."""
     from maskkv_compile.kernels.cached_attention import cached_attention_reference
     from maskkv_compile.kernels.mask_votes import mask_votes_reference
+    from torch._inductor.utils import run_and_get_code
 
     rows = []
     vshape = (2, 8, 2, 600, 64, 100, 480)
@@ -339,23 +457,61 @@ def op_and_inductor_rows(gen):
         return torch.ops.maskkv.mask_votes(q, k, vi, pi, scale, 64, *masks)[0]
 
     def attn_fn(q, k, v):
-        return torch.ops.maskkv.cached_attention(q, k, v, kept_k, kept_v, kept_len, resp_valid, scale)
+        return torch.ops.maskkv.cached_attention(
+            q, k, v, kept_k, kept_v, kept_len, resp_valid, scale
+        )
 
     for name, fn, args, ref, tol, kernels in (
-        ("op mask_votes", votes_fn, (q, k), ref_votes, 1e-4, ("_row_lse_kernel", "_prompt_colsum_kernel")),
-        ("op cached_attention", attn_fn, (qa, ka, va), ref_attn, 1.6e-2, ("_cached_attention_kernel",)),
+        (
+            "op mask_votes",
+            votes_fn,
+            (q, k),
+            ref_votes,
+            1e-4,
+            ("_row_lse_kernel", "_prompt_colsum_kernel"),
+        ),
+        (
+            "op cached_attention",
+            attn_fn,
+            (qa, ka, va),
+            ref_attn,
+            1.6e-2,
+            ("_cached_attention_kernel",),
+        ),
     ):
         eager = fn(*args)
-        rows.append((name + " eager", "cuda", "bfloat16", (eager.float() - ref.float()).abs().max().item(),
-                     torch.allclose(eager.float(), ref.float(), atol=tol, rtol=tol)))
+        rows.append(
+            (
+                name + " eager",
+                "cuda",
+                "bfloat16",
+                (eager.float() - ref.float()).abs().max().item(),
+                torch.allclose(eager.float(), ref.float(), atol=tol, rtol=tol),
+            )
+        )
         try:
             out, codes = run_and_get_code(torch.compile(fn, fullgraph=True), *args)
             seen = all(name_ in "\n".join(codes) for name_ in kernels)
             err = (out.float() - ref.float()).abs().max().item()
-            rows.append((name + " inductor", "kernels in code: " + str(seen), "bfloat16", err,
-                         seen and torch.allclose(out.float(), ref.float(), atol=tol, rtol=tol)))
+            rows.append(
+                (
+                    name + " inductor",
+                    "kernels in code: " + str(seen),
+                    "bfloat16",
+                    err,
+                    seen and torch.allclose(out.float(), ref.float(), atol=tol, rtol=tol),
+                )
+            )
         except Exception as exc:  # report, keep going
-            rows.append((name + " inductor", f"{type(exc).__name__}: {str(exc)[:60]}", "bfloat16", float("nan"), False))
+            rows.append(
+                (
+                    name + " inductor",
+                    f"{type(exc).__name__}: {str(exc)[:60]}",
+                    "bfloat16",
+                    float("nan"),
+                    False,
+                )
+            )
     return rows
 
 
@@ -389,42 +545,105 @@ def timing_rows(device, smoke):
         q = torch.randn(b, h, seq, d, generator=gen, device=device).to(dtype)
         k = torch.randn(b, hkv, seq, d, generator=gen, device=device).to(dtype)
         v = torch.randn(b, hkv, seq, d, generator=gen, device=device).to(dtype)
-        vi, pi, scale = torch.arange(prompt, seq, device=device), torch.arange(prompt, device=device), d**-0.5
-        rows.append(("mask_votes", prompt, bench(lambda: mask_votes_triton(q, k, vi, pi, scale), device),
-                     bench(lambda: mask_votes_chunked(q, k, vi, pi, scale), device),
-                     "materialized", bench(lambda: mask_votes_reference(q, k, vi, pi, scale), device)))
+        vi, pi, scale = (
+            torch.arange(prompt, seq, device=device),
+            torch.arange(prompt, device=device),
+            d**-0.5,
+        )
+        rows.append(
+            (
+                "mask_votes",
+                prompt,
+                bench(lambda: mask_votes_triton(q, k, vi, pi, scale), device),
+                bench(lambda: mask_votes_chunked(q, k, vi, pi, scale), device),
+                "materialized",
+                bench(lambda: mask_votes_reference(q, k, vi, pi, scale), device),
+            )
+        )
         masks = vote_masks(b, seq, resp, prompt, vi, device, gen)
-        rows.append(("mask_votes masked", prompt, bench(lambda: mask_votes_triton(q, k, vi, pi, scale, *masks), device),
-                     bench(lambda: mask_votes_chunked(q, k, vi, pi, scale, 64, *masks), device),
-                     "triton no masks", bench(lambda: mask_votes_triton(q, k, vi, pi, scale), device)))
+        rows.append(
+            (
+                "mask_votes masked",
+                prompt,
+                bench(lambda: mask_votes_triton(q, k, vi, pi, scale, *masks), device),
+                bench(lambda: mask_votes_chunked(q, k, vi, pi, scale, 64, *masks), device),
+                "triton no masks",
+                bench(lambda: mask_votes_triton(q, k, vi, pi, scale), device),
+            )
+        )
         qr, kr, vr = q[:, :, prompt:], k[:, :, prompt:], v[:, :, prompt:]
         kept_k, kept_v = k[:, :, :prompt], v[:, :, :prompt]
         kept_len = torch.full((b, hkv), prompt, device=device)
         resp_valid = torch.ones((b, resp), dtype=torch.bool, device=device)
-        rows.append(("cached_attention all kept", prompt,
-                     bench(lambda: cached_attention_triton(qr, kr, vr, kept_k, kept_v, kept_len, resp_valid, scale),
-                           device),
-                     bench(lambda: cached_attention_torch(qr, kr, vr, kept_k, kept_v, kept_len, resp_valid, scale),
-                           device),
-                     "SDPA concat", bench(lambda: sdpa(qr, k, v, scale=scale, enable_gqa=True), device)))
+        rows.append(
+            (
+                "cached_attention all kept",
+                prompt,
+                bench(
+                    lambda: cached_attention_triton(
+                        qr, kr, vr, kept_k, kept_v, kept_len, resp_valid, scale
+                    ),
+                    device,
+                ),
+                bench(
+                    lambda: cached_attention_torch(
+                        qr, kr, vr, kept_k, kept_v, kept_len, resp_valid, scale
+                    ),
+                    device,
+                ),
+                "SDPA concat",
+                bench(lambda: sdpa(qr, k, v, scale=scale, enable_gqa=True), device),
+            )
+        )
         budgets = torch.full((b, hkv), min(256, prompt), device=device)
         votes = torch.rand(b, hkv, prompt, generator=gen, device=device)
         slots = hkv * min(256, prompt)
         flat = select_kv(k, v, votes, pi, budgets, slots)
         pos = pad_kept(*flat, int(flat[2].max()))[2]  # (B, Hkv, Kmax), as the runtime pads it
-        rows.append(("select_kv gather", prompt, bench(lambda: triton_gather(k, v, pos), device),
-                     bench(lambda: torch_gather(k, v, pos), device),
-                     "whole select_kv", bench(lambda: select_kv(k, v, votes, pi, budgets, slots), device)))
+        rows.append(
+            (
+                "select_kv gather",
+                prompt,
+                bench(lambda: triton_gather(k, v, pos), device),
+                bench(lambda: torch_gather(k, v, pos), device),
+                "whole select_kv",
+                bench(lambda: select_kv(k, v, votes, pi, budgets, slots), device),
+            )
+        )
     budget = min(256, prompts[0])
-    kept_len = torch.tensor([[budget - 7 * (i % 4) for i in range(hkv)]] * b, device=device)  # (B, Hkv)
+    kept_len = torch.tensor(
+        [[budget - 7 * (i % 4) for i in range(hkv)]] * b, device=device
+    )  # (B, Hkv)
     kept_k, kept_v = k[:, :, :budget], v[:, :, :budget]
-    rows.append((f"cached_attention budget {budget}", "-",
-                 bench(lambda: cached_attention_triton(qr, kr, vr, kept_k, kept_v, kept_len, resp_valid, scale),
-                       device),
-                 bench(lambda: cached_attention_torch(qr, kr, vr, kept_k, kept_v, kept_len, resp_valid, scale),
-                       device),
-                 "SDPA concat", bench(lambda: sdpa(qr, torch.cat([kept_k, kr], 2), torch.cat([kept_v, vr], 2),
-                                                   scale=scale, enable_gqa=True), device)))
+    rows.append(
+        (
+            f"cached_attention budget {budget}",
+            "-",
+            bench(
+                lambda: cached_attention_triton(
+                    qr, kr, vr, kept_k, kept_v, kept_len, resp_valid, scale
+                ),
+                device,
+            ),
+            bench(
+                lambda: cached_attention_torch(
+                    qr, kr, vr, kept_k, kept_v, kept_len, resp_valid, scale
+                ),
+                device,
+            ),
+            "SDPA concat",
+            bench(
+                lambda: sdpa(
+                    qr,
+                    torch.cat([kept_k, kr], 2),
+                    torch.cat([kept_v, vr], 2),
+                    scale=scale,
+                    enable_gqa=True,
+                ),
+                device,
+            ),
+        )
+    )
     return rows, (b, h, hkv, d, resp, str(dtype)[6:])
 
 
@@ -438,22 +657,33 @@ def loop_rows(device, smoke):
     from maskkv_compile.generate import generate
 
     layers, hidden, vocab = (1, 128, 512) if smoke else (2, 4096, 126464)
-    prompts, gen_length, steps, block, budget = ((64, 128), 16, 16, 4, 8) if smoke else \
-        ((4096, 8192, 16384, 32768), 256, 256, 32, 256)
+    prompts, gen_length, steps, block, budget = (
+        ((64, 128), 16, 16, 4, 8) if smoke else ((4096, 8192, 16384, 32768), 256, 256, 32, 256)
+    )
     dtype = torch.float32 if smoke else torch.bfloat16
-    model = build_model("llada-shape", layers=layers, hidden=hidden, vocab=vocab,
-                        max_positions=max(prompts) + gen_length).to(device, dtype)
+    model = build_model(
+        "llada-shape",
+        layers=layers,
+        hidden=hidden,
+        vocab=vocab,
+        max_positions=max(prompts) + gen_length,
+    ).to(device, dtype)
     mask_id = model.config.mask_token_id
     loop = dict(mask_token_id=mask_id, gen_length=gen_length, steps=steps, block_length=block)
     backend = "eager" if smoke else "inductor"
     runs = {
         "uncached": model,
         f"MaskKV {budget}": maskkv_compile.optimize(model, budget=budget, backend=backend),
-        f"MaskKV {budget} + dual cache": maskkv_compile.optimize(model, budget=budget, backend=backend, block_length=block),
+        f"MaskKV {budget} + dual cache": maskkv_compile.optimize(
+            model, budget=budget, backend=backend, block_length=block
+        ),
     }
     if not smoke:
         runs[f"MaskKV {budget} + dual, reduce-overhead"] = torch.compile(
-            model, backend="maskkv", options={"budget": budget, "block_length": block, "mode": "reduce-overhead"})
+            model,
+            backend="maskkv",
+            options={"budget": budget, "block_length": block, "mode": "reduce-overhead"},
+        )
 
     def timed(runner, prompt):
         if device == "cuda":
@@ -468,7 +698,9 @@ def loop_rows(device, smoke):
     rows = []  # (run, P, seconds or error)
     for name, runner in runs.items():
         try:
-            timed(runner, torch.randint(0, mask_id, (1, 64), generator=gen).to(device))  # warm-up: compiles
+            timed(
+                runner, torch.randint(0, mask_id, (1, 64), generator=gen).to(device)
+            )  # warm-up: compiles
         except Exception as error:  # noqa: BLE001 - report, go on with the other runs
             rows += [(name, p, f"{type(error).__name__}: {str(error)[:80]}") for p in prompts]
             continue
@@ -478,13 +710,17 @@ def loop_rows(device, smoke):
                 rows.append((name, prompt_len, timed(runner, prompt)))
             except Exception as error:  # noqa: BLE001
                 rows.append((name, prompt_len, f"{type(error).__name__}: {str(error)[:80]}"))
-    setup = (f"LLaDA-shaped, {layers} layers, hidden {hidden}, vocab {vocab}, {str(dtype)[6:]}, gen {gen_length}, "
-             f"{steps} steps, block {block}, budget {budget}, backend {backend}")
+    setup = (
+        f"LLaDA-shaped, {layers} layers, hidden {hidden}, vocab {vocab}, {str(dtype)[6:]}, "
+        f"gen {gen_length}, "
+        f"{steps} steps, block {block}, budget {budget}, backend {backend}"
+    )
     return rows, setup
 
 
 def multi_gpu_check() -> int:
-    """The tensor-parallel example on every GPU (up to 4), eager and Inductor; 0 ok, 1 failed, 2 < 2 GPUs."""
+    """The tensor-parallel example on every GPU (up to 4), eager and Inductor; 0 ok, 1 failed,
+    2 < 2 GPUs."""
     import subprocess
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -495,16 +731,30 @@ def multi_gpu_check() -> int:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     failed = 0
     for backend in ("eager", "inductor"):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
-                   "examples/tensor_parallel.py", "--cuda", "--backend", backend]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(ranks),
+            "examples/tensor_parallel.py",
+            "--cuda",
+            "--backend",
+            backend,
+        ]
         started = time.perf_counter()
         result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=900)
         out = result.stdout
-        ok = (result.returncode == 0 and "same tokens on every rank: True" in out
-              and "full budget + refresh every step == uncached sharded model: True" in out)
+        ok = (
+            result.returncode == 0
+            and "same tokens on every rank: True" in out
+            and "full budget + refresh every step == uncached sharded model: True" in out
+        )
         failed += not ok
-        print(f"tensor parallel, {ranks} GPUs, nccl, backend {backend}: {'ok' if ok else 'FAIL'} "
-              f"({time.perf_counter() - started:.0f} s)\n{out}")
+        print(
+            f"tensor parallel, {ranks} GPUs, nccl, backend {backend}: {'ok' if ok else 'FAIL'} "
+            f"({time.perf_counter() - started:.0f} s)\n{out}"
+        )
         if not ok:
             print(result.stderr[-4000:], file=sys.stderr)
     return 1 if failed else 0
@@ -512,8 +762,12 @@ def multi_gpu_check() -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU under TRITON_INTERPRET=1")
-    parser.add_argument("--multi-gpu", action="store_true", help="only the tensor-parallel check, one GPU per rank")
+    parser.add_argument(
+        "--cpu-smoke", action="store_true", help="tiny sizes on CPU under TRITON_INTERPRET=1"
+    )
+    parser.add_argument(
+        "--multi-gpu", action="store_true", help="only the tensor-parallel check, one GPU per rank"
+    )
     args = parser.parse_args()
     if args.multi_gpu:
         return multi_gpu_check()
@@ -521,7 +775,10 @@ def main() -> int:
     device = "cpu" if args.cpu_smoke else "cuda"
     started = time.perf_counter()
     if device == "cuda":
-        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+        print(
+            f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+            f"triton {triton.__version__}"
+        )
 
     rows = check_rows(device, args.cpu_smoke)
     print(f"\n{'check':<28} {'shape':<40} {'dtype':<9} {'max err':>9}  result")
@@ -531,10 +788,15 @@ def main() -> int:
 
     times, (b, h, hkv, d, resp, dtype) = timing_rows(device, args.cpu_smoke)
     print(f"\ntimes in ms, B={b} H={h} Hkv={hkv} D={d} L={resp} {dtype}; speed-up = other / triton")
-    print(f"{'kernel':<30} {'P':>6} {'triton':>9} {'torch path':>11} {'x':>6}  {'baseline':<16} {'ms':>9} {'x':>6}")
+    print(
+        f"{'kernel':<30} {'P':>6} {'triton':>9} {'torch path':>11} {'x':>6}  "
+        f"{'baseline':<16} {'ms':>9} {'x':>6}"
+    )
     for name, prompt, t_tri, t_torch, base, t_base in times:
-        print(f"{name:<30} {prompt!s:>6} {t_tri:>9.3f} {t_torch:>11.3f} {t_torch / t_tri:>5.1f}x  "
-              f"{base:<16} {t_base:>9.3f} {t_base / t_tri:>5.1f}x")
+        print(
+            f"{name:<30} {prompt!s:>6} {t_tri:>9.3f} {t_torch:>11.3f} {t_torch / t_tri:>5.1f}x  "
+            f"{base:<16} {t_base:>9.3f} {t_base / t_tri:>5.1f}x"
+        )
     loops, setup = loop_rows(device, args.cpu_smoke)
     uncached = {p: t for name, p, t in loops if name == "uncached" and isinstance(t, float)}
     print(f"\nfull loop, seconds per generation: {setup}; speed-up = uncached / run")

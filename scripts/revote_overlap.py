@@ -17,14 +17,26 @@ from maskkv_compile.profile import LayerProfile
 
 name, budget = sys.argv[1], int(sys.argv[2])
 bundle = load_bundle(name, 8)
-profile = LayerProfile.from_dict(json.loads(Path(f"docs/revote/quality_{name.replace('-', '_')}.json").read_text())["profile"])
-net = optimized(bundle.model, bundle.mask_id, "maskkv", budget, profile=profile, revote=1)  # as the suite builds a cell
+profile = LayerProfile.from_dict(
+    json.loads(Path(f"docs/revote/quality_{name.replace('-', '_')}.json").read_text())["profile"]
+)
+net = optimized(
+    bundle.model, bundle.mask_id, "maskkv", budget, profile=profile, revote=1
+)  # as the suite builds a cell
 
 
 def kept(session) -> list[set]:
     """Per layer: the (row, KV head, absolute position) of every kept entry."""
-    return [set((b, h, int(x)) for b, row in enumerate(c.kept_pos.tolist()) for h, head in enumerate(row) for x in head if x >= 0)
-            for c in session.layers]
+    return [
+        set(
+            (b, h, int(x))
+            for b, row in enumerate(c.kept_pos.tolist())
+            for h, head in enumerate(row)
+            for x in head
+            if x >= 0
+        )
+        for c in session.layers
+    ]
 
 
 fracs = []
@@ -40,5 +52,9 @@ with torch.no_grad():
         assert net.cache_stats()["revotes"] == 1
         after = kept(net.runtime.last_session)
         fracs.append(sum(len(a & b) for a, b in zip(before, after)) / sum(len(a) for a in before))
-print(name, budget, "fraction of the prefill's kept entries the first re-vote keeps: mean %.3f min %.3f over %d samples"
-      % (sum(fracs) / len(fracs), min(fracs), len(fracs)))
+print(
+    name,
+    budget,
+    "fraction of the prefill's kept entries the first re-vote keeps: "
+    "mean %.3f min %.3f over %d samples" % (sum(fracs) / len(fracs), min(fracs), len(fracs)),
+)

@@ -1,7 +1,8 @@
 """Render the `maskkv-compile diff` HTML report in headless Chromium and save screenshots.
 
-    python scripts/screenshot_report.py                       # docs/explain_report_tiny-qwen2.png (1280 x 900)
-    python scripts/screenshot_report.py --model tiny-llama --width 1280 --height 900 --out /tmp/shots
+    python scripts/screenshot_report.py   # docs/explain_report_tiny-qwen2.png (1280 x 900)
+    python scripts/screenshot_report.py --model tiny-llama --width 1280 --height 900 \
+        --out /tmp/shots
 
 Needs Debian's ``chromium`` (``apt-get install chromium``) or ``--chromium PATH``; nothing
 else beyond the package. For each model: writes the HTML with ``maskkv-compile diff
@@ -33,18 +34,48 @@ def find_chromium(given: str | None) -> str | None:
 
 def render(model: str, budget: int, html: Path, attn: str) -> None:
     subprocess.run(
-        [sys.executable, "-m", "maskkv_compile.cli", "diff", "--model", model, "--budget", str(budget), "--attn", attn,
-         "--prompt-len", "16", "--gen-length", "8", "--html", str(html)],
-        check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "maskkv_compile.cli",
+            "diff",
+            "--model",
+            model,
+            "--budget",
+            str(budget),
+            "--attn",
+            attn,
+            "--prompt-len",
+            "16",
+            "--gen-length",
+            "8",
+            "--html",
+            str(html),
+        ],
+        check=True,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
     )
 
 
 def screenshot(chromium: str, html: Path, png: Path, width: int, height: int) -> None:
     with tempfile.TemporaryDirectory() as profile:
         subprocess.run(
-            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={profile}",
-             f"--window-size={width},{height}", f"--screenshot={png}", html.resolve().as_uri()],
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120,
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+                f"--user-data-dir={profile}",
+                f"--window-size={width},{height}",
+                f"--screenshot={png}",
+                html.resolve().as_uri(),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=120,
         )
     if not png.exists():
         raise RuntimeError(f"chromium wrote no screenshot for {html}")
@@ -52,7 +83,9 @@ def screenshot(chromium: str, html: Path, png: Path, width: int, height: int) ->
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", choices=["tiny-llama", "tiny-qwen2"], help="default: tiny-qwen2")
+    parser.add_argument(
+        "--model", action="append", choices=["tiny-llama", "tiny-qwen2"], help="default: tiny-qwen2"
+    )
     parser.add_argument("--attn", choices=["sdpa", "eager"], default="eager")
     parser.add_argument("--budget", type=int, default=8)
     parser.add_argument("--width", type=int, default=1280)
@@ -62,7 +95,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     chromium = find_chromium(args.chromium)
     if chromium is None:
-        print("no chromium found: apt-get install chromium, or pass --chromium PATH", file=sys.stderr)
+        print(
+            "no chromium found: apt-get install chromium, or pass --chromium PATH", file=sys.stderr
+        )
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     for model in args.model or ["tiny-qwen2"]:

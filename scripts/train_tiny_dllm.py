@@ -3,7 +3,8 @@
 The shipped ``maskkv_compile/data/tiny_dllm`` is run 13 of docs/tiny_dllm.md, about 12 minutes
 on a 2-core CPU (stopped by hand after 5,750 steps):
 
-    python scripts/train_tiny_dllm.py --minutes 38 --layers 3 --ar-steps 4000 --copy-frac 0 --out out/ar
+    python scripts/train_tiny_dllm.py --minutes 38 --layers 3 --ar-steps 4000 --copy-frac 0 \
+        --out out/ar
 
 ``--ar-steps`` is what makes retrieval emerge: causal next-token pretraining first (as Dream
 starts from an autoregressive model), then the masked-diffusion loss below. Twelve earlier runs
@@ -53,10 +54,18 @@ from maskkv_compile.tiny_models import set_causal
 def build_model(hidden: int, layers: int, heads: int, max_positions: int, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=task.VOCAB, hidden_size=hidden, intermediate_size=4 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                         max_position_embeddings=max_positions, mask_token_id=task.MASK,
-                         tie_word_embeddings=False, attn_implementation="sdpa")
+    config = LlamaConfig(
+        vocab_size=task.VOCAB,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        mask_token_id=task.MASK,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(seed)
     return set_causal(LlamaForCausalLM(config), False)
 
@@ -65,14 +74,19 @@ def next_token_loss(model, x: torch.Tensor, answer: torch.Tensor) -> tuple[torch
     """Autoregressive pretraining: next-token cross-entropy on every position; returns (loss,
     CE on the answer tokens)."""
     logits = model(x).logits[:, :-1]
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
+    ce = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none"
+    )
     return ce.mean(), ce[answer[:, 1:].reshape(-1)].mean().item()
 
 
-def needle_batch(gen: torch.Generator, size: int, haystack: int, needles: int,
-                 keys: int = len(task.KEYS)) -> tuple[torch.Tensor, torch.Tensor]:
+def needle_batch(
+    gen: torch.Generator, size: int, haystack: int, needles: int, keys: int = len(task.KEYS)
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``size`` sequences querying all of their ``needles`` needles; all have the same length."""
-    rows = [task.needle_task(gen, haystack, needles, queries=needles, keys=keys) for _ in range(size)]
+    rows = [
+        task.needle_task(gen, haystack, needles, queries=needles, keys=keys) for _ in range(size)
+    ]
     x = torch.tensor([r.ids for r in rows])
     answer = torch.zeros_like(x, dtype=torch.bool)
     for i, r in enumerate(rows):
@@ -81,8 +95,9 @@ def needle_batch(gen: torch.Generator, size: int, haystack: int, needles: int,
     return x, answer
 
 
-def diffusion_loss(model, x: torch.Tensor, answer: torch.Tensor, gen: torch.Generator,
-                   filler_rate: float) -> tuple[torch.Tensor, float]:
+def diffusion_loss(
+    model, x: torch.Tensor, answer: torch.Tensor, gen: torch.Generator, filler_rate: float
+) -> tuple[torch.Tensor, float]:
     """LLaDA's objective on the answer tokens and, at ``filler_rate`` times the answer rate, on
     the filler (which teaches the attention to look at neighbours, as text does); returns
     (weighted loss, plain answer CE)."""
@@ -91,18 +106,24 @@ def diffusion_loss(model, x: torch.Tensor, answer: torch.Tensor, gen: torch.Gene
     r = torch.rand(x.shape, generator=gen)
     masked = answer & (r < t)
     if answer.any():
-        one = torch.where(answer, torch.rand(x.shape, generator=gen), -1.0).argmax(1)  # at least one per row
+        one = torch.where(answer, torch.rand(x.shape, generator=gen), -1.0).argmax(
+            1
+        )  # at least one per row
         masked[torch.arange(b), one] = True
     filler = (x >= task.FILLER[0]) & (x <= task.FILLER[-1]) & ~answer
     masked |= filler & (r < filler_rate * t)
     logits = model(torch.where(masked, task.MASK, x)).logits
     ce = F.cross_entropy(logits[masked], x[masked], reduction="none")
     weight = (1.0 / t).expand_as(x)[masked].clamp(max=5.0)
-    return (ce * weight).sum() / masked.sum(), ce[answer[masked] if answer.any() else masked[masked]].mean().item()
+    return (ce * weight).sum() / masked.sum(), ce[
+        answer[masked] if answer.any() else masked[masked]
+    ].mean().item()
 
 
 @torch.no_grad()
-def exact_match(model, haystack: int, needles: int, n: int = 64, seed: int = 10**6, keys: int = len(task.KEYS)) -> float:
+def exact_match(
+    model, haystack: int, needles: int, n: int = 64, seed: int = 10**6, keys: int = len(task.KEYS)
+) -> float:
     """Held-out exact match of the last answer: greedy low-confidence unmasking, one token per
     step, uncached (the evaluation suite's loop), on sequences the training stream never draws."""
     gen = torch.Generator().manual_seed(seed + 100 * haystack + needles)
@@ -140,7 +161,10 @@ def plot_curves(log_path: str, png: str) -> None:
         if pts:
             steps, vals = zip(*pts)
             k = 50
-            smooth = [sum(vals[max(0, i - k):i + 1]) / len(vals[max(0, i - k):i + 1]) for i in range(len(vals))]
+            smooth = [
+                sum(vals[max(0, i - k) : i + 1]) / len(vals[max(0, i - k) : i + 1])
+                for i in range(len(vals))
+            ]
             a.plot(steps, smooth, label=f"{names[kind]} (mean of {k} batches)")
     a.set_xlabel("step")
     a.set_ylabel("cross-entropy on answer tokens")
@@ -162,21 +186,44 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=30, help="wall-clock budget of this run")
     ap.add_argument("--out", default="out/tiny_dllm")
-    ap.add_argument("--resume", action="store_true", help="continue from <out>/last (optimizer and curriculum too)")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from <out>/last (optimizer and curriculum too)",
+    )
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--tokens", type=int, default=2048, help="tokens per batch (rows = tokens // length)")
-    ap.add_argument("--copy-frac", type=float, default=0.25, help="share of batches from the copy task")
-    ap.add_argument("--filler-rate", type=float, default=0.5, help="filler masked at this times the answer rate")
-    ap.add_argument("--filler-warmup", type=int, default=0, help="steps on the filler alone before any answer")
-    ap.add_argument("--ar-steps", type=int, default=0, help="causal next-token pretraining steps before the diffusion loss")
-    ap.add_argument("--stages", type=int, nargs="+", default=[32, 64, 128, 256], help="haystack lengths")
-    ap.add_argument("--advance-at", type=float, default=0.9, help="exact match that moves to the next length")
+    ap.add_argument(
+        "--tokens", type=int, default=2048, help="tokens per batch (rows = tokens // length)"
+    )
+    ap.add_argument(
+        "--copy-frac", type=float, default=0.25, help="share of batches from the copy task"
+    )
+    ap.add_argument(
+        "--filler-rate", type=float, default=0.5, help="filler masked at this times the answer rate"
+    )
+    ap.add_argument(
+        "--filler-warmup", type=int, default=0, help="steps on the filler alone before any answer"
+    )
+    ap.add_argument(
+        "--ar-steps",
+        type=int,
+        default=0,
+        help="causal next-token pretraining steps before the diffusion loss",
+    )
+    ap.add_argument(
+        "--stages", type=int, nargs="+", default=[32, 64, 128, 256], help="haystack lengths"
+    )
+    ap.add_argument(
+        "--advance-at", type=float, default=0.9, help="exact match that moves to the next length"
+    )
     ap.add_argument("--max-needles", type=int, default=4)
-    ap.add_argument("--keys", type=int, default=len(task.KEYS), help="draw needle keys from this many key ids")
+    ap.add_argument(
+        "--keys", type=int, default=len(task.KEYS), help="draw needle keys from this many key ids"
+    )
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -187,7 +234,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     last = os.path.join(args.out, "last")
-    model = build_model(args.hidden, args.layers, args.heads, max_positions=max(1024, 2 * max(args.stages) + 64), seed=args.seed)
+    model = build_model(
+        args.hidden,
+        args.layers,
+        args.heads,
+        max_positions=max(1024, 2 * max(args.stages) + 64),
+        seed=args.seed,
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(args.seed)
     rng = random.Random(args.seed)
@@ -205,8 +258,16 @@ def main() -> None:
 
     def save() -> None:
         model.save_pretrained(last)
-        torch.save({"optimizer": opt.state_dict(), "gen": gen.get_state(), "rng": rng.getstate(),
-                    "step": step, "stage": stage}, os.path.join(last, "train_state.pt"))
+        torch.save(
+            {
+                "optimizer": opt.state_dict(),
+                "gen": gen.get_state(),
+                "rng": rng.getstate(),
+                "step": step,
+                "stage": stage,
+            },
+            os.path.join(last, "train_state.pt"),
+        )
 
     t0 = time.time()
     deadline = t0 + 60 * args.minutes
@@ -215,12 +276,22 @@ def main() -> None:
             for group in opt.param_groups:
                 group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
             # the current length most of the time, an earlier one otherwise (no forgetting)
-            hay = args.stages[stage] if rng.random() < 0.6 else rng.choice(args.stages[:stage + 1])
+            hay = args.stages[stage] if rng.random() < 0.6 else rng.choice(args.stages[: stage + 1])
             set_causal(model, step < args.ar_steps)
-            if step < args.ar_steps:  # autoregressive pretraining first, as Dream starts from an AR model
+            if (
+                step < args.ar_steps
+            ):  # autoregressive pretraining first, as Dream starts from an AR model
                 kind = "ar"
-                x, answer = needle_batch(gen, max(4, args.tokens // hay), hay, rng.randint(1, args.max_needles), args.keys)
-            elif step < args.ar_steps + args.filler_warmup:  # the filler alone first: neighbour heads before retrieval
+                x, answer = needle_batch(
+                    gen,
+                    max(4, args.tokens // hay),
+                    hay,
+                    rng.randint(1, args.max_needles),
+                    args.keys,
+                )
+            elif (
+                step < args.ar_steps + args.filler_warmup
+            ):  # the filler alone first: neighbour heads before retrieval
                 kind = "filler"
                 x, answer = needle_batch(gen, max(4, args.tokens // hay), hay, 1)
                 answer = torch.zeros_like(answer)
@@ -241,12 +312,23 @@ def main() -> None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             step += 1
-            rec = {"step": step, "time": round(time.time() - t0, 1), "task": kind, "haystack": hay,
-                   "loss": round(loss.item(), 4), "answer_ce": round(answer_ce, 4)}
+            rec = {
+                "step": step,
+                "time": round(time.time() - t0, 1),
+                "task": kind,
+                "haystack": hay,
+                "loss": round(loss.item(), 4),
+                "answer_ce": round(answer_ce, 4),
+            }
             if step % args.eval_every == 0:
                 set_causal(model, False)
-                rec["em"] = {str(h): exact_match(model, h, 2, keys=args.keys) for h in args.stages[:stage + 2]}
-                if rec["em"][str(args.stages[stage])] >= args.advance_at and stage + 1 < len(args.stages):
+                rec["em"] = {
+                    str(h): exact_match(model, h, 2, keys=args.keys)
+                    for h in args.stages[: stage + 2]
+                }
+                if rec["em"][str(args.stages[stage])] >= args.advance_at and stage + 1 < len(
+                    args.stages
+                ):
                     stage += 1
                 rec["stage"] = args.stages[stage]
                 save()

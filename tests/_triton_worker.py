@@ -62,7 +62,11 @@ def vote_masks(case, gen, b, s, rv, p, voter_idx):
     if mode is None:
         return None, None, None
     if mode == "all-true":
-        return torch.ones(b, s, dtype=torch.bool), torch.ones(b, rv, dtype=torch.bool), torch.ones(b, p, dtype=torch.bool)
+        return (
+            torch.ones(b, s, dtype=torch.bool),
+            torch.ones(b, rv, dtype=torch.bool),
+            torch.ones(b, p, dtype=torch.bool),
+        )
     assert mode == "ragged", mode
     key_valid = torch.rand(b, s, generator=gen) >= 0.2
     key_valid[:, voter_idx] = True
@@ -89,13 +93,19 @@ def run_votes(case, gen):
     scale = d**-0.5
     k_in = k
     if key_valid is not None:  # the kernels must ignore padding keys whatever they hold
-        k_in = layout(k.masked_fill(~key_valid[:, None, :, None], float("nan")), case.get("strided", False))
+        k_in = layout(
+            k.masked_fill(~key_valid[:, None, :, None], float("nan")), case.get("strided", False)
+        )
     real_empty, torch.empty = poisoned_empty()
     try:
-        votes, mass = mask_votes_triton(q, k_in, voter_idx, prompt_idx, scale, key_valid, voter_valid, prompt_valid)
+        votes, mass = mask_votes_triton(
+            q, k_in, voter_idx, prompt_idx, scale, key_valid, voter_valid, prompt_valid
+        )
     finally:
         torch.empty = real_empty
-    ref_votes, ref_mass = mask_votes_reference(q, k, voter_idx, prompt_idx, scale, key_valid, voter_valid, prompt_valid)
+    ref_votes, ref_mass = mask_votes_reference(
+        q, k, voter_idx, prompt_idx, scale, key_valid, voter_valid, prompt_valid
+    )
     atol, rtol = VOTES_TOL[case["dtype"]]
     return [(votes, ref_votes, atol, rtol), (mass, ref_mass, atol, rtol)]
 
@@ -144,7 +154,13 @@ def run_attention(case, gen):
     real_empty, torch.empty = poisoned_empty()
     try:
         out = cached_attention_triton(
-            q, nan_rk, nan_rv, nan_k, nan_v, stored_transposed(kept_len, strided), stored_transposed(resp_valid, strided),
+            q,
+            nan_rk,
+            nan_rv,
+            nan_k,
+            nan_v,
+            stored_transposed(kept_len, strided),
+            stored_transposed(resp_valid, strided),
             scale,
         )
     finally:
@@ -164,7 +180,9 @@ def interpret() -> None:
             pairs = (run_votes if case["kernel"] == "mask_votes" else run_attention)(case, gen)
             result["all_written"] = all(not torch.isnan(got).any().item() for got, *_ in pairs)
             result["max_err"] = max((got - ref).abs().max().item() for got, ref, *_ in pairs)
-            result["close"] = all(torch.allclose(got, ref, atol=a, rtol=r) for got, ref, a, r in pairs)
+            result["close"] = all(
+                torch.allclose(got, ref, atol=a, rtol=r) for got, ref, a, r in pairs
+            )
             result["ok"] = result["all_written"] and result["close"]
         except Exception as exc:  # reported per case
             result["error"] = f"{type(exc).__name__}: {exc}"
@@ -172,12 +190,11 @@ def interpret() -> None:
 
 
 def registration() -> None:
-    from torch._dynamo.backends.common import aot_autograd
-
     from maskkv_compile.kernels import cached_attention as ca
     from maskkv_compile.kernels import mask_votes as mv
     from maskkv_compile.kernels import triton_cached_attention as tca
     from maskkv_compile.kernels import triton_votes as tv
+    from torch._dynamo.backends.common import aot_autograd
 
     tv.register_cuda(mv.mask_votes, mv.mask_votes_chunked)
     tca.register_cuda(ca.cached_attention, ca.cached_attention_torch)
@@ -195,7 +212,9 @@ def registration() -> None:
     def both(q, k):
         votes = torch.ops.maskkv.mask_votes(q, k, voter_idx, prompt_idx, 0.25, 64, *masks)
         qr, kr = q[:, :, 30:], k[:, :, 30:]
-        attn = torch.ops.maskkv.cached_attention(qr, kr, v, k[:, :, :30], k[:, :, :30], kept_len, resp_valid, 0.25)
+        attn = torch.ops.maskkv.cached_attention(
+            qr, kr, v, k[:, :, :30], k[:, :, :30], kept_len, resp_valid, 0.25
+        )
         return votes, attn
 
     got = torch.compile(both, backend="aot_eager", fullgraph=True)(q, k)
@@ -205,7 +224,9 @@ def registration() -> None:
             q[:, :, 30:], k[:, :, 30:], v, k[:, :, :30], k[:, :, :30], kept_len, resp_valid, 0.25
         ),
     )
-    cpu_ok = all(torch.allclose(a, b, atol=1e-5) for a, b in zip((*got[0], got[1]), (*ref[0], ref[1])))
+    cpu_ok = all(
+        torch.allclose(a, b, atol=1e-5) for a, b in zip((*got[0], got[1]), (*ref[0], ref[1]))
+    )
 
     tv.TRITON_DEVICE_TYPES = ("cpu",)  # pretend CPU is a Triton device: trace only, never run
     graphs = []
@@ -220,10 +241,20 @@ def registration() -> None:
     except Exception:
         pass
     kernels = sorted(
-        {str(n.kwargs["kernel_idx"]) for g in graphs for n in g.graph.nodes if "triton_kernel_wrapper" in str(n.target)}
+        {
+            str(n.kwargs["kernel_idx"])
+            for g in graphs
+            for n in g.graph.nodes
+            if "triton_kernel_wrapper" in str(n.target)
+        }
     )
-    custom = sorted({str(n.target) for g in graphs for n in g.graph.nodes if "maskkv" in str(n.target)})
-    print(json.dumps({"cpu_ok": cpu_ok, "kernel_nodes": len(kernels), "maskkv_nodes": custom}), flush=True)
+    custom = sorted(
+        {str(n.target) for g in graphs for n in g.graph.nodes if "maskkv" in str(n.target)}
+    )
+    print(
+        json.dumps({"cpu_ok": cpu_ok, "kernel_nodes": len(kernels), "maskkv_nodes": custom}),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

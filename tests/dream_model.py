@@ -58,14 +58,21 @@ class DreamGenerationConfig:
 
     @classmethod
     def from_model_config(cls, config) -> "DreamGenerationConfig":
-        return cls(**{name: getattr(config, name, None) for name in
-                      ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id")})
+        return cls(
+            **{
+                name: getattr(config, name, None)
+                for name in ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id")
+            }
+        )
 
     def updated(self, **overrides) -> "DreamGenerationConfig":
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise TypeError(f"diffusion_generate() got unknown generation options {unknown}; known: {sorted(known)}")
+            raise TypeError(
+                f"diffusion_generate() got unknown generation options {unknown}; "
+                f"known: {sorted(known)}"
+            )
         return dataclasses.replace(self, **overrides)
 
 
@@ -130,9 +137,14 @@ class DreamGenerationMixin:
     """
 
     @torch.no_grad()
-    def diffusion_generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                           generation_config: Optional[DreamGenerationConfig] = None,
-                           generator: Optional[torch.Generator] = None, **kwargs):
+    def diffusion_generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        generation_config: Optional[DreamGenerationConfig] = None,
+        generator: Optional[torch.Generator] = None,
+        **kwargs,
+    ):
         """Fill ``max_new_tokens`` masks after ``input_ids`` (left-padded if ``attention_mask``
         has zeros). ``kwargs`` override fields of the generation config (``max_new_tokens``,
         ``steps``, ``temperature``, ``top_p``, ``top_k``, ``alg``, ``alg_temp``, ``eps``,
@@ -152,32 +164,44 @@ class DreamGenerationMixin:
         device = self.device
         x = input_ids.to(device)
         prompt_len = x.shape[1]
-        total = prompt_len + cfg.max_new_tokens if cfg.max_new_tokens is not None else cfg.max_length
+        total = (
+            prompt_len + cfg.max_new_tokens if cfg.max_new_tokens is not None else cfg.max_length
+        )
         if total <= prompt_len:
-            raise ValueError(f"nothing to generate: {total} total tokens for a prompt of {prompt_len}")
+            raise ValueError(
+                f"nothing to generate: {total} total tokens for a prompt of {prompt_len}"
+            )
         x = F.pad(x, (0, total - prompt_len), value=cfg.mask_token_id)
 
         if attention_mask is not None and bool((attention_mask == 0).any()):
             padded = F.pad(attention_mask.to(device), (0, total - prompt_len), value=1)
             tok_idx = (padded.long().cumsum(-1) - 1).masked_fill(padded == 0, 1)
             real = padded.bool()
-            attention = torch.logical_and(real[:, None, None, :], real[:, None, :, None])  # [B, 1, N, N]
+            attention = torch.logical_and(
+                real[:, None, None, :], real[:, None, :, None]
+            )  # [B, 1, N, N]
         else:
             tok_idx, attention = None, "full"
 
         timesteps = torch.linspace(1, cfg.eps, cfg.steps + 1, device=device)
         history = [] if cfg.output_history else None
-        sample = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, generator=generator)
+        sample = dict(
+            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, generator=generator
+        )
         for i in range(cfg.steps):
             masked = x == cfg.mask_token_id
             logits = self(x, attention, tok_idx).logits
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)  # token i is predicted at row i-1
+            logits = torch.cat(
+                [logits[:, :1], logits[:, :-1]], dim=1
+            )  # token i is predicted at row i-1
             masked_logits = logits[masked]
             t, s = timesteps[i], timesteps[i + 1]
             last = i == cfg.steps - 1
             if cfg.alg == "origin":
                 p_transfer = 1 if last else 1 - s / t
-                fill = torch.full((masked_logits.shape[0],), cfg.mask_token_id, dtype=x.dtype, device=device)
+                fill = torch.full(
+                    (masked_logits.shape[0],), cfg.mask_token_id, dtype=x.dtype, device=device
+                )
                 chosen = torch.rand(fill.shape, device=device, generator=generator) < p_transfer
                 if bool(chosen.any()):
                     fill[chosen] = _sample(masked_logits[chosen], alg="origin", **sample)[1]
@@ -187,7 +211,9 @@ class DreamGenerationMixin:
                 masks_per_row = masked.sum() / masked.shape[0]
                 count = int(masks_per_row) if last else int(masks_per_row * (1 - s / t))
                 if count > 0:
-                    scores = torch.full(x.shape, float("-inf"), dtype=confidence.dtype, device=device)
+                    scores = torch.full(
+                        x.shape, float("-inf"), dtype=confidence.dtype, device=device
+                    )
                     scores[masked] = confidence
                     if not cfg.alg_temp:
                         picked = torch.topk(scores, count, dim=-1).indices
@@ -232,12 +258,17 @@ class DreamStyleModel(DreamGenerationMixin, Qwen2PreTrainedModel):
         """
         if isinstance(attention_mask, str):
             if attention_mask != "full":
-                raise ValueError(f"the only string attention_mask is 'full', got {attention_mask!r}")
+                raise ValueError(
+                    f"the only string attention_mask is 'full', got {attention_mask!r}"
+                )
             return None
         if attention_mask is None or attention_mask.dim() == 2:
             return attention_mask
         if attention_mask.dim() != 4:
-            raise ValueError(f"attention_mask must be 'full', 2-D or 4-D, got shape {tuple(attention_mask.shape)}")
+            raise ValueError(
+                "attention_mask must be 'full', 2-D or 4-D, "
+                f"got shape {tuple(attention_mask.shape)}"
+            )
         if attention_mask.dtype != torch.bool:
             return attention_mask
         # A pad query attends to nothing in Dream's mask. Its output is never read (pad keys are
@@ -252,23 +283,49 @@ class DreamStyleModel(DreamGenerationMixin, Qwen2PreTrainedModel):
             dtype = self.lm_head.weight.dtype
             additive = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
             return additive.masked_fill(~attention_mask, torch.finfo(dtype).min)
-        raise ValueError(f"a 4-D bool mask is supported with sdpa and eager attention, not {implementation!r}")
+        raise ValueError(
+            f"a 4-D bool mask is supported with sdpa and eager attention, not {implementation!r}"
+        )
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
         kwargs.pop("use_cache", None)  # a KV cache is useless to a bidirectional denoiser
-        hidden = self.model(input_ids=input_ids, attention_mask=self._transformers_mask(attention_mask),
-                            position_ids=position_ids, use_cache=False, **kwargs).last_hidden_state
+        hidden = self.model(
+            input_ids=input_ids,
+            attention_mask=self._transformers_mask(attention_mask),
+            position_ids=position_ids,
+            use_cache=False,
+            **kwargs,
+        ).last_hidden_state
         return CausalLMOutputWithPast(logits=self.lm_head(hidden))
 
 
-def tiny_dream_style(*, attn: str = "sdpa", dtype=torch.float32, layers: int = 2, hidden: int = 64, heads: int = 4,
-                     kv_heads: int = 2, vocab: int = 256, seed: int = 0, max_positions: int = 8192) -> DreamStyleModel:
+def tiny_dream_style(
+    *,
+    attn: str = "sdpa",
+    dtype=torch.float32,
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 256,
+    seed: int = 0,
+    max_positions: int = 8192,
+) -> DreamStyleModel:
     """A random-weight Dream-style model: GQA, q/k/v biases, rope theta 1e6, bidirectional."""
     config = DreamStyleConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, use_cache=False,
-        mask_token_id=vocab - 1, pad_token_id=vocab - 2, eos_token_id=vocab - 3, bos_token_id=vocab - 4,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        use_cache=False,
+        mask_token_id=vocab - 1,
+        pad_token_id=vocab - 2,
+        eos_token_id=vocab - 3,
+        bos_token_id=vocab - 4,
         attn_implementation=attn,
     )
     config.is_causal = False

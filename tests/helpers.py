@@ -26,7 +26,9 @@ def prompt_and_masks(model, prompt_len: int, gen_len: int, batch: int = 1, seed:
 
 def kept_positions(cache) -> list[list[list[int]]]:
     """The absolute positions a LayerCache keeps, per batch row and KV head, padding dropped."""
-    return [[sorted(int(p) for p in head if p >= 0) for head in row] for row in cache.kept_pos.tolist()]
+    return [
+        [sorted(int(p) for p in head if p >= 0) for head in row] for row in cache.kept_pos.tolist()
+    ]
 
 
 def check_bookkeeping(results: dict, policies, budgets, sample_ids):
@@ -43,7 +45,9 @@ def check_bookkeeping(results: dict, policies, budgets, sample_ids):
             assert 0.0 <= cell["score"] <= 1.0 and 0.0 <= cell["agree_uncached"] <= 1.0
     for sid in sample_ids:
         assert cells[FULL_CACHE][sid]["agree_full"] == 1.0  # the full cache against itself
-        assert cells[UNCACHED][sid]["agree_uncached"] == 1.0 and cells[UNCACHED][sid]["kl"] == 0.0  # same
+        assert (
+            cells[UNCACHED][sid]["agree_uncached"] == 1.0 and cells[UNCACHED][sid]["kl"] == 0.0
+        )  # same
 
 
 def check_invariants(results: dict, policies, budgets, sample_ids):
@@ -63,7 +67,10 @@ def check_invariants(results: dict, policies, budgets, sample_ids):
     for sid in sample_ids:
         full = cells[FULL_CACHE][sid]
         prompt_len = results["samples"][sid]["prompt_len"]
-        assert cells[FULL_REFRESH][sid]["agree_uncached"] == 1.0 and cells[FULL_REFRESH][sid]["kl"] < 1e-6
+        assert (
+            cells[FULL_REFRESH][sid]["agree_uncached"] == 1.0
+            and cells[FULL_REFRESH][sid]["kl"] < 1e-6
+        )
         assert full["kept"] == prompt_len
         for policy in policies:
             cell = cells[f"{policy}@{FULL}"][sid]

@@ -13,12 +13,12 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers import AttentionInterface
-
-from maskkv_compile.policies import get_policy, voter_positions
-from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.kernels import select_kv_reference
 from maskkv_compile.passes.evict_kv import layer_budgets
+from transformers import AttentionInterface
+
+from maskkv_compile.config import MaskKVConfig
+from maskkv_compile.policies import get_policy, voter_positions
 
 _NAME = "maskkv_test_reference"
 
@@ -28,8 +28,14 @@ def _expand(x, heads):
 
 
 class PromptCacheReference:
-    def __init__(self, model, budget: int | None = None, family: str = "llada", policy: str = "mask_voting_uniform",
-                 **options):
+    def __init__(
+        self,
+        model,
+        budget: int | None = None,
+        family: str = "llada",
+        policy: str = "mask_voting_uniform",
+        **options,
+    ):
         """``budget=None`` keeps the whole prompt; otherwise ``policy`` (and ``options``, as
         MaskKVConfig fields) chooses voters, scores and budgets as the registry defines them."""
         self.model = copy.deepcopy(model)
@@ -45,30 +51,45 @@ class PromptCacheReference:
         self.model.set_attn_implementation(_NAME)
         self.model.maskkv_reference = self
 
-    def _attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    def _attention(
+        self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs
+    ):
         assert attention_mask is None
         layer = module.layer_idx
         heads = query.shape[1]
         batch, kv_heads, seq_len, _ = key.shape
         resp = self.resp_idx
-        prompt = torch.tensor([i for i in range(seq_len) if i not in set(resp.tolist())], dtype=torch.long)
+        prompt = torch.tensor(
+            [i for i in range(seq_len) if i not in set(resp.tolist())], dtype=torch.long
+        )
         if self.mode == "prefill":
             self.captured_qk[layer] = (query, key)
-            probs = torch.softmax((query @ _expand(key, heads).transpose(-2, -1)) * scaling, dim=-1)  # (B, H, S, S)
+            probs = torch.softmax(
+                (query @ _expand(key, heads).transpose(-2, -1)) * scaling, dim=-1
+            )  # (B, H, S, S)
             cfg = self.config
             voters = voter_positions(cfg.policy, prompt, resp, cfg.window, -cfg.logits_shift)
             on_prompt = probs[:, :, voters][..., prompt]  # (B, H, Rv, P)
-            votes = on_prompt.sum(2).view(batch, kv_heads, heads // kv_heads, -1).sum(2)  # (B, Hkv, P)
+            votes = (
+                on_prompt.sum(2).view(batch, kv_heads, heads // kv_heads, -1).sum(2)
+            )  # (B, Hkv, P)
             if self.budget is None or len(prompt) <= self.budget:
                 scores, budgets = votes, torch.full((kv_heads,), len(prompt))
             else:
                 policy = get_policy(cfg.policy)
-                scores = policy.selection_scores(votes, tuple(votes.shape), kernel=cfg.pool_kernel, sink=cfg.sink,
-                                                 seed=cfg.seed).to(votes.dtype)
+                scores = policy.selection_scores(
+                    votes, tuple(votes.shape), kernel=cfg.pool_kernel, sink=cfg.sink, seed=cfg.seed
+                ).to(votes.dtype)
                 options = {"alpha": cfg.alpha} if policy.head_allocator == "maskkv" else {}
                 budgets = policy.head_budgets(
-                    self.layer_budgets[layer], n_kv_heads=kv_heads, prompt_len=len(prompt), min_keep=cfg.min_keep,
-                    prompt_mass=on_prompt.sum((2, 3)), n_voters=max(len(voters), 1), votes=scores, **options,
+                    self.layer_budgets[layer],
+                    n_kv_heads=kv_heads,
+                    prompt_len=len(prompt),
+                    min_keep=cfg.min_keep,
+                    prompt_mass=on_prompt.sum((2, 3)),
+                    n_voters=max(len(voters), 1),
+                    votes=scores,
+                    **options,
                 )
             keep = select_kv_reference(scores, budgets.expand(batch, -1))
             positions = [[prompt[idx] for idx in row] for row in keep]
@@ -76,7 +97,9 @@ class PromptCacheReference:
                 positions,
                 [[key[b, h, positions[b][h]] for h in range(kv_heads)] for b in range(batch)],
                 [[value[b, h, positions[b][h]] for h in range(kv_heads)] for b in range(batch)],
-                probs, votes, on_prompt.sum((2, 3)),
+                probs,
+                votes,
+                on_prompt.sum((2, 3)),
             )
             out = probs.to(value.dtype) @ _expand(value, heads)
         else:
@@ -92,7 +115,9 @@ class PromptCacheReference:
         return out.transpose(1, 2).contiguous(), None
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, resp_idx: torch.Tensor, prefill: bool, rows=None) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, resp_idx: torch.Tensor, prefill: bool, rows=None
+    ) -> torch.Tensor:
         """Logits of ``rows`` (default: the response rows), (B, len(rows), V). At a step every
         query attends to [kept prompt ; response], so a prompt row's logits are what its query,
         recomputed like a response row, gives (what a shifted-logits model reads)."""

@@ -3,13 +3,12 @@ prompts of different lengths gets what it gets alone (float64)."""
 
 import pytest
 import torch
+from dream_model import tiny_dream_style
+from helpers import build
 from transformers import LlamaForCausalLM
 
 import maskkv_compile
 from maskkv_compile.masks import key_padding
-
-from dream_model import tiny_dream_style
-from helpers import build
 
 L = 5
 LENGTHS = (6, 11, 18, 9)  # up to 3x apart
@@ -50,8 +49,8 @@ def batch_inputs(model, lengths=LENGTHS, seed=0):
     x = torch.full((len(lengths), width), PAD)
     valid = torch.zeros(len(lengths), width, dtype=torch.bool)
     for row, n in enumerate(lengths):
-        x[row, width - L - n: width - L] = torch.randint(0, PAD, (n,), generator=gen)
-        valid[row, width - L - n:] = True
+        x[row, width - L - n : width - L] = torch.randint(0, PAD, (n,), generator=gen)
+        valid[row, width - L - n :] = True
     x[:, -L:] = mask_id
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
     return x, valid, positions
@@ -64,10 +63,18 @@ def spelled(spelling: str, valid: torch.Tensor, positions: torch.Tensor) -> dict
     if spelling == "hf_2d+position_ids":
         return {"attention_mask": valid.long(), "position_ids": positions}
     if spelling == "dream_4d":  # Dream's loop: pad keys and pad queries false, tok_idx positions
-        return {"attention_mask": valid[:, None, :, None] & valid[:, None, None, :], "position_ids": positions}
+        return {
+            "attention_mask": valid[:, None, :, None] & valid[:, None, None, :],
+            "position_ids": positions,
+        }
     if spelling == "llada_bias":  # additive; padding queries see the real keys
-        bias = torch.zeros(valid.shape, dtype=torch.float64).masked_fill(~valid, torch.finfo(torch.float64).min)
-        return {"attention_bias": bias[:, None, None, :].expand(-1, 1, valid.shape[1], -1), "position_ids": positions}
+        bias = torch.zeros(valid.shape, dtype=torch.float64).masked_fill(
+            ~valid, torch.finfo(torch.float64).min
+        )
+        return {
+            "attention_bias": bias[:, None, None, :].expand(-1, 1, valid.shape[1], -1),
+            "position_ids": positions,
+        }
     raise ValueError(spelling)
 
 
@@ -76,7 +83,7 @@ def shift_of(name):
 
 
 def response_logits(logits, shift):
-    return logits[:, -L - shift: logits.shape[1] - shift]
+    return logits[:, -L - shift : logits.shape[1] - shift]
 
 
 def loop(net, x, kwargs, shift, steps=3):
@@ -96,8 +103,14 @@ def loop(net, x, kwargs, shift, steps=3):
     return x, seen
 
 
-CASES = [("llama", "hf_2d"), ("llama", "hf_2d+position_ids"), ("qwen2", "hf_2d+position_ids"),
-         ("dream", "dream_4d"), ("dream", "hf_2d+position_ids"), ("llada_bias", "llada_bias")]
+CASES = [
+    ("llama", "hf_2d"),
+    ("llama", "hf_2d+position_ids"),
+    ("qwen2", "hf_2d+position_ids"),
+    ("dream", "dream_4d"),
+    ("dream", "hf_2d+position_ids"),
+    ("llada_bias", "llada_bias"),
+]
 
 
 @pytest.mark.parametrize("name,spelling", CASES)
@@ -119,14 +132,22 @@ def test_every_row_under_eviction_equals_the_row_alone(name, spelling):
     model = model_for(name)
     x, valid, positions = batch_inputs(model)
     optimized = maskkv_compile.optimize(model, budget=4, backend="eager")
-    batched, batched_logits = loop(optimized, x, spelled(spelling, valid, positions), shift_of(name))
+    batched, batched_logits = loop(
+        optimized, x, spelled(spelling, valid, positions), shift_of(name)
+    )
     assert optimized.runtime.counts.transitions == {"new": 1, "step": 2}
     # the positions each row has in the batch (arange when the model is left to choose them)
-    effective = positions if "position_ids" in spelled(spelling, valid, positions) else torch.arange(x.shape[1]).expand_as(x)
+    effective = (
+        positions
+        if "position_ids" in spelled(spelling, valid, positions)
+        else torch.arange(x.shape[1]).expand_as(x)
+    )
     for row, n in enumerate(LENGTHS):
-        alone_kwargs = {"position_ids": effective[row : row + 1, -L - n:]}
-        alone, alone_logits = loop(optimized, x[row : row + 1, -L - n:], alone_kwargs, shift_of(name))
-        assert torch.equal(batched[row, -L - n:], alone[0])
+        alone_kwargs = {"position_ids": effective[row : row + 1, -L - n :]}
+        alone, alone_logits = loop(
+            optimized, x[row : row + 1, -L - n :], alone_kwargs, shift_of(name)
+        )
+        assert torch.equal(batched[row, -L - n :], alone[0])
         for a, b in zip(batched_logits, alone_logits):
             torch.testing.assert_close(a[row : row + 1], b, atol=1e-8, rtol=1e-8)
 
@@ -146,20 +167,28 @@ def test_padding_never_votes_is_never_kept_and_its_content_never_matters(name):
             kept = cache.kept_pos[row][cache.kept_pos[row] >= 0]
             assert kept.numel() and bool(valid[row, kept].all()), "a padding key is kept"
     garbage = x.clone()
-    garbage[~valid] = torch.randint(0, 249, (int((~valid).sum()),), generator=torch.Generator().manual_seed(9))
+    garbage[~valid] = torch.randint(
+        0, 249, (int((~valid).sum()),), generator=torch.Generator().manual_seed(9)
+    )
     _, second = loop(optimized, garbage, kwargs, shift_of(name))
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("mask,match", [
-    (lambda v: v.long() * 2, "values other than 0 and 1"),
-    (lambda v: v.double() * 0.5, "values other than 0 and 1"),
-    (lambda v: torch.ones(v.shape[0], 1, v.shape[1], v.shape[1], dtype=torch.bool).tril(), "does not see exactly"),
-    (lambda v: torch.randn(v.shape[0], 1, v.shape[1], v.shape[1]), "values other than 0"),
-    (lambda v: v[:, :-1], "expected"),
-    (lambda v: torch.zeros_like(v), "no real token"),
-])
+@pytest.mark.parametrize(
+    "mask,match",
+    [
+        (lambda v: v.long() * 2, "values other than 0 and 1"),
+        (lambda v: v.double() * 0.5, "values other than 0 and 1"),
+        (
+            lambda v: torch.ones(v.shape[0], 1, v.shape[1], v.shape[1], dtype=torch.bool).tril(),
+            "does not see exactly",
+        ),
+        (lambda v: torch.randn(v.shape[0], 1, v.shape[1], v.shape[1]), "values other than 0"),
+        (lambda v: v[:, :-1], "expected"),
+        (lambda v: torch.zeros_like(v), "no real token"),
+    ],
+)
 def test_masks_that_are_not_padding_are_refused_with_what_is_supported(mask, match):
     model = build("llada")
     x, valid, _ = batch_inputs(model)
@@ -175,4 +204,6 @@ def test_key_padding_reads_every_spelling_alike():
     bias = torch.zeros(2, 1, 3, 3).masked_fill(~four_d, float("-inf"))
     for mask in (valid.long(), four_d, bias, valid[:, None, None, :]):
         assert torch.equal(key_padding("m", mask, 2, 3), valid)
-    assert key_padding("m", "full", 2, 3) is None and key_padding("m", torch.ones(2, 3), 2, 3) is None
+    assert (
+        key_padding("m", "full", 2, 3) is None and key_padding("m", torch.ones(2, 3), 2, 3) is None
+    )

@@ -1,4 +1,5 @@
-"""Budget allocators, rounding helpers, voter helpers and the policy registry (maskkv_compile.budgets).
+"""Budget allocators, rounding helpers, voter helpers and the policy registry
+(maskkv_compile.budgets).
 
 Expectations are computed independently (plain-Python oracles, brute force) or are invariants.
 """
@@ -12,17 +13,32 @@ import torch
 
 from maskkv_compile import policies as pol
 from maskkv_compile.budgets import (
-    adakv_head_budgets, clamp_and_redistribute, largest_remainder, layer_slot_totals, maskkv_head_budgets,
-    maskkv_layer_budgets, prompt_preference, pyramid_layer_budgets, squeeze_layer_budgets, uniform_head_budgets,
+    adakv_head_budgets,
+    clamp_and_redistribute,
+    largest_remainder,
+    layer_slot_totals,
+    maskkv_head_budgets,
+    maskkv_layer_budgets,
+    prompt_preference,
+    pyramid_layer_budgets,
+    squeeze_layer_budgets,
+    uniform_head_budgets,
     uniform_layer_budgets,
 )
 from maskkv_compile.policies import (
-    POLICIES, format_budget_table, get_policy, random_votes, snapkv_pool, streaming_votes, voter_positions,
+    POLICIES,
+    format_budget_table,
+    get_policy,
+    random_votes,
+    snapkv_pool,
+    streaming_votes,
+    voter_positions,
 )
 
 
 def _hamilton(quotas, total):
-    """Oracle: floor, then +1 to the largest remainders, lower index first on ties (plain Python)."""
+    """Oracle: floor, then +1 to the largest remainders, lower index first on ties
+    (plain Python)."""
     floors = [math.floor(q) for q in quotas]
     order = sorted(range(len(quotas)), key=lambda i: (-(quotas[i] - floors[i]), i))
     for i in order[: total - sum(floors)]:
@@ -38,8 +54,12 @@ def test_layer_allocators_preserve_total(seed):
     rng = random.Random(seed)
     n, budget = rng.randint(1, 40), rng.uniform(1, 1000)
     imp = [rng.uniform(0, 0.5) for _ in range(n)]
-    for ks in (uniform_layer_budgets(n, budget), maskkv_layer_budgets(imp, budget, beta=rng.random()),
-               pyramid_layer_budgets(n, budget, beta=rng.uniform(1, 40)), squeeze_layer_budgets(imp, budget)):
+    for ks in (
+        uniform_layer_budgets(n, budget),
+        maskkv_layer_budgets(imp, budget, beta=rng.random()),
+        pyramid_layer_budgets(n, budget, beta=rng.uniform(1, 40)),
+        squeeze_layer_budgets(imp, budget),
+    ):
         assert len(ks) == n
         assert sum(ks) == pytest.approx(n * budget, rel=1e-9)
         assert all(k >= 0 for k in ks)
@@ -52,7 +72,9 @@ def test_maskkv_layers_follow_group_importance(seed):
     imp = [rng.uniform(0.01, 1) for _ in range(n)]
     ks = maskkv_layer_budgets(imp, budget, beta=beta)
     boundary, middle = [ks[0], ks[-1]], ks[1:-1]
-    assert boundary[0] == pytest.approx(boundary[1]) and all(k == pytest.approx(middle[0]) for k in middle)
+    assert boundary[0] == pytest.approx(boundary[1]) and all(
+        k == pytest.approx(middle[0]) for k in middle
+    )
     # the importance-driven part of each group is proportional to the group's importance sum
     extra_b = sum(boundary) - 2 * beta * budget
     extra_m = sum(middle) - (n - 2) * beta * budget
@@ -89,7 +111,8 @@ def test_pyramid_decreases_with_depth(n, beta):
 
 
 def _brute_force_low_group(values):
-    """Oracle: try every labelling into 3 non-empty groups; return the lowest-mean group of the best."""
+    """Oracle: try every labelling into 3 non-empty groups; return the lowest-mean group of
+    the best."""
     best = None
     for labels in itertools.product(range(3), repeat=len(values)):
         groups = [[v for v, g in zip(values, labels) if g == k] for k in range(3)]
@@ -159,7 +182,10 @@ def test_clamp_and_redistribute_keeps_total_and_bounds(seed):
     gen = torch.Generator().manual_seed(seed)
     n = int(torch.randint(1, 16, (1,), generator=gen))
     quotas = torch.rand(n, generator=gen, dtype=torch.float64) ** 3 * 200
-    lo, hi = int(torch.randint(0, 10, (1,), generator=gen)), int(torch.randint(10, 120, (1,), generator=gen))
+    lo, hi = (
+        int(torch.randint(0, 10, (1,), generator=gen)),
+        int(torch.randint(10, 120, (1,), generator=gen)),
+    )
     total = int(quotas.sum().round())
     k = clamp_and_redistribute(quotas, total, lo, hi)
     assert int(k.sum()) == min(max(total, n * lo), n * hi)
@@ -177,13 +203,21 @@ def test_clamp_frees_slots_to_the_other_heads():
     assert k.tolist() == [200, 100, 100]
     k = clamp_and_redistribute(torch.tensor([0.0, 60.0, 40.0]), 100, 10, 100)
     assert k.tolist() == [10, 54, 36]
-    assert clamp_and_redistribute(torch.tensor([5.0, 5.0]), 50, 0, 20).tolist() == [20, 20]  # infeasible
-    assert clamp_and_redistribute(torch.tensor([0.0, 10.0]), 30, 0, 20).tolist() == [10, 20]  # zero quota fills last
+    assert clamp_and_redistribute(torch.tensor([5.0, 5.0]), 50, 0, 20).tolist() == [
+        20,
+        20,
+    ]  # infeasible
+    assert clamp_and_redistribute(torch.tensor([0.0, 10.0]), 30, 0, 20).tolist() == [
+        10,
+        20,
+    ]  # zero quota fills last
 
 
 def test_clamp_without_clamping_is_floor_plus_remainder():
     quotas = [10.0, 33.7, 20.2, 36.4]
-    assert clamp_and_redistribute(torch.tensor(quotas), 100, 1, 500).tolist() == _hamilton(quotas, 100)
+    assert clamp_and_redistribute(torch.tensor(quotas), 100, 1, 500).tolist() == _hamilton(
+        quotas, 100
+    )
 
 
 # ---------------------------------------------------------------- head level
@@ -206,7 +240,9 @@ def test_maskkv_heads_total_and_formula(seed):
     k_l = float(torch.rand(1, generator=gen, dtype=torch.float64)) * 300 + 1
     alpha = float(torch.rand(1, generator=gen))
     mass = torch.rand(batch, n_kv * group, generator=gen, dtype=torch.float64) * n_voters
-    k = maskkv_head_budgets(mass, n_voters, k_l, alpha=alpha, min_keep=0, prompt_len=10_000, n_kv_heads=n_kv)
+    k = maskkv_head_budgets(
+        mass, n_voters, k_l, alpha=alpha, min_keep=0, prompt_len=10_000, n_kv_heads=n_kv
+    )
     assert k.dtype == torch.int64 and k.shape == (n_kv,)
     assert int(k.sum()) == math.floor(n_kv * k_l + 0.5)
     pref = (mass / n_voters).mean(0).view(n_kv, group).sum(1).tolist()
@@ -215,8 +251,10 @@ def test_maskkv_heads_total_and_formula(seed):
 
 def test_maskkv_heads_alpha_one_is_uniform():
     mass = torch.tensor([9.0, 0.5, 3.0, 0.0, 1.0])
-    assert torch.equal(maskkv_head_budgets(mass, 10, 37.4, alpha=1.0, prompt_len=100),
-                       uniform_head_budgets(5, 37.4, 100))
+    assert torch.equal(
+        maskkv_head_budgets(mass, 10, 37.4, alpha=1.0, prompt_len=100),
+        uniform_head_budgets(5, 37.4, 100),
+    )
 
 
 def test_zero_preference_head_gets_alpha_floor():
@@ -263,7 +301,9 @@ def test_prompt_preference_reductions():
 def test_uniform_head_budgets():
     assert uniform_head_budgets(4, 100.3, 300).tolist() == [101, 100, 100, 100]
     assert uniform_head_budgets(4, 100, 30).tolist() == [30] * 4
-    assert uniform_head_budgets(3, 2, 100, min_keep=5).tolist() == [5] * 3  # min_keep wins over the budget
+    assert (
+        uniform_head_budgets(3, 2, 100, min_keep=5).tolist() == [5] * 3
+    )  # min_keep wins over the budget
     assert int(uniform_head_budgets(4, 10.125, 100).sum()) == 41  # round half up: 40.5 -> 41
 
 
@@ -276,8 +316,13 @@ def _adakv_oracle_counts(scores, rest):
 @pytest.mark.parametrize("seed", range(20))
 def test_adakv_safeguard_and_joint_topk(seed):
     gen = torch.Generator().manual_seed(seed)
-    n, p = int(torch.randint(1, 9, (1,), generator=gen)), int(torch.randint(20, 200, (1,), generator=gen))
-    scores = torch.rand(n, p, generator=gen, dtype=torch.float64) ** (1 + 4 * torch.rand(n, 1, generator=gen))
+    n, p = (
+        int(torch.randint(1, 9, (1,), generator=gen)),
+        int(torch.randint(20, 200, (1,), generator=gen)),
+    )
+    scores = torch.rand(n, p, generator=gen, dtype=torch.float64) ** (
+        1 + 4 * torch.rand(n, 1, generator=gen)
+    )
     k_l = int(torch.randint(1, p // 2, (1,), generator=gen))
     k = adakv_head_budgets(scores, k_l, safeguard=0.2, min_keep=0)
     assert int(k.sum()) == n * k_l
@@ -304,7 +349,9 @@ def test_snapkv_pool_equals_naive_loop(kernel):
     r = kernel // 2
     naive = torch.zeros_like(votes)
     for b, h, pos in itertools.product(range(2), range(3), range(11)):
-        naive[b, h, pos] = sum(float(votes[b, h, q]) for q in range(pos - r, pos + r + 1) if 0 <= q < 11) / kernel
+        naive[b, h, pos] = (
+            sum(float(votes[b, h, q]) for q in range(pos - r, pos + r + 1) if 0 <= q < 11) / kernel
+        )
     assert out.shape == votes.shape
     torch.testing.assert_close(out, naive)
     with pytest.raises(ValueError):
@@ -331,7 +378,9 @@ def test_random_votes_seeded():
 def test_voter_positions():
     prompt, resp = torch.arange(0, 40), torch.arange(40, 48)
     assert voter_positions("maskkv", prompt, resp).tolist() == list(range(40, 48))
-    assert voter_positions("mask_voting_uniform", prompt, resp, shift=-1).tolist() == list(range(39, 47))
+    assert voter_positions("mask_voting_uniform", prompt, resp, shift=-1).tolist() == list(
+        range(39, 47)
+    )
     assert voter_positions("maskkv", prompt, resp, shift=1).tolist() == list(range(41, 48)) + [47]
     assert voter_positions("snapkv", prompt, resp, window=32).tolist() == list(range(8, 40))
     assert voter_positions("snapkv", prompt[:10], resp, window=32).tolist() == list(range(10))
@@ -346,8 +395,18 @@ def test_voter_positions():
 
 
 def test_registry_names_and_errors():
-    expected = {"maskkv", "snapkv", "prompt_voting", "all_voting", "streaming", "random", "pyramidkv",
-                "squeezeattention", "adakv", "mask_voting_uniform"}
+    expected = {
+        "maskkv",
+        "snapkv",
+        "prompt_voting",
+        "all_voting",
+        "streaming",
+        "random",
+        "pyramidkv",
+        "squeezeattention",
+        "adakv",
+        "mask_voting_uniform",
+    }
     assert set(POLICIES) == expected
     with pytest.raises(ValueError) as err:
         get_policy("h2o")
@@ -355,7 +414,10 @@ def test_registry_names_and_errors():
     assert get_policy(POLICIES["adakv"]) is POLICIES["adakv"]
     for policy in POLICIES.values():  # every named component exists
         assert policy.voters in pol._VOTERS and policy.vote_transform in pol._VOTE_TRANSFORMS
-        assert policy.layer_allocator in pol._LAYER_ALLOCATORS and policy.head_allocator in pol._HEAD_ALLOCATORS
+        assert (
+            policy.layer_allocator in pol._LAYER_ALLOCATORS
+            and policy.head_allocator in pol._HEAD_ALLOCATORS
+        )
 
 
 def test_policy_dispatch():
@@ -366,14 +428,22 @@ def test_policy_dispatch():
     with pytest.raises(ValueError, match="profile"):
         POLICIES["squeezeattention"].layer_budgets(4, 64)
     mass = torch.tensor([3.0, 1.0, 2.0, 2.0])
-    assert torch.equal(POLICIES["maskkv"].head_budgets(50, n_kv_heads=2, prompt_len=200, prompt_mass=mass, n_voters=4),
-                       maskkv_head_budgets(mass, 4, 50, prompt_len=200, n_kv_heads=2))
+    assert torch.equal(
+        POLICIES["maskkv"].head_budgets(
+            50, n_kv_heads=2, prompt_len=200, prompt_mass=mass, n_voters=4
+        ),
+        maskkv_head_budgets(mass, 4, 50, prompt_len=200, n_kv_heads=2),
+    )
     with pytest.raises(ValueError, match="votes"):
         POLICIES["adakv"].head_budgets(50, n_kv_heads=2, prompt_len=200)
     votes = torch.rand(1, 2, 9)
-    torch.testing.assert_close(POLICIES["snapkv"].selection_scores(votes, votes.shape), snapkv_pool(votes))
+    torch.testing.assert_close(
+        POLICIES["snapkv"].selection_scores(votes, votes.shape), snapkv_pool(votes)
+    )
     assert POLICIES["streaming"].selection_scores(None, (2, 3, 9)).shape == (2, 3, 9)
-    assert torch.equal(POLICIES["random"].selection_scores(None, (1, 2, 9), seed=3), random_votes(1, 2, 9, seed=3))
+    assert torch.equal(
+        POLICIES["random"].selection_scores(None, (1, 2, 9), seed=3), random_votes(1, 2, 9, seed=3)
+    )
 
 
 def test_policy_objects_use_their_own_options():
@@ -417,30 +487,44 @@ def test_head_budgets_op_every_row_at_once_equals_each_row_alone(policy, seed):
 
     chosen = get_policy(policy)
     for case in range(40):
-        batch, kv_heads, group = rng.randint(1, 3), rng.choice([1, 2, 4, 8, 32]), rng.choice([1, 2, 4])
+        batch, kv_heads, group = (
+            rng.randint(1, 3),
+            rng.choice([1, 2, 4, 8, 32]),
+            rng.choice([1, 2, 4]),
+        )
         num, budget = rng.randint(1, 300), rng.randint(1, 64)
         layer_budget = round(budget * rng.uniform(0.3, 2.0) * kv_heads) / kv_heads
         alpha, min_keep = rng.choice([0.0, 0.1, 0.5, 1.0]), rng.choice([0, 1, 4, 16])
         gen = torch.Generator().manual_seed(seed * 100 + case)
-        mass = torch.rand(batch, kv_heads * group, generator=gen) ** rng.choice([1, 3, 8]) * rng.uniform(0.01, 20)
+        mass = torch.rand(batch, kv_heads * group, generator=gen) ** rng.choice(
+            [1, 3, 8]
+        ) * rng.uniform(0.01, 20)
         if case % 7 == 0:
             mass[:, : kv_heads * group // 2] = 0
         if case % 11 == 0:
             mass.zero_()
         scores = torch.rand(batch, kv_heads, num, generator=gen)
         for row in range(batch):
-            scores[row, :, rng.randint(0, num):] = float("-inf")  # the row's prompt is a prefix
+            scores[row, :, rng.randint(0, num) :] = float("-inf")  # the row's prompt is a prefix
         voter_valid = torch.rand(batch, 20, generator=gen) < rng.random()
-        got = torch.ops.maskkv.head_budgets(mass, scores, voter_valid, float(layer_budget), budget, policy, alpha, min_keep)
+        got = torch.ops.maskkv.head_budgets(
+            mass, scores, voter_valid, float(layer_budget), budget, policy, alpha, min_keep
+        )
         for row in range(batch):
             prompt_len = int(torch.isfinite(scores[row, 0]).sum())
             if prompt_len <= budget:
                 assert got[row].tolist() == [prompt_len] * kv_heads
                 continue
             options = {"alpha": alpha} if chosen.head_allocator == "maskkv" else {}
-            alone = chosen.head_budgets(layer_budget, n_kv_heads=kv_heads, prompt_len=prompt_len, min_keep=min_keep,
-                                        prompt_mass=mass[row : row + 1], n_voters=max(int(voter_valid[row].sum()), 1),
-                                        **options)
+            alone = chosen.head_budgets(
+                layer_budget,
+                n_kv_heads=kv_heads,
+                prompt_len=prompt_len,
+                min_keep=min_keep,
+                prompt_mass=mass[row : row + 1],
+                n_voters=max(int(voter_valid[row].sum()), 1),
+                **options,
+            )
             assert got[row].tolist() == alone.tolist(), (case, row)
 
 
@@ -457,7 +541,9 @@ def test_selection_scores_op_every_row_at_once_equals_each_row_alone(policy):
     for case in range(60):
         batch, kv_heads, num = rng.randint(1, 4), rng.choice([1, 2, 4]), rng.randint(1, 60)
         gen = torch.Generator().manual_seed(case)
-        votes = torch.rand(batch, kv_heads, num, generator=gen, dtype=rng.choice([torch.float32, torch.float64]))
+        votes = torch.rand(
+            batch, kv_heads, num, generator=gen, dtype=rng.choice([torch.float32, torch.float64])
+        )
         valid = torch.rand(batch, num, generator=gen) < rng.uniform(0.2, 1.0)
         valid[:, rng.randrange(num)] = True  # every row has a prompt
         kernel, sink = rng.choice([1, 3, 5, 7]), rng.randint(0, 8)
@@ -465,6 +551,8 @@ def test_selection_scores_op_every_row_at_once_equals_each_row_alone(policy):
         for row in range(batch):
             columns = valid[row].nonzero().flatten()
             own = votes[row : row + 1].index_select(2, columns)
-            alone = chosen.selection_scores(own, tuple(own.shape), votes.device, kernel=kernel, sink=sink)
+            alone = chosen.selection_scores(
+                own, tuple(own.shape), votes.device, kernel=kernel, sink=sink
+            )
             assert torch.equal(got[row][:, columns], alone[0].to(votes.dtype)), (case, row)
             assert (got[row][:, ~valid[row]] == float("-inf")).all()

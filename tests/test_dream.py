@@ -4,13 +4,12 @@ step against the prompt-cache reference at the rows Dream's loop reads."""
 
 import pytest
 import torch
-
-import maskkv_compile
-from maskkv_compile.dream import dream_generate
-
 from dream_model import DREAM_ALGS, tiny_dream_style
 from helpers import build, kept_positions
 from reference import PromptCacheReference
+
+import maskkv_compile
+from maskkv_compile.dream import dream_generate
 
 P, L = 14, 6
 
@@ -33,16 +32,21 @@ def padded_batch(lengths=(5, 9, 14), seed=3):
     ids = torch.full((len(lengths), longest), 254)  # the pad id
     mask = torch.zeros(len(lengths), longest, dtype=torch.long)
     for row, n in enumerate(lengths):
-        ids[row, longest - n:] = prompt_ids(1, n, seed + row)[0]
-        mask[row, longest - n:] = 1
+        ids[row, longest - n :] = prompt_ids(1, n, seed + row)[0]
+        mask[row, longest - n :] = 1
     return ids, mask
 
 
 def test_the_family_is_detected_and_can_be_overridden():
     model = tiny_dream_style()
     assert maskkv_compile.optimize(model, backend="eager").maskkv_config.family == "dream"
-    assert maskkv_compile.optimize(model, backend="eager", family="llada").maskkv_config.family == "llada"
-    assert maskkv_compile.optimize(build("dream"), backend="eager").maskkv_config.family == "llada"  # a Qwen2
+    assert (
+        maskkv_compile.optimize(model, backend="eager", family="llada").maskkv_config.family
+        == "llada"
+    )
+    assert (
+        maskkv_compile.optimize(build("dream"), backend="eager").maskkv_config.family == "llada"
+    )  # a Qwen2
     with pytest.raises(maskkv_compile.MaskKVConfigError, match="family"):
         maskkv_compile.optimize(model, family="gpt")
 
@@ -68,7 +72,9 @@ def test_diffusion_generate_under_eviction_runs_the_step_graph(padded):
     model = tiny_dream_style()
     ids, mask = padded_batch() if padded else (prompt_ids(), None)
     optimized = maskkv_compile.optimize(model, budget=3, backend="eager")
-    out = optimized.diffusion_generate(ids, attention_mask=mask, max_new_tokens=L, steps=L, alg="entropy")
+    out = optimized.diffusion_generate(
+        ids, attention_mask=mask, max_new_tokens=L, steps=L, alg="entropy"
+    )
     assert not bool((out[:, -L:] == model.config.mask_token_id).any())
     stats = optimized.cache_stats()
     assert stats["transitions"] == {"new": 1, "step": L - 1}
@@ -76,16 +82,26 @@ def test_diffusion_generate_under_eviction_runs_the_step_graph(padded):
     assert stats["prompt_lens"] == lengths
     assert all(layer["kept_per_row"] == [[3, 3]] * len(lengths) for layer in stats["layers"])
     # the step computes the last prompt row too: it holds the first response token's logits
-    assert optimized.runtime.last_session.layout.rows.tolist() == list(range(ids.shape[1] - 1, ids.shape[1] + L))
+    assert optimized.runtime.last_session.layout.rows.tolist() == list(
+        range(ids.shape[1] - 1, ids.shape[1] + L)
+    )
 
 
 @pytest.mark.parametrize("alg", ["entropy", "maskgit_plus"])
 def test_dream_generate_on_the_optimized_model_equals_the_uncached_model(alg):
     model = tiny_dream_style(dtype=torch.float64)
     ids, mask = padded_batch()
-    kwargs = dict(mask_token_id=model.config.mask_token_id, attention_mask=mask, max_new_tokens=L, steps=L, alg=alg)
+    kwargs = dict(
+        mask_token_id=model.config.mask_token_id,
+        attention_mask=mask,
+        max_new_tokens=L,
+        steps=L,
+        alg=alg,
+    )
     optimized = maskkv_compile.optimize(model, budget=64, backend="eager", prompt_refresh=1)
-    assert torch.equal(dream_generate(optimized, ids, **kwargs), dream_generate(model, ids, **kwargs))
+    assert torch.equal(
+        dream_generate(optimized, ids, **kwargs), dream_generate(model, ids, **kwargs)
+    )
     small = maskkv_compile.optimize(model, budget=3, backend="eager")
     dream_generate(small, ids, **kwargs)
     assert small.runtime.counts.transitions == {"new": 1, "step": L - 1}
@@ -103,7 +119,9 @@ def dream_steps(model, budget, steps=4, **options):
         logits = optimized(x, "full", None).logits
         logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)  # Dream's shift
         ours = logits[:, resp]
-        torch.testing.assert_close(ours, reference(x, resp, prefill=step == 0, rows=read), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            ours, reference(x, resp, prefill=step == 0, rows=read), atol=1e-5, rtol=1e-5
+        )
         masked = (x[0, resp] == mask_id).nonzero().flatten()
         confidence, token = ours[0, masked].softmax(-1).max(-1)
         pick = masked[confidence.argmax()]
@@ -118,6 +136,8 @@ def test_whole_prompt_without_refresh_matches_the_prompt_cache_step_by_step():
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_eviction_keeps_the_top_k_of_the_shifted_votes(attn):
-    optimized, reference = dream_steps(tiny_dream_style(attn=attn), budget=5, policy="mask_voting_uniform")
+    optimized, reference = dream_steps(
+        tiny_dream_style(attn=attn), budget=5, policy="mask_voting_uniform"
+    )
     for layer, cache in enumerate(optimized.runtime.last_session.layers):
         assert kept_positions(cache) == reference.kept_positions(layer)

@@ -3,8 +3,14 @@
 
 import pytest
 import torch
+from dream_model import (
+    DREAM_ALGS,
+    DreamGenerationConfig,
+    DreamGenerationMixin,
+    DreamModelOutput,
+    tiny_dream_style,
+)
 
-from dream_model import DREAM_ALGS, DreamGenerationConfig, DreamGenerationMixin, DreamModelOutput, tiny_dream_style
 from maskkv_compile.dream import ALGS, dream_generate, sample_with_confidence
 
 LENGTHS = (6, 11, 17)
@@ -43,8 +49,8 @@ def prompts_for(model, lengths=LENGTHS, seed=1):
     ids = torch.full((len(lengths), width), pad_id)
     mask = torch.zeros(len(lengths), width, dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = prompt
-        mask[row, width - len(prompt):] = 1
+        ids[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
     return prompts, ids, mask
 
 
@@ -66,7 +72,10 @@ def test_model_is_dream_shaped(sdpa_model):
     assert config.rope_parameters["rope_theta"] == 1e6
     attention = sdpa_model.model.layers[0].self_attn
     assert all(getattr(attention, p).bias is not None for p in ("q_proj", "k_proj", "v_proj"))
-    assert config.mask_token_id == config.vocab_size - 1 and config.pad_token_id not in (None, config.mask_token_id)
+    assert config.mask_token_id == config.vocab_size - 1 and config.pad_token_id not in (
+        None,
+        config.mask_token_id,
+    )
     # bidirectional: the first row sees the last token
     x = torch.randint(0, 200, (1, 10))
     y = x.clone()
@@ -89,7 +98,9 @@ def test_padded_batch_rows_equal_rows_alone(model):
         two_d = model(x, attention_mask=keys, position_ids=tok_idx).logits
         assert not four_d.isnan().any() and not two_d.isnan().any()
         for row, prompt in enumerate(prompts):
-            alone = model(torch.cat([prompt, torch.full((NEW,), mask_id)])[None], "full", None).logits[0]
+            alone = model(
+                torch.cat([prompt, torch.full((NEW,), mask_id)])[None], "full", None
+            ).logits[0]
             real = slice(x.shape[1] - alone.shape[0], None)
             tol = LOGITS_TOL[model.config._attn_implementation]
             assert (four_d[row, real] - alone).abs().max() < tol
@@ -101,7 +112,9 @@ def test_padded_generation_rows_equal_rows_alone(model, alg):
     prompts, ids, mask = prompts_for(model)
     options = dict(max_new_tokens=NEW, steps=4, alg=alg)
     batch = model.diffusion_generate(ids, attention_mask=mask, **options)
-    ours = dream_generate(model, ids, attention_mask=mask, mask_token_id=model.config.mask_token_id, **options)
+    ours = dream_generate(
+        model, ids, attention_mask=mask, mask_token_id=model.config.mask_token_id, **options
+    )
     for row, prompt in enumerate(prompts):
         alone = model.diffusion_generate(prompt[None], **options)[0]
         assert torch.equal(batch[row, -NEW:], alone[-NEW:]), row
@@ -113,21 +126,43 @@ def test_padded_generation_rows_equal_rows_alone(model, alg):
 
 
 @pytest.mark.parametrize("alg", DREAM_ALGS)
-@pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.7, top_p=0.9, top_k=20), dict(alg_temp=0.5)],
-                         ids=["greedy", "sampled", "alg_temp"])
+@pytest.mark.parametrize(
+    "sampling",
+    [dict(), dict(temperature=0.7, top_p=0.9, top_k=20), dict(alg_temp=0.5)],
+    ids=["greedy", "sampled", "alg_temp"],
+)
 def test_every_alg_fills_every_mask(sdpa_model, alg, sampling):
     _, ids, mask = prompts_for(sdpa_model)
     mask_id = sdpa_model.config.mask_token_id
     torch.manual_seed(0)
-    out = sdpa_model.diffusion_generate(ids, attention_mask=mask, max_new_tokens=NEW, steps=5, alg=alg,
-                                       output_history=True, return_dict_in_generate=True, **sampling)
+    out = sdpa_model.diffusion_generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=NEW,
+        steps=5,
+        alg=alg,
+        output_history=True,
+        return_dict_in_generate=True,
+        **sampling,
+    )
     assert isinstance(out, DreamModelOutput) and len(out.history) == 5
     assert torch.equal(out.history[-1], out.sequences)
-    assert not (out.sequences == mask_id).any() and torch.equal(out.sequences[:, : ids.shape[1]], ids)
+    assert not (out.sequences == mask_id).any() and torch.equal(
+        out.sequences[:, : ids.shape[1]], ids
+    )
     left = [int((h == mask_id).sum()) for h in out.history]
     assert left == sorted(left, reverse=True)
-    ours = dream_generate(sdpa_model, ids, attention_mask=mask, mask_token_id=mask_id, max_new_tokens=NEW, steps=5,
-                          alg=alg, generator=torch.Generator().manual_seed(0), **sampling)
+    ours = dream_generate(
+        sdpa_model,
+        ids,
+        attention_mask=mask,
+        mask_token_id=mask_id,
+        max_new_tokens=NEW,
+        steps=5,
+        alg=alg,
+        generator=torch.Generator().manual_seed(0),
+        **sampling,
+    )
     assert not (ours == mask_id).any() and torch.equal(ours[:, : ids.shape[1]], ids)
     assert bool((ours < sdpa_model.config.vocab_size).all())
 
@@ -153,23 +188,38 @@ def test_dream_generate_schedule_and_model_call(sdpa_model, alg, alg_temp):
     timesteps = torch.linspace(1, 1e-3, steps + 1)
     for attention_mask in (mask, None, torch.ones_like(mask)):
         recorder = Recorder(sdpa_model, mask_id)
-        dream_generate(recorder, ids, attention_mask=attention_mask, mask_token_id=mask_id, max_new_tokens=NEW,
-                       steps=steps, alg=alg, alg_temp=alg_temp, generator=torch.Generator().manual_seed(3))
+        dream_generate(
+            recorder,
+            ids,
+            attention_mask=attention_mask,
+            mask_token_id=mask_id,
+            max_new_tokens=NEW,
+            steps=steps,
+            alg=alg,
+            alg_temp=alg_temp,
+            generator=torch.Generator().manual_seed(3),
+        )
         left = [counts for counts, _, _ in recorder.calls]
         assert len(left) == steps and left[0] == [NEW] * len(prompts)
         for i in range(steps - 1):
             expected = left[i][0] - int(left[i][0] * (1 - timesteps[i + 1] / timesteps[i]))
             assert left[i + 1] == [expected] * len(prompts)
         padded = attention_mask is mask
-        assert all(names == (["attention_mask", "position_ids"] if padded else []) for _, names, _ in recorder.calls)
+        assert all(
+            names == (["attention_mask", "position_ids"] if padded else [])
+            for _, names, _ in recorder.calls
+        )
         if padded:
             kwargs = recorder.calls[0][2]
             keys, _, tok_idx = dream_inputs(mask, NEW)
-            assert torch.equal(kwargs["attention_mask"], keys) and torch.equal(kwargs["position_ids"], tok_idx)
+            assert torch.equal(kwargs["attention_mask"], keys) and torch.equal(
+                kwargs["position_ids"], tok_idx
+            )
 
 
 class ThinWrapper:
-    """Only what DreamGenerationMixin documents it reads: __call__, generation_config, config, device."""
+    """Only what DreamGenerationMixin documents it reads: __call__, generation_config, config,
+    device."""
 
     def __init__(self, model):
         self._forward = model.forward
@@ -198,10 +248,17 @@ def test_diffusion_generate_binds_to_a_thin_wrapper(sdpa_model, alg):
     wrapper.generation_config = None
     torch.manual_seed(7)
     assert torch.equal(DreamGenerationMixin.diffusion_generate(wrapper, ids, **options), own)
-    with_config = DreamGenerationConfig(mask_token_id=sdpa_model.config.mask_token_id, max_new_tokens=NEW, steps=4,
-                                        alg=alg, temperature=0.5)
+    with_config = DreamGenerationConfig(
+        mask_token_id=sdpa_model.config.mask_token_id,
+        max_new_tokens=NEW,
+        steps=4,
+        alg=alg,
+        temperature=0.5,
+    )
     torch.manual_seed(7)
-    assert torch.equal(sdpa_model.diffusion_generate(ids, attention_mask=mask, generation_config=with_config), own)
+    assert torch.equal(
+        sdpa_model.diffusion_generate(ids, attention_mask=mask, generation_config=with_config), own
+    )
 
 
 # ----------------------------------------------------------------------------- the two loops agree
@@ -224,7 +281,9 @@ def test_dream_generate_equals_diffusion_generate(model, alg, padded):
 # ----------------------------------------------------------------------------- sampling
 
 
-@pytest.mark.parametrize("filters", [dict(), dict(top_k=3), dict(top_p=0.7), dict(top_p=0.7, top_k=2)])
+@pytest.mark.parametrize(
+    "filters", [dict(), dict(top_k=3), dict(top_p=0.7), dict(top_p=0.7, top_k=2)]
+)
 def test_sampling_follows_the_filtered_distribution(filters):
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.0, -1.0, -3.0]], dtype=torch.float64)
     temperature = 0.8
@@ -233,11 +292,16 @@ def test_sampling_follows_the_filtered_distribution(filters):
         keep = (expected.cumsum(0) - expected) <= filters["top_p"]
         expected = torch.where(keep, expected, 0)
     if "top_k" in filters:
-        expected[filters["top_k"]:] = 0
+        expected[filters["top_k"] :] = 0
     expected = expected / expected.sum()
     draws = 20000
-    confidence, tokens = sample_with_confidence(logits.expand(draws, -1), alg="maskgit_plus", temperature=temperature,
-                                                generator=torch.Generator().manual_seed(0), **filters)
+    confidence, tokens = sample_with_confidence(
+        logits.expand(draws, -1),
+        alg="maskgit_plus",
+        temperature=temperature,
+        generator=torch.Generator().manual_seed(0),
+        **filters,
+    )
     frequencies = torch.bincount(tokens, minlength=logits.shape[1]).double() / draws
     assert (frequencies - expected).abs().max() < 0.015
     assert torch.allclose(confidence, expected[tokens])
@@ -266,8 +330,13 @@ def test_bad_inputs_error_clearly(sdpa_model):
 
     def run(ids=ids, **kwargs):
         kwargs.setdefault("mask_token_id", mask_id)
-        return dream_generate(sdpa_model, ids, max_new_tokens=kwargs.pop("max_new_tokens", 2),
-                              steps=kwargs.pop("steps", 1), **kwargs)
+        return dream_generate(
+            sdpa_model,
+            ids,
+            max_new_tokens=kwargs.pop("max_new_tokens", 2),
+            steps=kwargs.pop("steps", 1),
+            **kwargs,
+        )
 
     with_mask = ids.clone()
     with_mask[0, -1] = mask_id
@@ -297,7 +366,8 @@ def test_bad_inputs_error_clearly(sdpa_model):
         with pytest.raises(ValueError, match=message):
             run(**kwargs)
 
-    class MissingRow:  # neither every row nor the response's predictions (MaskKV's response_logits_only)
+    # neither every row nor the response's predictions (MaskKV's response_logits_only)
+    class MissingRow:
         def __call__(self, x, **kwargs):
             return type("Out", (), {"logits": sdpa_model(x, **kwargs).logits[:, 1:]})()
 

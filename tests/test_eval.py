@@ -2,17 +2,24 @@
 on small slices: it runs end to end and checks its own invariants."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import check_invariants
 
 from maskkv_compile.cli import main as cli_main
-from maskkv_compile.evaluation import FULL, Suite, aggregate, load_bundle, markdown, plot, run_suite, table
+from maskkv_compile.evaluation import (
+    FULL,
+    Suite,
+    aggregate,
+    load_bundle,
+    markdown,
+    plot,
+    run_suite,
+    table,
+)
 from maskkv_compile.evaluation.models import kabat_cdr_h3, read_table, smiles_tokens
-from helpers import check_invariants
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,14 +32,23 @@ def test_tiny_llama_suite_invariants_and_resume(tmp_path):
     ids = list(saved["samples"])
     assert len(ids) == 2 and suite.optimize_calls == 2 + len(policies) * len(budgets)
     check_invariants(saved, policies, budgets, ids)
-    assert saved["profile"]["importance"]  # maskkv got a layer profile (from the calibration prompts)
+    assert saved["profile"][
+        "importance"
+    ]  # maskkv got a layer profile (from the calibration prompts)
     for cell in saved["cells"]["maskkv@4"].values():
         assert cell["kept"] == 4 and cell["kl"] > 0  # an evicted cache is not the uncached model
     tables = {m: table(saved, m) for m in ("retention", "agree_uncached", "agree_full", "kl")}
     assert "maskkv" in tables["kl"] and "full cache (no eviction)" in tables["kl"]
 
     # resuming from a complete JSON recomputes nothing and gives the same tables
-    again = Suite(load_bundle("tiny-llama", samples=1), policies, budgets, json_path=path, resume=True, progress=False)
+    again = Suite(
+        load_bundle("tiny-llama", samples=1),
+        policies,
+        budgets,
+        json_path=path,
+        resume=True,
+        progress=False,
+    )
     again.run()
     assert again.optimize_calls == 0 and again.model_calls == 0
     assert {m: table(again.results, m) for m in tables} == tables
@@ -42,10 +58,14 @@ def test_tiny_llama_suite_invariants_and_resume(tmp_path):
     partial = json.loads(path.read_text())
     del partial["cells"]["snapkv@4"]
     path.write_text(json.dumps(partial))
-    third = run_suite("tiny-llama", policies, budgets, samples=1, out=tmp_path, resume=True, progress=False)
+    third = run_suite(
+        "tiny-llama", policies, budgets, samples=1, out=tmp_path, resume=True, progress=False
+    )
     assert third.optimize_calls == 1
     redone = third.results["cells"]["snapkv@4"]
-    assert {k: c["tokens"] for k, c in redone.items()} == {k: c["tokens"] for k, c in saved["cells"]["snapkv@4"].items()}
+    assert {k: c["tokens"] for k, c in redone.items()} == {
+        k: c["tokens"] for k, c in saved["cells"]["snapkv@4"].items()
+    }
     assert third.results["cells"]["snapkv@4"].keys() == saved["cells"]["snapkv@4"].keys()
 
     assert "### task span" in markdown(saved)
@@ -53,16 +73,36 @@ def test_tiny_llama_suite_invariants_and_resume(tmp_path):
 
 
 def test_cli_eval_and_resume(tmp_path, capsys):
-    args = ["eval", "--model", "tiny-llama", "--policies", "mask_voting_uniform", "--budgets", "2", "full",
-            "--samples", "1", "--tasks", "suffix", "--out", str(tmp_path), "--quiet", "--no-plots",
-            "--threads", str(torch.get_num_threads())]
+    args = [
+        "eval",
+        "--model",
+        "tiny-llama",
+        "--policies",
+        "mask_voting_uniform",
+        "--budgets",
+        "2",
+        "full",
+        "--samples",
+        "1",
+        "--tasks",
+        "suffix",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+        "--no-plots",
+        "--threads",
+        str(torch.get_num_threads()),
+    ]
     assert cli_main(args) == 0
     first = capsys.readouterr().out
     assert "4 optimize() calls" in first and "agree_uncached" in first
     assert cli_main(args + ["--resume"]) == 0
     second = capsys.readouterr().out
     assert "0 optimize() calls, 0 model calls" in second
-    assert first.split("optimize() calls")[0].rsplit("\n", 1)[0] == second.split("optimize() calls")[0].rsplit("\n", 1)[0]
+    assert (
+        first.split("optimize() calls")[0].rsplit("\n", 1)[0]
+        == second.split("optimize() calls")[0].rsplit("\n", 1)[0]
+    )
     assert (tmp_path / "quality_tiny_llama.md").read_text().startswith("model: tiny LLaDA-style")
 
 
@@ -72,9 +112,29 @@ def test_cli_eval_trade_off_with_revote_and_refresh(tmp_path, capsys):
     the first run's, which are not recomputed."""
     from maskkv_compile.evaluation import tradeoff
 
-    args = ["eval", "--model", "tiny-llama", "--policies", "maskkv", "--budgets", "3", "full", "--samples", "1",
-            "--tasks", "suffix", "--out", str(tmp_path), "--quiet", "--threads", str(torch.get_num_threads()),
-            "--revote", "1", "--refresh", "2"]
+    args = [
+        "eval",
+        "--model",
+        "tiny-llama",
+        "--policies",
+        "maskkv",
+        "--budgets",
+        "3",
+        "full",
+        "--samples",
+        "1",
+        "--tasks",
+        "suffix",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+        "--threads",
+        str(torch.get_num_threads()),
+        "--revote",
+        "1",
+        "--refresh",
+        "2",
+    ]
     assert cli_main(args) == 0
     assert "retention vs step cost" in capsys.readouterr().out
     saved = json.loads((tmp_path / "quality_tiny_llama.json").read_text())
@@ -99,20 +159,35 @@ def test_cli_eval_trade_off_with_revote_and_refresh(tmp_path, capsys):
 def test_antiberty_bundle():
     pytest.importorskip("antiberty")
     bundle = load_bundle("antiberty", samples=2)
-    assert [s.id for s in bundle.samples] == ["trastuzumab/cdr3", "adalimumab/cdr3", "trastuzumab/suffix", "adalimumab/suffix"]
+    assert [s.id for s in bundle.samples] == [
+        "trastuzumab/cdr3",
+        "adalimumab/cdr3",
+        "trastuzumab/suffix",
+        "adalimumab/suffix",
+    ]
     cdr3 = bundle.samples[0]
     assert bundle.decode(cdr3.truth()) == "WGGDGFYAMDY" and cdr3.prompt_len == 111
     x = cdr3.masked(bundle.mask_id)
-    assert bool((x[0, cdr3.start:cdr3.stop] == bundle.mask_id).all()) and int((x == bundle.mask_id).sum()) == 11
+    assert (
+        bool((x[0, cdr3.start : cdr3.stop] == bundle.mask_id).all())
+        and int((x == bundle.mask_id).sum()) == 11
+    )
     # calibration chains are never evaluated
     calibration = {tuple(c[0].tolist()) for c in bundle.calibration}
-    assert len(calibration) == 4 and not calibration & {s.ids for s in load_bundle("antiberty").samples}
+    assert len(calibration) == 4 and not calibration & {
+        s.ids for s in load_bundle("antiberty").samples
+    }
 
 
 def test_data_files():
     rows = read_table("antibody_heavy_chains.tsv")
     evaluated = [r for r in rows if r["split"] == "eval"]
-    assert len(evaluated) >= 8 and {r["name"] for r in rows[:4]} == {"trastuzumab", "adalimumab", "pertuzumab", "rituximab"}
+    assert len(evaluated) >= 8 and {r["name"] for r in rows[:4]} == {
+        "trastuzumab",
+        "adalimumab",
+        "pertuzumab",
+        "rituximab",
+    }
     cdr3 = {r["name"]: r["vh"][slice(*kabat_cdr_h3(r["vh"]))] for r in rows}
     assert cdr3["trastuzumab"] == "WGGDGFYAMDY" and cdr3["adalimumab"] == "VSYLSTASSLDY"
     assert cdr3["rituximab"] == "STYYGGDWYFNV"
@@ -122,23 +197,52 @@ def test_data_files():
         tokens = smiles_tokens(row["rxn"])
         assert tokens.count(">>") == 1 and tokens.count("(") == tokens.count(")")
     assert smiles_tokens("CC(=O)[O-].[Na+]>>Clc1ccccc1Br") == [
-        "C", "C", "(", "=", "O", ")", "[O-]", ".", "[Na+]", ">>", "Cl", "c", "1", "c", "c", "c", "c", "c", "1", "Br"]
+        "C",
+        "C",
+        "(",
+        "=",
+        "O",
+        ")",
+        "[O-]",
+        ".",
+        "[Na+]",
+        ">>",
+        "Cl",
+        "c",
+        "1",
+        "c",
+        "c",
+        "c",
+        "c",
+        "c",
+        "1",
+        "Br",
+    ]
 
 
-def test_eval_suite_example(tmp_path):
+def test_eval_suite_example(tmp_path, script):
     policies, budgets = ["maskkv", "snapkv"], [4, FULL]
-    result = subprocess.run([sys.executable, "examples/eval_suite.py", "--out", str(tmp_path), "--policies", *policies,
-                             "--budgets", *map(str, budgets)], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = result.stdout
+    out = script(
+        "examples/eval_suite.py",
+        "--out",
+        str(tmp_path),
+        "--policies",
+        *policies,
+        "--budgets",
+        *map(str, budgets),
+    )
     assert "agree_uncached:" in out and "full cache (no eviction)" in out
     assert "0 optimize() calls, 0 model calls, same table: True" in out
-    (path,) = tmp_path.glob("quality_*.json")  # the example runs AntiBERTy when installed, else tiny-llama
+    (path,) = tmp_path.glob(
+        "quality_*.json"
+    )  # the example runs AntiBERTy when installed, else tiny-llama
     results = json.loads(path.read_text())
     ids = list(results["samples"])
     check_invariants(results, policies, budgets, ids)
     assert len(results["tasks"]) == 2 and list(tmp_path.glob("quality_*_kl.png"))
-    assert results["profile"]["meta"]["n_prompts"] >= 2  # maskkv's profile: calibration prompts only
+    assert (
+        results["profile"]["meta"]["n_prompts"] >= 2
+    )  # maskkv's profile: calibration prompts only
     if results["model"] == "antiberty":  # the real pretrained model on a small slice
         assert ids == ["trastuzumab/cdr3", "trastuzumab/suffix"]
         assert results["samples"]["trastuzumab/cdr3"]["text"] == "WGGDGFYAMDY"
@@ -152,12 +256,28 @@ def _synthetic(scores: dict, kl: dict = None) -> dict:
     """A quality JSON with the given per-sample scores (and KLs) per configuration key."""
     n = len(next(iter(scores.values())))
     ids = [f"s{i}/t" for i in range(n)]
-    cells = {key: {sid: {"tokens": [], "score": float(v), "agree_uncached": float(v), "agree_full": float(v),
-                         "kl": (kl or {}).get(key, [0.5] * n)[i]}
-                   for i, (sid, v) in enumerate(zip(ids, values))}
-             for key, values in scores.items()}
-    return {"note": "synthetic", "model": "synthetic", "policies": ["maskkv", "snapkv"], "budgets": [4],
-            "tasks": ["t"], "samples": {sid: {"task": "t", "prompt_len": 100} for sid in ids}, "cells": cells}
+    cells = {
+        key: {
+            sid: {
+                "tokens": [],
+                "score": float(v),
+                "agree_uncached": float(v),
+                "agree_full": float(v),
+                "kl": (kl or {}).get(key, [0.5] * n)[i],
+            }
+            for i, (sid, v) in enumerate(zip(ids, values))
+        }
+        for key, values in scores.items()
+    }
+    return {
+        "note": "synthetic",
+        "model": "synthetic",
+        "policies": ["maskkv", "snapkv"],
+        "budgets": [4],
+        "tasks": ["t"],
+        "samples": {sid: {"task": "t", "prompt_len": 100} for sid in ids},
+        "cells": cells,
+    }
 
 
 def test_bootstrap_intervals():
@@ -165,14 +285,22 @@ def test_bootstrap_intervals():
     from maskkv_compile.evaluation.suite import FULL_CACHE
 
     coin = [1, 0] * 8  # 16 samples, mean 0.5: the normal approximation gives 0.5 +- 1.96 * 0.125
-    results = _synthetic({FULL_CACHE: [1] * 16, "maskkv@4": coin, "snapkv@4": [0, 1] * 8},
-                         kl={"maskkv@4": [0.1, 0.3] * 8, "snapkv@4": [0.2, 0.6] * 8})
+    results = _synthetic(
+        {FULL_CACHE: [1] * 16, "maskkv@4": coin, "snapkv@4": [0, 1] * 8},
+        kl={"maskkv@4": [0.1, 0.3] * 8, "snapkv@4": [0.2, 0.6] * 8},
+    )
     ids = list(results["samples"])
     lo, hi = interval(results, "maskkv@4", ids, "score")
     assert 0.2 < lo < 0.3 and 0.7 < hi < 0.8
-    spread = _synthetic({FULL_CACHE: [1] * 16, "maskkv@4": [i / 15 for i in range(16)], "snapkv@4": [0] * 16})
+    spread = _synthetic(
+        {FULL_CACHE: [1] * 16, "maskkv@4": [i / 15 for i in range(16)], "snapkv@4": [0] * 16}
+    )
     seeded = interval(spread, "maskkv@4", ids, "score")
-    assert seeded == interval(spread, "maskkv@4", ids, "score") != interval(spread, "maskkv@4", ids, "score", seed=1)
+    assert (
+        seeded
+        == interval(spread, "maskkv@4", ids, "score")
+        != interval(spread, "maskkv@4", ids, "score", seed=1)
+    )
     assert interval(results, FULL_CACHE, ids, "score") == (1.0, 1.0)  # no spread, no interval
     lo, hi = interval(results, "maskkv@4", ids, "retention")
     assert lo < 50.0 < hi
@@ -183,10 +311,14 @@ def test_bootstrap_intervals():
     # paired: the same resample for both configurations
     diff, (lo, hi) = paired_interval(same, "maskkv@4", "snapkv@4", ids, "score")
     assert diff == lo == hi == 0.0
-    ratio, (lo, hi) = paired_interval(results, "maskkv@4", "snapkv@4", ids, "kl")  # snapkv's KL is exactly 2x
+    ratio, (lo, hi) = paired_interval(
+        results, "maskkv@4", "snapkv@4", ids, "kl"
+    )  # snapkv's KL is exactly 2x
     assert ratio == pytest.approx(2.0) and lo == pytest.approx(2.0) and hi == pytest.approx(2.0)
     diff, (lo, hi) = paired_interval(results, "maskkv@4", "snapkv@4", ids, "score")
-    assert diff == 0.0 and lo < -0.2 and hi > 0.2  # anti-correlated samples: a wide interval around a tie
+    assert (
+        diff == 0.0 and lo < -0.2 and hi > 0.2
+    )  # anti-correlated samples: a wide interval around a tie
     text = table(results, "score", budgets=[4])
     assert "**0.500** [0.25, 0.75]" in text  # the value in bold (the best), then its interval
     assert "bootstrap interval" in markdown(results)

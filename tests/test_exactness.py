@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from helpers import MODEL_KINDS, build, kept_positions, prompt_and_masks
+from reference import PromptCacheReference
 
 import maskkv_compile
 from maskkv_compile.generate import generate
-
-from helpers import MODEL_KINDS, build, kept_positions, prompt_and_masks
-from reference import PromptCacheReference
 
 
 def commit_most_confident(x, logits, resp_idx, mask_id):
@@ -22,7 +21,9 @@ def commit_most_confident(x, logits, resp_idx, mask_id):
     return x
 
 
-def run_against_reference(model, x, resp_idx, budget, steps, tol=1e-5, policy="mask_voting_uniform", **options):
+def run_against_reference(
+    model, x, resp_idx, budget, steps, tol=1e-5, policy="mask_voting_uniform", **options
+):
     """Drop-in loop on the MaskKV model; every step's response logits vs the reference."""
     mask_id = model.config.mask_token_id
     config = maskkv_compile.MaskKVConfig(budget=budget, backend="eager", policy=policy, **options)
@@ -77,7 +78,9 @@ def test_eviction_attends_to_exactly_the_kept_entries(family, attn):
     assert not torch.allclose(outputs[1], other_outputs[1], atol=1e-4)
 
 
-@pytest.mark.parametrize("kind,family", [("llada", "llada"), ("dream", "llada"), ("dream", "dream")])
+@pytest.mark.parametrize(
+    "kind,family", [("llada", "llada"), ("dream", "llada"), ("dream", "dream")]
+)
 def test_votes_equal_eager_attention_probabilities(kind, family):
     """What the optimized prefill graph computed, against the model's own eager forward only (no
     oracle): each layer keeps, per KV head, exactly the top-``budget`` prompt positions of the
@@ -91,8 +94,9 @@ def test_votes_equal_eager_attention_probabilities(kind, family):
     # model's own probabilities (and the votes from them) are exact to about 1e-7
     model = build(kind, "eager", dtype=torch.float64)
     _, x = prompt_and_masks(model, prompt_len=prompt_len, gen_len=gen_len)
-    optimized = maskkv_compile.optimize(model, budget=budget, backend="eager", policy="mask_voting_uniform",
-                                        family=family)
+    optimized = maskkv_compile.optimize(
+        model, budget=budget, backend="eager", policy="mask_voting_uniform", family=family
+    )
     with torch.no_grad():
         optimized(x)
         own = model(x, use_cache=True, output_attentions=True)
@@ -102,21 +106,34 @@ def test_votes_equal_eager_attention_probabilities(kind, family):
     layers = optimized.runtime.last_session.layers
     assert len(layers) == model.config.num_hidden_layers
     for layer, cache in enumerate(layers):
-        probs = own.attentions[layer][:, :, voters][..., :prompt_len]  # (1, H, R, P): the model's eager softmax
+        probs = own.attentions[layer][:, :, voters][
+            ..., :prompt_len
+        ]  # (1, H, R, P): the model's eager softmax
         torch.testing.assert_close(cache.prompt_mass, probs.sum((2, 3)), atol=1e-6, rtol=1e-6)
         votes = probs.sum(2).view(1, kv_heads, heads // kv_heads, prompt_len).sum(2)  # (1, Hkv, P)
         top = votes.topk(budget + 1, dim=-1)
         # the top-k must be unambiguous for the comparison to mean anything: the budget-th and
         # (budget+1)-th votes at least 10x the probabilities' error apart
         gap = top.values[..., budget - 1] - top.values[..., budget]
-        assert bool((gap > 1e-6).all()), f"layer {layer}: votes {budget} and {budget + 1} tie ({gap.tolist()})"
+        assert bool((gap > 1e-6).all()), (
+            f"layer {layer}: votes {budget} and {budget + 1} tie ({gap.tolist()})"
+        )
         assert cache.kept_len.tolist() == [[budget] * kv_heads]
-        assert kept_positions(cache) == [[sorted(top.indices[0, h, :budget].tolist()) for h in range(kv_heads)]]
-        keys, values = own.cache.layers[layer].keys, own.cache.layers[layer].values  # post-RoPE, (1, Hkv, S, D)
+        assert kept_positions(cache) == [
+            [sorted(top.indices[0, h, :budget].tolist()) for h in range(kv_heads)]
+        ]
+        keys, values = (
+            own.cache.layers[layer].keys,
+            own.cache.layers[layer].values,
+        )  # post-RoPE, (1, Hkv, S, D)
         for h in range(kv_heads):
             at = cache.kept_pos[0, h, :budget]
-            torch.testing.assert_close(cache.kept_k[0, h, :budget], keys[0, h, at], atol=1e-10, rtol=1e-10)
-            torch.testing.assert_close(cache.kept_v[0, h, :budget], values[0, h, at], atol=1e-10, rtol=1e-10)
+            torch.testing.assert_close(
+                cache.kept_k[0, h, :budget], keys[0, h, at], atol=1e-10, rtol=1e-10
+            )
+            torch.testing.assert_close(
+                cache.kept_v[0, h, :budget], values[0, h, at], atol=1e-10, rtol=1e-10
+            )
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])

@@ -1,35 +1,48 @@
-"""Every example script and CLI subcommand runs (small sizes, eager backend where it matters)."""
+"""Every example script and CLI subcommand runs (small sizes, eager backend where it matters).
+
+Examples and subcommands run in this process (``runpy`` / ``cli.main``): a fresh interpreter
+proves nothing more there and costs seconds each. Subprocesses remain where the process is
+the point: the installed console script, the torchrun launches (two ranks) and the
+torch.compile backend example that must work without the package imported.
+"""
 
 import json
 import re
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
+
+from maskkv_compile.bench_plots import main as plots_main
+from maskkv_compile.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(*args, timeout=300):
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    """A fresh interpreter, for what needs one."""
+    result = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
 
-def test_optimize_generate_example():
-    out = run("examples/optimize_generate.py")
+def test_optimize_generate_example(script):
+    out = script("examples/optimize_generate.py")
     assert "full budget == uncached: True" in out
     assert "kept per layer and KV head: [[8, 8, 8, 8], [8, 8, 8, 8]]" in out
 
 
-def test_drop_in_loop_example():
-    out = run("examples/drop_in_loop.py")
+def test_drop_in_loop_example(script):
+    out = script("examples/drop_in_loop.py")
     assert "calls: 1 prefill, 7 steps" in out
 
 
-def test_dream_padded_batch_example():
-    out = run("examples/dream_padded_batch.py")
+def test_dream_padded_batch_example(script):
+    out = script("examples/dream_padded_batch.py")
     assert "prompt lengths: [5, 12, 9] | transitions: {'new': 1, 'step': 5}" in out
     assert "each row as alone: True" in out
     assert "CFG in one batch: {'new': 1, 'step': 5} | unconditional row's prompt: 12 masks" in out
@@ -41,9 +54,20 @@ def test_tensor_parallel_example(backend):
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available in this torch build")
-    out = run("-m", "torch.distributed.run", "--nproc-per-node", "2", "examples/tensor_parallel.py", "--backend", backend,
-              timeout=600)
-    assert "rank 1 kept per layer and local KV head: [[8, 8], [8, 8]]" in out  # 2 of the 4 KV heads per rank
+    out = run(
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "examples/tensor_parallel.py",
+        "--backend",
+        backend,
+        timeout=600,
+    )
+    assert (
+        "rank 1 kept per layer and local KV head: [[8, 8], [8, 8]]" in out
+    )  # 2 of the 4 KV heads per rank
     assert "same tokens on every rank: True" in out
     assert "calls: 1 prefill, 15 steps" in out
     assert "full budget + refresh every step == uncached sharded model: True" in out
@@ -53,22 +77,26 @@ def test_tensor_parallel_example(backend):
 def test_torch_compile_backend_example_without_importing_the_package():
     source = (ROOT / "examples/torch_compile_backend.py").read_text()
     # the package itself is imported only after the loop ran (to list the runtimes)
-    assert source.index("\nimport maskkv_compile") > source.index("print(\"after 4 steps:\"")
+    assert source.index("\nimport maskkv_compile") > source.index('print("after 4 steps:"')
     out = run("examples/torch_compile_backend.py")
     assert "after 4 steps:" in out
     assert "MaskKV runtimes (prefills, steps): [(1, 3)]" in out
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "antiberty"])
-def test_cli_demo(model):
+def test_cli_demo(model, cli):
     if model == "antiberty":
         pytest.importorskip("antiberty")
-    out = run("-m", "maskkv_compile.cli", "demo", "--model", model, "--backend", "eager")
+    out = cli("demo", "--model", model, "--backend", "eager")
     lines = out.splitlines()
-    sample = re.search(r"^sample: \S+, prompt (\d+) tokens, (\d+) masked positions filled one per step$", out, re.M)
+    sample = re.search(
+        r"^sample: \S+, prompt (\d+) tokens, (\d+) masked positions filled one per step$", out, re.M
+    )
     assert sample, out
     prompt_len, span = map(int, sample.groups())
-    assert span > 1 and prompt_len > 8  # a fill of several steps, on a prompt longer than the budget (8)
+    assert (
+        span > 1 and prompt_len > 8
+    )  # a fill of several steps, on a prompt longer than the budget (8)
 
     def row(name):
         (line,) = [line for line in lines if line.startswith(name)]
@@ -86,53 +114,40 @@ def test_cli_demo(model):
     number, unit = ours[2].split()
     assert float(number) > 0 and unit in ("B", "KiB", "MiB")  # a kept cache was held
     # the MaskKV row ran cached: one prefill, then a step per remaining position
-    assert f"MaskKV calls in the timed fill: 1 prefill, {span - 1} steps (transitions {{'new': 1, 'step': {span - 1}}})" in out
-    fills = {name: re.search(rf"^{name}\s*: (.+)$", out, re.M).group(1) for name in ("true", "uncached", "MaskKV")}
+    transitions = f"(transitions {{'new': 1, 'step': {span - 1}}})"
+    assert f"MaskKV calls in the timed fill: 1 prefill, {span - 1} steps {transitions}" in out
+    fills = {
+        name: re.search(rf"^{name}\s*: (.+)$", out, re.M).group(1)
+        for name in ("true", "uncached", "MaskKV")
+    }
     if model == "antiberty":
         assert fills["true"] == "WGGDGFYAMDY"  # trastuzumab's CDR-H3, filled by the real model
         assert all(len(fill) == span for fill in fills.values())  # one residue per position
-        assert sum(a == b for a, b in zip(fills["MaskKV"], fills["uncached"])) == agree  # the table says what it filled
+        assert (
+            sum(a == b for a, b in zip(fills["MaskKV"], fills["uncached"])) == agree
+        )  # the table says what it filled
 
 
-def test_revote_example():
-    out = run("examples/revote.py")
-    hits = {name: (int(a), int(b)) for name, a, b in re.findall(r"^(.+?) +exact match (\d+)/(\d+)", out, re.M)}
+def test_revote_example(script):
+    out = script("examples/revote.py")
+    hits = {
+        name: (int(a), int(b))
+        for name, a, b in re.findall(r"^(.+?) +exact match (\d+)/(\d+)", out, re.M)
+    }
     assert set(hits) == {"uncached", "MaskKV, one-shot votes", "MaskKV, revote=1"}, out
-    assert hits["MaskKV, revote=1"] == hits["uncached"]  # re-selection recovers the uncached model's retrieval
+    assert (
+        hits["MaskKV, revote=1"] == hits["uncached"]
+    )  # re-selection recovers the uncached model's retrieval
     assert hits["MaskKV, revote=1"][0] >= hits["MaskKV, one-shot votes"][0]
-    steps = dict(re.findall(r"^(MaskKV.+?) +exact.*\((\d+ steps, \d+) of them re-votes\)", out, re.M))
-    one_shot, revoting = (steps[name].split(" steps, ") for name in ("MaskKV, one-shot votes", "MaskKV, revote=1"))
-    assert one_shot[1] == "0" and int(revoting[1]) == int(revoting[0]) > 0  # every step re-voted, none without
-
-
-def test_cli_bench():
-    out = run("-m", "maskkv_compile.cli", "bench", "--quick")
-    rows = {re.split(r"\s{2,}", line.strip())[1]: line for line in out.splitlines() if line.strip().startswith("48 ")}
-    plain = {"uncached", "uncached, torch.compile", "prompt cache (no eviction)", "dual cache (no eviction)",
-             "MaskKV budget 4", "MaskKV budget 4 + dual cache"}
-    assert plain | {"uncached CFG", "MaskKV budget 4, CFG"} <= set(rows)
-    for name in plain - {"uncached"} | {"MaskKV budget 4, CFG"}:
-        ratios = [cell for cell in re.split(r"\s{2,}", rows[name].strip()) if cell.endswith("x") or cell == "-"]
-        assert float(ratios[0][:-1]) > 0, name  # vs uncached (the run asserts CFG ran cached on both halves)
-        if name != "MaskKV budget 4, CFG":
-            assert float(ratios[1][:-1]) > 0, name  # vs compiled (the dual rows: the run asserts block steps ran)
-
-
-def test_cli_bench_runs_json_and_plots(tmp_path):
-    results, plots = tmp_path / "bench.json", tmp_path / "plots"
-    out = run("-m", "maskkv_compile.cli", "bench", "--quick", "--cfg-scale", "0", "--no-floor", "--threads", "1",
-              "--runs", "maskkv", "maskkv-dual", "--json", str(results), "--plots", str(plots))
-    assert "1 threads" in out
-    data = json.loads(results.read_text())
-    assert data["command"].startswith("maskkv-compile bench --quick")
-    runs = {(row["prompt"], row["run"]) for row in data["rows"]}
-    names = {"uncached", "MaskKV budget 4", "MaskKV budget 4 + dual cache"}  # no compiled, prompt or dual cache row
-    assert runs == {(48, name) for name in names}
-    assert all(row["speedup"] > 0 and row["seconds"] > 0 and "1 threads" in row["setup"] for row in data["rows"])
-    for name in ("bench_speedup.png", "bench_memory.png"):
-        assert (plots / name).read_bytes()[:4] == b"\x89PNG", name
-    again = run("-m", "maskkv_compile.bench_plots", str(results), "--out", str(tmp_path / "again"))
-    assert "bench_speedup.png" in again and (tmp_path / "again" / "bench_memory.png").exists()
+    steps = dict(
+        re.findall(r"^(MaskKV.+?) +exact.*\((\d+ steps, \d+) of them re-votes\)", out, re.M)
+    )
+    one_shot, revoting = (
+        steps[name].split(" steps, ") for name in ("MaskKV, one-shot votes", "MaskKV, revote=1")
+    )
+    assert (
+        one_shot[1] == "0" and int(revoting[1]) == int(revoting[0]) > 0
+    )  # every step re-voted, none without
 
 
 def _bench_table(out, prompt):
@@ -148,32 +163,125 @@ def _bench_table(out, prompt):
     return headers, rows
 
 
-def test_cli_bench_floor_columns_and_quick():
-    out = run("-m", "maskkv_compile.cli", "bench", "--quick", "--cfg-scale", "0")
-    headers, rows = _bench_table(out, 48)
+def test_cli_bench_quick_rows_ratios_and_floor_columns(cli):
+    """One ``bench --quick`` (CFG on): every run's row, its ratios, and the floor columns."""
+    out = cli("bench", "--quick")
+    headers, rows = _bench_table(out, 48)  # every row has every column
+    plain = {
+        "uncached",
+        "uncached, torch.compile",
+        "prompt cache (no eviction)",
+        "dual cache (no eviction)",
+        "MaskKV budget 4",
+        "MaskKV budget 4 + dual cache",
+    }
+    assert plain | {"uncached CFG", "MaskKV budget 4, CFG"} <= set(rows)
+    for name in plain - {"uncached"} | {"MaskKV budget 4, CFG"}:
+        # vs uncached (the run asserts CFG ran cached on both halves)
+        assert float(rows[name]["vs uncached"][:-1]) > 0, name
+        if name != "MaskKV budget 4, CFG":
+            # vs compiled (the dual rows: the run asserts block steps ran)
+            assert float(rows[name]["vs compiled"][:-1]) > 0, name
     assert headers[-4:] == ["step ms", "prefill ms", "step/floor", "prefill/forward"]
-    for name in ("prompt cache (no eviction)", "dual cache (no eviction)", "MaskKV budget 4", "MaskKV budget 4 + dual cache"):
+    for name in (
+        "prompt cache (no eviction)",
+        "dual cache (no eviction)",
+        "MaskKV budget 4",
+        "MaskKV budget 4 + dual cache",
+    ):
         row = rows[name]
         assert float(row["step ms"]) > 0 and float(row["prefill ms"]) > 0, row
         assert float(row["step/floor"][:-1]) > 0 and float(row["prefill/forward"][:-1]) > 0, row
     assert rows["uncached"]["step/floor"] == "-"  # the floor is for the cached rows
 
 
-def test_cli_bench_llada_shape_preset_and_compile_sweep():
-    out = run("-m", "maskkv_compile.cli", "bench", "--preset", "llada-shape", "--layers", "1", "--prompt-lens", "64",
-              "--gen-length", "4", "--steps", "4", "--block-length", "2", "--budgets", "8", "--hidden", "128",
-              "--backend", "eager", "--cfg-scale", "0", "--compile-sweep")
+def test_cli_bench_runs_json_and_plots(tmp_path, cli, capsys):
+    results, plots = tmp_path / "bench.json", tmp_path / "plots"
+    out = cli(
+        "bench",
+        "--quick",
+        "--cfg-scale",
+        "0",
+        "--no-floor",
+        "--threads",
+        "1",
+        "--runs",
+        "maskkv",
+        "maskkv-dual",
+        "--json",
+        str(results),
+        "--plots",
+        str(plots),
+    )
+    assert "1 threads" in out
+    data = json.loads(results.read_text())
+    assert data["command"].startswith("maskkv-compile bench --quick")
+    runs = {(row["prompt"], row["run"]) for row in data["rows"]}
+    # no compiled, prompt or dual cache row
+    names = {"uncached", "MaskKV budget 4", "MaskKV budget 4 + dual cache"}
+    assert runs == {(48, name) for name in names}
+    assert all(
+        row["speedup"] > 0 and row["seconds"] > 0 and "1 threads" in row["setup"]
+        for row in data["rows"]
+    )
+    for name in ("bench_speedup.png", "bench_memory.png"):
+        assert (plots / name).read_bytes()[:4] == b"\x89PNG", name
+    assert plots_main([str(results), "--out", str(tmp_path / "again")]) == 0
+    again = capsys.readouterr().out
+    assert "bench_speedup.png" in again and (tmp_path / "again" / "bench_memory.png").exists()
+
+
+def test_cli_bench_llada_shape_preset_and_compile_sweep(cli):
+    out = cli(
+        "bench",
+        "--preset",
+        "llada-shape",
+        "--layers",
+        "1",
+        "--prompt-lens",
+        "64",
+        "--gen-length",
+        "4",
+        "--steps",
+        "4",
+        "--block-length",
+        "2",
+        "--budgets",
+        "8",
+        "--hidden",
+        "128",
+        "--backend",
+        "eager",
+        "--cfg-scale",
+        "0",
+        "--compile-sweep",
+    )
     assert "Llama-style (llada-shape), 1 layers, hidden 128, 1 heads, MLP 384, vocab 126464" in out
     headers, rows = _bench_table(out, 64)
-    assert {"uncached", "uncached, torch.compile", "MaskKV budget 8", "MaskKV budget 8 + dual cache"} <= set(rows)
+    assert {
+        "uncached",
+        "uncached, torch.compile",
+        "MaskKV budget 8",
+        "MaskKV budget 8 + dual cache",
+    } <= set(rows)
     for name in ("MaskKV budget 8", "MaskKV budget 8 + dual cache"):
-        assert float(rows[name]["step/floor"][:-1]) > 0 and float(rows[name]["prefill/forward"][:-1]) > 0
-    sweep = {re.split(r"\s{2,}", line.strip())[0]: re.split(r"\s{2,}", line.strip())
-             for line in out.splitlines() if line.startswith("MaskKV budget 8")}
+        assert (
+            float(rows[name]["step/floor"][:-1]) > 0
+            and float(rows[name]["prefill/forward"][:-1]) > 0
+        )
+    sweep = {
+        re.split(r"\s{2,}", line.strip())[0]: re.split(r"\s{2,}", line.strip())
+        for line in out.splitlines()
+        if line.startswith("MaskKV budget 8")
+    }
     assert set(sweep) == {"MaskKV budget 8", "MaskKV budget 8 + dual cache"}
     for cells in sweep.values():  # cold s, warm s, Inductor compiles, recompiles, new dynamo graphs
         assert float(cells[1]) > 0 and float(cells[2]) > 0
-        assert cells[3:] == ["0", "0", "0"]  # eager backend: no Inductor; the sweep adds no dynamo graph either
+        assert cells[3:] == [
+            "0",
+            "0",
+            "0",
+        ]  # eager backend: no Inductor; the sweep adds no dynamo graph either
 
 
 def test_bench_timed_model_records_transitions_and_rows():
@@ -190,14 +298,34 @@ def test_bench_timed_model_records_transitions_and_rows():
     proxy = TimedModel(opt)
     generate(proxy, prompt, mask_token_id=mask_id, gen_length=8, steps=8, block_length=4)
     kinds = [t for t, _, _ in proxy.calls]
-    assert kinds == ["new", "block_refresh", "block_step", "block_step", "block_refresh", "block_step", "block_step",
-                     "block_step"], kinds
+    assert kinds == [
+        "new",
+        "block_refresh",
+        "block_step",
+        "block_step",
+        "block_refresh",
+        "block_step",
+        "block_step",
+        "block_step",
+    ], kinds
     rows = {t: r.numel() for t, _, r in proxy.calls}
-    assert rows == {"new": 28, "block_refresh": 8, "block_step": 4}, rows  # a block step computes its block alone
+    assert rows == {"new": 28, "block_refresh": 8, "block_step": 4}, (
+        rows
+    )  # a block step computes its block alone
     summary = proxy.summary()
     assert summary["floor_rows"].numel() == 4 and summary["step_s"] > 0 and summary["prefill_s"] > 0
 
 
-def test_cli_help():
-    for sub in ([], ["demo"], ["bench"]):
-        assert "usage" in run("-m", "maskkv_compile.cli", *sub, "--help")
+def test_cli_help(capsys):
+    # the installed console script: the one subprocess here, it checks the entry point
+    dirs = [sysconfig.get_path("scripts"), str(Path(sys.executable).parent)]
+    exe = next(
+        (Path(d) / "maskkv-compile" for d in dirs if (Path(d) / "maskkv-compile").exists()), None
+    )
+    assert exe is not None, f"no maskkv-compile console script in {dirs}"
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "usage: maskkv-compile" in out.stdout, out.stderr[-3000:]
+    for sub in ("demo", "bench"):
+        with pytest.raises(SystemExit) as exit_:
+            cli_main([sub, "--help"])
+        assert exit_.value.code == 0 and f"usage: maskkv-compile {sub}" in capsys.readouterr().out

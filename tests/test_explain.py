@@ -2,14 +2,25 @@
 
 import json
 import logging
-import re
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import MODEL_KINDS, build, prompt_and_masks
+from maskkv_compile.passes import (
+    CachedAttentionPass,
+    CaptureVotesPass,
+    EvictKVPass,
+    FindAttentionPass,
+    MaskOnlyHeadPass,
+    MaskPaddingPass,
+    SliceSequencePass,
+    UnsupportedModelError,
+)
 from torch import nn
 
 import maskkv_compile
@@ -39,11 +50,15 @@ def explain(family="llada", attn="sdpa", budget=BUDGET, prompt_len=PROMPT_LEN, *
 
 
 def added(diff: str) -> str:
-    return "\n".join(line for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++"))
+    return "\n".join(
+        line for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")
+    )
 
 
 def removed(diff: str) -> str:
-    return "\n".join(line for line in diff.splitlines() if line.startswith("-") and not line.startswith("---"))
+    return "\n".join(
+        line for line in diff.splitlines() if line.startswith("-") and not line.startswith("---")
+    )
 
 
 @pytest.mark.parametrize("family,attn", MODEL_KINDS)
@@ -55,7 +70,8 @@ def test_sites_passes_plan_and_diffs(family, attn):
 
     # one site per layer, with the right head counts and spelling
     assert [(s.layer, s.module_path, s.heads, s.kv_heads, s.spelling) for s in report.sites] == [
-        (layer, f"model.layers.{layer}.self_attn", heads, kv_heads, attn + gqa) for layer in range(config.num_hidden_layers)
+        (layer, f"model.layers.{layer}.self_attn", heads, kv_heads, attn + gqa)
+        for layer in range(config.num_hidden_layers)
     ]
     assert report.skipped == () and report.rewritten
 
@@ -64,8 +80,12 @@ def test_sites_passes_plan_and_diffs(family, attn):
     for run in report.passes:
         assert run.changed and run.matches >= 1 and run.ms > 0
     inserted = {(graph, op) for graph, _, op in report.inserted}
-    assert {("canonical", "maskkv::attention"), ("prefill", "maskkv::mask_votes"), ("prefill", "maskkv::select_kv"),
-            ("step", "maskkv::cached_attention")} <= inserted
+    assert {
+        ("canonical", "maskkv::attention"),
+        ("prefill", "maskkv::mask_votes"),
+        ("prefill", "maskkv::select_kv"),
+        ("step", "maskkv::cached_attention"),
+    } <= inserted
     votes = next(r for r in report.passes if r.name == "CaptureVotesPass")
     assert votes.inserted == ("maskkv::mask_votes",) * config.num_hidden_layers
 
@@ -75,14 +95,20 @@ def test_sites_passes_plan_and_diffs(family, attn):
         (layer, kv_heads, BUDGET, kv_heads * BUDGET) for layer in range(config.num_hidden_layers)
     ]
     head_dim = config.hidden_size // heads
-    assert report.kept_bytes == config.num_hidden_layers * kv_heads * BUDGET * 2 * head_dim * 4  # K+V, float32
+    assert (
+        report.kept_bytes == config.num_hidden_layers * kv_heads * BUDGET * 2 * head_dim * 4
+    )  # K+V, float32
 
     # before: the bare attention; after: maskkv:: ops instead
     bare = BARE_ATTENTION[attn]
     assert bare in report.captured_code
     prefill, step = report.diff("prefill"), report.diff("step")
-    assert prefill.startswith("--- captured\n+++ prefill\n") and step.startswith("--- captured\n+++ step\n")
-    assert "torch.ops.maskkv.mask_votes" in added(prefill) and "torch.ops.maskkv.select_kv" in added(prefill)
+    assert prefill.startswith("--- captured\n+++ prefill\n") and step.startswith(
+        "--- captured\n+++ step\n"
+    )
+    assert "torch.ops.maskkv.mask_votes" in added(
+        prefill
+    ) and "torch.ops.maskkv.select_kv" in added(prefill)
     assert "torch.ops.maskkv.cached_attention" in added(step)
     for graph, diff in (("prefill", prefill), ("step", step)):
         assert bare in removed(diff) and bare not in added(diff)
@@ -91,8 +117,13 @@ def test_sites_passes_plan_and_diffs(family, attn):
     # the summary
     text = str(report)
     assert type(build(family, attn)).__name__ in text
-    for needle in ("model.layers.1.self_attn", "CachedAttentionPass", "maskkv::mask_votes x2",
-                   f"{kv_heads} x {BUDGET} = {kv_heads * BUDGET}", attn + gqa):
+    for needle in (
+        "model.layers.1.self_attn",
+        "CachedAttentionPass",
+        "maskkv::mask_votes x2",
+        f"{kv_heads} x {BUDGET} = {kv_heads * BUDGET}",
+        attn + gqa,
+    ):
         assert needle in text
 
 
@@ -190,29 +221,44 @@ def leaky_input():
 
 def test_site_whose_probabilities_are_also_returned_is_skipped_with_the_reason():
     torch.manual_seed(0)
-    report = maskkv_compile.explain(LeakyProbs().eval(), leaky_input(), budget=4, mask_token_id=MASK)
-    assert [(s.layer, s.module_path, s.spelling) for s in report.sites] == [(0, "layers.0", "eager")]
+    report = maskkv_compile.explain(
+        LeakyProbs().eval(), leaky_input(), budget=4, mask_token_id=MASK
+    )
+    assert [(s.layer, s.module_path, s.spelling) for s in report.sites] == [
+        (0, "layers.0", "eager")
+    ]
     assert len(report.skipped) == 1
     reason = report.skipped[0]
-    assert reason.startswith("layers.1 (") and "attention probabilities" in reason and "also used by" in reason
+    assert (
+        reason.startswith("layers.1 (")
+        and "attention probabilities" in reason
+        and "also used by" in reason
+    )
     find = next(r for r in report.passes if r.name == "FindAttentionPass")
     assert find.matches == 1 and find.skipped == report.skipped
     text = str(report)
     assert "1 rewritten, 1 skipped" in text and "also used by" in text
     # the rewritten graph still holds the refused layer's softmax, the other one is gone
-    assert report.code("prefill").count("torch.softmax") == 1 and report.captured_code.count("torch.softmax") == 2
+    assert (
+        report.code("prefill").count("torch.softmax") == 1
+        and report.captured_code.count("torch.softmax") == 2
+    )
 
 
 def test_strict_pipeline_refuses_what_explain_reports():
     torch.manual_seed(0)
-    optimized = maskkv_compile.optimize(LeakyProbs().eval(), budget=4, mask_token_id=MASK, backend="eager")
+    optimized = maskkv_compile.optimize(
+        LeakyProbs().eval(), budget=4, mask_token_id=MASK, backend="eager"
+    )
     with pytest.raises(UnsupportedModelError, match="also used by"):
         optimized(leaky_input())
 
 
 def test_every_site_refused_gives_a_report_without_rewritten_graphs():
     torch.manual_seed(0)
-    report = maskkv_compile.explain(LeakyProbs(layers=1, leak=(0,)).eval(), leaky_input(), budget=4, mask_token_id=MASK)
+    report = maskkv_compile.explain(
+        LeakyProbs(layers=1, leak=(0,)).eval(), leaky_input(), budget=4, mask_token_id=MASK
+    )
     assert not report.rewritten and report.sites == [] and report.plan == []
     assert len(report.skipped) == 1 and "also used by" in report.skipped[0]
     assert "nothing was rewritten" in str(report)
@@ -243,7 +289,9 @@ def test_to_html_highlights_the_inserted_ops(tmp_path):
 def expected_dump_names():
     return {
         f"maskkv.{graph}.{i}.{name}.{when}.py"
-        for graph, names in PASSES.items() for i, name in enumerate(names) for when in ("before", "after")
+        for graph, names in PASSES.items()
+        for i, name in enumerate(names)
+        for when in ("before", "after")
     }
 
 
@@ -251,7 +299,9 @@ def without_comments(source: str) -> str:
     return "\n".join(line for line in source.splitlines() if not line.lstrip().startswith("#"))
 
 
-FLAT = re.compile(r"\b[Ll]_(?:args|self|kwargs)_|_(?:modules|parameters|buffers)_")  # dynamo's flattened names
+FLAT = re.compile(
+    r"\b[Ll]_(?:args|self|kwargs)_|_(?:modules|parameters|buffers)_"
+)  # dynamo's flattened names
 
 
 def assert_readable(text: str):
@@ -270,16 +320,24 @@ def test_debug_dir_dumps_every_graph_before_and_after_every_pass_readably(tmp_pa
         assert source.startswith(f"# {name[:-3]}: written by maskkv_compile")
         assert "class GraphModule(torch.nn.Module):" in source and "def forward(self" in source
         assert_readable(source)
-        assert " = model.layers.0.self_attn.q_proj.weight\n" not in source  # dynamo's rebinding lines dropped
-    code = {name: without_comments(source) for name, source in files.items()}  # comments quote the model source
+        assert (
+            " = model.layers.0.self_attn.q_proj.weight\n" not in source
+        )  # dynamo's rebinding lines dropped
+    code = {
+        name: without_comments(source) for name, source in files.items()
+    }  # comments quote the model source
     assert "scaled_dot_product_attention" in code["maskkv.canonical.0.FindAttentionPass.before.py"]
-    assert "scaled_dot_product_attention" not in code["maskkv.canonical.0.FindAttentionPass.after.py"]
+    assert (
+        "scaled_dot_product_attention" not in code["maskkv.canonical.0.FindAttentionPass.after.py"]
+    )
     assert "torch.ops.maskkv.mask_votes" not in code["maskkv.prefill.1.CaptureVotesPass.before.py"]
     assert "torch.ops.maskkv.mask_votes" in code["maskkv.prefill.1.CaptureVotesPass.after.py"]
     assert "torch.ops.maskkv.cached_attention" in code["maskkv.step.1.CachedAttentionPass.after.py"]
     # a pass's "before" is the previous pass's "after"
-    assert files["maskkv.prefill.2.EvictKVPass.before.py"].split("\n", 1)[1] == \
-        files["maskkv.prefill.1.CaptureVotesPass.after.py"].split("\n", 1)[1]
+    assert (
+        files["maskkv.prefill.2.EvictKVPass.before.py"].split("\n", 1)[1]
+        == files["maskkv.prefill.1.CaptureVotesPass.after.py"].split("\n", 1)[1]
+    )
 
 
 class Collect(logging.Handler):
@@ -309,16 +367,26 @@ def test_graphs_go_to_the_graph_logger_and_to_structured_trace():
     logged = [record.getMessage() for record in graph_handler.records]
     assert len(logged) == len(names)
     for message in logged:  # lazy_format_graph_code's format, which depyf and TORCH_LOGS show
-        assert message.startswith("TRACED GRAPH\n ===== maskkv.") and "class GraphModule(torch.nn.Module)" in message
+        assert (
+            message.startswith("TRACED GRAPH\n ===== maskkv.")
+            and "class GraphModule(torch.nn.Module)" in message
+        )
         assert_readable(message)
-    assert any("===== maskkv.prefill.1.CaptureVotesPass.after =====" in m and "torch.ops.maskkv.mask_votes" in m
-               for m in logged)
+    assert any(
+        "===== maskkv.prefill.1.CaptureVotesPass.after =====" in m
+        and "torch.ops.maskkv.mask_votes" in m
+        for m in logged
+    )
     artifacts = {
-        r.metadata["artifact"]["name"]: r.payload for r in trace_handler.records
-        if "artifact" in getattr(r, "metadata", {}) and r.metadata["artifact"]["name"].startswith("maskkv.")
+        r.metadata["artifact"]["name"]: r.payload
+        for r in trace_handler.records
+        if "artifact" in getattr(r, "metadata", {})
+        and r.metadata["artifact"]["name"].startswith("maskkv.")
     }
     assert set(artifacts) == names
-    assert "torch.ops.maskkv.cached_attention" in artifacts["maskkv.step.1.CachedAttentionPass.after"]
+    assert (
+        "torch.ops.maskkv.cached_attention" in artifacts["maskkv.step.1.CachedAttentionPass.after"]
+    )
     for payload in artifacts.values():
         assert_readable(payload)
 
@@ -352,41 +420,83 @@ def test_rewritten_graphs_are_deterministic_and_follow_the_config():
 # -- CLI and example ------------------------------------------------------------------------------
 
 
-def run(*args, timeout=300):
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
-
-
-def test_cli_diff(tmp_path):
+def test_cli_diff(tmp_path, cli):
     html = tmp_path / "diff.html"
-    out = run("-m", "maskkv_compile.cli", "diff", "--model", "tiny-qwen2", "--attn", "eager", "--budget", "8",
-              "--prompt-len", "16", "--gen-length", "8", "--html", str(html), "--model-explorer", str(tmp_path / "me.json"))
+    out = cli(
+        "diff",
+        "--model",
+        "tiny-qwen2",
+        "--attn",
+        "eager",
+        "--budget",
+        "8",
+        "--prompt-len",
+        "16",
+        "--gen-length",
+        "8",
+        "--html",
+        str(html),
+        "--model-explorer",
+        str(tmp_path / "me.json"),
+    )
     assert "MaskKV explain: Qwen2ForCausalLM" in out and "eager+gqa" in out and "2 x 8 = 16" in out
-    assert "=== prefill graph: captured -> rewritten ===" in out and "=== step graph: captured -> rewritten ===" in out
+    assert (
+        "=== prefill graph: captured -> rewritten ===" in out
+        and "=== step graph: captured -> rewritten ===" in out
+    )
     assert "+++ prefill" in out and "+++ step" in out
     assert "=== per attention site: what was matched and inserted ===" in out
-    assert "== layer 1: model.layers.1.self_attn (eager+gqa) ==" in out and "unchanged lines ..." in out
+    assert (
+        "== layer 1: model.layers.1.self_attn (eager+gqa) ==" in out
+        and "unchanged lines ..." in out
+    )
     assert "_modules_" not in out and "_parameters_" not in out
     assert "torch.ops.maskkv.mask_votes" in out and "torch.ops.maskkv.cached_attention" in out
     page = html.read_text()
-    assert '<mark class="maskkv">' in page and page.count("<svg xmlns") == 3 * 2 + 3  # 3 views per layer, + outside
+    assert (
+        '<mark class="maskkv">' in page and page.count("<svg xmlns") == 3 * 2 + 3
+    )  # 3 views per layer, + outside
     graphs = json.loads((tmp_path / "me.json").read_text())["graphs"]
     assert [g["id"] for g in graphs] == ["captured", "canonical", "prefill", "step"]
     assert f"Model Explorer graphs written to {tmp_path / 'me.json'}" in out
 
 
-def test_cli_diff_help():
-    out = run("-m", "maskkv_compile.cli", "diff", "--help")
-    for option in ("--model", "tiny-llama", "tiny-qwen2", "--budget", "--html", "--attn", "--model-explorer"):
-        assert option in out
-    assert "diff" in run("-m", "maskkv_compile.cli", "--help")
+def test_cli_diff_help(capsys):
+    from maskkv_compile.cli import main as cli_main
+
+    for argv in (["diff", "--help"], ["--help"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(argv)
+        assert exit_.value.code == 0
+        out = capsys.readouterr().out
+        if argv[0] == "diff":
+            options = (
+                "--model",
+                "tiny-llama",
+                "tiny-qwen2",
+                "--budget",
+                "--html",
+                "--attn",
+                "--model-explorer",
+            )
+            for option in options:
+                assert option in out
+    assert "diff" in out
 
 
-def test_explain_diff_example(tmp_path):
+def test_explain_diff_example(tmp_path, script):
     html = tmp_path / "example.html"
-    out = run("examples/explain_diff.py", "--html", str(html), "--model-explorer", str(tmp_path / "me.json"))
+    out = script(
+        "examples/explain_diff.py",
+        "--html",
+        str(html),
+        "--model-explorer",
+        str(tmp_path / "me.json"),
+    )
     assert "attention sites: 2 rewritten, 0 skipped" in out and "eager+gqa" in out
     assert "inserted ops: maskkv::attention, maskkv::cached_attention" in out
     assert "+++ step" in out and "torch.ops.maskkv.cached_attention" in out
-    assert html.exists() and json.loads((tmp_path / "me.json").read_text())["label"] == "MaskKV: Qwen2ForCausalLM"
+    assert (
+        html.exists()
+        and json.loads((tmp_path / "me.json").read_text())["label"] == "MaskKV: Qwen2ForCausalLM"
+    )

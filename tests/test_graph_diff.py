@@ -1,4 +1,5 @@
-"""graph_diff: readable names, wrapped/folded diffs, the per-site structural diff and the HTML page."""
+"""graph_diff: readable names, wrapped/folded diffs, the per-site structural diff and the HTML
+page."""
 
 import re
 import shutil
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import build, prompt_and_masks
 
 import maskkv_compile
 from maskkv_compile.graph_diff import folded_diff
@@ -17,12 +19,21 @@ from helpers import build, prompt_and_masks
 FLAT = re.compile(r"_(?:modules|parameters|buffers)_")
 # what each rewritten graph inserts at every attention site
 SITE_OPS = {
-    "prefill": {"maskkv::mask_votes", "maskkv::selection_scores", "maskkv::head_budgets", "maskkv::select_kv"},
+    "prefill": {
+        "maskkv::mask_votes",
+        "maskkv::selection_scores",
+        "maskkv::head_budgets",
+        "maskkv::select_kv",
+    },
     "step": {"maskkv::cached_attention"},
 }
 
 
-@pytest.fixture(scope="module", params=[("llada", "sdpa"), ("dream", "eager")], ids=["llada-sdpa", "dream-eager"])
+@pytest.fixture(
+    scope="module",
+    params=[("llada", "sdpa"), ("dream", "eager")],
+    ids=["llada-sdpa", "dream-eager"],
+)
 def report(request):
     family, attn = request.param
     model = build(family, attn)
@@ -31,10 +42,16 @@ def report(request):
 
 
 def test_readable_name():
-    flat = "L_args_0_modules_model_modules_layers_modules_0_modules_self_attn_modules_q_proj_parameters_weight_"
+    flat = (
+        "L_args_0_modules_model_modules_layers_modules_0_modules_self_attn_modules_q_proj"
+        "_parameters_weight_"
+    )
     assert readable_name(flat) == "model.layers.0.self_attn.q_proj.weight"
     assert readable_name(flat.replace("L_", "l_", 1)) == "model.layers.0.self_attn.q_proj.weight"
-    assert readable_name("L_self_modules_model_modules_rotary_emb_buffers_inv_freq_") == "model.rotary_emb.inv_freq"
+    assert (
+        readable_name("L_self_modules_model_modules_rotary_emb_buffers_inv_freq_")
+        == "model.rotary_emb.inv_freq"
+    )
     assert readable_name("L_kwargs_input_ids_") == "input_ids"
     for name in ("q_embed", "getitem_13", "key_valid", "attention_default_1"):
         assert readable_name(name) == name
@@ -43,16 +60,31 @@ def test_readable_name():
 def test_wrap_and_fold():
     line = "    def forward(self, " + ", ".join(f"argument_number_{i}" for i in range(40)) + "):"
     pieces = wrap(line, 60)
-    assert all(len(p) <= 60 for p in pieces) and "".join(p.strip() for p in pieces).replace(",", ", ").count("argument_number_") == 40
+    assert (
+        all(len(p) <= 60 for p in pieces)
+        and "".join(p.strip() for p in pieces).replace(",", ", ").count("argument_number_") == 40
+    )
     assert all(p.startswith("        ") for p in pieces[1:])
     assert wrap("x" * 80, 50) == ["x" * 50, "    " + "x" * 30]
-    typed = '        out: "f32[1, 4, s27, 16][64*s27, 16, 64, 1]cpu" = torch.ops.maskkv.attention.default(q, k, v, 0.25)'
+    typed = (
+        '        out: "f32[1, 4, s27, 16][64*s27, 16, 64, 1]cpu" = '
+        "torch.ops.maskkv.attention.default(q, k, v, 0.25)"
+    )
     pieces = wrap(typed, 60)
-    assert all(len(p) <= 60 and p.count('"') % 2 == 0 for p in pieces), pieces  # not broken inside the string
-    comment = "        # File: transformers/models/qwen2/modeling_qwen2.py:350 in forward, code: x = self.embed(ids)"
+    assert all(len(p) <= 60 and p.count('"') % 2 == 0 for p in pieces), (
+        pieces
+    )  # not broken inside the string
+    comment = (
+        "        # File: transformers/models/qwen2/modeling_qwen2.py:350 in forward, "
+        "code: x = self.embed(ids)"
+    )
     assert all(p.startswith("        #") and len(p) <= 60 for p in wrap(comment, 60))
-    rebinding = "        l_kwargs_input_ids_ = L_kwargs_input_ids_\n        y = f(l_kwargs_input_ids_)"
-    assert readable_code(rebinding) == "        y = f(input_ids)"  # dynamo's rebinding, "x = x" once renamed, dropped
+    rebinding = (
+        "        l_kwargs_input_ids_ = L_kwargs_input_ids_\n        y = f(l_kwargs_input_ids_)"
+    )
+    assert (
+        readable_code(rebinding) == "        y = f(input_ids)"
+    )  # dynamo's rebinding, "x = x" once renamed, dropped
     before = "\n".join(f"line {i}" for i in range(50))
     after = before.replace("line 25", "line twenty-five")
     diff = folded_diff(before, after, "a", "b", context=2)
@@ -63,12 +95,21 @@ def test_wrap_and_fold():
 
 def test_text_forms_have_module_paths_and_bounded_lines(report):
     for graph in ("prefill", "step"):
-        for text in (report.diff(graph), report.structural(graph), report.code(graph), report.code("captured")):
-            assert not FLAT.search(text), [line for line in text.splitlines() if FLAT.search(line)][:3]
+        for text in (
+            report.diff(graph),
+            report.structural(graph),
+            report.code(graph),
+            report.code("captured"),
+        ):
+            assert not FLAT.search(text), [line for line in text.splitlines() if FLAT.search(line)][
+                :3
+            ]
             assert max(len(line) for line in text.splitlines()) <= WIDTH
         diff = report.diff(graph)
         assert "model.layers.0.self_attn.q_proj.weight" in report.code(graph)
-        assert FLAT.search(report.code(graph, readable=False))  # the GraphModule's own code, on request
+        assert FLAT.search(
+            report.code(graph, readable=False)
+        )  # the GraphModule's own code, on request
         assert "model.norm.weight" in diff  # the signature's last unchanged lines, as context
         assert re.search(r"^  \.\.\. \d+ unchanged lines \.\.\.$", diff, re.M)
     assert max(len(line) for line in report.diff("prefill", width=60).splitlines()) <= 60
@@ -85,7 +126,10 @@ def test_structural_diff_lists_every_site_and_every_inserted_op(report):
             assert set(site.graphs[graph].maskkv_ops) == ops, (site.layer, graph)
         assert site.graphs["prefill"].outputs, "kept K/V and votes become prefill outputs"
         assert [n.op for n in site.graphs["step"].removed] == ["maskkv::attention"]
-        assert {name.rsplit("_", 1)[0] for name in site.graphs["step"].inputs} >= {"kept_k", "kept_v"}
+        assert {name.rsplit("_", 1)[0] for name in site.graphs["step"].inputs} >= {
+            "kept_k",
+            "kept_v",
+        }
     # every maskkv:: op the passes report inserting into prefill/step is attributed to a site
     for graph in SITE_OPS:
         reported = sorted(op for g, _, op in report.inserted if g == graph)
@@ -99,17 +143,21 @@ def test_structural_diff_lists_every_site_and_every_inserted_op(report):
 
 
 def test_html_is_self_contained_with_the_site_table_first(report, tmp_path):
-    page = (tmp_path / "r.html")
+    page = tmp_path / "r.html"
     report.to_html(page)
     text = page.read_text()
     assert not re.search(r"(?:src|href)\s*=\s*['\"]?(?:https?:)?//", text) and "<script" not in text
-    assert "@import" not in text and not re.search(r"url\((?!#)", text)  # only in-page references (SVG arrow markers)
+    assert "@import" not in text and not re.search(
+        r"url\((?!#)", text
+    )  # only in-page references (SVG arrow markers)
     assert not FLAT.search(text)
     # the site table, then each site's section, before the summary and the line diffs
     table, first_site = text.index("<table class='sites'>"), text.index("id='site-0'")
-    assert table < first_site < text.index("<pre class='summary'>") < text.index('<table class="diff"')
+    assert (
+        table < first_site < text.index("<pre class='summary'>") < text.index('<table class="diff"')
+    )
     for site in report.sites:
-        section = text[text.index(f"id='site-{site.layer}'"):]
+        section = text[text.index(f"id='site-{site.layer}'") :]
         section = section[: section.index("</section>")]
         for op in set().union(*SITE_OPS.values()):
             assert f'<mark class="maskkv">{op}</mark>' in section
@@ -117,35 +165,60 @@ def test_html_is_self_contained_with_the_site_table_first(report, tmp_path):
 
 
 def test_site_diffs_checks_the_graph_name():
-    report = maskkv_compile.explain(build("llada", "sdpa"), prompt_and_masks(build("llada", "sdpa"), 16, 8)[1], budget=8)
+    report = maskkv_compile.explain(
+        build("llada", "sdpa"), prompt_and_masks(build("llada", "sdpa"), 16, 8)[1], budget=8
+    )
     with pytest.raises(ValueError, match="graph must be one of"):
         report.site_diffs(("nope",))
 
 
-def test_debug_dumps_read_by_module_path(tmp_path, monkeypatch):
+def test_debug_dumps_read_by_module_path(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MASKKV_DEBUG_DIR", str(tmp_path))
     model = build("llada", "sdpa")
     maskkv_compile.explain(model, prompt_and_masks(model, 16, 8)[1], budget=8)
     before = tmp_path / "maskkv.prefill.2.EvictKVPass.before.py"
     after = tmp_path / "maskkv.prefill.2.EvictKVPass.after.py"
     dump = before.read_text()
-    assert "model.layers.0.self_attn.q_proj.weight" in dump and "L_args_0_modules" not in dump and not FLAT.search(dump)
+    assert (
+        "model.layers.0.self_attn.q_proj.weight" in dump
+        and "L_args_0_modules" not in dump
+        and not FLAT.search(dump)
+    )
     assert max(len(line) for line in dump.splitlines()) <= WIDTH
-    root = Path(__file__).resolve().parent.parent
-    one = subprocess.run([sys.executable, "-m", "maskkv_compile.graph_diff", str(before)], cwd=root,
-                         capture_output=True, text=True, check=True).stdout
+    # python -m maskkv_compile.graph_diff FILE [FILE2], in this process
+    capsys.readouterr()
+    assert graph_diff_main([str(before)]) == 0
+    one = capsys.readouterr().out
     assert "model.layers.0.self_attn.q_proj.weight" in one and not FLAT.search(one)
-    two = subprocess.run([sys.executable, "-m", "maskkv_compile.graph_diff", str(before), str(after)], cwd=root,
-                         capture_output=True, text=True, check=True).stdout
+    assert graph_diff_main([str(before), str(after)]) == 0
+    two = capsys.readouterr().out
     assert "torch.ops.maskkv.select_kv" in two and "unchanged lines ..." in two
     assert max(len(line) for line in (one + two).splitlines()) <= WIDTH
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium (apt-get install chromium)")
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="no chromium (apt-get install chromium)"
+)
 def test_screenshot_script(tmp_path):
     root = Path(__file__).resolve().parent.parent
-    subprocess.run([sys.executable, "scripts/screenshot_report.py", "--model", "tiny-llama", "--out", str(tmp_path),
-                    "--width", "1280", "--height", "600"], cwd=root, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "scripts/screenshot_report.py",
+            "--model",
+            "tiny-llama",
+            "--out",
+            str(tmp_path),
+            "--width",
+            "1280",
+            "--height",
+            "600",
+        ],
+        cwd=root,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     assert (tmp_path / "explain_report_tiny-llama.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -153,12 +226,13 @@ def test_screenshot_script(tmp_path):
 
 
 def svg_nodes(section: str, graph: str) -> list:
-    """The <g class="node ..."> elements of one view's <svg>, parsed as XML (the SVG is well formed)."""
+    """The <g class="node ..."> elements of one view's <svg>, parsed as XML (the SVG is well
+    formed)."""
     import xml.etree.ElementTree as ET
 
     start = section.index(f'data-graph="{graph}"')
     start = section.rindex("<svg", 0, start)
-    root = ET.fromstring(section[start: section.index("</svg>", start) + len("</svg>")])
+    root = ET.fromstring(section[start : section.index("</svg>", start) + len("</svg>")])
     ns = "{http://www.w3.org/2000/svg}"
     nodes = [g for g in root.iter(f"{ns}g") if "node" in g.get("class", "").split()]
     edges = [g for g in root.iter(f"{ns}g") if g.get("class") == "edge"]
@@ -174,18 +248,30 @@ def test_every_site_has_a_view_with_every_inserted_op_drawn(report, tmp_path):
     text = page.read_text()
     sites = report.site_diffs()
     for site in report.sites:
-        section = text[text.index(f"id='site-{site.layer}'"):]
+        section = text[text.index(f"id='site-{site.layer}'") :]
         section = section[: section.index("</section>")]
-        assert section.count("<svg") == 3 and section.index("<svg") < section.index("matched in the captured graph")
+        assert section.count("<svg") == 3 and section.index("<svg") < section.index(
+            "matched in the captured graph"
+        )
         removed = [g for g in svg_nodes(section, "captured") if "removed" in g.get("class")]
         diff = next(s for s in sites if s.layer == site.layer)
         assert len(removed) == len(diff.matched)  # every node the canonical pass replaced
         for graph, ops in SITE_OPS.items():
-            drawn = [g.get("data-op") for g in svg_nodes(section, graph) if "maskkv" in g.get("class").split()]
-            assert sorted(op for op in drawn if op != "maskkv::attention") == sorted(diff.graphs[graph].maskkv_ops)
+            drawn = [
+                g.get("data-op")
+                for g in svg_nodes(section, graph)
+                if "maskkv" in g.get("class").split()
+            ]
+            assert sorted(op for op in drawn if op != "maskkv::attention") == sorted(
+                diff.graphs[graph].maskkv_ops
+            )
             assert set(drawn) >= ops
         assert "maskkv::attention" in [g.get("data-op") for g in svg_nodes(section, "prefill")]
-        step_inputs = {g.get("data-node") for g in svg_nodes(section, "step") if "input" in g.get("class").split()}
+        step_inputs = {
+            g.get("data-node")
+            for g in svg_nodes(section, "step")
+            if "input" in g.get("class").split()
+        }
         assert {f"kept_k_{site.layer}", f"kept_v_{site.layer}"} <= step_inputs
         outputs = [g for g in svg_nodes(section, "prefill") if "output" in g.get("class").split()]
         assert len(outputs) == 1  # the kept K/V and votes became graph outputs
@@ -211,33 +297,61 @@ def test_model_explorer_export_structure(report, tmp_path):
     path = tmp_path / "me.json"
     assert report.to_model_explorer(path) == str(path)
     data = json.loads(path.read_text())
-    # the shape Model Explorer's JSON loader takes: a graph collection {label, graphs: [{id, nodes}]}
-    assert data["label"].startswith("MaskKV: ") and [g["id"] for g in data["graphs"]] == ["captured", "canonical", "prefill", "step"]
-    node_keys = {"id", "label", "namespace", "attrs", "incomingEdges", "outputsMetadata", "style"}  # graph_builder.GraphNode fields
+    # the shape Model Explorer's JSON loader takes: a graph collection
+    # {label, graphs: [{id, nodes}]}
+    assert data["label"].startswith("MaskKV: ") and [g["id"] for g in data["graphs"]] == [
+        "captured",
+        "canonical",
+        "prefill",
+        "step",
+    ]
+    node_keys = {
+        "id",
+        "label",
+        "namespace",
+        "attrs",
+        "incomingEdges",
+        "outputsMetadata",
+        "style",
+    }  # graph_builder.GraphNode fields
     by_graph = {}
     for graph in data["graphs"]:
         assert set(graph) <= {"id", "nodes", "groupNodeAttributes"}
         ids = [n["id"] for n in graph["nodes"]]
         assert len(ids) == len(set(ids))
         for node in graph["nodes"]:
-            assert set(node) <= node_keys and {"id", "label", "namespace", "incomingEdges"} <= set(node)
-            assert all(set(e) == {"sourceNodeId", "sourceNodeOutputId", "targetNodeInputId"} and e["sourceNodeId"] in ids
-                       for e in node["incomingEdges"])
-            assert all(set(a) == {"key", "value"} and isinstance(a["value"], str) for a in node["attrs"])
+            assert set(node) <= node_keys and {"id", "label", "namespace", "incomingEdges"} <= set(
+                node
+            )
+            assert all(
+                set(e) == {"sourceNodeId", "sourceNodeOutputId", "targetNodeInputId"}
+                and e["sourceNodeId"] in ids
+                for e in node["incomingEdges"]
+            )
+            assert all(
+                set(a) == {"key", "value"} and isinstance(a["value"], str) for a in node["attrs"]
+            )
             assert not FLAT.search(node["label"] + node["namespace"])
         by_graph[graph["id"]] = {n["id"]: n for n in graph["nodes"]}
     # the same fx name is the same id in every graph (Model Explorer's "Match node id" sync)
     shared = set(by_graph["captured"]) & set(by_graph["step"])
     assert "input_ids" in {by_graph["step"][i]["label"] for i in shared}
     for graph, ops in SITE_OPS.items():
-        inserted = [n for n in by_graph[graph].values() if n["label"].startswith("maskkv::") and "style" in n]
+        inserted = [
+            n
+            for n in by_graph[graph].values()
+            if n["label"].startswith("maskkv::") and "style" in n
+        ]
         expected = sorted(op for g, _, op in report.inserted if g == graph)
         assert sorted(n["label"] for n in inserted if n["label"] != "maskkv::attention") == expected
         for site in report.sites:  # inserted ops are grouped under their attention module
             namespace = site.module_path.replace(".", "/")
             assert {n["label"] for n in inserted if n["namespace"] == namespace} >= ops
-    q_proj = next(n for n in by_graph["prefill"].values() if n["namespace"] == "model/layers/0/self_attn/q_proj"
-                  and n["label"] == "weight")
+    q_proj = next(
+        n
+        for n in by_graph["prefill"].values()
+        if n["namespace"] == "model/layers/0/self_attn/q_proj" and n["label"] == "weight"
+    )
     assert {"key": "node", "value": "model.layers.0.self_attn.q_proj.weight"} in q_proj["attrs"]
     replaced = [n for n in by_graph["captured"].values() if "style" in n]
     assert len(replaced) == sum(len(s.matched) for s in report.site_diffs())

@@ -7,10 +7,13 @@ loop over rows and drop what a row may not see, rather than masking.
 
 import pytest
 import torch
-from torch.library import opcheck
-
-from maskkv_compile.kernels import cached_attention_reference, mask_votes_reference, select_kv_reference
+from maskkv_compile.kernels import (
+    cached_attention_reference,
+    mask_votes_reference,
+    select_kv_reference,
+)
 from maskkv_compile.kernels.select_kv import pad_kept
+from torch.library import opcheck
 
 
 def qkv(batch=2, heads=4, kv_heads=2, seq=13, dim=8, dtype=torch.float32, seed=0):
@@ -50,7 +53,9 @@ def naive_votes(q, k, voter_idx, prompt_idx, scale, key_valid, voter_valid, prom
         keys = key_valid[b].nonzero().flatten().tolist()
         voters = [int(voter_idx[r]) for r in range(voter_idx.numel()) if voter_valid[b, r]]
         for h in range(heads):
-            probs = torch.softmax(q[b, h, voters].double() @ k[b, h // group, keys].double().T * scale, -1)
+            probs = torch.softmax(
+                q[b, h, voters].double() @ k[b, h // group, keys].double().T * scale, -1
+            )
             for j in range(prompt_idx.numel()):
                 pos = int(prompt_idx[j])
                 if prompt_valid[b, j] and pos in keys:
@@ -65,8 +70,12 @@ def naive_votes(q, k, voter_idx, prompt_idx, scale, key_valid, voter_valid, prom
 def test_attention(kv_heads, softmax_dtype):
     q, k, v = qkv(kv_heads=kv_heads, dtype=torch.float64)
     out = torch.ops.maskkv.attention(q, k, v, 0.3, softmax_dtype)
-    torch.testing.assert_close(out, naive_attention(q, k, v, 0.3), atol=1e-6 if softmax_dtype else 1e-12, rtol=1e-6)
-    opcheck(torch.ops.maskkv.attention.default, (q.float(), k.float(), v.float(), 0.3, softmax_dtype))
+    torch.testing.assert_close(
+        out, naive_attention(q, k, v, 0.3), atol=1e-6 if softmax_dtype else 1e-12, rtol=1e-6
+    )
+    opcheck(
+        torch.ops.maskkv.attention.default, (q.float(), k.float(), v.float(), 0.3, softmax_dtype)
+    )
 
 
 @pytest.mark.parametrize("softmax_dtype", [None, torch.float32])
@@ -77,26 +86,38 @@ def test_attention_padding_keys(softmax_dtype):
     key_valid[1, [5, 12]] = False
     out = torch.ops.maskkv.attention(q, k, v, 0.3, softmax_dtype, key_valid)
     keep = [[key_valid[b].nonzero().flatten().tolist()] * 2 for b in range(2)]
-    torch.testing.assert_close(out, naive_attention(q, k, v, 0.3, keep), atol=1e-6 if softmax_dtype else 1e-12, rtol=1e-6)
+    torch.testing.assert_close(
+        out, naive_attention(q, k, v, 0.3, keep), atol=1e-6 if softmax_dtype else 1e-12, rtol=1e-6
+    )
     # all True is plain attention
-    plain = torch.ops.maskkv.attention(q, k, v, 0.3, softmax_dtype, torch.ones(2, 13, dtype=torch.bool))
+    plain = torch.ops.maskkv.attention(
+        q, k, v, 0.3, softmax_dtype, torch.ones(2, 13, dtype=torch.bool)
+    )
     torch.testing.assert_close(plain, torch.ops.maskkv.attention(q, k, v, 0.3, softmax_dtype))
-    opcheck(torch.ops.maskkv.attention.default, (q.float(), k.float(), v.float(), 0.3, softmax_dtype, key_valid))
+    opcheck(
+        torch.ops.maskkv.attention.default,
+        (q.float(), k.float(), v.float(), 0.3, softmax_dtype, key_valid),
+    )
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_mask_votes(kv_heads):
     q, k, _ = qkv(kv_heads=kv_heads, seq=23)
     voters, prompt = torch.arange(15, 23), torch.arange(15)
-    votes, mass = torch.ops.maskkv.mask_votes(q, k, voters, prompt, 0.35, 3)  # chunk 3: several chunks
+    votes, mass = torch.ops.maskkv.mask_votes(
+        q, k, voters, prompt, 0.35, 3
+    )  # chunk 3: several chunks
     group = 4 // kv_heads
     for b in range(2):
         for h in range(4):
-            probs = torch.softmax(q[b, h, voters] @ k[b, h // group].T * 0.35, -1)  # (R, S), materialized
+            probs = torch.softmax(
+                q[b, h, voters] @ k[b, h // group].T * 0.35, -1
+            )  # (R, S), materialized
             torch.testing.assert_close(mass[b, h], probs[:, :15].sum(), atol=1e-5, rtol=1e-5)
         for g in range(kv_heads):
             expected = sum(
-                torch.softmax(q[b, h, voters] @ k[b, g].T * 0.35, -1)[:, :15].sum(0) for h in range(g * group, (g + 1) * group)
+                torch.softmax(q[b, h, voters] @ k[b, g].T * 0.35, -1)[:, :15].sum(0)
+                for h in range(g * group, (g + 1) * group)
             )
             torch.testing.assert_close(votes[b, g], expected, atol=1e-5, rtol=1e-5)
     opcheck(torch.ops.maskkv.mask_votes.default, (q, k, voters, prompt, 0.35, 3))
@@ -120,7 +141,10 @@ def vote_masks(batch=2, seq=23, n_voters=8, n_prompt=15, seed=7):
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_mask_votes_with_masks_equals_reference(kv_heads, chunk):
     q, k, _ = qkv(kv_heads=kv_heads, seq=23)
-    voters, prompt = torch.arange(16, 23), torch.tensor([0, 1, 2, 3, 5, 7, 8, 9, 10, 11, 12, 13, 14, 15, 20])
+    voters, prompt = (
+        torch.arange(16, 23),
+        torch.tensor([0, 1, 2, 3, 5, 7, 8, 9, 10, 11, 12, 13, 14, 15, 20]),
+    )
     voters = torch.cat([voters, torch.tensor([4])])  # a voter at a key that is padding in row 1
     masks = vote_masks()
     votes, mass = torch.ops.maskkv.mask_votes(q, k, voters, prompt, 0.35, chunk, *masks)
@@ -140,7 +164,10 @@ def test_mask_votes_with_masks_equals_reference(kv_heads, chunk):
     for a, b in zip(torch.ops.maskkv.mask_votes(q, k, voters, prompt, 0.35, chunk, *ones), plain):
         torch.testing.assert_close(a, b)
     opcheck(torch.ops.maskkv.mask_votes.default, (q, k, voters, prompt, 0.35, chunk, *masks))
-    opcheck(torch.ops.maskkv.mask_votes.default, (q, k, voters, prompt, 0.35, chunk, masks[0], None, masks[2]))
+    opcheck(
+        torch.ops.maskkv.mask_votes.default,
+        (q, k, voters, prompt, 0.35, chunk, masks[0], None, masks[2]),
+    )
 
 
 def test_mask_votes_rows_are_independent():
@@ -148,23 +175,32 @@ def test_mask_votes_rows_are_independent():
     q, k, _ = qkv(kv_heads=2, seq=30)
     voters, prompt = torch.arange(23, 30), torch.arange(23)
     key_valid, voter_valid, prompt_valid = vote_masks(seq=30, n_voters=7, n_prompt=23)
-    votes, mass = torch.ops.maskkv.mask_votes(q, k, voters, prompt, 0.35, 3, key_valid, voter_valid, prompt_valid)
+    votes, mass = torch.ops.maskkv.mask_votes(
+        q, k, voters, prompt, 0.35, 3, key_valid, voter_valid, prompt_valid
+    )
     for b in range(2):
         keys = key_valid[b].nonzero().flatten()  # the row alone: drop its padding keys
         at = {int(p): i for i, p in enumerate(keys)}
-        own_voters = torch.tensor([at[int(voters[r])] for r in range(7) if voter_valid[b, r]], dtype=torch.long)
+        own_voters = torch.tensor(
+            [at[int(voters[r])] for r in range(7) if voter_valid[b, r]], dtype=torch.long
+        )
         own_cols = [j for j in range(23) if prompt_valid[b, j] and key_valid[b, prompt[j]]]
         assert len(own_cols) >= 3 and own_voters.numel() >= 3
         own_prompt = torch.tensor([at[int(prompt[j])] for j in own_cols], dtype=torch.long)
-        alone = torch.ops.maskkv.mask_votes(q[b : b + 1, :, keys], k[b : b + 1, :, keys], own_voters, own_prompt, 0.35, 3)
+        alone = torch.ops.maskkv.mask_votes(
+            q[b : b + 1, :, keys], k[b : b + 1, :, keys], own_voters, own_prompt, 0.35, 3
+        )
         torch.testing.assert_close(votes[b][:, own_cols], alone[0][0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(mass[b], alone[1][0], atol=1e-5, rtol=1e-5)
 
 
 def select_padded(k, v, votes, prompt, budgets, slots=None):
-    """maskkv::select_kv, its flat cache padded per head the way the runtime pads it after a prefill."""
+    """maskkv::select_kv, its flat cache padded per head the way the runtime pads it after a
+    prefill."""
     slots = votes.shape[1] * votes.shape[2] if slots is None else slots
-    kept_k, kept_v, kept_len, kept_pos = torch.ops.maskkv.select_kv(k, v, votes, prompt, budgets, slots)
+    kept_k, kept_v, kept_len, kept_pos = torch.ops.maskkv.select_kv(
+        k, v, votes, prompt, budgets, slots
+    )
     padded = pad_kept(kept_k, kept_v, kept_len, kept_pos, int(kept_len.max()))
     return padded[0], padded[1], kept_len, padded[2]
 
@@ -178,8 +214,14 @@ def test_select_kv_flat_layout():
     votes[1, :, 20:] = float("-inf")
     budgets = torch.tensor([[7, 1, 12], [3, 9, 30]])
     for slots, size in ((40, 40), (500, 75)):  # T = min(Hkv * P, slots)
-        kept_k, kept_v, kept_len, kept_pos = torch.ops.maskkv.select_kv(k, v, votes, prompt, budgets, slots)
-        assert kept_k.shape == (2, size, 8) and kept_v.shape == (2, size, 8) and kept_pos.shape == (2, size)
+        kept_k, kept_v, kept_len, kept_pos = torch.ops.maskkv.select_kv(
+            k, v, votes, prompt, budgets, slots
+        )
+        assert (
+            kept_k.shape == (2, size, 8)
+            and kept_v.shape == (2, size, 8)
+            and kept_pos.shape == (2, size)
+        )
         assert kept_len.tolist() == [[7, 1, 12], [3, 9, 20]]
         expected = select_kv_reference(votes, budgets)
         for b in range(2):
@@ -191,13 +233,19 @@ def test_select_kv_flat_layout():
                 torch.testing.assert_close(kept_k[b, start : start + n], k[b, h, positions])
                 torch.testing.assert_close(kept_v[b, start : start + n], v[b, h, positions])
                 start += n
-            assert (kept_pos[b, start:] == -1).all() and (kept_k[b, start:] == 0).all() and (kept_v[b, start:] == 0).all()
+            assert (
+                (kept_pos[b, start:] == -1).all()
+                and (kept_k[b, start:] == 0).all()
+                and (kept_v[b, start:] == 0).all()
+            )
         opcheck(torch.ops.maskkv.select_kv.default, (k, v, votes, prompt, budgets, slots))
 
 
 def test_select_kv():
     _, k, v = qkv(seq=20)
-    prompt = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 12, 13, 14, 15, 16, 17])  # a hole: 8..11 are the response
+    prompt = torch.tensor(
+        [0, 1, 2, 3, 4, 5, 6, 7, 12, 13, 14, 15, 16, 17]
+    )  # a hole: 8..11 are the response
     votes = torch.rand(2, 2, prompt.numel(), generator=torch.Generator().manual_seed(3))
     votes[0, 0, 3] = votes[0, 0, 5]  # a tie: the earlier position must win
     budgets = torch.tensor([[4, 9], [6, 0]])  # (B, Hkv), per row
@@ -255,7 +303,9 @@ def test_select_kv_per_row_eligibility():
     assert kept_len.tolist() == [[10, 3], [9, 8]]  # min(budget, the row's eligible entries)
     expected = select_kv_reference(votes, budgets)
     for b in range(2):
-        alone = select_padded(k[b : b + 1], v[b : b + 1], votes[b : b + 1], prompt, budgets[b : b + 1])
+        alone = select_padded(
+            k[b : b + 1], v[b : b + 1], votes[b : b + 1], prompt, budgets[b : b + 1]
+        )
         for h in range(2):
             n = int(kept_len[b, h])
             kept = kept_pos[b, h, :n]
@@ -275,16 +325,25 @@ def test_cached_attention_equals_unpadded_gather():
     _, kept_k, kept_v = qkv(seq=9, seed=4)  # padded prompt cache
     kept_len = torch.tensor([[5, 9], [0, 3]])  # (B, Hkv): per row and KV head, a zero included
     resp_valid = torch.ones(2, 6, dtype=torch.bool)
-    out = torch.ops.maskkv.cached_attention(q, k, v, kept_k, kept_v, kept_len, resp_valid, 0.4, None)
+    out = torch.ops.maskkv.cached_attention(
+        q, k, v, kept_k, kept_v, kept_len, resp_valid, 0.4, None
+    )
     keys, values = torch.cat([kept_k, k], 2), torch.cat([kept_v, v], 2)
     keep = [[list(range(int(n))) + list(range(9, 15)) for n in row] for row in kept_len]
-    torch.testing.assert_close(out, naive_attention(q, keys, values, 0.4, keep), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out, naive_attention(q, keys, values, 0.4, keep), atol=1e-5, rtol=1e-5
+    )
     garbage = kept_k.clone()
     garbage[0, 0, 5:] = 1e4  # padding content must not matter
     garbage[1, :, 3:] = -1e4
-    again = torch.ops.maskkv.cached_attention(q, k, v, garbage, kept_v, kept_len, resp_valid, 0.4, None)
+    again = torch.ops.maskkv.cached_attention(
+        q, k, v, garbage, kept_v, kept_len, resp_valid, 0.4, None
+    )
     torch.testing.assert_close(again, out)
-    opcheck(torch.ops.maskkv.cached_attention.default, (q, k, v, kept_k, kept_v, kept_len, resp_valid, 0.4, None))
+    opcheck(
+        torch.ops.maskkv.cached_attention.default,
+        (q, k, v, kept_k, kept_v, kept_len, resp_valid, 0.4, None),
+    )
 
 
 @pytest.mark.parametrize("softmax_dtype", [None, torch.float32])
@@ -293,26 +352,55 @@ def test_cached_attention_response_validity(softmax_dtype):
     q, k, v = qkv(seq=6, dtype=torch.float64)
     _, kept_k, kept_v = qkv(seq=9, seed=4, dtype=torch.float64)
     kept_len = torch.tensor([[5, 9], [2, 0]])
-    resp_valid = torch.tensor([[True, False, True, True, False, True], [False, False, False, True, True, True]])
-    out = torch.ops.maskkv.cached_attention(q, k, v, kept_k, kept_v, kept_len, resp_valid, 0.4, softmax_dtype)
+    resp_valid = torch.tensor(
+        [[True, False, True, True, False, True], [False, False, False, True, True, True]]
+    )
+    out = torch.ops.maskkv.cached_attention(
+        q, k, v, kept_k, kept_v, kept_len, resp_valid, 0.4, softmax_dtype
+    )
     keys, values = torch.cat([kept_k, k], 2), torch.cat([kept_v, v], 2)
     keep = [
-        [list(range(int(kept_len[b, h]))) + [9 + j for j in range(6) if resp_valid[b, j]] for h in range(2)]
+        [
+            list(range(int(kept_len[b, h]))) + [9 + j for j in range(6) if resp_valid[b, j]]
+            for h in range(2)
+        ]
         for b in range(2)
     ]
-    torch.testing.assert_close(out, naive_attention(q, keys, values, 0.4, keep), atol=1e-6 if softmax_dtype else 1e-12,
-                               rtol=1e-6)
-    torch.testing.assert_close(out, cached_attention_reference(q, k, v, kept_k, kept_v, kept_len, resp_valid, 0.4,
-                                                               softmax_dtype))
+    torch.testing.assert_close(
+        out,
+        naive_attention(q, keys, values, 0.4, keep),
+        atol=1e-6 if softmax_dtype else 1e-12,
+        rtol=1e-6,
+    )
+    torch.testing.assert_close(
+        out,
+        cached_attention_reference(
+            q, k, v, kept_k, kept_v, kept_len, resp_valid, 0.4, softmax_dtype
+        ),
+    )
     assert torch.isfinite(out).all()  # every query row computed, masked ones included
     # what a masked response key holds does not matter
     k2, v2 = k.clone(), v.clone()
     k2[~resp_valid[:, None, :].expand_as(k2[..., 0])] = 1e4
     v2[~resp_valid[:, None, :].expand_as(v2[..., 0])] = -1e4
-    again = torch.ops.maskkv.cached_attention(q, k2, v2, kept_k, kept_v, kept_len, resp_valid, 0.4, softmax_dtype)
+    again = torch.ops.maskkv.cached_attention(
+        q, k2, v2, kept_k, kept_v, kept_len, resp_valid, 0.4, softmax_dtype
+    )
     torch.testing.assert_close(again, out)
-    opcheck(torch.ops.maskkv.cached_attention.default,
-            (q.float(), k.float(), v.float(), kept_k.float(), kept_v.float(), kept_len, resp_valid, 0.4, softmax_dtype))
+    opcheck(
+        torch.ops.maskkv.cached_attention.default,
+        (
+            q.float(),
+            k.float(),
+            v.float(),
+            kept_k.float(),
+            kept_v.float(),
+            kept_len,
+            resp_valid,
+            0.4,
+            softmax_dtype,
+        ),
+    )
 
 
 @pytest.mark.parametrize("policy", ["maskkv", "snapkv", "streaming", "random", "adakv"])
@@ -328,7 +416,9 @@ def test_policy_ops(policy):
     scores = torch.ops.maskkv.selection_scores(votes, prompt_valid, policy, 5, 4, 0)
     # each row scored alone, over its own prompt columns in order; -inf elsewhere
     row0 = get_policy(policy).selection_scores(votes[:1], (1, 2, 30), kernel=5, sink=4, seed=0)
-    row1 = get_policy(policy).selection_scores(votes[1:, :, 10:], (1, 2, 20), kernel=5, sink=4, seed=0)
+    row1 = get_policy(policy).selection_scores(
+        votes[1:, :, 10:], (1, 2, 20), kernel=5, sink=4, seed=0
+    )
     torch.testing.assert_close(scores[0], row0[0].to(scores.dtype))
     torch.testing.assert_close(scores[1, :, 10:], row1[0].to(scores.dtype))
     assert (scores[1, :, :10] == float("-inf")).all()
@@ -337,7 +427,10 @@ def test_policy_ops(policy):
     assert budgets.sum(1).tolist() == [12, 12]
     assert bool((budgets[0] <= 30).all()) and bool((budgets[1] <= 20).all())
     # a prompt no longer than the budget is kept whole (each row: its own prompt length)
-    assert torch.ops.maskkv.head_budgets(mass, scores, voter_valid, 6.0, 30, policy, 0.1, 1).tolist() == [[30, 30],
-                                                                                                         [20, 20]]
+    assert torch.ops.maskkv.head_budgets(
+        mass, scores, voter_valid, 6.0, 30, policy, 0.1, 1
+    ).tolist() == [[30, 30], [20, 20]]
     opcheck(torch.ops.maskkv.selection_scores.default, (votes, prompt_valid, policy, 5, 4, 0))
-    opcheck(torch.ops.maskkv.head_budgets.default, (mass, scores, voter_valid, 6.0, 6, policy, 0.1, 1))
+    opcheck(
+        torch.ops.maskkv.head_budgets.default, (mass, scores, voter_valid, 6.0, 6, policy, 0.1, 1)
+    )

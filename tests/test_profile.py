@@ -9,11 +9,20 @@ import torch
 
 from maskkv_compile.budgets import maskkv_layer_budgets
 from maskkv_compile.profile import (
-    PROFILE_VERSION, LayerProfile, ProfileMismatchError, attention_importance, model_fingerprint,
+    PROFILE_VERSION,
+    LayerProfile,
+    ProfileMismatchError,
+    attention_importance,
+    model_fingerprint,
 )
 
-LLAMA = SimpleNamespace(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, hidden_size=64,
-                        architectures=["LlamaForCausalLM"])
+LLAMA = SimpleNamespace(
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    hidden_size=64,
+    architectures=["LlamaForCausalLM"],
+)
 
 
 def _fp(**changes):
@@ -29,10 +38,14 @@ def test_attention_importance_matches_naive():
             a, c = h_in[b, t].tolist(), h_out[b, t].tolist()
             dot = sum(x * y for x, y in zip(a, c))
             cosines.append(dot / math.sqrt(sum(x * x for x in a) * sum(y * y for y in c)))
-    assert attention_importance(h_in, h_out) == pytest.approx(1 - sum(cosines) / len(cosines), abs=1e-5)
+    assert attention_importance(h_in, h_out) == pytest.approx(
+        1 - sum(cosines) / len(cosines), abs=1e-5
+    )
     mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
     kept = cosines[:5] + cosines[5:7]
-    assert attention_importance(h_in, h_out, mask) == pytest.approx(1 - sum(kept) / len(kept), abs=1e-5)
+    assert attention_importance(h_in, h_out, mask) == pytest.approx(
+        1 - sum(kept) / len(kept), abs=1e-5
+    )
 
 
 def test_attention_importance_extremes():
@@ -44,16 +57,30 @@ def test_attention_importance_extremes():
 
 
 def test_model_fingerprint_reads_common_names():
-    assert model_fingerprint(LLAMA) == {"model_class": "LlamaForCausalLM", "n_layers": 4, "n_heads": 8,
-                                        "n_kv_heads": 2, "hidden_size": 64}
-    llada = SimpleNamespace(n_layers=32, n_heads=32, n_kv_heads=None, d_model=4096, architectures=["LLaDAModelLM"])
-    assert model_fingerprint(llada) == {"model_class": "LLaDAModelLM", "n_layers": 32, "n_heads": 32,
-                                        "n_kv_heads": 32, "hidden_size": 4096}
+    assert model_fingerprint(LLAMA) == {
+        "model_class": "LlamaForCausalLM",
+        "n_layers": 4,
+        "n_heads": 8,
+        "n_kv_heads": 2,
+        "hidden_size": 64,
+    }
+    llada = SimpleNamespace(
+        n_layers=32, n_heads=32, n_kv_heads=None, d_model=4096, architectures=["LLaDAModelLM"]
+    )
+    assert model_fingerprint(llada) == {
+        "model_class": "LLaDAModelLM",
+        "n_layers": 32,
+        "n_heads": 32,
+        "n_kv_heads": 32,
+        "hidden_size": 4096,
+    }
 
     class TinyModel(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.config = SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, hidden_size=32)
+            self.config = SimpleNamespace(
+                num_hidden_layers=2, num_attention_heads=4, hidden_size=32
+            )
 
     fp = model_fingerprint(TinyModel())
     assert fp["model_class"] == "TinyModel" and fp["n_kv_heads"] == 4 and fp["n_layers"] == 2
@@ -64,7 +91,9 @@ def test_model_fingerprint_reads_common_names():
 
 
 def test_profile_round_trip(tmp_path):
-    prof = LayerProfile((0.5, 0.1, 0.125, 0.7), model_fingerprint(LLAMA), meta={"n_prompts": 8, "gen_length": 128})
+    prof = LayerProfile(
+        (0.5, 0.1, 0.125, 0.7), model_fingerprint(LLAMA), meta={"n_prompts": 8, "gen_length": 128}
+    )
     path = prof.save(tmp_path / "profile.json")
     data = json.loads(path.read_text())
     assert data["version"] == PROFILE_VERSION and data["importance"] == [0.5, 0.1, 0.125, 0.7]
@@ -85,7 +114,9 @@ def test_profile_refuses_bad_files(tmp_path):
     with pytest.raises(ValueError, match="4 layers"):
         LayerProfile([0.1] * 3, model_fingerprint(LLAMA))
     with pytest.raises(ValueError, match="JSON"):
-        LayerProfile([0.1] * 4, model_fingerprint(LLAMA), meta={"x": object()}).save(tmp_path / "bad.json")
+        LayerProfile([0.1] * 4, model_fingerprint(LLAMA), meta={"x": object()}).save(
+            tmp_path / "bad.json"
+        )
 
 
 def test_check_compatible():
@@ -100,7 +131,8 @@ def test_check_compatible():
 
 
 def test_from_measurements_averages():
-    prof = LayerProfile.from_measurements([[0.2, 0.0, 0.1, 0.6], [0.4, 0.2, 0.1, 0.2]], model_fingerprint(LLAMA),
-                                          gen_length=64)
+    prof = LayerProfile.from_measurements(
+        [[0.2, 0.0, 0.1, 0.6], [0.4, 0.2, 0.1, 0.2]], model_fingerprint(LLAMA), gen_length=64
+    )
     assert prof.importance == pytest.approx((0.3, 0.1, 0.1, 0.4))
     assert prof.meta == {"n_prompts": 2, "gen_length": 64}

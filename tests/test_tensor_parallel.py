@@ -35,7 +35,10 @@ import torch
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
-    pytest.skip("torch.distributed with the gloo backend is not available in this torch build", allow_module_level=True)
+    pytest.skip(
+        "torch.distributed with the gloo backend is not available in this torch build",
+        allow_module_level=True,
+    )
 
 import maskkv_compile  # noqa: E402
 from maskkv_compile.tensor_parallel import TensorParallelError  # noqa: E402
@@ -44,18 +47,31 @@ from maskkv_compile.tiny_models import tiny_dream, tiny_llada  # noqa: E402
 from maskkv_compile.profile import LayerProfile, model_fingerprint  # noqa: E402
 
 WORLD = 2
-PROMPT, GEN, BUDGET = 25, 8, 7  # 33 tokens: no dim of the models (a static trace, torch.compile's, would refuse it)
+PROMPT, GEN, BUDGET = (
+    25,
+    8,
+    7,
+)  # 33 tokens: no dim of the models (a static trace, torch.compile's, would refuse it)
 
 
 def shard(model, mesh, local_attention: bool = True):
     """PyTorch tensor parallelism of a Llama/Qwen2-style decoder: heads and MLP columns split.
     ``local_attention=False``: q/k/v return DTensors (attention over DTensors, refused)."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
 
     plan = {}
     for i in range(len(model.model.layers)):
         prefix = f"model.layers.{i}."
-        plan.update({prefix + f"self_attn.{n}_proj": ColwiseParallel(use_local_output=local_attention) for n in "qkv"})
+        plan.update(
+            {
+                prefix + f"self_attn.{n}_proj": ColwiseParallel(use_local_output=local_attention)
+                for n in "qkv"
+            }
+        )
         plan[prefix + "self_attn.o_proj"] = RowwiseParallel()
         plan.update({prefix + f"mlp.{n}_proj": ColwiseParallel() for n in ("gate", "up")})
         plan[prefix + "mlp.down_proj"] = RowwiseParallel()
@@ -67,26 +83,40 @@ def shard_sequence(model, mesh):
     the embedding output, norms and residual stream sharded along the sequence (Shard(1)),
     gathered before attention and the MLP, reduce-scattered after o/down, gathered for the head."""
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                                   SequenceParallel, parallelize_module)
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
 
     gather = dict(desired_input_layouts=(Replicate(),), use_local_output=True)
-    plan = {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1),
-                                                  use_local_output=False),
-            "model.norm": SequenceParallel(),
-            "lm_head": PrepareModuleInput(input_layouts=(Shard(1),), **gather)}
+    plan = {
+        "model.embed_tokens": RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=False
+        ),
+        "model.norm": SequenceParallel(),
+        "lm_head": PrepareModuleInput(input_layouts=(Shard(1),), **gather),
+    }
     for i in range(len(model.model.layers)):
         prefix = f"model.layers.{i}."
         plan[prefix + "input_layernorm"] = SequenceParallel()
         plan[prefix + "post_attention_layernorm"] = SequenceParallel()
-        plan[prefix + "self_attn"] = PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
-                                                        desired_input_kwarg_layouts={"hidden_states": Replicate()},
-                                                        use_local_output=True)
+        plan[prefix + "self_attn"] = PrepareModuleInput(
+            input_kwarg_layouts={"hidden_states": Shard(1)},
+            desired_input_kwarg_layouts={"hidden_states": Replicate()},
+            use_local_output=True,
+        )
         plan[prefix + "mlp"] = PrepareModuleInput(input_layouts=(Shard(1),), **gather)
         plan.update({prefix + f"self_attn.{n}_proj": ColwiseParallel() for n in "qkv"})
-        plan[prefix + "self_attn.o_proj"] = RowwiseParallel(output_layouts=Shard(1), use_local_output=False)
+        plan[prefix + "self_attn.o_proj"] = RowwiseParallel(
+            output_layouts=Shard(1), use_local_output=False
+        )
         plan.update({prefix + f"mlp.{n}_proj": ColwiseParallel() for n in ("gate", "up")})
-        plan[prefix + "mlp.down_proj"] = RowwiseParallel(output_layouts=Shard(1), use_local_output=False)
+        plan[prefix + "mlp.down_proj"] = RowwiseParallel(
+            output_layouts=Shard(1), use_local_output=False
+        )
     return parallelize_module(model, mesh, plan)
 
 
@@ -123,35 +153,57 @@ def check_family(build, rank, mesh, compile_path=False):
     prompt = torch.randint(0, mask, (1, PROMPT), generator=torch.Generator().manual_seed(1))
     loop = dict(gen_length=GEN, steps=GEN, block_length=GEN)
     profile = LayerProfile((0.5, 0.1, 0.3), model_fingerprint(single.config, type(single).__name__))
-    config = maskkv_compile.MaskKVConfig(budget=BUDGET, backend="eager", policy="maskkv", profile=profile)
+    config = maskkv_compile.MaskKVConfig(
+        budget=BUDGET, backend="eager", policy="maskkv", profile=profile
+    )
 
     # budget below the prompt: the same tokens and kept entries as one process
     ours = maskkv_compile.optimize(sharded, config=config)
     tokens = ours.generate(prompt, **loop)
     counts = ours.runtime.counts
     assert (counts.prefills, counts.steps) == (1, GEN - 1)  # the step graph ran
-    shard_pass = [r for r in ours.runtime.graphs.records["prefill"] if r.name == "ShardBudgetsPass"][0]
+    shard_pass = [
+        r for r in ours.runtime.graphs.records["prefill"] if r.name == "ShardBudgetsPass"
+    ][0]
     assert shard_pass.result.matches == 3  # every layer's budgets came from every rank's heads
     assert torch.equal(every_rank(tokens)[0], every_rank(tokens)[1])
     kept = [global_kept(cache) for cache in ours.runtime.last_session.layers]
-    assert all(cache.kept_len.shape[1] * WORLD == lens.shape[1] for cache, (lens, _) in
-               zip(ours.runtime.last_session.layers, kept))  # each rank holds its local KV heads only
+    assert all(
+        cache.kept_len.shape[1] * WORLD == lens.shape[1]
+        for cache, (lens, _) in zip(ours.runtime.last_session.layers, kept)
+    )  # each rank holds its local KV heads only
     if rank == 0:
         reference = maskkv_compile.optimize(single, config=config)
         assert torch.equal(tokens, reference.generate(prompt, **loop))
         ragged = False
         for (lens, pos), theirs in zip(kept, reference.runtime.last_session.layers):
             assert torch.equal(lens, theirs.kept_len)
-            assert torch.equal(pos, torch.nn.functional.pad(theirs.kept_pos, (0, PROMPT - theirs.kept_pos.shape[-1]), value=-1))
+            assert torch.equal(
+                pos,
+                torch.nn.functional.pad(
+                    theirs.kept_pos, (0, PROMPT - theirs.kept_pos.shape[-1]), value=-1
+                ),
+            )
             ragged |= len(set(lens[0].tolist())) > 1
         assert ragged  # the head allocation really depended on every head's preference
-        assert int(sum(lens.sum() for lens, _ in kept)) < 3 * PROMPT * single.config.num_key_value_heads
+        assert (
+            int(sum(lens.sum() for lens, _ in kept))
+            < 3 * PROMPT * single.config.num_key_value_heads
+        )
 
-    if compile_path:  # torch.compile's spelling, same loop, same sharded model: optimize's tokens, MaskKV every call
-        compiled = torch.compile(sharded, backend="maskkv", options=dict(
-            budget=BUDGET, backend="eager", policy="maskkv", profile=profile, mask_token_id=mask))
+    # torch.compile's spelling, same loop, same sharded model: optimize's tokens, MaskKV every call
+    if compile_path:
+        compiled = torch.compile(
+            sharded,
+            backend="maskkv",
+            options=dict(
+                budget=BUDGET, backend="eager", policy="maskkv", profile=profile, mask_token_id=mask
+            ),
+        )
         assert torch.equal(generate(compiled, prompt, mask_token_id=mask, **loop), tokens)
-        assert [(r.counts.prefills, r.counts.steps) for r in maskkv_compile.runtimes(compiled)] == [(1, GEN - 1)]
+        assert [(r.counts.prefills, r.counts.steps) for r in maskkv_compile.runtimes(compiled)] == [
+            (1, GEN - 1)
+        ]
 
     # whole prompt, a prefill every step: the uncached loop of either model
     exact = maskkv_compile.optimize(sharded, budget=64, backend="eager", prompt_refresh=1)
@@ -166,7 +218,9 @@ def check_gather_heads(rank):
     """maskkv::gather_heads against torch.cat of every rank's block (over the mesh's group)."""
     from torch.distributed.distributed_c10d import _get_default_group
 
-    blocks = [torch.arange(12, dtype=torch.float64).view(2, 3, 2) + 100 * r for r in range(WORLD)]  # (B, h, P)
+    blocks = [
+        torch.arange(12, dtype=torch.float64).view(2, 3, 2) + 100 * r for r in range(WORLD)
+    ]  # (B, h, P)
     got = torch.ops.maskkv.gather_heads(blocks[rank], _get_default_group().group_name, WORLD)
     assert torch.equal(got, torch.cat(blocks, 1))  # (B, WORLD*h, P), rank order
 
@@ -177,14 +231,21 @@ def check_refusals(mesh):
     with pytest.raises(TensorParallelError, match="3 KV heads.*size 2 does not divide"):
         maskkv_compile.optimize(uneven, budget=4, backend="eager")
     prompt = torch.randint(0, 255, (1, PROMPT), generator=torch.Generator().manual_seed(2))
-    # sequence parallelism: the model runs (eagerly) with its residual stream split along the sequence
+    # sequence parallelism: the model runs (eagerly) with its residual stream split along the
+    # sequence
     sequence = shard_sequence(tiny_llada(layers=1, dtype=torch.float64), mesh)
     assert sequence(prompt).logits.shape == (1, PROMPT, 256)
-    with pytest.raises(TensorParallelError, match=r"sharded along the sequence \(placement S\(1\)\): sequence parallelism"):
+    with pytest.raises(
+        TensorParallelError,
+        match=r"sharded along the sequence \(placement S\(1\)\): sequence parallelism",
+    ):
         maskkv_compile.optimize(sequence, budget=4, backend="eager")(prompt)
-    # q/k/v as DTensors: the rotary embedding mixes them with plain tensors, under dynamo as in eager
+    # q/k/v as DTensors: the rotary embedding mixes them with plain tensors, under dynamo as in
+    # eager
     dtensors = shard(tiny_llada(layers=1, dtype=torch.float64), mesh, local_attention=False)
-    with pytest.raises(TensorParallelError, match=r"attention over DTensors \(use_local_output=False\)"):
+    with pytest.raises(
+        TensorParallelError, match=r"attention over DTensors \(use_local_output=False\)"
+    ):
         maskkv_compile.optimize(dtensors, budget=4, backend="eager")(prompt)
 
 
@@ -195,8 +256,13 @@ def worker(rank: int, port: int):
     # libgomp waits on it forever (seen here once an earlier test ran a parallel SDPA). One
     # thread per rank runs every op inline, and two ranks fill this machine's two cores.
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(minutes=5))  # a rank left behind fails instead of hanging
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(minutes=5),
+    )  # a rank left behind fails instead of hanging
     try:
         torch._dynamo.reset()
         mesh = init_device_mesh("cpu", (WORLD,))
@@ -224,5 +290,7 @@ def test_gather_heads_opcheck_single_rank():
     from torch.library import opcheck
 
     x = torch.randn(2, 3, 5)
-    opcheck(torch.ops.maskkv.gather_heads.default, (x, "unused", 1))  # one rank: no group is touched
+    opcheck(
+        torch.ops.maskkv.gather_heads.default, (x, "unused", 1)
+    )  # one rank: no group is touched
     assert torch.equal(torch.ops.maskkv.gather_heads(x, "unused", 1), x)

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
-
-import re
 
 import pytest
 
@@ -49,44 +48,109 @@ RAGGED_ATTN_SHAPES = {  # resp_valid "ragged" / "row-without-keys": see response
     # row 1, KV head 0: no key at all -> zeros (as SDPA)
     "mqa-row-without-keys": ((2, 2, 1, 5, 13, 8, 8), [[13], [0]], "row-without-keys"),
 }
-CASES = [
-    {"id": f"votes-{name}-{dt}", "kernel": "mask_votes", "shape": shape, "dtype": dt, "seed": i}
-    for i, (name, shape) in enumerate(VOTES_SHAPES.items())
-    for dt in ("float32", "bfloat16")
-] + [
-    {"id": f"votes-masked-{name}-{dt}", "kernel": "mask_votes", "shape": shape, "dtype": dt, "seed": 10 + i,
-     "masks": "ragged"}
-    for i, (name, shape) in enumerate(MASKED_VOTES_SHAPES.items())
-    for dt in ("float32", "bfloat16")
-] + [
-    {"id": f"attn-{name}-{dt}", "kernel": "cached_attention", "shape": shape, "kept_len": kl, "dtype": dt, "seed": i}
-    for i, (name, (shape, kl)) in enumerate(ATTN_SHAPES.items())
-    for dt in ("float32", "bfloat16")
-] + [
-    {"id": f"attn-{name}-{dt}", "kernel": "cached_attention", "shape": shape, "kept_len": kl, "resp_valid": rv,
-     "dtype": dt, "seed": 20 + i}
-    for i, (name, (shape, kl, rv)) in enumerate(RAGGED_ATTN_SHAPES.items())
-    for dt in ("float32", "bfloat16")
-] + [
-    {"id": "votes-gqa2-float16-strided", "kernel": "mask_votes", "shape": VOTES_SHAPES["gqa2"],
-     "dtype": "float16", "strided": True},
-    {"id": "votes-masked-gqa2-float16-strided", "kernel": "mask_votes", "shape": VOTES_SHAPES["gqa2"],
-     "dtype": "float16", "strided": True, "masks": "ragged", "seed": 30},
-    {"id": "votes-masks-all-true-tiny-float32", "kernel": "mask_votes", "shape": VOTES_SHAPES["tiny-mha"],
-     "dtype": "float32", "masks": "all-true"},
-    {"id": "attn-gqa3-float16-strided", "kernel": "cached_attention", "shape": ATTN_SHAPES["gqa3-multiblock"][0],
-     "kept_len": [[3, 90]], "dtype": "float16", "strided": True},
-    {"id": "attn-rows-float16-strided", "kernel": "cached_attention", "shape": RAGGED_ATTN_SHAPES["gqa2-rows-ragged"][0],
-     "kept_len": [[0, 50], [9, 1]], "resp_valid": "ragged", "dtype": "float16", "strided": True, "seed": 31},
-]
+CASES = (
+    [
+        {"id": f"votes-{name}-{dt}", "kernel": "mask_votes", "shape": shape, "dtype": dt, "seed": i}
+        for i, (name, shape) in enumerate(VOTES_SHAPES.items())
+        for dt in ("float32", "bfloat16")
+    ]
+    + [
+        {
+            "id": f"votes-masked-{name}-{dt}",
+            "kernel": "mask_votes",
+            "shape": shape,
+            "dtype": dt,
+            "seed": 10 + i,
+            "masks": "ragged",
+        }
+        for i, (name, shape) in enumerate(MASKED_VOTES_SHAPES.items())
+        for dt in ("float32", "bfloat16")
+    ]
+    + [
+        {
+            "id": f"attn-{name}-{dt}",
+            "kernel": "cached_attention",
+            "shape": shape,
+            "kept_len": kl,
+            "dtype": dt,
+            "seed": i,
+        }
+        for i, (name, (shape, kl)) in enumerate(ATTN_SHAPES.items())
+        for dt in ("float32", "bfloat16")
+    ]
+    + [
+        {
+            "id": f"attn-{name}-{dt}",
+            "kernel": "cached_attention",
+            "shape": shape,
+            "kept_len": kl,
+            "resp_valid": rv,
+            "dtype": dt,
+            "seed": 20 + i,
+        }
+        for i, (name, (shape, kl, rv)) in enumerate(RAGGED_ATTN_SHAPES.items())
+        for dt in ("float32", "bfloat16")
+    ]
+    + [
+        {
+            "id": "votes-gqa2-float16-strided",
+            "kernel": "mask_votes",
+            "shape": VOTES_SHAPES["gqa2"],
+            "dtype": "float16",
+            "strided": True,
+        },
+        {
+            "id": "votes-masked-gqa2-float16-strided",
+            "kernel": "mask_votes",
+            "shape": VOTES_SHAPES["gqa2"],
+            "dtype": "float16",
+            "strided": True,
+            "masks": "ragged",
+            "seed": 30,
+        },
+        {
+            "id": "votes-masks-all-true-tiny-float32",
+            "kernel": "mask_votes",
+            "shape": VOTES_SHAPES["tiny-mha"],
+            "dtype": "float32",
+            "masks": "all-true",
+        },
+        {
+            "id": "attn-gqa3-float16-strided",
+            "kernel": "cached_attention",
+            "shape": ATTN_SHAPES["gqa3-multiblock"][0],
+            "kept_len": [[3, 90]],
+            "dtype": "float16",
+            "strided": True,
+        },
+        {
+            "id": "attn-rows-float16-strided",
+            "kernel": "cached_attention",
+            "shape": RAGGED_ATTN_SHAPES["gqa2-rows-ragged"][0],
+            "kept_len": [[0, 50], [9, 1]],
+            "resp_valid": "ragged",
+            "dtype": "float16",
+            "strided": True,
+            "seed": 31,
+        },
+    ]
+)
 
 
-def _run(args, *, interpret: bool, stdin: str | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+def _run(
+    args, *, interpret: bool, stdin: str | None = None, timeout: int = 120
+) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     return subprocess.run(
-        [sys.executable, *args], input=stdin, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout
+        [sys.executable, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=timeout,
     )
 
 
@@ -127,7 +191,17 @@ def test_gpu_check_cpu_smoke():
     proc = _run(["scripts/gpu_check.py", "--cpu-smoke"], interpret=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "FAIL" not in proc.stdout
-    assert "mask_votes" in proc.stdout and "cached_attention" in proc.stdout and "select_kv" in proc.stdout
-    loop = proc.stdout[proc.stdout.index("full loop"):]
-    for run in ("uncached", "MaskKV 8", "MaskKV 8 + dual cache"):  # every run timed at both prompts, none failed
-        assert len(re.findall(rf"^{re.escape(run)} +(64|128) +[0-9.]+ +[0-9.]+x$", loop, re.M)) == 2, (run, loop)
+    assert (
+        "mask_votes" in proc.stdout
+        and "cached_attention" in proc.stdout
+        and "select_kv" in proc.stdout
+    )
+    loop = proc.stdout[proc.stdout.index("full loop") :]
+    for run in (
+        "uncached",
+        "MaskKV 8",
+        "MaskKV 8 + dual cache",
+    ):  # every run timed at both prompts, none failed
+        assert (
+            len(re.findall(rf"^{re.escape(run)} +(64|128) +[0-9.]+ +[0-9.]+x$", loop, re.M)) == 2
+        ), (run, loop)

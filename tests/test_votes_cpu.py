@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from maskkv_compile.kernels.mask_votes import KEY_BLOCK_FACTOR, mask_votes_reference
 
 CASES = {  # (B, H, Hkv, S, D, Rv, P, chunk)
@@ -19,12 +18,16 @@ def make_inputs(shape, dtype, seed=0):
     b, h, hkv, s, d, rv, p, _ = shape
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(b, h, s, d, generator=gen, dtype=torch.float64).to(dtype)
-    k = (torch.randn(b, hkv, s, d, generator=gen, dtype=torch.float64) * 3).to(dtype)  # peaky softmax
+    k = (torch.randn(b, hkv, s, d, generator=gen, dtype=torch.float64) * 3).to(
+        dtype
+    )  # peaky softmax
     perm = torch.randperm(s, generator=gen)  # voters and prompt disjoint, the rest is padding
     return q, k, perm[:rv].sort().values, perm[rv : rv + p].sort().values, d**-0.5
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)], ids=["fp32", "fp64"])
+@pytest.mark.parametrize(
+    "dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)], ids=["fp32", "fp64"]
+)
 @pytest.mark.parametrize("name", list(CASES))
 def test_chunked_votes_match_reference(name, dtype, tol):
     shape = CASES[name]
@@ -58,14 +61,18 @@ def test_empty_voters_or_prompt():
 def test_opcheck(name):
     shape = CASES[name]
     q, k, voter_idx, prompt_idx, scale = make_inputs(shape, torch.float32)
-    torch.library.opcheck(torch.ops.maskkv.mask_votes.default, (q, k, voter_idx, prompt_idx, scale, shape[-1]))
+    torch.library.opcheck(
+        torch.ops.maskkv.mask_votes.default, (q, k, voter_idx, prompt_idx, scale, shape[-1])
+    )
 
 
 def test_temporaries_do_not_grow_with_voters_times_keys():
     """The largest single allocation is a (B, H, chunk, key block) tile, not (B, H, Rv, S)."""
     b, h, hkv, s, d, rv, p, chunk = 1, 4, 2, 2048 + 256, 16, 256, 2048, 8
     q, k, voter_idx, prompt_idx, scale = make_inputs((b, h, hkv, s, d, rv, p, chunk), torch.float32)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
         torch.ops.maskkv.mask_votes(q, k, voter_idx, prompt_idx, scale, chunk)
     largest = max(e.cpu_memory_usage for e in prof.events() if e.name.startswith("aten::"))
     tile = b * h * chunk * chunk * KEY_BLOCK_FACTOR * 4  # 32 KiB
