@@ -37,8 +37,14 @@ parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32
 args = parser.parse_args()
 
 dtype = getattr(torch, args.dtype)
-model = tiny_llada(layers=2, hidden=64, heads=1, vocab=args.vocab, max_positions=args.prompt_len + args.gen_length,
-                   dtype=dtype)
+model = tiny_llada(
+    layers=2,
+    hidden=64,
+    heads=1,
+    vocab=args.vocab,
+    max_positions=args.prompt_len + args.gen_length,
+    dtype=dtype,
+)
 mask_id = model.config.mask_token_id
 with torch.no_grad():
     model.lm_head.weight[mask_id] = 0  # a trained dLLM never predicts the mask id
@@ -75,8 +81,12 @@ def timed_steps(optimized, response_only=False, consume=False):
 
 
 fresh = maskkv_compile.optimize(model, budget=args.budget, backend="eager")
-reused = maskkv_compile.optimize(model, budget=args.budget, backend="eager", config=maskkv_compile.MaskKVConfig(
-    reuse_logits=True))
+reused = maskkv_compile.optimize(
+    model,
+    budget=args.budget,
+    backend="eager",
+    config=maskkv_compile.MaskKVConfig(reuse_logits=True),
+)
 runs = {
     "response_logits_only(): (B, R, V)": timed_steps(fresh, response_only=True),
     "drop-in (B, S, V), new tensor per call": timed_steps(fresh),
@@ -86,7 +96,16 @@ runs = {
 }
 base = runs["response_logits_only(): (B, R, V)"][0]
 full_bytes = x.numel() * args.vocab * torch.finfo(dtype).bits // 8
-print(f"vocab {args.vocab}, prompt {args.prompt_len}, response {args.gen_length}, {args.dtype}, budget {args.budget}; "
-      f"one (B, S, V) logits tensor = {human_bytes(full_bytes)}; {torch.get_num_threads()} threads")
-print(table([[name, f"{t * 1e3:.1f} ms", f"{t / base:.1f}x", human_bytes(peak)] for name, (t, peak) in runs.items()],
-                headers=["one step", "median", "vs response-only", "peak RSS"]))
+print(
+    f"vocab {args.vocab}, prompt {args.prompt_len}, response {args.gen_length}, {args.dtype}, budget {args.budget}; "
+    f"one (B, S, V) logits tensor = {human_bytes(full_bytes)}; {torch.get_num_threads()} threads"
+)
+print(
+    table(
+        [
+            [name, f"{t * 1e3:.1f} ms", f"{t / base:.1f}x", human_bytes(peak)]
+            for name, (t, peak) in runs.items()
+        ],
+        headers=["one step", "median", "vs response-only", "peak RSS"],
+    )
+)

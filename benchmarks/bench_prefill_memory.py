@@ -41,8 +41,8 @@ import torch
 
 import maskkv_compile
 from maskkv_compile.measure import human_bytes, measure, table
-from maskkv_compile.tiny_models import tiny_llada
 from maskkv_compile.profile import LayerProfile, model_fingerprint
+from maskkv_compile.tiny_models import tiny_llada
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--prompt-lens", type=int, nargs="+", default=[2048, 4096, 8192])
@@ -51,16 +51,28 @@ parser.add_argument("--hidden", type=int, default=256)
 parser.add_argument("--vocab", type=int, default=512)
 parser.add_argument("--gen-length", type=int, default=64)
 parser.add_argument("--budget", type=int, default=64)
-parser.add_argument("--repeats", type=int, default=3, help="measured calls per cell (after one warm-up call)")
+parser.add_argument(
+    "--repeats", type=int, default=3, help="measured calls per cell (after one warm-up call)"
+)
 args = parser.parse_args()
 
 R = args.gen_length
-model = tiny_llada(layers=args.layers, hidden=args.hidden, heads=4, vocab=args.vocab,
-                   max_positions=max(args.prompt_lens) + R)
+model = tiny_llada(
+    layers=args.layers,
+    hidden=args.hidden,
+    heads=4,
+    vocab=args.vocab,
+    max_positions=max(args.prompt_lens) + R,
+)
 model.eval()
-profile = LayerProfile(tuple(0.1 + 0.01 * i for i in range(args.layers)), model_fingerprint(model.config, type(model).__name__))
+profile = LayerProfile(
+    tuple(0.1 + 0.01 * i for i in range(args.layers)),
+    model_fingerprint(model.config, type(model).__name__),
+)
 evict = maskkv_compile.optimize(model, budget=args.budget, backend="eager", profile=profile)
-keep_all = maskkv_compile.optimize(model, budget=max(args.prompt_lens) + R, backend="eager", profile=profile)
+keep_all = maskkv_compile.optimize(
+    model, budget=max(args.prompt_lens) + R, backend="eager", profile=profile
+)
 mask_id = model.config.mask_token_id
 
 
@@ -84,7 +96,11 @@ def hf_forward(x, logits_to_keep, use_cache=True):
     with torch.no_grad():
         out = model(x, use_cache=use_cache, logits_to_keep=logits_to_keep)
     assert out.logits.shape[1] == (x.shape[1] if logits_to_keep == 0 else logits_to_keep)
-    held = sum(layer.keys.nbytes + layer.values.nbytes for layer in out.cache.layers) if use_cache else 0
+    held = (
+        sum(layer.keys.nbytes + layer.values.nbytes for layer in out.cache.layers)
+        if use_cache
+        else 0
+    )
     del out
     return held
 
@@ -98,7 +114,9 @@ runners = {
 }
 evict_rows, head_rows = [], []
 for prompt_len in args.prompt_lens:
-    x = torch.randint(0, mask_id, (1, prompt_len + R), generator=torch.Generator().manual_seed(prompt_len))
+    x = torch.randint(
+        0, mask_id, (1, prompt_len + R), generator=torch.Generator().manual_seed(prompt_len)
+    )
     x[:, prompt_len:] = mask_id
     peak, held, spread = {}, {}, {}
     for name, run in runners.items():
@@ -114,27 +132,73 @@ for prompt_len in args.prompt_lens:
         spread[name] = (min(peaks), max(peaks))
     prompt_kv = 2 * args.layers * prompt_len * args.hidden * 4  # every layer's prompt K and V, fp32
     full_kv = 2 * args.layers * (prompt_len + R) * args.hidden * 4
-    assert held["keep_all"] == prompt_kv and held["hf_head_all"] == held["hf_head_resp"] == full_kv, held
+    assert (
+        held["keep_all"] == prompt_kv and held["hf_head_all"] == held["hf_head_resp"] == full_kv
+    ), held
     reset_all()
+
     def cell(name):
         lo, hi = spread[name]
         return f"{human_bytes(peak[name])} ({lo / 2**20:.0f}-{hi / 2**20:.0f})"
 
-    evict_rows.append([prompt_len, cell("evict"), cell("keep_all"),
-                       f"{peak['keep_all'] / max(peak['evict'], 1):.2f}x", human_bytes(held["evict"]),
-                       human_bytes(prompt_kv)])
+    evict_rows.append(
+        [
+            prompt_len,
+            cell("evict"),
+            cell("keep_all"),
+            f"{peak['keep_all'] / max(peak['evict'], 1):.2f}x",
+            human_bytes(held["evict"]),
+            human_bytes(prompt_kv),
+        ]
+    )
     all_logits = (prompt_len + R) * args.vocab * 4
-    head_rows.append([prompt_len, cell("hf_head_all"), cell("hf_head_resp"),
-                      human_bytes(peak["hf_head_all"] - peak["hf_head_resp"]),
-                      f"{peak['hf_head_all'] / max(peak['hf_head_resp'], 1):.2f}x", human_bytes(all_logits),
-                      cell("hf_no_cache")])
-print(f"tiny LLaDA-style model, {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, fp32, {R} masks, "
-      f"budget {args.budget}, {torch.get_num_threads()} threads; each cell: the median peak of {args.repeats} calls "
-      "(min-max in MiB); ratios of the medians")
-print("\nMaskKV prefill, same graph and head (LM head on the response rows): peak RSS above the start")
-print(table(evict_rows, headers=["prompt", "evict per layer", "keep every layer's K/V", "ratio", "kept after (evict)",
-                                     "all layers' prompt K/V"]))
-print("\nOriginal transformers forward, use_cache=True (holds every layer's K/V): the LM head on all rows vs on the "
-      f"{R} response rows (logits_to_keep={R}); last column: use_cache=False, head on the response rows")
-print(table(head_rows, headers=["prompt", "head on all rows", "head on response rows", "saved", "ratio",
-                                    "all rows' logits", "no cache"]))
+    head_rows.append(
+        [
+            prompt_len,
+            cell("hf_head_all"),
+            cell("hf_head_resp"),
+            human_bytes(peak["hf_head_all"] - peak["hf_head_resp"]),
+            f"{peak['hf_head_all'] / max(peak['hf_head_resp'], 1):.2f}x",
+            human_bytes(all_logits),
+            cell("hf_no_cache"),
+        ]
+    )
+print(
+    f"tiny LLaDA-style model, {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, fp32, {R} masks, "
+    f"budget {args.budget}, {torch.get_num_threads()} threads; each cell: the median peak of {args.repeats} calls "
+    "(min-max in MiB); ratios of the medians"
+)
+print(
+    "\nMaskKV prefill, same graph and head (LM head on the response rows): peak RSS above the start"
+)
+print(
+    table(
+        evict_rows,
+        headers=[
+            "prompt",
+            "evict per layer",
+            "keep every layer's K/V",
+            "ratio",
+            "kept after (evict)",
+            "all layers' prompt K/V",
+        ],
+    )
+)
+print(
+    "\nOriginal transformers forward, use_cache=True (holds every layer's K/V): the LM head on all rows vs on the "
+    f"{R} response rows (logits_to_keep={R}); last column: use_cache=False, head on the response rows"
+)
+print(
+    table(
+        head_rows,
+        headers=[
+            "prompt",
+            "head on all rows",
+            "head on response rows",
+            "saved",
+            "ratio",
+            "all rows' logits",
+            "no cache",
+        ],
+    )
+)

@@ -28,24 +28,38 @@ import maskkv_compile
 from maskkv_compile.measure import table
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--model", choices=["tiny-dllm", "llama", "llada-shape"], default="tiny-dllm",
-                    help="llada-shape: maskkv-compile bench's preset (head dim 128, MLP 3 x hidden, vocab 126464)")
+parser.add_argument(
+    "--model",
+    choices=["tiny-dllm", "llama", "llada-shape"],
+    default="tiny-dllm",
+    help="llada-shape: maskkv-compile bench's preset (head dim 128, MLP 3 x hidden, vocab 126464)",
+)
 parser.add_argument("--prompt-len", type=int, default=256, help="llama and llada-shape")
-parser.add_argument("--haystack", type=int, default=None,
-                    help="tiny-dllm only: a one-needle haystack of this many tokens (default: the suite's 256-token "
-                         "sample; the model has 1024 positions)")
+parser.add_argument(
+    "--haystack",
+    type=int,
+    default=None,
+    help="tiny-dllm only: a one-needle haystack of this many tokens (default: the suite's 256-token "
+    "sample; the model has 1024 positions)",
+)
 parser.add_argument("--layers", type=int, default=4)
 parser.add_argument("--hidden", type=int, default=256)
-parser.add_argument("--gen-length", type=int, default=17, help="a prefill, then gen-length - 1 step calls")
+parser.add_argument(
+    "--gen-length", type=int, default=17, help="a prefill, then gen-length - 1 step calls"
+)
 parser.add_argument("--budget", type=int, nargs="+", default=[13, 26])
 parser.add_argument("--policy", default="maskkv")
 parser.add_argument("--revote", type=int, nargs="+", default=[1, 4])
 parser.add_argument("--refresh", type=int, nargs="+", default=[1, 4])
 parser.add_argument("--repeats", type=int, default=5)
 parser.add_argument("--backend", choices=["eager", "inductor"], default="eager")
-parser.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
-                    help="also time the uncached model and the full cache (--no-baselines at sizes where the "
-                         "uncached loop takes minutes)")
+parser.add_argument(
+    "--baselines",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="also time the uncached model and the full cache (--no-baselines at sizes where the "
+    "uncached loop takes minutes)",
+)
 args = parser.parse_args()
 torch.manual_seed(0)
 
@@ -60,40 +74,67 @@ if args.model == "tiny-dllm":
     else:  # the same task on a longer haystack: BOS haystack SEP QUERY key, then the masked value
         task = needle_task(torch.Generator().manual_seed(0), args.haystack, needles=1)
         prompt = torch.tensor([task.ids[: task.answers[0][0]]])
-    profile = maskkv_compile.calibrate(model, bundle.calibration, gen_length=bundle.calibration_gen_length,
-                                       mask_token_id=mask_id, progress=False)
+    profile = maskkv_compile.calibrate(
+        model,
+        bundle.calibration,
+        gen_length=bundle.calibration_gen_length,
+        mask_token_id=mask_id,
+        progress=False,
+    )
 elif args.model == "llada-shape":
     from maskkv_compile.bench import build_model
 
-    model = build_model("llada-shape", layers=args.layers, hidden=args.hidden, vocab=126464,
-                        max_positions=args.prompt_len + args.gen_length + 16)  # its mask row zeroed
+    model = build_model(
+        "llada-shape",
+        layers=args.layers,
+        hidden=args.hidden,
+        vocab=126464,
+        max_positions=args.prompt_len + args.gen_length + 16,
+    )  # its mask row zeroed
     mask_id = model.config.mask_token_id
     prompt = torch.randint(0, mask_id, (1, args.prompt_len))
     profile = None
 else:
     from maskkv_compile.tiny_models import tiny_llada
 
-    model = tiny_llada(layers=args.layers, hidden=args.hidden, heads=max(args.hidden // 64, 1), vocab=512)
+    model = tiny_llada(
+        layers=args.layers, hidden=args.hidden, heads=max(args.hidden // 64, 1), vocab=512
+    )
     mask_id = model.config.mask_token_id
     with torch.no_grad():
-        model.lm_head.weight[mask_id] = 0  # random weights may predict the mask id; a trained dLLM never does
+        model.lm_head.weight[mask_id] = (
+            0  # random weights may predict the mask id; a trained dLLM never does
+        )
     prompt = torch.randint(0, mask_id, (1, args.prompt_len))
     profile = None
 x0 = torch.cat([prompt, torch.full((1, args.gen_length), mask_id)], dim=1)
 fill = 1 if mask_id != 1 else 2  # the token every configuration commits
 
-configs = {"uncached": None, "full cache": dict(budget=1 << 16, policy="mask_voting_uniform")} if args.baselines else {}
+configs = (
+    {"uncached": None, "full cache": dict(budget=1 << 16, policy="mask_voting_uniform")}
+    if args.baselines
+    else {}
+)
 for b in args.budget:
     configs[f"B={b} one-shot"] = dict(budget=b, policy=args.policy)
-    configs.update({f"B={b} revote {k}": dict(budget=b, policy=args.policy, revote=k) for k in args.revote})
-    configs.update({f"B={b} refresh {k}": dict(budget=b, policy=args.policy, prompt_refresh=k) for k in args.refresh})
+    configs.update(
+        {f"B={b} revote {k}": dict(budget=b, policy=args.policy, revote=k) for k in args.revote}
+    )
+    configs.update(
+        {
+            f"B={b} refresh {k}": dict(budget=b, policy=args.policy, prompt_refresh=k)
+            for k in args.refresh
+        }
+    )
 nets = {}
 for name, options in configs.items():
     if options is None:
         nets[name] = model
         continue
     prof = profile if options["policy"] in ("maskkv", "squeezeattention") else None
-    nets[name] = maskkv_compile.optimize(model, mask_token_id=mask_id, backend=args.backend, profile=prof, **options)
+    nets[name] = maskkv_compile.optimize(
+        model, mask_token_id=mask_id, backend=args.backend, profile=prof, **options
+    )
 
 
 @torch.no_grad()
@@ -104,7 +145,7 @@ def generate(net):
     x, times = x0.clone(), []
     for _ in range(args.gen_length):
         t0 = time.perf_counter()
-        net(x).logits
+        _ = net(x).logits
         times.append(time.perf_counter() - t0)
         x[0, int((x[0] == mask_id).nonzero()[0, 0])] = fill
     return times[0], times[1:]
@@ -131,13 +172,41 @@ for name in nets:
     stats = counts.get(name, {})
     tier = (stats.get("second_tier") or {}).get("bytes", 0)
     refresh = name.replace(" revote ", " refresh ")
-    cheaper = (statistics.median(steps[refresh]) / statistics.median(steps[name])
-               if " revote " in name and refresh in steps else None)
-    rows.append([name, f"{1e3 * statistics.median(prefill[name]):.1f}", f"{step_ms:.2f}",
-                 "" if rel is None else f"{rel:.2f}x", "" if cheaper is None else f"{cheaper:.2f}x",
-                 f"{args.gen_length / total:.1f}",
-                 stats.get("revotes", ""), stats.get("bytes", ""), tier or ""])
-print(f"{args.model}: prompt {prompt.shape[1]}, {args.gen_length} tokens in {args.gen_length} calls, policy "
-      f"{args.policy}, backend {args.backend}, median of {args.repeats} round-robin repeats")
-print(table(rows, ["configuration", "prefill ms", "step ms (mean over the generation)", "step vs one-shot",
-                       "refresh k / revote k", "tokens/s", "re-votes (last generation)", "hot cache bytes", "second tier bytes"]))
+    cheaper = (
+        statistics.median(steps[refresh]) / statistics.median(steps[name])
+        if " revote " in name and refresh in steps
+        else None
+    )
+    rows.append(
+        [
+            name,
+            f"{1e3 * statistics.median(prefill[name]):.1f}",
+            f"{step_ms:.2f}",
+            "" if rel is None else f"{rel:.2f}x",
+            "" if cheaper is None else f"{cheaper:.2f}x",
+            f"{args.gen_length / total:.1f}",
+            stats.get("revotes", ""),
+            stats.get("bytes", ""),
+            tier or "",
+        ]
+    )
+print(
+    f"{args.model}: prompt {prompt.shape[1]}, {args.gen_length} tokens in {args.gen_length} calls, policy "
+    f"{args.policy}, backend {args.backend}, median of {args.repeats} round-robin repeats"
+)
+print(
+    table(
+        rows,
+        [
+            "configuration",
+            "prefill ms",
+            "step ms (mean over the generation)",
+            "step vs one-shot",
+            "refresh k / revote k",
+            "tokens/s",
+            "re-votes (last generation)",
+            "hot cache bytes",
+            "second tier bytes",
+        ],
+    )
+)

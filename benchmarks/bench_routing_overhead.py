@@ -28,12 +28,14 @@ except ImportError:  # older layouts
 
 def wrap_graphs(runtime, timings):
     """Time every graph call of ``runtime`` into ``timings["graph"]``."""
+
     def timed(fn):
         def run(*args):
             start = time.perf_counter()
             out = fn(*args)
             timings["graph"] += time.perf_counter() - start
             return out
+
         return run
 
     if hasattr(runtime, "_graphs"):  # the state-machine runtime: name -> (fn, inputs, groups)
@@ -50,16 +52,22 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--gen", type=int, default=256)
     parser.add_argument("--block", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=96, help="step calls timed (after 4 warm-up calls)")
+    parser.add_argument(
+        "--steps", type=int, default=96, help="step calls timed (after 4 warm-up calls)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = tiny_llada(layers=2, hidden=64, heads=4)
     with torch.no_grad():
-        model.lm_head.weight[model.config.mask_token_id] = 0  # a trained dLLM never predicts the mask
+        model.lm_head.weight[model.config.mask_token_id] = (
+            0  # a trained dLLM never predicts the mask
+        )
     mask_id = model.config.mask_token_id
     optimized = maskkv_compile.optimize(model, budget=64, backend="eager", block_length=args.block)
-    x = torch.cat([torch.randint(0, mask_id, (1, args.prompt)), torch.full((1, args.gen), mask_id)], 1)
+    x = torch.cat(
+        [torch.randint(0, mask_id, (1, args.prompt)), torch.full((1, args.gen), mask_id)], 1
+    )
     call = MaskKVRuntime.__call__
     per_call = []
 
@@ -91,9 +99,13 @@ def main(argv=None) -> None:
     overhead = [(total - graph) * 1e3 for total, graph in steps]
     graph = [g * 1e3 for _, g in steps]
     print(f"transitions: {optimized.cache_stats()['transitions']}")
-    print(f"step calls timed: {len(steps)}; prompt {args.prompt}, gen {args.gen}, block {args.block}")
-    print(f"runtime host overhead per step: median {statistics.median(overhead):.3f} ms, "
-          f"mean {statistics.mean(overhead):.3f} ms; graph median {statistics.median(graph):.3f} ms")
+    print(
+        f"step calls timed: {len(steps)}; prompt {args.prompt}, gen {args.gen}, block {args.block}"
+    )
+    print(
+        f"runtime host overhead per step: median {statistics.median(overhead):.3f} ms, "
+        f"mean {statistics.mean(overhead):.3f} ms; graph median {statistics.median(graph):.3f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ the mask token from, so it comes in the options. Inductor compiles the rewritten
 
 import torch
 
-from maskkv_compile.tiny_models import tiny_dream  # only to build the model; the backend needs no import
+from maskkv_compile.tiny_models import (
+    tiny_dream,
+)  # only to build the model; the backend needs no import
 
 model = tiny_dream(layers=2, hidden=64)
 mask_id = model.config.mask_token_id

@@ -30,7 +30,12 @@ kernels: they live in ``maskkv_compile/policy_ops.py``, registered when
 # registered once, and no version, so transformers reads "not available"
 # (tests/test_layering.py runs that probe).
 from maskkv_compile.kernels import (  # noqa: F401  (registers ops)
-    attention, cached_attention, mask_votes, revote, select_kv, tp_ops,
+    attention,
+    cached_attention,
+    mask_votes,
+    revote,
+    select_kv,
+    tp_ops,
 )
 from maskkv_compile.kernels.attention import attention_reference
 from maskkv_compile.kernels.cached_attention import cached_attention_reference

@@ -51,8 +51,13 @@ def attention_reference(
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "q, k, v must be 4-D (B, H, S, D)")
-    torch._check(q.shape[1] % k.shape[1] == 0, lambda: f"query heads {q.shape[1]} not a multiple of KV heads {k.shape[1]}")
+    torch._check(
+        q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "q, k, v must be 4-D (B, H, S, D)"
+    )
+    torch._check(
+        q.shape[1] % k.shape[1] == 0,
+        lambda: f"query heads {q.shape[1]} not a multiple of KV heads {k.shape[1]}",
+    )
 
 
 @torch.library.custom_op("maskkv::attention", mutates_args=())
@@ -65,7 +70,9 @@ def attention(
     key_valid: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     _check(q, k, v)
-    return attention_reference(q, k, v, scale, softmax_dtype, key_mask=padding_mask(key_valid)).contiguous()
+    return attention_reference(
+        q, k, v, scale, softmax_dtype, key_mask=padding_mask(key_valid)
+    ).contiguous()
 
 
 def key_padding(key_valid: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -27,7 +27,9 @@ from . import triton_cached_attention
 from .attention import attention_reference, expand_kv_heads
 
 
-def cached_attention_reference(q, k, v, kept_k, kept_v, kept_len, resp_valid, scale, softmax_dtype=None):
+def cached_attention_reference(
+    q, k, v, kept_k, kept_v, kept_len, resp_valid, scale, softmax_dtype=None
+):
     num_kept = kept_k.shape[2]
     keys = torch.cat([kept_k, k], dim=2)  # (B, Hkv, K+R, D)
     values = torch.cat([kept_v, v], dim=2)
@@ -38,9 +40,13 @@ def cached_attention_reference(q, k, v, kept_k, kept_v, kept_len, resp_valid, sc
     return attention_reference(q, keys, values, scale, softmax_dtype, key_mask=key_mask)
 
 
-def cached_attention_torch(q, k, v, kept_k, kept_v, kept_len, resp_valid, scale, softmax_dtype=None):
+def cached_attention_torch(
+    q, k, v, kept_k, kept_v, kept_len, resp_valid, scale, softmax_dtype=None
+):
     """The CPU path: SDPA over the concatenation with a key mask."""
-    return cached_attention_reference(q, k, v, kept_k, kept_v, kept_len, resp_valid, scale, softmax_dtype).contiguous()
+    return cached_attention_reference(
+        q, k, v, kept_k, kept_v, kept_len, resp_valid, scale, softmax_dtype
+    ).contiguous()
 
 
 @torch.library.custom_op("maskkv::cached_attention", mutates_args=())
@@ -55,7 +61,9 @@ def cached_attention(
     scale: float,
     softmax_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    return cached_attention_torch(q, k, v, kept_k, kept_v, kept_len, resp_valid, scale, softmax_dtype)
+    return cached_attention_torch(
+        q, k, v, kept_k, kept_v, kept_len, resp_valid, scale, softmax_dtype
+    )
 
 
 @cached_attention.register_fake

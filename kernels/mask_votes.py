@@ -58,7 +58,9 @@ def _weights(valid, like):
     return valid.to(like.dtype)
 
 
-def mask_votes_reference(q, k, voter_idx, prompt_idx, scale, key_valid=None, voter_valid=None, prompt_valid=None):
+def mask_votes_reference(
+    q, k, voter_idx, prompt_idx, scale, key_valid=None, voter_valid=None, prompt_valid=None
+):
     """Oracle: the full attention matrix, materialized. For tests only."""
     acc = accumulation_dtype(q.dtype)
     batch, heads, _, dim = q.shape
@@ -78,8 +80,17 @@ def mask_votes_reference(q, k, voter_idx, prompt_idx, scale, key_valid=None, vot
     return votes, on_prompt.sum((2, 3))
 
 
-def mask_votes_chunked(q, k, voter_idx, prompt_idx, scale, chunk=64, key_valid=None, voter_valid=None,
-                       prompt_valid=None):
+def mask_votes_chunked(
+    q,
+    k,
+    voter_idx,
+    prompt_idx,
+    scale,
+    chunk=64,
+    key_valid=None,
+    voter_valid=None,
+    prompt_valid=None,
+):
     """The CPU path (any device, any float dtype): two passes over key blocks, see Memory."""
     torch._check(chunk > 0, lambda: f"chunk must be positive, got {chunk}")
     acc = accumulation_dtype(q.dtype)
@@ -106,11 +117,17 @@ def mask_votes_chunked(q, k, voter_idx, prompt_idx, scale, chunk=64, key_valid=N
         for ks in range(0, seq, key_block):
             keys = k[:, :, ks : ks + key_block].to(acc)  # (B, Hkv, kb, D)
             scores = qc @ keys.transpose(-2, -1)  # (B, Hkv, G*n, kb)
-            if padding is not None:  # masked_fill, not a -inf bias: garbage (NaN) in a padding key stays out
+            if (
+                padding is not None
+            ):  # masked_fill, not a -inf bias: garbage (NaN) in a padding key stays out
                 scores = scores.masked_fill(padding[..., ks : ks + key_block], float("-inf"))
             lse = torch.logaddexp(lse, torch.logsumexp(scores, dim=-1))
         # pass 2: column sums of exp(s - lse) over the prompt keys, one key block at a time
-        row_w = None if voter_w is None else voter_w[:, start : start + n].repeat(1, group)[:, None, :, None]  # (B, 1, G*n, 1)
+        row_w = (
+            None
+            if voter_w is None
+            else voter_w[:, start : start + n].repeat(1, group)[:, None, :, None]
+        )  # (B, 1, G*n, 1)
         for ps in range(0, num_prompt, key_block):
             keys = k.index_select(2, prompt_idx[ps : ps + key_block]).to(acc)  # (B, Hkv, kb, D)
             probs = torch.exp(qc @ keys.transpose(-2, -1) - lse[..., None])  # (B, Hkv, G*n, kb)
@@ -135,11 +152,23 @@ def mask_votes(
     voter_valid: Optional[torch.Tensor] = None,
     prompt_valid: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return mask_votes_chunked(q, k, voter_idx, prompt_idx, scale, chunk, key_valid, voter_valid, prompt_valid)
+    return mask_votes_chunked(
+        q, k, voter_idx, prompt_idx, scale, chunk, key_valid, voter_valid, prompt_valid
+    )
 
 
 @mask_votes.register_fake
-def _(q, k, voter_idx, prompt_idx, scale, chunk=64, key_valid=None, voter_valid=None, prompt_valid=None):
+def _(
+    q,
+    k,
+    voter_idx,
+    prompt_idx,
+    scale,
+    chunk=64,
+    key_valid=None,
+    voter_valid=None,
+    prompt_valid=None,
+):
     acc = accumulation_dtype(q.dtype)
     votes = q.new_empty((q.shape[0], k.shape[1], prompt_idx.shape[0]), dtype=acc)
     return votes, q.new_empty((q.shape[0], q.shape[1]), dtype=acc)

@@ -33,7 +33,6 @@ import torch
 from .mask_votes import KEY_BLOCK_FACTOR, accumulation_dtype
 from .select_kv import gather_kept, kept_columns
 
-
 # Above this many scores per (row, KV head) the prompt keys go in blocks of this many columns,
 # two passes (log-sum-exp first); at or below it one score block serves both.
 SCORE_BLOCK = 1 << 20
@@ -62,10 +61,14 @@ def revote_votes(q, k, prompt_k, prompt_valid, resp_valid, voter_idx, voter_vali
         scores = qv @ prompt_k[:, :, start:stop].to(acc).transpose(-2, -1)
         return scores.masked_fill(prompt_out[..., start:stop], float("-inf"))
 
-    response = (qv @ k.to(acc).transpose(-2, -1)).masked_fill(~resp_valid[:, None, None, :], float("-inf"))
+    response = (qv @ k.to(acc).transpose(-2, -1)).masked_fill(
+        ~resp_valid[:, None, None, :], float("-inf")
+    )
     if group * voters * num_prompt <= SCORE_BLOCK:  # one exp of the prompt scores serves both sums
         scores = prompt_scores(0, num_prompt)
-        top = torch.maximum(scores.amax(-1, keepdim=True), response.amax(-1, keepdim=True))  # (B, Hkv, G*Rv, 1)
+        top = torch.maximum(
+            scores.amax(-1, keepdim=True), response.amax(-1, keepdim=True)
+        )  # (B, Hkv, G*Rv, 1)
         unnormed = torch.exp(scores - top)
         total = unnormed.sum(-1, keepdim=True) + torch.exp(response - top).sum(-1, keepdim=True)
         # (B, Hkv, 1, G*Rv) @ (B, Hkv, G*Rv, P): each voter's row over its softmax denominator, summed
@@ -82,14 +85,19 @@ def revote_votes(q, k, prompt_k, prompt_valid, resp_valid, voter_idx, voter_vali
 
 
 @torch.library.custom_op("maskkv::prompt_kv", mutates_args=())
-def prompt_kv(k: torch.Tensor, v: torch.Tensor, prompt_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def prompt_kv(
+    k: torch.Tensor, v: torch.Tensor, prompt_idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     return k.index_select(2, prompt_idx), v.index_select(2, prompt_idx)
 
 
 @prompt_kv.register_fake
 def _(k, v, prompt_idx):
     num_prompt = prompt_idx.shape[0]
-    return (k.new_empty((*k.shape[:2], num_prompt, k.shape[-1])), v.new_empty((*v.shape[:2], num_prompt, v.shape[-1])))
+    return (
+        k.new_empty((*k.shape[:2], num_prompt, k.shape[-1])),
+        v.new_empty((*v.shape[:2], num_prompt, v.shape[-1])),
+    )
 
 
 @torch.library.custom_op("maskkv::revote_kv", mutates_args=())
@@ -112,7 +120,9 @@ def revote_kv(
     sink: int,
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    votes = revote_votes(q, k, prompt_k, prompt_valid, resp_valid, voter_idx, voter_valid, scale, chunk)
+    votes = revote_votes(
+        q, k, prompt_k, prompt_valid, resp_valid, voter_idx, voter_valid, scale, chunk
+    )
     scores = torch.ops.maskkv.selection_scores(votes, prompt_valid, policy, kernel, sink, seed)
     eligible = torch.isfinite(scores).sum(-1)  # (B, Hkv)
     budgets = torch.minimum(kept_len.to(torch.long), eligible)
@@ -122,8 +132,25 @@ def revote_kv(
 
 
 @revote_kv.register_fake
-def _(q, k, prompt_k, prompt_v, prompt_pos, prompt_valid, resp_valid, voter_idx, voter_valid, kept_k, kept_len,
-      scale, chunk, policy, kernel, sink, seed):
+def _(
+    q,
+    k,
+    prompt_k,
+    prompt_v,
+    prompt_pos,
+    prompt_valid,
+    resp_valid,
+    voter_idx,
+    voter_valid,
+    kept_k,
+    kept_len,
+    scale,
+    chunk,
+    policy,
+    kernel,
+    sink,
+    seed,
+):
     batch, kv_heads, kmax = kept_k.shape[:3]
     return (
         prompt_k.new_empty((batch, kv_heads, kmax, prompt_k.shape[-1])),

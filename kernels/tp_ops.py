@@ -20,7 +20,9 @@ _checked: set[tuple] = set()  # (group_name, shape) whose shapes were seen equal
 
 
 def _all_gather(x: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
-    out = torch.ops._c10d_functional.all_gather_into_tensor(x.contiguous(), world, group_name)  # (world*B, ...)
+    out = torch.ops._c10d_functional.all_gather_into_tensor(
+        x.contiguous(), world, group_name
+    )  # (world*B, ...)
     return torch.ops._c10d_functional.wait_tensor(out)
 
 
@@ -34,7 +36,8 @@ def _check_shapes(x: torch.Tensor, group_name: str, world: int) -> None:
         raise ValueError(
             f"tensor-parallel ranks hold different head counts at an attention site (per-rank shapes "
             f"{every.tolist()}): MaskKV needs the heads split evenly; use a tensor-parallel size that divides the "
-            "number of query and KV heads")
+            "number of query and KV heads"
+        )
     _checked.add(key)
 
 
@@ -45,7 +48,9 @@ def gather_heads(x: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
     _check_shapes(x, group_name, world)
     gathered = _all_gather(x, group_name, world)  # (world*B, h, ...)
     blocks = gathered.view(world, *x.shape)  # (world, B, h, ...)
-    return blocks.movedim(0, 1).reshape(x.shape[0], world * x.shape[1], *x.shape[2:])  # (B, world*h, ...)
+    return blocks.movedim(0, 1).reshape(
+        x.shape[0], world * x.shape[1], *x.shape[2:]
+    )  # (B, world*h, ...)
 
 
 @gather_heads.register_fake

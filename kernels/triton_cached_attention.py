@@ -29,9 +29,9 @@ it is wrapped (``wrap_triton``) and why importing this module never needs triton
 
 from __future__ import annotations
 
-import torch
-
 from typing import Optional
+
+import torch
 
 from .triton_votes import HAS_TRITON, LOG2E, route_to_triton, triton_dtype_ok, upcast_dots
 
@@ -43,8 +43,27 @@ if HAS_TRITON:
 
     @triton.jit
     def _attend_segment(
-        q, m, l, acc, k_base, v_base, valid_base, n_keys, sks, skd, svs, svd, s_valid, qk_scale,
-        d, d_ok, dv, dv_ok, BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr, UPCAST: tl.constexpr,
+        q,
+        m,
+        l,
+        acc,
+        k_base,
+        v_base,
+        valid_base,
+        n_keys,
+        sks,
+        skd,
+        svs,
+        svd,
+        s_valid,
+        qk_scale,
+        d,
+        d_ok,
+        dv,
+        dv_ok,
+        BLOCK_N: tl.constexpr,
+        HAS_VALID: tl.constexpr,
+        UPCAST: tl.constexpr,
     ):
         """Fold keys [0, n_keys) of one segment into the online softmax state (m, l, acc);
         with HAS_VALID, key j counts only where valid_base[j * s_valid] is True."""
@@ -55,11 +74,13 @@ if HAS_TRITON:
                 col_ok = col_ok & (tl.load(valid_base + cols * s_valid, mask=col_ok, other=0) != 0)
             kt = tl.load(
                 k_base + cols[None, :] * sks + d[:, None] * skd,
-                mask=d_ok[:, None] & col_ok[None, :], other=0.0,
+                mask=d_ok[:, None] & col_ok[None, :],
+                other=0.0,
             )  # (BLOCK_D, BLOCK_N)
             vb = tl.load(
                 v_base + cols[:, None] * svs + dv[None, :] * svd,
-                mask=col_ok[:, None] & dv_ok[None, :], other=0.0,
+                mask=col_ok[:, None] & dv_ok[None, :],
+                other=0.0,
             )  # (BLOCK_N, BLOCK_DV)
             s = _dot(q, kt, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
             s = tl.where(col_ok[None, :], s, float("-inf"))
@@ -75,16 +96,53 @@ if HAS_TRITON:
 
     @triton.jit
     def _cached_attention_kernel(
-        q_ptr, k_ptr, v_ptr, kk_ptr, kv_ptr, kept_len_ptr, resp_valid_ptr, out_ptr,
-        sqb, sqh, sqs, sqd,
-        skb, skh, sks, skd,
-        svb, svh, svs, svd,
-        skkb, skkh, skks, skkd,
-        skvb, skvh, skvs, skvd,
-        slb, slh, srb, srs,
-        sob, soh, sos, sod,
-        H, GROUP, R, K, D, DV, qk_scale,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        kk_ptr,
+        kv_ptr,
+        kept_len_ptr,
+        resp_valid_ptr,
+        out_ptr,
+        sqb,
+        sqh,
+        sqs,
+        sqd,
+        skb,
+        skh,
+        sks,
+        skd,
+        svb,
+        svh,
+        svs,
+        svd,
+        skkb,
+        skkh,
+        skks,
+        skkd,
+        skvb,
+        skvh,
+        skvs,
+        skvd,
+        slb,
+        slh,
+        srb,
+        srs,
+        sob,
+        soh,
+        sos,
+        sod,
+        H,
+        GROUP,
+        R,
+        K,
+        D,
+        DV,
+        qk_scale,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_DV: tl.constexpr,
         UPCAST: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
@@ -100,30 +158,78 @@ if HAS_TRITON:
         dv_ok = dv < DV
         q = tl.load(
             q_ptr + b * sqb + h * sqh + rows[:, None] * sqs + d[None, :] * sqd,
-            mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+            mask=row_ok[:, None] & d_ok[None, :],
+            other=0.0,
         )  # (BLOCK_M, BLOCK_D)
         m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
         n_kept = tl.minimum(tl.load(kept_len_ptr + b * slb + kvh * slh), K)
         m, l, acc = _attend_segment(  # segment 1: the kept prompt entries of this row's KV head
-            q, m, l, acc, kk_ptr + b * skkb + kvh * skkh, kv_ptr + b * skvb + kvh * skvh, resp_valid_ptr,
-            n_kept, skks, skkd, skvs, skvd, 0, qk_scale, d, d_ok, dv, dv_ok, BLOCK_N, False, UPCAST,
+            q,
+            m,
+            l,
+            acc,
+            kk_ptr + b * skkb + kvh * skkh,
+            kv_ptr + b * skvb + kvh * skvh,
+            resp_valid_ptr,
+            n_kept,
+            skks,
+            skkd,
+            skvs,
+            skvd,
+            0,
+            qk_scale,
+            d,
+            d_ok,
+            dv,
+            dv_ok,
+            BLOCK_N,
+            False,
+            UPCAST,
         )
         m, l, acc = _attend_segment(  # segment 2: the response K/V valid for this batch row
-            q, m, l, acc, k_ptr + b * skb + kvh * skh, v_ptr + b * svb + kvh * svh, resp_valid_ptr + b * srb,
-            R, sks, skd, svs, svd, srs, qk_scale, d, d_ok, dv, dv_ok, BLOCK_N, True, UPCAST,
+            q,
+            m,
+            l,
+            acc,
+            k_ptr + b * skb + kvh * skh,
+            v_ptr + b * svb + kvh * svh,
+            resp_valid_ptr + b * srb,
+            R,
+            sks,
+            skd,
+            svs,
+            svd,
+            srs,
+            qk_scale,
+            d,
+            d_ok,
+            dv,
+            dv_ok,
+            BLOCK_N,
+            True,
+            UPCAST,
         )
-        out = tl.where(l[:, None] > 0, acc / tl.where(l > 0, l, 1.0)[:, None], 0.0)  # no key at all: zeros
+        out = tl.where(
+            l[:, None] > 0, acc / tl.where(l > 0, l, 1.0)[:, None], 0.0
+        )  # no key at all: zeros
         tl.store(
             out_ptr + b * sob + h * soh + rows[:, None] * sos + dv[None, :] * sod,
-            out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & dv_ok[None, :],
         )
 
 
 def cached_attention_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept_k: torch.Tensor, kept_v: torch.Tensor,
-    kept_len: torch.Tensor, resp_valid: torch.Tensor, scale: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kept_k: torch.Tensor,
+    kept_v: torch.Tensor,
+    kept_len: torch.Tensor,
+    resp_valid: torch.Tensor,
+    scale: float,
 ) -> torch.Tensor:
     """Launch the kernel. Shapes and dtypes as in the module docstring."""
     from torch.library import wrap_triton
@@ -135,12 +241,33 @@ def cached_attention_triton(
         return out
     block_m, block_n = 32, 64
     wrap_triton(_cached_attention_kernel)[((resp + block_m - 1) // block_m, batch * heads)](
-        q, k, v, kept_k, kept_v, kept_len, resp_valid, out,
-        *q.stride(), *k.stride(), *v.stride(), *kept_k.stride(), *kept_v.stride(),
-        *kept_len.stride(), *resp_valid.stride(), *out.stride(),
-        heads, heads // kv_heads, resp, kept_k.shape[2], dim, dim_v, float(scale) * LOG2E,
-        BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_DV=max(16, triton.next_power_of_2(dim_v)),
+        q,
+        k,
+        v,
+        kept_k,
+        kept_v,
+        kept_len,
+        resp_valid,
+        out,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *kept_k.stride(),
+        *kept_v.stride(),
+        *kept_len.stride(),
+        *resp_valid.stride(),
+        *out.stride(),
+        heads,
+        heads // kv_heads,
+        resp,
+        kept_k.shape[2],
+        dim,
+        dim_v,
+        float(scale) * LOG2E,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(dim)),
+        BLOCK_DV=max(16, triton.next_power_of_2(dim_v)),
         UPCAST=upcast_dots(q.dtype),
     )
     return out
@@ -154,8 +281,15 @@ def register_cuda(op, torch_fn) -> None:
     """
 
     def fused(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept_k: torch.Tensor, kept_v: torch.Tensor,
-        kept_len: torch.Tensor, resp_valid: torch.Tensor, scale: float, softmax_dtype: Optional[torch.dtype] = None,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kept_k: torch.Tensor,
+        kept_v: torch.Tensor,
+        kept_len: torch.Tensor,
+        resp_valid: torch.Tensor,
+        scale: float,
+        softmax_dtype: Optional[torch.dtype] = None,
     ) -> torch.Tensor:
         return cached_attention_triton(q, k, v, kept_k, kept_v, kept_len, resp_valid, scale)
 
@@ -163,8 +297,10 @@ def register_cuda(op, torch_fn) -> None:
         return (
             triton_dtype_ok(q, k, v, kept_k, kept_v)
             and softmax_dtype in (None, torch.float32, q.dtype)
-            and kept_len.dtype == torch.long and kept_len.device == q.device
-            and resp_valid.dtype == torch.bool and resp_valid.device == q.device
+            and kept_len.dtype == torch.long
+            and kept_len.device == q.device
+            and resp_valid.dtype == torch.bool
+            and resp_valid.device == q.device
         )
 
     route_to_triton(op, "maskkv::cached_attention_triton", fused, torch_fn, supported)

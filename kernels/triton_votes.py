@@ -79,11 +79,32 @@ if HAS_TRITON:
 
     @triton.jit
     def _row_lse_kernel(
-        q_ptr, k_ptr, voter_ptr, key_valid_ptr, lse_ptr,
-        sqb, sqh, sqs, sqd, skb, skh, sks, skd, skvb, skvs,
-        H, GROUP, RV, S, D, qk_scale,
-        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        HAS_KEY_MASK: tl.constexpr, UPCAST: tl.constexpr,
+        q_ptr,
+        k_ptr,
+        voter_ptr,
+        key_valid_ptr,
+        lse_ptr,
+        sqb,
+        sqh,
+        sqs,
+        sqd,
+        skb,
+        skh,
+        sks,
+        skd,
+        skvb,
+        skvs,
+        H,
+        GROUP,
+        RV,
+        S,
+        D,
+        qk_scale,
+        BLOCK_R: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        HAS_KEY_MASK: tl.constexpr,
+        UPCAST: tl.constexpr,
     ):
         """lse_ptr[(b*H + h)*RV + r] = log2 sum_j exp2(q_r . k_j * qk_scale) over the valid keys."""
         pid_r = tl.program_id(0)
@@ -98,7 +119,8 @@ if HAS_TRITON:
         qpos = tl.load(voter_ptr + rows, mask=row_ok, other=0)
         q = tl.load(
             q_ptr + b * sqb + h * sqh + qpos[:, None] * sqs + d[None, :] * sqd,
-            mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+            mask=row_ok[:, None] & d_ok[None, :],
+            other=0.0,
         )  # (BLOCK_R, BLOCK_D)
         m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
         l = tl.zeros((BLOCK_R,), tl.float32)
@@ -106,10 +128,13 @@ if HAS_TRITON:
             cols = start + tl.arange(0, BLOCK_N)
             col_ok = cols < S
             if HAS_KEY_MASK:
-                col_ok = col_ok & (tl.load(key_valid_ptr + b * skvb + cols * skvs, mask=col_ok, other=0) != 0)
+                col_ok = col_ok & (
+                    tl.load(key_valid_ptr + b * skvb + cols * skvs, mask=col_ok, other=0) != 0
+                )
             kt = tl.load(
                 k_ptr + b * skb + kvh * skh + cols[None, :] * sks + d[:, None] * skd,
-                mask=d_ok[:, None] & col_ok[None, :], other=0.0,
+                mask=d_ok[:, None] & col_ok[None, :],
+                other=0.0,
             )  # (BLOCK_D, BLOCK_N)
             s = _dot(q, kt, UPCAST) * qk_scale  # (BLOCK_R, BLOCK_N), log2 units
             s = tl.where(col_ok[None, :], s, float("-inf"))
@@ -121,12 +146,44 @@ if HAS_TRITON:
 
     @triton.jit
     def _prompt_colsum_kernel(
-        q_ptr, k_ptr, voter_ptr, prompt_ptr, key_valid_ptr, voter_valid_ptr, prompt_valid_ptr,
-        lse_ptr, votes_ptr, mass_ptr,
-        sqb, sqh, sqs, sqd, skb, skh, sks, skd, skvb, skvs, svvb, svvr, spvb, spvp,
-        H, HKV, GROUP, RV, P, D, NUM_PB, qk_scale,
-        BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-        HAS_KEY_MASK: tl.constexpr, HAS_VOTER_MASK: tl.constexpr, HAS_PROMPT_MASK: tl.constexpr,
+        q_ptr,
+        k_ptr,
+        voter_ptr,
+        prompt_ptr,
+        key_valid_ptr,
+        voter_valid_ptr,
+        prompt_valid_ptr,
+        lse_ptr,
+        votes_ptr,
+        mass_ptr,
+        sqb,
+        sqh,
+        sqs,
+        sqd,
+        skb,
+        skh,
+        sks,
+        skd,
+        skvb,
+        skvs,
+        svvb,
+        svvr,
+        spvb,
+        spvp,
+        H,
+        HKV,
+        GROUP,
+        RV,
+        P,
+        D,
+        NUM_PB,
+        qk_scale,
+        BLOCK_R: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        HAS_KEY_MASK: tl.constexpr,
+        HAS_VOTER_MASK: tl.constexpr,
+        HAS_PROMPT_MASK: tl.constexpr,
         UPCAST: tl.constexpr,
     ):
         """votes[b, kvh, p] = sum over the group's heads and voter rows of exp2(s - lse);
@@ -143,13 +200,18 @@ if HAS_TRITON:
         kpos = tl.load(prompt_ptr + cols, mask=col_ok, other=0)
         kt = tl.load(
             k_ptr + b * skb + kvh * skh + kpos[None, :] * sks + d[:, None] * skd,
-            mask=d_ok[:, None] & col_ok[None, :], other=0.0,
+            mask=d_ok[:, None] & col_ok[None, :],
+            other=0.0,
         )  # (BLOCK_D, BLOCK_P): this block's prompt keys, loaded once
         col_counts = col_ok  # the columns that are this batch row's (non-padding) prompt
         if HAS_KEY_MASK:
-            col_counts = col_counts & (tl.load(key_valid_ptr + b * skvb + kpos * skvs, mask=col_ok, other=0) != 0)
+            col_counts = col_counts & (
+                tl.load(key_valid_ptr + b * skvb + kpos * skvs, mask=col_ok, other=0) != 0
+            )
         if HAS_PROMPT_MASK:
-            col_counts = col_counts & (tl.load(prompt_valid_ptr + b * spvb + cols * spvp, mask=col_ok, other=0) != 0)
+            col_counts = col_counts & (
+                tl.load(prompt_valid_ptr + b * spvb + cols * spvp, mask=col_ok, other=0) != 0
+            )
         votes = tl.zeros((BLOCK_P,), tl.float32)
         for g in range(0, GROUP):
             h = kvh * GROUP + g
@@ -165,7 +227,8 @@ if HAS_TRITON:
                 qpos = tl.load(voter_ptr + rows, mask=row_ok, other=0)
                 q = tl.load(
                     q_ptr + b * sqb + h * sqh + qpos[:, None] * sqs + d[None, :] * sqd,
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+                    mask=row_ok[:, None] & d_ok[None, :],
+                    other=0.0,
                 )  # (BLOCK_R, BLOCK_D)
                 lse = tl.load(lse_ptr + (b * H + h) * RV + rows, mask=row_ok, other=0.0)
                 s = _dot(q, kt, UPCAST) * qk_scale  # (BLOCK_R, BLOCK_P)
@@ -183,8 +246,13 @@ def _mask_args(mask, placeholder):
 
 
 def mask_votes_triton(
-    q: torch.Tensor, k: torch.Tensor, voter_idx: torch.Tensor, prompt_idx: torch.Tensor, scale: float,
-    key_valid: Optional[torch.Tensor] = None, voter_valid: Optional[torch.Tensor] = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    voter_idx: torch.Tensor,
+    prompt_idx: torch.Tensor,
+    scale: float,
+    key_valid: Optional[torch.Tensor] = None,
+    voter_valid: Optional[torch.Tensor] = None,
     prompt_valid: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the two kernels. Shapes and dtypes as in the module docstring."""
@@ -209,17 +277,61 @@ def mask_votes_triton(
     pv_ptr, spvb, spvp, has_prompt = _mask_args(prompt_valid, voter_idx)
     qk_scale = float(scale) * LOG2E
     wrap_triton(_row_lse_kernel)[((num_voters + block_r - 1) // block_r, batch * heads)](
-        q, k, voter_idx, kv_ptr, lse,
-        *q.stride(), *k.stride(), skvb, skvs,
-        heads, heads // kv_heads, num_voters, seq, dim, qk_scale,
-        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, HAS_KEY_MASK=has_key, UPCAST=upcast_dots(q.dtype),
+        q,
+        k,
+        voter_idx,
+        kv_ptr,
+        lse,
+        *q.stride(),
+        *k.stride(),
+        skvb,
+        skvs,
+        heads,
+        heads // kv_heads,
+        num_voters,
+        seq,
+        dim,
+        qk_scale,
+        BLOCK_R=block_r,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        HAS_KEY_MASK=has_key,
+        UPCAST=upcast_dots(q.dtype),
     )
     wrap_triton(_prompt_colsum_kernel)[(num_pb, batch * kv_heads)](
-        q, k, voter_idx, prompt_idx, kv_ptr, vv_ptr, pv_ptr, lse, votes, mass,
-        *q.stride(), *k.stride(), skvb, skvs, svvb, svvr, spvb, spvp,
-        heads, kv_heads, heads // kv_heads, num_voters, num_prompt, dim, num_pb, qk_scale,
-        BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_D=block_d,
-        HAS_KEY_MASK=has_key, HAS_VOTER_MASK=has_voter, HAS_PROMPT_MASK=has_prompt, UPCAST=upcast_dots(q.dtype),
+        q,
+        k,
+        voter_idx,
+        prompt_idx,
+        kv_ptr,
+        vv_ptr,
+        pv_ptr,
+        lse,
+        votes,
+        mass,
+        *q.stride(),
+        *k.stride(),
+        skvb,
+        skvs,
+        svvb,
+        svvr,
+        spvb,
+        spvp,
+        heads,
+        kv_heads,
+        heads // kv_heads,
+        num_voters,
+        num_prompt,
+        dim,
+        num_pb,
+        qk_scale,
+        BLOCK_R=block_r,
+        BLOCK_P=block_p,
+        BLOCK_D=block_d,
+        HAS_KEY_MASK=has_key,
+        HAS_VOTER_MASK=has_voter,
+        HAS_PROMPT_MASK=has_prompt,
+        UPCAST=upcast_dots(q.dtype),
     )
     return votes, mass.sum(-1)  # (B, Hkv, P), (B, H)
 
@@ -241,7 +353,12 @@ def route_to_triton(op, name, fused_fn, torch_fn, supported) -> None:
     """
     from maskkv_compile._torch_private import triton_route_internals
 
-    get_triton_kernels_for_op, triton_ops_to_kernels, FunctionalTensorMode, decomposition_disabled = triton_route_internals()
+    (
+        get_triton_kernels_for_op,
+        triton_ops_to_kernels,
+        FunctionalTensorMode,
+        decomposition_disabled,
+    ) = triton_route_internals()
 
     fused = torch.library.triton_op(name, fused_fn, mutates_args=())
     # AOTAutograd's cache key hashes the kernels of the ops in the dynamo graph (private map)
@@ -279,15 +396,35 @@ def register_cuda(op, torch_fn) -> None:
     """
 
     def fused(
-        q: torch.Tensor, k: torch.Tensor, voter_idx: torch.Tensor, prompt_idx: torch.Tensor,
-        scale: float, chunk: int = 64, key_valid: Optional[torch.Tensor] = None,
-        voter_valid: Optional[torch.Tensor] = None, prompt_valid: Optional[torch.Tensor] = None,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        voter_idx: torch.Tensor,
+        prompt_idx: torch.Tensor,
+        scale: float,
+        chunk: int = 64,
+        key_valid: Optional[torch.Tensor] = None,
+        voter_valid: Optional[torch.Tensor] = None,
+        prompt_valid: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # chunk: CPU-only knob; a (B, 0) key_valid is no padding
-        return mask_votes_triton(q, k, voter_idx, prompt_idx, scale, key_padding(key_valid), voter_valid, prompt_valid)
+        return mask_votes_triton(
+            q, k, voter_idx, prompt_idx, scale, key_padding(key_valid), voter_valid, prompt_valid
+        )
 
-    def supported(q, k, voter_idx, prompt_idx, scale, chunk=64, key_valid=None, voter_valid=None, prompt_valid=None):
+    def supported(
+        q,
+        k,
+        voter_idx,
+        prompt_idx,
+        scale,
+        chunk=64,
+        key_valid=None,
+        voter_valid=None,
+        prompt_valid=None,
+    ):
         masks = [m for m in (key_valid, voter_valid, prompt_valid) if m is not None]
-        return triton_dtype_ok(q, k) and all(m.dtype == torch.bool and m.device == q.device for m in masks)
+        return triton_dtype_ok(q, k) and all(
+            m.dtype == torch.bool and m.device == q.device for m in masks
+        )
 
     route_to_triton(op, "maskkv::mask_votes_triton", fused, torch_fn, supported)

@@ -21,21 +21,54 @@ from maskkv_compile.backend import runtimes
 from maskkv_compile.config import MaskKVConfig, MaskKVConfigError, Revote
 from maskkv_compile.passes import UnsupportedModelError
 from maskkv_compile.policies import (
-    AdaKV, AllVoting, MaskKV, MaskVotingUniform, Policy, PromptVoting, PyramidKV, Random, SnapKV, SqueezeAttention,
+    AdaKV,
+    AllVoting,
+    MaskKV,
+    MaskVotingUniform,
+    Policy,
+    PromptVoting,
+    PyramidKV,
+    Random,
+    SnapKV,
+    SqueezeAttention,
     StreamingLLM,
 )
 from maskkv_compile.profile import LayerProfile, ProfileMismatchError
 from maskkv_compile.runtime import CacheFallbackWarning, NoMaskTokenError, response_logits_only
 
 __all__ = [
-    "CacheFallbackWarning", "LayerProfile", "MaskKVConfig", "MaskKVConfigError", "MaskKVModel", "NoMaskTokenError", "ProfileMismatchError",
-    "UnsupportedModelError", "calibrate", "explain", "optimize", "response_logits_only",
-    "runtimes", "Revote", "Policy", "MaskKV", "MaskVotingUniform", "SnapKV", "PromptVoting", "AllVoting", "StreamingLLM",
-    "Random", "PyramidKV", "SqueezeAttention", "AdaKV",
+    "CacheFallbackWarning",
+    "LayerProfile",
+    "MaskKVConfig",
+    "MaskKVConfigError",
+    "MaskKVModel",
+    "NoMaskTokenError",
+    "ProfileMismatchError",
+    "UnsupportedModelError",
+    "calibrate",
+    "explain",
+    "optimize",
+    "response_logits_only",
+    "runtimes",
+    "Revote",
+    "Policy",
+    "MaskKV",
+    "MaskVotingUniform",
+    "SnapKV",
+    "PromptVoting",
+    "AllVoting",
+    "StreamingLLM",
+    "Random",
+    "PyramidKV",
+    "SqueezeAttention",
+    "AdaKV",
 ]
 __version__ = "0.1.0"
 
-_LAZY = {"calibrate": "maskkv_compile.calibrate", "explain": "maskkv_compile.explain"}  # public name -> its module
+_LAZY = {
+    "calibrate": "maskkv_compile.calibrate",
+    "explain": "maskkv_compile.explain",
+}  # public name -> its module
 
 
 def __getattr__(name: str):

@@ -30,16 +30,18 @@ def sym_hint(value) -> int:
 
     if isinstance(value, torch.SymInt):
         hint = value.node.hint
-        return int(hint) if hint is not None else int(value.node.shape_env.size_hint(value.node.expr))
+        return (
+            int(hint) if hint is not None else int(value.node.shape_env.size_hint(value.node.expr))
+        )
     return int(value)
 
-from torch._guards import TracingContext, tracing  # noqa: E402,F401  (a fresh context per Inductor compile)
-from torch._inductor.compile_fx import compile_fx  # noqa: E402,F401
-from torch._inductor import list_mode_options  # noqa: E402,F401  (torch.compile's mode -> Inductor options)
-from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext  # noqa: E402,F401
 
 from torch._dynamo import config as dynamo_config  # noqa: E402,F401  (recompile limits)
 from torch._dynamo import mark_dynamic  # noqa: E402,F401
+from torch._guards import TracingContext, tracing  # noqa: E402,F401  (a fresh context per Inductor compile)
+from torch._inductor import list_mode_options  # noqa: E402,F401  (torch.compile's mode -> Inductor options)
+from torch._inductor.compile_fx import compile_fx  # noqa: E402,F401
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext  # noqa: E402,F401
 
 
 def original_module(compiled):
@@ -55,7 +57,12 @@ def triton_route_internals():
     from torch._subclasses.functional_tensor import FunctionalTensorMode
     from torch.export._trace import custom_triton_ops_decomposition_disabled
 
-    return get_triton_kernels_for_op, triton_ops_to_kernels, FunctionalTensorMode, custom_triton_ops_decomposition_disabled
+    return (
+        get_triton_kernels_for_op,
+        triton_ops_to_kernels,
+        FunctionalTensorMode,
+        custom_triton_ops_decomposition_disabled,
+    )
 
 
 def resolve_process_group(group_name: str):

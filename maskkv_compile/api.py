@@ -12,18 +12,19 @@ import torch
 from maskkv_compile._torch_private import BackendCompilerFailed, dynamo_config, mark_dynamic
 from maskkv_compile.backend import MaskKVBackend
 from maskkv_compile.config import MaskKVConfig, MaskKVConfigError, resolve
-from maskkv_compile.tensor_parallel import check_model as check_tensor_parallel, mixed_dtensor_error
-from maskkv_compile.passes import UnsupportedModelError
-from maskkv_compile.masks import padding_from_masks
-from maskkv_compile.profile import model_fingerprint
 from maskkv_compile.dual_cache import generation_block_length
+from maskkv_compile.masks import padding_from_masks
+from maskkv_compile.passes import UnsupportedModelError
+from maskkv_compile.profile import model_fingerprint
 from maskkv_compile.runtime import Counts, MaskKVRuntime, padding
+from maskkv_compile.tensor_parallel import check_model as check_tensor_parallel
+from maskkv_compile.tensor_parallel import mixed_dtensor_error
 
 # forward arguments a MaskKV model cannot honour: the graphs compute the response rows only
 _REFUSED = {
     "labels": "MaskKV computes logits for the response rows only, so the model cannot compute its loss over the "
-              "sequence; call the original model for training or evaluation losses, or compute the loss from the "
-              "returned logits at the response positions",
+    "sequence; call the original model for training or evaluation losses, or compute the loss from the "
+    "returned logits at the response positions",
     "past_key_values": "MaskKV keeps its own prompt cache; call without past_key_values",
 }
 
@@ -54,63 +55,105 @@ class MaskKVModel(torch.nn.Module):
         self._compiled = torch.compile(model, backend=self.backend, fullgraph=True)
         parameters = inspect.signature(model.forward).parameters
         self._takes_use_cache = "use_cache" in parameters
-        self._positional = [name for name, p in parameters.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        self._positional = [
+            name
+            for name, p in parameters.items()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
         self._last_runtime = None
         self._warned_block = False
-        object.__setattr__(self, "_view", _routed_view(model, self))  # not a submodule: it shares the model's state
+        object.__setattr__(
+            self, "_view", _routed_view(model, self)
+        )  # not a submodule: it shares the model's state
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
             pass
-        value = getattr(self.__dict__["_view"], name)  # AttributeError names the wrapped model's class
+        value = getattr(
+            self.__dict__["_view"], name
+        )  # AttributeError names the wrapped model's class
         if callable(value) and name.endswith("generate"):
             return _fresh_generation(self, value)
         return value
 
     def forward(self, input_ids: torch.Tensor, *args, **kwargs):
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        if (
+            not isinstance(input_ids, torch.Tensor)
+            or input_ids.dim() != 2
+            or input_ids.is_floating_point()
+        ):
+            shape = (
+                tuple(input_ids.shape)
+                if isinstance(input_ids, torch.Tensor)
+                else type(input_ids).__name__
+            )
             raise ValueError(f"input_ids must be (batch, seq) integer token ids, got {shape}")
         if input_ids.numel() == 0:
-            raise ValueError(f"input_ids of shape {tuple(input_ids.shape)} holds no token: give every row at least one "
-                             "token (the prompt and its mask tokens)")
+            raise ValueError(
+                f"input_ids of shape {tuple(input_ids.shape)} holds no token: give every row at least one "
+                "token (the prompt and its mask tokens)"
+            )
         named = self._positional[1 : 1 + len(args)]
         if len(args) > len(named):
-            raise TypeError(f"{type(self.wrapped).__name__}.forward takes {len(self._positional)} positional arguments, "
-                            f"got {1 + len(args)}")
+            raise TypeError(
+                f"{type(self.wrapped).__name__}.forward takes {len(self._positional)} positional arguments, "
+                f"got {1 + len(args)}"
+            )
         kwargs.update(zip(named, args))
         for name, why in _REFUSED.items():
             if kwargs.get(name) is not None:
                 raise ValueError(f"{name}= is not supported by a MaskKV model: {why}")
         keep = kwargs.pop("logits_to_keep", 0)
         if not (isinstance(keep, int) and keep == 0):
-            raise ValueError(f"logits_to_keep={keep!r} is not supported by a MaskKV model: it returns the logits of the "
-                             "response rows (zeros elsewhere); use maskkv_compile.response_logits_only() to get only "
-                             "those, or leave logits_to_keep at 0")
+            raise ValueError(
+                f"logits_to_keep={keep!r} is not supported by a MaskKV model: it returns the logits of the "
+                "response rows (zeros elsewhere); use maskkv_compile.response_logits_only() to get only "
+                "those, or leave logits_to_keep at 0"
+            )
         key_valid = padding_from_masks(input_ids, kwargs)
         mark_dynamic(input_ids, 1)
-        for value in kwargs.values():  # per-token inputs (token_type_ids, position_ids) vary with S too
-            if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == input_ids.shape:
+        for (
+            value
+        ) in kwargs.values():  # per-token inputs (token_type_ids, position_ids) vary with S too
+            if (
+                isinstance(value, torch.Tensor)
+                and value.dim() >= 2
+                and value.shape[:2] == input_ids.shape
+            ):
                 mark_dynamic(value, 1)
         if self._takes_use_cache:
-            kwargs.setdefault("use_cache", False)  # a returned KV cache would keep every layer's full K/V alive
+            kwargs.setdefault(
+                "use_cache", False
+            )  # a returned KV cache would keep every layer's full K/V alive
         calls_before = {id(r): r.counts.prefills + r.counts.steps for r in self.backend.runtimes}
         try:
-            with dynamo_config.patch(recompile_limit=RECOMPILE_LIMIT, accumulated_recompile_limit=RECOMPILE_LIMIT), \
-                    padding(key_valid):
+            with (
+                dynamo_config.patch(
+                    recompile_limit=RECOMPILE_LIMIT, accumulated_recompile_limit=RECOMPILE_LIMIT
+                ),
+                padding(key_valid),
+            ):
                 out = self._compiled(input_ids=input_ids, **kwargs)
         except BackendCompilerFailed as failure:  # our own error, raised inside the backend
             raise failure.inner_exception from None
-        except RuntimeError as failure:  # dynamo's trace of a sharded model that mixes DTensors and tensors
+        except (
+            RuntimeError
+        ) as failure:  # dynamo's trace of a sharded model that mixes DTensors and tensors
             mixed = mixed_dtensor_error(failure)
             if mixed is None:
                 raise
             raise mixed from failure
-        used = [r for r in self.backend.runtimes if r.counts.prefills + r.counts.steps != calls_before.get(id(r), 0)]
+        used = [
+            r
+            for r in self.backend.runtimes
+            if r.counts.prefills + r.counts.steps != calls_before.get(id(r), 0)
+        ]
         if len(used) != 1:
-            raise RuntimeError("the MaskKV runtime did not run for this call (dynamo fell back); please report this")
+            raise RuntimeError(
+                "the MaskKV runtime did not run for this call (dynamo fell back); please report this"
+            )
         self._last_runtime = used[0]
         return out
 
@@ -131,14 +174,21 @@ class MaskKVModel(torch.nn.Module):
         the counts (prefills, steps, transitions, fallbacks, revotes) summed over every runtime
         of the model (``runtime_counts`` has them per runtime)."""
         if self._last_runtime is None:
-            return {"prompt_len": 0, "layers": [], "bytes": 0, **MaskKVRuntime.count_stats(Counts()),
-                    "runtime_counts": []}
+            return {
+                "prompt_len": 0,
+                "layers": [],
+                "bytes": 0,
+                **MaskKVRuntime.count_stats(Counts()),
+                "runtime_counts": [],
+            }
         stats = self.runtime.cache_stats()
         total = Counts()
         for runtime in self.backend.runtimes:
             total = total.add(runtime.counts)
         stats.update(MaskKVRuntime.count_stats(total))
-        stats["runtime_counts"] = [MaskKVRuntime.count_stats(r.counts) for r in self.backend.runtimes]
+        stats["runtime_counts"] = [
+            MaskKVRuntime.count_stats(r.counts) for r in self.backend.runtimes
+        ]
         return stats
 
     def explain_budgets(self) -> str:
@@ -156,7 +206,9 @@ class MaskKVModel(torch.nn.Module):
         from maskkv_compile.generate import generate
 
         self.reset()
-        block = kwargs.get("block_length", 128) if self.maskkv_config.block_length is not None else None
+        block = (
+            kwargs.get("block_length", 128) if self.maskkv_config.block_length is not None else None
+        )
         with generation_block_length(block):
             return generate(self, input_ids, mask_token_id=self.mask_token_id, **kwargs)
 
@@ -170,7 +222,9 @@ def _routed_view(model: torch.nn.Module, optimized: MaskKVModel) -> torch.nn.Mod
     def call(self, *args, **kwargs):
         return optimized(*args, **kwargs)
 
-    routed = type(f"MaskKV{cls.__name__}", (cls,), {"__call__": call, "forward": call, "__module__": __name__})
+    routed = type(
+        f"MaskKV{cls.__name__}", (cls,), {"__call__": call, "forward": call, "__module__": __name__}
+    )
     view = object.__new__(routed)
     object.__setattr__(view, "__dict__", model.__dict__)
     return view
@@ -179,15 +233,19 @@ def _routed_view(model: torch.nn.Module, optimized: MaskKVModel) -> torch.nn.Mod
 def _fresh_generation(optimized: MaskKVModel, method):
     """A generation method of the wrapped model (Dream's ``diffusion_generate``): it starts from
     an empty cache, and the dual cache is off for it (its block grid, if any, is unknown)."""
+
     @functools.wraps(method)
     def run(*args, **kwargs):
         optimized.reset()  # a new generation starts from step 0, whatever the last one committed
         if optimized.maskkv_config.block_length is not None and not optimized._warned_block:
             optimized._warned_block = True
-            warnings.warn(f"maskkv_compile: {method.__name__} is the wrapped model's own loop, whose blocks MaskKV "
-                          f"does not know: it runs without the dual cache (block_length="
-                          f"{optimized.maskkv_config.block_length} applies to model(x) calls and model.generate)",
-                          UserWarning, stacklevel=2)
+            warnings.warn(
+                f"maskkv_compile: {method.__name__} is the wrapped model's own loop, whose blocks MaskKV "
+                f"does not know: it runs without the dual cache (block_length="
+                f"{optimized.maskkv_config.block_length} applies to model(x) calls and model.generate)",
+                UserWarning,
+                stacklevel=2,
+            )
         with generation_block_length(None):
             return method(*args, **kwargs)
 
@@ -232,20 +290,37 @@ def optimize(
     """
     overrides = {
         k: v
-        for k, v in dict(budget=budget, mask_token_id=mask_token_id, backend=backend, prompt_refresh=prompt_refresh,
-                         policy=policy, profile=profile, family=family, block_length=block_length,
-                         revote=revote, second_tier=second_tier,
-                         revote_voters=revote_voters).items()
+        for k, v in dict(
+            budget=budget,
+            mask_token_id=mask_token_id,
+            backend=backend,
+            prompt_refresh=prompt_refresh,
+            policy=policy,
+            profile=profile,
+            family=family,
+            block_length=block_length,
+            revote=revote,
+            second_tier=second_tier,
+            revote_voters=revote_voters,
+        ).items()
         if v is not None
     }
     config = MaskKVConfig.from_options(overrides, base=config)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize() takes a torch.nn.Module, got {type(model).__name__}")
-    token = config.mask_token_id if config.mask_token_id is not None else getattr(getattr(model, "config", None), "mask_token_id", None)
+    token = (
+        config.mask_token_id
+        if config.mask_token_id is not None
+        else getattr(getattr(model, "config", None), "mask_token_id", None)
+    )
     if token is None:
-        raise MaskKVConfigError("mask_token_id is not set and the model config has none: pass optimize(model, mask_token_id=...)")
+        raise MaskKVConfigError(
+            "mask_token_id is not set and the model config has none: pass optimize(model, mask_token_id=...)"
+        )
     if config.profile is not None:
-        config.profile.check_compatible(model_fingerprint(getattr(model, "config", model), type(model).__name__))
+        config.profile.check_compatible(
+            model_fingerprint(getattr(model, "config", model), type(model).__name__)
+        )
     if getattr(getattr(model, "config", None), "is_causal", False) is True:
         raise UnsupportedModelError(
             f"{type(model).__name__} is configured causal (config.is_causal=True); MaskKV is for bidirectional "

@@ -53,8 +53,11 @@ from maskkv_compile.pipeline import copy_graph_module
 from maskkv_compile.runtime import MaskKVRuntime
 
 # messages of the errors a graph break causes (the backend received only part of the forward)
-_PARTIAL_GRAPH = ("needs the model to take (batch, seq) integer token ids", "no (batch, seq, vocab) logits",
-                  "no attention found")
+_PARTIAL_GRAPH = (
+    "needs the model to take (batch, seq) integer token ids",
+    "no (batch, seq, vocab) logits",
+    "no attention found",
+)
 _GRAPH_BREAK_HINT = (
     "\nIf the model's forward has a graph break, dynamo hands the backend each piece separately; MaskKV needs the "
     "whole forward in one graph. Compile with torch.compile(model, backend='maskkv', fullgraph=True, ...) to see "
@@ -76,7 +79,8 @@ def inductor_options(mode: Optional[str], backend: str) -> dict[str, Any]:
     if backend == "eager" and patches:
         warnings.warn(
             f"mode={mode!r} is ignored: options={{'backend': 'eager'}} runs the rewritten graphs without Inductor",
-            UserWarning, stacklevel=3,
+            UserWarning,
+            stacklevel=3,
         )
         return {}
     return patches
@@ -104,7 +108,9 @@ class ScalarGuard:
 class MaskKVBackend:
     """A dynamo backend bound to one config (and a torch.compile ``mode``); keeps the runtimes it built."""
 
-    def __init__(self, config: MaskKVConfig, mask_token_id: Optional[int] = None, mode: Optional[str] = None):
+    def __init__(
+        self, config: MaskKVConfig, mask_token_id: Optional[int] = None, mode: Optional[str] = None
+    ):
         self.config = config
         self.mask_token_id = mask_token_id if mask_token_id is not None else config.mask_token_id
         self.inductor_options = inductor_options(mode, config.backend)
@@ -123,7 +129,9 @@ class MaskKVBackend:
             if isinstance(analyse(gm).seq_expr, int):
                 PassManager("captured", [SymbolicLengthPass()])(gm)
             with inductor_config_patches(self.inductor_options):
-                runtime = MaskKVRuntime.from_graph(gm, resolve(self.config, graph=gm), self.mask_token_id)
+                runtime = MaskKVRuntime.from_graph(
+                    gm, resolve(self.config, graph=gm), self.mask_token_id
+                )
         except UnsupportedModelError as error:
             if any(part in str(error) for part in _PARTIAL_GRAPH):
                 raise UnsupportedModelError(str(error) + _GRAPH_BREAK_HINT) from error
@@ -157,10 +165,13 @@ def runtimes(compiled) -> list[MaskKVRuntime]:
     """
     module = original_module(compiled)
     if not isinstance(module, torch.nn.Module):
-        raise TypeError(f"runtimes() takes the compiled model (or the model), got {type(compiled).__name__}")
+        raise TypeError(
+            f"runtimes() takes the compiled model (or the model), got {type(compiled).__name__}"
+        )
     state = {id(t) for t in (*module.parameters(), *module.buffers())}
     found = [
-        runtime for runtime, refs in list(_BUILT.items())
+        runtime
+        for runtime, refs in list(_BUILT.items())
         if any(ref() is not None and id(ref()) in state for ref in refs)
     ]
     if not found:
@@ -174,7 +185,9 @@ def runtimes(compiled) -> list[MaskKVRuntime]:
     return found
 
 
-def maskkv_backend(gm, example_inputs, options: Optional[Mapping[str, Any]] = None, mode: Optional[str] = None):
+def maskkv_backend(
+    gm, example_inputs, options: Optional[Mapping[str, Any]] = None, mode: Optional[str] = None
+):
     """Entry point for ``backend="maskkv"``; torch passes options/mode only when set (never both)."""
     if mode is not None:
         inductor_options(mode, "inductor")  # an unknown mode names the valid ones

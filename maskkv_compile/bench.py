@@ -74,16 +74,29 @@ LLADA_MASK_ID = 126336
 def build_model(preset: str, *, layers: int, hidden: int, vocab: int, max_positions: int):
     """The bench's random-weight Llama-style bidirectional model (LM head's mask row zeroed)."""
     if preset == "tiny":
-        model = tiny_llada(layers=layers, hidden=hidden, heads=max(1, hidden // 64), vocab=vocab,
-                           max_positions=max_positions)
+        model = tiny_llada(
+            layers=layers,
+            hidden=hidden,
+            heads=max(1, hidden // 64),
+            vocab=vocab,
+            max_positions=max_positions,
+        )
     elif preset == "llada-shape":  # LLaDA-8B: head dim 128, MHA, MLP 3 x hidden
         from transformers import LlamaConfig, LlamaForCausalLM
 
         heads = max(1, hidden // 128)
-        config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
-                             num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions,
-                             mask_token_id=LLADA_MASK_ID if vocab > LLADA_MASK_ID else vocab - 1,
-                             attn_implementation="sdpa", rope_theta=500000.0)
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=3 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=max_positions,
+            mask_token_id=LLADA_MASK_ID if vocab > LLADA_MASK_ID else vocab - 1,
+            attn_implementation="sdpa",
+            rope_theta=500000.0,
+        )
         config.is_causal = False
         torch.manual_seed(0)
         model = set_causal(LlamaForCausalLM(config), False).eval()
@@ -129,9 +142,12 @@ class TimedModel:
         lengths = Counter(rows.numel() for _, rows in steps)
         common = max(lengths, key=lambda n: (lengths[n], -n)) if lengths else None
         rows = next((r for _, r in steps if r.numel() == common), None)
-        return dict(step_s=statistics.median(s for s, _ in steps) if steps else None,
-                    prefill_s=statistics.median(prefills) if prefills else None, floor_rows=rows,
-                    transitions=dict(Counter(t for t, _, _ in self.calls)))
+        return dict(
+            step_s=statistics.median(s for s, _ in steps) if steps else None,
+            prefill_s=statistics.median(prefills) if prefills else None,
+            floor_rows=rows,
+            transitions=dict(Counter(t for t, _, _ in self.calls)),
+        )
 
 
 class CompiledUncached:
@@ -140,10 +156,14 @@ class CompiledUncached:
     and this model silently run eagerly: its calls get the limit ``optimize`` uses."""
 
     def __init__(self, model, backend: str):
-        self.compiled = torch.compile(model, dynamic=True, backend="inductor" if backend == "inductor" else "eager")
+        self.compiled = torch.compile(
+            model, dynamic=True, backend="inductor" if backend == "inductor" else "eager"
+        )
 
     def __call__(self, *args, **kwargs):
-        with dynamo_config.patch(recompile_limit=RECOMPILE_LIMIT, accumulated_recompile_limit=RECOMPILE_LIMIT):
+        with dynamo_config.patch(
+            recompile_limit=RECOMPILE_LIMIT, accumulated_recompile_limit=RECOMPILE_LIMIT
+        ):
             return self.compiled(*args, **kwargs)
 
 
@@ -170,11 +190,25 @@ def forward_seconds(model, x: torch.Tensor) -> float:
 
 
 def _inductor_compiles(opt) -> int:
-    return sum(getattr(graph, "compiles", 0) for runtime in opt.backend.runtimes for graph in (runtime.compiled("prefill"), runtime.compiled("step")))
+    return sum(
+        getattr(graph, "compiles", 0)
+        for runtime in opt.backend.runtimes
+        for graph in (runtime.compiled("prefill"), runtime.compiled("step"))
+    )
 
 
-def compile_sweep(model, *, budget, block_length, backend, first_len, sweep_lens, gen_length, steps,
-                  print_fn=print) -> list[dict]:
+def compile_sweep(
+    model,
+    *,
+    budget,
+    block_length,
+    backend,
+    first_len,
+    sweep_lens,
+    gen_length,
+    steps,
+    print_fn=print,
+) -> list[dict]:
     """Cold/warm compile time of MaskKV (and + dual cache), and compiles over ``sweep_lens``."""
     mask_id = model.config.mask_token_id
     kwargs = dict(gen_length=gen_length, steps=steps, block_length=block_length)
@@ -185,15 +219,23 @@ def compile_sweep(model, *, budget, block_length, backend, first_len, sweep_lens
     results, rows = [], []
     previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     try:
-        for name, blocks in ((f"MaskKV budget {budget}", None), (f"MaskKV budget {budget}{DUAL}", block_length)):
+        for name, blocks in (
+            (f"MaskKV budget {budget}", None),
+            (f"MaskKV budget {budget}{DUAL}", block_length),
+        ):
             with tempfile.TemporaryDirectory(prefix="maskkv_inductor_cache_") as cache_dir:
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
                 torch._dynamo.reset()
                 timings = []
-                for kind in ("cold", "warm"):  # a new optimized model each time; warm reuses the cache dir
+                for kind in (
+                    "cold",
+                    "warm",
+                ):  # a new optimized model each time; warm reuses the cache dir
                     if kind == "warm":
                         torch._dynamo.reset()
-                    opt = maskkv_compile.optimize(model, budget=budget, backend=backend, block_length=blocks)
+                    opt = maskkv_compile.optimize(
+                        model, budget=budget, backend=backend, block_length=blocks
+                    )
                     start = time.perf_counter()
                     opt.generate(prompt(first_len), **kwargs)
                     timings.append(time.perf_counter() - start)
@@ -202,35 +244,86 @@ def compile_sweep(model, *, budget, block_length, backend, first_len, sweep_lens
                     opt.generate(prompt(n), **kwargs)
                 added = _inductor_compiles(opt) - start_compiles
                 graphs = len(opt.backend.runtimes) - start_graphs
-            row = dict(run=name, cold_s=timings[0], warm_s=timings[1], inductor_compiles=start_compiles,
-                       recompiles=added, new_dynamo_graphs=graphs, sweep=list(sweep_lens))
+            row = dict(
+                run=name,
+                cold_s=timings[0],
+                warm_s=timings[1],
+                inductor_compiles=start_compiles,
+                recompiles=added,
+                new_dynamo_graphs=graphs,
+                sweep=list(sweep_lens),
+            )
             results.append(row)
-            rows.append([name, f"{row['cold_s']:.2f}", f"{row['warm_s']:.2f}", row["inductor_compiles"], row["recompiles"],
-                         row["new_dynamo_graphs"]])
+            rows.append(
+                [
+                    name,
+                    f"{row['cold_s']:.2f}",
+                    f"{row['warm_s']:.2f}",
+                    row["inductor_compiles"],
+                    row["recompiles"],
+                    row["new_dynamo_graphs"],
+                ]
+            )
     finally:
         if previous is None:
             os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
         else:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
-    print_fn(f"compile: first generate at prompt {first_len} (cold: fresh TORCHINDUCTOR_CACHE_DIR; warm: new model, same "
-             f"cache dir), then prompts {list(sweep_lens)}; backend {backend}")
-    print_fn(table(rows, headers=["run", "cold s", "warm s", "Inductor compiles", "recompiles in sweep",
-                                      "new dynamo graphs in sweep"]))
+    print_fn(
+        f"compile: first generate at prompt {first_len} (cold: fresh TORCHINDUCTOR_CACHE_DIR; warm: new model, same "
+        f"cache dir), then prompts {list(sweep_lens)}; backend {backend}"
+    )
+    print_fn(
+        table(
+            rows,
+            headers=[
+                "run",
+                "cold s",
+                "warm s",
+                "Inductor compiles",
+                "recompiles in sweep",
+                "new dynamo graphs in sweep",
+            ],
+        )
+    )
     return results
 
 
-def run_benchmark(*, prompt_lens, gen_length, steps, budgets, layers, hidden, backend, cfg_scale=0.0,
-                  block_length=32, preset="tiny", vocab=None, floor=True, sweep=False, sweep_lens=None,
-                  runs=RUNS, print_fn=print) -> list[dict]:
+def run_benchmark(
+    *,
+    prompt_lens,
+    gen_length,
+    steps,
+    budgets,
+    layers,
+    hidden,
+    backend,
+    cfg_scale=0.0,
+    block_length=32,
+    preset="tiny",
+    vocab=None,
+    floor=True,
+    sweep=False,
+    sweep_lens=None,
+    runs=RUNS,
+    print_fn=print,
+) -> list[dict]:
     """Time every run of ``runs`` (plus the eager uncached loop, always: the reference) at each
     prompt length; print the table and return one dict per row."""
     torch.manual_seed(0)
     vocab = PRESETS[preset]["vocab"] if vocab is None else vocab
-    if sweep and not sweep_lens:  # 5 lengths other than the first, none of them a multiple of another
+    if (
+        sweep and not sweep_lens
+    ):  # 5 lengths other than the first, none of them a multiple of another
         first = prompt_lens[0]
         sweep_lens = [first // 2 + 3, first - 5, first + 7, first + first // 3 + 1, 2 * first - 9]
-    model = build_model(preset, layers=layers, hidden=hidden, vocab=vocab,
-                        max_positions=max(list(prompt_lens) + list(sweep_lens or [])) + gen_length)
+    model = build_model(
+        preset,
+        layers=layers,
+        hidden=hidden,
+        vocab=vocab,
+        max_positions=max(list(prompt_lens) + list(sweep_lens or [])) + gen_length,
+    )
     mask_id = model.config.mask_token_id
     block_length = min(block_length, gen_length)
     kwargs = dict(gen_length=gen_length, steps=steps, block_length=block_length)
@@ -249,11 +342,15 @@ def run_benchmark(*, prompt_lens, gen_length, steps, budgets, layers, hidden, ba
             runners[f"MaskKV budget {b}"] = (b, None)
         if "maskkv-dual" in runs:
             runners[f"MaskKV budget {b}{DUAL}"] = (b, block_length)
-    optimized = {name: maskkv_compile.optimize(model, budget=b, backend=backend, block_length=blocks)
-                 for name, (b, blocks) in runners.items()}
+    optimized = {
+        name: maskkv_compile.optimize(model, budget=b, backend=backend, block_length=blocks)
+        for name, (b, blocks) in runners.items()
+    }
     compiled = CompiledUncached(model, backend)
     for prompt_len in prompt_lens:
-        prompt = torch.randint(0, mask_id, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+        prompt = torch.randint(
+            0, mask_id, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len)
+        )
         with measure() as base:
             reference = generate(model, prompt, mask_token_id=mask_id, **kwargs)
         entries = [("uncached", base, reference, None)]
@@ -266,20 +363,35 @@ def run_benchmark(*, prompt_lens, gen_length, steps, budgets, layers, hidden, ba
             entries.append((COMPILED, compiled_base, out, None))
         floors, timed = {}, {}
         for name, opt in optimized.items():
-            opt.generate(prompt[:, : min(64, prompt_len)], **kwargs)  # warm-up (compiles once, any length)
+            opt.generate(
+                prompt[:, : min(64, prompt_len)], **kwargs
+            )  # warm-up (compiles once, any length)
             opt.reset()
             timed[name] = proxy = TimedModel(opt)
             compiles_before = _inductor_compiles(opt), len(opt.backend.runtimes)
             with measure() as m:
                 out = generate(proxy, prompt, mask_token_id=mask_id, **kwargs)
             compiles_after = _inductor_compiles(opt), len(opt.backend.runtimes)
-            if compiles_after != compiles_before:  # the warm-up should have compiled everything the loop runs
-                print_fn(f"warning: {name} compiled inside the timed loop (Inductor compiles, MaskKV runtimes: "
-                         f"{compiles_before} -> {compiles_after}); its times include compilation")
+            if (
+                compiles_after != compiles_before
+            ):  # the warm-up should have compiled everything the loop runs
+                print_fn(
+                    f"warning: {name} compiled inside the timed loop (Inductor compiles, MaskKV runtimes: "
+                    f"{compiles_before} -> {compiles_after}); its times include compilation"
+                )
             stats = opt.cache_stats()
-            if (name.endswith(DUAL) or name.startswith("dual")) and steps > gen_length // block_length:
+            if (
+                name.endswith(DUAL) or name.startswith("dual")
+            ) and steps > gen_length // block_length:
                 assert stats["transitions"].get("block_step", 0) > 0, f"{name} ran no block step"
-            entries.append((name, m, out, stats["bytes"] + ((stats.get("block_cache") or {}).get("bytes") or 0)))
+            entries.append(
+                (
+                    name,
+                    m,
+                    out,
+                    stats["bytes"] + ((stats.get("block_cache") or {}).get("bytes") or 0),
+                )
+            )
         if floor:  # the floor and one uncached forward, same backend as the compiled row, this run
             sequence = torch.cat([prompt, torch.full((1, gen_length), mask_id)], dim=1)
             forward = forward_seconds(compiled, sequence)
@@ -299,62 +411,122 @@ def run_benchmark(*, prompt_lens, gen_length, steps, budgets, layers, hidden, ba
             cfg_entries = [("uncached CFG", cfg_base, cfg_reference, None)]
             name = f"MaskKV budget {budgets[0]}"
             if name not in optimized:
-                raise ValueError("the CFG rows time MaskKV at the first budget: keep 'maskkv' in runs, or cfg_scale=0")
+                raise ValueError(
+                    "the CFG rows time MaskKV at the first budget: keep 'maskkv' in runs, or cfg_scale=0"
+                )
             opt = optimized[name]
             with measure() as m:
                 out = opt.generate(prompt, **guided)
             stats = opt.cache_stats()
-            assert stats["transitions"] == {"new": 2, "step": 2 * (steps - 1)}, "CFG did not run cached on both halves"
+            assert stats["transitions"] == {"new": 2, "step": 2 * (steps - 1)}, (
+                "CFG did not run cached on both halves"
+            )
             cfg_entries.append((f"{name}, CFG", m, out, stats["bytes"]))
             groups.append((cfg_base, cfg_reference, cfg_entries))
         for group_base, group_reference, group in groups:
             for name, m, out, kept in group:
-                agree = (out[:, prompt_len:] == group_reference[:, prompt_len:]).float().mean().item()
-                versus_compiled = compiled_base.seconds / m.seconds if group_base is base and compiled_base else None
-                row = dict(prompt=prompt_len, run=name, seconds=m.seconds, tokens_per_s=gen_length / m.seconds,
-                           speedup=group_base.seconds / m.seconds, speedup_vs_compiled=versus_compiled,
-                           peak_rss=m.peak_rss_delta, kept_bytes=kept, agreement=agree)
-                cells = [prompt_len, name, f"{row['tokens_per_s']:.2f}", f"{row['speedup']:.1f}x",
-                         "-" if versus_compiled is None else f"{versus_compiled:.1f}x",
-                         human_bytes(m.peak_rss_delta), "-" if kept is None else human_bytes(kept), f"{agree:.2f}"]
+                agree = (
+                    (out[:, prompt_len:] == group_reference[:, prompt_len:]).float().mean().item()
+                )
+                versus_compiled = (
+                    compiled_base.seconds / m.seconds
+                    if group_base is base and compiled_base
+                    else None
+                )
+                row = dict(
+                    prompt=prompt_len,
+                    run=name,
+                    seconds=m.seconds,
+                    tokens_per_s=gen_length / m.seconds,
+                    speedup=group_base.seconds / m.seconds,
+                    speedup_vs_compiled=versus_compiled,
+                    peak_rss=m.peak_rss_delta,
+                    kept_bytes=kept,
+                    agreement=agree,
+                )
+                cells = [
+                    prompt_len,
+                    name,
+                    f"{row['tokens_per_s']:.2f}",
+                    f"{row['speedup']:.1f}x",
+                    "-" if versus_compiled is None else f"{versus_compiled:.1f}x",
+                    human_bytes(m.peak_rss_delta),
+                    "-" if kept is None else human_bytes(kept),
+                    f"{agree:.2f}",
+                ]
                 if floor:
                     summary = timed.get(name) if group_base is base else None
                     if summary is not None:
-                        row.update(step_ms=_ms(summary["step_s"]), prefill_ms=_ms(summary["prefill_s"]),
-                                   floor_ms=_ms(summary["floor_s"]), forward_ms=_ms(summary["forward_s"]),
-                                   floor_rows=None if summary["floor_rows"] is None else summary["floor_rows"].numel(),
-                                   step_over_floor=_ratio(summary["step_s"], summary["floor_s"]),
-                                   prefill_over_forward=_ratio(summary["prefill_s"], summary["forward_s"]),
-                                   calls=summary["transitions"])
-                    cells += [_fmt(row.get("step_ms")), _fmt(row.get("prefill_ms")),
-                              _fmt(row.get("step_over_floor"), "x"), _fmt(row.get("prefill_over_forward"), "x")]
+                        row.update(
+                            step_ms=_ms(summary["step_s"]),
+                            prefill_ms=_ms(summary["prefill_s"]),
+                            floor_ms=_ms(summary["floor_s"]),
+                            forward_ms=_ms(summary["forward_s"]),
+                            floor_rows=None
+                            if summary["floor_rows"] is None
+                            else summary["floor_rows"].numel(),
+                            step_over_floor=_ratio(summary["step_s"], summary["floor_s"]),
+                            prefill_over_forward=_ratio(summary["prefill_s"], summary["forward_s"]),
+                            calls=summary["transitions"],
+                        )
+                    cells += [
+                        _fmt(row.get("step_ms")),
+                        _fmt(row.get("prefill_ms")),
+                        _fmt(row.get("step_over_floor"), "x"),
+                        _fmt(row.get("prefill_over_forward"), "x"),
+                    ]
                 results.append(row)
                 rows.append(cells)
         print_fn(f"prompt {prompt_len} done")
     config = model.config
-    setup = (f"Llama-style ({preset}), {layers} layers, hidden {hidden}, {config.num_attention_heads} heads, MLP "
-             f"{config.intermediate_size}, vocab {config.vocab_size}, gen {gen_length}, {steps} steps, block {block_length}, "
-             f"backend {backend}, {torch.get_num_threads()} threads")
+    setup = (
+        f"Llama-style ({preset}), {layers} layers, hidden {hidden}, {config.num_attention_heads} heads, MLP "
+        f"{config.intermediate_size}, vocab {config.vocab_size}, gen {gen_length}, {steps} steps, block {block_length}, "
+        f"backend {backend}, {torch.get_num_threads()} threads"
+    )
     for row in results:
         row["setup"] = setup
     print_fn(setup)
-    headers = ["prompt", "run", "tokens/s", "vs uncached", "vs compiled", "peak RSS", "kept KV", "agreement"]
+    headers = [
+        "prompt",
+        "run",
+        "tokens/s",
+        "vs uncached",
+        "vs compiled",
+        "peak RSS",
+        "kept KV",
+        "agreement",
+    ]
     if floor:
         headers += ["step ms", "prefill ms", "step/floor", "prefill/forward"]
     print_fn(table(rows, headers=headers))
     if floor:
-        print_fn("step ms / prefill ms: medians of the timed loop's MaskKV calls by transition; floor: one forward of the "
-                 "model (same backend as the compiled row) over the computed positions alone (the steps' most common "
-                 "count); forward: one uncached forward over the whole sequence; medians of "
-                 f"{FLOOR_REPEATS}, this run")
-    print_fn(f"'{COMPILED}': torch.compile(dynamic=True, backend={'inductor' if backend == 'inductor' else 'eager'!r}), "
-             "warmed up on the timed shape; kept KV of dual-cache rows includes the merged block caches")
+        print_fn(
+            "step ms / prefill ms: medians of the timed loop's MaskKV calls by transition; floor: one forward of the "
+            "model (same backend as the compiled row) over the computed positions alone (the steps' most common "
+            "count); forward: one uncached forward over the whole sequence; medians of "
+            f"{FLOOR_REPEATS}, this run"
+        )
+    print_fn(
+        f"'{COMPILED}': torch.compile(dynamic=True, backend={'inductor' if backend == 'inductor' else 'eager'!r}), "
+        "warmed up on the timed shape; kept KV of dual-cache rows includes the merged block caches"
+    )
     if cfg_scale > 0:
-        print_fn("CFG rows: 'vs uncached' is against the uncached CFG loop (two model calls per step)")
+        print_fn(
+            "CFG rows: 'vs uncached' is against the uncached CFG loop (two model calls per step)"
+        )
     if sweep:
-        results += compile_sweep(model, budget=budgets[0], block_length=block_length, backend=backend,
-                                 first_len=prompt_lens[0], sweep_lens=sweep_lens, gen_length=gen_length, steps=steps,
-                                 print_fn=print_fn)
+        results += compile_sweep(
+            model,
+            budget=budgets[0],
+            block_length=block_length,
+            backend=backend,
+            first_len=prompt_lens[0],
+            sweep_lens=sweep_lens,
+            gen_length=gen_length,
+            steps=steps,
+            print_fn=print_fn,
+        )
     return results
 
 

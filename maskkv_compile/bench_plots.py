@@ -58,7 +58,9 @@ def plot_bench(rows: list[dict], out_dir: str, title: str = "") -> list[str]:
     setups = sorted(grouped)
     names = sorted({name for runs in grouped.values() for name in runs})
     palette = plt.get_cmap("tab10")
-    color = {name: palette(i % 10) for i, name in enumerate(names)}  # one colour per configuration, every panel
+    color = {
+        name: palette(i % 10) for i, name in enumerate(names)
+    }  # one colour per configuration, every panel
     paths = []
     for kind in ("speedup", "memory"):
         fig, axes = plt.subplots(1, len(setups), figsize=(6.5 * len(setups), 4.8), squeeze=False)
@@ -68,14 +70,33 @@ def plot_bench(rows: list[dict], out_dir: str, title: str = "") -> list[str]:
                 if kind == "speedup":
                     if name == "uncached":
                         continue
-                    ax.plot(prompts, [r["speedup"] for r in runs], marker="o", label=name, color=color[name],
-                            linestyle="--" if "CFG" in name else "-")
+                    ax.plot(
+                        prompts,
+                        [r["speedup"] for r in runs],
+                        marker="o",
+                        label=name,
+                        color=color[name],
+                        linestyle="--" if "CFG" in name else "-",
+                    )
                 else:
-                    ax.plot(prompts, [r["peak_rss"] / 2**20 for r in runs], marker="o", label=f"{name}: peak RSS",
-                            color=color[name])
-                    kept = [(r["prompt"], r["kept_bytes"] / 2**20) for r in runs if r.get("kept_bytes")]
+                    ax.plot(
+                        prompts,
+                        [r["peak_rss"] / 2**20 for r in runs],
+                        marker="o",
+                        label=f"{name}: peak RSS",
+                        color=color[name],
+                    )
+                    kept = [
+                        (r["prompt"], r["kept_bytes"] / 2**20) for r in runs if r.get("kept_bytes")
+                    ]
                     if kept:
-                        ax.plot(*zip(*kept), marker="x", linestyle=":", label=f"{name}: KV held", color=color[name])
+                        ax.plot(
+                            *zip(*kept),
+                            marker="x",
+                            linestyle=":",
+                            label=f"{name}: KV held",
+                            color=color[name],
+                        )
             ax.set_xscale("log", base=2)
             ax.set_xlabel("prompt length (tokens)")
             if kind == "speedup":
@@ -99,8 +120,12 @@ def plot_bench(rows: list[dict], out_dir: str, title: str = "") -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", nargs="+", help="JSON files written by `maskkv-compile bench --json`")
-    parser.add_argument("--out", default=".", help="folder for bench_speedup.png and bench_memory.png")
+    parser.add_argument(
+        "results", nargs="+", help="JSON files written by `maskkv-compile bench --json`"
+    )
+    parser.add_argument(
+        "--out", default=".", help="folder for bench_speedup.png and bench_memory.png"
+    )
     args = parser.parse_args(argv)
     for path in plot_bench(load_results(args.results), args.out):
         print(f"wrote {path}")

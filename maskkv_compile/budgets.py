@@ -31,7 +31,12 @@ from torch import Tensor
 
 
 def _check_budget(budget: float) -> float:
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
+    if (
+        isinstance(budget, bool)
+        or not isinstance(budget, (int, float))
+        or not math.isfinite(budget)
+        or budget <= 0
+    ):
         raise ValueError(f"budget must be a finite number > 0, got {budget!r}")
     return float(budget)
 
@@ -63,7 +68,9 @@ def uniform_layer_budgets(n_layers: int, budget: float) -> list[float]:
     return [_check_budget(budget)] * _check_n_layers(n_layers)
 
 
-def maskkv_layer_budgets(importance: Sequence[float], budget: float, beta: float = 0.4) -> list[float]:
+def maskkv_layer_budgets(
+    importance: Sequence[float], budget: float, beta: float = 0.4
+) -> list[float]:
     """MaskKV's boundary-aware layer budgets.
 
     Groups: boundary = {first, last layer}, middle = the rest. With ``N`` layers::
@@ -77,7 +84,11 @@ def maskkv_layer_budgets(importance: Sequence[float], budget: float, beta: float
     every layer gets ``B``; all-zero importance falls back to uniform. ``beta = 1`` is uniform.
     Invariant: ``sum(k_l) == N * B``.
     """
-    imp, budget, beta = _importance(importance), _check_budget(budget), _check_fraction("beta", beta)
+    imp, budget, beta = (
+        _importance(importance),
+        _check_budget(budget),
+        _check_fraction("beta", beta),
+    )
     n = len(imp)
     total_imp = sum(imp)
     if total_imp <= 0.0:
@@ -128,12 +139,16 @@ def _least_important_group(values: list[float]) -> list[int]:
         return (s2[b] - s2[a]) - t * t / (b - a)
 
     n = len(xs)
-    best = min(((sse(0, i) + sse(i, j) + sse(j, n), i) for i in range(1, n - 1) for j in range(i + 1, n)),
-               key=lambda cost_split: cost_split[0])
+    best = min(
+        ((sse(0, i) + sse(i, j) + sse(j, n), i) for i in range(1, n - 1) for j in range(i + 1, n)),
+        key=lambda cost_split: cost_split[0],
+    )
     return sorted(order[: best[1]])
 
 
-def squeeze_layer_budgets(importance: Sequence[float], budget: float, low_fraction: float = 0.4) -> list[float]:
+def squeeze_layer_budgets(
+    importance: Sequence[float], budget: float, low_fraction: float = 0.4
+) -> list[float]:
     """SqueezeAttention: layers clustered into 3 groups by importance (``1 - cos`` similarity of
     the attention block's input and output; exact 1-D 3-means). Each layer of the least important
     group (lowest importance = highest cosine similarity) gets ``low_fraction * B`` (40% of the
@@ -177,7 +192,9 @@ def _round_rows(x: Tensor, total: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     deficit = total - k.sum(1)  # (B,)
     priority = torch.where(k < hi, rem, float("-inf"))  # a head at hi takes no more
     order = torch.sort(-priority, dim=1, stable=True).indices  # (B, n) best first, ties by index
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(x.shape[1], device=x.device).expand_as(order))
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(x.shape[1], device=x.device).expand_as(order)
+    )
     return (k + ((rank < deficit[:, None]) & (k < hi))).to(torch.int64)
 
 
@@ -187,12 +204,21 @@ def _scale_rows(q: Tensor, total: Tensor, lo: Tensor, hi: Tensor, active: Tensor
     ``f(lam) = sum clip(lam q, lo, hi)``; ``lo`` everywhere when ``total <= f(0)``. Needs
     ``total < f(max breakpoint)``; inactive entries are left at 0 (the caller ignores them)."""
     w = active.to(q.dtype)
-    inv = torch.where(active & (q > 0), 1.0 / torch.where(q > 0, q, 1.0), 0.0)  # (B, n); 0 = a dummy breakpoint
+    inv = torch.where(
+        active & (q > 0), 1.0 / torch.where(q > 0, q, 1.0), 0.0
+    )  # (B, n); 0 = a dummy breakpoint
     bps = torch.cat([torch.zeros_like(q[:, :1]), lo * inv, hi * inv], 1).sort(1).values  # (B, 2n+1)
-    f = ((bps[:, :, None] * q[:, None, :]).clamp(lo[..., None], hi[..., None]) * w[:, None, :]).sum(-1)  # (B, 2n+1)
+    f = ((bps[:, :, None] * q[:, None, :]).clamp(lo[..., None], hi[..., None]) * w[:, None, :]).sum(
+        -1
+    )  # (B, 2n+1)
     i = torch.searchsorted(f, total[:, None])  # (B, 1): the first breakpoint with f >= total
     below, above = (i - 1).clamp(min=0), i.clamp(max=bps.shape[1] - 1)
-    b0, b1, f0, f1 = bps.gather(1, below), bps.gather(1, above), f.gather(1, below), f.gather(1, above)
+    b0, b1, f0, f1 = (
+        bps.gather(1, below),
+        bps.gather(1, above),
+        f.gather(1, below),
+        f.gather(1, above),
+    )
     lam = b0 + (total[:, None] - f0) * (b1 - b0) / (f1 - f0)  # f1 > f0 wherever i > 0
     return torch.where(i == 0, lo, (lam * q).clamp(lo, hi)) * w
 
@@ -207,7 +233,9 @@ def _fit_rows(q: Tensor, total: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     n_pos = pos.sum(1).to(q.dtype)  # (B,)
     cap = n_pos * hi[:, 0] + (q.shape[1] - n_pos) * lo[:, 0]  # f at the largest breakpoint
     spread = _scale_rows(q, total, lo, hi, torch.ones_like(pos))
-    rest = _scale_rows(torch.ones_like(q), total - n_pos * hi[:, 0], lo, hi, ~pos)  # the zero quotas' share
+    rest = _scale_rows(
+        torch.ones_like(q), total - n_pos * hi[:, 0], lo, hi, ~pos
+    )  # the zero quotas' share
     filled = torch.where(pos, hi, torch.where((total > cap)[:, None], rest, lo))
     return torch.where((total >= cap)[:, None], filled, spread)
 
@@ -219,7 +247,9 @@ def clamp_and_redistribute_rows(quotas: Tensor, total: Tensor, lo: Tensor, hi: T
     q = quotas.to(torch.float64)
     n = q.shape[1]
     lo, hi = lo.to(q)[:, None], hi.to(q)[:, None]  # (B, 1)
-    total = torch.minimum(torch.maximum(total.to(q), n * lo[:, 0]), n * hi[:, 0])  # outside: infeasible
+    total = torch.minimum(
+        torch.maximum(total.to(q), n * lo[:, 0]), n * hi[:, 0]
+    )  # outside: infeasible
     as_is = ((q >= lo) & (q <= hi)).all(1) & ((q.sum(1) - total).abs() < 1.0)  # (B,)
     x = torch.where(as_is[:, None], q, _fit_rows(q.clamp_min(0.0), total, lo, hi))
     return _round_rows(x, total, lo, hi)
@@ -280,8 +310,13 @@ def _bounds(min_keep: int, prompt_len: Optional[int], total: int) -> tuple[int, 
     return min(int(min_keep), hi), hi
 
 
-def uniform_head_budgets(n_kv_heads: int, layer_budget: float, prompt_len: Optional[int], min_keep: int = 1,
-                         device: Union[str, torch.device, None] = None) -> Tensor:
+def uniform_head_budgets(
+    n_kv_heads: int,
+    layer_budget: float,
+    prompt_len: Optional[int],
+    min_keep: int = 1,
+    device: Union[str, torch.device, None] = None,
+) -> Tensor:
     """Every KV head gets ``k_l``; the ``round(Hkv * k_l)`` total is exact (extra slots to the
     lower head indices), clamped to ``[min(min_keep, prompt_len), prompt_len]``."""
     total = _layer_total(n_kv_heads, layer_budget)
@@ -289,7 +324,9 @@ def uniform_head_budgets(n_kv_heads: int, layer_budget: float, prompt_len: Optio
     return clamp_and_redistribute(quotas, total, *_bounds(min_keep, prompt_len, total)).to(device)
 
 
-def prompt_preference(prompt_mass: Tensor, n_voters: Union[int, float, Tensor], n_kv_heads: Optional[int] = None) -> Tensor:
+def prompt_preference(
+    prompt_mass: Tensor, n_voters: Union[int, float, Tensor], n_kv_heads: Optional[int] = None
+) -> Tensor:
     """Per-KV-head prompt preference ``P_h = S_mp / (S_mp + S_mm)``, float64 ``(Hkv,)`` on CPU.
 
     ``prompt_mass`` is ``S_mp``, the attention mass the voting (mask) queries put on prompt keys,
@@ -302,7 +339,9 @@ def prompt_preference(prompt_mass: Tensor, n_voters: Union[int, float, Tensor], 
     pm = prompt_mass.detach().to("cpu", torch.float64)
     pm = pm.unsqueeze(0) if pm.dim() == 1 else pm
     if pm.dim() != 2:
-        raise ValueError(f"prompt_mass must be (H,) or (B, H), got shape {tuple(prompt_mass.shape)}")
+        raise ValueError(
+            f"prompt_mass must be (H,) or (B, H), got shape {tuple(prompt_mass.shape)}"
+        )
     nv = torch.as_tensor(n_voters, dtype=torch.float64).to("cpu")
     nv = nv.reshape(-1, 1) if nv.dim() == 1 else nv
     if bool((nv <= 0).any()):
@@ -315,9 +354,15 @@ def prompt_preference(prompt_mass: Tensor, n_voters: Union[int, float, Tensor], 
     return pref.view(n_kv, heads // n_kv).sum(1).clamp_min(0.0)
 
 
-def maskkv_head_budgets(prompt_mass: Tensor, n_voters: Union[int, float, Tensor], layer_budget: float,
-                        alpha: float = 0.1, min_keep: int = 1, prompt_len: Optional[int] = None,
-                        n_kv_heads: Optional[int] = None) -> Tensor:
+def maskkv_head_budgets(
+    prompt_mass: Tensor,
+    n_voters: Union[int, float, Tensor],
+    layer_budget: float,
+    alpha: float = 0.1,
+    min_keep: int = 1,
+    prompt_len: Optional[int] = None,
+    n_kv_heads: Optional[int] = None,
+) -> Tensor:
     """MaskKV's prompt-preference head budgets for one layer (int64 ``(Hkv,)``).
 
     ``P^_h = P_h / sum_h P_h`` (see :func:`prompt_preference`; all-zero -> uniform) and::
@@ -333,7 +378,9 @@ def maskkv_head_budgets(prompt_mass: Tensor, n_voters: Union[int, float, Tensor]
     pref = prompt_preference(prompt_mass, n_voters, n_kv_heads)
     total = _layer_total(pref.numel(), layer_budget)
     quotas = _maskkv_quotas(pref[None], layer_budget, alpha)[0]
-    return clamp_and_redistribute(quotas, total, *_bounds(min_keep, prompt_len, total)).to(prompt_mass.device)
+    return clamp_and_redistribute(quotas, total, *_bounds(min_keep, prompt_len, total)).to(
+        prompt_mass.device
+    )
 
 
 def _maskkv_quotas(pref: Tensor, layer_budget: float, alpha: float) -> Tensor:
@@ -346,33 +393,64 @@ def _maskkv_quotas(pref: Tensor, layer_budget: float, alpha: float) -> Tensor:
     return alpha * k_l + (1.0 - alpha) * n_kv_heads * k_l * p_hat
 
 
-def _rows_bounds(n_kv_heads: int, layer_budget: float, min_keep: int, prompt_len: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _rows_bounds(
+    n_kv_heads: int, layer_budget: float, min_keep: int, prompt_len: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """(total, lo, hi), each (B,): the layer total and each row's head bounds, as :func:`_bounds`."""
     hi = prompt_len.to(torch.float64)
-    return torch.full_like(hi, _layer_total(n_kv_heads, layer_budget)), hi.clamp(max=int(min_keep)), hi
+    return (
+        torch.full_like(hi, _layer_total(n_kv_heads, layer_budget)),
+        hi.clamp(max=int(min_keep)),
+        hi,
+    )
 
 
-def uniform_head_budgets_rows(n_kv_heads: int, layer_budget: float, prompt_len: Tensor, min_keep: int = 1) -> Tensor:
+def uniform_head_budgets_rows(
+    n_kv_heads: int, layer_budget: float, prompt_len: Tensor, min_keep: int = 1
+) -> Tensor:
     """:func:`uniform_head_budgets` for each row's ``prompt_len`` (B,): int64 (B, Hkv) on its
     device, without reading it."""
-    quotas = torch.full((prompt_len.shape[0], n_kv_heads), float(layer_budget), dtype=torch.float64, device=prompt_len.device)
-    return clamp_and_redistribute_rows(quotas, *_rows_bounds(n_kv_heads, layer_budget, min_keep, prompt_len))
+    quotas = torch.full(
+        (prompt_len.shape[0], n_kv_heads),
+        float(layer_budget),
+        dtype=torch.float64,
+        device=prompt_len.device,
+    )
+    return clamp_and_redistribute_rows(
+        quotas, *_rows_bounds(n_kv_heads, layer_budget, min_keep, prompt_len)
+    )
 
 
-def maskkv_head_budgets_rows(prompt_mass: Tensor, n_voters: Tensor, layer_budget: float, prompt_len: Tensor,
-                             n_kv_heads: int, alpha: float = 0.1, min_keep: int = 1) -> Tensor:
+def maskkv_head_budgets_rows(
+    prompt_mass: Tensor,
+    n_voters: Tensor,
+    layer_budget: float,
+    prompt_len: Tensor,
+    n_kv_heads: int,
+    alpha: float = 0.1,
+    min_keep: int = 1,
+) -> Tensor:
     """:func:`maskkv_head_budgets` for every row alone, all rows at once: ``prompt_mass``
     (B, H), ``n_voters`` and ``prompt_len`` (B,). int64 (B, Hkv) on the device of
     ``prompt_mass``, computed there without reading it."""
     batch, heads = prompt_mass.shape
     pref = prompt_mass.to(torch.float64) / n_voters.to(torch.float64)[:, None]  # (B, H)
-    pref = pref.view(batch, n_kv_heads, heads // n_kv_heads).sum(2).clamp_min(0.0)  # (B, Hkv), as prompt_preference
+    pref = (
+        pref.view(batch, n_kv_heads, heads // n_kv_heads).sum(2).clamp_min(0.0)
+    )  # (B, Hkv), as prompt_preference
     quotas = _maskkv_quotas(pref, layer_budget, alpha)
-    return clamp_and_redistribute_rows(quotas, *_rows_bounds(n_kv_heads, layer_budget, min_keep, prompt_len))
+    return clamp_and_redistribute_rows(
+        quotas, *_rows_bounds(n_kv_heads, layer_budget, min_keep, prompt_len)
+    )
 
 
-def adakv_head_budgets(scores: Tensor, layer_budget: float, safeguard: float = 0.2, min_keep: int = 1,
-                       prompt_len: Optional[int] = None) -> Tensor:
+def adakv_head_budgets(
+    scores: Tensor,
+    layer_budget: float,
+    safeguard: float = 0.2,
+    min_keep: int = 1,
+    prompt_len: Optional[int] = None,
+) -> Tensor:
     """AdaKV head budgets for one layer from its votes ``(Hkv, P)`` or ``(B, Hkv, P)`` (batch: mean).
 
     Of the layer total ``T = round(Hkv * k_l)``, ``round(safeguard * T)`` slots are spread evenly

@@ -33,13 +33,18 @@ class _CalibrationBackend:
         find, residual = (record.result for record in manager.records)
         problems = find.skipped + residual.skipped
         if problems or find.matches == 0 or residual.matches != find.matches:
-            raise UnsupportedModelError("calibration cannot find every attention sub-layer: " + "; ".join(problems or ("no attention found",)))
+            raise UnsupportedModelError(
+                "calibration cannot find every attention sub-layer: "
+                + "; ".join(problems or ("no attention found",))
+            )
         n_outputs = len(graph.graph.find_nodes(op="output")[0].args[0]) - 2 * find.matches
 
         def run(*args):
             outputs = graph(*args)
             pairs = outputs[n_outputs:]
-            self.measurements.append([attention_importance(pairs[i], pairs[i + 1]) for i in range(0, len(pairs), 2)])
+            self.measurements.append(
+                [attention_importance(pairs[i], pairs[i + 1]) for i in range(0, len(pairs), 2)]
+            )
             return tuple(outputs[:n_outputs])
 
         return run
@@ -55,7 +60,11 @@ def calibrate(
     progress: bool = True,
 ) -> LayerProfile:
     """Measure the layer profile of ``model`` on ``prompts`` ((1, P) or (P,) token ids each)."""
-    token = mask_token_id if mask_token_id is not None else getattr(getattr(model, "config", None), "mask_token_id", None)
+    token = (
+        mask_token_id
+        if mask_token_id is not None
+        else getattr(getattr(model, "config", None), "mask_token_id", None)
+    )
     if token is None:
         raise ValueError("calibrate needs mask_token_id (the model config has none)")
     prompts = [p if p.dim() == 2 else p[None] for p in prompts]
@@ -66,11 +75,21 @@ def calibrate(
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is optional
+
         def tqdm(items, **_):
             return items
+
     model.eval()
     for prompt in tqdm(prompts, desc="calibrating MaskKV layer profile", disable=not progress):
-        x = torch.cat([prompt, torch.full((prompt.shape[0], gen_length), token, dtype=prompt.dtype, device=prompt.device)], 1)
+        x = torch.cat(
+            [
+                prompt,
+                torch.full(
+                    (prompt.shape[0], gen_length), token, dtype=prompt.dtype, device=prompt.device
+                ),
+            ],
+            1,
+        )
         mark_dynamic(x, 1)
         compiled(input_ids=x, use_cache=False)
     fingerprint = model_fingerprint(getattr(model, "config", model), type(model).__name__)

@@ -29,10 +29,20 @@ def cmd_demo(args) -> int:
         print(f"{missing}; running the random-weight tiny-llama stand-in instead")
         bundle = load_bundle("tiny-llama", samples=1)
     sample = bundle.samples[0]
-    profile = maskkv_compile.calibrate(bundle.model, bundle.calibration, gen_length=bundle.calibration_gen_length,
-                                       mask_token_id=bundle.mask_id, progress=False)
-    optimized = maskkv_compile.optimize(bundle.model, budget=args.budget, mask_token_id=bundle.mask_id,
-                                        backend=args.backend, profile=profile)
+    profile = maskkv_compile.calibrate(
+        bundle.model,
+        bundle.calibration,
+        gen_length=bundle.calibration_gen_length,
+        mask_token_id=bundle.mask_id,
+        progress=False,
+    )
+    optimized = maskkv_compile.optimize(
+        bundle.model,
+        budget=args.budget,
+        mask_token_id=bundle.mask_id,
+        backend=args.backend,
+        profile=profile,
+    )
     infill(optimized, sample, bundle.mask_id)  # warm-up: compiles
     optimized.reset()  # the counts below are the timed fill's alone
     with measure() as cached:
@@ -40,36 +50,61 @@ def cmd_demo(args) -> int:
     with measure() as uncached:
         reference = infill(bundle.model, sample, bundle.mask_id)[0]
     stats = optimized.cache_stats()
-    truth = list(sample.ids[sample.start:sample.stop])
+    truth = list(sample.ids[sample.start : sample.stop])
     span = sample.span_len
 
     def matches(a, b):
         return sum(int(x == y) for x, y in zip(a, b))
 
     print(f"model: {bundle.note}")
-    print(f"sample: {sample.id}, prompt {sample.prompt_len} tokens, {span} masked positions filled one per step")
-    print(_tabulate(
-        [["uncached model", f"{span / uncached.seconds:.1f}", "-", f"{matches(reference, truth)}/{span}", "-"],
-         [f"MaskKV budget {args.budget} ({args.backend})", f"{span / cached.seconds:.1f}", human_bytes(stats["bytes"]),
-          f"{matches(ours, truth)}/{span}", f"{matches(ours, reference)}/{span}"]],
-        headers=["run", "tokens/s", "kept KV", "true tokens", "agreement with uncached"],
-    ))
-    print(f"MaskKV calls in the timed fill: {stats['prefills']} prefill, {stats['steps']} steps "
-          f"(transitions {stats['transitions']})")
+    print(
+        f"sample: {sample.id}, prompt {sample.prompt_len} tokens, {span} masked positions filled one per step"
+    )
+    print(
+        _tabulate(
+            [
+                [
+                    "uncached model",
+                    f"{span / uncached.seconds:.1f}",
+                    "-",
+                    f"{matches(reference, truth)}/{span}",
+                    "-",
+                ],
+                [
+                    f"MaskKV budget {args.budget} ({args.backend})",
+                    f"{span / cached.seconds:.1f}",
+                    human_bytes(stats["bytes"]),
+                    f"{matches(ours, truth)}/{span}",
+                    f"{matches(ours, reference)}/{span}",
+                ],
+            ],
+            headers=["run", "tokens/s", "kept KV", "true tokens", "agreement with uncached"],
+        )
+    )
+    print(
+        f"MaskKV calls in the timed fill: {stats['prefills']} prefill, {stats['steps']} steps "
+        f"(transitions {stats['transitions']})"
+    )
     print(f"true     : {bundle.decode(truth)}")
     print(f"uncached : {bundle.decode(reference)}")
     print(f"MaskKV   : {bundle.decode(ours)}")
     return 0
 
 
-QUICK_BENCH = dict(prompt_lens=[48], gen_length=8, steps=8, budgets=[4], layers=1, hidden=64, block_length=4,
-                   backend="eager")
+QUICK_BENCH = dict(
+    prompt_lens=[48],
+    gen_length=8,
+    steps=8,
+    budgets=[4],
+    layers=1,
+    hidden=64,
+    block_length=4,
+    backend="eager",
+)
 
 
 def cmd_bench(args) -> int:
-    from maskkv_compile.bench import run_benchmark
-
-    from maskkv_compile.bench import PRESETS
+    from maskkv_compile.bench import PRESETS, run_benchmark
 
     if args.quick:  # CI-sized: a functional smoke run, not a measurement
         for name, value in QUICK_BENCH.items():
@@ -79,11 +114,24 @@ def cmd_bench(args) -> int:
             setattr(args, name, value)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = run_benchmark(prompt_lens=args.prompt_lens, gen_length=args.gen_length, steps=args.steps,
-                         budgets=args.budgets, layers=args.layers, hidden=args.hidden, backend=args.backend,
-                         cfg_scale=args.cfg_scale, block_length=args.block_length, preset=args.preset,
-                         vocab=args.vocab, floor=args.floor, sweep=args.compile_sweep, sweep_lens=args.sweep_lens,
-                         runs=args.runs, print_fn=print)
+    rows = run_benchmark(
+        prompt_lens=args.prompt_lens,
+        gen_length=args.gen_length,
+        steps=args.steps,
+        budgets=args.budgets,
+        layers=args.layers,
+        hidden=args.hidden,
+        backend=args.backend,
+        cfg_scale=args.cfg_scale,
+        block_length=args.block_length,
+        preset=args.preset,
+        vocab=args.vocab,
+        floor=args.floor,
+        sweep=args.compile_sweep,
+        sweep_lens=args.sweep_lens,
+        runs=args.runs,
+        print_fn=print,
+    )
     if args.json or args.plots:
         from maskkv_compile.bench_plots import plot_bench, write_results
 
@@ -104,11 +152,17 @@ def cmd_diff(args) -> int:
     from maskkv_compile import tiny_models as models
     from maskkv_compile.explain import explain
 
-    model = getattr(models, DIFF_MODELS[args.model])(layers=args.layers, hidden=args.hidden, attn=args.attn, seed=args.seed)
+    model = getattr(models, DIFF_MODELS[args.model])(
+        layers=args.layers, hidden=args.hidden, attn=args.attn, seed=args.seed
+    )
     mask_id = model.config.mask_token_id
-    prompt = torch.randint(0, mask_id, (1, args.prompt_len), generator=torch.Generator().manual_seed(args.seed))
+    prompt = torch.randint(
+        0, mask_id, (1, args.prompt_len), generator=torch.Generator().manual_seed(args.seed)
+    )
     x = torch.cat([prompt, torch.full((1, args.gen_length), mask_id)], dim=1)
-    options = {"family": "dream"} if args.model == "tiny-qwen2" else {}  # Dream predicts token i at i-1
+    options = (
+        {"family": "dream"} if args.model == "tiny-qwen2" else {}
+    )  # Dream predicts token i at i-1
     report = explain(model, x, budget=args.budget, **options)
     print(report)
     graphs = ["prefill", "step"] if args.graph == "all" else [args.graph]
@@ -123,8 +177,10 @@ def cmd_diff(args) -> int:
         print(f"\nside-by-side diff written to {args.html}")
     if args.model_explorer and report.rewritten:
         report.to_model_explorer(args.model_explorer)
-        print(f"Model Explorer graphs written to {args.model_explorer} (view: pip install ai-edge-model-explorer; "
-              f"model-explorer {args.model_explorer})")
+        print(
+            f"Model Explorer graphs written to {args.model_explorer} (view: pip install ai-edge-model-explorer; "
+            f"model-explorer {args.model_explorer})"
+        )
     return 0
 
 
@@ -132,17 +188,38 @@ def cmd_eval(args) -> int:
     """Quality suite (maskkv_compile.evaluation): policies x budgets on a real pretrained model."""
     from pathlib import Path
 
-    from maskkv_compile.evaluation import ModelUnavailable, markdown, plot, run_suite, table, targets
+    from maskkv_compile.evaluation import (
+        ModelUnavailable,
+        markdown,
+        plot,
+        run_suite,
+        table,
+        targets,
+    )
 
     if (args.heatmap or args.checkpoint) and args.model != "tiny-dllm":
-        print(f"--heatmap and --checkpoint are for the retrieval model: use --model tiny-dllm (got {args.model})",
-              file=sys.stderr)
+        print(
+            f"--heatmap and --checkpoint are for the retrieval model: use --model tiny-dllm (got {args.model})",
+            file=sys.stderr,
+        )
         return 2
     torch.set_num_threads(args.threads)
     try:
-        suite = run_suite(args.model, args.policies, args.budgets, samples=args.samples, tasks=args.tasks, out=args.out,
-                          resume=args.resume, progress=not args.quiet, seed=args.seed, checkpoint=args.checkpoint,
-                          revotes=args.revote, refreshes=args.refresh, revote_voters=args.revote_voters)
+        suite = run_suite(
+            args.model,
+            args.policies,
+            args.budgets,
+            samples=args.samples,
+            tasks=args.tasks,
+            out=args.out,
+            resume=args.resume,
+            progress=not args.quiet,
+            seed=args.seed,
+            checkpoint=args.checkpoint,
+            revotes=args.revote,
+            refreshes=args.refresh,
+            revote_voters=args.revote_voters,
+        )
     except ModelUnavailable as error:
         print(f"{args.model}: {error}", file=sys.stderr)
         return 2
@@ -151,7 +228,9 @@ def cmd_eval(args) -> int:
     pngs = [] if args.no_plots else plot(results, stem)
     if args.heatmap:
         pngs += _needle_heatmap(args, suite, Path(args.out))
-    if args.revote or args.refresh:  # the trade-off: retention vs step cost, one-shot / revote / refresh
+    if (
+        args.revote or args.refresh
+    ):  # the trade-off: retention vs step cost, one-shot / revote / refresh
         from maskkv_compile.evaluation import tradeoff
 
         Path(f"{stem}_tradeoff.md").write_text(tradeoff.markdown(results) + "\n")
@@ -165,8 +244,10 @@ def cmd_eval(args) -> int:
         print(table(results, metric, fmt="simple"))
     for line in targets(results):
         print(line)
-    print(f"\n{suite.optimize_calls} optimize() calls, {suite.model_calls} model calls this run; "
-          f"wrote {suite.json_path}, {stem}.md" + "".join(f", {p}" for p in pngs))
+    print(
+        f"\n{suite.optimize_calls} optimize() calls, {suite.model_calls} model calls this run; "
+        f"wrote {suite.json_path}, {stem}.md" + "".join(f", {p}" for p in pngs)
+    )
     return 0
 
 
@@ -176,16 +257,28 @@ def _needle_heatmap(args, suite, out) -> list:
 
     from maskkv_compile.evaluation.heatmap import heatmap, plot_heatmap
 
-    result = heatmap(suite.bundle.model, args.heatmap_policies, args.heatmap_budget, lengths=args.heatmap_lengths,
-                     depths=args.heatmap_depths, samples=args.heatmap_samples, profile=suite.layer_profile(),
-                     seed=args.seed, progress=not args.quiet)
+    result = heatmap(
+        suite.bundle.model,
+        args.heatmap_policies,
+        args.heatmap_budget,
+        lengths=args.heatmap_lengths,
+        depths=args.heatmap_depths,
+        samples=args.heatmap_samples,
+        profile=suite.layer_profile(),
+        seed=args.seed,
+        progress=not args.quiet,
+    )
     path = out / "needle_heatmap.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print("\nneedle retrieval exact match by haystack length (rows) x needle depth (columns):")
     for label, grid in result["exact_match"].items():
         print(f"{label}:")
-        print(_tabulate([[length, *row] for length, row in zip(result["lengths"], grid)],
-                        ["length"] + [f"depth {d:g}" for d in result["depths"]]))
+        print(
+            _tabulate(
+                [[length, *row] for length, row in zip(result["lengths"], grid)],
+                ["length"] + [f"depth {d:g}" for d in result["depths"]],
+            )
+        )
     pngs = [] if args.no_plots else [plot_heatmap(result, out / "needle_heatmap.png")]
     return [path, *pngs]
 
@@ -211,55 +304,125 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--backend", choices=["inductor", "eager"], default="inductor")
     demo.set_defaults(func=cmd_demo)
 
-    bench = sub.add_parser("bench", help="tokens/s and peak RSS: uncached (eager, compiled) vs prompt/dual cache vs MaskKV")
-    bench.add_argument("--preset", choices=["tiny", "llada-shape"], default="tiny",
-                       help="tiny: 4 layers, hidden 256, vocab 1024, prompts 1024 2048 4096; llada-shape: LLaDA-8B's "
-                       "per-layer shapes (hidden 4096, 32 heads, MLP 12288, vocab 126464) at 1 layer, prompts 1024 2048 "
-                       "(~5 GB of fp32 weights); --layers/--hidden/--vocab/--prompt-lens override")
+    bench = sub.add_parser(
+        "bench",
+        help="tokens/s and peak RSS: uncached (eager, compiled) vs prompt/dual cache vs MaskKV",
+    )
+    bench.add_argument(
+        "--preset",
+        choices=["tiny", "llada-shape"],
+        default="tiny",
+        help="tiny: 4 layers, hidden 256, vocab 1024, prompts 1024 2048 4096; llada-shape: LLaDA-8B's "
+        "per-layer shapes (hidden 4096, 32 heads, MLP 12288, vocab 126464) at 1 layer, prompts 1024 2048 "
+        "(~5 GB of fp32 weights); --layers/--hidden/--vocab/--prompt-lens override",
+    )
     bench.add_argument("--prompt-lens", type=int, nargs="+", default=None)
     bench.add_argument("--gen-length", type=int, default=64)
     bench.add_argument("--steps", type=int, default=64)
     bench.add_argument("--budgets", type=int, nargs="+", default=[64, 256])
     bench.add_argument("--layers", type=int, default=None)
-    bench.add_argument("--hidden", type=int, default=None,
-                       help="heads: hidden / 64 (tiny) or / 128 (llada-shape); MLP 2x (tiny) or 3x (llada-shape)")
+    bench.add_argument(
+        "--hidden",
+        type=int,
+        default=None,
+        help="heads: hidden / 64 (tiny) or / 128 (llada-shape); MLP 2x (tiny) or 3x (llada-shape)",
+    )
     bench.add_argument("--vocab", type=int, default=None)
-    bench.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
-                       help="per-step and prefill latency of the MaskKV rows, against one forward over the computed "
-                       "rows alone (step/floor) and one uncached forward (prefill/forward)")
-    bench.add_argument("--compile-sweep", action="store_true",
-                       help="also: Inductor compile time cold/warm and recompiles over 5 more prompt lengths")
-    bench.add_argument("--sweep-lens", type=int, nargs="+", default=None,
-                       help="the compile sweep's prompt lengths (default: 5 around the first --prompt-lens)")
+    bench.add_argument(
+        "--floor",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="per-step and prefill latency of the MaskKV rows, against one forward over the computed "
+        "rows alone (step/floor) and one uncached forward (prefill/forward)",
+    )
+    bench.add_argument(
+        "--compile-sweep",
+        action="store_true",
+        help="also: Inductor compile time cold/warm and recompiles over 5 more prompt lengths",
+    )
+    bench.add_argument(
+        "--sweep-lens",
+        type=int,
+        nargs="+",
+        default=None,
+        help="the compile sweep's prompt lengths (default: 5 around the first --prompt-lens)",
+    )
     bench.add_argument("--backend", choices=["inductor", "eager"], default="inductor")
-    bench.add_argument("--cfg-scale", type=float, default=1.0,
-                       help="also time classifier-free guidance, uncached vs MaskKV at the first budget (0: skip)")
-    bench.add_argument("--block-length", type=int, default=32,
-                       help="LLaDA's block length for every run, and the dual cache's (min with --gen-length)")
-    bench.add_argument("--runs", nargs="+", choices=BENCH_RUNS, default=list(BENCH_RUNS),
-                       help="which configurations to time besides the eager uncached loop (the reference; always run)")
-    bench.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    bench.add_argument("--json", metavar="PATH", help="also write every row (and the command) as JSON here")
-    bench.add_argument("--plots", metavar="DIR",
-                       help="also draw speed-up and peak memory vs prompt length here (bench_speedup.png, bench_memory.png)")
-    bench.add_argument("--quick", action="store_true",
-                       help="tiny CI-sized run (overrides the sizes: " + ", ".join(f"{k}={v}" for k, v in QUICK_BENCH.items()) + ")")
+    bench.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=1.0,
+        help="also time classifier-free guidance, uncached vs MaskKV at the first budget (0: skip)",
+    )
+    bench.add_argument(
+        "--block-length",
+        type=int,
+        default=32,
+        help="LLaDA's block length for every run, and the dual cache's (min with --gen-length)",
+    )
+    bench.add_argument(
+        "--runs",
+        nargs="+",
+        choices=BENCH_RUNS,
+        default=list(BENCH_RUNS),
+        help="which configurations to time besides the eager uncached loop (the reference; always run)",
+    )
+    bench.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+    )
+    bench.add_argument(
+        "--json", metavar="PATH", help="also write every row (and the command) as JSON here"
+    )
+    bench.add_argument(
+        "--plots",
+        metavar="DIR",
+        help="also draw speed-up and peak memory vs prompt length here (bench_speedup.png, bench_memory.png)",
+    )
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny CI-sized run (overrides the sizes: "
+        + ", ".join(f"{k}={v}" for k, v in QUICK_BENCH.items())
+        + ")",
+    )
     bench.set_defaults(func=cmd_bench)
 
     diff = sub.add_parser(
-        "diff", help="what the passes do to a bundled model: sites, passes, inserted ops, graph diffs",
+        "diff",
+        help="what the passes do to a bundled model: sites, passes, inserted ops, graph diffs",
         description="Capture a bundled model, run the MaskKV passes (maskkv_compile.explain), print the report and "
         "the unified diff of the captured graph against each rewritten graph.",
     )
-    diff.add_argument("--model", choices=sorted(DIFF_MODELS), default="tiny-llama",
-                      help="tiny-llama: LLaDA-style Llama (MHA); tiny-qwen2: Dream-style Qwen2 (GQA)")
-    diff.add_argument("--budget", type=int, default=64, help="prompt KV pairs kept per KV head per layer")
-    diff.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="attention implementation")
-    diff.add_argument("--graph", choices=["prefill", "step", "all"], default="all", help="which rewritten graph to diff")
-    diff.add_argument("--html", metavar="PATH", help="also write the HTML report here: site table, each site's "
-                      "before/after drawn, node lists, line diffs (one file, works offline)")
-    diff.add_argument("--model-explorer", metavar="PATH", help="also write the captured, canonical, prefill and step "
-                      "graphs as Model Explorer JSON here (view with `model-explorer PATH`, package ai-edge-model-explorer)")
+    diff.add_argument(
+        "--model",
+        choices=sorted(DIFF_MODELS),
+        default="tiny-llama",
+        help="tiny-llama: LLaDA-style Llama (MHA); tiny-qwen2: Dream-style Qwen2 (GQA)",
+    )
+    diff.add_argument(
+        "--budget", type=int, default=64, help="prompt KV pairs kept per KV head per layer"
+    )
+    diff.add_argument(
+        "--attn", choices=["sdpa", "eager"], default="sdpa", help="attention implementation"
+    )
+    diff.add_argument(
+        "--graph",
+        choices=["prefill", "step", "all"],
+        default="all",
+        help="which rewritten graph to diff",
+    )
+    diff.add_argument(
+        "--html",
+        metavar="PATH",
+        help="also write the HTML report here: site table, each site's "
+        "before/after drawn, node lists, line diffs (one file, works offline)",
+    )
+    diff.add_argument(
+        "--model-explorer",
+        metavar="PATH",
+        help="also write the captured, canonical, prefill and step "
+        "graphs as Model Explorer JSON here (view with `model-explorer PATH`, package ai-edge-model-explorer)",
+    )
     diff.add_argument("--prompt-len", type=int, default=48)
     diff.add_argument("--gen-length", type=int, default=16)
     diff.add_argument("--layers", type=int, default=2)
@@ -271,46 +434,99 @@ def build_parser() -> argparse.ArgumentParser:
     from maskkv_compile.evaluation.models import MODELS
 
     quality = sub.add_parser(
-        "eval", help="quality suite: retention / agreement / KL of every policy x budget on a real pretrained model",
+        "eval",
+        help="quality suite: retention / agreement / KL of every policy x budget on a real pretrained model",
         description="Infill masked spans with the greedy one-token-per-step loop through optimize(model)(x).logits for "
         "every policy x budget and the references (uncached, full prompt cache, full cache + refresh); write a JSON of "
         "every cell, markdown tables and PNG plots to --out. See docs/quality.md.",
     )
-    quality.add_argument("--model", choices=MODELS, default="antiberty",
-                         help="antiberty / rxnfp: pretrained (pip install --no-deps antiberty==0.1.3 rxnfp==0.1.0); "
-                         "tiny-dllm: the project's own needle-retrieval dLLM (bundled); "
-                         "tiny-llama: random weights, for CI (its numbers mean nothing)")
-    quality.add_argument("--policies", nargs="+", type=policy_name, default=None,
-                         help="policy names (maskkv, snapkv, ...: each policy object with its default options); "
-                         "default: every registered policy")
-    quality.add_argument("--budgets", nargs="+", default=["4", "6", "8", "12", "16", "32", "full"],
-                         help="prompt KV pairs kept per head; 'full' keeps the whole prompt")
+    quality.add_argument(
+        "--model",
+        choices=MODELS,
+        default="antiberty",
+        help="antiberty / rxnfp: pretrained (pip install --no-deps antiberty==0.1.3 rxnfp==0.1.0); "
+        "tiny-dllm: the project's own needle-retrieval dLLM (bundled); "
+        "tiny-llama: random weights, for CI (its numbers mean nothing)",
+    )
+    quality.add_argument(
+        "--policies",
+        nargs="+",
+        type=policy_name,
+        default=None,
+        help="policy names (maskkv, snapkv, ...: each policy object with its default options); "
+        "default: every registered policy",
+    )
+    quality.add_argument(
+        "--budgets",
+        nargs="+",
+        default=["4", "6", "8", "12", "16", "32", "full"],
+        help="prompt KV pairs kept per head; 'full' keeps the whole prompt",
+    )
     quality.add_argument("--samples", type=int, default=8, help="sequences per task")
-    quality.add_argument("--revote", nargs="+", type=int, default=[], metavar="K",
-                         help="also run every policy x budget with revote=K (re-select every K steps with the step's "
-                         "queries; maskkv_compile/revote.py); writes quality_<model>_tradeoff.md and _pareto.png")
-    quality.add_argument("--revote-voters", choices=["response", "masked"], default="response",
-                         help="who votes in the --revote cells: every response row, or the rows still masked "
-                         "(Revote(voters=...)); masked cells are keyed <policy>@<B>+revote<K>+masked")
-    quality.add_argument("--refresh", nargs="+", type=int, default=[], metavar="K",
-                         help="also run every policy x budget with prompt_refresh=K (the expensive reference)")
-    quality.add_argument("--tasks", nargs="+", default=None, help="default: every task of the model")
-    quality.add_argument("--out", default="quality-out", help="folder for quality_<model>.{json,md} and PNGs")
-    quality.add_argument("--resume", action="store_true", help="keep the cells already in the JSON, run the rest")
+    quality.add_argument(
+        "--revote",
+        nargs="+",
+        type=int,
+        default=[],
+        metavar="K",
+        help="also run every policy x budget with revote=K (re-select every K steps with the step's "
+        "queries; maskkv_compile/revote.py); writes quality_<model>_tradeoff.md and _pareto.png",
+    )
+    quality.add_argument(
+        "--revote-voters",
+        choices=["response", "masked"],
+        default="response",
+        help="who votes in the --revote cells: every response row, or the rows still masked "
+        "(Revote(voters=...)); masked cells are keyed <policy>@<B>+revote<K>+masked",
+    )
+    quality.add_argument(
+        "--refresh",
+        nargs="+",
+        type=int,
+        default=[],
+        metavar="K",
+        help="also run every policy x budget with prompt_refresh=K (the expensive reference)",
+    )
+    quality.add_argument(
+        "--tasks", nargs="+", default=None, help="default: every task of the model"
+    )
+    quality.add_argument(
+        "--out", default="quality-out", help="folder for quality_<model>.{json,md} and PNGs"
+    )
+    quality.add_argument(
+        "--resume", action="store_true", help="keep the cells already in the JSON, run the rest"
+    )
     quality.add_argument("--seed", type=int, default=0)
     quality.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     quality.add_argument("--no-plots", action="store_true")
     quality.add_argument("--quiet", action="store_true", help="no progress bar")
-    quality.add_argument("--checkpoint", metavar="DIR",
-                         help="tiny-dllm only: a folder written by scripts/train_tiny_dllm.py (default: the shipped one)")
-    quality.add_argument("--heatmap", action="store_true",
-                         help="tiny-dllm only: also a needle depth x haystack length exact-match heatmap")
-    quality.add_argument("--heatmap-policies", nargs="+", type=policy_name, default=["maskkv", "snapkv", "streaming"])
+    quality.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="tiny-dllm only: a folder written by scripts/train_tiny_dllm.py (default: the shipped one)",
+    )
+    quality.add_argument(
+        "--heatmap",
+        action="store_true",
+        help="tiny-dllm only: also a needle depth x haystack length exact-match heatmap",
+    )
+    quality.add_argument(
+        "--heatmap-policies", nargs="+", type=policy_name, default=["maskkv", "snapkv", "streaming"]
+    )
     quality.add_argument("--heatmap-budget", type=int, default=8)
-    quality.add_argument("--heatmap-samples", type=int, default=8, help="sequences per heatmap cell")
-    quality.add_argument("--heatmap-lengths", type=int, nargs="+", default=list(LENGTHS), help="haystack lengths")
-    quality.add_argument("--heatmap-depths", type=float, nargs="+", default=list(DEPTHS),
-                         help="relative depths of the asked needle")
+    quality.add_argument(
+        "--heatmap-samples", type=int, default=8, help="sequences per heatmap cell"
+    )
+    quality.add_argument(
+        "--heatmap-lengths", type=int, nargs="+", default=list(LENGTHS), help="haystack lengths"
+    )
+    quality.add_argument(
+        "--heatmap-depths",
+        type=float,
+        nargs="+",
+        default=list(DEPTHS),
+        help="relative depths of the asked needle",
+    )
     quality.set_defaults(func=cmd_eval)
     return parser
 

@@ -35,7 +35,9 @@ def _require_int(name: str, value: Any, *, minimum: int, allow_none: bool = Fals
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int):
-        raise MaskKVConfigError(f"{name} must be an int >= {minimum}, got {value!r} ({type(value).__name__})")
+        raise MaskKVConfigError(
+            f"{name} must be an int >= {minimum}, got {value!r} ({type(value).__name__})"
+        )
     if value < minimum:
         raise MaskKVConfigError(f"{name} must be >= {minimum}, got {value}")
 
@@ -65,15 +67,23 @@ class Revote:
     second_tier: str = "device"
 
     def __post_init__(self) -> None:
-        if self.every != "block" and (isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1):
-            raise MaskKVConfigError(f'revote must be an int >= 1 (Revote(every=k): re-vote every k steps) or "block" (at '
-                                    f"every dual-cache block refresh), got {self.every!r}")
+        if self.every != "block" and (
+            isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1
+        ):
+            raise MaskKVConfigError(
+                f'revote must be an int >= 1 (Revote(every=k): re-vote every k steps) or "block" (at '
+                f"every dual-cache block refresh), got {self.every!r}"
+            )
         if self.voters not in REVOTE_VOTERS:
-            raise MaskKVConfigError(f"revote_voters must be one of {REVOTE_VOTERS} (Revote(voters=...): who votes at a "
-                                    f"re-vote), got {self.voters!r}")
+            raise MaskKVConfigError(
+                f"revote_voters must be one of {REVOTE_VOTERS} (Revote(voters=...): who votes at a "
+                f"re-vote), got {self.voters!r}"
+            )
         if self.second_tier not in SECOND_TIERS:
-            raise MaskKVConfigError(f"second_tier must be one of {SECOND_TIERS} (Revote(second_tier=...): where the "
-                                    f"full prompt K/V waits between re-votes), got {self.second_tier!r}")
+            raise MaskKVConfigError(
+                f"second_tier must be one of {SECOND_TIERS} (Revote(second_tier=...): where the "
+                f"full prompt K/V waits between re-votes), got {self.second_tier!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -88,8 +98,10 @@ def _as_revote(value: Any, base: Optional[Revote]) -> Optional[Revote]:
         if base is not None:
             return dataclasses.replace(base, every=value)
         return Revote(every=value)
-    raise MaskKVConfigError(f'revote must be None, an int >= 1 (every k steps), "block" or a '
-                            f"maskkv_compile.Revote(every=..., voters=..., second_tier=...), got {value!r}")
+    raise MaskKVConfigError(
+        f'revote must be None, an int >= 1 (every k steps), "block" or a '
+        f"maskkv_compile.Revote(every=..., voters=..., second_tier=...), got {value!r}"
+    )
 
 
 def _as_policy(value: Any, base: Optional[Policy]) -> Policy:
@@ -104,8 +116,10 @@ def _as_policy(value: Any, base: Optional[Policy]) -> Policy:
             return type(get_policy(value))()
         except ValueError as error:
             raise MaskKVConfigError(f"policy: {error}") from None
-    raise MaskKVConfigError(f"policy must be a policy name or object (maskkv_compile.MaskKV(...), SnapKV(...), ...), "
-                            f"got {value!r} ({type(value).__name__})")
+    raise MaskKVConfigError(
+        f"policy must be a policy name or object (maskkv_compile.MaskKV(...), SnapKV(...), ...), "
+        f"got {value!r} ({type(value).__name__})"
+    )
 
 
 # the flat options of earlier versions, now options of a policy or of Revote (still accepted)
@@ -187,14 +201,30 @@ class MaskKVConfig:
     block_length: Optional[int] = None
     reselection: Optional[Revote] = None
 
-    def __init__(self, budget: int = 256, *, policy: Any = _UNSET, mask_token_id: Optional[int] = None,
-                 backend: str = "inductor", prompt_refresh: Optional[int] = None, family: Optional[str] = None,
-                 vote_chunk: int = 64, reuse_logits: bool = False, max_sessions: int = 2, min_keep: int = 1,
-                 block_length: Optional[int] = None, revote: Any = _UNSET, eviction: Optional[Policy] = None,
-                 reselection: Optional[Revote] = None, **flat: Any) -> None:
+    def __init__(
+        self,
+        budget: int = 256,
+        *,
+        policy: Any = _UNSET,
+        mask_token_id: Optional[int] = None,
+        backend: str = "inductor",
+        prompt_refresh: Optional[int] = None,
+        family: Optional[str] = None,
+        vote_chunk: int = 64,
+        reuse_logits: bool = False,
+        max_sessions: int = 2,
+        min_keep: int = 1,
+        block_length: Optional[int] = None,
+        revote: Any = _UNSET,
+        eviction: Optional[Policy] = None,
+        reselection: Optional[Revote] = None,
+        **flat: Any,
+    ) -> None:
         unknown = sorted(set(flat) - set(_POLICY_FLAT) - set(_REVOTE_FLAT))
         if unknown:
-            raise MaskKVConfigError(f"unknown option(s) {unknown}; valid options: {self.option_names()}")
+            raise MaskKVConfigError(
+                f"unknown option(s) {unknown}; valid options: {self.option_names()}"
+            )
         chosen = eviction if eviction is not None else MaskKV()
         if not isinstance(chosen, Policy):
             raise MaskKVConfigError(f"eviction must be a Policy, got {chosen!r}")
@@ -213,13 +243,26 @@ class MaskKVConfig:
             if again is None:
                 if value == (SECOND_TIERS[0] if name == "second_tier" else REVOTE_VOTERS[0]):
                     continue  # the default: nothing is ignored
-                raise MaskKVConfigError(f"{name}={value!r} is an option of re-selection: set revote too "
-                                        f"(revote=maskkv_compile.Revote(every=1, {attribute}={value!r}), or an int k "
-                                        f'or "block"), or drop {name}')
+                raise MaskKVConfigError(
+                    f"{name}={value!r} is an option of re-selection: set revote too "
+                    f"(revote=maskkv_compile.Revote(every=1, {attribute}={value!r}), or an int k "
+                    f'or "block"), or drop {name}'
+                )
             again = dataclasses.replace(again, **{attribute: value})
-        values = dict(budget=budget, mask_token_id=mask_token_id, backend=backend, prompt_refresh=prompt_refresh,
-                      family=family, vote_chunk=vote_chunk, reuse_logits=reuse_logits, max_sessions=max_sessions,
-                      eviction=chosen, min_keep=min_keep, block_length=block_length, reselection=again)
+        values = dict(
+            budget=budget,
+            mask_token_id=mask_token_id,
+            backend=backend,
+            prompt_refresh=prompt_refresh,
+            family=family,
+            vote_chunk=vote_chunk,
+            reuse_logits=reuse_logits,
+            max_sessions=max_sessions,
+            eviction=chosen,
+            min_keep=min_keep,
+            block_length=block_length,
+            reselection=again,
+        )
         for name, value in values.items():
             object.__setattr__(self, name, value)
         self._validate()
@@ -231,21 +274,29 @@ class MaskKVConfig:
             raise MaskKVConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         _require_int("prompt_refresh", self.prompt_refresh, minimum=1, allow_none=True)
         if self.family is not None and self.family not in FAMILIES:
-            raise MaskKVConfigError(f"family must be one of {sorted(FAMILIES)} (or None to detect), got {self.family!r}")
+            raise MaskKVConfigError(
+                f"family must be one of {sorted(FAMILIES)} (or None to detect), got {self.family!r}"
+            )
         _require_int("vote_chunk", self.vote_chunk, minimum=1)
         _require_int("max_sessions", self.max_sessions, minimum=1)
         _require_int("min_keep", self.min_keep, minimum=1)
         _require_int("block_length", self.block_length, minimum=1, allow_none=True)
         if not isinstance(self.reuse_logits, bool):
-            raise MaskKVConfigError(f"reuse_logits must be True or False, got {self.reuse_logits!r}")
+            raise MaskKVConfigError(
+                f"reuse_logits must be True or False, got {self.reuse_logits!r}"
+            )
         again = self.reselection
         if again is not None and again.every == "block" and self.block_length is None:
-            raise MaskKVConfigError('revote="block" (Revote(every="block")) re-selects at dual-cache block refreshes: '
-                                    "set block_length too, or give every an int (every k steps)")
+            raise MaskKVConfigError(
+                'revote="block" (Revote(every="block")) re-selects at dual-cache block refreshes: '
+                "set block_length too, or give every an int (every k steps)"
+            )
         if again is not None and again.every != "block" and self.block_length is not None:
-            raise MaskKVConfigError(f"revote={again.every} with block_length: a block step does not compute every "
-                                    'response row; use revote="block" (Revote(every="block"): re-select at every '
-                                    "block refresh)")
+            raise MaskKVConfigError(
+                f"revote={again.every} with block_length: a block step does not compute every "
+                'response row; use revote="block" (Revote(every="block"): re-select at every '
+                "block refresh)"
+            )
 
     # ---- the runtime's view (read-only; what the passes and the runtime read)
 
@@ -320,18 +371,42 @@ class MaskKVConfig:
     def option_names(cls) -> list[str]:
         """Every option ``from_options`` / ``optimize`` / the backend take, the flat ones of
         earlier versions included (each readable back as ``getattr(config, name)``)."""
-        return ["budget", "mask_token_id", "backend", "prompt_refresh", "family", "vote_chunk", "reuse_logits",
-                "max_sessions", "policy", "profile", "alpha", "beta", "min_keep", "window", "pool_kernel", "sink",
-                "seed", "block_length", "revote", "second_tier", "revote_voters"]
+        return [
+            "budget",
+            "mask_token_id",
+            "backend",
+            "prompt_refresh",
+            "family",
+            "vote_chunk",
+            "reuse_logits",
+            "max_sessions",
+            "policy",
+            "profile",
+            "alpha",
+            "beta",
+            "min_keep",
+            "window",
+            "pool_kernel",
+            "sink",
+            "seed",
+            "block_length",
+            "revote",
+            "second_tier",
+            "revote_voters",
+        ]
 
     @classmethod
-    def from_options(cls, options: Optional[Mapping[str, Any]] = None, base: Optional["MaskKVConfig"] = None) -> "MaskKVConfig":
+    def from_options(
+        cls, options: Optional[Mapping[str, Any]] = None, base: Optional["MaskKVConfig"] = None
+    ) -> "MaskKVConfig":
         """Build a config from a dict of options (``torch.compile(..., options=...)``),
         on top of ``base``; an unknown key is an error that names it."""
         options = dict(options or {})
         unknown = sorted(k for k in options if k not in cls.option_names())
         if unknown:
-            raise MaskKVConfigError(f"unknown option(s) {unknown}; valid options: {cls.option_names()}")
+            raise MaskKVConfigError(
+                f"unknown option(s) {unknown}; valid options: {cls.option_names()}"
+            )
         return dataclasses.replace(base or cls(), **options)
 
     def to_dict(self) -> dict[str, Any]:
@@ -384,7 +459,11 @@ def detect_family(model: Any = None, graph: Any = None) -> str:
         trace = node.meta.get("stack_trace")
         if trace:  # the first frame is the root module's forward
             match = re.search(r'File "([^"]+)", line \d+, in forward', trace)
-            return "dream" if match and "dream" in os.path.basename(match.group(1)).lower() else "llada"
+            return (
+                "dream"
+                if match and "dream" in os.path.basename(match.group(1)).lower()
+                else "llada"
+            )
     return "llada"
 
 

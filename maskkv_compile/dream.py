@@ -52,13 +52,27 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _validate(input_ids, mask_token_id, attention_mask, max_new_tokens, steps, alg, temperature, top_p, top_k,
-              alg_temp, eps, generator):
+def _validate(
+    input_ids,
+    mask_token_id,
+    attention_mask,
+    max_new_tokens,
+    steps,
+    alg,
+    temperature,
+    top_p,
+    top_k,
+    alg_temp,
+    eps,
+    generator,
+):
     if isinstance(mask_token_id, bool) or not isinstance(mask_token_id, int):
         raise ValueError(f"mask_token_id must be an int, got {mask_token_id!r}")
     check_prompt(input_ids, mask_token_id, loop="dream_generate()")
     if input_ids.shape[1] == 0:
-        raise ValueError("the prompt is empty: Dream predicts the first response token from the last prompt row")
+        raise ValueError(
+            "the prompt is empty: Dream predicts the first response token from the last prompt row"
+        )
     check_positive_ints(max_new_tokens=max_new_tokens, steps=steps)
     if alg not in ALGS:
         raise ValueError(f"alg must be one of {ALGS}, got {alg!r}")
@@ -73,24 +87,38 @@ def _validate(input_ids, mask_token_id, attention_mask, max_new_tokens, steps, a
     if not _is_number(eps) or not 0 < eps < 1:
         raise ValueError(f"eps must be in (0, 1), got {eps!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        raise ValueError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
     if attention_mask is None:
         return
-    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape):
-        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
-        raise ValueError(f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}, got {shape}")
+    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(
+        input_ids.shape
+    ):
+        shape = (
+            tuple(attention_mask.shape)
+            if isinstance(attention_mask, torch.Tensor)
+            else type(attention_mask).__name__
+        )
+        raise ValueError(
+            f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}, got {shape}"
+        )
     if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
         raise ValueError("attention_mask must hold only 0 (padding) and 1 (prompt tokens)")
     ones = attention_mask.long()
     if bool((ones[:, 1:] < ones[:, :-1]).any()) or not bool(ones[:, -1].all()):
-        raise ValueError("attention_mask must be LEFT padding: zeros, then ones up to the last column, in every row")
+        raise ValueError(
+            "attention_mask must be LEFT padding: zeros, then ones up to the last column, in every row"
+        )
 
 
 def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the most probable tokens until their probability mass exceeds top_p (at least one)."""
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-    drop_sorted = torch.cat([torch.zeros_like(cumulative[..., :1], dtype=torch.bool), cumulative[..., :-1] > top_p], -1)
+    drop_sorted = torch.cat(
+        [torch.zeros_like(cumulative[..., :1], dtype=torch.bool), cumulative[..., :-1] > top_p], -1
+    )
     drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -100,8 +128,15 @@ def _filter_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth_best, float("-inf"))
 
 
-def sample_with_confidence(logits: torch.Tensor, *, alg: str, temperature: float = 0.0, top_p: Optional[float] = None,
-                           top_k: Optional[int] = None, generator: Optional[torch.Generator] = None):
+def sample_with_confidence(
+    logits: torch.Tensor,
+    *,
+    alg: str,
+    temperature: float = 0.0,
+    top_p: Optional[float] = None,
+    top_k: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+):
     """(M, V) logits -> (confidence (M,), token (M,)) after temperature, top-p and top-k.
 
     The token is the most probable one at temperature 0, else a Gumbel-max draw; the
@@ -130,7 +165,9 @@ def sample_with_confidence(logits: torch.Tensor, *, alg: str, temperature: float
     return confidence, tokens
 
 
-def _shifted_response_logits(model, x: torch.Tensor, prompt_len: int, model_kwargs: dict) -> torch.Tensor:
+def _shifted_response_logits(
+    model, x: torch.Tensor, prompt_len: int, model_kwargs: dict
+) -> torch.Tensor:
     """The predictions of the response (B, L, V): rows prompt_len-1 .. S-2 of the model's
     (B, S, V) logits; a MaskKV model inside ``response_logits_only`` returns them already."""
     with response_logits_only():
@@ -139,9 +176,11 @@ def _shifted_response_logits(model, x: torch.Tensor, prompt_len: int, model_kwar
     if logits.dim() == 3 and tuple(logits.shape[:2]) == (x.shape[0], response_len):
         return logits
     if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(x.shape):
-        raise ValueError(f"the model must return (batch, seq, vocab) logits for every row of x {tuple(x.shape)}, "
-                         f"got {tuple(logits.shape)}")
-    return logits[:, prompt_len - 1: x.shape[1] - 1]
+        raise ValueError(
+            f"the model must return (batch, seq, vocab) logits for every row of x {tuple(x.shape)}, "
+            f"got {tuple(logits.shape)}"
+        )
+    return logits[:, prompt_len - 1 : x.shape[1] - 1]
 
 
 @torch.no_grad()
@@ -163,18 +202,35 @@ def dream_generate(
 ) -> torch.Tensor:
     """Fill ``max_new_tokens`` masks after ``input_ids`` (B, P), left-padded where
     ``attention_mask`` is 0; returns (B, P + max_new_tokens) ids, padding kept."""
-    _validate(input_ids, mask_token_id, attention_mask, max_new_tokens, steps, alg, temperature, top_p, top_k,
-              alg_temp, eps, generator)
+    _validate(
+        input_ids,
+        mask_token_id,
+        attention_mask,
+        max_new_tokens,
+        steps,
+        alg,
+        temperature,
+        top_p,
+        top_k,
+        alg_temp,
+        eps,
+        generator,
+    )
     batch, prompt_len = input_ids.shape
     device = input_ids.device
-    x = torch.full((batch, prompt_len + max_new_tokens), mask_token_id, dtype=input_ids.dtype, device=device)
+    x = torch.full(
+        (batch, prompt_len + max_new_tokens), mask_token_id, dtype=input_ids.dtype, device=device
+    )
     x[:, :prompt_len] = input_ids
     response = x[:, prompt_len:]  # a view: writing into it updates x
     model_kwargs = {}
     if attention_mask is not None and not bool(attention_mask.all()):
         padding = torch.ones(batch, max_new_tokens, dtype=torch.long, device=device)
         keys = torch.cat([attention_mask.to(device=device, dtype=torch.long), padding], dim=1)
-        model_kwargs = {"attention_mask": keys, "position_ids": (keys.cumsum(-1) - 1).masked_fill(keys == 0, 1)}
+        model_kwargs = {
+            "attention_mask": keys,
+            "position_ids": (keys.cumsum(-1) - 1).masked_fill(keys == 0, 1),
+        }
     timesteps = torch.linspace(1, eps, steps + 1, device=device)
     sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
     for i in range(steps):
@@ -183,13 +239,17 @@ def dream_generate(
         if not any(masks_per_row):
             continue
         logits = _shifted_response_logits(model, x, prompt_len, model_kwargs)
-        ratio = 1.0 if i == steps - 1 else 1 - timesteps[i + 1] / timesteps[i]  # share of the masks to unmask
+        ratio = (
+            1.0 if i == steps - 1 else 1 - timesteps[i + 1] / timesteps[i]
+        )  # share of the masks to unmask
         if alg == "origin":
             draws = torch.rand(sum(masks_per_row), device=device, generator=generator)
             chosen = torch.zeros_like(masked)
             chosen[masked] = draws < ratio
             if bool(chosen.any()):
-                response[chosen] = sample_with_confidence(logits[chosen], alg=alg, **sampling)[1].to(x.dtype)
+                response[chosen] = sample_with_confidence(logits[chosen], alg=alg, **sampling)[
+                    1
+                ].to(x.dtype)
             continue
         confidence, tokens = sample_with_confidence(logits[masked], alg=alg, **sampling)
         scores = torch.full(masked.shape, float("-inf"), dtype=confidence.dtype, device=device)
@@ -201,7 +261,9 @@ def dream_generate(
             if count == 0:
                 continue
             if alg_temp:
-                picked = torch.multinomial(torch.softmax(scores[row] / alg_temp, -1), count, generator=generator)
+                picked = torch.multinomial(
+                    torch.softmax(scores[row] / alg_temp, -1), count, generator=generator
+                )
             else:
                 picked = torch.topk(scores[row], count).indices
             response[row, picked] = proposal[row, picked]

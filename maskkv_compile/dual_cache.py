@@ -53,7 +53,9 @@ from maskkv_compile.routing import Fallback, Plan, Transition
 from maskkv_compile.session import Call, Feature, Session
 
 _UNSET = object()
-_GENERATION_BLOCK_LENGTH: contextvars.ContextVar = contextvars.ContextVar("maskkv_block_length", default=_UNSET)
+_GENERATION_BLOCK_LENGTH: contextvars.ContextVar = contextvars.ContextVar(
+    "maskkv_block_length", default=_UNSET
+)
 
 
 @contextlib.contextmanager
@@ -74,14 +76,18 @@ class BlockCache:
     start: int  # its response columns [start, stop) in each row's ordered response positions
     stop: int
     layout: Layout  # the full layout with rows / resp_valid / returned / read_idx of the block
-    layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # per layer (kept_k, kept_v, kept_len), merged
+    layers: list[
+        tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    ]  # per layer (kept_k, kept_v, kept_len), merged
 
     @property
     def bytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v, _ in self.layers)
 
 
-def response_positions(layout: Layout, block_length: int) -> tuple[Optional[torch.Tensor], Optional[Fallback]]:
+def response_positions(
+    layout: Layout, block_length: int
+) -> tuple[Optional[torch.Tensor], Optional[Fallback]]:
     """(B, R) each row's response positions in order, or (None, why blocks do not apply)."""
     lengths = layout.response_lens
     if len(set(lengths)) != 1:
@@ -101,7 +107,9 @@ def current_block(masked: torch.Tensor, positions: torch.Tensor, block_length: i
     return torch.where(first < width, first // block_length, -1)
 
 
-def block_layout(layout: Layout, positions: torch.Tensor, start: int, stop: int, shift: int) -> Layout:
+def block_layout(
+    layout: Layout, positions: torch.Tensor, start: int, stop: int, shift: int
+) -> Layout:
     """``layout`` with the computed rows restricted to response columns [start, stop) of every
     row (and, for a shifted family, the row before each of them, query only)."""
     block = positions[:, start:stop]  # (B, n)
@@ -109,9 +117,17 @@ def block_layout(layout: Layout, positions: torch.Tensor, start: int, stop: int,
     rows = torch.unique(torch.cat([block.flatten(), read.flatten()]))  # sorted
     in_block = torch.zeros_like(layout.response).scatter_(1, block, True)
     returned = torch.stack([torch.isin(rows, torch.cat([b, r])) for b, r in zip(block, read)])
-    out = dataclasses.replace(layout, rows=rows, resp_valid=in_block[:, rows], returned=returned,
-                              read_idx=torch.searchsorted(rows, read))
-    out.read_plan, out.all_returned  # read the host facts now, at the block refresh, not at its steps
+    out = dataclasses.replace(
+        layout,
+        rows=rows,
+        resp_valid=in_block[:, rows],
+        returned=returned,
+        read_idx=torch.searchsorted(rows, read),
+    )
+    _ = (
+        out.read_plan,
+        out.all_returned,
+    )  # read the host facts now, at the block refresh, not at its steps
     return out
 
 
@@ -132,24 +148,39 @@ def merge_layer(kept_k, kept_v, kept_len, k, v, columns):
     return one(kept_k, k), one(kept_v, v), kept_len + m
 
 
-def build_block_cache(index: int, block_length: int, layout: Layout, positions: torch.Tensor, shift: int,
-                      prompt_layers, response_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> BlockCache:
+def build_block_cache(
+    index: int,
+    block_length: int,
+    layout: Layout,
+    positions: torch.Tensor,
+    shift: int,
+    prompt_layers,
+    response_kv: list[tuple[torch.Tensor, torch.Tensor]],
+) -> BlockCache:
     """At a block refresh: ``response_kv`` holds each layer's K/V of ``layout.rows``."""
     start = index * block_length
     stop = min(start + block_length, positions.shape[1])
-    others = torch.cat([positions[:, :start], positions[:, stop:]], dim=1)  # (B, m) response outside the block
+    others = torch.cat(
+        [positions[:, :start], positions[:, stop:]], dim=1
+    )  # (B, m) response outside the block
     columns = torch.searchsorted(layout.rows, others)
-    layers = [merge_layer(cache.kept_k, cache.kept_v, cache.kept_len, k, v, columns)
-              for cache, (k, v) in zip(prompt_layers, response_kv)]
+    layers = [
+        merge_layer(cache.kept_k, cache.kept_v, cache.kept_len, k, v, columns)
+        for cache, (k, v) in zip(prompt_layers, response_kv)
+    ]
     outside = layout.response.clone()
     outside.scatter_(1, positions[:, start:stop], False)
-    return BlockCache(index, outside, start, stop, block_layout(layout, positions, start, stop, shift), layers)
+    return BlockCache(
+        index, outside, start, stop, block_layout(layout, positions, start, stop, shift), layers
+    )
 
 
 @dataclass
 class DualCacheState:
     block_length: Optional[int]
-    positions: Optional[torch.Tensor] = None  # (B, R) each row's response positions (None: plain steps)
+    positions: Optional[torch.Tensor] = (
+        None  # (B, R) each row's response positions (None: plain steps)
+    )
     fallback: Optional[Fallback] = None  # why the dual cache does not apply
     block: Optional[BlockCache] = None  # the current block's merged caches
 
@@ -189,7 +220,9 @@ class DualCache(Feature):
         if state.positions is None:
             return {}
         facts = {"current_block": current_block(call.masked, state.positions, state.block_length)}
-        if state.block is not None:  # a commit outside the block since the last call: not the loop's grid
+        if (
+            state.block is not None
+        ):  # a commit outside the block since the last call: not the loop's grid
             facts["off_grid"] = (session.masked & ~call.masked & state.block.outside).any()
         return facts
 
@@ -207,8 +240,15 @@ class DualCache(Feature):
     def step_outputs(self, session: Session, plan: Plan, named: dict) -> None:
         if plan.transition is Transition.BLOCK_REFRESH:
             state = session.state[self.name]
-            state.block = build_block_cache(plan.block, state.block_length, session.layout, state.positions,
-                                            self.shift, session.layers, named["response_kv"])
+            state.block = build_block_cache(
+                plan.block,
+                state.block_length,
+                session.layout,
+                state.positions,
+                self.shift,
+                session.layers,
+                named["response_kv"],
+            )
 
     def cached_block(self, session: Session) -> Optional[int]:
         block = session.state[self.name].block
@@ -219,10 +259,12 @@ class DualCache(Feature):
         bytes of the merged per-layer caches, and why the dual cache does not apply, if so."""
         state = None if session is None else session.state[self.name]
         block = None if state is None else state.block
-        return {"block_cache": {
-            "block_length": self.block_length if state is None else state.block_length,
-            "current_block": None if block is None else block.index,
-            "columns": None if block is None else (block.start, block.stop),
-            "bytes": 0 if block is None else block.bytes,
-            "note": None if state is None or state.fallback is None else state.fallback.value,
-        }}
+        return {
+            "block_cache": {
+                "block_length": self.block_length if state is None else state.block_length,
+                "current_block": None if block is None else block.index,
+                "columns": None if block is None else (block.start, block.stop),
+                "bytes": 0 if block is None else block.bytes,
+                "note": None if state is None or state.fallback is None else state.fallback.value,
+            }
+        }

@@ -38,13 +38,23 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from maskkv_compile._torch_private import BackendCompilerFailed, dynamo_config, example_value, mark_dynamic
+from maskkv_compile._torch_private import (
+    BackendCompilerFailed,
+    dynamo_config,
+    example_value,
+    mark_dynamic,
+)
 from maskkv_compile.api import RECOMPILE_LIMIT  # explain's capture counts as a recompile too
 from maskkv_compile.config import MaskKVConfig, MaskKVConfigError
 from maskkv_compile.graph_diff import SiteDiff, folded_diff, structural_diff, structural_text
 from maskkv_compile.graph_view import LEGEND, site_table_html, site_views, sites_html
 from maskkv_compile.naming import WIDTH, readable_code
-from maskkv_compile.passes import AttentionSite, FindAttentionPass, PassManager, UnsupportedModelError
+from maskkv_compile.passes import (
+    AttentionSite,
+    FindAttentionPass,
+    PassManager,
+    UnsupportedModelError,
+)
 from maskkv_compile.pipeline import MaskKVGraphs, build_graphs, copy_graph_module
 
 GRAPHS = ("canonical", "prefill", "step")
@@ -136,8 +146,14 @@ class Report:
         """Diff of the captured graph's code -> the rewritten ``graph``'s code: parameters and
         buffers by module path, lines wrapped to ``width``, unchanged stretches folded to
         ``... N unchanged lines ...`` beyond ``context`` lines."""
-        return folded_diff(self.captured_code, self.code(graph, readable=False), "captured", graph, context=context,
-                           width=width)
+        return folded_diff(
+            self.captured_code,
+            self.code(graph, readable=False),
+            "captured",
+            graph,
+            context=context,
+            width=width,
+        )
 
     def site_diffs(self, graphs: tuple[str, ...] = ("prefill", "step")) -> list[SiteDiff]:
         """The structural diff: per attention site, the captured nodes matched, the canonical
@@ -164,20 +180,42 @@ class Report:
         rows = []
         for site in self.sites:
             kept = plan.get(site.layer)
-            rows.append([
-                site.layer, site.module_path, site.heads, site.kv_heads, site.head_dim, site.spelling,
-                f"{kept.kv_heads} x {_num(kept.budget)} = {kept.entries}" if kept else "-",
-            ])
+            rows.append(
+                [
+                    site.layer,
+                    site.module_path,
+                    site.heads,
+                    site.kv_heads,
+                    site.head_dim,
+                    site.spelling,
+                    f"{kept.kv_heads} x {_num(kept.budget)} = {kept.entries}" if kept else "-",
+                ]
+            )
         return rows
 
     def pass_rows(self) -> list[list[Any]]:
         return [
-            [run.graph, run.index, run.name, run.matches, "yes" if run.changed else "no", f"{run.ms:.1f}",
-             _counted(run.inserted) or "-"]
+            [
+                run.graph,
+                run.index,
+                run.name,
+                run.matches,
+                "yes" if run.changed else "no",
+                f"{run.ms:.1f}",
+                _counted(run.inserted) or "-",
+            ]
             for run in self.passes
         ]
 
-    SITE_HEADERS = ["layer", "module", "heads", "kv heads", "head dim", "attention", "kept KV (heads x budget)"]
+    SITE_HEADERS = [
+        "layer",
+        "module",
+        "heads",
+        "kv heads",
+        "head dim",
+        "attention",
+        "kept KV (heads x budget)",
+    ]
     PASS_HEADERS = ["graph", "#", "pass", "matches", "changed", "ms", "inserted"]
 
     def summary(self) -> str:
@@ -194,9 +232,16 @@ class Report:
             lines.append(_table(self.site_rows(), self.SITE_HEADERS))
         lines += ["", "passes:", _table(self.pass_rows(), self.PASS_HEADERS)]
         if self.plan:
-            lines += ["", f"kept KV per prompt: {self.kept_entries} entries, {_human(self.kept_bytes)}"]
+            lines += [
+                "",
+                f"kept KV per prompt: {self.kept_entries} entries, {_human(self.kept_bytes)}",
+            ]
         if self.skipped:
-            lines += ["", "skipped sites (left as they are):", *(f"  {reason}" for reason in self.skipped)]
+            lines += [
+                "",
+                "skipped sites (left as they are):",
+                *(f"  {reason}" for reason in self.skipped),
+            ]
         if not self.rewritten:
             lines += ["", "nothing was rewritten: every attention site was refused"]
         return "\n".join(lines)
@@ -210,28 +255,43 @@ class Report:
         matched nodes and its rewritten graphs' node lists with the inserted ``maskkv::`` ops
         highlighted, then the summary and the line diffs (readable names, wrapped, folded).
         Returns ``path``."""
-        sections = [f"<h1>MaskKV explain: {html.escape(self.model)}</h1>",
-                    f"<p class='lead'>{html.escape(self.summary().splitlines()[0])}</p>"]
+        sections = [
+            f"<h1>MaskKV explain: {html.escape(self.model)}</h1>",
+            f"<p class='lead'>{html.escape(self.summary().splitlines()[0])}</p>",
+        ]
         if self.rewritten:
             site_diffs = self.site_diffs(graphs)
             views = site_views(self.captured, self.graphs, graphs)
-            sections += [site_table_html(site_diffs), f"<p class='legend'>{LEGEND}</p>", sites_html(site_diffs, views)]
+            sections += [
+                site_table_html(site_diffs),
+                f"<p class='legend'>{LEGEND}</p>",
+                sites_html(site_diffs, views),
+            ]
         else:
             sections.append("<p>nothing was rewritten: every attention site was refused</p>")
-        sections.append(f"<details open><summary>summary</summary><pre class='summary'>{html.escape(self.summary())}</pre></details>")
+        sections.append(
+            f"<details open><summary>summary</summary><pre class='summary'>{html.escape(self.summary())}</pre></details>"
+        )
         differ = difflib.HtmlDiff(tabsize=4)
         captured = readable_code(self.captured_code, 80).splitlines()
         for graph in graphs if self.rewritten else ():
             table = differ.make_table(
-                captured, readable_code(self.code(graph, readable=False), 80).splitlines(), "captured", graph,
-                context=True, numlines=3,
+                captured,
+                readable_code(self.code(graph, readable=False), 80).splitlines(),
+                "captured",
+                graph,
+                context=True,
+                numlines=3,
             )
-            sections.append(f"<details><summary>{graph} graph: line diff of the code</summary>\n{_highlight(table)}</details>")
-        page = _PAGE.format(title=html.escape(f"MaskKV explain: {self.model}"), body="\n".join(sections))
+            sections.append(
+                f"<details><summary>{graph} graph: line diff of the code</summary>\n{_highlight(table)}</details>"
+            )
+        page = _PAGE.format(
+            title=html.escape(f"MaskKV explain: {self.model}"), body="\n".join(sections)
+        )
         with open(path, "w", encoding="utf-8") as f:
             f.write(page)
         return str(path)
-
 
     def to_model_explorer(self, path) -> str:
         """Write the captured, canonical, prefill and step graphs as one Model Explorer graph
@@ -289,6 +349,7 @@ mark.maskkv {{ background-color: #e0b0ff; font-weight: bold; }}
 
 def _highlight(table: str) -> str:
     """Mark maskkv:: op names and the rows that hold them in an HtmlDiff table."""
+
     def row(match: re.Match) -> str:
         text = html.unescape(re.sub(r"<[^>]+>", "", match.group(0))).replace("\xa0", " ")
         content = match.group(0)
@@ -304,7 +365,7 @@ def _num(value: float):
 
 
 def _op_name(target: str) -> str:
-    """"maskkv.mask_votes.default" -> "maskkv::mask_votes"."""
+    """ "maskkv.mask_votes.default" -> "maskkv::mask_votes"."""
     parts = target.split(".")
     return f"{parts[0]}::{parts[1]}" if len(parts) >= 2 else target
 
@@ -331,7 +392,9 @@ def _table(rows, headers) -> str:
     except ImportError:  # tabulate is optional: plain columns
         cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
         widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+        return "\n".join(
+            "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells
+        )
 
 
 def _options(config: MaskKVConfig) -> dict[str, Any]:
@@ -372,7 +435,9 @@ def capture(model: torch.nn.Module, input_ids: torch.Tensor) -> fx.GraphModule:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         params = {}
-    if "use_cache" in params:  # as optimize(): a returned KV cache is not part of the graph MaskKV rewrites
+    if (
+        "use_cache" in params
+    ):  # as optimize(): a returned KV cache is not part of the graph MaskKV rewrites
         kwargs["use_cache"] = False
     args: tuple = ()
     if "input_ids" in params:
@@ -383,8 +448,13 @@ def capture(model: torch.nn.Module, input_ids: torch.Tensor) -> fx.GraphModule:
     model.eval()
     compiled = torch.compile(model, backend=_record, fullgraph=True)
     try:
-        with torch.no_grad(), dynamo_config.patch(
-            recompile_limit=RECOMPILE_LIMIT, accumulated_recompile_limit=RECOMPILE_LIMIT, suppress_errors=False
+        with (
+            torch.no_grad(),
+            dynamo_config.patch(
+                recompile_limit=RECOMPILE_LIMIT,
+                accumulated_recompile_limit=RECOMPILE_LIMIT,
+                suppress_errors=False,
+            ),
         ):
             compiled(*args, **kwargs)
     except BackendCompilerFailed as failure:
@@ -402,7 +472,13 @@ def capture(model: torch.nn.Module, input_ids: torch.Tensor) -> fx.GraphModule:
 # -- explain -----------------------------------------------------------------------------------
 
 
-def explain(model: torch.nn.Module, input_ids: torch.Tensor, *, config: Optional[MaskKVConfig] = None, **options) -> Report:
+def explain(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    config: Optional[MaskKVConfig] = None,
+    **options,
+) -> Report:
     """Capture ``model`` on ``input_ids`` (a prompt followed by mask tokens, as at step 0),
     run the MaskKV passes and report what they did; the model is neither run nor changed.
 
@@ -412,15 +488,27 @@ def explain(model: torch.nn.Module, input_ids: torch.Tensor, *, config: Optional
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"explain() takes a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+    if (
+        not isinstance(input_ids, torch.Tensor)
+        or input_ids.dim() != 2
+        or input_ids.is_floating_point()
+    ):
+        shape = (
+            tuple(input_ids.shape)
+            if isinstance(input_ids, torch.Tensor)
+            else type(input_ids).__name__
+        )
         raise ValueError(f"input_ids must be (batch, seq) integer token ids, got {shape}")
-    config = MaskKVConfig.from_options({k: v for k, v in options.items() if v is not None}, base=config)
+    config = MaskKVConfig.from_options(
+        {k: v for k, v in options.items() if v is not None}, base=config
+    )
     token = config.mask_token_id
     if token is None:
         token = getattr(getattr(model, "config", None), "mask_token_id", None)
     if token is None:
-        raise MaskKVConfigError("mask_token_id is not set and the model config has none: pass explain(model, ids, mask_token_id=...)")
+        raise MaskKVConfigError(
+            "mask_token_id is not set and the model config has none: pass explain(model, ids, mask_token_id=...)"
+        )
     masked = input_ids[0] == token
     if not bool(masked.any()):
         from maskkv_compile.runtime import NoMaskTokenError
@@ -449,13 +537,20 @@ def _refused_sites(gm: fx.GraphModule) -> Optional[PassManager]:
     return manager if result.matches == 0 and result.skipped else None
 
 
-def _report(model, config, token, input_ids, prompt_len, gm, graphs: Optional[MaskKVGraphs], refused) -> Report:
+def _report(
+    model, config, token, input_ids, prompt_len, gm, graphs: Optional[MaskKVGraphs], refused
+) -> Report:
     records = graphs.records if graphs is not None else {"canonical": refused.records}
     runs = [
         PassRun(
-            graph=graph, index=record.index, name=record.name, matches=record.result.matches,
-            changed=record.result.changed, ms=record.result.ms,
-            inserted=tuple(_op_name(op) for op in record.result.inserted), skipped=record.result.skipped,
+            graph=graph,
+            index=record.index,
+            name=record.name,
+            matches=record.result.matches,
+            changed=record.result.changed,
+            ms=record.result.ms,
+            inserted=tuple(_op_name(op) for op in record.result.inserted),
+            skipped=record.result.skipped,
         )
         for graph, graph_records in records.items()
         for record in graph_records
@@ -471,7 +566,9 @@ def _report(model, config, token, input_ids, prompt_len, gm, graphs: Optional[Ma
         sites=list(graphs.sites) if graphs is not None else [],
         passes=runs,
         skipped=tuple(skipped),
-        plan=_plan(graphs, config, prompt_len, int(input_ids.shape[0])) if graphs is not None else [],
+        plan=_plan(graphs, config, prompt_len, int(input_ids.shape[0]))
+        if graphs is not None
+        else [],
         captured_code=gm.code,
         codes=codes,
         graphs=graphs,
@@ -513,10 +610,16 @@ def _plan(graphs: MaskKVGraphs, config: MaskKVConfig, prompt_len: int, batch: in
         k = example_value(node.args[1]) if node is not None else None
         v = example_value(node.args[2]) if node is not None else None
         if isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor):
-            entry_bytes = (int(k.shape[-1]) * k.element_size() + int(v.shape[-1]) * v.element_size()) * batch
+            entry_bytes = (
+                int(k.shape[-1]) * k.element_size() + int(v.shape[-1]) * v.element_size()
+            ) * batch
         else:
             entry_bytes = 0
-        plan.append(KeptKV(site.layer, site.module_path, site.kv_heads, budget, entries, entries * entry_bytes))
+        plan.append(
+            KeptKV(
+                site.layer, site.module_path, site.kv_heads, budget, entries, entries * entry_bytes
+            )
+        )
     return plan
 
 

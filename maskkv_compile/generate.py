@@ -33,26 +33,41 @@ def transfer_schedule(masks_per_row: torch.Tensor, steps: int) -> torch.Tensor:
     base = masks_per_row // steps
     remainder = masks_per_row % steps
     schedule = base[:, None].expand(-1, steps).clone()
-    schedule += (torch.arange(steps, device=masks_per_row.device)[None, :] < remainder[:, None]).long()
+    schedule += (
+        torch.arange(steps, device=masks_per_row.device)[None, :] < remainder[:, None]
+    ).long()
     return schedule
 
 
-def gumbel_perturb(logits: torch.Tensor, temperature: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+def gumbel_perturb(
+    logits: torch.Tensor, temperature: float, generator: Optional[torch.Generator]
+) -> torch.Tensor:
     """exp(logits) / (-log u)^temperature in float64; argmax of it samples at ``temperature``."""
     if temperature == 0:
         return logits
     logits = logits.to(torch.float64)
-    uniform = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
+    uniform = torch.rand(
+        logits.shape, dtype=torch.float64, device=logits.device, generator=generator
+    )
     return logits.exp() / (-torch.log(uniform)) ** temperature
 
 
 def check_prompt(prompt: torch.Tensor, mask_token_id: int, loop: str = "generate()") -> None:
     """(batch, prompt_len) integer ids without the mask token; ``loop`` names the caller in errors."""
-    if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.is_floating_point() or prompt.is_complex():
+    if (
+        not isinstance(prompt, torch.Tensor)
+        or prompt.dim() != 2
+        or prompt.is_floating_point()
+        or prompt.is_complex()
+    ):
         shape = tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__
-        raise ValueError(f"input_ids must be (batch, prompt_len) token ids, got {shape} {getattr(prompt, 'dtype', '')}")
+        raise ValueError(
+            f"input_ids must be (batch, prompt_len) token ids, got {shape} {getattr(prompt, 'dtype', '')}"
+        )
     if bool((prompt == mask_token_id).any()):
-        raise ValueError(f"the prompt contains the mask token {mask_token_id}; the response is appended by {loop}")
+        raise ValueError(
+            f"the prompt contains the mask token {mask_token_id}; the response is appended by {loop}"
+        )
 
 
 def check_positive_ints(**values) -> None:
@@ -61,13 +76,19 @@ def check_positive_ints(**values) -> None:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def _validate(prompt, mask_token_id, gen_length, steps, block_length, temperature, cfg_scale, remasking):
+def _validate(
+    prompt, mask_token_id, gen_length, steps, block_length, temperature, cfg_scale, remasking
+):
     check_prompt(prompt, mask_token_id)
     check_positive_ints(gen_length=gen_length, steps=steps, block_length=block_length)
     if gen_length % block_length:
-        raise ValueError(f"gen_length ({gen_length}) must be a multiple of block_length ({block_length})")
+        raise ValueError(
+            f"gen_length ({gen_length}) must be a multiple of block_length ({block_length})"
+        )
     if steps % (gen_length // block_length):
-        raise ValueError(f"steps ({steps}) must be a multiple of the number of blocks ({gen_length // block_length})")
+        raise ValueError(
+            f"steps ({steps}) must be a multiple of the number of blocks ({gen_length // block_length})"
+        )
     if temperature < 0 or cfg_scale < 0:
         raise ValueError(f"temperature and cfg_scale must be >= 0, got {temperature}, {cfg_scale}")
     if remasking not in REMASKING:
@@ -98,16 +119,25 @@ def generate(
     """Fill ``gen_length`` masks after ``input_ids``; returns (B, prompt_len + gen_length)."""
     from maskkv_compile.runtime import response_logits_only
 
-    _validate(input_ids, mask_token_id, gen_length, steps, block_length, temperature, cfg_scale, remasking)
+    _validate(
+        input_ids, mask_token_id, gen_length, steps, block_length, temperature, cfg_scale, remasking
+    )
     batch, prompt_len = input_ids.shape
-    x = torch.full((batch, prompt_len + gen_length), mask_token_id, dtype=input_ids.dtype, device=input_ids.device)
+    x = torch.full(
+        (batch, prompt_len + gen_length),
+        mask_token_id,
+        dtype=input_ids.dtype,
+        device=input_ids.device,
+    )
     x[:, :prompt_len] = input_ids
     response = x[:, prompt_len:]  # a view: committing into it updates x
     steps_per_block = steps // (gen_length // block_length)
     with response_logits_only():
         for block_start in range(0, gen_length, block_length):
             block_end = block_start + block_length
-            schedule = transfer_schedule((response[:, block_start:block_end] == mask_token_id).sum(1), steps_per_block)
+            schedule = transfer_schedule(
+                (response[:, block_start:block_end] == mask_token_id).sum(1), steps_per_block
+            )
             for step in range(steps_per_block):
                 if cfg_scale > 0:  # one batch [x ; x with the prompt masked], as LLaDA's loop does
                     unconditional = x.clone()

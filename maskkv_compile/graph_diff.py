@@ -32,7 +32,9 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 # -- line diff -----------------------------------------------------------------------------------
 
 
-def folded_diff(before: str, after: str, fromfile: str, tofile: str, context: int = 3, width: int = WIDTH) -> str:
+def folded_diff(
+    before: str, after: str, fromfile: str, tofile: str, context: int = 3, width: int = WIDTH
+) -> str:
     """Diff of two codes (made readable first): ``--- fromfile``/``+++ tofile`` headers,
     `` ``/``-``/``+`` lines, unchanged stretches beyond ``context`` lines folded to
     ``  ... N unchanged lines ...``. Every line fits in ``width``."""
@@ -48,7 +50,7 @@ def folded_diff(before: str, after: str, fromfile: str, tofile: str, context: in
             if len(lines) > head + tail + 1:
                 out += [f"  {line}" for line in lines[:head]]
                 out.append(f"  ... {len(lines) - head - tail} unchanged lines ...")
-                out += [f"  {line}" for line in lines[len(lines) - tail:]] if tail else []
+                out += [f"  {line}" for line in lines[len(lines) - tail :]] if tail else []
             else:
                 out += [f"  {line}" for line in lines]
             continue
@@ -92,8 +94,12 @@ class SiteDiff:
     layer: Optional[int]
     module_path: str
     attention: str  # spelling, e.g. "eager+gqa"
-    matched: list[NodeInfo] = field(default_factory=list)  # captured nodes the canonical graph replaced
-    canonical: list[NodeInfo] = field(default_factory=list)  # what replaced them (maskkv::attention)
+    matched: list[NodeInfo] = field(
+        default_factory=list
+    )  # captured nodes the canonical graph replaced
+    canonical: list[NodeInfo] = field(
+        default_factory=list
+    )  # what replaced them (maskkv::attention)
     graphs: dict[str, GraphChange] = field(default_factory=dict)  # "prefill"/"step" -> change
 
     @property
@@ -180,17 +186,25 @@ def _outputs(gm: fx.GraphModule) -> list[str]:
 def _output_label(node: fx.Node) -> str:
     """``getitem_13`` -> ``getitem_13 (select_kv[0])``: which op's result became an output."""
     name = readable_name(node.name)
-    if node.op == "call_function" and op_name(node) == "getitem" and isinstance(node.args[0], fx.Node):
+    if (
+        node.op == "call_function"
+        and op_name(node) == "getitem"
+        and isinstance(node.args[0], fx.Node)
+    ):
         source = op_name(node.args[0])
         return f"{name} ({source.split('::')[-1]}[{node.args[1]}])"
     return name
 
 
-def structural_diff(captured: Optional[fx.GraphModule], graphs, names: Iterable[str] = ("prefill", "step")) -> list[SiteDiff]:
+def structural_diff(
+    captured: Optional[fx.GraphModule], graphs, names: Iterable[str] = ("prefill", "step")
+) -> list[SiteDiff]:
     """Per attention site of ``graphs`` (a :class:`~maskkv_compile.pipeline.MaskKVGraphs`):
     captured -> canonical (what was matched and what replaced it), then canonical -> each of
     ``names``. The last entry (layer None) holds what changed outside every layer."""
-    sites = {site.layer: SiteDiff(site.layer, site.module_path, site.spelling) for site in graphs.sites}
+    sites = {
+        site.layer: SiteDiff(site.layer, site.module_path, site.spelling) for site in graphs.sites
+    }
     outside = SiteDiff(None, "", "")
 
     def at(layer):
@@ -226,7 +240,9 @@ def structural_diff(captured: Optional[fx.GraphModule], graphs, names: Iterable[
         canonical_node_layers = node_layers(canonical)
         for node in canonical.graph.nodes:
             if node.name not in present and node.op != "output":
-                at(canonical_node_layers.get(node.name)).graphs[graph].removed.append(node_info(node))
+                at(canonical_node_layers.get(node.name)).graphs[graph].removed.append(
+                    node_info(node)
+                )
         for node in _output_nodes(gm):
             if node.name not in canonical_outputs:
                 at(layers.get(node.name)).graphs[graph].outputs.append(_output_label(node))
@@ -240,7 +256,9 @@ def plural(n: int, what: str = "node") -> str:
 def op_counts(items: list[NodeInfo]) -> str:
     from collections import Counter
 
-    return ", ".join(f"{op} x{n}" if n > 1 else op for op, n in Counter(i.op for i in items).items())
+    return ", ".join(
+        f"{op} x{n}" if n > 1 else op for op, n in Counter(i.op for i in items).items()
+    )
 
 
 def structural_text(site_diffs: list[SiteDiff], width: int = WIDTH) -> str:
@@ -252,12 +270,17 @@ def structural_text(site_diffs: list[SiteDiff], width: int = WIDTH) -> str:
         lines.extend(wrap(indent + text, width))
 
     for site in site_diffs:
-        changes = [g for g in site.graphs.values() if g.inserted or g.removed or g.inputs or g.outputs]
+        changes = [
+            g for g in site.graphs.values() if g.inserted or g.removed or g.inputs or g.outputs
+        ]
         if site.layer is None and not site.matched and not site.canonical and not changes:
             continue
         emit(f"== {site.title} ==")
         if site.matched or site.canonical:
-            emit(f"matched (captured, {plural(len(site.matched))}): {op_counts(site.matched) or '-'}", "  ")
+            emit(
+                f"matched (captured, {plural(len(site.matched))}): {op_counts(site.matched) or '-'}",
+                "  ",
+            )
             emit(f"replaced by (canonical): {op_counts(site.canonical) or '-'}", "  ")
             for info in site.canonical:
                 emit(("* " if info.maskkv else "  ") + info.text, "    ")
@@ -265,7 +288,10 @@ def structural_text(site_diffs: list[SiteDiff], width: int = WIDTH) -> str:
             if not (change.inserted or change.removed or change.inputs or change.outputs):
                 emit(f"{graph}: unchanged", "  ")
                 continue
-            emit(f"{graph}: {plural(len(change.inserted))} inserted ({', '.join(change.maskkv_ops) or 'no maskkv:: op'})", "  ")
+            emit(
+                f"{graph}: {plural(len(change.inserted))} inserted ({', '.join(change.maskkv_ops) or 'no maskkv:: op'})",
+                "  ",
+            )
             if change.inputs:
                 emit(f"inputs added: {', '.join(change.inputs)}", "    ")
             if change.outputs:
@@ -306,8 +332,17 @@ def main(argv=None) -> int:
 
 
 __all__ = [
-    "GraphChange", "NodeInfo", "SiteDiff", "folded_diff", "node_info", "node_layers", "op_counts", "op_name",
-    "plural", "structural_diff", "structural_text",
+    "GraphChange",
+    "NodeInfo",
+    "SiteDiff",
+    "folded_diff",
+    "node_info",
+    "node_layers",
+    "op_counts",
+    "op_name",
+    "plural",
+    "structural_diff",
+    "structural_text",
 ]
 
 

@@ -26,7 +26,16 @@ from typing import Optional
 
 import torch.fx as fx
 
-from maskkv_compile.graph_diff import GraphChange, NodeInfo, SiteDiff, node_info, node_layers, op_counts, op_name, plural
+from maskkv_compile.graph_diff import (
+    GraphChange,
+    NodeInfo,
+    SiteDiff,
+    node_info,
+    node_layers,
+    op_counts,
+    op_name,
+    plural,
+)
 from maskkv_compile.naming import readable_name
 
 KINDS = ("maskkv", "added", "removed", "input", "context", "output")
@@ -72,7 +81,9 @@ class GraphView:
         return [n for n in self.nodes if n.kind in ("maskkv", "added", "removed", "input")]
 
 
-def site_views(captured: fx.GraphModule, graphs, names=("prefill", "step")) -> dict[Optional[int], list[GraphView]]:
+def site_views(
+    captured: fx.GraphModule, graphs, names=("prefill", "step")
+) -> dict[Optional[int], list[GraphView]]:
     """Layer (None: outside every layer) -> [captured view, one view per rewritten graph in
     ``names``], for every attention site of ``graphs`` (a
     :class:`~maskkv_compile.pipeline.MaskKVGraphs`) and for the outside when it changed."""
@@ -87,13 +98,19 @@ def site_views(captured: fx.GraphModule, graphs, names=("prefill", "step")) -> d
     views: dict[Optional[int], list[GraphView]] = {}
     for layer in [site.layer for site in graphs.sites] + [None]:
         removed = {
-            n.name for n in captured.graph.nodes
-            if n.op != "output" and n.name not in canonical_names and captured_layers.get(n.name) == layer
+            n.name
+            for n in captured.graph.nodes
+            if n.op != "output"
+            and n.name not in canonical_names
+            and captured_layers.get(n.name) == layer
         }
         row = [build_view("captured", captured, removed, captured_names)]
         for name, gm, layers in per_graph:
-            new = {n.name for n in gm.graph.nodes
-                   if n.op != "output" and n.name not in captured_names and layers.get(n.name) == layer}
+            new = {
+                n.name
+                for n in gm.graph.nodes
+                if n.op != "output" and n.name not in captured_names and layers.get(n.name) == layer
+            }
             if layer is None:  # inputs shared by the sites are drawn at the sites, not outside
                 new = {name for name in new if not _only_in_layers(gm, name, layers)}
             row.append(build_view(name, gm, new, captured_names))
@@ -104,7 +121,11 @@ def site_views(captured: fx.GraphModule, graphs, names=("prefill", "step")) -> d
 
 def _only_in_layers(gm: fx.GraphModule, name: str, layers: dict) -> bool:
     node = next(iter(gm.graph.find_nodes(op="placeholder", target=name)), None)
-    return node is not None and bool(node.users) and all(layers.get(u.name) is not None for u in node.users)
+    return (
+        node is not None
+        and bool(node.users)
+        and all(layers.get(u.name) is not None for u in node.users)
+    )
 
 
 def change_kind(node: fx.Node, captured: bool) -> str:
@@ -125,9 +146,12 @@ def build_view(graph: str, gm: fx.GraphModule, members: set[str], reference: set
     before = graph == "captured"
     nodes = {n.name: n for n in gm.graph.nodes}
     folded = {
-        name for name in members
-        if nodes[name].op == "call_function" and nodes[name].target is operator.getitem
-        and isinstance(nodes[name].args[0], fx.Node) and nodes[name].args[0].name in members
+        name
+        for name in members
+        if nodes[name].op == "call_function"
+        and nodes[name].target is operator.getitem
+        and isinstance(nodes[name].args[0], fx.Node)
+        and nodes[name].args[0].name in members
         and isinstance(nodes[name].args[1], int)
     }
     drawn: dict[str, ViewNode] = {}
@@ -156,7 +180,9 @@ def build_view(graph: str, gm: fx.GraphModule, members: set[str], reference: set
                 label, title = info.op.split("::")[-1], info.text
             if len(label) > MAX_LABEL:
                 label = label[: MAX_LABEL - 1] + "\u2026"
-            drawn[node.name] = ViewNode(node.name, label, k, info.op if node.op != "output" else "output", title)
+            drawn[node.name] = ViewNode(
+                node.name, label, k, info.op if node.op != "output" else "output", title
+            )
         return node.name
 
     def edge(src: str, dst: str, label: str = "") -> None:
@@ -183,7 +209,9 @@ def build_view(graph: str, gm: fx.GraphModule, members: set[str], reference: set
                 edge(add(getitem.args[0]), add(user), f"[{getitem.args[1]}]")
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     view.nodes = sorted(drawn.values(), key=lambda v: order[v.id])
-    view.edges = [(s, d, ",".join(sorted(ls, key=_index)).replace("],[", ",")) for (s, d), ls in edges.items()]
+    view.edges = [
+        (s, d, ",".join(sorted(ls, key=_index)).replace("],[", ",")) for (s, d), ls in edges.items()
+    ]
     _layout(view)
     return view
 
@@ -218,8 +246,11 @@ def _layout(view: GraphView) -> None:
     position: dict[str, float] = {}  # order within the rows so far, for the barycentres
     rows: list[list[ViewNode]] = []
     for r in sorted(by_rank):
+
         def key(n: ViewNode) -> tuple:
-            near = [position[p] for p in preds[n.id] if p in position] or [position[s] for s in succs[n.id] if s in position]
+            near = [position[p] for p in preds[n.id] if p in position] or [
+                position[s] for s in succs[n.id] if s in position
+            ]
             return (sum(near) / len(near) if near else float(index[n.id]), index[n.id])
 
         ordered = sorted(by_rank[r], key=key)
@@ -262,11 +293,15 @@ def svg(view: GraphView, uid: str) -> str:
             y1, y2 = a.y + NODE_H / 2, b.y + NODE_H / 2
         bend = max(12.0, (y2 - y1) / 2)
         path = f"M{x1:g},{y1:g} C{x1:g},{y1 + bend:g} {x2:g},{y2 - bend:g} {x2:g},{y2:g}"
-        out.append(f'<g class="edge" data-source="{html.escape(src)}" data-target="{html.escape(dst)}">'
-                   f'<path d="{path}" fill="none" stroke="#777" stroke-width="1" marker-end="url(#{marker})"/>')
+        out.append(
+            f'<g class="edge" data-source="{html.escape(src)}" data-target="{html.escape(dst)}">'
+            f'<path d="{path}" fill="none" stroke="#777" stroke-width="1" marker-end="url(#{marker})"/>'
+        )
         if label:
-            out.append(f'<text x="{(x1 + x2) / 2 + 3:g}" y="{(y1 + y2) / 2 + 3:g}" font-size="9" fill="#444">'
-                       f"{html.escape(label)}</text>")
+            out.append(
+                f'<text x="{(x1 + x2) / 2 + 3:g}" y="{(y1 + y2) / 2 + 3:g}" font-size="9" fill="#444">'
+                f"{html.escape(label)}</text>"
+            )
         out.append("</g>")
     for n in view.nodes:
         fill, stroke, dashed, rounded = STYLE[n.kind]
@@ -286,16 +321,27 @@ def svg(view: GraphView, uid: str) -> str:
 def _swatch(kind: str) -> str:
     fill, stroke, dashed, rounded = STYLE[kind]
     dash = ' stroke-dasharray="3,2"' if dashed else ""
-    return (f'<svg width="14" height="12"><rect x="1" y="1" width="12" height="10" rx="{5 if rounded else 2}" '
-            f'fill="{fill}" stroke="{stroke}"{dash}/></svg>')
-
-
-LEGEND = "<span class='legend'>" + " ".join(
-    f"{_swatch(kind)} {text}" for kind, text in (
-        ("maskkv", "maskkv:: op"), ("added", "inserted"), ("removed", "replaced"), ("input", "new input"),
-        ("context", "unchanged"), ("output", "graph output"),
+    return (
+        f'<svg width="14" height="12"><rect x="1" y="1" width="12" height="10" rx="{5 if rounded else 2}" '
+        f'fill="{fill}" stroke="{stroke}"{dash}/></svg>'
     )
-) + "</span>"
+
+
+LEGEND = (
+    "<span class='legend'>"
+    + " ".join(
+        f"{_swatch(kind)} {text}"
+        for kind, text in (
+            ("maskkv", "maskkv:: op"),
+            ("added", "inserted"),
+            ("removed", "replaced"),
+            ("input", "new input"),
+            ("context", "unchanged"),
+            ("output", "graph output"),
+        )
+    )
+    + "</span>"
+)
 
 
 def caption(view: GraphView) -> str:
@@ -303,7 +349,9 @@ def caption(view: GraphView) -> str:
     if view.graph == "captured":
         return f"captured: {plural(len(changed))} replaced"
     inputs = sum(n.kind == "input" for n in view.nodes)
-    return f"{view.graph}: {plural(len(changed), 'new node')}" + (f", {plural(inputs, 'new input')}" if inputs else "")
+    return f"{view.graph}: {plural(len(changed), 'new node')}" + (
+        f", {plural(inputs, 'new input')}" if inputs else ""
+    )
 
 
 def views_html(views: list[GraphView], uid: str) -> str:
@@ -325,7 +373,9 @@ def _node_list(items: list[NodeInfo], cls: str) -> str:
     for info in items:
         text = html.escape(info.text)
         if info.maskkv:
-            text = text.replace(html.escape(info.op), f'<mark class="maskkv">{html.escape(info.op)}</mark>', 1)
+            text = text.replace(
+                html.escape(info.op), f'<mark class="maskkv">{html.escape(info.op)}</mark>', 1
+            )
         rows.append(f"<li class='{cls}{' op' if info.maskkv else ''}'><code>{text}</code></li>")
     return "<ul class='nodes'>" + "".join(rows) + "</ul>"
 
@@ -333,18 +383,35 @@ def _node_list(items: list[NodeInfo], cls: str) -> str:
 def _change_cell(change: GraphChange) -> str:
     parts = []
     if change.inputs:
-        parts.append("<p><b>inputs added:</b> " + ", ".join(f"<code>{html.escape(n)}</code>" for n in change.inputs) + "</p>")
+        parts.append(
+            "<p><b>inputs added:</b> "
+            + ", ".join(f"<code>{html.escape(n)}</code>" for n in change.inputs)
+            + "</p>"
+        )
     if change.outputs:
-        parts.append("<p><b>outputs added:</b> " + ", ".join(f"<code>{html.escape(n)}</code>" for n in change.outputs) + "</p>")
+        parts.append(
+            "<p><b>outputs added:</b> "
+            + ", ".join(f"<code>{html.escape(n)}</code>" for n in change.outputs)
+            + "</p>"
+        )
     if change.removed:
-        parts.append("<details><summary>removed: " + html.escape(op_counts(change.removed)) + "</summary>"
-                     + _node_list(change.removed, "del") + "</details>")
+        parts.append(
+            "<details><summary>removed: "
+            + html.escape(op_counts(change.removed))
+            + "</summary>"
+            + _node_list(change.removed, "del")
+            + "</details>"
+        )
     plain = [i for i in change.inserted if not i.maskkv]
     parts.append(f"<p><b>inserted:</b> {plural(len(change.inserted))}</p>")
-    parts.append(_node_list(change.inserted, "add") if len(plain) <= 12 else
-                 _node_list([i for i in change.inserted if i.maskkv], "add")
-                 + f"<details><summary>all {len(change.inserted)} inserted nodes</summary>"
-                 + _node_list(change.inserted, "add") + "</details>")
+    parts.append(
+        _node_list(change.inserted, "add")
+        if len(plain) <= 12
+        else _node_list([i for i in change.inserted if i.maskkv], "add")
+        + f"<details><summary>all {len(change.inserted)} inserted nodes</summary>"
+        + _node_list(change.inserted, "add")
+        + "</details>"
+    )
     return "".join(parts)
 
 
@@ -356,8 +423,19 @@ def site_table_html(site_diffs: list[SiteDiff]) -> str:
         if site.layer is None:
             continue
         cells = "".join(
-            "<td>" + (", ".join(f'<mark class="maskkv">{html.escape(op)}</mark>' for op in site.graphs[g].maskkv_ops) or "-")
-            + (f"<br><small>outputs +{len(site.graphs[g].outputs)}</small>" if site.graphs[g].outputs else "")
+            "<td>"
+            + (
+                ", ".join(
+                    f'<mark class="maskkv">{html.escape(op)}</mark>'
+                    for op in site.graphs[g].maskkv_ops
+                )
+                or "-"
+            )
+            + (
+                f"<br><small>outputs +{len(site.graphs[g].outputs)}</small>"
+                if site.graphs[g].outputs
+                else ""
+            )
             + "</td>"
             for g in graphs
         )
@@ -366,8 +444,11 @@ def site_table_html(site_diffs: list[SiteDiff]) -> str:
             f"<td>{html.escape(site.attention)}</td><td>{plural(len(site.matched))} &rarr; "
             f"{html.escape(op_counts(site.canonical) or '-')}</td>{cells}</tr>"
         )
-    return (f"<table class='sites'><tr><th>layer</th><th>module</th><th>attention</th><th>matched</th>{head}</tr>"
-            + "".join(rows) + "</table>")
+    return (
+        f"<table class='sites'><tr><th>layer</th><th>module</th><th>attention</th><th>matched</th>{head}</tr>"
+        + "".join(rows)
+        + "</table>"
+    )
 
 
 def sites_html(site_diffs: list[SiteDiff], views: Optional[dict] = None) -> str:
@@ -377,7 +458,9 @@ def sites_html(site_diffs: list[SiteDiff], views: Optional[dict] = None) -> str:
     views = views or {}
     out = []
     for site in site_diffs:
-        changed = any(g.inserted or g.removed or g.inputs or g.outputs for g in site.graphs.values())
+        changed = any(
+            g.inserted or g.removed or g.inputs or g.outputs for g in site.graphs.values()
+        )
         if site.layer is None and not (site.matched or site.canonical or changed):
             continue
         anchor = f"site-{site.layer}" if site.layer is not None else "site-outside"
@@ -388,7 +471,8 @@ def sites_html(site_diffs: list[SiteDiff], views: Optional[dict] = None) -> str:
             f"<details><summary>matched in the captured graph: {plural(len(site.matched))} "
             f"({html.escape(op_counts(site.matched) or '-')})</summary>{_node_list(site.matched, 'del')}</details>"
             f"<p><b>replaced by (canonical):</b></p>{_node_list(site.canonical, 'add')}"
-            if site.matched or site.canonical else ""
+            if site.matched or site.canonical
+            else ""
         )
         picture = views_html(views[site.layer], anchor) if site.layer in views else ""
         out.append(
@@ -398,5 +482,18 @@ def sites_html(site_diffs: list[SiteDiff], views: Optional[dict] = None) -> str:
     return "\n".join(out)
 
 
-__all__ = ["GraphView", "KINDS", "LEGEND", "STYLE", "ViewNode", "build_view", "caption", "change_kind", "site_table_html",
-           "site_views", "sites_html", "svg", "views_html"]
+__all__ = [
+    "GraphView",
+    "KINDS",
+    "LEGEND",
+    "STYLE",
+    "ViewNode",
+    "build_view",
+    "caption",
+    "change_kind",
+    "site_table_html",
+    "site_views",
+    "sites_html",
+    "svg",
+    "views_html",
+]

@@ -31,8 +31,14 @@ import torch
 import torch.fx as fx
 
 from maskkv_compile._torch_private import (
-    DimDynamic, FakeTensorMode, ShapeEnv, StatelessSymbolicContext, TracingContext, compile_fx,
-    is_traceable_wrapper_subclass, tracing,
+    DimDynamic,
+    FakeTensorMode,
+    ShapeEnv,
+    StatelessSymbolicContext,
+    TracingContext,
+    compile_fx,
+    is_traceable_wrapper_subclass,
+    tracing,
 )
 
 log = logging.getLogger("maskkv_compile.inductor")
@@ -40,7 +46,7 @@ log = logging.getLogger("maskkv_compile.inductor")
 SEQ = "seq"  # marks a SymInt input that equals the token length
 
 _CONFIG_PATCHES: contextvars.ContextVar[Mapping[str, object]] = contextvars.ContextVar(
-    "maskkv_inductor_config_patches", default={}
+    "maskkv_inductor_config_patches", default=None
 )
 
 
@@ -74,10 +80,17 @@ class InductorGraph:
     ``inductor_config_patches`` block's, else none).
     """
 
-    def __init__(self, gm: fx.GraphModule, dynamic: Mapping[str, Sequence[int] | str], tokens: str,
-                 config_patches: Optional[Mapping[str, object]] = None):
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        dynamic: Mapping[str, Sequence[int] | str],
+        tokens: str,
+        config_patches: Optional[Mapping[str, object]] = None,
+    ):
         self.gm = gm
-        self.config_patches = dict(_CONFIG_PATCHES.get() if config_patches is None else config_patches)
+        self.config_patches = dict(
+            (_CONFIG_PATCHES.get() or {}) if config_patches is None else config_patches
+        )
         self.names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         self.dynamic = dynamic
         self.tokens = tokens
@@ -95,7 +108,10 @@ class InductorGraph:
 
     def __call__(self, *args):
         sizes = self._sizes(args)
-        small = (sizes[0], *(s if s < 2 else None for s in sizes[1:]))  # the batch is always part of the key
+        small = (
+            sizes[0],
+            *(s if s < 2 else None for s in sizes[1:]),
+        )  # the batch is always part of the key
         fn = self.compiled.get(small) or self.compiled.get(sizes)
         if fn is None:
             fn, generic = self._compile(args)
@@ -108,13 +124,18 @@ class InductorGraph:
         fakes: list = [None] * len(args)
         by_name = dict(zip(self.names, range(len(args))))
         for i, (name, arg) in enumerate(zip(self.names, args)):
-            if is_traceable_wrapper_subclass(arg):  # a DTensor parameter (tensor parallelism): static sizes
+            if is_traceable_wrapper_subclass(
+                arg
+            ):  # a DTensor parameter (tensor parallelism): static sizes
                 fakes[i] = mode.from_tensor(arg, static_shapes=True)
             elif isinstance(arg, torch.Tensor):
                 dims = self.dynamic.get(name, ())
                 dims = dims if isinstance(dims, (list, tuple)) else ()
                 context = StatelessSymbolicContext(
-                    dynamic_sizes=[DimDynamic.DYNAMIC if d in dims else DimDynamic.STATIC for d in range(arg.dim())]
+                    dynamic_sizes=[
+                        DimDynamic.DYNAMIC if d in dims else DimDynamic.STATIC
+                        for d in range(arg.dim())
+                    ]
                 )
                 fakes[i] = mode.from_tensor(arg, symbolic_context=context)
         seq = fakes[by_name[self.tokens]].shape[1]
@@ -125,5 +146,9 @@ class InductorGraph:
             fn = compile_fx(self.gm, fakes, config_patches=self.config_patches or None)
         self.compiles += 1
         generic = _only_size_bounds(env.guards)
-        log.info("compiled %s graph with Inductor (%s)", "generic" if generic else "size-specialized", self._sizes(args))
+        log.info(
+            "compiled %s graph with Inductor (%s)",
+            "generic" if generic else "size-specialized",
+            self._sizes(args),
+        )
         return fn, generic

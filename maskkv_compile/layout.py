@@ -53,12 +53,16 @@ class Layout:
     rows: torch.Tensor  # (C,) int64 positions the step graph computes, ascending
     resp_valid: torch.Tensor  # (B, C) bool: computed row c is one of row b's response keys
     returned: torch.Tensor  # (B, C) bool: row b's logits at computed row c are returned
-    read_idx: Optional[torch.Tensor]  # (B, R) index into rows of the logits of each response position
+    read_idx: Optional[
+        torch.Tensor
+    ]  # (B, R) index into rows of the logits of each response position
     prompt_idx: torch.Tensor  # (P,) union of the rows' prompt positions
     prompt_valid: torch.Tensor  # (B, P)
     voter_idx: torch.Tensor  # (V,) union of the rows' voter positions
     voter_valid: torch.Tensor  # (B, V)
-    twins: tuple[Optional[int], ...]  # per row: the row index whose response a masked copy took (or None)
+    twins: tuple[
+        Optional[int], ...
+    ]  # per row: the row index whose response a masked copy took (or None)
 
     # Host-side facts, read from the device once per layout (never per step: on CUDA each
     # read is a synchronisation).
@@ -97,13 +101,20 @@ class Layout:
         shared = self.read_idx[0]
         if not bool((self.read_idx == shared).all()):
             return "gather", self.read_idx
-        if shared.numel() == self.rows.numel() and bool((shared == torch.arange(shared.numel(), device=shared.device)).all()):
+        if shared.numel() == self.rows.numel() and bool(
+            (shared == torch.arange(shared.numel(), device=shared.device)).all()
+        ):
             return "all", None
         return "select", shared
 
 
-def _is_masked_copy(ids: torch.Tensor, masked: torch.Tensor, ref_ids: torch.Tensor, ref_masked: torch.Tensor,
-                    valid: torch.Tensor) -> bool:
+def _is_masked_copy(
+    ids: torch.Tensor,
+    masked: torch.Tensor,
+    ref_ids: torch.Tensor,
+    ref_masked: torch.Tensor,
+    valid: torch.Tensor,
+) -> bool:
     """Row ``ids`` is ``ref_ids`` of the same call with the reference's whole prompt masked (1-D
     rows): CFG's unconditional row in LLaDA's ``cat([x, un_x])``. A row that masks only part of another row's prompt is a row of its own
     (an infilling variant, whose every mask is response)."""
@@ -134,17 +145,30 @@ def _in_batch_reference(row: int, ids, masked, key_valid, resolved: dict) -> Opt
     return None
 
 
-def _mirrors(ids: torch.Tensor, masked: torch.Tensor, row: int, ref_ids: torch.Tensor, ref_layout: "Layout") -> bool:
+def _mirrors(
+    ids: torch.Tensor, masked: torch.Tensor, row: int, ref_ids: torch.Tensor, ref_layout: "Layout"
+) -> bool:
     """Row ``row`` of ``ids`` is the same row of a session's last call ``ref_ids`` with the
     session's prompt masked, and exactly its tokens at the session's response positions."""
     prompt, response = ref_layout.prompt[row], ref_layout.response[row]
-    return (bool(prompt.any()) and bool((masked[row] | ~prompt).all())
-            and bool(((ids[row] == ref_ids[row]) | ~response).all()))
+    return (
+        bool(prompt.any())
+        and bool((masked[row] | ~prompt).all())
+        and bool(((ids[row] == ref_ids[row]) | ~response).all())
+    )
 
 
-def infer_layout(ids: torch.Tensor, key_valid: torch.Tensor, mask_token_id: int, *, shift: int, policy: str,
-                 window: int, previous: Optional[tuple[torch.Tensor, "Layout"]] = None,
-                 others: Sequence[tuple[torch.Tensor, "Layout"]] = ()) -> Layout:
+def infer_layout(
+    ids: torch.Tensor,
+    key_valid: torch.Tensor,
+    mask_token_id: int,
+    *,
+    shift: int,
+    policy: str,
+    window: int,
+    previous: Optional[tuple[torch.Tensor, "Layout"]] = None,
+    others: Sequence[tuple[torch.Tensor, "Layout"]] = (),
+) -> Layout:
     """The layout of a new prompt. ``previous``: (last ids, layout) of the session the previous
     call ran on, when it has this call's shape and padding (a masked copy sent in its own call,
     CFG as two calls); ``others``: the other live sessions of that shape and padding, which a
@@ -157,8 +181,10 @@ def infer_layout(ids: torch.Tensor, key_valid: torch.Tensor, mask_token_id: int,
         ref = _in_batch_reference(row, ids, masked, key_valid, twins)
         if ref is not None:
             response[row] = response[ref]
-        elif previous is not None and _mirrors(ids, masked, row, *previous) and not any(
-            _mirrors(ids, masked, row, *other) for other in others
+        elif (
+            previous is not None
+            and _mirrors(ids, masked, row, *previous)
+            and not any(_mirrors(ids, masked, row, *other) for other in others)
         ):
             response[row] = previous[1].response[row]
         twins[row] = ref
@@ -169,7 +195,15 @@ def infer_layout(ids: torch.Tensor, key_valid: torch.Tensor, mask_token_id: int,
             "first call for a prompt must hold the mask token at every position to generate (padding excluded). "
             "Check mask_token_id, or call the original model for a plain forward pass."
         )
-    return _build(ids.device, key_valid, response, shift, policy, window, tuple(twins[r] for r in range(batch)))
+    return _build(
+        ids.device,
+        key_valid,
+        response,
+        shift,
+        policy,
+        window,
+        tuple(twins[r] for r in range(batch)),
+    )
 
 
 def _union(per_row: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,14 +222,29 @@ def _build(device, key_valid, response, shift, policy, window, twins) -> Layout:
     read_pos = [(r - shift).clamp(min=0) for r in resp_pos]
     rows, _ = _union([torch.cat([r, q]) for r, q in zip(resp_pos, read_pos)], device)
     resp_valid = response[:, rows]
-    returned = torch.stack([torch.isin(rows, torch.cat([r, q])) for r, q in zip(resp_pos, read_pos)])
+    returned = torch.stack(
+        [torch.isin(rows, torch.cat([r, q])) for r, q in zip(resp_pos, read_pos)]
+    )
     lengths = {int(r.numel()) for r in resp_pos}
-    read_idx = torch.stack([torch.searchsorted(rows, q) for q in read_pos]) if len(lengths) == 1 else None
+    read_idx = (
+        torch.stack([torch.searchsorted(rows, q) for q in read_pos]) if len(lengths) == 1 else None
+    )
     voters = []
     for b, (p, r) in enumerate(zip(prompt_pos, resp_pos)):
         v = voter_positions(policy, p.cpu(), r.cpu(), window, -shift).to(device)
         voters.append(v[key_valid[b, v]])  # padding never votes
     prompt_idx, prompt_valid = _union(prompt_pos, device)
     voter_idx, voter_valid = _union(voters, device)
-    return Layout(key_valid, response, rows, resp_valid, returned, read_idx, prompt_idx, prompt_valid,
-                  voter_idx, voter_valid, twins)
+    return Layout(
+        key_valid,
+        response,
+        rows,
+        resp_valid,
+        returned,
+        read_idx,
+        prompt_idx,
+        prompt_valid,
+        voter_idx,
+        voter_valid,
+        twins,
+    )

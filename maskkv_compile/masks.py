@@ -45,7 +45,9 @@ def _allowed(name: str, mask: torch.Tensor) -> torch.Tensor:
     if mask.is_floating_point() and mask.dim() == 4:
         blocked, open_ = mask <= _BLOCKED, mask == 0
         if not bool((blocked | open_).all()):
-            raise _refuse(name, mask, "a float mask holds values other than 0 and a large negative number")
+            raise _refuse(
+                name, mask, "a float mask holds values other than 0 and a large negative number"
+            )
         return open_
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise _refuse(name, mask, "a 0/1 mask holds values other than 0 and 1")
@@ -79,14 +81,22 @@ def describe_structure(rows: torch.Tensor, valid: torch.Tensor) -> str:
     if bool(sees_prefix.all()) and bool((starts[valid] == starts[valid].min()).all()):
         bounds = torch.cat([starts[valid].min().view(1), torch.unique(ends[valid])])
         block = int(torch.diff(bounds).max())  # the first or last block may be partial
-        return (f"block-causal with blocks of {block} (block diffusion, as LLaDA2, SDAR and Fast-dLLM v2 call their "
-                "models): not supported yet; call such a model without MaskKV")
+        return (
+            f"block-causal with blocks of {block} (block diffusion, as LLaDA2, SDAR and Fast-dLLM v2 call their "
+            "models): not supported yet; call such a model without MaskKV"
+        )
     window = int((ends - starts)[valid].max())
-    causal_window = (pos[None, :] <= pos[:, None]) & (pos[:, None] - pos[None, :] < window)  # (S, S)
+    causal_window = (pos[None, :] <= pos[:, None]) & (
+        pos[:, None] - pos[None, :] < window
+    )  # (S, S)
     if bool((seen == (real & causal_window)).all()):
         return f"a causal sliding window of {window}"
-    b, i = [int(v[0]) for v in torch.nonzero(valid & ~((rows == valid[:, None, :]) | ~valid[:, :, None]).all(-1),
-                                              as_tuple=True)]
+    b, i = [
+        int(v[0])
+        for v in torch.nonzero(
+            valid & ~((rows == valid[:, None, :]) | ~valid[:, :, None]).all(-1), as_tuple=True
+        )
+    ]
     return f"another pattern (row {b}, query {i} sees {int(seen[b, i].sum())} of {int(valid[b].sum())} real keys)"
 
 
@@ -99,7 +109,12 @@ def key_padding(name: str, mask, batch: int, seq: int) -> Optional[torch.Tensor]
     allowed = _allowed(name, mask)
     if allowed.dim() == 2 and allowed.shape == (batch, seq):
         valid = allowed
-    elif allowed.dim() == 4 and allowed.shape[0] == batch and allowed.shape[1] == 1 and allowed.shape[-1] == seq:
+    elif (
+        allowed.dim() == 4
+        and allowed.shape[0] == batch
+        and allowed.shape[1] == 1
+        and allowed.shape[-1] == seq
+    ):
         if allowed.shape[2] == 1:
             valid = allowed[:, 0, 0]
         elif allowed.shape[2] == seq:
@@ -107,10 +122,18 @@ def key_padding(name: str, mask, batch: int, seq: int) -> Optional[torch.Tensor]
             valid = _real_keys(rows)
             real_rows_ok = (rows == valid[:, None, :]) | ~valid[:, :, None]
             if not bool(real_rows_ok.all()):
-                raise _refuse(name, mask, "some real query row does not see exactly the real keys: the mask is "
-                                          + describe_structure(rows, valid))
+                raise _refuse(
+                    name,
+                    mask,
+                    "some real query row does not see exactly the real keys: the mask is "
+                    + describe_structure(rows, valid),
+                )
         else:
-            raise _refuse(name, mask, f"a 4-D mask must be (batch, 1, seq, seq) or (batch, 1, 1, seq) for seq {seq}")
+            raise _refuse(
+                name,
+                mask,
+                f"a 4-D mask must be (batch, 1, seq, seq) or (batch, 1, 1, seq) for seq {seq}",
+            )
     else:
         raise _refuse(name, mask, f"expected (batch, seq) = ({batch}, {seq}) or a 4-D mask")
     if not bool(valid.any(1).all()):
@@ -121,8 +144,12 @@ def key_padding(name: str, mask, batch: int, seq: int) -> Optional[torch.Tensor]
 def padding_from_masks(input_ids: torch.Tensor, kwargs: dict) -> Optional[torch.Tensor]:
     """Pop every mask spelling out of ``kwargs``; return the padding they agree on."""
     batch, seq = input_ids.shape
-    found = [key_padding(name, kwargs.pop(name), batch, seq) for name in MASK_NAMES if name in kwargs]
+    found = [
+        key_padding(name, kwargs.pop(name), batch, seq) for name in MASK_NAMES if name in kwargs
+    ]
     found = [valid for valid in found if valid is not None]
     if len(found) > 1 and not torch.equal(found[0], found[1]):
-        raise ValueError("attention_mask and attention_bias mark different padding; pass one of them")
+        raise ValueError(
+            "attention_mask and attention_bias mark different padding; pass one of them"
+        )
     return found[0].to(input_ids.device) if found else None

@@ -77,5 +77,7 @@ def table(rows, headers) -> str:
 
         return tabulate(rows, headers=headers, floatfmt=".3g")
     except ImportError:  # tabulate is optional: plain columns
-        lines = ["  ".join(str(h) for h in headers)] + ["  ".join(str(c) for c in row) for row in rows]
+        lines = ["  ".join(str(h) for h in headers)] + [
+            "  ".join(str(c) for c in row) for row in rows
+        ]
         return "\n".join(lines)

@@ -35,9 +35,15 @@ from maskkv_compile.graph_view import STYLE, change_kind
 from maskkv_compile.naming import readable_name, stack_path
 
 GRAPH_IDS = ("captured", "canonical", "prefill", "step")
-_COLOURS = {kind: STYLE[kind][:2] for kind in ("maskkv", "added", "removed", "input")}  # (fill, stroke) as in the HTML
-_STATUS = {"maskkv": "inserted maskkv:: op", "added": "inserted", "removed": "replaced by maskkv::attention",
-           "input": "graph input added by the passes"}
+_COLOURS = {
+    kind: STYLE[kind][:2] for kind in ("maskkv", "added", "removed", "input")
+}  # (fill, stroke) as in the HTML
+_STATUS = {
+    "maskkv": "inserted maskkv:: op",
+    "added": "inserted",
+    "removed": "replaced by maskkv::attention",
+    "input": "graph input added by the passes",
+}
 
 
 def _module_path(node: fx.Node) -> Optional[str]:
@@ -61,7 +67,9 @@ def _shape(node: fx.Node) -> Optional[str]:
     return None
 
 
-def graph_json(gm: fx.GraphModule, graph_id: str, kinds: dict[str, str], site_paths: dict[int, str]) -> dict:
+def graph_json(
+    gm: fx.GraphModule, graph_id: str, kinds: dict[str, str], site_paths: dict[int, str]
+) -> dict:
     """One fx graph as a Model Explorer graph. ``kinds``: node name -> "maskkv", "added",
     "removed" or "input" for the nodes to colour; ``site_paths``: layer -> module path, the
     namespace of a node that has no module stack (what a pass inserted)."""
@@ -80,7 +88,10 @@ def graph_json(gm: fx.GraphModule, graph_id: str, kinds: dict[str, str], site_pa
             if path is None:
                 path = site_paths.get(layers.get(node.name), "")
             namespace, label = _namespace(path), info.op
-        attrs = [{"key": "node", "value": readable_name(node.name)}, {"key": "code", "value": info.text}]
+        attrs = [
+            {"key": "node", "value": readable_name(node.name)},
+            {"key": "code", "value": info.text},
+        ]
         kind = kinds.get(node.name)
         if kind:
             attrs.append({"key": "maskkv", "value": _STATUS[kind]})
@@ -96,10 +107,16 @@ def graph_json(gm: fx.GraphModule, graph_id: str, kinds: dict[str, str], site_pa
         }
         shape = _shape(node)
         if shape:
-            entry["outputsMetadata"] = [{"id": "0", "attrs": [{"key": "tensor_shape", "value": shape}]}]
+            entry["outputsMetadata"] = [
+                {"id": "0", "attrs": [{"key": "tensor_shape", "value": shape}]}
+            ]
         if kind:
             fill, border = _COLOURS[kind]
-            entry["style"] = {"backgroundColor": fill, "borderColor": border, "hoveredBorderColor": border}
+            entry["style"] = {
+                "backgroundColor": fill,
+                "borderColor": border,
+                "hoveredBorderColor": border,
+            }
         nodes.append(entry)
     return {"id": graph_id, "nodes": nodes}
 
@@ -128,7 +145,9 @@ def collection(captured: fx.GraphModule, graphs, label: str) -> dict:
         graph["groupNodeAttributes"] = {"": summary}
         for site in graphs.sites:
             graph["groupNodeAttributes"][_namespace(site.module_path)] = {
-                "attention": site.spelling, "heads": str(site.heads), "kv heads": str(site.kv_heads),
+                "attention": site.spelling,
+                "heads": str(site.heads),
+                "kv heads": str(site.kv_heads),
             }
         out.append(graph)
     return {"label": label, "graphs": out}

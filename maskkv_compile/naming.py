@@ -20,7 +20,9 @@ from typing import Optional
 import torch.fx as fx
 
 WIDTH = 100  # text form: no line wider than this
-_FLAT = re.compile(r"\b[Ll]_(?:self|args_\d+|kwargs)_\w*?_\b|\b[Ll]_\w+_(?:parameters|buffers)_\w+?_\b")
+_FLAT = re.compile(
+    r"\b[Ll]_(?:self|args_\d+|kwargs)_\w*?_\b|\b[Ll]_\w+_(?:parameters|buffers)_\w+?_\b"
+)
 
 
 def readable_name(name: str) -> str:
@@ -51,7 +53,9 @@ def readable_code(code: str, width: Optional[int] = WIDTH) -> str:
 
 
 _SELF_ASSIGN = re.compile(r"\s*([\w.]+) = \1")
-_SITE_PACKAGES = re.compile(r"(# File: )\S*?[/\\](?:site|dist)-packages[/\\]")  # print_readable's source paths
+_SITE_PACKAGES = re.compile(
+    r"(# File: )\S*?[/\\](?:site|dist)-packages[/\\]"
+)  # print_readable's source paths
 
 
 def wrap(line: str, width: int = WIDTH) -> list[str]:

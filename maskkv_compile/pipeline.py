@@ -23,9 +23,23 @@ import torch.fx as fx
 from maskkv_compile import tensor_parallel as distributed
 from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.passes import (
-    AttentionSite, CachedAttentionPass, CaptureVotesPass, EvictKVPass, FindAttentionPass, GraphInfo,
-    KeepPromptKVPass, MaskOnlyHeadPass, MaskPaddingPass, PassManager, ResponseKVOutputsPass, RevoteKVPass,
-    ShardBudgetsPass, SliceSequencePass, UnsupportedModelError, analyse, attention_sites,
+    AttentionSite,
+    CachedAttentionPass,
+    CaptureVotesPass,
+    EvictKVPass,
+    FindAttentionPass,
+    GraphInfo,
+    KeepPromptKVPass,
+    MaskOnlyHeadPass,
+    MaskPaddingPass,
+    PassManager,
+    ResponseKVOutputsPass,
+    RevoteKVPass,
+    ShardBudgetsPass,
+    SliceSequencePass,
+    UnsupportedModelError,
+    analyse,
+    attention_sites,
 )
 from maskkv_compile.passes.base import PassRecord, extra_inputs
 
@@ -59,7 +73,9 @@ class MaskKVGraphs:
 
 def _seen_ops(gm: fx.GraphModule) -> str:
     ops = Counter(
-        getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes if n.op in ("call_function", "call_method")
+        getattr(n.target, "__name__", str(n.target))
+        for n in gm.graph.nodes
+        if n.op in ("call_function", "call_method")
     )
     return ", ".join(f"{name} x{count}" for name, count in ops.most_common(25))
 
@@ -79,7 +95,9 @@ def build_graphs(gm: fx.GraphModule, config: MaskKVConfig, *, strict: bool = Tru
             "maskkv cannot rewrite these attention sites safely:\n  " + "\n  ".join(result.skipped)
         )
     if result.matches == 0:
-        raise UnsupportedModelError("no attention found in the model's graph; ops seen: " + _seen_ops(gm))
+        raise UnsupportedModelError(
+            "no attention found in the model's graph; ops seen: " + _seen_ops(gm)
+        )
     distributed.check_local_attention(attention_sites(canonical))
     prefill = copy_graph_module(canonical)
     keep_prompt = [KeepPromptKVPass()] if config.revote is not None else []
@@ -87,8 +105,14 @@ def build_graphs(gm: fx.GraphModule, config: MaskKVConfig, *, strict: bool = Tru
     shard_budgets = [ShardBudgetsPass(config)] if distributed.collective_signature(gm) else []
     prefill_passes = PassManager(
         "prefill",
-        [MaskPaddingPass(), CaptureVotesPass(config), EvictKVPass(config), *shard_budgets, *keep_prompt,
-         MaskOnlyHeadPass(info)],
+        [
+            MaskPaddingPass(),
+            CaptureVotesPass(config),
+            EvictKVPass(config),
+            *shard_budgets,
+            *keep_prompt,
+            MaskOnlyHeadPass(info),
+        ],
     )
     prefill_passes(prefill)
     step = copy_graph_module(canonical)
@@ -97,14 +121,22 @@ def build_graphs(gm: fx.GraphModule, config: MaskKVConfig, *, strict: bool = Tru
         step_pipeline.append(ResponseKVOutputsPass())
     step_passes = PassManager("step", step_pipeline)
     step_passes(step)
-    records = {"canonical": find.records, "prefill": prefill_passes.records, "step": step_passes.records}
+    records = {
+        "canonical": find.records,
+        "prefill": prefill_passes.records,
+        "step": step_passes.records,
+    }
     revote = None
     if config.revote is not None:
         revote = copy_graph_module(step)
         revote_passes = PassManager("revote", [RevoteKVPass(config)])
         revote_passes(revote)
         records["revote"] = revote_passes.records
-    derived = {"prefill": prefill, "step": step, **({"revote": revote} if revote is not None else {})}
+    derived = {
+        "prefill": prefill,
+        "step": step,
+        **({"revote": revote} if revote is not None else {}),
+    }
     distributed.check_collectives_preserved(gm, **derived)
     return MaskKVGraphs(
         info=info,

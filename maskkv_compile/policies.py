@@ -22,8 +22,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from maskkv_compile.budgets import (
-    adakv_head_budgets, maskkv_head_budgets, maskkv_head_budgets_rows, maskkv_layer_budgets, pyramid_layer_budgets,
-    squeeze_layer_budgets, uniform_head_budgets, uniform_head_budgets_rows, uniform_layer_budgets,
+    adakv_head_budgets,
+    maskkv_head_budgets,
+    maskkv_head_budgets_rows,
+    maskkv_layer_budgets,
+    pyramid_layer_budgets,
+    squeeze_layer_budgets,
+    uniform_head_budgets,
+    uniform_head_budgets_rows,
+    uniform_layer_budgets,
 )
 
 # ---------------------------------------------------------------- voters and vote post-processing
@@ -43,8 +50,12 @@ def snapkv_pool(votes: Tensor, kernel: int = 5) -> Tensor:
     return pooled.reshape(votes.shape).to(votes.dtype)
 
 
-def streaming_votes(P: int, sink: int = 4, device: Union[str, torch.device, None] = None,
-                    dtype: torch.dtype = torch.float32) -> Tensor:
+def streaming_votes(
+    P: int,
+    sink: int = 4,
+    device: Union[str, torch.device, None] = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """StreamingLLM as scores ``(P,)``: sink positions ``i < sink`` score ``2P - i`` (all above
     every other score, earliest first), the rest score their position (most recent first), so the
     top-k is the ``min(k, sink)`` first tokens plus the ``k - sink`` most recent ones."""
@@ -52,7 +63,9 @@ def streaming_votes(P: int, sink: int = 4, device: Union[str, torch.device, None
     return torch.where(pos < sink, 2 * P - pos, pos).to(dtype)
 
 
-def streaming_votes_rows(prompt_len: Tensor, width: int, sink: int = 4, dtype: torch.dtype = torch.float32) -> Tensor:
+def streaming_votes_rows(
+    prompt_len: Tensor, width: int, sink: int = 4, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """:func:`streaming_votes` of each row's ``prompt_len`` (B,) at once, on its device without
     reading it: (B, width), row b's first ``prompt_len[b]`` entries its scores (the rest are
     filler for the caller to drop)."""
@@ -60,7 +73,9 @@ def streaming_votes_rows(prompt_len: Tensor, width: int, sink: int = 4, dtype: t
     return torch.where(pos < sink, 2 * prompt_len.to(torch.float64)[:, None] - pos, pos).to(dtype)
 
 
-def random_votes(B: int, Hkv: int, P: int, seed: int = 0, device: Union[str, torch.device, None] = None) -> Tensor:
+def random_votes(
+    B: int, Hkv: int, P: int, seed: int = 0, device: Union[str, torch.device, None] = None
+) -> Tensor:
     """Uniform random scores ``(B, Hkv, P)`` from a CPU generator seeded with ``seed``: the same on
     every call and every device."""
     gen = torch.Generator().manual_seed(int(seed))
@@ -70,25 +85,35 @@ def random_votes(B: int, Hkv: int, P: int, seed: int = 0, device: Union[str, tor
 def _as_index(idx) -> Tensor:
     idx = torch.as_tensor(idx, dtype=torch.long)
     if idx.dim() > 1:
-        raise ValueError(f"positions must be 1-D (shared by the batch), got shape {tuple(idx.shape)}")
+        raise ValueError(
+            f"positions must be 1-D (shared by the batch), got shape {tuple(idx.shape)}"
+        )
     return idx.flatten()
 
 
 def _mask_voters(prompt_idx: Tensor, resp_idx: Tensor, window: int, shift: int) -> Tensor:
-    last = int(torch.cat([prompt_idx, resp_idx]).max()) if prompt_idx.numel() + resp_idx.numel() else 0
+    last = (
+        int(torch.cat([prompt_idx, resp_idx]).max()) if prompt_idx.numel() + resp_idx.numel() else 0
+    )
     return (resp_idx + shift).clamp(0, last)
 
 
 _VOTERS: dict[str, Callable[[Tensor, Tensor, int, int], Tensor]] = {
     "mask": _mask_voters,
-    "window": lambda prompt_idx, resp_idx, window, shift: prompt_idx[max(prompt_idx.numel() - window, 0):],
+    "window": lambda prompt_idx, resp_idx, window, shift: prompt_idx[
+        max(prompt_idx.numel() - window, 0) :
+    ],
     "prompt": lambda prompt_idx, resp_idx, window, shift: prompt_idx,
-    "all": lambda prompt_idx, resp_idx, window, shift: torch.sort(torch.cat([prompt_idx, resp_idx])).values,
+    "all": lambda prompt_idx, resp_idx, window, shift: (
+        torch.sort(torch.cat([prompt_idx, resp_idx])).values
+    ),
     "none": lambda prompt_idx, resp_idx, window, shift: prompt_idx[:0],
 }
 
 
-def voter_positions(policy: Union[str, "Policy"], prompt_idx, resp_idx, window: int = 32, shift: int = 0) -> Tensor:
+def voter_positions(
+    policy: Union[str, "Policy"], prompt_idx, resp_idx, window: int = 32, shift: int = 0
+) -> Tensor:
     """Sequence positions (int64, 1-D) of the queries that vote under ``policy``:
     mask voters (maskkv, mask_voting_uniform) = response positions ``+ shift`` clamped to the
     sequence (Dream: shift -1); window voters (snapkv and the allocation baselines built on it) =
@@ -101,20 +126,30 @@ def voter_positions(policy: Union[str, "Policy"], prompt_idx, resp_idx, window: 
 # ---------------------------------------------------------------- policy registry
 
 
-def _need_importance(importance: Optional[Sequence[float]], n_layers: int, policy: str) -> Sequence[float]:
+def _need_importance(
+    importance: Optional[Sequence[float]], n_layers: int, policy: str
+) -> Sequence[float]:
     if importance is None:
-        raise ValueError(f"policy {policy!r} needs a layer-importance profile (LayerProfile.importance); "
-                         "measure one on calibration prompts first")
+        raise ValueError(
+            f"policy {policy!r} needs a layer-importance profile (LayerProfile.importance); "
+            "measure one on calibration prompts first"
+        )
     if len(importance) != n_layers:
-        raise ValueError(f"importance has {len(importance)} values but the model has {n_layers} layers")
+        raise ValueError(
+            f"importance has {len(importance)} values but the model has {n_layers} layers"
+        )
     return importance
 
 
 _LAYER_ALLOCATORS: dict[str, Callable[..., list[float]]] = {
     "uniform": lambda pol, n, b, imp, **kw: uniform_layer_budgets(n, b),
-    "maskkv": lambda pol, n, b, imp, **kw: maskkv_layer_budgets(_need_importance(imp, n, pol), b, **kw),
+    "maskkv": lambda pol, n, b, imp, **kw: maskkv_layer_budgets(
+        _need_importance(imp, n, pol), b, **kw
+    ),
     "pyramid": lambda pol, n, b, imp, **kw: pyramid_layer_budgets(n, b, **kw),
-    "squeeze": lambda pol, n, b, imp, **kw: squeeze_layer_budgets(_need_importance(imp, n, pol), b, **kw),
+    "squeeze": lambda pol, n, b, imp, **kw: squeeze_layer_budgets(
+        _need_importance(imp, n, pol), b, **kw
+    ),
 }
 
 
@@ -125,24 +160,42 @@ def _need(value, what: str, policy: str):
 
 
 _HEAD_ALLOCATORS: dict[str, Callable[..., Tensor]] = {
-    "uniform": lambda pol, k_l, n_kv, p, mk, pm, nv, votes, **kw: uniform_head_budgets(n_kv, k_l, p, mk),
+    "uniform": lambda pol, k_l, n_kv, p, mk, pm, nv, votes, **kw: uniform_head_budgets(
+        n_kv, k_l, p, mk
+    ),
     "maskkv": lambda pol, k_l, n_kv, p, mk, pm, nv, votes, **kw: maskkv_head_budgets(
-        _need(pm, "prompt_mass", pol), _need(nv, "n_voters", pol), k_l, min_keep=mk, prompt_len=p, n_kv_heads=n_kv, **kw),
+        _need(pm, "prompt_mass", pol),
+        _need(nv, "n_voters", pol),
+        k_l,
+        min_keep=mk,
+        prompt_len=p,
+        n_kv_heads=n_kv,
+        **kw,
+    ),
     "adakv": lambda pol, k_l, n_kv, p, mk, pm, nv, votes, **kw: adakv_head_budgets(
-        _need(votes, "votes", pol), k_l, min_keep=mk, prompt_len=p, **kw),
+        _need(votes, "votes", pol), k_l, min_keep=mk, prompt_len=p, **kw
+    ),
 }
 
 # the allocators that do every row of a batch at once on the device, without reading it
 _ROW_HEAD_ALLOCATORS: dict[str, Callable[..., Tensor]] = {
     "uniform": lambda k_l, n_kv, p, mk, pm, nv, **kw: uniform_head_budgets_rows(n_kv, k_l, p, mk),
-    "maskkv": lambda k_l, n_kv, p, mk, pm, nv, **kw: maskkv_head_budgets_rows(pm, nv, k_l, p, n_kv, min_keep=mk, **kw),
+    "maskkv": lambda k_l, n_kv, p, mk, pm, nv, **kw: maskkv_head_budgets_rows(
+        pm, nv, k_l, p, n_kv, min_keep=mk, **kw
+    ),
 }
 
 _VOTE_TRANSFORMS: dict[str, Callable[..., Tensor]] = {
     "none": lambda pol, votes, shape, device, kw: _need(votes, "votes", pol),
-    "snapkv_pool": lambda pol, votes, shape, device, kw: snapkv_pool(_need(votes, "votes", pol), kw.get("kernel", 5)),
-    "streaming": lambda pol, votes, shape, device, kw: streaming_votes(shape[-1], kw.get("sink", 4), device).expand(shape),
-    "random": lambda pol, votes, shape, device, kw: random_votes(*shape, seed=kw.get("seed", 0), device=device),
+    "snapkv_pool": lambda pol, votes, shape, device, kw: snapkv_pool(
+        _need(votes, "votes", pol), kw.get("kernel", 5)
+    ),
+    "streaming": lambda pol, votes, shape, device, kw: streaming_votes(
+        shape[-1], kw.get("sink", 4), device
+    ).expand(shape),
+    "random": lambda pol, votes, shape, device, kw: random_votes(
+        *shape, seed=kw.get("seed", 0), device=device
+    ),
 }
 
 
@@ -156,14 +209,26 @@ PolicyError = MaskKVConfigError
 
 # the flat options of the runtime's view (``MaskKVConfig.window`` ...) and their values where a
 # policy has no such option: the ops take every one of them as an argument, used or not
-FLAT_DEFAULTS: dict[str, Any] = {"alpha": 0.1, "beta": 0.4, "profile": None, "window": 32, "pool_kernel": 5,
-                                 "sink": 4, "seed": 0}
+FLAT_DEFAULTS: dict[str, Any] = {
+    "alpha": 0.1,
+    "beta": 0.4,
+    "profile": None,
+    "window": 32,
+    "pool_kernel": 5,
+    "sink": 4,
+    "seed": 0,
+}
 
 _CLASSES: dict[str, type] = {}  # name -> policy class (every subclass of Policy with a name)
 
 
 def _check_int(owner: str, name: str, value: Any, minimum: int, odd: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (odd and value % 2 == 0):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (odd and value % 2 == 0)
+    ):
         what = f"an odd int >= {minimum}" if odd else f"an int >= {minimum}"
         raise PolicyError(f"{owner}({name}=...) must be {what}, got {value!r}")
 
@@ -177,8 +242,10 @@ def _check_profile(owner: str, value: Any) -> None:
     from maskkv_compile.profile import LayerProfile
 
     if value is not None and not isinstance(value, LayerProfile):
-        raise PolicyError(f"{owner}(profile=...) must be a LayerProfile (from maskkv_compile.calibrate(model, prompts) "
-                          f"or LayerProfile.load(path)) or None, got {type(value).__name__}")
+        raise PolicyError(
+            f"{owner}(profile=...) must be a LayerProfile (from maskkv_compile.calibrate(model, prompts) "
+            f"or LayerProfile.load(path)) or None, got {type(value).__name__}"
+        )
 
 
 @dataclass(frozen=True)
@@ -217,7 +284,9 @@ class Policy:
     @property
     def needs_profile(self) -> bool:
         """Whether the layer allocator needs a layer-importance profile (and has none yet)."""
-        return self.layer_allocator in ("maskkv", "squeeze") and getattr(self, "profile", None) is None
+        return (
+            self.layer_allocator in ("maskkv", "squeeze") and getattr(self, "profile", None) is None
+        )
 
     @property
     def uses_profile(self) -> bool:
@@ -251,12 +320,18 @@ class Policy:
         naming the policies that take it when this one does not (a default value passes)."""
         fields = self._flat_fields()
         if flat not in fields:
-            if flat in FLAT_DEFAULTS and value == FLAT_DEFAULTS[flat] and not isinstance(value, bool):
+            if (
+                flat in FLAT_DEFAULTS
+                and value == FLAT_DEFAULTS[flat]
+                and not isinstance(value, bool)
+            ):
                 return self  # the default: nothing is ignored
             takers = sorted(name for name, cls in _CLASSES.items() if flat in cls()._flat_fields())
-            raise PolicyError(f"option {flat}={_short(value)} does not apply to policy {self!r}: it is an option of "
-                              f"{', '.join(takers) or 'no policy'}. Drop it, or choose a policy that has it "
-                              f"(e.g. policy={_example(flat, value)})")
+            raise PolicyError(
+                f"option {flat}={_short(value)} does not apply to policy {self!r}: it is an option of "
+                f"{', '.join(takers) or 'no policy'}. Drop it, or choose a policy that has it "
+                f"(e.g. policy={_example(flat, value)})"
+            )
         return _replace_path(self, fields[flat].split("."), value)
 
     def to_dict(self) -> dict[str, Any]:
@@ -281,22 +356,32 @@ class Policy:
         if self.layer_allocator == "pyramid":
             return "pyramid (decreasing with depth)"
         profile = getattr(self, "profile", None)
-        kind = "boundary-aware" if self.layer_allocator == "maskkv" else "squeeze (3 groups by importance)"
+        kind = (
+            "boundary-aware"
+            if self.layer_allocator == "maskkv"
+            else "squeeze (3 groups by importance)"
+        )
         if profile is None:
-            return (f"uniform: {type(self).__name__} has no layer profile, so its {kind} layer allocation is "
-                    "NOT run (pass profile=maskkv_compile.calibrate(model, prompts))")
-        return f"{kind} from a profile of {profile.meta.get('n_prompts', '?')} calibration prompt(s)"
+            return (
+                f"uniform: {type(self).__name__} has no layer profile, so its {kind} layer allocation is "
+                "NOT run (pass profile=maskkv_compile.calibrate(model, prompts))"
+            )
+        return (
+            f"{kind} from a profile of {profile.meta.get('n_prompts', '?')} calibration prompt(s)"
+        )
 
     # ---- what the runtime calls (the mechanism tags above choose the math)
 
-    def layer_budgets(self, n_layers: int, budget: float, importance: Optional[Sequence[float]] = None,
-                      **options) -> list[float]:
+    def layer_budgets(
+        self, n_layers: int, budget: float, importance: Optional[Sequence[float]] = None, **options
+    ) -> list[float]:
         """Per-layer budgets ``k_l`` (``importance``: default this policy's profile; ``options``:
         the allocator's hyper-parameters, default this policy's)."""
         if importance is None and getattr(self, "profile", None) is not None:
             importance = self.profile.importance
-        return _LAYER_ALLOCATORS[self.layer_allocator](self.name, n_layers, budget, importance,
-                                                       **{**self._layer_options(), **options})
+        return _LAYER_ALLOCATORS[self.layer_allocator](
+            self.name, n_layers, budget, importance, **{**self._layer_options(), **options}
+        )
 
     def _layer_options(self) -> dict[str, Any]:
         return {}
@@ -304,13 +389,31 @@ class Policy:
     def _head_options(self) -> dict[str, Any]:
         return {}
 
-    def head_budgets(self, layer_budget: float, *, n_kv_heads: int, prompt_len: int, min_keep: int = 1,
-                     prompt_mass: Optional[Tensor] = None, n_voters=None, votes: Optional[Tensor] = None,
-                     **options) -> Tensor:
+    def head_budgets(
+        self,
+        layer_budget: float,
+        *,
+        n_kv_heads: int,
+        prompt_len: int,
+        min_keep: int = 1,
+        prompt_mass: Optional[Tensor] = None,
+        n_voters=None,
+        votes: Optional[Tensor] = None,
+        **options,
+    ) -> Tensor:
         """int64 ``(Hkv,)`` budgets of one layer; passes what the head allocator needs
         (maskkv: prompt_mass + n_voters; adakv: votes ``(B, Hkv, P)``)."""
-        return _HEAD_ALLOCATORS[self.head_allocator](self.name, layer_budget, n_kv_heads, prompt_len, min_keep,
-                                                     prompt_mass, n_voters, votes, **{**self._head_options(), **options})
+        return _HEAD_ALLOCATORS[self.head_allocator](
+            self.name,
+            layer_budget,
+            n_kv_heads,
+            prompt_len,
+            min_keep,
+            prompt_mass,
+            n_voters,
+            votes,
+            **{**self._head_options(), **options},
+        )
 
     @property
     def allocates_rows(self) -> bool:
@@ -318,20 +421,43 @@ class Policy:
         joint ranking runs row by row on the CPU)."""
         return self.head_allocator in _ROW_HEAD_ALLOCATORS
 
-    def head_budgets_rows(self, layer_budget: float, *, n_kv_heads: int, prompt_len: Tensor, min_keep: int,
-                          prompt_mass: Tensor, n_voters: Tensor, **options) -> Tensor:
+    def head_budgets_rows(
+        self,
+        layer_budget: float,
+        *,
+        n_kv_heads: int,
+        prompt_len: Tensor,
+        min_keep: int,
+        prompt_mass: Tensor,
+        n_voters: Tensor,
+        **options,
+    ) -> Tensor:
         """int64 ``(B, Hkv)``: :meth:`head_budgets` of every row alone (``prompt_len``,
         ``n_voters`` (B,), ``prompt_mass`` (B, H)), all at once on their device, reading nothing."""
-        return _ROW_HEAD_ALLOCATORS[self.head_allocator](layer_budget, n_kv_heads, prompt_len, min_keep, prompt_mass,
-                                                         n_voters, **{**self._head_options(), **options})
+        return _ROW_HEAD_ALLOCATORS[self.head_allocator](
+            layer_budget,
+            n_kv_heads,
+            prompt_len,
+            min_keep,
+            prompt_mass,
+            n_voters,
+            **{**self._head_options(), **options},
+        )
 
-    def selection_scores(self, votes: Optional[Tensor], shape: tuple[int, int, int],
-                         device: Union[str, torch.device, None] = None, **options) -> Tensor:
+    def selection_scores(
+        self,
+        votes: Optional[Tensor],
+        shape: tuple[int, int, int],
+        device: Union[str, torch.device, None] = None,
+        **options,
+    ) -> Tensor:
         """Scores ``(B, Hkv, P)`` whose per-head top-k is kept (options: kernel, sink, seed;
         default this policy's)."""
         flat = self.flat_options()
         mine = {"kernel": flat["pool_kernel"], "sink": flat["sink"], "seed": flat["seed"]}
-        return _VOTE_TRANSFORMS[self.vote_transform](self.name, votes, tuple(shape), device, {**mine, **options})
+        return _VOTE_TRANSFORMS[self.vote_transform](
+            self.name, votes, tuple(shape), device, {**mine, **options}
+        )
 
 
 def _short(value: Any) -> str:
@@ -345,14 +471,21 @@ def _short(value: Any) -> str:
 def _replace_path(obj: Any, path: list[str], value: Any) -> Any:
     if len(path) == 1:
         return dataclasses.replace(obj, **{path[0]: value})
-    return dataclasses.replace(obj, **{path[0]: _replace_path(getattr(obj, path[0]), path[1:], value)})
+    return dataclasses.replace(
+        obj, **{path[0]: _replace_path(getattr(obj, path[0]), path[1:], value)}
+    )
 
 
 def _example(flat: str, value: Any) -> str:
-    return {"alpha": f"MaskKV(alpha={value!r})", "beta": f"MaskKV(beta={value!r})",
-            "profile": "MaskKV(profile=...)", "window": f"SnapKV(window={value!r})",
-            "pool_kernel": f"SnapKV(kernel={value!r})", "sink": f"StreamingLLM(sinks={value!r})",
-            "seed": f"Random(seed={value!r})"}.get(flat, "...")
+    return {
+        "alpha": f"MaskKV(alpha={value!r})",
+        "beta": f"MaskKV(beta={value!r})",
+        "profile": "MaskKV(profile=...)",
+        "window": f"SnapKV(window={value!r})",
+        "pool_kernel": f"SnapKV(kernel={value!r})",
+        "sink": f"StreamingLLM(sinks={value!r})",
+        "seed": f"Random(seed={value!r})",
+    }.get(flat, "...")
 
 
 @dataclass(frozen=True, repr=False)
@@ -480,8 +613,10 @@ class _OnSnapKV(Policy):
 
     def __post_init__(self) -> None:
         if not isinstance(self.selection, SnapKV):
-            raise PolicyError(f"{type(self).__name__}(selection=...) must be a SnapKV(window=..., kernel=...), "
-                              f"got {self.selection!r}")
+            raise PolicyError(
+                f"{type(self).__name__}(selection=...) must be a SnapKV(window=..., kernel=...), "
+                f"got {self.selection!r}"
+            )
 
     def _flat_fields(self) -> dict[str, str]:
         return {**{flat: f"selection.{attr}" for flat, attr in SnapKV._FLAT.items()}, **self._FLAT}
@@ -524,7 +659,9 @@ class AdaKV(_OnSnapKV):
     description: ClassVar[str] = "SnapKV selection, AdaKV head budgets"
 
 
-POLICIES: dict[str, Policy] = {name: cls() for name, cls in _CLASSES.items()}  # the defaults, by name
+POLICIES: dict[str, Policy] = {
+    name: cls() for name, cls in _CLASSES.items()
+}  # the defaults, by name
 
 
 def get_policy(name: Union[str, Policy]) -> Policy:
@@ -535,8 +672,10 @@ def get_policy(name: Union[str, Policy]) -> Policy:
         return POLICIES[name]
     if isinstance(name, str) and name in _CLASSES:  # a policy class defined after this module
         return _CLASSES[name]()
-    raise PolicyError(f"unknown policy {name!r}; valid policies: {', '.join(sorted(_CLASSES))} "
-                      "(or a policy object: maskkv_compile.MaskKV(...), SnapKV(...), ...)")
+    raise PolicyError(
+        f"unknown policy {name!r}; valid policies: {', '.join(sorted(_CLASSES))} "
+        "(or a policy object: maskkv_compile.MaskKV(...), SnapKV(...), ...)"
+    )
 
 
 # ---------------------------------------------------------------- reporting

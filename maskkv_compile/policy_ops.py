@@ -35,30 +35,46 @@ def own_columns_first(prompt_valid: torch.Tensor) -> tuple[torch.Tensor, torch.T
     """(B, P) -> (order, own), each (B, P): ``order`` lists each row's own prompt columns first,
     in column order, then the others; ``own`` is True over the first ``P_b`` places."""
     order = torch.sort((~prompt_valid).to(torch.uint8), dim=1, stable=True).indices
-    own = torch.arange(prompt_valid.shape[1], device=prompt_valid.device) < prompt_valid.sum(1, keepdim=True)
+    own = torch.arange(prompt_valid.shape[1], device=prompt_valid.device) < prompt_valid.sum(
+        1, keepdim=True
+    )
     return order, own
 
 
 @torch.library.custom_op("maskkv::selection_scores", mutates_args=())
-def selection_scores(votes: torch.Tensor, prompt_valid: torch.Tensor, policy: str, kernel: int, sink: int,
-                     seed: int) -> torch.Tensor:
+def selection_scores(
+    votes: torch.Tensor, prompt_valid: torch.Tensor, policy: str, kernel: int, sink: int, seed: int
+) -> torch.Tensor:
     chosen = get_policy(policy)
     if chosen.vote_transform == "none":  # votes as they are: the same for every row at once
         return torch.where(prompt_valid[:, None, :], votes, float("-inf"))
-    if chosen.vote_transform in ("snapkv_pool", "streaming"):  # every row at once, its own columns moved first
+    if chosen.vote_transform in (
+        "snapkv_pool",
+        "streaming",
+    ):  # every row at once, its own columns moved first
         order, own = own_columns_first(prompt_valid)
         at = order[:, None, :].expand_as(votes)  # (B, Hkv, P)
-        if chosen.vote_transform == "snapkv_pool":  # zeros past the row's prompt: the pooling's own zero padding
+        if (
+            chosen.vote_transform == "snapkv_pool"
+        ):  # zeros past the row's prompt: the pooling's own zero padding
             scores = snapkv_pool(torch.where(own[:, None, :], votes.gather(-1, at), 0), kernel)
         else:
-            scores = streaming_votes_rows(own.sum(1), votes.shape[-1], sink)[:, None, :].expand_as(votes)
-        out = torch.empty_like(votes).scatter_(-1, at, scores.to(votes.dtype))  # back to the columns
+            scores = streaming_votes_rows(own.sum(1), votes.shape[-1], sink)[:, None, :].expand_as(
+                votes
+            )
+        out = torch.empty_like(votes).scatter_(
+            -1, at, scores.to(votes.dtype)
+        )  # back to the columns
         return torch.where(prompt_valid[:, None, :], out, float("-inf"))
     out = torch.full_like(votes, float("-inf"))
-    for row in range(votes.shape[0]):  # random scores: their shape depends on the row's prompt length
+    for row in range(
+        votes.shape[0]
+    ):  # random scores: their shape depends on the row's prompt length
         columns = prompt_valid[row].nonzero().flatten()  # (P_b,) the row's own prompt, in order
         own = votes[row : row + 1].index_select(2, columns)  # (1, Hkv, P_b)
-        scores = chosen.selection_scores(own, tuple(own.shape), votes.device, kernel=kernel, sink=sink, seed=seed)
+        scores = chosen.selection_scores(
+            own, tuple(own.shape), votes.device, kernel=kernel, sink=sink, seed=seed
+        )
         out[row].index_copy_(1, columns, scores[0].to(votes.dtype))
     return out
 
@@ -85,8 +101,15 @@ def head_budgets(
     prompt_len = torch.isfinite(scores[:, 0]).sum(-1)  # (B,) each row's own prompt
     n_voters = voter_valid.sum(1).clamp(min=1)  # (B,)
     if chosen.allocates_rows:  # every row at once, on the device
-        out = chosen.head_budgets_rows(layer_budget, n_kv_heads=kv_heads, prompt_len=prompt_len, min_keep=min_keep,
-                                       prompt_mass=prompt_mass, n_voters=n_voters, **options)
+        out = chosen.head_budgets_rows(
+            layer_budget,
+            n_kv_heads=kv_heads,
+            prompt_len=prompt_len,
+            min_keep=min_keep,
+            prompt_mass=prompt_mass,
+            n_voters=n_voters,
+            **options,
+        )
     else:
         out = torch.zeros((batch, kv_heads), dtype=torch.long, device=scores.device)
         for row in range(batch):
@@ -94,9 +117,14 @@ def head_budgets(
             if columns.numel() <= budget:  # kept whole below
                 continue
             out[row] = chosen.head_budgets(
-                layer_budget, n_kv_heads=kv_heads, prompt_len=int(columns.numel()), min_keep=min_keep,
-                prompt_mass=prompt_mass[row : row + 1], n_voters=int(n_voters[row]),
-                votes=scores[row : row + 1].index_select(2, columns), **options,
+                layer_budget,
+                n_kv_heads=kv_heads,
+                prompt_len=int(columns.numel()),
+                min_keep=min_keep,
+                prompt_mass=prompt_mass[row : row + 1],
+                n_voters=int(n_voters[row]),
+                votes=scores[row : row + 1].index_select(2, columns),
+                **options,
             ).to(out.device)
     # a prompt that fits the budget: nothing to evict, under any policy
     return torch.where(prompt_len[:, None] <= budget, prompt_len[:, None], out)

@@ -41,7 +41,9 @@ def attention_importance(h_in: Tensor, h_out: Tensor, mask: Optional[Tensor] = N
     Computed in float32; in ``[0, 2]``, larger = the layer changes its input more.
     """
     if h_in.shape != h_out.shape:
-        raise ValueError(f"h_in and h_out shapes differ: {tuple(h_in.shape)} vs {tuple(h_out.shape)}")
+        raise ValueError(
+            f"h_in and h_out shapes differ: {tuple(h_in.shape)} vs {tuple(h_out.shape)}"
+        )
     cos = F.cosine_similarity(h_in.float(), h_out.float(), dim=-1, eps=1e-8)
     if mask is not None:
         cos = cos[mask.to(torch.bool).expand_as(cos)]
@@ -67,13 +69,19 @@ def model_fingerprint(obj: Any, model_class: Optional[str] = None) -> dict:
     ``get_text_config()`` is used when the names are not at the top. ``model_class``: the given
     name, else the config's ``architectures[0]``, else the type name of the model (or config).
     """
-    config = obj if _read(obj, _CONFIG_NAMES["n_layers"]) is not None else getattr(obj, "config", obj)
-    if _read(config, _CONFIG_NAMES["n_layers"]) is None and callable(getattr(config, "get_text_config", None)):
+    config = (
+        obj if _read(obj, _CONFIG_NAMES["n_layers"]) is not None else getattr(obj, "config", obj)
+    )
+    if _read(config, _CONFIG_NAMES["n_layers"]) is None and callable(
+        getattr(config, "get_text_config", None)
+    ):
         config = config.get_text_config()
     values = {key: _read(config, names) for key, names in _CONFIG_NAMES.items()}
     if values["n_kv_heads"] is None:
         values["n_kv_heads"] = values["n_heads"]
-    missing = [f"{key} (tried {', '.join(_CONFIG_NAMES[key])})" for key, v in values.items() if v is None]
+    missing = [
+        f"{key} (tried {', '.join(_CONFIG_NAMES[key])})" for key, v in values.items() if v is None
+    ]
     if missing:
         raise ValueError(f"cannot fingerprint {type(obj).__name__}: missing {'; '.join(missing)}")
     if model_class is None:
@@ -105,34 +113,56 @@ class LayerProfile:
     def __post_init__(self) -> None:
         importance = tuple(float(v) for v in self.importance)
         if not importance or not all(math.isfinite(v) for v in importance):
-            raise ValueError(f"importance must be a non-empty sequence of finite numbers, got {self.importance!r}")
+            raise ValueError(
+                f"importance must be a non-empty sequence of finite numbers, got {self.importance!r}"
+            )
         object.__setattr__(self, "importance", importance)
         object.__setattr__(self, "fingerprint", dict(self.fingerprint))
         object.__setattr__(self, "meta", dict(self.meta))
         n_layers = self.fingerprint.get("n_layers")
         if n_layers is not None and n_layers != len(importance):
-            raise ValueError(f"importance has {len(importance)} values but the fingerprint says {n_layers} layers")
-        if isinstance(self.version, bool) or not isinstance(self.version, int) or not 1 <= self.version <= PROFILE_VERSION:
-            raise ValueError(f"profile version {self.version!r} is not supported; this maskkv_compile reads "
-                             f"versions 1..{PROFILE_VERSION} (a newer one needs a newer maskkv_compile)")
+            raise ValueError(
+                f"importance has {len(importance)} values but the fingerprint says {n_layers} layers"
+            )
+        if (
+            isinstance(self.version, bool)
+            or not isinstance(self.version, int)
+            or not 1 <= self.version <= PROFILE_VERSION
+        ):
+            raise ValueError(
+                f"profile version {self.version!r} is not supported; this maskkv_compile reads "
+                f"versions 1..{PROFILE_VERSION} (a newer one needs a newer maskkv_compile)"
+            )
 
     @classmethod
-    def from_measurements(cls, per_prompt: Sequence[Sequence[float]], fingerprint: Mapping[str, Any],
-                          **meta: Any) -> "LayerProfile":
+    def from_measurements(
+        cls, per_prompt: Sequence[Sequence[float]], fingerprint: Mapping[str, Any], **meta: Any
+    ) -> "LayerProfile":
         """Average per-prompt importance lists (one value per layer each) into a profile;
         ``meta`` gets ``n_prompts`` plus whatever is passed (e.g. ``gen_length``)."""
         rows = torch.tensor([list(map(float, r)) for r in per_prompt], dtype=torch.float64)
         if rows.dim() != 2 or rows.shape[0] == 0:
-            raise ValueError("need at least one prompt's per-layer importance, all of the same length")
-        return cls(tuple(rows.mean(0).tolist()), dict(fingerprint), meta={"n_prompts": rows.shape[0], **meta})
+            raise ValueError(
+                "need at least one prompt's per-layer importance, all of the same length"
+            )
+        return cls(
+            tuple(rows.mean(0).tolist()),
+            dict(fingerprint),
+            meta={"n_prompts": rows.shape[0], **meta},
+        )
 
     @property
     def n_layers(self) -> int:
         return len(self.importance)
 
     def to_dict(self) -> dict:
-        return {"format": PROFILE_FORMAT, "version": self.version, "importance": list(self.importance),
-                "fingerprint": self.fingerprint, "meta": self.meta}
+        return {
+            "format": PROFILE_FORMAT,
+            "version": self.version,
+            "importance": list(self.importance),
+            "fingerprint": self.fingerprint,
+            "meta": self.meta,
+        }
 
     def save(self, path: Union[str, Path]) -> Path:
         """Write the profile as JSON; returns the path."""
@@ -149,21 +179,36 @@ class LayerProfile:
         """Read a profile written by :meth:`save`; refuses other files and newer versions."""
         data = json.loads(Path(path).read_text())
         if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
-            raise ValueError(f"{path} is not a MaskKV layer profile (expected format {PROFILE_FORMAT!r})")
+            raise ValueError(
+                f"{path} is not a MaskKV layer profile (expected format {PROFILE_FORMAT!r})"
+            )
         return cls.from_dict(data)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "LayerProfile":
         """The profile :meth:`to_dict` wrote (as saved inside a quality JSON too)."""
-        return cls(tuple(data["importance"]), data["fingerprint"], version=data["version"], meta=data.get("meta", {}))
+        return cls(
+            tuple(data["importance"]),
+            data["fingerprint"],
+            version=data["version"],
+            meta=data.get("meta", {}),
+        )
 
     def check_compatible(self, fingerprint: Union[Mapping[str, Any], Any]) -> None:
         """Raise :class:`ProfileMismatchError` naming both models unless ``fingerprint`` (a dict,
         or a model / config, fingerprinted with :func:`model_fingerprint`) matches this profile's."""
-        other = dict(fingerprint) if isinstance(fingerprint, Mapping) else model_fingerprint(fingerprint)
-        diffs = [f"{k}: {self.fingerprint.get(k)!r} vs {other.get(k)!r}"
-                 for k in sorted(set(self.fingerprint) | set(other)) if self.fingerprint.get(k) != other.get(k)]
+        other = (
+            dict(fingerprint)
+            if isinstance(fingerprint, Mapping)
+            else model_fingerprint(fingerprint)
+        )
+        diffs = [
+            f"{k}: {self.fingerprint.get(k)!r} vs {other.get(k)!r}"
+            for k in sorted(set(self.fingerprint) | set(other))
+            if self.fingerprint.get(k) != other.get(k)
+        ]
         if diffs:
             raise ProfileMismatchError(
                 f"layer profile was measured on {_describe(self.fingerprint)} but the model is {_describe(other)} "
-                f"(differs in {'; '.join(diffs)}); measure a profile for this model")
+                f"(differs in {'; '.join(diffs)}); measure a profile for this model"
+            )

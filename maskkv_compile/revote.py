@@ -81,8 +81,12 @@ def voters(layout: Layout, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
         per_row.append(v[layout.key_valid[b, v]])
     union = torch.unique(torch.cat(per_row))
     local = torch.searchsorted(rows, union)
-    if not bool((rows[local.clamp(max=rows.numel() - 1)] == union).all()):  # a voter the step does not compute
-        raise RuntimeError(f"re-vote voters {union.tolist()} are not all computed rows {rows.tolist()}")
+    if not bool(
+        (rows[local.clamp(max=rows.numel() - 1)] == union).all()
+    ):  # a voter the step does not compute
+        raise RuntimeError(
+            f"re-vote voters {union.tolist()} are not all computed rows {rows.tolist()}"
+        )
     return local, torch.stack([torch.isin(union, v) for v in per_row])
 
 
@@ -95,10 +99,14 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
     return host.copy_(tensor, non_blocking=True)
 
 
-def still_masked(tier: SecondTier, layout: Layout, ids: torch.Tensor, mask_token_id: int, shift: int) -> torch.Tensor:
+def still_masked(
+    tier: SecondTier, layout: Layout, ids: torch.Tensor, mask_token_id: int, shift: int
+) -> torch.Tensor:
     """(B, Rv): whether the position each voter predicts (its row + ``shift``) is still the mask
     token in ``ids`` (B, S). Computed on the device; nothing is read."""
-    positions = (layout.rows.index_select(0, tier.voter_idx) + shift).clamp(max=ids.shape[1] - 1)  # (Rv,)
+    positions = (layout.rows.index_select(0, tier.voter_idx) + shift).clamp(
+        max=ids.shape[1] - 1
+    )  # (Rv,)
     return ids.index_select(1, positions) == mask_token_id
 
 
@@ -111,8 +119,12 @@ def graph_inputs(tier: SecondTier, masked: Optional[torch.Tensor] = None) -> dic
     if masked is not None:
         narrowed = voter_valid & masked
         voter_valid = torch.where(narrowed.any(1, keepdim=True), narrowed, voter_valid)
-    extra = {"prompt_pos": tier.prompt_pos, "prompt_valid": tier.prompt_valid, "revoter_idx": tier.voter_idx,
-             "revoter_valid": voter_valid}
+    extra = {
+        "prompt_pos": tier.prompt_pos,
+        "prompt_valid": tier.prompt_valid,
+        "revoter_idx": tier.voter_idx,
+        "revoter_valid": voter_valid,
+    }
     for layer, (k, v) in enumerate(tier.prompt_kv):
         extra[f"prompt_k_{layer}"] = k.to(device, non_blocking=True)
         extra[f"prompt_v_{layer}"] = v.to(device, non_blocking=True)
@@ -132,9 +144,14 @@ def stats(tier: Optional[SecondTier]) -> Optional[dict]:
     if tier is None:
         return None
     first = tier.prompt_kv[0][0] if tier.prompt_kv else tier.prompt_pos
-    return {"bytes": tier.bytes, "layers": [k.nbytes + v.nbytes for k, v in tier.prompt_kv],
-            "prompt_len": int(tier.prompt_pos.numel()), "revotes": tier.revotes, "device": str(first.device),
-            "pinned": bool(first.is_pinned()) if first.device.type == "cpu" else False}
+    return {
+        "bytes": tier.bytes,
+        "layers": [k.nbytes + v.nbytes for k, v in tier.prompt_kv],
+        "prompt_len": int(tier.prompt_pos.numel()),
+        "revotes": tier.revotes,
+        "device": str(first.device),
+        "pinned": bool(first.is_pinned()) if first.device.type == "cpu" else False,
+    }
 
 
 @dataclass
@@ -165,7 +182,9 @@ class Revote(Feature):
             pairs = [(to_host(k), to_host(v)) for k, v in pairs]
         idx, valid = voters(session.layout, self.shift)
         layout = session.layout
-        session.state[self.name].tier = SecondTier(pairs, layout.prompt_idx, layout.prompt_valid, idx, valid)
+        session.state[self.name].tier = SecondTier(
+            pairs, layout.prompt_idx, layout.prompt_valid, idx, valid
+        )
 
     def step_graph(self, session: Session, plan: Plan, call: Call, inputs: dict) -> Optional[str]:
         tier = session.state[self.name].tier
@@ -181,8 +200,9 @@ class Revote(Feature):
         if "reselected" not in named:
             return
         for layer, (k, v, length, pos) in enumerate(named["reselected"]):
-            session.layers[layer] = dataclasses.replace(session.layers[layer], kept_k=k, kept_v=v, kept_len=length,
-                                                        kept_pos=pos)
+            session.layers[layer] = dataclasses.replace(
+                session.layers[layer], kept_k=k, kept_v=v, kept_len=length, kept_pos=pos
+            )
         session.state[self.name].tier.revotes += 1
 
     def stats(self, session: Optional[Session]) -> dict:

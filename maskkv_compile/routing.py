@@ -54,7 +54,9 @@ class Transition(str, enum.Enum):
     RESTART = "restart"  # prefill of a new generation of a live session's prompt
     REFRESH = "refresh"  # prefill on a live session's layout (``prompt_refresh``)
     STEP = "step"  # the step graph over every computed row
-    BLOCK_REFRESH = "block_refresh"  # the step graph over every row; the block's dual cache is built
+    BLOCK_REFRESH = (
+        "block_refresh"  # the step graph over every row; the block's dual cache is built
+    )
     BLOCK_STEP = "block_step"  # the step graph over the current block's rows
     UNCACHED = "uncached"  # a prefill whose session cannot be kept (``Plan.reason`` says why)
 
@@ -66,17 +68,29 @@ class Transition(str, enum.Enum):
 class Fallback(str, enum.Enum):
     """Why a call ran slower than the cached path; each is counted and warned once."""
 
-    NO_PROMPT = "a row has no prompt (an all-mask row copying no conditional row): prefill without a cache"
-    WEIGHTS_CHANGED = "the model's weights changed since the prefill: the prompt was prefilled again"
-    SESSION_DROPPED = ("a prompt whose session was dropped (more than max_sessions prompts in turn) came back: "
-                       "prefilled again; raise max_sessions to keep them all")
-    BLOCK_GRID = ("the dual cache is off for this prompt: its response length is not a multiple of "
-                  "block_length (a generation resumed after its cache was lost, or a loop whose blocks "
-                  "do not tile the response), so the loop's block grid cannot be told; plain steps run")
-    BLOCK_OFF_GRID = ("the dual cache is off for this prompt: the loop committed a token outside the block "
-                      "being computed, so it does not denoise block by block with block_length; plain steps run")
-    RAGGED_BLOCKS = ("the dual cache is off for this prompt: rows have different numbers of response "
-                     "positions; plain steps run")
+    NO_PROMPT = (
+        "a row has no prompt (an all-mask row copying no conditional row): prefill without a cache"
+    )
+    WEIGHTS_CHANGED = (
+        "the model's weights changed since the prefill: the prompt was prefilled again"
+    )
+    SESSION_DROPPED = (
+        "a prompt whose session was dropped (more than max_sessions prompts in turn) came back: "
+        "prefilled again; raise max_sessions to keep them all"
+    )
+    BLOCK_GRID = (
+        "the dual cache is off for this prompt: its response length is not a multiple of "
+        "block_length (a generation resumed after its cache was lost, or a loop whose blocks "
+        "do not tile the response), so the loop's block grid cannot be told; plain steps run"
+    )
+    BLOCK_OFF_GRID = (
+        "the dual cache is off for this prompt: the loop committed a token outside the block "
+        "being computed, so it does not denoise block by block with block_length; plain steps run"
+    )
+    RAGGED_BLOCKS = (
+        "the dual cache is off for this prompt: rows have different numbers of response "
+        "positions; plain steps run"
+    )
 
 
 @dataclass(frozen=True)
@@ -95,7 +109,9 @@ class SessionFacts:
 
     continues: bool
     restarted: bool = False
-    current_block: Optional[int] = None  # lowest block holding a mask (None: none left / no dual cache)
+    current_block: Optional[int] = (
+        None  # lowest block holding a mask (None: none left / no dual cache)
+    )
     off_grid: bool = False  # a token was committed outside the cached block since the last call
 
 
@@ -124,13 +140,19 @@ class Plan:
     leave_dual_cache: bool = False  # the session stops using the dual cache (``fallback`` says why)
 
 
-def decide(sessions: Sequence[SessionState], facts: Sequence[Optional[SessionFacts]], call: CallFacts,
-           policy: Policy) -> Plan:
+def decide(
+    sessions: Sequence[SessionState],
+    facts: Sequence[Optional[SessionFacts]],
+    call: CallFacts,
+    policy: Policy,
+) -> Plan:
     """The plan for one call. ``facts[i]`` is None when host facts already rule session i out
     (another shape or device). A NEW plan may still become UNCACHED once its layout is known
     (:func:`new_prompt`)."""
     stale = tuple(i for i, s in enumerate(sessions) if s.weights != call.weights)
-    match = next((i for i, f in enumerate(facts) if f is not None and f.continues and i not in stale), None)
+    match = next(
+        (i for i, f in enumerate(facts) if f is not None and f.continues and i not in stale), None
+    )
     if match is None:
         continued_stale = any(facts[i] is not None and facts[i].continues for i in stale)
         fallback = Fallback.WEIGHTS_CHANGED if continued_stale else call.dropped
@@ -141,11 +163,23 @@ def decide(sessions: Sequence[SessionState], facts: Sequence[Optional[SessionFac
     if policy.prompt_refresh is not None and state.steps_since_prefill + 1 >= policy.prompt_refresh:
         return Plan(Transition.REFRESH, match, stale=stale)
     if state.dual_cache and fact.off_grid:
-        return Plan(Transition.STEP, match, stale=stale, fallback=Fallback.BLOCK_OFF_GRID, leave_dual_cache=True)
+        return Plan(
+            Transition.STEP,
+            match,
+            stale=stale,
+            fallback=Fallback.BLOCK_OFF_GRID,
+            leave_dual_cache=True,
+        )
     if state.dual_cache and fact.current_block is not None:
         if fact.current_block == state.cached_block:
             return Plan(Transition.BLOCK_STEP, match, fact.current_block, stale=stale)
-        return Plan(Transition.BLOCK_REFRESH, match, fact.current_block, revote=policy.revote == "block", stale=stale)
+        return Plan(
+            Transition.BLOCK_REFRESH,
+            match,
+            fact.current_block,
+            revote=policy.revote == "block",
+            stale=stale,
+        )
     every = policy.revote if isinstance(policy.revote, int) else None
     due = every is not None and (state.steps_since_prefill + 1) % every == 0
     return Plan(Transition.STEP, match, revote=due, stale=stale)

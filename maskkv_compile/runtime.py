@@ -60,17 +60,37 @@ from maskkv_compile.layout import Layout, NoMaskTokenError, infer_layout
 from maskkv_compile.passes.base import output_groups, split_outputs
 from maskkv_compile.pipeline import MaskKVGraphs, build_graphs
 from maskkv_compile.policies import format_budget_table
-from maskkv_compile.revote import Revote, dynamic_dims as revote_dynamic_dims
-from maskkv_compile.routing import CallFacts, Fallback, Plan, Policy, SessionFacts, SessionState, Transition, decide, new_prompt
+from maskkv_compile.revote import Revote
+from maskkv_compile.revote import dynamic_dims as revote_dynamic_dims
+from maskkv_compile.routing import (
+    CallFacts,
+    Fallback,
+    Plan,
+    Policy,
+    SessionFacts,
+    SessionState,
+    Transition,
+    decide,
+    new_prompt,
+)
 from maskkv_compile.session import Call, LayerCache, Session, padded_caches, weight_signature
 
-__all__ = ["CacheFallbackWarning", "LayerCache", "MaskKVRuntime", "NoMaskTokenError", "Transition", "padding",
-           "response_logits_only"]
+__all__ = [
+    "CacheFallbackWarning",
+    "LayerCache",
+    "MaskKVRuntime",
+    "NoMaskTokenError",
+    "Transition",
+    "padding",
+    "response_logits_only",
+]
 
 log = logging.getLogger("maskkv_compile.runtime")
 
 _RESPONSE_ONLY = contextvars.ContextVar("maskkv_response_logits_only", default=False)
-_KEY_VALID: contextvars.ContextVar[Optional[torch.Tensor]] = contextvars.ContextVar("maskkv_key_valid", default=None)
+_KEY_VALID: contextvars.ContextVar[Optional[torch.Tensor]] = contextvars.ContextVar(
+    "maskkv_key_valid", default=None
+)
 
 
 class CacheFallbackWarning(UserWarning):
@@ -108,8 +128,13 @@ class Counts:
     fallbacks: Counter = field(default_factory=Counter)  # Fallback names -> calls
 
     def add(self, other: "Counts") -> "Counts":
-        return Counts(self.prefills + other.prefills, self.steps + other.steps, self.transitions + other.transitions,
-                      self.revotes + other.revotes, self.fallbacks + other.fallbacks)
+        return Counts(
+            self.prefills + other.prefills,
+            self.steps + other.steps,
+            self.transitions + other.transitions,
+            self.revotes + other.revotes,
+            self.fallbacks + other.fallbacks,
+        )
 
 
 def _is_weight(name: str) -> bool:
@@ -125,9 +150,13 @@ class MaskKVRuntime:
         self.config = config
         self.mask_token_id = mask_token_id
         self.sessions: list[Session] = []
-        self.dropped: list[Session] = []  # sessions pushed out by max_sessions, without their caches
+        self.dropped: list[
+            Session
+        ] = []  # sessions pushed out by max_sessions, without their caches
         self.counts = Counts()
-        self.last_session: Optional[Session] = None  # the session the last call ran on (None: uncached)
+        self.last_session: Optional[Session] = (
+            None  # the session the last call ran on (None: uncached)
+        )
         self._warned: set[Fallback] = set()
         info = graphs.info
         placeholders = [n for n in graphs.canonical.graph.nodes if n.op == "placeholder"]
@@ -135,29 +164,53 @@ class MaskKVRuntime:
         self.tokens_pos = names.index(info.tokens)
         self.per_token_pos = [names.index(name) for name in info.per_token]
         fixed = {self.tokens_pos, *self.per_token_pos}
-        tensors = [i for i, n in enumerate(placeholders)
-                   if isinstance(n.meta.get("example_value", n.meta.get("val")), torch.Tensor) and i not in fixed]
+        tensors = [
+            i
+            for i, n in enumerate(placeholders)
+            if isinstance(n.meta.get("example_value", n.meta.get("val")), torch.Tensor)
+            and i not in fixed
+        ]
         self.weight_pos = [i for i in tensors if _is_weight(names[i])]
         self.other_pos = [i for i in tensors if not _is_weight(names[i])]
         self.routing = Policy(prompt_refresh=config.prompt_refresh, revote=config.revote)
         self.features = []  # in hook order: re-selection first, so the dual cache merges the new selection
         if graphs.revote is not None:
-            self.features.append(Revote(config.logits_shift, config.second_tier, config.revote_voters, mask_token_id))
+            self.features.append(
+                Revote(config.logits_shift, config.second_tier, config.revote_voters, mask_token_id)
+            )
         if config.block_length is not None:
             self.features.append(DualCache(config.block_length, config.logits_shift, mask_token_id))
         self.dual = next((f for f in self.features if isinstance(f, DualCache)), None)
-        per_row = {name: (1,) for name in ("key_valid", "voter_valid", "prompt_valid", "resp_valid")}
-        step_dynamic = {"resp_idx": (0,), **per_row,
-                        **{f"kept_{kv}_{i}": (2,) for i in range(len(graphs.sites)) for kv in "kv"}}
+        per_row = {
+            name: (1,) for name in ("key_valid", "voter_valid", "prompt_valid", "resp_valid")
+        }
+        step_dynamic = {
+            "resp_idx": (0,),
+            **per_row,
+            **{f"kept_{kv}_{i}": (2,) for i in range(len(graphs.sites)) for kv in "kv"},
+        }
         self._graphs = {
-            "prefill": (self._compile(graphs.prefill, {"resp_idx": (0,), "voter_idx": (0,), "prompt_idx": (0,), **per_row}),
-                        graphs.prefill_inputs, output_groups(graphs.prefill)),
-            "step": (self._compile(graphs.step, step_dynamic), graphs.step_inputs, output_groups(graphs.step)),
+            "prefill": (
+                self._compile(
+                    graphs.prefill,
+                    {"resp_idx": (0,), "voter_idx": (0,), "prompt_idx": (0,), **per_row},
+                ),
+                graphs.prefill_inputs,
+                output_groups(graphs.prefill),
+            ),
+            "step": (
+                self._compile(graphs.step, step_dynamic),
+                graphs.step_inputs,
+                output_groups(graphs.step),
+            ),
         }
         if graphs.revote is not None:  # the step graph that also re-selects (revote.py)
             dynamic = {**step_dynamic, **revote_dynamic_dims(len(graphs.sites))}
-            self._graphs["revote"] = (self._compile(graphs.revote, dynamic), graphs.revote_inputs,
-                                      output_groups(graphs.revote))
+            self._graphs["revote"] = (
+                self._compile(graphs.revote, dynamic),
+                graphs.revote_inputs,
+                output_groups(graphs.revote),
+            )
 
     def compiled(self, graph: str):
         """The runnable of one graph ("prefill", "step", "revote"): an ``InductorGraph`` (its
@@ -172,8 +225,12 @@ class MaskKVRuntime:
         if self.config.backend == "eager":
             return gm
         info = self.graphs.info
-        dynamic = {info.tokens: (1,), **{name: (1,) for name in info.per_token}, **{name: SEQ for name in info.seq_symbols},
-                   **dynamic_extra}
+        dynamic = {
+            info.tokens: (1,),
+            **{name: (1,) for name in info.per_token},
+            **{name: SEQ for name in info.seq_symbols},
+            **dynamic_extra,
+        }
         return InductorGraph(gm, dynamic, info.tokens)
 
     def reset(self) -> None:
@@ -189,8 +246,15 @@ class MaskKVRuntime:
         key_valid = _KEY_VALID.get()
         if key_valid is None or key_valid.shape != ids.shape:
             key_valid = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
-        return Call(args, ids, [args[i] for i in self.per_token_pos], [args[i] for i in self.other_pos], key_valid,
-                    weight_signature([args[i] for i in self.weight_pos]), ids == self.mask_token_id)
+        return Call(
+            args,
+            ids,
+            [args[i] for i in self.per_token_pos],
+            [args[i] for i in self.other_pos],
+            key_valid,
+            weight_signature([args[i] for i in self.weight_pos]),
+            ids == self.mask_token_id,
+        )
 
     def _facts(self, call: Call) -> tuple[list[Optional[SessionFacts]], Optional[Fallback]]:
         """Every live session's facts, and whether the call continues a dropped session, from
@@ -210,27 +274,48 @@ class MaskKVRuntime:
         for key in keys:
             read.append(None if key is None else dict(zip(key, (next(values) for _ in key))))
         live, dropped = read[: len(self.sessions)], read[len(self.sessions) :]
-        facts = [None if f is None else SessionFacts(
-            continues=bool(f["continues"]), restarted=bool(f["restarted"]),
-            current_block=f["current_block"] if f.get("current_block", -1) >= 0 else None,
-            off_grid=bool(f.get("off_grid", 0))) for f in live]
+        facts = [
+            None
+            if f is None
+            else SessionFacts(
+                continues=bool(f["continues"]),
+                restarted=bool(f["restarted"]),
+                current_block=f["current_block"] if f.get("current_block", -1) >= 0 else None,
+                off_grid=bool(f.get("off_grid", 0)),
+            )
+            for f in live
+        ]
         came_back = any(f is not None and f["continues"] for f in dropped)
         return facts, Fallback.SESSION_DROPPED if came_back else None
 
     def _state(self, session: Session) -> SessionState:
         dual = self.dual is not None and self.dual.active(session)
-        return SessionState(session.steps_since_prefill, self.dual.cached_block(session) if dual else None, dual,
-                            session.weights)
+        return SessionState(
+            session.steps_since_prefill,
+            self.dual.cached_block(session) if dual else None,
+            dual,
+            session.weights,
+        )
 
     # -- 2. decision, 3. execution ------------------------------------------------------------
     def __call__(self, *args):
         with torch.no_grad():
             call = self._call(args)
             facts, dropped = self._facts(call)
-            plan = decide([self._state(s) for s in self.sessions], facts, CallFacts(call.weights, dropped), self.routing)
+            plan = decide(
+                [self._state(s) for s in self.sessions],
+                facts,
+                CallFacts(call.weights, dropped),
+                self.routing,
+            )
             session, plan = self._session_for(plan, call)
-            log.debug("%s: %s (prompt %s, response %s)", plan.transition.value, tuple(call.ids.shape),
-                      session.layout.prompt_lens, session.layout.response_lens)
+            log.debug(
+                "%s: %s (prompt %s, response %s)",
+                plan.transition.value,
+                tuple(call.ids.shape),
+                session.layout.prompt_lens,
+                session.layout.response_lens,
+            )
             self.counts.transitions[plan.transition.value] += 1
             if plan.fallback is not None:
                 self._fall_back(plan.fallback)
@@ -245,7 +330,9 @@ class MaskKVRuntime:
     def _session_for(self, plan: Plan, call: Call) -> tuple[Session, Plan]:
         """The session the plan runs on: a live one, or a new one (which may turn the plan UNCACHED)."""
         live = list(self.sessions)
-        if plan.stale:  # their prefill ran with other weights: never continued, never a CFG reference
+        if (
+            plan.stale
+        ):  # their prefill ran with other weights: never continued, never a CFG reference
             self.sessions = [s for i, s in enumerate(live) if i not in plan.stale]
         if plan.session is not None:
             session = live[plan.session]
@@ -255,18 +342,29 @@ class MaskKVRuntime:
                 return session, plan
         layout = self._new_layout(call)
         plan = new_prompt(plan, layout.has_prompt)
-        session = Session(layout, call.ids, call.masked, [x.clone() for x in call.per_token],
-                          [x.clone() for x in call.others],
-                          call.weights)
+        session = Session(
+            layout,
+            call.ids,
+            call.masked,
+            [x.clone() for x in call.per_token],
+            [x.clone() for x in call.others],
+            call.weights,
+        )
         for feature in self.features:
             fallback = feature.start(session)
             if fallback is not None and plan.transition is not Transition.UNCACHED:
                 self._fall_back(fallback)
         if plan.transition is not Transition.UNCACHED:
             self.sessions.insert(0, session)
-            for old in self.sessions[self.config.max_sessions :]:  # remembered without caches, to say why
-                self.dropped.insert(0, Session(old.layout, old.ids, old.masked, old.per_token, old.others,
-                                                   old.weights))
+            for old in self.sessions[
+                self.config.max_sessions :
+            ]:  # remembered without caches, to say why
+                self.dropped.insert(
+                    0,
+                    Session(
+                        old.layout, old.ids, old.masked, old.per_token, old.others, old.weights
+                    ),
+                )
             del self.sessions[self.config.max_sessions :]
             del self.dropped[self.config.max_sessions :]
         return session, plan
@@ -274,15 +372,30 @@ class MaskKVRuntime:
     def _new_layout(self, call: Call) -> Layout:
         """The layout of a new prompt; CFG's unconditional half sent in its own call is read as a
         masked copy of the previous call's session only (``layout.py``)."""
-        def same(s: Session) -> bool:
-            return (s.ids.shape == call.ids.shape and s.ids.device == call.ids.device
-                    and torch.equal(s.layout.key_valid, call.key_valid))
 
-        previous = self.last_session if self.last_session in self.sessions and same(self.last_session) else None
+        def same(s: Session) -> bool:
+            return (
+                s.ids.shape == call.ids.shape
+                and s.ids.device == call.ids.device
+                and torch.equal(s.layout.key_valid, call.key_valid)
+            )
+
+        previous = (
+            self.last_session
+            if self.last_session in self.sessions and same(self.last_session)
+            else None
+        )
         others = [(s.ids, s.layout) for s in self.sessions if s is not previous and same(s)]
-        return infer_layout(call.ids, call.key_valid, self.mask_token_id, shift=self.config.logits_shift,
-                            policy=self.config.policy, window=self.config.window,
-                            previous=None if previous is None else (previous.ids, previous.layout), others=others)
+        return infer_layout(
+            call.ids,
+            call.key_valid,
+            self.mask_token_id,
+            shift=self.config.logits_shift,
+            policy=self.config.policy,
+            window=self.config.window,
+            previous=None if previous is None else (previous.ids, previous.layout),
+            others=others,
+        )
 
     def _fall_back(self, fallback: Fallback) -> None:
         self.counts.fallbacks[fallback.name.lower()] += 1
@@ -297,9 +410,15 @@ class MaskKVRuntime:
 
     @staticmethod
     def _per_row_inputs(layout: Layout) -> dict:
-        return {"resp_idx": layout.rows, "key_valid": layout.key_valid, "resp_valid": layout.resp_valid,
-                "voter_idx": layout.voter_idx, "voter_valid": layout.voter_valid,
-                "prompt_idx": layout.prompt_idx, "prompt_valid": layout.prompt_valid}
+        return {
+            "resp_idx": layout.rows,
+            "key_valid": layout.key_valid,
+            "resp_valid": layout.resp_valid,
+            "voter_idx": layout.voter_idx,
+            "voter_valid": layout.voter_valid,
+            "prompt_idx": layout.prompt_idx,
+            "prompt_valid": layout.prompt_valid,
+        }
 
     def _run_prefill(self, call: Call, session: Session):
         inputs = self._per_row_inputs(session.layout)
@@ -323,7 +442,11 @@ class MaskKVRuntime:
             view = feature.step_view(session, plan) or view
         layout = session.layout if view is None else view.layout
         inputs = self._per_row_inputs(layout)
-        kept = [(c.kept_k, c.kept_v, c.kept_len) for c in session.layers] if view is None else view.kept
+        kept = (
+            [(c.kept_k, c.kept_v, c.kept_len) for c in session.layers]
+            if view is None
+            else view.kept
+        )
         for layer, (k, v, length) in enumerate(kept):
             inputs.update({f"kept_k_{layer}": k, f"kept_v_{layer}": v, f"kept_len_{layer}": length})
         graph = "step"
@@ -335,7 +458,9 @@ class MaskKVRuntime:
         self.counts.revotes += graph == "revote"
         session.steps_since_prefill += 1
         self.counts.steps += 1
-        return self._with_logits(base, base[self.graphs.info.logits_index], session, None if view is None else view.block)
+        return self._with_logits(
+            base, base[self.graphs.info.logits_index], session, None if view is None else view.block
+        )
 
     def _with_logits(self, outputs, logits: torch.Tensor, session: Session, block=None):
         """The (B, C, V) logits of the computed rows, as the caller's contract wants them."""
@@ -348,7 +473,9 @@ class MaskKVRuntime:
                 )
             logits = _read_rows(logits, layout.read_plan)  # (B, R, V)
             if block is not None:  # (B, n, V) of the block -> (B, R, V), zeros outside it
-                full = logits.new_zeros((logits.shape[0], session.layout.response_lens[0], logits.shape[-1]))
+                full = logits.new_zeros(
+                    (logits.shape[0], session.layout.response_lens[0], logits.shape[-1])
+                )
                 full[:, block.start : block.stop] = logits
                 logits = full
         else:
@@ -380,10 +507,20 @@ class MaskKVRuntime:
         ``block_length``, the dual cache of the current block.
         """
         session = self.last_session
-        stats = {"policy": self.config.policy, "config": self.config.describe(),
-                 "layer_allocation": self.config.layer_allocation, "prompt_len": 0, "response_len": 0, "layers": [], "bytes": 0,
-                 "valid_bytes": 0, "uniform_bytes": 0, **self.count_stats(self.counts),
-                 "block_cache": None, "second_tier": None}
+        stats = {
+            "policy": self.config.policy,
+            "config": self.config.describe(),
+            "layer_allocation": self.config.layer_allocation,
+            "prompt_len": 0,
+            "response_len": 0,
+            "layers": [],
+            "bytes": 0,
+            "valid_bytes": 0,
+            "uniform_bytes": 0,
+            **self.count_stats(self.counts),
+            "block_cache": None,
+            "second_tier": None,
+        }
         for feature in self.features:
             stats.update(feature.stats(session))
         if session is None:
@@ -391,37 +528,57 @@ class MaskKVRuntime:
         prompt_lens, response_lens = session.layout.prompt_lens, session.layout.response_lens
         layers = []
         for site, cache in zip(self.graphs.sites, session.layers):
-            entry = (cache.kept_k.shape[-1] + cache.kept_v.shape[-1]) * cache.kept_k.element_size()  # one (k, v) pair
+            entry = (
+                cache.kept_k.shape[-1] + cache.kept_v.shape[-1]
+            ) * cache.kept_k.element_size()  # one (k, v) pair
             kept = cache.kept_len.tolist()
-            layers.append({
-                "layer": site.layer,
-                "module": site.module_path,
-                "kept_per_kv_head": kept[0],
-                "kept_per_row": kept,
-                "padded_to": int(cache.kept_k.shape[2]),
-                "bytes": cache.kept_k.nbytes + cache.kept_v.nbytes,
-                "valid_bytes": int(cache.kept_len.sum()) * entry,
-                "uniform_bytes": site.kv_heads * sum(min(self.config.budget, p) for p in prompt_lens) * entry,
-            })
-        stats.update({
-            "prompt_len": max(prompt_lens),
-            "response_len": max(response_lens),
-            "prompt_lens": prompt_lens,
-            "response_lens": response_lens,
-            "layers": layers,
-            **{key: sum(layer[key] for layer in layers) for key in ("bytes", "valid_bytes", "uniform_bytes")},
-        })
+            layers.append(
+                {
+                    "layer": site.layer,
+                    "module": site.module_path,
+                    "kept_per_kv_head": kept[0],
+                    "kept_per_row": kept,
+                    "padded_to": int(cache.kept_k.shape[2]),
+                    "bytes": cache.kept_k.nbytes + cache.kept_v.nbytes,
+                    "valid_bytes": int(cache.kept_len.sum()) * entry,
+                    "uniform_bytes": site.kv_heads
+                    * sum(min(self.config.budget, p) for p in prompt_lens)
+                    * entry,
+                }
+            )
+        stats.update(
+            {
+                "prompt_len": max(prompt_lens),
+                "response_len": max(response_lens),
+                "prompt_lens": prompt_lens,
+                "response_lens": response_lens,
+                "layers": layers,
+                **{
+                    key: sum(layer[key] for layer in layers)
+                    for key in ("bytes", "valid_bytes", "uniform_bytes")
+                },
+            }
+        )
         return stats
 
     @staticmethod
     def count_stats(counts: Counts) -> dict:
-        return {"prefills": counts.prefills, "steps": counts.steps, "transitions": dict(counts.transitions),
-                "revotes": counts.revotes, "fallbacks": dict(counts.fallbacks)}
+        return {
+            "prefills": counts.prefills,
+            "steps": counts.steps,
+            "transitions": dict(counts.transitions),
+            "revotes": counts.revotes,
+            "fallbacks": dict(counts.fallbacks),
+        }
 
     def budget_table(self) -> str:
         """Layers x KV heads kept, for the first row of the last prompt."""
         session = self.last_session
-        return format_budget_table([cache.kept_len[0] for cache in session.layers]) if session else "(no prompt yet)"
+        return (
+            format_budget_table([cache.kept_len[0] for cache in session.layers])
+            if session
+            else "(no prompt yet)"
+        )
 
 
 def _read_rows(logits: torch.Tensor, plan: tuple[str, Optional[torch.Tensor]]) -> torch.Tensor:

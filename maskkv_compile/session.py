@@ -71,11 +71,16 @@ def weight_signature(tensors: list) -> tuple:
     from tensor metadata only: about 40 us for a model of 300 tensors."""
     try:
         versions = tuple([t._version for t in tensors])
-    except RuntimeError:  # an inference tensor keeps no version counter: its storage is what we have
+    except (
+        RuntimeError
+    ):  # an inference tensor keeps no version counter: its storage is what we have
         versions = ()
     try:
         storage = tuple([t.data_ptr() for t in tensors])
-    except (RuntimeError, NotImplementedError):  # a wrapper subclass (DTensor) has no storage of its own
+    except (
+        RuntimeError,
+        NotImplementedError,
+    ):  # a wrapper subclass (DTensor) has no storage of its own
         storage = tuple([id(t) for t in tensors])
     return versions, storage
 
@@ -91,7 +96,9 @@ class Session:
     layers: list[LayerCache] = field(default_factory=list)
     steps_since_prefill: int = 0
     logits_buffer: Optional[torch.Tensor] = None  # (B, S, V) with config.reuse_logits
-    state: dict[str, Any] = field(default_factory=dict)  # feature name -> its state for this session
+    state: dict[str, Any] = field(
+        default_factory=dict
+    )  # feature name -> its state for this session
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -115,10 +122,17 @@ class Session:
 
     def matches(self, call: Call) -> bool:
         """Host facts allow the call to continue this session (shape, device, inputs)."""
-        return (self.layout.has_prompt and call.ids.shape == self.ids.shape and call.ids.device == self.ids.device
-                and len(call.per_token) == len(self.per_token) and len(call.others) == len(self.others)
-                and all(x.shape == y.shape for x, y in zip(call.per_token, self.per_token))
-                and all(x.shape == y.shape and x.dtype == y.dtype for x, y in zip(call.others, self.others)))
+        return (
+            self.layout.has_prompt
+            and call.ids.shape == self.ids.shape
+            and call.ids.device == self.ids.device
+            and len(call.per_token) == len(self.per_token)
+            and len(call.others) == len(self.others)
+            and all(x.shape == y.shape for x, y in zip(call.per_token, self.per_token))
+            and all(
+                x.shape == y.shape and x.dtype == y.dtype for x, y in zip(call.others, self.others)
+            )
+        )
 
     def continues(self, call: Call) -> torch.Tensor:
         """0-d bool on the call's device: the call has this session's padding, and its tokens,
@@ -126,7 +140,9 @@ class Session:
         Computed without reading the device (routing reads every fact of a call at once)."""
         layout = self.layout
         prompt = layout.prompt  # (B, S)
-        differs = (call.key_valid != layout.key_valid).any() | (prompt & (call.ids != self.ids)).any()
+        differs = (call.key_valid != layout.key_valid).any() | (
+            prompt & (call.ids != self.ids)
+        ).any()
         for x, y in zip(call.per_token, self.per_token):
             at_prompt = prompt.view(*prompt.shape, *[1] * (x.dim() - 2))  # (B, S, 1, ...)
             differs = differs | (at_prompt & (x != y)).any()

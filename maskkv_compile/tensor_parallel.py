@@ -68,10 +68,17 @@ def fake_like(value, shape) -> torch.Tensor:
     if tuple(shape) != tuple(value.shape):
         raise TensorParallelError(
             f"a DTensor graph input of shape {tuple(value.shape)} varies with the sequence length; MaskKV supports "
-            "tensor parallelism of the weights only (no sequence parallelism)")
+            "tensor parallelism of the weights only (no sequence parallelism)"
+        )
     local = torch.zeros(value.to_local().shape, dtype=value.dtype)
-    return DTensor.from_local(local, value.device_mesh, value.placements, run_check=False, shape=value.shape,
-                              stride=value.stride())
+    return DTensor.from_local(
+        local,
+        value.device_mesh,
+        value.placements,
+        run_check=False,
+        shape=value.shape,
+        stride=value.stride(),
+    )
 
 
 def real_object(value):
@@ -99,10 +106,14 @@ def _mesh_shard(mesh, placements) -> Optional[HeadShard]:
     if not dims:
         return None
     if len(dims) > 1:
-        raise TensorParallelError(f"the attention output is sharded over several mesh dims ({placements}); "
-                                  "MaskKV supports heads split over one mesh dim")
+        raise TensorParallelError(
+            f"the attention output is sharded over several mesh dims ({placements}); "
+            "MaskKV supports heads split over one mesh dim"
+        )
     dim = dims[0]
-    return HeadShard(mesh.get_group(dim).group_name, int(mesh.get_local_rank(dim)), int(mesh.size(dim)))
+    return HeadShard(
+        mesh.get_group(dim).group_name, int(mesh.get_local_rank(dim)), int(mesh.size(dim))
+    )
 
 
 def _group_shard(group_name: str) -> HeadShard:
@@ -126,16 +137,29 @@ def head_sharding(node: fx.Node) -> Optional[HeadShard]:
         following = []
         for current in frontier:
             for user in current.users:
-                if user.op == "call_function" and getattr(user.target, "__name__", "") == "from_local":
-                    placements = user.args[2] if len(user.args) > 2 else user.kwargs.get("placements")
+                if (
+                    user.op == "call_function"
+                    and getattr(user.target, "__name__", "") == "from_local"
+                ):
+                    placements = (
+                        user.args[2] if len(user.args) > 2 else user.kwargs.get("placements")
+                    )
                     mesh = user.args[1] if len(user.args) > 1 else user.kwargs.get("device_mesh")
-                    return _mesh_shard(example_value(mesh) if isinstance(mesh, fx.Node) else mesh, placements)
+                    return _mesh_shard(
+                        example_value(mesh) if isinstance(mesh, fx.Node) else mesh, placements
+                    )
                 if _is_funcol(user, "all_reduce"):
                     return _group_shard(user.args[2])
                 layout = (user.op == "call_method" and user.target in _LAYOUT_METHODS) or (
-                    user.op == "call_function" and user.target in _LAYOUT_FUNCTIONS)
+                    user.op == "call_function" and user.target in _LAYOUT_FUNCTIONS
+                )
                 projection = user.op == "call_function" and user.target in (
-                    torch._C._nn.linear, torch.nn.functional.linear, torch.matmul, operator.matmul, operator.add)
+                    torch._C._nn.linear,
+                    torch.nn.functional.linear,
+                    torch.matmul,
+                    operator.matmul,
+                    operator.add,
+                )
                 if layout or projection:
                     following.append(user)
         if not following:
@@ -148,7 +172,9 @@ def check_divides(node: fx.Node, heads: int, kv_heads: int, shard: HeadShard) ->
     """Even split: each rank holds ``heads`` query and ``kv_heads`` KV heads, so the global
     counts are ``world`` times these. (An uneven split fails in the gather; see check_model.)"""
     if heads % kv_heads:
-        raise TensorParallelError(f"{node.name}: {heads} local query heads are not a multiple of {kv_heads} local KV heads")
+        raise TensorParallelError(
+            f"{node.name}: {heads} local query heads are not a multiple of {kv_heads} local KV heads"
+        )
 
 
 # ---------------------------------------------------------------- graph-wide checks
@@ -160,11 +186,15 @@ def collective_signature(gm: fx.GraphModule) -> list[str]:
     out = []
     for node in gm.graph.nodes:
         if node.op == "call_function" and str(node.target).startswith("_c10d_functional."):
-            out.append(f"{node.target}{tuple(a for a in node.args[1:] if not isinstance(a, fx.Node))}")
+            out.append(
+                f"{node.target}{tuple(a for a in node.args[1:] if not isinstance(a, fx.Node))}"
+            )
         elif node.op == "call_method" and node.target == "redistribute":
             out.append(f"redistribute{node.kwargs.get('placements', node.args[1:])}")
         elif node.op == "call_function" and getattr(node.target, "__name__", "") == "from_local":
-            out.append(f"from_local{node.args[2] if len(node.args) > 2 else node.kwargs.get('placements')}")
+            out.append(
+                f"from_local{node.args[2] if len(node.args) > 2 else node.kwargs.get('placements')}"
+            )
     return out
 
 
@@ -176,7 +206,8 @@ def check_collectives_preserved(captured: fx.GraphModule, **derived: fx.GraphMod
         if got != want:
             raise RuntimeError(
                 f"the {name} graph's collectives differ from the captured graph's (a pass moved, dropped or duplicated "
-                f"one; please report this):\n  captured: {want}\n  {name}: {got}")
+                f"one; please report this):\n  captured: {want}\n  {name}: {got}"
+            )
 
 
 def check_local_attention(sites) -> None:
@@ -185,7 +216,8 @@ def check_local_attention(sites) -> None:
         if any(is_dtensor(example_value(arg)) for arg in node.args[:3] if isinstance(arg, fx.Node)):
             raise TensorParallelError(
                 f"the attention at {site.module_path} computes on DTensors; MaskKV needs each rank's local heads as "
-                "plain tensors: shard q/k/v with ColwiseParallel(use_local_output=True) (the default)")
+                "plain tensors: shard q/k/v with ColwiseParallel(use_local_output=True) (the default)"
+            )
 
 
 _MIXED = "mixed torch.Tensor and DTensor"
@@ -203,7 +235,8 @@ def mixed_dtensor_error(error: BaseException) -> Optional[TensorParallelError]:
         "tracing the tensor-parallel model failed on an op mixing DTensors and plain tensors (attention over "
         "DTensors?). MaskKV runs attention on each rank's local heads as plain tensors: shard q/k/v with "
         "ColwiseParallel(use_local_output=True) (the default) and o with RowwiseParallel(); attention over DTensors "
-        f"(use_local_output=False) and sequence parallelism are not supported. torch said: {first[:400]}")
+        f"(use_local_output=False) and sequence parallelism are not supported. torch said: {first[:400]}"
+    )
 
 
 def check_no_sequence_sharding(gm: fx.GraphModule, seq_expr) -> None:
@@ -220,7 +253,8 @@ def check_no_sequence_sharding(gm: fx.GraphModule, seq_expr) -> None:
                         f"{node.name} is a DTensor sharded along the sequence (placement {placement}): sequence "
                         "parallelism is not supported by MaskKV (each rank must see the whole sequence; the step graph "
                         "computes only the response rows). Shard the weights only (ColwiseParallel / RowwiseParallel "
-                        "without SequenceParallel)")
+                        "without SequenceParallel)"
+                    )
 
 
 def check_model(model: torch.nn.Module) -> None:
@@ -245,4 +279,5 @@ def check_model(model: torch.nn.Module) -> None:
                     raise TensorParallelError(
                         f"the model has {count} {what}, which its tensor-parallel mesh dim {dim} of size {world} does not "
                         f"divide: each rank must hold whole heads, the same number on every rank. Use a tensor-parallel "
-                        f"size that divides {count}")
+                        f"size that divides {count}"
+                    )

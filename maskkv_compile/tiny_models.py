@@ -26,28 +26,88 @@ def _bidirectional(model):
     return set_causal(model, False).eval()
 
 
-def _build(config_cls, model_cls, *, layers, hidden, heads, kv_heads, vocab, attn, max_positions, seed, dtype):
+def _build(
+    config_cls,
+    model_cls,
+    *,
+    layers,
+    hidden,
+    heads,
+    kv_heads,
+    vocab,
+    attn,
+    max_positions,
+    seed,
+    dtype,
+):
     config = config_cls(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
-        mask_token_id=vocab - 1, attn_implementation=attn,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        mask_token_id=vocab - 1,
+        attn_implementation=attn,
     )
     config.is_causal = False
     torch.manual_seed(seed)
     return _bidirectional(model_cls(config)).to(dtype)
 
 
-def tiny_llada(*, layers: int = 2, hidden: int = 64, heads: int = 4, vocab: int = 256, attn: str = "sdpa",
-               max_positions: int = 8192, seed: int = 0, dtype=torch.float32):
+def tiny_llada(
+    *,
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    vocab: int = 256,
+    attn: str = "sdpa",
+    max_positions: int = 8192,
+    seed: int = 0,
+    dtype=torch.float32,
+):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return _build(LlamaConfig, LlamaForCausalLM, layers=layers, hidden=hidden, heads=heads, kv_heads=heads, vocab=vocab,
-                  attn=attn, max_positions=max_positions, seed=seed, dtype=dtype)
+    return _build(
+        LlamaConfig,
+        LlamaForCausalLM,
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        kv_heads=heads,
+        vocab=vocab,
+        attn=attn,
+        max_positions=max_positions,
+        seed=seed,
+        dtype=dtype,
+    )
 
 
-def tiny_dream(*, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2, vocab: int = 256,
-               attn: str = "sdpa", max_positions: int = 8192, seed: int = 0, dtype=torch.float32):
+def tiny_dream(
+    *,
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 256,
+    attn: str = "sdpa",
+    max_positions: int = 8192,
+    seed: int = 0,
+    dtype=torch.float32,
+):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    return _build(Qwen2Config, Qwen2ForCausalLM, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
-                  vocab=vocab, attn=attn, max_positions=max_positions, seed=seed, dtype=dtype)
+    return _build(
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        kv_heads=kv_heads,
+        vocab=vocab,
+        attn=attn,
+        max_positions=max_positions,
+        seed=seed,
+        dtype=dtype,
+    )

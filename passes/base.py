@@ -54,9 +54,13 @@ class GraphPass:
         gm.graph.lint()
         gm.recompile()
         inserted = tuple(
-            str(n.target) for n in gm.graph.nodes if n not in before and n.op == "call_function" and "maskkv" in str(n.target)
+            str(n.target)
+            for n in gm.graph.nodes
+            if n not in before and n.op == "call_function" and "maskkv" in str(n.target)
         )
-        return dataclasses.replace(result, ms=(time.perf_counter() - start) * 1e3, inserted=inserted)
+        return dataclasses.replace(
+            result, ms=(time.perf_counter() - start) * 1e3, inserted=inserted
+        )
 
 
 def new_placeholder(gm: fx.GraphModule, name: str) -> fx.Node:
@@ -110,7 +114,13 @@ class PassManager:
             self.records.append(PassRecord(i, graph_pass.name, result, before, after))
             log.info(
                 "[%s] %d %s: matches=%d changed=%s skipped=%d (%.1f ms)",
-                self.graph_name, i, graph_pass.name, result.matches, result.changed, len(result.skipped), result.ms,
+                self.graph_name,
+                i,
+                graph_pass.name,
+                result.matches,
+                result.changed,
+                len(result.skipped),
+                result.ms,
             )
             self._dump(f"{stem}.after", gm)
         return gm
@@ -123,7 +133,12 @@ class PassManager:
         from maskkv_compile._torch_private import lazy_format_graph_code, trace_structured
 
         if graph_log.isEnabledFor(logging.DEBUG):
-            graph_log.debug("%s", _Readable(lazy_format_graph_code(name, gm, include_stride=True, include_device=True)))
+            graph_log.debug(
+                "%s",
+                _Readable(
+                    lazy_format_graph_code(name, gm, include_stride=True, include_device=True)
+                ),
+            )
         trace_structured(
             "artifact",
             metadata_fn=lambda: {"name": name, "encoding": "string"},
@@ -150,7 +165,9 @@ def _readable(gm: fx.GraphModule) -> str:
     comments) with dynamo's flattened names as module paths
     (``model.layers.0.self_attn.q_proj.weight``) and every line wrapped to
     :data:`maskkv_compile.naming.WIDTH`. For reading: dotted names do not parse."""
-    return readable_code(gm.print_readable(print_output=False, include_stride=True, include_device=True))
+    return readable_code(
+        gm.print_readable(print_output=False, include_stride=True, include_device=True)
+    )
 
 
 def _as_module(name: str, gm: fx.GraphModule) -> str:
@@ -220,4 +237,6 @@ def split_outputs(outputs, groups: list) -> tuple[tuple, dict[str, list[tuple]]]
         while len(layers) <= layer:
             layers.append([None] * fields)
         layers[layer][field] = value
-    return tuple(base), {group: [tuple(fields) for fields in layers] for group, layers in named.items()}
+    return tuple(base), {
+        group: [tuple(fields) for fields in layers] for group, layers in named.items()
+    }

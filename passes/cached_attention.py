@@ -29,11 +29,14 @@ class CachedAttentionPass(GraphPass):
         sites = attention_sites(gm)
         resp_valid = placeholder(gm, "resp_valid")
         for node, site in sites:
-            cache = [placeholder(gm, f"{kind}_{site.layer}") for kind in ("kept_k", "kept_v", "kept_len")]
+            cache = [
+                placeholder(gm, f"{kind}_{site.layer}") for kind in ("kept_k", "kept_v", "kept_len")
+            ]
             q, k, v, scale, softmax_dtype = node.args[:5]
             with gm.graph.inserting_before(node):
                 cached = gm.graph.call_function(
-                    torch.ops.maskkv.cached_attention.default, (q, k, v, *cache, resp_valid, scale, softmax_dtype)
+                    torch.ops.maskkv.cached_attention.default,
+                    (q, k, v, *cache, resp_valid, scale, softmax_dtype),
                 )
             cached.meta.update(node.meta)
             node.replace_all_uses_with(cached)

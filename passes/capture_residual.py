@@ -46,7 +46,9 @@ class CaptureResidualPass(GraphPass):
             while True:
                 users = list(current.users)
                 if len(users) != 1:
-                    skipped.append(f"{site.module_path}: attention output branches at {current.name} before the residual add")
+                    skipped.append(
+                        f"{site.module_path}: attention output branches at {current.name} before the residual add"
+                    )
                     break
                 user = users[0]
                 if is_call(user, *ADD_TARGETS):
@@ -56,4 +58,6 @@ class CaptureResidualPass(GraphPass):
                         break
                 current = user
         set_outputs(gm, graph_outputs(gm) + tuple(pairs))
-        return PassResult(self.name, matches=len(pairs) // 2, changed=bool(pairs), skipped=tuple(skipped))
+        return PassResult(
+            self.name, matches=len(pairs) // 2, changed=bool(pairs), skipped=tuple(skipped)
+        )

@@ -33,7 +33,8 @@ class CaptureVotesPass(GraphPass):
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         voter_idx, prompt_idx, key_valid, voter_valid, prompt_valid = (
-            placeholder(gm, name) for name in ("voter_idx", "prompt_idx", "key_valid", "voter_valid", "prompt_valid")
+            placeholder(gm, name)
+            for name in ("voter_idx", "prompt_idx", "key_valid", "voter_valid", "prompt_valid")
         )
         sites = attention_sites(gm)
         for node, _ in sites:
@@ -41,7 +42,17 @@ class CaptureVotesPass(GraphPass):
             with gm.graph.inserting_before(node.next):
                 votes = gm.graph.call_function(
                     torch.ops.maskkv.mask_votes.default,
-                    (q, k, voter_idx, prompt_idx, scale, self.config.vote_chunk, key_valid, voter_valid, prompt_valid),
+                    (
+                        q,
+                        k,
+                        voter_idx,
+                        prompt_idx,
+                        scale,
+                        self.config.vote_chunk,
+                        key_valid,
+                        voter_valid,
+                        prompt_valid,
+                    ),
                 )
                 scores = gm.graph.call_function(operator.getitem, (votes, 0))
                 prompt_mass = gm.graph.call_function(operator.getitem, (votes, 1))

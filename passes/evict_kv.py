@@ -29,11 +29,10 @@ import warnings
 import torch
 import torch.fx as fx
 
+from maskkv_compile import policy_ops  # noqa: F401  (registers the maskkv:: policy ops this pass inserts)
 from maskkv_compile.budgets import layer_slot_totals, uniform_layer_budgets
 from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.policies import get_policy
-
-from maskkv_compile import policy_ops  # noqa: F401  (registers the maskkv:: policy ops this pass inserts)
 
 from .base import GraphPass, PassResult, append_outputs, placeholder
 from .find_attention import attention_sites
@@ -47,8 +46,10 @@ def layer_budgets(config, kv_heads: list[int]) -> list[float]:
     n_layers = len(kv_heads)
     if policy.needs_profile and config.profile is None:
         # a UserWarning is shown once per process by Python's default filter
-        warnings.warn(f"policy {policy.name!r} has no layer profile: uniform layer budgets (run maskkv_compile.calibrate)",
-                      stacklevel=2)
+        warnings.warn(
+            f"policy {policy.name!r} has no layer profile: uniform layer budgets (run maskkv_compile.calibrate)",
+            stacklevel=2,
+        )
         budgets = uniform_layer_budgets(n_layers, config.budget)
     else:
         importance = config.profile.importance if config.profile is not None else None
@@ -63,7 +64,11 @@ def kept_slots(config, kv_heads: int, layer_budget: float) -> int:
     """A bound on one row's kept entries in a layer of ``kv_heads`` KV heads: the layer's slot
     total, ``Hkv * budget`` (a prompt no longer than the budget is kept whole in every layer) or
     ``Hkv * min_keep``, whichever is largest."""
-    return max(math.floor(kv_heads * layer_budget + 0.5), kv_heads * config.budget, kv_heads * config.min_keep)
+    return max(
+        math.floor(kv_heads * layer_budget + 0.5),
+        kv_heads * config.budget,
+        kv_heads * config.min_keep,
+    )
 
 
 class EvictKVPass(GraphPass):
@@ -82,18 +87,34 @@ class EvictKVPass(GraphPass):
         extra: list[tuple[fx.Node, ...]] = []
         for (node, site), layer_budget in zip(sites, per_layer):
             if "maskkv_votes" not in node.meta:
-                raise RuntimeError(f"EvictKVPass needs CaptureVotesPass first (layer {site.layer} has no votes)")
+                raise RuntimeError(
+                    f"EvictKVPass needs CaptureVotesPass first (layer {site.layer} has no votes)"
+                )
             votes, prompt_mass = node.meta["maskkv_votes"]
             k, v = node.args[1], node.args[2]
             call = gm.graph.call_function
             with gm.graph.inserting_before(prompt_mass.next):
-                scores = call(torch.ops.maskkv.selection_scores.default, (votes, prompt_valid, cfg.policy, cfg.pool_kernel, cfg.sink, cfg.seed))
+                scores = call(
+                    torch.ops.maskkv.selection_scores.default,
+                    (votes, prompt_valid, cfg.policy, cfg.pool_kernel, cfg.sink, cfg.seed),
+                )
                 budgets = call(
                     torch.ops.maskkv.head_budgets.default,
-                    (prompt_mass, scores, voter_valid, float(layer_budget), cfg.budget, cfg.policy, float(cfg.alpha), cfg.min_keep),
+                    (
+                        prompt_mass,
+                        scores,
+                        voter_valid,
+                        float(layer_budget),
+                        cfg.budget,
+                        cfg.policy,
+                        float(cfg.alpha),
+                        cfg.min_keep,
+                    ),
                 )
                 slots = kept_slots(cfg, site.kv_heads, layer_budget)
-                select = call(torch.ops.maskkv.select_kv.default, (k, v, scores, prompt_idx, budgets, slots))
+                select = call(
+                    torch.ops.maskkv.select_kv.default, (k, v, scores, prompt_idx, budgets, slots)
+                )
                 kept = [call(operator.getitem, (select, i)) for i in range(4)]
             extra.append((*kept, prompt_mass))
         append_outputs(gm, "kept", extra)

@@ -48,7 +48,9 @@ class AttentionSite:
     kv_heads: int
     head_dim: int
     spelling: str  # "sdpa", "eager", plus "+gqa" when KV heads are shared
-    scale: float  # nan when the graph computes it (dynamo's unspecialized floats under dynamic=True)
+    scale: (
+        float  # nan when the graph computes it (dynamo's unspecialized floats under dynamic=True)
+    )
     node: str  # name of the canonical node
 
 
@@ -70,7 +72,9 @@ def _kwarg(node: fx.Node, name: str, position: int, default=None):
 def _single_user(node: fx.Node, what: str) -> fx.Node:
     users = list(node.users)
     if len(users) != 1:
-        raise SiteRefused(f"the {what} ({readable_name(node.name)}) is also used by {', '.join(readable_name(u.name) for u in users[1:]) or 'nothing'}")
+        raise SiteRefused(
+            f"the {what} ({readable_name(node.name)}) is also used by {', '.join(readable_name(u.name) for u in users[1:]) or 'nothing'}"
+        )
     return users[0]
 
 
@@ -97,7 +101,9 @@ def _transposed_key(node: fx.Node) -> fx.Node:
         dims = {d % 4 for d in node.args[1:3]}
         if dims == {2, 3}:
             return node.args[0]
-    raise SiteRefused(f"the second operand of the score matmul ({readable_name(node.name)}) is not a transposed key")
+    raise SiteRefused(
+        f"the second operand of the score matmul ({readable_name(node.name)}) is not a transposed key"
+    )
 
 
 class FindAttentionPass(GraphPass):
@@ -121,13 +127,21 @@ class FindAttentionPass(GraphPass):
             out_node, q, k, v, scale, softmax_dtype, spelling = match
             k, v = unrepeat_kv(k), unrepeat_kv(v)
             with graph.inserting_before(out_node):
-                canon = graph.call_function(torch.ops.maskkv.attention.default, (q, k, v, scale, softmax_dtype))
+                canon = graph.call_function(
+                    torch.ops.maskkv.attention.default, (q, k, v, scale, softmax_dtype)
+                )
             canon.meta.update(out_node.meta)
             qv, kv = example_value(q), example_value(k)
             gqa = "+gqa" if kv.shape[1] != qv.shape[1] else ""
             canon.meta["maskkv_site"] = AttentionSite(
-                layer=sites, module_path=_module_path(out_node), heads=int(qv.shape[1]), kv_heads=int(kv.shape[1]),
-                head_dim=int(qv.shape[-1]), spelling=spelling + gqa, scale=scale if isinstance(scale, float) else float("nan"), node=canon.name,
+                layer=sites,
+                module_path=_module_path(out_node),
+                heads=int(qv.shape[1]),
+                kv_heads=int(kv.shape[1]),
+                head_dim=int(qv.shape[-1]),
+                spelling=spelling + gqa,
+                scale=scale if isinstance(scale, float) else float("nan"),
+                node=canon.name,
             )
             out_node.replace_all_uses_with(canon)
             sites += 1
@@ -137,7 +151,9 @@ class FindAttentionPass(GraphPass):
     def _match_sdpa(node: fx.Node):
         q, k, v = node.args[:3]
         if _kwarg(node, "is_causal", 5, False) is not False:
-            raise SiteRefused("causal attention (is_causal=True); MaskKV needs bidirectional attention")
+            raise SiteRefused(
+                "causal attention (is_causal=True); MaskKV needs bidirectional attention"
+            )
         if _kwarg(node, "attn_mask", 3) is not None:
             raise SiteRefused(
                 "an attention mask is passed (a causal attention mask, or padding); MaskKV needs bidirectional "
@@ -158,33 +174,49 @@ class FindAttentionPass(GraphPass):
         softmax_dtype = softmax.kwargs.get("dtype")
         scaled = softmax.args[0]
         scale = 1.0
-        while isinstance(scaled, fx.Node) and is_call(scaled, operator.mul, operator.truediv, torch.mul, torch.div):
+        while isinstance(scaled, fx.Node) and is_call(
+            scaled, operator.mul, operator.truediv, torch.mul, torch.div
+        ):
             a, b = scaled.args[:2]
             const, tensor = (b, a) if isinstance(b, (int, float)) else (a, b)
             if not isinstance(const, (int, float)):
-                raise SiteRefused(f"scores are combined with a tensor ({readable_name(scaled.name)}): an attention mask or bias")
-            scale = scale / const if scaled.target in (operator.truediv, torch.div) else scale * const
+                raise SiteRefused(
+                    f"scores are combined with a tensor ({readable_name(scaled.name)}): an attention mask or bias"
+                )
+            scale = (
+                scale / const if scaled.target in (operator.truediv, torch.div) else scale * const
+            )
             _single_user(tensor, "score tensor")
             scaled = tensor
         if not (isinstance(scaled, fx.Node) and (is_call(scaled, *MATMUL_TARGETS))):
-            raise SiteRefused(f"softmax input {readable_name(scaled.name) if isinstance(scaled, fx.Node) else scaled} is not a scaled q @ k^T")
+            raise SiteRefused(
+                f"softmax input {readable_name(scaled.name) if isinstance(scaled, fx.Node) else scaled} is not a scaled q @ k^T"
+            )
         scores = scaled
         q, kt = scores.args[:2]
         k = _transposed_key(kt)
         probs = _single_user(softmax, "attention probabilities")
-        while is_method(probs, "to", "type_as", "float", "half", "bfloat16") or is_call(probs, *DROPOUT_TARGETS):
+        while is_method(probs, "to", "type_as", "float", "half", "bfloat16") or is_call(
+            probs, *DROPOUT_TARGETS
+        ):
             if is_call(probs, *DROPOUT_TARGETS):
                 p = _kwarg(probs, "p", 1, 0.5)
                 training = _kwarg(probs, "training", 2, True)
                 if p not in (0, 0.0) and training is not False:
-                    raise SiteRefused("dropout on the attention probabilities is active; put the model in eval mode")
+                    raise SiteRefused(
+                        "dropout on the attention probabilities is active; put the model in eval mode"
+                    )
             probs = _single_user(probs, "attention probabilities")
         if not (is_call(probs, *MATMUL_TARGETS) and probs.args[0] is not None):
-            raise SiteRefused(f"attention probabilities feed {readable_name(probs.name)}, not a matmul with v")
+            raise SiteRefused(
+                f"attention probabilities feed {readable_name(probs.name)}, not a matmul with v"
+            )
         out = probs
         v = out.args[1]
         q_dtype = example_value(q).dtype
-        dtype: Optional[torch.dtype] = softmax_dtype if softmax_dtype not in (None, q_dtype) else None
+        dtype: Optional[torch.dtype] = (
+            softmax_dtype if softmax_dtype not in (None, q_dtype) else None
+        )
         return out, q, k, v, scale, dtype, "eager"
 
 

@@ -39,12 +39,22 @@ def analyse(gm: fx.GraphModule) -> GraphInfo:
     candidates = []
     for node in placeholders:
         value = example_value(node)
-        if isinstance(value, torch.Tensor) and value.dim() == 2 and not value.is_floating_point() and value.dtype != torch.bool:
+        if (
+            isinstance(value, torch.Tensor)
+            and value.dim() == 2
+            and not value.is_floating_point()
+            and value.dtype != torch.bool
+        ):
             candidates.append(node)
     if not candidates:
-        seen = [f"{readable_name(n.name)}: {_describe(example_value(n))}" for n in placeholders if not _is_param(n)]
+        seen = [
+            f"{readable_name(n.name)}: {_describe(example_value(n))}"
+            for n in placeholders
+            if not _is_param(n)
+        ]
         raise UnsupportedModelError(
-            "maskkv needs the model to take (batch, seq) integer token ids; the traced inputs were: " + "; ".join(seen)
+            "maskkv needs the model to take (batch, seq) integer token ids; the traced inputs were: "
+            + "; ".join(seen)
         )
     if len(candidates) > 1:
         named = [n for n in candidates if "input_ids" in n.name]
@@ -60,11 +70,16 @@ def analyse(gm: fx.GraphModule) -> GraphInfo:
     seq_expr = sym_expr(shape[1])
     seq_symbols = tuple(n.name for n in placeholders if _is_seq(example_value(n), seq_expr))
     per_token = tuple(
-        n.name for n in placeholders
-        if n is not tokens and isinstance(example_value(n), torch.Tensor) and example_value(n).dim() >= 2
+        n.name
+        for n in placeholders
+        if n is not tokens
+        and isinstance(example_value(n), torch.Tensor)
+        and example_value(n).dim() >= 2
         and _is_seq(example_value(n).shape[1], seq_expr)
     )
-    return GraphInfo(tokens.name, seq_expr, seq_symbols, per_token, find_logits(gm, seq_expr), sym_expr(shape[0]))
+    return GraphInfo(
+        tokens.name, seq_expr, seq_symbols, per_token, find_logits(gm, seq_expr), sym_expr(shape[0])
+    )
 
 
 def find_logits(gm: fx.GraphModule, seq_expr) -> int:
@@ -77,8 +92,13 @@ def find_logits(gm: fx.GraphModule, seq_expr) -> int:
                 if best is None or value.shape[2] >= best[1]:
                     best = (i, value.shape[2])
     if best is None:
-        outs = [_describe(example_value(o)) if isinstance(o, fx.Node) else repr(o) for o in graph_outputs(gm)]
-        raise UnsupportedModelError("no (batch, seq, vocab) logits among the model outputs: " + "; ".join(outs))
+        outs = [
+            _describe(example_value(o)) if isinstance(o, fx.Node) else repr(o)
+            for o in graph_outputs(gm)
+        ]
+        raise UnsupportedModelError(
+            "no (batch, seq, vocab) logits among the model outputs: " + "; ".join(outs)
+        )
     return best[0]
 
 

@@ -31,7 +31,11 @@ class KeepPromptKVPass(GraphPass):
         for node, _ in sites:  # graph order is layer order
             k, v = node.args[1], node.args[2]
             with gm.graph.inserting_before(node.next):
-                pair = gm.graph.call_function(torch.ops.maskkv.prompt_kv.default, (k, v, prompt_idx))
-                extra.append(tuple(gm.graph.call_function(operator.getitem, (pair, i)) for i in range(2)))
+                pair = gm.graph.call_function(
+                    torch.ops.maskkv.prompt_kv.default, (k, v, prompt_idx)
+                )
+                extra.append(
+                    tuple(gm.graph.call_function(operator.getitem, (pair, i)) for i in range(2))
+                )
         append_outputs(gm, "prompt_kv", extra)
         return PassResult(self.name, matches=len(sites), changed=bool(sites))

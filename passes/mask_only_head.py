@@ -36,7 +36,9 @@ class MaskOnlyHeadPass(GraphPass):
             node = node.args[0]
         if not is_call(node, *HEAD_TARGETS):
             source = readable_code(node.format_node(), None)
-            return PassResult(self.name, 0, False, skipped=(f"logits come from {source}, not a linear head",))
+            return PassResult(
+                self.name, 0, False, skipped=(f"logits come from {source}, not a linear head",)
+            )
         resp_idx = placeholder(gm, "resp_idx")
         hidden = node.args[0]
         with gm.graph.inserting_before(node):

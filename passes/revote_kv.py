@@ -27,9 +27,8 @@ import operator
 import torch
 import torch.fx as fx
 
-from maskkv_compile.config import MaskKVConfig
-
 from maskkv_compile import policy_ops  # noqa: F401  (registers the maskkv:: policy ops this pass inserts)
+from maskkv_compile.config import MaskKVConfig
 
 from .base import GraphPass, PassResult, append_outputs, is_call, placeholder
 
@@ -45,19 +44,44 @@ class RevoteKVPass(GraphPass):
     def run(self, gm: fx.GraphModule) -> PassResult:
         cfg = self.config
         sites = [n for n in gm.graph.nodes if is_call(n, torch.ops.maskkv.cached_attention.default)]
-        shared = [placeholder(gm, name) for name in ("prompt_pos", "prompt_valid", "revoter_idx", "revoter_valid")]
+        shared = [
+            placeholder(gm, name)
+            for name in ("prompt_pos", "prompt_valid", "revoter_idx", "revoter_valid")
+        ]
         prompt_pos, prompt_valid, revoter_idx, revoter_valid = shared
         extra = []
         for layer, node in enumerate(sites):  # graph order is layer order
             q, k, v, kept_k, kept_v, kept_len, resp_valid, scale = node.args[:8]
-            prompt_k, prompt_v = (placeholder(gm, f"{kind}_{layer}") for kind in ("prompt_k", "prompt_v"))
+            prompt_k, prompt_v = (
+                placeholder(gm, f"{kind}_{layer}") for kind in ("prompt_k", "prompt_v")
+            )
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(
                     torch.ops.maskkv.revote_kv.default,
-                    (q, k, prompt_k, prompt_v, prompt_pos, prompt_valid, resp_valid, revoter_idx, revoter_valid,
-                     kept_k, kept_len, scale, cfg.vote_chunk, cfg.policy, cfg.pool_kernel, cfg.sink, cfg.seed),
+                    (
+                        q,
+                        k,
+                        prompt_k,
+                        prompt_v,
+                        prompt_pos,
+                        prompt_valid,
+                        resp_valid,
+                        revoter_idx,
+                        revoter_valid,
+                        kept_k,
+                        kept_len,
+                        scale,
+                        cfg.vote_chunk,
+                        cfg.policy,
+                        cfg.pool_kernel,
+                        cfg.sink,
+                        cfg.seed,
+                    ),
                 )
-                fresh = [gm.graph.call_function(operator.getitem, (new, i)) for i in range(REVOTE_OUTPUTS_PER_LAYER)]
+                fresh = [
+                    gm.graph.call_function(operator.getitem, (new, i))
+                    for i in range(REVOTE_OUTPUTS_PER_LAYER)
+                ]
             node.args = (q, k, v, fresh[0], fresh[1], fresh[2], *node.args[6:])
             extra.append(tuple(fresh))
         append_outputs(gm, "reselected", extra)

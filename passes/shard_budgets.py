@@ -49,15 +49,21 @@ class ShardBudgetsPass(GraphPass):
         self.config = config
 
     def run(self, gm: fx.GraphModule) -> PassResult:
-        by_mass = {node.meta["maskkv_votes"][1]: (node, site) for node, site in attention_sites(gm)
-                   if "maskkv_votes" in node.meta}
+        by_mass = {
+            node.meta["maskkv_votes"][1]: (node, site)
+            for node, site in attention_sites(gm)
+            if "maskkv_votes" in node.meta
+        }
         joint = get_policy(self.config.policy).head_allocator == "adakv"
         nodes = [n for n in gm.graph.nodes if n.target is torch.ops.maskkv.head_budgets.default]
         shards = [head_sharding(by_mass[n.args[0]][0]) for n in nodes]
         if all(shard is None or shard.world == 1 for shard in shards):
             return PassResult(self.name, matches=0, changed=False)
         # the layer totals are made integral over the model's KV heads: all of them, not this rank's
-        every_kv = [by_mass[n.args[0]][1].kv_heads * (shard.world if shard else 1) for n, shard in zip(nodes, shards)]
+        every_kv = [
+            by_mass[n.args[0]][1].kv_heads * (shard.world if shard else 1)
+            for n, shard in zip(nodes, shards)
+        ]
         with warnings.catch_warnings():  # EvictKVPass has already warned about a missing profile
             warnings.simplefilter("ignore")
             per_layer = layer_budgets(self.config, every_kv)
@@ -71,18 +77,40 @@ class ShardBudgetsPass(GraphPass):
             group, world, hkv = shard.group_name, shard.world, site.kv_heads
             call = gm.graph.call_function
             with gm.graph.inserting_before(budgets):
-                every_mass = call(torch.ops.maskkv.gather_heads.default, (prompt_mass, group, world))  # (B, world*h)
+                every_mass = call(
+                    torch.ops.maskkv.gather_heads.default, (prompt_mass, group, world)
+                )  # (B, world*h)
                 if joint:
-                    every_scores = call(torch.ops.maskkv.gather_heads.default, (scores, group, world))  # (B, world*hkv, P)
+                    every_scores = call(
+                        torch.ops.maskkv.gather_heads.default, (scores, group, world)
+                    )  # (B, world*hkv, P)
                 else:
-                    first = call(operator.getitem, (scores, (slice(None), slice(0, 1))))  # (B, 1, P)
-                    every_scores = gm.graph.call_method("expand", (first, -1, world * hkv, -1))  # (B, world*hkv, P)
-            budgets.args = (every_mass, every_scores, budgets.args[2], float(layer_budget), *budgets.args[4:])
+                    first = call(
+                        operator.getitem, (scores, (slice(None), slice(0, 1)))
+                    )  # (B, 1, P)
+                    every_scores = gm.graph.call_method(
+                        "expand", (first, -1, world * hkv, -1)
+                    )  # (B, world*hkv, P)
+            budgets.args = (
+                every_mass,
+                every_scores,
+                budgets.args[2],
+                float(layer_budget),
+                *budgets.args[4:],
+            )
             with gm.graph.inserting_after(budgets):
-                share = call(operator.getitem, (budgets, (slice(None), slice(shard.rank * hkv, (shard.rank + 1) * hkv))))
-            budgets.replace_all_uses_with(share, delete_user_cb=lambda user: user is not share)
-            for select in list(share.users):  # a rank's share may take any part of the layer's total
+                share = call(
+                    operator.getitem,
+                    (budgets, (slice(None), slice(shard.rank * hkv, (shard.rank + 1) * hkv))),
+                )
+            budgets.replace_all_uses_with(share, delete_user_cb=lambda user: user is not share)  # noqa: B023 (called here)
+            for select in list(
+                share.users
+            ):  # a rank's share may take any part of the layer's total
                 if select.target is torch.ops.maskkv.select_kv.default:
-                    select.args = (*select.args[:5], kept_slots(self.config, world * hkv, layer_budget))
+                    select.args = (
+                        *select.args[:5],
+                        kept_slots(self.config, world * hkv, layer_budget),
+                    )
             rewritten += 1
         return PassResult(self.name, matches=rewritten, changed=rewritten > 0)

@@ -24,13 +24,16 @@ import torch
 import torch.fx as fx
 
 from maskkv_compile._torch_private import FakeTensorMode, example_value, sym_expr, sym_hint
-from maskkv_compile.tensor_parallel import fake_like, real_object
 from maskkv_compile.naming import readable_code, readable_name  # messages name nodes by module path
+from maskkv_compile.tensor_parallel import fake_like, real_object
 
 from .base import GraphPass, PassResult, is_call, placeholder
 from .graph_info import GraphInfo, UnsupportedModelError, node_by_name
 
-CHECK_SEQ, CHECK_RESP = 761, 7  # sizes for the fake-tensor check; S must not collide with model dims
+CHECK_SEQ, CHECK_RESP = (
+    761,
+    7,
+)  # sizes for the fake-tensor check; S must not collide with model dims
 
 
 class SliceSequencePass(GraphPass):
@@ -53,7 +56,9 @@ class SliceSequencePass(GraphPass):
             per_token = node_by_name(gm, name)
             with graph.inserting_before(first_op):
                 sliced = graph.call_function(torch.index_select, (per_token, 1, resp_idx))
-            per_token.replace_all_uses_with(sliced, delete_user_cb=lambda user, sliced=sliced: user is not sliced)
+            per_token.replace_all_uses_with(
+                sliced, delete_user_cb=lambda user, sliced=sliced: user is not sliced
+            )
             rewrites += 1
 
         for node in list(graph.nodes):
@@ -61,7 +66,9 @@ class SliceSequencePass(GraphPass):
                 rewrites += self._positions(gm, node, resp_idx)
             elif is_call(node, operator.getitem):
                 rewrites += self._table_slice(gm, node, resp_idx)
-        seq_nodes = [n for n in graph.nodes if n.op == "placeholder" and n.name in self.info.seq_symbols]
+        seq_nodes = [
+            n for n in graph.nodes if n.op == "placeholder" and n.name in self.info.seq_symbols
+        ]
         for node in seq_nodes:
             node.replace_all_uses_with(num_resp)
         rewrites += len(seq_nodes)
@@ -75,10 +82,14 @@ class SliceSequencePass(GraphPass):
         start = args[0] if len(args) >= 2 else node.kwargs.get("start", 0)
         step = args[2] if len(args) >= 3 else node.kwargs.get("step", 1)
         if step != 1:
-            raise UnsupportedModelError(f"position source {readable_name(node.name)} is an arange with step {step}")
+            raise UnsupportedModelError(
+                f"position source {readable_name(node.name)} is an arange with step {step}"
+            )
         dtype = node.kwargs.get("dtype")
         with gm.graph.inserting_before(node):
-            positions = resp_idx if start == 0 else gm.graph.call_function(operator.add, (resp_idx, start))
+            positions = (
+                resp_idx if start == 0 else gm.graph.call_function(operator.add, (resp_idx, start))
+            )
             if dtype is not None and dtype != torch.long:
                 positions = gm.graph.call_method("to", (positions, dtype))
         node.replace_all_uses_with(positions)
@@ -91,8 +102,17 @@ class SliceSequencePass(GraphPass):
         for dim, item in enumerate(items):
             if item is Ellipsis:
                 return 0  # only leading-slice forms are rewritten; the check catches the rest
-            stop = example_value(item.stop) if isinstance(item, slice) and isinstance(item.stop, fx.Node) else None
-            if isinstance(item, slice) and item.start in (None, 0) and item.step in (None, 1) and self._is_seq(stop):
+            stop = (
+                example_value(item.stop)
+                if isinstance(item, slice) and isinstance(item.stop, fx.Node)
+                else None
+            )
+            if (
+                isinstance(item, slice)
+                and item.start in (None, 0)
+                and item.step in (None, 1)
+                and self._is_seq(stop)
+            ):
                 rest = tuple(slice(None) if i == dim else it for i, it in enumerate(items))
                 with gm.graph.inserting_before(node):
                     full = gm.graph.call_function(operator.getitem, (source, rest))
@@ -115,8 +135,12 @@ def check_no_sequence_left(gm: fx.GraphModule, info: GraphInfo) -> None:
                 continue
             value = example_value(node)
             if isinstance(value, torch.Tensor):
-                shape = [CHECK_SEQ if sym_expr(d) == info.seq_expr else sym_hint(d) for d in value.shape]
-                args.append(fake_like(value, shape))  # a DTensor input (tensor parallelism) stays one
+                shape = [
+                    CHECK_SEQ if sym_expr(d) == info.seq_expr else sym_hint(d) for d in value.shape
+                ]
+                args.append(
+                    fake_like(value, shape)
+                )  # a DTensor input (tensor parallelism) stays one
             elif isinstance(value, torch.SymInt):
                 args.append(CHECK_SEQ if sym_expr(value) == info.seq_expr else sym_hint(value))
             else:
@@ -125,12 +149,18 @@ def check_no_sequence_left(gm: fx.GraphModule, info: GraphInfo) -> None:
 
     class _Recorder(fx.Interpreter):
         def run_node(self, n):
-            if n.op == "call_method" and n.target == "item":  # a scalar input (dynamo's unspecialized floats)
+            if (
+                n.op == "call_method" and n.target == "item"
+            ):  # a scalar input (dynamo's unspecialized floats)
                 return 1.0  # its value never shapes a tensor
             result = super().run_node(n)
             if n.op == "call_function" or n.op == "call_method":
                 if isinstance(result, torch.Tensor) and CHECK_SEQ in result.shape:
-                    leftovers.append(readable_code(f"{n.name} = {n.format_node()} -> {tuple(result.shape)}", None))
+                    leftovers.append(
+                        readable_code(
+                            f"{n.name} = {n.format_node()} -> {tuple(result.shape)}", None
+                        )
+                    )
             return result
 
     try:

@@ -39,7 +39,9 @@ class SpecializeScalarsPass(GraphPass):
     def run(self, gm: fx.GraphModule) -> PassResult:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         for position, (node, value) in enumerate(zip(placeholders, self.example_inputs)):
-            if not (isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point()):
+            if not (
+                isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point()
+            ):
                 continue
             if isinstance(value, torch.nn.Parameter) or not node.users:
                 continue
@@ -61,7 +63,10 @@ _FOLDABLE_MODULES = ("_operator", "operator", "math")
 def _fold_constants(gm: fx.GraphModule) -> None:
     """Replace Python-arithmetic nodes whose arguments are all constants by their value."""
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or getattr(node.target, "__module__", None) not in _FOLDABLE_MODULES:
+        if (
+            node.op != "call_function"
+            or getattr(node.target, "__module__", None) not in _FOLDABLE_MODULES
+        ):
             continue
         flat: list = []
         fx.node.map_arg((node.args, node.kwargs), flat.append)

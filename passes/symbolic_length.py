@@ -32,10 +32,17 @@ import torch
 import torch.fx as fx
 
 from maskkv_compile._torch_private import (
-    DimDynamic, FakeTensorMode, ShapeEnv, StatelessSymbolicContext, example_value, sym_expr, sym_hint, tracing,
+    DimDynamic,
+    FakeTensorMode,
+    ShapeEnv,
+    StatelessSymbolicContext,
+    example_value,
+    sym_expr,
+    sym_hint,
+    tracing,
 )
-from maskkv_compile.tensor_parallel import fake_like, is_dtensor, real_object
 from maskkv_compile.naming import readable_code, readable_name  # messages name nodes by module path
+from maskkv_compile.tensor_parallel import fake_like, is_dtensor, real_object
 
 from .base import GraphPass, PassResult, is_call
 from .graph_info import UnsupportedModelError, analyse
@@ -43,16 +50,43 @@ from .graph_info import UnsupportedModelError, analyse
 TRIAL_OFFSET, TRIAL_PRIME = 7, 761  # the trial lengths: S + 7 and a prime no model dim is
 
 # every positional argument from index 1 on (and these keywords) is a size
-_SIZE_METHODS = {"view", "reshape", "expand", "repeat", "new_zeros", "new_ones", "new_empty", "broadcast_to", "resize_"}
-_SIZE_FUNCTIONS = {torch.zeros: 0, torch.ones: 0, torch.empty: 0, torch.rand: 0, torch.randn: 0, torch.reshape: 1,
-                   torch.broadcast_to: 1, torch.Tensor.view: 1, torch.Tensor.reshape: 1, torch.Tensor.expand: 1,
-                   torch.Tensor.repeat: 1}
+_SIZE_METHODS = {
+    "view",
+    "reshape",
+    "expand",
+    "repeat",
+    "new_zeros",
+    "new_ones",
+    "new_empty",
+    "broadcast_to",
+    "resize_",
+}
+_SIZE_FUNCTIONS = {
+    torch.zeros: 0,
+    torch.ones: 0,
+    torch.empty: 0,
+    torch.rand: 0,
+    torch.randn: 0,
+    torch.reshape: 1,
+    torch.broadcast_to: 1,
+    torch.Tensor.view: 1,
+    torch.Tensor.reshape: 1,
+    torch.Tensor.expand: 1,
+    torch.Tensor.repeat: 1,
+}
 _SIZE_KWARGS = ("size", "shape", "sizes", "end", "length")
-_ONE_SIZE = {("call_method", "new_full"): 1, ("call_method", "narrow"): 3, ("call_method", "unflatten"): 2,
-             ("call_function", torch.full): 0, ("call_function", torch.narrow): 3}
+_ONE_SIZE = {
+    ("call_method", "new_full"): 1,
+    ("call_method", "narrow"): 3,
+    ("call_method", "unflatten"): 2,
+    ("call_function", torch.full): 0,
+    ("call_function", torch.narrow): 3,
+}
 
-_HINT = ("Trace the length symbolically instead: torch.compile(model, backend='maskkv', dynamic=True, ...) or "
-         "torch._dynamo.mark_dynamic(input_ids, 1) before the first call")
+_HINT = (
+    "Trace the length symbolically instead: torch.compile(model, backend='maskkv', dynamic=True, ...) or "
+    "torch._dynamo.mark_dynamic(input_ids, 1) before the first call"
+)
 
 
 def _is_S(value, S: int) -> bool:
@@ -97,7 +131,9 @@ def _size_positions(node: fx.Node) -> tuple[list[int], tuple[str, ...]]:
         positions, keywords = [_ONE_SIZE[(node.op, node.target)]], _SIZE_KWARGS
     elif is_call(node, torch.arange):  # arange(end) / arange(start, end[, step])
         positions, keywords = [0 if n == 1 else 1], ("end",)
-    elif is_call(node, operator.getitem):  # x[..., :S]: slice bounds only (a bare index is not a size)
+    elif is_call(
+        node, operator.getitem
+    ):  # x[..., :S]: slice bounds only (a bare index is not a size)
         positions, keywords = [1], ()
     else:
         positions, keywords = [], ()
@@ -111,7 +147,9 @@ class SymbolicLengthPass(GraphPass):
         info = analyse(gm)
         S, batch = info.seq_expr, info.batch
         if not isinstance(S, int):
-            return PassResult(self.name, 0, False, skipped=("the sequence length is already symbolic",))
+            return PassResult(
+                self.name, 0, False, skipped=("the sequence length is already symbolic",)
+            )
         tokens = next(n for n in gm.graph.nodes if n.name == info.tokens)
         per_token = self._check_inputs(gm, tokens, S, batch)
         last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
@@ -121,7 +159,10 @@ class SymbolicLengthPass(GraphPass):
         if leftovers:
             raise UnsupportedModelError(
                 f"the sequence length was traced as the constant {S}, and {S} also appears where it is not a size, "
-                "so maskkv cannot tell which uses are the length:\n  " + "\n  ".join(leftovers[:10]) + "\n" + _HINT
+                "so maskkv cannot tell which uses are the length:\n  "
+                + "\n  ".join(leftovers[:10])
+                + "\n"
+                + _HINT
             )
         symbol = _propagate(gm, tokens, per_token, S)
         for trial in (S + TRIAL_OFFSET, TRIAL_PRIME):
@@ -139,7 +180,12 @@ class SymbolicLengthPass(GraphPass):
             if node is tokens or not isinstance(value, torch.Tensor):
                 continue
             state = "parameters" in node.name or "buffers" in node.name
-            if not state and value.dim() >= 2 and sym_expr(value.shape[0]) == batch and value.shape[1] == S:
+            if (
+                not state
+                and value.dim() >= 2
+                and sym_expr(value.shape[0]) == batch
+                and value.shape[1] == S
+            ):
                 per_token.append(node)
                 dims = [d for d in range(value.dim()) if d != 1 and value.shape[d] == S]
             else:
@@ -149,7 +195,10 @@ class SymbolicLengthPass(GraphPass):
             more = f" and {len(clashes) - 3} more" if len(clashes) > 3 else ""
             raise UnsupportedModelError(
                 f"the sequence length was traced as the constant {S}, which is also a size of the model: "
-                + "; ".join(clashes[:3]) + more + f". maskkv cannot tell which {S}s in the graph are the length. " + _HINT
+                + "; ".join(clashes[:3])
+                + more
+                + f". maskkv cannot tell which {S}s in the graph are the length. "
+                + _HINT
             )
         return per_token
 
@@ -179,7 +228,9 @@ class SymbolicLengthPass(GraphPass):
         return replaced, leftovers
 
 
-def _fake_inputs(gm: fx.GraphModule, mode, tokens: fx.Node, per_token: list[fx.Node], length, batch) -> list:
+def _fake_inputs(
+    gm: fx.GraphModule, mode, tokens: fx.Node, per_token: list[fx.Node], length, batch
+) -> list:
     """Fake values for the placeholders: tokens and per-token inputs of ``length`` and ``batch``
     rows (the batch may be symbolic too: dynamo's automatic dynamic shapes after a second batch
     size), a SymInt input that is the batch as ``batch``, the rest as traced."""
@@ -190,7 +241,11 @@ def _fake_inputs(gm: fx.GraphModule, mode, tokens: fx.Node, per_token: list[fx.N
             if node.op != "placeholder":
                 continue
             value = example_value(node)
-            if isinstance(value, torch.SymInt) and not isinstance(batch_expr, int) and sym_expr(value) == batch_expr:
+            if (
+                isinstance(value, torch.SymInt)
+                and not isinstance(batch_expr, int)
+                and sym_expr(value) == batch_expr
+            ):
                 args.append(batch)
             elif node is tokens or node in per_token:
                 shape = (batch, length, *value.shape[2:])
@@ -198,7 +253,11 @@ def _fake_inputs(gm: fx.GraphModule, mode, tokens: fx.Node, per_token: list[fx.N
             elif is_dtensor(value):  # a sharded parameter (tensor parallelism) stays a DTensor
                 args.append(fake_like(value, value.shape))
             elif isinstance(value, torch.Tensor):
-                args.append(torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device))
+                args.append(
+                    torch.empty_strided(
+                        value.shape, value.stride(), dtype=value.dtype, device=value.device
+                    )
+                )
             else:
                 args.append(real_object(value))  # e.g. the DeviceMesh of a tensor-parallel model
     return args
@@ -220,11 +279,17 @@ class _Run(fx.Interpreter):
 
     def failure(self, error: Exception) -> str:
         """One line: the node that failed and the first line of the error."""
-        where = f"{self.current.name} = {self.current.format_node()}: " if self.current is not None else ""
+        where = (
+            f"{self.current.name} = {self.current.format_node()}: "
+            if self.current is not None
+            else ""
+        )
         return where + f"{type(error).__name__}: " + str(error).strip().split("\n")[0]
 
 
-def _propagate(gm: fx.GraphModule, tokens: fx.Node, per_token: list[fx.Node], S: int) -> sympy.Symbol:
+def _propagate(
+    gm: fx.GraphModule, tokens: fx.Node, per_token: list[fx.Node], S: int
+) -> sympy.Symbol:
     """Recompute every node's ``example_value`` with dim 1 of the token inputs one symbol s."""
     env = ShapeEnv()
     mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
@@ -243,7 +308,10 @@ def _propagate(gm: fx.GraphModule, tokens: fx.Node, per_token: list[fx.Node], S:
 
     run = _Run(gm, record)
     try:
-        with tracing(None), mode:  # DTensor ops find the active fake mode, not the one dynamo traced with
+        with (
+            tracing(None),
+            mode,
+        ):  # DTensor ops find the active fake mode, not the one dynamo traced with
             run.run(*args)
     except Exception as error:  # noqa: BLE001 - any failure means the rewrite is not sound
         raise UnsupportedModelError(
@@ -258,16 +326,24 @@ def _verify(gm, tokens, per_token, symbol, S: int, trial: int, replaced: list[st
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     batch = example_value(tokens).shape[0]  # after _propagate: an int, or its own symbol
     args = _fake_inputs(gm, mode, tokens, per_token, trial, sym_hint(batch))
-    values = {symbol: trial, **({sym_expr(batch): sym_hint(batch)} if isinstance(batch, torch.SymInt) else {})}
+    values = {
+        symbol: trial,
+        **({sym_expr(batch): sym_hint(batch)} if isinstance(batch, torch.SymInt) else {}),
+    }
     expected = {n: example_value(n) for n in gm.graph.nodes}
     mismatches: list[str] = []
 
     def check(node, result):
         want = expected.get(node)
         if isinstance(result, torch.Tensor) and isinstance(want, torch.Tensor):
-            shape = [int(sym_expr(d).subs(values)) if isinstance(d, torch.SymInt) else d for d in want.shape]
+            shape = [
+                int(sym_expr(d).subs(values)) if isinstance(d, torch.SymInt) else d
+                for d in want.shape
+            ]
             if list(result.shape) != shape:
-                mismatches.append(f"{node.name} = {node.format_node()}: {tuple(result.shape)}, expected {tuple(shape)}")
+                mismatches.append(
+                    f"{node.name} = {node.format_node()}: {tuple(result.shape)}, expected {tuple(shape)}"
+                )
 
     failure = None
     run = _Run(gm, check)

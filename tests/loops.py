@@ -52,8 +52,16 @@ def llada_loop(
 
 
 @torch.no_grad()
-def block_loop(model, prompt: torch.Tensor, mask_id: int, gen_length: int, block_length: int, per_step: int = 1,
-               before_call=None, check=None) -> torch.Tensor:
+def block_loop(
+    model,
+    prompt: torch.Tensor,
+    mask_id: int,
+    gen_length: int,
+    block_length: int,
+    per_step: int = 1,
+    before_call=None,
+    check=None,
+) -> torch.Tensor:
     """LLaDA's semi-autoregressive loop, drop-in: blocks of ``block_length`` left to right,
     ``per_step`` most confident masked positions of the current block committed per call.
     ``before_call(step)`` runs before each call (to lose the session, say); ``check(x, logits,
@@ -74,7 +82,9 @@ def block_loop(model, prompt: torch.Tensor, mask_id: int, gen_length: int, block
             for row in range(batch):
                 masked = block[x[row, block] == mask_id]
                 if masked.numel():
-                    picked = masked[confidence[row, masked].topk(min(per_step, masked.numel())).indices]
+                    picked = masked[
+                        confidence[row, masked].topk(min(per_step, masked.numel())).indices
+                    ]
                     x[row, picked] = predicted[row, picked]
             step += 1
     return x

@@ -6,21 +6,23 @@ import sys
 
 import pytest
 import torch
+from helpers import build, prompt_and_masks
+from maskkv_compile.passes import UnsupportedModelError
 
 import maskkv_compile
 from maskkv_compile._torch_private import BackendCompilerFailed
 from maskkv_compile.config import MaskKVConfigError
-from maskkv_compile.passes import UnsupportedModelError
-
-from helpers import build, prompt_and_masks
 
 BUDGET = 8
-PROMPT_LEN, GEN_LEN = 25, 8  # 33 tokens: no dim of the test models is 33 (a static trace would refuse it)
+PROMPT_LEN, GEN_LEN = (
+    25,
+    8,
+)  # 33 tokens: no dim of the test models is 33 (a static trace would refuse it)
 CASES = [("llada", "sdpa"), ("dream", "eager")]  # Llama MHA + fused SDPA, Qwen2 GQA + eager chain
 
 # One LLaDA-style loop, run by the parent (on optimize's model) and by the child process (on
 # torch.compile's): each step commits the single most confident masked position, in place.
-LOOP = '''
+LOOP = """
 def denoise(model, x, mask_id, steps):
     for _ in range(steps):
         with torch.no_grad():
@@ -30,14 +32,14 @@ def denoise(model, x, mask_id, steps):
         pick = int(conf.argmax())
         x[0, masked[pick]] = token[pick]
     return x
-'''
+"""
 
 # The child never imports maskkv_compile before compiling: the models are built from
 # transformers configs written out here (what maskkv_compile.tiny_models.tiny_llada / tiny_dream
 # build, seed 0), and "maskkv" is found through the torch_dynamo_backends entry point. Each
 # run is the plain user spelling: no mark_dynamic, options only (and dynamic= when asked).
 # After the loop it asks maskkv_compile.runtimes which MaskKV runtimes ran, and how often.
-CHILD = '''
+CHILD = """
 import json, sys
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -78,7 +80,7 @@ for run in args["runs"]:
     counts = [(r.counts.prefills, r.counts.steps) for r in maskkv_compile.runtimes(compiled)]
     results["runs"].append({"tokens": out.tolist(), "checksum": checksum, "counts": counts, "imported": imported})
 print("RESULT " + json.dumps(results))
-'''.replace("LOOP", LOOP)
+""".replace("LOOP", LOOP)
 
 namespace = {"torch": torch}
 exec(LOOP, namespace)
@@ -90,15 +92,25 @@ def test_maskkv_backend_is_registered():
 
 
 def run_child(tmp_path, runs: list[dict], x: torch.Tensor) -> dict:
-    args = {"runs": runs, "budget": BUDGET, "x": x.tolist(), "steps": GEN_LEN, "threads": torch.get_num_threads()}
+    args = {
+        "runs": runs,
+        "budget": BUDGET,
+        "x": x.tolist(),
+        "steps": GEN_LEN,
+        "threads": torch.get_num_threads(),
+    }
     # cwd outside the checkout: from its root, transformers' probe for the Hugging Face
     # ``kernels`` package would import this repository's kernels/ folder (and the package)
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, json.dumps(args)], cwd=tmp_path, capture_output=True, text=True, timeout=900
+        [sys.executable, "-c", CHILD, json.dumps(args)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
-    child = json.loads(line[len("RESULT "):])
+    child = json.loads(line[len("RESULT ") :])
     assert child["imported_before"] is False
     return child
 
@@ -108,14 +120,18 @@ def check_equals_optimize(run: dict, theirs: dict, x: torch.Tensor) -> None:
     family, attn = run["family"], run["attn"]
     model = build(family, attn, dtype=getattr(torch, run["dtype"]))
     ours_checksum = sum(float(p.detach().double().sum()) for p in model.parameters())
-    assert theirs["checksum"] == pytest.approx(ours_checksum, rel=0, abs=1e-9), "child built another model"
+    assert theirs["checksum"] == pytest.approx(ours_checksum, rel=0, abs=1e-9), (
+        "child built another model"
+    )
     assert theirs["imported"] is True
     # no dynamo fallback: one MaskKV runtime, which ran every call, and ran steps after the prefill
     assert theirs["counts"] == [[1, GEN_LEN - 1]], theirs["counts"]
     optimized = maskkv_compile.optimize(model, budget=BUDGET, backend="eager")
     ours = denoise(optimized, x.clone(), model.config.mask_token_id, GEN_LEN)
     assert (ours[:, PROMPT_LEN:] != model.config.mask_token_id).all()
-    assert ours.tolist() == theirs["tokens"], f"{family}/{attn} {run['compile']}: backend and optimize disagree"
+    assert ours.tolist() == theirs["tokens"], (
+        f"{family}/{attn} {run['compile']}: backend and optimize disagree"
+    )
     assert optimized.runtime.counts.prefills == 1 and optimized.runtime.counts.steps == GEN_LEN - 1
     # the budget is below the prompt length: the steps really ran on an evicted cache
     assert [layer["kept_per_kv_head"] for layer in optimized.cache_stats()["layers"]] == [
@@ -126,8 +142,16 @@ def check_equals_optimize(run: dict, theirs: dict, x: torch.Tensor) -> None:
 def test_static_trace_in_a_process_that_never_imports_the_package_equals_optimize(tmp_path):
     """No mark_dynamic: dynamo traces the length as a constant; the backend makes it symbolic."""
     _, x = prompt_and_masks(build("llada", "sdpa"), PROMPT_LEN, GEN_LEN)
-    runs = [{"family": family, "attn": attn, "dtype": "float32", "options": {"backend": "eager"}, "compile": {}}
-            for family, attn in CASES]
+    runs = [
+        {
+            "family": family,
+            "attn": attn,
+            "dtype": "float32",
+            "options": {"backend": "eager"},
+            "compile": {},
+        }
+        for family, attn in CASES
+    ]
     child = run_child(tmp_path, runs, x)
     for run, theirs in zip(runs, child["runs"]):
         check_equals_optimize(run, theirs, x)
@@ -139,7 +163,15 @@ def test_dynamic_true_under_inductor_in_a_fresh_process_equals_optimize(tmp_path
     The eager attention chain (scores * scale) is the spelling that scale input hid from the
     pattern matcher; float64 so that Inductor and eager pick the same tokens."""
     _, x = prompt_and_masks(build("llada", "sdpa"), PROMPT_LEN, GEN_LEN)
-    runs = [{"family": "llada", "attn": "eager", "dtype": "float64", "options": {}, "compile": {"dynamic": True}}]
+    runs = [
+        {
+            "family": "llada",
+            "attn": "eager",
+            "dtype": "float64",
+            "options": {},
+            "compile": {"dynamic": True},
+        }
+    ]
     child = run_child(tmp_path, runs, x)
     check_equals_optimize(runs[0], child["runs"][0], x)
 
@@ -173,12 +205,15 @@ def test_valid_options_compile_and_run(tiny):
     assert out.logits.shape == (1, 16, 256)
 
 
-@pytest.mark.parametrize("options,key", [
-    ({**VALID, "bugdet": 4}, "bugdet"),
-    ({**VALID, "budget": 0}, "budget"),
-    ({**VALID, "budget": "8"}, "budget"),
-    ({**VALID, "backend": "tvm"}, "backend"),
-])
+@pytest.mark.parametrize(
+    "options,key",
+    [
+        ({**VALID, "bugdet": 4}, "bugdet"),
+        ({**VALID, "budget": 0}, "budget"),
+        ({**VALID, "budget": "8"}, "budget"),
+        ({**VALID, "backend": "tvm"}, "backend"),
+    ],
+)
 def test_invalid_options_name_the_key(tiny, options, key):
     error = backend_error(tiny, options=options)
     assert isinstance(error.inner_exception, MaskKVConfigError)
@@ -194,7 +229,13 @@ def test_mask_token_id_must_come_in_options(tiny):
 def test_an_unknown_mode_names_the_valid_ones(tiny):
     error = backend_error(tiny, options={**VALID, "mode": "fastest"})
     assert isinstance(error.inner_exception, MaskKVConfigError)
-    for name in ("'fastest'", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+    for name in (
+        "'fastest'",
+        "default",
+        "reduce-overhead",
+        "max-autotune",
+        "max-autotune-no-cudagraphs",
+    ):
         assert name in str(error)
 
 
@@ -202,7 +243,11 @@ def test_a_bare_mode_says_to_put_it_among_the_options(tiny):
     """torch.compile refuses mode= with options=, and the backend needs options (mask_token_id)."""
     error = backend_error(tiny, mode="max-autotune")
     assert isinstance(error.inner_exception, MaskKVConfigError)
-    assert "options=" in str(error) and "'mode': 'max-autotune'" in str(error) and "mask_token_id" in str(error)
+    assert (
+        "options=" in str(error)
+        and "'mode': 'max-autotune'" in str(error)
+        and "mask_token_id" in str(error)
+    )
 
 
 def test_mode_with_the_eager_option_runs_and_warns(tiny):
@@ -233,13 +278,21 @@ def test_mode_reaches_inductor_as_config_patches(tiny, monkeypatch):
     expected = torch._inductor.list_mode_options("max-autotune")
     assert expected["max_autotune"] is True
     assert seen == [expected, expected]  # the prefill graph, then the step graph
-    assert [(r.counts.prefills, r.counts.steps) for r in maskkv_compile.runtimes(compiled)] == [(1, 1)]
+    assert [(r.counts.prefills, r.counts.steps) for r in maskkv_compile.runtimes(compiled)] == [
+        (1, 1)
+    ]
 
 
-@pytest.mark.parametrize("seq_len,what", [
-    (64, "which is also a size of the model"),  # the hidden size: a weight dimension
-    (16, "does not follow another length"),     # the head size: only the graph's view shapes show it
-])
+@pytest.mark.parametrize(
+    "seq_len,what",
+    [
+        (64, "which is also a size of the model"),  # the hidden size: a weight dimension
+        (
+            16,
+            "does not follow another length",
+        ),  # the head size: only the graph's view shapes show it
+    ],
+)
 def test_a_static_length_equal_to_a_model_dim_is_a_clear_error(tiny, seq_len, what):
     compiled = torch.compile(tiny, backend="maskkv", options=VALID)
     _, x = prompt_and_masks(tiny, seq_len - 4, 4)
@@ -298,8 +351,12 @@ def test_dynamic_true_with_the_eager_option_equals_optimize():
     model = tiny_dream(layers=2, hidden=64)
     x = torch.randint(0, 255, (1, 40), generator=torch.Generator().manual_seed(0))
     x[:, 32:] = 255
-    compiled = torch.compile(model, backend="maskkv", dynamic=True,
-                             options={"budget": 8, "mask_token_id": 255, "backend": "eager"})
+    compiled = torch.compile(
+        model,
+        backend="maskkv",
+        dynamic=True,
+        options={"budget": 8, "mask_token_id": 255, "backend": "eager"},
+    )
     optimized = maskkv_compile.optimize(model, budget=8, backend="eager")
     for step in range(3):
         ours = compiled(x, use_cache=False).logits[:, 32:]
@@ -321,4 +378,6 @@ def test_a_changed_float_attribute_under_dynamic_true_is_an_error():
         model.model.layers[0].self_attn.scaling = 0.5
         with pytest.raises(UnsupportedModelError, match="changed from 0.25 to 0.5"):
             compiled(x, use_cache=False)
-    assert [(r.counts.prefills, r.counts.steps) for r in maskkv_compile.runtimes(compiled)] == [(1, 0)]
+    assert [(r.counts.prefills, r.counts.steps) for r in maskkv_compile.runtimes(compiled)] == [
+        (1, 0)
+    ]

@@ -449,7 +449,7 @@ def test_policy_dispatch():
 def test_policy_objects_use_their_own_options():
     """A policy object's methods default to its own options (the registry's defaults are the
     paper's); an explicit argument (what the ops pass) still wins."""
-    from maskkv_compile.policies import MaskKV, SnapKV, StreamingLLM, Random
+    from maskkv_compile.policies import MaskKV, Random, SnapKV, StreamingLLM
     from maskkv_compile.profile import LayerProfile
 
     imp = [0.4, 0.1, 0.1, 0.5]
@@ -459,13 +459,22 @@ def test_policy_objects_use_their_own_options():
     assert chosen.layer_budgets(4, 64) == maskkv_layer_budgets(imp, 64, beta=0.2)
     assert chosen.layer_budgets(4, 64, beta=0.4) == maskkv_layer_budgets(imp, 64, beta=0.4)
     mass = torch.tensor([3.0, 1.0, 2.0, 2.0])
-    assert torch.equal(chosen.head_budgets(50, n_kv_heads=2, prompt_len=200, prompt_mass=mass, n_voters=4),
-                       maskkv_head_budgets(mass, 4, 50, alpha=0.5, prompt_len=200, n_kv_heads=2))
+    assert torch.equal(
+        chosen.head_budgets(50, n_kv_heads=2, prompt_len=200, prompt_mass=mass, n_voters=4),
+        maskkv_head_budgets(mass, 4, 50, alpha=0.5, prompt_len=200, n_kv_heads=2),
+    )
     votes = torch.rand(1, 2, 9)
-    torch.testing.assert_close(SnapKV(kernel=3).selection_scores(votes, votes.shape), snapkv_pool(votes, 3))
+    torch.testing.assert_close(
+        SnapKV(kernel=3).selection_scores(votes, votes.shape), snapkv_pool(votes, 3)
+    )
     assert not torch.equal(snapkv_pool(votes, 3), snapkv_pool(votes, 5))
-    assert torch.equal(StreamingLLM(sinks=2).selection_scores(None, (1, 1, 9)), streaming_votes(9, 2).expand(1, 1, 9))
-    assert torch.equal(Random(seed=3).selection_scores(None, (1, 2, 9)), random_votes(1, 2, 9, seed=3))
+    assert torch.equal(
+        StreamingLLM(sinks=2).selection_scores(None, (1, 1, 9)),
+        streaming_votes(9, 2).expand(1, 1, 9),
+    )
+    assert torch.equal(
+        Random(seed=3).selection_scores(None, (1, 2, 9)), random_votes(1, 2, 9, seed=3)
+    )
 
 
 def test_format_budget_table():

@@ -15,11 +15,10 @@ import copy
 
 import pytest
 import torch
+from helpers import build, kept_positions, prompt_and_masks
 from transformers import AttentionInterface
 
 import maskkv_compile
-
-from helpers import build, kept_positions, prompt_and_masks
 
 _NAME = "maskkv_test_dual_cache_reference"
 
@@ -28,19 +27,25 @@ class DualCacheReference:
     def __init__(self, model):
         self.model = copy.deepcopy(model)
         self.prompt_kv, self.response_kv = {}, {}
-        self.kept = None  # layer -> [row][kv head] -> kept prompt positions (None: the whole prompt)
+        self.kept = (
+            None  # layer -> [row][kv head] -> kept prompt positions (None: the whole prompt)
+        )
         self.mode, self.prompt, self.response, self.block = "prefill", None, None, None
         AttentionInterface.register(_NAME, self._attention)
         self.model.set_attn_implementation(_NAME)
 
-    def _attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    def _attention(
+        self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs
+    ):
         assert attention_mask is None
         layer = module.layer_idx
         batch, heads = query.shape[:2]
         group = heads // key.shape[1]
         if self.mode == "prefill":
             self.prompt_kv[layer] = (key[:, :, self.prompt], value[:, :, self.prompt])
-            weights = torch.softmax(query @ key.repeat_interleave(group, 1).transpose(-2, -1) * scaling, -1)
+            weights = torch.softmax(
+                query @ key.repeat_interleave(group, 1).transpose(-2, -1) * scaling, -1
+            )
             return (weights @ value.repeat_interleave(group, 1)).transpose(1, 2).contiguous(), None
         if self.mode == "refresh":
             self.response_kv[layer] = (key[:, :, self.response], value[:, :, self.response])
@@ -49,11 +54,15 @@ class DualCacheReference:
         for b in range(batch):
             for h in range(heads):
                 kv = h // group
-                keep = list(range(len(self.prompt))) if self.kept is None else \
-                    [self.prompt.index(p) for p in self.kept[layer][b][kv]]
+                keep = (
+                    list(range(len(self.prompt)))
+                    if self.kept is None
+                    else [self.prompt.index(p) for p in self.kept[layer][b][kv]]
+                )
                 keys, values = [prompt_k[b, kv, keep]], [prompt_v[b, kv, keep]]
                 if self.mode == "refresh":
-                    keys.append(key[b, kv, self.response]); values.append(value[b, kv, self.response])
+                    keys.append(key[b, kv, self.response])
+                    values.append(value[b, kv, self.response])
                 else:
                     outside = [i for i, p in enumerate(self.response) if p not in self.block]
                     keys += [self.response_kv[layer][0][b, kv, outside], key[b, kv, self.block]]
@@ -75,8 +84,13 @@ def drive(model, x, response, block_length, budget=None, use_kept=False, tol=1e-
     the reference under the mode the documented rule gives."""
     mask_id = model.config.mask_token_id
     shift = 1 if model.config.model_type == "qwen2" else 0
-    optimized = maskkv_compile.optimize(model, budget=budget or 4096, backend="eager", block_length=block_length,
-                                        **({"family": "dream"} if shift else {}))
+    optimized = maskkv_compile.optimize(
+        model,
+        budget=budget or 4096,
+        backend="eager",
+        block_length=block_length,
+        **({"family": "dream"} if shift else {}),
+    )
     reference = DualCacheReference(model)
     blocks = [response[i : i + block_length] for i in range(0, len(response), block_length)]
     x, cached, modes = x.clone(), None, []
@@ -87,7 +101,10 @@ def drive(model, x, response, block_length, budget=None, use_kept=False, tol=1e-
         with torch.no_grad():
             ours = optimized(x).logits
         if mode == "prefill" and use_kept:
-            reference.kept = {layer: kept_positions(cache) for layer, cache in enumerate(optimized.runtime.last_session.layers)}
+            reference.kept = {
+                layer: kept_positions(cache)
+                for layer, cache in enumerate(optimized.runtime.last_session.layers)
+            }
         theirs = reference(x, response, mode, blocks[current])
         compared = response if mode != "block" else blocks[current]
         rows = [p - shift if p - shift >= 0 else p for p in compared]
@@ -112,7 +129,10 @@ def test_dual_cache_whole_prompt_matches_reference(family):
     model = build(family)
     _, x = prompt_and_masks(model, prompt_len=20, gen_len=16)
     optimized, out, modes = drive(model, x, list(range(20, 36)), block_length=4)
-    assert modes == ["prefill"] + ["refresh", "block", "block"] + ["refresh", "block", "block", "block"] * 3
+    assert (
+        modes
+        == ["prefill"] + ["refresh", "block", "block"] + ["refresh", "block", "block", "block"] * 3
+    )
     stats = optimized.cache_stats()
     assert stats["transitions"] == {"new": 1, "block_refresh": 4, "block_step": 11}
     assert stats["block_cache"]["current_block"] == 3 and stats["block_cache"]["note"] is None
@@ -135,7 +155,11 @@ def test_generate_with_blocks_equals_the_drop_in_loop():
     optimized = maskkv_compile.optimize(model, budget=4096, backend="eager", block_length=4)
     out = optimized.generate(prompt, gen_length=16, steps=16, block_length=4)
     assert torch.equal(out, via_loop)
-    assert optimized.cache_stats()["transitions"] == {"new": 1, "block_refresh": 4, "block_step": 11}
+    assert optimized.cache_stats()["transitions"] == {
+        "new": 1,
+        "block_refresh": 4,
+        "block_step": 11,
+    }
 
 
 def test_rows_with_different_response_lengths_fall_back_to_plain_steps():
@@ -176,7 +200,9 @@ def test_inductor_block_steps_do_not_recompile():
     assert torch.equal(ours, eager.generate(prompt, gen_length=16, steps=16, block_length=4))
     runtime = compiled.runtime
     assert runtime.counts.transitions == {"new": 1, "block_refresh": 4, "block_step": 11}
-    assert runtime.compiled("step").compiles == 1, "Inductor recompiled the step graph for the block's rows"
+    assert runtime.compiled("step").compiles == 1, (
+        "Inductor recompiled the step graph for the block's rows"
+    )
 
 
 def test_cfg_runs_block_steps_on_both_halves():
@@ -188,5 +214,9 @@ def test_cfg_runs_block_steps_on_both_halves():
     optimized = maskkv_compile.optimize(model, budget=4096, backend="eager", block_length=4)
     out = optimized.generate(prompt, gen_length=16, steps=16, block_length=4, cfg_scale=1.0)
     assert (out != model.config.mask_token_id).all()
-    assert optimized.cache_stats()["transitions"] == {"new": 1, "block_refresh": 4, "block_step": 11}
+    assert optimized.cache_stats()["transitions"] == {
+        "new": 1,
+        "block_refresh": 4,
+        "block_step": 11,
+    }
     assert optimized.runtime.last_session.layout.twins == (None, 0)

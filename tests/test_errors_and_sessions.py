@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from helpers import build, prompt_and_masks
+from reference import PromptCacheReference
 
 import maskkv_compile
 from maskkv_compile import MaskKVConfigError, NoMaskTokenError, UnsupportedModelError
 from maskkv_compile.generate import generate
-
-from helpers import build, prompt_and_masks
-from reference import PromptCacheReference
 
 
 @pytest.mark.parametrize("budget", [0, -3, 2.5, "64", True])
@@ -102,7 +101,9 @@ def test_batch_of_two_prompts_equals_each_alone():
     kwargs = dict(gen_length=8, steps=8, block_length=4)
     batched = maskkv_compile.optimize(model, budget=5, backend="eager").generate(prompts, **kwargs)
     for row in range(2):
-        alone = maskkv_compile.optimize(model, budget=5, backend="eager").generate(prompts[row : row + 1], **kwargs)
+        alone = maskkv_compile.optimize(model, budget=5, backend="eager").generate(
+            prompts[row : row + 1], **kwargs
+        )
         assert torch.equal(batched[row : row + 1], alone)
 
 
@@ -112,7 +113,9 @@ def test_classifier_free_guidance_runs_cached_and_matches_full_budget():
     kwargs = dict(gen_length=8, steps=8, block_length=8, cfg_scale=1.5)
     optimized = maskkv_compile.optimize(model, budget=64, backend="eager", prompt_refresh=1)
     ours = optimized.generate(prompt, **kwargs)
-    assert torch.equal(ours, generate(model, prompt, mask_token_id=model.config.mask_token_id, **kwargs))
+    assert torch.equal(
+        ours, generate(model, prompt, mask_token_id=model.config.mask_token_id, **kwargs)
+    )
 
 
 def test_generate_validates_its_arguments():
@@ -134,7 +137,9 @@ def test_temperature_sampling_is_seeded():
     kwargs = dict(gen_length=8, steps=8, block_length=8, temperature=1.0)
     a = optimized.generate(prompt, generator=torch.Generator().manual_seed(0), **kwargs)
     b = optimized.generate(prompt, generator=torch.Generator().manual_seed(0), **kwargs)
-    c = optimized.generate(prompt, generator=torch.Generator().manual_seed(1), remasking="random", **kwargs)
+    c = optimized.generate(
+        prompt, generator=torch.Generator().manual_seed(1), remasking="random", **kwargs
+    )
     assert torch.equal(a, b) and not (a == 255).any() and not (c == 255).any()
 
 
@@ -146,7 +151,9 @@ def test_per_token_inputs_are_sliced_and_an_all_ones_mask_is_dropped():
     explicit = maskkv_compile.optimize(model, budget=5, backend="eager")
     positions = torch.arange(x.shape[1])[None]
     for step in range(3):
-        ours = explicit(x, position_ids=positions, attention_mask=torch.ones_like(x)).logits[:, resp]
+        ours = explicit(x, position_ids=positions, attention_mask=torch.ones_like(x)).logits[
+            :, resp
+        ]
         torch.testing.assert_close(ours, plain(x).logits[:, resp])
         x[0, 16 + step] = 7
     assert explicit.runtime.counts.steps == 2

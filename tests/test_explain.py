@@ -4,33 +4,20 @@ import json
 import logging
 import math
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import MODEL_KINDS, build, prompt_and_masks
 from maskkv_compile.passes import (
-    CachedAttentionPass,
-    CaptureVotesPass,
-    EvictKVPass,
-    FindAttentionPass,
-    MaskOnlyHeadPass,
-    MaskPaddingPass,
-    SliceSequencePass,
     UnsupportedModelError,
 )
 from torch import nn
 
 import maskkv_compile
 from maskkv_compile.config import MaskKVConfig
-from maskkv_compile.explain import Report
+from maskkv_compile.explain import GRAPHS, Report
 from maskkv_compile.naming import WIDTH
-from maskkv_compile.explain import GRAPHS
-from maskkv_compile.passes import UnsupportedModelError
-
-from helpers import MODEL_KINDS, build, prompt_and_masks
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT_LEN, GEN_LEN, BUDGET = 16, 8, 8
@@ -414,7 +401,9 @@ def test_rewritten_graphs_are_deterministic_and_follow_the_config():
     for changed in ({"budget": BUDGET + 1}, second_option()):
         other = explain("dream", "sdpa", **changed)
         assert other.config != first.config
-        assert other.code("prefill", readable=False) != first.code("prefill", readable=False), changed
+        assert other.code("prefill", readable=False) != first.code("prefill", readable=False), (
+            changed
+        )
 
 
 # -- CLI and example ------------------------------------------------------------------------------

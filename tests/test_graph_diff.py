@@ -12,9 +12,8 @@ from helpers import build, prompt_and_masks
 
 import maskkv_compile
 from maskkv_compile.graph_diff import folded_diff
+from maskkv_compile.graph_diff import main as graph_diff_main
 from maskkv_compile.naming import WIDTH, readable_code, readable_name, wrap
-
-from helpers import build, prompt_and_masks
 
 FLAT = re.compile(r"_(?:modules|parameters|buffers)_")
 # what each rewritten graph inserts at every attention site

@@ -19,19 +19,25 @@ from collections import Counter
 
 import pytest
 import torch
+from helpers import build, kept_positions, prompt_and_masks
+from maskkv_compile.kernels import mask_votes
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import maskkv_compile
-from maskkv_compile.generate import generate
 from maskkv_compile import runtime as runtime_module
+from maskkv_compile.generate import generate
 from maskkv_compile.runtime import MaskKVRuntime
 
-from helpers import build, kept_positions, prompt_and_masks
-from maskkv_compile.kernels import mask_votes
-
-READING_OPS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.equal.default",
-               "aten.is_nonzero.default", "aten.masked_select.default", "aten._unique2.default",
-               "aten.unique_consecutive.default", "aten.unique_dim.default"}
+READING_OPS = {
+    "aten._local_scalar_dense.default",
+    "aten.nonzero.default",
+    "aten.equal.default",
+    "aten.is_nonzero.default",
+    "aten.masked_select.default",
+    "aten._unique2.default",
+    "aten.unique_consecutive.default",
+    "aten.unique_dim.default",
+}
 READING_METHODS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist")
 
 
@@ -56,6 +62,7 @@ def count_reads():
         def method(self, *args, **kwargs):
             counts[name] += 1
             return original(self, *args, **kwargs)
+
         return method
 
     try:
@@ -72,7 +79,7 @@ def count_reads():
 def recorded(monkeypatch):
     """Per runtime call: (transition, reads of the whole call, reads inside the graph)."""
     calls = []
-    call, run_step, run_prefill = MaskKVRuntime.__call__, MaskKVRuntime._run_step, MaskKVRuntime._run_prefill
+    call = MaskKVRuntime.__call__
 
     def graph_reads(self):  # wrap the compiled graphs of this runtime once
         if getattr(self, "_counted", False):
@@ -85,6 +92,7 @@ def recorded(monkeypatch):
                     out = _graph(*args)
                 calls[-1]["graph"] = inside
                 return out
+
             self._graphs[name] = (counted, inputs, groups)
 
     def recording_call(self, *args):
@@ -105,8 +113,14 @@ def _check(calls, step_kinds):
     steps = [c for c in calls if c["transition"] in step_kinds]
     assert steps, [c["transition"] for c in calls]
     for c in steps:
-        assert sum(c["graph"].values()) == 0, (c["transition"], c["graph"])  # the step graph reads nothing
-        assert c["reads"] == Counter({"tolist": 1}), (c["transition"], c["reads"])  # routing's one read
+        assert sum(c["graph"].values()) == 0, (
+            c["transition"],
+            c["graph"],
+        )  # the step graph reads nothing
+        assert c["reads"] == Counter({"tolist": 1}), (
+            c["transition"],
+            c["reads"],
+        )  # routing's one read
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
@@ -123,11 +137,20 @@ def test_a_block_step_reads_the_device_once(recorded):
     model = build("llada")
     prompt, _ = prompt_and_masks(model, 40, 16)
     opt = maskkv_compile.optimize(model, budget=8, backend="eager", block_length=4)
-    generate(opt, prompt, mask_token_id=model.config.mask_token_id, gen_length=16, steps=16, block_length=4)
+    generate(
+        opt,
+        prompt,
+        mask_token_id=model.config.mask_token_id,
+        gen_length=16,
+        steps=16,
+        block_length=4,
+    )
     assert opt.cache_stats()["transitions"] == {"new": 1, "block_refresh": 4, "block_step": 11}
     _check(recorded, {"block_step"})
     refreshes = [c for c in recorded if c["transition"] == "block_refresh"]
-    assert all(sum(c["graph"].values()) == 0 for c in refreshes)  # the step graph, over every response row
+    assert all(
+        sum(c["graph"].values()) == 0 for c in refreshes
+    )  # the step graph, over every response row
 
 
 def test_a_revote_step_reads_the_device_once(recorded):
@@ -158,7 +181,9 @@ def test_a_prefill_graph_reads_nothing(recorded, monkeypatch, padded, policy):
         valid[1, :9] = False  # row 1: a shorter prompt, left-padded
         x[1, :9] = 0
         kwargs = {"attention_mask": valid.long()}
-    opt = maskkv_compile.optimize(model, budget=24 if padded else 8, backend="eager", policy=policy)  # padded: row 1 kept whole
+    opt = maskkv_compile.optimize(
+        model, budget=24 if padded else 8, backend="eager", policy=policy
+    )  # padded: row 1 kept whole
     padding_reads, pad = [], runtime_module.padded_caches
 
     def counted_padding(flat):
@@ -179,7 +204,9 @@ def test_a_prefill_graph_reads_nothing(recorded, monkeypatch, padded, policy):
     (logits, kept, on_cpu), (logits_gpu_like, kept_gpu_like, gpu_like) = runs
     assert on_cpu["transition"] == gpu_like["transition"] == "new"
     assert torch.equal(logits, logits_gpu_like) and kept == kept_gpu_like
-    assert [len(row[0]) for row in kept[0]] == ([24, 21] if padded else [8])  # evicted (and a row kept whole)
+    assert [len(row[0]) for row in kept[0]] == (
+        [24, 21] if padded else [8]
+    )  # evicted (and a row kept whole)
     assert sum(gpu_like["graph"].values()) == 0, gpu_like["graph"]
     assert set(on_cpu["graph"]) <= {"__bool__"}  # the CPU path may read its masks, nothing else
     assert padding_reads == [Counter({"tolist": 1})] * 2  # every layer's kept lengths, at once

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from helpers import build, prompt_and_masks
 from torch._dynamo.utils import counters
 
 import maskkv_compile
-
-from helpers import build, prompt_and_masks
 
 pytestmark = pytest.mark.inductor
 
@@ -37,7 +36,13 @@ def test_inductor_matches_eager_and_does_not_recompile(family):
     _, longer = prompt_and_masks(model, prompt_len=33, gen_len=8, seed=5)
     for ours, theirs in zip(drive(compiled, longer, 2), drive(eager, longer, 2)):
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
-    assert len(compiled.backend.runtimes) == 1, "the outer graph was recompiled for a new prompt length"
+    assert len(compiled.backend.runtimes) == 1, (
+        "the outer graph was recompiled for a new prompt length"
+    )
     runtime = compiled.backend.runtimes[0]
-    assert runtime.compiled("prefill").compiles == 1 and runtime.compiled("step").compiles == 1, "Inductor recompiled for a new length"
-    assert counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"] == 2
+    assert runtime.compiled("prefill").compiles == 1 and runtime.compiled("step").compiles == 1, (
+        "Inductor recompiled for a new length"
+    )
+    assert (
+        counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"] == 2
+    )

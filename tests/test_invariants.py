@@ -40,11 +40,16 @@ class Harness:
         self.exact, self.rng = exact, rng
         budget = 64 if exact else 2
         refresh = {"prompt_refresh": 1} if exact else {}
-        family_option = {"family": "dream"} if family == "dream" else {}  # the Qwen2 stand-in is not named Dream
-        self.opt = maskkv_compile.optimize(self.model, budget=budget, backend="eager", **refresh, **family_option,
-                                           **options)
+        family_option = (
+            {"family": "dream"} if family == "dream" else {}
+        )  # the Qwen2 stand-in is not named Dream
+        self.opt = maskkv_compile.optimize(
+            self.model, budget=budget, backend="eager", **refresh, **family_option, **options
+        )
         self.block = options.get("block_length")
-        self.ran = Counter()  # the transitions of the checked calls (cache_stats' counts restart at reset())
+        self.ran = (
+            Counter()
+        )  # the transitions of the checked calls (cache_stats' counts restart at reset())
 
     # -- checks ----------------------------------------------------------------------------
     def positions(self, x: torch.Tensor, block=None) -> torch.Tensor:
@@ -61,8 +66,9 @@ class Harness:
                 if copied:
                     masked[row] &= ~session.layout.prompt[row]
         if self.shift:
-            masked = torch.cat([masked[:, 1:], torch.zeros_like(masked[:, :1])], 1) | (masked & (torch.arange(
-                masked.shape[1]) == 0))
+            masked = torch.cat([masked[:, 1:], torch.zeros_like(masked[:, :1])], 1) | (
+                masked & (torch.arange(masked.shape[1]) == 0)
+            )
         return masked
 
     def call(self, x, attention_mask=None, block=None, continuing=False):
@@ -90,8 +96,12 @@ class Harness:
 
     # -- what a user does -------------------------------------------------------------------
     def prompt(self, batch, length):
-        return torch.randint(0, self.mask - 4, (batch, length), generator=torch.Generator().manual_seed(
-            self.rng.randrange(10**6)))
+        return torch.randint(
+            0,
+            self.mask - 4,
+            (batch, length),
+            generator=torch.Generator().manual_seed(self.rng.randrange(10**6)),
+        )
 
     def drop_in(self, batch, cfg=None):
         """A drop-in loop of a few calls; committing one token per row per call, block by block."""
@@ -103,7 +113,10 @@ class Harness:
             padded[0, :2] = 0  # left padding of row 0
             x[0, :2] = 0
         calls = self.rng.randint(1, gen)
-        cached = [False, False]  # per stream (conditional, unconditional): its last call ran uncached
+        cached = [
+            False,
+            False,
+        ]  # per stream (conditional, unconditional): its last call ran uncached
         for i in range(calls):
             resp = torch.arange(p, p + gen)
             open_ = resp[(x[0, resp] == self.mask)]
@@ -112,7 +125,9 @@ class Harness:
             block = None
             if self.block is not None:
                 first = int(open_[0]) - p
-                block = torch.arange(p + first // self.block * self.block, p + (first // self.block + 1) * self.block)
+                block = torch.arange(
+                    p + first // self.block * self.block, p + (first // self.block + 1) * self.block
+                )
             if cfg == "two_calls":
                 un = x.clone()
                 un[:, :p] = self.mask
@@ -134,13 +149,27 @@ class Harness:
                 if block is not None:
                     masked = masked[(masked >= block[0]) & (masked <= block[-1])]
                 if masked.numel():
-                    pos = masked[self.rng.randrange(masked.numel())] if logits is None else masked[
-                        logits[row, masked - self.shift].amax(-1).argmax()]
+                    pos = (
+                        masked[self.rng.randrange(masked.numel())]
+                        if logits is None
+                        else masked[logits[row, masked - self.shift].amax(-1).argmax()]
+                    )
                     x[row, pos] = self.rng.randrange(self.mask - 4)
 
     def step(self):
-        op = self.rng.choice(["loop", "loop", "loop", "cfg_batched", "cfg_two", "reset", "generate", "weights",
-                              "batch"])
+        op = self.rng.choice(
+            [
+                "loop",
+                "loop",
+                "loop",
+                "cfg_batched",
+                "cfg_two",
+                "reset",
+                "generate",
+                "weights",
+                "batch",
+            ]
+        )
         if op == "loop":
             self.drop_in(self.rng.choice([1, 1, 2]))
         elif op == "cfg_batched" and not self.shift:
@@ -152,13 +181,24 @@ class Harness:
         elif op == "generate" and not self.shift:
             prompt = self.prompt(1, 6)
             gen = 2 * (self.block or 4)
-            out = self.opt.generate(prompt, gen_length=gen, steps=gen, block_length=self.block or gen)
+            out = self.opt.generate(
+                prompt, gen_length=gen, steps=gen, block_length=self.block or gen
+            )
             assert bool((out != self.mask).all())
             if self.exact:
                 from maskkv_compile.generate import generate
 
-                assert torch.equal(out, generate(self.model, prompt, mask_token_id=self.mask, gen_length=gen,
-                                                 steps=gen, block_length=self.block or gen)), "I2: generate"
+                assert torch.equal(
+                    out,
+                    generate(
+                        self.model,
+                        prompt,
+                        mask_token_id=self.mask,
+                        gen_length=gen,
+                        steps=gen,
+                        block_length=self.block or gen,
+                    ),
+                ), "I2: generate"
         elif op == "weights":
             with torch.no_grad():
                 self.model.lm_head.weight.mul_(1.0 + 0.01 * self.rng.random())
@@ -167,8 +207,12 @@ class Harness:
 
 
 CASES = [
-    ("llada", True, {}), ("dream", True, {}), ("llada", True, {"block_length": 4}),
-    ("llada", False, {}), ("dream", False, {}), ("llada", False, {"block_length": 4}),
+    ("llada", True, {}),
+    ("dream", True, {}),
+    ("llada", True, {"block_length": 4}),
+    ("llada", False, {}),
+    ("dream", False, {}),
+    ("llada", False, {"block_length": 4}),
     ("llada", False, {"revote": 2}),
 ]
 
@@ -183,8 +227,11 @@ def one_thread():
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("family, exact, options", CASES,
-                         ids=[f"{f}-{'exact' if e else 'evict'}-{'-'.join(o) or 'plain'}" for f, e, o in CASES])
+@pytest.mark.parametrize(
+    "family, exact, options",
+    CASES,
+    ids=[f"{f}-{'exact' if e else 'evict'}-{'-'.join(o) or 'plain'}" for f, e, o in CASES],
+)
 def test_invariants_over_random_call_sequences(family, exact, options):
     rng = random.Random(f"{family}{exact}{sorted(options)}")
     harness = Harness(family, exact, rng, **options)
@@ -193,12 +240,18 @@ def test_invariants_over_random_call_sequences(family, exact, options):
         for _ in range(SEQUENCES):
             for _ in range(rng.randint(1, 4)):
                 harness.step()
-    reasons = Counter(str(w.message) for w in caught if issubclass(w.category, CacheFallbackWarning))
+    reasons = Counter(
+        str(w.message) for w in caught if issubclass(w.category, CacheFallbackWarning)
+    )
     runtimes = len(harness.opt.runtimes)
-    assert all(n <= runtimes for n in reasons.values()), f"I3: warned more than once per runtime: {reasons}"
+    assert all(n <= runtimes for n in reasons.values()), (
+        f"I3: warned more than once per runtime: {reasons}"
+    )
     ran = harness.ran
     assert sum(ran.values()) > 2 * SEQUENCES, ran
     if not exact:  # the cached path ran: more steps than prefills
-        assert ran["step"] + ran["block_step"] + ran["block_refresh"] > ran["new"] + ran["uncached"], ran
+        assert (
+            ran["step"] + ran["block_step"] + ran["block_refresh"] > ran["new"] + ran["uncached"]
+        ), ran
     if options.get("block_length"):
         assert ran["block_step"] > 0 or exact, ran

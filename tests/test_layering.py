@@ -10,12 +10,24 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # installed name -> folder (pyproject.toml's package-dir)
-FOLDERS = {"maskkv_compile": ROOT / "maskkv_compile", "maskkv_compile.passes": ROOT / "passes",
-           "maskkv_compile.kernels": ROOT / "kernels"}
+FOLDERS = {
+    "maskkv_compile": ROOT / "maskkv_compile",
+    "maskkv_compile.passes": ROOT / "passes",
+    "maskkv_compile.kernels": ROOT / "kernels",
+}
 # the tools: reports, pictures, benchmarks, evaluation, the demo models and the command line
-TOOLS = ("maskkv_compile.explain", "maskkv_compile.graph_diff", "maskkv_compile.graph_view",
-         "maskkv_compile.model_explorer", "maskkv_compile.bench", "maskkv_compile.bench_plots",
-         "maskkv_compile.measure", "maskkv_compile.cli", "maskkv_compile.evaluation", "maskkv_compile.tiny_models")
+TOOLS = (
+    "maskkv_compile.explain",
+    "maskkv_compile.graph_diff",
+    "maskkv_compile.graph_view",
+    "maskkv_compile.model_explorer",
+    "maskkv_compile.bench",
+    "maskkv_compile.bench_plots",
+    "maskkv_compile.measure",
+    "maskkv_compile.cli",
+    "maskkv_compile.evaluation",
+    "maskkv_compile.tiny_models",
+)
 
 
 def is_tool(module: str) -> bool:
@@ -47,10 +59,15 @@ def import_graph(top_level_only: bool = False) -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    anchor = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+                    anchor = (
+                        module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+                    )
                     anchor = anchor[: len(anchor) - node.level + 1]
                     base = ".".join(anchor + ([node.module] if node.module else []))
-                edges.update(f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names)
+                edges.update(
+                    f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base
+                    for a in node.names
+                )
         graph[module] = {e for e in edges if e in modules and e != module}
     return graph
 
@@ -87,7 +104,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def python(code: str, cwd: Path = ROOT) -> str:
-    result = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout.strip().splitlines()[-1]
 
@@ -107,18 +126,28 @@ def test_no_import_cycle_in_the_package():
 def test_the_core_imports_no_tool():
     graph = import_graph()
     core = [m for m in graph if not is_tool(m) and m != "maskkv_compile"]
-    assert {m: sorted(e for e in graph[m] if is_tool(e)) for m in core if any(is_tool(e) for e in graph[m])} == {}
+    assert {
+        m: sorted(e for e in graph[m] if is_tool(e))
+        for m in core
+        if any(is_tool(e) for e in graph[m])
+    } == {}
     # the package's own __init__ names tools only lazily (module __getattr__), never at import
     assert not [e for e in import_graph(top_level_only=True)["maskkv_compile"] if is_tool(e)]
 
 
 def test_import_loads_no_tool_module():
-    loaded = json.loads(python(
-        "import json, sys; import maskkv_compile; "
-        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('maskkv_compile') or m in ('matplotlib', 'tabulate'))))"
-    ))
+    loaded = json.loads(
+        python(
+            "import json, sys; import maskkv_compile; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('maskkv_compile') or m in ('matplotlib', 'tabulate'))))"
+        )
+    )
     assert [m for m in loaded if is_tool(m) or m in ("matplotlib", "tabulate")] == []
-    assert "maskkv_compile.naming" in loaded and "maskkv_compile.passes" in loaded and "maskkv_compile.kernels" in loaded
+    assert (
+        "maskkv_compile.naming" in loaded
+        and "maskkv_compile.passes" in loaded
+        and "maskkv_compile.kernels" in loaded
+    )
 
 
 def test_lazy_entry_points_stay_functions():

@@ -2,13 +2,17 @@
 
 import pytest
 import torch
+from helpers import build, kept_positions, prompt_and_masks
+from test_exactness import run_against_reference
 
 import maskkv_compile
 from maskkv_compile.policies import POLICIES, get_policy
-from maskkv_compile.profile import LayerProfile, ProfileMismatchError, attention_importance, model_fingerprint
-
-from helpers import build, kept_positions, prompt_and_masks
-from test_exactness import run_against_reference
+from maskkv_compile.profile import (
+    LayerProfile,
+    ProfileMismatchError,
+    attention_importance,
+    model_fingerprint,
+)
 
 
 def profile_for(model, importance):
@@ -33,7 +37,9 @@ def test_policy_keeps_what_its_reference_keeps(policy, family):
     resp = torch.arange(40, 48)
     profile = profile_for(model, [0.05, 0.3, 0.2])
     chosen = policy_with(policy, profile=profile, window=8)
-    optimized, reference, _ = run_against_reference(model, x, resp, budget=6, steps=2, policy=chosen)
+    optimized, reference, _ = run_against_reference(
+        model, x, resp, budget=6, steps=2, policy=chosen
+    )
     stats = optimized.cache_stats()
     for layer, cache in enumerate(optimized.runtime.last_session.layers):
         ours = kept_positions(cache)
@@ -41,7 +47,9 @@ def test_policy_keeps_what_its_reference_keeps(policy, family):
     kv_heads = model.config.num_key_value_heads
     total = sum(sum(layer["kept_per_kv_head"]) for layer in stats["layers"])
     # exact, except where the min_keep=1 floor lifts a starved layer (PyramidKV's top layer gets B/20)
-    assert 3 * kv_heads * 6 <= total <= 3 * kv_heads * 6 + (kv_heads if policy == "pyramidkv" else 0)
+    assert (
+        3 * kv_heads * 6 <= total <= 3 * kv_heads * 6 + (kv_heads if policy == "pyramidkv" else 0)
+    )
 
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))
@@ -50,24 +58,36 @@ def test_budget_at_least_prompt_is_exact_for_every_policy(policy):
     prompt, _ = prompt_and_masks(model, prompt_len=12, gen_len=8)
     kwargs = dict(gen_length=8, steps=8, block_length=8)
     profile = profile_for(model, [0.05, 0.3, 0.2])
-    ours = maskkv_compile.optimize(model, budget=12, backend="eager", policy=policy_with(policy, profile=profile))
+    ours = maskkv_compile.optimize(
+        model, budget=12, backend="eager", policy=policy_with(policy, profile=profile)
+    )
     out = ours.generate(prompt, **kwargs)
     assert all(layer["kept_per_kv_head"] == [12, 12] for layer in ours.cache_stats()["layers"])
-    no_eviction = maskkv_compile.optimize(model, budget=10_000, backend="eager").generate(prompt, **kwargs)
+    no_eviction = maskkv_compile.optimize(model, budget=10_000, backend="eager").generate(
+        prompt, **kwargs
+    )
     assert torch.equal(out, no_eviction)
 
 
 def test_ragged_cache_bytes_are_the_head_budgets_plus_padding():
     model = build("dream", layers=3)
     _, x = prompt_and_masks(model, prompt_len=40, gen_len=8)
-    optimized = maskkv_compile.optimize(model, budget=6, backend="eager", policy="maskkv",
-                                        profile=profile_for(model, [0.05, 0.3, 0.2]))
+    optimized = maskkv_compile.optimize(
+        model,
+        budget=6,
+        backend="eager",
+        policy="maskkv",
+        profile=profile_for(model, [0.05, 0.3, 0.2]),
+    )
     optimized(x)
     stats = optimized.cache_stats()
     entry = 16 * 2 * 4  # one (k, v) pair: head_dim 16, float32
     for layer in stats["layers"]:
         assert layer["valid_bytes"] == sum(layer["kept_per_kv_head"]) * entry
-        assert layer["bytes"] == len(layer["kept_per_kv_head"]) * max(layer["kept_per_kv_head"]) * entry
+        assert (
+            layer["bytes"]
+            == len(layer["kept_per_kv_head"]) * max(layer["kept_per_kv_head"]) * entry
+        )
     assert stats["uniform_bytes"] == 3 * 2 * 6 * entry == stats["valid_bytes"]
     assert "kv0" in optimized.explain_budgets()
 
@@ -81,7 +101,9 @@ def test_a_profile_for_another_model_is_refused():
 
 def test_calibrate_measures_the_residual_stream_around_attention():
     model = build("llada", layers=3)
-    prompts = [prompt_and_masks(model, prompt_len=20 + 5 * i, gen_len=0, seed=i)[0] for i in range(2)]
+    prompts = [
+        prompt_and_masks(model, prompt_len=20 + 5 * i, gen_len=0, seed=i)[0] for i in range(2)
+    ]
     profile = maskkv_compile.calibrate(model, prompts, gen_length=8, progress=False)
     assert profile.fingerprint == model_fingerprint(model.config, type(model).__name__)
     # independent measurement: hooks on the HF layers (input of the layer; input + attention output)
@@ -91,11 +113,36 @@ def test_calibrate_measures_the_residual_stream_around_attention():
         captured = {}
         hooks = []
         for i, layer in enumerate(model.model.layers):
-            hooks.append(layer.register_forward_pre_hook(lambda m, a, k, i=i: captured.__setitem__(("in", i), k.get("hidden_states", a[0] if a else None)), with_kwargs=True))
-            hooks.append(layer.self_attn.register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(("attn", i), out[0])))
+            hooks.append(
+                layer.register_forward_pre_hook(
+                    lambda m, a, k, i=i, captured=captured: captured.__setitem__(
+                        ("in", i), k.get("hidden_states", a[0] if a else None)
+                    ),
+                    with_kwargs=True,
+                )
+            )
+            hooks.append(
+                layer.self_attn.register_forward_hook(
+                    lambda m, a, out, i=i, captured=captured: captured.__setitem__(
+                        ("attn", i), out[0]
+                    )
+                )
+            )
         with torch.no_grad():
             model(x, use_cache=False)
         for hook in hooks:
             hook.remove()
-        expected.append([attention_importance(captured[("in", i)], captured[("in", i)] + captured[("attn", i)]) for i in range(3)])
-    torch.testing.assert_close(torch.tensor(profile.importance, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64).mean(0), atol=1e-5, rtol=1e-5)
+        expected.append(
+            [
+                attention_importance(
+                    captured[("in", i)], captured[("in", i)] + captured[("attn", i)]
+                )
+                for i in range(3)
+            ]
+        )
+    torch.testing.assert_close(
+        torch.tensor(profile.importance, dtype=torch.float64),
+        torch.tensor(expected, dtype=torch.float64).mean(0),
+        atol=1e-5,
+        rtol=1e-5,
+    )

@@ -7,13 +7,12 @@ token (invariant I1/I2 of ``test_invariants.py``)."""
 
 import pytest
 import torch
-
-import maskkv_compile
-from maskkv_compile import CacheFallbackWarning
-
 from dream_model import tiny_dream_style
 from helpers import build, prompt_and_masks
 from loops import block_loop, llada_loop
+
+import maskkv_compile
+from maskkv_compile import CacheFallbackWarning
 
 P, L = 10, 6
 
@@ -51,7 +50,9 @@ def test_an_unconditional_generation_after_a_conditional_one_gets_real_logits():
     checked = Recorder(exact(model), model)
     llada_loop(checked, prompt, mask_id, L, L)  # conditional
     with pytest.warns(CacheFallbackWarning, match="no prompt"):
-        llada_loop(checked, prompt[:, :0], mask_id, P + L, P + L)  # unconditional: 16 masks, no prompt
+        llada_loop(
+            checked, prompt[:, :0], mask_id, P + L, P + L
+        )  # unconditional: 16 masks, no prompt
     assert checked.optimized.cache_stats()["fallbacks"] == {"no_prompt": 1}  # only its first call
 
 
@@ -62,7 +63,9 @@ def test_cfg_as_two_calls_for_two_prompts_never_takes_the_wrong_response():
     mask_id = model.config.mask_token_id
     a = torch.cat([prompt_and_masks(model, 10, 0)[0], torch.full((1, 6), mask_id)], 1)
     b = torch.cat([prompt_and_masks(model, 12, 0, seed=2)[0], torch.full((1, 4), mask_id)], 1)
-    optimized = maskkv_compile.optimize(model, budget=64, backend="eager", config=maskkv_compile.MaskKVConfig(max_sessions=4))
+    optimized = maskkv_compile.optimize(
+        model, budget=64, backend="eager", config=maskkv_compile.MaskKVConfig(max_sessions=4)
+    )
     for x in (a, b):
         optimized(x)
     uncond_a = torch.full_like(a, mask_id)
@@ -80,7 +83,8 @@ def test_cfg_as_two_calls_reads_the_unconditional_call_as_a_copy_of_the_previous
     transitions = optimized.cache_stats()["transitions"]
     assert transitions == {"new": 2, "refresh": 2 * (L - 1)}  # the copy is cached: no uncached call
     assert llada_loop(optimized, prompt, mask_id, L, L, cfg_scale=1.0, batched_cfg=False).equal(
-        llada_loop(model, prompt, mask_id, L, L, cfg_scale=1.0, batched_cfg=False))
+        llada_loop(model, prompt, mask_id, L, L, cfg_scale=1.0, batched_cfg=False)
+    )
 
 
 @pytest.mark.parametrize("change", ["load_state_dict", "optimizer_step", "to_dtype"])
@@ -106,7 +110,9 @@ def test_weights_changed_in_place_are_seen(change):
     assert_real_logits(optimized(x).logits, model, x)
     stats = optimized.cache_stats()
     assert stats["transitions"].get("step", 0) == 0
-    if change != "to_dtype":  # a dtype change makes dynamo recompile: a new runtime, a plain new prompt
+    if (
+        change != "to_dtype"
+    ):  # a dtype change makes dynamo recompile: a new runtime, a plain new prompt
         assert stats["fallbacks"] == {"weights_changed": 1}
 
 
@@ -116,8 +122,13 @@ def test_the_dual_cache_after_a_lost_session_computes_every_masked_row_of_the_lo
     mask_id = model.config.mask_token_id
     prompt, _ = prompt_and_masks(model, P, 0)
     other, _ = prompt_and_masks(model, P, 0, seed=9)
-    optimized = maskkv_compile.optimize(model, budget=4, backend="eager", block_length=4,
-                                       config=maskkv_compile.MaskKVConfig(max_sessions=1))
+    optimized = maskkv_compile.optimize(
+        model,
+        budget=4,
+        backend="eager",
+        block_length=4,
+        config=maskkv_compile.MaskKVConfig(max_sessions=1),
+    )
     lost = []
 
     def before_call(step):
@@ -130,7 +141,9 @@ def test_the_dual_cache_after_a_lost_session_computes_every_masked_row_of_the_lo
 
     def check(x, logits, block):
         masked = block[x[0, block] == mask_id]
-        assert bool((logits[0, masked] != 0).any(-1).all()), "a masked row of the loop's block got zero logits"
+        assert bool((logits[0, masked] != 0).any(-1).all()), (
+            "a masked row of the loop's block got zero logits"
+        )
 
     with pytest.warns(CacheFallbackWarning, match="block_length"):
         out = block_loop(optimized, prompt, mask_id, 8, 4, before_call=before_call, check=check)
@@ -160,19 +173,29 @@ def test_a_wrapped_generate_method_runs_without_the_dual_cache():
     blocks = maskkv_compile.optimize(model, budget=64, backend="eager", block_length=4)
     plain = maskkv_compile.optimize(model, budget=64, backend="eager")
     with pytest.warns(UserWarning, match="without the dual cache"):
-        ours = blocks.diffusion_generate(ids, max_new_tokens=8, steps=8, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(ours, plain.diffusion_generate(ids, max_new_tokens=8, steps=8,
-                                                      generator=torch.Generator().manual_seed(1)))
+        ours = blocks.diffusion_generate(
+            ids, max_new_tokens=8, steps=8, generator=torch.Generator().manual_seed(1)
+        )
+    assert torch.equal(
+        ours,
+        plain.diffusion_generate(
+            ids, max_new_tokens=8, steps=8, generator=torch.Generator().manual_seed(1)
+        ),
+    )
     assert "block_step" not in blocks.cache_stats()["transitions"]
 
 
 def test_generate_with_cfg_and_one_session():
     model = build("llada")
     prompt, _ = prompt_and_masks(model, P, 0)
-    one = maskkv_compile.optimize(model, budget=4, backend="eager", config=maskkv_compile.MaskKVConfig(max_sessions=1))
+    one = maskkv_compile.optimize(
+        model, budget=4, backend="eager", config=maskkv_compile.MaskKVConfig(max_sessions=1)
+    )
     two = maskkv_compile.optimize(model, budget=4, backend="eager")
     out = one.generate(prompt, gen_length=8, steps=8, block_length=8, cfg_scale=1.5)
-    assert torch.equal(out, two.generate(prompt, gen_length=8, steps=8, block_length=8, cfg_scale=1.5))
+    assert torch.equal(
+        out, two.generate(prompt, gen_length=8, steps=8, block_length=8, cfg_scale=1.5)
+    )
     assert one.cache_stats()["transitions"] == {"new": 1, "step": 7}
 
 
@@ -225,9 +248,17 @@ def test_the_backend_serves_every_batch_size_without_a_recompile_each(dynamic):
     automatic dynamic shapes: a static graph for the first size, one dynamic graph after."""
     torch._dynamo.reset()
     model = build("llada", dtype=torch.float64)
-    compiled = torch.compile(model, backend="maskkv", dynamic=dynamic,
-                             options={"budget": 64, "mask_token_id": model.config.mask_token_id, "backend": "eager",
-                                      "prompt_refresh": 1})
+    compiled = torch.compile(
+        model,
+        backend="maskkv",
+        dynamic=dynamic,
+        options={
+            "budget": 64,
+            "mask_token_id": model.config.mask_token_id,
+            "backend": "eager",
+            "prompt_refresh": 1,
+        },
+    )
     sizes = (2, 3, 4, 5, 6, 7, 8, 9, 10, 3)  # more than dynamo's recompile limit (8)
     for batch in sizes:
         _, x = prompt_and_masks(model, 25, 8, batch=batch, seed=batch)
@@ -236,7 +267,9 @@ def test_the_backend_serves_every_batch_size_without_a_recompile_each(dynamic):
             x[:, 25] = 3
     runtimes = maskkv_compile.runtimes(compiled)
     assert len(runtimes) == (1 if dynamic else 2)
-    assert sum(r.counts.prefills + r.counts.steps for r in runtimes) == 2 * len(sizes)  # MaskKV ran every call
+    assert sum(r.counts.prefills + r.counts.steps for r in runtimes) == 2 * len(
+        sizes
+    )  # MaskKV ran every call
 
 
 def test_the_backend_under_a_models_own_generate_method():
@@ -246,11 +279,18 @@ def test_the_backend_under_a_models_own_generate_method():
     torch._dynamo.reset()
     model = tiny_dream_style(dtype=torch.float64)
     ids = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(0))
-    options = {"budget": 64, "mask_token_id": model.config.mask_token_id, "backend": "eager", "prompt_refresh": 1,
-               "family": "dream"}
+    options = {
+        "budget": 64,
+        "mask_token_id": model.config.mask_token_id,
+        "backend": "eager",
+        "prompt_refresh": 1,
+        "family": "dream",
+    }
 
     def run(m):
-        return m.diffusion_generate(ids, max_new_tokens=8, steps=8, generator=torch.Generator().manual_seed(1))
+        return m.diffusion_generate(
+            ids, max_new_tokens=8, steps=8, generator=torch.Generator().manual_seed(1)
+        )
 
     reference = run(model)
     wrapper = torch.compile(model, backend="maskkv", options=options)
@@ -263,11 +303,14 @@ def test_the_backend_under_a_models_own_generate_method():
     assert dict(runtime.counts.transitions) == {"new": 1, "refresh": 7}
 
 
-@pytest.mark.parametrize("kind, words", [
-    ("causal", "causal (each token sees the tokens up to itself)"),
-    ("block", "block-causal with blocks of 4"),
-    ("window", "a causal sliding window of 3"),
-])
+@pytest.mark.parametrize(
+    "kind, words",
+    [
+        ("causal", "causal (each token sees the tokens up to itself)"),
+        ("block", "block-causal with blocks of 4"),
+        ("window", "a causal sliding window of 3"),
+    ],
+)
 def test_a_mask_that_is_not_padding_is_named_for_what_it_is(kind, words):
     """Block diffusion's block-causal mask (additive bf16 0/-inf, as LLaDA2's loop builds it) is
     recognised and refused by name, with its block length; so are causal and sliding windows."""
@@ -275,8 +318,11 @@ def test_a_mask_that_is_not_padding_is_named_for_what_it_is(kind, words):
     _, x = prompt_and_masks(model, 8, 6)
     pos = torch.arange(x.shape[1])
     causal = pos[None, :] <= pos[:, None]
-    allowed = {"causal": causal, "block": (pos // 4)[None, :] <= (pos // 4)[:, None],
-               "window": causal & (pos[:, None] - pos[None, :] < 3)}[kind]
+    allowed = {
+        "causal": causal,
+        "block": (pos // 4)[None, :] <= (pos // 4)[:, None],
+        "window": causal & (pos[:, None] - pos[None, :] < 3),
+    }[kind]
     additive = torch.where(allowed, 0.0, float("-inf")).to(torch.bfloat16)[None, None]
     optimized = maskkv_compile.optimize(model, budget=4, backend="eager")
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):

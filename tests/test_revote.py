@@ -16,16 +16,15 @@ import weakref
 
 import pytest
 import torch
+from helpers import build, kept_positions, prompt_and_masks
+from maskkv_compile.kernels import revote as revote_kernels
+from maskkv_compile.kernels import select_kv_reference
 from torch.library import opcheck
 from transformers import AttentionInterface
 
 import maskkv_compile
 from maskkv_compile.config import MaskKVConfig, MaskKVConfigError
-from maskkv_compile.kernels import revote as revote_kernels
-from maskkv_compile.kernels import select_kv_reference
 from maskkv_compile.policies import POLICIES, get_policy
-
-from helpers import build, kept_positions, prompt_and_masks
 
 _NAME = "maskkv_test_revote_reference"
 
@@ -43,7 +42,9 @@ class RevoteReference:
         AttentionInterface.register(_NAME, self._attention)
         self.model.set_attn_implementation(_NAME)
 
-    def _attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    def _attention(
+        self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs
+    ):
         assert attention_mask is None
         layer = module.layer_idx
         batch, heads = query.shape[:2]
@@ -51,22 +52,41 @@ class RevoteReference:
         group = heads // kv_heads
         if self.mode == "prefill":
             self.prompt_kv[layer] = (key[:, :, self.prompt], value[:, :, self.prompt])
-            weights = torch.softmax(query @ key.repeat_interleave(group, 1).transpose(-2, -1) * scaling, -1)
+            weights = torch.softmax(
+                query @ key.repeat_interleave(group, 1).transpose(-2, -1) * scaling, -1
+            )
             return (weights @ value.repeat_interleave(group, 1)).transpose(1, 2).contiguous(), None
         prompt_k, prompt_v = self.prompt_kv[layer]
         num_prompt = len(self.prompt)
         voters = [max(p - self.shift, 0) for p in self.response]
-        if self.masked_only:  # revote_voters="masked": the positions still masked vote (all, if none is)
+        if (
+            self.masked_only
+        ):  # revote_voters="masked": the positions still masked vote (all, if none is)
             assert batch == 1
-            voters = [max(p - self.shift, 0) for p in self.response if self.x[0, p] == self.mask] or voters
-        keys = torch.cat([prompt_k, key[:, :, self.response]], dim=2).repeat_interleave(group, 1)  # (B, H, P + R, D)
-        probs = torch.softmax(query[:, :, voters] @ keys.transpose(-2, -1) * scaling, -1)  # (B, H, Rv, P + R)
-        votes = probs[..., :num_prompt].sum(2).view(batch, kv_heads, group, num_prompt).sum(2)  # (B, Hkv, P)
+            voters = [
+                max(p - self.shift, 0) for p in self.response if self.x[0, p] == self.mask
+            ] or voters
+        keys = torch.cat([prompt_k, key[:, :, self.response]], dim=2).repeat_interleave(
+            group, 1
+        )  # (B, H, P + R, D)
+        probs = torch.softmax(
+            query[:, :, voters] @ keys.transpose(-2, -1) * scaling, -1
+        )  # (B, H, Rv, P + R)
+        votes = (
+            probs[..., :num_prompt].sum(2).view(batch, kv_heads, group, num_prompt).sum(2)
+        )  # (B, Hkv, P)
         cfg = self.config
-        scores = get_policy(cfg.policy).selection_scores(votes, tuple(votes.shape), kernel=cfg.pool_kernel,
-                                                         sink=cfg.sink, seed=cfg.seed).to(votes.dtype)
+        scores = (
+            get_policy(cfg.policy)
+            .selection_scores(
+                votes, tuple(votes.shape), kernel=cfg.pool_kernel, sink=cfg.sink, seed=cfg.seed
+            )
+            .to(votes.dtype)
+        )
         keep = select_kv_reference(scores, self.budgets[layer])
-        self.kept[layer] = [[[self.prompt[i] for i in head.tolist()] for head in row] for row in keep]
+        self.kept[layer] = [
+            [[self.prompt[i] for i in head.tolist()] for head in row] for row in keep
+        ]
         out = torch.empty_like(query)
         for b in range(batch):
             for h in range(heads):
@@ -90,24 +110,27 @@ def greedy_commit(x, logits, mask_id):
 
 def infill_input(model, prompt_len=24, span=(10, 16)):
     _, x = prompt_and_masks(model, prompt_len=prompt_len, gen_len=0)
-    x[0, span[0]:span[1]] = model.config.mask_token_id
+    x[0, span[0] : span[1]] = model.config.mask_token_id
     return x
 
 
 # ------------------------------------------------------------------------------------------ config
 
 
-@pytest.mark.parametrize("options,message", [
-    ({"revote": 0}, "revote must be"),
-    ({"revote": True}, "revote must be"),
-    ({"revote": "often"}, "revote must be"),
-    ({"revote": "block"}, "set block_length"),
-    ({"revote": 2, "block_length": 4}, 'use revote="block"'),
-    ({"revote": 1, "second_tier": "disk"}, "second_tier must be one of"),
-    ({"second_tier": "host"}, "set revote too"),
-    ({"revote": 1, "revote_voters": "all"}, "revote_voters must be one of"),
-    ({"revote_voters": "masked"}, "set revote too"),
-])
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"revote": 0}, "revote must be"),
+        ({"revote": True}, "revote must be"),
+        ({"revote": "often"}, "revote must be"),
+        ({"revote": "block"}, "set block_length"),
+        ({"revote": 2, "block_length": 4}, 'use revote="block"'),
+        ({"revote": 1, "second_tier": "disk"}, "second_tier must be one of"),
+        ({"second_tier": "host"}, "set revote too"),
+        ({"revote": 1, "revote_voters": "all"}, "revote_voters must be one of"),
+        ({"revote_voters": "masked"}, "set revote too"),
+    ],
+)
 def test_bad_revote_options_are_refused(options, message):
     with pytest.raises(MaskKVConfigError, match=message):
         MaskKVConfig(**options)
@@ -142,7 +165,19 @@ def _revote_inputs(batch=2, heads=4, kv_heads=2, prompt=11, rows=5, dim=8, seed=
     voter_valid[1, 0] = False
     kept_len = torch.tensor([[3, 5], [4, 2]])
     kept_k = torch.zeros(batch, kv_heads, 5, dim)
-    return (q, k, prompt_k, prompt_v, prompt_pos, prompt_valid, resp_valid, voter_idx, voter_valid, kept_k, kept_len)
+    return (
+        q,
+        k,
+        prompt_k,
+        prompt_v,
+        prompt_pos,
+        prompt_valid,
+        resp_valid,
+        voter_idx,
+        voter_valid,
+        kept_k,
+        kept_len,
+    )
 
 
 @pytest.mark.parametrize("blocked", [False, True], ids=["one score block", "prompt in blocks"])
@@ -151,14 +186,30 @@ def test_revote_op_matches_a_per_row_reference(blocked, monkeypatch):
         monkeypatch.setattr(revote_kernels, "SCORE_BLOCK", 1)
         monkeypatch.setattr(revote_kernels, "KEY_BLOCK_FACTOR", 1)
     args = _revote_inputs()
-    q, k, prompt_k, prompt_v, prompt_pos, prompt_valid, resp_valid, voter_idx, voter_valid, kept_k, kept_len = args
+    (
+        q,
+        k,
+        prompt_k,
+        prompt_v,
+        prompt_pos,
+        prompt_valid,
+        resp_valid,
+        voter_idx,
+        voter_valid,
+        kept_k,
+        kept_len,
+    ) = args
     scale = 0.4
-    new_k, new_v, new_len, pos = torch.ops.maskkv.revote_kv(*args, scale, 3, "mask_voting_uniform", 5, 4, 0)
+    new_k, new_v, new_len, pos = torch.ops.maskkv.revote_kv(
+        *args, scale, 3, "mask_voting_uniform", 5, 4, 0
+    )
     assert new_k.shape == kept_k.shape and torch.equal(new_len, kept_len)
     group = q.shape[1] // k.shape[1]
     for b in range(q.shape[0]):
         cols = prompt_valid[b].nonzero().flatten()
-        keys_b = torch.cat([prompt_k[b][:, cols], k[b][:, resp_valid[b]]], dim=1)  # (Hkv, P_b + R_b, D)
+        keys_b = torch.cat(
+            [prompt_k[b][:, cols], k[b][:, resp_valid[b]]], dim=1
+        )  # (Hkv, P_b + R_b, D)
         voters = voter_idx[voter_valid[b]]
         for kv in range(k.shape[1]):
             votes = torch.zeros(len(cols), dtype=torch.float64)
@@ -194,7 +245,9 @@ def test_whole_prompt_kept_revote_is_bit_equal(family):
     mask = model.config.mask_token_id
     runs = {}
     for revote in (None, 1):
-        net = maskkv_compile.optimize(model, budget=64, backend="eager", revote=revote, family=family)
+        net = maskkv_compile.optimize(
+            model, budget=64, backend="eager", revote=revote, family=family
+        )
         y, logits = x.clone(), []
         for _ in range(6):
             out = net(y).logits
@@ -209,11 +262,17 @@ def test_whole_prompt_kept_revote_is_bit_equal(family):
     assert revoted[1]["bytes"] == plain[1]["bytes"]  # the hot cache is the same size
 
 
-@pytest.mark.parametrize("family,layout,policy,voters", [
-    ("llada", "suffix", "mask_voting_uniform", "response"), ("llada", "infill", "snapkv", "response"),
-    ("dream", "suffix", "mask_voting_uniform", "response"), ("dream", "infill", "mask_voting_uniform", "response"),
-    ("llada", "suffix", "mask_voting_uniform", "masked"), ("dream", "infill", "mask_voting_uniform", "masked"),
-])  # "dream": a Qwen2 (GQA) model run with Dream's shifted logits: the voters are the rows before the masks
+@pytest.mark.parametrize(
+    "family,layout,policy,voters",
+    [
+        ("llada", "suffix", "mask_voting_uniform", "response"),
+        ("llada", "infill", "snapkv", "response"),
+        ("dream", "suffix", "mask_voting_uniform", "response"),
+        ("dream", "infill", "mask_voting_uniform", "response"),
+        ("llada", "suffix", "mask_voting_uniform", "masked"),
+        ("dream", "infill", "mask_voting_uniform", "masked"),
+    ],
+)  # "dream": a Qwen2 (GQA) model run with Dream's shifted logits: the voters are the rows before the masks
 def test_revote_keeps_the_reference_top_k_of_the_current_queries(family, layout, policy, voters):
     """Every re-vote step: each layer's new kept set equals the reference's top-k of the votes of
     the queries this step computes (revote_voters="masked": of the rows still masked), over the
@@ -227,8 +286,15 @@ def test_revote_keeps_the_reference_top_k_of_the_current_queries(family, layout,
     response = (x[0] == mask).nonzero().flatten().tolist()
     prompt = [i for i in range(x.shape[1]) if i not in response]
     shift = 1 if family == "dream" else 0
-    net = maskkv_compile.optimize(model, budget=5, backend="eager", revote=1, policy=policy, family=family,
-                                  revote_voters=voters)
+    net = maskkv_compile.optimize(
+        model,
+        budget=5,
+        backend="eager",
+        revote=1,
+        policy=policy,
+        family=family,
+        revote_voters=voters,
+    )
     reference = RevoteReference(model, policy, shift, masked_only=voters == "masked")
     reference.prompt, reference.response = prompt, response
     y = x.clone()
@@ -244,12 +310,16 @@ def test_revote_keeps_the_reference_top_k_of_the_current_queries(family, layout,
         session = net.runtime.last_session
         for layer, cache in enumerate(session.layers):
             assert kept_positions(cache) == reference.kept[layer], (step, layer)
-            assert torch.equal(cache.kept_len, reference.budgets[layer])  # the same per-head budgets
+            assert torch.equal(
+                cache.kept_len, reference.budgets[layer]
+            )  # the same per-head budgets
         rows = [max(p - shift, 0) for p in response]
         torch.testing.assert_close(out[:, rows], expected[:, rows], atol=1e-5, rtol=1e-5)
         changed |= [kept_positions(c) for c in session.layers] != before
     assert net.cache_stats()["revotes"] == 4
-    assert changed, "no re-vote changed any kept set: the test would not tell re-voting from not re-voting"
+    assert changed, (
+        "no re-vote changed any kept set: the test would not tell re-voting from not re-voting"
+    )
 
 
 def test_positions_stay_absolute_after_a_swap():
@@ -290,7 +360,9 @@ def test_second_tier_is_freed_with_the_session():
     model = build("llada")
     _, x = prompt_and_masks(model, 16, 4)
     _, other = prompt_and_masks(model, 16, 4, seed=7)
-    net = maskkv_compile.optimize(model, budget=4, backend="eager", revote=1, config=MaskKVConfig(max_sessions=1))
+    net = maskkv_compile.optimize(
+        model, budget=4, backend="eager", revote=1, config=MaskKVConfig(max_sessions=1)
+    )
     net(x)
     tier = net.runtime.last_session.tier
     refs = [weakref.ref(t) for pair in tier.prompt_kv for t in pair]
@@ -318,11 +390,20 @@ def test_host_second_tier_runs_the_same_revotes():
         y = x.clone()
         for _ in range(6):
             greedy_commit(y, net(y).logits, mask)
-        runs[where] = (y, net.cache_stats(), [layer.kept_pos for layer in net.runtime.last_session.layers])
+        runs[where] = (
+            y,
+            net.cache_stats(),
+            [layer.kept_pos for layer in net.runtime.last_session.layers],
+        )
     (tokens, stats, kept), (host_tokens, host_stats, host_kept) = runs["device"], runs["host"]
-    assert torch.equal(tokens, host_tokens) and all(torch.equal(a, b) for a, b in zip(kept, host_kept))
+    assert torch.equal(tokens, host_tokens) and all(
+        torch.equal(a, b) for a, b in zip(kept, host_kept)
+    )
     assert host_stats["revotes"] == stats["revotes"] == 5 and host_stats["prefills"] == 1
-    assert host_stats["second_tier"]["device"] == "cpu" and host_stats["second_tier"]["pinned"] is False
+    assert (
+        host_stats["second_tier"]["device"] == "cpu"
+        and host_stats["second_tier"]["pinned"] is False
+    )
     assert host_stats["second_tier"]["bytes"] == stats["second_tier"]["bytes"] > 0
 
 
@@ -332,7 +413,9 @@ def test_every_policy_revotes_under_its_budgets(policy):
     mask = model.config.mask_token_id
     _, x = prompt_and_masks(model, 24, 4)
     with pytest.warns(UserWarning) if get_policy(policy).needs_profile else _nothing():
-        net = maskkv_compile.optimize(model, budget=5, backend="eager", revote=2, policy=policy, family="dream")
+        net = maskkv_compile.optimize(
+            model, budget=5, backend="eager", revote=2, policy=policy, family="dream"
+        )
         y = x.clone()
         out = net(y).logits
     lengths = [c.kept_len.clone() for c in net.runtime.last_session.layers]
@@ -355,7 +438,9 @@ def test_block_revote_at_every_block_refresh():
     _, x = prompt_and_masks(model, 12, 8)
     runs = {}
     for revote, budget in ((None, 64), ("block", 64), ("block", 3)):
-        net = maskkv_compile.optimize(model, budget=budget, backend="eager", block_length=4, revote=revote)
+        net = maskkv_compile.optimize(
+            model, budget=budget, backend="eager", block_length=4, revote=revote
+        )
         y, logits = x.clone(), []
         for _ in range(8):
             out = net(y).logits
@@ -377,8 +462,10 @@ def test_inductor_revote_matches_eager():
     it nor the step graph was compiled again for the second prompt length."""
     model = build("dream")
     mask = model.config.mask_token_id
-    nets = {backend: maskkv_compile.optimize(model, budget=4, backend=backend, revote=2, family="dream")
-            for backend in ("eager", "inductor")}
+    nets = {
+        backend: maskkv_compile.optimize(model, budget=4, backend=backend, revote=2, family="dream")
+        for backend in ("eager", "inductor")
+    }
     for prompt_len, seed in ((20, 1), (33, 5)):
         _, x = prompt_and_masks(model, prompt_len, 5, seed=seed)
         runs = {}
@@ -390,17 +477,27 @@ def test_inductor_revote_matches_eager():
                 kept.append([kept_positions(c) for c in net.runtime.last_session.layers])
                 greedy_commit(y, out, mask)
             runs[backend] = (y, logits, kept)
-        (eager_y, eager_logits, eager_kept), (ours_y, ours_logits, ours_kept) = runs["eager"], runs["inductor"]
+        (eager_y, eager_logits, eager_kept), (ours_y, ours_logits, ours_kept) = (
+            runs["eager"],
+            runs["inductor"],
+        )
         assert torch.equal(ours_y, eager_y), "the compiled loop committed other tokens"
         assert ours_kept == eager_kept
-        assert ours_kept[2] != ours_kept[0], "the re-vote changed no kept set: the test could not see it"
+        assert ours_kept[2] != ours_kept[0], (
+            "the re-vote changed no kept set: the test could not see it"
+        )
         for a, b in zip(ours_logits, eager_logits):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     for backend, net in nets.items():
         stats = net.cache_stats()
-        assert stats["revotes"] == 4 and stats["steps"] == 8 and stats["prefills"] == 2, (backend, stats)
+        assert stats["revotes"] == 4 and stats["steps"] == 8 and stats["prefills"] == 2, (
+            backend,
+            stats,
+        )
     runtime = nets["inductor"].runtime
-    assert runtime.compiled("revote").compiles == 1 and runtime.compiled("step").compiles == 1, "Inductor recompiled for a new prompt length"
+    assert runtime.compiled("revote").compiles == 1 and runtime.compiled("step").compiles == 1, (
+        "Inductor recompiled for a new prompt length"
+    )
 
 
 class _nothing:

@@ -5,11 +5,10 @@ test drives an unmodified loop and asserts which path ran."""
 
 import pytest
 import torch
-
-import maskkv_compile
-
 from helpers import build, prompt_and_masks
 from loops import llada_loop
+
+import maskkv_compile
 
 P, L = 12, 6
 
@@ -36,7 +35,9 @@ def test_cfg_as_two_calls_caches_both_halves_then_a_new_prompt_is_cached_too():
     optimized = maskkv_compile.optimize(model, budget=4, backend="eager")
     llada_loop(optimized, prompt, mask_id, L, L, cfg_scale=1.0, batched_cfg=False)
     assert transitions(optimized) == {"new": 2, "step": 2 * (L - 1)}
-    assert optimized.cache_stats()["prompt_lens"] == [P]  # the unconditional half: P masked prompt positions
+    assert optimized.cache_stats()["prompt_lens"] == [
+        P
+    ]  # the unconditional half: P masked prompt positions
     other, _ = prompt_and_masks(model, P, L, seed=7)
     llada_loop(optimized, other, mask_id, L, L)  # no reset: the loop knows nothing about MaskKV
     assert transitions(optimized) == {"new": 3, "step": 3 * (L - 1)}
@@ -63,9 +64,16 @@ def test_llada_batched_cfg_runs_steps_under_eviction():
     llada_loop(optimized, prompt, mask_id, L, L, cfg_scale=1.0)
     assert transitions(optimized) == {"new": 1, "step": L - 1}
     session = optimized.runtime.last_session
-    assert session.layout.twins == (None, None, 0, 1)  # rows 2, 3 are the masked copies of rows 0, 1
+    assert session.layout.twins == (
+        None,
+        None,
+        0,
+        1,
+    )  # rows 2, 3 are the masked copies of rows 0, 1
     assert session.layout.prompt_lens == [P] * 4 and session.layout.response_lens == [L] * 4
-    assert session.layout.rows.tolist() == list(range(P, P + L))  # the step computes the response only
+    assert session.layout.rows.tolist() == list(
+        range(P, P + L)
+    )  # the step computes the response only
 
 
 def test_a_model_that_commits_the_mask_id_still_runs_one_prefill_per_generation():
@@ -82,7 +90,9 @@ def test_a_model_that_commits_the_mask_id_still_runs_one_prefill_per_generation(
     out = llada_loop(optimized, prompt, mask_id, L, L)
     assert bool((out[:, P:] == mask_id).all())
     assert transitions(optimized) == {"new": 1, "step": L - 1}
-    optimized.generate(prompt, gen_length=L, steps=L, block_length=L)  # a generation method starts afresh
+    optimized.generate(
+        prompt, gen_length=L, steps=L, block_length=L
+    )  # a generation method starts afresh
     assert transitions(optimized) == {"new": 1, "step": L - 1}
 
 
@@ -92,7 +102,9 @@ def test_a_response_position_going_back_to_the_mask_restarts():
     prompt, _ = prompt_and_masks(model, P, L)
     optimized = maskkv_compile.optimize(model, budget=4, backend="eager")
     first = llada_loop(optimized, prompt, mask_id, L, L)
-    second = llada_loop(optimized, prompt, mask_id, L, L)  # the same prompt generated again, no reset
+    second = llada_loop(
+        optimized, prompt, mask_id, L, L
+    )  # the same prompt generated again, no reset
     assert torch.equal(first, second)
     assert transitions(optimized) == {"new": 1, "restart": 1, "step": 2 * (L - 1)}
 
@@ -104,7 +116,9 @@ def test_an_all_mask_input_never_captures_the_next_prompt():
     everything = torch.full((1, P + L), mask_id)
     with pytest.warns(maskkv_compile.CacheFallbackWarning, match="no prompt"):
         optimized(everything)
-    optimized(everything)  # nothing tells a continuation from a new prompt: a prefill, no session kept
+    optimized(
+        everything
+    )  # nothing tells a continuation from a new prompt: a prefill, no session kept
     assert transitions(optimized) == {"uncached": 2}
     assert optimized.cache_stats()["fallbacks"] == {"no_prompt": 2}
     assert optimized.cache_stats()["prompt_len"] == 0
@@ -156,7 +170,10 @@ def test_rows_with_different_mask_layouts_each_get_their_own_response():
         alone = optimized(x[row : row + 1]).logits
         torch.testing.assert_close(batch[row : row + 1], alone, atol=1e-10, rtol=1e-10)
     # response-only logits need rectangular responses
-    with pytest.raises(ValueError, match="same number of response positions"), maskkv_compile.response_logits_only():
+    with (
+        pytest.raises(ValueError, match="same number of response positions"),
+        maskkv_compile.response_logits_only(),
+    ):
         optimized(x)
 
 

@@ -6,7 +6,15 @@ call shows about each, and the plan; nothing here runs a model."""
 import pytest
 
 from maskkv_compile.routing import (
-    CallFacts, Fallback, Plan, Policy, SessionFacts, SessionState, Transition, decide, new_prompt,
+    CallFacts,
+    Fallback,
+    Plan,
+    Policy,
+    SessionFacts,
+    SessionState,
+    Transition,
+    decide,
+    new_prompt,
 )
 
 W, W2 = ("w", 1), ("w", 2)  # two weight signatures
@@ -14,7 +22,9 @@ T = Transition
 
 
 def live(steps=0, block=None, dual=False, weights=W):
-    return SessionState(steps_since_prefill=steps, cached_block=block, dual_cache=dual, weights=weights)
+    return SessionState(
+        steps_since_prefill=steps, cached_block=block, dual_cache=dual, weights=weights
+    )
 
 
 CONT = SessionFacts(continues=True)
@@ -26,50 +36,182 @@ TABLE = [
     ("no session matches: new", [live()], [OTHER], CallFacts(W), Policy(), Plan(T.NEW)),
     ("host facts rule it out: new", [live()], [None], CallFacts(W), Policy(), Plan(T.NEW)),
     ("continues: step", [live()], [CONT], CallFacts(W), Policy(), Plan(T.STEP, 0)),
-    ("the first continuing session wins", [live(), live(steps=4)], [OTHER, CONT], CallFacts(W), Policy(),
-     Plan(T.STEP, 1)),
-    ("a response position went back to the mask: restart", [live(steps=3)],
-     [SessionFacts(True, restarted=True)], CallFacts(W), Policy(), Plan(T.RESTART, 0)),
-    ("restart beats a due refresh", [live(steps=0)], [SessionFacts(True, restarted=True)], CallFacts(W),
-     Policy(prompt_refresh=1), Plan(T.RESTART, 0)),
-    ("refresh every call", [live(steps=0)], [CONT], CallFacts(W), Policy(prompt_refresh=1), Plan(T.REFRESH, 0)),
-    ("refresh not due yet", [live(steps=1)], [CONT], CallFacts(W), Policy(prompt_refresh=3), Plan(T.STEP, 0)),
-    ("refresh due on the third call", [live(steps=2)], [CONT], CallFacts(W), Policy(prompt_refresh=3),
-     Plan(T.REFRESH, 0)),
-    ("dual cache, no block cached: block refresh", [live(dual=True)], [SessionFacts(True, current_block=0)],
-     CallFacts(W), Policy(), Plan(T.BLOCK_REFRESH, 0, block=0)),
-    ("dual cache, the cached block: block step", [live(block=2, dual=True)], [SessionFacts(True, current_block=2)],
-     CallFacts(W), Policy(), Plan(T.BLOCK_STEP, 0, block=2)),
-    ("dual cache, the next block: block refresh", [live(block=2, dual=True)], [SessionFacts(True, current_block=3)],
-     CallFacts(W), Policy(), Plan(T.BLOCK_REFRESH, 0, block=3)),
-    ("dual cache, no mask left: plain step", [live(block=2, dual=True)], [SessionFacts(True, current_block=None)],
-     CallFacts(W), Policy(), Plan(T.STEP, 0)),
-    ("dual cache off for the session: plain step", [live(dual=False)], [SessionFacts(True, current_block=1)],
-     CallFacts(W), Policy(), Plan(T.STEP, 0)),
-    ("a commit outside the block: leave the dual cache", [live(block=0, dual=True)],
-     [SessionFacts(True, current_block=0, off_grid=True)], CallFacts(W), Policy(),
-     Plan(T.STEP, 0, fallback=Fallback.BLOCK_OFF_GRID, leave_dual_cache=True)),
-    ("refresh beats the dual cache", [live(steps=0, block=0, dual=True)], [SessionFacts(True, current_block=0)],
-     CallFacts(W), Policy(prompt_refresh=1), Plan(T.REFRESH, 0)),
-    ("revote every 2: not due", [live(steps=0)], [CONT], CallFacts(W), Policy(revote=2), Plan(T.STEP, 0)),
-    ("revote every 2: due", [live(steps=1)], [CONT], CallFacts(W), Policy(revote=2), Plan(T.STEP, 0, revote=True)),
-    ("revote at block refreshes", [live(dual=True)], [SessionFacts(True, current_block=1)], CallFacts(W),
-     Policy(revote="block"), Plan(T.BLOCK_REFRESH, 0, block=1, revote=True)),
-    ("revote at block refreshes: not at a block step", [live(block=1, dual=True)],
-     [SessionFacts(True, current_block=1)], CallFacts(W), Policy(revote="block"), Plan(T.BLOCK_STEP, 0, block=1)),
-    ("weights changed: the continued session is stale", [live(weights=W)], [CONT], CallFacts(W2), Policy(),
-     Plan(T.NEW, stale=(0,), fallback=Fallback.WEIGHTS_CHANGED)),
-    ("weights changed: another session still continues", [live(weights=W), live(weights=W2)], [CONT, CONT],
-     CallFacts(W2), Policy(), Plan(T.STEP, 1, stale=(0,))),
-    ("weights changed, nothing continued: no fallback", [live(weights=W)], [OTHER], CallFacts(W2), Policy(),
-     Plan(T.NEW, stale=(0,))),
-    ("a dropped session came back", [live()], [OTHER], CallFacts(W, dropped=Fallback.SESSION_DROPPED), Policy(),
-     Plan(T.NEW, fallback=Fallback.SESSION_DROPPED)),
+    (
+        "the first continuing session wins",
+        [live(), live(steps=4)],
+        [OTHER, CONT],
+        CallFacts(W),
+        Policy(),
+        Plan(T.STEP, 1),
+    ),
+    (
+        "a response position went back to the mask: restart",
+        [live(steps=3)],
+        [SessionFacts(True, restarted=True)],
+        CallFacts(W),
+        Policy(),
+        Plan(T.RESTART, 0),
+    ),
+    (
+        "restart beats a due refresh",
+        [live(steps=0)],
+        [SessionFacts(True, restarted=True)],
+        CallFacts(W),
+        Policy(prompt_refresh=1),
+        Plan(T.RESTART, 0),
+    ),
+    (
+        "refresh every call",
+        [live(steps=0)],
+        [CONT],
+        CallFacts(W),
+        Policy(prompt_refresh=1),
+        Plan(T.REFRESH, 0),
+    ),
+    (
+        "refresh not due yet",
+        [live(steps=1)],
+        [CONT],
+        CallFacts(W),
+        Policy(prompt_refresh=3),
+        Plan(T.STEP, 0),
+    ),
+    (
+        "refresh due on the third call",
+        [live(steps=2)],
+        [CONT],
+        CallFacts(W),
+        Policy(prompt_refresh=3),
+        Plan(T.REFRESH, 0),
+    ),
+    (
+        "dual cache, no block cached: block refresh",
+        [live(dual=True)],
+        [SessionFacts(True, current_block=0)],
+        CallFacts(W),
+        Policy(),
+        Plan(T.BLOCK_REFRESH, 0, block=0),
+    ),
+    (
+        "dual cache, the cached block: block step",
+        [live(block=2, dual=True)],
+        [SessionFacts(True, current_block=2)],
+        CallFacts(W),
+        Policy(),
+        Plan(T.BLOCK_STEP, 0, block=2),
+    ),
+    (
+        "dual cache, the next block: block refresh",
+        [live(block=2, dual=True)],
+        [SessionFacts(True, current_block=3)],
+        CallFacts(W),
+        Policy(),
+        Plan(T.BLOCK_REFRESH, 0, block=3),
+    ),
+    (
+        "dual cache, no mask left: plain step",
+        [live(block=2, dual=True)],
+        [SessionFacts(True, current_block=None)],
+        CallFacts(W),
+        Policy(),
+        Plan(T.STEP, 0),
+    ),
+    (
+        "dual cache off for the session: plain step",
+        [live(dual=False)],
+        [SessionFacts(True, current_block=1)],
+        CallFacts(W),
+        Policy(),
+        Plan(T.STEP, 0),
+    ),
+    (
+        "a commit outside the block: leave the dual cache",
+        [live(block=0, dual=True)],
+        [SessionFacts(True, current_block=0, off_grid=True)],
+        CallFacts(W),
+        Policy(),
+        Plan(T.STEP, 0, fallback=Fallback.BLOCK_OFF_GRID, leave_dual_cache=True),
+    ),
+    (
+        "refresh beats the dual cache",
+        [live(steps=0, block=0, dual=True)],
+        [SessionFacts(True, current_block=0)],
+        CallFacts(W),
+        Policy(prompt_refresh=1),
+        Plan(T.REFRESH, 0),
+    ),
+    (
+        "revote every 2: not due",
+        [live(steps=0)],
+        [CONT],
+        CallFacts(W),
+        Policy(revote=2),
+        Plan(T.STEP, 0),
+    ),
+    (
+        "revote every 2: due",
+        [live(steps=1)],
+        [CONT],
+        CallFacts(W),
+        Policy(revote=2),
+        Plan(T.STEP, 0, revote=True),
+    ),
+    (
+        "revote at block refreshes",
+        [live(dual=True)],
+        [SessionFacts(True, current_block=1)],
+        CallFacts(W),
+        Policy(revote="block"),
+        Plan(T.BLOCK_REFRESH, 0, block=1, revote=True),
+    ),
+    (
+        "revote at block refreshes: not at a block step",
+        [live(block=1, dual=True)],
+        [SessionFacts(True, current_block=1)],
+        CallFacts(W),
+        Policy(revote="block"),
+        Plan(T.BLOCK_STEP, 0, block=1),
+    ),
+    (
+        "weights changed: the continued session is stale",
+        [live(weights=W)],
+        [CONT],
+        CallFacts(W2),
+        Policy(),
+        Plan(T.NEW, stale=(0,), fallback=Fallback.WEIGHTS_CHANGED),
+    ),
+    (
+        "weights changed: another session still continues",
+        [live(weights=W), live(weights=W2)],
+        [CONT, CONT],
+        CallFacts(W2),
+        Policy(),
+        Plan(T.STEP, 1, stale=(0,)),
+    ),
+    (
+        "weights changed, nothing continued: no fallback",
+        [live(weights=W)],
+        [OTHER],
+        CallFacts(W2),
+        Policy(),
+        Plan(T.NEW, stale=(0,)),
+    ),
+    (
+        "a dropped session came back",
+        [live()],
+        [OTHER],
+        CallFacts(W, dropped=Fallback.SESSION_DROPPED),
+        Policy(),
+        Plan(T.NEW, fallback=Fallback.SESSION_DROPPED),
+    ),
 ]
 
 
-@pytest.mark.parametrize("sessions, facts, call, policy, expected", [row[1:] for row in TABLE],
-                         ids=[row[0] for row in TABLE])
+@pytest.mark.parametrize(
+    "sessions, facts, call, policy, expected",
+    [row[1:] for row in TABLE],
+    ids=[row[0] for row in TABLE],
+)
 def test_decide(sessions, facts, call, policy, expected):
     assert decide(sessions, facts, call, policy) == expected
 
@@ -78,9 +220,19 @@ def test_a_new_prompt_without_a_prompt_in_some_row_runs_uncached():
     plan = new_prompt(Plan(T.NEW, stale=(1,)), has_prompt=False)
     assert plan == Plan(T.UNCACHED, stale=(1,), fallback=Fallback.NO_PROMPT)
     assert new_prompt(Plan(T.NEW), has_prompt=True) == Plan(T.NEW)
-    assert new_prompt(Plan(T.STEP, 0), has_prompt=False) == Plan(T.STEP, 0)  # only a new layout is judged
+    assert new_prompt(Plan(T.STEP, 0), has_prompt=False) == Plan(
+        T.STEP, 0
+    )  # only a new layout is judged
 
 
 def test_transitions_are_counted_under_their_names_and_say_what_they_run():
-    assert {t.value for t in T} == {"new", "restart", "refresh", "step", "block_refresh", "block_step", "uncached"}
+    assert {t.value for t in T} == {
+        "new",
+        "restart",
+        "refresh",
+        "step",
+        "block_refresh",
+        "block_step",
+        "uncached",
+    }
     assert {t for t in T if t.is_prefill} == {T.NEW, T.RESTART, T.REFRESH, T.UNCACHED}

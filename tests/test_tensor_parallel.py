@@ -41,10 +41,10 @@ if not dist.is_available() or not dist.is_gloo_available():
     )
 
 import maskkv_compile  # noqa: E402
-from maskkv_compile.tensor_parallel import TensorParallelError  # noqa: E402
 from maskkv_compile.generate import generate  # noqa: E402
-from maskkv_compile.tiny_models import tiny_dream, tiny_llada  # noqa: E402
 from maskkv_compile.profile import LayerProfile, model_fingerprint  # noqa: E402
+from maskkv_compile.tensor_parallel import TensorParallelError  # noqa: E402
+from maskkv_compile.tiny_models import tiny_dream, tiny_llada  # noqa: E402
 
 WORLD = 2
 PROMPT, GEN, BUDGET = (

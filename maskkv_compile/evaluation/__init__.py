@@ -6,11 +6,40 @@ pretrained masked LMs, per policy and budget (``maskkv-compile eval``; see docs/
     print(table(suite.results, "retention"))
 """
 
-from maskkv_compile.evaluation.models import MODELS, TASKS, Bundle, ModelUnavailable, Sample, load_bundle
+from maskkv_compile.evaluation.models import (
+    MODELS,
+    TASKS,
+    Bundle,
+    ModelUnavailable,
+    Sample,
+    load_bundle,
+)
 from maskkv_compile.evaluation.report import aggregate, markdown, plot, table, targets
-from maskkv_compile.evaluation.suite import FULL, FULL_BUDGET, Suite, configurations, infill, run_suite
+from maskkv_compile.evaluation.suite import (
+    FULL,
+    FULL_BUDGET,
+    Suite,
+    configurations,
+    infill,
+    run_suite,
+)
 
 __all__ = [
-    "FULL", "FULL_BUDGET", "MODELS", "TASKS", "Bundle", "ModelUnavailable", "Sample", "Suite", "aggregate",
-    "configurations", "infill", "load_bundle", "markdown", "plot", "run_suite", "table", "targets",
+    "FULL",
+    "FULL_BUDGET",
+    "MODELS",
+    "TASKS",
+    "Bundle",
+    "ModelUnavailable",
+    "Sample",
+    "Suite",
+    "aggregate",
+    "configurations",
+    "infill",
+    "load_bundle",
+    "markdown",
+    "plot",
+    "run_suite",
+    "table",
+    "targets",
 ]

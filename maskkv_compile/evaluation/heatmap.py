@@ -26,15 +26,35 @@ DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 LENGTHS = (32, 64, 128, 256)
 
 
-def needle_samples(length: int, depth: float, samples: int, needles: int, seed: int = 0) -> list[Sample]:
-    gen = torch.Generator().manual_seed(9_000_000 + 10_000 * seed + 10 * length + round(100 * depth))
-    return [needle_sample(f"T{length}/d{depth:g}/{i}", "heatmap", nt.needle_task(gen, length, needles, depth=depth))
-            for i in range(samples)]
+def needle_samples(
+    length: int, depth: float, samples: int, needles: int, seed: int = 0
+) -> list[Sample]:
+    gen = torch.Generator().manual_seed(
+        9_000_000 + 10_000 * seed + 10 * length + round(100 * depth)
+    )
+    return [
+        needle_sample(
+            f"T{length}/d{depth:g}/{i}",
+            "heatmap",
+            nt.needle_task(gen, length, needles, depth=depth),
+        )
+        for i in range(samples)
+    ]
 
 
-def heatmap(model: torch.nn.Module, policies: Sequence[str] = ("maskkv", "snapkv", "streaming"), budget: int = 8, *,
-            lengths: Sequence[int] = LENGTHS, depths: Sequence[float] = DEPTHS, samples: int = 8, needles: int = 2,
-            profile=None, seed: int = 0, progress: bool = True) -> dict:
+def heatmap(
+    model: torch.nn.Module,
+    policies: Sequence[str] = ("maskkv", "snapkv", "streaming"),
+    budget: int = 8,
+    *,
+    lengths: Sequence[int] = LENGTHS,
+    depths: Sequence[float] = DEPTHS,
+    samples: int = 8,
+    needles: int = 2,
+    profile=None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
     """Exact match per (configuration, length, depth); ``profile`` is the layer profile for the
     policies that need one (``maskkv``, ``squeezeattention``)."""
     from maskkv_compile.policies import get_policy
@@ -43,21 +63,39 @@ def heatmap(model: torch.nn.Module, policies: Sequence[str] = ("maskkv", "snapkv
         raise ValueError(f"budget must be >= 1, got {budget}")
     for policy in policies:  # fail before anything runs
         if get_policy(policy).needs_profile and profile is None:
-            raise ValueError(f"policy {policy!r} needs a layer profile: pass profile=maskkv_compile.calibrate(...)")
+            raise ValueError(
+                f"policy {policy!r} needs a layer profile: pass profile=maskkv_compile.calibrate(...)"
+            )
     configs = {"uncached": None, "full cache": ("mask_voting_uniform", FULL_BUDGET)}
     configs.update({f"{p}@{budget}": (p, budget) for p in policies})
-    grid = {(length, depth): needle_samples(length, depth, samples, needles, seed) for length in lengths for depth in depths}
+    grid = {
+        (length, depth): needle_samples(length, depth, samples, needles, seed)
+        for length in lengths
+        for depth in depths
+    }
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is optional
+
         def tqdm(items, **_):
             return items
-    out = {"lengths": list(lengths), "depths": list(depths), "samples": samples, "needles": needles,
-           "budget": budget, "exact_match": {}}
+
+    out = {
+        "lengths": list(lengths),
+        "depths": list(depths),
+        "samples": samples,
+        "needles": needles,
+        "budget": budget,
+        "exact_match": {},
+    }
     for label, spec in tqdm(list(configs.items()), desc="needle heatmap", disable=not progress):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            net = model if spec is None else optimized(model, nt.MASK, *spec, profile=profile, seed=seed)
+            net = (
+                model
+                if spec is None
+                else optimized(model, nt.MASK, *spec, profile=profile, seed=seed)
+            )
             rows = []
             for length in lengths:
                 row = []
@@ -94,7 +132,10 @@ def plot_heatmap(result: dict, png: Union[str, Path]) -> Path:
         ax.set_xlabel("needle depth")
         ax.set_title(label, fontsize=9)
     axes[0][0].set_ylabel("haystack length")
-    fig.suptitle(f"needle retrieval, exact match ({result['needles']} needles, {result['samples']} per cell)", fontsize=10)
+    fig.suptitle(
+        f"needle retrieval, exact match ({result['needles']} needles, {result['samples']} per cell)",
+        fontsize=10,
+    )
     fig.tight_layout()
     png = Path(png)
     fig.savefig(png, dpi=110)

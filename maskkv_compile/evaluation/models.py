@@ -34,8 +34,12 @@ from typing import Callable, Optional, Sequence
 import torch
 
 MODELS = ("antiberty", "rxnfp", "tiny-dllm", "tiny-llama")
-TASKS = {"antiberty": ("cdr3", "suffix"), "rxnfp": ("product_span", "suffix"), "tiny-dllm": ("single", "multikey"),
-         "tiny-llama": ("span", "suffix")}
+TASKS = {
+    "antiberty": ("cdr3", "suffix"),
+    "rxnfp": ("product_span", "suffix"),
+    "tiny-dllm": ("single", "multikey"),
+    "tiny-llama": ("span", "suffix"),
+}
 
 
 class ModelUnavailable(RuntimeError):
@@ -62,15 +66,20 @@ class Sample:
 
     def masked(self, mask_id: int) -> torch.Tensor:
         x = torch.tensor([self.ids], dtype=torch.long)
-        x[0, self.start:self.stop] = mask_id
+        x[0, self.start : self.stop] = mask_id
         return x
 
     def truth(self) -> list[int]:
-        return list(self.ids[self.start:self.stop])
+        return list(self.ids[self.start : self.stop])
 
     def to_dict(self) -> dict:
-        return {"task": self.task, "ids": list(self.ids), "start": self.start, "stop": self.stop,
-                "prompt_len": self.prompt_len}
+        return {
+            "task": self.task,
+            "ids": list(self.ids),
+            "start": self.start,
+            "stop": self.stop,
+            "prompt_len": self.prompt_len,
+        }
 
 
 @dataclass
@@ -84,7 +93,9 @@ class Bundle:
     decode: Callable[[Sequence[int]], str]
     note: str = ""
     tasks: tuple[str, ...] = field(default_factory=tuple)
-    exact: bool = False  # score a sample 1 only if the whole span is right (retrieval), else per token
+    exact: bool = (
+        False  # score a sample 1 only if the whole span is right (retrieval), else per token
+    )
 
 
 def read_table(name: str) -> list[dict]:
@@ -152,7 +163,9 @@ def kabat_cdr_h3(vh: str) -> tuple[int, int]:
     return cys + 3, stop
 
 
-def load_antiberty(samples: Optional[int] = None, tasks: Optional[Sequence[str]] = None, suffix_len: int = 20) -> Bundle:
+def load_antiberty(
+    samples: Optional[int] = None, tasks: Optional[Sequence[str]] = None, suffix_len: int = 20
+) -> Bundle:
     folder = os.path.join(_package_dir("antiberty", "antiberty==0.1.3"), "trained_models")
     tasks = _check_tasks("antiberty", tasks)
     model = _bert(os.path.join(folder, "AntiBERTy_md_smooth"))
@@ -169,11 +182,18 @@ def load_antiberty(samples: Optional[int] = None, tasks: Optional[Sequence[str]]
         for row in evaluated:
             vh = row["vh"]
             start, stop = kabat_cdr_h3(vh) if task == "cdr3" else (len(vh) - suffix_len, len(vh))
-            out.append(Sample(f"{row['name']}/{task}", task, tuple(encode(vh)), start + 1, stop + 1))  # +1: [CLS]
+            out.append(
+                Sample(f"{row['name']}/{task}", task, tuple(encode(vh)), start + 1, stop + 1)
+            )  # +1: [CLS]
     return Bundle(
-        "antiberty", model, vocab["[MASK]"], out,
-        [torch.tensor([encode(r["vh"])]) for r in calibration], calibration_gen_length=12,
-        decode=lambda ids: "".join(itos[int(i)] for i in ids), tasks=tasks,
+        "antiberty",
+        model,
+        vocab["[MASK]"],
+        out,
+        [torch.tensor([encode(r["vh"])]) for r in calibration],
+        calibration_gen_length=12,
+        decode=lambda ids: "".join(itos[int(i)] for i in ids),
+        tasks=tasks,
         note="AntiBERTy (BertForMaskedLM, 8 layers x 8 heads, hidden 512), pretrained on antibody sequences",
     )
 
@@ -192,9 +212,15 @@ def smiles_tokens(smiles: str) -> list[str]:
     return tokens
 
 
-def load_rxnfp(samples: Optional[int] = None, tasks: Optional[Sequence[str]] = None, span_len: int = 12,
-               suffix_len: int = 20) -> Bundle:
-    folder = os.path.join(_package_dir("rxnfp", "rxnfp==0.1.0"), "models", "transformers", "bert_pretrained")
+def load_rxnfp(
+    samples: Optional[int] = None,
+    tasks: Optional[Sequence[str]] = None,
+    span_len: int = 12,
+    suffix_len: int = 20,
+) -> Bundle:
+    folder = os.path.join(
+        _package_dir("rxnfp", "rxnfp==0.1.0"), "models", "transformers", "bert_pretrained"
+    )
     tasks = _check_tasks("rxnfp", tasks)
     model = _bert(folder)
     vocab = _read_vocab(os.path.join(folder, "vocab.txt"))
@@ -221,9 +247,14 @@ def load_rxnfp(samples: Optional[int] = None, tasks: Optional[Sequence[str]] = N
                 stop = min(start + span_len, product[1])
             out.append(Sample(f"{row['id']}/{task}", task, tuple(ids), start, stop))
     return Bundle(
-        "rxnfp", model, vocab["[MASK]"], out,
-        [torch.tensor([encode(r["rxn"])]) for r in calibration], calibration_gen_length=12,
-        decode=lambda ids: "".join(itos[int(i)] for i in ids), tasks=tasks,
+        "rxnfp",
+        model,
+        vocab["[MASK]"],
+        out,
+        [torch.tensor([encode(r["rxn"])]) for r in calibration],
+        calibration_gen_length=12,
+        decode=lambda ids: "".join(itos[int(i)] for i in ids),
+        tasks=tasks,
         note="rxnfp bert_pretrained (BertForMaskedLM, 12 layers x 4 heads, hidden 256), pretrained on reaction SMILES",
     )
 
@@ -240,7 +271,9 @@ def tiny_dllm_folder(checkpoint: Optional[str] = None) -> str:
     if checkpoint is None:
         return str(importlib.resources.files("maskkv_compile") / "data" / "tiny_dllm")
     if not os.path.isfile(os.path.join(checkpoint, "config.json")):
-        raise ModelUnavailable(f"{checkpoint} is not a save_pretrained folder (no config.json in it)")
+        raise ModelUnavailable(
+            f"{checkpoint} is not a save_pretrained folder (no config.json in it)"
+        )
     return checkpoint
 
 
@@ -250,7 +283,9 @@ def load_tiny_dllm_model(checkpoint: Optional[str] = None) -> torch.nn.Module:
 
     from maskkv_compile.tiny_models import _bidirectional
 
-    return _bidirectional(transformers.LlamaForCausalLM.from_pretrained(tiny_dllm_folder(checkpoint)))
+    return _bidirectional(
+        transformers.LlamaForCausalLM.from_pretrained(tiny_dllm_folder(checkpoint))
+    )
 
 
 def needle_name(token: int) -> str:
@@ -263,7 +298,9 @@ def needle_name(token: int) -> str:
         return f"v{token - nt.VALUES[0]}"
     if token in nt.FILLER:
         return "."
-    return {nt.BOS: "<bos>", nt.SEP: "<sep>", nt.QUERY: "<q>", nt.MASK: "<mask>"}.get(token, f"<{token}>")
+    return {nt.BOS: "<bos>", nt.SEP: "<sep>", nt.QUERY: "<q>", nt.MASK: "<mask>"}.get(
+        token, f"<{token}>"
+    )
 
 
 def needle_sample(sid: str, task: str, seq) -> Sample:
@@ -273,8 +310,13 @@ def needle_sample(sid: str, task: str, seq) -> Sample:
     return Sample(sid, task, tuple(seq.ids), start, stop)
 
 
-def load_tiny_dllm(samples: Optional[int] = None, tasks: Optional[Sequence[str]] = None, seed: int = 0,
-                   haystack: int = TINY_DLLM_HAYSTACK, checkpoint: Optional[str] = None) -> Bundle:
+def load_tiny_dllm(
+    samples: Optional[int] = None,
+    tasks: Optional[Sequence[str]] = None,
+    seed: int = 0,
+    haystack: int = TINY_DLLM_HAYSTACK,
+    checkpoint: Optional[str] = None,
+) -> Bundle:
     from maskkv_compile.evaluation import needles as nt
 
     tasks = _check_tasks("tiny-dllm", tasks)
@@ -286,27 +328,45 @@ def load_tiny_dllm(samples: Optional[int] = None, tasks: Optional[Sequence[str]]
     for task in tasks:
         # evaluation and calibration streams: fixed seeds, disjoint from training's (seed 0..)
         gen = torch.Generator().manual_seed(7_000_000 + 1000 * seed + TINY_DLLM_NEEDLES[task])
-        out += [needle_sample(f"needle{i}/{task}", task, nt.needle_task(gen, haystack, TINY_DLLM_NEEDLES[task]))
-                for i in range(n)]
+        out += [
+            needle_sample(
+                f"needle{i}/{task}", task, nt.needle_task(gen, haystack, TINY_DLLM_NEEDLES[task])
+            )
+            for i in range(n)
+        ]
     gen = torch.Generator().manual_seed(8_000_000 + seed)
     calibration = []
     for needles in (1, 2, 4, 4):
         seq = nt.needle_task(gen, haystack, needles)
-        calibration.append(torch.tensor([seq.ids[:seq.answers[-1][0]]]))
+        calibration.append(torch.tensor([seq.ids[: seq.answers[-1][0]]]))
     return Bundle(
-        "tiny-dllm", model, nt.MASK, out, calibration, calibration_gen_length=nt.VALUE_LEN,
-        decode=lambda ids: " ".join(needle_name(int(i)) for i in ids), tasks=tasks, exact=True,
+        "tiny-dllm",
+        model,
+        nt.MASK,
+        out,
+        calibration,
+        calibration_gen_length=nt.VALUE_LEN,
+        decode=lambda ids: " ".join(needle_name(int(i)) for i in ids),
+        tasks=tasks,
+        exact=True,
         note=f"tiny-dllm: LLaDA-style diffusion LM trained by scripts/train_tiny_dllm.py on RULER-style needle "
-             f"retrieval ({checkpoint or 'data/tiny_dllm'}, {model.config.num_hidden_layers} layers); haystack "
-             f"{haystack} tokens, score = exact match of the {nt.VALUE_LEN}-token value",
+        f"retrieval ({checkpoint or 'data/tiny_dllm'}, {model.config.num_hidden_layers} layers); haystack "
+        f"{haystack} tokens, score = exact match of the {nt.VALUE_LEN}-token value",
     )
 
 
 # ------------------------------------------------------------------ tiny-llama
 
 
-def load_tiny_llama(samples: Optional[int] = None, tasks: Optional[Sequence[str]] = None, seed: int = 0,
-                    seq_len: int = 40, span_len: int = 6, layers: int = 2, hidden: int = 64) -> Bundle:
+def load_tiny_llama(
+    samples: Optional[int] = None,
+    tasks: Optional[Sequence[str]] = None,
+    seed: int = 0,
+    seq_len: int = 40,
+    span_len: int = 6,
+    layers: int = 2,
+    hidden: int = 64,
+) -> Bundle:
     from maskkv_compile.tiny_models import tiny_llada
 
     tasks = _check_tasks("tiny-llama", tasks)
@@ -319,17 +379,32 @@ def load_tiny_llama(samples: Optional[int] = None, tasks: Optional[Sequence[str]
     for task in tasks:
         for i in range(n):
             start = (seq_len - span_len) // 2 if task == "span" else seq_len - span_len
-            out.append(Sample(f"random{i}/{task}", task, tuple(sequences[i].tolist()), start, start + span_len))
+            out.append(
+                Sample(
+                    f"random{i}/{task}", task, tuple(sequences[i].tolist()), start, start + span_len
+                )
+            )
     return Bundle(
-        "tiny-llama", model, mask_id, out, [sequences[n:n + 1], sequences[n + 1:]], calibration_gen_length=span_len,
-        decode=lambda ids: " ".join(str(int(i)) for i in ids), tasks=tasks,
+        "tiny-llama",
+        model,
+        mask_id,
+        out,
+        [sequences[n : n + 1], sequences[n + 1 :]],
+        calibration_gen_length=span_len,
+        decode=lambda ids: " ".join(str(int(i)) for i in ids),
+        tasks=tasks,
         note=f"tiny LLaDA-style Llama ({layers} layers, hidden {hidden}), RANDOM weights and random tokens: "
-             "exercises the suite only, its quality numbers mean nothing",
+        "exercises the suite only, its quality numbers mean nothing",
     )
 
 
-def load_bundle(name: str, samples: Optional[int] = None, tasks: Optional[Sequence[str]] = None, seed: int = 0,
-                checkpoint: Optional[str] = None) -> Bundle:
+def load_bundle(
+    name: str,
+    samples: Optional[int] = None,
+    tasks: Optional[Sequence[str]] = None,
+    seed: int = 0,
+    checkpoint: Optional[str] = None,
+) -> Bundle:
     """The named model with ``samples`` sequences per task (default: all eval rows; tiny-dllm 16,
     tiny-llama 4); ``checkpoint`` is a tiny-dllm folder to load instead of the shipped one."""
     if checkpoint is not None and name != "tiny-dllm":

@@ -55,7 +55,10 @@ SUCCESSOR_P = (0.7, 0.3)  # probability of a filler token's first and second suc
 def filler_successors() -> tuple[tuple[int, int], ...]:
     """The fixed Markov chain of the filler: each filler token's two possible successors."""
     gen = torch.Generator().manual_seed(2510_09309)
-    return tuple(tuple(torch.randperm(len(FILLER), generator=gen)[:2].add(FILLER[0]).tolist()) for _ in FILLER)
+    return tuple(
+        tuple(torch.randperm(len(FILLER), generator=gen)[:2].add(FILLER[0]).tolist())
+        for _ in FILLER
+    )
 
 
 def filler_walk(gen: torch.Generator, n: int) -> list[int]:
@@ -71,19 +74,30 @@ def filler_walk(gen: torch.Generator, n: int) -> list[int]:
     return out
 
 
-def needle_task(gen: torch.Generator, haystack: int, needles: int, queries: int = 1,
-                depth: Optional[float] = None, value_len: int = VALUE_LEN, keys: int = len(KEYS)) -> Needles:
+def needle_task(
+    gen: torch.Generator,
+    haystack: int,
+    needles: int,
+    queries: int = 1,
+    depth: Optional[float] = None,
+    value_len: int = VALUE_LEN,
+    keys: int = len(KEYS),
+) -> Needles:
     """One sequence; ``depth`` in [0, 1] puts needle 0 at that relative depth of the haystack,
     otherwise every needle goes to a random depth. Keys are drawn from the first ``keys`` key ids."""
     if not 1 <= queries <= needles <= keys <= len(KEYS):
-        raise ValueError(f"need 1 <= queries <= needles <= keys <= {len(KEYS)}, got {queries} queries, "
-                         f"{needles} needles, {keys} keys")
+        raise ValueError(
+            f"need 1 <= queries <= needles <= keys <= {len(KEYS)}, got {queries} queries, "
+            f"{needles} needles, {keys} keys"
+        )
     if depth is not None and not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     width = 1 + value_len
     n_filler = haystack - width * needles
     if n_filler < 0:
-        raise ValueError(f"a haystack of {haystack} tokens cannot hold {needles} needles of {width} tokens")
+        raise ValueError(
+            f"a haystack of {haystack} tokens cannot hold {needles} needles of {width} tokens"
+        )
     keys = torch.randperm(keys, generator=gen)[:needles].add(KEYS[0]).tolist()
     values = torch.randint(len(VALUES), (needles, value_len), generator=gen).add(VALUES[0]).tolist()
     filler = filler_walk(gen, n_filler)
@@ -93,13 +107,13 @@ def needle_task(gen: torch.Generator, haystack: int, needles: int, queries: int 
         points[0] = round(depth * n_filler)
     ids, prev, where = [BOS], 0, 0
     for i in sorted(range(needles), key=lambda i: (points[i], i)):
-        ids += filler[prev:points[i]]
+        ids += filler[prev : points[i]]
         if i == 0:
             where = len(ids)
         ids += [keys[i], *values[i]]
         prev = points[i]
     ids += filler[prev:] + [SEP]
-    asked = (torch.randperm(needles - 1, generator=gen) + 1).tolist()[:queries - 1] + [0]
+    asked = (torch.randperm(needles - 1, generator=gen) + 1).tolist()[: queries - 1] + [0]
     answers = []
     for i in asked:
         ids += [QUERY, keys[i]]
@@ -108,7 +122,9 @@ def needle_task(gen: torch.Generator, haystack: int, needles: int, queries: int 
     return Needles(ids, answers, where)
 
 
-def copy_task(gen: torch.Generator, batch: int, length: int, segment: tuple[int, int] = (4, 12)) -> tuple[torch.Tensor, torch.Tensor]:
+def copy_task(
+    gen: torch.Generator, batch: int, length: int, segment: tuple[int, int] = (4, 12)
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x, answer)`` of ``batch`` rows ``BOS`` + ``length`` random tokens in which one random
     segment of symbols appears twice at random places; ``answer`` marks the second copy. The
     background is random too, so the only way to fill the copy is to find the first one by
@@ -119,7 +135,9 @@ def copy_task(gen: torch.Generator, batch: int, length: int, segment: tuple[int,
     answer = torch.zeros_like(x, dtype=torch.bool)
     rows = torch.arange(batch)[:, None]
     seg = torch.randint(len(SYMBOLS), (batch, n), generator=gen).add(SYMBOLS[0])
-    first = torch.randint(1, length + 2 - 2 * n, (batch, 1), generator=gen)  # first copy at [first, first + n)
+    first = torch.randint(
+        1, length + 2 - 2 * n, (batch, 1), generator=gen
+    )  # first copy at [first, first + n)
     second = first + n + (torch.rand(batch, 1, generator=gen) * (length + 2 - 2 * n - first)).long()
     cols = torch.arange(n)
     x[rows, first + cols] = seg

@@ -29,14 +29,26 @@ METRICS = {
     "kl": ("mean KL(uncached || cached) at the masked positions, step 1", False, "{:.2e}"),
 }
 MASKKV_POLICIES = ("maskkv", "mask_voting_uniform")  # MaskKV and its uniform-budget ablation
-AXIS = {"retention": "retention (%) vs the full prompt cache", "score": "task score",
-        "agree_uncached": "agreement with the uncached fill", "agree_full": "agreement with the full-cache fill",
-        "kl": "KL(uncached || cached) at step 1"}
-REFERENCE_ROWS = ((FULL_CACHE, "full cache (no eviction)"), (FULL_REFRESH, "full cache + refresh=1"),
-                  (UNCACHED, "uncached model"))
+AXIS = {
+    "retention": "retention (%) vs the full prompt cache",
+    "score": "task score",
+    "agree_uncached": "agreement with the uncached fill",
+    "agree_full": "agreement with the full-cache fill",
+    "kl": "KL(uncached || cached) at step 1",
+}
+REFERENCE_ROWS = (
+    (FULL_CACHE, "full cache (no eviction)"),
+    (FULL_REFRESH, "full cache + refresh=1"),
+    (UNCACHED, "uncached model"),
+)
 BOOTSTRAP = {"level": 0.95, "resamples": 1000, "seed": 0}
-INTERVAL_FORMAT = {"retention": "{:.0f}", "score": "{:.2f}", "agree_uncached": "{:.2f}", "agree_full": "{:.2f}",
-                   "kl": "{:.1e}"}
+INTERVAL_FORMAT = {
+    "retention": "{:.0f}",
+    "score": "{:.2f}",
+    "agree_uncached": "{:.2f}",
+    "agree_full": "{:.2f}",
+    "kl": "{:.1e}",
+}
 
 
 def sample_ids(results: dict, task: Optional[str] = None) -> list[str]:
@@ -54,7 +66,9 @@ def aggregate(results: dict, key: str, ids: Sequence[str]) -> Optional[dict]:
         out[m] = sum(vals) / len(vals) if vals else None
     full_score = sum(full[i]["score"] for i in ids) if all(i in full for i in ids) else None
     # ratio of sums: a sample the full cache scores 0 on still counts
-    out["retention"] = 100.0 * sum(cells[i]["score"] for i in ids) / full_score if full_score else None
+    out["retention"] = (
+        100.0 * sum(cells[i]["score"] for i in ids) / full_score if full_score else None
+    )
     out["n"] = len(ids)
     return out
 
@@ -93,8 +107,16 @@ def _percentile_interval(reps: torch.Tensor, level: float) -> Optional[tuple[flo
     return lo, hi
 
 
-def interval(results: dict, key: str, ids: Sequence[str], metric: str, *, level: float = BOOTSTRAP["level"],
-             resamples: int = BOOTSTRAP["resamples"], seed: int = BOOTSTRAP["seed"]) -> Optional[tuple[float, float]]:
+def interval(
+    results: dict,
+    key: str,
+    ids: Sequence[str],
+    metric: str,
+    *,
+    level: float = BOOTSTRAP["level"],
+    resamples: int = BOOTSTRAP["resamples"],
+    seed: int = BOOTSTRAP["seed"],
+) -> Optional[tuple[float, float]]:
     """Percentile bootstrap interval of a table cell (configuration ``key``, samples ``ids``):
     ``resamples`` resamples of ``ids`` with replacement, seeded. None where the cell is empty."""
     f = _replicates(results, key, ids, metric)
@@ -106,9 +128,17 @@ def interval(results: dict, key: str, ids: Sequence[str], metric: str, *, level:
     return _percentile_interval(reps[1:], level)
 
 
-def paired_interval(results: dict, key: str, other: str, ids: Sequence[str], metric: str, *,
-                    level: float = BOOTSTRAP["level"], resamples: int = BOOTSTRAP["resamples"],
-                    seed: int = BOOTSTRAP["seed"]) -> Optional[tuple[float, tuple[float, float]]]:
+def paired_interval(
+    results: dict,
+    key: str,
+    other: str,
+    ids: Sequence[str],
+    metric: str,
+    *,
+    level: float = BOOTSTRAP["level"],
+    resamples: int = BOOTSTRAP["resamples"],
+    seed: int = BOOTSTRAP["seed"],
+) -> Optional[tuple[float, tuple[float, float]]]:
     """(value, interval) of ``key``'s cell minus ``other``'s, both on the same resamples (paired);
     for ``kl``, ``other``'s divided by ``key``'s (how many times lower ``key``'s KL is)."""
     f, g = _replicates(results, key, ids, metric), _replicates(results, other, ids, metric)
@@ -124,10 +154,15 @@ def paired_interval(results: dict, key: str, other: str, ids: Sequence[str], met
     return None if bounds is None else (float(reps[0]), bounds)
 
 
-def interval_note(level: float = BOOTSTRAP["level"], resamples: int = BOOTSTRAP["resamples"],
-                  seed: int = BOOTSTRAP["seed"]) -> str:
-    return (f"Each cell: the value over the table's samples [its {100 * level:.0f}% percentile bootstrap interval: "
-            f"{resamples} resamples of the samples with replacement, seed {seed}].")
+def interval_note(
+    level: float = BOOTSTRAP["level"],
+    resamples: int = BOOTSTRAP["resamples"],
+    seed: int = BOOTSTRAP["seed"],
+) -> str:
+    return (
+        f"Each cell: the value over the table's samples [its {100 * level:.0f}% percentile bootstrap interval: "
+        f"{resamples} resamples of the samples with replacement, seed {seed}]."
+    )
 
 
 def mean_prompt(results: dict, ids: Sequence[str]) -> float:
@@ -138,8 +173,15 @@ def _budget_label(budget, prompt: float) -> str:
     return "full" if budget == FULL else f"B={budget} ({100 * budget / prompt:.0f}%)"
 
 
-def table(results: dict, metric: str = "retention", task: Optional[str] = None, fmt: str = "github",
-          policies: Optional[Sequence[str]] = None, budgets: Optional[Sequence] = None, intervals: bool = True) -> str:
+def table(
+    results: dict,
+    metric: str = "retention",
+    task: Optional[str] = None,
+    fmt: str = "github",
+    policies: Optional[Sequence[str]] = None,
+    budgets: Optional[Sequence] = None,
+    intervals: bool = True,
+) -> str:
     """Rows policies (then the references), columns budgets; the best policy per column (by its
     value) in bold (github format). With ``intervals``, each value is followed by its bootstrap
     interval over the samples (:func:`interval`)."""
@@ -149,28 +191,50 @@ def table(results: dict, metric: str = "retention", task: Optional[str] = None, 
     budgets = list(budgets or results["budgets"])
     columns = [b for b in budgets if b != FULL] + [FULL]
     prompt = mean_prompt(results, ids)
-    values = {p: [_value(results, config_key(p, b), ids, metric) for b in columns] for p in policies}
+    values = {
+        p: [_value(results, config_key(p, b), ids, metric) for b in columns] for p in policies
+    }
     best = []
     for j in range(len(columns)):
         col = [values[p][j] for p in policies if values[p][j] is not None]
         best.append((max(col) if higher else min(col)) if col else None)
+
     def bounds(key: str) -> str:
         ci = interval(results, key, ids, metric) if intervals else None
-        return "" if ci is None else " [{}, {}]".format(*(INTERVAL_FORMAT[metric].format(x) for x in ci))
+        return (
+            ""
+            if ci is None
+            else " [{}, {}]".format(*(INTERVAL_FORMAT[metric].format(x) for x in ci))
+        )
 
     rows = []
     for p in policies:
         row = [p]
         for j, v in enumerate(values[p]):
             key = config_key(p, columns[j])
-            text = "n/a" if v is None and metric == "retention" and _value(results, key, ids, "score") is not None else ("" if v is None else number.format(v))
-            if fmt == "github" and v is not None and best[j] is not None and math.isclose(v, best[j], rel_tol=1e-9, abs_tol=1e-12):
+            text = (
+                "n/a"
+                if v is None
+                and metric == "retention"
+                and _value(results, key, ids, "score") is not None
+                else ("" if v is None else number.format(v))
+            )
+            if (
+                fmt == "github"
+                and v is not None
+                and best[j] is not None
+                and math.isclose(v, best[j], rel_tol=1e-9, abs_tol=1e-12)
+            ):
                 text = f"**{text}**"
             row.append(text if v is None else text + bounds(key))
         rows.append(row)
     for key, label in REFERENCE_ROWS:
         v = _value(results, key, ids, metric)
-        rows.append([label] + [""] * (len(columns) - 1) + ["" if v is None else number.format(v) + bounds(key)])
+        rows.append(
+            [label]
+            + [""] * (len(columns) - 1)
+            + ["" if v is None else number.format(v) + bounds(key)]
+        )
     headers = ["policy"] + [_budget_label(b, prompt) for b in columns]
     return _tabulate(rows, headers, fmt)
 
@@ -219,7 +283,9 @@ def targets(results: dict, task: Optional[str] = None) -> list[str]:
             theirs = others[best_p][metric]
             ok = ours[metric] >= theirs - 1e-12 if higher else ours[metric] <= theirs + 1e-12
             fmt = METRICS[metric][2]
-            paired = paired_interval(results, config_key("maskkv", b), config_key(best_p, b), ids, metric)
+            paired = paired_interval(
+                results, config_key("maskkv", b), config_key(best_p, b), ids, metric
+            )
             if paired is None:
                 detail = ""
             elif metric == "kl":
@@ -230,8 +296,10 @@ def targets(results: dict, task: Optional[str] = None) -> list[str]:
                 diff, (lo, hi) = paired
                 clear = "clear" if lo > 0 or hi < 0 else "within the interval"
                 detail = f" (difference {fmt.format(diff)} [{fmt.format(lo)}, {fmt.format(hi)}], {clear})"
-            parts.append(f"{metric} {fmt.format(ours[metric])} vs best baseline {best_p} {fmt.format(theirs)}{detail} "
-                         f"{'OK' if ok else 'MISSED'}")
+            parts.append(
+                f"{metric} {fmt.format(ours[metric])} vs best baseline {best_p} {fmt.format(theirs)}{detail} "
+                f"{'OK' if ok else 'MISSED'}"
+            )
         extra = ""
         if b <= 0.05 * prompt and ours["retention"] is not None:
             extra = f"; >= 90% retention at <= 5% of the prompt: {'OK' if ours['retention'] >= 90 else 'MISSED'}"
@@ -239,22 +307,33 @@ def targets(results: dict, task: Optional[str] = None) -> list[str]:
     return lines
 
 
-def markdown(results: dict, metrics: Sequence[str] = ("retention", "agree_uncached", "agree_full", "kl")) -> str:
+def markdown(
+    results: dict, metrics: Sequence[str] = ("retention", "agree_uncached", "agree_full", "kl")
+) -> str:
     """Every table of the JSON (all samples, then per task) as markdown."""
     out = [f"model: {results['note']}", "", interval_note(), ""]
     groups = [(None, "all samples")] + [(t, f"task {t}") for t in results["tasks"]]
     for task, label in groups:
         ids = sample_ids(results, task)
-        out += [f"### {label} ({len(ids)} samples, mean prompt {mean_prompt(results, ids):.0f} tokens)", ""]
+        out += [
+            f"### {label} ({len(ids)} samples, mean prompt {mean_prompt(results, ids):.0f} tokens)",
+            "",
+        ]
         for metric in metrics:
             out += [f"{METRICS[metric][0]}:", "", table(results, metric, task), ""]
         checks = targets(results, task)
         if checks:
-            out += ["targets (maskkv vs the best baseline at each budget):", ""] + [f"- {c}" for c in checks] + [""]
+            out += (
+                ["targets (maskkv vs the best baseline at each budget):", ""]
+                + [f"- {c}" for c in checks]
+                + [""]
+            )
     return "\n".join(out)
 
 
-def plot(results: dict, prefix: str | Path, metrics: Sequence[str] = ("retention", "kl")) -> list[Path]:
+def plot(
+    results: dict, prefix: str | Path, metrics: Sequence[str] = ("retention", "kl")
+) -> list[Path]:
     """One PNG per metric (``<prefix>_<metric>.png``), one panel per task: the metric vs the
     budget, one line per policy with its bootstrap intervals as error bars (policies spread
     slightly along x so that the bars stay apart), the references as horizontal lines."""
@@ -287,9 +366,19 @@ def plot(results: dict, prefix: str | Path, metrics: Sequence[str] = ("retention
                 if points:
                     ours = policy in MASKKV_POLICIES
                     px, py, lo, hi = zip(*points)
-                    ax.errorbar(px, py, yerr=[lo, hi], marker="o", ms=4, capsize=2, elinewidth=0.8,
-                                lw=2.4 if policy == "maskkv" else 1.2, ls="-" if ours else "--", label=policy,
-                                zorder=3 if ours else 2)
+                    ax.errorbar(
+                        px,
+                        py,
+                        yerr=[lo, hi],
+                        marker="o",
+                        ms=4,
+                        capsize=2,
+                        elinewidth=0.8,
+                        lw=2.4 if policy == "maskkv" else 1.2,
+                        ls="-" if ours else "--",
+                        label=policy,
+                        zorder=3 if ours else 2,
+                    )
             for (key, label), color in zip(REFERENCE_ROWS, ("black", "gray", "silver")):
                 y = _value(results, key, ids, metric)
                 if y is not None and (metric != "kl" or y > 0):
@@ -298,9 +387,14 @@ def plot(results: dict, prefix: str | Path, metrics: Sequence[str] = ("retention
             ax.set_xticks(xs, [str(b) for b in budgets])
             if metric == "kl":
                 ax.set_yscale("log")
-            ax.set_xlabel(f"budget B (prompt KV entries kept per head); mean prompt {mean_prompt(results, ids):.0f}")
-            ax.set_title(f"{results['model']}: {task} ({len(ids)} samples; bars: "
-                         f"{100 * BOOTSTRAP['level']:.0f}% bootstrap intervals)", fontsize=9)
+            ax.set_xlabel(
+                f"budget B (prompt KV entries kept per head); mean prompt {mean_prompt(results, ids):.0f}"
+            )
+            ax.set_title(
+                f"{results['model']}: {task} ({len(ids)} samples; bars: "
+                f"{100 * BOOTSTRAP['level']:.0f}% bootstrap intervals)",
+                fontsize=9,
+            )
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel(AXIS[metric])
         if axes[0][-1].get_legend_handles_labels()[0]:

@@ -71,8 +71,14 @@ class Config:
         return FULL_BUDGET if self.budget == FULL else int(self.budget)
 
 
-def config_key(policy: str, budget: Budget, *, revote: Optional[Union[int, str]] = None,
-               refresh: Optional[int] = None, revote_voters: str = "response") -> str:
+def config_key(
+    policy: str,
+    budget: Budget,
+    *,
+    revote: Optional[Union[int, str]] = None,
+    refresh: Optional[int] = None,
+    revote_voters: str = "response",
+) -> str:
     key = f"{policy}@{budget}"
     if revote is not None:
         key += f"+revote{revote}" + ("" if revote_voters == "response" else f"+{revote_voters}")
@@ -90,19 +96,35 @@ def parse_budget(value: Union[str, int]) -> Budget:
     return budget
 
 
-def configurations(policies: Sequence[str], budgets: Sequence[Budget], revotes: Sequence[Union[int, str]] = (),
-                   refreshes: Sequence[int] = (), revote_voters: str = "response") -> list[Config]:
+def configurations(
+    policies: Sequence[str],
+    budgets: Sequence[Budget],
+    revotes: Sequence[Union[int, str]] = (),
+    refreshes: Sequence[int] = (),
+    revote_voters: str = "response",
+) -> list[Config]:
     """References first (the others' agreement is measured against them), then policy x budget,
     then policy x budget (below full) x each re-vote interval, and x each prompt refresh interval."""
-    refs = [Config(UNCACHED), Config(FULL_CACHE, "mask_voting_uniform", FULL),
-            Config(FULL_REFRESH, "mask_voting_uniform", FULL, refresh=1)]
+    refs = [
+        Config(UNCACHED),
+        Config(FULL_CACHE, "mask_voting_uniform", FULL),
+        Config(FULL_REFRESH, "mask_voting_uniform", FULL, refresh=1),
+    ]
     out = refs + [Config(config_key(p, b), p, b) for p in policies for b in budgets]
     for p in policies:
         for b in budgets:
             if b == FULL:
                 continue
-            out += [Config(config_key(p, b, revote=r, revote_voters=revote_voters), p, b, revote=r,
-                           revote_voters=revote_voters) for r in revotes]
+            out += [
+                Config(
+                    config_key(p, b, revote=r, revote_voters=revote_voters),
+                    p,
+                    b,
+                    revote=r,
+                    revote_voters=revote_voters,
+                )
+                for r in revotes
+            ]
             out += [Config(config_key(p, b, refresh=r), p, b, refresh=r) for r in refreshes]
     return out
 
@@ -118,21 +140,43 @@ def agreement(a: Sequence[int], b: Sequence[int]) -> float:
     return sum(int(x == y) for x, y in zip(a, b)) / max(len(a), 1)
 
 
-def optimized(model: torch.nn.Module, mask_id: int, policy: str, budget: int, *, profile=None,
-              refresh: Optional[int] = None, seed: int = 0, revote: Optional[Union[int, str]] = None,
-              revote_voters: str = "response"):
+def optimized(
+    model: torch.nn.Module,
+    mask_id: int,
+    policy: str,
+    budget: int,
+    *,
+    profile=None,
+    refresh: Optional[int] = None,
+    seed: int = 0,
+    revote: Optional[Union[int, str]] = None,
+    revote_voters: str = "response",
+):
     """``model`` as every configuration of the suite runs it: ``optimize`` on the eager backend.
     ``profile`` is required by the policies whose layer allocator needs one, ignored by the rest."""
     import maskkv_compile
     from maskkv_compile.policies import get_policy
 
     if get_policy(policy).needs_profile and profile is None:
-        raise ValueError(f"policy {policy!r} needs a layer profile: pass profile=maskkv_compile.calibrate(...)")
-    chosen = get_policy(policy).with_flat("seed", seed) if get_policy(policy).takes("seed") else get_policy(policy)
-    return maskkv_compile.optimize(model, budget=budget, mask_token_id=mask_id, backend="eager", policy=chosen,
-                                   profile=profile if get_policy(policy).needs_profile else None,
-                                   prompt_refresh=refresh, revote=revote,
-                                   revote_voters=revote_voters if revote is not None else None)
+        raise ValueError(
+            f"policy {policy!r} needs a layer profile: pass profile=maskkv_compile.calibrate(...)"
+        )
+    chosen = (
+        get_policy(policy).with_flat("seed", seed)
+        if get_policy(policy).takes("seed")
+        else get_policy(policy)
+    )
+    return maskkv_compile.optimize(
+        model,
+        budget=budget,
+        mask_token_id=mask_id,
+        backend="eager",
+        policy=chosen,
+        profile=profile if get_policy(policy).needs_profile else None,
+        prompt_refresh=refresh,
+        revote=revote,
+        revote_voters=revote_voters if revote is not None else None,
+    )
 
 
 @torch.no_grad()
@@ -152,16 +196,26 @@ def infill(net, sample: Sample, mask_id: int, reference: Optional[torch.nn.Modul
         pick = int(confidence.argmax())
         x[0, pick] = tokens[pick]
     assert not bool((x == mask_id).any())
-    return x[0, sample.start:sample.stop].tolist(), kl, sample.span_len
+    return x[0, sample.start : sample.stop].tolist(), kl, sample.span_len
 
 
 class Suite:
     """Runs (or resumes) the suite for one :class:`Bundle`; ``results`` is the JSON document."""
 
-    def __init__(self, bundle: Bundle, policies: Sequence[str], budgets: Sequence[Budget], *,
-                 json_path: Optional[Union[str, Path]] = None, resume: bool = False, progress: bool = True,
-                 seed: int = 0, revotes: Sequence[Union[int, str]] = (), refreshes: Sequence[int] = (),
-                 revote_voters: str = "response"):
+    def __init__(
+        self,
+        bundle: Bundle,
+        policies: Sequence[str],
+        budgets: Sequence[Budget],
+        *,
+        json_path: Optional[Union[str, Path]] = None,
+        resume: bool = False,
+        progress: bool = True,
+        seed: int = 0,
+        revotes: Sequence[Union[int, str]] = (),
+        refreshes: Sequence[int] = (),
+        revote_voters: str = "response",
+    ):
         from maskkv_compile.policies import get_policy
 
         for policy in policies:
@@ -186,10 +240,18 @@ class Suite:
     def _fresh(self) -> dict:
         b = self.bundle
         return {
-            "format": FORMAT, "version": VERSION, "model": b.name, "note": b.note, "seed": self.seed,
+            "format": FORMAT,
+            "version": VERSION,
+            "model": b.name,
+            "note": b.note,
+            "seed": self.seed,
             "environment": {"torch": torch.__version__, **_versions()},
-            "full_budget": FULL_BUDGET, "policies": self.policies, "budgets": self.budgets, "tasks": list(b.tasks),
-            "revotes": self.revotes, "refreshes": self.refreshes,
+            "full_budget": FULL_BUDGET,
+            "policies": self.policies,
+            "budgets": self.budgets,
+            "tasks": list(b.tasks),
+            "revotes": self.revotes,
+            "refreshes": self.refreshes,
             "revote_voters": [self.revote_voters] if self.revotes else [],
             "samples": {s.id: {**s.to_dict(), "text": b.decode(s.truth())} for s in b.samples},
             "profile": None,
@@ -201,16 +263,24 @@ class Suite:
             raise ValueError(f"{self.json_path} is not a quality JSON of {self.bundle.name}")
         for sid, sample in self.results["samples"].items():
             prev = old["samples"].get(sid)
-            if prev is not None and (prev["ids"], prev["start"], prev["stop"]) != (sample["ids"], sample["start"], sample["stop"]):
-                raise ValueError(f"{self.json_path}: sample {sid} differs from the one evaluated now; use another --out")
+            if prev is not None and (prev["ids"], prev["start"], prev["stop"]) != (
+                sample["ids"],
+                sample["start"],
+                sample["stop"],
+            ):
+                raise ValueError(
+                    f"{self.json_path}: sample {sid} differs from the one evaluated now; use another --out"
+                )
         self.results["samples"] = {**old["samples"], **self.results["samples"]}
         self.results["cells"] = old.get("cells", {})
         self.results["policies"] = _union(old.get("policies", []), self.policies)
         self.results["budgets"] = _union(old.get("budgets", []), self.budgets)
         self.results["revotes"] = _union(old.get("revotes", []), self.revotes)
         self.results["refreshes"] = _union(old.get("refreshes", []), self.refreshes)
-        self.results["revote_voters"] = _union(old.get("revote_voters", ["response"] if old.get("revotes") else []),
-                                               self.results["revote_voters"])
+        self.results["revote_voters"] = _union(
+            old.get("revote_voters", ["response"] if old.get("revotes") else []),
+            self.results["revote_voters"],
+        )
         self.results["tasks"] = _union(old.get("tasks", []), self.results["tasks"])
         if old.get("profile"):
             from maskkv_compile.profile import LayerProfile
@@ -238,8 +308,13 @@ class Suite:
             import maskkv_compile
 
             b = self.bundle
-            self.profile = maskkv_compile.calibrate(b.model, b.calibration, gen_length=b.calibration_gen_length,
-                                                    mask_token_id=b.mask_id, progress=False)
+            self.profile = maskkv_compile.calibrate(
+                b.model,
+                b.calibration,
+                gen_length=b.calibration_gen_length,
+                mask_token_id=b.mask_id,
+                progress=False,
+            )
             self.model_calls += len(b.calibration)
             self.results["profile"] = self.profile.to_dict()
         return self.profile
@@ -251,19 +326,38 @@ class Suite:
 
         profile = self.layer_profile() if get_policy(config.policy).needs_profile else None
         self.optimize_calls += 1
-        return optimized(self.bundle.model, self.bundle.mask_id, config.policy, config.int_budget, profile=profile,
-                         refresh=config.refresh, seed=self.seed, revote=config.revote,
-                         revote_voters=config.revote_voters)
+        return optimized(
+            self.bundle.model,
+            self.bundle.mask_id,
+            config.policy,
+            config.int_budget,
+            profile=profile,
+            refresh=config.refresh,
+            seed=self.seed,
+            revote=config.revote,
+            revote_voters=config.revote_voters,
+        )
 
     def run(self) -> dict:
         try:
             from tqdm.auto import tqdm
         except ImportError:  # tqdm is optional
             tqdm = None
-        configs = configurations(self.policies, self.budgets, self.revotes, self.refreshes, self.revote_voters)
+        configs = configurations(
+            self.policies, self.budgets, self.revotes, self.refreshes, self.revote_voters
+        )
         todo = [(c, self._missing(c)) for c in configs]
         total = sum(len(m) for _, m in todo)
-        bar = tqdm(total=total, desc=f"quality {self.bundle.name}", unit="cell", disable=not self.progress or total == 0) if tqdm else None
+        bar = (
+            tqdm(
+                total=total,
+                desc=f"quality {self.bundle.name}",
+                unit="cell",
+                disable=not self.progress or total == 0,
+            )
+            if tqdm
+            else None
+        )
         torch.manual_seed(self.seed)
         for config, missing in todo:
             if not missing:
@@ -273,7 +367,9 @@ class Suite:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 net = self._net(config)
-                if config.policy is not None:  # warm-up, untimed: the first call traces and compiles
+                if (
+                    config.policy is not None
+                ):  # warm-up, untimed: the first call traces and compiles
                     net.reset()
                     infill(net, missing[0], self.bundle.mask_id)
                     self.model_calls += missing[0].span_len
@@ -293,11 +389,13 @@ class Suite:
     def _agreements(self) -> None:
         """``agree_uncached`` / ``agree_full`` of every cell, from the stored fills."""
         cells = self.results["cells"]
-        for key, by_sample in cells.items():
+        for by_sample in cells.values():
             for sid, cell in by_sample.items():
                 for name, ref in (("agree_uncached", UNCACHED), ("agree_full", FULL_CACHE)):
                     other = cells.get(ref, {}).get(sid)
-                    cell[name] = None if other is None else agreement(cell["tokens"], other["tokens"])
+                    cell[name] = (
+                        None if other is None else agreement(cell["tokens"], other["tokens"])
+                    )
 
     def _cell(self, config: Config, net, sample: Sample) -> dict:
         t0 = time.perf_counter()
@@ -312,15 +410,21 @@ class Suite:
         if config.policy is not None:
             stats = net.cache_stats()
             layers = stats["layers"]
-            kept = sum(sum(layer["kept_per_kv_head"]) / len(layer["kept_per_kv_head"]) for layer in layers) / len(layers)
+            kept = sum(
+                sum(layer["kept_per_kv_head"]) / len(layer["kept_per_kv_head"]) for layer in layers
+            ) / len(layers)
             revotes = stats.get("revotes", 0)
         steps = timed.times[1:]
         return {
-            "tokens": tokens, "text": self.bundle.decode(tokens),
+            "tokens": tokens,
+            "text": self.bundle.decode(tokens),
             "score": self._score(tokens, sample),
             "kl": 0.0 if config.key == UNCACHED else kl,
-            "kept": kept, "seconds": round(seconds, 4), "net_seconds": round(sum(timed.times), 5),
-            "step_ms": round(1e3 * sum(steps) / len(steps), 4) if steps else None, "revotes": revotes,
+            "kept": kept,
+            "seconds": round(seconds, 4),
+            "net_seconds": round(sum(timed.times), 5),
+            "step_ms": round(1e3 * sum(steps) / len(steps), 4) if steps else None,
+            "revotes": revotes,
         }
 
     def _score(self, tokens: list[int], sample: Sample) -> float:
@@ -344,8 +448,10 @@ class _Timed:
 
 def parse_revote(value: Union[str, int]) -> Union[int, str]:
     if isinstance(value, str) and value == "block":
-        raise ValueError("revote='block' needs block_length, which the suite's one-token-per-step loop does not use; "
-                         "give an int (every k steps)")
+        raise ValueError(
+            "revote='block' needs block_length, which the suite's one-token-per-step loop does not use; "
+            "give an int (every k steps)"
+        )
     revote = int(value)
     if revote < 1:
         raise ValueError(f"revote intervals must be >= 1, got {value!r}")
@@ -370,20 +476,41 @@ def _versions() -> dict:
     return out
 
 
-def run_suite(model: str = "tiny-llama", policies: Optional[Sequence[str]] = None,
-              budgets: Sequence[Budget] = (4, 8, FULL), *, samples: Optional[int] = None,
-              tasks: Optional[Sequence[str]] = None, out: Optional[Union[str, Path]] = None, resume: bool = False,
-              progress: bool = True, seed: int = 0, bundle: Optional[Bundle] = None,
-              checkpoint: Optional[str] = None, revotes: Sequence[Union[int, str]] = (),
-              refreshes: Sequence[int] = (), revote_voters: str = "response") -> Suite:
+def run_suite(
+    model: str = "tiny-llama",
+    policies: Optional[Sequence[str]] = None,
+    budgets: Sequence[Budget] = (4, 8, FULL),
+    *,
+    samples: Optional[int] = None,
+    tasks: Optional[Sequence[str]] = None,
+    out: Optional[Union[str, Path]] = None,
+    resume: bool = False,
+    progress: bool = True,
+    seed: int = 0,
+    bundle: Optional[Bundle] = None,
+    checkpoint: Optional[str] = None,
+    revotes: Sequence[Union[int, str]] = (),
+    refreshes: Sequence[int] = (),
+    revote_voters: str = "response",
+) -> Suite:
     """Load ``model`` (``checkpoint``: a tiny-dllm folder), run every missing cell, write
     ``<out>/quality_<model>.json``; returns the suite."""
-    from maskkv_compile.policies import POLICIES
     from maskkv_compile.evaluation.models import load_bundle
+    from maskkv_compile.policies import POLICIES
 
     bundle = bundle or load_bundle(model, samples, tasks, seed=seed, checkpoint=checkpoint)
     path = Path(out) / f"quality_{bundle.name.replace('-', '_')}.json" if out is not None else None
-    suite = Suite(bundle, list(policies or POLICIES), budgets, json_path=path, resume=resume, progress=progress, seed=seed,
-                  revotes=revotes, refreshes=refreshes, revote_voters=revote_voters)
+    suite = Suite(
+        bundle,
+        list(policies or POLICIES),
+        budgets,
+        json_path=path,
+        resume=resume,
+        progress=progress,
+        seed=seed,
+        revotes=revotes,
+        refreshes=refreshes,
+        revote_voters=revote_voters,
+    )
     suite.run()
     return suite
