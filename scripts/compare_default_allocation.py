@@ -8,7 +8,8 @@ against MaskKV with layer profiles from different sources:
 * ``synthetic``: ``calibrate`` on one prompt of random tokens (no data at all);
 
 plus ``mask_voting_uniform`` (uniform layers and heads) for scale. Same greedy infill loop and
-score as ``maskkv-compile eval``. Run: ``python scripts/compare_default_allocation.py --model tiny-dllm``.
+score as ``maskkv-compile eval``.
+Run: ``python scripts/compare_default_allocation.py --model tiny-dllm``.
 """
 
 from __future__ import annotations
