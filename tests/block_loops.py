@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from maskkv_compile.models import set_causal
+from maskkv_compile.tiny_models import set_causal
 
 
 def block_ids(
