@@ -171,7 +171,7 @@ class MaskKVConfig:
         response row and caches their K/V, and the block's later calls compute only that
         block's rows. Needs the same number of response positions in every row (else the
         session runs plain steps and ``cache_stats()["block_cache"]`` says why). ``None``
-        (default): every step computes every response row. See ``maskkv_compile/blocks.py``.
+        (default): every step computes every response row. See ``maskkv_compile/dual_cache.py``.
     revote: re-selection while decoding: ``None`` (default: never) or a :class:`Revote`
         (``Revote(every=k | "block", voters=, second_tier=)``); an int ``k`` or ``"block"``
         means ``Revote(every=...)``. ``every="block"`` needs ``block_length``, an int refuses it.
