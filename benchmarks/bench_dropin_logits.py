@@ -7,7 +7,8 @@ MaskKV step (a 2-layer model with LLaDA's vocabulary, so that the step's own wor
 and the output handling shows) four ways, side by side in one process:
 
   * drop-in (B, S, V), a new zeroed tensor per call (the default);
-  * drop-in (B, S, V) with ``reuse_logits=True`` (one buffer per prompt, only computed rows rewritten);
+  * drop-in (B, S, V) with ``reuse_logits=True`` (one buffer per prompt, only computed rows
+    rewritten);
   * ``response_logits_only()``: (B, R, V);
   * and, for scale, what LLaDA's own loop does with (B, S, V) logits after the call
     (softmax, argmax, gather of the confidences), which no option of ours can remove.
@@ -97,8 +98,9 @@ runs = {
 base = runs["response_logits_only(): (B, R, V)"][0]
 full_bytes = x.numel() * args.vocab * torch.finfo(dtype).bits // 8
 print(
-    f"vocab {args.vocab}, prompt {args.prompt_len}, response {args.gen_length}, {args.dtype}, budget {args.budget}; "
-    f"one (B, S, V) logits tensor = {human_bytes(full_bytes)}; {torch.get_num_threads()} threads"
+    f"vocab {args.vocab}, prompt {args.prompt_len}, response {args.gen_length}, {args.dtype}, "
+    f"budget {args.budget}; one (B, S, V) logits tensor = {human_bytes(full_bytes)}; "
+    f"{torch.get_num_threads()} threads"
 )
 print(
     table(

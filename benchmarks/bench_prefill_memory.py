@@ -77,13 +77,15 @@ mask_id = model.config.mask_token_id
 
 
 def reset_all():
-    """Drop every cached prompt (before a measurement: what an earlier call holds is freed first)."""
+    """Drop every cached prompt (before a measurement: what an earlier call holds is freed
+    first)."""
     evict.reset()
     keep_all.reset()
 
 
 def maskkv_prefill(optimized, x):
-    # reset_all() ran before: the call below is a prefill of a new prompt, not a step of the last one
+    # reset_all() ran before: the call below is a prefill of a new prompt, not a step of
+    # the last one
     with torch.no_grad(), maskkv_compile.response_logits_only():
         logits = optimized(x).logits
     assert logits.shape == (1, R, args.vocab)
@@ -164,9 +166,9 @@ for prompt_len in args.prompt_lens:
         ]
     )
 print(
-    f"tiny LLaDA-style model, {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, fp32, {R} masks, "
-    f"budget {args.budget}, {torch.get_num_threads()} threads; each cell: the median peak of {args.repeats} calls "
-    "(min-max in MiB); ratios of the medians"
+    f"tiny LLaDA-style model, {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, "
+    f"fp32, {R} masks, budget {args.budget}, {torch.get_num_threads()} threads; each cell: the "
+    f"median peak of {args.repeats} calls (min-max in MiB); ratios of the medians"
 )
 print(
     "\nMaskKV prefill, same graph and head (LM head on the response rows): peak RSS above the start"
@@ -185,8 +187,9 @@ print(
     )
 )
 print(
-    "\nOriginal transformers forward, use_cache=True (holds every layer's K/V): the LM head on all rows vs on the "
-    f"{R} response rows (logits_to_keep={R}); last column: use_cache=False, head on the response rows"
+    "\nOriginal transformers forward, use_cache=True (holds every layer's K/V): the LM head on "
+    f"all rows vs on the {R} response rows (logits_to_keep={R}); last column: use_cache=False, "
+    "head on the response rows"
 )
 print(
     table(

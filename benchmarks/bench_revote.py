@@ -11,11 +11,12 @@ With ``--gen-length`` = 1 + a multiple of every interval, each interval fires ex
 (step calls / k) times, so the mean is the cost averaged over a whole generation.
 
     python benchmarks/bench_revote.py --model tiny-dllm --budget 13 --revote 1 4 8 --refresh 1 4 8
-    python benchmarks/bench_revote.py --model tiny-dllm --haystack 1000 --budget 50 --revote 1 4 8 --refresh 1 4 8
-    python benchmarks/bench_revote.py --model llama --prompt-len 2048 --layers 4 --hidden 256 --budget 102 \
-        --revote 1 4 8 --refresh 1 4 8 --repeats 3
-    python benchmarks/bench_revote.py --model llada-shape --prompt-len 2048 --layers 1 --hidden 4096 --budget 102 \
-        --revote 1 4 --refresh 4 --repeats 1 --no-baselines
+    python benchmarks/bench_revote.py --model tiny-dllm --haystack 1000 --budget 50 \
+        --revote 1 4 8 --refresh 1 4 8
+    python benchmarks/bench_revote.py --model llama --prompt-len 2048 --layers 4 --hidden 256 \
+        --budget 102 --revote 1 4 8 --refresh 1 4 8 --repeats 3
+    python benchmarks/bench_revote.py --model llada-shape --prompt-len 2048 --layers 1 \
+        --hidden 4096 --budget 102 --revote 1 4 --refresh 4 --repeats 1 --no-baselines
 """
 
 import argparse
@@ -39,8 +40,8 @@ parser.add_argument(
     "--haystack",
     type=int,
     default=None,
-    help="tiny-dllm only: a one-needle haystack of this many tokens (default: the suite's 256-token "
-    "sample; the model has 1024 positions)",
+    help="tiny-dllm only: a one-needle haystack of this many tokens (default: the suite's "
+    "256-token sample; the model has 1024 positions)",
 )
 parser.add_argument("--layers", type=int, default=4)
 parser.add_argument("--hidden", type=int, default=256)
@@ -191,8 +192,8 @@ for name in nets:
         ]
     )
 print(
-    f"{args.model}: prompt {prompt.shape[1]}, {args.gen_length} tokens in {args.gen_length} calls, policy "
-    f"{args.policy}, backend {args.backend}, median of {args.repeats} round-robin repeats"
+    f"{args.model}: prompt {prompt.shape[1]}, {args.gen_length} tokens in {args.gen_length} calls, "
+    f"policy {args.policy}, backend {args.backend}, median of {args.repeats} round-robin repeats"
 )
 print(
     table(

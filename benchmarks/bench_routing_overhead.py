@@ -1,4 +1,5 @@
-"""Per-call host overhead of the MaskKV runtime: routing, evidence and bookkeeping, without the graphs.
+"""Per-call host overhead of the MaskKV runtime: routing, evidence and bookkeeping, \
+without the graphs.
 
 LLaDA's semi-autoregressive loop (drop-in ``model(x).logits``) at a 512-token prompt, gen 256,
 block 32, one token per step, on the tiny bench model with the eager backend. Each runtime

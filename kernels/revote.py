@@ -71,7 +71,8 @@ def revote_votes(q, k, prompt_k, prompt_valid, resp_valid, voter_idx, voter_vali
         )  # (B, Hkv, G*Rv, 1)
         unnormed = torch.exp(scores - top)
         total = unnormed.sum(-1, keepdim=True) + torch.exp(response - top).sum(-1, keepdim=True)
-        # (B, Hkv, 1, G*Rv) @ (B, Hkv, G*Rv, P): each voter's row over its softmax denominator, summed
+        # (B, Hkv, 1, G*Rv) @ (B, Hkv, G*Rv, P): each voter's row over its softmax
+        # denominator, summed
         return ((voter_w / total).transpose(-2, -1) @ unnormed).squeeze(-2)
     lse = torch.logsumexp(response, dim=-1)  # (B, Hkv, G*Rv)
     block = chunk * KEY_BLOCK_FACTOR

@@ -177,7 +177,8 @@ def pad_kept(
     kmax: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``select_kv``'s flat layout -> each head padded to ``kmax`` (>= every kept_len):
-    kept_k, kept_v (B, Hkv, Kmax, D), zeros in the padding, and kept_pos (B, Hkv, Kmax), -1 there."""
+    kept_k, kept_v (B, Hkv, Kmax, D), zeros in the padding, and kept_pos (B, Hkv, Kmax), -1
+    there."""
     valid = torch.arange(kmax, device=kept_len.device) < kept_len[..., None]  # (B, Hkv, Kmax)
     at = torch.where(
         valid, head_starts(kept_len)[..., None] + torch.arange(kmax, device=kept_len.device), 0

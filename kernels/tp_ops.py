@@ -34,9 +34,9 @@ def _check_shapes(x: torch.Tensor, group_name: str, world: int) -> None:
     every = _all_gather(mine, group_name, world).view(world, -1)
     if not bool((every == mine).all()):
         raise ValueError(
-            f"tensor-parallel ranks hold different head counts at an attention site (per-rank shapes "
-            f"{every.tolist()}): MaskKV needs the heads split evenly; use a tensor-parallel size that divides the "
-            "number of query and KV heads"
+            "tensor-parallel ranks hold different head counts at an attention site (per-rank "
+            f"shapes {every.tolist()}): MaskKV needs the heads split evenly; use a tensor-parallel "
+            "size that divides the number of query and KV heads"
         )
     _checked.add(key)
 

@@ -274,7 +274,8 @@ def cached_attention_triton(
 
 
 def register_cuda(op, torch_fn) -> None:
-    """Route ``maskkv::cached_attention`` to the kernel on CUDA (``maskkv::cached_attention_triton``).
+    """Route ``maskkv::cached_attention`` to the kernel on CUDA
+    (``maskkv::cached_attention_triton``).
 
     The kernel's softmax is float32, so ``softmax_dtype`` None, float32 or q's dtype qualify;
     kept_len must be int64 and resp_valid bool (the op's contract), on q's device.

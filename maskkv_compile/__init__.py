@@ -3,7 +3,9 @@
     model = maskkv_compile.optimize(model, budget=256)
     out = model.generate(prompt_ids, gen_length=128, steps=128, block_length=32)
 
-    compiled = torch.compile(model, backend="maskkv", options={"budget": 256, "mask_token_id": 126336})
+    compiled = torch.compile(
+        model, backend="maskkv", options={"budget": 256, "mask_token_id": 126336}
+    )
     maskkv_compile.runtimes(compiled)   # the MaskKV runtimes that ran for it
 
 This imports the core alone (API, config, runtime, pipeline, passes, kernels). The tools

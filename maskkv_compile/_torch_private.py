@@ -45,7 +45,8 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 
 
 def original_module(compiled):
-    """The module ``torch.compile`` wrapped (``OptimizedModule._orig_mod``), else ``compiled`` itself."""
+    """The module ``torch.compile`` wrapped (``OptimizedModule._orig_mod``), else ``compiled``
+    itself."""
     return getattr(compiled, "_orig_mod", compiled)
 
 

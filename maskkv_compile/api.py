@@ -22,9 +22,9 @@ from maskkv_compile.tensor_parallel import mixed_dtensor_error
 
 # forward arguments a MaskKV model cannot honour: the graphs compute the response rows only
 _REFUSED = {
-    "labels": "MaskKV computes logits for the response rows only, so the model cannot compute its loss over the "
-    "sequence; call the original model for training or evaluation losses, or compute the loss from the "
-    "returned logits at the response positions",
+    "labels": "MaskKV computes logits for the response rows only, so the model cannot compute its "
+    "loss over the sequence; call the original model for training or evaluation losses, or compute "
+    "the loss from the returned logits at the response positions",
     "past_key_values": "MaskKV keeps its own prompt cache; call without past_key_values",
 }
 
@@ -92,14 +92,14 @@ class MaskKVModel(torch.nn.Module):
             raise ValueError(f"input_ids must be (batch, seq) integer token ids, got {shape}")
         if input_ids.numel() == 0:
             raise ValueError(
-                f"input_ids of shape {tuple(input_ids.shape)} holds no token: give every row at least one "
-                "token (the prompt and its mask tokens)"
+                f"input_ids of shape {tuple(input_ids.shape)} holds no token: give every row at "
+                "least one token (the prompt and its mask tokens)"
             )
         named = self._positional[1 : 1 + len(args)]
         if len(args) > len(named):
             raise TypeError(
-                f"{type(self.wrapped).__name__}.forward takes {len(self._positional)} positional arguments, "
-                f"got {1 + len(args)}"
+                f"{type(self.wrapped).__name__}.forward takes {len(self._positional)} positional "
+                f"arguments, got {1 + len(args)}"
             )
         kwargs.update(zip(named, args))
         for name, why in _REFUSED.items():
@@ -108,9 +108,10 @@ class MaskKVModel(torch.nn.Module):
         keep = kwargs.pop("logits_to_keep", 0)
         if not (isinstance(keep, int) and keep == 0):
             raise ValueError(
-                f"logits_to_keep={keep!r} is not supported by a MaskKV model: it returns the logits of the "
-                "response rows (zeros elsewhere); use maskkv_compile.response_logits_only() to get only "
-                "those, or leave logits_to_keep at 0"
+                f"logits_to_keep={keep!r} is not supported by a MaskKV model: it "
+                "returns the logits of the response rows (zeros elsewhere); use "
+                "maskkv_compile.response_logits_only() to get only those, or "
+                "leave logits_to_keep at 0"
             )
         key_valid = padding_from_masks(input_ids, kwargs)
         mark_dynamic(input_ids, 1)
@@ -152,7 +153,8 @@ class MaskKVModel(torch.nn.Module):
         ]
         if len(used) != 1:
             raise RuntimeError(
-                "the MaskKV runtime did not run for this call (dynamo fell back); please report this"
+                "the MaskKV runtime did not run for this call (dynamo fell "
+                "back); please report this"
             )
         self._last_runtime = used[0]
         return out
@@ -192,7 +194,8 @@ class MaskKVModel(torch.nn.Module):
         return stats
 
     def explain_budgets(self) -> str:
-        """The kept entries per layer (rows) and KV head (columns) of the last prompt, as a table."""
+        """The kept entries per layer (rows) and KV head (columns) of the last prompt, as a
+        table."""
         return self.runtime.budget_table()
 
     def reset(self) -> None:
@@ -240,9 +243,10 @@ def _fresh_generation(optimized: MaskKVModel, method):
         if optimized.maskkv_config.block_length is not None and not optimized._warned_block:
             optimized._warned_block = True
             warnings.warn(
-                f"maskkv_compile: {method.__name__} is the wrapped model's own loop, whose blocks MaskKV "
-                f"does not know: it runs without the dual cache (block_length="
-                f"{optimized.maskkv_config.block_length} applies to model(x) calls and model.generate)",
+                f"maskkv_compile: {method.__name__} is the wrapped model's own loop, whose "
+                "blocks MaskKV does not know: it runs without the dual cache "
+                f"(block_length={optimized.maskkv_config.block_length} applies to model(x) "
+                "calls and model.generate)",
                 UserWarning,
                 stacklevel=2,
             )
@@ -315,7 +319,8 @@ def optimize(
     )
     if token is None:
         raise MaskKVConfigError(
-            "mask_token_id is not set and the model config has none: pass optimize(model, mask_token_id=...)"
+            "mask_token_id is not set and the model config has none: pass "
+            "optimize(model, mask_token_id=...)"
         )
     if config.profile is not None:
         config.profile.check_compatible(
@@ -323,8 +328,8 @@ def optimize(
         )
     if getattr(getattr(model, "config", None), "is_causal", False) is True:
         raise UnsupportedModelError(
-            f"{type(model).__name__} is configured causal (config.is_causal=True); MaskKV is for bidirectional "
-            "diffusion LLMs. Load it with is_causal=False if it really is one"
+            f"{type(model).__name__} is configured causal (config.is_causal=True); MaskKV is for "
+            "bidirectional diffusion LLMs. Load it with is_causal=False if it really is one"
         )
     check_tensor_parallel(model)  # heads the mesh does not divide: refused before tracing
     config = resolve(config, model=model)  # the family, as backend="maskkv" detects it

@@ -1,6 +1,8 @@
 """The ``maskkv`` torch.compile backend.
 
-    compiled = torch.compile(model, backend="maskkv", options={"budget": 256, "mask_token_id": 126336})
+    compiled = torch.compile(
+        model, backend="maskkv", options={"budget": 256, "mask_token_id": 126336}
+    )
     for step in range(steps):
         logits = compiled(x).logits          # an unmodified denoising loop
     maskkv_compile.runtimes(compiled)        # the MaskKV runtimes that ran (raises if none)
@@ -59,9 +61,10 @@ _PARTIAL_GRAPH = (
     "no attention found",
 )
 _GRAPH_BREAK_HINT = (
-    "\nIf the model's forward has a graph break, dynamo hands the backend each piece separately; MaskKV needs the "
-    "whole forward in one graph. Compile with torch.compile(model, backend='maskkv', fullgraph=True, ...) to see "
-    "where it breaks (torch._dynamo.explain(model)(input_ids) lists the breaks)."
+    "\nIf the model's forward has a graph break, dynamo hands the backend each piece separately; "
+    "MaskKV needs the whole forward in one graph. Compile with torch.compile(model, "
+    "backend='maskkv', fullgraph=True, ...) to see where it breaks "
+    "(torch._dynamo.explain(model)(input_ids) lists the breaks)."
 )
 
 
@@ -72,13 +75,14 @@ def inductor_options(mode: Optional[str], backend: str) -> dict[str, Any]:
         return {}
     if not isinstance(mode, str) or mode not in modes:
         raise MaskKVConfigError(
-            f"mode={mode!r} is not a torch.compile mode; valid modes: {', '.join(modes)}. The mode is passed to "
-            "Inductor; MaskKV's own settings go in options={...}"
+            f"mode={mode!r} is not a torch.compile mode; valid modes: {', '.join(modes)}. The mode "
+            "is passed to Inductor; MaskKV's own settings go in options={...}"
         )
     patches = dict(list_mode_options(mode))
     if backend == "eager" and patches:
         warnings.warn(
-            f"mode={mode!r} is ignored: options={{'backend': 'eager'}} runs the rewritten graphs without Inductor",
+            f"mode={mode!r} is ignored: options={{'backend': 'eager'}} runs the rewritten "
+            "graphs without Inductor",
             UserWarning,
             stacklevel=3,
         )
@@ -98,15 +102,17 @@ class ScalarGuard:
             now = float(args[position])
             if now != value and not (math.isnan(now) and math.isnan(value)):
                 raise UnsupportedModelError(
-                    f"the model attribute behind graph input {name} changed from {value!r} to {now!r} since the maskkv "
-                    "backend compiled it as a constant (dynamic=True makes Python floats graph inputs; MaskKV's "
-                    "attention op takes its scale as a constant). Call torch._dynamo.reset() and compile again"
+                    f"the model attribute behind graph input {name} changed from {value!r} to "
+                    f"{now!r} since the maskkv backend compiled it as a constant (dynamic=True "
+                    "makes Python floats graph inputs; MaskKV's attention op takes its scale as a "
+                    "constant). Call torch._dynamo.reset() and compile again"
                 )
         return self.runtime(*args)
 
 
 class MaskKVBackend:
-    """A dynamo backend bound to one config (and a torch.compile ``mode``); keeps the runtimes it built."""
+    """A dynamo backend bound to one config (and a torch.compile ``mode``); keeps the runtimes it
+    built."""
 
     def __init__(
         self, config: MaskKVConfig, mask_token_id: Optional[int] = None, mode: Optional[str] = None
@@ -176,11 +182,12 @@ def runtimes(compiled) -> list[MaskKVRuntime]:
     ]
     if not found:
         raise RuntimeError(
-            f"no MaskKV runtime was built for this {type(module).__name__}: it has not been called since it was "
-            "compiled, or dynamo did not hand its graph to the maskkv backend (it ran the model without it). "
-            "A method of the model (Dream's diffusion_generate, ...) called on what torch.compile returned runs "
-            "the original module, never the compiled one: compile the model in place instead, "
-            "model.compile(backend='maskkv', options={...}), or use maskkv_compile.optimize(model)"
+            f"no MaskKV runtime was built for this {type(module).__name__}: it has not been called "
+            "since it was compiled, or dynamo did not hand its graph to the maskkv backend (it ran "
+            "the model without it). A method of the model (Dream's diffusion_generate, ...) called "
+            "on what torch.compile returned runs the original module, never the compiled one: "
+            "compile the model in place instead, model.compile(backend='maskkv', options={...}), "
+            "or use maskkv_compile.optimize(model)"
         )
     return found
 
@@ -188,13 +195,14 @@ def runtimes(compiled) -> list[MaskKVRuntime]:
 def maskkv_backend(
     gm, example_inputs, options: Optional[Mapping[str, Any]] = None, mode: Optional[str] = None
 ):
-    """Entry point for ``backend="maskkv"``; torch passes options/mode only when set (never both)."""
+    """Entry point for ``backend="maskkv"``; torch passes options/mode only when set (never
+    both)."""
     if mode is not None:
         inductor_options(mode, "inductor")  # an unknown mode names the valid ones
         raise MaskKVConfigError(
-            f"mode={mode!r} came without options: torch.compile takes mode= or options=, not both, and the maskkv "
-            f"backend needs options (mask_token_id at least). Put the mode among them: "
-            f"options={{'mask_token_id': <id>, 'mode': {mode!r}, ...}}"
+            f"mode={mode!r} came without options: torch.compile takes mode= or options=, not both, "
+            "and the maskkv backend needs options (mask_token_id at least). Put the mode among "
+            f"them: options={{'mask_token_id': <id>, 'mode': {mode!r}, ...}}"
         )
     options = dict(options or {})
     option_mode = options.pop("mode", None)

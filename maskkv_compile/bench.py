@@ -1,4 +1,5 @@
-"""Side-by-side speed benchmark: uncached loops vs prompt cache vs dual cache vs MaskKV (one process).
+"""Side-by-side speed benchmark: uncached loops vs prompt cache vs dual cache vs MaskKV (one
+process).
 
 For each prompt length, on a Llama-style bidirectional model with random weights, the
 same semi-autoregressive LLaDA loop (``generate(..., block_length=block_length)``) runs
@@ -29,8 +30,9 @@ and forward are medians of ``FLOOR_REPEATS`` calls, timed in the same run, after
 
 ``compile_sweep``: Inductor compile time of a MaskKV model, cold (first call, a fresh
 ``TORCHINDUCTOR_CACHE_DIR``) and warm (a second, new optimized model on the same cache dir),
-then the Inductor compiles (``runtime.compiled("prefill").compiles + runtime.compiled("step").compiles``) and the
-dynamo graphs (MaskKV runtimes) added over a sweep of 5 other prompt lengths (target 0).
+then the Inductor compiles (``runtime.compiled("prefill").compiles +
+runtime.compiled("step").compiles``) and the dynamo graphs (MaskKV runtimes) added over a sweep of 5
+other prompt lengths (target 0).
 
 Presets: ``tiny`` (vocab 1024, heads = hidden / 64, MLP 2 x hidden) and ``llada-shape``
 (LLaDA-8B's per-layer shapes: hidden 4096, 32 heads and KV heads, MLP 12288, vocab 126464,
@@ -178,7 +180,8 @@ def _median_seconds(fn, repeats: int = FLOOR_REPEATS) -> float:
 
 
 def floor_seconds(model, x: torch.Tensor, rows: torch.Tensor) -> float:
-    """One forward of ``model`` over ``x``'s positions ``rows`` alone (their position ids, no other K/V)."""
+    """One forward of ``model`` over ``x``'s positions ``rows`` alone (their position ids, no other
+    K/V)."""
     ids, positions = x[:, rows], rows[None].expand(x.shape[0], -1)
     with torch.no_grad():
         return _median_seconds(lambda: model(input_ids=ids, position_ids=positions))
@@ -270,8 +273,8 @@ def compile_sweep(
         else:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
     print_fn(
-        f"compile: first generate at prompt {first_len} (cold: fresh TORCHINDUCTOR_CACHE_DIR; warm: new model, same "
-        f"cache dir), then prompts {list(sweep_lens)}; backend {backend}"
+        f"compile: first generate at prompt {first_len} (cold: fresh TORCHINDUCTOR_CACHE_DIR; "
+        f"warm: new model, same cache dir), then prompts {list(sweep_lens)}; backend {backend}"
     )
     print_fn(
         table(
@@ -376,8 +379,9 @@ def run_benchmark(
                 compiles_after != compiles_before
             ):  # the warm-up should have compiled everything the loop runs
                 print_fn(
-                    f"warning: {name} compiled inside the timed loop (Inductor compiles, MaskKV runtimes: "
-                    f"{compiles_before} -> {compiles_after}); its times include compilation"
+                    f"warning: {name} compiled inside the timed loop (Inductor "
+                    f"compiles, MaskKV runtimes: {compiles_before} -> "
+                    f"{compiles_after}); its times include compilation"
                 )
             stats = opt.cache_stats()
             if (
@@ -412,7 +416,8 @@ def run_benchmark(
             name = f"MaskKV budget {budgets[0]}"
             if name not in optimized:
                 raise ValueError(
-                    "the CFG rows time MaskKV at the first budget: keep 'maskkv' in runs, or cfg_scale=0"
+                    "the CFG rows time MaskKV at the first budget: keep 'maskkv' in "
+                    "runs, or cfg_scale=0"
                 )
             opt = optimized[name]
             with measure() as m:
@@ -480,9 +485,9 @@ def run_benchmark(
         print_fn(f"prompt {prompt_len} done")
     config = model.config
     setup = (
-        f"Llama-style ({preset}), {layers} layers, hidden {hidden}, {config.num_attention_heads} heads, MLP "
-        f"{config.intermediate_size}, vocab {config.vocab_size}, gen {gen_length}, {steps} steps, block {block_length}, "
-        f"backend {backend}, {torch.get_num_threads()} threads"
+        f"Llama-style ({preset}), {layers} layers, hidden {hidden}, {config.num_attention_heads} "
+        f"heads, MLP {config.intermediate_size}, vocab {config.vocab_size}, gen {gen_length}, "
+        f"{steps} steps, block {block_length}, backend {backend}, {torch.get_num_threads()} threads"
     )
     for row in results:
         row["setup"] = setup
@@ -502,14 +507,15 @@ def run_benchmark(
     print_fn(table(rows, headers=headers))
     if floor:
         print_fn(
-            "step ms / prefill ms: medians of the timed loop's MaskKV calls by transition; floor: one forward of the "
-            "model (same backend as the compiled row) over the computed positions alone (the steps' most common "
-            "count); forward: one uncached forward over the whole sequence; medians of "
-            f"{FLOOR_REPEATS}, this run"
+            "step ms / prefill ms: medians of the timed loop's MaskKV calls by transition; floor: "
+            "one forward of the model (same backend as the compiled row) over the computed "
+            "positions alone (the steps' most common count); forward: one uncached forward over "
+            f"the whole sequence; medians of {FLOOR_REPEATS}, this run"
         )
     print_fn(
-        f"'{COMPILED}': torch.compile(dynamic=True, backend={'inductor' if backend == 'inductor' else 'eager'!r}), "
-        "warmed up on the timed shape; kept KV of dual-cache rows includes the merged block caches"
+        f"'{COMPILED}': torch.compile(dynamic=True, "
+        f"backend={'inductor' if backend == 'inductor' else 'eager'!r}), warmed up on the timed "
+        "shape; kept KV of dual-cache rows includes the merged block caches"
     )
     if cfg_scale > 0:
         print_fn(

@@ -1,4 +1,5 @@
-"""How many prompt KV pairs each layer and KV head keeps: MaskKV's allocators and its baselines' (maskkv.md §4).
+"""How many prompt KV pairs each layer and KV head keeps: MaskKV's allocators and its baselines'
+(maskkv.md §4).
 
 The policies that combine them with voters are in :mod:`maskkv_compile.policies`.
 
@@ -370,9 +371,9 @@ def maskkv_head_budgets(
         k_{l,h} = floor(alpha * k_l + (1 - alpha) * Hkv * k_l * P^_h)
 
     plus largest-remainder rounding so ``sum_h k_{l,h} == round(Hkv * k_l)``; then clamped to
-    ``[min(min_keep, prompt_len), prompt_len]`` with redistribution (:func:`clamp_and_redistribute`).
-    A head with no prompt preference gets ``floor(alpha * k_l)`` (or one more by remainder, or
-    ``min_keep`` if larger). ``alpha = 1`` is uniform.
+    ``[min(min_keep, prompt_len), prompt_len]`` with redistribution
+    (:func:`clamp_and_redistribute`). A head with no prompt preference gets ``floor(alpha * k_l)``
+    (or one more by remainder, or ``min_keep`` if larger). ``alpha = 1`` is uniform.
     """
     alpha = _check_fraction("alpha", alpha)
     pref = prompt_preference(prompt_mass, n_voters, n_kv_heads)
@@ -396,7 +397,8 @@ def _maskkv_quotas(pref: Tensor, layer_budget: float, alpha: float) -> Tensor:
 def _rows_bounds(
     n_kv_heads: int, layer_budget: float, min_keep: int, prompt_len: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(total, lo, hi), each (B,): the layer total and each row's head bounds, as :func:`_bounds`."""
+    """(total, lo, hi), each (B,): the layer total and each row's head bounds, as
+    :func:`_bounds`."""
     hi = prompt_len.to(torch.float64)
     return (
         torch.full_like(hi, _layer_total(n_kv_heads, layer_budget)),
@@ -451,7 +453,8 @@ def adakv_head_budgets(
     min_keep: int = 1,
     prompt_len: Optional[int] = None,
 ) -> Tensor:
-    """AdaKV head budgets for one layer from its votes ``(Hkv, P)`` or ``(B, Hkv, P)`` (batch: mean).
+    """AdaKV head budgets for one layer from its votes ``(Hkv, P)`` or ``(B, Hkv, P)`` (batch:
+    mean).
 
     Of the layer total ``T = round(Hkv * k_l)``, ``round(safeguard * T)`` slots are spread evenly
     over the heads (the safeguard against starving sparse heads); the other ``R`` go to the

@@ -1,4 +1,5 @@
-"""``maskkv-compile``: demo, benchmark and graph diff on the project's small bidirectional models."""
+"""``maskkv-compile``: demo, benchmark and graph diff on the project's small bidirectional
+models."""
 
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def cmd_demo(args) -> int:
 
     print(f"model: {bundle.note}")
     print(
-        f"sample: {sample.id}, prompt {sample.prompt_len} tokens, {span} masked positions filled one per step"
+        f"sample: {sample.id}, prompt {sample.prompt_len} tokens, {span} masked "
+        "positions filled one per step"
     )
     print(
         _tabulate(
@@ -178,8 +180,8 @@ def cmd_diff(args) -> int:
     if args.model_explorer and report.rewritten:
         report.to_model_explorer(args.model_explorer)
         print(
-            f"Model Explorer graphs written to {args.model_explorer} (view: pip install ai-edge-model-explorer; "
-            f"model-explorer {args.model_explorer})"
+            f"Model Explorer graphs written to {args.model_explorer} (view: pip install "
+            f"ai-edge-model-explorer; model-explorer {args.model_explorer})"
         )
     return 0
 
@@ -199,7 +201,8 @@ def cmd_eval(args) -> int:
 
     if (args.heatmap or args.checkpoint) and args.model != "tiny-dllm":
         print(
-            f"--heatmap and --checkpoint are for the retrieval model: use --model tiny-dllm (got {args.model})",
+            "--heatmap and --checkpoint are for the retrieval model: use --model "
+            f"tiny-dllm (got {args.model})",
             file=sys.stderr,
         )
         return 2
@@ -312,9 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=["tiny", "llada-shape"],
         default="tiny",
-        help="tiny: 4 layers, hidden 256, vocab 1024, prompts 1024 2048 4096; llada-shape: LLaDA-8B's "
-        "per-layer shapes (hidden 4096, 32 heads, MLP 12288, vocab 126464) at 1 layer, prompts 1024 2048 "
-        "(~5 GB of fp32 weights); --layers/--hidden/--vocab/--prompt-lens override",
+        help="tiny: 4 layers, hidden 256, vocab 1024, prompts 1024 2048 4096; llada-shape: "
+        "LLaDA-8B's per-layer shapes (hidden 4096, 32 heads, MLP 12288, vocab 126464) at 1 "
+        "layer, prompts 1024 2048 (~5 GB of fp32 weights); "
+        "--layers/--hidden/--vocab/--prompt-lens override",
     )
     bench.add_argument("--prompt-lens", type=int, nargs="+", default=None)
     bench.add_argument("--gen-length", type=int, default=64)
@@ -332,8 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--floor",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="per-step and prefill latency of the MaskKV rows, against one forward over the computed "
-        "rows alone (step/floor) and one uncached forward (prefill/forward)",
+        help="per-step and prefill latency of the MaskKV rows, against one forward over the "
+        "computed rows alone (step/floor) and one uncached forward (prefill/forward)",
     )
     bench.add_argument(
         "--compile-sweep",
@@ -365,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=BENCH_RUNS,
         default=list(BENCH_RUNS),
-        help="which configurations to time besides the eager uncached loop (the reference; always run)",
+        help="which configurations to time besides the eager uncached loop (the "
+        "reference; always run)",
     )
     bench.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
@@ -376,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--plots",
         metavar="DIR",
-        help="also draw speed-up and peak memory vs prompt length here (bench_speedup.png, bench_memory.png)",
+        help="also draw speed-up and peak memory vs prompt length here "
+        "(bench_speedup.png, bench_memory.png)",
     )
     bench.add_argument(
         "--quick",
@@ -390,8 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     diff = sub.add_parser(
         "diff",
         help="what the passes do to a bundled model: sites, passes, inserted ops, graph diffs",
-        description="Capture a bundled model, run the MaskKV passes (maskkv_compile.explain), print the report and "
-        "the unified diff of the captured graph against each rewritten graph.",
+        description="Capture a bundled model, run the MaskKV passes (maskkv_compile.explain), "
+        "print the report and the unified diff of the captured graph against each rewritten graph.",
     )
     diff.add_argument(
         "--model",
@@ -421,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-explorer",
         metavar="PATH",
         help="also write the captured, canonical, prefill and step "
-        "graphs as Model Explorer JSON here (view with `model-explorer PATH`, package ai-edge-model-explorer)",
+        "graphs as Model Explorer JSON here (view with `model-explorer PATH`, package "
+        "ai-edge-model-explorer)",
     )
     diff.add_argument("--prompt-len", type=int, default=48)
     diff.add_argument("--gen-length", type=int, default=16)
@@ -435,10 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     quality = sub.add_parser(
         "eval",
-        help="quality suite: retention / agreement / KL of every policy x budget on a real pretrained model",
-        description="Infill masked spans with the greedy one-token-per-step loop through optimize(model)(x).logits for "
-        "every policy x budget and the references (uncached, full prompt cache, full cache + refresh); write a JSON of "
-        "every cell, markdown tables and PNG plots to --out. See docs/quality.md.",
+        help="quality suite: retention / agreement / KL of every policy x budget on a "
+        "real pretrained model",
+        description="Infill masked spans with the greedy one-token-per-step loop through "
+        "optimize(model)(x).logits for every policy x budget and the references (uncached, full "
+        "prompt cache, full cache + refresh); write a JSON of every cell, markdown tables and PNG "
+        "plots to --out. See docs/quality.md.",
     )
     quality.add_argument(
         "--model",
@@ -469,8 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=[],
         metavar="K",
-        help="also run every policy x budget with revote=K (re-select every K steps with the step's "
-        "queries; maskkv_compile/revote.py); writes quality_<model>_tradeoff.md and _pareto.png",
+        help="also run every policy x budget with revote=K (re-select every K steps with "
+        "the step's queries; maskkv_compile/revote.py); writes "
+        "quality_<model>_tradeoff.md and _pareto.png",
     )
     quality.add_argument(
         "--revote-voters",
@@ -503,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument(
         "--checkpoint",
         metavar="DIR",
-        help="tiny-dllm only: a folder written by scripts/train_tiny_dllm.py (default: the shipped one)",
+        help="tiny-dllm only: a folder written by scripts/train_tiny_dllm.py "
+        "(default: the shipped one)",
     )
     quality.add_argument(
         "--heatmap",

@@ -44,7 +44,8 @@ def _require_int(name: str, value: Any, *, minimum: int, allow_none: bool = Fals
 
 @dataclass(frozen=True)
 class Revote:
-    """Re-selection while decoding (``maskkv_compile/revote.py``): ``MaskKVConfig(revote=Revote(...))``.
+    """Re-selection while decoding (``maskkv_compile/revote.py``):
+    ``MaskKVConfig(revote=Revote(...))``.
 
     The prefill also keeps every layer's prompt K/V (the *second tier*, outside the hot cache,
     reported apart in ``cache_stats()["second_tier"]``); at a re-vote step the step's own queries
@@ -71,7 +72,8 @@ class Revote:
             isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1
         ):
             raise MaskKVConfigError(
-                f'revote must be an int >= 1 (Revote(every=k): re-vote every k steps) or "block" (at '
+                "revote must be an int >= 1 (Revote(every=k): re-vote every k "
+                'steps) or "block" (at '
                 f"every dual-cache block refresh), got {self.every!r}"
             )
         if self.voters not in REVOTE_VOTERS:
@@ -302,7 +304,8 @@ class MaskKVConfig:
 
     @property
     def policy(self) -> str:
-        """The runtime's view: the policy's name ("maskkv", "snapkv", ...); the object is :attr:`eviction`."""
+        """The runtime's view: the policy's name ("maskkv", "snapkv", ...); the object is
+        :attr:`eviction`."""
         return self.eviction.name
 
     @property
@@ -342,7 +345,8 @@ class MaskKVConfig:
 
     @property
     def revote(self) -> Union[None, int, str]:
-        """The runtime's view: ``None`` (no re-selection), the int ``k`` or ``"block"`` (``Revote.every``)."""
+        """The runtime's view: ``None`` (no re-selection), the int ``k`` or ``"block"``
+        (``Revote.every``)."""
         return None if self.reselection is None else self.reselection.every
 
     @property

@@ -101,14 +101,16 @@ def _validate(
             else type(attention_mask).__name__
         )
         raise ValueError(
-            f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}, got {shape}"
+            "attention_mask must be a tensor shaped like input_ids "
+            f"{tuple(input_ids.shape)}, got {shape}"
         )
     if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
         raise ValueError("attention_mask must hold only 0 (padding) and 1 (prompt tokens)")
     ones = attention_mask.long()
     if bool((ones[:, 1:] < ones[:, :-1]).any()) or not bool(ones[:, -1].all()):
         raise ValueError(
-            "attention_mask must be LEFT padding: zeros, then ones up to the last column, in every row"
+            "attention_mask must be LEFT padding: zeros, then ones up to the last "
+            "column, in every row"
         )
 
 
@@ -177,8 +179,8 @@ def _shifted_response_logits(
         return logits
     if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(x.shape):
         raise ValueError(
-            f"the model must return (batch, seq, vocab) logits for every row of x {tuple(x.shape)}, "
-            f"got {tuple(logits.shape)}"
+            "the model must return (batch, seq, vocab) logits for every row of x "
+            f"{tuple(x.shape)}, got {tuple(logits.shape)}"
         )
     return logits[:, prompt_len - 1 : x.shape[1] - 1]
 

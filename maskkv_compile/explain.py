@@ -1,10 +1,14 @@
-"""``explain(model, input_ids, **options)``: what the MaskKV passes do to a model, without running it.
+"""``explain(model, input_ids, **options)``: what the MaskKV passes do to a model, without running
+it.
 
     report = maskkv_compile.explain(model, input_ids, budget=64)
     print(report)                  # attention sites, pass runs, inserted ops, kept-KV plan
-    print(report.diff("step"))     # line diff, captured -> rewritten step graph (module-path names, folded)
-    print(report.structural())     # per attention site: matched, inserted (maskkv:: ops), inputs/outputs added
-    report.to_html("maskkv.html")  # site table, each site's before/after drawn (SVG), node lists, line diffs
+    print(report.diff("step"))     # line diff, captured -> rewritten step graph (module-path
+                                   # names, folded)
+    print(report.structural())     # per attention site: matched, inserted (maskkv:: ops),
+                                   # inputs/outputs added
+    report.to_html("maskkv.html")  # site table, each site's before/after drawn (SVG), node lists,
+                                   # line diffs
     report.to_model_explorer("maskkv.json")  # the four graphs for Google's Model Explorer
 
 The model is captured with dynamo exactly as ``optimize`` captures it (sequence length
@@ -135,8 +139,8 @@ class Report:
             raise ValueError(f"graph must be 'captured' or one of {GRAPHS}, got {graph!r}")
         elif graph not in self.codes:
             raise ValueError(
-                f"no {graph} graph: every attention site was refused, so nothing was rewritten. Why:\n  "
-                + "\n  ".join(self.skipped)
+                f"no {graph} graph: every attention site was refused, so nothing "
+                "was rewritten. Why:\n  " + "\n  ".join(self.skipped)
             )
         else:
             code = self.codes[graph]
@@ -222,8 +226,8 @@ class Report:
         response = self.input_shape[-1] - self.prompt_len
         options = ", ".join(f"{k}={v!r}" for k, v in _options(self.config).items())
         lines = [
-            f"MaskKV explain: {self.model}, input {tuple(self.input_shape)} = prompt {self.prompt_len} + "
-            f"{response} masked (mask id {self.mask_token_id}); {options}",
+            f"MaskKV explain: {self.model}, input {tuple(self.input_shape)} = prompt "
+            f"{self.prompt_len} + {response} masked (mask id {self.mask_token_id}); {options}",
             f"layer allocation: {self.config.layer_allocation}",
             "",
             f"attention sites: {len(self.sites)} rewritten, {len(self.skipped)} skipped",
@@ -270,7 +274,8 @@ class Report:
         else:
             sections.append("<p>nothing was rewritten: every attention site was refused</p>")
         sections.append(
-            f"<details open><summary>summary</summary><pre class='summary'>{html.escape(self.summary())}</pre></details>"
+            "<details open><summary>summary</summary><pre "
+            f"class='summary'>{html.escape(self.summary())}</pre></details>"
         )
         differ = difflib.HtmlDiff(tabsize=4)
         captured = readable_code(self.captured_code, 80).splitlines()
@@ -284,7 +289,8 @@ class Report:
                 numlines=3,
             )
             sections.append(
-                f"<details><summary>{graph} graph: line diff of the code</summary>\n{_highlight(table)}</details>"
+                f"<details><summary>{graph} graph: line diff of the "
+                f"code</summary>\n{_highlight(table)}</details>"
             )
         page = _PAGE.format(
             title=html.escape(f"MaskKV explain: {self.model}"), body="\n".join(sections)
@@ -306,26 +312,32 @@ class Report:
 
 
 _PAGE = """<!DOCTYPE html>
-<html><head><meta charset="utf-8"><meta name="viewport" content="width=device-width"><title>{title}</title>
+<html><head><meta charset="utf-8">\
+<meta name="viewport" content="width=device-width"><title>{title}</title>
 <style>
-body {{ font-family: sans-serif; font-size: 14px; max-width: 1240px; margin: 0 auto; padding: 0 12px; }}
+body {{ font-family: sans-serif; font-size: 14px; max-width: 1240px; margin: 0 auto; \
+padding: 0 12px; }}
 h1 {{ font-size: 20px; margin: 10px 0 4px; }} h3 {{ font-size: 15px; margin: 6px 0; }}
 p.lead {{ margin: 0 0 8px; color: #444; }}
 code {{ font-size: 12px; overflow-wrap: anywhere; }}
 table.sites {{ border-collapse: collapse; margin-bottom: 10px; }}
-table.sites td, table.sites th {{ border: 1px solid #ccc; padding: 2px 6px; text-align: left; vertical-align: top; }}
+table.sites td, table.sites th {{ border: 1px solid #ccc; padding: 2px 6px; \
+text-align: left; vertical-align: top; }}
 table.sites code {{ white-space: nowrap; }}
-section.site {{ border: 1px solid #ddd; border-radius: 4px; padding: 4px 8px; margin-bottom: 10px; }}
+section.site {{ border: 1px solid #ddd; border-radius: 4px; padding: 4px 8px; \
+margin-bottom: 10px; }}
 table.side {{ width: 100%; table-layout: fixed; border-collapse: collapse; }}
 table.side th {{ background: #eee; text-align: left; padding: 2px 6px; }}
 table.side td {{ vertical-align: top; padding: 2px 6px; border-right: 1px solid #ddd; }}
 div.views {{ display: flex; gap: 8px; align-items: flex-start; margin: 4px 0; }}
-figure.view {{ flex: 1 1 0; min-width: 0; margin: 0; border: 1px solid #eee; padding: 2px 4px; overflow-x: auto; }}
+figure.view {{ flex: 1 1 0; min-width: 0; margin: 0; border: 1px solid #eee; \
+padding: 2px 4px; overflow-x: auto; }}
 figure.view figcaption {{ font-size: 12px; color: #333; font-weight: bold; }}
 figure.view svg {{ display: block; margin: 2px auto; max-width: 100%; height: auto; }}
 p.legend {{ margin: 2px 0 6px; font-size: 12px; }} p.legend svg {{ vertical-align: middle; }}
 ul.nodes {{ margin: 2px 0; padding-left: 16px; }} ul.nodes li {{ margin: 0; }}
-li.add.op {{ background: #f3e6ff; }} li.del {{ color: #8a1f1f; }} p.none {{ color: #888; margin: 2px 0; }}
+li.add.op {{ background: #f3e6ff; }} li.del {{ color: #8a1f1f; }} \
+p.none {{ color: #888; margin: 2px 0; }}
 section.site p {{ margin: 3px 0; }}
 pre.summary {{ background: #f6f6f6; padding: 1em; white-space: pre-wrap; }}
 table.diff {{ font-family: monospace; font-size: 12px; border: 1px solid #ccc; }}
@@ -507,14 +519,16 @@ def explain(
         token = getattr(getattr(model, "config", None), "mask_token_id", None)
     if token is None:
         raise MaskKVConfigError(
-            "mask_token_id is not set and the model config has none: pass explain(model, ids, mask_token_id=...)"
+            "mask_token_id is not set and the model config has none: pass explain(model, "
+            "ids, mask_token_id=...)"
         )
     masked = input_ids[0] == token
     if not bool(masked.any()):
         from maskkv_compile.runtime import NoMaskTokenError
 
         raise NoMaskTokenError(
-            f"input_ids hold no mask token (id {token}): explain needs the step-0 input, a prompt followed by masks"
+            f"input_ids hold no mask token (id {token}): explain needs the step-0 input, a "
+            "prompt followed by masks"
         )
     prompt_len = int((~masked).sum())
 

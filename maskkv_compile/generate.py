@@ -53,7 +53,8 @@ def gumbel_perturb(
 
 
 def check_prompt(prompt: torch.Tensor, mask_token_id: int, loop: str = "generate()") -> None:
-    """(batch, prompt_len) integer ids without the mask token; ``loop`` names the caller in errors."""
+    """(batch, prompt_len) integer ids without the mask token; ``loop`` names the caller in
+    errors."""
     if (
         not isinstance(prompt, torch.Tensor)
         or prompt.dim() != 2
@@ -62,11 +63,13 @@ def check_prompt(prompt: torch.Tensor, mask_token_id: int, loop: str = "generate
     ):
         shape = tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__
         raise ValueError(
-            f"input_ids must be (batch, prompt_len) token ids, got {shape} {getattr(prompt, 'dtype', '')}"
+            f"input_ids must be (batch, prompt_len) token ids, got {shape} "
+            f"{getattr(prompt, 'dtype', '')}"
         )
     if bool((prompt == mask_token_id).any()):
         raise ValueError(
-            f"the prompt contains the mask token {mask_token_id}; the response is appended by {loop}"
+            f"the prompt contains the mask token {mask_token_id}; the response "
+            f"is appended by {loop}"
         )
 
 
@@ -87,7 +90,8 @@ def _validate(
         )
     if steps % (gen_length // block_length):
         raise ValueError(
-            f"steps ({steps}) must be a multiple of the number of blocks ({gen_length // block_length})"
+            f"steps ({steps}) must be a multiple of the number of blocks "
+            f"({gen_length // block_length})"
         )
     if temperature < 0 or cfg_scale < 0:
         raise ValueError(f"temperature and cfg_scale must be >= 0, got {temperature}, {cfg_scale}")

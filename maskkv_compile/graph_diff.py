@@ -11,8 +11,9 @@ in :mod:`maskkv_compile.model_explorer`.
 - :func:`structural_diff` groups the graphs' nodes by attention site (layer): the captured
   nodes the canonical ``maskkv::attention`` replaced, the nodes each rewritten graph inserted
   (``maskkv::`` ops marked), the graph inputs and outputs it added, the nodes it removed.
-- :func:`node_info`, :func:`op_name`, :func:`op_counts`, :func:`node_layers` and :func:`plural` describe nodes
-  for the views (:mod:`~maskkv_compile.graph_view`, :mod:`~maskkv_compile.model_explorer`).
+- :func:`node_info`, :func:`op_name`, :func:`op_counts`, :func:`node_layers` and :func:`plural`
+  describe nodes for the views (:mod:`~maskkv_compile.graph_view`,
+  :mod:`~maskkv_compile.model_explorer`).
 """
 
 from __future__ import annotations
@@ -278,7 +279,8 @@ def structural_text(site_diffs: list[SiteDiff], width: int = WIDTH) -> str:
         emit(f"== {site.title} ==")
         if site.matched or site.canonical:
             emit(
-                f"matched (captured, {plural(len(site.matched))}): {op_counts(site.matched) or '-'}",
+                f"matched (captured, {plural(len(site.matched))}): "
+                f"{op_counts(site.matched) or '-'}",
                 "  ",
             )
             emit(f"replaced by (canonical): {op_counts(site.canonical) or '-'}", "  ")
@@ -289,7 +291,8 @@ def structural_text(site_diffs: list[SiteDiff], width: int = WIDTH) -> str:
                 emit(f"{graph}: unchanged", "  ")
                 continue
             emit(
-                f"{graph}: {plural(len(change.inserted))} inserted ({', '.join(change.maskkv_ops) or 'no maskkv:: op'})",
+                f"{graph}: {plural(len(change.inserted))} inserted "
+                f"({', '.join(change.maskkv_ops) or 'no maskkv:: op'})",
                 "  ",
             )
             if change.inputs:

@@ -77,7 +77,8 @@ class GraphView:
 
     @property
     def changed(self) -> list[ViewNode]:
-        """The nodes the passes removed (captured view) or added (rewritten views), inputs included."""
+        """The nodes the passes removed (captured view) or added (rewritten views), inputs
+        included."""
         return [n for n in self.nodes if n.kind in ("maskkv", "added", "removed", "input")]
 
 
@@ -280,11 +281,11 @@ def svg(view: GraphView, uid: str) -> str:
     nodes = {n.id: n for n in view.nodes}
     marker = f"arrow-{uid}"
     out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="graph" data-graph="{html.escape(view.graph)}" '
-        f'width="{view.width:g}" height="{view.height:g}" viewBox="0 0 {view.width:g} {view.height:g}" '
-        f'font-family="monospace" font-size="11">',
-        f'<defs><marker id="{marker}" viewBox="0 0 8 8" refX="8" refY="4" markerWidth="6" markerHeight="6" '
-        f'orient="auto"><path d="M0,0 L8,4 L0,8 z" fill="#666"/></marker></defs>',
+        '<svg xmlns="http://www.w3.org/2000/svg" class="graph" '
+        f'data-graph="{html.escape(view.graph)}" width="{view.width:g}" height="{view.height:g}" '
+        f'viewBox="0 0 {view.width:g} {view.height:g}" font-family="monospace" font-size="11">',
+        f'<defs><marker id="{marker}" viewBox="0 0 8 8" refX="8" refY="4" markerWidth="6" '
+        'markerHeight="6" orient="auto"><path d="M0,0 L8,4 L0,8 z" fill="#666"/></marker></defs>',
     ]
     for src, dst, label in view.edges:
         a, b = nodes[src], nodes[dst]
@@ -295,11 +296,13 @@ def svg(view: GraphView, uid: str) -> str:
         path = f"M{x1:g},{y1:g} C{x1:g},{y1 + bend:g} {x2:g},{y2 - bend:g} {x2:g},{y2:g}"
         out.append(
             f'<g class="edge" data-source="{html.escape(src)}" data-target="{html.escape(dst)}">'
-            f'<path d="{path}" fill="none" stroke="#777" stroke-width="1" marker-end="url(#{marker})"/>'
+            f'<path d="{path}" fill="none" stroke="#777" stroke-width="1" '
+            f'marker-end="url(#{marker})"/>'
         )
         if label:
             out.append(
-                f'<text x="{(x1 + x2) / 2 + 3:g}" y="{(y1 + y2) / 2 + 3:g}" font-size="9" fill="#444">'
+                f'<text x="{(x1 + x2) / 2 + 3:g}" y="{(y1 + y2) / 2 + 3:g}" '
+                'font-size="9" fill="#444">'
                 f"{html.escape(label)}</text>"
             )
         out.append("</g>")
@@ -308,11 +311,13 @@ def svg(view: GraphView, uid: str) -> str:
         weight = ' font-weight="bold"' if n.kind == "maskkv" else ""
         dash = ' stroke-dasharray="3,2"' if dashed else ""
         out.append(
-            f'<g class="node {n.kind}" data-node="{html.escape(n.id)}" data-op="{html.escape(n.op)}">'
+            f'<g class="node {n.kind}" data-node="{html.escape(n.id)}" '
+            f'data-op="{html.escape(n.op)}">'
             f"<title>{html.escape(n.title)}</title>"
-            f'<rect x="{n.x:g}" y="{n.y:g}" width="{n.w:g}" height="{NODE_H}" rx="{10 if rounded else 3}" '
-            f'fill="{fill}" stroke="{stroke}"{dash}/>'
-            f'<text x="{n.x + n.w / 2:g}" y="{n.y + 14:g}" text-anchor="middle"{weight}>{html.escape(n.label)}</text></g>'
+            f'<rect x="{n.x:g}" y="{n.y:g}" width="{n.w:g}" height="{NODE_H}" '
+            f'rx="{10 if rounded else 3}" fill="{fill}" stroke="{stroke}"{dash}/><text '
+            f'x="{n.x + n.w / 2:g}" y="{n.y + 14:g}" '
+            f'text-anchor="middle"{weight}>{html.escape(n.label)}</text></g>'
         )
     out.append("</svg>")
     return "".join(out)
@@ -322,8 +327,8 @@ def _swatch(kind: str) -> str:
     fill, stroke, dashed, rounded = STYLE[kind]
     dash = ' stroke-dasharray="3,2"' if dashed else ""
     return (
-        f'<svg width="14" height="12"><rect x="1" y="1" width="12" height="10" rx="{5 if rounded else 2}" '
-        f'fill="{fill}" stroke="{stroke}"{dash}/></svg>'
+        '<svg width="14" height="12"><rect x="1" y="1" width="12" height="10" '
+        f'rx="{5 if rounded else 2}" fill="{fill}" stroke="{stroke}"{dash}/></svg>'
     )
 
 
@@ -357,7 +362,8 @@ def caption(view: GraphView) -> str:
 def views_html(views: list[GraphView], uid: str) -> str:
     """One site's views side by side, each captioned."""
     figures = "".join(
-        f"<figure class='view'><figcaption>{html.escape(caption(v))}</figcaption>{svg(v, f'{uid}-{v.graph}')}</figure>"
+        f"<figure class='view'><figcaption>{html.escape(caption(v))}</figcaption>"
+        f"{svg(v, f'{uid}-{v.graph}')}</figure>"
         for v in views
     )
     return f"<div class='views'>{figures}</div>"
@@ -440,14 +446,14 @@ def site_table_html(site_diffs: list[SiteDiff]) -> str:
             for g in graphs
         )
         rows.append(
-            f"<tr><td><a href='#site-{site.layer}'>{site.layer}</a></td><td><code>{html.escape(site.module_path)}</code></td>"
+            f"<tr><td><a href='#site-{site.layer}'>{site.layer}</a></td>"
+            f"<td><code>{html.escape(site.module_path)}</code></td>"
             f"<td>{html.escape(site.attention)}</td><td>{plural(len(site.matched))} &rarr; "
             f"{html.escape(op_counts(site.canonical) or '-')}</td>{cells}</tr>"
         )
     return (
-        f"<table class='sites'><tr><th>layer</th><th>module</th><th>attention</th><th>matched</th>{head}</tr>"
-        + "".join(rows)
-        + "</table>"
+        "<table class='sites'><tr><th>layer</th><th>module</th><th>attention</th><th>matched</th>"
+        f"{head}</tr>" + "".join(rows) + "</table>"
     )
 
 
@@ -469,15 +475,17 @@ def sites_html(site_diffs: list[SiteDiff], views: Optional[dict] = None) -> str:
         heads = "".join(f"<th>{html.escape(g)} graph</th>" for g in graphs)
         matched = (
             f"<details><summary>matched in the captured graph: {plural(len(site.matched))} "
-            f"({html.escape(op_counts(site.matched) or '-')})</summary>{_node_list(site.matched, 'del')}</details>"
+            f"({html.escape(op_counts(site.matched) or '-')})</summary>"
+            f"{_node_list(site.matched, 'del')}</details>"
             f"<p><b>replaced by (canonical):</b></p>{_node_list(site.canonical, 'add')}"
             if site.matched or site.canonical
             else ""
         )
         picture = views_html(views[site.layer], anchor) if site.layer in views else ""
         out.append(
-            f"<section class='site' id='{anchor}'><h3>{html.escape(site.title)}</h3>{picture}{matched}"
-            f"<table class='side'><tr>{heads}</tr><tr>{cols}</tr></table></section>"
+            "<section class='site' "
+            f"id='{anchor}'><h3>{html.escape(site.title)}</h3>{picture}{matched}<table "
+            f"class='side'><tr>{heads}</tr><tr>{cols}</tr></table></section>"
         )
     return "\n".join(out)
 

@@ -61,7 +61,8 @@ def inductor_config_patches(patches: Mapping[str, object]):
 
 
 def _only_size_bounds(guards) -> bool:
-    """True when every guard is a bound like ``s >= 2`` / ``s != 1`` (what 0/1 specialization adds)."""
+    """True when every guard is a bound like ``s >= 2`` / ``s != 1`` (what 0/1 specialization
+    adds)."""
     for guard in guards:
         expr = guard.expr
         if not isinstance(expr, (sympy.Ge, sympy.Gt, sympy.Le, sympy.Lt, sympy.Ne)):

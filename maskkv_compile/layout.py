@@ -116,8 +116,9 @@ def _is_masked_copy(
     valid: torch.Tensor,
 ) -> bool:
     """Row ``ids`` is ``ref_ids`` of the same call with the reference's whole prompt masked (1-D
-    rows): CFG's unconditional row in LLaDA's ``cat([x, un_x])``. A row that masks only part of another row's prompt is a row of its own
-    (an infilling variant, whose every mask is response)."""
+    rows): CFG's unconditional row in LLaDA's ``cat([x, un_x])``. A row that masks only part of
+    another row's prompt is a row of its own (an infilling variant, whose every mask is
+    response)."""
     ref_prompt = ~ref_masked & valid
     return (
         bool(ref_prompt.any())
@@ -191,9 +192,10 @@ def infer_layout(
     missing = [row for row in range(batch) if not bool(response[row].any())]
     if missing:
         raise NoMaskTokenError(
-            f"no mask token (id {mask_token_id}) in row(s) {missing} of the input of shape {tuple(ids.shape)}: the "
-            "first call for a prompt must hold the mask token at every position to generate (padding excluded). "
-            "Check mask_token_id, or call the original model for a plain forward pass."
+            f"no mask token (id {mask_token_id}) in row(s) {missing} of the input of shape "
+            f"{tuple(ids.shape)}: the first call for a prompt must hold the mask token at every "
+            "position to generate (padding excluded). Check mask_token_id, or call the original "
+            "model for a plain forward pass."
         )
     return _build(
         ids.device,
@@ -218,7 +220,8 @@ def _build(device, key_valid, response, shift, policy, window, twins) -> Layout:
     prompt = key_valid & ~response
     resp_pos = [r.nonzero().flatten() for r in response]
     prompt_pos = [p.nonzero().flatten() for p in prompt]
-    # where each response position's logits live (Dream: one row earlier; the first row reads itself)
+    # where each response position's logits live (Dream: one row earlier;
+    # the first row reads itself)
     read_pos = [(r - shift).clamp(min=0) for r in resp_pos]
     rows, _ = _union([torch.cat([r, q]) for r, q in zip(resp_pos, read_pos)], device)
     resp_valid = response[:, rows]

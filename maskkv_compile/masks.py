@@ -32,9 +32,10 @@ _BLOCKED = -1e4  # an additive bias at or below this blocks a key
 def _refuse(name: str, value, why: str) -> ValueError:
     shape = tuple(value.shape) if isinstance(value, torch.Tensor) else repr(value)
     return ValueError(
-        f"{name} {shape}: {why}. MaskKV accepts padding masks only: None or 'full'; a (batch, seq) 0/1 mask; a "
-        "(batch, 1, seq, seq) bool mask whose real rows equal the key padding (Dream); a (batch, 1, 1, seq) key "
-        "mask; or an additive bias of 0 and -inf (LLaDA's attention_bias) with the same shape rules"
+        f"{name} {shape}: {why}. MaskKV accepts padding masks only: None or 'full'; a (batch, seq) "
+        "0/1 mask; a (batch, 1, seq, seq) bool mask whose real rows equal the key padding (Dream); "
+        "a (batch, 1, 1, seq) key mask; or an additive bias of 0 and -inf (LLaDA's attention_bias) "
+        "with the same shape rules"
     )
 
 
@@ -82,8 +83,8 @@ def describe_structure(rows: torch.Tensor, valid: torch.Tensor) -> str:
         bounds = torch.cat([starts[valid].min().view(1), torch.unique(ends[valid])])
         block = int(torch.diff(bounds).max())  # the first or last block may be partial
         return (
-            f"block-causal with blocks of {block} (block diffusion, as LLaDA2, SDAR and Fast-dLLM v2 call their "
-            "models): not supported yet; call such a model without MaskKV"
+            f"block-causal with blocks of {block} (block diffusion, as LLaDA2, SDAR and Fast-dLLM "
+            "v2 call their models): not supported yet; call such a model without MaskKV"
         )
     window = int((ends - starts)[valid].max())
     causal_window = (pos[None, :] <= pos[:, None]) & (
@@ -97,7 +98,10 @@ def describe_structure(rows: torch.Tensor, valid: torch.Tensor) -> str:
             valid & ~((rows == valid[:, None, :]) | ~valid[:, :, None]).all(-1), as_tuple=True
         )
     ]
-    return f"another pattern (row {b}, query {i} sees {int(seen[b, i].sum())} of {int(valid[b].sum())} real keys)"
+    return (
+        f"another pattern (row {b}, query {i} sees {int(seen[b, i].sum())} of "
+        f"{int(valid[b].sum())} real keys)"
+    )
 
 
 def key_padding(name: str, mask, batch: int, seq: int) -> Optional[torch.Tensor]:

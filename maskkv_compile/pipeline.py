@@ -1,7 +1,9 @@
 """From one captured graph to the two MaskKV graphs (prefill and step).
 
-    captured --FindAttentionPass--> canonical --+--> prefill (MaskPadding, CaptureVotes, EvictKV, MaskOnlyHead)
-                                                +--> step    (SliceSequence, CachedAttention[, ResponseKVOutputs])
+    captured --FindAttentionPass--> canonical --+--> prefill (MaskPadding, CaptureVotes, EvictKV,
+                                                |             MaskOnlyHead)
+                                                +--> step    (SliceSequence, CachedAttention[,
+                                                              ResponseKVOutputs])
 
 ResponseKVOutputs runs only with ``config.block_length`` (the dual cache needs the response K/V).
 With ``config.revote`` the prefill also runs KeepPromptKV (each layer's prompt K/V as outputs: the

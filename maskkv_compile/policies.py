@@ -243,8 +243,8 @@ def _check_profile(owner: str, value: Any) -> None:
 
     if value is not None and not isinstance(value, LayerProfile):
         raise PolicyError(
-            f"{owner}(profile=...) must be a LayerProfile (from maskkv_compile.calibrate(model, prompts) "
-            f"or LayerProfile.load(path)) or None, got {type(value).__name__}"
+            f"{owner}(profile=...) must be a LayerProfile (from maskkv_compile.calibrate(model, "
+            f"prompts) or LayerProfile.load(path)) or None, got {type(value).__name__}"
         )
 
 
@@ -328,8 +328,8 @@ class Policy:
                 return self  # the default: nothing is ignored
             takers = sorted(name for name, cls in _CLASSES.items() if flat in cls()._flat_fields())
             raise PolicyError(
-                f"option {flat}={_short(value)} does not apply to policy {self!r}: it is an option of "
-                f"{', '.join(takers) or 'no policy'}. Drop it, or choose a policy that has it "
+                f"option {flat}={_short(value)} does not apply to policy {self!r}: it is an option "
+                f"of {', '.join(takers) or 'no policy'}. Drop it, or choose a policy that has it "
                 f"(e.g. policy={_example(flat, value)})"
             )
         return _replace_path(self, fields[flat].split("."), value)
@@ -363,8 +363,8 @@ class Policy:
         )
         if profile is None:
             return (
-                f"uniform: {type(self).__name__} has no layer profile, so its {kind} layer allocation is "
-                "NOT run (pass profile=maskkv_compile.calibrate(model, prompts))"
+                f"uniform: {type(self).__name__} has no layer profile, so its {kind} layer "
+                "allocation is NOT run (pass profile=maskkv_compile.calibrate(model, prompts))"
             )
         return (
             f"{kind} from a profile of {profile.meta.get('n_prompts', '?')} calibration prompt(s)"

@@ -2,10 +2,10 @@
 
 Policy code, not kernels (they moved here from ``kernels/budget_ops.py`` so that the kernel
 layer imports no policy): registered by ``maskkv_compile.policies``, which imports this module.
-Both wrap the pure-torch policy math (``maskkv_compile.policies`` and ``budgets``) so that the prefill graph decides each layer's kept set right after that
-layer's attention, with the policy named by a string argument. Both work row by row: a
-row's scores and budgets are computed from that row's own prompt entries, exactly as if
-it were alone (batch invariance).
+Both wrap the pure-torch policy math (``maskkv_compile.policies`` and ``budgets``) so that the
+prefill graph decides each layer's kept set right after that layer's attention, with the policy
+named by a string argument. Both work row by row: a row's scores and budgets are computed from that
+row's own prompt entries, exactly as if it were alone (batch invariance).
 
 ``selection_scores(votes (B, Hkv, P), prompt_valid (B, P), policy, kernel, sink, seed) ->
 (B, Hkv, P)``: what the per-head top-k ranks (votes as they are, SnapKV-pooled,

@@ -61,7 +61,8 @@ def _read(config: Any, names: Sequence[str]) -> Optional[int]:
 
 
 def model_fingerprint(obj: Any, model_class: Optional[str] = None) -> dict:
-    """``{model_class, n_layers, n_heads, n_kv_heads, hidden_size}`` of a model or config-like object.
+    """``{model_class, n_layers, n_heads, n_kv_heads, hidden_size}`` of a model or config-like
+    object.
 
     Reads ``num_hidden_layers`` / ``num_attention_heads`` / ``num_key_value_heads`` (default: the
     number of heads) / ``hidden_size`` (or LLaDA's ``n_layers`` / ``n_heads`` / ``n_kv_heads`` /
@@ -114,7 +115,8 @@ class LayerProfile:
         importance = tuple(float(v) for v in self.importance)
         if not importance or not all(math.isfinite(v) for v in importance):
             raise ValueError(
-                f"importance must be a non-empty sequence of finite numbers, got {self.importance!r}"
+                "importance must be a non-empty sequence of finite numbers, "
+                f"got {self.importance!r}"
             )
         object.__setattr__(self, "importance", importance)
         object.__setattr__(self, "fingerprint", dict(self.fingerprint))
@@ -122,7 +124,8 @@ class LayerProfile:
         n_layers = self.fingerprint.get("n_layers")
         if n_layers is not None and n_layers != len(importance):
             raise ValueError(
-                f"importance has {len(importance)} values but the fingerprint says {n_layers} layers"
+                f"importance has {len(importance)} values but the fingerprint "
+                f"says {n_layers} layers"
             )
         if (
             isinstance(self.version, bool)
@@ -196,7 +199,8 @@ class LayerProfile:
 
     def check_compatible(self, fingerprint: Union[Mapping[str, Any], Any]) -> None:
         """Raise :class:`ProfileMismatchError` naming both models unless ``fingerprint`` (a dict,
-        or a model / config, fingerprinted with :func:`model_fingerprint`) matches this profile's."""
+        or a model / config, fingerprinted with :func:`model_fingerprint`) matches this
+        profile's."""
         other = (
             dict(fingerprint)
             if isinstance(fingerprint, Mapping)
@@ -209,6 +213,7 @@ class LayerProfile:
         ]
         if diffs:
             raise ProfileMismatchError(
-                f"layer profile was measured on {_describe(self.fingerprint)} but the model is {_describe(other)} "
-                f"(differs in {'; '.join(diffs)}); measure a profile for this model"
+                f"layer profile was measured on {_describe(self.fingerprint)} but the "
+                f"model is {_describe(other)} (differs in {'; '.join(diffs)}); measure a "
+                "profile for this model"
             )

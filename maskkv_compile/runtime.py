@@ -173,7 +173,8 @@ class MaskKVRuntime:
         self.weight_pos = [i for i in tensors if _is_weight(names[i])]
         self.other_pos = [i for i in tensors if not _is_weight(names[i])]
         self.routing = Policy(prompt_refresh=config.prompt_refresh, revote=config.revote)
-        self.features = []  # in hook order: re-selection first, so the dual cache merges the new selection
+        # in hook order: re-selection first, so the dual cache merges the new selection
+        self.features = []
         if graphs.revote is not None:
             self.features.append(
                 Revote(config.logits_shift, config.second_tier, config.revote_voters, mask_token_id)
@@ -328,7 +329,8 @@ class MaskKVRuntime:
         return outputs
 
     def _session_for(self, plan: Plan, call: Call) -> tuple[Session, Plan]:
-        """The session the plan runs on: a live one, or a new one (which may turn the plan UNCACHED)."""
+        """The session the plan runs on: a live one, or a new one (which may turn the plan
+        UNCACHED)."""
         live = list(self.sessions)
         if (
             plan.stale
@@ -468,8 +470,8 @@ class MaskKVRuntime:
         if _RESPONSE_ONLY.get():
             if layout.read_idx is None:
                 raise ValueError(
-                    f"response_logits_only() needs the same number of response positions in every row, got "
-                    f"{layout.response_lens}; call without it to get (B, S, V) logits"
+                    "response_logits_only() needs the same number of response positions in every "
+                    f"row, got {layout.response_lens}; call without it to get (B, S, V) logits"
                 )
             logits = _read_rows(logits, layout.read_plan)  # (B, R, V)
             if block is not None:  # (B, n, V) of the block -> (B, R, V), zeros outside it

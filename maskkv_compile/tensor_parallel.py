@@ -67,8 +67,8 @@ def fake_like(value, shape) -> torch.Tensor:
 
     if tuple(shape) != tuple(value.shape):
         raise TensorParallelError(
-            f"a DTensor graph input of shape {tuple(value.shape)} varies with the sequence length; MaskKV supports "
-            "tensor parallelism of the weights only (no sequence parallelism)"
+            f"a DTensor graph input of shape {tuple(value.shape)} varies with the sequence length; "
+            "MaskKV supports tensor parallelism of the weights only (no sequence parallelism)"
         )
     local = torch.zeros(value.to_local().shape, dtype=value.dtype)
     return DTensor.from_local(
@@ -173,7 +173,8 @@ def check_divides(node: fx.Node, heads: int, kv_heads: int, shard: HeadShard) ->
     counts are ``world`` times these. (An uneven split fails in the gather; see check_model.)"""
     if heads % kv_heads:
         raise TensorParallelError(
-            f"{node.name}: {heads} local query heads are not a multiple of {kv_heads} local KV heads"
+            f"{node.name}: {heads} local query heads are not a multiple of "
+            f"{kv_heads} local KV heads"
         )
 
 
@@ -205,8 +206,9 @@ def check_collectives_preserved(captured: fx.GraphModule, **derived: fx.GraphMod
         got = collective_signature(gm)
         if got != want:
             raise RuntimeError(
-                f"the {name} graph's collectives differ from the captured graph's (a pass moved, dropped or duplicated "
-                f"one; please report this):\n  captured: {want}\n  {name}: {got}"
+                f"the {name} graph's collectives differ from the captured graph's (a pass "
+                "moved, dropped or duplicated one; please report this):\n  captured: "
+                f"{want}\n  {name}: {got}"
             )
 
 
@@ -215,8 +217,9 @@ def check_local_attention(sites) -> None:
     for node, site in sites:
         if any(is_dtensor(example_value(arg)) for arg in node.args[:3] if isinstance(arg, fx.Node)):
             raise TensorParallelError(
-                f"the attention at {site.module_path} computes on DTensors; MaskKV needs each rank's local heads as "
-                "plain tensors: shard q/k/v with ColwiseParallel(use_local_output=True) (the default)"
+                f"the attention at {site.module_path} computes on DTensors; MaskKV needs each "
+                "rank's local heads as plain tensors: shard q/k/v with "
+                "ColwiseParallel(use_local_output=True) (the default)"
             )
 
 
@@ -232,10 +235,11 @@ def mixed_dtensor_error(error: BaseException) -> Optional[TensorParallelError]:
         return None
     first = next((line.strip() for line in str(error).splitlines() if _MIXED in line), "")
     return TensorParallelError(
-        "tracing the tensor-parallel model failed on an op mixing DTensors and plain tensors (attention over "
-        "DTensors?). MaskKV runs attention on each rank's local heads as plain tensors: shard q/k/v with "
-        "ColwiseParallel(use_local_output=True) (the default) and o with RowwiseParallel(); attention over DTensors "
-        f"(use_local_output=False) and sequence parallelism are not supported. torch said: {first[:400]}"
+        "tracing the tensor-parallel model failed on an op mixing DTensors and plain tensors "
+        "(attention over DTensors?). MaskKV runs attention on each rank's local heads as plain "
+        "tensors: shard q/k/v with ColwiseParallel(use_local_output=True) (the default) and o with "
+        "RowwiseParallel(); attention over DTensors (use_local_output=False) and sequence "
+        f"parallelism are not supported. torch said: {first[:400]}"
     )
 
 
@@ -250,10 +254,11 @@ def check_no_sequence_sharding(gm: fx.GraphModule, seq_expr) -> None:
                 dim = placement.dim % value.dim()
                 if sym_expr(value.shape[dim]) == seq_expr:
                     raise TensorParallelError(
-                        f"{node.name} is a DTensor sharded along the sequence (placement {placement}): sequence "
-                        "parallelism is not supported by MaskKV (each rank must see the whole sequence; the step graph "
-                        "computes only the response rows). Shard the weights only (ColwiseParallel / RowwiseParallel "
-                        "without SequenceParallel)"
+                        f"{node.name} is a DTensor sharded along the sequence (placement "
+                        f"{placement}): sequence parallelism is not supported by MaskKV (each "
+                        "rank must see the whole sequence; the step graph computes only the "
+                        "response rows). Shard the weights only (ColwiseParallel / "
+                        "RowwiseParallel without SequenceParallel)"
                     )
 
 
@@ -277,7 +282,8 @@ def check_model(model: torch.nn.Module) -> None:
             for what, count in (("query heads", heads), ("KV heads", kv_heads)):
                 if isinstance(count, int) and world > 1 and count % world:
                     raise TensorParallelError(
-                        f"the model has {count} {what}, which its tensor-parallel mesh dim {dim} of size {world} does not "
-                        f"divide: each rank must hold whole heads, the same number on every rank. Use a tensor-parallel "
-                        f"size that divides {count}"
+                        f"the model has {count} {what}, which its tensor-parallel mesh dim "
+                        f"{dim} of size {world} does not divide: each rank must hold whole "
+                        "heads, the same number on every rank. Use a tensor-parallel size "
+                        f"that divides {count}"
                     )

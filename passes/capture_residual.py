@@ -47,7 +47,8 @@ class CaptureResidualPass(GraphPass):
                 users = list(current.users)
                 if len(users) != 1:
                     skipped.append(
-                        f"{site.module_path}: attention output branches at {current.name} before the residual add"
+                        f"{site.module_path}: attention output branches at {current.name} "
+                        "before the residual add"
                     )
                     break
                 user = users[0]

@@ -4,20 +4,22 @@ Matches every canonical ``maskkv::attention`` node that CaptureVotesPass annotat
 after it, for layer ``l`` with ``Hkv`` KV heads:
 
     scores  = maskkv::selection_scores(votes, prompt_valid, policy, pool_kernel, sink, seed)
-    budgets = maskkv::head_budgets(prompt_mass, scores, voter_valid, k_l, budget, policy, alpha, min_keep)
+    budgets = maskkv::head_budgets(prompt_mass, scores, voter_valid, k_l, budget, policy, alpha,
+                                   min_keep)
     kept    = maskkv::select_kv(k, v, scores, prompt_idx, budgets, slots_l)
 
 The layer budgets ``k_l`` come from the policy's layer allocator at pass time (offline:
 from the config's LayerProfile where the policy uses one), made integral per layer with
 ``layer_slot_totals`` so the whole model keeps exactly ``n_layers * Hkv * budget`` entries
-when the prompt is long enough. They are constants of the graph: a graph built for one config is never another's.
+when the prompt is long enough. They are constants of the graph: a graph built for one config is
+never another's.
 
 ``slots_l`` bounds any row's total budget in the layer (``kept_slots``): the flat kept cache
 has a static size, so the prefill graph has no data-dependent size.
 
-Budgets and kept lengths are per row, (B, Hkv). The graph then also returns, per layer, ``(kept_k, kept_v, kept_len, kept_pos,
-prompt_mass)`` after its original outputs (``PREFILL_OUTPUTS_PER_LAYER`` of them). Only the
-kept entries outlive the layer: its full K/V die after the attention, as before.
+Budgets and kept lengths are per row, (B, Hkv). The graph then also returns, per layer, ``(kept_k,
+kept_v, kept_len, kept_pos, prompt_mass)`` after its original outputs (``PREFILL_OUTPUTS_PER_LAYER``
+of them). Only the kept entries outlive the layer: its full K/V die after the attention, as before.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ def layer_budgets(config, kv_heads: list[int]) -> list[float]:
     if policy.needs_profile and config.profile is None:
         # a UserWarning is shown once per process by Python's default filter
         warnings.warn(
-            f"policy {policy.name!r} has no layer profile: uniform layer budgets (run maskkv_compile.calibrate)",
+            f"policy {policy.name!r} has no layer profile: uniform layer budgets (run "
+            "maskkv_compile.calibrate)",
             stacklevel=2,
         )
         budgets = uniform_layer_budgets(n_layers, config.budget)

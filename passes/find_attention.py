@@ -73,13 +73,15 @@ def _single_user(node: fx.Node, what: str) -> fx.Node:
     users = list(node.users)
     if len(users) != 1:
         raise SiteRefused(
-            f"the {what} ({readable_name(node.name)}) is also used by {', '.join(readable_name(u.name) for u in users[1:]) or 'nothing'}"
+            f"the {what} ({readable_name(node.name)}) is also used by "
+            f"{', '.join(readable_name(u.name) for u in users[1:]) or 'nothing'}"
         )
     return users[0]
 
 
 def unrepeat_kv(node: fx.Node) -> fx.Node:
-    """Undo HF ``repeat_kv`` (x[:, :, None].expand(...).reshape(...)) or repeat_interleave(n, dim=1)."""
+    """Undo HF ``repeat_kv`` (x[:, :, None].expand(...).reshape(...)) or repeat_interleave(n,
+    dim=1)."""
     if is_method(node, "reshape", "view") or is_call(node, torch.reshape):
         expanded = node.args[0]
         if isinstance(expanded, fx.Node) and is_method(expanded, "expand"):
@@ -102,7 +104,8 @@ def _transposed_key(node: fx.Node) -> fx.Node:
         if dims == {2, 3}:
             return node.args[0]
     raise SiteRefused(
-        f"the second operand of the score matmul ({readable_name(node.name)}) is not a transposed key"
+        f"the second operand of the score matmul ({readable_name(node.name)}) is "
+        "not a transposed key"
     )
 
 
@@ -156,8 +159,8 @@ class FindAttentionPass(GraphPass):
             )
         if _kwarg(node, "attn_mask", 3) is not None:
             raise SiteRefused(
-                "an attention mask is passed (a causal attention mask, or padding); MaskKV needs bidirectional "
-                "attention without padding"
+                "an attention mask is passed (a causal attention mask, or padding); MaskKV needs "
+                "bidirectional attention without padding"
             )
         if _kwarg(node, "dropout_p", 4, 0.0) not in (0, 0.0):
             raise SiteRefused("dropout_p is not 0; put the model in eval mode")
@@ -181,7 +184,8 @@ class FindAttentionPass(GraphPass):
             const, tensor = (b, a) if isinstance(b, (int, float)) else (a, b)
             if not isinstance(const, (int, float)):
                 raise SiteRefused(
-                    f"scores are combined with a tensor ({readable_name(scaled.name)}): an attention mask or bias"
+                    f"scores are combined with a tensor ({readable_name(scaled.name)}): an "
+                    "attention mask or bias"
                 )
             scale = (
                 scale / const if scaled.target in (operator.truediv, torch.div) else scale * const
@@ -190,7 +194,9 @@ class FindAttentionPass(GraphPass):
             scaled = tensor
         if not (isinstance(scaled, fx.Node) and (is_call(scaled, *MATMUL_TARGETS))):
             raise SiteRefused(
-                f"softmax input {readable_name(scaled.name) if isinstance(scaled, fx.Node) else scaled} is not a scaled q @ k^T"
+                "softmax input "
+                f"{readable_name(scaled.name) if isinstance(scaled, fx.Node) else scaled} is "
+                "not a scaled q @ k^T"
             )
         scores = scaled
         q, kt = scores.args[:2]
@@ -204,7 +210,8 @@ class FindAttentionPass(GraphPass):
                 training = _kwarg(probs, "training", 2, True)
                 if p not in (0, 0.0) and training is not False:
                     raise SiteRefused(
-                        "dropout on the attention probabilities is active; put the model in eval mode"
+                        "dropout on the attention probabilities is active; put "
+                        "the model in eval mode"
                     )
             probs = _single_user(probs, "attention probabilities")
         if not (is_call(probs, *MATMUL_TARGETS) and probs.args[0] is not None):

@@ -27,7 +27,8 @@ class GraphInfo:
     seq_symbols: tuple[str, ...]  # SymInt placeholders that carry S
     per_token: tuple[str, ...]  # other (B, S, ...) inputs (token_type_ids, position_ids, ...)
     logits_index: int  # position of the logits among the graph outputs
-    batch: object  # sympy expression of the batch size (an int when static); never int()-ed: that would guard
+    # sympy expression of the batch size (an int when static); never int()-ed: that would guard
+    batch: object
 
 
 def _is_seq(value, seq_expr) -> bool:
@@ -53,8 +54,8 @@ def analyse(gm: fx.GraphModule) -> GraphInfo:
             if not _is_param(n)
         ]
         raise UnsupportedModelError(
-            "maskkv needs the model to take (batch, seq) integer token ids; the traced inputs were: "
-            + "; ".join(seen)
+            "maskkv needs the model to take (batch, seq) integer token ids; the "
+            "traced inputs were: " + "; ".join(seen)
         )
     if len(candidates) > 1:
         named = [n for n in candidates if "input_ids" in n.name]
@@ -62,7 +63,8 @@ def analyse(gm: fx.GraphModule) -> GraphInfo:
             raise UnsupportedModelError(
                 "several integer (batch, seq) inputs were traced: "
                 + ", ".join(n.name for n in candidates)
-                + "; call the model with input_ids only (attention_mask/position_ids are not supported yet)"
+                + "; call the model with input_ids only (attention_mask/position_ids "
+                "are not supported yet)"
             )
         candidates = named
     tokens = candidates[0]

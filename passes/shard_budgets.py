@@ -8,13 +8,15 @@ Rewrites, for a rank holding ``h`` query and ``hkv`` KV heads of a layer:
     prompt_mass (B, h)        -> maskkv::gather_heads(prompt_mass, group, world)    (B, world*h)
     scores (B, hkv, P)        -> maskkv::gather_heads(scores, group, world)         (adakv only: it
                                  ranks the votes of the whole layer jointly)
-                              -> scores[:, :1].expand(B, world*hkv, P)              (the other allocators
-                                 read only the head count and the valid prompt columns)
-    budgets = head_budgets(..., k_l, ...)                                           (B, world*hkv), the
-                                 single-device allocation, the same on every rank; k_l is
+                              -> scores[:, :1].expand(B, world*hkv, P)              (the other
+                                 allocators read only the head count and the valid prompt
+                                 columns)
+    budgets = head_budgets(..., k_l, ...)                                           (B, world*hkv),
+                                 the single-device allocation, the same on every rank; k_l is
                                  recomputed from every layer's global KV head count (the
                                  model-wide integral layer totals depend on it)
-    budgets[:, rank*hkv : rank*hkv + hkv]                                           this rank's share
+    budgets[:, rank*hkv : rank*hkv + hkv]                                           this rank's
+                                                                                    share
     select_kv(..., slots)     -> the slots bound of the whole layer (a rank's share may take
                                  any part of it)
 

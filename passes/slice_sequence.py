@@ -168,10 +168,12 @@ def check_no_sequence_left(gm: fx.GraphModule, info: GraphInfo) -> None:
             _Recorder(gm).run(*args)
     except Exception as error:  # a shape clash: some length-S source was not sliced
         raise UnsupportedModelError(
-            f"the step graph mixes sliced and full-length tensors after slicing at the known sources: {error}"
+            "the step graph mixes sliced and full-length tensors after slicing at the "
+            f"known sources: {error}"
         ) from error
     if leftovers:
         raise UnsupportedModelError(
-            "the step graph still computes full-sequence tensors after slicing at the known sources "
+            "the step graph still computes full-sequence tensors after slicing "
+            "at the known sources "
             "(token ids, arange positions, table[:S]); unhandled:\n  " + "\n  ".join(leftovers[:10])
         )

@@ -84,8 +84,8 @@ _ONE_SIZE = {
 }
 
 _HINT = (
-    "Trace the length symbolically instead: torch.compile(model, backend='maskkv', dynamic=True, ...) or "
-    "torch._dynamo.mark_dynamic(input_ids, 1) before the first call"
+    "Trace the length symbolically instead: torch.compile(model, backend='maskkv', dynamic=True, "
+    "...) or torch._dynamo.mark_dynamic(input_ids, 1) before the first call"
 )
 
 
@@ -158,8 +158,8 @@ class SymbolicLengthPass(GraphPass):
         replaced, leftovers = self._replace(gm, S, seq)
         if leftovers:
             raise UnsupportedModelError(
-                f"the sequence length was traced as the constant {S}, and {S} also appears where it is not a size, "
-                "so maskkv cannot tell which uses are the length:\n  "
+                f"the sequence length was traced as the constant {S}, and {S} also appears where "
+                "it is not a size, so maskkv cannot tell which uses are the length:\n  "
                 + "\n  ".join(leftovers[:10])
                 + "\n"
                 + _HINT
@@ -194,7 +194,8 @@ class SymbolicLengthPass(GraphPass):
         if clashes:
             more = f" and {len(clashes) - 3} more" if len(clashes) > 3 else ""
             raise UnsupportedModelError(
-                f"the sequence length was traced as the constant {S}, which is also a size of the model: "
+                f"the sequence length was traced as the constant {S}, which is also "
+                "a size of the model: "
                 + "; ".join(clashes[:3])
                 + more
                 + f". maskkv cannot tell which {S}s in the graph are the length. "
@@ -315,14 +316,16 @@ def _propagate(
             run.run(*args)
     except Exception as error:  # noqa: BLE001 - any failure means the rewrite is not sound
         raise UnsupportedModelError(
-            f"the sequence length was traced as the constant {S}; maskkv made it symbolic but the graph does not "
+            f"the sequence length was traced as the constant {S}; maskkv made it symbolic "
+            "but the graph does not "
             f"trace with a symbolic length: {run.failure(error)}\n" + _HINT
         ) from error
     return sym_expr(length)
 
 
 def _verify(gm, tokens, per_token, symbol, S: int, trial: int, replaced: list[str]) -> None:
-    """Run on fake inputs of length ``trial``; every shape must be its symbolic shape at ``trial``."""
+    """Run on fake inputs of length ``trial``; every shape must be its symbolic shape at
+    ``trial``."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     batch = example_value(tokens).shape[0]  # after _propagate: an int, or its own symbol
     args = _fake_inputs(gm, mode, tokens, per_token, trial, sym_hint(batch))
@@ -342,7 +345,8 @@ def _verify(gm, tokens, per_token, symbol, S: int, trial: int, replaced: list[st
             ]
             if list(result.shape) != shape:
                 mismatches.append(
-                    f"{node.name} = {node.format_node()}: {tuple(result.shape)}, expected {tuple(shape)}"
+                    f"{node.name} = {node.format_node()}: {tuple(result.shape)}, "
+                    f"expected {tuple(shape)}"
                 )
 
     failure = None
@@ -355,9 +359,10 @@ def _verify(gm, tokens, per_token, symbol, S: int, trial: int, replaced: list[st
     if failure or mismatches:
         seen = "\n  ".join(replaced[:12]) or "(none)"
         raise UnsupportedModelError(
-            f"the sequence length was traced as the constant {S}; maskkv replaced the {S}s in size arguments by the "
-            f"token length, but the graph does not follow another length ({trial}): "
+            f"the sequence length was traced as the constant {S}; maskkv replaced the "
+            f"{S}s in size arguments by the token length, but the graph does not follow "
+            f"another length ({trial}): "
             + (failure or "\n  " + "\n  ".join(mismatches[:10]))
-            + f"\nreplaced:\n  {seen}\nA model dimension (head size, head count) equal to {S} makes this ambiguous. "
-            + _HINT
+            + f"\nreplaced:\n  {seen}\nA model dimension (head size, head count) equal to {S} "
+            "makes this ambiguous. " + _HINT
         )

@@ -55,8 +55,9 @@ SPECS = {
 def build(family, attn, dtype):
     config_cls, model_cls, kv_heads = SPECS[family]
     config = config_cls(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=kv_heads, max_position_embeddings=8192, mask_token_id=255, attn_implementation=attn,
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=8192,
+        mask_token_id=255, attn_implementation=attn,
     )
     config.is_causal = False
     torch.manual_seed(0)
@@ -78,7 +79,9 @@ for run in args["runs"]:
     imported = "maskkv_compile" in sys.modules  # loaded by torch through the entry point
     import maskkv_compile
     counts = [(r.counts.prefills, r.counts.steps) for r in maskkv_compile.runtimes(compiled)]
-    results["runs"].append({"tokens": out.tolist(), "checksum": checksum, "counts": counts, "imported": imported})
+    results["runs"].append(
+        {"tokens": out.tolist(), "checksum": checksum, "counts": counts, "imported": imported}
+    )
 print("RESULT " + json.dumps(results))
 """.replace("LOOP", LOOP)
 
@@ -116,7 +119,8 @@ def run_child(tmp_path, runs: list[dict], x: torch.Tensor) -> dict:
 
 
 def check_equals_optimize(run: dict, theirs: dict, x: torch.Tensor) -> None:
-    """The child's tokens are optimize()'s, and its MaskKV runtime ran every call (1 prefill, then steps)."""
+    """The child's tokens are optimize()'s, and its MaskKV runtime ran every call (1 prefill, then
+    steps)."""
     family, attn = run["family"], run["attn"]
     model = build(family, attn, dtype=getattr(torch, run["dtype"]))
     ours_checksum = sum(float(p.detach().double().sum()) for p in model.parameters())
@@ -257,8 +261,9 @@ def test_mode_with_the_eager_option_runs_and_warns(tiny):
 
 
 def test_mode_reaches_inductor_as_config_patches(tiny, monkeypatch):
-    """options mode="max-autotune" -> compile_fx(config_patches=...) for the prefill and step graphs.
-    compile_fx is replaced by a recorder that runs the graph as FX code (no Inductor compile)."""
+    """options mode="max-autotune" -> compile_fx(config_patches=...) for the prefill and step
+    graphs. compile_fx is replaced by a recorder that runs the graph as FX code (no Inductor
+    compile)."""
     import maskkv_compile.inductor as inductor
 
     seen = []
@@ -306,7 +311,8 @@ def test_a_static_length_equal_to_a_model_dim_is_a_clear_error(tiny, seq_len, wh
 
 
 def test_a_second_length_recompiles_and_keeps_running_maskkv(tiny):
-    """A static first trace serves its length; another length is a new dynamo graph, not an eager fallback."""
+    """A static first trace serves its length; another length is a new dynamo graph, not an eager
+    fallback."""
     compiled = torch.compile(tiny, backend="maskkv", options=VALID)
     calls = 0
     for prompt_len in (13, 21, 29):  # + 4 masks: no model dim is 17, 25 or 33
@@ -360,7 +366,8 @@ def test_dynamic_true_with_the_eager_option_equals_optimize():
     optimized = maskkv_compile.optimize(model, budget=8, backend="eager")
     for step in range(3):
         ours = compiled(x, use_cache=False).logits[:, 32:]
-        # a clone: optimize() marks its input dynamic, which would change the compiled model's guards
+        # a clone: optimize() marks its input dynamic, which would change the
+        # compiled model's guards
         torch.testing.assert_close(ours, optimized(x.clone()).logits[:, 32:])
         x[0, 32 + step] = int(ours[0, step].argmax())
     assert optimized.runtime.counts.steps == 2

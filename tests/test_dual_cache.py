@@ -148,7 +148,8 @@ def test_dual_cache_under_eviction_matches_reference_on_the_kept_entries():
 
 
 def test_generate_with_blocks_equals_the_drop_in_loop():
-    """LLaDA's own loop (response_logits_only) on the dual cache: same tokens as the drop-in loop."""
+    """LLaDA's own loop (response_logits_only) on the dual cache: same tokens as the drop-in
+    loop."""
     model = build("llada")
     prompt, x = prompt_and_masks(model, prompt_len=20, gen_len=16)
     _, via_loop, _ = drive(model, x, list(range(20, 36)), block_length=4)

@@ -1,4 +1,5 @@
-"""explain(): sites, passes, diffs, HTML, debug dumps, graphs that follow the config, the `diff` CLI and example."""
+"""explain(): sites, passes, diffs, HTML, debug dumps, graphs that follow the config, the `diff` CLI
+and example."""
 
 import json
 import logging

@@ -139,7 +139,8 @@ def test_import_loads_no_tool_module():
     loaded = json.loads(
         python(
             "import json, sys; import maskkv_compile; "
-            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('maskkv_compile') or m in ('matplotlib', 'tabulate'))))"
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('maskkv_compile') or m "
+            "in ('matplotlib', 'tabulate'))))"
         )
     )
     assert [m for m in loaded if is_tool(m) or m in ("matplotlib", "tabulate")] == []
@@ -153,9 +154,9 @@ def test_import_loads_no_tool_module():
 def test_lazy_entry_points_stay_functions():
     # the module maskkv_compile.explain imported first must not hide the function of that name
     out = python(
-        "from maskkv_compile.explain import Report; import maskkv_compile.calibrate; import maskkv_compile; "
-        "print(maskkv_compile.explain.__module__, maskkv_compile.explain.__name__, maskkv_compile.calibrate.__name__, "
-        "'explain' in dir(maskkv_compile))"
+        "from maskkv_compile.explain import Report; import maskkv_compile.calibrate; import "
+        "maskkv_compile; print(maskkv_compile.explain.__module__, maskkv_compile.explain.__name__, "
+        "maskkv_compile.calibrate.__name__, 'explain' in dir(maskkv_compile))"
     )
     assert out == "maskkv_compile.explain explain calibrate True"
     import maskkv_compile
@@ -175,7 +176,8 @@ def test_root_folders_do_not_shadow_huggingface_kernels():
         "import kernels; import maskkv_compile.kernels as k; import torch; "
         "from transformers.utils.import_utils import is_kernels_available; "
         "assert kernels.attention is k.attention and kernels.__file__ == k.__file__; "
-        "assert not [m for m in sys.modules if m.startswith('kernels.')]; "  # no second copy of an op module
+        # no second copy of an op module
+        "assert not [m for m in sys.modules if m.startswith('kernels.')]; "
         "print(is_kernels_available(), hasattr(torch.ops.maskkv, 'select_kv'))"
     )
     assert out == "False True"

@@ -46,7 +46,8 @@ def test_policy_keeps_what_its_reference_keeps(policy, family):
         assert ours == reference.kept_positions(layer), f"{policy} layer {layer}"
     kv_heads = model.config.num_key_value_heads
     total = sum(sum(layer["kept_per_kv_head"]) for layer in stats["layers"])
-    # exact, except where the min_keep=1 floor lifts a starved layer (PyramidKV's top layer gets B/20)
+    # exact, except where the min_keep=1 floor lifts a starved layer (PyramidKV's top layer
+    # gets B/20)
     assert (
         3 * kv_heads * 6 <= total <= 3 * kv_heads * 6 + (kv_heads if policy == "pyramidkv" else 0)
     )

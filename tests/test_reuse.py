@@ -167,7 +167,8 @@ def test_generate_follows_its_own_block_length():
 
 
 def test_a_wrapped_generate_method_runs_without_the_dual_cache():
-    """Dream's diffusion_generate unmasks anywhere: on a block_length model it must run plain steps."""
+    """Dream's diffusion_generate unmasks anywhere: on a block_length model it must run plain
+    steps."""
     model = tiny_dream_style(dtype=torch.float64)
     ids = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(0))
     blocks = maskkv_compile.optimize(model, budget=64, backend="eager", block_length=4)

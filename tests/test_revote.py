@@ -182,7 +182,9 @@ def _revote_inputs(batch=2, heads=4, kv_heads=2, prompt=11, rows=5, dim=8, seed=
 
 @pytest.mark.parametrize("blocked", [False, True], ids=["one score block", "prompt in blocks"])
 def test_revote_op_matches_a_per_row_reference(blocked, monkeypatch):
-    if blocked:  # scores above SCORE_BLOCK go in prompt blocks of chunk * KEY_BLOCK_FACTOR columns, two passes
+    if blocked:
+        # scores above SCORE_BLOCK go in prompt blocks of chunk * KEY_BLOCK_FACTOR
+        # columns, two passes
         monkeypatch.setattr(revote_kernels, "SCORE_BLOCK", 1)
         monkeypatch.setattr(revote_kernels, "KEY_BLOCK_FACTOR", 1)
     args = _revote_inputs()
@@ -233,7 +235,7 @@ def test_opcheck_revote_ops():
     opcheck(torch.ops.maskkv.prompt_kv.default, (k, v, torch.tensor([0, 2, 3, 7])))
 
 
-# ------------------------------------------------------------------------------------------ end to end
+# -------------------------------------------------------------------------------------- end to end
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
@@ -272,7 +274,9 @@ def test_whole_prompt_kept_revote_is_bit_equal(family):
         ("llada", "suffix", "mask_voting_uniform", "masked"),
         ("dream", "infill", "mask_voting_uniform", "masked"),
     ],
-)  # "dream": a Qwen2 (GQA) model run with Dream's shifted logits: the voters are the rows before the masks
+    # "dream": a Qwen2 (GQA) model run with Dream's shifted logits: the voters are the rows
+    # before the masks
+)
 def test_revote_keeps_the_reference_top_k_of_the_current_queries(family, layout, policy, voters):
     """Every re-vote step: each layer's new kept set equals the reference's top-k of the votes of
     the queries this step computes (revote_voters="masked": of the rows still masked), over the

@@ -64,7 +64,8 @@ def heatmap(
     for policy in policies:  # fail before anything runs
         if get_policy(policy).needs_profile and profile is None:
             raise ValueError(
-                f"policy {policy!r} needs a layer profile: pass profile=maskkv_compile.calibrate(...)"
+                f"policy {policy!r} needs a layer profile: pass "
+                "profile=maskkv_compile.calibrate(...)"
             )
     configs = {"uncached": None, "full cache": ("mask_voting_uniform", FULL_BUDGET)}
     configs.update({f"{p}@{budget}": (p, budget) for p in policies})
@@ -133,7 +134,8 @@ def plot_heatmap(result: dict, png: Union[str, Path]) -> Path:
         ax.set_title(label, fontsize=9)
     axes[0][0].set_ylabel("haystack length")
     fig.suptitle(
-        f"needle retrieval, exact match ({result['needles']} needles, {result['samples']} per cell)",
+        f"needle retrieval, exact match ({result['needles']} needles, "
+        f"{result['samples']} per cell)",
         fontsize=10,
     )
     fig.tight_layout()

@@ -169,7 +169,8 @@ def load_antiberty(
     folder = os.path.join(_package_dir("antiberty", "antiberty==0.1.3"), "trained_models")
     tasks = _check_tasks("antiberty", tasks)
     model = _bert(os.path.join(folder, "AntiBERTy_md_smooth"))
-    # transformers 5.x BertTokenizer(vocab_file=...) does not read this vocabulary: one token per residue.
+    # transformers 5.x BertTokenizer(vocab_file=...) does not read this vocabulary:
+    # one token per residue.
     vocab = _read_vocab(os.path.join(folder, "vocab.txt"))
     itos = {i: t for t, i in vocab.items()}
 
@@ -194,7 +195,8 @@ def load_antiberty(
         calibration_gen_length=12,
         decode=lambda ids: "".join(itos[int(i)] for i in ids),
         tasks=tasks,
-        note="AntiBERTy (BertForMaskedLM, 8 layers x 8 heads, hidden 512), pretrained on antibody sequences",
+        note="AntiBERTy (BertForMaskedLM, 8 layers x 8 heads, hidden 512), pretrained "
+        "on antibody sequences",
     )
 
 
@@ -255,7 +257,8 @@ def load_rxnfp(
         calibration_gen_length=12,
         decode=lambda ids: "".join(itos[int(i)] for i in ids),
         tasks=tasks,
-        note="rxnfp bert_pretrained (BertForMaskedLM, 12 layers x 4 heads, hidden 256), pretrained on reaction SMILES",
+        note="rxnfp bert_pretrained (BertForMaskedLM, 12 layers x 4 heads, hidden 256), "
+        "pretrained on reaction SMILES",
     )
 
 
@@ -349,9 +352,10 @@ def load_tiny_dllm(
         decode=lambda ids: " ".join(needle_name(int(i)) for i in ids),
         tasks=tasks,
         exact=True,
-        note=f"tiny-dllm: LLaDA-style diffusion LM trained by scripts/train_tiny_dllm.py on RULER-style needle "
-        f"retrieval ({checkpoint or 'data/tiny_dllm'}, {model.config.num_hidden_layers} layers); haystack "
-        f"{haystack} tokens, score = exact match of the {nt.VALUE_LEN}-token value",
+        note="tiny-dllm: LLaDA-style diffusion LM trained by scripts/train_tiny_dllm.py on "
+        f"RULER-style needle retrieval ({checkpoint or 'data/tiny_dllm'}, "
+        f"{model.config.num_hidden_layers} layers); haystack {haystack} tokens, score = exact "
+        f"match of the {nt.VALUE_LEN}-token value",
     )
 
 
@@ -393,8 +397,8 @@ def load_tiny_llama(
         calibration_gen_length=span_len,
         decode=lambda ids: " ".join(str(int(i)) for i in ids),
         tasks=tasks,
-        note=f"tiny LLaDA-style Llama ({layers} layers, hidden {hidden}), RANDOM weights and random tokens: "
-        "exercises the suite only, its quality numbers mean nothing",
+        note=f"tiny LLaDA-style Llama ({layers} layers, hidden {hidden}), RANDOM weights and "
+        "random tokens: exercises the suite only, its quality numbers mean nothing",
     )
 
 

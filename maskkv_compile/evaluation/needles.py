@@ -84,7 +84,8 @@ def needle_task(
     keys: int = len(KEYS),
 ) -> Needles:
     """One sequence; ``depth`` in [0, 1] puts needle 0 at that relative depth of the haystack,
-    otherwise every needle goes to a random depth. Keys are drawn from the first ``keys`` key ids."""
+    otherwise every needle goes to a random depth. Keys are drawn from the first ``keys`` key
+    ids."""
     if not 1 <= queries <= needles <= keys <= len(KEYS):
         raise ValueError(
             f"need 1 <= queries <= needles <= keys <= {len(KEYS)}, got {queries} queries, "

@@ -160,8 +160,8 @@ def interval_note(
     seed: int = BOOTSTRAP["seed"],
 ) -> str:
     return (
-        f"Each cell: the value over the table's samples [its {100 * level:.0f}% percentile bootstrap interval: "
-        f"{resamples} resamples of the samples with replacement, seed {seed}]."
+        f"Each cell: the value over the table's samples [its {100 * level:.0f}% percentile "
+        f"bootstrap interval: {resamples} resamples of the samples with replacement, seed {seed}]."
     )
 
 
@@ -295,14 +295,20 @@ def targets(results: dict, task: Optional[str] = None) -> list[str]:
             else:
                 diff, (lo, hi) = paired
                 clear = "clear" if lo > 0 or hi < 0 else "within the interval"
-                detail = f" (difference {fmt.format(diff)} [{fmt.format(lo)}, {fmt.format(hi)}], {clear})"
+                detail = (
+                    f" (difference {fmt.format(diff)} [{fmt.format(lo)}, {fmt.format(hi)}], "
+                    f"{clear})"
+                )
             parts.append(
-                f"{metric} {fmt.format(ours[metric])} vs best baseline {best_p} {fmt.format(theirs)}{detail} "
-                f"{'OK' if ok else 'MISSED'}"
+                f"{metric} {fmt.format(ours[metric])} vs best baseline {best_p} "
+                f"{fmt.format(theirs)}{detail} {'OK' if ok else 'MISSED'}"
             )
         extra = ""
         if b <= 0.05 * prompt and ours["retention"] is not None:
-            extra = f"; >= 90% retention at <= 5% of the prompt: {'OK' if ours['retention'] >= 90 else 'MISSED'}"
+            extra = (
+                "; >= 90% retention at <= 5% of the prompt: "
+                f"{'OK' if ours['retention'] >= 90 else 'MISSED'}"
+            )
         lines.append(f"B={b} ({100 * b / prompt:.1f}% of the prompt): " + "; ".join(parts) + extra)
     return lines
 
@@ -388,7 +394,8 @@ def plot(
             if metric == "kl":
                 ax.set_yscale("log")
             ax.set_xlabel(
-                f"budget B (prompt KV entries kept per head); mean prompt {mean_prompt(results, ids):.0f}"
+                "budget B (prompt KV entries kept per head); mean prompt "
+                f"{mean_prompt(results, ids):.0f}"
             )
             ax.set_title(
                 f"{results['model']}: {task} ({len(ids)} samples; bars: "

@@ -22,11 +22,12 @@ Configurations (rows of the JSON's ``cells``):
 
 Per cell (one sample, one configuration): ``tokens`` (the fill), ``score`` (fraction equal to
 the true tokens; for a retrieval bundle, 1 if all of them are, else 0), ``agree_uncached`` /
-``agree_full`` (fraction equal to the uncached / full-cache fill), ``kl`` (mean over still-masked positions of KL(uncached || cached) of the
-softmaxed logits at step 1, the first step-graph call, both models fed the same ``x``),
-``kept`` (mean kept prompt entries per KV head), ``seconds`` (the whole cell, the KL reference
-included), ``net_seconds`` (the calls of the configuration's model alone: its cost per token),
-``step_ms`` (mean of its calls after the first: the per-step cost), ``revotes`` (re-votes run).
+``agree_full`` (fraction equal to the uncached / full-cache fill), ``kl`` (mean over still-masked
+positions of KL(uncached || cached) of the softmaxed logits at step 1, the first step-graph call,
+both models fed the same ``x``), ``kept`` (mean kept prompt entries per KV head), ``seconds`` (the
+whole cell, the KL reference included), ``net_seconds`` (the calls of the configuration's model
+alone: its cost per token), ``step_ms`` (mean of its calls after the first: the per-step cost),
+``revotes`` (re-votes run).
 
 Resumable: the JSON is rewritten after every configuration; with ``resume=True`` the cells
 already in it are not recomputed (and a configuration whose cells are all present is not even
@@ -104,7 +105,8 @@ def configurations(
     revote_voters: str = "response",
 ) -> list[Config]:
     """References first (the others' agreement is measured against them), then policy x budget,
-    then policy x budget (below full) x each re-vote interval, and x each prompt refresh interval."""
+    then policy x budget (below full) x each re-vote interval, and x each prompt refresh
+    interval."""
     refs = [
         Config(UNCACHED),
         Config(FULL_CACHE, "mask_voting_uniform", FULL),
@@ -181,7 +183,8 @@ def optimized(
 
 @torch.no_grad()
 def infill(net, sample: Sample, mask_id: int, reference: Optional[torch.nn.Module] = None):
-    """The greedy loop; returns (filled tokens, KL at step 1 against ``reference`` or None, calls)."""
+    """The greedy loop; returns (filled tokens, KL at step 1 against ``reference`` or None,
+    calls)."""
     x = sample.masked(mask_id)
     kl = None
     for step in range(sample.span_len):
@@ -269,7 +272,8 @@ class Suite:
                 sample["stop"],
             ):
                 raise ValueError(
-                    f"{self.json_path}: sample {sid} differs from the one evaluated now; use another --out"
+                    f"{self.json_path}: sample {sid} differs from the one evaluated "
+                    "now; use another --out"
                 )
         self.results["samples"] = {**old["samples"], **self.results["samples"]}
         self.results["cells"] = old.get("cells", {})
@@ -449,8 +453,8 @@ class _Timed:
 def parse_revote(value: Union[str, int]) -> Union[int, str]:
     if isinstance(value, str) and value == "block":
         raise ValueError(
-            "revote='block' needs block_length, which the suite's one-token-per-step loop does not use; "
-            "give an int (every k steps)"
+            "revote='block' needs block_length, which the suite's one-token-per-step loop does not "
+            "use; give an int (every k steps)"
         )
     revote = int(value)
     if revote < 1:

@@ -5,9 +5,10 @@ From a quality JSON whose suite ran with ``revotes`` / ``refreshes`` (``maskkv-c
 interval, as every table of :mod:`maskkv_compile.evaluation.report`), the KL at the first
 step call, and the cost measured in the same run on the configuration's own calls
 (``net_seconds``, ``step_ms`` of each cell, after an untimed warm-up): the median over samples
-of each sample's mean step latency, tokens/s over the whole generation (prefill included), and the step cost relative to the same policy and budget
-without re-selection. The plot puts every configuration at (mean step ms, retention) and
-draws the Pareto front (no other point both cheaper and better).
+of each sample's mean step latency, tokens/s over the whole generation (prefill included), and the
+step cost relative to the same policy and budget without re-selection. The plot puts every
+configuration at (mean step ms, retention) and draws the Pareto front (no other point both cheaper
+and better).
 """
 
 from __future__ import annotations
@@ -173,7 +174,8 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
 
 
 def plot(results: dict, path: str | Path, task: Optional[str] = None) -> Path:
-    """Retention vs median step latency of every configuration, the Pareto front drawn through them."""
+    """Retention vs median step latency of every configuration, the Pareto front drawn through
+    them."""
     import matplotlib
 
     matplotlib.use("Agg")
