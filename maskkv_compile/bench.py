@@ -519,7 +519,8 @@ def run_benchmark(
     )
     if cfg_scale > 0:
         print_fn(
-            "CFG rows: 'vs uncached' is against the uncached CFG loop (one batch of 2 rows per step)"
+            "CFG rows: 'vs uncached' is against the uncached CFG loop "
+            "(one batch of 2 rows per step)"
         )
     if sweep:
         results += compile_sweep(

@@ -30,6 +30,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
 from maskkv_compile.tiny_models import set_causal
 
 

@@ -435,7 +435,8 @@ class LLaDA2StyleModel(LLaDA2StylePreTrainedModel):
 
     @staticmethod
     def num_transfer_tokens(block_length: int, steps: int) -> torch.Tensor:
-        """LLaDA2's schedule: ``block_length // steps`` per step, the remainder on the first steps."""
+        """LLaDA2's schedule: ``block_length // steps`` per step, the remainder on the first
+        steps."""
         if steps <= 0:
             return torch.zeros(0, dtype=torch.int64)
         out = torch.full((steps,), block_length // steps, dtype=torch.int64)
@@ -444,7 +445,8 @@ class LLaDA2StyleModel(LLaDA2StylePreTrainedModel):
 
     @staticmethod
     def _sample(logits, temperature, top_k, top_p, generator=None):
-        """Greedy at temperature 0 (token, its softmax prob); else temperature/top-k/top-p multinomial."""
+        """Greedy at temperature 0 (token, its softmax prob); else temperature/top-k/top-p
+        multinomial."""
         flat = logits.reshape(-1, logits.shape[-1]).float()
         if temperature == 0:
             probs = F.softmax(flat, dim=-1)
@@ -495,8 +497,9 @@ class LLaDA2StyleModel(LLaDA2StylePreTrainedModel):
           the prompt's tail is shared with the first generated tokens), the rest is ``mask_id``.
         * Mask: :func:`llada2_block_mask` over the whole grid (``mask_dtype``, default the model's
           dtype); position ids ``arange(total_length)``.
-        * Blocks ``P // block_length .. num_blocks - 1``: the window is ``x[:, :(b+1)*block_length]``
-          with the mask's top-left ``window x window`` corner and the first ``window`` position ids,
+        * Blocks ``P // block_length .. num_blocks - 1``: the window is
+          ``x[:, :(b+1)*block_length]`` with the mask's top-left ``window x window`` corner and
+          the first ``window`` position ids,
           passed to ``self.forward`` (not ``self(...)``) once per step; the last ``block_length``
           logits are sampled. A step commits the masked positions whose probability exceeds
           ``threshold`` if there are at least the schedule's count of them, else the top

@@ -155,7 +155,8 @@ def test_llada2_generate_steps_per_block_and_editing():
     out = model.generate(_prompt(1, 4), block_length=4, steps=2, gen_length=8, threshold=2.0)
     assert not (out == MASK).any() and len(calls) == 4
     calls.clear()
-    # LLaDA2.1 editing: after the masks are gone, post steps run while edits happen (at most max_post_steps)
+    # LLaDA2.1 editing: after the masks are gone, post steps run while edits happen
+    # (at most max_post_steps)
     out = model.generate(
         _prompt(1, 4),
         block_length=4,
