@@ -223,7 +223,7 @@ class DualCache(Feature):
         if (
             state.block is not None
         ):  # a commit outside the block since the last call: not the loop's grid
-            facts["off_grid"] = (session.masked & ~call.masked & state.block.outside).any()
+            facts["off_grid"] = ((session.masked > call.masked) & state.block.outside).any()
         return facts
 
     def prefill_outputs(self, session: Session, named: dict) -> None:

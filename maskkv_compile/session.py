@@ -153,7 +153,7 @@ class Session:
     def restarted(self, call: Call) -> torch.Tensor:
         """0-d bool: a response position that held a committed token at the last call holds the
         mask token again (a new generation of the same prompt)."""
-        return (call.masked & ~self.masked & self.layout.response).any()
+        return ((call.masked > self.masked) & self.layout.response).any()  # masked now, not then
 
 
 class Feature:
