@@ -39,6 +39,7 @@ def _build(
     max_positions,
     seed,
     dtype,
+    **extra,
 ):
     config = config_cls(
         vocab_size=vocab,
@@ -50,6 +51,7 @@ def _build(
         max_position_embeddings=max_positions,
         mask_token_id=vocab - 1,
         attn_implementation=attn,
+        **extra,
     )
     config.is_causal = False
     torch.manual_seed(seed)
@@ -110,4 +112,35 @@ def tiny_dream(
         max_positions=max_positions,
         seed=seed,
         dtype=dtype,
+    )
+
+
+def tiny_qwen3(
+    *,
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 256,
+    attn: str = "sdpa",
+    max_positions: int = 8192,
+    seed: int = 0,
+    dtype=torch.float32,
+):
+    """A random Qwen3 (SDAR's base, QK norms) with ``is_causal=False``: block-diffusion loops."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return _build(
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        kv_heads=kv_heads,
+        vocab=vocab,
+        attn=attn,
+        max_positions=max_positions,
+        seed=seed,
+        dtype=dtype,
+        head_dim=hidden // heads,
     )

@@ -5,8 +5,8 @@
   (``is_causal=False``): called on the growing window ``[prompt ; finished blocks ; current
   block]`` with a block-causal 4-D mask and explicit position ids, ``model(x, attention_mask=...,
   position_ids=...)``.
-* :func:`tiny_qwen2` / :func:`tiny_qwen3`: random-weight transformers Qwen2 / Qwen3 causal LMs
-  switched to ``is_causal=False``.
+* ``tiny_qwen2`` / ``tiny_qwen3`` (from ``maskkv_compile.tiny_models``): random-weight Qwen2 / Qwen3
+  causal LMs switched to ``is_causal=False``.
 
 LLaDA2's own loop (with LLaDA2.1 editing as an option) is ``LLaDA2StyleModel.generate`` in
 ``tests/llada2_model.py``.
@@ -31,7 +31,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from maskkv_compile.tiny_models import set_causal
+from maskkv_compile.tiny_models import tiny_dream as tiny_qwen2  # noqa: F401  (a Qwen2, bidirectional)
+from maskkv_compile.tiny_models import tiny_qwen3  # noqa: F401
 
 
 def block_ids(
@@ -192,79 +193,3 @@ def sdar_generate(
         if eos_id is not None and bool((x[:, p:end] == eos_id).any(-1).all()):
             break
     return x[:, : p + gen_length]
-
-
-def _tiny_qwen(
-    config_cls, model_cls, *, layers, hidden, heads, kv_heads, vocab, attn, seed, dtype, **extra
-):
-    config = config_cls(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=4096,
-        attn_implementation=attn,
-        **extra,
-    )
-    config.is_causal = False
-    torch.manual_seed(seed)
-    return set_causal(model_cls(config), False).eval().to(dtype)
-
-
-def tiny_qwen2(
-    *,
-    layers: int = 2,
-    hidden: int = 64,
-    heads: int = 4,
-    kv_heads: int = 2,
-    vocab: int = 256,
-    attn: str = "sdpa",
-    seed: int = 0,
-    dtype=torch.float32,
-):
-    """A random Qwen2ForCausalLM with ``is_causal=False`` (mask id: ``vocab - 1``)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    return _tiny_qwen(
-        Qwen2Config,
-        Qwen2ForCausalLM,
-        layers=layers,
-        hidden=hidden,
-        heads=heads,
-        kv_heads=kv_heads,
-        vocab=vocab,
-        attn=attn,
-        seed=seed,
-        dtype=dtype,
-    )
-
-
-def tiny_qwen3(
-    *,
-    layers: int = 2,
-    hidden: int = 64,
-    heads: int = 4,
-    kv_heads: int = 2,
-    vocab: int = 256,
-    attn: str = "sdpa",
-    seed: int = 0,
-    dtype=torch.float32,
-):
-    """A random Qwen3ForCausalLM (SDAR's base) with ``is_causal=False`` (mask id: ``vocab - 1``)."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    return _tiny_qwen(
-        Qwen3Config,
-        Qwen3ForCausalLM,
-        layers=layers,
-        hidden=hidden,
-        heads=heads,
-        kv_heads=kv_heads,
-        vocab=vocab,
-        attn=attn,
-        seed=seed,
-        dtype=dtype,
-        head_dim=hidden // heads,
-    )
