@@ -220,9 +220,8 @@ class DualCache(Feature):
         if state.positions is None:
             return {}
         facts = {"current_block": current_block(call.masked, state.positions, state.block_length)}
-        if (
-            state.block is not None
-        ):  # a commit outside the block since the last call: not the loop's grid
+        if state.block is not None:
+            # a commit outside the block since the last call: not the loop's grid
             facts["off_grid"] = ((session.masked > call.masked) & state.block.outside).any()
         return facts
 

@@ -81,9 +81,8 @@ def voters(layout: Layout, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
         per_row.append(v[layout.key_valid[b, v]])
     union = torch.unique(torch.cat(per_row))
     local = torch.searchsorted(rows, union)
-    if not bool(
-        (rows[local.clamp(max=rows.numel() - 1)] == union).all()
-    ):  # a voter the step does not compute
+    computed = rows[local.clamp(max=rows.numel() - 1)] == union
+    if not bool(computed.all()):  # a voter the step does not compute
         raise RuntimeError(
             f"re-vote voters {union.tolist()} are not all computed rows {rows.tolist()}"
         )

@@ -332,9 +332,8 @@ class MaskKVRuntime:
         """The session the plan runs on: a live one, or a new one (which may turn the plan
         UNCACHED)."""
         live = list(self.sessions)
-        if (
-            plan.stale
-        ):  # their prefill ran with other weights: never continued, never a CFG reference
+        if plan.stale:
+            # their prefill ran with other weights: never continued, never a CFG reference
             self.sessions = [s for i, s in enumerate(live) if i not in plan.stale]
         if plan.session is not None:
             session = live[plan.session]

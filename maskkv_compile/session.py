@@ -71,16 +71,13 @@ def weight_signature(tensors: list) -> tuple:
     from tensor metadata only: about 40 us for a model of 300 tensors."""
     try:
         versions = tuple([t._version for t in tensors])
-    except (
-        RuntimeError
-    ):  # an inference tensor keeps no version counter: its storage is what we have
+    except RuntimeError:
+        # an inference tensor keeps no version counter: its storage is what we have
         versions = ()
     try:
         storage = tuple([t.data_ptr() for t in tensors])
-    except (
-        RuntimeError,
-        NotImplementedError,
-    ):  # a wrapper subclass (DTensor) has no storage of its own
+    except (RuntimeError, NotImplementedError):
+        # a wrapper subclass (DTensor) has no storage of its own
         storage = tuple([id(t) for t in tensors])
     return versions, storage
 
