@@ -122,8 +122,9 @@ class CallFacts:
 
 
 @dataclass(frozen=True)
-class Policy:
-    """The routing settings of a runtime (from ``MaskKVConfig``)."""
+class Schedule:
+    """When a continuing call re-runs the prefill or re-votes (from ``MaskKVConfig``); not the
+    eviction policy."""
 
     prompt_refresh: Optional[int] = None
     revote: Optional[object] = None  # None, an int k, or "block"
@@ -144,7 +145,7 @@ def decide(
     sessions: Sequence[SessionState],
     facts: Sequence[Optional[SessionFacts]],
     call: CallFacts,
-    policy: Policy,
+    schedule: Schedule,
 ) -> Plan:
     """The plan for one call. ``facts[i]`` is None when host facts already rule session i out
     (another shape or device). A NEW plan may still become UNCACHED once its layout is known
@@ -160,7 +161,10 @@ def decide(
     state, fact = sessions[match], facts[match]
     if fact.restarted:
         return Plan(Transition.RESTART, match, stale=stale)
-    if policy.prompt_refresh is not None and state.steps_since_prefill + 1 >= policy.prompt_refresh:
+    if (
+        schedule.prompt_refresh is not None
+        and state.steps_since_prefill + 1 >= schedule.prompt_refresh
+    ):
         return Plan(Transition.REFRESH, match, stale=stale)
     if state.dual_cache and fact.off_grid:
         return Plan(
@@ -177,10 +181,10 @@ def decide(
             Transition.BLOCK_REFRESH,
             match,
             fact.current_block,
-            revote=policy.revote == "block",
+            revote=schedule.revote == "block",
             stale=stale,
         )
-    every = policy.revote if isinstance(policy.revote, int) else None
+    every = schedule.revote if isinstance(schedule.revote, int) else None
     due = every is not None and (state.steps_since_prefill + 1) % every == 0
     return Plan(Transition.STEP, match, revote=due, stale=stale)
 

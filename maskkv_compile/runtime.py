@@ -66,7 +66,7 @@ from maskkv_compile.routing import (
     CallFacts,
     Fallback,
     Plan,
-    Policy,
+    Schedule,
     SessionFacts,
     SessionState,
     Transition,
@@ -172,7 +172,7 @@ class MaskKVRuntime:
         ]
         self.weight_pos = [i for i in tensors if _is_weight(names[i])]
         self.other_pos = [i for i in tensors if not _is_weight(names[i])]
-        self.routing = Policy(prompt_refresh=config.prompt_refresh, revote=config.revote)
+        self.routing = Schedule(prompt_refresh=config.prompt_refresh, revote=config.revote)
         # in hook order: re-selection first, so the dual cache merges the new selection
         self.features = []
         if graphs.revote is not None:

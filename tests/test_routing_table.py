@@ -9,7 +9,7 @@ from maskkv_compile.routing import (
     CallFacts,
     Fallback,
     Plan,
-    Policy,
+    Schedule,
     SessionFacts,
     SessionState,
     Transition,
@@ -32,16 +32,16 @@ OTHER = SessionFacts(continues=False)
 
 # (id, sessions, facts, call facts, policy, expected plan)
 TABLE = [
-    ("nothing live: new", [], [], CallFacts(W), Policy(), Plan(T.NEW)),
-    ("no session matches: new", [live()], [OTHER], CallFacts(W), Policy(), Plan(T.NEW)),
-    ("host facts rule it out: new", [live()], [None], CallFacts(W), Policy(), Plan(T.NEW)),
-    ("continues: step", [live()], [CONT], CallFacts(W), Policy(), Plan(T.STEP, 0)),
+    ("nothing live: new", [], [], CallFacts(W), Schedule(), Plan(T.NEW)),
+    ("no session matches: new", [live()], [OTHER], CallFacts(W), Schedule(), Plan(T.NEW)),
+    ("host facts rule it out: new", [live()], [None], CallFacts(W), Schedule(), Plan(T.NEW)),
+    ("continues: step", [live()], [CONT], CallFacts(W), Schedule(), Plan(T.STEP, 0)),
     (
         "the first continuing session wins",
         [live(), live(steps=4)],
         [OTHER, CONT],
         CallFacts(W),
-        Policy(),
+        Schedule(),
         Plan(T.STEP, 1),
     ),
     (
@@ -49,7 +49,7 @@ TABLE = [
         [live(steps=3)],
         [SessionFacts(True, restarted=True)],
         CallFacts(W),
-        Policy(),
+        Schedule(),
         Plan(T.RESTART, 0),
     ),
     (
@@ -57,7 +57,7 @@ TABLE = [
         [live(steps=0)],
         [SessionFacts(True, restarted=True)],
         CallFacts(W),
-        Policy(prompt_refresh=1),
+        Schedule(prompt_refresh=1),
         Plan(T.RESTART, 0),
     ),
     (
@@ -65,7 +65,7 @@ TABLE = [
         [live(steps=0)],
         [CONT],
         CallFacts(W),
-        Policy(prompt_refresh=1),
+        Schedule(prompt_refresh=1),
         Plan(T.REFRESH, 0),
     ),
     (
@@ -73,7 +73,7 @@ TABLE = [
         [live(steps=1)],
         [CONT],
         CallFacts(W),
-        Policy(prompt_refresh=3),
+        Schedule(prompt_refresh=3),
         Plan(T.STEP, 0),
     ),
     (
@@ -81,7 +81,7 @@ TABLE = [
         [live(steps=2)],
         [CONT],
         CallFacts(W),
-        Policy(prompt_refresh=3),
+        Schedule(prompt_refresh=3),
         Plan(T.REFRESH, 0),
     ),
     (
@@ -89,7 +89,7 @@ TABLE = [
         [live(dual=True)],
         [SessionFacts(True, current_block=0)],
         CallFacts(W),
-        Policy(),
+        Schedule(),
         Plan(T.BLOCK_REFRESH, 0, block=0),
     ),
     (
@@ -97,7 +97,7 @@ TABLE = [
         [live(block=2, dual=True)],
         [SessionFacts(True, current_block=2)],
         CallFacts(W),
-        Policy(),
+        Schedule(),
         Plan(T.BLOCK_STEP, 0, block=2),
     ),
     (
@@ -105,7 +105,7 @@ TABLE = [
         [live(block=2, dual=True)],
         [SessionFacts(True, current_block=3)],
         CallFacts(W),
-        Policy(),
+        Schedule(),
         Plan(T.BLOCK_REFRESH, 0, block=3),
     ),
     (
@@ -113,7 +113,7 @@ TABLE = [
         [live(block=2, dual=True)],
         [SessionFacts(True, current_block=None)],
         CallFacts(W),
-        Policy(),
+        Schedule(),
         Plan(T.STEP, 0),
     ),
     (
@@ -121,7 +121,7 @@ TABLE = [
         [live(dual=False)],
         [SessionFacts(True, current_block=1)],
         CallFacts(W),
-        Policy(),
+        Schedule(),
         Plan(T.STEP, 0),
     ),
     (
@@ -129,7 +129,7 @@ TABLE = [
         [live(block=0, dual=True)],
         [SessionFacts(True, current_block=0, off_grid=True)],
         CallFacts(W),
-        Policy(),
+        Schedule(),
         Plan(T.STEP, 0, fallback=Fallback.BLOCK_OFF_GRID, leave_dual_cache=True),
     ),
     (
@@ -137,7 +137,7 @@ TABLE = [
         [live(steps=0, block=0, dual=True)],
         [SessionFacts(True, current_block=0)],
         CallFacts(W),
-        Policy(prompt_refresh=1),
+        Schedule(prompt_refresh=1),
         Plan(T.REFRESH, 0),
     ),
     (
@@ -145,7 +145,7 @@ TABLE = [
         [live(steps=0)],
         [CONT],
         CallFacts(W),
-        Policy(revote=2),
+        Schedule(revote=2),
         Plan(T.STEP, 0),
     ),
     (
@@ -153,7 +153,7 @@ TABLE = [
         [live(steps=1)],
         [CONT],
         CallFacts(W),
-        Policy(revote=2),
+        Schedule(revote=2),
         Plan(T.STEP, 0, revote=True),
     ),
     (
@@ -161,7 +161,7 @@ TABLE = [
         [live(dual=True)],
         [SessionFacts(True, current_block=1)],
         CallFacts(W),
-        Policy(revote="block"),
+        Schedule(revote="block"),
         Plan(T.BLOCK_REFRESH, 0, block=1, revote=True),
     ),
     (
@@ -169,7 +169,7 @@ TABLE = [
         [live(block=1, dual=True)],
         [SessionFacts(True, current_block=1)],
         CallFacts(W),
-        Policy(revote="block"),
+        Schedule(revote="block"),
         Plan(T.BLOCK_STEP, 0, block=1),
     ),
     (
@@ -177,7 +177,7 @@ TABLE = [
         [live(weights=W)],
         [CONT],
         CallFacts(W2),
-        Policy(),
+        Schedule(),
         Plan(T.NEW, stale=(0,), fallback=Fallback.WEIGHTS_CHANGED),
     ),
     (
@@ -185,7 +185,7 @@ TABLE = [
         [live(weights=W), live(weights=W2)],
         [CONT, CONT],
         CallFacts(W2),
-        Policy(),
+        Schedule(),
         Plan(T.STEP, 1, stale=(0,)),
     ),
     (
@@ -193,7 +193,7 @@ TABLE = [
         [live(weights=W)],
         [OTHER],
         CallFacts(W2),
-        Policy(),
+        Schedule(),
         Plan(T.NEW, stale=(0,)),
     ),
     (
@@ -201,7 +201,7 @@ TABLE = [
         [live()],
         [OTHER],
         CallFacts(W, dropped=Fallback.SESSION_DROPPED),
-        Policy(),
+        Schedule(),
         Plan(T.NEW, fallback=Fallback.SESSION_DROPPED),
     ),
 ]
