@@ -101,6 +101,11 @@ class Session:
     def shape(self) -> tuple[int, int]:
         return tuple(self.ids.shape)
 
+    @property
+    def resp_idx(self) -> torch.Tensor:
+        """The rows the step graph computes (the response rows, plus Dream's read rows)."""
+        return self.layout.rows
+
     # the features' states, under the names the tests and tools read
     @property
     def block(self):
