@@ -9,6 +9,10 @@ optional key_valid (B, Sk) bool: False marks a padding key that no query attends
 prefill graph passes it for padded batches). ``None`` or an empty (B, 0) mask is plain
 attention: the runtime passes (B, 0) for a layout without padding, a fact it reads once when
 the layout is made, so the op never reads the mask to find out.
+optional key_end (S,) int64, for block-causal attention (block diffusion: LLaDA2, SDAR): query
+i attends key j only if ``j < key_end[i]`` (one past the end of i's block), on top of the
+padding. A query that would see no key at all (a padding row in a block of padding) sees every
+real key instead, so no row is NaN. ``None`` or an empty (0,) tensor: no such limit.
 Query head h reads KV head h // (H // Hkv), the grouping of Hugging Face's ``repeat_kv``.
 
 ``softmax_dtype`` keeps the eager spelling's numerics: when the model computed the softmax
@@ -68,10 +72,11 @@ def attention(
     scale: float,
     softmax_dtype: Optional[torch.dtype] = None,
     key_valid: Optional[torch.Tensor] = None,
+    key_end: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     _check(q, k, v)
     return attention_reference(
-        q, k, v, scale, softmax_dtype, key_mask=padding_mask(key_valid)
+        q, k, v, scale, softmax_dtype, key_mask=attention_mask(key_valid, key_end, k.shape[2])
     ).contiguous()
 
 
@@ -86,7 +91,23 @@ def padding_mask(key_valid: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if key_valid is None else key_valid[:, None, None, :]
 
 
+def attention_mask(
+    key_valid: Optional[torch.Tensor], key_end: Optional[torch.Tensor], keys: int
+) -> Optional[torch.Tensor]:
+    """An SDPA mask (True = attend) from the padding (B, Sk) and the block ends (S,): (B, 1, 1,
+    Sk) for padding alone, (B or 1, 1, S, Sk) with block ends; None when neither limits."""
+    padding = padding_mask(key_valid)
+    if key_end is None or key_end.numel() == 0:
+        return padding
+    pos = torch.arange(keys, device=key_end.device)
+    allowed = (pos[None, :] < key_end[:, None])[None, None]  # (1, 1, S, Sk)
+    if padding is None:
+        return allowed
+    limited = allowed & padding  # (B, 1, S, Sk)
+    return torch.where(limited.any(-1, keepdim=True), limited, padding)
+
+
 @attention.register_fake
-def _(q, k, v, scale, softmax_dtype=None, key_valid=None):
+def _(q, k, v, scale, softmax_dtype=None, key_valid=None, key_end=None):
     _check(q, k, v)
     return q.new_empty((*q.shape[:-1], v.shape[-1]))

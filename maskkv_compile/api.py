@@ -13,7 +13,7 @@ from maskkv_compile._torch_private import BackendCompilerFailed, dynamo_config, 
 from maskkv_compile.backend import MaskKVBackend
 from maskkv_compile.config import MaskKVConfig, MaskKVConfigError, resolve
 from maskkv_compile.dual_cache import generation_block_length
-from maskkv_compile.masks import padding_from_masks
+from maskkv_compile.masks import structure_from_masks
 from maskkv_compile.passes import UnsupportedModelError
 from maskkv_compile.profile import model_fingerprint
 from maskkv_compile.runtime import Counts, MaskKVRuntime, padding
@@ -113,7 +113,7 @@ class MaskKVModel(torch.nn.Module):
                 "maskkv_compile.response_logits_only() to get only those, or "
                 "leave logits_to_keep at 0"
             )
-        key_valid = padding_from_masks(input_ids, kwargs)
+        key_valid, key_end = structure_from_masks(input_ids, kwargs)
         mark_dynamic(input_ids, 1)
         for (
             value
@@ -134,7 +134,7 @@ class MaskKVModel(torch.nn.Module):
                 dynamo_config.patch(
                     recompile_limit=RECOMPILE_LIMIT, accumulated_recompile_limit=RECOMPILE_LIMIT
                 ),
-                padding(key_valid),
+                padding(key_valid, key_end),
             ):
                 out = self._compiled(input_ids=input_ids, **kwargs)
         except BackendCompilerFailed as failure:  # our own error, raised inside the backend

@@ -207,6 +207,8 @@ class DualCache(Feature):
     def start(self, session: Session) -> Optional[Fallback]:
         length = _GENERATION_BLOCK_LENGTH.get()
         state = DualCacheState(self.block_length if length is _UNSET else length)
+        if session.layout.block_start is not None:  # a block-causal call caches its own prefix
+            state.block_length = None
         if state.block_length is not None:
             state.positions, state.fallback = response_positions(session.layout, state.block_length)
         session.state[self.name] = state

@@ -63,6 +63,13 @@ class Layout:
     twins: tuple[
         Optional[int], ...
     ]  # per row: the row index whose response a masked copy took (or None)
+    # block-causal calls (``block_layout``): (S,) one past the last key of each position's
+    # block, and where the last block (the one computed) starts
+    key_end: Optional[torch.Tensor] = None
+    block_start: Optional[int] = None
+    # a block-causal call with the mask token before its last block (a loop that passes the
+    # later blocks too, or refines a block that is not the last): it runs without a cache
+    masks_outside_block: bool = False
 
     # Host-side facts, read from the device once per layout (never per step: on CUDA each
     # read is a synchronisation).
@@ -250,4 +257,64 @@ def _build(device, key_valid, response, shift, policy, window, twins) -> Layout:
         voter_idx,
         voter_valid,
         twins,
+    )
+
+
+def block_layout(
+    ids: torch.Tensor,
+    key_valid: torch.Tensor,
+    key_end: torch.Tensor,
+    mask_token_id: int,
+    *,
+    policy: str,
+    window: int,
+) -> Layout:
+    """The layout of a block-causal call (block diffusion: the window [prompt ; finished blocks ;
+    current block], ``key_end`` (S,) read from its mask). The prefix (every position before the
+    last block) is the cached, evicted "prompt"; the last block is the "response": every one of
+    its rows is computed at a step (the prompt tail that shares the first block, committed and
+    edited tokens alike), and only its positions that hold the mask token vote. A padding
+    position in the block (the tail past the generation length that diffusers' pipeline marks
+    as padding) is computed as a query only, attending like the block's real rows, and its
+    logits are returned: the loop reads them."""
+    seq = ids.shape[1]
+    device = ids.device
+    start = int((key_end == seq).nonzero()[0])  # host read once per layout
+    pos = torch.arange(seq, device=device)
+    in_block = pos >= start  # (S,)
+    masked = (ids == mask_token_id) & key_valid  # (B, S)
+    response = key_valid & in_block  # (B, S)
+    rows = pos[start:]  # (C,)
+    resp_valid = key_valid[:, start:]  # (B, C)
+    returned = torch.ones_like(resp_valid)
+    resp_pos = [r.nonzero().flatten() for r in response]
+    lengths = {int(r.numel()) for r in resp_pos}
+    read_idx = (
+        torch.stack([torch.searchsorted(rows, r) for r in resp_pos]) if len(lengths) == 1 else None
+    )
+    prompt = key_valid & ~in_block
+    prompt_pos = [p.nonzero().flatten() for p in prompt]
+    voters = []
+    for b, p in enumerate(prompt_pos):
+        mine = (masked[b] & in_block).nonzero().flatten()
+        mine = mine if mine.numel() else resp_pos[b]  # no mask left: the block's rows vote
+        v = voter_positions(policy, p.cpu(), mine.cpu(), window, 0).to(device)
+        voters.append(v[key_valid[b, v]])
+    prompt_idx, prompt_valid = _union(prompt_pos, device)
+    voter_idx, voter_valid = _union(voters, device)
+    return Layout(
+        key_valid,
+        response,
+        rows,
+        resp_valid,
+        returned,
+        read_idx,
+        prompt_idx,
+        prompt_valid,
+        voter_idx,
+        voter_valid,
+        (None,) * ids.shape[0],
+        key_end=key_end,
+        block_start=start,
+        masks_outside_block=bool((masked & ~in_block).any()),
     )

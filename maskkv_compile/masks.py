@@ -13,10 +13,15 @@ padding keys. Spellings accepted (``attention_mask`` unless named otherwise):
 * ``attention_bias`` (LLaDA's forward), or any floating 4-D mask: additive,
   0 where attended and a large negative number (or -inf) where not, padding-shaped as above.
 
-Anything else (a causal or block mask, arbitrary float biases, values other than 0/1) is
-an error naming what it is (``describe_structure``: causal, block-causal with its block
-length, a sliding window) and what is supported: MaskKV models are bidirectional and keep one prompt
-cache per row, so the only masking that means something to them is padding.
+* a 4-D *block-causal* mask, in any of the spellings above (block diffusion: LLaDA2's own
+  ``generate`` builds ``tril`` over blocks then ``log`` in bfloat16; SDAR-style loops pass bool
+  or additive masks, with or without padding): each query sees its own block both ways and
+  every earlier block. It is read as the padding plus ``key_end`` (S,), one past the last key
+  of each position's block (``read_mask``); the block grid is read from the mask, never
+  configured.
+
+Anything else (a causal mask, a sliding window, arbitrary float biases, values other than
+0/1) is an error naming what it is (``describe_structure``) and what is supported.
 """
 
 from __future__ import annotations
@@ -83,8 +88,8 @@ def describe_structure(rows: torch.Tensor, valid: torch.Tensor) -> str:
         bounds = torch.cat([starts[valid].min().view(1), torch.unique(ends[valid])])
         block = int(torch.diff(bounds).max())  # the first or last block may be partial
         return (
-            f"block-causal with blocks of {block} (block diffusion, as LLaDA2, SDAR and Fast-dLLM "
-            "v2 call their models): not supported yet; call such a model without MaskKV"
+            f"block-causal with blocks of {block} but not every row cuts the blocks alike, or "
+            "padding rows in the middle of the blocks"
         )
     window = int((ends - starts)[valid].max())
     causal_window = (pos[None, :] <= pos[:, None]) & (
@@ -104,21 +109,67 @@ def describe_structure(rows: torch.Tensor, valid: torch.Tensor) -> str:
     )
 
 
-def key_padding(name: str, mask, batch: int, seq: int) -> Optional[torch.Tensor]:
-    """(B, S) bool, False at padding keys; None when the mask marks no padding."""
-    if mask is None or (isinstance(mask, str) and mask == "full"):
+def _block_ends(rows: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """A (B, S, S) 'may attend' pattern read as block-causal: ((B, S) real keys, (S,) one past
+    the last key each position's query sees), or None when it is not of that form.
+
+    Real keys: those some row other than their own sees (a key only its own row sees is a
+    padding row that keeps its diagonal); rows that see every key count only when they end the
+    sequence (the last block: elsewhere they are padding rows opened up, as transformers does
+    to rows that would see nothing). Each
+    real query must see exactly the real keys before its end, the ends must cut the sequence
+    into contiguous blocks (a query sees its own block both ways and every earlier block), and
+    every row of the batch must cut it alike. Padding queries are free (their outputs are never
+    read): they take the end of the next real position."""
+    batch, seq, _ = rows.shape
+    pos = torch.arange(seq, device=rows.device)
+    eye = pos[:, None] == pos[None, :]  # (S, S)
+    full = rows.all(-1)  # (B, S)
+    # rows that see every key are the last block's when they end the sequence (no padding
+    # there), else padding rows opened up
+    suffix = full.flip(1).cumprod(1).flip(1).bool()  # (B, S)
+    others = rows & ~eye & ~(full & ~suffix)[..., None]  # (B, S, S)
+    valid = others.any(1)  # (B, S)
+    seen = rows & valid[:, None, :]  # (B, S, S)
+    ends = torch.where(seen, pos, -1).amax(-1) + 1  # (B, S)
+    prefix = seen == (valid[:, None, :] & (pos[None, None, :] < ends[..., None]))
+    if not bool((prefix | ~valid[..., None]).all()):
         return None
+    real = valid.any(0)  # (S,) real in some row
+    end = torch.where(valid, ends, -1).amax(0)  # (S,)
+    if not bool(((ends == end) | ~valid).all()) or not bool(real.any()):
+        return None
+    # padding-only positions take the end of the next real position (the last block's: S), and
+    # an end followed by padding-only positions moves past them (nobody sees those keys)
+    nxt = torch.where(real, pos, seq).flip(0).cummin(0).values.flip(0)  # (S,)
+    nxt = torch.cat([nxt, nxt.new_full((1,), seq)])  # (S + 1,): first real position >= p
+    end = torch.where(nxt[:-1] < seq, end[nxt[:-1].clamp(max=seq - 1)], seq)
+    end = nxt[end]
+    last = torch.zeros(seq + 1, dtype=torch.long, device=rows.device)
+    last = last.scatter_reduce(0, end, pos, "amax", include_self=False)  # block end -> last row
+    if not bool((end > pos).all()) or not bool((last[end] + 1 == end).all()):
+        return None
+    return valid, end
+
+
+def read_mask(name: str, mask, batch: int, seq: int):
+    """((B, S) bool real keys or None when nothing is padding, (S,) block ends or None when the
+    attention is not block-causal) from one mask spelling."""
+    if mask is None or (isinstance(mask, str) and mask == "full"):
+        return None, None
     if not isinstance(mask, torch.Tensor):
         raise _refuse(name, mask, "not a tensor")
     allowed = _allowed(name, mask)
+    end = None
     if allowed.dim() == 2 and allowed.shape == (batch, seq):
         valid = allowed
     elif (
         allowed.dim() == 4
-        and allowed.shape[0] == batch
+        and allowed.shape[0] in (1, batch)
         and allowed.shape[1] == 1
         and allowed.shape[-1] == seq
     ):
+        allowed = allowed.expand(batch, *allowed.shape[1:])
         if allowed.shape[2] == 1:
             valid = allowed[:, 0, 0]
         elif allowed.shape[2] == seq:
@@ -126,34 +177,63 @@ def key_padding(name: str, mask, batch: int, seq: int) -> Optional[torch.Tensor]
             valid = _real_keys(rows)
             real_rows_ok = (rows == valid[:, None, :]) | ~valid[:, :, None]
             if not bool(real_rows_ok.all()):
-                raise _refuse(
-                    name,
-                    mask,
-                    "some real query row does not see exactly the real keys: the mask is "
-                    + describe_structure(rows, valid),
-                )
+                blocks = _block_ends(rows)
+                if blocks is None or bool((blocks[1] == torch.arange(1, seq + 1)).all()):
+                    raise _refuse(
+                        name,
+                        mask,
+                        "some real query row does not see exactly the real keys: the mask is "
+                        + describe_structure(rows, valid),
+                    )
+                valid, end = blocks
         else:
             raise _refuse(
                 name,
                 mask,
-                f"a 4-D mask must be (batch, 1, seq, seq) or (batch, 1, 1, seq) for seq {seq}",
+                f"a 4-D mask must be (batch or 1, 1, seq, seq) or (batch, 1, 1, seq) for seq {seq}",
             )
     else:
         raise _refuse(name, mask, f"expected (batch, seq) = ({batch}, {seq}) or a 4-D mask")
     if not bool(valid.any(1).all()):
         raise _refuse(name, mask, "a row has no real token at all")
-    return None if bool(valid.all()) else valid.to(torch.bool)
+    return (None if bool(valid.all()) else valid.to(torch.bool)), end
 
 
-def padding_from_masks(input_ids: torch.Tensor, kwargs: dict) -> Optional[torch.Tensor]:
-    """Pop every mask spelling out of ``kwargs``; return the padding they agree on."""
+def key_padding(name: str, mask, batch: int, seq: int) -> Optional[torch.Tensor]:
+    """(B, S) bool, False at padding keys; None when the mask marks no padding. A block-causal
+    mask is an error here (callers that take block structure use :func:`read_mask`)."""
+    valid, end = read_mask(name, mask, batch, seq)
+    if end is not None:
+        raise _refuse(name, mask, "a block-causal mask where only padding is accepted")
+    return valid
+
+
+def structure_from_masks(
+    input_ids: torch.Tensor, kwargs: dict
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Pop every mask spelling out of ``kwargs``; return the padding they agree on, (B, S) or
+    None, and the block ends of a block-causal mask, (S,) or None."""
     batch, seq = input_ids.shape
-    found = [
-        key_padding(name, kwargs.pop(name), batch, seq) for name in MASK_NAMES if name in kwargs
-    ]
-    found = [valid for valid in found if valid is not None]
-    if len(found) > 1 and not torch.equal(found[0], found[1]):
+    found = [read_mask(name, kwargs.pop(name), batch, seq) for name in MASK_NAMES if name in kwargs]
+    padding = [valid for valid, _ in found if valid is not None]
+    ends = [end for _, end in found if end is not None]
+    if len(padding) > 1 and not torch.equal(padding[0], padding[1]):
         raise ValueError(
             "attention_mask and attention_bias mark different padding; pass one of them"
         )
-    return found[0].to(input_ids.device) if found else None
+    if len(ends) > 1 and not torch.equal(ends[0], ends[1]):
+        raise ValueError("attention_mask and attention_bias mark different blocks; pass one")
+    device = input_ids.device
+    return (
+        padding[0].to(device) if padding else None,
+        ends[0].to(device) if ends else None,
+    )
+
+
+def padding_from_masks(input_ids: torch.Tensor, kwargs: dict) -> Optional[torch.Tensor]:
+    """Pop every mask spelling out of ``kwargs``; return the padding they agree on (a
+    block-causal mask is an error)."""
+    valid, end = structure_from_masks(input_ids, kwargs)
+    if end is not None:
+        raise ValueError("a block-causal attention mask where only padding is accepted")
+    return valid

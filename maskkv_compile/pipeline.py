@@ -5,7 +5,9 @@
                                                 +--> step    (SliceSequence, CachedAttention[,
                                                               ResponseKVOutputs])
 
-ResponseKVOutputs runs only with ``config.block_length`` (the dual cache needs the response K/V).
+ResponseKVOutputs runs on the step graph only with ``config.block_length`` (the dual cache needs
+the response K/V); otherwise it runs on a copy, ``step_kv``, which block diffusion's extend runs
+(``block_diffusion.py``).
 With ``config.revote`` the prefill also runs KeepPromptKV (each layer's prompt K/V as outputs: the
 second tier), and a third graph is derived from the step graph:
 
@@ -69,6 +71,7 @@ class MaskKVGraphs:
     head_sliced: bool
     records: dict[str, list[PassRecord]] = field(default_factory=dict)
     skipped: tuple[str, ...] = ()
+    step_kv: Optional[fx.GraphModule] = None  # the step graph with each layer's response K/V out
     revote: Optional[fx.GraphModule] = None  # with config.revote: the step graph that re-selects
     revote_inputs: list[str] = field(default_factory=list)
 
@@ -123,6 +126,10 @@ def build_graphs(gm: fx.GraphModule, config: MaskKVConfig, *, strict: bool = Tru
         step_pipeline.append(ResponseKVOutputsPass())
     step_passes = PassManager("step", step_pipeline)
     step_passes(step)
+    step_kv = step
+    if config.block_length is None:  # block diffusion's extend needs the response K/V out
+        step_kv = copy_graph_module(step)
+        PassManager("step_kv", [ResponseKVOutputsPass()])(step_kv)
     records = {
         "canonical": find.records,
         "prefill": prefill_passes.records,
@@ -148,6 +155,7 @@ def build_graphs(gm: fx.GraphModule, config: MaskKVConfig, *, strict: bool = Tru
         canonical=canonical,
         prefill=prefill,
         step=step,
+        step_kv=step_kv,
         prefill_inputs=extra_inputs(prefill, num_inputs),
         step_inputs=extra_inputs(step, num_inputs),
         head_sliced=prefill_passes.records[-1].result.changed,

@@ -176,6 +176,8 @@ class Revote(Feature):
         return None
 
     def prefill_outputs(self, session: Session, named: dict) -> None:
+        if session.layout.block_start is not None:
+            return  # block diffusion: the prefix grows by blocks the tier would not hold
         pairs = named["prompt_kv"]
         if self.where == "host":
             pairs = [(to_host(k), to_host(v)) for k, v in pairs]

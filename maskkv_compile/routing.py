@@ -28,7 +28,12 @@ The rules, in the order they are tried:
    follow the block grid: the session leaves the dual cache (``Fallback``), and the call
    is a plain STEP. ``revote`` marks the plan (``Plan.revote``) at a due step
    (every k-th step) or block refresh (``revote="block"``).
-6. NEW: any other call is a new prompt. Its layout comes from its own tokens
+6. EXTEND: a block-causal call (block diffusion) that is a live block session's window grown
+   by one block (same prefix, the old window's block ends kept, one new block) extends it:
+   the finished block is computed once with its final tokens and joins the cached prefix, and
+   the new block runs as a step (``runtime._run_extend``). A block-causal call that holds the
+   mask token before its last block runs UNCACHED (``Fallback.BLOCK_NOT_LAST``).
+7. NEW: any other call is a new prompt. Its layout comes from its own tokens
    (``layout.py``); when some row has no prompt (an all-mask row that copies no
    conditional row) nothing could tell its next call from a new prompt, so it runs the
    prefill UNCACHED (no session is kept) and says why. A NEW call that continues a session
@@ -58,6 +63,7 @@ class Transition(str, enum.Enum):
         "block_refresh"  # the step graph over every row; the block's dual cache is built
     )
     BLOCK_STEP = "block_step"  # the step graph over the current block's rows
+    EXTEND = "extend"  # a block-causal window grown by one block (``Plan.session``'s)
     UNCACHED = "uncached"  # a prefill whose session cannot be kept (``Plan.reason`` says why)
 
     @property
@@ -87,6 +93,11 @@ class Fallback(str, enum.Enum):
         "the dual cache is off for this prompt: the loop committed a token outside the block "
         "being computed, so it does not denoise block by block with block_length; plain steps run"
     )
+    BLOCK_NOT_LAST = (
+        "a block-causal call holds the mask token before its last block (the loop passes later "
+        "blocks too, or refines a block that is not the last): it ran whole, without a cache; "
+        "call the model on the window [prompt ; finished blocks ; current block]"
+    )
     RAGGED_BLOCKS = (
         "the dual cache is off for this prompt: rows have different numbers of response "
         "positions; plain steps run"
@@ -113,6 +124,7 @@ class SessionFacts:
         None  # lowest block holding a mask (None: none left / no dual cache)
     )
     off_grid: bool = False  # a token was committed outside the cached block since the last call
+    extends: bool = False  # the call is its block-causal window grown by one block
 
 
 @dataclass(frozen=True)
@@ -155,6 +167,12 @@ def decide(
         (i for i, f in enumerate(facts) if f is not None and f.continues and i not in stale), None
     )
     if match is None:
+        grown = next(
+            (i for i, f in enumerate(facts) if f is not None and f.extends and i not in stale),
+            None,
+        )
+        if grown is not None:
+            return Plan(Transition.EXTEND, grown, stale=stale)
         continued_stale = any(facts[i] is not None and facts[i].continues for i in stale)
         fallback = Fallback.WEIGHTS_CHANGED if continued_stale else call.dropped
         return Plan(Transition.NEW, stale=stale, fallback=fallback)
@@ -189,8 +207,16 @@ def decide(
     return Plan(Transition.STEP, match, revote=due, stale=stale)
 
 
-def new_prompt(plan: Plan, has_prompt: bool) -> Plan:
-    """A NEW plan once the call's layout is known: UNCACHED when some row has no prompt."""
-    if plan.transition is Transition.NEW and not has_prompt:
-        return Plan(Transition.UNCACHED, stale=plan.stale, fallback=Fallback.NO_PROMPT)
+def new_prompt(plan: Plan, has_prompt: bool, block: bool = False, block_not_last: bool = False) -> Plan:
+    """A NEW plan once the call's layout is known: UNCACHED when some row has no prompt (for a
+    block-causal call: no prefix before its last block, a window of one block, which runs whole
+    and is no slower so; or masks before its last block)."""
+    if plan.transition is not Transition.NEW:
+        return plan
+    if block_not_last:
+        return Plan(Transition.UNCACHED, stale=plan.stale, fallback=Fallback.BLOCK_NOT_LAST)
+    if not has_prompt:
+        return Plan(
+            Transition.UNCACHED, stale=plan.stale, fallback=None if block else Fallback.NO_PROMPT
+        )
     return plan

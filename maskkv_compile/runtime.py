@@ -56,7 +56,8 @@ import torch
 from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.dual_cache import DualCache
 from maskkv_compile.inductor import SEQ, InductorGraph
-from maskkv_compile.layout import Layout, NoMaskTokenError, infer_layout
+from maskkv_compile.block_diffusion import append_block, finished_columns
+from maskkv_compile.layout import Layout, NoMaskTokenError, block_layout, infer_layout
 from maskkv_compile.passes.base import output_groups, split_outputs
 from maskkv_compile.pipeline import MaskKVGraphs, build_graphs
 from maskkv_compile.policies import format_budget_table
@@ -91,6 +92,9 @@ _RESPONSE_ONLY = contextvars.ContextVar("maskkv_response_logits_only", default=F
 _KEY_VALID: contextvars.ContextVar[Optional[torch.Tensor]] = contextvars.ContextVar(
     "maskkv_key_valid", default=None
 )
+_KEY_END: contextvars.ContextVar[Optional[torch.Tensor]] = contextvars.ContextVar(
+    "maskkv_key_end", default=None
+)
 
 
 class CacheFallbackWarning(UserWarning):
@@ -109,14 +113,16 @@ def response_logits_only():
 
 
 @contextlib.contextmanager
-def padding(key_valid: Optional[torch.Tensor]):
-    """The (B, S) padding of the calls made in this block (False = padding); set by the
-    optimized model from the caller's attention mask, which is not traced into the graphs."""
-    token = _KEY_VALID.set(key_valid)
+def padding(key_valid: Optional[torch.Tensor], key_end: Optional[torch.Tensor] = None):
+    """The (B, S) padding of the calls made in this block (False = padding), and the (S,) block
+    ends of a block-causal call (``masks.read_mask``); set by the optimized model from the
+    caller's attention mask, which is not traced into the graphs."""
+    tokens = _KEY_VALID.set(key_valid), _KEY_END.set(key_end)
     try:
         yield
     finally:
-        _KEY_VALID.reset(token)
+        _KEY_VALID.reset(tokens[0])
+        _KEY_END.reset(tokens[1])
 
 
 @dataclass
@@ -163,6 +169,7 @@ class MaskKVRuntime:
         names = [n.name for n in placeholders]
         self.tokens_pos = names.index(info.tokens)
         self.per_token_pos = [names.index(name) for name in info.per_token]
+        self.seq_pos = [names.index(name) for name in info.seq_symbols]  # SymInts equal to S
         fixed = {self.tokens_pos, *self.per_token_pos}
         tensors = [
             i
@@ -194,7 +201,13 @@ class MaskKVRuntime:
             "prefill": (
                 self._compile(
                     graphs.prefill,
-                    {"resp_idx": (0,), "voter_idx": (0,), "prompt_idx": (0,), **per_row},
+                    {
+                        "resp_idx": (0,),
+                        "voter_idx": (0,),
+                        "prompt_idx": (0,),
+                        "key_end": (0,),
+                        **per_row,
+                    },
                 ),
                 graphs.prefill_inputs,
                 output_groups(graphs.prefill),
@@ -204,7 +217,17 @@ class MaskKVRuntime:
                 graphs.step_inputs,
                 output_groups(graphs.step),
             ),
+            # the step graph that also returns each layer's K/V of the computed rows (extend)
+            "step_kv": (
+                self._compile(graphs.step_kv, step_dynamic)
+                if graphs.step_kv is not graphs.step
+                else None,
+                graphs.step_inputs,
+                output_groups(graphs.step_kv),
+            ),
         }
+        if graphs.step_kv is graphs.step:
+            self._graphs["step_kv"] = self._graphs["step"]
         if graphs.revote is not None:  # the step graph that also re-selects (revote.py)
             dynamic = {**step_dynamic, **revote_dynamic_dims(len(graphs.sites))}
             self._graphs["revote"] = (
@@ -247,6 +270,9 @@ class MaskKVRuntime:
         key_valid = _KEY_VALID.get()
         if key_valid is None or key_valid.shape != ids.shape:
             key_valid = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+        key_end = _KEY_END.get()
+        if key_end is not None and key_end.shape != ids.shape[1:]:
+            key_end = None
         return Call(
             args,
             ids,
@@ -255,13 +281,19 @@ class MaskKVRuntime:
             key_valid,
             weight_signature([args[i] for i in self.weight_pos]),
             ids == self.mask_token_id,
+            key_end,
         )
 
     def _facts(self, call: Call) -> tuple[list[Optional[SessionFacts]], Optional[Fallback]]:
         """Every live session's facts, and whether the call continues a dropped session, from
         one read of the device."""
-        pending, keys = [], []
+        pending, keys = [], []  # 0-d tensors to read; per session the names of its facts
         for session in (*self.sessions, *self.dropped):
+            if session.may_extend(call):
+                facts = {"continues": torch.zeros((), dtype=torch.bool), "extends": session.extends(call)}
+                keys.append(list(facts))
+                pending += facts.values()
+                continue
             if not session.matches(call):
                 keys.append(None)
                 continue
@@ -270,7 +302,9 @@ class MaskKVRuntime:
                 facts.update(feature.evidence(session, call))
             keys.append(list(facts))
             pending += facts.values()
-        values = iter(torch.stack([v.long() for v in pending]).tolist() if pending else [])
+        values = iter(
+            torch.stack([v.long().to(call.ids.device) for v in pending]).tolist() if pending else []
+        )
         read = []
         for key in keys:
             read.append(None if key is None else dict(zip(key, (next(values) for _ in key))))
@@ -280,7 +314,8 @@ class MaskKVRuntime:
             if f is None
             else SessionFacts(
                 continues=bool(f["continues"]),
-                restarted=bool(f["restarted"]),
+                restarted=bool(f.get("restarted", 0)),
+                extends=bool(f.get("extends", 0)),
                 current_block=f["current_block"] if f.get("current_block", -1) >= 0 else None,
                 off_grid=bool(f.get("off_grid", 0)),
             )
@@ -322,6 +357,8 @@ class MaskKVRuntime:
                 self._fall_back(plan.fallback)
             if plan.transition.is_prefill:
                 outputs = self._run_prefill(call, session)
+            elif plan.transition is Transition.EXTEND:
+                outputs = self._run_extend(call, session, plan)
             else:
                 outputs = self._run_step(call, session, plan)
             session.ids, session.masked = call.ids.clone(), call.masked
@@ -342,7 +379,12 @@ class MaskKVRuntime:
                 self.sessions.insert(0, session)
                 return session, plan
         layout = self._new_layout(call)
-        plan = new_prompt(plan, layout.has_prompt)
+        plan = new_prompt(
+            plan,
+            layout.has_prompt,
+            block=layout.block_start is not None,
+            block_not_last=layout.masks_outside_block,
+        )
         session = Session(
             layout,
             call.ids,
@@ -381,6 +423,23 @@ class MaskKVRuntime:
                 and torch.equal(s.layout.key_valid, call.key_valid)
             )
 
+        if call.key_end is not None:
+            if self.config.logits_shift:
+                raise ValueError(
+                    "a block-causal attention mask reached a model whose logits are shifted "
+                    f"(family {self.config.family!r}: token i is predicted at row i-1); block "
+                    "diffusion with shifted logits is not supported: the row before a block is "
+                    "in the prefix and never sees the block. Pass family='llada' if the model "
+                    "predicts each token at its own row"
+                )
+            return block_layout(
+                call.ids,
+                call.key_valid,
+                call.key_end,
+                self.mask_token_id,
+                policy=self.config.policy,
+                window=self.config.window,
+            )
         previous = (
             self.last_session
             if self.last_session in self.sessions and same(self.last_session)
@@ -419,6 +478,9 @@ class MaskKVRuntime:
             "voter_valid": layout.voter_valid,
             "prompt_idx": layout.prompt_idx,
             "prompt_valid": layout.prompt_valid,
+            "key_end": layout.key_end
+            if layout.key_end is not None
+            else layout.rows.new_zeros((0,)),  # (S,) or (0,): no blocks
         }
 
     def _run_prefill(self, call: Call, session: Session):
@@ -436,6 +498,37 @@ class MaskKVRuntime:
         if not self.graphs.head_sliced:
             logits = logits.index_select(1, session.layout.rows)
         return self._with_logits(base, logits, session)
+
+    def _run_extend(self, call: Call, session: Session, plan: Plan):
+        """The window grew by one block (``block_diffusion.py``): the finished block's rows once
+        with their final tokens, their K/V appended to every layer's kept prefix, then the new
+        block as a step."""
+        old, seq = session.layout, session.ids.shape[1]
+        args = list(call.args)
+        for i in (self.tokens_pos, *self.per_token_pos):
+            args[i] = args[i][:, :seq]  # the old window, with the finished block's final tokens
+        for i in self.seq_pos:
+            args[i] = seq
+        inputs = self._per_row_inputs(old)
+        for layer, cache in enumerate(session.layers):
+            inputs.update(
+                {
+                    f"kept_k_{layer}": cache.kept_k,
+                    f"kept_v_{layer}": cache.kept_v,
+                    f"kept_len_{layer}": cache.kept_len,
+                }
+            )
+        _, named = self._run("step_kv", tuple(args), inputs)
+        columns, counts = finished_columns(old.resp_valid)
+        session.layers = [
+            append_block(cache, k, v, columns, counts, old.rows)
+            for cache, (k, v) in zip(session.layers, named["response_kv"])
+        ]
+        session.layout = self._new_layout(call)
+        session.ids, session.masked = call.ids.clone(), call.masked
+        session.per_token = [x.clone() for x in call.per_token]
+        session.logits_buffer = None  # the window's shape changed
+        return self._run_step(call, session, plan)
 
     def _run_step(self, call: Call, session: Session, plan: Plan):
         view = None

@@ -63,6 +63,7 @@ class Call:
     key_valid: torch.Tensor  # (B, S) bool, False at padding
     weights: tuple  # the weight signature (``weight_signature``)
     masked: torch.Tensor  # (B, S) bool: ids == the mask token
+    key_end: Optional[torch.Tensor] = None  # (S,) block ends of a block-causal call (``masks``)
 
 
 def weight_signature(tensors: list) -> tuple:
@@ -143,6 +144,46 @@ class Session:
         for x, y in zip(call.per_token, self.per_token):
             at_prompt = prompt.view(*prompt.shape, *[1] * (x.dim() - 2))  # (B, S, 1, ...)
             differs = differs | (at_prompt & (x != y)).any()
+        for x, y in zip(call.others, self.others):
+            differs = differs | (x != y).any()
+        return ~differs
+
+    def may_extend(self, call: Call) -> bool:
+        """Host facts allow the call to be this block session's window grown by blocks."""
+        return (
+            self.layout.block_start is not None
+            and call.key_end is not None
+            and self.layout.has_prompt
+            and call.ids.shape[0] == self.ids.shape[0]
+            and call.ids.shape[1] > self.ids.shape[1]
+            and call.ids.device == self.ids.device
+            and len(call.per_token) == len(self.per_token)
+            and len(call.others) == len(self.others)
+            and all(
+                x.shape[0] == y.shape[0] and x.shape[2:] == y.shape[2:]
+                for x, y in zip(call.per_token, self.per_token)
+            )
+            and all(
+                x.shape == y.shape and x.dtype == y.dtype for x, y in zip(call.others, self.others)
+            )
+        )
+
+    def extends(self, call: Call) -> torch.Tensor:
+        """0-d bool: the call is this session's window grown by one block, whatever the loop
+        committed in the finished block: the same prefix (tokens, padding, per-token inputs,
+        other inputs), the same block ends up to the old window's end, and one new block from
+        there to the end (``may_extend`` held)."""
+        layout, seq = self.layout, self.ids.shape[1]
+        prefix = layout.prompt  # (B, S_old)
+        differs = (
+            (call.key_valid[:, :seq] != layout.key_valid).any()
+            | (prefix & (call.ids[:, :seq] != self.ids)).any()
+            | (call.key_end[:seq] != layout.key_end).any()
+            | (call.key_end[seq:] != call.ids.shape[1]).any()
+        )
+        for x, y in zip(call.per_token, self.per_token):
+            at_prefix = prefix.view(*prefix.shape, *[1] * (x.dim() - 2))  # (B, S_old, 1, ...)
+            differs = differs | (at_prefix & (x[:, :seq] != y)).any()
         for x, y in zip(call.others, self.others):
             differs = differs | (x != y).any()
         return ~differs
