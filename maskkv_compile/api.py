@@ -13,6 +13,7 @@ from maskkv_compile._torch_private import BackendCompilerFailed, dynamo_config, 
 from maskkv_compile.backend import MaskKVBackend
 from maskkv_compile.config import MaskKVConfig, MaskKVConfigError, resolve
 from maskkv_compile.dual_cache import generation_block_length
+from maskkv_compile.mask_rule import grid_ends, probe_block_length
 from maskkv_compile.masks import structure_from_masks
 from maskkv_compile.passes import UnsupportedModelError
 from maskkv_compile.profile import model_fingerprint
@@ -62,6 +63,7 @@ class MaskKVModel(torch.nn.Module):
         ]
         self._last_runtime = None
         self._warned_block = False
+        self._two_d_block = "unprobed"  # what the model makes of a 2-D mask (``_block_rule``)
         object.__setattr__(
             self, "_view", _routed_view(model, self)
         )  # not a submodule: it shares the model's state
@@ -113,7 +115,13 @@ class MaskKVModel(torch.nn.Module):
                 "maskkv_compile.response_logits_only() to get only those, or "
                 "leave logits_to_keep at 0"
             )
+        two_d = isinstance(kwargs.get("attention_mask"), torch.Tensor) and (
+            kwargs["attention_mask"].dim() == 2
+        )
         key_valid, key_end = structure_from_masks(input_ids, kwargs)
+        if two_d and key_end is None and self._block_rule() is not None:
+            # the model makes blocks of a 2-D mask inside its forward (``mask_rule.py``)
+            key_end = grid_ends(input_ids.shape[1], self._block_rule(), input_ids.device)
         mark_dynamic(input_ids, 1)
         for (
             value
@@ -159,6 +167,13 @@ class MaskKVModel(torch.nn.Module):
         self._last_runtime = used[0]
         return out
 
+    def _block_rule(self) -> Optional[int]:
+        """The block length the wrapped model makes of a 2-D mask (None: padding), asked once."""
+        if self._two_d_block == "unprobed":
+            takes = "position_ids" in inspect.signature(self.wrapped.forward).parameters
+            self._two_d_block = probe_block_length(self.wrapped, takes)
+        return self._two_d_block
+
     @property
     def runtime(self) -> MaskKVRuntime:
         """The runtime of the last call (one per dynamo graph: a new batch size is a new graph)."""
@@ -203,17 +218,39 @@ class MaskKVModel(torch.nn.Module):
         for runtime in self.backend.runtimes:
             runtime.reset()
 
-    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
-        """LLaDA's loop (``maskkv_compile.generate``). With ``block_length`` in the config, the
-        dual cache follows this call's ``block_length`` (the loop's own block grid)."""
+    def generate(self, *args, **kwargs) -> torch.Tensor:
+        """The wrapped model's own ``generate`` when its class defines one (LLaDA2's block loop,
+        ``generate(inputs, temperature, block_length, steps, gen_length, ...)``), run unmodified
+        through MaskKV like any of its ``*generate`` methods; otherwise LLaDA's loop
+        (``maskkv_compile.generate``), where, with ``block_length`` in the config, the dual
+        cache follows this call's ``block_length`` (the loop's own block grid)."""
         from maskkv_compile.generate import generate
 
+        if _own_generate(self.wrapped):
+            return _fresh_generation(self, self.__dict__["_view"].generate)(*args, **kwargs)
+        if len(args) != 1:
+            raise TypeError(
+                f"generate(input_ids, **kwargs) takes the token ids alone as positional, got "
+                f"{len(args)} positional arguments"
+            )
+        input_ids = args[0]
         self.reset()
         block = (
             kwargs.get("block_length", 128) if self.maskkv_config.block_length is not None else None
         )
         with generation_block_length(block):
             return generate(self, input_ids, mask_token_id=self.mask_token_id, **kwargs)
+
+
+def _own_generate(model: torch.nn.Module) -> bool:
+    """The model's class defines its own ``generate`` (a model-specific loop, as LLaDA2's), not
+    the one transformers' ``GenerationMixin`` gives every model (an autoregressive loop, which
+    a diffusion model never means)."""
+    method = getattr(type(model), "generate", None)
+    if method is None:
+        return False
+    module = getattr(method, "__module__", "") or ""
+    return not module.startswith("transformers.")
 
 
 def _routed_view(model: torch.nn.Module, optimized: MaskKVModel) -> torch.nn.Module:

@@ -125,6 +125,8 @@ def _block_ends(rows: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor
     pos = torch.arange(seq, device=rows.device)
     eye = pos[:, None] == pos[None, :]  # (S, S)
     full = rows.all(-1)  # (B, S)
+    if not bool((rows & (pos[None, :] > pos[:, None]) & ~full[..., None]).any()):
+        return None  # no row sees a later key: causal (blocks of one), not block diffusion
     # rows that see every key are the last block's when they end the sequence (no padding
     # there), else padding rows opened up
     suffix = full.flip(1).cumprod(1).flip(1).bool()  # (B, S)
@@ -178,7 +180,7 @@ def read_mask(name: str, mask, batch: int, seq: int):
             real_rows_ok = (rows == valid[:, None, :]) | ~valid[:, :, None]
             if not bool(real_rows_ok.all()):
                 blocks = _block_ends(rows)
-                if blocks is None or bool((blocks[1] == torch.arange(1, seq + 1)).all()):
+                if blocks is None:
                     raise _refuse(
                         name,
                         mask,

@@ -319,7 +319,8 @@ def llada2_block_mask(
 
 def _mask_from_padding(padding: torch.Tensor, block_length: Optional[int], dtype) -> torch.Tensor:
     """2-D key-padding mask -> 4-D additive mask: block-causal on the grid from 0 (or full), keys
-    that are padding removed, the diagonal always kept."""
+    that are padding removed (for every row, padding rows included, as transformers' masks do);
+    a row left with no key at all keeps its diagonal."""
     k = padding.shape[-1]
     pos = torch.arange(k, device=padding.device)
     if block_length is None:
@@ -328,7 +329,9 @@ def _mask_from_padding(padding: torch.Tensor, block_length: Optional[int], dtype
         blk = pos // block_length
         allowed = blk[None, :] <= blk[:, None]
     allowed = allowed[None, None] & padding.bool()[:, None, None, :]
-    allowed = allowed | torch.eye(k, dtype=torch.bool, device=padding.device)[None, None]
+    # a row that sees no key (padding in a block of padding) sees itself, so it is not NaN
+    lonely = ~allowed.any(-1, keepdim=True)
+    allowed = allowed | (lonely & torch.eye(k, dtype=torch.bool, device=padding.device))
     return torch.zeros((), dtype=dtype, device=padding.device).masked_fill(~allowed, float("-inf"))
 
 

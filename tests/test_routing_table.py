@@ -204,6 +204,30 @@ TABLE = [
         Schedule(),
         Plan(T.NEW, fallback=Fallback.SESSION_DROPPED),
     ),
+    (
+        "a block window grown by one block: extend",
+        [live(steps=3)],
+        [SessionFacts(False, extends=True)],
+        CallFacts(W),
+        Schedule(),
+        Plan(T.EXTEND, 0),
+    ),
+    (
+        "a continuing session beats an extendable one",
+        [live(), live()],
+        [SessionFacts(False, extends=True), CONT],
+        CallFacts(W),
+        Schedule(),
+        Plan(T.STEP, 1),
+    ),
+    (
+        "an extendable session with stale weights is dropped: new",
+        [live(weights=W2)],
+        [SessionFacts(False, extends=True)],
+        CallFacts(W),
+        Schedule(),
+        Plan(T.NEW, stale=(0,)),
+    ),
 ]
 
 
@@ -214,6 +238,15 @@ TABLE = [
 )
 def test_decide(sessions, facts, call, policy, expected):
     assert decide(sessions, facts, call, policy) == expected
+
+
+def test_a_block_window_without_a_prefix_or_with_masks_before_its_last_block_runs_uncached():
+    # one block and no prefix: nothing to cache, and the call is no slower for it (no fallback)
+    assert new_prompt(Plan(T.NEW), has_prompt=False, block=True) == Plan(T.UNCACHED)
+    assert new_prompt(Plan(T.NEW), has_prompt=True, block=True, block_not_last=True) == Plan(
+        T.UNCACHED, fallback=Fallback.BLOCK_NOT_LAST
+    )
+    assert new_prompt(Plan(T.NEW), has_prompt=True, block=True) == Plan(T.NEW)
 
 
 def test_a_new_prompt_without_a_prompt_in_some_row_runs_uncached():
@@ -233,6 +266,7 @@ def test_transitions_are_counted_under_their_names_and_say_what_they_run():
         "step",
         "block_refresh",
         "block_step",
+        "extend",
         "uncached",
     }
     assert {t for t in T if t.is_prefill} == {T.NEW, T.RESTART, T.REFRESH, T.UNCACHED}
