@@ -118,7 +118,7 @@ class MaskKVModel(torch.nn.Module):
         two_d = isinstance(kwargs.get("attention_mask"), torch.Tensor) and (
             kwargs["attention_mask"].dim() == 2
         )
-        key_valid, key_end = structure_from_masks(input_ids, kwargs)
+        key_valid, key_end = structure_from_masks(input_ids, kwargs, self.mask_token_id)
         if two_d and key_end is None and self._block_rule() is not None:
             # the model makes blocks of a 2-D mask inside its forward (``mask_rule.py``)
             key_end = grid_ends(input_ids.shape[1], self._block_rule(), input_ids.device)

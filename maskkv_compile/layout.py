@@ -279,10 +279,14 @@ def block_layout(
     logits are returned: the loop reads them."""
     seq = ids.shape[1]
     device = ids.device
-    start = int((key_end == seq).nonzero()[0])  # host read once per layout
     pos = torch.arange(seq, device=device)
-    in_block = pos >= start  # (S,)
     masked = (ids == mask_token_id) & key_valid  # (B, S)
+    first = torch.where(masked.any(0), pos, seq).min()  # the first masked position
+    # the last block, or, with masks before it (run uncached), every block from the first mask
+    first_end = key_end[first.clamp(max=seq - 1)]
+    start = int((key_end == torch.where(first < seq, first_end, seq).clamp(max=seq)).nonzero()[0])
+    outside = start < int((key_end == seq).nonzero()[0])  # host reads once per layout
+    in_block = pos >= start  # (S,)
     response = key_valid & in_block  # (B, S)
     rows = pos[start:]  # (C,)
     resp_valid = key_valid[:, start:]  # (B, C)
@@ -316,5 +320,5 @@ def block_layout(
         (None,) * ids.shape[0],
         key_end=key_end,
         block_start=start,
-        masks_outside_block=bool((masked & ~in_block).any()),
+        masks_outside_block=outside,
     )

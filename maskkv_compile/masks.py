@@ -18,7 +18,9 @@ padding keys. Spellings accepted (``attention_mask`` unless named otherwise):
   or additive masks, with or without padding): each query sees its own block both ways and
   every earlier block. It is read as the padding plus ``key_end`` (S,), one past the last key
   of each position's block (``read_mask``); the block grid is read from the mask, never
-  configured.
+  configured. A (B or 1, 1, S, S) mask that masks nothing is a window of one block (Dream
+  says "full", LLaDA passes no bias): it runs whole, exactly, with nothing to cache. A padded
+  one-block window reads as padding (a LLaDA prompt: the same pattern).
 
 Anything else (a causal mask, a sliding window, arbitrary float biases, values other than
 0/1) is an error naming what it is (``describe_structure``) and what is supported.
@@ -154,9 +156,24 @@ def _block_ends(rows: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor
     return valid, end
 
 
-def read_mask(name: str, mask, batch: int, seq: int):
+def _same_suffix(opened: torch.Tensor, valid: torch.Tensor) -> bool:
+    """Every row's non-real positions are the same suffix of the sequence, and all of them see
+    every key: the last block of a block-causal mask, as likely as right padding opened up."""
+    return bool((opened == ~valid).all()) and bool((opened == opened[:1]).all()) and bool(
+        (opened[0].cummax(0).values == opened[0]).all()
+    )
+
+
+def read_mask(name: str, mask, batch: int, seq: int, masked: Optional[torch.Tensor] = None):
     """((B, S) bool real keys or None when nothing is padding, (S,) block ends or None when the
-    attention is not block-causal) from one mask spelling."""
+    attention is not block-causal) from one mask spelling.
+
+    One pattern reads both ways: a block-causal mask of two blocks is also real rows followed
+    by padding rows that see every key. It is read as blocks when those rows hold the mask
+    token (``masked`` (B, S): nobody generates into padding) or are the same suffix in every
+    row (a block-diffusion window after its post-steps; right padding differs from row to row
+    and transformers opens up padding rows that see nothing, never a suffix that sees the
+    real keys)."""
     if mask is None or (isinstance(mask, str) and mask == "full"):
         return None, None
     if not isinstance(mask, torch.Tensor):
@@ -176,10 +193,21 @@ def read_mask(name: str, mask, batch: int, seq: int):
             valid = allowed[:, 0, 0]
         elif allowed.shape[2] == seq:
             rows = allowed[:, 0]  # (B, S, S)
+            if bool(rows.all()):
+                # a (S, S) mask that masks nothing: a block-diffusion window of one block (a
+                # prompt shorter than the block), the one way a loop spells no padding so
+                return None, torch.full((seq,), seq, dtype=torch.long, device=rows.device)
             valid = _real_keys(rows)
             real_rows_ok = (rows == valid[:, None, :]) | ~valid[:, :, None]
-            if not bool(real_rows_ok.all()):
+            opened = ~valid & rows.all(-1)  # (B, S) "padding" rows that see every key
+            generating = bool(opened.any()) and (
+                (masked is not None and bool((opened & masked).any()))
+                or _same_suffix(opened, valid)
+            )
+            if generating or not bool(real_rows_ok.all()):
                 blocks = _block_ends(rows)
+                if blocks is None and bool(real_rows_ok.all()):
+                    blocks = (valid, None)
                 if blocks is None:
                     raise _refuse(
                         name,
@@ -211,12 +239,17 @@ def key_padding(name: str, mask, batch: int, seq: int) -> Optional[torch.Tensor]
 
 
 def structure_from_masks(
-    input_ids: torch.Tensor, kwargs: dict
+    input_ids: torch.Tensor, kwargs: dict, mask_token_id: Optional[int] = None
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Pop every mask spelling out of ``kwargs``; return the padding they agree on, (B, S) or
     None, and the block ends of a block-causal mask, (S,) or None."""
     batch, seq = input_ids.shape
-    found = [read_mask(name, kwargs.pop(name), batch, seq) for name in MASK_NAMES if name in kwargs]
+    masked = None if mask_token_id is None else input_ids == mask_token_id
+    found = [
+        read_mask(name, kwargs.pop(name), batch, seq, masked)
+        for name in MASK_NAMES
+        if name in kwargs
+    ]
     padding = [valid for valid, _ in found if valid is not None]
     ends = [end for _, end in found if end is not None]
     if len(padding) > 1 and not torch.equal(padding[0], padding[1]):

@@ -1,0 +1,368 @@
+"""Issue 23: MaskKV on block-diffusion models (LLaDA2-, SDAR-, Fast-dLLM-v2-style), under the
+loops people run, unmodified.
+
+* the mask: block-causal masks in every spelling are read as padding + block ends; other
+  structures are refused with what they are; a 2-D mask is probed for the model's own rule;
+* exactness: at a budget of at least the window, every call of every loop returns the
+  uncached model's logits at the block rows and the tokens are the unoptimized loop's
+  (seeded differential cases: LLaDA2's own ``generate``, the SDAR loop with bool and additive
+  masks, diffusers' ``LLaDA2Pipeline``; blocks 4-32, prompts not a multiple of the block,
+  batch 1-3 with left padding, editing on and off), and which path ran (``extend`` and
+  ``step`` counted, no fallback);
+* eviction: the kept prefix of each (row, KV head) is the top of the block's mask votes,
+  and every masked row gets real logits.
+"""
+
+import functools
+import random
+
+import pytest
+import torch
+from block_loops import block_causal_mask, sdar_generate, tiny_qwen2, tiny_qwen3
+from llada2_model import llada2_block_mask, tiny_llada2
+
+import maskkv_compile
+from maskkv_compile.layout import block_layout
+from maskkv_compile.mask_rule import probe_block_length
+from maskkv_compile.masks import read_mask
+
+MASK = 255
+
+
+def _prompt(b, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 250, (b, n), generator=g)
+
+
+def _zero_mask_row(model):
+    with torch.no_grad():
+        model.get_output_embeddings().weight[MASK] = 0
+    return model
+
+
+class Checked:
+    """Every call of the optimized model also runs the original one on the same inputs; the
+    largest difference of the logits at the last ``block`` rows is kept, at every row but the
+    padding ones that hold no mask (their logits are the mask builder's convention and no loop
+    reads them). Use as a context manager: the optimized model is left as it was."""
+
+    def __init__(self, optimized, original, block, pad_id=0):
+        self.worst, self.calls = 0.0, 0
+        self.optimized = optimized
+        forward = type(optimized).forward
+
+        def checking(input_ids, *args, **kwargs):
+            out = forward(optimized, input_ids, *args, **dict(kwargs))
+            ref = original(input_ids, *args, **dict(kwargs)).logits
+            ids = input_ids[:, -block:]
+            read = (ids != pad_id) | (ids == MASK)  # (B, block)
+            diff = (out.logits - ref)[:, -block:].abs().amax(-1)  # (B, block)
+            self.worst = max(self.worst, float(diff[read].max()))
+            self.calls += 1
+            return out
+
+        self.checking = checking
+
+    def __enter__(self):
+        self.optimized.forward = self.checking
+        return self
+
+    def __exit__(self, *exc):
+        del self.optimized.forward
+
+
+# ----------------------------------------------------------------------------- the mask
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_llada2_additive_mask_is_read_as_block_ends(dtype):
+    mask = llada2_block_mask(3, 4, dtype=dtype)[..., :12, :12]
+    valid, end = read_mask("attention_mask", mask, 2, 12)  # (1, 1, S, S) serves the batch
+    assert valid is None
+    assert end.tolist() == [4] * 4 + [8] * 4 + [12] * 4
+
+
+def test_bool_mask_with_left_and_tail_padding():
+    pad = torch.ones(2, 14, dtype=torch.long)
+    pad[1, :3] = 0
+    pad[:, 13] = 0  # the tail past the generation length (diffusers marks it so)
+    valid, end = read_mask("m", block_causal_mask(14, 4, padding=pad, kind="bool"), 2, 14)
+    assert torch.equal(valid, pad.bool())
+    assert end.tolist() == [4] * 4 + [8] * 4 + [12] * 4 + [14] * 2
+
+
+def test_prompt_as_its_own_block():
+    _, end = read_mask("m", block_causal_mask(14, 4, prompt_len=6), 1, 14)
+    assert end.tolist() == [6] * 6 + [10] * 4 + [14] * 4
+
+
+@pytest.mark.parametrize(
+    "mask,what",
+    [
+        (torch.ones(1, 1, 7, 7, dtype=torch.bool).tril(), "causal"),
+        (
+            torch.ones(7, 7, dtype=torch.bool).tril() & torch.ones(7, 7, dtype=torch.bool).triu(-2),
+            "sliding window",
+        ),
+    ],
+)
+def test_other_structures_are_refused_with_what_they_are(mask, what):
+    with pytest.raises(ValueError, match=what):
+        read_mask("attention_mask", mask.view(1, 1, 7, 7), 1, 7)
+
+
+def test_a_blocked_call_with_masks_before_its_last_block_runs_whole():
+    model = _zero_mask_row(tiny_llada2(dtype=torch.float64))
+    optimized = maskkv_compile.optimize(model, budget=10**6, backend="eager")
+    x = _prompt(1, 16)
+    x[0, 9] = MASK  # a mask in block 2 of 4
+    x[0, 12:] = MASK
+    mask = llada2_block_mask(4, 4, dtype=torch.float64)
+    with pytest.warns(maskkv_compile.CacheFallbackWarning, match="before its last block"):
+        got = optimized(x, attention_mask=mask).logits
+    # every block from the first one holding a mask carries the model's logits
+    torch.testing.assert_close(got[:, 8:], model(x, attention_mask=mask).logits[:, 8:])
+    assert not got[:, :8].any()
+    assert optimized.cache_stats()["fallbacks"] == {"block_not_last": 1}
+
+
+def test_block_layout_computes_the_last_block_and_its_masks_vote():
+    ids = _prompt(2, 12)
+    ids[:, 9:] = MASK
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, :2] = False
+    end = torch.tensor([4] * 4 + [8] * 4 + [12] * 4)
+    layout = block_layout(ids, valid, end, MASK, policy="maskkv", window=8)
+    assert layout.block_start == 8 and layout.rows.tolist() == [8, 9, 10, 11]
+    assert layout.prompt_lens == [8, 6] and layout.response_lens == [4, 4]
+    assert layout.voter_idx.tolist() == [9, 10, 11]  # the prompt tail (8) does not vote
+    assert not layout.masks_outside_block
+
+
+def test_probe_reads_the_models_rule_for_a_2d_mask():
+    assert probe_block_length(tiny_llada2(block_length=4), True) == 4
+    assert probe_block_length(tiny_llada2(block_length=16), True) == 16
+    assert probe_block_length(tiny_llada2(block_length=None), True) is None  # bidirectional
+    assert probe_block_length(tiny_qwen3(), True) is None  # is_causal=False: padding only
+
+
+# ----------------------------------------------------------------------------- exactness
+
+
+def _case(seed):
+    rng = random.Random(seed)
+    loop = rng.choice(["llada2", "sdar_bool", "sdar_additive", "diffusers"])
+    block = rng.choice([4, 4, 8, 16, 32])
+    prompt_len = rng.randint(block // 2 + 1, 2 * block + 3)
+    gen = rng.randint(1, 2) * block + rng.choice([0, rng.randint(1, block - 1)])
+    batch = 1 if loop == "llada2" else rng.choice([1, 2, 3])
+    padded = batch > 1 and rng.random() < 0.7
+    if padded and loop != "diffusers":  # a padded one-block window reads as a LLaDA prompt
+        prompt_len = max(prompt_len, block)
+    family = "llada2" if loop in ("llada2", "diffusers") else rng.choice(["llada2", "qwen2", "qwen3"])
+    return {
+        "loop": loop,
+        "block": block,
+        "prompt_len": prompt_len,
+        "gen": gen,
+        "batch": batch,
+        "padded": padded,
+        "editing": rng.choice([None, 0.5]),
+        "steps": rng.choice([2, 4]),
+        "family": family,
+        "seed": seed,
+    }
+
+
+def _model(family, block):
+    if family == "llada2":  # ``block``: what the model makes of a 2-D mask (diffusers' call)
+        model = tiny_llada2(dtype=torch.float64, block_length=block, layers=2)
+    elif family == "qwen2":
+        model = tiny_qwen2(dtype=torch.float64)
+    else:
+        model = tiny_qwen3(dtype=torch.float64)
+    return _zero_mask_row(model)
+
+
+@functools.lru_cache(maxsize=None)
+def _pair(family, block):
+    """(model, its optimized form at full budget), built once per model: the differential cases
+    reuse them (``reset()`` between generations, as a server would), so the cases cost runs, not
+    traces."""
+    model = _model(family, block)
+    return model, maskkv_compile.optimize(model, budget=10**6, backend="eager")
+
+
+def _run(case, model):
+    b, block = case["batch"], case["block"]
+    prompt = _prompt(b, case["prompt_len"], case["seed"])
+    pad = None
+    if case["padded"]:
+        pad = torch.ones_like(prompt)
+        for row in range(1, b):
+            pad[row, : min(row * 2 + 1, block - 1, case["prompt_len"] - 1)] = 0
+        prompt = prompt.masked_fill(pad == 0, 0)
+    if case["loop"] == "llada2":
+        return model.generate(
+            prompt,
+            block_length=block,
+            steps=case["steps"],
+            gen_length=case["gen"],
+            threshold=0.95,
+            mask_id=MASK,
+            editing_threshold=case["editing"],
+            max_post_steps=2,
+            mask_dtype=torch.bfloat16,  # as released
+        )
+    if case["loop"].startswith("sdar"):
+        return sdar_generate(
+            model,
+            prompt,
+            gen_length=case["gen"],
+            block_length=block,
+            mask_id=MASK,
+            steps=case["steps"],
+            mask_kind=case["loop"].split("_")[1],
+            attention_mask=pad,
+        )
+    diffusers = pytest.importorskip("diffusers")
+    pipe = diffusers.LLaDA2Pipeline(model=model, scheduler=diffusers.BlockRefinementScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        input_ids=prompt,
+        attention_mask=pad,
+        use_chat_template=False,
+        gen_length=case["gen"],
+        block_length=block,
+        num_inference_steps=case["steps"],
+        temperature=0.0,
+        threshold=0.95,
+        editing_threshold=case["editing"],
+        max_post_steps=2,
+        eos_early_stop=False,
+        mask_token_id=MASK,
+        output_type="seq",
+    ).sequences
+
+
+CASES = list(range(208))
+
+
+@pytest.mark.parametrize("seed", CASES)
+def test_full_budget_reproduces_every_loop(seed):
+    case = _case(seed)
+    model, optimized = _pair(case["family"], case["block"] if case["loop"] == "diffusers" else 4)
+    reference = _run(case, model)
+    optimized.reset()
+    with Checked(optimized, model, case["block"]) as checked:
+        got = _run(case, optimized)
+    assert torch.equal(got, reference), case
+    assert checked.calls > 0 and checked.worst < 1e-5, (checked.worst, case)
+    stats = optimized.cache_stats()
+    assert stats["fallbacks"] == {}, case
+    windows = (case["prompt_len"] + case["gen"] + case["block"] - 1) // case["block"] - (
+        case["prompt_len"] // case["block"]
+    )
+    transitions = stats["transitions"]
+    # a window's first call is NEW (the first window with a prefix) or EXTEND (every later one);
+    # a window of one block (a prompt shorter than the block) has no prefix and runs whole
+    cached_windows = windows - (case["prompt_len"] < case["block"])
+    assert transitions.get("extend", 0) == max(cached_windows - 1, 0), (transitions, case)
+    assert transitions.get("new", 0) == (cached_windows > 0), (transitions, case)
+    # the refinement calls after a window's first ran the step graph
+    assert transitions.get("step", 0) + transitions.get("uncached", 0) + windows >= checked.calls
+
+
+@pytest.mark.parametrize("seed", [3, 11])
+def test_inductor_matches_eager_on_block_loops(seed):
+    case = {**_case(seed), "loop": "sdar_additive", "family": "qwen3", "block": 8}
+    model = _model(case["family"], case["block"])
+    eager = _run(case, maskkv_compile.optimize(model, budget=10**6, backend="eager"))
+    compiled = maskkv_compile.optimize(model, budget=10**6)
+    assert torch.equal(_run(case, compiled), eager)
+    assert compiled.cache_stats()["transitions"].get("extend", 0) > 0
+
+
+def test_optimized_generate_is_the_models_own_block_loop():
+    model = _zero_mask_row(tiny_llada2(dtype=torch.float64))
+    prompt = _prompt(1, 9)
+    kwargs = dict(block_length=4, steps=4, gen_length=10, threshold=0.95, mask_id=MASK)
+    reference = model.generate(prompt, **kwargs)
+    optimized = maskkv_compile.optimize(model, budget=10**6, backend="eager")
+    # LLaDA2's loop calls self.forward with its bf16 4-D block mask: on the optimized model that
+    # is MaskKV (the counts say so), never LLaDA's full-attention loop
+    assert torch.equal(optimized.generate(prompt, **kwargs), reference)
+    stats = optimized.cache_stats()
+    assert stats["transitions"]["extend"] == 2 and stats["transitions"]["step"] > 0
+    assert stats["prefills"] == 1
+
+
+# ----------------------------------------------------------------------------- eviction
+
+
+def _block_votes(model, x, mask, start, masked):
+    """Per layer (B, Hkv, start) votes of the block's masked rows over the prefix keys, from the
+    original model's own attention probabilities (eager attention, the block mask)."""
+    votes = []
+
+    def record(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        heads, kv = query.shape[1], key.shape[1]
+        k = key.repeat_interleave(heads // kv, dim=1)
+        scores = query @ k.transpose(-2, -1) * scaling + attention_mask
+        probs = torch.softmax(scores.float(), -1).to(query.dtype)  # (B, H, S, S)
+        on_prefix = probs[:, :, masked][..., :start]  # (B, H, V, P)
+        votes.append(on_prefix.sum(2).view(x.shape[0], kv, heads // kv, start).sum(2))
+        out = probs @ value.repeat_interleave(heads // kv, dim=1)
+        return out.transpose(1, 2).contiguous(), None
+
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("maskkv_block_votes", record)
+    model.config._attn_implementation = "maskkv_block_votes"
+    try:
+        with torch.no_grad():
+            model(x, attention_mask=mask)
+    finally:
+        model.config._attn_implementation = "sdpa"
+    return votes
+
+
+def test_kept_prefix_is_the_top_of_the_blocks_mask_votes():
+    model = _zero_mask_row(tiny_llada2(dtype=torch.float64, block_length=4))
+    x = _prompt(2, 24)
+    x[:, 21:] = MASK
+    mask = llada2_block_mask(6, 4, dtype=torch.float64)
+    budget = 5
+    optimized = maskkv_compile.optimize(
+        model, budget=budget, policy="mask_voting_uniform", backend="eager"
+    )
+    logits = optimized(x, attention_mask=mask).logits
+    assert torch.isfinite(logits).all() and (logits[:, 21:].abs().sum(-1) > 0).all()
+    votes = _block_votes(model, x, mask, 20, torch.arange(21, 24))
+    session = optimized.runtime.last_session
+    for layer, cache in enumerate(session.layers):
+        for b in range(2):
+            for h in range(cache.kept_len.shape[1]):
+                kept = sorted(cache.kept_pos[b, h][cache.kept_pos[b, h] >= 0].tolist())
+                top = sorted(votes[layer][b, h].topk(int(cache.kept_len[b, h])).indices.tolist())
+                assert kept == top, (layer, b, h)
+    assert int(session.layers[0].kept_len.max()) <= budget
+
+
+def test_under_eviction_every_step_gives_real_logits_and_the_cache_stays_bounded():
+    model = _zero_mask_row(tiny_qwen3(dtype=torch.float64))
+    optimized = maskkv_compile.optimize(model, budget=6, backend="eager")
+    seen = []
+
+    def call(x, **kwargs):
+        out = optimized(x, **kwargs)
+        block = out.logits[:, -4:]
+        seen.append(bool(torch.isfinite(block).all() and (block.abs().sum(-1) > 0).all()))
+        return out
+
+    sdar_generate(model, _prompt(1, 30), gen_length=12, block_length=4, mask_id=MASK, call=call)
+    # prompt 30, blocks of 4 from 0: windows end at 32, 36, 40, 44
+    assert all(seen) and optimized.cache_stats()["transitions"]["extend"] == 3
+    kept = [layer["kept_per_kv_head"] for layer in optimized.cache_stats()["layers"]]
+    # the prompt's entries stay the budget; each finished block joins whole
+    assert max(max(k) for k in kept) <= 6 + 3 * 4
