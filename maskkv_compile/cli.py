@@ -146,6 +146,42 @@ def cmd_bench(args) -> int:
     return 0
 
 
+QUICK_BLOCK_BENCH = dict(
+    prompt_lens=[40], gen_length=8, steps=2, budgets=[8], layers=1, hidden=128, block_length=4
+)
+
+
+def cmd_bench_block(args) -> int:
+    from maskkv_compile.bench_block import plot_rows, run_block_benchmark
+
+    if args.quick:  # CI-sized: a functional smoke run, not a measurement
+        for name, value in QUICK_BLOCK_BENCH.items():
+            setattr(args, name, value)
+        args.backend = "eager"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run_block_benchmark(
+        prompt_lens=args.prompt_lens,
+        gen_length=args.gen_length,
+        block_length=args.block_length,
+        steps=args.steps,
+        budgets=tuple(args.budgets),
+        layers=args.layers,
+        hidden=args.hidden,
+        backend=args.backend,
+        print_fn=print,
+    )
+    command = "maskkv-compile " + " ".join(sys.argv[1:])
+    if args.json:
+        from maskkv_compile.bench_plots import write_results
+
+        write_results(args.json, rows, command)
+    if args.plots:
+        for path in plot_rows(rows, args.plots, title=command):
+            print(f"wrote {path}")
+    return 0
+
+
 DIFF_MODELS = {"tiny-llama": "tiny_llada", "tiny-qwen2": "tiny_dream"}
 
 
@@ -392,6 +428,25 @@ def build_parser() -> argparse.ArgumentParser:
         + ")",
     )
     bench.set_defaults(func=cmd_bench)
+
+    block = sub.add_parser(
+        "bench-block",
+        help="block diffusion: the uncached block loop (eager, compiled) vs the exact prefix "
+        "cache vs MaskKV, side by side",
+    )
+    block.add_argument("--prompt-lens", type=int, nargs="+", default=[1024, 4096, 8192])
+    block.add_argument("--gen-length", type=int, default=256)
+    block.add_argument("--block-length", type=int, default=32)
+    block.add_argument("--steps", type=int, default=8, help="refinement steps per block")
+    block.add_argument("--budgets", type=int, nargs="+", default=[64, 256])
+    block.add_argument("--layers", type=int, default=2)
+    block.add_argument("--hidden", type=int, default=512, help="heads: hidden / 128, KV heads / 4")
+    block.add_argument("--backend", choices=["inductor", "eager"], default="inductor")
+    block.add_argument("--threads", type=int, default=None)
+    block.add_argument("--json", metavar="PATH")
+    block.add_argument("--plots", metavar="DIR")
+    block.add_argument("--quick", action="store_true", help="tiny CI-sized run (eager)")
+    block.set_defaults(func=cmd_bench_block)
 
     diff = sub.add_parser(
         "diff",

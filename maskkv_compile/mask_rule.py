@@ -42,7 +42,9 @@ def probe_block_length(model: torch.nn.Module, takes_position_ids: bool) -> Opti
     """The block length the model makes of a 2-D mask, or None when it keeps attention
     bidirectional (the mask is then padding)."""
     config = getattr(model, "config", None)
-    length = min(PROBE_LENGTH, getattr(config, "max_position_embeddings", PROBE_LENGTH) or PROBE_LENGTH)
+    length = min(
+        PROBE_LENGTH, getattr(config, "max_position_embeddings", PROBE_LENGTH) or PROBE_LENGTH
+    )
     vocab = getattr(config, "vocab_size", None) or 32
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")

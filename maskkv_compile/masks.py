@@ -159,8 +159,10 @@ def _block_ends(rows: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor
 def _same_suffix(opened: torch.Tensor, valid: torch.Tensor) -> bool:
     """Every row's non-real positions are the same suffix of the sequence, and all of them see
     every key: the last block of a block-causal mask, as likely as right padding opened up."""
-    return bool((opened == ~valid).all()) and bool((opened == opened[:1]).all()) and bool(
-        (opened[0].cummax(0).values == opened[0]).all()
+    return (
+        bool((opened == ~valid).all())
+        and bool((opened == opened[:1]).all())
+        and bool((opened[0].cummax(0).values == opened[0]).all())
     )
 
 

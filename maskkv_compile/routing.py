@@ -207,7 +207,9 @@ def decide(
     return Plan(Transition.STEP, match, revote=due, stale=stale)
 
 
-def new_prompt(plan: Plan, has_prompt: bool, block: bool = False, block_not_last: bool = False) -> Plan:
+def new_prompt(
+    plan: Plan, has_prompt: bool, block: bool = False, block_not_last: bool = False
+) -> Plan:
     """A NEW plan once the call's layout is known: UNCACHED when some row has no prompt (for a
     block-causal call: no prefix before its last block, a window of one block, which runs whole
     and is no slower so; or masks before its last block)."""

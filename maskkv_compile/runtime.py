@@ -53,10 +53,10 @@ from typing import Optional
 
 import torch
 
+from maskkv_compile.block_diffusion import append_block, finished_columns
 from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.dual_cache import DualCache
 from maskkv_compile.inductor import SEQ, InductorGraph
-from maskkv_compile.block_diffusion import append_block, finished_columns
 from maskkv_compile.layout import Layout, NoMaskTokenError, block_layout, infer_layout
 from maskkv_compile.passes.base import output_groups, split_outputs
 from maskkv_compile.pipeline import MaskKVGraphs, build_graphs
@@ -290,7 +290,10 @@ class MaskKVRuntime:
         pending, keys = [], []  # 0-d tensors to read; per session the names of its facts
         for session in (*self.sessions, *self.dropped):
             if session.may_extend(call):
-                facts = {"continues": torch.zeros((), dtype=torch.bool), "extends": session.extends(call)}
+                facts = {
+                    "continues": torch.zeros((), dtype=torch.bool),
+                    "extends": session.extends(call),
+                }
                 keys.append(list(facts))
                 pending += facts.values()
                 continue

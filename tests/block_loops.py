@@ -9,7 +9,7 @@
   causal LMs switched to ``is_causal=False``.
 
 LLaDA2's own loop (with LLaDA2.1 editing as an option) is ``LLaDA2StyleModel.generate`` in
-``tests/llada2_model.py``.
+``maskkv_compile/llada2_standin.py``.
 
 Conventions (from SDAR's and LLaDA2's released generation code, read, not copied): the block grid
 starts at position 0, the prompt occupies ``[0, P)`` and the generated tokens follow at once (the

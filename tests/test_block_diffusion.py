@@ -19,10 +19,10 @@ import random
 import pytest
 import torch
 from block_loops import block_causal_mask, sdar_generate, tiny_qwen2, tiny_qwen3
-from llada2_model import llada2_block_mask, tiny_llada2
 
 import maskkv_compile
 from maskkv_compile.layout import block_layout
+from maskkv_compile.llada2_standin import llada2_block_mask, tiny_llada2
 from maskkv_compile.mask_rule import probe_block_length
 from maskkv_compile.masks import read_mask
 
@@ -159,7 +159,9 @@ def _case(seed):
     padded = batch > 1 and rng.random() < 0.7
     if padded and loop != "diffusers":  # a padded one-block window reads as a LLaDA prompt
         prompt_len = max(prompt_len, block)
-    family = "llada2" if loop in ("llada2", "diffusers") else rng.choice(["llada2", "qwen2", "qwen3"])
+    family = (
+        "llada2" if loop in ("llada2", "diffusers") else rng.choice(["llada2", "qwen2", "qwen3"])
+    )
     return {
         "loop": loop,
         "block": block,

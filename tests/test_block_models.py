@@ -1,14 +1,15 @@
 """Issue 23 (block diffusion): the stand-ins and reference loops work, uncached.
 
-LLaDA2-shaped model (tests/llada2_model.py), SDAR-style loop on Qwen2/Qwen3 (tests/block_loops.py),
-the block-causal mask helper, the prefix property MaskKV relies on, and diffusers' LLaDA2Pipeline
-run unmodified on the stand-in.
+LLaDA2-shaped model (maskkv_compile/llada2_standin.py), SDAR-style loop on Qwen2/Qwen3
+(tests/block_loops.py), the block-causal mask helper, the prefix property MaskKV relies on, and
+diffusers' LLaDA2Pipeline run unmodified on the stand-in.
 """
 
 import pytest
 import torch
 from block_loops import block_causal_mask, block_ids, sdar_generate, tiny_qwen2, tiny_qwen3
-from llada2_model import llada2_block_mask, tiny_llada2
+
+from maskkv_compile.llada2_standin import llada2_block_mask, tiny_llada2
 
 MASK = 255
 

@@ -41,6 +41,25 @@ def test_drop_in_loop_example(script):
     assert "calls: 1 prefill, 7 steps" in out
 
 
+def test_block_diffusion_example(script):
+    out = script("examples/block_diffusion.py")
+    assert "1. own generate == plain model: True | {'new': 1, 'step': 10, 'extend': 3}" in out
+    if "skipped" not in out:
+        assert "2. LLaDA2Pipeline == plain model: True | {'new': 1, 'step': 11, 'extend': 3}" in out
+    assert "{'new': 1, 'step': 7, 'extend': 2} | masks left: 0" in out
+    assert "layer 0 keeps [64] per KV head of 224 prefix entries" in out
+
+
+def test_cli_bench_block_quick_prints_every_run_side_by_side(cli):
+    out = cli("bench-block", "--quick")
+    for run in ("uncached", "uncached, torch.compile", "prefix cache (exact)", "MaskKV budget 8"):
+        assert f"  {run} " in out or f"{run}  " in out, run
+    # the exact prefix cache reproduces the uncached loop; every ratio was measured in the run
+    lines = out.splitlines()
+    prefix = next(s for s in lines if "prefix cache (exact)" in s and "1.00x" in s)
+    assert prefix.rstrip().endswith("yes")
+
+
 def test_dream_padded_batch_example(script):
     out = script("examples/dream_padded_batch.py")
     assert "prompt lengths: [5, 12, 9] | transitions: {'new': 1, 'step': 5}" in out

@@ -1,4 +1,6 @@
-"""A small LLaDA2-shaped block-diffusion model and its generation loop, for tests (issue 23).
+"""A small LLaDA2-shaped block-diffusion model and its generation loop (random weights): what the
+tests, the block-diffusion example and the README run MaskKV against, as ``tiny_models`` does
+for LLaDA and Dream.
 
 Written from the conventions of inclusionAI's released LLaDA2.0 / LLaDA2.1 remote code and of the
 diffusers ``LLaDA2Pipeline`` (read, not copied). It is a stand-in to test MaskKV's handling of
@@ -28,7 +30,8 @@ Logits are NOT shifted: row i is the prediction for position i, as in LLaDA2.
   or bool (True = may attend); used as given;
 * a 2-D ``[B, K]`` 0/1 key-padding mask (what diffusers' ``LLaDA2Pipeline`` passes): converted
   here to the block-causal mask of ``config.block_length`` on the grid that starts at position 0
-  (LLaDA2's grid), with padded keys removed; every query keeps its own key so no row is empty.
+  (LLaDA2's grid), with padded keys removed from every row (as transformers' masks do); a row
+  left with no key keeps its own, so no row is empty.
   With ``config.block_length=None`` a 2-D mask gives bidirectional attention with key padding.
 
 ``LLaDA2StyleModel.generate`` is LLaDA2's block-wise refinement loop (see its docstring), with
