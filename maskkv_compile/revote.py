@@ -89,6 +89,15 @@ def voters(layout: Layout, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
     return local, torch.stack([torch.isin(union, v) for v in per_row])
 
 
+def block_voters(layout: Layout, masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block diffusion: (Rv,) indices into ``layout.rows`` (the block's rows) of the voting
+    queries and (B, Rv) per row: the block's rows that hold the mask token (``masked`` (B, S)),
+    every real row of the block in a row with no mask left."""
+    mine = masked[:, layout.rows] & layout.resp_valid  # (B, C)
+    mine = torch.where(mine.any(1, keepdim=True), mine, layout.resp_valid)
+    return torch.arange(layout.rows.numel(), device=layout.rows.device), mine
+
+
 def to_host(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` in host memory: itself if it is there, else a page-locked copy, written
     asynchronously on the current stream (a later copy back on that stream runs after it)."""
@@ -175,17 +184,56 @@ class Revote(Feature):
         session.state[self.name] = RevoteState()
         return None
 
+    def _voters(self, session: Session) -> tuple[torch.Tensor, torch.Tensor]:
+        if session.layout.block_start is None:
+            return voters(session.layout, self.shift)
+        return block_voters(session.layout, session.masked)
+
     def prefill_outputs(self, session: Session, named: dict) -> None:
-        if session.layout.block_start is not None:
-            return  # block diffusion: the prefix grows by blocks the tier would not hold
         pairs = named["prompt_kv"]
         if self.where == "host":
             pairs = [(to_host(k), to_host(v)) for k, v in pairs]
-        idx, valid = voters(session.layout, self.shift)
+        idx, valid = self._voters(session)
         layout = session.layout
         session.state[self.name].tier = SecondTier(
             pairs, layout.prompt_idx, layout.prompt_valid, idx, valid
         )
+
+    def extend(self, session: Session, finished: Layout, response_kv: list) -> bool:
+        """Block diffusion: the finished block joins the second tier (the whole prefix), and the
+        new block's step re-selects from it (``Plan.revote`` is set at every EXTEND). A head
+        whose budget held its whole prefix holds the finished block too; every other head keeps
+        its budget."""
+        tier = session.state[self.name].tier
+        if tier is None:
+            return False
+        rows = finished.rows  # (C,)
+        grow = finished.resp_valid.sum(1)  # (B,) real rows of the finished block
+        whole = tier.prompt_valid.sum(1)  # (B,) the prefix each row had
+        pairs = []
+        for (k, v), (fk, fv) in zip(tier.prompt_kv, response_kv):
+            fk, fv = fk.to(k.device), fv.to(v.device)
+            pairs.append((torch.cat([k, fk.to(k.dtype)], 2), torch.cat([v, fv.to(v.dtype)], 2)))
+        tier.prompt_kv = pairs
+        tier.prompt_pos = torch.cat([tier.prompt_pos, rows])
+        tier.prompt_valid = torch.cat([tier.prompt_valid, finished.resp_valid], 1)
+        tier.voter_idx, tier.voter_valid = self._voters(session)
+        layers = []
+        for cache in session.layers:
+            full = cache.kept_len == whole[:, None]  # (B, Hkv): nothing was evicted
+            budget = torch.where(full, cache.kept_len + grow[:, None], cache.kept_len)
+            extra = rows.numel()
+            layers.append(
+                dataclasses.replace(
+                    cache,
+                    # read for their padded length only: the re-vote writes the new entries
+                    kept_k=torch.nn.functional.pad(cache.kept_k, (0, 0, 0, extra)),
+                    kept_v=torch.nn.functional.pad(cache.kept_v, (0, 0, 0, extra)),
+                    kept_len=budget,
+                )
+            )
+        session.layers = layers
+        return True
 
     def step_graph(self, session: Session, plan: Plan, call: Call, inputs: dict) -> Optional[str]:
         tier = session.state[self.name].tier

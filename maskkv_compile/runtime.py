@@ -504,8 +504,9 @@ class MaskKVRuntime:
 
     def _run_extend(self, call: Call, session: Session, plan: Plan):
         """The window grew by one block (``block_diffusion.py``): the finished block's rows once
-        with their final tokens, their K/V appended to every layer's kept prefix, then the new
-        block as a step."""
+        with their final tokens, their K/V appended to every layer's kept prefix (or, with
+        ``revote``, to the second tier, from which the new block's step re-selects), then the
+        new block as a step."""
         old, seq = session.layout, session.ids.shape[1]
         args = list(call.args)
         for i in (self.tokens_pos, *self.per_token_pos):
@@ -522,15 +523,19 @@ class MaskKVRuntime:
                 }
             )
         _, named = self._run("step_kv", tuple(args), inputs)
-        columns, counts = finished_columns(old.resp_valid)
-        session.layers = [
-            append_block(cache, k, v, columns, counts, old.rows)
-            for cache, (k, v) in zip(session.layers, named["response_kv"])
-        ]
         session.layout = self._new_layout(call)
         session.ids, session.masked = call.ids.clone(), call.masked
         session.per_token = [x.clone() for x in call.per_token]
         session.logits_buffer = None  # the window's shape changed
+        taken = False
+        for feature in self.features:
+            taken = feature.extend(session, old, named["response_kv"]) or taken
+        if not taken:
+            columns, counts = finished_columns(old.resp_valid)
+            session.layers = [
+                append_block(cache, k, v, columns, counts, old.rows)
+                for cache, (k, v) in zip(session.layers, named["response_kv"])
+            ]
         return self._run_step(call, session, plan)
 
     def _run_step(self, call: Call, session: Session, plan: Plan):

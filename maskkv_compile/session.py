@@ -223,5 +223,12 @@ class Feature:
     def step_outputs(self, session: Session, plan: "Plan", named: dict) -> None:
         """After a step: take the feature's named outputs."""
 
+    def extend(self, session: Session, finished: Layout, response_kv: list) -> bool:
+        """A block-causal window grew by one block (``session.layout`` is the new one):
+        ``response_kv`` holds each layer's K/V of ``finished.rows``, the finished block. Returns
+        True when the feature takes them (the runtime then does not append them to the kept
+        prefix itself)."""
+        return False
+
     def stats(self, session: Optional[Session]) -> dict:
         return {}

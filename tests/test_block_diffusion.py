@@ -375,3 +375,86 @@ def test_under_eviction_every_step_gives_real_logits_and_the_cache_stays_bounded
     kept = [layer["kept_per_kv_head"] for layer in optimized.cache_stats()["layers"]]
     # the prompt's entries stay the budget; each finished block joins whole
     assert max(max(k) for k in kept) <= 6 + 3 * 4
+
+
+def test_a_step_callback_that_replaces_the_block_stays_exact():
+    """diffusers' ``callback_on_step_end`` may hand back another ``block_x``: here one that
+    masks the block again at the second step of every block (a restart of the window)."""
+    diffusers = pytest.importorskip("diffusers")
+    model = _zero_mask_row(tiny_llada2(dtype=torch.float64, block_length=4))
+
+    def remask(pipe, step, timestep, kwargs):
+        block_x = kwargs["block_x"]
+        if timestep == 1:
+            block_x = block_x.clone()
+            block_x[:, -4:] = MASK
+        return {"block_x": block_x}
+
+    def run(net):
+        pipe = diffusers.LLaDA2Pipeline(model=net, scheduler=diffusers.BlockRefinementScheduler())
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(
+            input_ids=_prompt(1, 9),
+            use_chat_template=False,
+            gen_length=8,
+            block_length=4,
+            num_inference_steps=4,
+            temperature=0.0,
+            mask_token_id=MASK,
+            output_type="seq",
+            callback_on_step_end=remask,
+            callback_on_step_end_tensor_inputs=["block_x"],
+        ).sequences
+
+    optimized = maskkv_compile.optimize(model, budget=10**6, backend="eager")
+    assert torch.equal(run(optimized), run(model))
+    assert optimized.cache_stats()["transitions"].get("restart", 0) > 0
+
+
+def test_each_row_of_a_padded_batch_under_eviction_is_the_row_alone():
+    model = _zero_mask_row(tiny_qwen3(dtype=torch.float64))
+    prompt = _prompt(2, 30, seed=4)
+    pad = torch.ones_like(prompt)
+    pad[1, :7] = 0
+    prompt = prompt.masked_fill(pad == 0, 0)
+    kwargs = dict(gen_length=8, block_length=4, mask_id=MASK, steps=2)
+    batched = maskkv_compile.optimize(model, budget=5, backend="eager")
+    together = sdar_generate(batched, prompt, attention_mask=pad, **kwargs)
+    assert batched.cache_stats()["transitions"]["extend"] == 2  # windows end at 32, 36, 40
+    for row in range(2):
+        alone = maskkv_compile.optimize(model, budget=5, backend="eager")
+        one = sdar_generate(
+            alone, prompt[row : row + 1], attention_mask=pad[row : row + 1], **kwargs
+        )
+        assert torch.equal(together[row : row + 1], one), row
+
+
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_revote_reselects_over_the_whole_prefix_at_every_extend(where):
+    """With ``revote`` the finished block joins the second tier and the new block's votes
+    re-select over the whole prefix: the hot cache stays at the budget (without it, each
+    finished block joins the kept set whole); at a budget above the prefix it is exact."""
+    model = _zero_mask_row(tiny_qwen3(dtype=torch.float64))
+    prompt = _prompt(2, 30)
+    pad = torch.ones_like(prompt)
+    pad[1, :3] = 0
+    kwargs = dict(gen_length=12, block_length=4, mask_id=MASK, steps=2, attention_mask=pad)
+    reference = sdar_generate(model, prompt, **kwargs)
+    exact = maskkv_compile.optimize(
+        model, budget=10**6, backend="eager", revote=1000, second_tier=where
+    )
+    with Checked(exact, model, 4) as checked:
+        assert torch.equal(sdar_generate(exact, prompt, **kwargs), reference)
+    assert checked.worst == 0.0
+    stats = exact.cache_stats()
+    assert stats["transitions"]["extend"] == 3 and stats["revotes"] == 3
+    assert stats["second_tier"]["prompt_len"] == 40  # 28 + 3 finished blocks of 4
+    assert stats["layers"][0]["kept_per_row"] == [[40, 40], [37, 37]]
+
+    bounded = maskkv_compile.optimize(model, budget=5, backend="eager", revote=1000)
+    sdar_generate(bounded, prompt, **kwargs)
+    grown = maskkv_compile.optimize(model, budget=5, backend="eager")
+    sdar_generate(grown, prompt, **kwargs)
+    for a, b in zip(bounded.cache_stats()["layers"], grown.cache_stats()["layers"]):
+        assert a["kept_per_row"] == [[5, 5], [5, 5]]
+        assert b["kept_per_row"] == [[5 + 12, 5 + 12], [5 + 12, 5 + 12]]

@@ -275,9 +275,11 @@ def test_to_html_highlights_the_inserted_ops(tmp_path):
 
 
 def expected_dump_names():
+    # step_kv: the step graph with the response K/V out, which block diffusion's extend runs
+    graphs = {**PASSES, "step_kv": ["ResponseKVOutputsPass"]}
     return {
         f"maskkv.{graph}.{i}.{name}.{when}.py"
-        for graph, names in PASSES.items()
+        for graph, names in graphs.items()
         for i, name in enumerate(names)
         for when in ("before", "after")
     }

@@ -308,20 +308,18 @@ def test_the_backend_under_a_models_own_generate_method():
     "kind, words",
     [
         ("causal", "causal (each token sees the tokens up to itself)"),
-        ("block", "block-causal with blocks of 4"),
         ("window", "a causal sliding window of 3"),
     ],
 )
 def test_a_mask_that_is_not_padding_is_named_for_what_it_is(kind, words):
-    """Block diffusion's block-causal mask (additive bf16 0/-inf, as LLaDA2's loop builds it) is
-    recognised and refused by name, with its block length; so are causal and sliding windows."""
+    """Causal and sliding-window masks are refused by name (a block-causal one is block
+    diffusion: tests/test_block_diffusion.py)."""
     model = build("llada")
     _, x = prompt_and_masks(model, 8, 6)
     pos = torch.arange(x.shape[1])
     causal = pos[None, :] <= pos[:, None]
     allowed = {
         "causal": causal,
-        "block": (pos // 4)[None, :] <= (pos // 4)[:, None],
         "window": causal & (pos[:, None] - pos[None, :] < 3),
     }[kind]
     additive = torch.where(allowed, 0.0, float("-inf")).to(torch.bfloat16)[None, None]
