@@ -23,10 +23,12 @@ TOOLS = (
     "maskkv_compile.model_explorer",
     "maskkv_compile.bench",
     "maskkv_compile.bench_plots",
+    "maskkv_compile.bench_block",
     "maskkv_compile.measure",
     "maskkv_compile.cli",
     "maskkv_compile.evaluation",
     "maskkv_compile.tiny_models",
+    "maskkv_compile.llada2_standin",
 )
 
 

@@ -79,6 +79,35 @@ def test_attention(kv_heads, softmax_dtype):
 
 
 @pytest.mark.parametrize("softmax_dtype", [None, torch.float32])
+def test_attention_block_causal_key_end(softmax_dtype):
+    """``key_end`` (S,): query i sees keys before the end of its block, on top of the padding;
+    a query left with no key (a padding row in a block of padding) sees every real key."""
+    q, k, v = qkv(kv_heads=2, dtype=torch.float64)
+    key_end = torch.tensor([4] * 4 + [8] * 4 + [13] * 5)
+    key_valid = torch.ones(2, 13, dtype=torch.bool)
+    key_valid[1, :5] = False  # row 1: block 0 is all padding
+    out = torch.ops.maskkv.attention(q, k, v, 0.3, softmax_dtype, key_valid, key_end)
+    tol = dict(atol=1e-6 if softmax_dtype else 1e-12, rtol=1e-6)
+    for b in range(2):
+        real = key_valid[b].nonzero().flatten().tolist()
+        for i in range(13):
+            keys = [j for j in real if j < int(key_end[i])] or real
+            want = naive_attention(
+                q[b : b + 1, :, i : i + 1], k[b : b + 1], v[b : b + 1], 0.3, [[keys] * 2]
+            )
+            torch.testing.assert_close(out[b : b + 1, :, i : i + 1], want, **tol)
+    # no padding: the block ends alone; an empty key_end is plain attention
+    blocks = torch.ops.maskkv.attention(q, k, v, 0.3, softmax_dtype, None, key_end)
+    plain = torch.ops.maskkv.attention(q, k, v, 0.3, softmax_dtype, None, key_end[:0])
+    torch.testing.assert_close(plain, torch.ops.maskkv.attention(q, k, v, 0.3, softmax_dtype))
+    assert not torch.allclose(blocks, plain)
+    opcheck(
+        torch.ops.maskkv.attention.default,
+        (q.float(), k.float(), v.float(), 0.3, softmax_dtype, key_valid, key_end),
+    )
+
+
+@pytest.mark.parametrize("softmax_dtype", [None, torch.float32])
 def test_attention_padding_keys(softmax_dtype):
     q, k, v = qkv(kv_heads=2, dtype=torch.float64)
     key_valid = torch.ones(2, 13, dtype=torch.bool)
