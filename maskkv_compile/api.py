@@ -14,7 +14,7 @@ from maskkv_compile.backend import MaskKVBackend
 from maskkv_compile.config import MaskKVConfig, MaskKVConfigError, resolve
 from maskkv_compile.dual_cache import generation_block_length
 from maskkv_compile.mask_rule import grid_ends, probe_block_length
-from maskkv_compile.masks import structure_from_masks
+from maskkv_compile.masks import MaskReader
 from maskkv_compile.passes import UnsupportedModelError
 from maskkv_compile.profile import model_fingerprint
 from maskkv_compile.runtime import Counts, MaskKVRuntime, padding
@@ -64,6 +64,7 @@ class MaskKVModel(torch.nn.Module):
         self._last_runtime = None
         self._warned_block = False
         self._two_d_block = "unprobed"  # what the model makes of a 2-D mask (``_block_rule``)
+        self._masks = MaskReader()  # the caller's masks, read once per mask tensor
         object.__setattr__(
             self, "_view", _routed_view(model, self)
         )  # not a submodule: it shares the model's state
@@ -118,7 +119,7 @@ class MaskKVModel(torch.nn.Module):
         two_d = isinstance(kwargs.get("attention_mask"), torch.Tensor) and (
             kwargs["attention_mask"].dim() == 2
         )
-        key_valid, key_end = structure_from_masks(input_ids, kwargs, self.mask_token_id)
+        key_valid, key_end = self._masks(input_ids, kwargs)
         if two_d and key_end is None and self._block_rule() is not None:
             # the model makes blocks of a 2-D mask inside its forward (``mask_rule.py``)
             key_end = grid_ends(input_ids.shape[1], self._block_rule(), input_ids.device)

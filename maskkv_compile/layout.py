@@ -281,11 +281,12 @@ def block_layout(
     device = ids.device
     pos = torch.arange(seq, device=device)
     masked = (ids == mask_token_id) & key_valid  # (B, S)
-    first = torch.where(masked.any(0), pos, seq).min()  # the first masked position
-    # the last block, or, with masks before it (run uncached), every block from the first mask
-    first_end = key_end[first.clamp(max=seq - 1)]
-    start = int((key_end == torch.where(first < seq, first_end, seq).clamp(max=seq)).nonzero()[0])
-    outside = start < int((key_end == seq).nonzero()[0])  # host reads once per layout
+    # the rows computed: the last block, or, with masks before it (that call runs uncached),
+    # every block from the one holding the first mask (host reads, once per layout)
+    last = int((key_end == seq).nonzero()[0])
+    masks_at = masked.any(0).nonzero().flatten()
+    first = int(masks_at[0]) if masks_at.numel() else last
+    start = min(last, int((key_end == key_end[first]).nonzero()[0]))
     in_block = pos >= start  # (S,)
     response = key_valid & in_block  # (B, S)
     rows = pos[start:]  # (C,)
@@ -320,5 +321,5 @@ def block_layout(
         (None,) * ids.shape[0],
         key_end=key_end,
         block_start=start,
-        masks_outside_block=outside,
+        masks_outside_block=start < last,
     )

@@ -166,16 +166,14 @@ def _same_suffix(opened: torch.Tensor, valid: torch.Tensor) -> bool:
     )
 
 
-def read_mask(name: str, mask, batch: int, seq: int, masked: Optional[torch.Tensor] = None):
+def read_mask(name: str, mask, batch: int, seq: int):
     """((B, S) bool real keys or None when nothing is padding, (S,) block ends or None when the
     attention is not block-causal) from one mask spelling.
 
     One pattern reads both ways: a block-causal mask of two blocks is also real rows followed
-    by padding rows that see every key. It is read as blocks when those rows hold the mask
-    token (``masked`` (B, S): nobody generates into padding) or are the same suffix in every
-    row (a block-diffusion window after its post-steps; right padding differs from row to row
-    and transformers opens up padding rows that see nothing, never a suffix that sees the
-    real keys)."""
+    by padding rows that see every key. It is read as blocks when those rows are the same
+    suffix in every row of the batch (a block-diffusion window of two blocks; right padding
+    differs from row to row)."""
     if mask is None or (isinstance(mask, str) and mask == "full"):
         return None, None
     if not isinstance(mask, torch.Tensor):
@@ -202,10 +200,7 @@ def read_mask(name: str, mask, batch: int, seq: int, masked: Optional[torch.Tens
             valid = _real_keys(rows)
             real_rows_ok = (rows == valid[:, None, :]) | ~valid[:, :, None]
             opened = ~valid & rows.all(-1)  # (B, S) "padding" rows that see every key
-            generating = bool(opened.any()) and (
-                (masked is not None and bool((opened & masked).any()))
-                or _same_suffix(opened, valid)
-            )
+            generating = bool(opened.any()) and _same_suffix(opened, valid)
             if generating or not bool(real_rows_ok.all()):
                 blocks = _block_ends(rows)
                 if blocks is None and bool(real_rows_ok.all()):
@@ -240,18 +235,54 @@ def key_padding(name: str, mask, batch: int, seq: int) -> Optional[torch.Tensor]
     return valid
 
 
+def _key(mask) -> tuple:
+    """What identifies a mask tensor's contents without reading them: its storage, view and
+    version counter (an in-place write bumps it). Loops pass the same mask, or slices of one,
+    at every step."""
+    if not isinstance(mask, torch.Tensor):
+        return ("value", repr(mask))
+    return (
+        mask.data_ptr(),
+        mask.storage_offset(),
+        tuple(mask.shape),
+        mask.stride(),
+        mask.dtype,
+        mask.device,
+        mask._version,
+    )
+
+
+class MaskReader:
+    """:func:`structure_from_masks` with the results of the last ``size`` masks remembered:
+    reading a (B, 1, S, S) mask costs O(S^2) and host reads, and a block loop passes the same one
+    (or a slice of the same tensor) at every refinement step of a window. A remembered mask is
+    held, so no other tensor can take its memory (and so its key) while it is remembered."""
+
+    def __init__(self, size: int = 2):
+        self.size = size
+        self.seen: dict = {}  # key -> (the masks, held; the result)
+
+    def __call__(self, input_ids: torch.Tensor, kwargs: dict):
+        masks = {name: kwargs[name] for name in MASK_NAMES if name in kwargs}
+        key = (tuple(input_ids.shape), input_ids.device, *((n, _key(m)) for n, m in masks.items()))
+        if key in self.seen:
+            for name in masks:
+                kwargs.pop(name)
+            return self.seen[key][1]
+        result = structure_from_masks(input_ids, kwargs)
+        if len(self.seen) >= self.size:
+            self.seen.pop(next(iter(self.seen)))
+        self.seen[key] = (masks, result)
+        return result
+
+
 def structure_from_masks(
-    input_ids: torch.Tensor, kwargs: dict, mask_token_id: Optional[int] = None
+    input_ids: torch.Tensor, kwargs: dict
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Pop every mask spelling out of ``kwargs``; return the padding they agree on, (B, S) or
     None, and the block ends of a block-causal mask, (S,) or None."""
     batch, seq = input_ids.shape
-    masked = None if mask_token_id is None else input_ids == mask_token_id
-    found = [
-        read_mask(name, kwargs.pop(name), batch, seq, masked)
-        for name in MASK_NAMES
-        if name in kwargs
-    ]
+    found = [read_mask(name, kwargs.pop(name), batch, seq) for name in MASK_NAMES if name in kwargs]
     padding = [valid for valid, _ in found if valid is not None]
     ends = [end for _, end in found if end is not None]
     if len(padding) > 1 and not torch.equal(padding[0], padding[1]):

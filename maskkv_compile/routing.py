@@ -172,9 +172,7 @@ def decide(
             None,
         )
         if grown is not None:
-            return Plan(
-                Transition.EXTEND, grown, revote=schedule.revote is not None, stale=stale
-            )
+            return Plan(Transition.EXTEND, grown, revote=schedule.revote is not None, stale=stale)
         continued_stale = any(facts[i] is not None and facts[i].continues for i in stale)
         fallback = Fallback.WEIGHTS_CHANGED if continued_stale else call.dropped
         return Plan(Transition.NEW, stale=stale, fallback=fallback)

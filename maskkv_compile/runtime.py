@@ -217,17 +217,18 @@ class MaskKVRuntime:
                 graphs.step_inputs,
                 output_groups(graphs.step),
             ),
-            # the step graph that also returns each layer's K/V of the computed rows (extend)
-            "step_kv": (
-                self._compile(graphs.step_kv, step_dynamic)
-                if graphs.step_kv is not graphs.step
-                else None,
+        }
+        # the step graph that also returns each layer's K/V of the computed rows (extend); the
+        # step graph itself when the dual cache already made it so
+        self._graphs["step_kv"] = (
+            self._graphs["step"]
+            if graphs.step_kv is graphs.step
+            else (
+                self._compile(graphs.step_kv, step_dynamic),
                 graphs.step_inputs,
                 output_groups(graphs.step_kv),
-            ),
-        }
-        if graphs.step_kv is graphs.step:
-            self._graphs["step_kv"] = self._graphs["step"]
+            )
+        )
         if graphs.revote is not None:  # the step graph that also re-selects (revote.py)
             dynamic = {**step_dynamic, **revote_dynamic_dims(len(graphs.sites))}
             self._graphs["revote"] = (
@@ -289,13 +290,9 @@ class MaskKVRuntime:
         one read of the device."""
         pending, keys = [], []  # 0-d tensors to read; per session the names of its facts
         for session in (*self.sessions, *self.dropped):
-            if session.may_extend(call):
-                facts = {
-                    "continues": torch.zeros((), dtype=torch.bool),
-                    "extends": session.extends(call),
-                }
-                keys.append(list(facts))
-                pending += facts.values()
+            if session.may_extend(call):  # another shape: a block window grown, or nothing
+                keys.append(["extends"])
+                pending.append(session.extends(call))
                 continue
             if not session.matches(call):
                 keys.append(None)
@@ -305,9 +302,7 @@ class MaskKVRuntime:
                 facts.update(feature.evidence(session, call))
             keys.append(list(facts))
             pending += facts.values()
-        values = iter(
-            torch.stack([v.long().to(call.ids.device) for v in pending]).tolist() if pending else []
-        )
+        values = iter(torch.stack([v.long() for v in pending]).tolist() if pending else [])
         read = []
         for key in keys:
             read.append(None if key is None else dict(zip(key, (next(values) for _ in key))))
@@ -316,7 +311,7 @@ class MaskKVRuntime:
             None
             if f is None
             else SessionFacts(
-                continues=bool(f["continues"]),
+                continues=bool(f.get("continues", 0)),
                 restarted=bool(f.get("restarted", 0)),
                 extends=bool(f.get("extends", 0)),
                 current_block=f["current_block"] if f.get("current_block", -1) >= 0 else None,
@@ -324,7 +319,7 @@ class MaskKVRuntime:
             )
             for f in live
         ]
-        came_back = any(f is not None and f["continues"] for f in dropped)
+        came_back = any(f is not None and (f.get("continues") or f.get("extends")) for f in dropped)
         return facts, Fallback.SESSION_DROPPED if came_back else None
 
     def _state(self, session: Session) -> SessionState:
