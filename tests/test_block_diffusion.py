@@ -458,3 +458,23 @@ def test_revote_reselects_over_the_whole_prefix_at_every_extend(where):
     for a, b in zip(bounded.cache_stats()["layers"], grown.cache_stats()["layers"]):
         assert a["kept_per_row"] == [[5, 5], [5, 5]]
         assert b["kept_per_row"] == [[5 + 12, 5 + 12], [5 + 12, 5 + 12]]
+
+
+def test_a_mask_is_read_once_per_tensor_and_again_after_an_in_place_write(monkeypatch):
+    from maskkv_compile import masks
+
+    reads = []
+    original = masks.structure_from_masks
+    monkeypatch.setattr(masks, "structure_from_masks", lambda *a: reads.append(1) or original(*a))
+    reader = masks.MaskReader()
+    full = llada2_block_mask(3, 4)
+    ids = _prompt(1, 8)
+    for _ in range(3):  # a loop slices the same mask at every step
+        kwargs = {"attention_mask": full[:, :, :8, :8]}
+        _, end = reader(ids, kwargs)
+        assert kwargs == {} and end.tolist() == [4] * 4 + [8] * 4
+    assert len(reads) == 1
+    full[:, :, 4:8, 0:4] = float("-inf")  # written in place: read again
+    with pytest.raises(ValueError):
+        reader(ids, {"attention_mask": full[:, :, :8, :8]})
+    assert len(reads) == 2
