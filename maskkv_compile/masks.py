@@ -135,7 +135,8 @@ def _block_ends(rows: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor
     others = rows & ~eye & ~(full & ~suffix)[..., None]  # (B, S, S)
     valid = others.any(1)  # (B, S)
     seen = rows & valid[:, None, :]  # (B, S, S)
-    ends = torch.where(seen, pos, -1).amax(-1) + 1  # (B, S)
+    # one past the last key each row sees (0: none), without an int64 (B, S, S) intermediate
+    ends = torch.where(seen.any(-1), seq - seen.flip(-1).to(torch.uint8).argmax(-1), 0)  # (B, S)
     prefix = seen == (valid[:, None, :] & (pos[None, None, :] < ends[..., None]))
     if not bool((prefix | ~valid[..., None]).all()):
         return None
@@ -263,17 +264,60 @@ class MaskReader:
         self.seen: dict = {}  # key -> (the masks, held; the result)
 
     def __call__(self, input_ids: torch.Tensor, kwargs: dict):
-        masks = {name: kwargs[name] for name in MASK_NAMES if name in kwargs}
+        masks = {name: kwargs.pop(name) for name in MASK_NAMES if name in kwargs}
+        batch, seq = input_ids.shape
+        if len(masks) == 1:
+            ((name, mask),) = masks.items()
+            base = _corner_of(mask, seq)
+            if base is not None:
+                # the window's mask is the top-left corner of one of the whole length (LLaDA2's
+                # and SDAR's loops slice it): read that once per generation, cut it here
+                key = (batch, input_ids.device, name, _key(base))
+                whole = self._read(key, base, lambda: _or_none(read_mask, name, base, batch))
+                if whole is not None:
+                    valid, end = whole
+                    valid = None if valid is None else valid[:, :seq]
+                    return (
+                        None if valid is None or bool(valid.all()) else valid,
+                        None if end is None else end[:seq].clamp(max=seq),
+                    )
         key = (tuple(input_ids.shape), input_ids.device, *((n, _key(m)) for n, m in masks.items()))
-        if key in self.seen:
-            for name in masks:
-                kwargs.pop(name)
-            return self.seen[key][1]
-        result = structure_from_masks(input_ids, kwargs)
-        if len(self.seen) >= self.size:
-            self.seen.pop(next(iter(self.seen)))
-        self.seen[key] = (masks, result)
-        return result
+        return self._read(key, masks, lambda: structure_from_masks(input_ids, dict(masks)))
+
+    def _read(self, key, held, read):
+        """``read()``, remembered under ``key`` with ``held`` (the masks it read) kept alive."""
+        if key not in self.seen:
+            if len(self.seen) >= self.size:
+                self.seen.pop(next(iter(self.seen)))
+            self.seen[key] = (held, read())
+        return self.seen[key][1]
+
+
+def _or_none(read, name, mask, batch):
+    """A whole-length mask's reading, or None when it has none (its corner may still have)."""
+    try:
+        return read(name, mask, batch, mask.shape[-1])
+    except ValueError:
+        return None
+
+
+def _corner_of(mask, seq: int) -> Optional[torch.Tensor]:
+    """The larger square (B or 1, 1, T, T) mask whose top-left (seq, seq) corner ``mask`` is a
+    view of, or None. A block-causal (or padding) reading of the whole is the corner's, cut."""
+    base = getattr(mask, "_base", None)
+    if (
+        base is None
+        or mask.dim() != 4
+        or base.dim() != 4
+        or base.shape[:2] != mask.shape[:2]
+        or base.shape[2] != base.shape[3]
+        or base.shape[3] < seq
+        or tuple(mask.shape[2:]) != (seq, seq)
+        or mask.stride() != base.stride()
+        or mask.storage_offset() != base.storage_offset()
+    ):
+        return None
+    return base
 
 
 def structure_from_masks(

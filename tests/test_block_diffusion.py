@@ -464,17 +464,22 @@ def test_a_mask_is_read_once_per_tensor_and_again_after_an_in_place_write(monkey
     from maskkv_compile import masks
 
     reads = []
-    original = masks.structure_from_masks
-    monkeypatch.setattr(masks, "structure_from_masks", lambda *a: reads.append(1) or original(*a))
+    original = masks.read_mask
+    monkeypatch.setattr(masks, "read_mask", lambda *a: reads.append(a[2:]) or original(*a))
     reader = masks.MaskReader()
-    full = llada2_block_mask(3, 4)
     ids = _prompt(1, 8)
-    for _ in range(3):  # a loop slices the same mask at every step
-        kwargs = {"attention_mask": full[:, :, :8, :8]}
+    own = llada2_block_mask(2, 4)  # a mask of its own: read once for every call with it
+    for _ in range(3):
+        kwargs = {"attention_mask": own}
         _, end = reader(ids, kwargs)
         assert kwargs == {} and end.tolist() == [4] * 4 + [8] * 4
     assert len(reads) == 1
-    full[:, :, 4:8, 0:4] = float("-inf")  # written in place: read again
-    with pytest.raises(ValueError):
+    # slices of one whole-length mask (LLaDA2's loop): the whole is read once, every window cut
+    full = llada2_block_mask(4, 4)
+    for window in (8, 12, 16, 12):
+        _, end = reader(_prompt(1, window), {"attention_mask": full[:, :, :window, :window]})
+        assert end.tolist() == [min((i // 4 + 1) * 4, window) for i in range(window)]
+    assert len(reads) == 2 and reads[-1] == (1, 16)
+    full[:, :, 4:8, 0:4] = float("-inf")  # written in place: read again, and refused
+    with pytest.raises(ValueError, match="does not see exactly"):
         reader(ids, {"attention_mask": full[:, :, :8, :8]})
-    assert len(reads) == 2
