@@ -118,11 +118,11 @@ def _block_ends(rows: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor
     Real keys: those some row other than their own sees (a key only its own row sees is a
     padding row that keeps its diagonal); rows that see every key count only when they end the
     sequence (the last block: elsewhere they are padding rows opened up, as transformers does
-    to rows that would see nothing). Each
-    real query must see exactly the real keys before its end, the ends must cut the sequence
-    into contiguous blocks (a query sees its own block both ways and every earlier block), and
-    every row of the batch must cut it alike. Padding queries are free (their outputs are never
-    read): they take the end of the next real position."""
+    to rows that would see nothing). Each real query must see exactly the real keys before its
+    end, the ends must cut the sequence into contiguous blocks (a query sees its own block both
+    ways and every earlier block), and every row of the batch must cut it alike. Padding
+    queries are free (their outputs are never read): they take the end of the next real
+    position."""
     batch, seq, _ = rows.shape
     pos = torch.arange(seq, device=rows.device)
     eye = pos[:, None] == pos[None, :]  # (S, S)
@@ -159,7 +159,8 @@ def _block_ends(rows: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor
 
 def _same_suffix(opened: torch.Tensor, valid: torch.Tensor) -> bool:
     """Every row's non-real positions are the same suffix of the sequence, and all of them see
-    every key: the last block of a block-causal mask, as likely as right padding opened up."""
+    every key: read as the last block of a block-causal mask (right padding that transformers
+    opened up would differ from row to row)."""
     return (
         bool((opened == ~valid).all())
         and bool((opened == opened[:1]).all())
