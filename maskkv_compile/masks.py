@@ -303,22 +303,22 @@ def _or_none(read, name, mask, batch):
 
 
 def _corner_of(mask, seq: int) -> Optional[torch.Tensor]:
-    """The larger square (B or 1, 1, T, T) mask whose top-left (seq, seq) corner ``mask`` is a
-    view of, or None. A block-causal (or padding) reading of the whole is the corner's, cut."""
-    base = getattr(mask, "_base", None)
-    if (
-        base is None
-        or mask.dim() != 4
-        or base.dim() != 4
-        or base.shape[:2] != mask.shape[:2]
-        or base.shape[2] != base.shape[3]
-        or base.shape[3] < seq
-        or tuple(mask.shape[2:]) != (seq, seq)
-        or mask.stride() != base.stride()
-        or mask.storage_offset() != base.storage_offset()
-    ):
+    """The square (B or 1, 1, T, T) mask, T >= seq, whose top-left (seq, seq) corner ``mask`` is
+    (its rows are T apart in memory: a slice ``whole[:, :, :seq, :seq]``), over the same
+    memory; None when ``mask`` is not such a corner. A reading of the whole is the corner's,
+    cut."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[1] != 1:
         return None
-    return base
+    row, col = mask.stride()[-2:]
+    if tuple(mask.shape[-2:]) != (seq, seq) or col != 1 or row < seq:
+        return None
+    size = (mask.shape[0], 1, row, row)
+    last = mask.storage_offset() + (mask.shape[0] - 1) * mask.stride(0) + row * row
+    if mask.untyped_storage().nbytes() < last * mask.element_size():
+        return None
+    if mask.shape[0] > 1 and mask.stride(0) < row * row:
+        return None
+    return mask.as_strided(size, mask.stride(), mask.storage_offset())
 
 
 def structure_from_masks(
