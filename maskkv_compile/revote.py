@@ -222,11 +222,12 @@ class Revote(Feature):
         for cache in session.layers:
             full = cache.kept_len == whole[:, None]  # (B, Hkv): nothing was evicted
             budget = torch.where(full, cache.kept_len + grow[:, None], cache.kept_len)
-            extra = rows.numel()
+            # read for their padded length only (the re-vote writes the entries): as wide as
+            # the largest budget, so a bounded cache stays as wide as it was
+            extra = max(int(budget.max()) - cache.kept_k.shape[2], 0)
             layers.append(
                 dataclasses.replace(
                     cache,
-                    # read for their padded length only: the re-vote writes the new entries
                     kept_k=torch.nn.functional.pad(cache.kept_k, (0, 0, 0, extra)),
                     kept_v=torch.nn.functional.pad(cache.kept_v, (0, 0, 0, extra)),
                     kept_len=budget,

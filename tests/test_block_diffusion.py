@@ -456,7 +456,7 @@ def test_revote_reselects_over_the_whole_prefix_at_every_extend(where):
     grown = maskkv_compile.optimize(model, budget=5, backend="eager")
     sdar_generate(grown, prompt, **kwargs)
     for a, b in zip(bounded.cache_stats()["layers"], grown.cache_stats()["layers"]):
-        assert a["kept_per_row"] == [[5, 5], [5, 5]]
+        assert a["kept_per_row"] == [[5, 5], [5, 5]] and a["padded_to"] == 5
         assert b["kept_per_row"] == [[5 + 12, 5 + 12], [5 + 12, 5 + 12]]
 
 
