@@ -341,12 +341,3 @@ def structure_from_masks(
         padding[0].to(device) if padding else None,
         ends[0].to(device) if ends else None,
     )
-
-
-def padding_from_masks(input_ids: torch.Tensor, kwargs: dict) -> Optional[torch.Tensor]:
-    """Pop every mask spelling out of ``kwargs``; return the padding they agree on (a
-    block-causal mask is an error)."""
-    valid, end = structure_from_masks(input_ids, kwargs)
-    if end is not None:
-        raise ValueError("a block-causal attention mask where only padding is accepted")
-    return valid
