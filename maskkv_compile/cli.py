@@ -235,10 +235,21 @@ def cmd_eval(args) -> int:
         targets,
     )
 
-    if (args.heatmap or args.checkpoint) and args.model != "tiny-dllm":
+    if args.suite == "ruler":  # the long-context sweep: its defaults, resumed from its JSON
+        if args.model not in ("ruler", "ruler-block"):
+            args.model = "ruler"
+        args.budgets = args.budgets or ["16", "32", "64", "128", "256", "512"] + ["full"]
+        args.samples = args.samples or 64
+        args.resume = True
+    args.budgets = args.budgets or ["4", "6", "8", "12", "16", "32", "full"]
+    args.samples = args.samples or 8
+    if args.heatmap and args.model != "tiny-dllm":
+        print(f"--heatmap is for the retrieval model tiny-dllm (got {args.model})", file=sys.stderr)
+        return 2
+    if args.checkpoint and args.model not in ("tiny-dllm", "ruler", "ruler-block"):
         print(
-            "--heatmap and --checkpoint are for the retrieval model: use --model "
-            f"tiny-dllm (got {args.model})",
+            "--checkpoint is for the project's own models (tiny-dllm, ruler, ruler-block), "
+            f"not {args.model}",
             file=sys.stderr,
         )
         return 2
@@ -523,10 +534,19 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument(
         "--budgets",
         nargs="+",
-        default=["4", "6", "8", "12", "16", "32", "full"],
-        help="prompt KV pairs kept per head; 'full' keeps the whole prompt",
+        default=None,
+        help="prompt KV pairs kept per head; 'full' keeps the whole prompt (default 4 6 8 12 16 "
+        "32 full; with --suite ruler 16 32 64 128 256 512 full)",
     )
-    quality.add_argument("--samples", type=int, default=8, help="sequences per task")
+    quality.add_argument(
+        "--samples", type=int, default=None, help="sequences per task (default 8; ruler suite 64)"
+    )
+    quality.add_argument(
+        "--suite",
+        choices=["ruler"],
+        help="ruler: the long-context sweep on the project's RULER-style models (--model ruler "
+        "or ruler-block; budgets 16-512 and full, 64 samples per task, resumed from its JSON)",
+    )
     quality.add_argument(
         "--revote",
         nargs="+",
@@ -568,8 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument(
         "--checkpoint",
         metavar="DIR",
-        help="tiny-dllm only: a folder written by scripts/train_tiny_dllm.py "
-        "(default: the shipped one)",
+        help="tiny-dllm / ruler / ruler-block: a folder written by scripts/train_tiny_dllm.py or "
+        "scripts/train_ruler.py (default: the shipped one)",
     )
     quality.add_argument(
         "--heatmap",

@@ -18,6 +18,13 @@ prompts (disjoint from the samples) that MaskKV's layer profile is measured on:
   loads another folder the script wrote. Task ``single`` has one needle in a 256-token
   haystack, ``multikey`` four (one asked for, three distractors). The answer is the needle's
   2-token value; the score is exact match of the whole value.
+* ``ruler`` / ``ruler-block``: the project's long-context diffusion LMs (4-layer Llama, 1.1M
+  parameters), trained by ``scripts/train_ruler.py`` on the RULER-style suite
+  (:mod:`maskkv_compile.evaluation.ruler`): ``ruler`` with full bidirectional attention
+  (LLaDA-style), ``ruler-block`` block-causal with blocks of 32 (LLaDA2 / SDAR-style; the suite
+  runs its block loop, the window growing by one block). Shipped in ``data/ruler_full`` and
+  ``data/ruler_block`` when they pass their bar (docs/ruler_models.md); ``checkpoint=`` loads a
+  folder the script wrote. Seven tasks at 2048 tokens; the score is exact match of the answer.
 * ``tiny-llama``: :func:`maskkv_compile.tiny_models.tiny_llada` with random weights and random
   sequences: fast, for CI only; its quality numbers mean nothing.
 """
@@ -33,11 +40,15 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-MODELS = ("antiberty", "rxnfp", "tiny-dllm", "tiny-llama")
+from maskkv_compile.evaluation.ruler import TASKS as RULER_TASKS
+
+MODELS = ("antiberty", "rxnfp", "tiny-dllm", "ruler", "ruler-block", "tiny-llama")
 TASKS = {
     "antiberty": ("cdr3", "suffix"),
     "rxnfp": ("product_span", "suffix"),
     "tiny-dllm": ("single", "multikey"),
+    "ruler": RULER_TASKS,
+    "ruler-block": RULER_TASKS,
     "tiny-llama": ("span", "suffix"),
 }
 
@@ -96,6 +107,7 @@ class Bundle:
     exact: bool = (
         False  # score a sample 1 only if the whole span is right (retrieval), else per token
     )
+    block_length: Optional[int] = None  # a block-diffusion model: the suite runs its block loop
 
 
 def read_table(name: str) -> list[dict]:
@@ -359,6 +371,100 @@ def load_tiny_dllm(
     )
 
 
+# ------------------------------------------------------------------ ruler
+
+RULER_LENGTH = 2048
+RULER_FOLDERS = {"ruler": "ruler_full", "ruler-block": "ruler_block"}
+
+
+def ruler_folder(name: str, checkpoint: Optional[str] = None) -> str:
+    """The long-context dLLM to load: ``checkpoint`` (a folder ``scripts/train_ruler.py``
+    wrote) or the shipped one."""
+    if checkpoint is None:
+        folder = importlib.resources.files("maskkv_compile") / "data" / RULER_FOLDERS[name]
+        if not (folder / "config.json").is_file():
+            raise ModelUnavailable(
+                f"{name}: no shipped checkpoint (data/{RULER_FOLDERS[name]}); train one with "
+                "scripts/train_ruler.py (docs/ruler_models.md) and pass --checkpoint DIR"
+            )
+        return str(folder)
+    if not os.path.isfile(os.path.join(checkpoint, "config.json")):
+        raise ModelUnavailable(
+            f"{checkpoint} is not a save_pretrained folder (no config.json in it)"
+        )
+    return checkpoint
+
+
+def load_ruler_model(name: str, checkpoint: Optional[str] = None) -> torch.nn.Module:
+    """A long-context dLLM in eval mode; its config's ``ruler`` entry says full or block
+    attention (and the block length)."""
+    import transformers
+
+    from maskkv_compile.tiny_models import _bidirectional
+
+    model = _bidirectional(
+        transformers.LlamaForCausalLM.from_pretrained(ruler_folder(name, checkpoint))
+    )
+    trained = getattr(model.config, "ruler", {}) or {}
+    want = "block" if name == "ruler-block" else "full"
+    if trained.get("attention") != want:
+        raise ValueError(
+            f"{name} wants a model trained with {want} attention; this checkpoint's config says "
+            f"ruler={trained!r} (use --model {'ruler-block' if want == 'full' else 'ruler'})"
+        )
+    return model
+
+
+def ruler_sample(sid: str, seq) -> Sample:
+    return Sample(sid, seq.task, seq.ids, seq.start, len(seq.ids))
+
+
+def load_ruler(
+    name: str,
+    samples: Optional[int] = None,
+    tasks: Optional[Sequence[str]] = None,
+    seed: int = 0,
+    length: int = RULER_LENGTH,
+    checkpoint: Optional[str] = None,
+) -> Bundle:
+    from maskkv_compile.evaluation import ruler
+
+    tasks = _check_tasks(name, tasks)
+    model = load_ruler_model(name, checkpoint)
+    n = 16 if samples is None else samples
+    if n < 1:
+        raise ValueError(f"samples must be >= 1, got {n}")
+    out = []
+    for task in tasks:
+        # fixed seeds, disjoint from training's (0..) and the training script's held-out (10**6..)
+        gen = torch.Generator().manual_seed(
+            7_000_000 + 1000 * seed + 10 * ruler.TASKS.index(task) + 1
+        )
+        out += [ruler_sample(f"{i}/{task}", ruler.ruler_task(gen, task, length)) for i in range(n)]
+    gen = torch.Generator().manual_seed(8_000_000 + seed)
+    calibration = [
+        torch.tensor([s.ids[: s.start]])
+        for s in (ruler.ruler_task(gen, task, length) for task in ruler.TASKS)
+    ]
+    block = model.config.ruler.get("block")
+    return Bundle(
+        name,
+        model,
+        ruler.MASK,
+        out,
+        calibration,
+        calibration_gen_length=ruler.VALUE_LEN,
+        decode=lambda ids: " ".join(ruler.token_name(int(i)) for i in ids),
+        tasks=tasks,
+        exact=True,
+        block_length=block,
+        note=f"{name}: long-context diffusion LM trained by scripts/train_ruler.py "
+        f"({checkpoint or 'data/' + RULER_FOLDERS[name]}, {model.config.num_hidden_layers} "
+        f"layers, {'block-causal, blocks of %d' % block if block else 'full attention'}); "
+        f"RULER-style tasks at {length} tokens, score = exact match of the answer",
+    )
+
+
 # ------------------------------------------------------------------ tiny-llama
 
 
@@ -411,14 +517,16 @@ def load_bundle(
 ) -> Bundle:
     """The named model with ``samples`` sequences per task (default: all eval rows; tiny-dllm 16,
     tiny-llama 4); ``checkpoint`` is a tiny-dllm folder to load instead of the shipped one."""
-    if checkpoint is not None and name != "tiny-dllm":
-        raise ValueError(f"checkpoint= is for tiny-dllm only, not {name!r}")
+    if checkpoint is not None and name not in ("tiny-dllm", *RULER_FOLDERS):
+        raise ValueError(f"checkpoint= is for the project's own models only, not {name!r}")
     if name == "antiberty":
         return load_antiberty(samples, tasks)
     if name == "rxnfp":
         return load_rxnfp(samples, tasks)
     if name == "tiny-dllm":
         return load_tiny_dllm(samples, tasks, seed=seed, checkpoint=checkpoint)
+    if name in RULER_FOLDERS:
+        return load_ruler(name, samples, tasks, seed=seed, checkpoint=checkpoint)
     if name == "tiny-llama":
         return load_tiny_llama(samples, tasks, seed=seed)
     raise ValueError(f"unknown model {name!r}; valid: {list(MODELS)}")

@@ -27,7 +27,11 @@ positions of KL(uncached || cached) of the softmaxed logits at step 1, the first
 both models fed the same ``x``), ``kept`` (mean kept prompt entries per KV head), ``seconds`` (the
 whole cell, the KL reference included), ``net_seconds`` (the calls of the configuration's model
 alone: its cost per token), ``step_ms`` (mean of its calls after the first: the per-step cost),
-``revotes`` (re-votes run).
+``revotes`` (re-votes run), ``transitions`` (the runtime's routing counts: which path ran).
+
+A bundle with ``block_length`` (a block-diffusion model) runs the block loop of :func:`infill`
+instead: the same one-token-per-step rule inside the current block, the window growing by one
+block, the block-causal mask passed with every call.
 
 Resumable: the JSON is rewritten after every configuration; with ``resume=True`` the cells
 already in it are not recomputed (and a configuration whose cells are all present is not even
@@ -182,16 +186,39 @@ def optimized(
 
 
 @torch.no_grad()
-def infill(net, sample: Sample, mask_id: int, reference: Optional[torch.nn.Module] = None):
+def infill(
+    net,
+    sample: Sample,
+    mask_id: int,
+    reference: Optional[torch.nn.Module] = None,
+    block_length: Optional[int] = None,
+):
     """The greedy loop; returns (filled tokens, KL at step 1 against ``reference`` or None,
-    calls)."""
+    calls). With ``block_length`` (a block-diffusion model) it is the block loop: the window is
+    ``x[:, :end]`` with ``end`` the end of the current block (blocks of ``block_length`` from
+    position 0, the last one cut at the sequence's end), called with the block-causal mask; a
+    step fixes one masked position of the current block, and the window grows by one block when
+    the block has none left."""
     x = sample.masked(mask_id)
+    n = x.shape[1]
+    kwargs: dict = {}
+    end = n
+    if block_length is not None:
+        from maskkv_compile.evaluation.ruler import block_mask
+
+        full_mask = block_mask(n, block_length)
+        end = min(n, (sample.start // block_length + 1) * block_length)
     kl = None
     for step in range(sample.span_len):
-        masked = x[0] == mask_id
-        logits = net(x).logits[0].float()
+        while not bool((x[0, :end] == mask_id).any()):  # the block is finished: grow the window
+            end = min(n, end + block_length)
+        if block_length is not None:
+            kwargs = {"attention_mask": full_mask[:, :, :end, :end]}
+        window = x[:, :end]
+        masked = window[0] == mask_id
+        logits = net(window, **kwargs).logits[0].float()
         if step == 1 and reference is not None:
-            ref = reference(x).logits[0].float()
+            ref = reference(window, **kwargs).logits[0].float()
             kl = kl_divergence(ref[masked], logits[masked])
         logits[:, mask_id] = float("-inf")
         confidence, tokens = torch.softmax(logits, -1).max(-1)
@@ -375,7 +402,9 @@ class Suite:
                     config.policy is not None
                 ):  # warm-up, untimed: the first call traces and compiles
                     net.reset()
-                    infill(net, missing[0], self.bundle.mask_id)
+                    infill(
+                        net, missing[0], self.bundle.mask_id, block_length=self.bundle.block_length
+                    )
                     self.model_calls += missing[0].span_len
                 cells = self.results["cells"].setdefault(config.key, {})
                 for sample in missing:
@@ -407,10 +436,12 @@ class Suite:
         if config.policy is not None:
             net.reset()
         timed = _Timed(net)
-        tokens, kl, calls = infill(timed, sample, self.bundle.mask_id, reference)
+        tokens, kl, calls = infill(
+            timed, sample, self.bundle.mask_id, reference, self.bundle.block_length
+        )
         seconds = time.perf_counter() - t0
         self.model_calls += calls + (reference is not None and sample.span_len > 1)
-        kept = revotes = None
+        kept = revotes = transitions = None
         if config.policy is not None:
             stats = net.cache_stats()
             layers = stats["layers"]
@@ -418,6 +449,7 @@ class Suite:
                 sum(layer["kept_per_kv_head"]) / len(layer["kept_per_kv_head"]) for layer in layers
             ) / len(layers)
             revotes = stats.get("revotes", 0)
+            transitions = stats["transitions"]
         steps = timed.times[1:]
         return {
             "tokens": tokens,
@@ -429,6 +461,7 @@ class Suite:
             "net_seconds": round(sum(timed.times), 5),
             "step_ms": round(1e3 * sum(steps) / len(steps), 4) if steps else None,
             "revotes": revotes,
+            "transitions": transitions,
         }
 
     def _score(self, tokens: list[int], sample: Sample) -> float:
