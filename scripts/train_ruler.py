@@ -69,12 +69,16 @@ def build_model(hidden: int, layers: int, heads: int, max_positions: int, seed: 
     return LlamaForCausalLM(config)
 
 
-def ar_loss(model, x, answer):
+def ar_loss(model, x, answer, answer_weight: float):
+    """Next-token cross-entropy: mean over every position plus ``answer_weight`` times the mean
+    over the answer tokens (a few % of a sequence, and the only place retrieval is asked for).
+    Returns (loss, answer CE)."""
     logits = model(x).logits[:, :-1]
     ce = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none"
     )
-    return ce.mean(), ce[answer[:, 1:].reshape(-1)].mean().item()
+    answer_ce = ce[answer[:, 1:].reshape(-1)].mean()
+    return ce.mean() + answer_weight * answer_ce, answer_ce.item()
 
 
 def diffusion_loss(model, x, answer, gen, block=None):
@@ -205,6 +209,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--tokens", type=int, default=8192, help="tokens per batch")
     ap.add_argument("--stages", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    ap.add_argument(
+        "--answer-weight", type=float, default=1.0, help="ar: weight of the answer tokens' mean CE"
+    )
     ap.add_argument("--advance-at", type=float, default=0.9)
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--eval-n", type=int, default=16)
@@ -265,7 +272,7 @@ def main() -> None:
             )
             x, answer = ruler.batch(gen, ruler.TASKS, max(2, args.tokens // length), length)
             if causal:
-                loss, answer_ce = ar_loss(model, x, answer)
+                loss, answer_ce = ar_loss(model, x, answer, args.answer_weight)
             else:
                 loss, answer_ce = diffusion_loss(model, x, answer, gen, block)
             opt.zero_grad(set_to_none=True)

@@ -322,3 +322,18 @@ def test_bootstrap_intervals():
     text = table(results, "score", budgets=[4])
     assert "**0.500** [0.25, 0.75]" in text  # the value in bold (the best), then its interval
     assert "bootstrap interval" in markdown(results)
+
+
+def test_readme_quality_summary_is_computed_from_the_jsons():
+    """The README's quality table is what the docs/ JSONs give, not typed: regenerate it with
+    scripts/update_readme_quality.py after an eval run."""
+    from maskkv_compile.evaluation.readme_summary import END, START, block, rewrite
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    assert rewrite(readme, root / "docs") == readme, "run scripts/update_readme_quality.py"
+    table = block(root / "docs")
+    assert "| rxnfp (91) | 4 (4%) |" in table  # a row from docs/quality_rxnfp.json
+    with pytest.raises(ValueError, match="markers"):
+        rewrite(readme.replace(START, ""), root / "docs")
+    assert END in readme
