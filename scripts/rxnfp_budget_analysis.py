@@ -351,8 +351,15 @@ def calibration_samples(bundle, vocab: dict, span_len: int = 12, suffix_len: int
         ids = tuple(int(t) for t in ids[0])
         product = ids.index(arrow) + 1, len(ids) - 1
         start = product[0] + max(0, (product[1] - product[0] - span_len) // 2)
-        out.append(Sample(f"calib{i}/product_span", "product_span", ids, start,
-                          min(start + span_len, product[1])))
+        out.append(
+            Sample(
+                f"calib{i}/product_span",
+                "product_span",
+                ids,
+                start,
+                min(start + span_len, product[1]),
+            )
+        )
         out.append(Sample(f"calib{i}/suffix", "suffix", ids, product[1] - suffix_len, product[1]))
     return out
 
@@ -374,8 +381,9 @@ def coverage_curves(model, samples: list, mask_id: int, max_k: int) -> torch.Ten
             for layer, mass in enumerate(record["mass"]):
                 order = votes[layer].argsort(-1, descending=True)  # (H, P)
                 share = mass.gather(1, order) / record["n_q"]
-                cum = torch.cat([torch.zeros(share.shape[0], 1, dtype=share.dtype),
-                                 share.cumsum(1)], 1)
+                cum = torch.cat(
+                    [torch.zeros(share.shape[0], 1, dtype=share.dtype), share.cumsum(1)], 1
+                )
                 if cum.shape[1] < max_k + 1:
                     pad = cum[:, -1:].expand(-1, max_k + 1 - cum.shape[1])
                     cum = torch.cat([cum, pad], 1)
@@ -418,8 +426,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8, help="reactions per task (default 8)")
     parser.add_argument("--budget", type=int, default=5, help="prompt KV pairs per head (5)")
     parser.add_argument("--out", required=True, help="where to write the JSON")
-    parser.add_argument("--skip-layer-runs", action="store_true",
-                        help="skip the 2 x n_layers per-layer library runs")
+    parser.add_argument(
+        "--skip-layer-runs",
+        action="store_true",
+        help="skip the 2 x n_layers per-layer library runs",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -431,8 +442,11 @@ def main() -> None:
     with open(os.path.join(rxnfp_folder(), "vocab.txt")) as f:
         vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
     profile = maskkv_compile.calibrate(
-        bundle.model, bundle.calibration, gen_length=bundle.calibration_gen_length,
-        mask_token_id=bundle.mask_id, progress=False,
+        bundle.model,
+        bundle.calibration,
+        gen_length=bundle.calibration_gen_length,
+        mask_token_id=bundle.mask_id,
+        progress=False,
     )
     n_layers = len(profile.importance)
     n_heads = bundle.model.config.num_attention_heads
@@ -474,8 +488,10 @@ def main() -> None:
             emulated_evict.append(agreement(tokens, maskkv_cells[sample.id]["tokens"]))
     log("attention statistics done")
     attention = {}
-    for which, getter in (("maskkv", lambda s: s), ("mask_voting_uniform",
-                                                    lambda s: s["kept_uniform"])):
+    for which, getter in (
+        ("maskkv", lambda s: s),
+        ("mask_voting_uniform", lambda s: s["kept_uniform"]),
+    ):
         attention[which] = {
             b: {
                 k: _mean([getter(s)[b][k] for s in per_sample.values()])

@@ -1,7 +1,7 @@
 """Rewrite README.md's quality summary from docs/quality_*.json (``--check``: only compare).
 
-    python scripts/update_readme_quality.py           # after a new eval run
-    python scripts/update_readme_quality.py --check   # exit 1 when README is out of date
+python scripts/update_readme_quality.py           # after a new eval run
+python scripts/update_readme_quality.py --check   # exit 1 when README is out of date
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def main() -> int:
     new = rewrite(old, ROOT / "docs")
     if args.check:
         if new != old:
-            print("README.md's quality summary is out of date: run scripts/update_readme_quality.py")
+            print("README.md's quality summary is out of date: run this script without --check")
             return 1
         return 0
     readme.write_text(new)

@@ -43,6 +43,14 @@ def _cell(results: dict, key: str, ids: list[str]) -> Optional[tuple[float, str]
     return agg["retention"], f"{agg['retention']:.1f}{bounds}"
 
 
+def _show(cell, top, suffix: str = "") -> str:
+    """A cell's text, in bold when its value is the row's best."""
+    if cell is None:
+        return ""
+    text = cell[1] + suffix
+    return f"**{text}**" if cell[0] == top else text
+
+
 def rows(results: dict, name: str, budgets: tuple[int, ...]) -> list[list[str]]:
     ids = sample_ids(results)
     prompt = mean_prompt(results, ids)
@@ -55,17 +63,11 @@ def rows(results: dict, name: str, budgets: tuple[int, ...]) -> list[list[str]]:
         values = [c[0] for c in ours if c] + ([best[0]] if best else [])
         top = max(values, default=None)
 
-        def show(c, suffix=""):
-            if c is None:
-                return ""
-            text = c[1] + suffix
-            return f"**{text}**" if c[0] == top else text
-
         label = f"{name} ({prompt:.0f})" if i == 0 else name
         out.append(
             [label, f"{budget} ({100 * budget / prompt:.0f}%)"]
-            + [show(c) for c in ours]
-            + [show(best, f" ({best[2]})") if best else ""]
+            + [_show(c, top) for c in ours]
+            + [_show(best, top, f" ({best[2]})") if best else ""]
         )
     return out
 
