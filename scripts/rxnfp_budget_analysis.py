@@ -159,6 +159,25 @@ def summarize(cells: dict, full: dict, samples: list[Sample]) -> dict:
     return out
 
 
+def add_intervals(runs: dict, full: dict, ids: list, base: str = "maskkv", n: int = 1000) -> None:
+    """95% percentile bootstrap intervals (``n`` resamples of the samples, seed 0, the same
+    resamples for every run): of each run's retention, and of its difference to ``base``'s
+    (paired: both on the same resample)."""
+    idx = torch.randint(len(ids), (n, len(ids)), generator=torch.Generator().manual_seed(0))
+    full_scores = torch.tensor([full[i]["score"] for i in ids], dtype=torch.float64)[idx].sum(1)
+
+    def retention(run: dict) -> torch.Tensor:
+        scores = torch.tensor([run["scores"][i] for i in ids], dtype=torch.float64)
+        return 100 * scores[idx].sum(1) / full_scores
+
+    reference = retention(runs[base])
+    for run in runs.values():
+        r = retention(run)
+        run["retention_ci95"] = r.quantile(torch.tensor([0.025, 0.975], dtype=r.dtype)).tolist()
+        d = r - reference
+        run[f"minus_{base}_ci95"] = d.quantile(torch.tensor([0.025, 0.975], dtype=d.dtype)).tolist()
+
+
 # ------------------------------------------------------------------ the eager model, hooked
 
 
@@ -522,6 +541,7 @@ def main() -> None:
             spare[layer] = FULL_LAYER
             record(f"spare_layer{layer}", fixed_layers(f"spare{layer}", spare))
 
+    add_intervals(runs, full, [s.id for s in samples])
     result = {
         "what": __doc__.split("\n\n")[0],
         "command": "OMP_NUM_THREADS=1 python scripts/rxnfp_budget_analysis.py "

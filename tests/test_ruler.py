@@ -71,7 +71,7 @@ def _expected(seq: ruler.RulerSequence) -> list[int]:
 
 
 @pytest.mark.parametrize("task", ruler.TASKS)
-@pytest.mark.parametrize("length", [256, 2048])
+@pytest.mark.parametrize("length", [96, 256, 2048])
 def test_every_answer_is_determined_by_its_context(task, length):
     gen = torch.Generator().manual_seed(3)
     for _ in range(12):
@@ -107,7 +107,9 @@ def test_bad_task_and_too_short_context_are_named():
     with pytest.raises(ValueError, match="unknown task 'needle'"):
         ruler.ruler_task(torch.Generator(), "needle", 512)
     with pytest.raises(ValueError, match="cannot hold"):
-        ruler.ruler_task(torch.Generator().manual_seed(0), "copy", 40)
+        ruler.ruler_task(torch.Generator().manual_seed(0), "copy", 20)
+    with pytest.raises(ValueError, match="cannot hold"):
+        ruler.ruler_task(torch.Generator().manual_seed(0), "multivalue", 30)
 
 
 def _block_bundle(samples, block=16):

@@ -19,7 +19,8 @@ Tasks (after RULER's categories; the answer lengths make the step graph run many
   ``Q_FREQ`` asks for the three most frequent, most frequent first (aggregation over the
   whole context; counts are exact, so the top three are never tied).
 * ``copy``: three passages ``PASSAGE key p1..pm`` (m in 8-32, symbols distinct within a
-  passage); ``Q_COPY key`` asks for one passage's m symbols.
+  passage; below 256 tokens one passage, m <= (length - 16) / 2); ``Q_COPY key`` asks for one
+  passage's m symbols.
 
 :func:`ruler_task` builds one sequence of exactly ``length`` tokens; everything is drawn from
 the ``torch.Generator`` passed in, so the same seed gives the same sequence.
@@ -166,9 +167,12 @@ def ruler_task(gen: torch.Generator, task: str, length: int) -> RulerSequence:
         order = _pick(gen, WORDS, len(WORDS))  # order[r] is the word of rank r
         items = [[order[r]] for r, c in enumerate(counts) for _ in range(c)]
         query, answer = [Q_FREQ], order[:3]
-    else:  # copy
-        keys = _pick(gen, KEYS, 3)
-        sizes = [8 + int(torch.randint(25, (1,), generator=gen)) for _ in keys]
+    else:  # copy (a short context, as in a curriculum's first stages, holds one passage)
+        keys = _pick(gen, KEYS, 3 if length >= 256 else 1)
+        longest = min(32, (length - 16) // 2)  # 32 from 80 tokens up
+        if longest < 8:
+            raise ValueError(f"a copy sequence cannot hold an 8-token passage in {length} tokens")
+        sizes = [8 + int(torch.randint(longest - 7, (1,), generator=gen)) for _ in keys]
         passages = [_pick(gen, VALUES, m) for m in sizes]
         items = [[PASSAGE, k, *p] for k, p in zip(keys, passages)]
         query, answer = [Q_COPY, keys[0]], passages[0]
