@@ -81,6 +81,20 @@ def ar_loss(model, x, answer, answer_weight: float):
     return ce.mean() + answer_weight * answer_ce, answer_ce.item()
 
 
+def repeat_batch(gen: torch.Generator, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` sequences ``BOS s s s ...``: a random segment of keys and values repeated to
+    ``length``; the answer is every repeat. Next-token training on these is the densest
+    induction signal there is (every repeated token is predictable only by matching its
+    predecessor earlier on), which retrieval and copying then reuse."""
+    seg = 8 + int(torch.randint(25, (1,), generator=gen))
+    pool = ruler.VALUES[-1] + 1
+    base = torch.randint(pool, (rows, seg), generator=gen)
+    reps = -(-(length - 1) // seg)
+    x = torch.cat([torch.full((rows, 1), ruler.BOS), base.repeat(1, reps)[:, : length - 1]], 1)
+    answer = torch.arange(length)[None, :].expand(rows, -1) > seg
+    return x, answer
+
+
 def diffusion_loss(model, x, answer, gen, block=None):
     b, n = x.shape
     t = torch.rand(b, 1, generator=gen).clamp(min=0.05)
@@ -212,6 +226,12 @@ def main() -> None:
     ap.add_argument(
         "--answer-weight", type=float, default=1.0, help="ar: weight of the answer tokens' mean CE"
     )
+    ap.add_argument(
+        "--repeat-frac",
+        type=float,
+        default=0.25,
+        help="ar: share of rows that repeat a random segment (induction warm-up)",
+    )
     ap.add_argument("--advance-at", type=float, default=0.9)
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--eval-n", type=int, default=16)
@@ -270,7 +290,12 @@ def main() -> None:
             length = (
                 args.stages[stage] if rng.random() < 0.6 else rng.choice(args.stages[: stage + 1])
             )
-            x, answer = ruler.batch(gen, ruler.TASKS, max(2, args.tokens // length), length)
+            rows = max(2, args.tokens // length)
+            x, answer = ruler.batch(gen, ruler.TASKS, rows, length)
+            if causal and args.repeat_frac > 0:  # induction warm-up rows (see repeat_batch)
+                k = max(1, round(args.repeat_frac * rows))
+                xr, ar = repeat_batch(gen, k, length)
+                x, answer = torch.cat([x[k:], xr]), torch.cat([answer[k:], ar])
             if causal:
                 loss, answer_ce = ar_loss(model, x, answer, args.answer_weight)
             else:
