@@ -244,7 +244,10 @@ def cmd_eval(args) -> int:
     args.budgets = args.budgets or ["4", "6", "8", "12", "16", "32", "full"]
     args.samples = args.samples or 8
     if args.heatmap and args.model != "tiny-dllm":
-        print(f"--heatmap is for the retrieval model tiny-dllm (got {args.model})", file=sys.stderr)
+        print(
+            f"--heatmap is for the retrieval model: use --model tiny-dllm (got {args.model})",
+            file=sys.stderr,
+        )
         return 2
     if args.checkpoint and args.model not in ("tiny-dllm", "ruler", "ruler-block"):
         print(

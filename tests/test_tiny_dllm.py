@@ -231,7 +231,7 @@ def test_shipped_checkpoint_retrieves_uncached():
 def test_tiny_dllm_errors(tmp_path, capsys):
     with pytest.raises(ModelUnavailable, match="no config.json"):
         load_bundle("tiny-dllm", checkpoint=str(tmp_path))
-    with pytest.raises(ValueError, match="for tiny-dllm only"):
+    with pytest.raises(ValueError, match="for the project.s own models only"):
         load_bundle("tiny-llama", checkpoint=str(tmp_path))
     assert cli_main(["eval", "--model", "tiny-llama", "--heatmap", "--out", str(tmp_path)]) == 2
     assert "--model tiny-dllm" in capsys.readouterr().err
