@@ -82,7 +82,7 @@ if HAS_TRITON:
                 mask=col_ok[:, None] & dv_ok[None, :],
                 other=0.0,
             )  # (BLOCK_N, BLOCK_DV)
-            s = _dot(q, kt, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+            s = _dot(q, kt, UPCAST) * tl.cast(qk_scale, tl.float32)  # (BLOCK_M, BLOCK_N), log2
             s = tl.where(col_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
             # no key so far (m_new = -inf): subtract 0 instead, so that p = alpha = 0, not NaN

@@ -136,7 +136,7 @@ if HAS_TRITON:
                 mask=d_ok[:, None] & col_ok[None, :],
                 other=0.0,
             )  # (BLOCK_D, BLOCK_N)
-            s = _dot(q, kt, UPCAST) * qk_scale  # (BLOCK_R, BLOCK_N), log2 units
+            s = _dot(q, kt, UPCAST) * tl.cast(qk_scale, tl.float32)  # (BLOCK_R, BLOCK_N), log2
             s = tl.where(col_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: 0, not NaN
@@ -231,7 +231,7 @@ if HAS_TRITON:
                     other=0.0,
                 )  # (BLOCK_R, BLOCK_D)
                 lse = tl.load(lse_ptr + (b * H + h) * RV + rows, mask=row_ok, other=0.0)
-                s = _dot(q, kt, UPCAST) * qk_scale  # (BLOCK_R, BLOCK_P)
+                s = _dot(q, kt, UPCAST) * tl.cast(qk_scale, tl.float32)  # (BLOCK_R, BLOCK_P)
                 p = tl.exp2(s - lse[:, None])
                 p = tl.where(row_counts[:, None] & col_counts[None, :], p, 0.0)
                 head_cols += tl.sum(p, 0)

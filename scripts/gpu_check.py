@@ -331,10 +331,17 @@ def check_rows(device, smoke):
             all(map(torch.equal, got, want)),
         )
     )
+    sections = [second_tier_rows]
     if device == "cuda":
-        rows += op_and_inductor_rows(gen)
-        rows += sync_rows()
-    rows += second_tier_rows(device)
+        sections = [lambda _: op_and_inductor_rows(gen), lambda _: sync_rows(), *sections]
+    for section in sections:
+        try:
+            rows += section(device)
+        except Exception as error:  # noqa: BLE001 - a crash is a failed row; the next ones run
+            import traceback
+
+            traceback.print_exc()
+            rows.append((f"crashed: {type(error).__name__}", "-", "-", float("nan"), False))
     return rows
 
 
@@ -647,11 +654,13 @@ def timing_rows(device, smoke):
     return rows, (b, h, hkv, d, resp, str(dtype)[6:])
 
 
-def loop_rows(device, smoke):
+def loop_rows(device, smoke, deadline=None, prompt_lengths=None, compiled_baseline=True):
     """The full LLaDA loop on LLaDA-shaped layers: uncached vs MaskKV vs MaskKV + dual cache
     (and the dual cache under CUDA graphs, ``mode="reduce-overhead"``), seconds per generation.
     Each run is warmed up on a short prompt first (compiles), then timed once per prompt
-    length with a synchronize on both sides. A run that raises prints its error as its row."""
+    length with a synchronize on both sides. A run that raises prints its error as its row.
+    Rows print as they are measured; past ``deadline`` (a ``time.perf_counter()`` value) no
+    further run or length is started, so a bounded lease still returns what was measured."""
     import maskkv_compile
     from maskkv_compile.bench import build_model
     from maskkv_compile.generate import generate
@@ -660,6 +669,7 @@ def loop_rows(device, smoke):
     prompts, gen_length, steps, block, budget = (
         ((64, 128), 16, 16, 4, 8) if smoke else ((4096, 8192, 16384, 32768), 256, 256, 32, 256)
     )
+    prompts = tuple(prompt_lengths or prompts)
     dtype = torch.float32 if smoke else torch.bfloat16
     model = build_model(
         "llada-shape",
@@ -679,10 +689,18 @@ def loop_rows(device, smoke):
         ),
     }
     if not smoke:
+        # the strongest baseline a user has without MaskKV: the uncached model under Inductor
+        if compiled_baseline:
+            runs["uncached, compiled"] = torch.compile(model, dynamic=True)
         runs[f"MaskKV {budget} + dual, reduce-overhead"] = torch.compile(
             model,
             backend="maskkv",
-            options={"budget": budget, "block_length": block, "mode": "reduce-overhead"},
+            options={
+                "budget": budget,
+                "block_length": block,
+                "mask_token_id": mask_id,
+                "mode": "reduce-overhead",
+            },
         )
 
     def timed(runner, prompt):
@@ -697,6 +715,9 @@ def loop_rows(device, smoke):
     gen = torch.Generator().manual_seed(0)
     rows = []  # (run, P, seconds or error)
     for name, runner in runs.items():
+        if deadline is not None and time.perf_counter() > deadline:
+            print(f"  {name}: skipped (past --deadline-s)", flush=True)
+            continue
         try:
             timed(
                 runner, torch.randint(0, mask_id, (1, 64), generator=gen).to(device)
@@ -705,11 +726,15 @@ def loop_rows(device, smoke):
             rows += [(name, p, f"{type(error).__name__}: {str(error)[:80]}") for p in prompts]
             continue
         for prompt_len in prompts:
+            if deadline is not None and time.perf_counter() > deadline:
+                print(f"  {name} P={prompt_len}: skipped (past --deadline-s)", flush=True)
+                break
             prompt = torch.randint(0, mask_id, (1, prompt_len), generator=gen).to(device)
             try:
                 rows.append((name, prompt_len, timed(runner, prompt)))
             except Exception as error:  # noqa: BLE001
                 rows.append((name, prompt_len, f"{type(error).__name__}: {str(error)[:80]}"))
+            print(f"  {name} P={prompt_len}: {rows[-1][2]}", flush=True)
     setup = (
         f"LLaDA-shaped, {layers} layers, hidden {hidden}, vocab {vocab}, {str(dtype)[6:]}, "
         f"gen {gen_length}, "
@@ -760,6 +785,14 @@ def multi_gpu_check() -> int:
     return 1 if failed else 0
 
 
+def _transformers_version() -> str:
+    try:
+        import transformers
+    except ImportError:
+        return "not installed"
+    return f"{transformers.__version__} ({os.path.dirname(transformers.__file__)})"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -767,6 +800,19 @@ def main() -> int:
     )
     parser.add_argument(
         "--multi-gpu", action="store_true", help="only the tensor-parallel check, one GPU per rank"
+    )
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        default=None,
+        help="start no full-loop run after this many seconds (the rest print as skipped)",
+    )
+    parser.add_argument(
+        "--prompts", type=int, nargs="+", help="full-loop prompt lengths (default 4k..32k)"
+    )
+    parser.add_argument("--no-times", action="store_true", help="skip the kernel times")
+    parser.add_argument(
+        "--no-compiled-baseline", action="store_true", help="skip the uncached model compiled"
     )
     args = parser.parse_args()
     if args.multi_gpu:
@@ -777,16 +823,32 @@ def main() -> int:
     if device == "cuda":
         print(
             f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-            f"triton {triton.__version__}"
+            f"triton {triton.__version__}, transformers {_transformers_version()}"
         )
 
-    rows = check_rows(device, args.cpu_smoke)
+    import traceback
+
+    try:
+        rows = check_rows(device, args.cpu_smoke)
+    except Exception:  # noqa: BLE001 - a crash is a failed check; the sections after still run
+        traceback.print_exc()
+        rows = [("check_rows crashed", "-", "-", float("nan"), False)]
     print(f"\n{'check':<28} {'shape':<40} {'dtype':<9} {'max err':>9}  result")
     for name, shape, dtype, err, ok in rows:
         print(f"{name:<28} {shape:<40} {dtype:<9} {err:>9.2e}  {'ok' if ok else 'FAIL'}")
     failed = sum(not ok for *_, ok in rows)
 
-    times, (b, h, hkv, d, resp, dtype) = timing_rows(device, args.cpu_smoke)
+    try:
+        if args.no_times:
+            raise RuntimeError("kernel times skipped (--no-times)")
+        times, (b, h, hkv, d, resp, dtype) = timing_rows(device, args.cpu_smoke)
+    except RuntimeError as skipped:
+        print(skipped)
+        times, (b, h, hkv, d, resp, dtype) = [], ("-",) * 6
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        failed += 1
+        times, (b, h, hkv, d, resp, dtype) = [], ("-",) * 6
     print(f"\ntimes in ms, B={b} H={h} Hkv={hkv} D={d} L={resp} {dtype}; speed-up = other / triton")
     print(
         f"{'kernel':<30} {'P':>6} {'triton':>9} {'torch path':>11} {'x':>6}  "
@@ -797,7 +859,10 @@ def main() -> int:
             f"{name:<30} {prompt!s:>6} {t_tri:>9.3f} {t_torch:>11.3f} {t_torch / t_tri:>5.1f}x  "
             f"{base:<16} {t_base:>9.3f} {t_base / t_tri:>5.1f}x"
         )
-    loops, setup = loop_rows(device, args.cpu_smoke)
+    deadline = None if args.deadline_s is None else started + args.deadline_s
+    loops, setup = loop_rows(
+        device, args.cpu_smoke, deadline, args.prompts, not args.no_compiled_baseline
+    )
     uncached = {p: t for name, p, t in loops if name == "uncached" and isinstance(t, float)}
     print(f"\nfull loop, seconds per generation: {setup}; speed-up = uncached / run")
     print(f"{'run':<40} {'P':>6} {'s':>9} {'x':>7}")
