@@ -22,6 +22,8 @@ Pure torch / Python, no graph code. Vocabulary:
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import math
 from typing import Optional, Sequence, Union
 
@@ -102,6 +104,47 @@ def maskkv_layer_budgets(
             per_layer = k_imp * sum(imp[l] for l in group) / total_imp / len(group)
             for l in group:
                 out[l] = beta * budget + per_layer
+    return out
+
+
+def coverage_layer_budgets(
+    coverage: Sequence[Sequence[float]], coverage_k: Sequence[int], budget: float, beta: float = 0.4
+) -> list[float]:
+    """Layer budgets that maximise the calibrated attention coverage (the rxnfp analysis,
+    docs/rxnfp_budget_analysis.md).
+
+    ``coverage[l]`` is layer ``l``'s curve: the share of the mask queries' attention held by
+    each KV head's top-k prompt entries at ``k = coverage_k`` (linear between the points).
+    Every layer gets ``beta * B`` first; the other ``(1 - beta) * B * N`` per-head entries go
+    one at a time to the layer whose curve rises most over its next entry. The curves are
+    cumulative sums of sorted shares, so they are concave and the greedy split is the one that
+    maximises the summed coverage. Invariant: ``sum(k_l) == N * B``.
+    """
+    budget, beta = _check_budget(budget), _check_fraction("beta", beta)
+    ks = [int(k) for k in coverage_k]
+    curves = [[float(v) for v in curve] for curve in coverage]
+    if not curves or any(len(c) != len(ks) for c in curves) or ks[0] != 0:
+        raise ValueError("coverage needs one curve per layer, each with one value per coverage_k")
+    n = len(curves)
+
+    def slope(layer: int, at: float) -> float:
+        # the curve's rise per entry on the segment holding `at` (0 beyond the last point)
+        i = bisect.bisect_right(ks, at) - 1
+        if i >= len(ks) - 1:
+            return 0.0
+        return (curves[layer][i + 1] - curves[layer][i]) / (ks[i + 1] - ks[i])
+
+    out = [beta * budget] * n
+    spare = budget * n - sum(out)
+    # ties (flat curves past their last point) go to the layer holding the least
+    heap = [(-slope(layer, out[layer]), out[layer], layer) for layer in range(n)]
+    heapq.heapify(heap)
+    while spare > 1e-9:
+        *_, layer = heapq.heappop(heap)
+        step = min(1.0, spare)
+        out[layer] += step
+        spare -= step
+        heapq.heappush(heap, (-slope(layer, out[layer]), out[layer], layer))
     return out
 
 

@@ -3,7 +3,11 @@
 For every calibration prompt (with ``gen_length`` masks appended, as at step 0 of a
 generation) it runs the model once through a graph in which CaptureResidualPass exposes the
 residual stream before and after each attention sub-layer, and measures
-``I_l = 1 - mean_i cos(h_in[i], h_out[i])``. The mean over prompts is the profile.
+``I_l = 1 - mean_i cos(h_in[i], h_out[i])``. The same graph also holds CaptureVotesPass's
+votes of the mask queries at every site, from which it measures each layer's attention-coverage
+curve: the share of the mask queries' attention that each KV head's top-k prompt entries hold,
+at ``k`` in :data:`COVERAGE_K` (``MaskKV(layers="coverage")`` allocates by it). The means over
+prompts are the profile.
 """
 
 from __future__ import annotations
@@ -13,37 +17,80 @@ from typing import Iterable, Optional
 import torch
 
 from maskkv_compile._torch_private import mark_dynamic
+from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.passes import FindAttentionPass, PassManager, UnsupportedModelError, analyse
+from maskkv_compile.passes.base import extra_inputs
 from maskkv_compile.passes.capture_residual import CaptureResidualPass
+from maskkv_compile.passes.capture_votes import CaptureVotesPass
 from maskkv_compile.pipeline import copy_graph_module
 from maskkv_compile.profile import LayerProfile, attention_importance, model_fingerprint
 
+# entry counts the coverage curves are measured at: every k up to 16, then 4 points per doubling
+COVERAGE_K = tuple(sorted(set(range(17)) | {round(16 * 2 ** (i / 4)) for i in range(1, 29)}))
+
+
+def coverage_curve(votes: torch.Tensor, n_voters: int) -> torch.Tensor:
+    """(len(COVERAGE_K),) float64: the mean over rows and KV heads of the share of the voters'
+    whole attention held by each head's top-k prompt entries. ``votes``: (B, Hkv, P), one
+    site's mask votes, which sum each voter's softmax probabilities over the heads of a KV
+    group, so a head's total is at most ``n_voters * group``."""
+    sorted_votes = votes.double().sort(-1, descending=True).values  # (B, Hkv, P)
+    cum = torch.cat([sorted_votes.new_zeros(*votes.shape[:2], 1), sorted_votes.cumsum(-1)], -1)
+    at = torch.tensor(COVERAGE_K).clamp(max=votes.shape[-1])
+    return cum[..., at].mean((0, 1)) / n_voters  # (K,)
+
 
 class _CalibrationBackend:
-    """Runs the model's graph with (h_in, h_out) of every layer as extra outputs, records them."""
+    """Runs the model's graph with (h_in, h_out) and the mask votes of every layer as extra
+    outputs, records the layer importances and coverage curves."""
 
     def __init__(self):
         self.measurements: list[list[float]] = []
+        self.coverage: list[torch.Tensor] = []  # one (layers, K) tensor per prompt
+        self.prompt_len = 0  # set by calibrate() before each call
 
     def __call__(self, gm, example_inputs):
         analyse(gm)
         graph = copy_graph_module(gm)
-        manager = PassManager("calibration", [FindAttentionPass(), CaptureResidualPass()])
+        original = len(graph.graph.find_nodes(op="placeholder"))
+        manager = PassManager(
+            "calibration",
+            [FindAttentionPass(), CaptureResidualPass(), CaptureVotesPass(MaskKVConfig())],
+        )
         manager(graph)
-        find, residual = (record.result for record in manager.records)
+        find, residual, _ = (record.result for record in manager.records)
         problems = find.skipped + residual.skipped
         if problems or find.matches == 0 or residual.matches != find.matches:
             raise UnsupportedModelError(
                 "calibration cannot find every attention sub-layer: "
                 + "; ".join(problems or ("no attention found",))
             )
+        sites = [node for node in graph.graph.nodes if "maskkv_votes" in node.meta]
         n_outputs = len(graph.graph.find_nodes(op="output")[0].args[0]) - 2 * find.matches
+        votes = tuple(node.meta["maskkv_votes"][0] for node in sites)
+        out = graph.graph.find_nodes(op="output")[0]
+        out.args = (tuple(out.args[0]) + votes,)
+        graph.recompile()
+        added = extra_inputs(graph, original)
 
         def run(*args):
-            outputs = graph(*args)
-            pairs = outputs[n_outputs:]
+            device = next(a.device for a in args if isinstance(a, torch.Tensor))
+            seq = next(a.shape[1] for a in args if isinstance(a, torch.Tensor) and a.dim() == 2)
+            positions = torch.arange(seq, device=device)
+            extra = {
+                "voter_idx": positions[self.prompt_len :],
+                "prompt_idx": positions[: self.prompt_len],
+            }  # key_valid / voter_valid / prompt_valid: None (no padding)
+            outputs = graph(*args, *(extra.get(name) for name in added))
+            pairs = outputs[n_outputs : n_outputs + 2 * find.matches]
             self.measurements.append(
                 [attention_importance(pairs[i], pairs[i + 1]) for i in range(0, len(pairs), 2)]
+            )
+            n_voters = seq - self.prompt_len
+            self.coverage.append(
+                torch.stack(
+                    [coverage_curve(v, n_voters).cpu() for v in outputs[n_outputs + len(pairs) :]]
+                )
             )
             return tuple(outputs[:n_outputs])
 
@@ -91,6 +138,13 @@ def calibrate(
             1,
         )
         mark_dynamic(x, 1)
+        backend.prompt_len = prompt.shape[1]
         compiled(input_ids=x, use_cache=False)
     fingerprint = model_fingerprint(getattr(model, "config", model), type(model).__name__)
-    return LayerProfile.from_measurements(backend.measurements, fingerprint, gen_length=gen_length)
+    return LayerProfile.from_measurements(
+        backend.measurements,
+        fingerprint,
+        coverage=backend.coverage,
+        coverage_k=COVERAGE_K,
+        gen_length=gen_length,
+    )

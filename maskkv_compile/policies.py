@@ -23,6 +23,7 @@ from torch import Tensor
 
 from maskkv_compile.budgets import (
     adakv_head_budgets,
+    coverage_layer_budgets,
     maskkv_head_budgets,
     maskkv_head_budgets_rows,
     maskkv_layer_budgets,
@@ -498,11 +499,16 @@ class MaskKV(Policy):
     profile: the offline :class:`~maskkv_compile.profile.LayerProfile` the layer allocation
         splits by (``maskkv_compile.calibrate``). ``None``: uniform layer budgets, said so by
         ``MaskKVConfig.describe()`` and with a warning when the model is rewritten.
+    layers: "boundary" (the paper's boundary-aware split by layer importance) or "coverage"
+        (``beta * B`` per layer, the rest where the profile's attention-coverage curves rise
+        most: :func:`~maskkv_compile.budgets.coverage_layer_budgets`; needs a profile from
+        ``calibrate``, which measures the curves).
     """
 
     alpha: float = 0.1
     beta: float = 0.4
     profile: Optional[Any] = None
+    layers: str = "boundary"
 
     name: ClassVar[str] = "maskkv"
     voters: ClassVar[str] = "mask"
@@ -515,6 +521,38 @@ class MaskKV(Policy):
         _check_fraction_option("MaskKV", "alpha", self.alpha)
         _check_fraction_option("MaskKV", "beta", self.beta)
         _check_profile("MaskKV", self.profile)
+        if self.layers not in ("boundary", "coverage"):
+            raise PolicyError(
+                f"MaskKV(layers={self.layers!r}) is not a layer allocation; valid: 'boundary' "
+                "(the paper's), 'coverage' (by calibrated attention coverage)"
+            )
+        if self.layers == "coverage" and self.profile is not None and not self.profile.has_coverage:
+            raise PolicyError(
+                "MaskKV(layers='coverage') needs a profile with attention-coverage curves, and "
+                "this one has none (it was saved by an older maskkv_compile): measure it again "
+                "with maskkv_compile.calibrate(model, prompts)"
+            )
+
+    def layer_budgets(
+        self, n_layers: int, budget: float, importance: Optional[Sequence[float]] = None, **options
+    ) -> list[float]:
+        if self.layers == "coverage" and self.profile is not None:
+            if len(self.profile.coverage) != n_layers:
+                raise ValueError(
+                    f"the profile's coverage has {len(self.profile.coverage)} layers, the "
+                    f"model {n_layers}"
+                )
+            beta = options.get("beta", self.beta)
+            return coverage_layer_budgets(
+                self.profile.coverage, self.profile.coverage_k, budget, beta
+            )
+        return super().layer_budgets(n_layers, budget, importance, **options)
+
+    def layer_allocation(self) -> str:
+        text = super().layer_allocation()
+        if self.layers == "coverage" and self.profile is not None:
+            return text.replace("boundary-aware", "coverage-greedy", 1)
+        return text
 
     def _layer_options(self) -> dict[str, Any]:
         return {"beta": self.beta}

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 PROFILE_FORMAT = "maskkv-layer-profile"
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: optional attention-coverage curves (``coverage``, ``coverage_k``)
 
 # fingerprint key -> config attribute names tried in order (HF names first, then LLaDA's own)
 _CONFIG_NAMES = {
@@ -104,12 +104,19 @@ class LayerProfile:
     fingerprint: :func:`model_fingerprint` of the calibrated model.
     version: file-format version (this code reads up to :data:`PROFILE_VERSION`).
     meta: calibration info, JSON-serializable (e.g. ``n_prompts``, ``gen_length``).
+    coverage: optional, one curve per layer: ``coverage[l][i]`` is the share of the mask
+        queries' whole attention that the top ``coverage_k[i]`` prompt entries of each KV
+        head hold (by those queries' own votes), averaged over heads and prompts; in [0, 1],
+        non-decreasing in ``k``. What ``MaskKV(layers="coverage")`` allocates by.
+    coverage_k: the entry counts of the curves, strictly increasing from 0.
     """
 
     importance: tuple[float, ...]
     fingerprint: dict
     version: int = PROFILE_VERSION
     meta: dict = field(default_factory=dict)
+    coverage: Optional[tuple[tuple[float, ...], ...]] = None
+    coverage_k: Optional[tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
         importance = tuple(float(v) for v in self.importance)
@@ -121,6 +128,7 @@ class LayerProfile:
         object.__setattr__(self, "importance", importance)
         object.__setattr__(self, "fingerprint", dict(self.fingerprint))
         object.__setattr__(self, "meta", dict(self.meta))
+        self._check_coverage(len(importance))
         n_layers = self.fingerprint.get("n_layers")
         if n_layers is not None and n_layers != len(importance):
             raise ValueError(
@@ -137,21 +145,60 @@ class LayerProfile:
                 f"versions 1..{PROFILE_VERSION} (a newer one needs a newer maskkv_compile)"
             )
 
+    def _check_coverage(self, n_layers: int) -> None:
+        if (self.coverage is None) != (self.coverage_k is None):
+            raise ValueError("coverage and coverage_k go together: give both or neither")
+        if self.coverage is None:
+            return
+        ks = tuple(int(k) for k in self.coverage_k)
+        if not ks or ks[0] != 0 or any(b <= a for a, b in zip(ks, ks[1:])):
+            raise ValueError(f"coverage_k must increase strictly from 0, got {ks}")
+        curves = tuple(tuple(float(v) for v in curve) for curve in self.coverage)
+        if len(curves) != n_layers or any(len(c) != len(ks) for c in curves):
+            raise ValueError(
+                f"coverage must hold {n_layers} curves (one per layer) of {len(ks)} values "
+                f"(one per coverage_k), got {[len(c) for c in curves]}"
+            )
+        for layer, curve in enumerate(curves):
+            if not all(math.isfinite(v) and -1e-6 <= v <= 1 + 1e-6 for v in curve) or any(
+                b < a - 1e-9 for a, b in zip(curve, curve[1:])
+            ):
+                raise ValueError(
+                    f"coverage curve of layer {layer} must be non-decreasing values in [0, 1]"
+                )
+        object.__setattr__(self, "coverage", curves)
+        object.__setattr__(self, "coverage_k", ks)
+
+    @property
+    def has_coverage(self) -> bool:
+        return self.coverage is not None
+
     @classmethod
     def from_measurements(
-        cls, per_prompt: Sequence[Sequence[float]], fingerprint: Mapping[str, Any], **meta: Any
+        cls,
+        per_prompt: Sequence[Sequence[float]],
+        fingerprint: Mapping[str, Any],
+        coverage: Optional[Sequence[Tensor]] = None,
+        coverage_k: Optional[Sequence[int]] = None,
+        **meta: Any,
     ) -> "LayerProfile":
         """Average per-prompt importance lists (one value per layer each) into a profile;
-        ``meta`` gets ``n_prompts`` plus whatever is passed (e.g. ``gen_length``)."""
+        ``coverage``: per-prompt (layers, len(coverage_k)) curves, averaged too; ``meta`` gets
+        ``n_prompts`` plus whatever is passed (e.g. ``gen_length``)."""
         rows = torch.tensor([list(map(float, r)) for r in per_prompt], dtype=torch.float64)
         if rows.dim() != 2 or rows.shape[0] == 0:
             raise ValueError(
                 "need at least one prompt's per-layer importance, all of the same length"
             )
+        curves = None
+        if coverage:
+            curves = tuple(map(tuple, torch.stack([c.double() for c in coverage]).mean(0).tolist()))
         return cls(
             tuple(rows.mean(0).tolist()),
             dict(fingerprint),
             meta={"n_prompts": rows.shape[0], **meta},
+            coverage=curves,
+            coverage_k=None if curves is None else tuple(coverage_k),
         )
 
     @property
@@ -159,13 +206,17 @@ class LayerProfile:
         return len(self.importance)
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "format": PROFILE_FORMAT,
             "version": self.version,
             "importance": list(self.importance),
             "fingerprint": self.fingerprint,
             "meta": self.meta,
         }
+        if self.coverage is not None:
+            out["coverage"] = [[round(v, 6) for v in curve] for curve in self.coverage]
+            out["coverage_k"] = list(self.coverage_k)
+        return out
 
     def save(self, path: Union[str, Path]) -> Path:
         """Write the profile as JSON; returns the path."""
@@ -195,6 +246,8 @@ class LayerProfile:
             data["fingerprint"],
             version=data["version"],
             meta=data.get("meta", {}),
+            coverage=data.get("coverage"),
+            coverage_k=data.get("coverage_k"),
         )
 
     def check_compatible(self, fingerprint: Union[Mapping[str, Any], Any]) -> None:

@@ -34,7 +34,6 @@ import torch.fx as fx
 from maskkv_compile import policy_ops  # noqa: F401  (registers the maskkv:: policy ops this pass inserts)
 from maskkv_compile.budgets import layer_slot_totals, uniform_layer_budgets
 from maskkv_compile.config import MaskKVConfig
-from maskkv_compile.policies import get_policy
 
 from .base import GraphPass, PassResult, append_outputs, placeholder
 from .find_attention import attention_sites
@@ -44,7 +43,7 @@ PREFILL_OUTPUTS_PER_LAYER = 5
 
 def layer_budgets(config, kv_heads: list[int]) -> list[float]:
     """Average per-KV-head budget of every layer, as the policy's layer allocator splits it."""
-    policy = get_policy(config.policy)
+    policy = config.eviction
     n_layers = len(kv_heads)
     if policy.needs_profile and config.profile is None:
         # a UserWarning is shown once per process by Python's default filter

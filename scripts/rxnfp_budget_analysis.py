@@ -446,6 +446,11 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=5, help="prompt KV pairs per head (5)")
     parser.add_argument("--out", required=True, help="where to write the JSON")
     parser.add_argument(
+        "--library-only",
+        action="store_true",
+        help="only the library runs: maskkv, and MaskKV(layers='coverage') from calibrate's curves",
+    )
+    parser.add_argument(
         "--skip-layer-runs",
         action="store_true",
         help="skip the 2 x n_layers per-layer library runs",
@@ -488,6 +493,34 @@ def main() -> None:
     record("maskkv_no_profile (uniform layers)", MaskKV())
     record("maskkv_alpha1 (uniform heads)", MaskKV(profile=profile, alpha=1.0))
     record(f"maskkv@{2 * B}", MaskKV(profile=profile), budget=2 * B)
+    # the library's coverage allocator (calibrate's step-0 curves, beta * B floor per layer)
+    for beta in (0.4, 0.1):
+        coverage = MaskKV(profile=profile, layers="coverage", beta=beta)
+        record(f"maskkv_layers=coverage beta={beta}", coverage)
+        record(f"maskkv_layers=coverage beta={beta}+revote1", coverage, revote=1)
+    if args.library_only:
+        add_intervals(runs, full, [s.id for s in samples])
+        write(
+            args.out,
+            {
+                "what": "rxnfp at B: the library's MaskKV(layers='coverage') next to maskkv",
+                "command": "OMP_NUM_THREADS=1 python scripts/rxnfp_budget_analysis.py "
+                f"--library-only --samples {args.samples} --budget {B} --out {args.out}",
+                "budget": B,
+                "n_samples": len(samples),
+                "coverage_layer_budgets": {
+                    str(beta): MaskKV(profile=profile, layers="coverage", beta=beta).layer_budgets(
+                        n_layers, B
+                    )
+                    for beta in (0.4, 0.1)
+                },
+                "maskkv_layer_budgets": MaskKV(profile=profile).layer_budgets(n_layers, B),
+                "runs": runs,
+                "seconds": time.perf_counter() - t0,
+            },
+        )
+        log(f"wrote {args.out}")
+        return
 
     # 2. attention along the full cache's trajectory, with the library's kept sets
     eager = eager_model()
@@ -569,11 +602,15 @@ def main() -> None:
         "seconds": time.perf_counter() - t0,
         "environment": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    write(args.out, result)
+    log(f"wrote {args.out}")
+
+
+def write(path: str, result: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
         json.dump(_rounded(result), f, indent=1)
         f.write("\n")
-    log(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
