@@ -350,6 +350,10 @@ def optimize(
     config = MaskKVConfig.from_options(overrides, base=config)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize() takes a torch.nn.Module, got {type(model).__name__}")
+    from maskkv_compile.diffusion_gemma import DiffusionGemmaMaskKV, is_diffusion_gemma
+
+    if is_diffusion_gemma(model):  # encoder cache + canvas: its own routing (diffusion_gemma.py)
+        return DiffusionGemmaMaskKV(model, config)
     token = (
         config.mask_token_id
         if config.mask_token_id is not None

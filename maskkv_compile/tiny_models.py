@@ -144,3 +144,72 @@ def tiny_qwen3(
         dtype=dtype,
         head_dim=hidden // heads,
     )
+
+
+def tiny_diffusion_gemma(
+    *,
+    layers: int = 2,
+    hidden: int = 32,
+    vocab: int = 128,
+    canvas: int = 16,
+    sliding_window: int = 8,
+    max_positions: int = 4096,
+    seed: int = 0,
+    dtype=torch.float32,
+):
+    """A random transformers DiffusionGemma (encoder + denoiser, same weights): ``layers`` layers,
+    the last full attention (no v_proj, larger head dim, one KV head) and the others sliding,
+    4 experts, a one-layer vision tower, canvas ``canvas``."""
+    from transformers import (
+        DiffusionGemmaConfig,
+        DiffusionGemmaForBlockDiffusion,
+        DiffusionGemmaTextConfig,
+    )
+    from transformers.models.gemma4.configuration_gemma4 import Gemma4VisionConfig
+
+    text = DiffusionGemmaTextConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        global_head_dim=16,
+        num_global_key_value_heads=1,
+        sliding_window=sliding_window,
+        max_position_embeddings=max_positions,
+        num_experts=4,
+        top_k_experts=2,
+        moe_intermediate_size=hidden // 2,
+        use_bidirectional_attention="vision",
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    vision = Gemma4VisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        patch_size=4,
+        position_embedding_size=64,
+        pooling_kernel_size=2,
+    )
+    config = DiffusionGemmaConfig(
+        text_config=text,
+        vision_config=vision,
+        canvas_length=canvas,
+        image_token_id=vocab - 1,
+        boi_token_id=vocab - 2,
+        eoi_token_id=vocab - 3,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = DiffusionGemmaForBlockDiffusion(config).eval().to(dtype)
+    if dtype == torch.float64:  # torch's grouped_mm (the default experts kernel) has no float64
+        model.set_experts_implementation("eager")
+    return model

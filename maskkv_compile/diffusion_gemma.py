@@ -1,0 +1,350 @@
+"""MaskKV for DiffusionGemma: canvas-query voting over the encoder cache, under transformers' own
+``generate``.
+
+This file is the one place that knows DiffusionGemma. Every model-specific rule lives here:
+how its ``generate`` calls the encoder and the decoder, and which cache layers are full
+attention. The rest is MaskKV's own machinery: the ``maskkv::mask_votes`` op and the policies'
+top-k.
+
+What DiffusionGemma does (transformers >= 5.24, ``DiffusionGemmaForBlockDiffusion``):
+- A causal encoder writes the prompt's K/V into a transformers ``Cache``.
+- A bidirectional decoder with the same weights denoises a canvas of random tokens, in up to
+  48 calls of ``self.forward(decoder_input_ids=canvas, cache=cache, ...)``.
+- Each decoder call concatenates [cache K/V ; canvas K/V] and never writes the cache.
+- A finished canvas is encoded into the cache, and the next canvas starts.
+
+What MaskKV does to it:
+
+- **Vote.** The first decoder call that sees a cache the encoder has grown votes. Its
+  canvas queries vote, per KV head of every full-attention layer, over that layer's cache
+  entries with ``maskkv::mask_votes``, on the attention's own post-norm, post-RoPE q and k (a
+  transformers attention function, ``maskkv_dg_sdpa``, wraps SDPA and reads them). That call
+  itself attends to the whole cache, as the plain model does.
+- **Evict in place.** Right after that call, each full-attention layer of the user's cache
+  object keeps its top-``budget`` entries per KV head, in position order. The decoder's later
+  calls then concatenate [kept ; canvas]. The next encoder call appends the finished canvas
+  to the kept entries, and the next canvas votes over [kept ; new canvas].
+- **Sliding-window layers** keep their window: it is already bounded.
+- **Budgets** are uniform over layers and heads. A cache layer holds one (B, Hkv, L, D)
+  tensor, so every head of a layer keeps the same count; adaptive head budgets would need a
+  ragged cache. Mask-voting policies only (``maskkv``, ``mask_voting_uniform``): the canvas
+  queries are the voters.
+
+Invariants:
+- With a budget of at least the cache length nothing is evicted, and ``generate`` gives the
+  plain model's tokens.
+- Under eviction, the kept positions of a layer and head are the top-``budget`` of that
+  head's canvas votes at the first decoder call of the canvas
+  (``tests/test_diffusion_gemma.py`` checks both against the unoptimized model).
+
+Refused with an error that says what to do:
+- eviction with padded rows, since the decoder's 2-D padding mask would no longer line up
+  with the cache;
+- eviction under a ``StaticCache``, whose slots are fixed. At full budget both run, unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from maskkv_compile.config import MaskKVConfig
+from maskkv_compile.passes import UnsupportedModelError
+
+ATTENTION = "maskkv_dg_sdpa"
+_RECORDER: contextvars.ContextVar[Optional["_Votes"]] = contextvars.ContextVar(
+    "maskkv_dg_votes", default=None
+)
+MASK_VOTING_POLICIES = ("maskkv", "mask_voting_uniform")
+
+
+def is_diffusion_gemma(model: torch.nn.Module) -> bool:
+    """The model-specific rule: transformers' DiffusionGemma (encoder + decoder + canvas)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None) == "diffusion_gemma" and hasattr(
+        getattr(model, "model", None), "decoder"
+    )
+
+
+@dataclass
+class _Votes:
+    """What one decoder call records: per full-attention layer, the canvas votes (B, Hkv, P)."""
+
+    layers: tuple[int, ...]
+    votes: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def _attention(module, query, key, value, attention_mask, **kwargs):
+    """SDPA, and when a decoder call is voting, the canvas queries' votes over the cache part of
+    ``key`` (everything before the canvas) at the full-attention layers."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    recorder = _RECORDER.get()
+    layer = getattr(module, "layer_idx", None)
+    if recorder is not None and layer in recorder.layers:
+        canvas, cached = query.shape[2], key.shape[2] - query.shape[2]
+        if cached > 0:
+            device = query.device
+            votes, _ = torch.ops.maskkv.mask_votes(
+                query,
+                key,
+                torch.arange(canvas, device=device),  # voters: every canvas row
+                torch.arange(cached, device=device),  # candidates: every cache entry
+                float(kwargs.get("scaling") or module.scaling),
+            )
+            recorder.votes[layer] = votes  # (B, Hkv, cached)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register() -> None:
+    """Register the attention function (and SDPA's mask builder under its name) with
+    transformers: done once, when a DiffusionGemma model is first optimized."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    if ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTENTION, _attention)
+    if ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
+
+
+@dataclass
+class _CacheState:
+    """What this model last did to one cache object."""
+
+    cache_id: int
+    lengths: dict[int, int]  # full layer -> entries after the last eviction
+    positions: dict[int, torch.Tensor]  # full layer -> (B, Hkv, L) absolute position per slot
+    seen: int  # tokens the encoder has written so far (absolute length)
+
+
+class DiffusionGemmaMaskKV(torch.nn.Module):
+    """``optimize(diffusion_gemma_model, budget=...)``: the model with MaskKV on its encoder
+    cache. ``generate`` is transformers' own, run with the decoder routed through MaskKV;
+    ``cache_stats()`` says what was kept."""
+
+    def __init__(self, model: torch.nn.Module, config: MaskKVConfig):
+        super().__init__()
+        policy = config.eviction.name
+        if policy not in MASK_VOTING_POLICIES:
+            raise UnsupportedModelError(
+                "DiffusionGemma runs mask-voting policies only "
+                f"({', '.join(MASK_VOTING_POLICIES)}): its canvas queries are the voters; got "
+                f"policy {policy!r}"
+            )
+        unsupported = {
+            "prompt_refresh": config.prompt_refresh,
+            "block_length": config.block_length,
+            "revote": config.reselection,
+        }
+        given = [name for name, value in unsupported.items() if value is not None]
+        if given:
+            raise UnsupportedModelError(
+                f"DiffusionGemma does not support {', '.join(given)}: each canvas re-votes at "
+                "its first decoder call already; leave them unset"
+            )
+        _register()
+        self.model = model.eval()
+        self.config = config
+        text = model.config.get_text_config()
+        self.full_layers = tuple(
+            i for i, kind in enumerate(text.layer_types) if kind == "full_attention"
+        )
+        self._state: Optional[_CacheState] = None
+        self.counts = {"decoder_calls": 0, "votes": 0, "evictions": 0, "encoder_calls": 0}
+
+    # ------------------------------------------------------------------ public surface
+
+    def generate(self, *args, **kwargs):
+        """transformers' ``DiffusionGemmaForBlockDiffusion.generate``, with MaskKV routing.
+
+        Under a static cache ``generate`` compiles the decoder (``fullgraph=True``), and a
+        static cache cannot shrink: with a budget of at least its length the plain model runs
+        (nothing would be evicted); a smaller budget is refused."""
+        if self._static(kwargs):
+            capacity = self._static_capacity(args, kwargs)
+            if capacity is None or capacity > self.config.budget:
+                raise UnsupportedModelError(
+                    "MaskKV cannot evict from a StaticCache (its slots are fixed): use the "
+                    f"default dynamic cache, or a budget of at least the cache length "
+                    f"({capacity or 'unknown'}; the budget is {self.config.budget})"
+                )
+            return self.model.generate(*args, **kwargs)
+        with self._routed():
+            return self.model.generate(*args, **kwargs)
+
+    def _static(self, kwargs) -> bool:
+        from transformers import StaticCache
+
+        config = kwargs.get("generation_config") or self.model.generation_config
+        implementation = kwargs.get("cache_implementation", config.cache_implementation)
+        return isinstance(kwargs.get("cache"), StaticCache) or implementation == "static"
+
+    def _static_capacity(self, args, kwargs) -> Optional[int]:
+        cache = kwargs.get("cache")
+        if cache is not None:
+            return int(cache.get_max_cache_shape())
+        ids = args[0] if args else kwargs.get("input_ids")
+        new = kwargs.get("max_new_tokens")
+        if ids is None or new is None:
+            return None
+        canvas = self.model.config.canvas_length
+        return int(ids.shape[-1]) + -(-int(new) // canvas) * canvas
+
+    def forward(self, *args, **kwargs):
+        with self._routed():
+            return self.model(*args, **kwargs)
+
+    def reset(self) -> None:
+        """Forget the last cache (the next decoder call votes afresh)."""
+        self._state = None
+
+    def cache_stats(self) -> dict:
+        """Kept entries per full-attention layer and KV head for the last cache, their absolute
+        positions, and the counts of decoder calls, votes and evictions."""
+        state = self._state
+        layers = []
+        if state is not None:
+            for layer in self.full_layers:
+                positions = state.positions.get(layer)
+                if positions is not None:
+                    layers.append(
+                        {
+                            "layer": layer,
+                            "kept_per_kv_head": [positions.shape[-1]] * positions.shape[1],
+                            "positions": positions.tolist(),
+                        }
+                    )
+        return {
+            "policy": self.config.eviction.name,
+            "budget": self.config.budget,
+            "layer_allocation": "uniform (one count per layer and head: a cache layer is one "
+            "tensor)",
+            "seen": 0 if state is None else state.seen,
+            "layers": layers,
+            **self.counts,
+        }
+
+    # ------------------------------------------------------------------ routing
+
+    @contextlib.contextmanager
+    def _routed(self):
+        model = self.model
+        before = model.config._attn_implementation
+        model.set_attn_implementation(ATTENTION)
+        model.forward = self._decoder_forward  # what generate's `self.forward` finds first
+        encoder = model.model.encoder
+        encoder_hook = encoder.register_forward_pre_hook(self._count_encoder)
+        try:
+            yield
+        finally:
+            encoder_hook.remove()
+            del model.forward
+            model.set_attn_implementation(before)
+
+    def _count_encoder(self, module, args):
+        self.counts["encoder_calls"] += 1
+
+    def _decoder_forward(self, *args, **kwargs):
+        cache = kwargs.get("cache")
+        model = self.model
+        if cache is None or kwargs.get("decoder_input_ids") is None:
+            return type(model).forward(model, *args, **kwargs)
+        self.counts["decoder_calls"] += 1
+        lengths = self._full_lengths(cache)
+        state = self._state
+        fresh = state is None or state.cache_id != id(cache) or state.lengths != lengths
+        if not fresh or max(lengths.values(), default=0) <= self.config.budget:
+            if fresh:
+                self._track(cache, lengths, evicted=None)
+            return type(model).forward(model, *args, **kwargs)
+        self._check_evictable(cache, kwargs)
+        recorder = _Votes(self.full_layers)
+        token = _RECORDER.set(recorder)
+        try:
+            out = type(model).forward(model, *args, **kwargs)
+        finally:
+            _RECORDER.reset(token)
+        self.counts["votes"] += 1
+        self._track(cache, lengths, evicted=self._evict(cache, recorder))
+        return out
+
+    # ------------------------------------------------------------------ cache surgery
+
+    def _full_lengths(self, cache) -> dict[int, int]:
+        out = {}
+        for layer in self.full_layers:
+            keys = getattr(cache.layers[layer], "keys", None)
+            out[layer] = 0 if keys is None or keys.numel() == 0 else int(keys.shape[-2])
+        return out
+
+    def _check_evictable(self, cache, kwargs) -> None:
+        from transformers import StaticCache
+
+        if isinstance(cache, StaticCache):
+            raise UnsupportedModelError(
+                "MaskKV cannot evict from a StaticCache (its slots are fixed): use the default "
+                "dynamic cache, or a budget of at least the cache length"
+            )
+        mask = kwargs.get("decoder_attention_mask")
+        masks = mask.values() if isinstance(mask, dict) else [mask]
+        if any(m is not None for m in masks):
+            raise UnsupportedModelError(
+                "MaskKV cannot evict with a padded batch on DiffusionGemma yet (the decoder's "
+                "padding mask is laid over the whole cache): generate the rows one at a time, or "
+                "use a budget of at least the cache length"
+            )
+
+    def _evict(self, cache, recorder: _Votes) -> dict[int, torch.Tensor]:
+        """Keep the top-``budget`` cache entries per KV head of every full layer (in position
+        order); returns layer -> kept slot indices (B, Hkv, budget) in the pre-eviction cache."""
+        budget = self.config.budget
+        kept = {}
+        for layer in self.full_layers:
+            votes = recorder.votes.get(layer)
+            cache_layer = cache.layers[layer]
+            if votes is None or votes.shape[-1] != cache_layer.keys.shape[-2]:
+                raise RuntimeError(
+                    f"layer {layer}: no canvas votes over its {cache_layer.keys.shape[-2]} cache "
+                    "entries were recorded; the decoder did not run through MaskKV's attention"
+                )
+            if votes.shape[-1] <= budget:
+                continue
+            index = votes.topk(budget, dim=-1).indices.sort(-1).values  # (B, Hkv, budget)
+            gather = index[..., None].expand(-1, -1, -1, cache_layer.keys.shape[-1])
+            cache_layer.keys = cache_layer.keys.gather(2, gather)
+            gather_v = index[..., None].expand(-1, -1, -1, cache_layer.values.shape[-1])
+            cache_layer.values = cache_layer.values.gather(2, gather_v)
+            kept[layer] = index
+        self.counts["evictions"] += 1
+        return kept
+
+    def _track(self, cache, lengths: dict[int, int], evicted) -> None:
+        """Update the absolute positions of every full layer's slots: entries the encoder
+        appended since the last call continue the sequence; evicted slots drop out."""
+        state = self._state
+        same = state is not None and state.cache_id == id(cache)
+        previous = state.seen if same else 0
+        grown = max(
+            (lengths[layer] - (state.lengths.get(layer, 0) if same else 0))
+            for layer in self.full_layers
+        )
+        seen = previous + grown
+        positions = {}
+        for layer in self.full_layers:
+            batch, kv_heads = cache.layers[layer].keys.shape[:2]
+            old = (
+                state.positions[layer]
+                if same and layer in state.positions
+                else torch.empty(batch, kv_heads, 0, dtype=torch.long)
+            )
+            new = torch.arange(previous, seen).expand(batch, kv_heads, -1)
+            slots = torch.cat([old, new], -1)  # (B, Hkv, L) before this eviction
+            if evicted is not None and layer in evicted:
+                slots = slots.gather(-1, evicted[layer].cpu())
+            positions[layer] = slots
+        self._state = _CacheState(id(cache), self._full_lengths(cache), positions, seen)

@@ -1,0 +1,140 @@
+"""DiffusionGemma under transformers' own ``generate``: exact at full budget, kept sets equal the
+canvas queries' top-k under eviction, the user's cache object stays consistent, clear refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from maskkv_compile.passes import UnsupportedModelError
+
+import maskkv_compile
+from maskkv_compile.diffusion_gemma import DiffusionGemmaMaskKV
+from maskkv_compile.tiny_models import tiny_diffusion_gemma
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_diffusion_gemma(dtype=torch.float64)
+
+
+def _generate(net, prompt, seed=0, **kwargs):
+    torch.manual_seed(seed)  # generate draws the starting canvas from torch's RNG
+    out = net.generate(prompt, max_denoising_steps=4, **kwargs)
+    return out if torch.is_tensor(out) else out.sequences
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("new_tokens", [16, 32])
+def test_full_budget_equals_the_plain_model(model, seed, new_tokens):
+    """One and two canvases: with a budget of at least the cache length nothing is evicted and
+    the tokens are the plain model's, while the decoder still ran through MaskKV's routing."""
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(3, 120, (1, 30 + 7 * seed), generator=gen)
+    want = _generate(model, prompt, seed, max_new_tokens=new_tokens)
+    net = maskkv_compile.optimize(model, budget=4096)
+    assert isinstance(net, DiffusionGemmaMaskKV)
+    got = _generate(net, prompt, seed, max_new_tokens=new_tokens)
+    assert torch.equal(got, want)
+    stats = net.cache_stats()
+    assert stats["decoder_calls"] >= new_tokens // 16 and stats["evictions"] == 0
+    assert stats["encoder_calls"] == new_tokens // 16
+    assert model.config._attn_implementation == "sdpa" and "forward" not in model.__dict__
+
+
+def test_full_budget_padded_batch_equals_the_plain_model(model):
+    gen = torch.Generator().manual_seed(5)
+    prompt = torch.randint(3, 120, (2, 36), generator=gen)
+    mask = torch.ones_like(prompt)
+    mask[1, :9] = 0
+    prompt[1, :9] = 0
+    want = _generate(model, prompt, attention_mask=mask, max_new_tokens=32)
+    got = _generate(
+        maskkv_compile.optimize(model, budget=4096), prompt, attention_mask=mask, max_new_tokens=32
+    )
+    assert torch.equal(got, want)
+
+
+def _reference_votes(prompt, seed):
+    """The first decoder call's canvas votes over the prompt cache at the full-attention layer,
+    from transformers' eager attention weights on a separate copy of the model."""
+    eager = tiny_diffusion_gemma(dtype=torch.float64)
+    eager.set_attn_implementation("eager")
+    full = [
+        i
+        for i, t in enumerate(eager.config.get_text_config().layer_types)
+        if t != "sliding_attention"
+    ]
+    attention = eager.model.decoder.layers[full[0]].self_attn
+    seen = []
+
+    def hook(module, args, output):
+        if not seen:
+            weights = output[1]  # (B, H, C, P + C)
+            canvas = weights.shape[2]
+            groups = module.num_key_value_groups
+            per_kv = weights[..., : weights.shape[-1] - canvas].sum(2)  # (B, H, P)
+            seen.append(per_kv.unflatten(1, (-1, groups)).sum(2))  # (B, Hkv, P)
+
+    handle = attention.register_forward_hook(hook)
+    try:
+        _generate(eager, prompt, seed, max_new_tokens=16)
+    finally:
+        handle.remove()
+    return full[0], seen[0]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_kept_sets_are_the_canvas_queries_top_k(model, seed):
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(3, 120, (1, 40 + 5 * seed), generator=gen)
+    budget = 6
+    net = maskkv_compile.optimize(model, budget=budget)
+    _generate(net, prompt, seed, max_new_tokens=16)
+    layer, votes = _reference_votes(prompt, seed)
+    want = votes.topk(budget, -1).indices.sort(-1).values
+    stats = net.cache_stats()
+    (kept,) = [entry for entry in stats["layers"] if entry["layer"] == layer]
+    assert torch.equal(torch.tensor(kept["positions"]), want)
+    assert stats["votes"] == 1 and stats["evictions"] == 1
+
+
+def test_the_users_cache_holds_kept_plus_each_new_canvas(model):
+    """Across canvases the full layer's cache is the budget after every vote, the encoder
+    appends each finished canvas to it, and every kept position is a real earlier one."""
+    prompt = torch.randint(3, 120, (1, 50), generator=torch.Generator().manual_seed(1))
+    budget, canvas = 8, model.config.canvas_length
+    net = maskkv_compile.optimize(model, budget=budget)
+    torch.manual_seed(0)
+    out = net.generate(
+        prompt, max_new_tokens=3 * canvas, max_denoising_steps=3, return_dict_in_generate=True
+    )
+    stats = net.cache_stats()
+    assert stats["votes"] == 3 and stats["encoder_calls"] == 3
+    (full,) = stats["layers"]
+    positions = torch.tensor(full["positions"])
+    assert positions.shape[-1] == budget
+    assert bool((positions.diff(dim=-1) > 0).all()) and int(positions.max()) < 50 + 2 * canvas
+    keys = out.cache.layers[full["layer"]].keys
+    assert keys.shape[-2] == budget  # the last canvas voted and evicted; it was not encoded
+    assert stats["seen"] == 50 + 2 * canvas
+
+
+def test_refusals(model):
+    prompt = torch.randint(3, 120, (2, 30))
+    mask = torch.ones_like(prompt)
+    mask[0, :4] = 0
+    with pytest.raises(UnsupportedModelError, match="padded batch"):
+        _generate(
+            maskkv_compile.optimize(model, budget=4), prompt, attention_mask=mask, max_new_tokens=16
+        )
+    with pytest.raises(UnsupportedModelError, match="StaticCache"):
+        _generate(
+            maskkv_compile.optimize(model, budget=4),
+            prompt[:1],
+            max_new_tokens=16,
+            cache_implementation="static",
+        )
+    with pytest.raises(UnsupportedModelError, match="mask-voting policies only"):
+        maskkv_compile.optimize(model, budget=4, policy="snapkv")
+    with pytest.raises(UnsupportedModelError, match="does not support revote"):
+        maskkv_compile.optimize(model, budget=4, revote=2)
