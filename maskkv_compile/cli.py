@@ -4,6 +4,7 @@ models."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import torch
@@ -149,6 +150,37 @@ def cmd_bench(args) -> int:
 QUICK_BLOCK_BENCH = dict(
     prompt_lens=[40], gen_length=8, steps=2, budgets=[8], layers=1, hidden=128, block_length=4
 )
+
+
+QUICK_GEMMA_BENCH = dict(
+    prompt_lens=[600], budgets=[16], canvas=16, steps=4, layers=6, hidden=128, static=False
+)
+
+
+def cmd_bench_gemma(args) -> int:
+    from maskkv_compile.bench_gemma import run_gemma_benchmark
+
+    if args.quick:  # CI-sized: a functional smoke run, not a measurement
+        for name, value in QUICK_GEMMA_BENCH.items():
+            setattr(args, name, value)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run_gemma_benchmark(
+        prompt_lens=args.prompt_lens,
+        budgets=tuple(args.budgets),
+        canvas=args.canvas,
+        steps=args.steps,
+        layers=args.layers,
+        hidden=args.hidden,
+        static=args.static,
+        print_fn=print,
+    )
+    if args.json:
+        command = "maskkv-compile " + " ".join(sys.argv[1:])
+        with open(args.json, "w") as f:
+            json.dump({"command": command, "rows": rows}, f, indent=1)
+            f.write("\n")
+    return 0
 
 
 def cmd_bench_block(args) -> int:
@@ -461,6 +493,25 @@ def build_parser() -> argparse.ArgumentParser:
     block.add_argument("--plots", metavar="DIR")
     block.add_argument("--quick", action="store_true", help="tiny CI-sized run (eager)")
     block.set_defaults(func=cmd_bench_block)
+
+    gemma = sub.add_parser(
+        "bench-gemma",
+        help="DiffusionGemma: transformers' generate on the plain model (dynamic and static "
+        "cache) vs MaskKV, side by side",
+    )
+    gemma.add_argument("--prompt-lens", type=int, nargs="+", default=[2048, 8192])
+    gemma.add_argument("--budgets", type=int, nargs="+", default=[64, 256])
+    gemma.add_argument("--canvas", type=int, default=64)
+    gemma.add_argument("--steps", type=int, default=48, help="max denoising steps per canvas")
+    gemma.add_argument("--layers", type=int, default=6)
+    gemma.add_argument("--hidden", type=int, default=512)
+    gemma.add_argument(
+        "--no-static", dest="static", action="store_false", help="skip the static-cache run"
+    )
+    gemma.add_argument("--threads", type=int, default=None)
+    gemma.add_argument("--json", metavar="PATH")
+    gemma.add_argument("--quick", action="store_true", help="tiny CI-sized run")
+    gemma.set_defaults(func=cmd_bench_gemma)
 
     diff = sub.add_parser(
         "diff",

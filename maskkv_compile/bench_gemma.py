@@ -1,0 +1,212 @@
+"""Side-by-side benchmark for DiffusionGemma (``maskkv-compile bench-gemma``), one process.
+
+The model is a random-weight transformers DiffusionGemma scaled to a CPU. It keeps the
+released layout: five sliding-window layers (window 512) per full-attention layer, and the
+full layers have a larger head dim, one KV head and no v_proj. It has 8 experts, top 2. The
+run is transformers' own ``generate``, one canvas of ``--canvas`` tokens with
+``--steps`` denoising steps, on each of:
+
+- plain: the unmodified model (dynamic cache);
+- plain, static cache: ``generate(..., cache_implementation="static")``, the route on which
+  transformers compiles the encoder and the decoder. It is timed on its second call, so the
+  compile is not timed;
+- MaskKV at each budget: the canvas votes at its first decoder call, and the full-attention
+  layers keep ``budget`` entries per KV head.
+
+Reported per run:
+- seconds for the whole ``generate`` and for its decoder calls alone (summed by hooks on the
+  decoder), and the number of decoder calls;
+- the bytes of the full-attention layers' K/V in the cache that ``generate`` returns;
+- whether the tokens equal the plain run's.
+
+Every ratio is measured in this run. The encoder's prefill of the prompt is the same work in
+every run, and it dominates at long prompts; the decoder-only column is where MaskKV acts.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import torch
+
+import maskkv_compile
+from maskkv_compile.measure import human_bytes, table
+from maskkv_compile.tiny_models import tiny_diffusion_gemma
+
+
+def build_model(layers: int, hidden: int, vocab: int, canvas: int, max_positions: int):
+    from transformers import DiffusionGemmaConfig
+
+    small = tiny_diffusion_gemma(layers=2, vocab=vocab, canvas=canvas)  # for the vision config
+    text = small.config.text_config.to_dict()
+    text.update(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        layer_types=[
+            "full_attention" if (i + 1) % 6 == 0 or i == layers - 1 else "sliding_attention"
+            for i in range(layers)
+        ],
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=max(hidden // 256, 1),
+        head_dim=64,
+        global_head_dim=128,
+        num_global_key_value_heads=1,
+        sliding_window=512,
+        max_position_embeddings=max_positions,
+        num_experts=8,
+        top_k_experts=2,
+        moe_intermediate_size=hidden // 2,
+    )
+    for key in ("per_layer_config", "rope_parameters"):
+        text.pop(key, None)
+    config = DiffusionGemmaConfig(
+        text_config=text,
+        vision_config=small.config.vision_config.to_dict(),
+        canvas_length=canvas,
+        image_token_id=vocab - 1,
+        boi_token_id=vocab - 2,
+        eoi_token_id=vocab - 3,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return type(small)(config).eval()
+
+
+def full_layer_bytes(model, cache) -> int:
+    kinds = model.config.get_text_config().layer_types
+    total = 0
+    for layer, kind in enumerate(kinds):
+        if kind == "full_attention":
+            entry = cache.layers[layer]
+            total += entry.keys.numel() * entry.keys.element_size()
+            total += entry.values.numel() * entry.values.element_size()
+    return total
+
+
+class _DecoderClock:
+    """Sums the wall time and the number of the decoder's calls (hooks on model.model.decoder)."""
+
+    def __init__(self, model):
+        self.seconds, self.calls, self._start = 0.0, 0, 0.0
+        decoder = model.model.decoder
+        self._handles = [
+            decoder.register_forward_pre_hook(self._pre),
+            decoder.register_forward_hook(self._post),
+        ]
+
+    def _pre(self, module, args):
+        self._start = time.perf_counter()
+
+    def _post(self, module, args, output):
+        self.seconds += time.perf_counter() - self._start
+        self.calls += 1
+
+    def close(self):
+        for handle in self._handles:
+            handle.remove()
+
+
+def run_gemma_benchmark(
+    *,
+    prompt_lens: list[int],
+    budgets: tuple[int, ...] = (64, 256),
+    canvas: int = 64,
+    steps: int = 48,
+    layers: int = 6,
+    hidden: int = 512,
+    vocab: int = 4096,
+    static: bool = True,
+    print_fn: Optional[Callable] = print,
+) -> list[dict]:
+    model = build_model(layers, hidden, vocab, canvas, max(prompt_lens) + 2 * canvas)
+    rows = []
+    for prompt_len in prompt_lens:
+        prompt = torch.randint(
+            3, vocab - 3, (1, prompt_len), generator=torch.Generator().manual_seed(0)
+        )
+        runs = [("plain", model, {})]
+        if static:
+            runs.append(
+                ("plain, static cache (compiled)", model, {"cache_implementation": "static"})
+            )
+        runs += [
+            (f"MaskKV budget {b}", maskkv_compile.optimize(model, budget=b), {}) for b in budgets
+        ]
+        reference = None
+        for name, runner, extra in runs:
+            kwargs = dict(
+                max_new_tokens=canvas,
+                max_denoising_steps=steps,
+                return_dict_in_generate=True,
+                **extra,
+            )
+            if extra:  # the compiled route: compile on a first call, time the second
+                torch.manual_seed(0)
+                runner.generate(prompt, **kwargs)
+            clock = _DecoderClock(model)
+            torch.manual_seed(0)
+            start = time.perf_counter()
+            out = runner.generate(prompt, **kwargs)
+            seconds = time.perf_counter() - start
+            clock.close()
+            if reference is None:
+                reference = out.sequences
+            row = {
+                "prompt_len": prompt_len,
+                "run": name,
+                "seconds": seconds,
+                "decoder_seconds": clock.seconds,
+                "decoder_calls": clock.calls,
+                "full_kv_bytes": full_layer_bytes(model, out.cache),
+                "same_tokens": bool(torch.equal(out.sequences, reference)),
+            }
+            rows.append(row)
+            if print_fn is not None:
+                print_fn(
+                    f"  {prompt_len:>6} {name:<32} {seconds:7.2f} s "
+                    f"(decoder {clock.seconds:.2f} s, {clock.calls} calls)",
+                    flush=True,
+                )
+    base = {r["prompt_len"]: r for r in rows if r["run"] == "plain"}
+    for r in rows:
+        b = base[r["prompt_len"]]
+        r["vs_plain"] = b["seconds"] / r["seconds"]
+        r["decoder_vs_plain"] = (b["decoder_seconds"] / b["decoder_calls"]) / (
+            r["decoder_seconds"] / max(r["decoder_calls"], 1)
+        )
+        r["full_kv_vs_plain"] = r["full_kv_bytes"] / max(b["full_kv_bytes"], 1)
+    if print_fn is not None:
+        print_fn(format_rows(rows))
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    return table(
+        [
+            [
+                r["prompt_len"],
+                r["run"],
+                f"{r['seconds']:.2f}",
+                f"{r['vs_plain']:.2f}x",
+                f"{r['decoder_seconds']:.2f} / {r['decoder_calls']}",
+                f"{r['decoder_vs_plain']:.2f}x",
+                human_bytes(r["full_kv_bytes"]),
+                f"{r['full_kv_vs_plain']:.1%}",
+                "yes" if r["same_tokens"] else "no",
+            ]
+            for r in rows
+        ],
+        [
+            "prompt",
+            "run",
+            "generate s",
+            "vs plain",
+            "decoder s / calls",
+            "per decoder call vs plain",
+            "full-layer KV",
+            "KV vs plain",
+            "same tokens",
+        ],
+    )
