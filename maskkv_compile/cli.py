@@ -106,17 +106,23 @@ QUICK_BENCH = dict(
 )
 
 
-def cmd_bench(args) -> int:
-    from maskkv_compile.bench import PRESETS, run_benchmark
-
-    if args.quick:  # CI-sized: a functional smoke run, not a measurement
-        for name, value in QUICK_BENCH.items():
-            setattr(args, name, value)
-    for name, value in PRESETS[args.preset].items():  # the preset's sizes, where no flag gave one
-        if getattr(args, name) is None:
+def _setup(args, quick: dict) -> None:
+    """``--quick``: the CI-sized sizes (a functional smoke run, not a measurement); then
+    ``--threads``."""
+    if args.quick:
+        for name, value in quick.items():
             setattr(args, name, value)
     if args.threads:
         torch.set_num_threads(args.threads)
+
+
+def cmd_bench(args) -> int:
+    from maskkv_compile.bench import PRESETS, run_benchmark
+
+    _setup(args, QUICK_BENCH)
+    for name, value in PRESETS[args.preset].items():  # the preset's sizes, where no flag gave one
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     rows = run_benchmark(
         prompt_lens=args.prompt_lens,
         gen_length=args.gen_length,
@@ -160,11 +166,7 @@ QUICK_GEMMA_BENCH = dict(
 def cmd_bench_gemma(args) -> int:
     from maskkv_compile.bench_gemma import run_gemma_benchmark
 
-    if args.quick:  # CI-sized: a functional smoke run, not a measurement
-        for name, value in QUICK_GEMMA_BENCH.items():
-            setattr(args, name, value)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _setup(args, QUICK_GEMMA_BENCH)
     rows = run_gemma_benchmark(
         prompt_lens=args.prompt_lens,
         budgets=tuple(args.budgets),
@@ -186,12 +188,7 @@ def cmd_bench_gemma(args) -> int:
 def cmd_bench_block(args) -> int:
     from maskkv_compile.bench_block import plot_rows, run_block_benchmark
 
-    if args.quick:  # CI-sized: a functional smoke run, not a measurement
-        for name, value in QUICK_BLOCK_BENCH.items():
-            setattr(args, name, value)
-        args.backend = "eager"
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _setup(args, {**QUICK_BLOCK_BENCH, "backend": "eager"})
     rows = run_block_benchmark(
         prompt_lens=args.prompt_lens,
         gen_length=args.gen_length,
