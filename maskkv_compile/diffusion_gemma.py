@@ -37,10 +37,15 @@ Invariants:
   head's canvas votes at the first decoder call of the canvas
   (``tests/test_diffusion_gemma.py`` checks both against the unoptimized model).
 
-Refused with an error that says what to do:
-- eviction with padded rows, since the decoder's 2-D padding mask would no longer line up
-  with the cache;
-- eviction under a ``StaticCache``, whose slots are fixed. At full budget both run, unchanged.
+Padded batches: every full layer's slots carry one (B, L) validity pattern (the prompt's
+padding, then real tokens). A row's kept slots are its top real entries in position order,
+then padding slots when the row has fewer real entries than the budget. The padding keys
+are masked out of the votes. The full-attention masks that transformers builds from the
+2-D padding mask assume an unevicted cache, so the decoder's and the encoder's masks for
+those layers are rebuilt from the slots as held.
+
+Refused with an error that says what to do: eviction under a ``StaticCache``, whose slots are
+fixed. At full budget it runs the plain model unchanged.
 """
 
 from __future__ import annotations
@@ -89,12 +94,21 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
         canvas, cached = query.shape[2], key.shape[2] - query.shape[2]
         if cached > 0:
             device = query.device
+            key_valid = None
+            if attention_mask is not None:  # (B, 1, C, K) bool: padding keys are False
+                key_valid = (
+                    attention_mask[:, 0].any(1)
+                    if attention_mask.dtype == torch.bool
+                    else (attention_mask[:, 0] > float("-inf")).any(1)
+                )
             votes, _ = torch.ops.maskkv.mask_votes(
                 query,
                 key,
                 torch.arange(canvas, device=device),  # voters: every canvas row
                 torch.arange(cached, device=device),  # candidates: every cache entry
                 float(kwargs.get("scaling") or module.scaling),
+                64,
+                key_valid,
             )
             recorder.votes[layer] = votes  # (B, Hkv, cached)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -119,6 +133,7 @@ class _CacheState:
     cache_id: int
     lengths: dict[int, int]  # full layer -> entries after the last eviction
     positions: dict[int, torch.Tensor]  # full layer -> (B, Hkv, L) absolute position per slot
+    valid: torch.Tensor  # (B, L): the slot holds a real token (every full layer and head)
     seen: int  # tokens the encoder has written so far (absolute length)
 
 
@@ -155,6 +170,7 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
             i for i, kind in enumerate(text.layer_types) if kind == "full_attention"
         )
         self._state: Optional[_CacheState] = None
+        self._padding: Optional[torch.Tensor] = None  # (B, P) of the running generate
         self.counts = {"decoder_calls": 0, "votes": 0, "evictions": 0, "encoder_calls": 0}
 
     # ------------------------------------------------------------------ public surface
@@ -174,7 +190,7 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
                     f"({capacity or 'unknown'}; the budget is {self.config.budget})"
                 )
             return self.model.generate(*args, **kwargs)
-        with self._routed():
+        with self._routed(kwargs.get("attention_mask")):
             return self.model.generate(*args, **kwargs)
 
     def _static(self, kwargs) -> bool:
@@ -232,13 +248,14 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
     # ------------------------------------------------------------------ routing
 
     @contextlib.contextmanager
-    def _routed(self):
+    def _routed(self, padding: Optional[torch.Tensor] = None):
         model = self.model
         before = model.config._attn_implementation
         model.set_attn_implementation(ATTENTION)
         model.forward = self._decoder_forward  # what generate's `self.forward` finds first
         encoder = model.model.encoder
-        encoder_hook = encoder.register_forward_pre_hook(self._count_encoder)
+        encoder_hook = encoder.register_forward_pre_hook(self._encoder_call, with_kwargs=True)
+        self._padding = None if padding is None or bool(padding.all()) else padding.bool()
         try:
             yield
         finally:
@@ -246,8 +263,24 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
             del model.forward
             model.set_attn_implementation(before)
 
-    def _count_encoder(self, module, args):
+    def _encoder_call(self, module, args, kwargs):
+        """Count the call; with padded rows and a cache this model already holds, lay the
+        full-attention mask over the cache's slots as they are (kept ones, in their order)."""
         self.counts["encoder_calls"] += 1
+        cache, masks = kwargs.get("cache"), kwargs.get("attention_mask")
+        if self._padding is None or not self._holds(cache) or not isinstance(masks, dict):
+            return None
+        new = masks["full_attention"].shape[2]
+        valid = self._slots(cache)[1]  # (B, L)
+        causal = torch.ones(new, new, dtype=torch.bool, device=valid.device).tril()
+        full = torch.cat(
+            [
+                valid[:, None, None, :].expand(-1, 1, new, -1),
+                causal.expand(valid.shape[0], 1, -1, -1),
+            ],
+            -1,
+        )  # (B, 1, new, L + new)
+        return args, {**kwargs, "attention_mask": {**masks, "full_attention": full}}
 
     def _decoder_forward(self, *args, **kwargs):
         cache = kwargs.get("cache")
@@ -255,14 +288,21 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         if cache is None or kwargs.get("decoder_input_ids") is None:
             return type(model).forward(model, *args, **kwargs)
         self.counts["decoder_calls"] += 1
+        masks = kwargs.get("decoder_attention_mask")
+        if self._padding is not None and self._holds(cache) and isinstance(masks, dict):
+            canvas = kwargs["decoder_input_ids"].shape[1]
+            valid = self._slots(cache)[1]  # (B, L): the cache's slots as they are now
+            ones = valid.new_ones(valid.shape[0], canvas)
+            full = torch.cat([valid, ones], -1)[:, None, None, :].expand(-1, 1, canvas, -1)
+            kwargs["decoder_attention_mask"] = {**masks, "full_attention": full}
         lengths = self._full_lengths(cache)
         state = self._state
         fresh = state is None or state.cache_id != id(cache) or state.lengths != lengths
         if not fresh or max(lengths.values(), default=0) <= self.config.budget:
             if fresh:
-                self._track(cache, lengths, evicted=None)
+                self._track(cache)
             return type(model).forward(model, *args, **kwargs)
-        self._check_evictable(cache, kwargs)
+        self._check_evictable(cache)
         recorder = _Votes(self.full_layers)
         token = _RECORDER.set(recorder)
         try:
@@ -270,7 +310,7 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         finally:
             _RECORDER.reset(token)
         self.counts["votes"] += 1
-        self._track(cache, lengths, evicted=self._evict(cache, recorder))
+        self._track(cache, recorder)
         return out
 
     # ------------------------------------------------------------------ cache surgery
@@ -282,7 +322,10 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
             out[layer] = 0 if keys is None or keys.numel() == 0 else int(keys.shape[-2])
         return out
 
-    def _check_evictable(self, cache, kwargs) -> None:
+    def _holds(self, cache) -> bool:
+        return cache is not None and self._state is not None and self._state.cache_id == id(cache)
+
+    def _check_evictable(self, cache) -> None:
         from transformers import StaticCache
 
         if isinstance(cache, StaticCache):
@@ -290,48 +333,28 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
                 "MaskKV cannot evict from a StaticCache (its slots are fixed): use the default "
                 "dynamic cache, or a budget of at least the cache length"
             )
-        mask = kwargs.get("decoder_attention_mask")
-        masks = mask.values() if isinstance(mask, dict) else [mask]
-        if any(m is not None for m in masks):
-            raise UnsupportedModelError(
-                "MaskKV cannot evict with a padded batch on DiffusionGemma yet (the decoder's "
-                "padding mask is laid over the whole cache): generate the rows one at a time, or "
-                "use a budget of at least the cache length"
-            )
 
-    def _evict(self, cache, recorder: _Votes) -> dict[int, torch.Tensor]:
-        """Keep the top-``budget`` cache entries per KV head of every full layer (in position
-        order); returns layer -> kept slot indices (B, Hkv, budget) in the pre-eviction cache."""
-        budget = self.config.budget
-        kept = {}
-        for layer in self.full_layers:
-            votes = recorder.votes.get(layer)
-            cache_layer = cache.layers[layer]
-            if votes is None or votes.shape[-1] != cache_layer.keys.shape[-2]:
-                raise RuntimeError(
-                    f"layer {layer}: no canvas votes over its {cache_layer.keys.shape[-2]} cache "
-                    "entries were recorded; the decoder did not run through MaskKV's attention"
-                )
-            if votes.shape[-1] <= budget:
-                continue
-            index = votes.topk(budget, dim=-1).indices.sort(-1).values  # (B, Hkv, budget)
-            gather = index[..., None].expand(-1, -1, -1, cache_layer.keys.shape[-1])
-            cache_layer.keys = cache_layer.keys.gather(2, gather)
-            gather_v = index[..., None].expand(-1, -1, -1, cache_layer.values.shape[-1])
-            cache_layer.values = cache_layer.values.gather(2, gather_v)
-            kept[layer] = index
-        self.counts["evictions"] += 1
-        return kept
+    def _valid_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B, ..., L) bool: whether the token at each absolute position is real (not padding):
+        the prompt's padding mask, and every generated position."""
+        if self._padding is None:
+            return torch.ones_like(positions, dtype=torch.bool)
+        padding = self._padding.to(positions.device)
+        inside = positions < padding.shape[1]
+        index = positions.clamp(max=padding.shape[1] - 1).flatten(1)
+        real = padding.gather(1, index).view_as(positions)
+        return real | ~inside
 
-    def _track(self, cache, lengths: dict[int, int], evicted) -> None:
-        """Update the absolute positions of every full layer's slots: entries the encoder
-        appended since the last call continue the sequence; evicted slots drop out."""
-        state = self._state
-        same = state is not None and state.cache_id == id(cache)
-        previous = state.seen if same else 0
+    def _slots(self, cache):
+        """The full layers' slots as the cache holds them now: what this model tracked after the
+        last call, plus whatever the encoder appended since. Returns (positions per layer,
+        (B, Hkv, L) each; valid (B, L), the same for every layer and head, see ``_evict``;
+        the absolute length written so far)."""
+        state = self._state if self._holds(cache) else None
+        lengths = self._full_lengths(cache)
+        previous = state.seen if state is not None else 0
         grown = max(
-            (lengths[layer] - (state.lengths.get(layer, 0) if same else 0))
-            for layer in self.full_layers
+            lengths[l] - (state.lengths.get(l, 0) if state else 0) for l in self.full_layers
         )
         seen = previous + grown
         positions = {}
@@ -339,12 +362,56 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
             batch, kv_heads = cache.layers[layer].keys.shape[:2]
             old = (
                 state.positions[layer]
-                if same and layer in state.positions
+                if state is not None
                 else torch.empty(batch, kv_heads, 0, dtype=torch.long)
             )
             new = torch.arange(previous, seen).expand(batch, kv_heads, -1)
-            slots = torch.cat([old, new], -1)  # (B, Hkv, L) before this eviction
-            if evicted is not None and layer in evicted:
-                slots = slots.gather(-1, evicted[layer].cpu())
-            positions[layer] = slots
-        self._state = _CacheState(id(cache), self._full_lengths(cache), positions, seen)
+            positions[layer] = torch.cat([old, new], -1)  # (B, Hkv, L)
+        old_valid = state.valid if state is not None else torch.ones(batch, 0, dtype=torch.bool)
+        new_valid = self._valid_at(torch.arange(previous, seen).expand(batch, -1))
+        return positions, torch.cat([old_valid, new_valid], -1), seen
+
+    def _evict(self, cache, votes: torch.Tensor, layer: int, valid: torch.Tensor):
+        """Keep ``budget`` slots per KV head of one full layer: the top of the canvas votes among
+        the real (non-padding) slots, in position order, then, when a row has fewer real slots
+        than the budget, padding slots after them. So slot validity stays one (B, L) pattern
+        for every head. Returns the kept slot indices (B, Hkv, budget)."""
+        budget = self.config.budget
+        cache_layer = cache.layers[layer]
+        real = valid[:, None, :].expand_as(votes).to(votes.device)
+        scores = votes.masked_fill(~real, float("-inf"))
+        index = scores.topk(budget, dim=-1).indices  # (B, Hkv, budget)
+        padding_last = (~real).gather(-1, index).long() * votes.shape[-1]
+        index = index.gather(-1, (index + padding_last).argsort(-1))  # real by position, then pads
+        for name in ("keys", "values"):
+            tensor = getattr(cache_layer, name)
+            setattr(
+                cache_layer,
+                name,
+                tensor.gather(2, index[..., None].expand(-1, -1, -1, tensor.shape[-1])),
+            )
+        return index
+
+    def _track(self, cache, recorder: Optional[_Votes] = None) -> None:
+        """Record the cache's full-layer slots after this call, evicting first when
+        ``recorder`` holds votes."""
+        positions, valid, seen = self._slots(cache)
+        if recorder is not None:
+            kept_valid = None
+            for layer in self.full_layers:
+                votes = recorder.votes.get(layer)
+                if votes is None or votes.shape[-1] != positions[layer].shape[-1]:
+                    raise RuntimeError(
+                        f"layer {layer}: no canvas votes over its {positions[layer].shape[-1]} "
+                        "cache entries were recorded; the decoder did not run through MaskKV's "
+                        "attention"
+                    )
+                if votes.shape[-1] <= self.config.budget:
+                    continue
+                index = self._evict(cache, votes, layer, valid).cpu()
+                positions[layer] = positions[layer].gather(-1, index)
+                kept_valid = valid.gather(-1, index[:, 0])  # the same for every head
+            if kept_valid is not None:
+                valid = kept_valid
+            self.counts["evictions"] += 1
+        self._state = _CacheState(id(cache), self._full_lengths(cache), positions, valid, seen)

@@ -54,17 +54,98 @@ def test_full_budget_padded_batch_equals_the_plain_model(model):
     assert torch.equal(got, want)
 
 
-def _reference_votes(prompt, seed):
+def _left_padded(seed, lengths=(40, 31), pad=0):
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(3, 120, (len(lengths), max(lengths)), generator=gen)
+    mask = torch.ones_like(prompt)
+    for row, length in enumerate(lengths):
+        mask[row, : max(lengths) - length] = 0
+        prompt[row, : max(lengths) - length] = pad
+    return prompt, mask
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_padded_eviction_keeps_each_rows_top_real_entries(model, seed):
+    """A left-padded batch under eviction: each row keeps the top of its canvas votes among its
+    real prompt entries (padding keys get no attention, so no votes), in position order."""
+    prompt, mask = _left_padded(seed)
+    budget = 6
+    net = maskkv_compile.optimize(model, budget=budget)
+    _generate(net, prompt, seed, attention_mask=mask, max_new_tokens=16)
+    layer, votes = _reference_votes(prompt, seed, attention_mask=mask)
+    real = mask.bool()[:, None, :].expand_as(votes)
+    want = votes.masked_fill(~real, float("-inf")).topk(budget, -1).indices.sort(-1).values
+    (kept,) = [entry for entry in net.cache_stats()["layers"] if entry["layer"] == layer]
+    assert torch.equal(torch.tensor(kept["positions"]), want)
+    assert bool(mask.gather(1, want[:, 0]).all())  # no padding slot kept
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_padded_eviction_over_canvases_stays_finite_and_masks_padding(model, seed):
+    """Three canvases, one row shorter than the budget: that row keeps its real entries first
+    and padding slots after them, which the rebuilt masks hide (finite logits, real tokens),
+    and the next canvases vote over [kept ; new canvas] per row."""
+    prompt, mask = _left_padded(seed, lengths=(44, 5))
+    budget, canvas = 12, model.config.canvas_length
+    net = maskkv_compile.optimize(model, budget=budget)
+    logits = []
+
+    def hook(module, args, output):
+        logits.append(output)
+
+    handle = model.lm_head.register_forward_hook(hook)
+    try:
+        torch.manual_seed(seed)
+        out = net.generate(
+            prompt, attention_mask=mask, max_new_tokens=3 * canvas, max_denoising_steps=3
+        )
+    finally:
+        handle.remove()
+    assert logits and all(bool(torch.isfinite(x).all()) for x in logits)
+    stats = net.cache_stats()
+    assert stats["votes"] == 3 and stats["evictions"] == 3
+    (full,) = stats["layers"]
+    positions = torch.tensor(full["positions"])  # (B, Hkv, budget)
+    # row 1 had 5 real prompt tokens at canvas 1: 5 real + 7 padding slots; by canvas 3 its
+    # kept slots are real generated or prompt positions again (2 canvases appended)
+    assert positions.shape[-1] == budget
+    real = (positions >= 44 - 5) | (positions >= 44)
+    assert bool(real[1].all()) and bool((positions[0] >= 0).all())
+    assert out.sequences.shape == (2, 44 + 3 * canvas)
+
+
+def _eager_weights(module, query, key, value, attention_mask, **kwargs):
+    """transformers' eager attention (it returns the softmax weights) on SDPA's bool masks:
+    DiffusionGemma's own eager mask builder fails on a padded batch (it reads the dtype of the
+    canvas ids), so the test builds SDPA's masks and adds them as a float bias here."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill(
+            ~attention_mask, float("-inf")
+        )
+    groups = query.shape[1] // key.shape[1]
+    scores = query @ repeat_kv(key, groups).transpose(-1, -2) * kwargs["scaling"]
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = scores.softmax(-1).nan_to_num(0.0)  # a padding query that sees no key: zeros
+    out = (weights @ repeat_kv(value, groups)).transpose(1, 2).contiguous()
+    return out, weights
+
+
+def _reference_votes(prompt, seed, attention_mask=None):
     """The first decoder call's canvas votes over the prompt cache at the full-attention layer,
-    from transformers' eager attention weights on a separate copy of the model."""
+    from the attention weights of a plain softmax attention on a separate copy of the model."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register("test_eager_weights", _eager_weights)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("test_eager_weights", sdpa_mask)
     eager = tiny_diffusion_gemma(dtype=torch.float64)
-    eager.set_attn_implementation("eager")
-    full = [
-        i
-        for i, t in enumerate(eager.config.get_text_config().layer_types)
-        if t != "sliding_attention"
-    ]
-    attention = eager.model.decoder.layers[full[0]].self_attn
+    eager.set_attn_implementation("test_eager_weights")
+    kinds = eager.config.get_text_config().layer_types
+    (layer,) = [i for i, kind in enumerate(kinds) if kind == "full_attention"]
+    attention = eager.model.decoder.layers[layer].self_attn
     seen = []
 
     def hook(module, args, output):
@@ -77,10 +158,11 @@ def _reference_votes(prompt, seed):
 
     handle = attention.register_forward_hook(hook)
     try:
-        _generate(eager, prompt, seed, max_new_tokens=16)
+        padding = {} if attention_mask is None else {"attention_mask": attention_mask}
+        _generate(eager, prompt, seed, max_new_tokens=16, **padding)
     finally:
         handle.remove()
-    return full[0], seen[0]
+    return layer, seen[0]
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -121,12 +203,6 @@ def test_the_users_cache_holds_kept_plus_each_new_canvas(model):
 
 def test_refusals(model):
     prompt = torch.randint(3, 120, (2, 30))
-    mask = torch.ones_like(prompt)
-    mask[0, :4] = 0
-    with pytest.raises(UnsupportedModelError, match="padded batch"):
-        _generate(
-            maskkv_compile.optimize(model, budget=4), prompt, attention_mask=mask, max_new_tokens=16
-        )
     with pytest.raises(UnsupportedModelError, match="StaticCache"):
         _generate(
             maskkv_compile.optimize(model, budget=4),
