@@ -38,11 +38,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import time
 
 import torch
 import torch.nn.functional as F
+from _training import TrainState, llama, smoothed  # scripts/_training.py
 
 from maskkv_compile.evaluation import ruler
 from maskkv_compile.tiny_models import set_causal
@@ -51,22 +51,7 @@ EVAL_SEED = 10**6
 
 
 def build_model(hidden: int, layers: int, heads: int, max_positions: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=ruler.VOCAB,
-        hidden_size=hidden,
-        intermediate_size=4 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=max_positions,
-        mask_token_id=ruler.MASK,
-        tie_word_embeddings=False,
-        attn_implementation="sdpa",
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    return llama(ruler.VOCAB, ruler.MASK, hidden, layers, heads, max_positions, seed)
 
 
 def ar_loss(model, x, answer, answer_weight: float):
@@ -180,12 +165,7 @@ def plot_curves(log_path: str, png: str) -> None:
     pts = [(r["step"], r["answer_ce"]) for r in recs if "answer_ce" in r]
     if pts:
         steps, vals = zip(*pts)
-        k = 50
-        smooth = [
-            sum(vals[max(0, i - k) : i + 1]) / len(vals[max(0, i - k) : i + 1])
-            for i in range(len(vals))
-        ]
-        a.plot(steps, smooth)
+        a.plot(steps, smoothed(vals))
     a.set_xlabel("step")
     a.set_ylabel(f"answer cross-entropy (mean of {50} batches)")
     a.set_yscale("log")
@@ -245,23 +225,13 @@ def main() -> None:
     last = os.path.join(args.out, "last")
     max_positions = max(args.stages) + 64
     model = build_model(args.hidden, args.layers, args.heads, max_positions, args.seed)
+    gen_seed = args.seed + (0 if args.stage == "ar" else 17)
+    state = TrainState(model, args.lr, gen_seed=gen_seed, rng_seed=args.seed)
     if args.init:
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(os.path.join(args.init, "model.safetensors")))
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    gen = torch.Generator().manual_seed(args.seed + (0 if args.stage == "ar" else 17))
-    rng = random.Random(args.seed)
-    step, stage = 0, 0
+        state.load_weights(args.init)
     if args.resume:
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(os.path.join(last, "model.safetensors")))
-        state = torch.load(os.path.join(last, "train_state.pt"), weights_only=False)
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["gen"])
-        rng.setstate(state["rng"])
-        step, stage = state["step"], state["stage"]
+        state.resume(last)
+    opt, gen, rng, step, stage = state.opt, state.gen, state.rng, state.step, state.stage
     causal = args.stage == "ar"
     block = args.block if args.attention == "block" and not causal else None
     set_causal(model, causal)
@@ -269,24 +239,15 @@ def main() -> None:
     model.train()
 
     def save() -> None:
-        model.save_pretrained(last)
-        torch.save(
-            {
-                "optimizer": opt.state_dict(),
-                "gen": gen.get_state(),
-                "rng": rng.getstate(),
-                "step": step,
-                "stage": stage,
-            },
-            os.path.join(last, "train_state.pt"),
-        )
+        state.step, state.stage = step, stage
+        state.save(last)
 
     t0 = time.time()
     deadline = t0 + 60 * args.minutes
     with open(os.path.join(args.out, "log.jsonl"), "a") as log:
         while time.time() < deadline:
-            for group in opt.param_groups:
-                group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+            state.step = step
+            state.warm_up_lr(args.lr, args.warmup)
             length = (
                 args.stages[stage] if rng.random() < 0.6 else rng.choice(args.stages[: stage + 1])
             )

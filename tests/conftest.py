@@ -82,6 +82,7 @@ def script(monkeypatch, capsys):
     def run_script(path, *args):
         monkeypatch.chdir(ROOT)
         monkeypatch.setattr(sys, "argv", [path, *args])
+        monkeypatch.syspath_prepend(str((ROOT / path).parent))  # as `python path` puts it first
         runpy.run_path(str(ROOT / path), run_name="__main__")
         return capsys.readouterr().out
 

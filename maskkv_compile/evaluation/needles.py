@@ -52,25 +52,28 @@ SUCCESSOR_P = (0.7, 0.3)  # probability of a filler token's first and second suc
 
 
 @functools.cache
-def filler_successors() -> tuple[tuple[int, int], ...]:
-    """The fixed Markov chain of the filler: each filler token's two possible successors."""
+def filler_successors(filler: range = FILLER) -> tuple[tuple[int, int], ...]:
+    """The fixed Markov chain of a filler vocabulary: each token's two possible successors
+    (this suite's ``FILLER`` by default; the RULER-style suite passes its own)."""
     gen = torch.Generator().manual_seed(2510_09309)
     return tuple(
-        tuple(torch.randperm(len(FILLER), generator=gen)[:2].add(FILLER[0]).tolist())
-        for _ in FILLER
+        tuple(torch.randperm(len(filler), generator=gen)[:2].add(filler[0]).tolist())
+        for _ in filler
     )
 
 
-def filler_walk(gen: torch.Generator, n: int) -> list[int]:
+def filler_walk(
+    gen: torch.Generator, n: int, filler: range = FILLER, p_first: float = SUCCESSOR_P[0]
+) -> list[int]:
     """``n`` filler tokens: a uniform first token, then each token's first successor with
-    probability ``SUCCESSOR_P[0]``, else its second."""
-    if n == 0:
+    probability ``p_first``, else its second."""
+    if n <= 0:
         return []
-    successors = filler_successors()
+    successors = filler_successors(filler)
     u = torch.rand(n, generator=gen).tolist()
-    out = [FILLER[0] + min(int(u[0] * len(FILLER)), len(FILLER) - 1)]
+    out = [filler[0] + min(int(u[0] * len(filler)), len(filler) - 1)]
     for r in u[1:]:
-        out.append(successors[out[-1] - FILLER[0]][r >= SUCCESSOR_P[0]])
+        out.append(successors[out[-1] - filler[0]][r >= p_first])
     return out
 
 

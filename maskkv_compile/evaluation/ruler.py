@@ -28,10 +28,11 @@ the ``torch.Generator`` passed in, so the same seed gives the same sequence.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
+
+from maskkv_compile.evaluation import needles
 
 KEYS = range(0, 32)  # needle keys, passage keys and variable names
 VALUES = range(32, 80)  # needle values, passage symbols, tracked values
@@ -60,27 +61,16 @@ class RulerSequence:
         return self.ids[self.start :]
 
 
-@functools.cache
 def filler_successors() -> tuple[tuple[int, int], ...]:
     """The fixed Markov chain of the filler: each filler token's two possible successors."""
-    gen = torch.Generator().manual_seed(2510_09309)
-    return tuple(
-        tuple(torch.randperm(len(FILLER), generator=gen)[:2].add(FILLER[0]).tolist())
-        for _ in FILLER
-    )
+    return needles.filler_successors(FILLER)
 
 
 def filler_walk(gen: torch.Generator, n: int) -> list[int]:
     """``n`` filler tokens: a uniform first token, then each token's first successor with
-    probability ``SUCCESSOR_P``, else its second."""
-    if n <= 0:
-        return []
-    successors = filler_successors()
-    u = torch.rand(n, generator=gen).tolist()
-    out = [FILLER[0] + min(int(u[0] * len(FILLER)), len(FILLER) - 1)]
-    for r in u[1:]:
-        out.append(successors[out[-1] - FILLER[0]][r >= SUCCESSOR_P])
-    return out
+    probability ``SUCCESSOR_P``, else its second (the needle suite's chain over this suite's
+    filler tokens)."""
+    return needles.filler_walk(gen, n, FILLER, SUCCESSOR_P)
 
 
 def _pick(gen: torch.Generator, pool: range, k: int) -> list[int]:
