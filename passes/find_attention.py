@@ -13,7 +13,8 @@ Inserts ``maskkv::attention(q, k, v, scale, softmax_dtype)`` with ``meta["maskkv
 (an :class:`AttentionSite`: layer index in graph order, module path, heads, spelling).
 
 Refuses (recorded in ``skipped``, turned into an error by the pipeline): causal attention,
-an attention mask, non-zero dropout, and an eager chain whose intermediate (scores or
+an attention mask (unless ``mask_proofs`` proves it all-True: it then masks nothing and is
+dropped), non-zero dropout, and an eager chain whose intermediate (scores or
 probabilities) is used by anything else -- the rewrite would change what that user sees.
 """
 
@@ -33,6 +34,7 @@ from maskkv_compile._torch_private import example_value
 from maskkv_compile.naming import readable_name, stack_path  # errors name nodes by module path
 
 from .base import GraphPass, PassResult, is_call, is_method
+from .mask_proofs import allows_everything
 
 SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention)
 SOFTMAX_TARGETS = (F.softmax, torch.softmax, torch.nn.functional.softmax)
@@ -157,7 +159,8 @@ class FindAttentionPass(GraphPass):
             raise SiteRefused(
                 "causal attention (is_causal=True); MaskKV needs bidirectional attention"
             )
-        if _kwarg(node, "attn_mask", 3) is not None:
+        mask = _kwarg(node, "attn_mask", 3)
+        if mask is not None and not allows_everything(mask):  # an all-True mask masks nothing
             raise SiteRefused(
                 "an attention mask is passed (a causal attention mask, or padding); MaskKV needs "
                 "bidirectional attention without padding"
