@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -130,7 +131,7 @@ def _register() -> None:
 class _CacheState:
     """What this model last did to one cache object."""
 
-    cache_id: int
+    cache: "weakref.ref"  # the cache object (a new one, even at a reused address, is new)
     lengths: dict[int, int]  # full layer -> entries after the last eviction
     positions: dict[int, torch.Tensor]  # full layer -> (B, Hkv, L) absolute position per slot
     valid: torch.Tensor  # (B, L): the slot holds a real token (every full layer and head)
@@ -190,6 +191,8 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
                     f"({capacity or 'unknown'}; the budget is {self.config.budget})"
                 )
             return self.model.generate(*args, **kwargs)
+        if kwargs.get("cache") is None:  # a new cache: nothing of the last one carries over
+            self._state = None
         with self._routed(kwargs.get("attention_mask")):
             return self.model.generate(*args, **kwargs)
 
@@ -297,7 +300,7 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
             kwargs["decoder_attention_mask"] = {**masks, "full_attention": full}
         lengths = self._full_lengths(cache)
         state = self._state
-        fresh = state is None or state.cache_id != id(cache) or state.lengths != lengths
+        fresh = not self._holds(cache) or state.lengths != lengths
         if not fresh or max(lengths.values(), default=0) <= self.config.budget:
             if fresh:
                 self._track(cache)
@@ -323,7 +326,7 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         return out
 
     def _holds(self, cache) -> bool:
-        return cache is not None and self._state is not None and self._state.cache_id == id(cache)
+        return cache is not None and self._state is not None and self._state.cache() is cache
 
     def _check_evictable(self, cache) -> None:
         from transformers import StaticCache
@@ -414,4 +417,6 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
             if kept_valid is not None:
                 valid = kept_valid
             self.counts["evictions"] += 1
-        self._state = _CacheState(id(cache), self._full_lengths(cache), positions, valid, seen)
+        self._state = _CacheState(
+            weakref.ref(cache), self._full_lengths(cache), positions, valid, seen
+        )

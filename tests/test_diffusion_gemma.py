@@ -214,3 +214,30 @@ def test_refusals(model):
         maskkv_compile.optimize(model, budget=4, policy="snapkv")
     with pytest.raises(UnsupportedModelError, match="does not support revote"):
         maskkv_compile.optimize(model, budget=4, revote=2)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_call_sequences_leak_nothing(seed):
+    """Calls of one optimized model with other prompts, batch sizes, padding and weight changes
+    mixed in: each gives what the same call gives on a freshly optimized model (budget 6), and
+    on the plain model (full budget): no state carries from one generation to the next."""
+    import random
+
+    model = tiny_diffusion_gemma(dtype=torch.float64, seed=seed)
+    small, full = (maskkv_compile.optimize(model, budget=b) for b in (6, 4096))
+    rng = random.Random(seed)
+    for call in range(6):
+        if rng.random() < 0.3:  # the weights change between calls
+            with torch.no_grad():
+                model.model.decoder.layers[-1].self_attn.q_proj.weight.mul_(1.1)
+        batch = rng.choice([1, 2])
+        lengths = [rng.randint(20, 50) for _ in range(batch)]
+        prompt, mask = _left_padded(seed * 10 + call, tuple(lengths))
+        kwargs = dict(max_new_tokens=rng.choice([16, 32]))
+        if batch == 2:
+            kwargs["attention_mask"] = mask
+        want_small = _generate(maskkv_compile.optimize(model, budget=6), prompt, call, **kwargs)
+        assert torch.equal(_generate(small, prompt, call, **kwargs), want_small)
+        assert torch.equal(
+            _generate(full, prompt, call, **kwargs), _generate(model, prompt, call, **kwargs)
+        )
