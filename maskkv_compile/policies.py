@@ -272,6 +272,7 @@ class Policy:
     layer_allocator: ClassVar[str] = "uniform"
     head_allocator: ClassVar[str] = "uniform"
     description: ClassVar[str] = ""
+    opt_in: ClassVar[bool] = False  # left out of POLICIES (the default sweeps); found by name
     # flat option name (the runtime's view, MaskKVConfig.<name>) -> this class's field
     _FLAT: ClassVar[dict[str, str]] = {}
 
@@ -562,6 +563,19 @@ class MaskKV(Policy):
 
 
 @dataclass(frozen=True, repr=False)
+class MaskKVCoverage(MaskKV):
+    """MaskKV with ``layers="coverage"``: the layer budgets that maximise the calibrated
+    attention coverage (docs/rxnfp_budget_analysis.md). Opt-in by name: not in the default
+    sweep of :data:`POLICIES`, since the paper's method is MaskKV's boundary-aware split."""
+
+    layers: str = "coverage"
+
+    name: ClassVar[str] = "maskkv_coverage"
+    description: ClassVar[str] = "Mask-Voting + coverage-greedy layers + prompt-preference heads"
+    opt_in: ClassVar[bool] = True
+
+
+@dataclass(frozen=True, repr=False)
 class MaskVotingUniform(Policy):
     """Mask-Voting with uniform layer and head budgets (the paper's allocation ablation)."""
 
@@ -698,8 +712,8 @@ class AdaKV(_OnSnapKV):
 
 
 POLICIES: dict[str, Policy] = {
-    name: cls() for name, cls in _CLASSES.items()
-}  # the defaults, by name
+    name: cls() for name, cls in _CLASSES.items() if not cls.opt_in
+}  # the defaults, by name (``get_policy`` also finds the opt-in ones)
 
 
 def get_policy(name: Union[str, Policy]) -> Policy:

@@ -120,3 +120,19 @@ def test_profile_file_round_trip_and_errors(tmp_path):
         LayerProfile((0.1, 0.2), fingerprint, coverage=((0, 0.5, 0.4),) * 2, coverage_k=(0, 1, 2))
     with pytest.raises(ValueError, match="2 curves"):
         LayerProfile((0.1, 0.2), fingerprint, coverage=curves[:1], coverage_k=(0, 1, 4))
+
+
+def test_the_coverage_variant_is_an_opt_in_policy_by_name():
+    from maskkv_compile.policies import POLICIES, MaskKVCoverage, get_policy
+
+    assert "maskkv_coverage" not in POLICIES  # the default sweeps run the paper's ten
+    policy = get_policy("maskkv_coverage")
+    assert isinstance(policy, MaskKVCoverage) and policy.layers == "coverage"
+    model = tiny_llada(layers=3, seed=2)
+    prompts = [torch.randint(0, 200, (1, 30))]
+    profile = maskkv_compile.calibrate(model, prompts, gen_length=8, progress=False)
+    config = maskkv_compile.MaskKVConfig(policy="maskkv_coverage", profile=profile)
+    assert config.eviction.layers == "coverage" and config.eviction.profile is profile
+    assert config.eviction.layer_budgets(3, 6) == coverage_layer_budgets(
+        profile.coverage, profile.coverage_k, 6, 0.4
+    )

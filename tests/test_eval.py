@@ -337,3 +337,32 @@ def test_readme_quality_summary_is_computed_from_the_jsons():
     with pytest.raises(ValueError, match="markers"):
         rewrite(readme.replace(START, ""), root / "docs")
     assert END in readme
+
+
+def test_resume_adds_the_coverage_variant_to_a_json_whose_profile_predates_it(tmp_path):
+    """A quality JSON written before profiles held coverage curves: resuming with
+    maskkv_coverage measures the profile again (the same importances, now with curves), and
+    the cells computed before stay."""
+    run_suite("tiny-llama", ["maskkv"], [4], samples=1, out=tmp_path, progress=False)
+    path = tmp_path / "quality_tiny_llama.json"
+    old = json.loads(path.read_text())
+    for key in ("coverage", "coverage_k"):
+        del old["profile"][key]
+    path.write_text(json.dumps(old))
+    suite = run_suite(
+        "tiny-llama",
+        ["maskkv", "maskkv_coverage"],
+        [4],
+        samples=1,
+        out=tmp_path,
+        resume=True,
+        progress=False,
+    )
+    saved = json.loads(path.read_text())
+    assert (
+        saved["profile"]["coverage"]
+        and saved["profile"]["importance"] == old["profile"]["importance"]
+    )
+    assert saved["cells"]["maskkv@4"] == old["cells"]["maskkv@4"]
+    assert set(saved["cells"]["maskkv_coverage@4"]) == set(old["cells"]["maskkv@4"])
+    assert suite.optimize_calls == 1

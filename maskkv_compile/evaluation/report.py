@@ -28,7 +28,8 @@ METRICS = {
     "agree_full": ("agreement of the fill with the full prompt cache's fill", True, "{:.3f}"),
     "kl": ("mean KL(uncached || cached) at the masked positions, step 1", False, "{:.2e}"),
 }
-MASKKV_POLICIES = ("maskkv", "mask_voting_uniform")  # MaskKV and its uniform-budget ablation
+# MaskKV, its uniform-budget ablation and its coverage-greedy layer variant
+MASKKV_POLICIES = ("maskkv", "mask_voting_uniform", "maskkv_coverage")
 AXIS = {
     "retention": "retention (%) vs the full prompt cache",
     "score": "task score",

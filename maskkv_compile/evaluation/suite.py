@@ -333,13 +333,15 @@ class Suite:
         done = self.results["cells"].get(config.key, {})
         return [s for s in self.bundle.samples if s.id not in done]
 
-    def layer_profile(self):
-        """The layer profile, measured once on the bundle's calibration prompts (or read back)."""
-        if self.profile is None:
+    def layer_profile(self, coverage: bool = False):
+        """The layer profile, measured once on the bundle's calibration prompts (or read back).
+        ``coverage``: it must hold coverage curves; a profile read back from a JSON written
+        before they existed is measured again, and must have the same importances."""
+        if self.profile is None or (coverage and not self.profile.has_coverage):
             import maskkv_compile
 
             b = self.bundle
-            self.profile = maskkv_compile.calibrate(
+            measured = maskkv_compile.calibrate(
                 b.model,
                 b.calibration,
                 gen_length=b.calibration_gen_length,
@@ -347,6 +349,15 @@ class Suite:
                 progress=False,
             )
             self.model_calls += len(b.calibration)
+            old = self.profile
+            if old is not None and not torch.allclose(
+                torch.tensor(old.importance), torch.tensor(measured.importance), atol=1e-6
+            ):
+                raise ValueError(
+                    f"{self.json_path}: the layer profile measured now differs from the one its "
+                    "cells were computed with; use another --out"
+                )
+            self.profile = measured
             self.results["profile"] = self.profile.to_dict()
         return self.profile
 
@@ -355,7 +366,9 @@ class Suite:
             return self.bundle.model
         from maskkv_compile.policies import get_policy
 
-        profile = self.layer_profile() if get_policy(config.policy).needs_profile else None
+        policy = get_policy(config.policy)
+        coverage = getattr(policy, "layers", None) == "coverage"
+        profile = self.layer_profile(coverage) if policy.needs_profile else None
         self.optimize_calls += 1
         return optimized(
             self.bundle.model,
