@@ -75,8 +75,8 @@ def rows(results: dict, name: str, budgets: tuple[int, ...]) -> list[list[str]]:
 def block(docs: Path) -> str:
     """The markdown table for every JSON of ``ROWS`` present in ``docs``."""
     lines = [
-        "| model (mean prompt) | budget | maskkv | mask_voting_uniform | best baseline |",
-        "|---|---|---|---|---|",
+        "| model (mean prompt) | budget | " + " | ".join(MASKKV_POLICIES) + " | best baseline |",
+        "|---|---|" + "---|" * (len(MASKKV_POLICIES) + 1),
     ]
     for file, name, budgets in ROWS:
         path = docs / file
