@@ -78,9 +78,11 @@ def is_diffusion_gemma(model: torch.nn.Module) -> bool:
 
 @dataclass
 class _Votes:
-    """What one decoder call records: per full-attention layer, the canvas votes (B, Hkv, P)."""
+    """What one decoder call records: per full-attention layer, the canvas votes (B, Hkv, P).
+    ``modules``: the decoder's full-attention modules -> their layer (the vision tower and the
+    encoder share the attention function, never these modules)."""
 
-    layers: tuple[int, ...]
+    modules: dict[int, int]  # id(attention module) -> layer index
     votes: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
@@ -90,8 +92,8 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     recorder = _RECORDER.get()
-    layer = getattr(module, "layer_idx", None)
-    if recorder is not None and layer in recorder.layers:
+    layer = None if recorder is None else recorder.modules.get(id(module))
+    if layer is not None:
         canvas, cached = query.shape[2], key.shape[2] - query.shape[2]
         if cached > 0:
             device = query.device
@@ -306,7 +308,8 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
                 self._track(cache)
             return type(model).forward(model, *args, **kwargs)
         self._check_evictable(cache)
-        recorder = _Votes(self.full_layers)
+        decoder = self.model.model.decoder
+        recorder = _Votes({id(decoder.layers[i].self_attn): i for i in self.full_layers})
         token = _RECORDER.set(recorder)
         try:
             out = type(model).forward(model, *args, **kwargs)
