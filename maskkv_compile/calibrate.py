@@ -47,7 +47,8 @@ class _CalibrationBackend:
     def __init__(self):
         self.measurements: list[list[float]] = []
         self.coverage: list[torch.Tensor] = []  # one (layers, K) tensor per prompt
-        self.prompt_len = 0  # set by calibrate() before each call
+        self.prompt_len = 0  # set by calibrate() before each call, with the call's ids
+        self.ids: Optional[torch.Tensor] = None
 
     def __call__(self, gm, example_inputs):
         analyse(gm)
@@ -74,9 +75,8 @@ class _CalibrationBackend:
         added = extra_inputs(graph, original)
 
         def run(*args):
-            device = next(a.device for a in args if isinstance(a, torch.Tensor))
-            seq = next(a.shape[1] for a in args if isinstance(a, torch.Tensor) and a.dim() == 2)
-            positions = torch.arange(seq, device=device)
+            seq = self.ids.shape[1]
+            positions = torch.arange(seq, device=self.ids.device)
             extra = {
                 "voter_idx": positions[self.prompt_len :],
                 "prompt_idx": positions[: self.prompt_len],
@@ -138,7 +138,7 @@ def calibrate(
             1,
         )
         mark_dynamic(x, 1)
-        backend.prompt_len = prompt.shape[1]
+        backend.prompt_len, backend.ids = prompt.shape[1], x
         compiled(input_ids=x, use_cache=False)
     fingerprint = model_fingerprint(getattr(model, "config", model), type(model).__name__)
     return LayerProfile.from_measurements(
