@@ -358,11 +358,7 @@ class Policy:
         if self.layer_allocator == "pyramid":
             return "pyramid (decreasing with depth)"
         profile = getattr(self, "profile", None)
-        kind = (
-            "boundary-aware"
-            if self.layer_allocator == "maskkv"
-            else "squeeze (3 groups by importance)"
-        )
+        kind = self._layer_kind()
         if profile is None:
             return (
                 f"uniform: {type(self).__name__} has no layer profile, so its {kind} layer "
@@ -387,6 +383,14 @@ class Policy:
 
     def _layer_options(self) -> dict[str, Any]:
         return {}
+
+    def _layer_kind(self) -> str:
+        """The profile-driven layer allocation, in words."""
+        return (
+            "boundary-aware"
+            if self.layer_allocator == "maskkv"
+            else "squeeze (3 groups by importance)"
+        )
 
     def _head_options(self) -> dict[str, Any]:
         return {}
@@ -549,11 +553,8 @@ class MaskKV(Policy):
             )
         return super().layer_budgets(n_layers, budget, importance, **options)
 
-    def layer_allocation(self) -> str:
-        text = super().layer_allocation()
-        if self.layers == "coverage" and self.profile is not None:
-            return text.replace("boundary-aware", "coverage-greedy", 1)
-        return text
+    def _layer_kind(self) -> str:
+        return "coverage-greedy" if self.layers == "coverage" else "boundary-aware"
 
     def _layer_options(self) -> dict[str, Any]:
         return {"beta": self.beta}
