@@ -24,6 +24,7 @@ TOOLS = (
     "maskkv_compile.bench",
     "maskkv_compile.bench_plots",
     "maskkv_compile.bench_block",
+    "maskkv_compile.bench_gemma",
     "maskkv_compile.measure",
     "maskkv_compile.cli",
     "maskkv_compile.evaluation",
