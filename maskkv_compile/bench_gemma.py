@@ -186,6 +186,11 @@ def run_gemma_benchmark(
     return rows
 
 
+def _per_decoder_call(row: dict) -> Optional[float]:
+    """Seconds per decoder call; None where the hooks saw none (a compiled decoder)."""
+    return row["decoder_seconds"] / row["decoder_calls"] if row["decoder_calls"] else None
+
+
 def format_rows(rows: list[dict]) -> str:
     return table(
         [
