@@ -205,3 +205,15 @@ def test_gpu_check_cpu_smoke():
         assert (
             len(re.findall(rf"^{re.escape(run)} +(64|128) +[0-9.]+ +[0-9.]+x$", loop, re.M)) == 2
         ), (run, loop)
+
+
+def test_gpu_check_bounded_run_skips_what_is_past_its_deadline():
+    """The flags that bound a lent GPU's run: the kernel times skipped, the loop's runs started
+    only before the deadline (here none), the checks all run."""
+    pytest.importorskip("triton", reason="triton not installed (pip install maskkv-compile[gpu])")
+    args = ["--cpu-smoke", "--no-times", "--prompts", "96", "--deadline-s", "0"]
+    proc = _run(["scripts/gpu_check.py", *args], interpret=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "kernel times skipped (--no-times)" in proc.stdout
+    assert proc.stdout.count("skipped (past --deadline-s)") == 3  # uncached, MaskKV, + dual
+    assert "0 of 10 checks failed" in proc.stdout
