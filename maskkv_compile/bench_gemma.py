@@ -36,14 +36,15 @@ from maskkv_compile.tiny_models import tiny_diffusion_gemma
 
 
 def build_model(layers: int, hidden: int, vocab: int, canvas: int, max_positions: int):
-    from transformers import DiffusionGemmaConfig
-
-    small = tiny_diffusion_gemma(layers=2, vocab=vocab, canvas=canvas)  # for the vision config
-    text = small.config.text_config.to_dict()
-    text.update(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
+    """The released layout scaled down: a full-attention layer every sixth and last, the rest
+    sliding (window 512); heads of 64 (full layers 128, one KV head); 8 experts, top 2."""
+    return tiny_diffusion_gemma(
+        layers=layers,
+        hidden=hidden,
+        vocab=vocab,
+        canvas=canvas,
+        sliding_window=512,
+        max_positions=max_positions,
         layer_types=[
             "full_attention" if (i + 1) % 6 == 0 or i == layers - 1 else "sliding_attention"
             for i in range(layers)
@@ -52,26 +53,8 @@ def build_model(layers: int, hidden: int, vocab: int, canvas: int, max_positions
         num_key_value_heads=max(hidden // 256, 1),
         head_dim=64,
         global_head_dim=128,
-        num_global_key_value_heads=1,
-        sliding_window=512,
-        max_position_embeddings=max_positions,
         num_experts=8,
-        top_k_experts=2,
-        moe_intermediate_size=hidden // 2,
     )
-    for key in ("per_layer_config", "rope_parameters"):
-        text.pop(key, None)
-    config = DiffusionGemmaConfig(
-        text_config=text,
-        vision_config=small.config.vision_config.to_dict(),
-        canvas_length=canvas,
-        image_token_id=vocab - 1,
-        boi_token_id=vocab - 2,
-        eoi_token_id=vocab - 3,
-    )
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    return type(small)(config).eval()
 
 
 def full_layer_bytes(model, cache) -> int:

@@ -276,7 +276,7 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         if self._padding is None or not self._holds(cache) or not isinstance(masks, dict):
             return None
         new = masks["full_attention"].shape[2]
-        valid = self._slots(cache)[1]  # (B, L)
+        valid = self._slots(cache, self._full_lengths(cache))[1]  # (B, L)
         causal = torch.ones(new, new, dtype=torch.bool, device=valid.device).tril()
         full = torch.cat(
             [
@@ -293,19 +293,20 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         if cache is None or kwargs.get("decoder_input_ids") is None:
             return type(model).forward(model, *args, **kwargs)
         self.counts["decoder_calls"] += 1
+        lengths = self._full_lengths(cache)
+        fresh = not self._holds(cache) or self._state.lengths != lengths
+        # the slots as the encoder left them: only a fresh cache has any this model has not seen
+        slots = self._slots(cache, lengths) if fresh else None
         masks = kwargs.get("decoder_attention_mask")
         if self._padding is not None and self._holds(cache) and isinstance(masks, dict):
             canvas = kwargs["decoder_input_ids"].shape[1]
-            valid = self._slots(cache)[1]  # (B, L): the cache's slots as they are now
+            valid = slots[1] if fresh else self._state.valid  # (B, L)
             ones = valid.new_ones(valid.shape[0], canvas)
             full = torch.cat([valid, ones], -1)[:, None, None, :].expand(-1, 1, canvas, -1)
             kwargs["decoder_attention_mask"] = {**masks, "full_attention": full}
-        lengths = self._full_lengths(cache)
-        state = self._state
-        fresh = not self._holds(cache) or state.lengths != lengths
         if not fresh or max(lengths.values(), default=0) <= self.config.budget:
             if fresh:
-                self._track(cache)
+                self._track(cache, slots)
             return type(model).forward(model, *args, **kwargs)
         self._check_evictable(cache)
         decoder = self.model.model.decoder
@@ -316,7 +317,7 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         finally:
             _RECORDER.reset(token)
         self.counts["votes"] += 1
-        self._track(cache, recorder)
+        self._track(cache, slots, recorder)
         return out
 
     # ------------------------------------------------------------------ cache surgery
@@ -351,13 +352,12 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         real = padding.gather(1, index).view_as(positions)
         return real | ~inside
 
-    def _slots(self, cache):
+    def _slots(self, cache, lengths: dict[int, int]):
         """The full layers' slots as the cache holds them now: what this model tracked after the
         last call, plus whatever the encoder appended since. Returns (positions per layer,
         (B, Hkv, L) each; valid (B, L), the same for every layer and head, see ``_evict``;
         the absolute length written so far)."""
         state = self._state if self._holds(cache) else None
-        lengths = self._full_lengths(cache)
         previous = state.seen if state is not None else 0
         grown = max(
             lengths[l] - (state.lengths.get(l, 0) if state else 0) for l in self.full_layers
@@ -398,10 +398,10 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
             )
         return index
 
-    def _track(self, cache, recorder: Optional[_Votes] = None) -> None:
-        """Record the cache's full-layer slots after this call, evicting first when
-        ``recorder`` holds votes."""
-        positions, valid, seen = self._slots(cache)
+    def _track(self, cache, slots, recorder: Optional[_Votes] = None) -> None:
+        """Record the cache's full-layer slots (``_slots``) after this call, evicting first
+        when ``recorder`` holds votes."""
+        positions, valid, seen = slots
         if recorder is not None:
             kept_valid = None
             for layer in self.full_layers:

@@ -156,10 +156,12 @@ def tiny_diffusion_gemma(
     max_positions: int = 4096,
     seed: int = 0,
     dtype=torch.float32,
+    **text_options,
 ):
     """A random transformers DiffusionGemma (encoder + denoiser, same weights): ``layers`` layers,
     the last full attention (no v_proj, larger head dim, one KV head) and the others sliding,
-    4 experts, a one-layer vision tower, canvas ``canvas``."""
+    4 experts, a one-layer vision tower, canvas ``canvas``. ``text_options`` override
+    ``DiffusionGemmaTextConfig`` arguments (head counts, ``layer_types``, experts, ...)."""
     from transformers import (
         DiffusionGemmaConfig,
         DiffusionGemmaForBlockDiffusion,
@@ -167,7 +169,7 @@ def tiny_diffusion_gemma(
     )
     from transformers.models.gemma4.configuration_gemma4 import Gemma4VisionConfig
 
-    text = DiffusionGemmaTextConfig(
+    text = dict(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -188,6 +190,7 @@ def tiny_diffusion_gemma(
         eos_token_id=1,
         bos_token_id=2,
     )
+    text = DiffusionGemmaTextConfig(**{**text, **text_options})
     vision = Gemma4VisionConfig(
         hidden_size=16,
         intermediate_size=32,

@@ -39,9 +39,9 @@ def llama(
 
 
 class TrainState:
-    """The model, its AdamW, the batch generator and the curriculum's ``random.Random``, the
-    step and the stage; ``save`` writes them to a folder (``save_pretrained`` +
-    ``train_state.pt``) from which ``resume`` continues exactly."""
+    """The model, its AdamW, the batch generator and the curriculum's ``random.Random``;
+    ``save(folder, step, stage)`` writes them with the loop's step and stage (``save_pretrained``
+    + ``train_state.pt``), and ``resume`` continues exactly from there."""
 
     def __init__(self, model, lr: float, gen_seed: int, rng_seed: int):
         self.model = model
@@ -50,38 +50,38 @@ class TrainState:
         )
         self.gen = torch.Generator().manual_seed(gen_seed)
         self.rng = random.Random(rng_seed)
-        self.step, self.stage = 0, 0
 
     def load_weights(self, folder: str) -> None:
         from safetensors.torch import load_file
 
         self.model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
 
-    def resume(self, folder: str) -> None:
+    def resume(self, folder: str) -> tuple[int, int]:
+        """Load everything ``save`` wrote; returns (step, stage)."""
         self.load_weights(folder)
         state = torch.load(os.path.join(folder, "train_state.pt"), weights_only=False)
         self.opt.load_state_dict(state["optimizer"])
         self.gen.set_state(state["gen"])
         self.rng.setstate(state["rng"])
-        self.step, self.stage = state["step"], state["stage"]
+        return state["step"], state["stage"]
 
-    def save(self, folder: str) -> None:
+    def save(self, folder: str, step: int, stage: int) -> None:
         self.model.save_pretrained(folder)
         torch.save(
             {
                 "optimizer": self.opt.state_dict(),
                 "gen": self.gen.get_state(),
                 "rng": self.rng.getstate(),
-                "step": self.step,
-                "stage": self.stage,
+                "step": step,
+                "stage": stage,
             },
             os.path.join(folder, "train_state.pt"),
         )
 
-    def warm_up_lr(self, lr: float, warmup: int) -> None:
+    def warm_up_lr(self, lr: float, warmup: int, step: int) -> None:
         """Linear warm-up over ``warmup`` steps, then ``lr``."""
         for group in self.opt.param_groups:
-            group["lr"] = lr * min(1.0, (self.step + 1) / warmup)
+            group["lr"] = lr * min(1.0, (step + 1) / warmup)
 
 
 def smoothed(values, k: int = 50) -> list[float]:

@@ -230,8 +230,10 @@ def main() -> None:
     if args.init:
         state.load_weights(args.init)
     if args.resume:
-        state.resume(last)
-    opt, gen, rng, step, stage = state.opt, state.gen, state.rng, state.step, state.stage
+        step, stage = state.resume(last)
+    else:
+        step, stage = 0, 0
+    opt, gen, rng = state.opt, state.gen, state.rng
     causal = args.stage == "ar"
     block = args.block if args.attention == "block" and not causal else None
     set_causal(model, causal)
@@ -239,15 +241,13 @@ def main() -> None:
     model.train()
 
     def save() -> None:
-        state.step, state.stage = step, stage
-        state.save(last)
+        state.save(last, step, stage)
 
     t0 = time.time()
     deadline = t0 + 60 * args.minutes
     with open(os.path.join(args.out, "log.jsonl"), "a") as log:
         while time.time() < deadline:
-            state.step = step
-            state.warm_up_lr(args.lr, args.warmup)
+            state.warm_up_lr(args.lr, args.warmup, step)
             length = (
                 args.stages[stage] if rng.random() < 0.6 else rng.choice(args.stages[: stage + 1])
             )

@@ -224,20 +224,20 @@ def main() -> None:
     )
     state = TrainState(model, args.lr, gen_seed=args.seed, rng_seed=args.seed)
     if args.resume:
-        state.resume(last)
-    opt, gen, rng, step, stage = state.opt, state.gen, state.rng, state.step, state.stage
+        step, stage = state.resume(last)
+    else:
+        step, stage = 0, 0
+    opt, gen, rng = state.opt, state.gen, state.rng
     model.train()
 
     def save() -> None:
-        state.step, state.stage = step, stage
-        state.save(last)
+        state.save(last, step, stage)
 
     t0 = time.time()
     deadline = t0 + 60 * args.minutes
     with open(os.path.join(args.out, "log.jsonl"), "a") as log:
         while time.time() < deadline:
-            state.step = step
-            state.warm_up_lr(args.lr, args.warmup)
+            state.warm_up_lr(args.lr, args.warmup, step)
             # the current length most of the time, an earlier one otherwise (no forgetting)
             hay = args.stages[stage] if rng.random() < 0.6 else rng.choice(args.stages[: stage + 1])
             set_causal(model, step < args.ar_steps)
