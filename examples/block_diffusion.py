@@ -9,7 +9,8 @@ on the growing window [prompt ; finished blocks ; current block] with a block-ca
 3. an SDAR-style loop (``bench_block.block_generate``: a 4-D mask, on a Qwen3).
 
 At a budget above the prompt each equals the plain model token for token; at a small budget the
-prefix cache keeps the entries the block's mask tokens voted for.
+prefix cache keeps the entries the block's mask tokens voted for, and each new block's votes
+re-select [kept prefix ; finished block] back into the budget.
 """
 
 import torch
@@ -70,4 +71,7 @@ print(
 )
 kept = stats["layers"][0]["kept_per_kv_head"]
 print(f"   layer 0 keeps {kept} per KV head of {stats['prompt_len']} prefix entries:")
-print("   32 prompt entries by the first block's votes + the 2 finished blocks of 16, whole")
+print(
+    "   the budget, re-selected at each growth by the new block's votes over",
+    f"[kept ; finished block] ({stats['reselects']} re-selections)",
+)

@@ -9,8 +9,11 @@ voter_valid, kept_k, kept_len, scale, chunk, policy, kernel, sink, seed)
 -> (kept_k, kept_v, kept_len, kept_pos)``: one layer's re-selection at a step.
 
   q (B, H, C, D), k (B, Hkv, C, D): the step's computed rows (post-RoPE, absolute positions);
-  prompt_k, prompt_v (B, Hkv, P, D): the second tier; prompt_pos (P,) their absolute positions;
-  prompt_valid (B, P): prompt column p is row b's; resp_valid (B, C): computed row c is one of
+  prompt_k, prompt_v (B, Hkv, P, D): the candidates (the second tier); prompt_pos (P,) their
+  absolute positions; prompt_valid (B, P): prompt column p is row b's. Per-head candidates
+  (block diffusion's re-selection over [kept prefix ; finished block], ``block_diffusion.py``)
+  give both per (row, KV head) instead: prompt_pos (B, Hkv, P), prompt_valid (B, Hkv, P), each
+  head's valid columns in position order. resp_valid (B, C): computed row c is one of
   row b's response keys; voter_idx (Rv,) indices into C of the voting queries, voter_valid
   (B, Rv); kept_k (B, Hkv, Kmax, D): the current hot cache, read for its padded length only;
   kept_len (B, Hkv): the per-row, per-head budgets, kept as they are.
@@ -55,7 +58,8 @@ def revote_votes(q, k, prompt_k, prompt_valid, resp_valid, voter_idx, voter_vali
     # (B, H, Rv, D) -> (B, Hkv, G*Rv, D): a KV head's query heads are consecutive
     qv = q.index_select(2, voter_idx).to(acc).reshape(batch, kv_heads, group * voters, dim) * scale
     voter_w = voter_valid.repeat(1, group).to(acc)[:, None, :, None]  # (B, 1, G*Rv, 1)
-    prompt_out = ~prompt_valid[:, None, None, :]  # (B, 1, 1, P)
+    # (B, 1, 1, P), or per head (B, Hkv, 1, P)
+    prompt_out = ~(prompt_valid[:, None] if prompt_valid.dim() == 2 else prompt_valid)[:, :, None]
 
     def prompt_scores(start, stop):  # (B, Hkv, G*Rv, stop - start), -inf off the row's prompt
         scores = qv @ prompt_k[:, :, start:stop].to(acc).transpose(-2, -1)
@@ -124,12 +128,24 @@ def revote_kv(
     votes = revote_votes(
         q, k, prompt_k, prompt_valid, resp_valid, voter_idx, voter_valid, scale, chunk
     )
-    scores = torch.ops.maskkv.selection_scores(votes, prompt_valid, policy, kernel, sink, seed)
+    if prompt_valid.dim() == 2:
+        scores = torch.ops.maskkv.selection_scores(votes, prompt_valid, policy, kernel, sink, seed)
+    else:  # per-head candidates: each (row, KV head) ranked as a row of its own
+        batch, kv_heads, width = votes.shape
+        scores = torch.ops.maskkv.selection_scores(
+            votes.reshape(batch * kv_heads, 1, width),  # (B*Hkv, 1, P)
+            prompt_valid.reshape(batch * kv_heads, width),
+            policy,
+            kernel,
+            sink,
+            seed,
+        ).reshape(batch, kv_heads, width)
     eligible = torch.isfinite(scores).sum(-1)  # (B, Hkv)
     budgets = torch.minimum(kept_len.to(torch.long), eligible)
     columns, valid = kept_columns(scores, budgets, kept_k.shape[2])  # (B, Hkv, Kmax) each
     new_k, new_v = gather_kept(prompt_k, prompt_v, columns, valid)
-    return new_k, new_v, budgets, torch.where(valid, prompt_pos[columns], -1)
+    positions = prompt_pos[columns] if prompt_pos.dim() == 1 else prompt_pos.gather(2, columns)
+    return new_k, new_v, budgets, torch.where(valid, positions, -1)
 
 
 @revote_kv.register_fake

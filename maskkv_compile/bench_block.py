@@ -14,9 +14,10 @@ confidence), run unmodified on each of:
     first two windows of the same prompt;
   * prefix cache: MaskKV with a budget above the prompt (no eviction: the exact prefix
     cache, block-sized steps);
-  * MaskKV at each budget (the finished blocks join the kept prefix whole);
+  * MaskKV at each budget (each window's growth re-selects [kept prefix ; finished block] into
+    the budget with the new block's votes);
   * MaskKV at the last budget with ``revote`` (each window's growth re-selects over the whole
-    prefix, kept in a second tier: the hot cache stays at the budget).
+    prefix, kept in a second tier).
 
 Each MaskKV run is timed on its second whole generation (the first compiles its graphs).
 Every ratio is measured in this run. Peak RSS is the resident-memory peak above the level

@@ -15,11 +15,18 @@ exact. The runtime treats such a call as one more layout (``layout.block_layout`
   rows are computed once with their final tokens against [kept prefix ; finished block] (what
   the uncached model computes for them at the new window's first call: they see nothing
   later), their K/V join the kept prefix of every (row, KV head) whole (:func:`append_block`),
-  and the new block runs as a step against that. The kept set grows by the generated blocks
-  and never re-reads the prompt: the prompt's entries stay the ones the first block's votes
-  chose under the budget, and the generation is kept whole, as MaskKV keeps the response of a
-  LLaDA prompt. Re-selecting over [kept prefix ; finished block] with the new block's votes
-  is not done yet (see the README's "Block diffusion").
+  and the new block runs as a step against that.
+* **Re-selection** (:class:`BlockReselect`, without ``revote``): where a head had evicted, the
+  new block's first step re-selects it: the block's [MASK] queries vote, per (row, KV head),
+  over that head's own [kept prefix ; finished block] (softmax over those and the block's own
+  keys, as at a prefill), the policy ranks the votes and the head keeps its budget
+  (:func:`extend_budgets`); the step then attends to the new selection. No second tier is
+  held: the candidates are the hot cache itself, so the kept prefix stays within the budget
+  for the whole generation, at the cost of one scoring of the block's mask rows against
+  budget + block keys per layer, once per block. An evicted entry never comes back. With
+  ``revote`` (``revote.Revote.extend``), the candidates are the whole prefix instead (the
+  second tier, on the device or the host), which can bring back what an earlier block
+  evicted.
 
 At a budget of at least the prompt, every step and extend reproduces the uncached model's
 logits (``tests/test_block_diffusion.py``).
@@ -28,10 +35,17 @@ logits (``tests/test_block_diffusion.py``).
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from maskkv_compile.session import LayerCache
+from maskkv_compile.layout import Layout
+from maskkv_compile.session import Feature, LayerCache, Session
+
+if TYPE_CHECKING:
+    from maskkv_compile.routing import Plan
+    from maskkv_compile.session import Call
 
 
 def finished_columns(resp_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,3 +92,101 @@ def append_block(
         kept_len=length,
         kept_pos=pos.masked_fill(beyond, -1),
     )
+
+
+def block_voters(layout: Layout, masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block diffusion: (Rv,) indices into ``layout.rows`` (the block's rows) of the voting
+    queries and (B, Rv) per row: the block's rows that hold the mask token (``masked`` (B, S)),
+    every real row of the block in a row with no mask left."""
+    mine = masked[:, layout.rows] & layout.resp_valid  # (B, C)
+    mine = torch.where(mine.any(1, keepdim=True), mine, layout.resp_valid)
+    return torch.arange(layout.rows.numel(), device=layout.rows.device), mine
+
+
+def extend_budgets(
+    kept_len: torch.Tensor, whole: torch.Tensor, grow: torch.Tensor, budget: int
+) -> torch.Tensor:
+    """Each (row, KV head)'s budget once a finished block joins the prefix: ``kept_len``
+    (B, Hkv) as the prefill (or the last re-selection) left it, ``whole`` (B,) the prefix
+    each row had, ``grow`` (B,) the finished block's real rows. A head that had evicted keeps
+    its budget; a head that held its whole prefix holds the block too, up to the larger of
+    what it held and the model-wide ``budget`` (a short prompt is kept whole, but the
+    generation does not grow the cache past the budget)."""
+    full = kept_len == whole[:, None]  # (B, Hkv): nothing was evicted
+    cap = torch.clamp(kept_len, min=budget)
+    return torch.where(full, torch.minimum(kept_len + grow[:, None], cap), kept_len)
+
+
+@dataclass
+class Pending:
+    """A re-selection the next step runs: per layer the candidates (the kept prefix with the
+    finished block appended) and each head's budget."""
+
+    candidates: list[LayerCache]
+    budgets: list[torch.Tensor]  # per layer (B, Hkv)
+    widths: list[int]  # per layer the largest budget: the new hot cache's width
+
+
+class BlockReselect(Feature):
+    """Block diffusion without ``revote``: at an EXTEND the finished block joins each head's
+    kept entries, and where any head must stay within its budget the new block's first step
+    runs the re-vote graph over those per-head candidates (the module docstring)."""
+
+    name = "block_reselect"
+
+    def __init__(self, budget: int):
+        self.budget = budget
+
+    def start(self, session: Session) -> None:
+        session.state[self.name] = None  # a Pending between an EXTEND and its step
+        return None
+
+    def extend(self, session: Session, finished: Layout, response_kv: list) -> bool:
+        columns, counts = finished_columns(finished.resp_valid)
+        whole = finished.prompt_valid.sum(1)  # (B,)
+        appended, budgets = [], []
+        for cache, (k, v) in zip(session.layers, response_kv):
+            budgets.append(extend_budgets(cache.kept_len, whole, counts, self.budget))
+            appended.append(append_block(cache, k, v, columns, counts, finished.rows))
+        wanted = torch.stack(budgets)  # (L, B, Hkv)
+        held = torch.stack([c.kept_len for c in appended])
+        # one read: does any head evict, and each layer's largest budget
+        evicts = (wanted < held).any().view(1).to(wanted.dtype)
+        evicts, *widths = torch.cat([evicts, wanted.flatten(1).amax(1)]).tolist()
+        if evicts:
+            session.state[self.name] = Pending(appended, budgets, widths)
+        session.layers = appended
+        return True
+
+    def step_graph(self, session: Session, plan: "Plan", call: "Call", inputs: dict):
+        pending: Optional[Pending] = session.state[self.name]
+        if pending is None:
+            return None
+        voter_idx, voter_valid = block_voters(session.layout, session.masked)
+        inputs.update({"revoter_idx": voter_idx, "revoter_valid": voter_valid})
+        for layer, (cache, budget, kmax) in enumerate(
+            zip(pending.candidates, pending.budgets, pending.widths)
+        ):
+            width = cache.kept_k.shape[2]
+            inputs.update(
+                {
+                    f"prompt_k_{layer}": cache.kept_k,
+                    f"prompt_v_{layer}": cache.kept_v,
+                    f"prompt_pos_{layer}": cache.kept_pos,
+                    f"prompt_valid_{layer}": torch.arange(width, device=cache.kept_len.device)
+                    < cache.kept_len[..., None],  # (B, Hkv, P)
+                    # read for its width only: the largest budget
+                    f"kept_k_{layer}": cache.kept_k[:, :, :kmax],
+                    f"kept_len_{layer}": budget,
+                }
+            )
+        return "reselect"
+
+    def step_outputs(self, session: Session, plan: "Plan", named: dict) -> None:
+        if session.state[self.name] is None:
+            return
+        for layer, (k, v, length, pos) in enumerate(named["reselected"]):
+            session.layers[layer] = dataclasses.replace(
+                session.layers[layer], kept_k=k, kept_v=v, kept_len=length, kept_pos=pos
+            )
+        session.state[self.name] = None

@@ -9,7 +9,9 @@ ResponseKVOutputs runs on the step graph only with ``config.block_length`` (the 
 the response K/V); otherwise it runs on a copy, ``step_kv``, which block diffusion's extend runs
 (``block_diffusion.py``).
 With ``config.revote`` the prefill also runs KeepPromptKV (each layer's prompt K/V as outputs: the
-second tier), and a third graph is derived from the step graph:
+second tier). A third graph is derived from the step graph, the one that re-selects (from the
+second tier with ``revote``; from each head's [kept prefix ; finished block] at a block
+diffusion window's growth otherwise); it is compiled only if it runs:
 
                                                      step --> revote (RevoteKV)
 
@@ -72,7 +74,7 @@ class MaskKVGraphs:
     records: dict[str, list[PassRecord]] = field(default_factory=dict)
     skipped: tuple[str, ...] = ()
     step_kv: Optional[fx.GraphModule] = None  # the step graph with each layer's response K/V out
-    revote: Optional[fx.GraphModule] = None  # with config.revote: the step graph that re-selects
+    revote: Optional[fx.GraphModule] = None  # the step graph that re-selects
     revote_inputs: list[str] = field(default_factory=list)
 
 
@@ -135,17 +137,13 @@ def build_graphs(gm: fx.GraphModule, config: MaskKVConfig, *, strict: bool = Tru
         "prefill": prefill_passes.records,
         "step": step_passes.records,
     }
-    revote = None
-    if config.revote is not None:
-        revote = copy_graph_module(step)
-        revote_passes = PassManager("revote", [RevoteKVPass(config)])
-        revote_passes(revote)
-        records["revote"] = revote_passes.records
-    derived = {
-        "prefill": prefill,
-        "step": step,
-        **({"revote": revote} if revote is not None else {}),
-    }
+    # the step graph that re-selects (revote.py: from the second tier; block_diffusion.py:
+    # from each head's [kept prefix ; finished block]); runs only when the runtime asks for it
+    revote = copy_graph_module(step)
+    revote_passes = PassManager("revote", [RevoteKVPass(config)])
+    revote_passes(revote)
+    records["revote"] = revote_passes.records
+    derived = {"prefill": prefill, "step": step, "revote": revote}
     distributed.check_collectives_preserved(gm, **derived)
     return MaskKVGraphs(
         info=info,
@@ -162,5 +160,5 @@ def build_graphs(gm: fx.GraphModule, config: MaskKVConfig, *, strict: bool = Tru
         records=records,
         skipped=result.skipped,
         revote=revote,
-        revote_inputs=extra_inputs(revote, num_inputs) if revote is not None else [],
+        revote_inputs=extra_inputs(revote, num_inputs),
     )

@@ -46,6 +46,7 @@ from typing import Optional
 
 import torch
 
+from maskkv_compile.block_diffusion import block_voters, extend_budgets
 from maskkv_compile.layout import Layout
 from maskkv_compile.policies import voter_positions
 from maskkv_compile.routing import Plan
@@ -89,15 +90,6 @@ def voters(layout: Layout, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
     return local, torch.stack([torch.isin(union, v) for v in per_row])
 
 
-def block_voters(layout: Layout, masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block diffusion: (Rv,) indices into ``layout.rows`` (the block's rows) of the voting
-    queries and (B, Rv) per row: the block's rows that hold the mask token (``masked`` (B, S)),
-    every real row of the block in a row with no mask left."""
-    mine = masked[:, layout.rows] & layout.resp_valid  # (B, C)
-    mine = torch.where(mine.any(1, keepdim=True), mine, layout.resp_valid)
-    return torch.arange(layout.rows.numel(), device=layout.rows.device), mine
-
-
 def to_host(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` in host memory: itself if it is there, else a page-locked copy, written
     asynchronously on the current stream (a later copy back on that stream runs after it)."""
@@ -127,23 +119,23 @@ def graph_inputs(tier: SecondTier, masked: Optional[torch.Tensor] = None) -> dic
     if masked is not None:
         narrowed = voter_valid & masked
         voter_valid = torch.where(narrowed.any(1, keepdim=True), narrowed, voter_valid)
-    extra = {
-        "prompt_pos": tier.prompt_pos,
-        "prompt_valid": tier.prompt_valid,
-        "revoter_idx": tier.voter_idx,
-        "revoter_valid": voter_valid,
-    }
+    extra = {"revoter_idx": tier.voter_idx, "revoter_valid": voter_valid}
     for layer, (k, v) in enumerate(tier.prompt_kv):
         extra[f"prompt_k_{layer}"] = k.to(device, non_blocking=True)
         extra[f"prompt_v_{layer}"] = v.to(device, non_blocking=True)
+        extra[f"prompt_pos_{layer}"] = tier.prompt_pos
+        extra[f"prompt_valid_{layer}"] = tier.prompt_valid
     return extra
 
 
-def dynamic_dims(n_layers: int) -> dict:
-    """The dims of the re-vote graph's extra inputs that vary from prompt to prompt (Inductor)."""
-    dims = {"prompt_pos": (0,), "prompt_valid": (1,), "revoter_idx": (0,), "revoter_valid": (1,)}
+def dynamic_dims(n_layers: int, per_head: bool) -> dict:
+    """The dims of the re-vote graph's extra inputs that vary from prompt to prompt (Inductor):
+    the second tier's (``per_head`` False) or block diffusion's per-head candidates'."""
+    dims = {"revoter_idx": (0,), "revoter_valid": (1,)}
     for layer in range(n_layers):
         dims[f"prompt_k_{layer}"] = dims[f"prompt_v_{layer}"] = (2,)
+        dims[f"prompt_pos_{layer}"] = (2,) if per_head else (0,)
+        dims[f"prompt_valid_{layer}"] = (2,) if per_head else (1,)
     return dims
 
 
@@ -174,8 +166,9 @@ class Revote(Feature):
 
     name = "revote"
 
-    def __init__(self, shift: int, where: str, voters_rule: str, mask_token_id: int):
+    def __init__(self, shift: int, where: str, voters_rule: str, mask_token_id: int, budget: int):
         self.shift = shift
+        self.budget = budget
         self.where = where
         self.voters_rule = voters_rule
         self.mask_token_id = mask_token_id
@@ -220,8 +213,7 @@ class Revote(Feature):
         tier.voter_idx, tier.voter_valid = self._voters(session)
         layers = []
         for cache in session.layers:
-            full = cache.kept_len == whole[:, None]  # (B, Hkv): nothing was evicted
-            budget = torch.where(full, cache.kept_len + grow[:, None], cache.kept_len)
+            budget = extend_budgets(cache.kept_len, whole, grow, self.budget)
             # read for their padded length only (the re-vote writes the entries): as wide as
             # the largest budget, so a bounded cache stays as wide as it was
             extra = max(int(budget.max()) - cache.kept_k.shape[2], 0)

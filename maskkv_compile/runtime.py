@@ -61,6 +61,7 @@ from maskkv_compile.layout import Layout, NoMaskTokenError, block_layout, infer_
 from maskkv_compile.passes.base import output_groups, split_outputs
 from maskkv_compile.pipeline import MaskKVGraphs, build_graphs
 from maskkv_compile.policies import format_budget_table
+from maskkv_compile.block_diffusion import BlockReselect
 from maskkv_compile.revote import Revote
 from maskkv_compile.revote import dynamic_dims as revote_dynamic_dims
 from maskkv_compile.routing import (
@@ -131,6 +132,7 @@ class Counts:
     steps: int = 0
     transitions: Counter = field(default_factory=Counter)  # Transition values -> calls
     revotes: int = 0  # step calls that re-selected the hot cache (config.revote)
+    reselects: int = 0  # block steps that re-selected over [kept prefix ; finished block]
     fallbacks: Counter = field(default_factory=Counter)  # Fallback names -> calls
 
     def add(self, other: "Counts") -> "Counts":
@@ -139,6 +141,7 @@ class Counts:
             self.steps + other.steps,
             self.transitions + other.transitions,
             self.revotes + other.revotes,
+            self.reselects + other.reselects,
             self.fallbacks + other.fallbacks,
         )
 
@@ -182,10 +185,18 @@ class MaskKVRuntime:
         self.routing = Schedule(prompt_refresh=config.prompt_refresh, revote=config.revote)
         # in hook order: re-selection first, so the dual cache merges the new selection
         self.features = []
-        if graphs.revote is not None:
+        if config.revote is not None:
             self.features.append(
-                Revote(config.logits_shift, config.second_tier, config.revote_voters, mask_token_id)
+                Revote(
+                    config.logits_shift,
+                    config.second_tier,
+                    config.revote_voters,
+                    mask_token_id,
+                    config.budget,
+                )
             )
+        else:  # block diffusion re-selects over [kept prefix ; finished block] instead
+            self.features.append(BlockReselect(config.budget))
         if config.block_length is not None:
             self.features.append(DualCache(config.block_length, config.logits_shift, mask_token_id))
         self.dual = next((f for f in self.features if isinstance(f, DualCache)), None)
@@ -229,13 +240,16 @@ class MaskKVRuntime:
                 output_groups(graphs.step_kv),
             )
         )
-        if graphs.revote is not None:  # the step graph that also re-selects (revote.py)
-            dynamic = {**step_dynamic, **revote_dynamic_dims(len(graphs.sites))}
-            self._graphs["revote"] = (
-                self._compile(graphs.revote, dynamic),
-                graphs.revote_inputs,
-                output_groups(graphs.revote),
-            )
+        # the step graph that also re-selects: from the second tier ("revote", revote.py) or,
+        # without one, from each head's [kept prefix ; finished block] ("reselect",
+        # block_diffusion.py); compiled on its first run only
+        per_head = config.revote is None
+        dynamic = {**step_dynamic, **revote_dynamic_dims(len(graphs.sites), per_head)}
+        self._graphs["reselect" if per_head else "revote"] = (
+            self._compile(graphs.revote, dynamic),
+            graphs.revote_inputs,
+            output_groups(graphs.revote),
+        )
 
     def compiled(self, graph: str):
         """The runnable of one graph ("prefill", "step", "revote"): an ``InductorGraph`` (its
@@ -553,6 +567,7 @@ class MaskKVRuntime:
         for feature in self.features:
             feature.step_outputs(session, plan, named)
         self.counts.revotes += graph == "revote"
+        self.counts.reselects += graph == "reselect"
         session.steps_since_prefill += 1
         self.counts.steps += 1
         return self._with_logits(
@@ -599,7 +614,9 @@ class MaskKVRuntime:
         largest row and head); uniform_bytes: a cache keeping min(budget, P_b) entries in every
         head of every row. prefills / steps / transitions: what this runtime has run so far;
         fallbacks: calls slower than the cached path, by reason (``routing.Fallback``); revotes:
-        the step calls that re-selected (``revote``); second_tier: with ``revote``, the bytes of
+        the step calls that re-selected (``revote``); reselects: the block-diffusion steps that
+        re-selected over [kept prefix ; finished block] (``block_diffusion.BlockReselect``);
+        second_tier: with ``revote``, the bytes of
         the full prompt K/V the session keeps outside the hot cache; block_cache: with
         ``block_length``, the dual cache of the current block.
         """
@@ -665,6 +682,7 @@ class MaskKVRuntime:
             "steps": counts.steps,
             "transitions": dict(counts.transitions),
             "revotes": counts.revotes,
+            "reselects": counts.reselects,
             "fallbacks": dict(counts.fallbacks),
         }
 

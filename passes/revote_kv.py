@@ -5,14 +5,16 @@ Runs on a copy of the step graph after CachedAttentionPass (and ResponseKVOutput
 every ``maskkv::cached_attention(q, k, v, kept_k_<l>, kept_v_<l>, kept_len_<l>, resp_valid,
 scale, softmax_dtype)`` node; inserts before it
 
-    new = maskkv::revote_kv(q, k, prompt_k_<l>, prompt_v_<l>, prompt_pos, prompt_valid, resp_valid,
-                            revoter_idx, revoter_valid, kept_k_<l>, kept_len_<l>, scale, chunk,
-                            policy, pool_kernel, sink, seed)
+    new = maskkv::revote_kv(q, k, prompt_k_<l>, prompt_v_<l>, prompt_pos_<l>, prompt_valid_<l>,
+                            resp_valid, revoter_idx, revoter_valid, kept_k_<l>, kept_len_<l>,
+                            scale, chunk, policy, pool_kernel, sink, seed)
 
 and makes the attention read ``new``'s K/V and lengths instead of the old hot cache. New graph
-inputs: ``prompt_k_<l>`` / ``prompt_v_<l>`` (the second tier), ``prompt_pos`` (P,), ``prompt_valid``
-(B, P), ``revoter_idx`` (Rv,) indices into the computed rows of the voting queries and
-``revoter_valid`` (B, Rv). The graph returns, after its other outputs, per layer in layer order
+inputs: per layer the candidates ``prompt_k_<l>`` / ``prompt_v_<l>`` (B, Hkv, P, D), their
+positions ``prompt_pos_<l>`` and validity ``prompt_valid_<l>`` ((P,) and (B, P) for the second
+tier, the same tensors in every layer; (B, Hkv, P) each for block diffusion's per-head
+candidates, ``block_diffusion.BlockReselect``), and ``revoter_idx`` (Rv,) indices into the
+computed rows of the voting queries and ``revoter_valid`` (B, Rv). The graph returns, after its other outputs, per layer in layer order
 ``(kept_k, kept_v, kept_len, kept_pos)`` (``REVOTE_OUTPUTS_PER_LAYER``): the new hot cache.
 
 Invariant: layer l's queries are computed from layers < l that already attended to their new
@@ -33,6 +35,7 @@ from maskkv_compile.config import MaskKVConfig
 from .base import GraphPass, PassResult, append_outputs, is_call, placeholder
 
 REVOTE_OUTPUTS_PER_LAYER = 4
+REVOTE_INPUTS_PER_LAYER = ("prompt_k", "prompt_v", "prompt_pos", "prompt_valid")
 
 
 class RevoteKVPass(GraphPass):
@@ -44,16 +47,12 @@ class RevoteKVPass(GraphPass):
     def run(self, gm: fx.GraphModule) -> PassResult:
         cfg = self.config
         sites = [n for n in gm.graph.nodes if is_call(n, torch.ops.maskkv.cached_attention.default)]
-        shared = [
-            placeholder(gm, name)
-            for name in ("prompt_pos", "prompt_valid", "revoter_idx", "revoter_valid")
-        ]
-        prompt_pos, prompt_valid, revoter_idx, revoter_valid = shared
+        revoter_idx, revoter_valid = (placeholder(gm, n) for n in ("revoter_idx", "revoter_valid"))
         extra = []
         for layer, node in enumerate(sites):  # graph order is layer order
             q, k, v, kept_k, kept_v, kept_len, resp_valid, scale = node.args[:8]
-            prompt_k, prompt_v = (
-                placeholder(gm, f"{kind}_{layer}") for kind in ("prompt_k", "prompt_v")
+            prompt_k, prompt_v, prompt_pos, prompt_valid = (
+                placeholder(gm, f"{kind}_{layer}") for kind in REVOTE_INPUTS_PER_LAYER
             )
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(

@@ -282,14 +282,22 @@ def test_full_budget_reproduces_every_loop(chunk):
         _check_case(seed)
 
 
-@pytest.mark.parametrize("seed", [11])
-def test_inductor_matches_eager_on_block_loops(seed):
-    case = {**_case(seed), "loop": "sdar_additive", "family": "qwen3", "block": 8}
+@pytest.mark.parametrize("budget", [10**6, 5])
+def test_inductor_matches_eager_on_block_loops(budget):
+    """Compiled equals eager, at full budget and under eviction (where each grown window's first
+    step runs the re-selecting graph)."""
+    case = {**_case(11), "loop": "sdar_additive", "family": "qwen3", "block": 8}
     model = _model(case["family"], case["block"])
-    eager = _run(case, maskkv_compile.optimize(model, budget=10**6, backend="eager"))
-    compiled = maskkv_compile.optimize(model, budget=10**6)
+    eager_model = maskkv_compile.optimize(model, budget=budget, backend="eager")
+    eager = _run(case, eager_model)
+    compiled = maskkv_compile.optimize(model, budget=budget)
     assert torch.equal(_run(case, compiled), eager)
-    assert compiled.cache_stats()["transitions"].get("extend", 0) > 0
+    stats = compiled.cache_stats()
+    assert stats["transitions"].get("extend", 0) > 0
+    assert stats["reselects"] == eager_model.cache_stats()["reselects"]
+    assert (stats["reselects"] > 0) == (budget == 5)
+    for a, b in zip(stats["layers"], eager_model.cache_stats()["layers"]):
+        assert a["kept_per_row"] == b["kept_per_row"]
 
 
 def test_optimized_generate_is_the_models_own_block_loop():
@@ -358,6 +366,92 @@ def test_kept_prefix_is_the_top_of_the_blocks_mask_votes():
     assert int(session.layers[0].kept_len.max()) <= budget
 
 
+def _layer0_qk(model, x, mask):
+    """Layer 0's post-RoPE (query (B, H, S, D), key (B, Hkv, S, D), scaling) in the original
+    model's own call (eager attention, the block mask)."""
+    seen = []
+
+    def record(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        seen.append((query, key, scaling))
+        heads, kv = query.shape[1], key.shape[1]
+        scores = query @ key.repeat_interleave(heads // kv, 1).transpose(-2, -1) * scaling
+        probs = torch.softmax(scores + attention_mask, -1)
+        out = probs @ value.repeat_interleave(heads // kv, 1)
+        return out.transpose(1, 2).contiguous(), None
+
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("maskkv_layer0_qk", record)
+    model.config._attn_implementation = "maskkv_layer0_qk"
+    try:
+        with torch.no_grad():
+            model(x, attention_mask=mask)
+    finally:
+        model.config._attn_implementation = "sdpa"
+    return seen[0]
+
+
+def test_a_grown_window_reselects_the_top_of_the_new_blocks_votes_over_kept_and_finished():
+    """Without ``revote``, the new block's first step re-selects each (row, KV head) over its
+    own [kept prefix ; finished block]: at layer 0 (whose q and k the eviction upstream cannot
+    change) the kept set is the top-budget of the new block's mask votes over exactly those
+    candidates, the softmax running over them and the block's keys."""
+    model = _zero_mask_row(tiny_llada2(dtype=torch.float64, block_length=4))
+    budget = 5
+    optimized = maskkv_compile.optimize(
+        model, budget=budget, policy="mask_voting_uniform", backend="eager"
+    )
+    x = _prompt(2, 28)
+    first = x[:, :24].clone()
+    first[:, 21:] = MASK  # window 1: prefix 0..19, block 20..23 (prompt tail 20)
+    optimized(first, attention_mask=llada2_block_mask(6, 4, dtype=torch.float64))
+    before = optimized.runtime.last_session.layers[0]
+    old_pos, old_len = before.kept_pos.clone(), before.kept_len.clone()
+    second = x.clone()
+    second[:, 25:] = MASK  # window 2: block 20..23 finished, block 24..27 (24 committed)
+    mask = llada2_block_mask(7, 4, dtype=torch.float64)
+    logits = optimized(second, attention_mask=mask).logits
+    stats = optimized.cache_stats()
+    assert stats["transitions"]["extend"] == 1 and stats["reselects"] == 1
+    assert torch.isfinite(logits).all() and (logits[:, 25:].abs().sum(-1) > 0).all()
+    query, key, scaling = _layer0_qk(model, second, mask)
+    after = optimized.runtime.last_session.layers[0]
+    group = query.shape[1] // key.shape[1]
+    voters, block = torch.arange(25, 28), torch.arange(24, 28)
+    for b in range(2):
+        for h in range(key.shape[1]):
+            kept = old_pos[b, h, : int(old_len[b, h])]
+            assert int(old_len[b, h]) == budget  # a prompt of 20: every head evicted
+            candidates = torch.cat([kept, torch.arange(20, 24)])
+            keys = key[b, h, torch.cat([candidates, block])]  # (budget + 4 + 4, D)
+            probs = torch.softmax(query[b, h * group : (h + 1) * group, voters] @ keys.T * scaling, -1)
+            votes = probs[..., : candidates.numel()].sum((0, 1))
+            top = sorted(candidates[votes.topk(budget).indices].tolist())
+            assert after.kept_pos[b, h, : int(after.kept_len[b, h])].tolist() == top, (b, h)
+            assert int(after.kept_len[b, h]) == budget
+
+
+@pytest.mark.parametrize("budget, reselects", [(6, 4), (8, 3), (24, 0)])
+def test_a_short_prompt_is_kept_whole_and_the_generation_grows_it_only_to_the_budget(
+    budget, reselects
+):
+    """Prompt 5, blocks of 4, gen 16: windows end at 8, 12, ..., 24, and the prefix at each
+    growth is 8, 12, 16, 20. A head that held its whole prefix holds the finished block too,
+    up to the budget; past it the block's votes re-select. Below the budget the tokens are
+    the uncached loop's."""
+    model = _zero_mask_row(tiny_qwen3(dtype=torch.float64))
+    prompt = _prompt(1, 5)
+    kwargs = dict(gen_length=16, block_length=4, mask_id=MASK, steps=2)
+    optimized = maskkv_compile.optimize(model, budget=budget, backend="eager")
+    got = sdar_generate(optimized, prompt, **kwargs)
+    stats = optimized.cache_stats()
+    assert stats["transitions"]["extend"] == 4 and stats["reselects"] == reselects
+    for layer in stats["layers"]:
+        assert layer["kept_per_kv_head"] == [min(budget, 20)] * len(layer["kept_per_kv_head"])
+    if reselects == 0:
+        assert torch.equal(got, sdar_generate(model, prompt, **kwargs))
+
+
 def test_under_eviction_every_step_gives_real_logits_and_the_cache_stays_bounded():
     model = _zero_mask_row(tiny_qwen3(dtype=torch.float64))
     optimized = maskkv_compile.optimize(model, budget=6, backend="eager")
@@ -371,10 +465,11 @@ def test_under_eviction_every_step_gives_real_logits_and_the_cache_stays_bounded
 
     sdar_generate(model, _prompt(1, 30), gen_length=12, block_length=4, mask_id=MASK, call=call)
     # prompt 30, blocks of 4 from 0: windows end at 32, 36, 40, 44
-    assert all(seen) and optimized.cache_stats()["transitions"]["extend"] == 3
-    kept = [layer["kept_per_kv_head"] for layer in optimized.cache_stats()["layers"]]
-    # the prompt's entries stay the budget; each finished block joins whole
-    assert max(max(k) for k in kept) <= 6 + 3 * 4
+    stats = optimized.cache_stats()
+    assert all(seen) and stats["transitions"]["extend"] == 3 and stats["reselects"] == 3
+    kept = [layer["kept_per_kv_head"] for layer in stats["layers"]]
+    # each grown window's first step re-selected [kept prefix ; finished block] to the budget
+    assert max(max(k) for k in kept) <= 6
 
 
 def test_a_step_callback_that_replaces_the_block_stays_exact():
@@ -432,8 +527,8 @@ def test_each_row_of_a_padded_batch_under_eviction_is_the_row_alone():
 @pytest.mark.parametrize("where", ["device", "host"])
 def test_revote_reselects_over_the_whole_prefix_at_every_extend(where):
     """With ``revote`` the finished block joins the second tier and the new block's votes
-    re-select over the whole prefix: the hot cache stays at the budget (without it, each
-    finished block joins the kept set whole); at a budget above the prefix it is exact."""
+    re-select over the whole prefix; without it, over each head's [kept ; finished block].
+    Either way the hot cache stays at the budget; at a budget above the prefix it is exact."""
     model = _zero_mask_row(tiny_qwen3(dtype=torch.float64))
     prompt = _prompt(2, 30)
     pad = torch.ones_like(prompt)
@@ -448,16 +543,18 @@ def test_revote_reselects_over_the_whole_prefix_at_every_extend(where):
     assert checked.worst == 0.0
     stats = exact.cache_stats()
     assert stats["transitions"]["extend"] == 3 and stats["revotes"] == 3
+    assert stats["reselects"] == 0
     assert stats["second_tier"]["prompt_len"] == 40  # 28 + 3 finished blocks of 4
     assert stats["layers"][0]["kept_per_row"] == [[40, 40], [37, 37]]
 
     bounded = maskkv_compile.optimize(model, budget=5, backend="eager", revote=1000)
     sdar_generate(bounded, prompt, **kwargs)
-    grown = maskkv_compile.optimize(model, budget=5, backend="eager")
-    sdar_generate(grown, prompt, **kwargs)
-    for a, b in zip(bounded.cache_stats()["layers"], grown.cache_stats()["layers"]):
+    tierless = maskkv_compile.optimize(model, budget=5, backend="eager")
+    sdar_generate(tierless, prompt, **kwargs)
+    assert tierless.cache_stats()["reselects"] == 3 and tierless.cache_stats()["revotes"] == 0
+    for a, b in zip(bounded.cache_stats()["layers"], tierless.cache_stats()["layers"]):
         assert a["kept_per_row"] == [[5, 5], [5, 5]] and a["padded_to"] == 5
-        assert b["kept_per_row"] == [[5 + 12, 5 + 12], [5 + 12, 5 + 12]]
+        assert b["kept_per_row"] == [[5, 5], [5, 5]] and b["padded_to"] == 5
 
 
 def test_a_mask_is_read_once_per_tensor_and_again_after_an_in_place_write(monkeypatch):

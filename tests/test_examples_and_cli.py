@@ -47,7 +47,8 @@ def test_block_diffusion_example(script):
     if "skipped" not in out:
         assert "2. LLaDA2Pipeline == plain model: True | {'new': 1, 'step': 11, 'extend': 3}" in out
     assert "{'new': 1, 'step': 7, 'extend': 2} | masks left: 0" in out
-    assert "layer 0 keeps [64] per KV head of 224 prefix entries" in out
+    assert "layer 0 keeps [32] per KV head of 224 prefix entries" in out
+    assert "(2 re-selections)" in out
 
 
 def test_diffusion_gemma_example(script):

@@ -275,8 +275,9 @@ def test_to_html_highlights_the_inserted_ops(tmp_path):
 
 
 def expected_dump_names():
-    # step_kv: the step graph with the response K/V out, which block diffusion's extend runs
-    graphs = {**PASSES, "step_kv": ["ResponseKVOutputsPass"]}
+    # step_kv: the step graph with the response K/V out, which block diffusion's extend runs;
+    # revote: the step graph that re-selects (re-votes, and a block window's growth)
+    graphs = {**PASSES, "step_kv": ["ResponseKVOutputsPass"], "revote": ["RevoteKVPass"]}
     return {
         f"maskkv.{graph}.{i}.{name}.{when}.py"
         for graph, names in graphs.items()

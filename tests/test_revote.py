@@ -136,20 +136,23 @@ def test_bad_revote_options_are_refused(options, message):
         MaskKVConfig(**options)
 
 
-def test_revote_off_builds_no_revote_graph():
+def test_revote_off_keeps_no_second_tier_and_never_reselects():
     model = build("llada")
     net = maskkv_compile.optimize(model, budget=4, backend="eager")
     _, x = prompt_and_masks(model, 12, 4)
     net(x)
-    assert net.runtime.graphs.revote is None and net.runtime.last_session.tier is None
+    net(x)
+    assert net.runtime.last_session.tier is None
     stats = net.cache_stats()
-    assert stats["second_tier"] is None and stats["revotes"] == 0
+    assert stats["second_tier"] is None and stats["revotes"] == stats["reselects"] == 0
 
 
 # ------------------------------------------------------------------------------------------ ops
 
 
-def _revote_inputs(batch=2, heads=4, kv_heads=2, prompt=11, rows=5, dim=8, seed=0):
+def _revote_inputs(
+    batch=2, heads=4, kv_heads=2, prompt=11, rows=5, dim=8, seed=0, per_head=False
+):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads, rows, dim, generator=gen)
     k = torch.randn(batch, kv_heads, rows, dim, generator=gen)
@@ -165,6 +168,11 @@ def _revote_inputs(batch=2, heads=4, kv_heads=2, prompt=11, rows=5, dim=8, seed=
     voter_valid[1, 0] = False
     kept_len = torch.tensor([[3, 5], [4, 2]])
     kept_k = torch.zeros(batch, kv_heads, 5, dim)
+    if per_head:  # block diffusion's candidates: each head's own entries first, own positions
+        held = torch.tensor([[11, 7], [6, 9]])  # (B, Hkv)
+        prompt_valid = torch.arange(prompt) < held[..., None]  # (B, Hkv, P)
+        steps = torch.randint(1, 4, (batch, kv_heads, prompt), generator=gen)
+        prompt_pos = torch.where(prompt_valid, steps.cumsum(-1), -1)  # increasing, -1 past
     return (
         q,
         k,
@@ -180,14 +188,15 @@ def _revote_inputs(batch=2, heads=4, kv_heads=2, prompt=11, rows=5, dim=8, seed=
     )
 
 
+@pytest.mark.parametrize("per_head", [False, True], ids=["second tier", "per-head candidates"])
 @pytest.mark.parametrize("blocked", [False, True], ids=["one score block", "prompt in blocks"])
-def test_revote_op_matches_a_per_row_reference(blocked, monkeypatch):
+def test_revote_op_matches_a_per_row_reference(blocked, per_head, monkeypatch):
     if blocked:
         # scores above SCORE_BLOCK go in prompt blocks of chunk * KEY_BLOCK_FACTOR
         # columns, two passes
         monkeypatch.setattr(revote_kernels, "SCORE_BLOCK", 1)
         monkeypatch.setattr(revote_kernels, "KEY_BLOCK_FACTOR", 1)
-    args = _revote_inputs()
+    args = _revote_inputs(per_head=per_head)
     (
         q,
         k,
@@ -208,19 +217,19 @@ def test_revote_op_matches_a_per_row_reference(blocked, monkeypatch):
     assert new_k.shape == kept_k.shape and torch.equal(new_len, kept_len)
     group = q.shape[1] // k.shape[1]
     for b in range(q.shape[0]):
-        cols = prompt_valid[b].nonzero().flatten()
-        keys_b = torch.cat(
-            [prompt_k[b][:, cols], k[b][:, resp_valid[b]]], dim=1
-        )  # (Hkv, P_b + R_b, D)
         voters = voter_idx[voter_valid[b]]
         for kv in range(k.shape[1]):
+            valid = prompt_valid[b, kv] if per_head else prompt_valid[b]
+            positions = prompt_pos[b, kv] if per_head else prompt_pos
+            cols = valid.nonzero().flatten()
+            keys = torch.cat([prompt_k[b, kv, cols], k[b, kv, resp_valid[b]]])  # (P_b + R_b, D)
             votes = torch.zeros(len(cols), dtype=torch.float64)
             for h in range(kv * group, (kv + 1) * group):
-                probs = torch.softmax(q[b, h, voters].double() @ keys_b[kv].double().T * scale, -1)
+                probs = torch.softmax(q[b, h, voters].double() @ keys.double().T * scale, -1)
                 votes += probs[:, : len(cols)].sum(0)
             n = int(kept_len[b, kv])
             top = sorted(torch.sort(votes, descending=True, stable=True).indices[:n].tolist())
-            expected = prompt_pos[cols[top]]
+            expected = positions[cols[top]]
             assert pos[b, kv, :n].tolist() == expected.tolist()
             assert bool((pos[b, kv, n:] == -1).all())
             torch.testing.assert_close(new_k[b, kv, :n], prompt_k[b, kv, cols[top]])
@@ -231,6 +240,9 @@ def test_revote_op_matches_a_per_row_reference(blocked, monkeypatch):
 def test_opcheck_revote_ops():
     args = _revote_inputs()
     opcheck(torch.ops.maskkv.revote_kv.default, (*args, 0.4, 3, "snapkv", 5, 4, 0))
+    per_head = _revote_inputs(per_head=True)
+    for policy in ("maskkv", "snapkv", "streaming", "random"):
+        opcheck(torch.ops.maskkv.revote_kv.default, (*per_head, 0.4, 3, policy, 5, 4, 0))
     k, v = args[2], args[3]
     opcheck(torch.ops.maskkv.prompt_kv.default, (k, v, torch.tensor([0, 2, 3, 7])))
 
