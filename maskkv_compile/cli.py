@@ -285,6 +285,9 @@ def cmd_eval(args) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.context is not None and args.model not in ("ruler", "ruler-block"):
+        print(f"--context is for the RULER-style models, not {args.model}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     try:
         suite = run_suite(
@@ -298,6 +301,7 @@ def cmd_eval(args) -> int:
             progress=not args.quiet,
             seed=args.seed,
             checkpoint=args.checkpoint,
+            context=args.context,
             revotes=args.revote,
             refreshes=args.refresh,
             revote_voters=args.revote_voters,
@@ -641,6 +645,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="tiny-dllm / ruler / ruler-block: a folder written by scripts/train_tiny_dllm.py or "
         "scripts/train_ruler.py (default: the shipped one)",
+    )
+    quality.add_argument(
+        "--context",
+        type=int,
+        metavar="N",
+        help="ruler / ruler-block: the tasks' length in tokens (default 2048)",
     )
     quality.add_argument(
         "--heatmap",

@@ -168,3 +168,18 @@ def test_block_infill_calls_the_growing_window_with_its_mask():
     # answer tokens 62-63 finish the block ending at 64; the window then grows to the end (70)
     assert [s for s, _ in seen] == [64, 64, 70, 70, 70, 70, 70, 70]
     assert all(tuple(m) == (s, s) for s, m in seen)
+
+
+def test_context_sets_the_tasks_length_of_a_ruler_checkpoint(tmp_path):
+    from maskkv_compile.evaluation.models import load_bundle
+    from maskkv_compile.tiny_models import tiny_llada
+
+    model = tiny_llada(layers=1, hidden=32, vocab=ruler.VOCAB, seed=0)
+    model.config.ruler = {"attention": "full", "block": None}
+    model.save_pretrained(tmp_path)
+    for context in (300, 512):
+        bundle = load_bundle("ruler", 2, ["single", "copy"], checkpoint=str(tmp_path), context=context)
+        assert [len(s.ids) for s in bundle.samples] == [context] * 4
+        assert f"at {context} tokens" in bundle.note
+    with pytest.raises(ValueError, match="context= is for the RULER-style models only"):
+        load_bundle("tiny-dllm", 1, context=300)

@@ -514,11 +514,15 @@ def load_bundle(
     tasks: Optional[Sequence[str]] = None,
     seed: int = 0,
     checkpoint: Optional[str] = None,
+    context: Optional[int] = None,
 ) -> Bundle:
     """The named model with ``samples`` sequences per task (default: all eval rows; tiny-dllm 16,
-    tiny-llama 4); ``checkpoint`` is a tiny-dllm folder to load instead of the shipped one."""
+    tiny-llama 4); ``checkpoint`` is a folder of the project's own models to load instead of
+    the shipped one; ``context`` the RULER tasks' length in tokens (default ``RULER_LENGTH``)."""
     if checkpoint is not None and name not in ("tiny-dllm", *RULER_FOLDERS):
         raise ValueError(f"checkpoint= is for the project's own models only, not {name!r}")
+    if context is not None and name not in RULER_FOLDERS:
+        raise ValueError(f"context= is for the RULER-style models only, not {name!r}")
     if name == "antiberty":
         return load_antiberty(samples, tasks)
     if name == "rxnfp":
@@ -526,7 +530,9 @@ def load_bundle(
     if name == "tiny-dllm":
         return load_tiny_dllm(samples, tasks, seed=seed, checkpoint=checkpoint)
     if name in RULER_FOLDERS:
-        return load_ruler(name, samples, tasks, seed=seed, checkpoint=checkpoint)
+        return load_ruler(
+            name, samples, tasks, seed=seed, length=context or RULER_LENGTH, checkpoint=checkpoint
+        )
     if name == "tiny-llama":
         return load_tiny_llama(samples, tasks, seed=seed)
     raise ValueError(f"unknown model {name!r}; valid: {list(MODELS)}")

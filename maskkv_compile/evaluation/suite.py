@@ -539,16 +539,20 @@ def run_suite(
     seed: int = 0,
     bundle: Optional[Bundle] = None,
     checkpoint: Optional[str] = None,
+    context: Optional[int] = None,
     revotes: Sequence[Union[int, str]] = (),
     refreshes: Sequence[int] = (),
     revote_voters: str = "response",
 ) -> Suite:
-    """Load ``model`` (``checkpoint``: a tiny-dllm folder), run every missing cell, write
-    ``<out>/quality_<model>.json``; returns the suite."""
+    """Load ``model`` (``checkpoint``: a folder of the project's own models; ``context``: the
+    RULER tasks' length), run every missing cell, write ``<out>/quality_<model>.json``; returns
+    the suite."""
     from maskkv_compile.evaluation.models import load_bundle
     from maskkv_compile.policies import POLICIES
 
-    bundle = bundle or load_bundle(model, samples, tasks, seed=seed, checkpoint=checkpoint)
+    bundle = bundle or load_bundle(
+        model, samples, tasks, seed=seed, checkpoint=checkpoint, context=context
+    )
     path = Path(out) / f"quality_{bundle.name.replace('-', '_')}.json" if out is not None else None
     suite = Suite(
         bundle,
