@@ -53,7 +53,7 @@ from typing import Optional
 
 import torch
 
-from maskkv_compile.block_diffusion import append_block, finished_columns
+from maskkv_compile.block_diffusion import BlockReselect, append_block, finished_columns
 from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.dual_cache import DualCache
 from maskkv_compile.inductor import SEQ, InductorGraph
@@ -61,7 +61,6 @@ from maskkv_compile.layout import Layout, NoMaskTokenError, block_layout, infer_
 from maskkv_compile.passes.base import output_groups, split_outputs
 from maskkv_compile.pipeline import MaskKVGraphs, build_graphs
 from maskkv_compile.policies import format_budget_table
-from maskkv_compile.block_diffusion import BlockReselect
 from maskkv_compile.revote import Revote
 from maskkv_compile.revote import dynamic_dims as revote_dynamic_dims
 from maskkv_compile.routing import (

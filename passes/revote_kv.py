@@ -14,8 +14,9 @@ inputs: per layer the candidates ``prompt_k_<l>`` / ``prompt_v_<l>`` (B, Hkv, P,
 positions ``prompt_pos_<l>`` and validity ``prompt_valid_<l>`` ((P,) and (B, P) for the second
 tier, the same tensors in every layer; (B, Hkv, P) each for block diffusion's per-head
 candidates, ``block_diffusion.BlockReselect``), and ``revoter_idx`` (Rv,) indices into the
-computed rows of the voting queries and ``revoter_valid`` (B, Rv). The graph returns, after its other outputs, per layer in layer order
-``(kept_k, kept_v, kept_len, kept_pos)`` (``REVOTE_OUTPUTS_PER_LAYER``): the new hot cache.
+computed rows of the voting queries and ``revoter_valid`` (B, Rv). The graph returns, after its
+other outputs, per layer in layer order ``(kept_k, kept_v, kept_len, kept_pos)``
+(``REVOTE_OUTPUTS_PER_LAYER``): the new hot cache.
 
 Invariant: layer l's queries are computed from layers < l that already attended to their new
 selections, so every layer votes with exactly the queries this step computes (what a prefill

@@ -424,7 +424,9 @@ def test_a_grown_window_reselects_the_top_of_the_new_blocks_votes_over_kept_and_
             assert int(old_len[b, h]) == budget  # a prompt of 20: every head evicted
             candidates = torch.cat([kept, torch.arange(20, 24)])
             keys = key[b, h, torch.cat([candidates, block])]  # (budget + 4 + 4, D)
-            probs = torch.softmax(query[b, h * group : (h + 1) * group, voters] @ keys.T * scaling, -1)
+            probs = torch.softmax(
+                query[b, h * group : (h + 1) * group, voters] @ keys.T * scaling, -1
+            )
             votes = probs[..., : candidates.numel()].sum((0, 1))
             top = sorted(candidates[votes.topk(budget).indices].tolist())
             assert after.kept_pos[b, h, : int(after.kept_len[b, h])].tolist() == top, (b, h)

@@ -150,9 +150,7 @@ def test_revote_off_keeps_no_second_tier_and_never_reselects():
 # ------------------------------------------------------------------------------------------ ops
 
 
-def _revote_inputs(
-    batch=2, heads=4, kv_heads=2, prompt=11, rows=5, dim=8, seed=0, per_head=False
-):
+def _revote_inputs(batch=2, heads=4, kv_heads=2, prompt=11, rows=5, dim=8, seed=0, per_head=False):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads, rows, dim, generator=gen)
     k = torch.randn(batch, kv_heads, rows, dim, generator=gen)

@@ -178,7 +178,9 @@ def test_context_sets_the_tasks_length_of_a_ruler_checkpoint(tmp_path):
     model.config.ruler = {"attention": "full", "block": None}
     model.save_pretrained(tmp_path)
     for context in (300, 512):
-        bundle = load_bundle("ruler", 2, ["single", "copy"], checkpoint=str(tmp_path), context=context)
+        bundle = load_bundle(
+            "ruler", 2, ["single", "copy"], checkpoint=str(tmp_path), context=context
+        )
         assert [len(s.ids) for s in bundle.samples] == [context] * 4
         assert f"at {context} tokens" in bundle.note
     with pytest.raises(ValueError, match="context= is for the RULER-style models only"):
