@@ -111,6 +111,27 @@ def describe_structure(rows: torch.Tensor, valid: torch.Tensor) -> str:
     )
 
 
+def _unpadded_block_ends(rows: torch.Tensor) -> Optional[torch.Tensor]:
+    """The common case read in three passes over the (B, S, S) pattern: a block-causal mask
+    without padding, the same in every row of the batch -> its (S,) block ends (what
+    :func:`_block_ends` finds for it), else None (the general reading decides). Each query sees
+    a prefix of the keys ending at ``end``; the ends are non-decreasing and lie past their
+    query, and the query at ``end - 1`` ends there too, so the ends cut the sequence into
+    contiguous blocks; some query sees a later key (else it is causal, blocks of one). A last
+    block of one token is read as a block (the general reading takes it for a right-padding
+    row opened up; in a block-diffusion window it is the block being generated)."""
+    seq = rows.shape[-1]
+    pos = torch.arange(seq, device=rows.device)
+    end = rows[0].sum(-1, dtype=torch.int32).long()  # (S,) keys the first row's queries see
+    if not bool((end > pos).all() and (end[1:] >= end[:-1]).all()):
+        return None
+    if not bool((end[end - 1] == end).all() and (end > pos + 1).any()):
+        return None
+    if not bool((rows == (pos[None, :] < end[:, None])).all()):  # every row, exactly a prefix
+        return None
+    return end
+
+
 def _block_ends(rows: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """A (B, S, S) 'may attend' pattern read as block-causal: ((B, S) real keys, (S,) one past
     the last key each position's query sees), or None when it is not of that form.
@@ -195,6 +216,9 @@ def read_mask(name: str, mask, batch: int, seq: int):
             valid = allowed[:, 0, 0]
         elif allowed.shape[2] == seq:
             rows = allowed[:, 0]  # (B, S, S)
+            end = _unpadded_block_ends(rows)  # the loops' usual mask, read in three passes
+            if end is not None:
+                return None, end
             if bool(rows.all()):
                 # a (S, S) mask that masks nothing: a block-diffusion window of one block (a
                 # prompt shorter than the block), the one way a loop spells no padding so

@@ -96,6 +96,38 @@ def test_prompt_as_its_own_block():
     assert end.tolist() == [6] * 6 + [10] * 4 + [14] * 4
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_an_unpadded_block_mask_is_read_fast_as_the_general_reading_does(seed):
+    """The loops' usual mask (block-causal, no padding) is read in three passes; what it finds
+    is what the general reading finds, for every partition into blocks, spelling and batch."""
+    from maskkv_compile import masks
+
+    rng = random.Random(seed)
+    seq, block = rng.randint(5, 40), rng.choice([2, 4, 8, 16])
+    prompt_len = rng.choice([None, rng.randint(1, seq)])
+    kind = rng.choice(["additive", "bool"])
+    mask = block_causal_mask(seq, block, prompt_len, kind=kind, dtype=torch.float64)
+    batch = rng.randint(1, 3)
+    rows = masks._allowed("m", mask).expand(batch, 1, seq, seq)[:, 0]
+    fast = masks._unpadded_block_ends(rows)
+    general = masks._block_ends(rows)
+    if bool(rows.all()):  # one block: read as such before the general reading
+        assert fast.tolist() == [seq] * seq
+    elif bool(general[0].all()):
+        assert torch.equal(fast, general[1]), (seq, block, prompt_len)
+    else:  # a last block of one token, which the general reading takes for a padding row
+        assert general[0][:, :-1].all() and not general[0][:, -1].any()
+        assert fast[-1] == seq and fast[-2] == seq - 1
+        # which moves the block before it to end past that "padding"
+        assert torch.equal(torch.where(fast == seq - 1, seq, fast), general[1])
+    assert torch.equal(read_mask("m", mask, batch, seq)[1], fast)
+    causal = torch.ones(batch, seq, seq, dtype=torch.bool).tril()
+    assert masks._unpadded_block_ends(causal) is None  # blocks of one: left to the refusal
+    padded = rows.clone()
+    padded[-1, :, 0] = False  # a padding key in the last row: the general reading decides
+    assert masks._unpadded_block_ends(padded) is None
+
+
 @pytest.mark.parametrize(
     "mask,what",
     [

@@ -108,6 +108,38 @@ def test_attention_block_causal_key_end(softmax_dtype):
 
 
 @pytest.mark.parametrize("softmax_dtype", [None, torch.float32])
+def test_long_block_causal_attention_in_query_chunks_equals_the_whole(softmax_dtype, monkeypatch):
+    """Past 2 * QUERY_CHUNK queries without padding, block-causal attention goes in query chunks
+    against the keys before each chunk's last block end: the same as the whole masked
+    attention, over uneven blocks (a prompt block, then blocks of 5)."""
+    from kernels import attention as attention_kernels
+
+    monkeypatch.setattr(attention_kernels, "QUERY_CHUNK", 8)
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 43, 16, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 43, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+    key_end = torch.tensor([13] * 13 + [min(13 + 5 * (1 + i // 5), 43) for i in range(30)])
+    chunks = []
+    original = attention_kernels.attention_reference
+    monkeypatch.setattr(
+        attention_kernels,
+        "attention_reference",
+        lambda q, k, *a, **kw: chunks.append(k.shape[2]) or original(q, k, *a, **kw),
+    )
+    out = torch.ops.maskkv.attention(q, k, v, 0.3, softmax_dtype, None, key_end)
+    assert chunks == [13, 18, 28, 33, 43, 43]  # each chunk's keys end at its last block end
+    whole = original(
+        q, k, v, 0.3, softmax_dtype, attention_kernels.attention_mask(None, key_end, 43)
+    )
+    tol = dict(atol=1e-6, rtol=1e-6) if softmax_dtype else dict(atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(out, whole, **tol)
+    for i in (0, 12, 13, 20, 42):  # and each row against the naive definition
+        keys = list(range(int(key_end[i])))
+        want = naive_attention(q[:, :, i : i + 1], k, v, 0.3, [[keys] * 2] * 2)
+        torch.testing.assert_close(out[:, :, i : i + 1], want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("softmax_dtype", [None, torch.float32])
 def test_attention_padding_keys(softmax_dtype):
     q, k, v = qkv(kv_heads=2, dtype=torch.float64)
     key_valid = torch.ones(2, 13, dtype=torch.bool)
