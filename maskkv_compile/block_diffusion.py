@@ -119,10 +119,9 @@ def extend_budgets(
 
 @dataclass
 class Pending:
-    """A re-selection the next step runs: per layer the candidates (the kept prefix with the
-    finished block appended) and each head's budget."""
+    """A re-selection the next step runs over the session's layers (the kept prefix with the
+    finished block appended): each head's budget."""
 
-    candidates: list[LayerCache]
     budgets: list[torch.Tensor]  # per layer (B, Hkv)
     widths: list[int]  # per layer the largest budget: the new hot cache's width
 
@@ -154,7 +153,7 @@ class BlockReselect(Feature):
         evicts = (wanted < held).any().view(1).to(wanted.dtype)
         evicts, *widths = torch.cat([evicts, wanted.flatten(1).amax(1)]).tolist()
         if evicts:
-            session.state[self.name] = Pending(appended, budgets, widths)
+            session.state[self.name] = Pending(budgets, widths)
         session.layers = appended
         return True
 
@@ -165,7 +164,7 @@ class BlockReselect(Feature):
         voter_idx, voter_valid = block_voters(session.layout, session.masked)
         inputs.update({"revoter_idx": voter_idx, "revoter_valid": voter_valid})
         for layer, (cache, budget, kmax) in enumerate(
-            zip(pending.candidates, pending.budgets, pending.widths)
+            zip(session.layers, pending.budgets, pending.widths)
         ):
             width = cache.kept_k.shape[2]
             inputs.update(

@@ -47,7 +47,7 @@ from maskkv_compile.passes import (
     analyse,
     attention_sites,
 )
-from maskkv_compile.passes.base import PassRecord, extra_inputs
+from maskkv_compile.passes.base import OUTPUT_GROUPS, PassRecord, extra_inputs
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -76,6 +76,33 @@ class MaskKVGraphs:
     step_kv: Optional[fx.GraphModule] = None  # the step graph with each layer's response K/V out
     revote: Optional[fx.GraphModule] = None  # the step graph that re-selects
     revote_inputs: list[str] = field(default_factory=list)
+    # the masks the model builds from the length alone (FindAttentionPass dropped them from the
+    # sites): the captured graph cut down to them, called with the call's own inputs
+    mask_fn: Optional[fx.GraphModule] = None
+
+
+def mask_graph(gm: fx.GraphModule, sites: list[AttentionSite]) -> Optional[fx.GraphModule]:
+    """The captured graph cut down to the masks the sites' ``graph_mask`` name (one output per
+    distinct mask), or None when no site has one. Every site must have one: a model with some
+    layers masked and others not needs a key limit per layer, which the runtime has not."""
+    names = list(dict.fromkeys(site.graph_mask for site in sites))
+    if names == [None]:
+        return None
+    if None in names:
+        masked = [site.module_path for site in sites if site.graph_mask is not None]
+        plain = [site.module_path for site in sites if site.graph_mask is None]
+        raise UnsupportedModelError(
+            f"the model builds an attention mask inside forward for some layers ({masked}) and "
+            f"none for others ({plain}); MaskKV needs one mask for every layer"
+        )
+    cut = copy_graph_module(gm)
+    nodes = {n.name: n for n in cut.graph.nodes}
+    out = next(n for n in reversed(cut.graph.nodes) if n.op == "output")
+    out.args = (tuple(nodes[name] for name in names),)
+    out.meta.pop(OUTPUT_GROUPS, None)
+    cut.graph.eliminate_dead_code()
+    cut.recompile()
+    return cut
 
 
 def _seen_ops(gm: fx.GraphModule) -> str:
@@ -106,6 +133,8 @@ def build_graphs(gm: fx.GraphModule, config: MaskKVConfig, *, strict: bool = Tru
             "no attention found in the model's graph; ops seen: " + _seen_ops(gm)
         )
     distributed.check_local_attention(attention_sites(canonical))
+    sites = [site for _, site in attention_sites(canonical)]
+    mask_fn = mask_graph(gm, sites)
     prefill = copy_graph_module(canonical)
     keep_prompt = [KeepPromptKVPass()] if config.revote is not None else []
     # a tensor-parallel model (its graph runs collectives): every rank's budgets from every head
@@ -147,7 +176,7 @@ def build_graphs(gm: fx.GraphModule, config: MaskKVConfig, *, strict: bool = Tru
     distributed.check_collectives_preserved(gm, **derived)
     return MaskKVGraphs(
         info=info,
-        sites=[site for _, site in attention_sites(canonical)],
+        sites=sites,
         num_inputs=num_inputs,
         captured_code=gm.code,
         canonical=canonical,
@@ -161,4 +190,5 @@ def build_graphs(gm: fx.GraphModule, config: MaskKVConfig, *, strict: bool = Tru
         skipped=result.skipped,
         revote=revote,
         revote_inputs=extra_inputs(revote, num_inputs),
+        mask_fn=mask_fn,
     )

@@ -58,7 +58,9 @@ from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.dual_cache import DualCache
 from maskkv_compile.inductor import SEQ, InductorGraph
 from maskkv_compile.layout import Layout, NoMaskTokenError, block_layout, infer_layout
+from maskkv_compile.masks import read_mask
 from maskkv_compile.passes.base import output_groups, split_outputs
+from maskkv_compile.passes.graph_info import UnsupportedModelError, is_weight
 from maskkv_compile.pipeline import MaskKVGraphs, build_graphs
 from maskkv_compile.policies import format_budget_table
 from maskkv_compile.revote import Revote
@@ -145,11 +147,6 @@ class Counts:
         )
 
 
-def _is_weight(name: str) -> bool:
-    """A placeholder dynamo made of a module's parameter or buffer."""
-    return "_parameters_" in name or "_buffers_" in name
-
-
 class MaskKVRuntime:
     """Callable with the captured graph's flat inputs; returns its flat outputs."""
 
@@ -166,6 +163,7 @@ class MaskKVRuntime:
             None  # the session the last call ran on (None: uncached)
         )
         self._warned: set[Fallback] = set()
+        self._model_masks: dict = {}  # (B, S, device) -> block ends of the model's own mask
         info = graphs.info
         placeholders = [n for n in graphs.canonical.graph.nodes if n.op == "placeholder"]
         names = [n.name for n in placeholders]
@@ -179,8 +177,8 @@ class MaskKVRuntime:
             if isinstance(n.meta.get("example_value", n.meta.get("val")), torch.Tensor)
             and i not in fixed
         ]
-        self.weight_pos = [i for i in tensors if _is_weight(names[i])]
-        self.other_pos = [i for i in tensors if not _is_weight(names[i])]
+        self.weight_pos = [i for i in tensors if is_weight(names[i])]
+        self.other_pos = [i for i in tensors if not is_weight(names[i])]
         self.routing = Schedule(prompt_refresh=config.prompt_refresh, revote=config.revote)
         # in hook order: re-selection first, so the dual cache merges the new selection
         self.features = []
@@ -287,6 +285,8 @@ class MaskKVRuntime:
         key_end = _KEY_END.get()
         if key_end is not None and key_end.shape != ids.shape[1:]:
             key_end = None
+        if key_end is None and self.graphs.mask_fn is not None:
+            key_end = self._model_mask(args, ids)
         return Call(
             args,
             ids,
@@ -297,6 +297,29 @@ class MaskKVRuntime:
             ids == self.mask_token_id,
             key_end,
         )
+
+    def _model_mask(self, args, ids: torch.Tensor) -> Optional[torch.Tensor]:
+        """(S,) block ends of the mask the model builds from the length inside its forward
+        (``graphs.mask_fn``, run on the call's inputs), read once per batch size and length."""
+        key = (*ids.shape, ids.device)
+        if key not in self._model_masks:
+            masks = [_as_4d(m) for m in self.graphs.mask_fn(*args)]
+            if any(not torch.equal(m, masks[0]) for m in masks[1:]):
+                raise UnsupportedModelError(
+                    f"the model builds {len(masks)} different attention masks inside forward "
+                    "for its layers; MaskKV needs one mask for every layer"
+                )
+            name = "the attention mask the model builds in forward"
+            valid, end = read_mask(name, masks[0], *ids.shape)
+            if valid is not None:
+                raise UnsupportedModelError(
+                    f"{name} hides keys from every query (padding from the length alone); "
+                    "MaskKV reads padding from the call's attention_mask"
+                )
+            if len(self._model_masks) >= 8:
+                self._model_masks.pop(next(iter(self._model_masks)))
+            self._model_masks[key] = None if end is None else end.to(ids.device)
+        return self._model_masks[key]
 
     def _facts(self, call: Call) -> tuple[list[Optional[SessionFacts]], Optional[Fallback]]:
         """Every live session's facts, and whether the call continues a dropped session, from
@@ -693,6 +716,18 @@ class MaskKVRuntime:
             if session
             else "(no prompt yet)"
         )
+
+
+def _as_4d(mask: torch.Tensor) -> torch.Tensor:
+    """A mask the model built, as (B or 1, 1, S, S): (S, S) and (B, S, S) gain their missing
+    dims; a per-head (B, H, S, S) mask the same for every head keeps one."""
+    if mask.dim() == 2:
+        return mask[None, None]
+    if mask.dim() == 3:
+        return mask[:, None]
+    if mask.shape[1] > 1 and bool((mask == mask[:, :1]).all()):
+        return mask[:, :1]
+    return mask
 
 
 def _read_rows(logits: torch.Tensor, plan: tuple[str, Optional[torch.Tensor]]) -> torch.Tensor:

@@ -12,9 +12,16 @@ Matches
 Inserts ``maskkv::attention(q, k, v, scale, softmax_dtype)`` with ``meta["maskkv_site"]``
 (an :class:`AttentionSite`: layer index in graph order, module path, heads, spelling).
 
+A mask the model builds from the sequence length alone (``mask_proofs.length_only``: an SDPA
+``attn_mask`` or an additive mask on the eager scores, such as a block-causal mask made inside
+``forward`` from a ``block_size`` in the config) is dropped from the site too, and named in
+``AttentionSite.graph_mask``: the pipeline computes it again for each call's length
+(``MaskKVGraphs.mask_fn``) and the runtime reads it like a mask the caller passed.
+
 Refuses (recorded in ``skipped``, turned into an error by the pipeline): causal attention,
-an attention mask (unless ``mask_proofs`` proves it all-True: it then masks nothing and is
-dropped), non-zero dropout, and an eager chain whose intermediate (scores or
+an attention mask computed from the call's tensors (padding: the caller passes it, and the
+optimized model reads it from the call; unless ``mask_proofs`` proves it all-True: it then
+masks nothing and is dropped), non-zero dropout, and an eager chain whose intermediate (scores or
 probabilities) is used by anything else -- the rewrite would change what that user sees.
 """
 
@@ -34,7 +41,7 @@ from maskkv_compile._torch_private import example_value
 from maskkv_compile.naming import readable_name, stack_path  # errors name nodes by module path
 
 from .base import GraphPass, PassResult, is_call, is_method
-from .mask_proofs import allows_everything
+from .mask_proofs import allows_everything, length_only
 
 SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention)
 SOFTMAX_TARGETS = (F.softmax, torch.softmax, torch.nn.functional.softmax)
@@ -54,6 +61,7 @@ class AttentionSite:
         float  # nan when the graph computes it (dynamo's unspecialized floats under dynamic=True)
     )
     node: str  # name of the canonical node
+    graph_mask: Optional[str] = None  # the dropped mask the model built from the length alone
 
 
 class SiteRefused(Exception):
@@ -129,7 +137,7 @@ class FindAttentionPass(GraphPass):
             except SiteRefused as refusal:
                 skipped.append(f"{_module_path(node)} ({readable_name(node.name)}): {refusal}")
                 continue
-            out_node, q, k, v, scale, softmax_dtype, spelling = match
+            out_node, q, k, v, scale, softmax_dtype, spelling, graph_mask = match
             k, v = unrepeat_kv(k), unrepeat_kv(v)
             with graph.inserting_before(out_node):
                 canon = graph.call_function(
@@ -147,6 +155,7 @@ class FindAttentionPass(GraphPass):
                 spelling=spelling + gqa,
                 scale=scale if isinstance(scale, float) else float("nan"),
                 node=canon.name,
+                graph_mask=None if graph_mask is None else graph_mask.name,
             )
             out_node.replace_all_uses_with(canon)
             sites += 1
@@ -160,17 +169,20 @@ class FindAttentionPass(GraphPass):
                 "causal attention (is_causal=True); MaskKV needs bidirectional attention"
             )
         mask = _kwarg(node, "attn_mask", 3)
-        if mask is not None and not allows_everything(mask):  # an all-True mask masks nothing
+        if mask is not None and allows_everything(mask):  # an all-True mask masks nothing
+            mask = None
+        if mask is not None and not length_only(mask):
             raise SiteRefused(
-                "an attention mask is passed (a causal attention mask, or padding); MaskKV needs "
-                "bidirectional attention without padding"
+                "an attention mask computed from the call's tensors is passed (a causal "
+                "attention mask, or padding); MaskKV needs bidirectional or block-causal "
+                "attention, with padding passed by the caller"
             )
         if _kwarg(node, "dropout_p", 4, 0.0) not in (0, 0.0):
             raise SiteRefused("dropout_p is not 0; put the model in eval mode")
         scale = _kwarg(node, "scale", 6)
         if scale is None:
             scale = 1.0 / math.sqrt(example_value(q).shape[-1])
-        return node, q, k, v, scale, None, "sdpa"
+        return node, q, k, v, scale, None, "sdpa", mask
 
     @staticmethod
     def _match_eager(softmax: fx.Node):
@@ -180,6 +192,14 @@ class FindAttentionPass(GraphPass):
         softmax_dtype = softmax.kwargs.get("dtype")
         scaled = softmax.args[0]
         scale = 1.0
+        mask = None
+        if is_call(scaled, operator.add, torch.add):  # scores + a mask
+            a, b = scaled.args[:2]
+            for candidate, scores in ((b, a), (a, b)):
+                if isinstance(candidate, fx.Node) and length_only(candidate):
+                    _single_user(scores, "score tensor")
+                    mask, scaled = candidate, scores
+                    break
         while isinstance(scaled, fx.Node) and is_call(
             scaled, operator.mul, operator.truediv, torch.mul, torch.div
         ):
@@ -227,7 +247,7 @@ class FindAttentionPass(GraphPass):
         dtype: Optional[torch.dtype] = (
             softmax_dtype if softmax_dtype not in (None, q_dtype) else None
         )
-        return out, q, k, v, scale, dtype, "eager"
+        return out, q, k, v, scale, dtype, "eager", mask
 
 
 def attention_sites(gm: fx.GraphModule) -> list[tuple[fx.Node, AttentionSite]]:

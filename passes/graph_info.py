@@ -108,6 +108,11 @@ def node_by_name(gm: fx.GraphModule, name: str) -> fx.Node:
     return next(n for n in gm.graph.nodes if n.name == name)
 
 
+def is_weight(name: str) -> bool:
+    """A placeholder dynamo made of a module's parameter or buffer (by its name)."""
+    return "_parameters_" in name or "_buffers_" in name
+
+
 def _is_param(node: fx.Node) -> bool:
     return "parameters" in node.name or "buffers" in node.name
 

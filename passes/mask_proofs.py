@@ -16,6 +16,13 @@ of the nodes that compute them:
 
 Anything else is unknown, and the site stays refused. So a mask is dropped only when it is
 all-True for every size the graph can be called with, not only for the traced one.
+
+A mask that is not all-True may still be one the model builds from the sequence length alone
+(a block-causal mask from a ``block_size`` in its config: Fast-dLLM v2 / SDAR-style code that
+makes its mask inside ``forward``). :func:`length_only` says so when nothing the mask is
+computed from reads the values of a call's tensors, only their sizes (weights, buffers and
+constants are the model's own): such a mask is computed again for each call's length
+(``pipeline.MaskKVGraphs.mask_fn``) and read like a mask passed by the caller.
 """
 
 from __future__ import annotations
@@ -27,6 +34,10 @@ from typing import Optional, Union
 
 import torch
 import torch.fx as fx
+
+from maskkv_compile._torch_private import example_value
+
+from .graph_info import is_weight
 
 
 @dataclass(frozen=True)
@@ -131,3 +142,38 @@ def bound(node, depth: int = 0) -> Bound:
 def allows_everything(mask) -> bool:
     """Whether the boolean attention mask ``mask`` (an FX node) is provably all True."""
     return bound(mask) is True
+
+
+_SIZE_METHODS = {"size", "dim", "numel"}
+_SIZE_ATTRIBUTES = {"shape", "ndim", "dtype", "device"}
+
+
+def _reads_size_only(node: fx.Node) -> bool:
+    """A node that reads its tensor input's size (or dtype, device), never its values."""
+    if node.op == "call_method" and node.target in _SIZE_METHODS:
+        return True
+    if node.op != "call_function":
+        return False
+    if node.target is getattr and len(node.args) > 1 and node.args[1] in _SIZE_ATTRIBUTES:
+        return True
+    packet = getattr(node.target, "overloadpacket", None)
+    return packet in (torch.ops.aten.sym_size, torch.ops.aten.sym_numel)
+
+
+def length_only(mask: fx.Node) -> bool:
+    """Whether ``mask``'s value depends on a call only through sizes: no node it is computed
+    from reads the values of an input tensor that is not a weight or buffer."""
+    stack, seen = [mask], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "placeholder":
+            if isinstance(example_value(node), torch.Tensor) and not is_weight(node.name):
+                return False
+            continue
+        if _reads_size_only(node):
+            continue
+        stack.extend(node.all_input_nodes)
+    return True

@@ -7,6 +7,9 @@
   position_ids=...)``.
 * ``tiny_qwen2`` / ``tiny_qwen3`` (from ``maskkv_compile.tiny_models``): random-weight Qwen2 / Qwen3
   causal LMs switched to ``is_causal=False``.
+* :func:`tiny_self_blocked_qwen3`: a Qwen3 that builds its block-causal mask inside ``forward``
+  from a ``block_size`` in its config when called without one (Fast-dLLM v2- and SDAR-style
+  modeling code); ``sdar_generate(..., mask_kind="none")`` calls it so.
 
 LLaDA2's own loop (with LLaDA2.1 editing as an option) is ``LLaDA2StyleModel.generate`` in
 ``maskkv_compile/llada2_standin.py``.
@@ -33,6 +36,33 @@ import torch.nn.functional as F
 
 from maskkv_compile.tiny_models import tiny_dream as tiny_qwen2  # noqa: F401  (a Qwen2, bidirectional)
 from maskkv_compile.tiny_models import tiny_qwen3  # noqa: F401
+
+
+def tiny_self_blocked_qwen3(block_size: int, from_tokens: bool = False, **options):
+    """``tiny_qwen3(**options)`` (same weights) whose forward, called without an attention
+    mask, makes the additive block-causal mask of blocks of ``config.block_size`` on the grid
+    from 0 for the call's length (``from_tokens``: and hides the keys holding token 0, a mask
+    that reads the tokens' values)."""
+    from transformers import Qwen3ForCausalLM
+
+    class SelfBlockedQwen3(Qwen3ForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):
+            if attention_mask is None:
+                pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+                blocks = pos // self.config.block_size
+                allowed = blocks[None, :] <= blocks[:, None]  # (S, S)
+                if from_tokens:
+                    allowed = allowed & (input_ids[0] != 0)[None, :]
+                attention_mask = torch.zeros((), dtype=self.dtype, device=pos.device).masked_fill(
+                    ~allowed, float("-inf")
+                )[None, None]  # (1, 1, S, S)
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    base = tiny_qwen3(**options)
+    base.config.block_size = block_size
+    model = SelfBlockedQwen3(base.config).to(base.dtype)
+    model.load_state_dict(base.state_dict())
+    return model.eval()
 
 
 def block_ids(
@@ -138,7 +168,8 @@ def sdar_generate(
     """SDAR-style block diffusion on the growing window; returns ``[B, P + gen_length]``.
 
     Each step calls ``call(x_window, attention_mask=mask4d_window, position_ids=pos_window)``
-    (default ``model(...)``) and reads the last ``block_length`` rows of ``.logits``.
+    (default ``model(...)``; ``mask_kind="none"``: no mask, the model makes its blocks) and
+    reads the last ``block_length`` rows of ``.logits``.
     ``attention_mask`` (``[B, P]``, 1 = real) marks left padding of the prompts; the padded keys
     are removed from the mask (position ids stay ``arange``, as in diffusers' LLaDA2 pipeline).
     ``steps`` defaults to ``block_length``. Stops after a block when every row holds ``eos_id``.
@@ -157,8 +188,15 @@ def sdar_generate(
     if attention_mask is not None:
         padding = torch.ones(bsz, total, dtype=torch.long, device=device)
         padding[:, :p] = attention_mask.to(device)
+    if mask_kind == "none" and attention_mask is not None:
+        raise ValueError("mask_kind='none' calls the model without a mask: no padding")
     mask = block_causal_mask(
-        total, block_length, dtype=mask_dtype, kind=mask_kind, padding=padding, device=device
+        total,
+        block_length,
+        dtype=mask_dtype,
+        kind="bool" if mask_kind == "none" else mask_kind,
+        padding=padding,
+        device=device,
     )
     position_ids = torch.arange(total, device=device)[None].expand(bsz, -1)
     x = torch.full((bsz, total), mask_id, dtype=torch.long, device=device)
@@ -171,11 +209,10 @@ def sdar_generate(
             masked = block == mask_id
             if not masked.any():
                 break
-            logits = call(
-                x[:, :end],
-                attention_mask=mask[:, :, :end, :end],
-                position_ids=position_ids[:, :end],
-            ).logits
+            window = {"position_ids": position_ids[:, :end]}
+            if mask_kind != "none":  # "none": the model makes its own blocks
+                window["attention_mask"] = mask[:, :, :end, :end]
+            logits = call(x[:, :end], **window).logits
             x0, p0 = sample_tokens(logits[:, -block_length:], temperature, top_k, top_p, generator)
             conf = torch.where(masked, p0, torch.full_like(p0, -torch.inf))
             n = int(schedule[step])

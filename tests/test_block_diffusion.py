@@ -18,7 +18,14 @@ import random
 
 import pytest
 import torch
-from block_loops import block_causal_mask, sdar_generate, tiny_qwen2, tiny_qwen3
+from block_loops import (
+    block_causal_mask,
+    sdar_generate,
+    tiny_qwen2,
+    tiny_qwen3,
+    tiny_self_blocked_qwen3,
+)
+from maskkv_compile.passes import UnsupportedModelError
 
 import maskkv_compile
 from maskkv_compile.layout import block_layout
@@ -330,6 +337,42 @@ def test_inductor_matches_eager_on_block_loops(budget):
     assert (stats["reselects"] > 0) == (budget == 5)
     for a, b in zip(stats["layers"], eager_model.cache_stats()["layers"]):
         assert a["kept_per_row"] == b["kept_per_row"]
+
+
+def test_a_model_that_builds_its_block_mask_in_forward_runs_through_maskkv():
+    """Fast-dLLM v2- / SDAR-style code makes its block-causal mask inside forward from a
+    ``block_size`` in its config, and the loop passes none: FindAttentionPass drops the mask
+    from every site (it depends on the length alone), the runtime computes it again for each
+    window's length and reads its blocks. Exact at full budget; bounded under eviction."""
+    model = _zero_mask_row(tiny_self_blocked_qwen3(4, dtype=torch.float64))
+    prompt = _prompt(1, 30)
+    kwargs = dict(gen_length=12, block_length=4, mask_id=MASK, steps=2, mask_kind="none")
+    reference = sdar_generate(model, prompt, **kwargs)
+    assert torch.equal(reference, sdar_generate(model, prompt, **{**kwargs, "mask_kind": "bool"}))
+    exact = maskkv_compile.optimize(model, budget=10**6, backend="eager")
+    with Checked(exact, model, 4) as checked:
+        assert torch.equal(sdar_generate(exact, prompt, **kwargs), reference)
+    assert checked.calls > 0 and checked.worst == 0.0
+    graphs = exact.runtime.graphs
+    assert graphs.mask_fn is not None and all(site.graph_mask for site in graphs.sites)
+    stats = exact.cache_stats()
+    assert stats["transitions"] == {"new": 1, "extend": 3, "step": 3} and stats["fallbacks"] == {}
+    bounded = maskkv_compile.optimize(model, budget=5, backend="eager")
+    sdar_generate(bounded, prompt, **kwargs)
+    stats = bounded.cache_stats()
+    assert stats["transitions"]["extend"] == 3 and stats["reselects"] == 3
+    assert all(layer["kept_per_row"] == [[5, 5]] for layer in stats["layers"])
+
+
+def test_a_mask_built_in_forward_must_be_block_causal_and_from_the_length_alone():
+    causal = maskkv_compile.optimize(
+        _zero_mask_row(tiny_self_blocked_qwen3(1, dtype=torch.float64)), budget=4, backend="eager"
+    )
+    with pytest.raises(ValueError, match="the attention mask the model builds in forward.*causal"):
+        causal(_prompt(1, 12))
+    from_tokens = _zero_mask_row(tiny_self_blocked_qwen3(4, from_tokens=True))
+    with pytest.raises(UnsupportedModelError, match="computed from the call's tensors"):
+        maskkv_compile.optimize(from_tokens, budget=4, backend="eager")(_prompt(1, 12))
 
 
 def test_optimized_generate_is_the_models_own_block_loop():
