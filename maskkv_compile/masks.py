@@ -39,10 +39,11 @@ _BLOCKED = -1e4  # an additive bias at or below this blocks a key
 def _refuse(name: str, value, why: str) -> ValueError:
     shape = tuple(value.shape) if isinstance(value, torch.Tensor) else repr(value)
     return ValueError(
-        f"{name} {shape}: {why}. MaskKV accepts padding masks only: None or 'full'; a (batch, seq) "
-        "0/1 mask; a (batch, 1, seq, seq) bool mask whose real rows equal the key padding (Dream); "
-        "a (batch, 1, 1, seq) key mask; or an additive bias of 0 and -inf (LLaDA's attention_bias) "
-        "with the same shape rules"
+        f"{name} {shape}: {why}. MaskKV accepts padding and block-causal masks only: None or "
+        "'full'; a (batch, seq) 0/1 mask; a (batch, 1, seq, seq) bool mask whose real rows equal "
+        "the key padding (Dream) or that is block-causal (block diffusion: each query sees its own "
+        "block and every earlier one, with or without padding); a (batch, 1, 1, seq) key mask; or "
+        "an additive bias of 0 and -inf (LLaDA's attention_bias) with the same shape rules"
     )
 
 
