@@ -407,16 +407,21 @@ def _block_votes(model, x, mask, start, masked):
         out = probs @ value.repeat_interleave(heads // kv, dim=1)
         return out.transpose(1, 2).contiguous(), None
 
+    _run_with_attention(model, record, x, mask)
+    return votes
+
+
+def _run_with_attention(model, attention, x, mask):
+    """The original model on ``x`` with ``attention`` as its transformers attention function."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register("maskkv_block_votes", record)
-    model.config._attn_implementation = "maskkv_block_votes"
+    AttentionInterface.register("maskkv_test_attention", attention)
+    model.config._attn_implementation = "maskkv_test_attention"
     try:
         with torch.no_grad():
             model(x, attention_mask=mask)
     finally:
         model.config._attn_implementation = "sdpa"
-    return votes
 
 
 def test_kept_prefix_is_the_top_of_the_blocks_mask_votes():
@@ -454,15 +459,7 @@ def _layer0_qk(model, x, mask):
         out = probs @ value.repeat_interleave(heads // kv, 1)
         return out.transpose(1, 2).contiguous(), None
 
-    from transformers import AttentionInterface
-
-    AttentionInterface.register("maskkv_layer0_qk", record)
-    model.config._attn_implementation = "maskkv_layer0_qk"
-    try:
-        with torch.no_grad():
-            model(x, attention_mask=mask)
-    finally:
-        model.config._attn_implementation = "sdpa"
+    _run_with_attention(model, record, x, mask)
     return seen[0]
 
 
