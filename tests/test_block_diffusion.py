@@ -546,6 +546,68 @@ def test_under_eviction_every_step_gives_real_logits_and_the_cache_stays_bounded
     assert max(max(k) for k in kept) <= 6
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_call_sequences_under_eviction_leak_nothing_and_stay_within_the_budget(seed):
+    """One optimized model drives a seeded random sequence of block generations (prompts of
+    5-40 tokens, batch 1-2, left padding, 1-3 blocks generated, 1-2 steps a block) mixed with
+    full-attention calls, reset() and weights changed in place. Every call gives the current
+    block's masked rows real logits, every head's kept prefix stays within the budget, and each
+    generation equals the same one on a second optimized model reset just before it."""
+    rng = random.Random(seed)
+    model = _zero_mask_row(tiny_qwen3(dtype=torch.float64))
+    budget = 6
+    options = dict(budget=budget, policy="mask_voting_uniform", backend="eager")
+    shared = maskkv_compile.optimize(model, **options)
+    reference = maskkv_compile.optimize(model, **options)
+    reselects = 0
+    for _ in range(8):
+        action = rng.choice(["generate", "generate", "full", "reset", "weights"])
+        if action == "reset":
+            shared.reset()
+            continue
+        if action == "weights":  # the loop's model and both optimized ones see the change
+            with torch.no_grad():
+                model.model.layers[0].self_attn.k_proj.weight.mul_(1.25)
+            continue
+        if action == "full":  # a full-attention call (no block mask) on the same runtime
+            x = _prompt(1, 20, rng.randint(0, 999))
+            x[:, 14:] = MASK
+            logits = shared(x).logits
+            assert torch.isfinite(logits).all() and (logits[:, 14:].abs().sum(-1) > 0).all()
+            continue
+        batch = rng.choice([1, 2])
+        prompt = _prompt(batch, rng.randint(5, 40), rng.randint(0, 999))
+        pad = None
+        if batch == 2 and rng.random() < 0.5:
+            pad = torch.ones_like(prompt)
+            pad[1, : rng.randint(1, 3)] = 0
+            prompt = prompt.masked_fill(pad == 0, 0)
+        kwargs = dict(
+            gen_length=4 * rng.randint(1, 3),
+            block_length=4,
+            mask_id=MASK,
+            steps=rng.choice([1, 2]),
+            attention_mask=pad,
+        )
+
+        def call(x, **kw):
+            out = shared(x, **kw)
+            block = out.logits[:, -4:]
+            masked = x[:, -4:] == MASK
+            assert torch.isfinite(block).all() and bool((block.abs().sum(-1) > 0)[masked].all())
+            session = shared.runtime.last_session  # None after an uncached call
+            if session is not None:
+                assert max(int(cache.kept_len.max()) for cache in session.layers) <= budget
+            return out
+
+        before = shared.cache_stats()["reselects"]
+        got = sdar_generate(model, prompt, call=call, **kwargs)
+        reselects += shared.cache_stats()["reselects"] - before
+        reference.reset()
+        assert torch.equal(got, sdar_generate(reference, prompt, **kwargs))
+    assert reselects > 0  # the sequences did grow windows under eviction
+
+
 def test_a_step_callback_that_replaces_the_block_stays_exact():
     """diffusers' ``callback_on_step_end`` may hand back another ``block_x``: here one that
     masks the block again at the second step of every block (a restart of the window)."""
