@@ -524,6 +524,16 @@ def test_a_short_prompt_is_kept_whole_and_the_generation_grows_it_only_to_the_bu
         assert layer["kept_per_kv_head"] == [min(budget, 20)] * len(layer["kept_per_kv_head"])
     if reselects == 0:
         assert torch.equal(got, sdar_generate(model, prompt, **kwargs))
+    # revote's whole-prefix re-selection at every growth bounds a short prompt's heads alike
+    tiered = maskkv_compile.optimize(model, budget=budget, backend="eager", revote=1000)
+    tiered_tokens = sdar_generate(tiered, prompt, **kwargs)
+    if reselects == 0:  # nothing evicted: both exact
+        assert torch.equal(tiered_tokens, got)
+    stats = tiered.cache_stats()
+    assert stats["revotes"] == 4 and stats["reselects"] == 0
+    assert stats["second_tier"]["prompt_len"] == 20
+    for layer in stats["layers"]:
+        assert layer["kept_per_kv_head"] == [min(budget, 20)] * len(layer["kept_per_kv_head"])
 
 
 def test_under_eviction_every_step_gives_real_logits_and_the_cache_stays_bounded():
