@@ -195,7 +195,7 @@ def test_masks_that_are_not_padding_are_refused_with_what_is_supported(mask, mat
     optimized = maskkv_compile.optimize(model, budget=4, backend="eager")
     with pytest.raises(ValueError, match=match) as info:
         optimized(x, attention_mask=mask(valid))
-    assert "padding masks only" in str(info.value)
+    assert "padding and block-causal masks only" in str(info.value)
 
 
 def test_key_padding_reads_every_spelling_alike():
