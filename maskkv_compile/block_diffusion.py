@@ -127,9 +127,9 @@ class Pending:
 
 
 class BlockReselect(Feature):
-    """Block diffusion without ``revote``: at an EXTEND the finished block joins each head's
-    kept entries, and where any head must stay within its budget the new block's first step
-    runs the re-vote graph over those per-head candidates (the module docstring)."""
+    """Block diffusion without ``revote``: at an EXTEND the runtime appends the finished block to
+    each head's kept entries, and where any head must stay within its budget the new block's
+    first step runs the re-vote graph over those per-head candidates (the module docstring)."""
 
     name = "block_reselect"
 
@@ -141,21 +141,21 @@ class BlockReselect(Feature):
         return None
 
     def extend(self, session: Session, finished: Layout, response_kv: list) -> bool:
-        columns, counts = finished_columns(finished.resp_valid)
+        """Each head's budget once the finished block joins it; the runtime appends the block
+        (returns False)."""
         whole = finished.prompt_valid.sum(1)  # (B,)
-        appended, budgets = [], []
-        for cache, (k, v) in zip(session.layers, response_kv):
-            budgets.append(extend_budgets(cache.kept_len, whole, counts, self.budget))
-            appended.append(append_block(cache, k, v, columns, counts, finished.rows))
+        grow = finished.resp_valid.sum(1)  # (B,) real rows of the finished block
+        budgets = [
+            extend_budgets(cache.kept_len, whole, grow, self.budget) for cache in session.layers
+        ]
         wanted = torch.stack(budgets)  # (L, B, Hkv)
-        held = torch.stack([c.kept_len for c in appended])
+        held = torch.stack([cache.kept_len for cache in session.layers]) + grow[:, None]
         # one read: does any head evict, and each layer's largest budget
         evicts = (wanted < held).any().view(1).to(wanted.dtype)
         evicts, *widths = torch.cat([evicts, wanted.flatten(1).amax(1)]).tolist()
         if evicts:
             session.state[self.name] = Pending(budgets, widths)
-        session.layers = appended
-        return True
+        return False
 
     def step_graph(self, session: Session, plan: "Plan", call: "Call", inputs: dict):
         pending: Optional[Pending] = session.state[self.name]

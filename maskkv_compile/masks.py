@@ -32,6 +32,8 @@ from typing import Optional
 
 import torch
 
+from maskkv_compile.passes.graph_info import UnsupportedModelError
+
 MASK_NAMES = ("attention_mask", "attention_bias")
 _BLOCKED = -1e4  # an additive bias at or below this blocks a key
 
@@ -366,3 +368,35 @@ def structure_from_masks(
         padding[0].to(device) if padding else None,
         ends[0].to(device) if ends else None,
     )
+
+
+def read_model_masks(masks, batch: int, seq: int) -> Optional[torch.Tensor]:
+    """The masks a model builds inside forward from the length alone (one per distinct mask in
+    its graph, ``pipeline.MaskKVGraphs.mask_fn``) -> (S,) block ends, or None when they limit
+    nothing. They must be one mask, and it may hide keys only by blocks: padding comes from the
+    call. (S, S) and (B, S, S) masks gain their missing dims; a per-head (B, H, S, S) mask the
+    same for every head keeps one."""
+
+    def as_4d(mask: torch.Tensor) -> torch.Tensor:  # (B or 1, 1, S, S)
+        if mask.dim() == 2:
+            return mask[None, None]
+        if mask.dim() == 3:
+            return mask[:, None]
+        if mask.shape[1] > 1 and bool((mask == mask[:, :1]).all()):
+            return mask[:, :1]
+        return mask
+
+    masks = [as_4d(m) for m in masks]
+    if any(not torch.equal(m, masks[0]) for m in masks[1:]):
+        raise UnsupportedModelError(
+            f"the model builds {len(masks)} different attention masks inside forward for its "
+            "layers; MaskKV needs one mask for every layer"
+        )
+    name = "the attention mask the model builds in forward"
+    valid, end = read_mask(name, masks[0], batch, seq)
+    if valid is not None:
+        raise UnsupportedModelError(
+            f"{name} hides keys from every query (padding from the length alone); MaskKV reads "
+            "padding from the call's attention_mask"
+        )
+    return end

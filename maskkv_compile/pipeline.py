@@ -132,8 +132,9 @@ def build_graphs(gm: fx.GraphModule, config: MaskKVConfig, *, strict: bool = Tru
         raise UnsupportedModelError(
             "no attention found in the model's graph; ops seen: " + _seen_ops(gm)
         )
-    distributed.check_local_attention(attention_sites(canonical))
-    sites = [site for _, site in attention_sites(canonical)]
+    sites = attention_sites(canonical)
+    distributed.check_local_attention(sites)
+    sites = [site for _, site in sites]
     mask_fn = mask_graph(gm, sites)
     prefill = copy_graph_module(canonical)
     keep_prompt = [KeepPromptKVPass()] if config.revote is not None else []

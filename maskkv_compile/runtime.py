@@ -58,9 +58,9 @@ from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.dual_cache import DualCache
 from maskkv_compile.inductor import SEQ, InductorGraph
 from maskkv_compile.layout import Layout, NoMaskTokenError, block_layout, infer_layout
-from maskkv_compile.masks import read_mask
+from maskkv_compile.masks import read_model_masks
 from maskkv_compile.passes.base import output_groups, split_outputs
-from maskkv_compile.passes.graph_info import UnsupportedModelError, is_weight
+from maskkv_compile.passes.graph_info import is_weight
 from maskkv_compile.pipeline import MaskKVGraphs, build_graphs
 from maskkv_compile.policies import format_budget_table
 from maskkv_compile.revote import Revote
@@ -303,19 +303,7 @@ class MaskKVRuntime:
         (``graphs.mask_fn``, run on the call's inputs), read once per batch size and length."""
         key = (*ids.shape, ids.device)
         if key not in self._model_masks:
-            masks = [_as_4d(m) for m in self.graphs.mask_fn(*args)]
-            if any(not torch.equal(m, masks[0]) for m in masks[1:]):
-                raise UnsupportedModelError(
-                    f"the model builds {len(masks)} different attention masks inside forward "
-                    "for its layers; MaskKV needs one mask for every layer"
-                )
-            name = "the attention mask the model builds in forward"
-            valid, end = read_mask(name, masks[0], *ids.shape)
-            if valid is not None:
-                raise UnsupportedModelError(
-                    f"{name} hides keys from every query (padding from the length alone); "
-                    "MaskKV reads padding from the call's attention_mask"
-                )
+            end = read_model_masks(self.graphs.mask_fn(*args), *ids.shape)
             if len(self._model_masks) >= 8:
                 self._model_masks.pop(next(iter(self._model_masks)))
             self._model_masks[key] = None if end is None else end.to(ids.device)
@@ -716,18 +704,6 @@ class MaskKVRuntime:
             if session
             else "(no prompt yet)"
         )
-
-
-def _as_4d(mask: torch.Tensor) -> torch.Tensor:
-    """A mask the model built, as (B or 1, 1, S, S): (S, S) and (B, S, S) gain their missing
-    dims; a per-head (B, H, S, S) mask the same for every head keeps one."""
-    if mask.dim() == 2:
-        return mask[None, None]
-    if mask.dim() == 3:
-        return mask[:, None]
-    if mask.shape[1] > 1 and bool((mask == mask[:, :1]).all()):
-        return mask[:, :1]
-    return mask
 
 
 def _read_rows(logits: torch.Tensor, plan: tuple[str, Optional[torch.Tensor]]) -> torch.Tensor:

@@ -51,7 +51,7 @@ def analyse(gm: fx.GraphModule) -> GraphInfo:
         seen = [
             f"{readable_name(n.name)}: {_describe(example_value(n))}"
             for n in placeholders
-            if not _is_param(n)
+            if not is_weight(n.name)
         ]
         raise UnsupportedModelError(
             "maskkv needs the model to take (batch, seq) integer token ids; the "
@@ -111,10 +111,6 @@ def node_by_name(gm: fx.GraphModule, name: str) -> fx.Node:
 def is_weight(name: str) -> bool:
     """A placeholder dynamo made of a module's parameter or buffer (by its name)."""
     return "_parameters_" in name or "_buffers_" in name
-
-
-def _is_param(node: fx.Node) -> bool:
-    return "parameters" in node.name or "buffers" in node.name
 
 
 def _describe(value) -> str:
