@@ -4,7 +4,10 @@ Inputs:  q (B, H, R, D); k, v (B, Hkv, R, D) of the rows the step computes; kept
          (B, Hkv, K, D) padded per layer, kept_len (B, Hkv) valid prefix per row and KV
          head; resp_valid (B, R) bool, True where computed row j is one of row b's
          response keys (False: a row computed for another row of the batch, or a query-only
-         row such as a shifted-logits model's last prompt row); scale; softmax_dtype as in
+         row such as a shifted-logits model's last prompt row); row_end (R,) int64: computed
+         row r sees only the computed keys j < row_end[r] (R everywhere but where the computed
+         rows are not one block: block diffusion's shifted families compute the row before
+         the block, which must not see the block); scale; softmax_dtype as in
          ``maskkv::attention``.
 Output:  (B, H, R, Dv): every computed row's output (query rows are never masked).
 
@@ -28,24 +31,27 @@ from .attention import attention_reference, expand_kv_heads
 
 
 def cached_attention_reference(
-    q, k, v, kept_k, kept_v, kept_len, resp_valid, scale, softmax_dtype=None
+    q, k, v, kept_k, kept_v, kept_len, resp_valid, row_end, scale, softmax_dtype=None
 ):
-    num_kept = kept_k.shape[2]
+    num_kept, resp = kept_k.shape[2], k.shape[2]
     keys = torch.cat([kept_k, k], dim=2)  # (B, Hkv, K+R, D)
     values = torch.cat([kept_v, v], dim=2)
     kept_valid = torch.arange(num_kept, device=q.device) < kept_len[..., None]  # (B, Hkv, K)
-    resp = resp_valid[:, None, :].expand(-1, kept_len.shape[1], -1)  # (B, Hkv, R)
-    key_mask = torch.cat([kept_valid, resp], dim=2)[:, :, None, :]  # (B, Hkv, 1, K+R)
-    key_mask = expand_kv_heads(key_mask, q.shape[1])  # (B, H, 1, K+R)
+    kept_valid = kept_valid[:, :, None, :].expand(-1, -1, resp, -1)  # (B, Hkv, R, K)
+    seen = torch.arange(resp, device=q.device) < row_end[:, None]  # (R, R): query r, key j
+    computed = resp_valid[:, None, None, :] & seen  # (B, 1, R, R)
+    computed = computed.expand(-1, kept_len.shape[1], -1, -1)  # (B, Hkv, R, R)
+    key_mask = torch.cat([kept_valid, computed], dim=3)  # (B, Hkv, R, K+R)
+    key_mask = expand_kv_heads(key_mask, q.shape[1])  # (B, H, R, K+R)
     return attention_reference(q, keys, values, scale, softmax_dtype, key_mask=key_mask)
 
 
 def cached_attention_torch(
-    q, k, v, kept_k, kept_v, kept_len, resp_valid, scale, softmax_dtype=None
+    q, k, v, kept_k, kept_v, kept_len, resp_valid, row_end, scale, softmax_dtype=None
 ):
     """The CPU path: SDPA over the concatenation with a key mask."""
     return cached_attention_reference(
-        q, k, v, kept_k, kept_v, kept_len, resp_valid, scale, softmax_dtype
+        q, k, v, kept_k, kept_v, kept_len, resp_valid, row_end, scale, softmax_dtype
     ).contiguous()
 
 
@@ -58,16 +64,17 @@ def cached_attention(
     kept_v: torch.Tensor,
     kept_len: torch.Tensor,
     resp_valid: torch.Tensor,
+    row_end: torch.Tensor,
     scale: float,
     softmax_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     return cached_attention_torch(
-        q, k, v, kept_k, kept_v, kept_len, resp_valid, scale, softmax_dtype
+        q, k, v, kept_k, kept_v, kept_len, resp_valid, row_end, scale, softmax_dtype
     )
 
 
 @cached_attention.register_fake
-def _(q, k, v, kept_k, kept_v, kept_len, resp_valid, scale, softmax_dtype=None):
+def _(q, k, v, kept_k, kept_v, kept_len, resp_valid, row_end, scale, softmax_dtype=None):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 

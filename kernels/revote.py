@@ -4,8 +4,8 @@
 post-RoPE K/V at the prompt positions ``prompt_idx`` (P,), copied out of the prefill so that
 a later re-vote can choose among every prompt entry (``MaskKVConfig.revote``).
 
-``revote_kv(q, k, prompt_k, prompt_v, prompt_pos, prompt_valid, resp_valid, voter_idx,
-voter_valid, kept_k, kept_len, scale, chunk, policy, kernel, sink, seed)
+``revote_kv(q, k, prompt_k, prompt_v, prompt_pos, prompt_valid, resp_valid, row_end,
+voter_idx, voter_valid, kept_k, kept_len, scale, chunk, policy, kernel, sink, seed)
 -> (kept_k, kept_v, kept_len, kept_pos)``: one layer's re-selection at a step.
 
   q (B, H, C, D), k (B, Hkv, C, D): the step's computed rows (post-RoPE, absolute positions);
@@ -14,13 +14,14 @@ voter_valid, kept_k, kept_len, scale, chunk, policy, kernel, sink, seed)
   (block diffusion's re-selection over [kept prefix ; finished block], ``block_diffusion.py``)
   give both per (row, KV head) instead: prompt_pos (B, Hkv, P), prompt_valid (B, Hkv, P), each
   head's valid columns in position order. resp_valid (B, C): computed row c is one of
-  row b's response keys; voter_idx (Rv,) indices into C of the voting queries, voter_valid
-  (B, Rv); kept_k (B, Hkv, Kmax, D): the current hot cache, read for its padded length only;
-  kept_len (B, Hkv): the per-row, per-head budgets, kept as they are.
+  row b's response keys; row_end (C,): computed row c sees the computed keys j < row_end[c]
+  only (``maskkv::cached_attention``'s); voter_idx (Rv,) indices into C of the voting
+  queries, voter_valid (B, Rv); kept_k (B, Hkv, Kmax, D): the current hot cache, read for its
+  padded length only; kept_len (B, Hkv): the per-row, per-head budgets, kept as they are.
 
 Votes: for each KV head, the sum over voters (and the query heads of its group) of
 softmax(q [prompt_k ; k]^T * scale) at the prompt columns, the softmax running over every
-key row b attends to (its prompt and its response rows), exactly Mask-Voting's rule with the
+key the voter attends to (its prompt and its response rows), exactly Mask-Voting's rule with the
 step's queries. The policy turns votes into scores (``maskkv::selection_scores``: SnapKV
 pools them, StreamingLLM and random ignore them) and the top-``kept_len`` per (row, KV head)
 are kept, ties to the earlier position, stored in position order, padded with zeros (K/V) and
@@ -41,7 +42,9 @@ from .select_kv import gather_kept, kept_columns
 SCORE_BLOCK = 1 << 20
 
 
-def revote_votes(q, k, prompt_k, prompt_valid, resp_valid, voter_idx, voter_valid, scale, chunk=64):
+def revote_votes(
+    q, k, prompt_k, prompt_valid, resp_valid, row_end, voter_idx, voter_valid, scale, chunk=64
+):
     """(B, Hkv, P) votes of the voters over the prompt columns, softmax over [prompt ; response].
 
     The prompt keys and the step's keys are scored apart (nothing concatenated or copied):
@@ -65,8 +68,10 @@ def revote_votes(q, k, prompt_k, prompt_valid, resp_valid, voter_idx, voter_vali
         scores = qv @ prompt_k[:, :, start:stop].to(acc).transpose(-2, -1)
         return scores.masked_fill(prompt_out[..., start:stop], float("-inf"))
 
+    # (Rv, C) -> (G*Rv, C): which computed keys each voter sees, in qv's row order
+    seen = (torch.arange(k.shape[2], device=q.device) < row_end[voter_idx, None]).repeat(group, 1)
     response = (qv @ k.to(acc).transpose(-2, -1)).masked_fill(
-        ~resp_valid[:, None, None, :], float("-inf")
+        ~(resp_valid[:, None, None, :] & seen), float("-inf")
     )
     if group * voters * num_prompt <= SCORE_BLOCK:  # one exp of the prompt scores serves both sums
         scores = prompt_scores(0, num_prompt)
@@ -114,6 +119,7 @@ def revote_kv(
     prompt_pos: torch.Tensor,
     prompt_valid: torch.Tensor,
     resp_valid: torch.Tensor,
+    row_end: torch.Tensor,
     voter_idx: torch.Tensor,
     voter_valid: torch.Tensor,
     kept_k: torch.Tensor,
@@ -126,7 +132,7 @@ def revote_kv(
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     votes = revote_votes(
-        q, k, prompt_k, prompt_valid, resp_valid, voter_idx, voter_valid, scale, chunk
+        q, k, prompt_k, prompt_valid, resp_valid, row_end, voter_idx, voter_valid, scale, chunk
     )
     if prompt_valid.dim() == 2:
         scores = torch.ops.maskkv.selection_scores(votes, prompt_valid, policy, kernel, sink, seed)
@@ -157,6 +163,7 @@ def _(
     prompt_pos,
     prompt_valid,
     resp_valid,
+    row_end,
     voter_idx,
     voter_valid,
     kept_k,

@@ -5,13 +5,15 @@ Same contract as ``kernels/cached_attention.py``:
     q (B, H, R, D); k, v (B, Hkv, R, D|Dv) K/V of the R rows the step computes; kept_k,
     kept_v (B, Hkv, K, D|Dv) kept prompt K/V padded per layer; kept_len (B, Hkv) int64 valid
     prefix per batch row and KV head; resp_valid (B, R) bool, True where computed row j is
-    one of batch row b's response keys; scale -> out (B, H, R, Dv) in q's dtype
+    one of batch row b's response keys; row_end (R,) int64, computed row r sees the computed
+    keys j < row_end[r] only; scale -> out (B, H, R, Dv) in q's dtype
 
 One program per (block of response queries, batch x query head). It streams the first
 ``min(kept_len[b, kvh], K)`` kept rows of its batch row and KV head, then the R response
 rows, through one online softmax (running max, running sum, float32 accumulator), so the
-two segments are never concatenated. Response key j counts only where resp_valid[b, j]
-holds; every query row is computed (resp_valid masks keys, never queries).
+two segments are never concatenated. Response key j counts for query row r only where
+resp_valid[b, j] holds and j < row_end[r]; every query row is computed (both mask keys,
+never queries).
 
 Invariants: the kept padding (slot >= kept_len[b, kvh]) and the K/V of the response keys
 masked for row b are never read (masked loads; the tests fill them with NaN); a block whose
@@ -56,6 +58,7 @@ if HAS_TRITON:
         svs,
         svd,
         s_valid,
+        limit,
         qk_scale,
         d,
         d_ok,
@@ -66,7 +69,8 @@ if HAS_TRITON:
         UPCAST: tl.constexpr,
     ):
         """Fold keys [0, n_keys) of one segment into the online softmax state (m, l, acc);
-        with HAS_VALID, key j counts only where valid_base[j * s_valid] is True."""
+        with HAS_VALID, key j counts only where valid_base[j * s_valid] is True; for query row
+        i, only keys j < limit[i] count."""
         for start in range(0, n_keys, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             col_ok = cols < n_keys
@@ -83,7 +87,7 @@ if HAS_TRITON:
                 other=0.0,
             )  # (BLOCK_N, BLOCK_DV)
             s = _dot(q, kt, UPCAST) * tl.cast(qk_scale, tl.float32)  # (BLOCK_M, BLOCK_N), log2
-            s = tl.where(col_ok[None, :], s, float("-inf"))
+            s = tl.where(col_ok[None, :] & (cols[None, :] < limit[:, None]), s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
             # no key so far (m_new = -inf): subtract 0 instead, so that p = alpha = 0, not NaN
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -103,6 +107,7 @@ if HAS_TRITON:
         kv_ptr,
         kept_len_ptr,
         resp_valid_ptr,
+        row_end_ptr,
         out_ptr,
         sqb,
         sqh,
@@ -128,6 +133,7 @@ if HAS_TRITON:
         slh,
         srb,
         srs,
+        sre,
         sob,
         soh,
         sos,
@@ -165,6 +171,7 @@ if HAS_TRITON:
         l = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
         n_kept = tl.minimum(tl.load(kept_len_ptr + b * slb + kvh * slh), K)
+        row_end = tl.load(row_end_ptr + rows * sre, mask=row_ok, other=0)  # (BLOCK_M,)
         m, l, acc = _attend_segment(  # segment 1: the kept prompt entries of this row's KV head
             q,
             m,
@@ -179,6 +186,7 @@ if HAS_TRITON:
             skvs,
             skvd,
             0,
+            tl.full((BLOCK_M,), K, tl.int64),
             qk_scale,
             d,
             d_ok,
@@ -202,6 +210,7 @@ if HAS_TRITON:
             svs,
             svd,
             srs,
+            row_end,
             qk_scale,
             d,
             d_ok,
@@ -229,6 +238,7 @@ def cached_attention_triton(
     kept_v: torch.Tensor,
     kept_len: torch.Tensor,
     resp_valid: torch.Tensor,
+    row_end: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
     """Launch the kernel. Shapes and dtypes as in the module docstring."""
@@ -248,6 +258,7 @@ def cached_attention_triton(
         kept_v,
         kept_len,
         resp_valid,
+        row_end,
         out,
         *q.stride(),
         *k.stride(),
@@ -256,6 +267,7 @@ def cached_attention_triton(
         *kept_v.stride(),
         *kept_len.stride(),
         *resp_valid.stride(),
+        *row_end.stride(),
         *out.stride(),
         heads,
         heads // kv_heads,
@@ -278,7 +290,7 @@ def register_cuda(op, torch_fn) -> None:
     (``maskkv::cached_attention_triton``).
 
     The kernel's softmax is float32, so ``softmax_dtype`` None, float32 or q's dtype qualify;
-    kept_len must be int64 and resp_valid bool (the op's contract), on q's device.
+    kept_len and row_end must be int64 and resp_valid bool (the op's contract), on q's device.
     """
 
     def fused(
@@ -289,12 +301,17 @@ def register_cuda(op, torch_fn) -> None:
         kept_v: torch.Tensor,
         kept_len: torch.Tensor,
         resp_valid: torch.Tensor,
+        row_end: torch.Tensor,
         scale: float,
         softmax_dtype: Optional[torch.dtype] = None,
     ) -> torch.Tensor:
-        return cached_attention_triton(q, k, v, kept_k, kept_v, kept_len, resp_valid, scale)
+        return cached_attention_triton(
+            q, k, v, kept_k, kept_v, kept_len, resp_valid, row_end, scale
+        )
 
-    def supported(q, k, v, kept_k, kept_v, kept_len, resp_valid, scale, softmax_dtype=None):
+    def supported(
+        q, k, v, kept_k, kept_v, kept_len, resp_valid, row_end, scale, softmax_dtype=None
+    ):
         return (
             triton_dtype_ok(q, k, v, kept_k, kept_v)
             and softmax_dtype in (None, torch.float32, q.dtype)
@@ -302,6 +319,8 @@ def register_cuda(op, torch_fn) -> None:
             and kept_len.device == q.device
             and resp_valid.dtype == torch.bool
             and resp_valid.device == q.device
+            and row_end.dtype == torch.long
+            and row_end.device == q.device
         )
 
     route_to_triton(op, "maskkv::cached_attention_triton", fused, torch_fn, supported)

@@ -28,6 +28,12 @@ exact. The runtime treats such a call as one more layout (``layout.block_layout`
   second tier, on the device or the host), which can bring back what an earlier block
   evicted.
 
+* **Token shift** (Fast-dLLM v2, ``family="dream"``: a position's logits live one row
+  earlier): the row before the block predicts its first token and sees nothing after its own
+  block, so every step computes it with the block, seeing only itself among the computed rows
+  (``Layout.row_end``); the kept prefix is what lies before it, and at an EXTEND it stays out
+  of the finished rows that join the prefix (:func:`finished_rows`): the new block computes it.
+
 At a budget of at least the prompt, every step and extend reproduces the uncached model's
 logits (``tests/test_block_diffusion.py``).
 """
@@ -53,6 +59,19 @@ def finished_columns(resp_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     ones first in order, (B,) how many are real)."""
     order = torch.argsort((~resp_valid).to(torch.int8), dim=1, stable=True)  # (B, C)
     return order, resp_valid.sum(1)
+
+
+def finished_rows(old: Layout, new: Layout, response_kv: list) -> tuple[Layout, list]:
+    """At an EXTEND: the old window's computed rows that join the prefix (those before the new
+    window's first computed row: every one, but a shifted family's last row, which the new
+    block computes again) as ``old`` restricted to them, and each layer's (k, v) of them
+    ((B, Hkv, C', D))."""
+    first = [max(x.block_start - x.block_shift, 0) for x in (old, new)]  # first computed rows
+    n = first[1] - first[0]  # rows ascend: the first n
+    if n == old.rows.numel():
+        return old, response_kv
+    layout = dataclasses.replace(old, rows=old.rows[:n], resp_valid=old.resp_valid[:, :n])
+    return layout, [(k[:, :, :n], v[:, :, :n]) for k, v in response_kv]
 
 
 def append_block(
@@ -97,9 +116,13 @@ def append_block(
 def block_voters(layout: Layout, masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Block diffusion: (Rv,) indices into ``layout.rows`` (the block's rows) of the voting
     queries and (B, Rv) per row: the block's rows that hold the mask token (``masked`` (B, S)),
-    every real row of the block in a row with no mask left."""
-    mine = masked[:, layout.rows] & layout.resp_valid  # (B, C)
-    mine = torch.where(mine.any(1, keepdim=True), mine, layout.resp_valid)
+    for a shifted family the rows before them; every real row of the block in a row with no mask
+    left."""
+    seq, shift = masked.shape[1], layout.block_shift
+    read = layout.rows + shift  # (C,) the position each row predicts
+    mine = masked[:, read.clamp(max=seq - 1)] & (read < seq) & layout.resp_valid  # (B, C)
+    block = layout.resp_valid & (layout.rows >= layout.block_start)  # the block's own rows
+    mine = torch.where(mine.any(1, keepdim=True), mine, block)
     return torch.arange(layout.rows.numel(), device=layout.rows.device), mine
 
 

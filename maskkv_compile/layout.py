@@ -67,6 +67,7 @@ class Layout:
     # block, and where the last block (the one computed) starts
     key_end: Optional[torch.Tensor] = None
     block_start: Optional[int] = None
+    block_shift: int = 0  # 1: the row before the block is computed too (shifted logits)
     # a block-causal call with the mask token before its last block (a loop that passes the
     # later blocks too, or refines a block that is not the last): it runs without a cache
     masks_outside_block: bool = False
@@ -76,6 +77,16 @@ class Layout:
     @cached_property
     def prompt(self) -> torch.Tensor:  # (B, S) bool
         return self.key_valid & ~self.response
+
+    @cached_property
+    def row_end(self) -> torch.Tensor:
+        """(C,) int64: how many of the computed rows, from the first, each computed row sees as
+        keys (``maskkv::cached_attention``). All of them, but in a block layout that computes
+        the row before its block (a shifted family): that row sees only itself."""
+        count = self.rows.numel()
+        if self.key_end is None:
+            return torch.full_like(self.rows, count)
+        return (self.key_end[self.rows] - self.rows[0]).clamp(max=count)  # rows are contiguous
 
     @cached_property
     def padded(self) -> bool:
@@ -268,6 +279,7 @@ def block_layout(
     *,
     policy: str,
     window: int,
+    shift: int = 0,
 ) -> Layout:
     """The layout of a block-causal call (block diffusion: the window [prompt ; finished blocks ;
     current block], ``key_end`` (S,) read from its mask). The prefix (every position before the
@@ -276,7 +288,14 @@ def block_layout(
     edited tokens alike), and only its positions that hold the mask token vote. A padding
     position in the block (the tail past the generation length that diffusers' pipeline marks
     as padding) is computed as a query only, attending like the block's real rows, and its
-    logits are returned: the loop reads them."""
+    logits are returned: the loop reads them.
+
+    A shifted-logits family (``shift`` 1: Fast-dLLM v2 predicts token i at row i-1) reads the
+    block's first token at the last row of the finished blocks. That row sees nothing after its
+    own block, so it is computed at every step too, as a row of the block with its K/V (its own
+    block's end bounds its keys); the kept prefix is everything before it, and the rows that
+    vote are the ones before each mask position. It stays a prompt position for routing (its
+    token is part of the prefix the cache was built from)."""
     seq = ids.shape[1]
     device = ids.device
     pos = torch.arange(seq, device=device)
@@ -287,23 +306,26 @@ def block_layout(
     masks_at = masked.any(0).nonzero().flatten()
     first = int(masks_at[0]) if masks_at.numel() else last
     start = min(last, int((key_end == key_end[first]).nonzero()[0]))
+    computed = max(start - shift, 0)  # the first computed row (shifted: the row before)
     in_block = pos >= start  # (S,)
     response = key_valid & in_block  # (B, S)
-    rows = pos[start:]  # (C,)
-    resp_valid = key_valid[:, start:]  # (B, C)
+    rows = pos[computed:]  # (C,)
+    resp_valid = key_valid[:, computed:]  # (B, C)
     returned = torch.ones_like(resp_valid)
     resp_pos = [r.nonzero().flatten() for r in response]
     lengths = {int(r.numel()) for r in resp_pos}
     read_idx = (
-        torch.stack([torch.searchsorted(rows, r) for r in resp_pos]) if len(lengths) == 1 else None
+        torch.stack([torch.searchsorted(rows, (r - shift).clamp(min=0)) for r in resp_pos])
+        if len(lengths) == 1
+        else None
     )
-    prompt = key_valid & ~in_block
+    prompt = key_valid & (pos < computed)
     prompt_pos = [p.nonzero().flatten() for p in prompt]
     voters = []
     for b, p in enumerate(prompt_pos):
         mine = (masked[b] & in_block).nonzero().flatten()
         mine = mine if mine.numel() else resp_pos[b]  # no mask left: the block's rows vote
-        v = voter_positions(policy, p.cpu(), mine.cpu(), window, 0).to(device)
+        v = voter_positions(policy, p.cpu(), mine.cpu(), window, -shift).to(device)
         voters.append(v[key_valid[b, v]])
     prompt_idx, prompt_valid = _union(prompt_pos, device)
     voter_idx, voter_valid = _union(voters, device)
@@ -321,5 +343,6 @@ def block_layout(
         (None,) * ids.shape[0],
         key_end=key_end,
         block_start=start,
+        block_shift=shift,
         masks_outside_block=start < last,
     )

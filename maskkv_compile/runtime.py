@@ -53,7 +53,12 @@ from typing import Optional
 
 import torch
 
-from maskkv_compile.block_diffusion import BlockReselect, append_block, finished_columns
+from maskkv_compile.block_diffusion import (
+    BlockReselect,
+    append_block,
+    finished_columns,
+    finished_rows,
+)
 from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.dual_cache import DualCache
 from maskkv_compile.inductor import SEQ, InductorGraph
@@ -202,6 +207,7 @@ class MaskKVRuntime:
         }
         step_dynamic = {
             "resp_idx": (0,),
+            "row_end": (0,),
             **per_row,
             **{f"kept_{kv}_{i}": (2,) for i in range(len(graphs.sites)) for kv in "kv"},
         }
@@ -446,14 +452,6 @@ class MaskKVRuntime:
             )
 
         if call.key_end is not None:
-            if self.config.logits_shift:
-                raise ValueError(
-                    "a block-causal attention mask reached a model whose logits are shifted "
-                    f"(family {self.config.family!r}: token i is predicted at row i-1); block "
-                    "diffusion with shifted logits is not supported: the row before a block is "
-                    "in the prefix and never sees the block. Pass family='llada' if the model "
-                    "predicts each token at its own row"
-                )
             return block_layout(
                 call.ids,
                 call.key_valid,
@@ -461,6 +459,7 @@ class MaskKVRuntime:
                 self.mask_token_id,
                 policy=self.config.policy,
                 window=self.config.window,
+                shift=self.config.logits_shift,
             )
         previous = (
             self.last_session
@@ -496,6 +495,7 @@ class MaskKVRuntime:
             "resp_idx": layout.rows,
             "key_valid": layout.key_valid,
             "resp_valid": layout.resp_valid,
+            "row_end": layout.row_end,
             "voter_idx": layout.voter_idx,
             "voter_valid": layout.voter_valid,
             "prompt_idx": layout.prompt_idx,
@@ -546,14 +546,17 @@ class MaskKVRuntime:
         session.ids, session.masked = call.ids.clone(), call.masked
         session.per_token = [x.clone() for x in call.per_token]
         session.logits_buffer = None  # the window's shape changed
+        # the old computed rows that join the prefix: all of them, but for a shifted family the
+        # last, which the new block computes again (``layout.block_layout``)
+        finished, kv = finished_rows(old, session.layout, named["response_kv"])
         taken = False
         for feature in self.features:
-            taken = feature.extend(session, old, named["response_kv"]) or taken
+            taken = feature.extend(session, finished, kv) or taken
         if not taken:
-            columns, counts = finished_columns(old.resp_valid)
+            columns, counts = finished_columns(finished.resp_valid)
             session.layers = [
-                append_block(cache, k, v, columns, counts, old.rows)
-                for cache, (k, v) in zip(session.layers, named["response_kv"])
+                append_block(cache, k, v, columns, counts, finished.rows)
+                for cache, (k, v) in zip(session.layers, kv)
             ]
         return self._run_step(call, session, plan)
 

@@ -2,10 +2,12 @@
 
 Matches every canonical ``maskkv::attention`` node (after SliceSequencePass its q/k/v are
 the computed rows); replaces it with ``maskkv::cached_attention(q, k, v, kept_k_<l>,
-kept_v_<l>, kept_len_<l>, resp_valid, scale, softmax_dtype)`` where the three cache tensors
-of layer ``l`` are new graph inputs, in layer order (``STEP_INPUTS_PER_LAYER`` per layer),
-and ``resp_valid`` (B, C), shared by the layers, says which computed rows are each row's
-response keys (a row computed for a batch mate, or Dream's query-only read row, is not).
+kept_v_<l>, kept_len_<l>, resp_valid, row_end, scale, softmax_dtype)`` where the three
+cache tensors of layer ``l`` are new graph inputs, in layer order (``STEP_INPUTS_PER_LAYER``
+per layer), ``resp_valid`` (B, C), shared by the layers, says which computed rows are each
+row's response keys (a row computed for a batch mate, or Dream's query-only read row, is not),
+and ``row_end`` (C,) how many of the computed rows each computed row sees (all of them but for
+block diffusion's shifted families, whose row before the block must not see the block).
 
 Invariant: the response K/V are recomputed every step from the current tokens; only the
 prompt side comes from the cache, already rotated at its absolute positions.
@@ -28,6 +30,7 @@ class CachedAttentionPass(GraphPass):
     def run(self, gm: fx.GraphModule) -> PassResult:
         sites = attention_sites(gm)
         resp_valid = placeholder(gm, "resp_valid")
+        row_end = placeholder(gm, "row_end")
         for node, site in sites:
             cache = [
                 placeholder(gm, f"{kind}_{site.layer}") for kind in ("kept_k", "kept_v", "kept_len")
@@ -36,7 +39,7 @@ class CachedAttentionPass(GraphPass):
             with gm.graph.inserting_before(node):
                 cached = gm.graph.call_function(
                     torch.ops.maskkv.cached_attention.default,
-                    (q, k, v, *cache, resp_valid, scale, softmax_dtype),
+                    (q, k, v, *cache, resp_valid, row_end, scale, softmax_dtype),
                 )
             cached.meta.update(node.meta)
             node.replace_all_uses_with(cached)

@@ -3,11 +3,11 @@ from the second tier with the step's own queries, then attends to what it chose.
 
 Runs on a copy of the step graph after CachedAttentionPass (and ResponseKVOutputsPass). Matches
 every ``maskkv::cached_attention(q, k, v, kept_k_<l>, kept_v_<l>, kept_len_<l>, resp_valid,
-scale, softmax_dtype)`` node; inserts before it
+row_end, scale, softmax_dtype)`` node; inserts before it
 
     new = maskkv::revote_kv(q, k, prompt_k_<l>, prompt_v_<l>, prompt_pos_<l>, prompt_valid_<l>,
-                            resp_valid, revoter_idx, revoter_valid, kept_k_<l>, kept_len_<l>,
-                            scale, chunk, policy, pool_kernel, sink, seed)
+                            resp_valid, row_end, revoter_idx, revoter_valid, kept_k_<l>,
+                            kept_len_<l>, scale, chunk, policy, pool_kernel, sink, seed)
 
 and makes the attention read ``new``'s K/V and lengths instead of the old hot cache. New graph
 inputs: per layer the candidates ``prompt_k_<l>`` / ``prompt_v_<l>`` (B, Hkv, P, D), their
@@ -51,7 +51,7 @@ class RevoteKVPass(GraphPass):
         revoter_idx, revoter_valid = (placeholder(gm, n) for n in ("revoter_idx", "revoter_valid"))
         extra = []
         for layer, node in enumerate(sites):  # graph order is layer order
-            q, k, v, kept_k, kept_v, kept_len, resp_valid, scale = node.args[:8]
+            q, k, v, kept_k, kept_v, kept_len, resp_valid, row_end, scale = node.args[:9]
             prompt_k, prompt_v, prompt_pos, prompt_valid = (
                 placeholder(gm, f"{kind}_{layer}") for kind in REVOTE_INPUTS_PER_LAYER
             )
@@ -66,6 +66,7 @@ class RevoteKVPass(GraphPass):
                         prompt_pos,
                         prompt_valid,
                         resp_valid,
+                        row_end,
                         revoter_idx,
                         revoter_valid,
                         kept_k,

@@ -192,7 +192,8 @@ def vote_masks(b, s, rv, p, voter_idx, device, gen):
 
 def attention_inputs(shape, kept_len, dtype, device, gen, ragged_resp=False):
     """kept_len (B, Hkv); with ragged_resp, resp_valid masks a third of row 0's response keys
-    at random and the first min(R - 1, 66) of every other row's. Returns also the kept
+    at random and the first min(R - 1, 66) of every other row's, and row_end lets query row 0
+    see one computed key and every other a random number of them. Returns also the kept
     padding (B, Hkv, K, 1) and the masked response rows (B, 1, R, 1)."""
     b, h, hkv, r, kk, d, dv = shape
     q, k, v, kept_k, kept_v = (
@@ -201,9 +202,12 @@ def attention_inputs(shape, kept_len, dtype, device, gen, ragged_resp=False):
     )
     kept_len = torch.tensor(kept_len, device=device)
     resp_valid = torch.ones(b, r, dtype=torch.bool, device=device)
+    row_end = torch.full((r,), r, device=device)
     if ragged_resp:
         resp_valid[0] = torch.rand(r, generator=gen, device=device) >= 1 / 3
         resp_valid[1:, : min(r - 1, 66)] = False
+        row_end = torch.randint(1, r + 1, (r,), generator=gen, device=device)
+        row_end[0] = 1
     pad = (
         torch.arange(kk, device=device)[None, None, :, None] >= kept_len[:, :, None, None]
     )  # (B, Hkv, K, 1)
@@ -216,6 +220,7 @@ def attention_inputs(shape, kept_len, dtype, device, gen, ragged_resp=False):
         kept_v.masked_fill(pad, 0),
         kept_len,
         resp_valid,
+        row_end,
         d**-0.5,
         pad,
         masked,
@@ -282,8 +287,8 @@ def check_rows(device, smoke):
                 )
             )
         for shape, kept, ragged in ashapes:
-            q, k, v, kept_k, kept_v, kept_len, resp_valid, scale, pad, masked = attention_inputs(
-                shape, kept, dtype, device, gen, ragged_resp=ragged
+            q, k, v, kept_k, kept_v, kept_len, resp_valid, row_end, scale, pad, masked = (
+                attention_inputs(shape, kept, dtype, device, gen, ragged_resp=ragged)
             )
             nan_k, nan_v = (
                 kept_k.masked_fill(pad, float("nan")),
@@ -302,10 +307,15 @@ def check_rows(device, smoke):
                 nan_v,
                 kept_len,
                 resp_valid,
+                row_end,
                 scale,
             )
             ref = cached_attention_reference(
-                *(t.float() for t in (q, k, v, kept_k, kept_v)), kept_len, resp_valid, scale
+                *(t.float() for t in (q, k, v, kept_k, kept_v)),
+                kept_len,
+                resp_valid,
+                row_end,
+                scale,
             )
             err = (out.float() - ref).abs().max().item()
             ok = written and torch.allclose(out.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
@@ -454,18 +464,20 @@ def op_and_inductor_rows(gen):
     q, k, vi, pi, scale = votes_inputs(vshape, torch.bfloat16, "cuda", gen)
     masks = vote_masks(vshape[0], vshape[3], vshape[5], vshape[6], vi, "cuda", gen)
     attn_shape = (2, 8, 2, 100, 480, 64, 64)
-    qa, ka, va, kept_k, kept_v, kept_len, resp_valid, _, _, _ = attention_inputs(
+    qa, ka, va, kept_k, kept_v, kept_len, resp_valid, row_end, _, _, _ = attention_inputs(
         attn_shape, [[480, 200], [0, 333]], torch.bfloat16, "cuda", gen, ragged_resp=True
     )
     ref_votes = mask_votes_reference(q, k, vi, pi, scale, *masks)[0]
-    ref_attn = cached_attention_reference(qa, ka, va, kept_k, kept_v, kept_len, resp_valid, scale)
+    ref_attn = cached_attention_reference(
+        qa, ka, va, kept_k, kept_v, kept_len, resp_valid, row_end, scale
+    )
 
     def votes_fn(q, k):
         return torch.ops.maskkv.mask_votes(q, k, vi, pi, scale, 64, *masks)[0]
 
     def attn_fn(q, k, v):
         return torch.ops.maskkv.cached_attention(
-            q, k, v, kept_k, kept_v, kept_len, resp_valid, scale
+            q, k, v, kept_k, kept_v, kept_len, resp_valid, row_end, scale
         )
 
     for name, fn, args, ref, tol, kernels in (
@@ -582,19 +594,20 @@ def timing_rows(device, smoke):
         kept_k, kept_v = k[:, :, :prompt], v[:, :, :prompt]
         kept_len = torch.full((b, hkv), prompt, device=device)
         resp_valid = torch.ones((b, resp), dtype=torch.bool, device=device)
+        row_end = torch.full((resp,), resp, device=device)
         rows.append(
             (
                 "cached_attention all kept",
                 prompt,
                 bench(
                     lambda: cached_attention_triton(
-                        qr, kr, vr, kept_k, kept_v, kept_len, resp_valid, scale
+                        qr, kr, vr, kept_k, kept_v, kept_len, resp_valid, row_end, scale
                     ),
                     device,
                 ),
                 bench(
                     lambda: cached_attention_torch(
-                        qr, kr, vr, kept_k, kept_v, kept_len, resp_valid, scale
+                        qr, kr, vr, kept_k, kept_v, kept_len, resp_valid, row_end, scale
                     ),
                     device,
                 ),
@@ -628,13 +641,13 @@ def timing_rows(device, smoke):
             "-",
             bench(
                 lambda: cached_attention_triton(
-                    qr, kr, vr, kept_k, kept_v, kept_len, resp_valid, scale
+                    qr, kr, vr, kept_k, kept_v, kept_len, resp_valid, row_end, scale
                 ),
                 device,
             ),
             bench(
                 lambda: cached_attention_torch(
-                    qr, kr, vr, kept_k, kept_v, kept_len, resp_valid, scale
+                    qr, kr, vr, kept_k, kept_v, kept_len, resp_valid, row_end, scale
                 ),
                 device,
             ),

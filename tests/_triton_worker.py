@@ -110,6 +110,17 @@ def run_votes(case, gen):
     return [(votes, ref_votes, atol, rtol), (mass, ref_mass, atol, rtol)]
 
 
+def row_ends(case, gen, r):
+    """row_end (R,) for case["row_end"]: "all" (default: every row sees every computed key) or
+    "ragged" (row i sees the first randint(0, R] computed keys; row 0 sees one, as block
+    diffusion's shifted row before the block does)."""
+    if case.get("row_end", "all") == "all":
+        return torch.full((r,), r, dtype=torch.long)
+    ends = torch.randint(1, r + 1, (r,), generator=gen)
+    ends[0] = 1
+    return ends
+
+
 def response_valid(case, gen, b, r):
     """resp_valid (B, R) for case["resp_valid"]: "all" (default), "ragged" or "row-without-keys".
 
@@ -144,6 +155,7 @@ def run_attention(case, gen):
     kept_len = torch.tensor(case["kept_len"], dtype=torch.long)  # (B, Hkv)
     assert kept_len.shape == (b, hkv), kept_len.shape
     resp_valid = response_valid(case, gen, b, r)
+    row_end = row_ends(case, gen, r)
     pad = torch.arange(kk)[None, None, :, None] >= kept_len[:, :, None, None]  # (B, Hkv, K, 1)
     kept_k, kept_v = kept_k.masked_fill(pad, 0), kept_v.masked_fill(pad, 0)
     # the kernel must never read the padding nor another row's response keys: NaN there
@@ -161,12 +173,13 @@ def run_attention(case, gen):
             nan_v,
             stored_transposed(kept_len, strided),
             stored_transposed(resp_valid, strided),
+            row_end,
             scale,
         )
     finally:
         torch.empty = real_empty
     f32 = [t.float() for t in (q, k, v, kept_k, kept_v)]
-    ref = cached_attention_reference(*f32, kept_len, resp_valid, scale)
+    ref = cached_attention_reference(*f32, kept_len, resp_valid, row_end, scale)
     atol, rtol = ATTN_TOL[case["dtype"]]
     return [(out.float(), ref, atol, rtol)]
 
@@ -204,6 +217,7 @@ def registration() -> None:
     voter_idx, prompt_idx = torch.arange(30, 40), torch.arange(30)
     kept_len = torch.tensor([[30, 7]])  # (B, Hkv)
     resp_valid = torch.arange(10)[None, :] != 3  # (B, R): response row 3 is not a key
+    row_end = torch.tensor([1] + [10] * 9)  # (R,): row 0 sees only itself
     key_valid = torch.arange(40)[None, :] >= 2  # (B, S): two padding keys
     voter_valid = torch.arange(10)[None, :] != 5  # (B, Rv)
     prompt_valid = torch.arange(30)[None, :] != 11  # (B, P)
@@ -213,7 +227,7 @@ def registration() -> None:
         votes = torch.ops.maskkv.mask_votes(q, k, voter_idx, prompt_idx, 0.25, 64, *masks)
         qr, kr = q[:, :, 30:], k[:, :, 30:]
         attn = torch.ops.maskkv.cached_attention(
-            qr, kr, v, k[:, :, :30], k[:, :, :30], kept_len, resp_valid, 0.25
+            qr, kr, v, k[:, :, :30], k[:, :, :30], kept_len, resp_valid, row_end, 0.25
         )
         return votes, attn
 
@@ -221,7 +235,15 @@ def registration() -> None:
     ref = (
         mv.mask_votes_reference(q, k, voter_idx, prompt_idx, 0.25, *masks),
         ca.cached_attention_reference(
-            q[:, :, 30:], k[:, :, 30:], v, k[:, :, :30], k[:, :, :30], kept_len, resp_valid, 0.25
+            q[:, :, 30:],
+            k[:, :, 30:],
+            v,
+            k[:, :, :30],
+            k[:, :, :30],
+            kept_len,
+            resp_valid,
+            row_end,
+            0.25,
         ),
     )
     cpu_ok = all(

@@ -164,8 +164,11 @@ def sdar_generate(
     eos_id: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     call: Optional[Callable] = None,
+    shift: int = 0,
 ) -> torch.Tensor:
     """SDAR-style block diffusion on the growing window; returns ``[B, P + gen_length]``.
+    ``shift=1``: Fast-dLLM v2's token shift, each block position's logits are read one row
+    earlier (the block's first token at the last row of the finished blocks).
 
     Each step calls ``call(x_window, attention_mask=mask4d_window, position_ids=pos_window)``
     (default ``model(...)``; ``mask_kind="none"``: no mask, the model makes its blocks) and
@@ -213,7 +216,8 @@ def sdar_generate(
             if mask_kind != "none":  # "none": the model makes its own blocks
                 window["attention_mask"] = mask[:, :, :end, :end]
             logits = call(x[:, :end], **window).logits
-            x0, p0 = sample_tokens(logits[:, -block_length:], temperature, top_k, top_p, generator)
+            read = (torch.arange(end - block_length, end, device=device) - shift).clamp(min=0)
+            x0, p0 = sample_tokens(logits[:, read], temperature, top_k, top_p, generator)
             conf = torch.where(masked, p0, torch.full_like(p0, -torch.inf))
             n = int(schedule[step])
             transfer = torch.zeros_like(masked)

@@ -53,8 +53,9 @@ class Checked:
     padding ones that hold no mask (their logits are the mask builder's convention and no loop
     reads them). Use as a context manager: the optimized model is left as it was."""
 
-    def __init__(self, optimized, original, block, pad_id=0):
+    def __init__(self, optimized, original, block, pad_id=0, shift=0):
         self.worst, self.calls = 0.0, 0
+        block += shift  # a shifted loop reads the row before the block too
         self.optimized = optimized
         forward = type(optimized).forward
 
@@ -190,7 +191,7 @@ def test_probe_reads_the_models_rule_for_a_2d_mask():
 
 def _case(seed):
     rng = random.Random(seed)
-    loop = rng.choice(["llada2", "sdar_bool", "sdar_additive", "diffusers"])
+    loop = rng.choice(["llada2", "sdar_bool", "sdar_additive", "diffusers", "fastdllm"])
     block = rng.choice([4, 4, 8, 16, 32])
     prompt_len = rng.randint(block // 2 + 1, 2 * block + 3)
     gen = rng.randint(1, 2) * block + rng.choice([0, rng.randint(1, block - 1)])
@@ -201,6 +202,8 @@ def _case(seed):
     family = (
         "llada2" if loop in ("llada2", "diffusers") else rng.choice(["llada2", "qwen2", "qwen3"])
     )
+    if loop == "fastdllm":  # Qwen2 with the token shift, optimized as a shifted family
+        family = "qwen2_shifted"
     return {
         "loop": loop,
         "block": block,
@@ -218,7 +221,7 @@ def _case(seed):
 def _model(family, block):
     if family == "llada2":  # ``block``: what the model makes of a 2-D mask (diffusers' call)
         model = tiny_llada2(dtype=torch.float64, block_length=block, layers=2)
-    elif family == "qwen2":
+    elif family in ("qwen2", "qwen2_shifted"):
         model = tiny_qwen2(dtype=torch.float64)
     else:
         model = tiny_qwen3(dtype=torch.float64)
@@ -231,7 +234,8 @@ def _pair(family, block):
     reuse them (``reset()`` between generations, as a server would), so the cases cost runs, not
     traces."""
     model = _model(family, block)
-    return model, maskkv_compile.optimize(model, budget=10**6, backend="eager")
+    shifted = {"family": "dream"} if family == "qwen2_shifted" else {}
+    return model, maskkv_compile.optimize(model, budget=10**6, backend="eager", **shifted)
 
 
 def _run(case, model):
@@ -254,6 +258,17 @@ def _run(case, model):
             editing_threshold=case["editing"],
             max_post_steps=2,
             mask_dtype=torch.bfloat16,  # as released
+        )
+    if case["loop"] == "fastdllm":  # Fast-dLLM v2's token shift
+        return sdar_generate(
+            model,
+            prompt,
+            gen_length=case["gen"],
+            block_length=block,
+            mask_id=MASK,
+            steps=case["steps"],
+            attention_mask=pad,
+            shift=1,
         )
     if case["loop"].startswith("sdar"):
         return sdar_generate(
@@ -295,7 +310,8 @@ def _check_case(seed):
     model, optimized = _pair(case["family"], case["block"] if case["loop"] == "diffusers" else 4)
     reference = _run(case, model)
     optimized.reset()
-    with Checked(optimized, model, case["block"]) as checked:
+    shift = int(case["loop"] == "fastdllm")
+    with Checked(optimized, model, case["block"], shift=shift) as checked:
         got = _run(case, optimized)
     assert torch.equal(got, reference), case
     assert checked.calls > 0 and checked.worst < 1e-5, (checked.worst, case)
@@ -321,15 +337,20 @@ def test_full_budget_reproduces_every_loop(chunk):
         _check_case(seed)
 
 
-@pytest.mark.parametrize("budget", [10**6, 5])
-def test_inductor_matches_eager_on_block_loops(budget):
-    """Compiled equals eager, at full budget and under eviction (where each grown window's first
-    step runs the re-selecting graph)."""
-    case = {**_case(11), "loop": "sdar_additive", "family": "qwen3", "block": 8}
+@pytest.mark.parametrize(
+    "budget, loop", [(10**6, "fastdllm"), (5, "sdar_additive")], ids=["token shift", "evicting"]
+)
+def test_inductor_matches_eager_on_block_loops(budget, loop):
+    """Compiled equals eager: at full budget with Fast-dLLM v2's token shift (the row before the
+    block computed with it, seeing only itself), and under eviction (where each grown window's
+    first step runs the re-selecting graph)."""
+    family = "qwen2_shifted" if loop == "fastdllm" else "qwen3"
+    case = {**_case(11), "loop": loop, "family": family, "block": 8}
     model = _model(case["family"], case["block"])
-    eager_model = maskkv_compile.optimize(model, budget=budget, backend="eager")
+    options = {"family": "dream"} if loop == "fastdllm" else {}
+    eager_model = maskkv_compile.optimize(model, budget=budget, backend="eager", **options)
     eager = _run(case, eager_model)
-    compiled = maskkv_compile.optimize(model, budget=budget)
+    compiled = maskkv_compile.optimize(model, budget=budget, **options)
     assert torch.equal(_run(case, compiled), eager)
     stats = compiled.cache_stats()
     assert stats["transitions"].get("extend", 0) > 0
@@ -463,15 +484,22 @@ def _layer0_qk(model, x, mask):
     return seen[0]
 
 
-def test_a_grown_window_reselects_the_top_of_the_new_blocks_votes_over_kept_and_finished():
+@pytest.mark.parametrize("shift", [0, 1], ids=["llada2", "token shift"])
+def test_a_grown_window_reselects_the_top_of_the_new_blocks_votes_over_kept_and_finished(shift):
     """Without ``revote``, the new block's first step re-selects each (row, KV head) over its
     own [kept prefix ; finished block]: at layer 0 (whose q and k the eviction upstream cannot
     change) the kept set is the top-budget of the new block's mask votes over exactly those
-    candidates, the softmax running over them and the block's keys."""
+    candidates, the softmax running over them and the block's keys. With the token shift
+    (Fast-dLLM v2: family "dream"), the row before each mask votes, the row before the block is
+    computed with the block (never kept), and the finished rows are the block's shifted by one."""
     model = _zero_mask_row(tiny_llada2(dtype=torch.float64, block_length=4))
     budget = 5
     optimized = maskkv_compile.optimize(
-        model, budget=budget, policy="mask_voting_uniform", backend="eager"
+        model,
+        budget=budget,
+        policy="mask_voting_uniform",
+        backend="eager",
+        family="dream" if shift else "llada",
     )
     x = _prompt(2, 28)
     first = x[:, :24].clone()
@@ -489,13 +517,16 @@ def test_a_grown_window_reselects_the_top_of_the_new_blocks_votes_over_kept_and_
     query, key, scaling = _layer0_qk(model, second, mask)
     after = optimized.runtime.last_session.layers[0]
     group = query.shape[1] // key.shape[1]
-    voters, block = torch.arange(25, 28), torch.arange(24, 28)
+    # the voters, the rows computed at the step, the finished rows that joined the prefix
+    voters, block = torch.arange(25, 28) - shift, torch.arange(24 - shift, 28)
+    finished = torch.arange(20, 24) - shift
     for b in range(2):
         for h in range(key.shape[1]):
             kept = old_pos[b, h, : int(old_len[b, h])]
             assert int(old_len[b, h]) == budget  # a prompt of 20: every head evicted
-            candidates = torch.cat([kept, torch.arange(20, 24)])
-            keys = key[b, h, torch.cat([candidates, block])]  # (budget + 4 + 4, D)
+            assert int(kept.max()) < 20 - shift  # the computed rows were never candidates
+            candidates = torch.cat([kept, finished])
+            keys = key[b, h, torch.cat([candidates, block])]  # (budget + 4 + 4 + shift, D)
             probs = torch.softmax(
                 query[b, h * group : (h + 1) * group, voters] @ keys.T * scaling, -1
             )
@@ -556,17 +587,23 @@ def test_under_eviction_every_step_gives_real_logits_and_the_cache_stays_bounded
     assert max(max(k) for k in kept) <= 6
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_random_call_sequences_under_eviction_leak_nothing_and_stay_within_the_budget(seed):
+@pytest.mark.parametrize("seed, shift", [(0, 0), (1, 0), (2, 1)])
+def test_random_call_sequences_under_eviction_leak_nothing_and_stay_within_the_budget(seed, shift):
     """One optimized model drives a seeded random sequence of block generations (prompts of
     5-40 tokens, batch 1-2, left padding, 1-3 blocks generated, 1-2 steps a block) mixed with
     full-attention calls, reset() and weights changed in place. Every call gives the current
     block's masked rows real logits, every head's kept prefix stays within the budget, and each
-    generation equals the same one on a second optimized model reset just before it."""
+    generation equals the same one on a second optimized model reset just before it. ``shift``:
+    a Qwen2 with Fast-dLLM v2's token shift (family "dream"; logits one row earlier)."""
     rng = random.Random(seed)
-    model = _zero_mask_row(tiny_qwen3(dtype=torch.float64))
+    model = _zero_mask_row((tiny_qwen2 if shift else tiny_qwen3)(dtype=torch.float64))
     budget = 6
-    options = dict(budget=budget, policy="mask_voting_uniform", backend="eager")
+    options = dict(
+        budget=budget,
+        policy="mask_voting_uniform",
+        backend="eager",
+        family="dream" if shift else "llada",
+    )
     shared = maskkv_compile.optimize(model, **options)
     reference = maskkv_compile.optimize(model, **options)
     reselects = 0
@@ -582,8 +619,8 @@ def test_random_call_sequences_under_eviction_leak_nothing_and_stay_within_the_b
         if action == "full":  # a full-attention call (no block mask) on the same runtime
             x = _prompt(1, 20, rng.randint(0, 999))
             x[:, 14:] = MASK
-            logits = shared(x).logits
-            assert torch.isfinite(logits).all() and (logits[:, 14:].abs().sum(-1) > 0).all()
+            logits = shared(x).logits[:, 14 - shift : 20 - shift]
+            assert torch.isfinite(logits).all() and (logits.abs().sum(-1) > 0).all()
             continue
         batch = rng.choice([1, 2])
         prompt = _prompt(batch, rng.randint(5, 40), rng.randint(0, 999))
@@ -598,11 +635,12 @@ def test_random_call_sequences_under_eviction_leak_nothing_and_stay_within_the_b
             mask_id=MASK,
             steps=rng.choice([1, 2]),
             attention_mask=pad,
+            shift=shift,
         )
 
         def call(x, **kw):
             out = shared(x, **kw)
-            block = out.logits[:, -4:]
+            block = out.logits[:, x.shape[1] - 4 - shift : x.shape[1] - shift]
             masked = x[:, -4:] == MASK
             assert torch.isfinite(block).all() and bool((block.abs().sum(-1) > 0)[masked].all())
             session = shared.runtime.last_session  # None after an uncached call

@@ -381,13 +381,16 @@ def test_select_kv_per_row_eligibility():
     opcheck(torch.ops.maskkv.select_kv.default, (k, v, votes, prompt, budgets, 28))
 
 
+ALL6 = torch.full((6,), 6)  # row_end: every computed row sees all 6 computed keys
+
+
 def test_cached_attention_equals_unpadded_gather():
     q, k, v = qkv(seq=6)  # response rows
     _, kept_k, kept_v = qkv(seq=9, seed=4)  # padded prompt cache
     kept_len = torch.tensor([[5, 9], [0, 3]])  # (B, Hkv): per row and KV head, a zero included
     resp_valid = torch.ones(2, 6, dtype=torch.bool)
     out = torch.ops.maskkv.cached_attention(
-        q, k, v, kept_k, kept_v, kept_len, resp_valid, 0.4, None
+        q, k, v, kept_k, kept_v, kept_len, resp_valid, ALL6, 0.4, None
     )
     keys, values = torch.cat([kept_k, k], 2), torch.cat([kept_v, v], 2)
     keep = [[list(range(int(n))) + list(range(9, 15)) for n in row] for row in kept_len]
@@ -398,12 +401,12 @@ def test_cached_attention_equals_unpadded_gather():
     garbage[0, 0, 5:] = 1e4  # padding content must not matter
     garbage[1, :, 3:] = -1e4
     again = torch.ops.maskkv.cached_attention(
-        q, k, v, garbage, kept_v, kept_len, resp_valid, 0.4, None
+        q, k, v, garbage, kept_v, kept_len, resp_valid, ALL6, 0.4, None
     )
     torch.testing.assert_close(again, out)
     opcheck(
         torch.ops.maskkv.cached_attention.default,
-        (q, k, v, kept_k, kept_v, kept_len, resp_valid, 0.4, None),
+        (q, k, v, kept_k, kept_v, kept_len, resp_valid, ALL6, 0.4, None),
     )
 
 
@@ -417,7 +420,7 @@ def test_cached_attention_response_validity(softmax_dtype):
         [[True, False, True, True, False, True], [False, False, False, True, True, True]]
     )
     out = torch.ops.maskkv.cached_attention(
-        q, k, v, kept_k, kept_v, kept_len, resp_valid, 0.4, softmax_dtype
+        q, k, v, kept_k, kept_v, kept_len, resp_valid, ALL6, 0.4, softmax_dtype
     )
     keys, values = torch.cat([kept_k, k], 2), torch.cat([kept_v, v], 2)
     keep = [
@@ -436,7 +439,7 @@ def test_cached_attention_response_validity(softmax_dtype):
     torch.testing.assert_close(
         out,
         cached_attention_reference(
-            q, k, v, kept_k, kept_v, kept_len, resp_valid, 0.4, softmax_dtype
+            q, k, v, kept_k, kept_v, kept_len, resp_valid, ALL6, 0.4, softmax_dtype
         ),
     )
     assert torch.isfinite(out).all()  # every query row computed, masked ones included
@@ -445,7 +448,7 @@ def test_cached_attention_response_validity(softmax_dtype):
     k2[~resp_valid[:, None, :].expand_as(k2[..., 0])] = 1e4
     v2[~resp_valid[:, None, :].expand_as(v2[..., 0])] = -1e4
     again = torch.ops.maskkv.cached_attention(
-        q, k2, v2, kept_k, kept_v, kept_len, resp_valid, 0.4, softmax_dtype
+        q, k2, v2, kept_k, kept_v, kept_len, resp_valid, ALL6, 0.4, softmax_dtype
     )
     torch.testing.assert_close(again, out)
     opcheck(
@@ -458,9 +461,41 @@ def test_cached_attention_response_validity(softmax_dtype):
             kept_v.float(),
             kept_len,
             resp_valid,
+            ALL6,
             0.4,
             softmax_dtype,
         ),
+    )
+
+
+def test_cached_attention_row_ends():
+    """row_end: computed row r sees only the computed keys j < row_end[r] (block diffusion's
+    shifted row before the block sees itself, not the block); the kept entries it always sees."""
+    q, k, v = qkv(seq=6, dtype=torch.float64)
+    _, kept_k, kept_v = qkv(seq=9, seed=4, dtype=torch.float64)
+    kept_len = torch.tensor([[5, 9], [2, 0]])
+    resp_valid = torch.tensor(
+        [[True, True, True, True, False, True], [True, False, True, True, True, True]]
+    )
+    row_end = torch.tensor([1, 6, 6, 3, 6, 0])  # row 5 of batch row 1, KV head 1: no key, zeros
+    out = torch.ops.maskkv.cached_attention(
+        q, k, v, kept_k, kept_v, kept_len, resp_valid, row_end, 0.4, None
+    )
+    keys, values = torch.cat([kept_k, k], 2), torch.cat([kept_v, v], 2)
+    for r in range(6):
+        keep = [
+            [
+                list(range(int(kept_len[b, h])))
+                + [9 + j for j in range(int(row_end[r])) if resp_valid[b, j]]
+                for h in range(2)
+            ]
+            for b in range(2)
+        ]
+        expected = naive_attention(q[:, :, r : r + 1], keys, values, 0.4, keep)
+        torch.testing.assert_close(out[:, :, r : r + 1], expected, atol=1e-12, rtol=1e-6)
+    opcheck(
+        torch.ops.maskkv.cached_attention.default,
+        (q, k, v, kept_k, kept_v, kept_len, resp_valid, row_end, 0.4, None),
     )
 
 

@@ -161,6 +161,7 @@ def _revote_inputs(batch=2, heads=4, kv_heads=2, prompt=11, rows=5, dim=8, seed=
     prompt_valid[1, :3] = False  # row 1: a shorter (left-padded) prompt
     resp_valid = torch.ones(batch, rows, dtype=torch.bool)
     resp_valid[0, -1] = False  # a computed row that is not row 0's key
+    row_end = torch.tensor([1, 5, 5, 4, 5])  # computed row 0 sees itself only, row 3 rows < 4
     voter_idx = torch.tensor([0, 1, 3, 4])
     voter_valid = torch.ones(batch, 4, dtype=torch.bool)
     voter_valid[1, 0] = False
@@ -179,6 +180,7 @@ def _revote_inputs(batch=2, heads=4, kv_heads=2, prompt=11, rows=5, dim=8, seed=
         prompt_pos,
         prompt_valid,
         resp_valid,
+        row_end,
         voter_idx,
         voter_valid,
         kept_k,
@@ -203,6 +205,7 @@ def test_revote_op_matches_a_per_row_reference(blocked, per_head, monkeypatch):
         prompt_pos,
         prompt_valid,
         resp_valid,
+        row_end,
         voter_idx,
         voter_valid,
         kept_k,
@@ -220,11 +223,13 @@ def test_revote_op_matches_a_per_row_reference(blocked, per_head, monkeypatch):
             valid = prompt_valid[b, kv] if per_head else prompt_valid[b]
             positions = prompt_pos[b, kv] if per_head else prompt_pos
             cols = valid.nonzero().flatten()
-            keys = torch.cat([prompt_k[b, kv, cols], k[b, kv, resp_valid[b]]])  # (P_b + R_b, D)
             votes = torch.zeros(len(cols), dtype=torch.float64)
-            for h in range(kv * group, (kv + 1) * group):
-                probs = torch.softmax(q[b, h, voters].double() @ keys.double().T * scale, -1)
-                votes += probs[:, : len(cols)].sum(0)
+            for voter in voters.tolist():  # its keys: the prompt's and the computed ones it sees
+                seen = resp_valid[b] & (torch.arange(k.shape[2]) < row_end[voter])
+                keys = torch.cat([prompt_k[b, kv, cols], k[b, kv, seen]])  # (P_b + R_b, D)
+                for h in range(kv * group, (kv + 1) * group):
+                    probs = torch.softmax(q[b, h, voter].double() @ keys.double().T * scale, -1)
+                    votes += probs[: len(cols)]
             n = int(kept_len[b, kv])
             top = sorted(torch.sort(votes, descending=True, stable=True).indices[:n].tolist())
             expected = positions[cols[top]]

@@ -133,6 +133,16 @@ CASES = (
             "strided": True,
             "seed": 31,
         },
+        {  # block diffusion's shifted row before the block: some rows see only some keys
+            "id": "attn-row-ends-float32",
+            "kernel": "cached_attention",
+            "shape": RAGGED_ATTN_SHAPES["gqa3-rows-masked-block"][0],
+            "kept_len": [[90, 0], [0, 41]],
+            "resp_valid": "ragged",
+            "row_end": "ragged",
+            "dtype": "float32",
+            "seed": 32,
+        },
     ]
 )
 
