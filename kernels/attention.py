@@ -43,10 +43,13 @@ def attention_reference(
     key_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Plain attention; ``key_mask`` (broadcastable to (B, H, S, Sk), True = attend)."""
+    if softmax_dtype is None or softmax_dtype == q.dtype:  # GQA read in place, no copies
+        gqa = q.shape[1] != k.shape[1]
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=key_mask, scale=scale, enable_gqa=gqa
+        )
     k = expand_kv_heads(k, q.shape[1])
     v = expand_kv_heads(v, q.shape[1])
-    if softmax_dtype is None or softmax_dtype == q.dtype:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=scale)
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, S, Sk)
     if key_mask is not None:
         scores = scores.masked_fill(~key_mask, float("-inf"))

@@ -71,3 +71,11 @@ def resolve_process_group(group_name: str):
     from torch.distributed.distributed_c10d import _resolve_process_group
 
     return _resolve_process_group(group_name)
+
+
+def storage_use_count(tensor) -> int:
+    """How many tensors (views, exports) hold ``tensor``'s storage, not counting the Python
+    storage object made to ask."""
+    import torch
+
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) - 1

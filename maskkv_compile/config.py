@@ -160,9 +160,10 @@ class MaskKVConfig:
     vote_chunk: voter query rows processed at once by ``maskkv::mask_votes`` on CPU (keys go
         16x that at a time), which bounds its memory by chunk x P, not L x P.
     reuse_logits: the drop-in call's (B, S, V) logits live in one buffer per prompt, of
-        which each call rewrites only the rows it computed (the prompt rows stay zero).
-        Saves allocating and zeroing B x S x V floats every step; the catch: a logits tensor
-        returned by an earlier call changes when the model is called again. Off by default;
+        which each call rewrites only the rows it computed, even while the caller still holds
+        an earlier call's logits (which then change). Off by default: then a session's
+        buffers are reused only once nothing outside the runtime holds them
+        (``logits_buffers.py``), which a loop that drops each step's logits gets anyway.
         ``response_logits_only()`` avoids the (B, S, V) tensor altogether.
     max_sessions: prompts whose caches are kept at once (2 lets classifier-free guidance
         alternate a conditional and an unconditional prompt without re-prefilling).

@@ -36,6 +36,7 @@ from maskkv_compile.passes.graph_info import UnsupportedModelError
 
 MASK_NAMES = ("attention_mask", "attention_bias")
 _BLOCKED = -1e4  # an additive bias at or below this blocks a key
+_ROW_CHUNK = 256  # query rows a (B, 1, S, S) mask is read in at once
 
 
 def _refuse(name: str, value, why: str) -> ValueError:
@@ -54,11 +55,18 @@ def _allowed(name: str, mask: torch.Tensor) -> torch.Tensor:
     if mask.dtype == torch.bool:
         return mask
     if mask.is_floating_point() and mask.dim() == 4:
-        blocked, open_ = mask <= _BLOCKED, mask == 0
-        if not bool((blocked | open_).all()):
-            raise _refuse(
-                name, mask, "a float mask holds values other than 0 and a large negative number"
-            )
+        # in chunks of query rows: the temporaries stay small (an (S, S) float mask at 8k is
+        # 288 MB, and every fresh temporary that large is page-faulted in)
+        open_ = torch.empty(mask.shape, dtype=torch.bool, device=mask.device)
+        for start in range(0, mask.shape[2], _ROW_CHUNK):
+            part = mask[:, :, start : start + _ROW_CHUNK]
+            torch.eq(part, 0, out=open_[:, :, start : start + _ROW_CHUNK])
+            if not bool(((part <= _BLOCKED) | open_[:, :, start : start + _ROW_CHUNK]).all()):
+                raise _refuse(
+                    name,
+                    mask,
+                    "a float mask holds values other than 0 and a large negative number",
+                )
         return open_
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise _refuse(name, mask, "a 0/1 mask holds values other than 0 and 1")
@@ -115,22 +123,32 @@ def describe_structure(rows: torch.Tensor, valid: torch.Tensor) -> str:
 
 
 def _unpadded_block_ends(rows: torch.Tensor) -> Optional[torch.Tensor]:
-    """The common case read in three passes over the (B, S, S) pattern: a block-causal mask
+    """The common case read in two passes over the (B, S, S) pattern: a block-causal mask
     without padding, the same in every row of the batch -> its (S,) block ends (what
     :func:`_block_ends` finds for it), else None (the general reading decides). Each query sees
-    a prefix of the keys ending at ``end``; the ends are non-decreasing and lie past their
-    query, and the query at ``end - 1`` ends there too, so the ends cut the sequence into
-    contiguous blocks; some query sees a later key (else it is causal, blocks of one). A last
-    block of one token is read as a block (the general reading takes it for a right-padding
-    row opened up; in a block-diffusion window it is the block being generated)."""
+    a prefix of the keys (no key it sees after one it does not: one pass), ending at ``end``
+    (its first unseen key: the other pass); the ends are the same in every row of the batch,
+    non-decreasing and past their query, and the query at ``end - 1`` ends there too, so the
+    ends cut the sequence into contiguous blocks; some query sees a later key (else it is
+    causal, blocks of one). A last block of one token is read as a block (the general reading
+    takes it for a right-padding row opened up; in a block-diffusion window it is the block
+    being generated)."""
     seq = rows.shape[-1]
     pos = torch.arange(seq, device=rows.device)
-    end = rows[0].sum(-1, dtype=torch.int32).long()  # (S,) keys the first row's queries see
+    seen = rows.view(torch.uint8)  # (B, S, S), 0/1 without a copy
+    for start in range(0, seq, _ROW_CHUNK):  # a seen key after an unseen one
+        part = seen[:, start : start + _ROW_CHUNK]
+        if bool((part[..., 1:] > part[..., :-1]).any()):
+            return None
+    # each query's first unseen key (argmin finds the first 0; a row that sees every key ends
+    # at S)
+    ends = torch.where(seen[..., -1] == 1, seq, seen.argmin(-1))  # (B, S)
+    end = ends[0]
+    if not bool((ends == end).all()):
+        return None
     if not bool((end > pos).all() and (end[1:] >= end[:-1]).all()):
         return None
     if not bool((end[end - 1] == end).all() and (end > pos + 1).any()):
-        return None
-    if not bool((rows == (pos[None, :] < end[:, None])).all()):  # every row, exactly a prefix
         return None
     return end
 

@@ -63,6 +63,7 @@ from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.dual_cache import DualCache
 from maskkv_compile.inductor import SEQ, InductorGraph
 from maskkv_compile.layout import Layout, NoMaskTokenError, block_layout, infer_layout
+from maskkv_compile.logits_buffers import LogitsBuffers
 from maskkv_compile.masks import read_model_masks
 from maskkv_compile.passes.base import output_groups, split_outputs
 from maskkv_compile.passes.graph_info import is_weight
@@ -545,7 +546,6 @@ class MaskKVRuntime:
         session.layout = self._new_layout(call)
         session.ids, session.masked = call.ids.clone(), call.masked
         session.per_token = [x.clone() for x in call.per_token]
-        session.logits_buffer = None  # the window's shape changed
         # the old computed rows that join the prefix: all of them, but for a shifted family the
         # last, which the new block computes again (``layout.block_layout``)
         finished, kv = finished_rows(old, session.layout, named["response_kv"])
@@ -606,10 +606,9 @@ class MaskKVRuntime:
         else:
             if not layout.all_returned:  # rows computed for a batch mate are not this row's logits
                 logits = logits.masked_fill(~layout.returned[..., None], 0)
-            full = session.logits_buffer
-            if full is None or full.dtype != logits.dtype:
-                full = logits.new_zeros((*session.shape, logits.shape[-1]))  # (B, S, V)
-                session.logits_buffer = full if self.config.reuse_logits else None
+            if session.logits is None:
+                session.logits = LogitsBuffers(shared=self.config.reuse_logits)
+            full = session.logits.take((*session.shape, logits.shape[-1]), logits, layout.rows)
             full.index_copy_(1, layout.rows, logits)  # only the computed rows: the others stay zero
             logits = full
         outputs = list(outputs)

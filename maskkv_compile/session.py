@@ -24,6 +24,7 @@ import torch
 
 from maskkv_compile.kernels.select_kv import pad_kept
 from maskkv_compile.layout import Layout
+from maskkv_compile.logits_buffers import LogitsBuffers
 
 if TYPE_CHECKING:
     from maskkv_compile.routing import Fallback, Plan
@@ -93,7 +94,7 @@ class Session:
     weights: tuple  # the weight signature of the prefill
     layers: list[LayerCache] = field(default_factory=list)
     steps_since_prefill: int = 0
-    logits_buffer: Optional[torch.Tensor] = None  # (B, S, V) with config.reuse_logits
+    logits: Optional[LogitsBuffers] = None  # the (B, S, V) buffers of the drop-in call
     state: dict[str, Any] = field(
         default_factory=dict
     )  # feature name -> its state for this session

@@ -1,0 +1,77 @@
+"""The (B, S, V) logits a drop-in call returns, in buffers reused once nobody holds them.
+
+A step computes only some rows, but the caller's contract is the model's (B, S, V) logits:
+the computed rows carry logits, every other row zeros. Allocating and zeroing a fresh
+(B, S, V) tensor at every step costs more than the step itself at long context (a fresh
+allocation that large is new pages from the OS, each one faulted in). A session therefore
+keeps a couple of flat buffers, each with room for a window that grows by some blocks (block
+diffusion), returns (B, S, V) views of them, and hands a buffer out again only when nothing
+outside this pool references it: no Python reference to the buffer and no other tensor on its
+storage (a returned view the caller still holds, a NumPy array, a DLPack export), checked at
+the call. A loop that does ``logits = model(x).logits`` still holds the last call's logits
+during the next call, so two buffers alternate; a loop that keeps every step's logits gets a
+fresh tensor each time, exactly as without the pool. Reuse happens only with gradients off
+(inference), so no autograd graph can have saved a buffer.
+
+Invariant: a returned tensor holds logits at the rows the call computed and zeros at every
+other row, and its contents never change while anything outside the pool references it.
+``MaskKVConfig.reuse_logits`` is the explicit, unchecked form: one buffer, always reused,
+its rows outside the computed ones left as earlier calls wrote them.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+
+from maskkv_compile._torch_private import storage_use_count
+
+POOL_SIZE = 2  # the buffer a loop still holds during the next call, and one to reuse
+MIN_SPARE_ROWS = 256  # room for a growing window: S/8 more rows, at least this many
+
+
+class LogitsBuffers:
+    """One session's logits buffers: each entry is [flat buffer, the (B, S, V) shape last
+    viewed, the rows last written]."""
+
+    def __init__(self, shared: bool = False):
+        self.shared = shared  # reuse_logits: one buffer, reused unchecked
+        self.entries: list[list] = []
+
+    def take(self, shape: tuple, like: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """A contiguous (B, S, V) tensor shaped ``shape`` with ``like``'s dtype and device, zero
+        at every row but ``rows`` (C,) (which the caller writes next)."""
+        numel = math.prod(shape)
+        for entry in self.entries:  # no local name binds a buffer before _free counts references
+            if (
+                entry[0].dtype == like.dtype
+                and entry[0].device == like.device
+                and entry[0].numel() >= numel
+                and (self.shared or self._free(entry))
+            ):
+                out = entry[0][:numel].view(shape)
+                if entry[1] != shape:  # another window: everything moved
+                    out.zero_()
+                elif not self.shared and entry[2] is not rows:  # another layout's rows
+                    out.index_fill_(1, entry[2], 0)
+                entry[1], entry[2] = shape, rows
+                return out
+        batch, seq, vocab = shape
+        flat = like.new_empty(batch * (seq + max(seq // 8, MIN_SPARE_ROWS)) * vocab)
+        out = flat[:numel].view(shape).zero_()
+        if self.shared:
+            self.entries = [[flat, shape, rows]]
+        elif not torch.is_grad_enabled():
+            self.entries = [*self.entries[-(POOL_SIZE - 1) :], [flat, shape, rows]]
+        return out
+
+    @staticmethod
+    def _free(entry: list) -> bool:
+        """Nothing outside this pool holds the entry's buffer (and gradients are off)."""
+        if torch.is_grad_enabled():
+            return False
+        # a pooled buffer's references: its list slot and getrefcount's argument; its storage's:
+        # the buffer itself (every returned view adds one while it lives)
+        return sys.getrefcount(entry[0]) <= 2 and storage_use_count(entry[0]) <= 1
