@@ -6,7 +6,9 @@ on the growing window [prompt ; finished blocks ; current block] with a block-ca
 1. the model's own ``generate`` (LLaDA2's loop: a 4-D additive bf16 block mask), called on the
    optimized model, which runs that loop through MaskKV;
 2. diffusers' ``LLaDA2Pipeline`` (a 2-D mask and position ids: the model makes the blocks);
-3. an SDAR-style loop (``bench_block.block_generate``: a 4-D mask, on a Qwen3).
+3. an SDAR-style loop (``bench_block.block_generate``: a 4-D mask, on a Qwen3);
+4. the same loop with Fast-dLLM v2's token shift (a position's logits one row earlier) on a
+   Qwen2, optimized with ``family="dream"``.
 
 At a budget above the prompt each equals the plain model token for token; at a small budget the
 prefix cache keeps the entries the block's mask tokens voted for, and each new block's votes
@@ -18,6 +20,7 @@ import torch
 import maskkv_compile
 from maskkv_compile.bench_block import block_generate, build_model
 from maskkv_compile.llada2_standin import tiny_llada2
+from maskkv_compile.tiny_models import tiny_dream
 
 MASK = 255
 model = tiny_llada2(block_length=8)
@@ -75,3 +78,14 @@ print(
     "   the budget, re-selected at each growth by the new block's votes over",
     f"[kept ; finished block] ({stats['reselects']} re-selections)",
 )
+
+# 4. Fast-dLLM v2's token shift on a Qwen2: the row before the block predicts its first token
+qwen2 = tiny_dream()  # float32, the dtype of the loop's block mask
+with torch.no_grad():
+    qwen2.lm_head.weight[MASK] = 0
+shifted = dict(gen_length=24, block_length=8, steps=4, shift=1)
+exact = maskkv_compile.optimize(qwen2, budget=1024, backend="eager", family="dream")
+same = torch.equal(
+    block_generate(exact, prompt, **shifted), block_generate(qwen2, prompt, **shifted)
+)
+print("4. token-shift loop == plain model:", same, "|", exact.cache_stats()["transitions"])

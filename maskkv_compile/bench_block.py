@@ -55,8 +55,10 @@ def block_generate(
     block_length: int,
     steps: int,
     mask_id: int = MASK_ID,
+    shift: int = 0,
 ) -> torch.Tensor:
-    """Greedy block diffusion on the growing window; returns (B, P + gen_length)."""
+    """Greedy block diffusion on the growing window; returns (B, P + gen_length). ``shift=1``:
+    Fast-dLLM v2's token shift (a position's logits are read one row earlier)."""
     batch, p = prompt.shape
     blocks = -(-(p + gen_length) // block_length)
     total = blocks * block_length
@@ -72,7 +74,8 @@ def block_generate(
             if not masked.any():
                 break
             logits = model(x[:, :end], attention_mask=mask[:, :, :end, :end]).logits
-            probs = logits[:, -block_length:].float().softmax(-1)
+            read = logits[:, end - block_length - shift : end - shift]  # (B, block, V)
+            probs = read.float().softmax(-1)
             confidence, token = probs.max(-1)
             confidence = confidence.masked_fill(~masked, -1.0)
             k = min(per_step, int(masked.sum(1).min()))

@@ -49,6 +49,7 @@ def test_block_diffusion_example(script):
     assert "{'new': 1, 'step': 7, 'extend': 2} | masks left: 0" in out
     assert "layer 0 keeps [32] per KV head of 224 prefix entries" in out
     assert "(2 re-selections)" in out
+    assert "4. token-shift loop == plain model: True | {'new': 1, 'step': 10, 'extend': 3}" in out
 
 
 def test_diffusion_gemma_example(script):
