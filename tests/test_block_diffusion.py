@@ -259,7 +259,8 @@ def _run(case, model):
             max_post_steps=2,
             mask_dtype=torch.bfloat16,  # as released
         )
-    if case["loop"] == "fastdllm":  # Fast-dLLM v2's token shift
+    if case["loop"].startswith("sdar") or case["loop"] == "fastdllm":
+        shifted = case["loop"] == "fastdllm"  # Fast-dLLM v2's token shift, additive mask
         return sdar_generate(
             model,
             prompt,
@@ -267,19 +268,9 @@ def _run(case, model):
             block_length=block,
             mask_id=MASK,
             steps=case["steps"],
+            mask_kind="additive" if shifted else case["loop"].split("_")[1],
             attention_mask=pad,
-            shift=1,
-        )
-    if case["loop"].startswith("sdar"):
-        return sdar_generate(
-            model,
-            prompt,
-            gen_length=case["gen"],
-            block_length=block,
-            mask_id=MASK,
-            steps=case["steps"],
-            mask_kind=case["loop"].split("_")[1],
-            attention_mask=pad,
+            shift=int(shifted),
         )
     diffusers = pytest.importorskip("diffusers")
     pipe = diffusers.LLaDA2Pipeline(model=model, scheduler=diffusers.BlockRefinementScheduler())
