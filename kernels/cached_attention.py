@@ -5,9 +5,9 @@ Inputs:  q (B, H, R, D); k, v (B, Hkv, R, D) of the rows the step computes; kept
          head; resp_valid (B, R) bool, True where computed row j is one of row b's
          response keys (False: a row computed for another row of the batch, or a query-only
          row such as a shifted-logits model's last prompt row); row_end (R,) int64: computed
-         row r sees only the computed keys j < row_end[r] (R everywhere but where the computed
-         rows are not one block: block diffusion's shifted families compute the row before
-         the block, which must not see the block); scale; softmax_dtype as in
+         row r sees only the computed keys j < row_end[r] (block diffusion's shifted families
+         compute the row before the block, which must not see the block), or (0,): every
+         computed row sees every computed key; scale; softmax_dtype as in
          ``maskkv::attention``.
 Output:  (B, H, R, Dv): every computed row's output (query rows are never masked).
 
@@ -37,12 +37,15 @@ def cached_attention_reference(
     keys = torch.cat([kept_k, k], dim=2)  # (B, Hkv, K+R, D)
     values = torch.cat([kept_v, v], dim=2)
     kept_valid = torch.arange(num_kept, device=q.device) < kept_len[..., None]  # (B, Hkv, K)
-    kept_valid = kept_valid[:, :, None, :].expand(-1, -1, resp, -1)  # (B, Hkv, R, K)
-    seen = torch.arange(resp, device=q.device) < row_end[:, None]  # (R, R): query r, key j
-    computed = resp_valid[:, None, None, :] & seen  # (B, 1, R, R)
-    computed = computed.expand(-1, kept_len.shape[1], -1, -1)  # (B, Hkv, R, R)
-    key_mask = torch.cat([kept_valid, computed], dim=3)  # (B, Hkv, R, K+R)
-    key_mask = expand_kv_heads(key_mask, q.shape[1])  # (B, H, R, K+R)
+    computed = resp_valid[:, None, None, :]  # (B, 1, 1, R): the same for every query row
+    rows = 1
+    if row_end.numel():  # per query row: (B, 1, R, R), query r, key j
+        computed = computed & (torch.arange(resp, device=q.device) < row_end[:, None])
+        rows = resp
+    kept_valid = kept_valid[:, :, None, :].expand(-1, -1, rows, -1)  # (B, Hkv, rows, K)
+    computed = computed.expand(-1, kept_len.shape[1], rows, -1)  # (B, Hkv, rows, R)
+    key_mask = torch.cat([kept_valid, computed], dim=3)  # (B, Hkv, rows, K+R)
+    key_mask = expand_kv_heads(key_mask, q.shape[1])  # (B, H, rows, K+R)
     return attention_reference(q, keys, values, scale, softmax_dtype, key_mask=key_mask)
 
 

@@ -14,15 +14,16 @@ voter_idx, voter_valid, kept_k, kept_len, scale, chunk, policy, kernel, sink, se
   (block diffusion's re-selection over [kept prefix ; finished block], ``block_diffusion.py``)
   give both per (row, KV head) instead: prompt_pos (B, Hkv, P), prompt_valid (B, Hkv, P), each
   head's valid columns in position order. resp_valid (B, C): computed row c is one of
-  row b's response keys; row_end (C,): computed row c sees the computed keys j < row_end[c]
-  only (``maskkv::cached_attention``'s); voter_idx (Rv,) indices into C of the voting
-  queries, voter_valid (B, Rv); kept_k (B, Hkv, Kmax, D): the current hot cache, read for its
-  padded length only; kept_len (B, Hkv): the per-row, per-head budgets, kept as they are.
+  row b's response keys; row_end (C,) or (0,): computed row c sees the computed keys
+  j < row_end[c] only, or every one (``maskkv::cached_attention``'s); voter_idx (Rv,)
+  indices into C of the voting queries, voter_valid (B, Rv); kept_k (B, Hkv, Kmax, D): the
+  current hot cache, read for its padded length only; kept_len (B, Hkv): the per-row,
+  per-head budgets, kept as they are.
 
 Votes: for each KV head, the sum over voters (and the query heads of its group) of
 softmax(q [prompt_k ; k]^T * scale) at the prompt columns, the softmax running over every
-key the voter attends to (its prompt and its response rows), exactly Mask-Voting's rule with the
-step's queries. The policy turns votes into scores (``maskkv::selection_scores``: SnapKV
+key the voter attends to (its prompt and its response rows), exactly Mask-Voting's rule with
+the step's queries. The policy turns votes into scores (``maskkv::selection_scores``: SnapKV
 pools them, StreamingLLM and random ignore them) and the top-``kept_len`` per (row, KV head)
 are kept, ties to the earlier position, stored in position order, padded with zeros (K/V) and
 -1 (positions) to Kmax. Positions are absolute (``prompt_pos``), as the prefill's are.
@@ -68,11 +69,11 @@ def revote_votes(
         scores = qv @ prompt_k[:, :, start:stop].to(acc).transpose(-2, -1)
         return scores.masked_fill(prompt_out[..., start:stop], float("-inf"))
 
-    # (Rv, C) -> (G*Rv, C): which computed keys each voter sees, in qv's row order
-    seen = (torch.arange(k.shape[2], device=q.device) < row_end[voter_idx, None]).repeat(group, 1)
-    response = (qv @ k.to(acc).transpose(-2, -1)).masked_fill(
-        ~(resp_valid[:, None, None, :] & seen), float("-inf")
-    )
+    seen = resp_valid[:, None, None, :]  # (B, 1, 1, C): the computed keys each voter sees
+    if row_end.numel():  # (Rv, C) -> (G*Rv, C), in qv's row order
+        limit = row_end[voter_idx, None]
+        seen = seen & (torch.arange(k.shape[2], device=q.device) < limit).repeat(group, 1)
+    response = (qv @ k.to(acc).transpose(-2, -1)).masked_fill(~seen, float("-inf"))
     if group * voters * num_prompt <= SCORE_BLOCK:  # one exp of the prompt scores serves both sums
         scores = prompt_scores(0, num_prompt)
         top = torch.maximum(

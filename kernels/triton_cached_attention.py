@@ -6,7 +6,7 @@ Same contract as ``kernels/cached_attention.py``:
     kept_v (B, Hkv, K, D|Dv) kept prompt K/V padded per layer; kept_len (B, Hkv) int64 valid
     prefix per batch row and KV head; resp_valid (B, R) bool, True where computed row j is
     one of batch row b's response keys; row_end (R,) int64, computed row r sees the computed
-    keys j < row_end[r] only; scale -> out (B, H, R, Dv) in q's dtype
+    keys j < row_end[r] only, or (0,): no limit; scale -> out (B, H, R, Dv) in q's dtype
 
 One program per (block of response queries, batch x query head). It streams the first
 ``min(kept_len[b, kvh], K)`` kept rows of its batch row and KV head, then the R response
@@ -246,6 +246,8 @@ def cached_attention_triton(
 
     batch, heads, resp, dim = q.shape
     kv_heads, dim_v = k.shape[1], v.shape[-1]
+    if row_end.numel() == 0:  # no limit: every row sees all R computed keys
+        row_end = torch.full((resp,), resp, device=q.device, dtype=torch.long)
     out = torch.empty((batch, heads, resp, dim_v), device=q.device, dtype=q.dtype)
     if resp == 0:
         return out

@@ -81,11 +81,12 @@ class Layout:
     @cached_property
     def row_end(self) -> torch.Tensor:
         """(C,) int64: how many of the computed rows, from the first, each computed row sees as
-        keys (``maskkv::cached_attention``). All of them, but in a block layout that computes
-        the row before its block (a shifted family): that row sees only itself."""
+        keys (``maskkv::cached_attention``), in a block layout that computes the row before its
+        block (a shifted family: that row sees only itself); (0,), no limit, in every other
+        layout (every computed row sees every other)."""
+        if not self.block_shift:
+            return self.rows.new_zeros((0,))
         count = self.rows.numel()
-        if self.key_end is None:
-            return torch.full_like(self.rows, count)
         return (self.key_end[self.rows] - self.rows[0]).clamp(max=count)  # rows are contiguous
 
     @cached_property

@@ -202,7 +202,7 @@ def attention_inputs(shape, kept_len, dtype, device, gen, ragged_resp=False):
     )
     kept_len = torch.tensor(kept_len, device=device)
     resp_valid = torch.ones(b, r, dtype=torch.bool, device=device)
-    row_end = torch.full((r,), r, device=device)
+    row_end = torch.zeros(0, dtype=torch.long, device=device)  # no limit
     if ragged_resp:
         resp_valid[0] = torch.rand(r, generator=gen, device=device) >= 1 / 3
         resp_valid[1:, : min(r - 1, 66)] = False
@@ -594,7 +594,7 @@ def timing_rows(device, smoke):
         kept_k, kept_v = k[:, :, :prompt], v[:, :, :prompt]
         kept_len = torch.full((b, hkv), prompt, device=device)
         resp_valid = torch.ones((b, resp), dtype=torch.bool, device=device)
-        row_end = torch.full((resp,), resp, device=device)
+        row_end = torch.zeros(0, dtype=torch.long, device=device)  # no limit
         rows.append(
             (
                 "cached_attention all kept",

@@ -111,11 +111,11 @@ def run_votes(case, gen):
 
 
 def row_ends(case, gen, r):
-    """row_end (R,) for case["row_end"]: "all" (default: every row sees every computed key) or
-    "ragged" (row i sees the first randint(0, R] computed keys; row 0 sees one, as block
-    diffusion's shifted row before the block does)."""
+    """row_end for case["row_end"]: "all" (default: (0,), every row sees every computed key)
+    or "ragged" ((R,): row i sees the first randint(0, R] computed keys; row 0 sees one, as
+    block diffusion's shifted row before the block does)."""
     if case.get("row_end", "all") == "all":
-        return torch.full((r,), r, dtype=torch.long)
+        return torch.zeros(0, dtype=torch.long)
     ends = torch.randint(1, r + 1, (r,), generator=gen)
     ends[0] = 1
     return ends

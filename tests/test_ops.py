@@ -381,7 +381,7 @@ def test_select_kv_per_row_eligibility():
     opcheck(torch.ops.maskkv.select_kv.default, (k, v, votes, prompt, budgets, 28))
 
 
-ALL6 = torch.full((6,), 6)  # row_end: every computed row sees all 6 computed keys
+NO_LIMIT = torch.zeros(0, dtype=torch.long)  # row_end: every computed row sees every key
 
 
 def test_cached_attention_equals_unpadded_gather():
@@ -390,7 +390,7 @@ def test_cached_attention_equals_unpadded_gather():
     kept_len = torch.tensor([[5, 9], [0, 3]])  # (B, Hkv): per row and KV head, a zero included
     resp_valid = torch.ones(2, 6, dtype=torch.bool)
     out = torch.ops.maskkv.cached_attention(
-        q, k, v, kept_k, kept_v, kept_len, resp_valid, ALL6, 0.4, None
+        q, k, v, kept_k, kept_v, kept_len, resp_valid, NO_LIMIT, 0.4, None
     )
     keys, values = torch.cat([kept_k, k], 2), torch.cat([kept_v, v], 2)
     keep = [[list(range(int(n))) + list(range(9, 15)) for n in row] for row in kept_len]
@@ -401,12 +401,12 @@ def test_cached_attention_equals_unpadded_gather():
     garbage[0, 0, 5:] = 1e4  # padding content must not matter
     garbage[1, :, 3:] = -1e4
     again = torch.ops.maskkv.cached_attention(
-        q, k, v, garbage, kept_v, kept_len, resp_valid, ALL6, 0.4, None
+        q, k, v, garbage, kept_v, kept_len, resp_valid, NO_LIMIT, 0.4, None
     )
     torch.testing.assert_close(again, out)
     opcheck(
         torch.ops.maskkv.cached_attention.default,
-        (q, k, v, kept_k, kept_v, kept_len, resp_valid, ALL6, 0.4, None),
+        (q, k, v, kept_k, kept_v, kept_len, resp_valid, NO_LIMIT, 0.4, None),
     )
 
 
@@ -420,7 +420,7 @@ def test_cached_attention_response_validity(softmax_dtype):
         [[True, False, True, True, False, True], [False, False, False, True, True, True]]
     )
     out = torch.ops.maskkv.cached_attention(
-        q, k, v, kept_k, kept_v, kept_len, resp_valid, ALL6, 0.4, softmax_dtype
+        q, k, v, kept_k, kept_v, kept_len, resp_valid, NO_LIMIT, 0.4, softmax_dtype
     )
     keys, values = torch.cat([kept_k, k], 2), torch.cat([kept_v, v], 2)
     keep = [
@@ -439,7 +439,7 @@ def test_cached_attention_response_validity(softmax_dtype):
     torch.testing.assert_close(
         out,
         cached_attention_reference(
-            q, k, v, kept_k, kept_v, kept_len, resp_valid, ALL6, 0.4, softmax_dtype
+            q, k, v, kept_k, kept_v, kept_len, resp_valid, NO_LIMIT, 0.4, softmax_dtype
         ),
     )
     assert torch.isfinite(out).all()  # every query row computed, masked ones included
@@ -448,7 +448,7 @@ def test_cached_attention_response_validity(softmax_dtype):
     k2[~resp_valid[:, None, :].expand_as(k2[..., 0])] = 1e4
     v2[~resp_valid[:, None, :].expand_as(v2[..., 0])] = -1e4
     again = torch.ops.maskkv.cached_attention(
-        q, k2, v2, kept_k, kept_v, kept_len, resp_valid, ALL6, 0.4, softmax_dtype
+        q, k2, v2, kept_k, kept_v, kept_len, resp_valid, NO_LIMIT, 0.4, softmax_dtype
     )
     torch.testing.assert_close(again, out)
     opcheck(
@@ -461,7 +461,7 @@ def test_cached_attention_response_validity(softmax_dtype):
             kept_v.float(),
             kept_len,
             resp_valid,
-            ALL6,
+            NO_LIMIT,
             0.4,
             softmax_dtype,
         ),
@@ -493,6 +493,13 @@ def test_cached_attention_row_ends():
         ]
         expected = naive_attention(q[:, :, r : r + 1], keys, values, 0.4, keep)
         torch.testing.assert_close(out[:, :, r : r + 1], expected, atol=1e-12, rtol=1e-6)
+    # a limit of every computed key is no limit
+    everything = torch.full((6,), 6)
+    args = (q, k, v, kept_k, kept_v, kept_len, resp_valid)
+    torch.testing.assert_close(
+        torch.ops.maskkv.cached_attention(*args, everything, 0.4, None),
+        torch.ops.maskkv.cached_attention(*args, NO_LIMIT, 0.4, None),
+    )
     opcheck(
         torch.ops.maskkv.cached_attention.default,
         (q, k, v, kept_k, kept_v, kept_len, resp_valid, row_end, 0.4, None),
