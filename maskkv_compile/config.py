@@ -162,8 +162,8 @@ class MaskKVConfig:
     reuse_logits: the drop-in call's (B, S, V) logits live in one buffer per prompt, of
         which each call rewrites only the rows it computed, even while the caller still holds
         an earlier call's logits (which then change). Off by default: then a session's
-        buffers are reused only once nothing outside the runtime holds them
-        (``logits_buffers.py``), which a loop that drops each step's logits gets anyway.
+        buffers (up to 256 MiB each) are reused only once nothing outside the runtime holds
+        them (``logits_buffers.py``), which a loop that drops each step's logits gets anyway.
         ``response_logits_only()`` avoids the (B, S, V) tensor altogether.
     max_sessions: prompts whose caches are kept at once (2 lets classifier-free guidance
         alternate a conditional and an unconditional prompt without re-prefilling).

@@ -11,7 +11,11 @@ storage (a returned view the caller still holds, a NumPy array, a DLPack export)
 the call. A loop that does ``logits = model(x).logits`` still holds the last call's logits
 during the next call, so two buffers alternate; a loop that keeps every step's logits gets a
 fresh tensor each time, exactly as without the pool. Reuse happens only with gradients off
-(inference), so no autograd graph can have saved a buffer.
+(inference), so no autograd graph can have saved a buffer. The pool holds its buffers while
+the session lives, so it takes only buffers up to ``MAX_POOLED_BYTES``: at a real vocabulary
+and a long prompt (LLaDA's 126k tokens at 8k is 4 GB a tensor) two idle buffers would hold
+more memory than the allocations cost; use ``response_logits_only()`` (or ``reuse_logits``)
+there.
 
 Invariant: a returned tensor holds logits at the rows the call computed and zeros at every
 other row, and its contents never change while anything outside the pool references it.
@@ -29,6 +33,7 @@ import torch
 from maskkv_compile._torch_private import storage_use_count
 
 POOL_SIZE = 2  # the buffer a loop still holds during the next call, and one to reuse
+MAX_POOLED_BYTES = 256 << 20  # larger (B, S, V) tensors are allocated per call, never held
 MIN_SPARE_ROWS = 256  # room for a growing window: S/8 more rows, at least this many
 
 
@@ -58,12 +63,17 @@ class LogitsBuffers:
                     out.index_fill_(1, entry[2], 0)
                 entry[1], entry[2] = shape, rows
                 return out
+        pooled = self.shared or (
+            not torch.is_grad_enabled() and numel * like.element_size() <= MAX_POOLED_BYTES
+        )
+        if not pooled:
+            return like.new_zeros(shape)
         batch, seq, vocab = shape
         flat = like.new_empty(batch * (seq + max(seq // 8, MIN_SPARE_ROWS)) * vocab)
         out = flat[:numel].view(shape).zero_()
         if self.shared:
             self.entries = [[flat, shape, rows]]
-        elif not torch.is_grad_enabled():
+        else:
             self.entries = [*self.entries[-(POOL_SIZE - 1) :], [flat, shape, rows]]
         return out
 

@@ -91,3 +91,19 @@ def test_a_reused_buffer_is_zero_outside_the_new_rows_and_serves_a_grown_window(
         grown = pool.take((2, 6, 3), like, rows)  # a window one longer: the same memory, zeros
         assert grown.untyped_storage().data_ptr() == ptr and grown.is_contiguous()
         assert (grown == 0).all()
+
+
+def test_a_tensor_larger_than_the_cap_is_never_held(monkeypatch):
+    """Idle pooled buffers live as long as the session: past MAX_POOLED_BYTES each call gets
+    its own tensor, as without the pool."""
+    from maskkv_compile import logits_buffers
+
+    monkeypatch.setattr(logits_buffers, "MAX_POOLED_BYTES", 4 * 5 * 3)  # (1, 5, 3) float32
+    pool = LogitsBuffers()
+    like, rows = torch.zeros(1), torch.arange(2)
+    with torch.no_grad():
+        held = pool.take((1, 5, 3), like, rows)  # held: its buffer cannot serve the next call
+        assert len(pool.entries) == 1
+        big = pool.take((1, 6, 3), like, rows)
+        assert (big == 0).all() and len(pool.entries) == 1
+        assert pool.entries[0][0].untyped_storage().data_ptr() == held.untyped_storage().data_ptr()
