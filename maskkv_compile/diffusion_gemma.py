@@ -25,10 +25,14 @@ What MaskKV does to it:
   calls then concatenate [kept ; canvas]. The next encoder call appends the finished canvas
   to the kept entries, and the next canvas votes over [kept ; new canvas].
 - **Sliding-window layers** keep their window: it is already bounded.
-- **Budgets** are uniform over layers and heads. A cache layer holds one (B, Hkv, L, D)
-  tensor, so every head of a layer keeps the same count; adaptive head budgets would need a
-  ragged cache. Mask-voting policies only (``maskkv``, ``mask_voting_uniform``): the canvas
-  queries are the voters.
+- **Budgets** are uniform over the full layers (no layer profile for DiffusionGemma) and split
+  over a layer's KV heads by the policy: ``maskkv``'s prompt-preference allocation from the
+  canvas queries' attention mass on the cache (the paper's head budgets), or uniform
+  (``mask_voting_uniform``). A cache layer is one (B, Hkv, L, D) tensor, so a layer's heads
+  are padded to its largest budget with slots marked not held; every later call on that cache
+  (decoder and encoder) attends to the held slots only (``_slot_mask``), and a vote runs per
+  KV head with that head's slots. Mask-voting policies only: the canvas queries are the
+  voters.
 
 Invariants:
 - With a budget of at least the cache length nothing is evicted, and ``generate`` gives the
@@ -37,12 +41,12 @@ Invariants:
   head's canvas votes at the first decoder call of the canvas
   (``tests/test_diffusion_gemma.py`` checks both against the unoptimized model).
 
-Padded batches: every full layer's slots carry one (B, L) validity pattern (the prompt's
-padding, then real tokens). A row's kept slots are its top real entries in position order,
-then padding slots when the row has fewer real entries than the budget. The padding keys
-are masked out of the votes. The full-attention masks that transformers builds from the
-2-D padding mask assume an unevicted cache, so the decoder's and the encoder's masks for
-those layers are rebuilt from the slots as held.
+Padded batches: a full layer's slots carry a (B, Hkv, L) pattern of which hold a real, kept
+token (the prompt's padding is not held). A row's kept slots are its top real entries in
+position order; a row with fewer real entries than its budget keeps them all. Slots not held
+get no votes and no attention: the full-attention masks that transformers builds from the
+2-D padding mask assume an unevicted cache, so on a cache this model holds, the decoder's and
+the encoder's full layers attend through masks built from the slots as held.
 
 Refused with an error that says what to do: eviction under a ``StaticCache``, whose slots are
 fixed. At full budget it runs the plain model unchanged.
@@ -65,6 +69,11 @@ ATTENTION = "maskkv_dg_sdpa"
 _RECORDER: contextvars.ContextVar[Optional["_Votes"]] = contextvars.ContextVar(
     "maskkv_dg_votes", default=None
 )
+# id(attention module) -> (B, Hkv, L) which cached slots hold a kept real token, for a call on a
+# cache this model has evicted from or holds padding in (unset: transformers' own masks hold)
+_SLOTS: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar(
+    "maskkv_dg_slots", default=None
+)
 MASK_VOTING_POLICIES = ("maskkv", "mask_voting_uniform")
 
 
@@ -84,36 +93,80 @@ class _Votes:
 
     modules: dict[int, int]  # id(attention module) -> layer index
     votes: dict[int, torch.Tensor] = field(default_factory=dict)
+    mass: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, H) on the cache
+    voters: int = 0  # canvas rows
+
+
+def _slot_mask(valid: torch.Tensor, heads: int, new: int, causal: bool) -> torch.Tensor:
+    """(B, H, new, L + new) bool: each query head sees its KV head's held slots (``valid``
+    (B, Hkv, L)) and the call's own ``new`` keys (all of them, or causally)."""
+    batch, kv_heads, _ = valid.shape
+    cached = valid.repeat_interleave(heads // kv_heads, 1)[:, :, None, :]  # (B, H, 1, L)
+    fresh = torch.ones(new, new, dtype=torch.bool, device=valid.device)
+    fresh = fresh.tril() if causal else fresh
+    return torch.cat(
+        [cached.expand(-1, -1, new, -1), fresh.expand(batch, heads, -1, -1)], -1
+    )  # (B, H, new, L + new)
+
+
+def _votes(query, key, scale, key_valid, kv_valid=None):
+    """The canvas queries' votes (B, Hkv, P) over the cache part of ``key`` and their prompt
+    mass (B, H): ``maskkv::mask_votes`` with every canvas row voting. ``key_valid`` (B, K) the
+    keys every head sees; ``kv_valid`` (B, Hkv, P): per KV head, its held cache slots (one
+    call per KV head, each with its own key mask)."""
+    canvas, cached = query.shape[2], key.shape[2] - query.shape[2]
+    device = query.device
+    voters, prompt = torch.arange(canvas, device=device), torch.arange(cached, device=device)
+    if kv_valid is None:
+        return torch.ops.maskkv.mask_votes(query, key, voters, prompt, scale, 64, key_valid)
+    group = query.shape[1] // key.shape[1]
+    canvas_keys = kv_valid.new_ones(kv_valid.shape[0], canvas)
+    parts = [
+        torch.ops.maskkv.mask_votes(
+            query[:, h * group : (h + 1) * group],
+            key[:, h : h + 1],
+            voters,
+            prompt,
+            scale,
+            64,
+            torch.cat([kv_valid[:, h], canvas_keys], -1),  # (B, K)
+        )
+        for h in range(key.shape[1])
+    ]
+    return torch.cat([v for v, _ in parts], 1), torch.cat([m for _, m in parts], 1)
 
 
 def _attention(module, query, key, value, attention_mask, **kwargs):
-    """SDPA, and when a decoder call is voting, the canvas queries' votes over the cache part of
-    ``key`` (everything before the canvas) at the full-attention layers."""
+    """SDPA over the cache's slots as held, and when a decoder call is voting, the canvas
+    queries' votes over the cache part of ``key`` (everything before the canvas) at the
+    full-attention layers."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    slots = _SLOTS.get()
+    held = None if slots is None else slots.get(id(module))  # (B, Hkv, L)
+    if held is not None:  # a full layer whose slots are evicted per head or padding
+        if held.shape[-1] != key.shape[2] - query.shape[2]:
+            raise RuntimeError(
+                f"MaskKV tracks {held.shape[-1]} cache slots of a full-attention layer, the call "
+                f"has {key.shape[2] - query.shape[2]}: the cache changed outside MaskKV"
+            )
+        causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
+        held = held.to(query.device)
+        attention_mask = _slot_mask(held, query.shape[1], query.shape[2], causal)
     recorder = _RECORDER.get()
     layer = None if recorder is None else recorder.modules.get(id(module))
-    if layer is not None:
-        canvas, cached = query.shape[2], key.shape[2] - query.shape[2]
-        if cached > 0:
-            device = query.device
-            key_valid = None
-            if attention_mask is not None:  # (B, 1, C, K) bool: padding keys are False
-                key_valid = (
-                    attention_mask[:, 0].any(1)
-                    if attention_mask.dtype == torch.bool
-                    else (attention_mask[:, 0] > float("-inf")).any(1)
-                )
-            votes, _ = torch.ops.maskkv.mask_votes(
-                query,
-                key,
-                torch.arange(canvas, device=device),  # voters: every canvas row
-                torch.arange(cached, device=device),  # candidates: every cache entry
-                float(kwargs.get("scaling") or module.scaling),
-                64,
-                key_valid,
+    if layer is not None and key.shape[2] > query.shape[2]:
+        key_valid = None
+        if held is None and attention_mask is not None:  # (B, 1, C, K): padding keys False
+            key_valid = (
+                attention_mask[:, 0].any(1)
+                if attention_mask.dtype == torch.bool
+                else (attention_mask[:, 0] > float("-inf")).any(1)
             )
-            recorder.votes[layer] = votes  # (B, Hkv, cached)
+        scale = float(kwargs.get("scaling") or module.scaling)
+        votes, mass = _votes(query, key, scale, key_valid, held)
+        recorder.votes[layer], recorder.mass[layer] = votes, mass  # (B, Hkv, cached), (B, H)
+        recorder.voters = query.shape[2]
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -136,7 +189,7 @@ class _CacheState:
     cache: "weakref.ref"  # the cache object (a new one, even at a reused address, is new)
     lengths: dict[int, int]  # full layer -> entries after the last eviction
     positions: dict[int, torch.Tensor]  # full layer -> (B, Hkv, L) absolute position per slot
-    valid: torch.Tensor  # (B, L): the slot holds a real token (every full layer and head)
+    valid: dict[int, torch.Tensor]  # full layer -> (B, Hkv, L): the slot holds a kept real token
     seen: int  # tokens the encoder has written so far (absolute length)
 
 
@@ -174,6 +227,7 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         )
         self._state: Optional[_CacheState] = None
         self._padding: Optional[torch.Tensor] = None  # (B, P) of the running generate
+        self._encoder_slots = None  # the _SLOTS token of a running encoder call
         self.counts = {"decoder_calls": 0, "votes": 0, "evictions": 0, "encoder_calls": 0}
 
     # ------------------------------------------------------------------ public surface
@@ -236,15 +290,15 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
                     layers.append(
                         {
                             "layer": layer,
-                            "kept_per_kv_head": [positions.shape[-1]] * positions.shape[1],
-                            "positions": positions.tolist(),
+                            "kept_per_kv_head": state.valid[layer][0].sum(-1).tolist(),
+                            # (B, Hkv, slots) in position order; -1 where a slot is not held
+                            "positions": positions.masked_fill(~state.valid[layer], -1).tolist(),
                         }
                     )
         return {
             "policy": self.config.eviction.name,
             "budget": self.config.budget,
-            "layer_allocation": "uniform (one count per layer and head: a cache layer is one "
-            "tensor)",
+            "layer_allocation": "uniform over the full layers; per KV head by the policy",
             "seen": 0 if state is None else state.seen,
             "layers": layers,
             **self.counts,
@@ -259,33 +313,49 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         model.set_attn_implementation(ATTENTION)
         model.forward = self._decoder_forward  # what generate's `self.forward` finds first
         encoder = model.model.encoder
-        encoder_hook = encoder.register_forward_pre_hook(self._encoder_call, with_kwargs=True)
+        hooks = (
+            encoder.register_forward_pre_hook(self._encoder_call, with_kwargs=True),
+            encoder.register_forward_hook(self._encoder_done),
+        )
         self._padding = None if padding is None or bool(padding.all()) else padding.bool()
         try:
             yield
         finally:
-            encoder_hook.remove()
+            for hook in hooks:
+                hook.remove()
             del model.forward
             model.set_attn_implementation(before)
 
+    def _attention_modules(self, stack) -> dict[int, int]:
+        """id(attention module) -> layer, for the full-attention layers of a layer stack."""
+        return {id(stack.layers[i].self_attn): i for i in self.full_layers}
+
+    def _held(self, valid: dict, stack) -> Optional[dict]:
+        """_SLOTS for a call on ``stack`` (the encoder's or decoder's layers): the full layers
+        whose slots are not all held (evicted per head, or padding), or every full layer when
+        the batch is padded (transformers' masks from the 2-D padding mask assume an unevicted
+        cache), else None."""
+        held = {
+            id(stack.layers[layer].self_attn): valid[layer]
+            for layer in self.full_layers
+            if self._padding is not None or not bool(valid[layer].all())
+        }
+        return held or None
+
     def _encoder_call(self, module, args, kwargs):
-        """Count the call; with padded rows and a cache this model already holds, lay the
-        full-attention mask over the cache's slots as they are (kept ones, in their order)."""
+        """Count the call; on a cache this model holds, the encoder's full layers attend to the
+        slots as held (kept ones, in their order), and its own new tokens causally."""
         self.counts["encoder_calls"] += 1
-        cache, masks = kwargs.get("cache"), kwargs.get("attention_mask")
-        if self._padding is None or not self._holds(cache) or not isinstance(masks, dict):
-            return None
-        new = masks["full_attention"].shape[2]
-        valid = self._slots(cache, self._full_lengths(cache))[1]  # (B, L)
-        causal = torch.ones(new, new, dtype=torch.bool, device=valid.device).tril()
-        full = torch.cat(
-            [
-                valid[:, None, None, :].expand(-1, 1, new, -1),
-                causal.expand(valid.shape[0], 1, -1, -1),
-            ],
-            -1,
-        )  # (B, 1, new, L + new)
-        return args, {**kwargs, "attention_mask": {**masks, "full_attention": full}}
+        cache = kwargs.get("cache")
+        if self._holds(cache):
+            valid = self._slots(cache, self._full_lengths(cache))[1]
+            self._encoder_slots = _SLOTS.set(self._held(valid, module.language_model))
+        return None
+
+    def _encoder_done(self, module, args, output):
+        if self._encoder_slots is not None:
+            _SLOTS.reset(self._encoder_slots)
+            self._encoder_slots = None
 
     def _decoder_forward(self, *args, **kwargs):
         cache = kwargs.get("cache")
@@ -294,28 +364,30 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
             return type(model).forward(model, *args, **kwargs)
         self.counts["decoder_calls"] += 1
         lengths = self._full_lengths(cache)
-        fresh = not self._holds(cache) or self._state.lengths != lengths
+        held = self._holds(cache)
+        fresh = not held or self._state.lengths != lengths
         # the slots as the encoder left them: only a fresh cache has any this model has not seen
         slots = self._slots(cache, lengths) if fresh else None
-        masks = kwargs.get("decoder_attention_mask")
-        if self._padding is not None and self._holds(cache) and isinstance(masks, dict):
-            canvas = kwargs["decoder_input_ids"].shape[1]
-            valid = slots[1] if fresh else self._state.valid  # (B, L)
-            ones = valid.new_ones(valid.shape[0], canvas)
-            full = torch.cat([valid, ones], -1)[:, None, None, :].expand(-1, 1, canvas, -1)
-            kwargs["decoder_attention_mask"] = {**masks, "full_attention": full}
-        if not fresh or max(lengths.values(), default=0) <= self.config.budget:
-            if fresh:
-                self._track(cache, slots)
-            return type(model).forward(model, *args, **kwargs)
-        self._check_evictable(cache)
         decoder = self.model.model.decoder
-        recorder = _Votes({id(decoder.layers[i].self_attn): i for i in self.full_layers})
-        token = _RECORDER.set(recorder)
+        # on a cache this model holds, the full layers attend to the slots as held (a new cache
+        # is unevicted: transformers' own masks hold)
+        slot_token = _SLOTS.set(
+            self._held(slots[1] if fresh else self._state.valid, decoder) if held else None
+        )
         try:
-            out = type(model).forward(model, *args, **kwargs)
+            if not fresh or max(lengths.values(), default=0) <= self.config.budget:
+                if fresh:
+                    self._track(cache, slots)
+                return type(model).forward(model, *args, **kwargs)
+            self._check_evictable(cache)
+            recorder = _Votes(self._attention_modules(decoder))
+            token = _RECORDER.set(recorder)
+            try:
+                out = type(model).forward(model, *args, **kwargs)
+            finally:
+                _RECORDER.reset(token)
         finally:
-            _RECORDER.reset(token)
+            _SLOTS.reset(slot_token)
         self.counts["votes"] += 1
         self._track(cache, slots, recorder)
         return out
@@ -355,40 +427,54 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
     def _slots(self, cache, lengths: dict[int, int]):
         """The full layers' slots as the cache holds them now: what this model tracked after the
         last call, plus whatever the encoder appended since. Returns (positions per layer,
-        (B, Hkv, L) each; valid (B, L), the same for every layer and head, see ``_evict``;
-        the absolute length written so far)."""
+        (B, Hkv, L) each; which slots hold a kept real token, per layer (B, Hkv, L) each; the
+        absolute length written so far)."""
         state = self._state if self._holds(cache) else None
         previous = state.seen if state is not None else 0
         grown = max(
             lengths[l] - (state.lengths.get(l, 0) if state else 0) for l in self.full_layers
         )
         seen = previous + grown
-        positions = {}
+        positions, valid = {}, {}
         for layer in self.full_layers:
             batch, kv_heads = cache.layers[layer].keys.shape[:2]
-            old = (
-                state.positions[layer]
-                if state is not None
-                else torch.empty(batch, kv_heads, 0, dtype=torch.long)
-            )
-            new = torch.arange(previous, seen).expand(batch, kv_heads, -1)
+            new = torch.arange(previous, seen).expand(batch, kv_heads, -1)  # (B, Hkv, new)
+            if state is None:
+                old = torch.empty(batch, kv_heads, 0, dtype=torch.long)
+                old_valid = torch.empty(batch, kv_heads, 0, dtype=torch.bool)
+            else:
+                old, old_valid = state.positions[layer], state.valid[layer]
             positions[layer] = torch.cat([old, new], -1)  # (B, Hkv, L)
-        old_valid = state.valid if state is not None else torch.ones(batch, 0, dtype=torch.bool)
-        new_valid = self._valid_at(torch.arange(previous, seen).expand(batch, -1))
-        return positions, torch.cat([old_valid, new_valid], -1), seen
+            valid[layer] = torch.cat([old_valid, self._valid_at(new)], -1)
+        return positions, valid, seen
 
-    def _evict(self, cache, votes: torch.Tensor, layer: int, valid: torch.Tensor):
-        """Keep ``budget`` slots per KV head of one full layer: the top of the canvas votes among
-        the real (non-padding) slots, in position order, then, when a row has fewer real slots
-        than the budget, padding slots after them. So slot validity stays one (B, L) pattern
-        for every head. Returns the kept slot indices (B, Hkv, budget)."""
-        budget = self.config.budget
-        cache_layer = cache.layers[layer]
-        real = valid[:, None, :].expand_as(votes).to(votes.device)
+    def _evict(self, cache, recorder: _Votes, layer: int, valid: torch.Tensor):
+        """Keep each KV head's budget of one full layer's slots: the policy's head allocation
+        (``head_budgets_rows``: MaskKV's prompt preference from the canvas queries' prompt mass,
+        or uniform) over the held real slots, each head's top canvas votes among them, in
+        position order. A layer's heads are padded to its largest budget with slots marked not
+        held (masked in every later call, ``_slot_mask``). Returns (the slot indices kept
+        (B, Hkv, Kmax), which of them are held (B, Hkv, Kmax))."""
+        votes = recorder.votes[layer]  # (B, Hkv, L)
+        batch, kv_heads, length = votes.shape
+        real = valid.to(votes.device)
+        available = real.sum(-1)  # (B, Hkv)
+        budgets = self.config.eviction.head_budgets_rows(
+            float(self.config.budget),
+            n_kv_heads=kv_heads,
+            prompt_len=available.amax(1),
+            min_keep=self.config.min_keep,
+            prompt_mass=recorder.mass[layer],
+            n_voters=torch.full((batch,), recorder.voters, device=votes.device),
+        )
+        budgets = torch.minimum(budgets.to(available.device), available)  # (B, Hkv)
+        widest = int(budgets.max())
         scores = votes.masked_fill(~real, float("-inf"))
-        index = scores.topk(budget, dim=-1).indices  # (B, Hkv, budget)
-        padding_last = (~real).gather(-1, index).long() * votes.shape[-1]
-        index = index.gather(-1, (index + padding_last).argsort(-1))  # real by position, then pads
+        index = scores.topk(widest, dim=-1).indices  # (B, Hkv, Kmax), best first
+        held = torch.arange(widest, device=index.device) < budgets[..., None]
+        order = torch.where(held, index, index + length).argsort(-1)  # held ones by position
+        index, held = index.gather(-1, order), held.gather(-1, order)
+        cache_layer = cache.layers[layer]
         for name in ("keys", "values"):
             tensor = getattr(cache_layer, name)
             setattr(
@@ -396,14 +482,13 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
                 name,
                 tensor.gather(2, index[..., None].expand(-1, -1, -1, tensor.shape[-1])),
             )
-        return index
+        return index, held
 
     def _track(self, cache, slots, recorder: Optional[_Votes] = None) -> None:
         """Record the cache's full-layer slots (``_slots``) after this call, evicting first
         when ``recorder`` holds votes."""
         positions, valid, seen = slots
         if recorder is not None:
-            kept_valid = None
             for layer in self.full_layers:
                 votes = recorder.votes.get(layer)
                 if votes is None or votes.shape[-1] != positions[layer].shape[-1]:
@@ -414,11 +499,9 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
                     )
                 if votes.shape[-1] <= self.config.budget:
                     continue
-                index = self._evict(cache, votes, layer, valid).cpu()
-                positions[layer] = positions[layer].gather(-1, index)
-                kept_valid = valid.gather(-1, index[:, 0])  # the same for every head
-            if kept_valid is not None:
-                valid = kept_valid
+                index, held = self._evict(cache, recorder, layer, valid[layer])
+                positions[layer] = positions[layer].gather(-1, index.cpu())
+                valid[layer] = held.cpu()
             self.counts["evictions"] += 1
         self._state = _CacheState(
             weakref.ref(cache), self._full_lengths(cache), positions, valid, seen

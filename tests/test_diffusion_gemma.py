@@ -133,15 +133,17 @@ def _eager_weights(module, query, key, value, attention_mask, **kwargs):
     return out, weights
 
 
-def _reference_votes(prompt, seed, attention_mask=None):
+def _reference_votes(prompt, seed, attention_mask=None, with_mass=False, **options):
     """The first decoder call's canvas votes over the prompt cache at the full-attention layer,
-    from the attention weights of a plain softmax attention on a separate copy of the model."""
+    from the attention weights of a plain softmax attention on a separate copy of the model
+    (``options``: its config; ``with_mass``: also each query head's attention mass on the
+    cache, (B, H))."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     AttentionInterface.register("test_eager_weights", _eager_weights)
     ALL_MASK_ATTENTION_FUNCTIONS.register("test_eager_weights", sdpa_mask)
-    eager = tiny_diffusion_gemma(dtype=torch.float64)
+    eager = tiny_diffusion_gemma(dtype=torch.float64, **options)
     eager.set_attn_implementation("test_eager_weights")
     kinds = eager.config.get_text_config().layer_types
     (layer,) = [i for i, kind in enumerate(kinds) if kind == "full_attention"]
@@ -155,6 +157,7 @@ def _reference_votes(prompt, seed, attention_mask=None):
             groups = module.num_key_value_groups
             per_kv = weights[..., : weights.shape[-1] - canvas].sum(2)  # (B, H, P)
             seen.append(per_kv.unflatten(1, (-1, groups)).sum(2))  # (B, Hkv, P)
+            seen.append(per_kv.sum(-1))  # (B, H): the canvas queries' mass on the cache
 
     handle = attention.register_forward_hook(hook)
     try:
@@ -162,7 +165,7 @@ def _reference_votes(prompt, seed, attention_mask=None):
         _generate(eager, prompt, seed, max_new_tokens=16, **padding)
     finally:
         handle.remove()
-    return layer, seen[0]
+    return (layer, seen[0], seen[1]) if with_mass else (layer, seen[0])
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -178,6 +181,68 @@ def test_kept_sets_are_the_canvas_queries_top_k(model, seed):
     (kept,) = [entry for entry in stats["layers"] if entry["layer"] == layer]
     assert torch.equal(torch.tensor(kept["positions"]), want)
     assert stats["votes"] == 1 and stats["evictions"] == 1
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_maskkv_splits_a_layers_budget_over_its_kv_heads_by_prompt_preference(seed):
+    """Two KV heads in the full layer: MaskKV's head allocation (the canvas queries' attention
+    mass on the cache, alpha 0.1) sets each head's budget, and each head keeps the top of its
+    own votes; a layer's heads are padded to the largest budget with slots not held. The
+    uniform policy keeps the budget in every head."""
+    from maskkv_compile.budgets import maskkv_head_budgets_rows
+
+    options = dict(num_global_key_value_heads=2)
+    model = tiny_diffusion_gemma(dtype=torch.float64, **options)
+    prompt = torch.randint(3, 120, (1, 64), generator=torch.Generator().manual_seed(seed))
+    budget = 30
+    layer, votes, mass = _reference_votes(prompt, seed, with_mass=True, **options)
+    canvas = model.config.canvas_length
+    want_budgets = maskkv_head_budgets_rows(
+        mass, torch.tensor([canvas]), budget, torch.tensor([64]), 2
+    )[0]  # (Hkv,)
+    assert int(want_budgets.sum()) == 2 * budget
+    assert want_budgets[0] != want_budgets[1]  # the heads do prefer the cache differently
+    for policy, budgets in (("maskkv", want_budgets), ("mask_voting_uniform", None)):
+        net = maskkv_compile.optimize(model, budget=budget, policy=policy)
+        _generate(net, prompt, seed, max_new_tokens=16)
+        (kept,) = [e for e in net.cache_stats()["layers"] if e["layer"] == layer]
+        budgets = [budget, budget] if budgets is None else budgets.tolist()
+        assert kept["kept_per_kv_head"] == budgets, policy
+        positions = torch.tensor(kept["positions"])[0]  # (Hkv, widest), -1 where not held
+        for head, count in enumerate(budgets):
+            want = votes[0, head].topk(count).indices.sort().values
+            assert positions[head, :count].tolist() == want.tolist(), (policy, head)
+            assert bool((positions[head, count:] == -1).all())
+
+
+def test_ragged_heads_over_canvases_stay_finite_and_exact_at_full_budget():
+    """Per-head budgets across three canvases (the encoder appends to ragged heads, the next
+    canvas votes per head over its held slots), with a padded batch: every logit finite; and
+    at full budget the two-KV-head model equals the plain one."""
+    options = dict(num_global_key_value_heads=2)
+    model = tiny_diffusion_gemma(dtype=torch.float64, **options)
+    prompt, mask = _left_padded(3, lengths=(44, 20))
+    logits = []
+    handle = model.lm_head.register_forward_hook(lambda m, a, out: logits.append(out))
+    net = maskkv_compile.optimize(model, budget=10)
+    try:
+        torch.manual_seed(0)
+        net.generate(prompt, attention_mask=mask, max_new_tokens=48, max_denoising_steps=3)
+    finally:
+        handle.remove()
+    stats = net.cache_stats()
+    assert stats["votes"] == 3 and all(bool(torch.isfinite(x).all()) for x in logits)
+    (full,) = stats["layers"]
+    assert sum(full["kept_per_kv_head"]) == 2 * 10
+    want = _generate(model, prompt, 1, attention_mask=mask, max_new_tokens=32)
+    got = _generate(
+        maskkv_compile.optimize(model, budget=4096),
+        prompt,
+        1,
+        attention_mask=mask,
+        max_new_tokens=32,
+    )
+    assert torch.equal(got, want)
 
 
 def test_the_users_cache_holds_kept_plus_each_new_canvas(model):
@@ -220,10 +285,12 @@ def test_refusals(model):
 def test_random_call_sequences_leak_nothing(seed):
     """Calls of one optimized model with other prompts, batch sizes, padding and weight changes
     mixed in: each gives what the same call gives on a freshly optimized model (budget 6), and
-    on the plain model (full budget): no state carries from one generation to the next."""
+    on the plain model (full budget): no state carries from one generation to the next. Seed 2
+    has two KV heads in the full layer (budgets split per head)."""
     import random
 
-    model = tiny_diffusion_gemma(dtype=torch.float64, seed=seed)
+    heads = {"num_global_key_value_heads": 2} if seed == 2 else {}  # per-head budgets too
+    model = tiny_diffusion_gemma(dtype=torch.float64, seed=seed, **heads)
     small, full = (maskkv_compile.optimize(model, budget=b) for b in (6, 4096))
     rng = random.Random(seed)
     for call in range(6):
