@@ -18,7 +18,9 @@ more memory than the allocations cost; use ``response_logits_only()`` (or ``reus
 there.
 
 Invariant: a returned tensor holds logits at the rows the call computed and zeros at every
-other row, and its contents never change while anything outside the pool references it.
+other row, and its contents never change while anything outside the pool references it. A
+buffer the caller wrote into (an in-place edit of the returned logits moves its version
+counter) is zeroed whole before it serves again.
 ``MaskKVConfig.reuse_logits`` is the explicit, unchecked form: one buffer, always reused,
 its rows outside the computed ones left as earlier calls wrote them.
 """
@@ -39,15 +41,24 @@ MIN_SPARE_ROWS = 256  # room for a growing window: S/8 more rows, at least this 
 
 class LogitsBuffers:
     """One session's logits buffers: each entry is [flat buffer, the (B, S, V) shape last
-    viewed, the rows last written]."""
+    viewed, the rows last written, the buffer's version counter after that write (a caller
+    that wrote into a returned tensor, say ``logits[..., mask_id] = -inf``, moved it on)]."""
 
     def __init__(self, shared: bool = False):
         self.shared = shared  # reuse_logits: one buffer, reused unchecked
         self.entries: list[list] = []
 
-    def take(self, shape: tuple, like: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """A contiguous (B, S, V) tensor shaped ``shape`` with ``like``'s dtype and device, zero
-        at every row but ``rows`` (C,) (which the caller writes next)."""
+    def fill(self, shape: tuple, rows: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """A contiguous (B, S, V) tensor shaped ``shape`` holding ``logits`` (B, C, V) at
+        ``rows`` (C,) and zeros at every other row."""
+        out = self._take(shape, logits, rows)
+        out.index_copy_(1, rows, logits)  # only the computed rows: the others stay zero
+        for entry in self.entries:
+            if entry[0].untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+                entry[3] = entry[0]._version
+        return out
+
+    def _take(self, shape: tuple, like: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         numel = math.prod(shape)
         for entry in self.entries:  # no local name binds a buffer before _free counts references
             if (
@@ -57,8 +68,8 @@ class LogitsBuffers:
                 and (self.shared or self._free(entry))
             ):
                 out = entry[0][:numel].view(shape)
-                if entry[1] != shape:  # another window: everything moved
-                    out.zero_()
+                if entry[1] != shape or (not self.shared and entry[0]._version != entry[3]):
+                    out.zero_()  # another window (everything moved), or written by the caller
                 elif not self.shared and entry[2] is not rows:  # another layout's rows
                     out.index_fill_(1, entry[2], 0)
                 entry[1], entry[2] = shape, rows
@@ -71,10 +82,8 @@ class LogitsBuffers:
         batch, seq, vocab = shape
         flat = like.new_empty(batch * (seq + max(seq // 8, MIN_SPARE_ROWS)) * vocab)
         out = flat[:numel].view(shape).zero_()
-        if self.shared:
-            self.entries = [[flat, shape, rows]]
-        else:
-            self.entries = [*self.entries[-(POOL_SIZE - 1) :], [flat, shape, rows]]
+        entry = [flat, shape, rows, None]
+        self.entries = [entry] if self.shared else [*self.entries[-(POOL_SIZE - 1) :], entry]
         return out
 
     @staticmethod

@@ -608,9 +608,7 @@ class MaskKVRuntime:
                 logits = logits.masked_fill(~layout.returned[..., None], 0)
             if session.logits is None:
                 session.logits = LogitsBuffers(shared=self.config.reuse_logits)
-            full = session.logits.take((*session.shape, logits.shape[-1]), logits, layout.rows)
-            full.index_copy_(1, layout.rows, logits)  # only the computed rows: the others stay zero
-            logits = full
+            logits = session.logits.fill((*session.shape, logits.shape[-1]), layout.rows, logits)
         outputs = list(outputs)
         outputs[self.graphs.info.logits_index] = logits
         return tuple(outputs)

@@ -49,48 +49,65 @@ def test_a_loop_that_drops_its_logits_alternates_two_buffers_and_kept_logits_nev
         assert (out[:, :12] == 0).all() and (out[:, 12:].abs().sum(-1) > 0).all()
 
 
+def _fill(pool, shape, rows, value=1.0):
+    """pool.fill with logits of ``value`` at ``rows``."""
+    return pool.fill(shape, rows, torch.full((shape[0], len(rows), shape[2]), value))
+
+
+def _ptr(tensor):
+    return tensor.untyped_storage().data_ptr()
+
+
 def test_views_numpy_arrays_and_gradients_keep_a_buffer_from_reuse():
-    pool = LogitsBuffers()
-    like, rows = torch.zeros(1), torch.arange(2)
+    pool, rows = LogitsBuffers(), torch.arange(2)
     with torch.no_grad():
-        first = pool.take((1, 4, 3), like, rows)
-        first[:, rows] = 1.0
+        first = _fill(pool, (1, 4, 3), rows)
         view = first[:, 2:]  # a view keeps the storage
         del first
-        second = pool.take((1, 4, 3), like, rows)
-        assert second.untyped_storage().data_ptr() != view.untyped_storage().data_ptr()
+        second = _fill(pool, (1, 4, 3), rows)
+        assert _ptr(second) != _ptr(view)
         array = second.numpy()  # a NumPy array over the buffer keeps it too
         del second, view
-        third = pool.take((1, 4, 3), like, rows)
+        third = _fill(pool, (1, 4, 3), rows)
         assert np.shares_memory(array, third.numpy()) is False
         del array, third
-        again = pool.take((1, 4, 3), like, rows)  # now both are free
-        assert again.untyped_storage().data_ptr() in {
-            e[0].untyped_storage().data_ptr() for e in pool.entries
-        }
+        again = _fill(pool, (1, 4, 3), rows)  # now both are free
+        assert _ptr(again) in {_ptr(entry[0]) for entry in pool.entries}
     pool = LogitsBuffers()
     with torch.enable_grad():  # an autograd graph could have saved a buffer: never reused
-        held = pool.take((1, 4, 3), like, rows)
-        assert pool.take((1, 4, 3), like, rows) is not held
+        held = _fill(pool, (1, 4, 3), rows)
+        assert _fill(pool, (1, 4, 3), rows) is not held
     assert not pool.entries
 
 
 def test_a_reused_buffer_is_zero_outside_the_new_rows_and_serves_a_grown_window():
     pool = LogitsBuffers()
-    like = torch.zeros(1)
     with torch.no_grad():
-        out = pool.take((2, 5, 3), like, torch.tensor([3, 4]))
-        out[:, 3:] = 1.0
-        ptr = out.untyped_storage().data_ptr()
+        out = _fill(pool, (2, 5, 3), torch.tensor([3, 4]))
+        ptr = _ptr(out)
         del out
         rows = torch.tensor([1, 2])  # another layout's rows: the old ones are cleared
-        out = pool.take((2, 5, 3), like, rows)
-        assert out.untyped_storage().data_ptr() == ptr and (out == 0).all()
-        out[:, rows] = 2.0
+        out = _fill(pool, (2, 5, 3), rows, 2.0)
+        assert _ptr(out) == ptr and (out[:, rows] == 2).all()
+        assert (out[:, [0, 3, 4]] == 0).all()
         del out
-        grown = pool.take((2, 6, 3), like, rows)  # a window one longer: the same memory, zeros
-        assert grown.untyped_storage().data_ptr() == ptr and grown.is_contiguous()
-        assert (grown == 0).all()
+        grown = _fill(pool, (2, 6, 3), rows)  # a window one longer: the same memory, zeros
+        assert _ptr(grown) == ptr and grown.is_contiguous()
+        assert (grown[:, rows] == 1).all() and (grown[:, [0, 3, 4, 5]] == 0).all()
+
+
+def test_a_buffer_the_caller_wrote_into_comes_back_zeroed():
+    """A loop that edits the logits in place (``logits[..., mask_id] = -inf``, every row) then
+    drops them: the buffer's next call is zero outside its computed rows again."""
+    pool, rows = LogitsBuffers(), torch.tensor([2, 3])
+    with torch.no_grad():
+        out = _fill(pool, (1, 4, 3), rows)
+        out[..., 1] = float("-inf")  # the caller's edit reaches the prompt rows too
+        ptr = _ptr(out)
+        del out
+        again = _fill(pool, (1, 4, 3), rows)
+        assert _ptr(again) == ptr
+        assert (again[:, :2] == 0).all() and (again[:, rows] == 1).all()
 
 
 def test_a_tensor_larger_than_the_cap_is_never_held(monkeypatch):
@@ -99,11 +116,10 @@ def test_a_tensor_larger_than_the_cap_is_never_held(monkeypatch):
     from maskkv_compile import logits_buffers
 
     monkeypatch.setattr(logits_buffers, "MAX_POOLED_BYTES", 4 * 5 * 3)  # (1, 5, 3) float32
-    pool = LogitsBuffers()
-    like, rows = torch.zeros(1), torch.arange(2)
+    pool, rows = LogitsBuffers(), torch.arange(2)
     with torch.no_grad():
-        held = pool.take((1, 5, 3), like, rows)  # held: its buffer cannot serve the next call
+        held = _fill(pool, (1, 5, 3), rows)  # held: its buffer cannot serve the next call
         assert len(pool.entries) == 1
-        big = pool.take((1, 6, 3), like, rows)
-        assert (big == 0).all() and len(pool.entries) == 1
-        assert pool.entries[0][0].untyped_storage().data_ptr() == held.untyped_storage().data_ptr()
+        big = _fill(pool, (1, 6, 3), rows)
+        assert (big[:, 2:] == 0).all() and len(pool.entries) == 1
+        assert _ptr(pool.entries[0][0]) == _ptr(held)
