@@ -36,7 +36,7 @@ from maskkv_compile._torch_private import storage_use_count
 
 POOL_SIZE = 2  # the buffer a loop still holds during the next call, and one to reuse
 MAX_POOLED_BYTES = 256 << 20  # larger (B, S, V) tensors are allocated per call, never held
-MIN_SPARE_ROWS = 256  # room for a growing window: S/8 more rows, at least this many
+MIN_SPARE_ROWS = 64  # room for a growing window: S/8 more rows, at least this many
 
 
 class LogitsBuffers:
@@ -80,7 +80,9 @@ class LogitsBuffers:
         if not pooled:
             return like.new_zeros(shape)
         batch, seq, vocab = shape
-        flat = like.new_empty(batch * (seq + max(seq // 8, MIN_SPARE_ROWS)) * vocab)
+        row_bytes = batch * vocab * like.element_size()
+        capacity = max(seq, min(seq + max(seq // 8, MIN_SPARE_ROWS), MAX_POOLED_BYTES // row_bytes))
+        flat = like.new_empty(batch * capacity * vocab)
         out = flat[:numel].view(shape).zero_()
         entry = [flat, shape, rows, None]
         self.entries = [entry] if self.shared else [*self.entries[-(POOL_SIZE - 1) :], entry]
