@@ -66,8 +66,7 @@ def finished_rows(old: Layout, new: Layout, response_kv: list) -> tuple[Layout, 
     window's first computed row: every one, but a shifted family's last row, which the new
     block computes again) as ``old`` restricted to them, and each layer's (k, v) of them
     ((B, Hkv, C', D))."""
-    first = [max(x.block_start - x.block_shift, 0) for x in (old, new)]  # first computed rows
-    n = first[1] - first[0]  # rows ascend: the first n
+    n = new.first_row - old.first_row  # rows ascend: the first n
     if n == old.rows.numel():
         return old, response_kv
     layout = dataclasses.replace(old, rows=old.rows[:n], resp_valid=old.resp_valid[:, :n])

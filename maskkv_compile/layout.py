@@ -78,6 +78,12 @@ class Layout:
     def prompt(self) -> torch.Tensor:  # (B, S) bool
         return self.key_valid & ~self.response
 
+    @property
+    def first_row(self) -> int:
+        """A block layout's first computed row: the block's start, or for a shifted family the
+        row before it."""
+        return max(self.block_start - self.block_shift, 0)
+
     @cached_property
     def row_end(self) -> torch.Tensor:
         """(C,) int64: how many of the computed rows, from the first, each computed row sees as
@@ -87,7 +93,7 @@ class Layout:
         if not self.block_shift:
             return self.rows.new_zeros((0,))
         count = self.rows.numel()
-        return (self.key_end[self.rows] - self.rows[0]).clamp(max=count)  # rows are contiguous
+        return (self.key_end[self.rows] - self.first_row).clamp(max=count)  # rows contiguous
 
     @cached_property
     def padded(self) -> bool:

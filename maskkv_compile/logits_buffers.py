@@ -51,14 +51,15 @@ class LogitsBuffers:
     def fill(self, shape: tuple, rows: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """A contiguous (B, S, V) tensor shaped ``shape`` holding ``logits`` (B, C, V) at
         ``rows`` (C,) and zeros at every other row."""
-        out = self._take(shape, logits, rows)
+        out, entry = self._take(shape, logits, rows)
         out.index_copy_(1, rows, logits)  # only the computed rows: the others stay zero
-        for entry in self.entries:
-            if entry[0].untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
-                entry[3] = entry[0]._version
+        if entry is not None:
+            entry[3] = entry[0]._version
         return out
 
-    def _take(self, shape: tuple, like: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def _take(self, shape: tuple, like: torch.Tensor, rows: torch.Tensor):
+        """(the (B, S, V) tensor, zero outside ``rows``; its pool entry, or None when it is
+        not pooled)."""
         numel = math.prod(shape)
         for entry in self.entries:  # no local name binds a buffer before _free counts references
             if (
@@ -73,12 +74,12 @@ class LogitsBuffers:
                 elif not self.shared and entry[2] is not rows:  # another layout's rows
                     out.index_fill_(1, entry[2], 0)
                 entry[1], entry[2] = shape, rows
-                return out
+                return out, entry
         pooled = self.shared or (
             not torch.is_grad_enabled() and numel * like.element_size() <= MAX_POOLED_BYTES
         )
         if not pooled:
-            return like.new_zeros(shape)
+            return like.new_zeros(shape), None
         batch, seq, vocab = shape
         row_bytes = batch * vocab * like.element_size()
         capacity = max(seq, min(seq + max(seq // 8, MIN_SPARE_ROWS), MAX_POOLED_BYTES // row_bytes))
@@ -86,7 +87,7 @@ class LogitsBuffers:
         out = flat[:numel].view(shape).zero_()
         entry = [flat, shape, rows, None]
         self.entries = [entry] if self.shared else [*self.entries[-(POOL_SIZE - 1) :], entry]
-        return out
+        return out, entry
 
     @staticmethod
     def _free(entry: list) -> bool:

@@ -237,7 +237,7 @@ def read_mask(name: str, mask, batch: int, seq: int):
             valid = allowed[:, 0, 0]
         elif allowed.shape[2] == seq:
             rows = allowed[:, 0]  # (B, S, S)
-            end = _unpadded_block_ends(rows)  # the loops' usual mask, read in three passes
+            end = _unpadded_block_ends(rows)  # the loops' usual mask, read in two passes
             if end is not None:
                 return None, end
             if bool(rows.all()):
