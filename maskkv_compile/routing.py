@@ -163,16 +163,16 @@ def decide(
     (another shape or device). A NEW plan may still become UNCACHED once its layout is known
     (:func:`new_prompt`)."""
     stale = tuple(i for i, s in enumerate(sessions) if s.weights != call.weights)
-    match = next(
-        (i for i, f in enumerate(facts) if f is not None and f.continues and i not in stale), None
-    )
+    live = [None if i in stale else f for i, f in enumerate(facts)]
+    match = next((i for i, f in enumerate(live) if f is not None and f.continues), None)
+    grown = next((i for i, f in enumerate(live) if f is not None and f.extends), None)
+    if grown is not None and (match is None or facts[match].restarted):
+        # A window grown by one block is stronger evidence than a finished session of the
+        # same window whose block holds masks again: a block loop run twice on one prompt
+        # reaches, at its last window, the first run's finished session as well as its own
+        # grown one. The extend is what a first run does there (exact and cheaper).
+        return Plan(Transition.EXTEND, grown, revote=schedule.revote is not None, stale=stale)
     if match is None:
-        grown = next(
-            (i for i, f in enumerate(facts) if f is not None and f.extends and i not in stale),
-            None,
-        )
-        if grown is not None:
-            return Plan(Transition.EXTEND, grown, revote=schedule.revote is not None, stale=stale)
         continued_stale = any(facts[i] is not None and facts[i].continues for i in stale)
         fallback = Fallback.WEIGHTS_CHANGED if continued_stale else call.dropped
         return Plan(Transition.NEW, stale=stale, fallback=fallback)

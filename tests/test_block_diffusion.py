@@ -578,6 +578,24 @@ def test_under_eviction_every_step_gives_real_logits_and_the_cache_stays_bounded
     assert max(max(k) for k in kept) <= 6
 
 
+def test_a_block_loop_run_twice_on_one_prompt_extends_at_its_last_window_as_the_first_run():
+    """The second run's last window is also the first run's finished window (same prefix, its
+    block masked again). It must grow from the second run's own session, as the first run did:
+    no whole-window prefill, and under eviction the same kept entries and tokens."""
+    model = _zero_mask_row(tiny_qwen3(dtype=torch.float64))
+    optimized = maskkv_compile.optimize(model, budget=6, backend="eager")
+    prompt, kwargs = _prompt(1, 30), dict(gen_length=12, block_length=4, mask_id=MASK)
+    runs = []
+    for _ in range(3):
+        before = dict(optimized.cache_stats()["transitions"])
+        tokens = sdar_generate(optimized, prompt, **kwargs)
+        after = optimized.cache_stats()["transitions"]
+        runs.append((tokens, {k: after[k] - before.get(k, 0) for k in ("new", "extend")}))
+        assert after.get("restart", 0) == 0
+    assert all(counts == {"new": 1, "extend": 3} for _, counts in runs)
+    assert all(torch.equal(tokens, runs[0][0]) for tokens, _ in runs)
+
+
 @pytest.mark.parametrize("seed, shift", [(0, 0), (1, 0), (2, 1)])
 def test_random_call_sequences_under_eviction_leak_nothing_and_stay_within_the_budget(seed, shift):
     """One optimized model drives a seeded random sequence of block generations (prompts of
@@ -597,9 +615,9 @@ def test_random_call_sequences_under_eviction_leak_nothing_and_stay_within_the_b
     )
     shared = maskkv_compile.optimize(model, **options)
     reference = maskkv_compile.optimize(model, **options)
-    reselects = 0
+    reselects, last = 0, None
     for _ in range(8):
-        action = rng.choice(["generate", "generate", "full", "reset", "weights"])
+        action = rng.choice(["generate", "generate", "again", "full", "reset", "weights"])
         if action == "reset":
             shared.reset()
             continue
@@ -613,21 +631,25 @@ def test_random_call_sequences_under_eviction_leak_nothing_and_stay_within_the_b
             logits = shared(x).logits[:, 14 - shift : 20 - shift]
             assert torch.isfinite(logits).all() and (logits.abs().sum(-1) > 0).all()
             continue
-        batch = rng.choice([1, 2])
-        prompt = _prompt(batch, rng.randint(5, 40), rng.randint(0, 999))
-        pad = None
-        if batch == 2 and rng.random() < 0.5:
-            pad = torch.ones_like(prompt)
-            pad[1, : rng.randint(1, 3)] = 0
-            prompt = prompt.masked_fill(pad == 0, 0)
-        kwargs = dict(
-            gen_length=4 * rng.randint(1, 3),
-            block_length=4,
-            mask_id=MASK,
-            steps=rng.choice([1, 2]),
-            attention_mask=pad,
-            shift=shift,
-        )
+        if action == "generate" or last is None:
+            batch = rng.choice([1, 2])
+            prompt = _prompt(batch, rng.randint(5, 40), rng.randint(0, 999))
+            pad = None
+            if batch == 2 and rng.random() < 0.5:
+                pad = torch.ones_like(prompt)
+                pad[1, : rng.randint(1, 3)] = 0
+                prompt = prompt.masked_fill(pad == 0, 0)
+            kwargs = dict(
+                gen_length=4 * rng.randint(1, 3),
+                block_length=4,
+                mask_id=MASK,
+                steps=rng.choice([1, 2]),
+                attention_mask=pad,
+                shift=shift,
+            )
+            last = prompt, kwargs
+        else:  # "again": the last generation once more (its finished session is still live)
+            prompt, kwargs = last
 
         def call(x, **kw):
             out = shared(x, **kw)

@@ -221,6 +221,14 @@ TABLE = [
         Plan(T.STEP, 1),
     ),
     (
+        "a grown window beats a finished session of that window with masks again",
+        [live(), live()],
+        [SessionFacts(True, restarted=True), SessionFacts(False, extends=True)],
+        CallFacts(W),
+        Schedule(),
+        Plan(T.EXTEND, 1),
+    ),
+    (
         "an extendable session with stale weights is dropped: new",
         [live(weights=W2)],
         [SessionFacts(False, extends=True)],
