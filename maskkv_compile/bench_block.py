@@ -111,8 +111,11 @@ def run_block_benchmark(
     hidden: int = 512,
     vocab: int = 1024,
     backend: str = "inductor",
+    uncached: bool = True,
     print_fn: Optional[Callable] = print,
 ) -> list[dict]:
+    """One row per (prompt length, run); ``uncached=False`` leaves out the two uncached runs
+    (their ratios are then None; the prefix cache is the baseline left)."""
     model = build_model(layers, hidden, vocab, max(prompt_lens) + gen_length + block_length)
     rows = []
     for prompt_len in prompt_lens:
@@ -121,7 +124,7 @@ def run_block_benchmark(
         )
         prompt[prompt == MASK_ID] = 0
         kwargs = dict(gen_length=gen_length, block_length=block_length, steps=steps)
-        configs = [("uncached", model), ("uncached, torch.compile", None)]
+        configs = [("uncached", model), ("uncached, torch.compile", None)] if uncached else []
         configs.append(("prefix cache (exact)", ("prefix", 10**9)))
         configs += [(f"MaskKV budget {b}", ("maskkv", b)) for b in budgets]
         # the other choice at a window's growth: re-select over the whole prefix (second tier)
@@ -165,8 +168,8 @@ def run_block_benchmark(
     prefix = {r["prompt_len"]: r for r in rows if r["run"] == "prefix cache (exact)"}
     for r in rows:
         p = r["prompt_len"]
-        r["vs_uncached"] = base[p]["seconds"] / r["seconds"]
-        r["vs_compiled"] = compiled[p]["seconds"] / r["seconds"]
+        r["vs_uncached"] = base[p]["seconds"] / r["seconds"] if base else None
+        r["vs_compiled"] = compiled[p]["seconds"] / r["seconds"] if compiled else None
         r["vs_prefix"] = prefix[p]["seconds"] / r["seconds"]
         r["peak_vs_prefix"] = r["peak_rss"] / max(prefix[p]["peak_rss"], 1)
         r["kv_vs_prefix"] = (
@@ -178,14 +181,16 @@ def run_block_benchmark(
 
 
 def format_rows(rows: list[dict]) -> str:
+    """The table; without the uncached runs, without their two ratio columns."""
+    ratios = [("vs uncached", "vs_uncached"), ("vs compiled", "vs_compiled")]
+    ratios = [(h, k) for h, k in ratios if rows[0][k] is not None]
     return table(
         [
             [
                 r["prompt_len"],
                 r["run"],
                 f"{r['tokens_per_s']:.1f}",
-                f"{r['vs_uncached']:.2f}x",
-                f"{r['vs_compiled']:.2f}x",
+                *(f"{r[k]:.2f}x" for _, k in ratios),
                 f"{r['vs_prefix']:.2f}x",
                 human_bytes(r["peak_rss"]),
                 "" if r["kv_bytes"] is None else human_bytes(r["kv_bytes"]),
@@ -198,8 +203,7 @@ def format_rows(rows: list[dict]) -> str:
             "prompt",
             "run",
             "tok/s",
-            "vs uncached",
-            "vs compiled",
+            *(h for h, _ in ratios),
             "vs prefix cache",
             "peak RSS",
             "KV bytes",
@@ -209,9 +213,10 @@ def format_rows(rows: list[dict]) -> str:
     )
 
 
-def plot_rows(rows: list[dict], out_dir: str, title: str = "") -> list[str]:
-    """block_speedup.png (vs the uncached loop, per prompt length) and block_memory.png (peak RSS
-    and KV bytes) in ``out_dir``."""
+def plot_rows(rows: list[dict], out_dir: str, title: str = "", prefix: str = "block") -> list[str]:
+    """<prefix>_speedup.png (vs the uncached loop per prompt length, or vs the prefix cache when
+    the uncached runs were left out) and <prefix>_memory.png (peak RSS and KV bytes) in
+    ``out_dir``."""
     import os
 
     import matplotlib
@@ -228,7 +233,8 @@ def plot_rows(rows: list[dict], out_dir: str, title: str = "") -> list[str]:
             mine = [r for r in rows if r["run"] == name]
             lens = [r["prompt_len"] for r in mine]
             if kind == "speedup":
-                ax.plot(lens, [r["vs_uncached"] for r in mine], marker="o", label=name)
+                ratio = "vs_uncached" if rows[0]["vs_uncached"] is not None else "vs_prefix"
+                ax.plot(lens, [r[ratio] for r in mine], marker="o", label=name)
             else:
                 ax.plot(
                     lens,
@@ -245,14 +251,19 @@ def plot_rows(rows: list[dict], out_dir: str, title: str = "") -> list[str]:
                         label=f"{name}: KV cache",
                     )
         ax.set_xlabel("prompt length")
-        ax.set_ylabel("speed-up vs uncached loop" if kind == "speedup" else "MiB")
+        if kind == "speedup":
+            ax.set_ylabel(
+                f"speed-up vs {'uncached loop' if ratio == 'vs_uncached' else 'prefix cache'}"
+            )
+        else:
+            ax.set_ylabel("MiB")
         ax.set_xscale("log", base=2)
         if kind == "memory":
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         ax.set_title(title, fontsize=7)
-        path = os.path.join(out_dir, f"block_{kind}.png")
+        path = os.path.join(out_dir, f"{prefix}_{kind}.png")
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)

@@ -198,6 +198,7 @@ def cmd_bench_block(args) -> int:
         layers=args.layers,
         hidden=args.hidden,
         backend=args.backend,
+        uncached=not args.no_uncached,
         print_fn=print,
     )
     command = "maskkv-compile " + " ".join(sys.argv[1:])
@@ -206,7 +207,7 @@ def cmd_bench_block(args) -> int:
 
         write_results(args.json, rows, command)
     if args.plots:
-        for path in plot_rows(rows, args.plots, title=command):
+        for path in plot_rows(rows, args.plots, title=command, prefix=args.plot_prefix):
             print(f"wrote {path}")
     return 0
 
@@ -492,6 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
     block.add_argument("--threads", type=int, default=None)
     block.add_argument("--json", metavar="PATH")
     block.add_argument("--plots", metavar="DIR")
+    block.add_argument(
+        "--no-uncached",
+        action="store_true",
+        help="leave out the uncached runs (the ratios are then against the prefix cache only)",
+    )
+    block.add_argument("--plot-prefix", default="block", help="plots: <DIR>/<prefix>_speedup.png")
     block.add_argument("--quick", action="store_true", help="tiny CI-sized run (eager)")
     block.set_defaults(func=cmd_bench_block)
 

@@ -83,6 +83,12 @@ def test_cli_bench_block_quick_prints_every_run_side_by_side(cli):
     lines = out.splitlines()
     prefix = next(s for s in lines if "prefix cache (exact)" in s and "1.00x" in s)
     assert prefix.rstrip().endswith("yes")
+    # without the uncached runs the prefix cache is the baseline every ratio is measured against
+    out = cli("bench-block", "--quick", "--no-uncached")
+    assert "uncached" not in out.replace("--no-uncached", "")
+    table = [s for s in out.splitlines() if "KiB" in s]  # the table's rows, not the progress
+    prefix = next(s for s in table if "prefix cache (exact)" in s)
+    assert "1.00x" in prefix and any("MaskKV budget 8" in s and "x " in s for s in table)
 
 
 def test_dream_padded_batch_example(script):
