@@ -39,6 +39,7 @@ from maskkv_compile.passes import (
     MaskOnlyHeadPass,
     MaskPaddingPass,
     PassManager,
+    PruneTailRowsPass,
     ResponseKVOutputsPass,
     RevoteKVPass,
     ShardBudgetsPass,
@@ -149,6 +150,7 @@ def build_graphs(gm: fx.GraphModule, config: MaskKVConfig, *, strict: bool = Tru
             *shard_budgets,
             *keep_prompt,
             MaskOnlyHeadPass(info),
+            PruneTailRowsPass(info),
         ],
     )
     prefill_passes(prefill)
@@ -186,7 +188,9 @@ def build_graphs(gm: fx.GraphModule, config: MaskKVConfig, *, strict: bool = Tru
         step_kv=step_kv,
         prefill_inputs=extra_inputs(prefill, num_inputs),
         step_inputs=extra_inputs(step, num_inputs),
-        head_sliced=prefill_passes.records[-1].result.changed,
+        head_sliced=next(
+            r.result.changed for r in prefill_passes.records if r.result.name == "MaskOnlyHeadPass"
+        ),
         records=records,
         skipped=result.skipped,
         revote=revote,

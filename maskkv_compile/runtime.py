@@ -504,6 +504,11 @@ class MaskKVRuntime:
             "key_end": layout.key_end
             if layout.key_end is not None
             else layout.rows.new_zeros((0,)),  # (S,) or (0,): no blocks
+            # the computed rows' block ends (R,) or (0,): the prefill's last attention computes
+            # those rows only (passes/prune_tail_rows.py)
+            "rows_key_end": layout.key_end[layout.rows]
+            if layout.key_end is not None
+            else layout.rows.new_zeros((0,)),
         }
 
     def _run_prefill(self, call: Call, session: Session):

@@ -8,6 +8,7 @@ Order (see ``maskkv_compile.pipeline``):
                 EvictKVPass             maskkv::select_kv, kept K/V become graph outputs
                 ShardBudgetsPass        (tensor parallelism) head budgets from every rank's heads
                 MaskOnlyHeadPass        LM head on the response rows only
+                PruneTailRowsPass       the layers after the last attention on those rows only
     step:       SliceSequencePass       token ids / positions / tables gathered at resp_idx
                 CachedAttentionPass     maskkv::cached_attention over [kept ; response]
                 ResponseKVOutputsPass   (block_length only) each layer's response K/V as outputs
@@ -25,6 +26,7 @@ from .graph_info import GraphInfo, UnsupportedModelError, analyse
 from .keep_prompt_kv import PROMPT_KV_OUTPUTS_PER_LAYER, KeepPromptKVPass
 from .mask_only_head import MaskOnlyHeadPass
 from .mask_padding import MaskPaddingPass
+from .prune_tail_rows import PruneTailRowsPass
 from .response_kv_outputs import RESPONSE_KV_OUTPUTS_PER_LAYER, ResponseKVOutputsPass
 from .revote_kv import REVOTE_OUTPUTS_PER_LAYER, RevoteKVPass
 from .shard_budgets import ShardBudgetsPass
@@ -43,6 +45,7 @@ __all__ = [
     "MaskPaddingPass",
     "PassManager",
     "PassResult",
+    "PruneTailRowsPass",
     "PREFILL_OUTPUTS_PER_LAYER",
     "PROMPT_KV_OUTPUTS_PER_LAYER",
     "RESPONSE_KV_OUTPUTS_PER_LAYER",

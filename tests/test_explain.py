@@ -25,7 +25,13 @@ PROMPT_LEN, GEN_LEN, BUDGET = 16, 8, 8
 # what every graph's pass list is, in order (pipeline.build_graphs)
 PASSES = {
     "canonical": ["FindAttentionPass"],
-    "prefill": ["MaskPaddingPass", "CaptureVotesPass", "EvictKVPass", "MaskOnlyHeadPass"],
+    "prefill": [
+        "MaskPaddingPass",
+        "CaptureVotesPass",
+        "EvictKVPass",
+        "MaskOnlyHeadPass",
+        "PruneTailRowsPass",
+    ],
     "step": ["SliceSequencePass", "CachedAttentionPass"],
 }
 BARE_ATTENTION = {"sdpa": "scaled_dot_product_attention", "eager": "softmax"}
