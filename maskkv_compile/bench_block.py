@@ -95,6 +95,7 @@ def build_model(layers: int, hidden: int, vocab: int, max_positions: int):
         vocab=vocab,
         max_positions=max_positions,
     )
+    model.config.mask_token_id = MASK_ID  # the loop's mask token, which optimize() reads
     with torch.no_grad():
         model.get_output_embeddings().weight[MASK_ID] = 0
     return model

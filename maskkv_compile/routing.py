@@ -93,6 +93,11 @@ class Fallback(str, enum.Enum):
         "the dual cache is off for this prompt: the loop committed a token outside the block "
         "being computed, so it does not denoise block by block with block_length; plain steps run"
     )
+    BLOCK_NO_MASK = (
+        "a block-causal window's first call holds no mask token in its last block, so nothing "
+        "votes for the prefix to keep: it ran whole, without a cache (if the loop's blocks do "
+        "start masked, mask_token_id is not the mask token the loop writes)"
+    )
     BLOCK_NOT_LAST = (
         "a block-causal call holds the mask token before its last block (the loop passes later "
         "blocks too, or refines a block that is not the last): it ran whole, without a cache; "
@@ -208,15 +213,22 @@ def decide(
 
 
 def new_prompt(
-    plan: Plan, has_prompt: bool, block: bool = False, block_not_last: bool = False
+    plan: Plan,
+    has_prompt: bool,
+    block: bool = False,
+    block_not_last: bool = False,
+    block_without_masks: bool = False,
 ) -> Plan:
     """A NEW plan once the call's layout is known: UNCACHED when some row has no prompt (for a
     block-causal call: no prefix before its last block, a window of one block, which runs whole
-    and is no slower so; or masks before its last block)."""
+    and is no slower so; masks before its last block; or no mask in its last block at all,
+    where nothing would vote)."""
     if plan.transition is not Transition.NEW:
         return plan
     if block_not_last:
         return Plan(Transition.UNCACHED, stale=plan.stale, fallback=Fallback.BLOCK_NOT_LAST)
+    if block_without_masks and has_prompt:
+        return Plan(Transition.UNCACHED, stale=plan.stale, fallback=Fallback.BLOCK_NO_MASK)
     if not has_prompt:
         return Plan(
             Transition.UNCACHED, stale=plan.stale, fallback=None if block else Fallback.NO_PROMPT

@@ -413,6 +413,8 @@ class MaskKVRuntime:
             layout.has_prompt,
             block=layout.block_start is not None,
             block_not_last=layout.masks_outside_block,
+            block_without_masks=layout.block_start is not None
+            and not bool((call.masked & layout.response).any()),
         )
         session = Session(
             layout,

@@ -166,6 +166,23 @@ def test_a_blocked_call_with_masks_before_its_last_block_runs_whole():
     assert optimized.cache_stats()["fallbacks"] == {"block_not_last": 1}
 
 
+def test_a_new_window_without_a_mask_in_its_last_block_runs_whole_and_says_so():
+    """Nothing would vote for the prefix to keep (a scoring call, or a loop whose mask token is
+    not ``mask_token_id``): the call runs uncached with a warning that names the likely cause,
+    and the loop's next window, which holds masks, starts a session."""
+    model = _zero_mask_row(tiny_qwen3(dtype=torch.float64))
+    optimized = maskkv_compile.optimize(model, budget=4, mask_token_id=MASK, backend="eager")
+    x = _prompt(1, 24)
+    mask = block_causal_mask(24, 4, dtype=torch.float64)
+    with pytest.warns(maskkv_compile.CacheFallbackWarning, match="mask_token_id is not"):
+        got = optimized(x, attention_mask=mask).logits
+    torch.testing.assert_close(got[:, 20:], model(x, attention_mask=mask).logits[:, 20:])
+    assert optimized.cache_stats()["fallbacks"] == {"block_no_mask": 1}
+    x[:, 20:] = MASK
+    optimized(x, attention_mask=mask)
+    assert optimized.cache_stats()["transitions"] == {"uncached": 1, "new": 1}
+
+
 def test_block_layout_computes_the_last_block_and_its_masks_vote():
     ids = _prompt(2, 12)
     ids[:, 9:] = MASK

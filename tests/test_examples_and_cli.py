@@ -91,6 +91,23 @@ def test_cli_bench_block_quick_prints_every_run_side_by_side(cli):
     assert "1.00x" in prefix and any("MaskKV budget 8" in s and "x " in s for s in table)
 
 
+def test_the_block_benchmark_runs_maskkv_on_the_loops_mask_token_and_its_cached_path():
+    """The loop writes ``MASK_ID``; the model's config must say so (optimize reads it), and every
+    cached run is one prefill, then extends and steps: nothing uncached, restarted or fallen
+    back, which would time another path than the one the table names."""
+    from maskkv_compile.bench_block import MASK_ID, build_model, run_block_benchmark
+    from maskkv_compile.cli import QUICK_BLOCK_BENCH
+
+    assert build_model(1, 128, 256, 64).config.mask_token_id == MASK_ID
+    rows = run_block_benchmark(
+        **{**QUICK_BLOCK_BENCH, "backend": "eager"}, uncached=False, print_fn=None
+    )
+    assert [r["run"] for r in rows][0] == "prefix cache (exact)" and len(rows) == 3
+    for row in rows:
+        assert set(row["transitions"]) == {"new", "step", "extend"}, row
+        assert row["transitions"]["new"] == 1 and row["transitions"]["extend"] >= 1, row
+
+
 def test_dream_padded_batch_example(script):
     out = script("examples/dream_padded_batch.py")
     assert "prompt lengths: [5, 12, 9] | transitions: {'new': 1, 'step': 5}" in out

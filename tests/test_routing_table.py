@@ -255,6 +255,10 @@ def test_a_block_window_without_a_prefix_or_with_masks_before_its_last_block_run
         T.UNCACHED, fallback=Fallback.BLOCK_NOT_LAST
     )
     assert new_prompt(Plan(T.NEW), has_prompt=True, block=True) == Plan(T.NEW)
+    # no mask in its last block: nothing would vote (a scoring call, or a wrong mask_token_id)
+    assert new_prompt(Plan(T.NEW), has_prompt=True, block=True, block_without_masks=True) == Plan(
+        T.UNCACHED, fallback=Fallback.BLOCK_NO_MASK
+    )
 
 
 def test_a_new_prompt_without_a_prompt_in_some_row_runs_uncached():
