@@ -221,6 +221,7 @@ class MaskKVRuntime:
                         "voter_idx": (0,),
                         "prompt_idx": (0,),
                         "key_end": (0,),
+                        "rows_key_end": (0,),
                         **per_row,
                     },
                 ),

@@ -152,7 +152,7 @@ class PruneTailRowsPass(GraphPass):
         tail = self._tail(attn, select)
         if isinstance(tail, str):
             return skip(tail)
-        why = self._check(attn, tail, select)
+        why = self._check(attn, tail)
         if why is not None:
             return skip(why)
         self._rewrite(gm, attn, tail, select, resp_idx)
@@ -184,7 +184,7 @@ class PruneTailRowsPass(GraphPass):
                 return f"{outside[0].name} reads {node.name} outside the rows the logits need"
         return tail
 
-    def _check(self, attn: fx.Node, tail: list[fx.Node], select: fx.Node) -> Optional[str]:
+    def _check(self, attn: fx.Node, tail: list[fx.Node]) -> Optional[str]:
         members = set(tail)
         if self._seq_dim(attn.args[0]) != 2:
             return f"the last attention's queries {attn.args[0].name} are not (B, H, S, D)"
@@ -234,10 +234,14 @@ class PruneTailRowsPass(GraphPass):
         if is_call(node, *NORMS):
             shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
             x = node.args[0]
+            if not isinstance(shape, (tuple, list)):
+                return "a norm over a shape given as a graph value"
             if self._seq_dim(x) >= example_value(x).dim() - len(shape):
                 return "a norm over the rows"
             return None
         if is_method(node, *MOVES_METHODS) or is_call(node, *MOVES_FUNCTIONS):
+            if (is_method(node, "squeeze") or is_call(node, torch.squeeze)) and len(node.args) < 2:
+                return "a squeeze of every size-1 dim (it would drop a single response row)"
             return None  # a dimension move: rows stay rows (found again by their size S)
         if is_method(node, *RESHAPES_METHODS) or is_call(node, *RESHAPES_FUNCTIONS):
             x = node.args[0]
