@@ -507,17 +507,17 @@ class MaskKVRuntime:
             "key_end": layout.key_end
             if layout.key_end is not None
             else layout.rows.new_zeros((0,)),  # (S,) or (0,): no blocks
-            # the computed rows' block ends (R,) or (0,): the prefill's last attention computes
-            # those rows only (passes/prune_tail_rows.py)
-            "rows_key_end": layout.key_end[layout.rows]
-            if layout.key_end is not None
-            else layout.rows.new_zeros((0,)),
         }
 
     def _run_prefill(self, call: Call, session: Session):
-        inputs = self._per_row_inputs(session.layout)
-        if not session.layout.padded:  # (B, 0): no padding, a fact the ops then need not read
-            inputs["key_valid"] = session.layout.key_valid[:, :0]
+        layout = session.layout
+        inputs = self._per_row_inputs(layout)
+        if not layout.padded:  # (B, 0): no padding, a fact the ops then need not read
+            inputs["key_valid"] = layout.key_valid[:, :0]
+        # the computed rows' block ends (R,) or (0,): the prefill's last attention computes
+        # those rows only (passes/prune_tail_rows.py)
+        ends = inputs["key_end"]  # (S,) or (0,)
+        inputs["rows_key_end"] = ends[layout.rows] if ends.numel() else ends
         base, named = self._run("prefill", call.args, inputs)
         session.layers = padded_caches(named["kept"])
         session.steps_since_prefill = 0

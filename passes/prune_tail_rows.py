@@ -112,7 +112,7 @@ class PruneTailRowsPass(GraphPass):
     def _seq_dim(self, node) -> Optional[int]:
         """The one dim of ``node``'s value that is S; None when there is none; -1 when S shows up
         in more than one dim or inside another size (S * heads: rows merged)."""
-        value = example_value(node) if isinstance(node, fx.Node) else node
+        value = example_value(node)
         if not isinstance(value, torch.Tensor):
             return -1
         dims = [i for i, d in enumerate(value.shape) if self._is_seq(d)]
