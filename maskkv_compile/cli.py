@@ -306,6 +306,8 @@ def cmd_eval(args) -> int:
             revotes=args.revote,
             refreshes=args.refresh,
             revote_voters=args.revote_voters,
+            semi_ar=args.semi_ar,
+            dual=args.dual,
         )
     except ModelUnavailable as error:
         print(f"{args.model}: {error}", file=sys.stderr)
@@ -316,14 +318,14 @@ def cmd_eval(args) -> int:
     if args.heatmap:
         pngs += _needle_heatmap(args, suite, Path(args.out))
     if (
-        args.revote or args.refresh
-    ):  # the trade-off: retention vs step cost, one-shot / revote / refresh
+        args.revote or args.refresh or args.dual
+    ):  # the trade-off: retention vs step cost, one-shot / revote / refresh / dual cache
         from maskkv_compile.evaluation import tradeoff
 
         Path(f"{stem}_tradeoff.md").write_text(tradeoff.markdown(results) + "\n")
         if not args.no_plots:
             pngs.append(tradeoff.plot(results, f"{stem}_pareto.png"))
-        print("\nretention vs step cost (one-shot, revote, refresh):")
+        print("\nretention vs step cost (one-shot, revote, refresh, dual cache):")
         print(tradeoff.table(results, fmt="simple"))
     print(results["note"])
     for metric in ("retention", "agree_uncached", "kl"):
@@ -633,6 +635,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="K",
         help="also run every policy x budget with prompt_refresh=K (the expensive reference)",
+    )
+    quality.add_argument(
+        "--semi-ar",
+        type=int,
+        default=None,
+        metavar="B",
+        help="full-attention models: LLaDA's semi-autoregressive loop for every configuration "
+        "(each span in blocks of B, one token a step in the lowest open block); give it its own "
+        "--out",
+    )
+    quality.add_argument(
+        "--dual",
+        action="store_true",
+        help="with --semi-ar B: also run every policy x budget with the dual cache "
+        "(optimize(block_length=B)); cells keyed <policy>@<B>+dual and full_cache+dual",
     )
     quality.add_argument(
         "--tasks", nargs="+", default=None, help="default: every task of the model"

@@ -1,9 +1,11 @@
 """The RULER-style long-context suite: what each task asks, that the answer is determined by
-the context, and the block-diffusion loop of the quality suite through the optimized model."""
+the context, the block-diffusion loop of the quality suite through the optimized model, and the
+semi-autoregressive loop with its dual-cache cells."""
 
 from __future__ import annotations
 
 import collections
+import json
 
 import pytest
 import torch
@@ -118,7 +120,7 @@ def _block_bundle(samples, block=16):
     model = tiny_llada(layers=2, hidden=64, vocab=ruler.VOCAB, seed=0)
     model.config.mask_token_id = ruler.MASK
     return Bundle(
-        "ruler-block-test",
+        "ruler-block-test" if block else "ruler-test",
         model,
         ruler.MASK,
         samples,
@@ -185,3 +187,108 @@ def test_context_sets_the_tasks_length_of_a_ruler_checkpoint(tmp_path):
         assert f"at {context} tokens" in bundle.note
     with pytest.raises(ValueError, match="context= is for the RULER-style models only"):
         load_bundle("tiny-dllm", 1, context=300)
+
+
+class _Recorder(torch.nn.Module):
+    """Predicts token 0 everywhere, most confidently at the last position; records each call's
+    masked positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.masked = []
+
+    def forward(self, x, attention_mask=None):
+        self.masked.append(set((x[0] == ruler.MASK).nonzero().flatten().tolist()))
+        logits = torch.zeros(1, x.shape[1], ruler.VOCAB)
+        logits[0, :, 0] = torch.arange(x.shape[1]) * 0.1
+        return type("Out", (), {"logits": logits})()
+
+
+def _fill_order(recorder) -> list[int]:
+    seen = recorder.masked + [set()]
+    return [next(iter(a - b)) for a, b in zip(seen, seen[1:])]
+
+
+def test_semi_ar_infill_finishes_each_block_before_the_next():
+    gen = torch.Generator().manual_seed(3)
+    sample = ruler_sample("0/multivalue", ruler.ruler_task(gen, "multivalue", 80))  # span 12
+    start = sample.start
+    free = _Recorder()
+    infill(free, sample, ruler.MASK)
+    assert _fill_order(free) == list(range(79, start - 1, -1))  # most confident first: the end
+    semi = _Recorder()
+    tokens, _, calls = infill(semi, sample, ruler.MASK, semi_ar=4)
+    assert calls == 12 and tokens == [0] * 12
+    blocks = [list(range(start + b + 3, start + b - 1, -1)) for b in (0, 4, 8)]
+    assert _fill_order(semi) == blocks[0] + blocks[1] + blocks[2]
+    with pytest.raises(ValueError, match="runs its own block loop"):
+        infill(semi, sample, ruler.MASK, block_length=16, semi_ar=4)
+
+
+def test_dual_cache_cells_run_block_steps_where_the_span_is_on_the_grid(tmp_path):
+    """``semi_ar=4, dual=True``: every configuration runs the semi-autoregressive loop; the
+    full prompt cache reproduces the uncached loop; the dual cells run one block refresh per
+    block and block steps inside it when the span is a multiple of 4, plain steps otherwise;
+    the trade-off table gets a dual-cache row per policy x budget."""
+    from maskkv_compile.evaluation import tradeoff
+
+    gen = torch.Generator().manual_seed(4)
+    samples = [
+        ruler_sample(f"{i}/{task}", ruler.ruler_task(gen, task, 100))
+        for i, task in enumerate(["multiquery", "multivalue", "freqword"])  # spans 8, 12, 3
+    ]
+    bundle = _block_bundle(samples, block=None)
+    path = tmp_path / "q.json"
+    suite = Suite(
+        bundle,
+        ["maskkv", "snapkv"],
+        [8, "full"],
+        progress=False,
+        semi_ar=4,
+        dual=True,
+        json_path=path,
+    )
+    cells = suite.run()["cells"]
+    for sample in samples:
+        sid, span = sample.id, sample.span_len
+        assert cells["full_cache"][sid]["tokens"] == cells["uncached"][sid]["tokens"]
+        for key in ("full_cache+dual", "maskkv@8+dual", "snapkv@full+dual"):
+            moves = cells[key][sid]["transitions"]
+            assert moves["new"] == 1, (key, moves)
+            if span % 4 == 0:
+                blocks = span // 4
+                assert moves.get("block_refresh") == blocks, (key, moves)
+                assert moves.get("block_step") == span - 1 - blocks, (key, moves)
+            else:
+                assert "block_step" not in moves and moves.get("step") == span - 1, (key, moves)
+        for key in ("maskkv@8", "full_cache"):  # the same loop without the dual cache
+            assert "block_step" not in cells[key][sid]["transitions"]
+    assert cells["snapkv@8+dual"][samples[0].id]["kept"] == 8
+    rows = [r for r in tradeoff.rows(suite.results) if r["setting"] == "dual cache"]
+    assert [(r["policy"], r["budget"]) for r in rows] == [("maskkv", 8), ("snapkv", 8)]
+    assert all(r["vs_one_shot"] is not None for r in rows)
+
+    with pytest.raises(ValueError, match="was run with semi_ar=4"):
+        Suite(bundle, ["maskkv"], [8], json_path=path, resume=True, progress=False)
+    with pytest.raises(ValueError, match="needs semi_ar"):
+        Suite(bundle, ["maskkv"], [8], dual=True, progress=False)
+    with pytest.raises(ValueError, match="runs its own block loop"):
+        Suite(_block_bundle(samples), ["maskkv"], [8], semi_ar=4, progress=False)
+
+
+def test_cli_eval_semi_ar_dual_writes_the_dual_rows(tmp_path, capsys):
+    from maskkv_compile.cli import main as cli_main
+    from maskkv_compile.tiny_models import tiny_llada
+
+    model = tiny_llada(layers=1, hidden=32, vocab=ruler.VOCAB, seed=0)
+    model.config.ruler = {"attention": "full", "block": None}
+    model.save_pretrained(tmp_path / "ckpt")
+    args = ["eval", "--suite", "ruler", "--model", "ruler", "--checkpoint", str(tmp_path / "ckpt")]
+    args += ["--context", "100", "--tasks", "multiquery", "--samples", "1", "--policies", "maskkv"]
+    args += ["--budgets", "8", "--semi-ar", "4", "--dual", "--out", str(tmp_path), "--quiet"]
+    assert cli_main(args + ["--no-plots"]) == 0
+    assert "dual cache" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "quality_ruler.json").read_text())
+    assert saved["semi_ar"] == 4 and saved["dual"] is True
+    assert saved["cells"]["maskkv@8+dual"]["0/multiquery"]["transitions"]["block_step"] > 0
+    assert "full cache + dual cache" in (tmp_path / "quality_ruler_tradeoff.md").read_text()

@@ -18,7 +18,14 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from maskkv_compile.evaluation.suite import FULL, FULL_CACHE, FULL_REFRESH, UNCACHED, config_key
+from maskkv_compile.evaluation.suite import (
+    FULL,
+    FULL_CACHE,
+    FULL_DUAL,
+    FULL_REFRESH,
+    UNCACHED,
+    config_key,
+)
 
 METRICS = {
     # name: (title, higher is better, format)
@@ -40,6 +47,7 @@ AXIS = {
 REFERENCE_ROWS = (
     (FULL_CACHE, "full cache (no eviction)"),
     (FULL_REFRESH, "full cache + refresh=1"),
+    (FULL_DUAL, "full cache + dual cache"),
     (UNCACHED, "uncached model"),
 )
 BOOTSTRAP = {"level": 0.95, "resamples": 1000, "seed": 0}
@@ -230,6 +238,8 @@ def table(
             row.append(text if v is None else text + bounds(key))
         rows.append(row)
     for key, label in REFERENCE_ROWS:
+        if key == FULL_DUAL and key not in results["cells"]:
+            continue  # a run without the dual cache
         v = _value(results, key, ids, metric)
         rows.append(
             [label]

@@ -33,6 +33,15 @@ A bundle with ``block_length`` (a block-diffusion model) runs the block loop of 
 instead: the same one-token-per-step rule inside the current block, the window growing by one
 block, the block-causal mask passed with every call.
 
+``semi_ar=B`` (full-attention models) runs LLaDA's semi-autoregressive loop instead, for every
+configuration: the span is cut into blocks of ``B`` from its first position and each step fixes
+the most confident masked position of the lowest block that still holds one. ``dual=True`` then
+adds ``<policy>@<budget>+dual`` and ``full_cache+dual``: the same with Fast-dLLM's dual cache
+(``optimize(block_length=B)``, ``maskkv_compile/dual_cache.py``), whose block steps compute the
+current block's rows only. The dual cache needs a span that is a multiple of ``B`` (the
+runtime's grid rule); a shorter or ragged span runs plain steps there, and its cell's
+``transitions`` show it (no ``block_step``).
+
 Resumable: the JSON is rewritten after every configuration; with ``resume=True`` the cells
 already in it are not recomputed (and a configuration whose cells are all present is not even
 optimized), the layer profile is read back from it.
@@ -55,7 +64,8 @@ from maskkv_compile.evaluation.models import Bundle, Sample
 FULL = "full"
 FULL_BUDGET = 1 << 16  # >= every prompt, even for maskkv's smallest layer share (beta * B)
 UNCACHED, FULL_CACHE, FULL_REFRESH = "uncached", "full_cache", "full_cache+refresh"
-REFERENCES = (UNCACHED, FULL_CACHE, FULL_REFRESH)
+FULL_DUAL = "full_cache+dual"
+REFERENCES = (UNCACHED, FULL_CACHE, FULL_REFRESH, FULL_DUAL)
 FORMAT = "maskkv-quality"
 VERSION = 1
 
@@ -70,6 +80,7 @@ class Config:
     refresh: Optional[int] = None
     revote: Optional[Union[int, str]] = None
     revote_voters: str = "response"
+    dual: bool = False
 
     @property
     def int_budget(self) -> int:
@@ -83,12 +94,15 @@ def config_key(
     revote: Optional[Union[int, str]] = None,
     refresh: Optional[int] = None,
     revote_voters: str = "response",
+    dual: bool = False,
 ) -> str:
     key = f"{policy}@{budget}"
     if revote is not None:
         key += f"+revote{revote}" + ("" if revote_voters == "response" else f"+{revote_voters}")
     if refresh is not None:
         key += f"+refresh{refresh}"
+    if dual:
+        key += "+dual"
     return key
 
 
@@ -107,16 +121,23 @@ def configurations(
     revotes: Sequence[Union[int, str]] = (),
     refreshes: Sequence[int] = (),
     revote_voters: str = "response",
+    dual: bool = False,
 ) -> list[Config]:
     """References first (the others' agreement is measured against them), then policy x budget,
-    then policy x budget (below full) x each re-vote interval, and x each prompt refresh
-    interval."""
+    then (``dual``) policy x budget with the dual cache, then policy x budget (below full) x each
+    re-vote interval, and x each prompt refresh interval."""
     refs = [
         Config(UNCACHED),
         Config(FULL_CACHE, "mask_voting_uniform", FULL),
         Config(FULL_REFRESH, "mask_voting_uniform", FULL, refresh=1),
     ]
+    if dual:
+        refs.append(Config(FULL_DUAL, "mask_voting_uniform", FULL, dual=True))
     out = refs + [Config(config_key(p, b), p, b) for p in policies for b in budgets]
+    if dual:
+        out += [
+            Config(config_key(p, b, dual=True), p, b, dual=True) for p in policies for b in budgets
+        ]
     for p in policies:
         for b in budgets:
             if b == FULL:
@@ -157,9 +178,11 @@ def optimized(
     seed: int = 0,
     revote: Optional[Union[int, str]] = None,
     revote_voters: str = "response",
+    block_length: Optional[int] = None,
 ):
     """``model`` as every configuration of the suite runs it: ``optimize`` on the eager backend.
-    ``profile`` is required by the policies whose layer allocator needs one, ignored by the rest."""
+    ``profile`` is required by the policies whose layer allocator needs one, ignored by the rest;
+    ``block_length`` turns the dual cache on."""
     import maskkv_compile
     from maskkv_compile.policies import get_policy
 
@@ -182,6 +205,7 @@ def optimized(
         prompt_refresh=refresh,
         revote=revote,
         revote_voters=revote_voters if revote is not None else None,
+        block_length=block_length,
     )
 
 
@@ -192,15 +216,24 @@ def infill(
     mask_id: int,
     reference: Optional[torch.nn.Module] = None,
     block_length: Optional[int] = None,
+    semi_ar: Optional[int] = None,
 ):
     """The greedy loop; returns (filled tokens, KL at step 1 against ``reference`` or None,
     calls). With ``block_length`` (a block-diffusion model) it is the block loop: the window is
     ``x[:, :end]`` with ``end`` the end of the current block (blocks of ``block_length`` from
     position 0, the last one cut at the sequence's end), called with the block-causal mask; a
     step fixes one masked position of the current block, and the window grows by one block when
-    the block has none left."""
+    the block has none left. With ``semi_ar`` (a full-attention model) the whole sequence is
+    called, and a step fixes one masked position of the span's lowest block of ``semi_ar``
+    positions that still holds one (LLaDA's semi-autoregressive loop)."""
+    if block_length is not None and semi_ar is not None:
+        raise ValueError(
+            "semi_ar is the loop of a full-attention model; a block-diffusion model "
+            f"(block_length={block_length}) runs its own block loop"
+        )
     x = sample.masked(mask_id)
     n = x.shape[1]
+    positions = torch.arange(n)
     kwargs: dict = {}
     end = n
     if block_length is not None:
@@ -222,7 +255,11 @@ def infill(
             kl = kl_divergence(ref[masked], logits[masked])
         logits[:, mask_id] = float("-inf")
         confidence, tokens = torch.softmax(logits, -1).max(-1)
-        confidence = torch.where(masked, confidence, float("-inf"))
+        eligible = masked
+        if semi_ar is not None:  # the lowest block of the span that still holds a mask
+            lo = sample.start + (int(masked.nonzero()[0]) - sample.start) // semi_ar * semi_ar
+            eligible = masked & (positions[:end] >= lo) & (positions[:end] < lo + semi_ar)
+        confidence = torch.where(eligible, confidence, float("-inf"))
         pick = int(confidence.argmax())
         x[0, pick] = tokens[pick]
     assert not bool((x == mask_id).any())
@@ -245,11 +282,26 @@ class Suite:
         revotes: Sequence[Union[int, str]] = (),
         refreshes: Sequence[int] = (),
         revote_voters: str = "response",
+        semi_ar: Optional[int] = None,
+        dual: bool = False,
     ):
         from maskkv_compile.policies import get_policy
 
         for policy in policies:
             get_policy(policy)  # unknown names fail before anything runs
+        if semi_ar is not None and bundle.block_length is not None:
+            raise ValueError(
+                f"semi_ar is a full-attention model's loop; {bundle.name} is a block-diffusion "
+                f"model and runs its own block loop (block {bundle.block_length})"
+            )
+        if semi_ar is not None and semi_ar < 1:
+            raise ValueError(f"semi_ar must be a block length >= 1, got {semi_ar}")
+        if dual and semi_ar is None:
+            raise ValueError(
+                "dual=True (the dual cache) needs semi_ar=B: the dual cache caches the response "
+                "rows outside the current block of a semi-autoregressive loop"
+            )
+        self.semi_ar, self.dual = semi_ar, dual
         self.bundle = bundle
         self.policies = list(policies)
         self.budgets = [parse_budget(b) for b in budgets]
@@ -283,6 +335,8 @@ class Suite:
             "revotes": self.revotes,
             "refreshes": self.refreshes,
             "revote_voters": [self.revote_voters] if self.revotes else [],
+            "semi_ar": self.semi_ar,
+            "dual": self.dual,
             "samples": {s.id: {**s.to_dict(), "text": b.decode(s.truth())} for s in b.samples},
             "profile": None,
             "cells": {},
@@ -291,6 +345,12 @@ class Suite:
     def _merge(self, old: dict) -> None:
         if old.get("format") != FORMAT or old.get("model") != self.bundle.name:
             raise ValueError(f"{self.json_path} is not a quality JSON of {self.bundle.name}")
+        if old.get("semi_ar") != self.semi_ar:
+            raise ValueError(
+                f"{self.json_path} was run with semi_ar={old.get('semi_ar')} (the loop), not "
+                f"{self.semi_ar}; use another --out"
+            )
+        self.results["dual"] = bool(old.get("dual")) or self.dual
         for sid, sample in self.results["samples"].items():
             prev = old["samples"].get(sid)
             if prev is not None and (prev["ids"], prev["start"], prev["stop"]) != (
@@ -380,6 +440,7 @@ class Suite:
             seed=self.seed,
             revote=config.revote,
             revote_voters=config.revote_voters,
+            block_length=self.semi_ar if config.dual else None,
         )
 
     def run(self) -> dict:
@@ -388,7 +449,12 @@ class Suite:
         except ImportError:  # tqdm is optional
             tqdm = None
         configs = configurations(
-            self.policies, self.budgets, self.revotes, self.refreshes, self.revote_voters
+            self.policies,
+            self.budgets,
+            self.revotes,
+            self.refreshes,
+            self.revote_voters,
+            dual=self.dual,
         )
         todo = [(c, self._missing(c)) for c in configs]
         total = sum(len(m) for _, m in todo)
@@ -415,9 +481,7 @@ class Suite:
                     config.policy is not None
                 ):  # warm-up, untimed: the first call traces and compiles
                     net.reset()
-                    infill(
-                        net, missing[0], self.bundle.mask_id, block_length=self.bundle.block_length
-                    )
+                    self._infill(net, missing[0])
                     self.model_calls += missing[0].span_len
                 cells = self.results["cells"].setdefault(config.key, {})
                 for sample in missing:
@@ -431,6 +495,10 @@ class Suite:
             bar.close()
         self.save()
         return self.results
+
+    def _infill(self, net, sample: Sample, reference=None):
+        b = self.bundle
+        return infill(net, sample, b.mask_id, reference, b.block_length, self.semi_ar)
 
     def _agreements(self) -> None:
         """``agree_uncached`` / ``agree_full`` of every cell, from the stored fills."""
@@ -449,9 +517,7 @@ class Suite:
         if config.policy is not None:
             net.reset()
         timed = _Timed(net)
-        tokens, kl, calls = infill(
-            timed, sample, self.bundle.mask_id, reference, self.bundle.block_length
-        )
+        tokens, kl, calls = self._infill(timed, sample, reference)
         seconds = time.perf_counter() - t0
         self.model_calls += calls + (reference is not None and sample.span_len > 1)
         kept = revotes = transitions = None
@@ -543,10 +609,13 @@ def run_suite(
     revotes: Sequence[Union[int, str]] = (),
     refreshes: Sequence[int] = (),
     revote_voters: str = "response",
+    semi_ar: Optional[int] = None,
+    dual: bool = False,
 ) -> Suite:
     """Load ``model`` (``checkpoint``: a folder of the project's own models; ``context``: the
     RULER tasks' length), run every missing cell, write ``<out>/quality_<model>.json``; returns
-    the suite."""
+    the suite; ``semi_ar`` / ``dual``: the semi-autoregressive loop and the dual-cache cells
+    (:class:`Suite`)."""
     from maskkv_compile.evaluation.models import load_bundle
     from maskkv_compile.policies import POLICIES
 
@@ -565,6 +634,8 @@ def run_suite(
         revotes=revotes,
         refreshes=refreshes,
         revote_voters=revote_voters,
+        semi_ar=semi_ar,
+        dual=dual,
     )
     suite.run()
     return suite

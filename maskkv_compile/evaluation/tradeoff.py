@@ -1,14 +1,15 @@
-"""Retention vs per-step cost: one-shot selection, re-selection (``revote``) and prompt refresh.
+"""Retention vs per-step cost: one-shot selection, re-selection (``revote``), prompt refresh and
+the dual cache.
 
-From a quality JSON whose suite ran with ``revotes`` / ``refreshes`` (``maskkv-compile eval
---revote 1 --refresh 1``): per policy x budget x setting, the retention (with its bootstrap
-interval, as every table of :mod:`maskkv_compile.evaluation.report`), the KL at the first
-step call, and the cost measured in the same run on the configuration's own calls
-(``net_seconds``, ``step_ms`` of each cell, after an untimed warm-up): the median over samples
-of each sample's mean step latency, tokens/s over the whole generation (prefill included), and the
-step cost relative to the same policy and budget without re-selection. The plot puts every
-configuration at (mean step ms, retention) and draws the Pareto front (no other point both cheaper
-and better).
+From a quality JSON whose suite ran with ``revotes`` / ``refreshes`` / the dual cache
+(``maskkv-compile eval --revote 1 --refresh 1``, ``--semi-ar B --dual``): per policy x budget x
+setting, the retention (with its bootstrap interval, as every table of
+:mod:`maskkv_compile.evaluation.report`), the KL at the first step call, and the cost measured
+in the same run on the configuration's own calls (``net_seconds``, ``step_ms`` of each cell,
+after an untimed warm-up): the median over samples of each sample's mean step latency, tokens/s
+over the whole generation (prefill included), and the step cost relative to the same policy and
+budget without re-selection or dual cache. The plot puts every configuration at (mean step ms,
+retention) and draws the Pareto front (no other point both cheaper and better).
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ from pathlib import Path
 from typing import Optional
 
 from maskkv_compile.evaluation.report import _tabulate, aggregate, interval, mean_prompt, sample_ids
-from maskkv_compile.evaluation.suite import FULL, FULL_CACHE, FULL_REFRESH, UNCACHED, config_key
+from maskkv_compile.evaluation.suite import (
+    FULL,
+    FULL_CACHE,
+    FULL_DUAL,
+    FULL_REFRESH,
+    UNCACHED,
+    config_key,
+)
 
 
 def _cost(results: dict, key: str, ids) -> Optional[dict]:
@@ -59,6 +67,8 @@ def rows(results: dict, task: Optional[str] = None) -> list[dict]:
                 (config_key(policy, budget, refresh=r), f"refresh {r}")
                 for r in results.get("refreshes", [])
             ]
+            if results.get("dual"):
+                keys.append((config_key(policy, budget, dual=True), "dual cache"))
             for key, setting in keys:
                 agg, cost = aggregate(results, key, ids), _cost(results, key, ids)
                 if agg is None or cost is None:
@@ -84,6 +94,7 @@ def rows(results: dict, task: Optional[str] = None) -> list[dict]:
     for key, label in (
         (FULL_CACHE, "full cache"),
         (FULL_REFRESH, "full cache + refresh=1"),
+        (FULL_DUAL, "full cache + dual cache"),
         (UNCACHED, "uncached"),
     ):
         agg, cost = aggregate(results, key, ids), _cost(results, key, ids)
@@ -185,7 +196,7 @@ def plot(results: dict, path: str | Path, task: Optional[str] = None) -> Path:
         r for r in rows(results, task) if r["step_ms"] is not None and r["retention"] is not None
     ]
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    markers = {"one-shot": "o", "reference": "*"}
+    markers = {"one-shot": "o", "reference": "*", "dual cache": "D"}
     policies = sorted({r["policy"] for r in data if r["setting"] != "reference"})
     colors = dict(zip(policies, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
     for r in data:
@@ -226,6 +237,8 @@ def plot(results: dict, path: str | Path, task: Optional[str] = None) -> Path:
     )
     ax.scatter([], [], color="white", edgecolor="black", marker="^", label="revote")
     ax.scatter([], [], color="white", edgecolor="black", marker="s", label="prompt refresh")
+    if results.get("dual"):
+        ax.scatter([], [], color="white", edgecolor="black", marker="D", label="dual cache")
     ax.scatter([], [], color="white", edgecolor="black", marker="*", s=120, label="references")
     if data:
         ax.set_xscale("log")
