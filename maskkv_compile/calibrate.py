@@ -102,11 +102,27 @@ def calibrate(
     model: torch.nn.Module,
     prompts: Iterable[torch.Tensor],
     *,
-    gen_length: int = 64,
+    gen_length: Optional[int] = None,
     mask_token_id: Optional[int] = None,
     progress: bool = True,
 ) -> LayerProfile:
-    """Measure the layer profile of ``model`` on ``prompts`` ((1, P) or (P,) token ids each)."""
+    """Measure the layer profile of ``model`` on ``prompts`` ((1, P) or (P,) token ids each),
+    with ``gen_length`` masks appended (default 64). A DiffusionGemma model has no mask token:
+    its first canvas is the voters, and its full-attention layers are the profile's
+    (``maskkv_compile.diffusion_gemma.calibrate``; ``gen_length`` and ``mask_token_id`` do not
+    apply)."""
+    from maskkv_compile.diffusion_gemma import calibrate as calibrate_canvas
+    from maskkv_compile.diffusion_gemma import is_diffusion_gemma
+
+    if is_diffusion_gemma(model):
+        if gen_length is not None or mask_token_id is not None:
+            raise ValueError(
+                "calibrate on DiffusionGemma: its voters are the model's own canvas "
+                f"(config.canvas_length={model.config.canvas_length}) and it has no mask token; "
+                "leave gen_length and mask_token_id unset"
+            )
+        return calibrate_canvas(model, list(prompts))
+    gen_length = 64 if gen_length is None else gen_length
     token = (
         mask_token_id
         if mask_token_id is not None

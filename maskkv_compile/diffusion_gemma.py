@@ -25,8 +25,11 @@ What MaskKV does to it:
   calls then concatenate [kept ; canvas]. The next encoder call appends the finished canvas
   to the kept entries, and the next canvas votes over [kept ; new canvas].
 - **Sliding-window layers** keep their window: it is already bounded.
-- **Budgets** are uniform over the full layers (no layer profile for DiffusionGemma) and split
-  over a layer's KV heads by the policy: ``maskkv``'s prompt-preference allocation from the
+- **Budgets** over the full layers: uniform, or with a layer profile measured by
+  ``maskkv_compile.calibrate(model, prompts)`` (which runs :func:`calibrate` here: the
+  importance of each full layer's attention sub-layer on the first decoder call's canvas)
+  MaskKV's boundary-aware split over the full layers. A layer's budget is split over its KV
+  heads by the policy: ``maskkv``'s prompt-preference allocation from the
   canvas queries' attention mass on the cache (the paper's head budgets), or uniform
   (``mask_voting_uniform``). A cache layer is one (B, Hkv, L, D) tensor, so a layer's heads
   are padded to its largest budget with slots marked not held; every later call on that cache
@@ -64,6 +67,7 @@ import torch
 
 from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.passes import UnsupportedModelError
+from maskkv_compile.passes.evict_kv import layer_budgets
 
 ATTENTION = "maskkv_dg_sdpa"
 _RECORDER: contextvars.ContextVar[Optional["_Votes"]] = contextvars.ContextVar(
@@ -82,6 +86,103 @@ def is_diffusion_gemma(model: torch.nn.Module) -> bool:
     config = getattr(model, "config", None)
     return getattr(config, "model_type", None) == "diffusion_gemma" and hasattr(
         getattr(model, "model", None), "decoder"
+    )
+
+
+def full_layers(model: torch.nn.Module) -> tuple[int, ...]:
+    """The indices of the full-attention layers: the layers MaskKV evicts from."""
+    kinds = model.config.get_text_config().layer_types
+    return tuple(i for i, kind in enumerate(kinds) if kind == "full_attention")
+
+
+def layer_fingerprint(model: torch.nn.Module) -> dict:
+    """The layer-profile fingerprint of a DiffusionGemma model: its profile's layers are the
+    full-attention layers (``n_layers`` counts them, ``full_layers`` lists them). Head shapes
+    are read from the decoder's attention modules: transformers refuses per-layer fields of a
+    heterogeneous config at its top level."""
+    full = full_layers(model)
+    attention = [model.model.decoder.layers[i].self_attn for i in full]
+    return {
+        "model_class": type(model).__name__,
+        "n_layers": len(full),
+        "full_layers": list(full),
+        "hidden_size": int(model.config.get_text_config().hidden_size),
+        "kv_heads_x_head_dim": [
+            [a.k_proj.out_features // a.head_dim, a.head_dim] for a in attention
+        ],
+    }
+
+
+class _FirstDecoderCallDone(Exception):
+    """Raised by :func:`calibrate`'s hook: the voting call has been measured."""
+
+
+@torch.no_grad()
+def calibrate(model: torch.nn.Module, prompts):
+    """The layer profile of a DiffusionGemma model (``maskkv_compile.calibrate`` runs this).
+
+    Per prompt ((1, P) or (P,) token ids), transformers' ``generate`` runs up to its first
+    decoder call (the call whose canvas queries vote), and each full-attention layer's
+    importance ``I_l = 1 - mean_i cos(h_in[i], h_out[i])`` is measured on its canvas rows, with
+    ``h_in`` the decoder layer's input and ``h_out = h_in +`` its normed attention output (the
+    residual after the attention sub-layer). The canvas is drawn with a fixed seed, and the
+    caller's RNG is left as it was."""
+    from maskkv_compile.profile import LayerProfile, attention_importance
+
+    full = full_layers(model)
+    layers = model.model.decoder.layers
+    captured: dict[int, list[torch.Tensor]] = {}
+
+    def layer_input(layer):
+        def hook(module, args, kwargs):
+            captured[layer] = [args[0] if args else kwargs["hidden_states"]]
+
+        return hook
+
+    def attention_output(layer):
+        def hook(module, args, output):
+            captured[layer].append(output)
+
+        return hook
+
+    def stop(module, args, output):
+        raise _FirstDecoderCallDone
+
+    hooks = [layers[i].register_forward_pre_hook(layer_input(i), with_kwargs=True) for i in full]
+    hooks += [
+        layers[i].post_attention_layernorm.register_forward_hook(attention_output(i)) for i in full
+    ]
+    hooks.append(model.model.decoder.register_forward_hook(stop))
+    per_prompt = []
+    model.eval()
+    try:
+        for prompt in prompts:
+            prompt = prompt if prompt.dim() == 2 else prompt[None]
+            if prompt.shape[0] != 1:
+                raise ValueError(f"calibrate takes one prompt at a time, got {tuple(prompt.shape)}")
+            captured.clear()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                try:
+                    model.generate(prompt, max_new_tokens=model.config.canvas_length)
+                except _FirstDecoderCallDone:
+                    pass
+            missing = [i for i in full if len(captured.get(i, ())) != 2]
+            if missing:
+                raise RuntimeError(f"calibrate: no decoder call reached full layers {missing}")
+            per_prompt.append(
+                [attention_importance(h, h + a) for h, a in (captured[i] for i in full)]
+            )
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not per_prompt:
+        raise ValueError("calibrate needs at least one prompt")
+    return LayerProfile.from_measurements(
+        per_prompt,
+        layer_fingerprint(model),
+        layers="full_attention",
+        canvas_length=model.config.canvas_length,
     )
 
 
@@ -218,13 +319,16 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
                 f"DiffusionGemma does not support {', '.join(given)}: each canvas re-votes at "
                 "its first decoder call already; leave them unset"
             )
+        if config.profile is not None:
+            config.profile.check_compatible(layer_fingerprint(model))
         _register()
         self.model = model.eval()
         self.config = config
-        text = model.config.get_text_config()
-        self.full_layers = tuple(
-            i for i, kind in enumerate(text.layer_types) if kind == "full_attention"
-        )
+        self.full_layers = full_layers(model)
+        # full layer -> its budget per KV head on average (the policy's layer allocation, in
+        # integral slots per layer as for every other model)
+        kv_heads = [heads for heads, _ in layer_fingerprint(model)["kv_heads_x_head_dim"]]
+        self.budgets = dict(zip(self.full_layers, layer_budgets(config, kv_heads)))
         self._state: Optional[_CacheState] = None
         self._padding: Optional[torch.Tensor] = None  # (B, P) of the running generate
         self._encoder_slots = None  # the _SLOTS token of a running encoder call
@@ -240,11 +344,12 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         (nothing would be evicted); a smaller budget is refused."""
         if self._static(kwargs):
             capacity = self._static_capacity(args, kwargs)
-            if capacity is None or capacity > self.config.budget:
+            smallest = min(self.budgets.values())
+            if capacity is None or capacity > smallest:
                 raise UnsupportedModelError(
                     "MaskKV cannot evict from a StaticCache (its slots are fixed): use the "
                     f"default dynamic cache, or a budget of at least the cache length "
-                    f"({capacity or 'unknown'}; the budget is {self.config.budget})"
+                    f"({capacity or 'unknown'}; the smallest layer budget is {smallest:g})"
                 )
             return self.model.generate(*args, **kwargs)
         if kwargs.get("cache") is None:  # a new cache: nothing of the last one carries over
@@ -298,7 +403,9 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         return {
             "policy": self.config.eviction.name,
             "budget": self.config.budget,
-            "layer_allocation": "uniform over the full layers; per KV head by the policy",
+            "layer_allocation": f"{self.config.eviction.layer_allocation()} over the full "
+            "layers; per KV head by the policy",
+            "layer_budgets": {layer: round(b, 3) for layer, b in self.budgets.items()},
             "seen": 0 if state is None else state.seen,
             "layers": layers,
             **self.counts,
@@ -375,7 +482,7 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
             self._held(slots[1] if fresh else self._state.valid, decoder) if held else None
         )
         try:
-            if not fresh or max(lengths.values(), default=0) <= self.config.budget:
+            if not fresh or all(n <= self.budgets[layer] for layer, n in lengths.items()):
                 if fresh:
                     self._track(cache, slots)
                 return type(model).forward(model, *args, **kwargs)
@@ -460,7 +567,7 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         real = valid.to(votes.device)
         available = real.sum(-1)  # (B, Hkv)
         budgets = self.config.eviction.head_budgets_rows(
-            float(self.config.budget),
+            self.budgets[layer],
             n_kv_heads=kv_heads,
             prompt_len=available.amax(1),
             min_keep=self.config.min_keep,
@@ -497,7 +604,7 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
                         "cache entries were recorded; the decoder did not run through MaskKV's "
                         "attention"
                     )
-                if votes.shape[-1] <= self.config.budget:
+                if votes.shape[-1] <= self.budgets[layer]:
                     continue
                 index, held = self._evict(cache, recorder, layer, valid[layer])
                 positions[layer] = positions[layer].gather(-1, index.cpu())

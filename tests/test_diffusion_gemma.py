@@ -281,6 +281,98 @@ def test_refusals(model):
         maskkv_compile.optimize(model, budget=4, revote=2)
 
 
+def _three_full_layers():
+    kinds = ["sliding_attention"] + ["full_attention"] * 3
+    return tiny_diffusion_gemma(dtype=torch.float64, layers=4, layer_types=kinds)
+
+
+def test_calibrate_measures_each_full_layers_attention_sub_layer_on_the_first_canvas():
+    """``calibrate`` on DiffusionGemma: one importance per full layer, 1 - cos(h_in, h_in + the
+    layer's normed attention output) over the first decoder call's canvas rows, measured here
+    from the attention module's own output; a layer whose attention writes nothing scores 0;
+    the caller's RNG is untouched."""
+    from maskkv_compile.profile import attention_importance
+
+    model = _three_full_layers()
+    prompts = [
+        torch.randint(3, 120, (1, 40), generator=torch.Generator().manual_seed(s)) for s in (0, 1)
+    ]
+    layers = model.model.decoder.layers
+    seen: dict[int, list] = {}
+
+    def layer_input(i):
+        return lambda module, args, kwargs: seen.setdefault(i, []).append(
+            [args[0] if args else kwargs["hidden_states"]]
+        )
+
+    def attention(i):
+        def hook(module, args, output):
+            seen[i][-1].append(layers[i].post_attention_layernorm(output[0]))
+
+        return hook
+
+    full = (1, 2, 3)
+    hooks = [layers[i].register_forward_pre_hook(layer_input(i), with_kwargs=True) for i in full]
+    hooks += [layers[i].self_attn.register_forward_hook(attention(i)) for i in full]
+    want = []
+    for prompt in prompts:
+        seen.clear()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model.generate(prompt, max_new_tokens=16, max_denoising_steps=1)
+        want.append([attention_importance(h, h + a) for h, a in (seen[i][0] for i in full)])
+    for hook in hooks:
+        hook.remove()
+    state = torch.random.get_rng_state()
+    profile = maskkv_compile.calibrate(model, prompts)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert profile.fingerprint["full_layers"] == [1, 2, 3] and profile.n_layers == 3
+    assert profile.importance == pytest.approx(torch.tensor(want).mean(0).tolist(), abs=1e-12)
+    assert min(profile.importance) > 0
+    with torch.no_grad():
+        layers[2].self_attn.o_proj.weight.zero_()
+    muted = maskkv_compile.calibrate(model, prompts[:1])
+    assert muted.importance[1] == pytest.approx(0.0, abs=1e-12) and muted.importance[0] > 0
+
+
+def test_a_layer_profile_splits_the_budget_over_the_full_layers():
+    """``MaskKV(profile=calibrate(...))``: each full layer keeps MaskKV's boundary-aware share
+    of ``budget x full layers``, not the same budget everywhere; profiles of another model, and
+    mask-model arguments, are refused."""
+    from maskkv_compile.budgets import layer_slot_totals, maskkv_layer_budgets
+    from maskkv_compile.policies import MaskKV
+    from maskkv_compile.profile import ProfileMismatchError
+    from maskkv_compile.tiny_models import tiny_llada
+
+    model = _three_full_layers()
+    prompt = torch.randint(3, 120, (1, 96), generator=torch.Generator().manual_seed(3))
+    profile = maskkv_compile.calibrate(model, [prompt])
+    budget = 40
+    # one KV head per full layer: integral slots per layer, exact in total
+    want = layer_slot_totals(maskkv_layer_budgets(profile.importance, budget), 1)
+    net = maskkv_compile.optimize(model, budget=budget, policy=MaskKV(profile=profile))
+    _generate(net, prompt, 0, max_new_tokens=16)
+    stats = net.cache_stats()
+    assert "boundary-aware" in stats["layer_allocation"]
+    assert list(stats["layer_budgets"].values()) == want
+    kept = {e["layer"]: e["kept_per_kv_head"] for e in stats["layers"]}
+    assert [kept[layer] for layer in (1, 2, 3)] == [[b] for b in want]
+    assert len(set(want)) > 1 and sum(want) == 3 * budget  # not uniform, the same total
+    uniform = maskkv_compile.optimize(model, budget=budget)
+    assert set(uniform.budgets.values()) == {budget}
+
+    with pytest.raises(ProfileMismatchError):
+        maskkv_compile.optimize(tiny_diffusion_gemma(), budget=4, policy=MaskKV(profile=profile))
+    llada = tiny_llada(layers=3, hidden=32, vocab=128, seed=0)
+    llada_profile = maskkv_compile.calibrate(llada, [prompt], gen_length=4, mask_token_id=127)
+    with pytest.raises(ProfileMismatchError):
+        maskkv_compile.optimize(model, budget=4, policy=MaskKV(profile=llada_profile))
+    with pytest.raises(ProfileMismatchError):
+        maskkv_compile.optimize(llada, budget=4, mask_token_id=127, policy=MaskKV(profile=profile))
+    with pytest.raises(ValueError, match="leave gen_length and mask_token_id unset"):
+        maskkv_compile.calibrate(model, [prompt], gen_length=16)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_random_call_sequences_leak_nothing(seed):
     """Calls of one optimized model with other prompts, batch sizes, padding and weight changes
