@@ -440,12 +440,14 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
     def _held(self, valid: dict, stack) -> Optional[dict]:
         """_SLOTS for a call on ``stack`` (the encoder's or decoder's layers): the full layers
         whose slots are not all held (evicted per head, or padding), or every full layer when
-        the batch is padded (transformers' masks from the 2-D padding mask assume an unevicted
-        cache), else None."""
+        the batch is padded or the full layers hold different numbers of slots (transformers
+        builds one full-attention mask, from the 2-D padding mask and one layer's length, for
+        an unevicted cache), else None."""
+        ragged = len({valid[layer].shape[-1] for layer in self.full_layers}) > 1
         held = {
             id(stack.layers[layer].self_attn): valid[layer]
             for layer in self.full_layers
-            if self._padding is not None or not bool(valid[layer].all())
+            if self._padding is not None or ragged or not bool(valid[layer].all())
         }
         return held or None
 

@@ -337,7 +337,8 @@ def test_calibrate_measures_each_full_layers_attention_sub_layer_on_the_first_ca
 
 def test_a_layer_profile_splits_the_budget_over_the_full_layers():
     """``MaskKV(profile=calibrate(...))``: each full layer keeps MaskKV's boundary-aware share
-    of ``budget x full layers``, not the same budget everywhere; profiles of another model, and
+    of ``budget x full layers``, not the same budget everywhere, across canvases (the encoder
+    and the next vote read layers of different lengths); profiles of another model, and
     mask-model arguments, are refused."""
     from maskkv_compile.budgets import layer_slot_totals, maskkv_layer_budgets
     from maskkv_compile.policies import MaskKV
@@ -351,8 +352,9 @@ def test_a_layer_profile_splits_the_budget_over_the_full_layers():
     # one KV head per full layer: integral slots per layer, exact in total
     want = layer_slot_totals(maskkv_layer_budgets(profile.importance, budget), 1)
     net = maskkv_compile.optimize(model, budget=budget, policy=MaskKV(profile=profile))
-    _generate(net, prompt, 0, max_new_tokens=16)
+    _generate(net, prompt, 0, max_new_tokens=32)  # the second canvas's encoder and vote too
     stats = net.cache_stats()
+    assert stats["votes"] == 2 and stats["seen"] == 96 + 16
     assert "boundary-aware" in stats["layer_allocation"]
     assert list(stats["layer_budgets"].values()) == want
     kept = {e["layer"]: e["kept_per_kv_head"] for e in stats["layers"]}
@@ -373,17 +375,28 @@ def test_a_layer_profile_splits_the_budget_over_the_full_layers():
         maskkv_compile.calibrate(model, [prompt], gen_length=16)
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(4))
 def test_random_call_sequences_leak_nothing(seed):
     """Calls of one optimized model with other prompts, batch sizes, padding and weight changes
     mixed in: each gives what the same call gives on a freshly optimized model (budget 6), and
     on the plain model (full budget): no state carries from one generation to the next. Seed 2
-    has two KV heads in the full layer (budgets split per head)."""
+    has two KV heads in the full layer (budgets split per head); seed 3 three full layers and a
+    layer profile (budgets split per layer)."""
     import random
 
+    from maskkv_compile.policies import MaskKV
+
     heads = {"num_global_key_value_heads": 2} if seed == 2 else {}  # per-head budgets too
+    if seed == 3:
+        heads = {"layers": 4, "layer_types": ["sliding_attention"] + ["full_attention"] * 3}
     model = tiny_diffusion_gemma(dtype=torch.float64, seed=seed, **heads)
-    small, full = (maskkv_compile.optimize(model, budget=b) for b in (6, 4096))
+    policy = "maskkv"
+    if seed == 3:
+        calibration = torch.randint(3, 120, (1, 40), generator=torch.Generator().manual_seed(9))
+        policy = MaskKV(profile=maskkv_compile.calibrate(model, [calibration]))
+    budget = 10 if seed == 3 else 6  # at 10 the profile's split is not uniform (11 / 9 / 10)
+    small, full = (maskkv_compile.optimize(model, budget=b, policy=policy) for b in (budget, 4096))
+    assert seed != 3 or len(set(small.budgets.values())) == 3
     rng = random.Random(seed)
     for call in range(6):
         if rng.random() < 0.3:  # the weights change between calls
@@ -395,7 +408,8 @@ def test_random_call_sequences_leak_nothing(seed):
         kwargs = dict(max_new_tokens=rng.choice([16, 32]))
         if batch == 2:
             kwargs["attention_mask"] = mask
-        want_small = _generate(maskkv_compile.optimize(model, budget=6), prompt, call, **kwargs)
+        fresh = maskkv_compile.optimize(model, budget=budget, policy=policy)
+        want_small = _generate(fresh, prompt, call, **kwargs)
         assert torch.equal(_generate(small, prompt, call, **kwargs), want_small)
         assert torch.equal(
             _generate(full, prompt, call, **kwargs), _generate(model, prompt, call, **kwargs)
