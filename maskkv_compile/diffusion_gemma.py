@@ -161,7 +161,8 @@ def calibrate(model: torch.nn.Module, prompts):
             if prompt.shape[0] != 1:
                 raise ValueError(f"calibrate takes one prompt at a time, got {tuple(prompt.shape)}")
             captured.clear()
-            with torch.random.fork_rng(devices=[]):
+            device = prompt.device
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(0)
                 try:
                     model.generate(prompt, max_new_tokens=model.config.canvas_length)
