@@ -1,8 +1,10 @@
 """``calibrate(model, prompts)``: the offline layer-importance profile MaskKV allocates by.
 
 For every calibration prompt (with ``gen_length`` masks appended, as at step 0 of a
-generation) it runs the model once through a graph in which CaptureResidualPass exposes the
-residual stream before and after each attention sub-layer, and measures
+generation; for a block-diffusion model, ``block_length=b``: masks to the end of the prompt's
+last block, called block-causally, as a block loop's first window) it runs the model once
+through a graph in which CaptureResidualPass exposes the residual stream before and after each
+attention sub-layer, and measures
 ``I_l = 1 - mean_i cos(h_in[i], h_out[i])``. The same graph also holds CaptureVotesPass's
 votes of the mask queries at every site, from which it measures each layer's attention-coverage
 curve: the share of the mask queries' attention that each KV head's top-k prompt entries hold,
@@ -22,6 +24,7 @@ from maskkv_compile.passes import FindAttentionPass, PassManager, UnsupportedMod
 from maskkv_compile.passes.base import extra_inputs
 from maskkv_compile.passes.capture_residual import CaptureResidualPass
 from maskkv_compile.passes.capture_votes import CaptureVotesPass
+from maskkv_compile.passes.mask_padding import MaskPaddingPass
 from maskkv_compile.pipeline import copy_graph_module
 from maskkv_compile.profile import LayerProfile, attention_importance, model_fingerprint
 
@@ -47,8 +50,12 @@ class _CalibrationBackend:
     def __init__(self):
         self.measurements: list[list[float]] = []
         self.coverage: list[torch.Tensor] = []  # one (layers, K) tensor per prompt
-        self.prompt_len = 0  # set by calibrate() before each call, with the call's ids
+        # set by calibrate() before each call: the call's ids, where its voters start, the end
+        # of the prefix they vote over, and each query's key end (block-causal; empty: none)
         self.ids: Optional[torch.Tensor] = None
+        self.prompt_len = 0
+        self.prefix_len = 0
+        self.key_end: Optional[torch.Tensor] = None
 
     def __call__(self, gm, example_inputs):
         analyse(gm)
@@ -56,10 +63,15 @@ class _CalibrationBackend:
         original = len(graph.graph.find_nodes(op="placeholder"))
         manager = PassManager(
             "calibration",
-            [FindAttentionPass(), CaptureResidualPass(), CaptureVotesPass(MaskKVConfig())],
+            [
+                FindAttentionPass(),
+                MaskPaddingPass(),
+                CaptureResidualPass(),
+                CaptureVotesPass(MaskKVConfig()),
+            ],
         )
         manager(graph)
-        find, residual, _ = (record.result for record in manager.records)
+        find, _, residual, _ = (record.result for record in manager.records)
         problems = find.skipped + residual.skipped
         if problems or find.matches == 0 or residual.matches != find.matches:
             raise UnsupportedModelError(
@@ -79,7 +91,8 @@ class _CalibrationBackend:
             positions = torch.arange(seq, device=self.ids.device)
             extra = {
                 "voter_idx": positions[self.prompt_len :],
-                "prompt_idx": positions[: self.prompt_len],
+                "prompt_idx": positions[: self.prefix_len],
+                "key_end": self.key_end,
             }  # key_valid / voter_valid / prompt_valid: None (no padding)
             outputs = graph(*args, *(extra.get(name) for name in added))
             pairs = outputs[n_outputs : n_outputs + 2 * find.matches]
@@ -104,10 +117,15 @@ def calibrate(
     *,
     gen_length: Optional[int] = None,
     mask_token_id: Optional[int] = None,
+    block_length: Optional[int] = None,
     progress: bool = True,
 ) -> LayerProfile:
     """Measure the layer profile of ``model`` on ``prompts`` ((1, P) or (P,) token ids each),
-    with ``gen_length`` masks appended (default 64). A DiffusionGemma model has no mask token:
+    with ``gen_length`` masks appended (default 64). A block-diffusion model (``block_length``:
+    its blocks, on the grid from position 0) is measured as its block loop's first window
+    calls it: the prompt and masks to the end of the block that holds the first mask (so
+    ``gen_length`` does not apply), block-causal attention, the block's masks voting over the
+    earlier blocks. A DiffusionGemma model has no mask token:
     its first canvas is the voters, and its full-attention layers are the profile's
     (``maskkv_compile.diffusion_gemma.calibrate``; ``gen_length`` and ``mask_token_id`` do not
     apply)."""
@@ -122,6 +140,11 @@ def calibrate(
                 "leave gen_length and mask_token_id unset"
             )
         return calibrate_canvas(model, list(prompts))
+    if block_length is not None and (gen_length is not None or block_length < 1):
+        raise ValueError(
+            f"calibrate with block_length={block_length}: the window ends with the prompt's "
+            "block (leave gen_length unset), and a block is at least one token"
+        )
     gen_length = 64 if gen_length is None else gen_length
     token = (
         mask_token_id
@@ -144,17 +167,18 @@ def calibrate(
 
     model.eval()
     for prompt in tqdm(prompts, desc="calibrating MaskKV layer profile", disable=not progress):
-        x = torch.cat(
-            [
-                prompt,
-                torch.full(
-                    (prompt.shape[0], gen_length), token, dtype=prompt.dtype, device=prompt.device
-                ),
-            ],
-            1,
-        )
+        p = prompt.shape[1]
+        masks = gen_length if block_length is None else (p // block_length + 1) * block_length - p
+        tail = torch.full((prompt.shape[0], masks), token, dtype=prompt.dtype, device=prompt.device)
+        x = torch.cat([prompt, tail], 1)
         mark_dynamic(x, 1)
-        backend.prompt_len, backend.ids = prompt.shape[1], x
+        positions = torch.arange(x.shape[1], device=x.device)
+        backend.ids, backend.prompt_len = x, p
+        if block_length is None:
+            backend.prefix_len, backend.key_end = p, positions[:0]
+        else:  # the earlier blocks; each query sees its own block and every earlier one
+            backend.prefix_len = p // block_length * block_length
+            backend.key_end = (positions // block_length + 1) * block_length
         compiled(input_ids=x, use_cache=False)
     fingerprint = model_fingerprint(getattr(model, "config", model), type(model).__name__)
     return LayerProfile.from_measurements(
@@ -162,5 +186,5 @@ def calibrate(
         fingerprint,
         coverage=backend.coverage,
         coverage_k=COVERAGE_K,
-        gen_length=gen_length,
+        **({"gen_length": gen_length} if block_length is None else {"block_length": block_length}),
     )

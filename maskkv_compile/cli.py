@@ -31,13 +31,7 @@ def cmd_demo(args) -> int:
         print(f"{missing}; running the random-weight tiny-llama stand-in instead")
         bundle = load_bundle("tiny-llama", samples=1)
     sample = bundle.samples[0]
-    profile = maskkv_compile.calibrate(
-        bundle.model,
-        bundle.calibration,
-        gen_length=bundle.calibration_gen_length,
-        mask_token_id=bundle.mask_id,
-        progress=False,
-    )
+    profile = bundle.calibrate()
     optimized = maskkv_compile.optimize(
         bundle.model,
         budget=args.budget,

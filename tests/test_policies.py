@@ -100,6 +100,35 @@ def test_a_profile_for_another_model_is_refused():
         maskkv_compile.optimize(model, budget=6, profile=other)
 
 
+def _reference_importance(model, x, attention_mask=None) -> list[float]:
+    """Independent measurement: hooks on the HF layers (input of the layer; input + attention
+    output)."""
+    captured = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        hooks.append(
+            layer.register_forward_pre_hook(
+                lambda m, a, k, i=i: captured.__setitem__(
+                    ("in", i), k.get("hidden_states", a[0] if a else None)
+                ),
+                with_kwargs=True,
+            )
+        )
+        hooks.append(
+            layer.self_attn.register_forward_hook(
+                lambda m, a, out, i=i: captured.__setitem__(("attn", i), out[0])
+            )
+        )
+    with torch.no_grad():
+        model(x, attention_mask=attention_mask, use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    return [
+        attention_importance(captured[("in", i)], captured[("in", i)] + captured[("attn", i)])
+        for i in range(len(model.model.layers))
+    ]
+
+
 def test_calibrate_measures_the_residual_stream_around_attention():
     model = build("llada", layers=3)
     prompts = [
@@ -107,43 +136,44 @@ def test_calibrate_measures_the_residual_stream_around_attention():
     ]
     profile = maskkv_compile.calibrate(model, prompts, gen_length=8, progress=False)
     assert profile.fingerprint == model_fingerprint(model.config, type(model).__name__)
-    # independent measurement: hooks on the HF layers (input of the layer; input + attention output)
-    expected = []
-    for prompt in prompts:
-        x = torch.cat([prompt, torch.full((1, 8), model.config.mask_token_id)], 1)
-        captured = {}
-        hooks = []
-        for i, layer in enumerate(model.model.layers):
-            hooks.append(
-                layer.register_forward_pre_hook(
-                    lambda m, a, k, i=i, captured=captured: captured.__setitem__(
-                        ("in", i), k.get("hidden_states", a[0] if a else None)
-                    ),
-                    with_kwargs=True,
-                )
-            )
-            hooks.append(
-                layer.self_attn.register_forward_hook(
-                    lambda m, a, out, i=i, captured=captured: captured.__setitem__(
-                        ("attn", i), out[0]
-                    )
-                )
-            )
-        with torch.no_grad():
-            model(x, use_cache=False)
-        for hook in hooks:
-            hook.remove()
-        expected.append(
-            [
-                attention_importance(
-                    captured[("in", i)], captured[("in", i)] + captured[("attn", i)]
-                )
-                for i in range(3)
-            ]
-        )
+    mask = model.config.mask_token_id
+    expected = [
+        _reference_importance(model, torch.cat([p, torch.full((1, 8), mask)], 1)) for p in prompts
+    ]
     torch.testing.assert_close(
         torch.tensor(profile.importance, dtype=torch.float64),
         torch.tensor(expected, dtype=torch.float64).mean(0),
         atol=1e-5,
         rtol=1e-5,
     )
+
+
+def test_calibrate_a_block_diffusion_model_on_its_first_window_block_causally():
+    """``block_length=b``: the prompt and masks to the end of its block, the model called with
+    the block-causal mask (an independent reference through the model's own 4-D mask); the
+    profile differs from one measured bidirectionally, which such a model never runs."""
+    from maskkv_compile.evaluation.ruler import block_mask
+
+    model = build("llada", layers=3)
+    prompts = [
+        prompt_and_masks(model, prompt_len=21 + 8 * i, gen_len=0, seed=i)[0] for i in range(2)
+    ]
+    profile = maskkv_compile.calibrate(model, prompts, block_length=8, progress=False)
+    assert profile.meta["block_length"] == 8 and "gen_length" not in profile.meta
+    expected = []
+    for p in prompts:
+        end = (p.shape[1] // 8 + 1) * 8
+        x = torch.cat([p, torch.full((1, end - p.shape[1]), model.config.mask_token_id)], 1)
+        expected.append(_reference_importance(model, x, block_mask(end, 8)))
+    torch.testing.assert_close(
+        torch.tensor(profile.importance, dtype=torch.float64),
+        torch.tensor(expected, dtype=torch.float64).mean(0),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    bidirectional = maskkv_compile.calibrate(model, prompts, gen_length=3, progress=False)
+    assert not torch.allclose(
+        torch.tensor(profile.importance), torch.tensor(bidirectional.importance), atol=1e-4
+    )
+    with pytest.raises(ValueError, match="leave gen_length unset"):
+        maskkv_compile.calibrate(model, prompts, block_length=8, gen_length=8)

@@ -109,6 +109,22 @@ class Bundle:
     )
     block_length: Optional[int] = None  # a block-diffusion model: the suite runs its block loop
 
+    def calibrate(self):
+        """The layer profile on the calibration prompts, measured as the bundle's loop calls
+        the model: with ``calibration_gen_length`` masks, or for a block-diffusion model its
+        first block window, block-causally."""
+        import maskkv_compile
+
+        block = self.block_length is not None
+        return maskkv_compile.calibrate(
+            self.model,
+            self.calibration,
+            gen_length=None if block else self.calibration_gen_length,
+            block_length=self.block_length,
+            mask_token_id=self.mask_id,
+            progress=False,
+        )
+
 
 def read_table(name: str) -> list[dict]:
     """Rows of a tab-separated file of ``maskkv_compile/data`` ('#' lines are comments)."""

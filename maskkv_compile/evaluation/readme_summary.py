@@ -31,6 +31,11 @@ ROWS = (
     ("quality_tiny_dllm.json", "tiny-dllm", (4, 8, 26)),
     ("quality_ruler.json", "ruler (full attention)", (16, 32, 64, 128, 256)),
     ("quality_ruler_block.json", "ruler-block (blocks of 32)", (16, 32, 64, 128, 256)),
+    # training checkpoints that do not pass the ship bar (docs/ruler_models.md)
+    ("ruler_full_256/quality_ruler.json", "ruler checkpoint, 256 tokens", (8, 16, 32, 64)),
+    ("ruler_full_1024/quality_ruler.json", "ruler checkpoint, 1024 tokens", (16, 64, 256)),
+    ("ruler_block_256/quality_ruler_block.json", "ruler-block checkpoint, 256", (8, 16, 32, 64)),
+    ("ruler_block_512/quality_ruler_block.json", "ruler-block checkpoint, 512", (16, 64, 128)),
 )
 
 

@@ -398,16 +398,8 @@ class Suite:
         ``coverage``: it must hold coverage curves; a profile read back from a JSON written
         before they existed is measured again, and must have the same importances."""
         if self.profile is None or (coverage and not self.profile.has_coverage):
-            import maskkv_compile
-
             b = self.bundle
-            measured = maskkv_compile.calibrate(
-                b.model,
-                b.calibration,
-                gen_length=b.calibration_gen_length,
-                mask_token_id=b.mask_id,
-                progress=False,
-            )
+            measured = b.calibrate()
             self.model_calls += len(b.calibration)
             old = self.profile
             if old is not None and not torch.allclose(
