@@ -9,6 +9,8 @@ full-attention layer, 4 experts, canvas 16) generates two canvases:
    full-attention layer of the cache ``generate`` returns holds 8 entries per KV head.
 3. diffusers' ``DiffusionGemmaPipeline`` is tried on the plain model. Its processor here is
    a minimal byte tokenizer with a chat template, since no real one ships offline.
+4. A model with three full-attention layers gets a layer profile from ``calibrate`` (measured on
+   the voting canvas), and MaskKV splits its budget over those layers by it.
 """
 
 import torch
@@ -66,3 +68,18 @@ except ImportError as error:
     print(f"3. diffusers not installed: {error}")
 except TypeError as error:
     print(f"3. DiffusionGemmaPipeline fails on the plain model: TypeError: {error}")
+
+
+# 4. a layer profile over three full-attention layers
+from maskkv_compile.policies import MaskKV  # noqa: E402
+
+kinds = ["sliding_attention"] + ["full_attention"] * 3
+deep = tiny_diffusion_gemma(dtype=torch.float64, layers=4, layer_types=kinds)
+long_prompt = torch.randint(3, 120, (1, 96), generator=torch.Generator().manual_seed(3))
+profile = maskkv_compile.calibrate(deep, [long_prompt])
+profiled = maskkv_compile.optimize(deep, budget=40, policy=MaskKV(profile=profile))
+torch.manual_seed(0)
+profiled.generate(long_prompt, max_new_tokens=32, max_denoising_steps=4)
+kept = [entry["kept_per_kv_head"][0] for entry in profiled.cache_stats()["layers"]]
+importance = ", ".join(f"{i:.3f}" for i in profile.importance)
+print(f"4. layer profile ({importance}): full layers 1-3 keep {kept} of 40 x 3 entries")

@@ -58,6 +58,9 @@ def test_diffusion_gemma_example(script):
     assert (
         "2. budget 8: 2 votes, 2 encoder calls, 8 decoder calls; full layer 1 keeps 8 of 64" in out
     )
+    (kept,) = re.findall(r"full layers 1-3 keep \[(\d+), (\d+), (\d+)\] of 40 x 3 entries", out)
+    kept = [int(k) for k in kept]
+    assert sum(kept) == 120 and len(set(kept)) > 1  # the whole budget, split by the profile
     # diffusers 0.42.1's pipeline calls the decoder's mask builder with transformers' old
     # keyword; when that is fixed upstream the example says the pipeline ran
     assert (
