@@ -47,15 +47,12 @@ class _CalibrationBackend:
     """Runs the model's graph with (h_in, h_out) and the mask votes of every layer as extra
     outputs, records the layer importances and coverage curves."""
 
-    def __init__(self):
+    def __init__(self, block_length: Optional[int] = None):
         self.measurements: list[list[float]] = []
         self.coverage: list[torch.Tensor] = []  # one (layers, K) tensor per prompt
-        # set by calibrate() before each call: the call's ids, where its voters start, the end
-        # of the prefix they vote over, and each query's key end (block-causal; empty: none)
+        self.block_length = block_length  # None: bidirectional calls
+        self.prompt_len = 0  # set by calibrate() before each call, with the call's ids
         self.ids: Optional[torch.Tensor] = None
-        self.prompt_len = 0
-        self.prefix_len = 0
-        self.key_end: Optional[torch.Tensor] = None
 
     def __call__(self, gm, example_inputs):
         analyse(gm)
@@ -89,10 +86,14 @@ class _CalibrationBackend:
         def run(*args):
             seq = self.ids.shape[1]
             positions = torch.arange(seq, device=self.ids.device)
+            block, prefix, key_end = self.block_length, self.prompt_len, positions[:0]
+            if block is not None:  # the earlier blocks vote; each query sees its own block too
+                prefix = self.prompt_len // block * block
+                key_end = (positions // block + 1) * block
             extra = {
                 "voter_idx": positions[self.prompt_len :],
-                "prompt_idx": positions[: self.prefix_len],
-                "key_end": self.key_end,
+                "prompt_idx": positions[:prefix],
+                "key_end": key_end,
             }  # key_valid / voter_valid / prompt_valid: None (no padding)
             outputs = graph(*args, *(extra.get(name) for name in added))
             pairs = outputs[n_outputs : n_outputs + 2 * find.matches]
@@ -156,7 +157,7 @@ def calibrate(
     prompts = [p if p.dim() == 2 else p[None] for p in prompts]
     if not prompts:
         raise ValueError("calibrate needs at least one prompt")
-    backend = _CalibrationBackend()
+    backend = _CalibrationBackend(block_length)
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     try:
         from tqdm.auto import tqdm
@@ -172,13 +173,7 @@ def calibrate(
         tail = torch.full((prompt.shape[0], masks), token, dtype=prompt.dtype, device=prompt.device)
         x = torch.cat([prompt, tail], 1)
         mark_dynamic(x, 1)
-        positions = torch.arange(x.shape[1], device=x.device)
         backend.ids, backend.prompt_len = x, p
-        if block_length is None:
-            backend.prefix_len, backend.key_end = p, positions[:0]
-        else:  # the earlier blocks; each query sees its own block and every earlier one
-            backend.prefix_len = p // block_length * block_length
-            backend.key_end = (positions // block_length + 1) * block_length
         compiled(input_ids=x, use_cache=False)
     fingerprint = model_fingerprint(getattr(model, "config", model), type(model).__name__)
     return LayerProfile.from_measurements(

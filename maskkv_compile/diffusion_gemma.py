@@ -320,15 +320,16 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
                 f"DiffusionGemma does not support {', '.join(given)}: each canvas re-votes at "
                 "its first decoder call already; leave them unset"
             )
+        fingerprint = layer_fingerprint(model)
         if config.profile is not None:
-            config.profile.check_compatible(layer_fingerprint(model))
+            config.profile.check_compatible(fingerprint)
         _register()
         self.model = model.eval()
         self.config = config
-        self.full_layers = full_layers(model)
+        self.full_layers = tuple(fingerprint["full_layers"])
         # full layer -> its budget per KV head on average (the policy's layer allocation, in
         # integral slots per layer as for every other model)
-        kv_heads = [heads for heads, _ in layer_fingerprint(model)["kv_heads_x_head_dim"]]
+        kv_heads = [heads for heads, _ in fingerprint["kv_heads_x_head_dim"]]
         self.budgets = dict(zip(self.full_layers, layer_budgets(config, kv_heads)))
         self._state: Optional[_CacheState] = None
         self._padding: Optional[torch.Tensor] = None  # (B, P) of the running generate
