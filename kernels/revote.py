@@ -5,7 +5,7 @@ post-RoPE K/V at the prompt positions ``prompt_idx`` (P,), copied out of the pre
 a later re-vote can choose among every prompt entry (``MaskKVConfig.revote``).
 
 ``revote_kv(q, k, prompt_k, prompt_v, prompt_pos, prompt_valid, resp_valid, row_end,
-voter_idx, voter_valid, kept_k, kept_len, scale, chunk, policy, kernel, sink, seed)
+voter_idx, voter_valid, kept_k, kept_len, scale, chunk, policy, kernel, sink, seed, recent)
 -> (kept_k, kept_v, kept_len, kept_pos)``: one layer's re-selection at a step.
 
   q (B, H, C, D), k (B, Hkv, C, D): the step's computed rows (post-RoPE, absolute positions);
@@ -131,12 +131,15 @@ def revote_kv(
     kernel: int,
     sink: int,
     seed: int,
+    recent: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     votes = revote_votes(
         q, k, prompt_k, prompt_valid, resp_valid, row_end, voter_idx, voter_valid, scale, chunk
     )
     if prompt_valid.dim() == 2:
-        scores = torch.ops.maskkv.selection_scores(votes, prompt_valid, policy, kernel, sink, seed)
+        scores = torch.ops.maskkv.selection_scores(
+            votes, prompt_valid, policy, kernel, sink, seed, recent
+        )
     else:  # per-head candidates: each (row, KV head) ranked as a row of its own
         batch, kv_heads, width = votes.shape
         scores = torch.ops.maskkv.selection_scores(
@@ -146,6 +149,7 @@ def revote_kv(
             kernel,
             sink,
             seed,
+            recent,
         ).reshape(batch, kv_heads, width)
     eligible = torch.isfinite(scores).sum(-1)  # (B, Hkv)
     budgets = torch.minimum(kept_len.to(torch.long), eligible)
@@ -175,6 +179,7 @@ def _(
     kernel,
     sink,
     seed,
+    recent,
 ):
     batch, kv_heads, kmax = kept_k.shape[:3]
     return (

@@ -49,16 +49,22 @@ from __future__ import annotations
 import torch
 
 
-def select_kv_reference(votes: torch.Tensor, budgets: torch.Tensor) -> list[list[torch.Tensor]]:
-    """Oracle: for each (batch, KV head), the sorted prompt-local indices kept (-inf never)."""
+def select_kv_reference(
+    votes: torch.Tensor, budgets: torch.Tensor, recent: int = 0
+) -> list[list[torch.Tensor]]:
+    """Oracle: for each (batch, KV head), the sorted prompt-local indices kept (-inf never):
+    the last ``recent`` eligible columns first, nearest first, then the best votes."""
     out = []
     for b in range(votes.shape[0]):
         row = []
         for h in range(votes.shape[1]):
             eligible = [j for j in range(votes.shape[2]) if float(votes[b, h, j]) != float("-inf")]
             n = min(int(budgets[b, h]), len(eligible))
+            near = eligible[::-1][:recent]
             # stable descending sort: equal votes keep the earlier position first
-            order = sorted(eligible, key=lambda j: (-float(votes[b, h, j]), j))
+            order = near + sorted(
+                (j for j in eligible if j not in near), key=lambda j: (-float(votes[b, h, j]), j)
+            )
             row.append(torch.tensor(sorted(order[:n]), dtype=torch.long))
         out.append(row)
     return out

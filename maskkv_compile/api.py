@@ -308,6 +308,7 @@ def optimize(
     revote=None,
     second_tier: Optional[str] = None,
     revote_voters: Optional[str] = None,
+    recent: Optional[int] = None,
     config: Optional[MaskKVConfig] = None,
 ) -> MaskKVModel:
     """Rewrite ``model`` for MaskKV; nothing about the model itself changes.
@@ -328,6 +329,9 @@ def optimize(
         or "host" (page-locked host memory on CUDA, copied in at each re-vote).
     revote_voters: who votes at a re-vote: "response" (default: every response row) or
         "masked" (the rows still masked in the call).
+    recent: prompt entries nearest the response (block diffusion: just before the current
+        block) that every KV head keeps whatever the policy ranks, out of its budget
+        (default 0: the policy alone chooses).
     config: a full :class:`MaskKVConfig`; the keyword arguments above override its fields.
     """
     overrides = {
@@ -344,6 +348,7 @@ def optimize(
             revote=revote,
             second_tier=second_tier,
             revote_voters=revote_voters,
+            recent=recent,
         ).items()
         if v is not None
     }

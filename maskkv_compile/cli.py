@@ -302,6 +302,7 @@ def cmd_eval(args) -> int:
             revote_voters=args.revote_voters,
             semi_ar=args.semi_ar,
             dual=args.dual,
+            recent=args.recent,
         )
     except ModelUnavailable as error:
         print(f"{args.model}: {error}", file=sys.stderr)
@@ -644,6 +645,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --semi-ar B: also run every policy x budget with the dual cache "
         "(optimize(block_length=B)); cells keyed <policy>@<B>+dual and full_cache+dual",
+    )
+    quality.add_argument(
+        "--recent",
+        type=int,
+        default=0,
+        metavar="R",
+        help="every configuration keeps the R prompt entries nearest the response (block "
+        "models: just before the block) in every head (optimize(recent=R)); give it its own "
+        "--out",
     )
     quality.add_argument(
         "--tasks", nargs="+", default=None, help="default: every task of the model"

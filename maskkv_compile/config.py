@@ -168,6 +168,13 @@ class MaskKVConfig:
     max_sessions: prompts whose caches are kept at once (2 lets classifier-free guidance
         alternate a conditional and an unconditional prompt without re-prefilling).
     min_keep: fewest prompt entries any KV head keeps (every policy).
+    recent: prompt entries nearest the response that every KV head keeps whatever the policy
+        ranks (block diffusion: the prefix entries just before the current block), at most
+        ``budget``; they come out of the head's budget, nearest first where the budget is
+        smaller. 0 (default): the policy alone chooses. Applies at the prefill, at every
+        re-selection and at block diffusion's per-block re-selection (``maskkv::
+        selection_scores``). A local window for what the voters see only faintly: on the
+        block-diffusion checkpoint, items just before the block (``docs/ruler_models.md``).
     block_length: dual cache (Fast-dLLM's, for semi-autoregressive loops such as LLaDA's
         ``generate(..., block_length=...)``). Each row's response positions, in order, are cut
         into blocks of this many; at a block's first call the step graph computes every
@@ -201,6 +208,7 @@ class MaskKVConfig:
     max_sessions: int = 2
     eviction: Policy = dataclasses.field(default_factory=MaskKV)
     min_keep: int = 1
+    recent: int = 0
     block_length: Optional[int] = None
     reselection: Optional[Revote] = None
 
@@ -217,6 +225,7 @@ class MaskKVConfig:
         reuse_logits: bool = False,
         max_sessions: int = 2,
         min_keep: int = 1,
+        recent: int = 0,
         block_length: Optional[int] = None,
         revote: Any = _UNSET,
         eviction: Optional[Policy] = None,
@@ -263,6 +272,7 @@ class MaskKVConfig:
             max_sessions=max_sessions,
             eviction=chosen,
             min_keep=min_keep,
+            recent=recent,
             block_length=block_length,
             reselection=again,
         )
@@ -283,6 +293,13 @@ class MaskKVConfig:
         _require_int("vote_chunk", self.vote_chunk, minimum=1)
         _require_int("max_sessions", self.max_sessions, minimum=1)
         _require_int("min_keep", self.min_keep, minimum=1)
+        _require_int("recent", self.recent, minimum=0)
+        if self.recent > self.budget:
+            raise MaskKVConfigError(
+                f"recent={self.recent} exceeds budget={self.budget}: every head would keep only "
+                f"recent entries; give recent at most the budget (a few entries, such as "
+                f"budget // 16)"
+            )
         _require_int("block_length", self.block_length, minimum=1, allow_none=True)
         if not isinstance(self.reuse_logits, bool):
             raise MaskKVConfigError(
@@ -390,6 +407,7 @@ class MaskKVConfig:
             "alpha",
             "beta",
             "min_keep",
+            "recent",
             "window",
             "pool_kernel",
             "sink",

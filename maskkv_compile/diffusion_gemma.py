@@ -68,6 +68,7 @@ import torch
 from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.passes import UnsupportedModelError
 from maskkv_compile.passes.evict_kv import layer_budgets
+from maskkv_compile.policy_ops import lift_recent
 
 ATTENTION = "maskkv_dg_sdpa"
 _RECORDER: contextvars.ContextVar[Optional["_Votes"]] = contextvars.ContextVar(
@@ -580,7 +581,7 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         )
         budgets = torch.minimum(budgets.to(available.device), available)  # (B, Hkv)
         widest = int(budgets.max())
-        scores = votes.masked_fill(~real, float("-inf"))
+        scores = lift_recent(votes.masked_fill(~real, float("-inf")), real, self.config.recent)
         index = scores.topk(widest, dim=-1).indices  # (B, Hkv, Kmax), best first
         held = torch.arange(widest, device=index.device) < budgets[..., None]
         order = torch.where(held, index, index + length).argsort(-1)  # held ones by position

@@ -7,10 +7,14 @@ prefill graph decides each layer's kept set right after that layer's attention, 
 named by a string argument. Both work row by row: a row's scores and budgets are computed from that
 row's own prompt entries, exactly as if it were alone (batch invariance).
 
-``selection_scores(votes (B, Hkv, P), prompt_valid (B, P), policy, kernel, sink, seed) ->
-(B, Hkv, P)``: what the per-head top-k ranks (votes as they are, SnapKV-pooled,
+``selection_scores(votes (B, Hkv, P), prompt_valid (B, P), policy, kernel, sink, seed, recent)
+-> (B, Hkv, P)``: what the per-head top-k ranks (votes as they are, SnapKV-pooled,
 StreamingLLM's sink+recent order, or seeded random scores), computed over the row's valid
-prompt columns in order; ``-inf`` at the other columns, which are never kept. Every policy
+prompt columns in order; ``-inf`` at the other columns, which are never kept. Then
+``recent`` (``MaskKVConfig.recent``) lifts the row's last ``recent`` valid columns (the prompt
+entries nearest the response, or the prefix entries just before a block) above every other
+score, the nearest highest (:func:`lift_recent`): every head keeps them first, the nearest
+ones where its budget is smaller. Every policy
 but the random one does this for every row at once, without reading the device (SnapKV's
 pooling and StreamingLLM's order run on each row's own columns moved to the front); the
 random scores go row by row (each row's columns read on the host, once per layer).
@@ -41,10 +45,40 @@ def own_columns_first(prompt_valid: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return order, own
 
 
+def lift_recent(scores: torch.Tensor, valid: torch.Tensor, recent: int) -> torch.Tensor:
+    """``scores`` (..., P) with each row's last ``recent`` valid columns (``valid`` (..., P) or
+    broadcastable to it, columns in position order) raised above every finite score: the
+    nearest column gets the highest, so a top-k of ``k < recent`` keeps the ``k`` nearest.
+    The lift is ``1 + max |finite score|`` plus the column's rank in the window (1 to
+    ``recent``), exact in the float32/float64 scores the votes are accumulated in."""
+    if recent <= 0:
+        return scores
+    valid = valid.expand_as(scores)
+    after = valid.flip(-1).cumsum(-1).flip(-1)  # (..., P) valid columns at or after this one
+    near = valid & (after <= recent)
+    finite = torch.where(torch.isfinite(scores), scores.abs(), 0)
+    base = finite.amax(-1, keepdim=True) + 1  # (..., 1)
+    return torch.where(near, base + (recent + 1 - after).to(scores.dtype), scores)
+
+
 @torch.library.custom_op("maskkv::selection_scores", mutates_args=())
 def selection_scores(
-    votes: torch.Tensor, prompt_valid: torch.Tensor, policy: str, kernel: int, sink: int, seed: int
+    votes: torch.Tensor,
+    prompt_valid: torch.Tensor,
+    policy: str,
+    kernel: int,
+    sink: int,
+    seed: int,
+    recent: int,
 ) -> torch.Tensor:
+    return lift_recent(
+        _policy_scores(votes, prompt_valid, policy, kernel, sink, seed),
+        prompt_valid[:, None, :],
+        recent,
+    )
+
+
+def _policy_scores(votes, prompt_valid, policy, kernel, sink, seed) -> torch.Tensor:
     chosen = get_policy(policy)
     if chosen.vote_transform == "none":  # votes as they are: the same for every row at once
         return torch.where(prompt_valid[:, None, :], votes, float("-inf"))
@@ -80,7 +114,7 @@ def selection_scores(
 
 
 @selection_scores.register_fake
-def _(votes, prompt_valid, policy, kernel, sink, seed):
+def _(votes, prompt_valid, policy, kernel, sink, seed, recent):
     return torch.empty_like(votes)
 
 

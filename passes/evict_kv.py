@@ -3,7 +3,8 @@
 Matches every canonical ``maskkv::attention`` node that CaptureVotesPass annotated; inserts
 after it, for layer ``l`` with ``Hkv`` KV heads:
 
-    scores  = maskkv::selection_scores(votes, prompt_valid, policy, pool_kernel, sink, seed)
+    scores  = maskkv::selection_scores(votes, prompt_valid, policy, pool_kernel, sink, seed,
+                                       recent)
     budgets = maskkv::head_budgets(prompt_mass, scores, voter_valid, k_l, budget, policy, alpha,
                                    min_keep)
     kept    = maskkv::select_kv(k, v, scores, prompt_idx, budgets, slots_l)
@@ -98,7 +99,15 @@ class EvictKVPass(GraphPass):
             with gm.graph.inserting_before(prompt_mass.next):
                 scores = call(
                     torch.ops.maskkv.selection_scores.default,
-                    (votes, prompt_valid, cfg.policy, cfg.pool_kernel, cfg.sink, cfg.seed),
+                    (
+                        votes,
+                        prompt_valid,
+                        cfg.policy,
+                        cfg.pool_kernel,
+                        cfg.sink,
+                        cfg.seed,
+                        cfg.recent,
+                    ),
                 )
                 budgets = call(
                     torch.ops.maskkv.head_budgets.default,

@@ -7,7 +7,7 @@ row_end, scale, softmax_dtype)`` node; inserts before it
 
     new = maskkv::revote_kv(q, k, prompt_k_<l>, prompt_v_<l>, prompt_pos_<l>, prompt_valid_<l>,
                             resp_valid, row_end, revoter_idx, revoter_valid, kept_k_<l>,
-                            kept_len_<l>, scale, chunk, policy, pool_kernel, sink, seed)
+                            kept_len_<l>, scale, chunk, policy, pool_kernel, sink, seed, recent)
 
 and makes the attention read ``new``'s K/V and lengths instead of the old hot cache. New graph
 inputs: per layer the candidates ``prompt_k_<l>`` / ``prompt_v_<l>`` (B, Hkv, P, D), their
@@ -77,6 +77,7 @@ class RevoteKVPass(GraphPass):
                         cfg.pool_kernel,
                         cfg.sink,
                         cfg.seed,
+                        cfg.recent,
                     ),
                 )
                 fresh = [

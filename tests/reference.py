@@ -91,7 +91,8 @@ class PromptCacheReference:
                     votes=scores,
                     **options,
                 )
-            keep = select_kv_reference(scores, budgets.expand(batch, -1))
+            recent = 0 if self.budget is None or len(prompt) <= self.budget else cfg.recent
+            keep = select_kv_reference(scores, budgets.expand(batch, -1), recent)
             positions = [[prompt[idx] for idx in row] for row in keep]
             self.kept[layer] = (
                 positions,

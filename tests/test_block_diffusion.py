@@ -492,14 +492,18 @@ def _layer0_qk(model, x, mask):
     return seen[0]
 
 
+@pytest.mark.parametrize("recent", [0, 2], ids=["votes alone", "recent 2"])
 @pytest.mark.parametrize("shift", [0, 1], ids=["llada2", "token shift"])
-def test_a_grown_window_reselects_the_top_of_the_new_blocks_votes_over_kept_and_finished(shift):
+def test_a_grown_window_reselects_the_top_of_the_new_blocks_votes_over_kept_and_finished(
+    shift, recent
+):
     """Without ``revote``, the new block's first step re-selects each (row, KV head) over its
     own [kept prefix ; finished block]: at layer 0 (whose q and k the eviction upstream cannot
     change) the kept set is the top-budget of the new block's mask votes over exactly those
     candidates, the softmax running over them and the block's keys. With the token shift
     (Fast-dLLM v2: family "dream"), the row before each mask votes, the row before the block is
-    computed with the block (never kept), and the finished rows are the block's shifted by one."""
+    computed with the block (never kept), and the finished rows are the block's shifted by one.
+    With ``recent``, the prefix entries just before each block are kept first, in every head."""
     model = _zero_mask_row(tiny_llada2(dtype=torch.float64, block_length=4))
     budget = 5
     optimized = maskkv_compile.optimize(
@@ -508,6 +512,7 @@ def test_a_grown_window_reselects_the_top_of_the_new_blocks_votes_over_kept_and_
         policy="mask_voting_uniform",
         backend="eager",
         family="dream" if shift else "llada",
+        recent=recent,
     )
     x = _prompt(2, 28)
     first = x[:, :24].clone()
@@ -533,12 +538,15 @@ def test_a_grown_window_reselects_the_top_of_the_new_blocks_votes_over_kept_and_
             kept = old_pos[b, h, : int(old_len[b, h])]
             assert int(old_len[b, h]) == budget  # a prompt of 20: every head evicted
             assert int(kept.max()) < 20 - shift  # the computed rows were never candidates
+            nearest = set(range(20 - shift - recent, 20 - shift))  # just before window 1's block
+            assert nearest <= set(kept.tolist())
             candidates = torch.cat([kept, finished])
             keys = key[b, h, torch.cat([candidates, block])]  # (budget + 4 + 4 + shift, D)
             probs = torch.softmax(
                 query[b, h * group : (h + 1) * group, voters] @ keys.T * scaling, -1
             )
             votes = probs[..., : candidates.numel()].sum((0, 1))
+            votes[candidates.numel() - recent :] = float("inf")  # the finished block's last
             top = sorted(candidates[votes.topk(budget).indices].tolist())
             assert after.kept_pos[b, h, : int(after.kept_len[b, h])].tolist() == top, (b, h)
             assert int(after.kept_len[b, h]) == budget

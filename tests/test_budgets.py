@@ -556,7 +556,7 @@ def test_selection_scores_op_every_row_at_once_equals_each_row_alone(policy):
         valid = torch.rand(batch, num, generator=gen) < rng.uniform(0.2, 1.0)
         valid[:, rng.randrange(num)] = True  # every row has a prompt
         kernel, sink = rng.choice([1, 3, 5, 7]), rng.randint(0, 8)
-        got = torch.ops.maskkv.selection_scores(votes, valid, policy, kernel, sink, 0)
+        got = torch.ops.maskkv.selection_scores(votes, valid, policy, kernel, sink, 0, 0)
         for row in range(batch):
             columns = valid[row].nonzero().flatten()
             own = votes[row : row + 1].index_select(2, columns)

@@ -116,6 +116,8 @@ def test_flat_options_land_on_the_policy_that_has_them():
         ({"policy": "h2o"}, "unknown policy 'h2o'"),
         ({"policy": 3}, "policy must be a policy name or object"),
         ({"windw": 3}, r"unknown option\(s\) \['windw'\]"),
+        ({"recent": -1}, "recent must be >= 0, got -1"),
+        ({"budget": 8, "recent": 9}, "recent=9 exceeds budget=8"),
     ],
 )
 def test_an_option_the_policy_lacks_is_refused(options, message):

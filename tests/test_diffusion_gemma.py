@@ -168,14 +168,18 @@ def _reference_votes(prompt, seed, attention_mask=None, with_mass=False, **optio
     return (layer, seen[0], seen[1]) if with_mass else (layer, seen[0])
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_kept_sets_are_the_canvas_queries_top_k(model, seed):
+@pytest.mark.parametrize("seed, recent", [(0, 0), (1, 0), (2, 0), (0, 2), (1, 6)])
+def test_kept_sets_are_the_canvas_queries_top_k(model, seed, recent):
+    """Each full layer keeps its top-budget cache entries by the canvas queries' votes; with
+    ``recent``, the entries nearest the canvas first."""
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(3, 120, (1, 40 + 5 * seed), generator=gen)
     budget = 6
-    net = maskkv_compile.optimize(model, budget=budget)
+    net = maskkv_compile.optimize(model, budget=budget, recent=recent)
     _generate(net, prompt, seed, max_new_tokens=16)
     layer, votes = _reference_votes(prompt, seed)
+    if recent:
+        votes[..., votes.shape[-1] - recent :] = float("inf")
     want = votes.topk(budget, -1).indices.sort(-1).values
     stats = net.cache_stats()
     (kept,) = [entry for entry in stats["layers"] if entry["layer"] == layer]

@@ -78,6 +78,24 @@ def test_eviction_attends_to_exactly_the_kept_entries(family, attn):
     assert not torch.allclose(outputs[1], other_outputs[1], atol=1e-4)
 
 
+@pytest.mark.parametrize("family,attn", MODEL_KINDS)
+@pytest.mark.parametrize("policy", ["maskkv", "snapkv"])
+def test_recent_window_is_kept_in_every_head(family, attn, policy):
+    """``recent=3``: every head of every layer keeps the 3 prompt entries nearest the response,
+    the rest of its budget as the policy ranks; the steps attend to exactly that set."""
+    model = build(family, attn)
+    _, x = prompt_and_masks(model, prompt_len=24, gen_len=8)
+    resp = torch.arange(24, 32)
+    optimized, reference, _ = run_against_reference(
+        model, x, resp, budget=5, steps=3, policy=policy, recent=3
+    )
+    assert optimized.runtime.counts.steps == 2
+    for layer, cache in enumerate(optimized.runtime.last_session.layers):
+        ours = kept_positions(cache)
+        assert ours == reference.kept_positions(layer)
+        assert all({21, 22, 23} <= set(head) for row in ours for head in row), (layer, ours)
+
+
 @pytest.mark.parametrize(
     "kind,family", [("llada", "llada"), ("dream", "llada"), ("dream", "dream")]
 )

@@ -5,6 +5,8 @@ per-row budgets and kept lengths, response-key validity); the independent comput
 loop over rows and drop what a row may not see, rather than masking.
 """
 
+import random
+
 import pytest
 import torch
 from maskkv_compile.kernels import (
@@ -506,6 +508,43 @@ def test_cached_attention_row_ends():
     )
 
 
+@pytest.mark.parametrize("policy", ["maskkv", "snapkv", "streaming", "random"])
+def test_selection_scores_recent_window_comes_first(policy):
+    """``recent``: each row's last ``recent`` valid prompt columns outrank every other column,
+    the nearest highest (so a head whose budget is smaller keeps the nearest); the others keep
+    the policy's scores; padding stays -inf. Random rows, left padding and holes."""
+    from maskkv_compile.kernels.select_kv import select_kv_reference
+
+    rng = random.Random(2)
+    for case in range(30):
+        batch, kv_heads, num = rng.randint(1, 3), rng.choice([1, 2]), rng.randint(2, 40)
+        gen = torch.Generator().manual_seed(case)
+        votes = torch.rand(batch, kv_heads, num, generator=gen) * rng.choice([1e-3, 1.0, 1e4])
+        valid = torch.rand(batch, num, generator=gen) < 0.8
+        valid[:, -1] = True
+        recent = rng.randint(1, 6)
+        plain = torch.ops.maskkv.selection_scores(votes, valid, policy, 5, 4, 0, 0)
+        lifted = torch.ops.maskkv.selection_scores(votes, valid, policy, 5, 4, 0, recent)
+        budgets = torch.randint(1, num + 1, (batch, kv_heads), generator=gen)
+        kept = select_kv_reference(lifted, budgets)
+        for b in range(batch):
+            columns = valid[b].nonzero().flatten().tolist()
+            near = columns[::-1][:recent]  # nearest first
+            others = [c for c in range(num) if c not in near]
+            assert torch.equal(lifted[b][:, others], plain[b][:, others]), case
+            for h in range(kv_heads):
+                n = min(int(budgets[b, h]), len(columns))
+                want = (
+                    near[:n]
+                    + [
+                        c
+                        for c in sorted(columns, key=lambda c: (-float(plain[b, h, c]), c))
+                        if c not in near
+                    ][: max(n - len(near), 0)]
+                )
+                assert kept[b][h].tolist() == sorted(want), (case, b, h)
+
+
 @pytest.mark.parametrize("policy", ["maskkv", "snapkv", "streaming", "random", "adakv"])
 def test_policy_ops(policy):
     from maskkv_compile.policies import get_policy
@@ -516,7 +555,7 @@ def test_policy_ops(policy):
     prompt_valid[1, :10] = False  # row 1's prompt: the last 20 columns
     voter_valid = torch.ones(2, 8, dtype=torch.bool)
     voter_valid[1, 5:] = False
-    scores = torch.ops.maskkv.selection_scores(votes, prompt_valid, policy, 5, 4, 0)
+    scores = torch.ops.maskkv.selection_scores(votes, prompt_valid, policy, 5, 4, 0, 0)
     # each row scored alone, over its own prompt columns in order; -inf elsewhere
     row0 = get_policy(policy).selection_scores(votes[:1], (1, 2, 30), kernel=5, sink=4, seed=0)
     row1 = get_policy(policy).selection_scores(
@@ -533,7 +572,8 @@ def test_policy_ops(policy):
     assert torch.ops.maskkv.head_budgets(
         mass, scores, voter_valid, 6.0, 30, policy, 0.1, 1
     ).tolist() == [[30, 30], [20, 20]]
-    opcheck(torch.ops.maskkv.selection_scores.default, (votes, prompt_valid, policy, 5, 4, 0))
+    opcheck(torch.ops.maskkv.selection_scores.default, (votes, prompt_valid, policy, 5, 4, 0, 0))
+    opcheck(torch.ops.maskkv.selection_scores.default, (votes, prompt_valid, policy, 5, 4, 0, 3))
     opcheck(
         torch.ops.maskkv.head_budgets.default, (mass, scores, voter_valid, 6.0, 6, policy, 0.1, 1)
     )

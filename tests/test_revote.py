@@ -188,9 +188,10 @@ def _revote_inputs(batch=2, heads=4, kv_heads=2, prompt=11, rows=5, dim=8, seed=
     )
 
 
+@pytest.mark.parametrize("recent", [0, 2], ids=["votes alone", "recent 2"])
 @pytest.mark.parametrize("per_head", [False, True], ids=["second tier", "per-head candidates"])
 @pytest.mark.parametrize("blocked", [False, True], ids=["one score block", "prompt in blocks"])
-def test_revote_op_matches_a_per_row_reference(blocked, per_head, monkeypatch):
+def test_revote_op_matches_a_per_row_reference(blocked, per_head, recent, monkeypatch):
     if blocked:
         # scores above SCORE_BLOCK go in prompt blocks of chunk * KEY_BLOCK_FACTOR
         # columns, two passes
@@ -213,7 +214,7 @@ def test_revote_op_matches_a_per_row_reference(blocked, per_head, monkeypatch):
     ) = args
     scale = 0.4
     new_k, new_v, new_len, pos = torch.ops.maskkv.revote_kv(
-        *args, scale, 3, "mask_voting_uniform", 5, 4, 0
+        *args, scale, 3, "mask_voting_uniform", 5, 4, 0, recent
     )
     assert new_k.shape == kept_k.shape and torch.equal(new_len, kept_len)
     group = q.shape[1] // k.shape[1]
@@ -231,7 +232,14 @@ def test_revote_op_matches_a_per_row_reference(blocked, per_head, monkeypatch):
                     probs = torch.softmax(q[b, h, voter].double() @ keys.double().T * scale, -1)
                     votes += probs[: len(cols)]
             n = int(kept_len[b, kv])
-            top = sorted(torch.sort(votes, descending=True, stable=True).indices[:n].tolist())
+            # the last ``recent`` candidates first (nearest first), then the best votes
+            near = list(range(len(cols) - 1, len(cols) - 1 - recent, -1))
+            ranked = near + [
+                i
+                for i in torch.sort(votes, descending=True, stable=True).indices.tolist()
+                if i not in near
+            ]
+            top = sorted(ranked[:n])
             expected = positions[cols[top]]
             assert pos[b, kv, :n].tolist() == expected.tolist()
             assert bool((pos[b, kv, n:] == -1).all())
@@ -242,10 +250,10 @@ def test_revote_op_matches_a_per_row_reference(blocked, per_head, monkeypatch):
 
 def test_opcheck_revote_ops():
     args = _revote_inputs()
-    opcheck(torch.ops.maskkv.revote_kv.default, (*args, 0.4, 3, "snapkv", 5, 4, 0))
+    opcheck(torch.ops.maskkv.revote_kv.default, (*args, 0.4, 3, "snapkv", 5, 4, 0, 0))
     per_head = _revote_inputs(per_head=True)
     for policy in ("maskkv", "snapkv", "streaming", "random"):
-        opcheck(torch.ops.maskkv.revote_kv.default, (*per_head, 0.4, 3, policy, 5, 4, 0))
+        opcheck(torch.ops.maskkv.revote_kv.default, (*per_head, 0.4, 3, policy, 5, 4, 0, 2))
     k, v = args[2], args[3]
     opcheck(torch.ops.maskkv.prompt_kv.default, (k, v, torch.tensor([0, 2, 3, 7])))
 

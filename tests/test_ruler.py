@@ -292,3 +292,32 @@ def test_cli_eval_semi_ar_dual_writes_the_dual_rows(tmp_path, capsys):
     assert saved["semi_ar"] == 4 and saved["dual"] is True
     assert saved["cells"]["maskkv@8+dual"]["0/multiquery"]["transitions"]["block_step"] > 0
     assert "full cache + dual cache" in (tmp_path / "quality_ruler_tradeoff.md").read_text()
+
+
+def test_recent_runs_every_cached_configuration_with_its_window(tmp_path, monkeypatch):
+    """``recent=R``: every cached configuration is optimized with ``recent=min(R, budget)``, the
+    full cache still reproduces the uncached block loop, the JSON records R, and a resume with
+    another R is refused."""
+    import maskkv_compile
+
+    seen = []
+    real = maskkv_compile.optimize
+
+    def spy(model, *args, **kwargs):
+        net = real(model, *args, **kwargs)
+        seen.append((net.maskkv_config.budget, net.maskkv_config.recent))
+        return net
+
+    monkeypatch.setattr(maskkv_compile, "optimize", spy)
+    gen = torch.Generator().manual_seed(5)
+    samples = [ruler_sample("0/copy", ruler.ruler_task(gen, "copy", 120))]
+    path = tmp_path / "q.json"
+    suite = Suite(
+        _block_bundle(samples), ["snapkv"], [2, 8], recent=4, json_path=path, progress=False
+    )
+    cells = suite.run()["cells"]
+    assert sorted(seen) == [(2, 2), (8, 4)] + [(1 << 16, 4)] * 2, seen  # full_cache (+refresh)
+    assert cells["full_cache"]["0/copy"]["tokens"] == cells["uncached"]["0/copy"]["tokens"]
+    assert json.loads(path.read_text())["recent"] == 4
+    with pytest.raises(ValueError, match="was run with recent=4"):
+        Suite(_block_bundle(samples), ["snapkv"], [8], json_path=path, resume=True, progress=False)

@@ -42,6 +42,10 @@ current block's rows only. The dual cache needs a span that is a multiple of ``B
 runtime's grid rule); a shorter or ragged span runs plain steps there, and its cell's
 ``transitions`` show it (no ``block_step``).
 
+``recent=R`` runs every cached configuration with ``optimize(recent=R)`` (at most the cell's
+budget): each head keeps the R prompt entries nearest the answer (block loops: just before the
+current block) first. A JSON run with one ``recent`` refuses to resume with another.
+
 Resumable: the JSON is rewritten after every configuration; with ``resume=True`` the cells
 already in it are not recomputed (and a configuration whose cells are all present is not even
 optimized), the layer profile is read back from it.
@@ -179,10 +183,12 @@ def optimized(
     revote: Optional[Union[int, str]] = None,
     revote_voters: str = "response",
     block_length: Optional[int] = None,
+    recent: int = 0,
 ):
     """``model`` as every configuration of the suite runs it: ``optimize`` on the eager backend.
     ``profile`` is required by the policies whose layer allocator needs one, ignored by the rest;
-    ``block_length`` turns the dual cache on."""
+    ``block_length`` turns the dual cache on; ``recent`` is ``MaskKVConfig.recent``, at most
+    the budget (a full-budget cell keeps everything anyway)."""
     import maskkv_compile
     from maskkv_compile.policies import get_policy
 
@@ -206,6 +212,7 @@ def optimized(
         revote=revote,
         revote_voters=revote_voters if revote is not None else None,
         block_length=block_length,
+        recent=min(recent, budget),
     )
 
 
@@ -284,6 +291,7 @@ class Suite:
         revote_voters: str = "response",
         semi_ar: Optional[int] = None,
         dual: bool = False,
+        recent: int = 0,
     ):
         from maskkv_compile.policies import get_policy
 
@@ -301,7 +309,9 @@ class Suite:
                 "dual=True (the dual cache) needs semi_ar=B: the dual cache caches the response "
                 "rows outside the current block of a semi-autoregressive loop"
             )
-        self.semi_ar, self.dual = semi_ar, dual
+        if recent < 0:
+            raise ValueError(f"recent must be >= 0, got {recent}")
+        self.semi_ar, self.dual, self.recent = semi_ar, dual, recent
         self.bundle = bundle
         self.policies = list(policies)
         self.budgets = [parse_budget(b) for b in budgets]
@@ -337,6 +347,7 @@ class Suite:
             "revote_voters": [self.revote_voters] if self.revotes else [],
             "semi_ar": self.semi_ar,
             "dual": self.dual,
+            "recent": self.recent,
             "samples": {s.id: {**s.to_dict(), "text": b.decode(s.truth())} for s in b.samples},
             "profile": None,
             "cells": {},
@@ -349,6 +360,11 @@ class Suite:
             raise ValueError(
                 f"{self.json_path} was run with semi_ar={old.get('semi_ar')} (the loop), not "
                 f"{self.semi_ar}; use another --out"
+            )
+        if old.get("recent", 0) != self.recent:
+            raise ValueError(
+                f"{self.json_path} was run with recent={old.get('recent', 0)}, not "
+                f"{self.recent}; use another --out"
             )
         self.results["dual"] = bool(old.get("dual")) or self.dual
         for sid, sample in self.results["samples"].items():
@@ -433,6 +449,7 @@ class Suite:
             revote=config.revote,
             revote_voters=config.revote_voters,
             block_length=self.semi_ar if config.dual else None,
+            recent=self.recent,
         )
 
     def run(self) -> dict:
@@ -603,6 +620,7 @@ def run_suite(
     revote_voters: str = "response",
     semi_ar: Optional[int] = None,
     dual: bool = False,
+    recent: int = 0,
 ) -> Suite:
     """Load ``model`` (``checkpoint``: a folder of the project's own models; ``context``: the
     RULER tasks' length), run every missing cell, write ``<out>/quality_<model>.json``; returns
@@ -628,6 +646,7 @@ def run_suite(
         revote_voters=revote_voters,
         semi_ar=semi_ar,
         dual=dual,
+        recent=recent,
     )
     suite.run()
     return suite
