@@ -13,7 +13,8 @@
   warned at most once per runtime.
 
 Each parametrized case drives 50 random sequences (LLaDA and Dream shapes; plain, dual cache,
-re-vote; full budget and eviction): 300 at full budget and eviction together.
+re-vote with a recent window; full budget and eviction): 350 at full budget and eviction
+together.
 """
 
 import random
@@ -213,7 +214,7 @@ CASES = [
     ("llada", False, {}),
     ("dream", False, {}),
     ("llada", False, {"block_length": 4}),
-    ("llada", False, {"revote": 2}),
+    ("llada", False, {"revote": 2, "recent": 1}),
 ]
 
 
