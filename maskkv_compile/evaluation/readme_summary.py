@@ -8,6 +8,7 @@ other policy's, each with its 95% bootstrap interval (:mod:`maskkv_compile.evalu
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 from typing import Optional
@@ -33,9 +34,13 @@ ROWS = (
     ("quality_ruler_block.json", "ruler-block (blocks of 32)", (16, 32, 64, 128, 256)),
     # training checkpoints that do not pass the ship bar (docs/ruler_models.md)
     ("ruler_full_256/quality_ruler.json", "ruler checkpoint, 256 tokens", (8, 16, 32, 64)),
-    ("ruler_full_1024/quality_ruler.json", "ruler checkpoint, 1024 tokens", (16, 64, 256)),
+    ("ruler_full_1024_s14500/quality_ruler.json", "ruler checkpoint, 1024", (16, 32, 64, 128)),
     ("ruler_block_256/quality_ruler_block.json", "ruler-block checkpoint, 256", (8, 16, 32, 64)),
-    ("ruler_block_512/quality_ruler_block.json", "ruler-block checkpoint, 512", (16, 64, 128)),
+    (
+        "ruler_block_1024/quality_ruler_block.json",
+        "ruler-block checkpoint, 1024",
+        (16, 32, 64, 128),
+    ),
 )
 
 
@@ -84,9 +89,12 @@ def block(docs: Path) -> str:
         "|---|---|" + "---|" * (len(MASKKV_POLICIES) + 1),
     ]
     for file, name, budgets in ROWS:
-        path = docs / file
-        if path.exists():
-            for row in rows(json.loads(path.read_text()), name, budgets):
+        path, packed = docs / file, docs / f"{file}.gz"  # the larger sweeps are kept gzipped
+        text = path.read_text() if path.exists() else None
+        if text is None and packed.exists():
+            text = gzip.decompress(packed.read_bytes()).decode()
+        if text is not None:
+            for row in rows(json.loads(text), name, budgets):
                 lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
