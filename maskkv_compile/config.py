@@ -172,9 +172,9 @@ class MaskKVConfig:
         ranks (block diffusion: the prefix entries just before the current block), at most
         ``budget``; they come out of the head's budget, nearest first where the budget is
         smaller. 0 (default): the policy alone chooses. Applies at the prefill, at every
-        re-selection and at block diffusion's per-block re-selection (``maskkv::
-        selection_scores``). A local window for what the voters see only faintly: on the
-        block-diffusion checkpoint, items just before the block (``docs/ruler_models.md``).
+        re-selection and at block diffusion's per-block re-selection
+        (``maskkv::selection_scores``). A local window for what the voters see only faintly:
+        on a block-diffusion checkpoint, items just before the block (``docs/ruler_models.md``).
     block_length: dual cache (Fast-dLLM's, for semi-autoregressive loops such as LLaDA's
         ``generate(..., block_length=...)``). Each row's response positions, in order, are cut
         into blocks of this many; at a block's first call the step graph computes every
