@@ -53,9 +53,8 @@ def lift_recent(scores: torch.Tensor, valid: torch.Tensor, recent: int) -> torch
     ``recent``), exact in the float32/float64 scores the votes are accumulated in."""
     if recent <= 0:
         return scores
-    valid = valid.expand_as(scores)
-    after = valid.flip(-1).cumsum(-1).flip(-1)  # (..., P) valid columns at or after this one
-    near = valid & (after <= recent)
+    after = valid.flip(-1).cumsum(-1).flip(-1)  # valid columns at or after this one, per row
+    near = valid & (after <= recent)  # broadcast over the heads below
     finite = torch.where(torch.isfinite(scores), scores.abs(), 0)
     base = finite.amax(-1, keepdim=True) + 1  # (..., 1)
     return torch.where(near, base + (recent + 1 - after).to(scores.dtype), scores)

@@ -89,14 +89,21 @@ def block(docs: Path) -> str:
         "|---|---|" + "---|" * (len(MASKKV_POLICIES) + 1),
     ]
     for file, name, budgets in ROWS:
-        path, packed = docs / file, docs / f"{file}.gz"  # the larger sweeps are kept gzipped
-        text = path.read_text() if path.exists() else None
-        if text is None and packed.exists():
-            text = gzip.decompress(packed.read_bytes()).decode()
-        if text is not None:
-            for row in rows(json.loads(text), name, budgets):
+        results = _load(docs / file)
+        if results is not None:
+            for row in rows(results, name, budgets):
                 lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _load(path: Path) -> Optional[dict]:
+    """A quality JSON, or the gzipped copy beside it (the larger sweeps); None if neither."""
+    packed = path.with_name(f"{path.name}.gz")
+    if path.exists():
+        return json.loads(path.read_text())
+    if packed.exists():
+        return json.loads(gzip.decompress(packed.read_bytes()))
+    return None
 
 
 def rewrite(readme: str, docs: Path) -> str:
