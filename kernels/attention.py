@@ -114,6 +114,34 @@ def block_causal_attention(q, k, v, scale, softmax_dtype, key_end):
     return torch.cat(out, dim=2)  # (B, H, S, Dv)
 
 
+def banded_key_ranges(mask: torch.Tensor, chunk: int) -> Optional[list[tuple[int, int, int]]]:
+    """For a bool attention mask (B, H or 1, S, Sk), True = attend: per chunk of ``chunk``
+    query rows starting at ``start``, the keys [lo, hi) outside which every row of the chunk is
+    masked, as ``(start, lo, hi)``. Attention over the chunk's rows and those keys alone equals
+    the whole masked attention (the keys left out would get zero weight). For a sliding-window
+    or causal mask most of the (S, Sk) falls outside the ranges.
+
+    None when chunking would not pay (the ranges cover over 3/4 of the scores) or when
+    some row sees no key at all (its fully masked softmax stays with the whole attention). One
+    pass over the mask and one host read."""
+    rows, keys = mask.shape[-2:]
+    if rows < 2 * chunk or mask.dtype != torch.bool or not bool(mask.any(-1).all()):
+        return None
+    seen = torch.stack(
+        [
+            mask[:, :, start : start + chunk].any(2).flatten(0, 1).any(0)
+            for start in range(0, rows, chunk)
+        ]
+    )  # (chunks, Sk): some row of the chunk sees the key
+    position = torch.arange(keys, device=mask.device)
+    lo = torch.where(seen, position, keys).amin(1)  # (chunks,)
+    hi = torch.where(seen, position + 1, 0).amax(1)  # (chunks,)
+    bounds = torch.stack([lo, hi], 1).tolist()
+    if sum(h - lo_ for lo_, h in bounds) * 4 > len(bounds) * keys * 3:
+        return None
+    return [(i * chunk, lo_, h) for i, (lo_, h) in enumerate(bounds)]
+
+
 def key_padding(key_valid: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The (B, Sk) key validity, or None when nothing is padding (None or (B, 0))."""
     return None if key_valid is None or key_valid.shape[-1] == 0 else key_valid

@@ -309,6 +309,7 @@ def optimize(
     second_tier: Optional[str] = None,
     revote_voters: Optional[str] = None,
     recent: Optional[int] = None,
+    prefill_chunk: Optional[int] = None,
     config: Optional[MaskKVConfig] = None,
 ) -> MaskKVModel:
     """Rewrite ``model`` for MaskKV; nothing about the model itself changes.
@@ -332,6 +333,8 @@ def optimize(
     recent: prompt entries nearest the response (block diffusion: just before the current
         block) that every KV head keeps whatever the policy ranks, out of its budget
         (default 0: the policy alone chooses).
+    prefill_chunk: tokens a causal prefill encodes at once (DiffusionGemma's encoder; default
+        1024); 0 encodes the prompt in one call.
     config: a full :class:`MaskKVConfig`; the keyword arguments above override its fields.
     """
     overrides = {
@@ -349,9 +352,12 @@ def optimize(
             second_tier=second_tier,
             revote_voters=revote_voters,
             recent=recent,
+            prefill_chunk=prefill_chunk,
         ).items()
         if v is not None
     }
+    if overrides.get("prefill_chunk") == 0:  # None means "not given" here
+        overrides["prefill_chunk"] = None
     config = MaskKVConfig.from_options(overrides, base=config)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize() takes a torch.nn.Module, got {type(model).__name__}")

@@ -182,6 +182,11 @@ class MaskKVConfig:
         block's rows. Needs the same number of response positions in every row (else the
         session runs plain steps and ``cache_stats()["block_cache"]`` says why). ``None``
         (default): every step computes every response row. See ``maskkv_compile/dual_cache.py``.
+    prefill_chunk: tokens a causal prefill encodes at once (DiffusionGemma's encoder: its
+        prompt goes in chunks onto the cache, exact since every row attends only to earlier
+        ones). Bounds the prefill's activations by the chunk instead of the prompt, which on a
+        CPU is also faster (``docs/bench.md``). ``None`` encodes the prompt in one call.
+        Models whose prompt rows attend bidirectionally (LLaDA, Dream) have no causal prefill.
     revote: re-selection while decoding: ``None`` (default: never) or a :class:`Revote`
         (``Revote(every=k | "block", voters=, second_tier=)``); an int ``k`` or ``"block"``
         means ``Revote(every=...)``. ``every="block"`` needs ``block_length``, an int refuses it.
@@ -210,6 +215,7 @@ class MaskKVConfig:
     min_keep: int = 1
     recent: int = 0
     block_length: Optional[int] = None
+    prefill_chunk: Optional[int] = 1024
     reselection: Optional[Revote] = None
 
     def __init__(
@@ -227,6 +233,7 @@ class MaskKVConfig:
         min_keep: int = 1,
         recent: int = 0,
         block_length: Optional[int] = None,
+        prefill_chunk: Optional[int] = 1024,
         revote: Any = _UNSET,
         eviction: Optional[Policy] = None,
         reselection: Optional[Revote] = None,
@@ -274,6 +281,7 @@ class MaskKVConfig:
             min_keep=min_keep,
             recent=recent,
             block_length=block_length,
+            prefill_chunk=prefill_chunk,
             reselection=again,
         )
         for name, value in values.items():
@@ -301,6 +309,7 @@ class MaskKVConfig:
                 f"budget // 16)"
             )
         _require_int("block_length", self.block_length, minimum=1, allow_none=True)
+        _require_int("prefill_chunk", self.prefill_chunk, minimum=1, allow_none=True)
         if not isinstance(self.reuse_logits, bool):
             raise MaskKVConfigError(
                 f"reuse_logits must be True or False, got {self.reuse_logits!r}"
@@ -413,6 +422,7 @@ class MaskKVConfig:
             "sink",
             "seed",
             "block_length",
+            "prefill_chunk",
             "revote",
             "second_tier",
             "revote_voters",

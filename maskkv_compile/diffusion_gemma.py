@@ -66,6 +66,7 @@ from typing import Optional
 import torch
 
 from maskkv_compile.config import MaskKVConfig
+from maskkv_compile.kernels.attention import QUERY_CHUNK, banded_key_ranges
 from maskkv_compile.passes import UnsupportedModelError
 from maskkv_compile.passes.evict_kv import layer_budgets
 from maskkv_compile.policy_ops import lift_recent
@@ -270,7 +271,22 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
         votes, mass = _votes(query, key, scale, key_valid, held)
         recorder.votes[layer], recorder.mass[layer] = votes, mass  # (B, Hkv, cached), (B, H)
         recorder.voters = query.shape[2]
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    ranges = None if attention_mask is None else banded_key_ranges(attention_mask, QUERY_CHUNK)
+    if ranges is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    # a long sliding-window (or causal) call: each chunk of queries against its band of keys
+    chunks = [
+        sdpa_attention_forward(
+            module,
+            query[:, :, start : start + QUERY_CHUNK],
+            key[:, :, lo:hi],
+            value[:, :, lo:hi],
+            attention_mask[:, :, start : start + QUERY_CHUNK, lo:hi],
+            **kwargs,
+        )[0]  # (B, chunk, H, Dv)
+        for start, lo, hi in ranges
+    ]
+    return torch.cat(chunks, 1), None  # (B, S, H, Dv), as SDPA's
 
 
 def _register() -> None:
@@ -283,6 +299,20 @@ def _register() -> None:
         AttentionInterface.register(ATTENTION, _attention)
     if ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
         ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
+
+
+# the encoder's keyword arguments a chunked prefill handles (any other, given: one call)
+_PREFILL_KWARGS = ("input_ids", "attention_mask", "cache", "position_ids")
+
+
+class _DeferredMasks(dict):
+    """The arguments of ``generate``'s ``encoder.create_masks_for_generate`` call, in place
+    of the masks (an empty dict, as the encoder takes a dict of masks). Only
+    ``DiffusionGemmaMaskKV._encoder_forward`` receives one: it builds the masks."""
+
+    def __init__(self, kwargs: dict):
+        super().__init__()
+        self.kwargs = kwargs
 
 
 @dataclass
@@ -335,7 +365,13 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         self._state: Optional[_CacheState] = None
         self._padding: Optional[torch.Tensor] = None  # (B, P) of the running generate
         self._encoder_slots = None  # the _SLOTS token of a running encoder call
-        self.counts = {"decoder_calls": 0, "votes": 0, "evictions": 0, "encoder_calls": 0}
+        self.counts = {
+            "decoder_calls": 0,
+            "votes": 0,
+            "evictions": 0,
+            "encoder_calls": 0,
+            "prefill_chunks": 0,  # encoder calls that long prefills were split into
+        }
 
     # ------------------------------------------------------------------ public surface
 
@@ -357,7 +393,7 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
             return self.model.generate(*args, **kwargs)
         if kwargs.get("cache") is None:  # a new cache: nothing of the last one carries over
             self._state = None
-        with self._routed(kwargs.get("attention_mask")):
+        with self._routed(kwargs.get("attention_mask"), generating=True):
             return self.model.generate(*args, **kwargs)
 
     def _static(self, kwargs) -> bool:
@@ -417,12 +453,18 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
     # ------------------------------------------------------------------ routing
 
     @contextlib.contextmanager
-    def _routed(self, padding: Optional[torch.Tensor] = None):
+    def _routed(self, padding: Optional[torch.Tensor] = None, generating: bool = False):
+        """Run the model through MaskKV: its attention function, the decoder call and the
+        encoder call routed here, and under ``generate`` the encoder's masks deferred to the
+        encoder call (``_encoder_forward``)."""
         model = self.model
         before = model.config._attn_implementation
         model.set_attn_implementation(ATTENTION)
         model.forward = self._decoder_forward  # what generate's `self.forward` finds first
         encoder = model.model.encoder
+        encoder.forward = self._encoder_forward
+        if generating:  # generate builds the encoder's masks right before each encoder call
+            encoder.create_masks_for_generate = self._encoder_masks
         hooks = (
             encoder.register_forward_pre_hook(self._encoder_call, with_kwargs=True),
             encoder.register_forward_hook(self._encoder_done),
@@ -433,7 +475,8 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         finally:
             for hook in hooks:
                 hook.remove()
-            del model.forward
+            del model.forward, encoder.forward
+            encoder.__dict__.pop("create_masks_for_generate", None)
             model.set_attn_implementation(before)
 
     def _attention_modules(self, stack) -> dict[int, int]:
@@ -463,6 +506,77 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
             valid = self._slots(cache, self._full_lengths(cache))[1]
             self._encoder_slots = _SLOTS.set(self._held(valid, module.language_model))
         return None
+
+    def _encoder_masks(self, **kwargs) -> "_DeferredMasks":
+        """``generate``'s call to build the encoder's masks, deferred to the encoder call, which
+        builds them per prefill chunk (or once, for a call it does not split)."""
+        return _DeferredMasks(kwargs)
+
+    def _encoder_forward(self, *args, **kwargs):
+        """The encoder's forward. Under ``generate``, a prompt longer than ``prefill_chunk``
+        onto a dynamic cache goes in chunks of that many tokens: exact, since the encoder is
+        causal (a chunk's rows attend to the cached rows before them and causally to their own,
+        as in the whole call). Each chunk gets the masks ``generate`` builds for a call on that
+        cache, from the same 2-D mask and positions."""
+        encoder = self.model.model.encoder
+        masks = kwargs.get("attention_mask")
+        if not isinstance(masks, _DeferredMasks):
+            return type(encoder).forward(encoder, *args, **kwargs)
+        if not self._chunks(args, kwargs, masks.kwargs):
+            kwargs["attention_mask"] = type(encoder).create_masks_for_generate(**masks.kwargs)
+            return type(encoder).forward(encoder, *args, **kwargs)
+        ids, cache = kwargs["input_ids"], kwargs["cache"]
+        keys, positions = masks.kwargs["attention_mask"], kwargs["position_ids"]
+        seen = keys.shape[1] - ids.shape[1]  # (B, seen + new) keys: the cached ones first
+        hidden = []
+        for start in range(0, ids.shape[1], self.config.prefill_chunk):
+            stop = min(start + self.config.prefill_chunk, ids.shape[1])
+            chunk, where = ids[:, start:stop], positions[:, start:stop]  # (B, C), (1 or B, C)
+            chunk_masks = type(
+                encoder
+            ).create_masks_for_generate(
+                **{
+                    **masks.kwargs,
+                    "inputs_embeds": masks.kwargs["inputs_embeds"][:, start:stop],  # metadata
+                    "attention_mask": keys[:, : seen + stop],  # the cached keys and the chunk's
+                    "position_ids": where,
+                }
+            )
+            out = type(encoder).forward(
+                encoder,
+                input_ids=chunk,
+                attention_mask=chunk_masks,
+                cache=cache,
+                position_ids=where,
+            )
+            hidden.append(out.last_hidden_state)
+            self.counts["prefill_chunks"] += 1
+        out.last_hidden_state = torch.cat(hidden, 1)  # (B, P, hidden)
+        return out
+
+    def _chunks(self, args, kwargs, mask_kwargs) -> bool:
+        """Whether ``generate``'s encoder call goes in prefill chunks: text only (no image or
+        other inputs), longer than ``prefill_chunk``, onto a dynamic cache this model does not
+        hold evicted slots of, with the 2-D mask and positions of those tokens."""
+        ids, chunk = kwargs.get("input_ids"), self.config.prefill_chunk
+        keys, positions = mask_kwargs.get("attention_mask"), kwargs.get("position_ids")
+        cache = kwargs.get("cache")
+        return (
+            chunk is not None
+            and not args
+            and isinstance(ids, torch.Tensor)
+            and ids.shape[-1] > chunk
+            and cache is not None
+            and not cache.is_compileable
+            and self._encoder_slots is None
+            and all(value is None or key in _PREFILL_KWARGS for key, value in kwargs.items())
+            and mask_kwargs.get("mm_token_type_ids") is None
+            and isinstance(keys, torch.Tensor)
+            and keys.dim() == 2
+            and keys.shape[1] == int(cache.get_seq_length()) + ids.shape[1]
+            and isinstance(positions, torch.Tensor)
+            and positions.shape[-1] == ids.shape[1]
+        )
 
     def _encoder_done(self, module, args, output):
         if self._encoder_slots is not None:

@@ -249,6 +249,41 @@ def test_ragged_heads_over_canvases_stay_finite_and_exact_at_full_budget():
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("chunk", [7, 16])
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_long_prefill_goes_in_chunks_and_gives_the_same_tokens(model, chunk, padded, monkeypatch):
+    """``prefill_chunk``: the encoder encodes a prompt longer than the chunk in ceil(P / chunk)
+    calls onto the cache (chunks below and above the sliding window of 8; the attention inside a
+    chunk in query chunks of 4 against each one's band of keys). Over two canvases the tokens
+    are the plain model's at full budget, and under eviction those of one whole prefill, with
+    the same kept positions; batch 1 and a left-padded batch of 2."""
+    from maskkv_compile import diffusion_gemma
+
+    monkeypatch.setattr(diffusion_gemma, "QUERY_CHUNK", 4)
+    banded = []
+    ranges = diffusion_gemma.banded_key_ranges
+    monkeypatch.setattr(
+        diffusion_gemma,
+        "banded_key_ranges",
+        lambda mask, rows: banded.append(ranges(mask, rows)) or banded[-1],
+    )
+    prompt, mask = _left_padded(chunk, (45, 33) if padded else (45,))
+    kwargs = dict(attention_mask=mask, max_new_tokens=32)
+    want = _generate(model, prompt, 2, **kwargs)
+    net = maskkv_compile.optimize(model, budget=4096, prefill_chunk=chunk)
+    assert torch.equal(_generate(net, prompt, 2, **kwargs), want)
+    assert net.cache_stats()["prefill_chunks"] == -(-45 // chunk)
+    assert net.cache_stats()["encoder_calls"] == 2  # the prefill and the first canvas
+    assert any(r is not None for r in banded)  # some chunk's attention went in bands
+    whole = maskkv_compile.optimize(model, budget=6, prefill_chunk=0)
+    chunked = maskkv_compile.optimize(model, budget=6, prefill_chunk=chunk)
+    want = _generate(whole, prompt, 2, **kwargs)
+    assert whole.cache_stats()["prefill_chunks"] == 0
+    assert torch.equal(_generate(chunked, prompt, 2, **kwargs), want)
+    assert chunked.cache_stats()["evictions"] == whole.cache_stats()["evictions"] > 0
+    assert chunked.cache_stats()["layers"] == whole.cache_stats()["layers"]
+
+
 def test_the_users_cache_holds_kept_plus_each_new_canvas(model):
     """Across canvases the full layer's cache is the budget after every vote, the encoder
     appends each finished canvas to it, and every kept position is a real earlier one."""

@@ -109,6 +109,59 @@ def test_attention_block_causal_key_end(softmax_dtype):
     )
 
 
+def _band(rows, keys, window, offset=0):
+    """(rows, keys) bool: row i (at position offset + i) sees keys (p - window, p], causal."""
+    pos = torch.arange(rows)[:, None] + offset
+    key = torch.arange(keys)[None, :]
+    return (key <= pos) & (key > pos - window)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_banded_key_ranges_cover_every_attended_key_and_attention_over_them_is_the_whole(seed):
+    """For sliding-window and causal masks (with a cache offset, a batch where one row is
+    padded), each chunk's [lo, hi) holds every key any of its rows sees, and SDPA over the
+    chunks equals SDPA over the whole mask. Masks where chunking would not pay (bidirectional)
+    or a row sees no key give None."""
+    from maskkv_compile.kernels.attention import banded_key_ranges
+
+    rng = random.Random(seed)
+    rows, chunk, offset = rng.randint(40, 90), rng.choice([4, 8, 16]), rng.choice([0, 5])
+    keys = rows + offset
+    window = rng.choice([3, 6, keys])  # keys: causal
+    mask = _band(rows, keys, window, offset)[None, None].repeat(2, 1, 1, 1)  # (B, 1, S, K)
+    mask[1, :, :, : rng.randint(0, 3)] = False  # row 1's first keys are padding
+    mask[1, :, : offset + 3] |= _band(offset + 3, keys, 2)[None]  # no row sees nothing
+    ranges = banded_key_ranges(mask, chunk)
+    if window == keys and rows < 4 * chunk:  # a causal mask of few chunks does not pay
+        assert ranges is None or sum(h - lo for _, lo, h in ranges) * 4 <= len(ranges) * keys * 3
+        return
+    assert ranges is not None and [start for start, _, _ in ranges] == list(range(0, rows, chunk))
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 4, rows, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, keys, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    whole = torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True)
+    parts = []
+    for start, lo, hi in ranges:
+        rows_mask = mask[:, :, start : start + chunk]
+        assert not rows_mask[..., :lo].any() and not rows_mask[..., hi:].any()
+        assert rows_mask[..., lo].any() and rows_mask[..., hi - 1].any()  # tight
+        parts.append(
+            torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, start : start + chunk],
+                k[:, :, lo:hi],
+                v[:, :, lo:hi],
+                rows_mask[..., lo:hi],
+                enable_gqa=True,
+            )
+        )
+    torch.testing.assert_close(torch.cat(parts, 2), whole, atol=1e-12, rtol=1e-12)
+    assert banded_key_ranges(torch.ones_like(mask), chunk) is None  # bidirectional
+    blind = mask.clone()
+    blind[0, :, rows // 2] = False  # a row that sees no key
+    assert banded_key_ranges(blind, chunk) is None
+    assert banded_key_ranges(mask[:, :, : 2 * chunk - 1], chunk) is None  # too few rows
+
+
 @pytest.mark.parametrize("softmax_dtype", [None, torch.float32])
 def test_long_block_causal_attention_in_query_chunks_equals_the_whole(softmax_dtype, monkeypatch):
     """Past 2 * QUERY_CHUNK queries without padding, block-causal attention goes in query chunks
