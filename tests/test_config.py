@@ -118,6 +118,7 @@ def test_flat_options_land_on_the_policy_that_has_them():
         ({"windw": 3}, r"unknown option\(s\) \['windw'\]"),
         ({"recent": -1}, "recent must be >= 0, got -1"),
         ({"budget": 8, "recent": 9}, "recent=9 exceeds budget=8"),
+        ({"prefill_chunk": 0}, "prefill_chunk must be >= 1, got 0"),
     ],
 )
 def test_an_option_the_policy_lacks_is_refused(options, message):

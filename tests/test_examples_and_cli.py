@@ -72,7 +72,7 @@ def test_diffusion_gemma_example(script):
 
 def test_cli_bench_gemma_quick_prints_every_run_side_by_side(cli):
     out = cli("bench-gemma", "--quick")
-    for run in ("plain", "MaskKV budget 16"):
+    for run in ("plain", "MaskKV, no eviction", "MaskKV budget 16"):
         assert f"  {run} " in out or f"{run}  " in out, run
     line = next(s for s in out.splitlines() if "MaskKV budget 16" in s and "%" in s)
     assert "2.7%" in line  # the full layer keeps 16 of 600 entries: what generate's cache holds
