@@ -25,6 +25,12 @@ What MaskKV does to it:
   calls then concatenate [kept ; canvas]. The next encoder call appends the finished canvas
   to the kept entries, and the next canvas votes over [kept ; new canvas].
 - **Sliding-window layers** keep their window: it is already bounded.
+- **Prefill in chunks.** ``generate`` encodes the prompt in one encoder call; here a prompt
+  longer than ``prefill_chunk`` goes in chunks of that many tokens onto the same cache, each
+  with the masks ``generate`` builds for a call on that cache (it asks for them right before
+  the encoder call; they are built at the call, per chunk). Exact: the encoder is causal. A
+  long call's sliding-window (or causal) attention runs 512 queries at a time against the
+  keys their mask lets them see (``banded_key_ranges``), not the whole (S, S).
 - **Budgets** over the full layers: uniform, or with a layer profile measured by
   ``maskkv_compile.calibrate(model, prompts)`` (which runs :func:`calibrate` here: the
   importance of each full layer's attention sub-layer on the first decoder call's canvas)
@@ -39,7 +45,8 @@ What MaskKV does to it:
 
 Invariants:
 - With a budget of at least the cache length nothing is evicted, and ``generate`` gives the
-  plain model's tokens.
+  plain model's tokens (bit for bit in float64; in float32 a chunked prefill's matmuls round
+  differently from the whole call's, as any change of shape does).
 - Under eviction, the kept positions of a layer and head are the top-``budget`` of that
   head's canvas votes at the first decoder call of the canvas
   (``tests/test_diffusion_gemma.py`` checks both against the unoptimized model).
@@ -59,6 +66,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import weakref
 from dataclasses import dataclass, field
 from typing import Optional
@@ -243,7 +251,8 @@ def _votes(query, key, scale, key_valid, kv_valid=None):
 def _attention(module, query, key, value, attention_mask, **kwargs):
     """SDPA over the cache's slots as held, and when a decoder call is voting, the canvas
     queries' votes over the cache part of ``key`` (everything before the canvas) at the
-    full-attention layers."""
+    full-attention layers. A long call under a banded mask goes in query chunks, each against
+    its band of keys."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     slots = _SLOTS.get()
@@ -507,10 +516,11 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
             self._encoder_slots = _SLOTS.set(self._held(valid, module.language_model))
         return None
 
-    def _encoder_masks(self, **kwargs) -> "_DeferredMasks":
+    def _encoder_masks(self, *args, **kwargs) -> "_DeferredMasks":
         """``generate``'s call to build the encoder's masks, deferred to the encoder call, which
         builds them per prefill chunk (or once, for a call it does not split)."""
-        return _DeferredMasks(kwargs)
+        build = type(self.model.model.encoder).create_masks_for_generate
+        return _DeferredMasks(inspect.signature(build).bind(*args, **kwargs).arguments)
 
     def _encoder_forward(self, *args, **kwargs):
         """The encoder's forward. Under ``generate``, a prompt longer than ``prefill_chunk``
@@ -528,13 +538,12 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         ids, cache = kwargs["input_ids"], kwargs["cache"]
         keys, positions = masks.kwargs["attention_mask"], kwargs["position_ids"]
         seen = keys.shape[1] - ids.shape[1]  # (B, seen + new) keys: the cached ones first
+        build = type(encoder).create_masks_for_generate
         hidden = []
         for start in range(0, ids.shape[1], self.config.prefill_chunk):
             stop = min(start + self.config.prefill_chunk, ids.shape[1])
             chunk, where = ids[:, start:stop], positions[:, start:stop]  # (B, C), (1 or B, C)
-            chunk_masks = type(
-                encoder
-            ).create_masks_for_generate(
+            chunk_masks = build(
                 **{
                     **masks.kwargs,
                     "inputs_embeds": masks.kwargs["inputs_embeds"][:, start:stop],  # metadata
