@@ -420,7 +420,8 @@ def test_random_call_sequences_leak_nothing(seed):
     mixed in: each gives what the same call gives on a freshly optimized model (budget 6), and
     on the plain model (full budget): no state carries from one generation to the next. Seed 2
     has two KV heads in the full layer (budgets split per head); seed 3 three full layers and a
-    layer profile (budgets split per layer)."""
+    layer profile (budgets split per layer). The models under test encode prompts longer than
+    16 tokens in chunks, the references in one call."""
     import random
 
     from maskkv_compile.policies import MaskKV
@@ -434,7 +435,10 @@ def test_random_call_sequences_leak_nothing(seed):
         calibration = torch.randint(3, 120, (1, 40), generator=torch.Generator().manual_seed(9))
         policy = MaskKV(profile=maskkv_compile.calibrate(model, [calibration]))
     budget = 10 if seed == 3 else 6  # at 10 the profile's split is not uniform (11 / 9 / 10)
-    small, full = (maskkv_compile.optimize(model, budget=b, policy=policy) for b in (budget, 4096))
+    small, full = (  # their prefills go in chunks of 16; the references' in one call
+        maskkv_compile.optimize(model, budget=b, policy=policy, prefill_chunk=16)
+        for b in (budget, 4096)
+    )
     assert seed != 3 or len(set(small.budgets.values())) == 3
     rng = random.Random(seed)
     for call in range(6):
@@ -447,9 +451,11 @@ def test_random_call_sequences_leak_nothing(seed):
         kwargs = dict(max_new_tokens=rng.choice([16, 32]))
         if batch == 2:
             kwargs["attention_mask"] = mask
-        fresh = maskkv_compile.optimize(model, budget=budget, policy=policy)
+        fresh = maskkv_compile.optimize(model, budget=budget, policy=policy, prefill_chunk=0)
         want_small = _generate(fresh, prompt, call, **kwargs)
         assert torch.equal(_generate(small, prompt, call, **kwargs), want_small)
         assert torch.equal(
             _generate(full, prompt, call, **kwargs), _generate(model, prompt, call, **kwargs)
         )
+    assert small.cache_stats()["prefill_chunks"] > 6 and full.cache_stats()["prefill_chunks"] > 6
+    assert fresh.cache_stats()["prefill_chunks"] == 0
