@@ -54,7 +54,7 @@ def test_block_diffusion_example(script):
 
 def test_diffusion_gemma_example(script):
     out = script("examples/diffusion_gemma.py")
-    assert "1. full budget == plain model: True" in out
+    assert "1. full budget, prefill in 3 chunks == plain model: True" in out  # 48 tokens
     assert (
         "2. budget 8: 2 votes, 2 encoder calls, 8 decoder calls; full layer 1 keeps 8 of 64" in out
     )
