@@ -105,6 +105,15 @@ def test_cli_eval_and_resume(tmp_path, capsys):
     )
     assert (tmp_path / "quality_tiny_llama.md").read_text().startswith("model: tiny LLaDA-style")
 
+    # a resumed run that adds a smaller budget keeps the budgets in order (tables and plots)
+    budget = args.index("--budgets") + 1
+    assert cli_main(args[:budget] + ["1"] + args[budget + 2 :] + ["--resume"]) == 0
+    assert "1 optimize() calls" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "quality_tiny_llama.json").read_text())
+    assert saved["budgets"] == [1, 2, "full"]
+    header = (tmp_path / "quality_tiny_llama.md").read_text().split("| policy", 1)[1]
+    assert header.index("B=1 ") < header.index("B=2 ")
+
 
 def test_cli_eval_trade_off_with_revote_and_refresh(tmp_path, capsys):
     """`eval --revote/--refresh` runs the re-vote and refresh cells next to one-shot and writes the

@@ -381,7 +381,11 @@ class Suite:
         self.results["samples"] = {**old["samples"], **self.results["samples"]}
         self.results["cells"] = old.get("cells", {})
         self.results["policies"] = _union(old.get("policies", []), self.policies)
-        self.results["budgets"] = _union(old.get("budgets", []), self.budgets)
+        # in order (a resumed run may add budgets below the old ones; tables and plots follow it)
+        budgets = _union(old.get("budgets", []), self.budgets)
+        self.results["budgets"] = sorted(b for b in budgets if b != FULL) + [
+            b for b in budgets if b == FULL
+        ]
         self.results["revotes"] = _union(old.get("revotes", []), self.revotes)
         self.results["refreshes"] = _union(old.get("refreshes", []), self.refreshes)
         self.results["revote_voters"] = _union(
