@@ -8,19 +8,19 @@ tokens are all kept in some KV head. Rows are grouped by whether the full cache 
 ``maskkv@<budget>`` cell of the JSON got the answer right (docs/ruler_models.md).
 
     python scripts/ruler_vartrack_kept.py --checkpoint DIR \\
-        --json docs/ruler_block_2048/quality_ruler_block.json.gz --context 2048 --budget 64
+        --json docs/ruler_block_2048/quality_ruler_block.json --context 2048 --budget 64
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import gzip
-import json
+from pathlib import Path
 
 import torch
 
 from maskkv_compile.evaluation.models import load_bundle
+from maskkv_compile.evaluation.readme_summary import load_results
 from maskkv_compile.evaluation.ruler import LET, block_mask
 from maskkv_compile.evaluation.suite import optimized
 from maskkv_compile.profile import LayerProfile
@@ -29,13 +29,14 @@ from maskkv_compile.profile import LayerProfile
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--json", required=True, help="the sweep's JSON (plain or .gz)")
+    ap.add_argument("--json", required=True, help="the sweep's JSON (or its .gz beside it)")
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--budget", type=int, default=64)
     ap.add_argument("--samples", type=int, default=64)
     args = ap.parse_args()
-    raw = open(args.json, "rb").read()
-    results = json.loads(gzip.decompress(raw) if args.json.endswith(".gz") else raw)
+    results = load_results(Path(args.json))
+    if results is None:
+        raise SystemExit(f"{args.json}: no such JSON (nor a .gz beside it)")
     bundle = load_bundle(
         "ruler-block",
         samples=args.samples,
@@ -45,9 +46,10 @@ def main() -> None:
     )
     profile = LayerProfile.from_dict(results["profile"])
     cell = results["cells"][f"maskkv@{args.budget}"]
+    model = optimized(bundle.model, bundle.mask_id, "maskkv", args.budget, profile=profile)
     groups = collections.defaultdict(list)
     for sample in bundle.samples:
-        model = optimized(bundle.model, bundle.mask_id, "maskkv", args.budget, profile=profile)
+        model.reset()  # each sequence a new prompt: its own vote
         x = sample.masked(bundle.mask_id)
         n, block = x.shape[1], bundle.block_length
         end = min(n, (sample.start // block + 1) * block)

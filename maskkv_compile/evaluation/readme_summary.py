@@ -95,14 +95,14 @@ def block(docs: Path) -> str:
         "|---|---|" + "---|" * (len(MASKKV_POLICIES) + 1),
     ]
     for file, name, budgets in ROWS:
-        results = _load(docs / file)
+        results = load_results(docs / file)
         if results is not None:
             for row in rows(results, name, budgets):
                 lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
-def _load(path: Path) -> Optional[dict]:
+def load_results(path: Path) -> Optional[dict]:
     """A quality JSON, or the gzipped copy beside it (the larger sweeps); None if neither."""
     packed = path.with_name(f"{path.name}.gz")
     if path.exists():

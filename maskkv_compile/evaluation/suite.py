@@ -314,7 +314,7 @@ class Suite:
         self.semi_ar, self.dual, self.recent = semi_ar, dual, recent
         self.bundle = bundle
         self.policies = list(policies)
-        self.budgets = [parse_budget(b) for b in budgets]
+        self.budgets = _in_order([parse_budget(b) for b in budgets])
         self.revotes = [parse_revote(r) for r in revotes]
         self.refreshes = [int(r) for r in refreshes]
         self.revote_voters = revote_voters
@@ -381,11 +381,7 @@ class Suite:
         self.results["samples"] = {**old["samples"], **self.results["samples"]}
         self.results["cells"] = old.get("cells", {})
         self.results["policies"] = _union(old.get("policies", []), self.policies)
-        # in order (a resumed run may add budgets below the old ones; tables and plots follow it)
-        budgets = _union(old.get("budgets", []), self.budgets)
-        self.results["budgets"] = sorted(b for b in budgets if b != FULL) + [
-            b for b in budgets if b == FULL
-        ]
+        self.results["budgets"] = _in_order(_union(old.get("budgets", []), self.budgets))
         self.results["revotes"] = _union(old.get("revotes", []), self.revotes)
         self.results["refreshes"] = _union(old.get("refreshes", []), self.refreshes)
         self.results["revote_voters"] = _union(
@@ -585,6 +581,12 @@ def parse_revote(value: Union[str, int]) -> Union[int, str]:
     if revote < 1:
         raise ValueError(f"revote intervals must be >= 1, got {value!r}")
     return revote
+
+
+def _in_order(budgets: Sequence) -> list:
+    """Budgets ascending, ``full`` last: the order of the JSON's columns, tables and plots (a
+    resumed run may add budgets below the old ones)."""
+    return sorted(b for b in budgets if b != FULL) + [b for b in budgets if b == FULL]
 
 
 def _union(a: Sequence, b: Sequence) -> list:
