@@ -252,11 +252,11 @@ def cmd_eval(args) -> int:
 
     from maskkv_compile.evaluation import (
         ModelUnavailable,
-        markdown,
-        plot,
+        has_tradeoff,
         run_suite,
         table,
         targets,
+        write_reports,
     )
 
     if args.suite == "ruler":  # the long-context sweep: its defaults, resumed from its JSON
@@ -308,18 +308,12 @@ def cmd_eval(args) -> int:
         print(f"{args.model}: {error}", file=sys.stderr)
         return 2
     results, stem = suite.results, Path(args.out) / f"quality_{args.model.replace('-', '_')}"
-    Path(f"{stem}.md").write_text(markdown(results) + "\n")
-    pngs = [] if args.no_plots else plot(results, stem)
+    pngs = write_reports(results, stem, plots=not args.no_plots)
     if args.heatmap:
         pngs += _needle_heatmap(args, suite, Path(args.out))
-    if (
-        args.revote or args.refresh or args.dual
-    ):  # the trade-off: retention vs step cost, one-shot / revote / refresh / dual cache
+    if has_tradeoff(results):  # retention vs step cost: one-shot / revote / refresh / dual cache
         from maskkv_compile.evaluation import tradeoff
 
-        Path(f"{stem}_tradeoff.md").write_text(tradeoff.markdown(results) + "\n")
-        if not args.no_plots:
-            pngs.append(tradeoff.plot(results, f"{stem}_pareto.png"))
         print("\nretention vs step cost (one-shot, revote, refresh, dual cache):")
         print(tradeoff.table(results, fmt="simple"))
     print(results["note"])

@@ -2,6 +2,7 @@
 on small slices: it runs end to end and checks its own invariants."""
 
 import json
+import runpy
 from pathlib import Path
 
 import pytest
@@ -375,3 +376,47 @@ def test_resume_adds_the_coverage_variant_to_a_json_whose_profile_predates_it(tm
     assert saved["cells"]["maskkv@4"] == old["cells"]["maskkv@4"]
     assert set(saved["cells"]["maskkv_coverage@4"]) == set(old["cells"]["maskkv@4"])
     assert suite.optimize_calls == 1
+
+
+def test_merge_script_joins_runs_over_disjoint_tasks(tmp_path, script):
+    """scripts/merge_quality_json.py: two runs over disjoint --tasks merge into the JSON of one
+    run over both (every cell equal but its timings), with its tables; parts that disagree on a
+    cell, or come from another loop, are refused."""
+    merge_script = "scripts/merge_quality_json.py"
+
+    def run(out, *tasks):
+        args = ["eval", "--model", "tiny-llama", "--policies", "mask_voting_uniform"]
+        args += ["--budgets", "2", "full", "--samples", "1", "--tasks", *tasks]
+        args += ["--out", str(tmp_path / out), "--quiet", "--no-plots"]
+        assert cli_main(args + ["--threads", str(torch.get_num_threads())]) == 0
+        return tmp_path / out / "quality_tiny_llama.json"
+
+    parts = [run("a", "suffix"), run("b", "span")]
+    whole = json.loads(run("both", "suffix", "span").read_text())
+    script(merge_script, *map(str, parts), "--out", str(tmp_path / "merged"))
+    merged = json.loads((tmp_path / "merged" / "quality_tiny_llama.json").read_text())
+    assert merged["tasks"] == whole["tasks"] and merged["budgets"] == whole["budgets"]
+    assert merged["samples"] == whole["samples"]
+    assert sorted(merged["cells"]) == sorted(whole["cells"])
+    timings = ("seconds", "net_seconds", "step_ms")
+    for key, cells in whole["cells"].items():
+        assert sorted(cells) == sorted(merged["cells"][key])
+        for sid, cell in cells.items():
+            got = merged["cells"][key][sid]
+            assert {k: v for k, v in got.items() if k not in timings} == {
+                k: v for k, v in cell.items() if k not in timings
+            }, (key, sid)
+    table = (tmp_path / "merged" / "quality_tiny_llama.md").read_text()
+    assert "### task span" in table and "### task suffix" in table
+
+    merge = runpy.run_path(str(Path(__file__).parents[1] / merge_script))["merge"]
+    a, b = (json.loads(p.read_text()) for p in parts)
+    both = json.loads(parts[0].read_text())
+    sid = next(iter(both["cells"]["uncached"]))
+    both["cells"]["uncached"][sid]["tokens"] = [
+        t + 1 for t in both["cells"]["uncached"][sid]["tokens"]
+    ]
+    with pytest.raises(ValueError, match="differs between parts"):
+        merge([a, both])
+    with pytest.raises(ValueError, match="semi_ar"):
+        merge([a, {**b, "semi_ar": 4}])

@@ -14,7 +14,15 @@ from maskkv_compile.evaluation.models import (
     Sample,
     load_bundle,
 )
-from maskkv_compile.evaluation.report import aggregate, markdown, plot, table, targets
+from maskkv_compile.evaluation.report import (
+    aggregate,
+    has_tradeoff,
+    markdown,
+    plot,
+    table,
+    targets,
+    write_reports,
+)
 from maskkv_compile.evaluation.suite import (
     FULL,
     FULL_BUDGET,
@@ -34,6 +42,7 @@ __all__ = [
     "Sample",
     "Suite",
     "aggregate",
+    "has_tradeoff",
     "configurations",
     "infill",
     "load_bundle",
@@ -42,4 +51,5 @@ __all__ = [
     "run_suite",
     "table",
     "targets",
+    "write_reports",
 ]
