@@ -17,7 +17,7 @@ from pathlib import Path
 from maskkv_compile.evaluation import write_reports
 from maskkv_compile.evaluation.readme_summary import load_results
 
-SAME = ("format", "version", "model", "semi_ar", "recent", "profile")
+SAME = ("format", "version", "model", "semi_ar", "recent")
 LISTS = ("policies", "budgets", "tasks", "revotes", "refreshes", "revote_voters")
 TIMINGS = ("seconds", "net_seconds", "step_ms")
 
@@ -33,6 +33,10 @@ def merge(parts: list[dict]) -> dict:
         for key in SAME:
             if part.get(key) != out.get(key):
                 raise ValueError(f"part {i} differs in {key!r}: it is another run; merge none")
+        profile = part.get("profile")  # None in a part none of whose policies needed one
+        if profile is not None and out.get("profile") not in (None, profile):
+            raise ValueError(f"part {i} was run with another layer profile; merge none")
+        out["profile"] = out.get("profile") or profile
         for key in LISTS:
             out[key] = out.get(key, []) + [v for v in part.get(key, []) if v not in out[key]]
         out["dual"] = bool(out.get("dual")) or bool(part.get("dual"))

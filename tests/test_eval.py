@@ -420,3 +420,5 @@ def test_merge_script_joins_runs_over_disjoint_tasks(tmp_path, script):
         merge([a, both])
     with pytest.raises(ValueError, match="semi_ar"):
         merge([a, {**b, "semi_ar": 4}])
+    with pytest.raises(ValueError, match="layer profile"):
+        merge([{**a, "profile": {"importance": [1.0]}}, {**b, "profile": {"importance": [2.0]}}])
