@@ -422,3 +422,19 @@ def test_merge_script_joins_runs_over_disjoint_tasks(tmp_path, script):
         merge([a, {**b, "semi_ar": 4}])
     with pytest.raises(ValueError, match="layer profile"):
         merge([{**a, "profile": {"importance": [1.0]}}, {**b, "profile": {"importance": [2.0]}}])
+
+
+def test_trade_off_step_cost_counts_every_step():
+    """The trade-off's step cost is the mean over every step of the run: a long answer's
+    refreshes weigh as often as they ran (a median over samples would report the short
+    answers' plain steps, here 1 ms, for a configuration whose steps cost 9.1 ms on average)."""
+    from maskkv_compile.evaluation import tradeoff
+
+    def cell(steps, ms):
+        return {"tokens": [0] * (steps + 1), "step_ms": ms, "net_seconds": 1.0, "revotes": 0}
+
+    ids = ["0/a", "1/a", "2/a"]
+    cells = {"k": {"0/a": cell(1, 1.0), "1/a": cell(1, 1.0), "2/a": cell(9, 10.0)}}
+    cost = tradeoff._cost({"cells": cells}, "k", ids)
+    assert cost["step_ms"] == pytest.approx((1.0 + 1.0 + 90.0) / 11)
+    assert cost["tokens_per_s"] == pytest.approx(14 / 3.0)

@@ -6,15 +6,16 @@ From a quality JSON whose suite ran with ``revotes`` / ``refreshes`` / the dual 
 setting, the retention (with its bootstrap interval, as every table of
 :mod:`maskkv_compile.evaluation.report`), the KL at the first step call, and the cost measured
 in the same run on the configuration's own calls (``net_seconds``, ``step_ms`` of each cell,
-after an untimed warm-up): the median over samples of each sample's mean step latency, tokens/s
-over the whole generation (prefill included), and the step cost relative to the same policy and
-budget without re-selection or dual cache. The plot puts every configuration at (mean step ms,
-retention) and draws the Pareto front (no other point both cheaper and better).
+after an untimed warm-up): the mean latency of a step over every step of the run (each sample's
+mean weighted by its step count, so that the re-votes and refreshes of long answers count as
+often as they ran), tokens/s over the whole generation (prefill included), and the step cost
+relative to the same policy and budget without re-selection or dual cache. The plot puts every
+configuration at (mean step ms, retention) and draws the Pareto front (no other point both
+cheaper and better).
 """
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 from typing import Optional
 
@@ -33,12 +34,19 @@ def _cost(results: dict, key: str, ids) -> Optional[dict]:
     cells = results["cells"].get(key, {})
     if not ids or any(i not in cells or cells[i].get("net_seconds") is None for i in ids):
         return None
-    steps = [cells[i]["step_ms"] for i in ids if cells[i].get("step_ms") is not None]
+    # (mean ms of a sample's steps, its step count): the suite's loops call the model once per
+    # filled token, and every call after the first is a step
+    steps = [
+        (cells[i]["step_ms"], len(cells[i]["tokens"]) - 1)
+        for i in ids
+        if cells[i].get("step_ms") is not None
+    ]
+    count = sum(n for _, n in steps)
     tokens = sum(len(cells[i]["tokens"]) for i in ids)
     seconds = sum(cells[i]["net_seconds"] for i in ids)
     revotes = [cells[i].get("revotes") or 0 for i in ids]
     return {
-        "step_ms": statistics.median(steps) if steps else None,
+        "step_ms": sum(ms * n for ms, n in steps) / count if count else None,
         "tokens_per_s": tokens / seconds if seconds else None,
         "revotes": sum(revotes) / len(revotes),
     }
@@ -185,7 +193,7 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
 
 
 def plot(results: dict, path: str | Path, task: Optional[str] = None) -> Path:
-    """Retention vs median step latency of every configuration, the Pareto front drawn through
+    """Retention vs mean step latency of every configuration, the Pareto front drawn through
     them."""
     import matplotlib
 
@@ -252,7 +260,7 @@ def plot(results: dict, path: str | Path, task: Optional[str] = None) -> Path:
             transform=ax.transAxes,
         )
     ax.set_xlabel(
-        "median step latency (ms, the configuration's own calls after the prefill; same run)"
+        "mean step latency (ms, the configuration's own calls after the prefill; same run)"
     )
     ax.set_ylabel("retention (%) vs the full prompt cache")
     ids = sample_ids(results, task)
