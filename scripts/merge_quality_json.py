@@ -16,6 +16,7 @@ from pathlib import Path
 
 from maskkv_compile.evaluation import write_reports
 from maskkv_compile.evaluation.readme_summary import load_results
+from maskkv_compile.evaluation.suite import budgets_in_order
 
 SAME = ("format", "version", "model", "semi_ar", "recent")
 LISTS = ("policies", "budgets", "tasks", "revotes", "refreshes", "revote_voters")
@@ -49,10 +50,7 @@ def merge(parts: list[dict]) -> dict:
                 held = merged.setdefault(sid, cell)
                 if _untimed(held) != _untimed(cell):
                     raise ValueError(f"cell {key} / {sid} differs between parts")
-    budgets = out["budgets"]
-    out["budgets"] = sorted((b for b in budgets if b != "full"), key=float) + (
-        ["full"] if "full" in budgets else []
-    )
+    out["budgets"] = budgets_in_order(out["budgets"])
     return out
 
 

@@ -314,7 +314,7 @@ class Suite:
         self.semi_ar, self.dual, self.recent = semi_ar, dual, recent
         self.bundle = bundle
         self.policies = list(policies)
-        self.budgets = _in_order([parse_budget(b) for b in budgets])
+        self.budgets = budgets_in_order([parse_budget(b) for b in budgets])
         self.revotes = [parse_revote(r) for r in revotes]
         self.refreshes = [int(r) for r in refreshes]
         self.revote_voters = revote_voters
@@ -381,7 +381,7 @@ class Suite:
         self.results["samples"] = {**old["samples"], **self.results["samples"]}
         self.results["cells"] = old.get("cells", {})
         self.results["policies"] = _union(old.get("policies", []), self.policies)
-        self.results["budgets"] = _in_order(_union(old.get("budgets", []), self.budgets))
+        self.results["budgets"] = budgets_in_order(_union(old.get("budgets", []), self.budgets))
         self.results["revotes"] = _union(old.get("revotes", []), self.revotes)
         self.results["refreshes"] = _union(old.get("refreshes", []), self.refreshes)
         self.results["revote_voters"] = _union(
@@ -583,7 +583,7 @@ def parse_revote(value: Union[str, int]) -> Union[int, str]:
     return revote
 
 
-def _in_order(budgets: Sequence) -> list:
+def budgets_in_order(budgets: Sequence) -> list:
     """Budgets ascending, ``full`` last: the order of the JSON's columns, tables and plots (a
     resumed run may add budgets below the old ones)."""
     return sorted(b for b in budgets if b != FULL) + [b for b in budgets if b == FULL]
