@@ -35,7 +35,8 @@ ROWS = (
     # training checkpoints that do not pass the ship bar (docs/ruler_models.md)
     ("ruler_full_256/quality_ruler.json", "ruler checkpoint, 256 tokens", (8, 16, 32, 64)),
     ("ruler_full_1024_s14500/quality_ruler.json", "ruler checkpoint, 1024", (16, 32, 64, 128)),
-    ("ruler_full_2048/quality_ruler.json", "ruler checkpoint, 2048", (16, 32, 64, 128, 256)),
+    ("ruler_full_2048/quality_ruler.json", "ruler checkpoint, 2048", (16, 32, 64, 128, 256, 512)),
+    ("ruler_full_4096/quality_ruler.json", "ruler checkpoint, 4096", (64, 128)),
     ("ruler_block_256/quality_ruler_block.json", "ruler-block checkpoint, 256", (8, 16, 32, 64)),
     (
         "ruler_block_1024/quality_ruler_block.json",
