@@ -252,10 +252,10 @@ def cmd_eval(args) -> int:
 
     from maskkv_compile.evaluation import (
         ModelUnavailable,
-        has_tradeoff,
         run_suite,
         table,
         targets,
+        tradeoff,
         write_reports,
     )
 
@@ -311,9 +311,7 @@ def cmd_eval(args) -> int:
     pngs = write_reports(results, stem, plots=not args.no_plots)
     if args.heatmap:
         pngs += _needle_heatmap(args, suite, Path(args.out))
-    if has_tradeoff(results):  # retention vs step cost: one-shot / revote / refresh / dual cache
-        from maskkv_compile.evaluation import tradeoff
-
+    if tradeoff.has_tradeoff(results):  # retention vs step cost: one-shot / revote / refresh / dual
         print("\nretention vs step cost (one-shot, revote, refresh, dual cache):")
         print(tradeoff.table(results, fmt="simple"))
     print(results["note"])

@@ -14,15 +14,8 @@ from maskkv_compile.evaluation.models import (
     Sample,
     load_bundle,
 )
-from maskkv_compile.evaluation.report import (
-    aggregate,
-    has_tradeoff,
-    markdown,
-    plot,
-    table,
-    targets,
-    write_reports,
-)
+from maskkv_compile.evaluation.outputs import write_reports
+from maskkv_compile.evaluation.report import aggregate, markdown, plot, table, targets
 from maskkv_compile.evaluation.suite import (
     FULL,
     FULL_BUDGET,
@@ -42,7 +35,6 @@ __all__ = [
     "Sample",
     "Suite",
     "aggregate",
-    "has_tradeoff",
     "configurations",
     "infill",
     "load_bundle",

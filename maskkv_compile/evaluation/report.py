@@ -348,27 +348,6 @@ def markdown(
     return "\n".join(out)
 
 
-def has_tradeoff(results: dict) -> bool:
-    """Whether the JSON holds re-vote, refresh or dual-cache cells: the retention vs step cost
-    trade-off (``tradeoff.py``) has rows."""
-    return bool(results.get("revotes") or results.get("refreshes") or results.get("dual"))
-
-
-def write_reports(results: dict, stem: str | Path, plots: bool = True) -> list[Path]:
-    """What ``maskkv-compile eval`` writes beside ``<stem>.json``: ``<stem>.md`` (every table),
-    the metric plots, and with :func:`has_tradeoff` ``<stem>_tradeoff.md`` and
-    ``<stem>_pareto.png``. Returns the PNGs written."""
-    from maskkv_compile.evaluation import tradeoff  # tradeoff imports this module
-
-    Path(f"{stem}.md").write_text(markdown(results) + "\n")
-    pngs = plot(results, stem) if plots else []
-    if has_tradeoff(results):
-        Path(f"{stem}_tradeoff.md").write_text(tradeoff.markdown(results) + "\n")
-        if plots:
-            pngs.append(tradeoff.plot(results, f"{stem}_pareto.png"))
-    return pngs
-
-
 def plot(
     results: dict, prefix: str | Path, metrics: Sequence[str] = ("retention", "kl")
 ) -> list[Path]:

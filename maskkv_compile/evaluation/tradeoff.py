@@ -30,6 +30,11 @@ from maskkv_compile.evaluation.suite import (
 )
 
 
+def has_tradeoff(results: dict) -> bool:
+    """Whether the JSON holds re-vote, refresh or dual-cache cells: the trade-off has rows."""
+    return bool(results.get("revotes") or results.get("refreshes") or results.get("dual"))
+
+
 def _cost(results: dict, key: str, ids) -> Optional[dict]:
     cells = results["cells"].get(key, {})
     if not ids or any(i not in cells or cells[i].get("net_seconds") is None for i in ids):
