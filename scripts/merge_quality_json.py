@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from maskkv_compile.evaluation import write_reports
-from maskkv_compile.evaluation.readme_summary import load_results
+from maskkv_compile.evaluation.outputs import load_results
 from maskkv_compile.evaluation.suite import budgets_in_order
 
 SAME = ("format", "version", "model", "semi_ar", "recent")
@@ -56,10 +56,16 @@ def merge(parts: list[dict]) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("parts", nargs="+", type=Path, help="quality JSONs (plain or .gz)")
+    ap.add_argument(
+        "parts", nargs="+", type=Path, help="quality JSONs (or their .gz beside the path given)"
+    )
     ap.add_argument("--out", type=Path, required=True, help="folder for the merged JSON")
     args = ap.parse_args(argv)
-    merged = merge([load_results(p) for p in args.parts])
+    parts = [load_results(p) for p in args.parts]
+    missing = [str(p) for p, part in zip(args.parts, parts) if part is None]
+    if missing:
+        raise SystemExit(f"no such quality JSON (nor a .gz beside it): {', '.join(missing)}")
+    merged = merge(parts)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"quality_{merged['model'].replace('-', '_')}"
     Path(f"{stem}.json").write_text(json.dumps(merged, indent=1) + "\n")

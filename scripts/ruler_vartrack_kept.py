@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from maskkv_compile.evaluation.models import load_bundle
-from maskkv_compile.evaluation.readme_summary import load_results
+from maskkv_compile.evaluation.outputs import load_results
 from maskkv_compile.evaluation.ruler import LET, block_mask
 from maskkv_compile.evaluation.suite import optimized
 from maskkv_compile.profile import LayerProfile

@@ -8,11 +8,10 @@ other policy's, each with its 95% bootstrap interval (:mod:`maskkv_compile.evalu
 
 from __future__ import annotations
 
-import gzip
-import json
 from pathlib import Path
 from typing import Optional
 
+from maskkv_compile.evaluation.outputs import load_results
 from maskkv_compile.evaluation.report import (
     MASKKV_POLICIES,
     aggregate,
@@ -101,16 +100,6 @@ def block(docs: Path) -> str:
             for row in rows(results, name, budgets):
                 lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
-
-
-def load_results(path: Path) -> Optional[dict]:
-    """A quality JSON, or the gzipped copy beside it (the larger sweeps); None if neither."""
-    packed = path.with_name(f"{path.name}.gz")
-    if path.exists():
-        return json.loads(path.read_text())
-    if packed.exists():
-        return json.loads(gzip.decompress(packed.read_bytes()))
-    return None
 
 
 def rewrite(readme: str, docs: Path) -> str:
