@@ -241,6 +241,22 @@ def _union(per_row: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Ten
     return union, member
 
 
+def _check_read_rows(key_valid: torch.Tensor, read_pos: list[torch.Tensor]) -> None:
+    """A shifted family reads position i's logits at row i-1; that row must not be padding.
+    A pad query sees no key, so the uncached model's logits there are whatever its attention
+    makes of an empty row (zeros or NaN, by torch version): nothing to reproduce."""
+    for row, rows in enumerate(read_pos):
+        padded = rows[~key_valid[row, rows]]
+        if padded.numel():
+            at = int(padded[0])
+            raise ValueError(
+                f"row {row} has padding at position {at}, right before its response position "
+                f"{at + 1}: this model predicts token i at row i-1 (shifted logits, as Dream), "
+                "so that token would be read from a padding row, which attends to no key. Pad "
+                "on the left (Dream's generate does), or after the response."
+            )
+
+
 def _build(device, key_valid, response, shift, policy, window, twins) -> Layout:
     prompt = key_valid & ~response
     resp_pos = [r.nonzero().flatten() for r in response]
@@ -248,6 +264,7 @@ def _build(device, key_valid, response, shift, policy, window, twins) -> Layout:
     # where each response position's logits live (Dream: one row earlier;
     # the first row reads itself)
     read_pos = [(r - shift).clamp(min=0) for r in resp_pos]
+    _check_read_rows(key_valid, read_pos)
     rows, _ = _union([torch.cat([r, q]) for r, q in zip(resp_pos, read_pos)], device)
     resp_valid = response[:, rows]
     returned = torch.stack(

@@ -87,6 +87,25 @@ def test_diffusion_generate_under_eviction_runs_the_step_graph(padded):
     )
 
 
+def test_padding_right_before_a_response_is_refused_where_the_row_before_is_read():
+    """Dream reads token i's logits at row i-1. A right-padded row of Dream's own loop puts a
+    pad row there, which attends to no key: the uncached model's logits at it are not the
+    prompt's (found by running the released Dream files). Refused, naming row and position;
+    padding after the response, or on the left, runs."""
+    model = tiny_dream_style()
+    ids, mask = padded_batch()
+    right = mask.flip(1)  # (B, P) 1s first, then padding
+    ids = torch.where(right.bool(), ids.flip(1), ids)  # the same tokens, padded on the right
+    optimized = maskkv_compile.optimize(model, budget=3, backend="eager")
+    with pytest.raises(ValueError, match=r"row 0 has padding at position 13, right before"):
+        optimized.diffusion_generate(ids, attention_mask=right, max_new_tokens=L, steps=L)
+    mask_id = model.config.mask_token_id
+    x = torch.cat([ids[1:2, :9], torch.full((1, L), mask_id), ids[1:2, 9:]], dim=1)
+    keys = torch.cat([right[1:2, :9], torch.ones(1, L, dtype=torch.long), right[1:2, 9:]], 1)
+    optimized(x, attention_mask=keys)  # padding after the response: read rows are real
+    assert optimized.cache_stats()["transitions"] == {"new": 1}
+
+
 @pytest.mark.parametrize("alg", ["entropy", "maskgit_plus"])
 def test_dream_generate_on_the_optimized_model_equals_the_uncached_model(alg):
     model = tiny_dream_style(dtype=torch.float64)
