@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import warnings
 from typing import Optional
 
 import torch
 
-from maskkv_compile._torch_private import BackendCompilerFailed, dynamo_config, mark_dynamic
+from maskkv_compile._torch_private import (
+    BackendCompilerFailed,
+    Unsupported,
+    dynamo_config,
+    mark_dynamic,
+)
 from maskkv_compile.backend import MaskKVBackend
 from maskkv_compile.config import MaskKVConfig, MaskKVConfigError, resolve
 from maskkv_compile.dual_cache import generation_block_length
@@ -32,6 +38,19 @@ _REFUSED = {
 # Every MaskKVModel compiles the same forward code object with its own backend; dynamo
 # counts each as a recompile of that code. Allow many before it would fall back to eager.
 RECOMPILE_LIMIT = 256
+
+
+def _log_calls() -> set:
+    """The logging methods dynamo may trace as no-ops: every ``logging.Logger`` method that logs,
+    including ones a library adds to the class (transformers' ``warning_once``, which its
+    deprecated config attributes call from inside a model's forward). A log call cannot be part
+    of a graph; without this, dynamo refuses the forward under ``fullgraph=True``. The message
+    is not printed from a traced forward."""
+    names = ["debug", "info", "warning", "warn", "error", "exception", "critical", "log"]
+    names += [name for name in vars(logging.Logger) if name.endswith("_once")]
+    return set(dynamo_config.ignore_logging_functions) | {
+        getattr(logging.Logger, name) for name in names if hasattr(logging.Logger, name)
+    }
 
 
 class MaskKVModel(torch.nn.Module):
@@ -141,13 +160,23 @@ class MaskKVModel(torch.nn.Module):
         try:
             with (
                 dynamo_config.patch(
-                    recompile_limit=RECOMPILE_LIMIT, accumulated_recompile_limit=RECOMPILE_LIMIT
+                    recompile_limit=RECOMPILE_LIMIT,
+                    accumulated_recompile_limit=RECOMPILE_LIMIT,
+                    ignore_logging_functions=_log_calls(),
                 ),
                 padding(key_valid, key_end),
             ):
                 out = self._compiled(input_ids=input_ids, **kwargs)
         except BackendCompilerFailed as failure:  # our own error, raised inside the backend
             raise failure.inner_exception from None
+        except Unsupported as failure:  # a graph break: dynamo cannot trace the forward whole
+            reason = str(failure).strip().splitlines()[0]
+            raise UnsupportedModelError(
+                f"dynamo cannot trace {type(self.wrapped).__name__}.forward as one graph "
+                f"({reason}); MaskKV rewrites the whole forward, so it must be one graph. "
+                "The full trace is chained below; a model-side fix (or a torch._dynamo.config "
+                "setting that lets dynamo trace that line) lets it through."
+            ) from failure
         except (
             RuntimeError
         ) as failure:  # dynamo's trace of a sharded model that mixes DTensors and tensors

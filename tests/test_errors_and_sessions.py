@@ -1,5 +1,7 @@
 """Bad input gets a clear error; prompts never share state; batches and short prompts."""
 
+import logging
+
 import pytest
 import torch
 from helpers import build, prompt_and_masks
@@ -62,6 +64,38 @@ def test_model_without_attention_lists_ops_seen():
     x = torch.tensor([[1, 2, 3, 9, 9]])
     with pytest.raises(UnsupportedModelError, match=r"no attention found.*ops seen: .*embedding"):
         optimized(x)
+
+
+logger = logging.getLogger(__name__)  # as a model file has
+
+
+class Logs(torch.nn.Module):
+    """A forward that logs, as the released LLaDA file does under transformers 5 (its
+    ``config.use_return_dict`` calls ``logger.warning_once``), or that breaks the graph."""
+
+    def __init__(self, inner, graph_break=False):
+        super().__init__()
+        self.inner, self.config, self.graph_break = inner, inner.config, graph_break
+
+    def forward(self, input_ids, use_cache=False):
+        logger.warning_once("this attribute is deprecated")  # transformers adds it to Logger
+        logger.info("forward of %d tokens", input_ids.shape[1])
+        if self.graph_break:
+            torch._dynamo.graph_break()
+        return self.inner(input_ids=input_ids, use_cache=use_cache)
+
+
+def test_log_calls_in_the_forward_trace_and_a_graph_break_is_named():
+    model = build("llada", dtype=torch.float64)
+    prompt, _ = prompt_and_masks(model, prompt_len=10, gen_len=6)
+    kwargs = dict(gen_length=6, steps=6, block_length=6)
+    plain = maskkv_compile.optimize(model, budget=64, backend="eager", prompt_refresh=1)
+    logs = maskkv_compile.optimize(Logs(model), budget=64, backend="eager", prompt_refresh=1)
+    assert torch.equal(logs.generate(prompt, **kwargs), plain.generate(prompt, **kwargs))
+    assert logs.cache_stats()["transitions"] == {"new": 1, "refresh": 5}
+    broken = maskkv_compile.optimize(Logs(model, graph_break=True), budget=8, backend="eager")
+    with pytest.raises(UnsupportedModelError, match=r"cannot trace Logs.forward as one graph"):
+        broken.generate(prompt, **kwargs)
 
 
 def test_prompt_shorter_than_budget_is_exact():
