@@ -5,8 +5,10 @@ When torch moves, this is the file to fix.
 
 from __future__ import annotations
 
-from torch._dynamo.exc import BackendCompilerFailed  # noqa: F401  (unwrapped to show our own errors)
-from torch._dynamo.exc import Unsupported  # noqa: F401  (a graph break under fullgraph=True)
+from torch._dynamo.exc import (
+    BackendCompilerFailed,  # noqa: F401  (unwrapped to show our own errors)
+    Unsupported,  # noqa: F401  (a graph break under fullgraph=True)
+)
 from torch._dynamo.utils import lazy_format_graph_code  # noqa: F401  (graph dumps depyf/TORCH_LOGS see)
 from torch._logging import trace_structured  # noqa: F401  (tlparse artifacts)
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: F401
