@@ -49,6 +49,7 @@ from maskkv_compile.passes import (
     attention_sites,
 )
 from maskkv_compile.passes.base import OUTPUT_GROUPS, PassRecord, extra_inputs
+from maskkv_compile.passes.dead_code import eliminate_dead_code
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -101,7 +102,7 @@ def mask_graph(gm: fx.GraphModule, sites: list[AttentionSite]) -> Optional[fx.Gr
     out = next(n for n in reversed(cut.graph.nodes) if n.op == "output")
     out.args = (tuple(nodes[name] for name in names),)
     out.meta.pop(OUTPUT_GROUPS, None)
-    cut.graph.eliminate_dead_code()
+    eliminate_dead_code(cut.graph)
     cut.recompile()
     return cut
 

@@ -19,6 +19,8 @@ import torch.fx as fx
 
 from maskkv_compile.naming import readable_code
 
+from .dead_code import eliminate_dead_code
+
 log = logging.getLogger("maskkv_compile.passes")
 graph_log = logging.getLogger("maskkv_compile.graph")
 
@@ -50,7 +52,7 @@ class GraphPass:
         before = {n for n in gm.graph.nodes}
         result = self.run(gm)
         if self.dead_code_elimination:
-            gm.graph.eliminate_dead_code()
+            eliminate_dead_code(gm.graph)
         gm.graph.lint()
         gm.recompile()
         inserted = tuple(

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from maskkv_compile._torch_private import example_value, sym_expr
 
 from .base import GraphPass, PassResult, graph_outputs, is_call, is_method, placeholder
+from .dead_code import eliminate_dead_code
 from .graph_info import GraphInfo
 from .mask_only_head import HEAD_TARGETS, PASS_THROUGH_METHODS
 
@@ -316,5 +317,5 @@ class PruneTailRowsPass(GraphPass):
                 node.replace_input_with(arg, selected[arg])
         select.replace_all_uses_with(select.args[0])  # h holds the response rows already
         graph.erase_node(select)
-        graph.eliminate_dead_code()
+        eliminate_dead_code(graph)
         gm.recompile()

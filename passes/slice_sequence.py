@@ -28,6 +28,7 @@ from maskkv_compile.naming import readable_code, readable_name  # messages name 
 from maskkv_compile.tensor_parallel import fake_like, real_object
 
 from .base import GraphPass, PassResult, is_call, placeholder
+from .dead_code import eliminate_dead_code
 from .graph_info import GraphInfo, UnsupportedModelError, node_by_name
 
 CHECK_SEQ, CHECK_RESP = (
@@ -72,7 +73,7 @@ class SliceSequencePass(GraphPass):
         for node in seq_nodes:
             node.replace_all_uses_with(num_resp)
         rewrites += len(seq_nodes)
-        graph.eliminate_dead_code()
+        eliminate_dead_code(graph)
         gm.recompile()
         check_no_sequence_left(gm, self.info)
         return PassResult(self.name, matches=rewrites, changed=True)
