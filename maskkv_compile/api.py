@@ -40,6 +40,21 @@ _REFUSED = {
 RECOMPILE_LIMIT = 256
 
 
+def _fresh_strides(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or a copy with the strides of a new tensor of its shape. Dynamo guards on
+    strides: a loop that passes views of one buffer (LLaDA2's released ``generate``:
+    ``x[:, :end]``, ``position_ids[:, :end]`` of a (1, T) buffer, strides (T, 1)) fails a guard
+    at the window that fills the buffer, and the graph dynamo recompiles gets a new runtime
+    without the sessions: the last block ran as a new prompt. Token-sized: the copy is cheap."""
+    strides, size = [], 1
+    for dim in reversed(tensor.shape):
+        strides.append(size)
+        size *= dim
+    if tensor.stride() == tuple(reversed(strides)):
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
 def _log_calls() -> set:
     """The logging methods dynamo may trace as no-ops: every ``logging.Logger`` method that logs,
     including ones a library adds to the class (transformers' ``warning_once``, which its
@@ -142,16 +157,19 @@ class MaskKVModel(torch.nn.Module):
         if two_d and key_end is None and self._block_rule() is not None:
             # the model makes blocks of a 2-D mask inside its forward (``mask_rule.py``)
             key_end = grid_ends(input_ids.shape[1], self._block_rule(), input_ids.device)
+        # per-token inputs (token_type_ids, position_ids) vary with S too
+        per_token = [
+            name
+            for name, value in kwargs.items()
+            if isinstance(value, torch.Tensor)
+            and value.dim() >= 2
+            and value.shape[:2] == input_ids.shape
+        ]
+        input_ids = _fresh_strides(input_ids)
+        for name in per_token:
+            kwargs[name] = _fresh_strides(kwargs[name])
+            mark_dynamic(kwargs[name], 1)
         mark_dynamic(input_ids, 1)
-        for (
-            value
-        ) in kwargs.values():  # per-token inputs (token_type_ids, position_ids) vary with S too
-            if (
-                isinstance(value, torch.Tensor)
-                and value.dim() >= 2
-                and value.shape[:2] == input_ids.shape
-            ):
-                mark_dynamic(value, 1)
         if self._takes_use_cache:
             kwargs.setdefault(
                 "use_cache", False

@@ -621,6 +621,48 @@ def test_a_block_loop_run_twice_on_one_prompt_extends_at_its_last_window_as_the_
     assert all(torch.equal(tokens, runs[0][0]) for tokens, _ in runs)
 
 
+class ReleasedEraRotary(torch.nn.Module):
+    """Rotary cos/sin spelled as transformers 4.x (and LLaDA2's released file) spell them:
+    ``inv_freq[None, :, None] @ position_ids[:, None, :]``, which ties the position ids' strides
+    into dynamo's guards."""
+
+    def __init__(self, rotary):
+        super().__init__()
+        self.inv_freq = rotary.inv_freq
+
+    def forward(self, x, position_ids):
+        inv = self.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1)
+        freqs = (inv @ position_ids[:, None, :].float()).transpose(1, 2)  # (B, S, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def test_windows_passed_as_views_of_one_buffer_stay_on_one_graph():
+    """LLaDA2's released ``generate`` passes ``position_ids[:, :end]`` of one (1, T) buffer
+    (strides (T, 1)), and its rotary reads ``position_ids[:, None, :]``: dynamo's
+    stride guard failed at the window that fills the buffer, the recompiled graph got a new
+    runtime without the sessions, and the last block ran as a new prompt. Found by running the
+    released file; the optimized model now hands dynamo fresh strides."""
+    model = _zero_mask_row(tiny_qwen3(dtype=torch.float64))
+    model.model.rotary_emb = ReleasedEraRotary(model.model.rotary_emb)
+    optimized = maskkv_compile.optimize(model, budget=10**6, backend="eager")
+    prompt, kwargs = _prompt(1, 11), dict(gen_length=21, block_length=8, mask_id=MASK, steps=2)
+    buffer = torch.arange(32)[None]  # (1, T), T the loop's total: its position ids
+
+    def as_views(net):
+        def call(x, position_ids, **rest):  # the loop's window, as views of the buffers
+            return net(x, position_ids=buffer[:, : x.shape[1]], **rest)
+
+        return call
+
+    expected = sdar_generate(model, prompt, call=as_views(model), **kwargs)
+    tokens = sdar_generate(optimized, prompt, call=as_views(optimized), **kwargs)
+    assert torch.equal(tokens, expected)
+    assert len(maskkv_compile.runtimes(optimized)) == 1
+    transitions = optimized.cache_stats()["transitions"]
+    assert (transitions["new"], transitions["extend"]) == (1, 2)
+
+
 @pytest.mark.parametrize("seed, shift", [(0, 0), (1, 0), (2, 1)])
 def test_random_call_sequences_under_eviction_leak_nothing_and_stay_within_the_budget(seed, shift):
     """One optimized model drives a seeded random sequence of block generations (prompts of
