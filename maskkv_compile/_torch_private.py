@@ -44,7 +44,12 @@ from torch._dynamo import mark_dynamic  # noqa: E402,F401
 from torch._guards import TracingContext, tracing  # noqa: E402,F401  (a fresh context per Inductor compile)
 from torch._inductor import list_mode_options  # noqa: E402,F401  (torch.compile's mode -> Inductor options)
 from torch._inductor.compile_fx import compile_fx  # noqa: E402,F401
-from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext  # noqa: E402,F401
+from torch.fx.experimental.symbolic_shapes import (  # noqa: E402,F401
+    DimDynamic,
+    GuardOnDataDependentSymNode,  # dynamo's trace branched on a tensor's value
+    ShapeEnv,
+    StatelessSymbolicContext,
+)
 
 
 def original_module(compiled):

@@ -10,8 +10,10 @@ from typing import Optional
 
 import torch
 
+from maskkv_compile import token_modules
 from maskkv_compile._torch_private import (
     BackendCompilerFailed,
+    GuardOnDataDependentSymNode,
     Unsupported,
     dynamo_config,
     mark_dynamic,
@@ -88,6 +90,8 @@ class MaskKVModel(torch.nn.Module):
         self.mask_token_id = mask_token_id
         self.backend = MaskKVBackend(config, mask_token_id)
         self._compiled = torch.compile(model, backend=self.backend, fullgraph=True)
+        self._token_modules = token_modules.find(model, config.token_modules)
+        self._token_handles: Optional[list[int]] = None  # registered at the first call
         parameters = inspect.signature(model.forward).parameters
         self._takes_use_cache = "use_cache" in parameters
         self._positional = [
@@ -175,8 +179,14 @@ class MaskKVModel(torch.nn.Module):
                 "use_cache", False
             )  # a returned KV cache would keep every layer's full K/V alive
         calls_before = {id(r): r.counts.prefills + r.counts.steps for r in self.backend.runtimes}
+        if self._token_modules and self._token_handles is None:
+            extra = {"use_cache": False} if self._takes_use_cache else {}
+            self._token_handles = token_modules.probe(
+                lambda: self.wrapped(input_ids=input_ids[:1, :2], **extra), self._token_modules
+            )
         try:
             with (
+                token_modules.installed(self._token_modules, self._token_handles or []),
                 dynamo_config.patch(
                     recompile_limit=RECOMPILE_LIMIT,
                     accumulated_recompile_limit=RECOMPILE_LIMIT,
@@ -187,13 +197,15 @@ class MaskKVModel(torch.nn.Module):
                 out = self._compiled(input_ids=input_ids, **kwargs)
         except BackendCompilerFailed as failure:  # our own error, raised inside the backend
             raise failure.inner_exception from None
-        except Unsupported as failure:  # a graph break: dynamo cannot trace the forward whole
+        except (Unsupported, GuardOnDataDependentSymNode) as failure:  # a graph break
             reason = str(failure).strip().splitlines()[0]
             raise UnsupportedModelError(
                 f"dynamo cannot trace {type(self.wrapped).__name__}.forward as one graph "
                 f"({reason}); MaskKV rewrites the whole forward, so it must be one graph. "
-                "The full trace is chained below; a model-side fix (or a torch._dynamo.config "
-                "setting that lets dynamo trace that line) lets it through."
+                "The full trace is chained below. If the break is inside a submodule that maps "
+                "each token on its own (an MoE block that dispatches on the host), name its "
+                "class in optimize(..., token_modules=(...)) to run it as one op; else a "
+                "model-side fix (or a torch._dynamo.config setting) lets it through."
             ) from failure
         except (
             RuntimeError
@@ -357,6 +369,7 @@ def optimize(
     revote_voters: Optional[str] = None,
     recent: Optional[int] = None,
     prefill_chunk: Optional[int] = None,
+    token_modules=None,
     config: Optional[MaskKVConfig] = None,
 ) -> MaskKVModel:
     """Rewrite ``model`` for MaskKV; nothing about the model itself changes.
@@ -382,6 +395,8 @@ def optimize(
         (default 0: the policy alone chooses).
     prefill_chunk: tokens a causal prefill encodes at once (DiffusionGemma's encoder; default
         1024); 0 encodes the prompt in one call.
+    token_modules: class names of token-wise submodules dynamo cannot trace (an MoE block that
+        dispatches on the host), each run as one op (see ``maskkv_compile/token_modules.py``).
     config: a full :class:`MaskKVConfig`; the keyword arguments above override its fields.
     """
     overrides = {
@@ -400,6 +415,7 @@ def optimize(
             revote_voters=revote_voters,
             recent=recent,
             prefill_chunk=prefill_chunk,
+            token_modules=token_modules,
         ).items()
         if v is not None
     }

@@ -206,5 +206,11 @@ def maskkv_backend(
         )
     options = dict(options or {})
     option_mode = options.pop("mode", None)
+    if options.get("token_modules"):
+        raise MaskKVConfigError(
+            "token_modules is an option of maskkv_compile.optimize: the backend gets the graph "
+            "dynamo traced, and a module dynamo cannot trace has broken it by then. Use "
+            "optimize(model, token_modules=...)"
+        )
     backend = MaskKVBackend(MaskKVConfig.from_options(options), mode=option_mode)
     return backend(gm, example_inputs)

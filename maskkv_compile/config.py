@@ -19,7 +19,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from maskkv_compile.policies import FLAT_DEFAULTS, MaskKV, MaskKVConfigError, Policy, get_policy
 
@@ -187,6 +187,12 @@ class MaskKVConfig:
         ones). Bounds the prefill's activations by the chunk instead of the prompt, which on a
         CPU is also faster (``docs/bench.md``). ``None`` encodes the prompt in one call.
         Models whose prompt rows attend bidirectionally (LLaDA, Dream) have no causal prefill.
+    token_modules: class names of submodules that map each token on their own but that dynamo
+        cannot trace (an MoE block that dispatches on the host, as LLaDA2.0's released
+        ``moe_infer``): each runs as one ``maskkv::token_module`` op, eagerly, on the rows the
+        graph computes. Checked on a two-token probe at the first call (one tensor in, tensors
+        shaped (batch, seq, ...) out, each row as if alone). ``optimize`` only: the backend
+        gets what dynamo traced. See ``maskkv_compile/token_modules.py``.
     revote: re-selection while decoding: ``None`` (default: never) or a :class:`Revote`
         (``Revote(every=k | "block", voters=, second_tier=)``); an int ``k`` or ``"block"``
         means ``Revote(every=...)``. ``every="block"`` needs ``block_length``, an int refuses it.
@@ -216,6 +222,7 @@ class MaskKVConfig:
     recent: int = 0
     block_length: Optional[int] = None
     prefill_chunk: Optional[int] = 1024
+    token_modules: tuple[str, ...] = ()
     reselection: Optional[Revote] = None
 
     def __init__(
@@ -234,6 +241,7 @@ class MaskKVConfig:
         recent: int = 0,
         block_length: Optional[int] = None,
         prefill_chunk: Optional[int] = 1024,
+        token_modules: Sequence[str] = (),
         revote: Any = _UNSET,
         eviction: Optional[Policy] = None,
         reselection: Optional[Revote] = None,
@@ -282,6 +290,7 @@ class MaskKVConfig:
             recent=recent,
             block_length=block_length,
             prefill_chunk=prefill_chunk,
+            token_modules=_as_names(token_modules),
             reselection=again,
         )
         for name, value in values.items():
@@ -310,6 +319,13 @@ class MaskKVConfig:
             )
         _require_int("block_length", self.block_length, minimum=1, allow_none=True)
         _require_int("prefill_chunk", self.prefill_chunk, minimum=1, allow_none=True)
+        if not isinstance(self.token_modules, tuple) or not all(
+            isinstance(name, str) and name for name in self.token_modules
+        ):
+            raise MaskKVConfigError(
+                "token_modules must be a tuple of module class names (such as "
+                f'("LLaDA2MoeSparseMoeBlock",)), got {self.token_modules!r}'
+            )
         if not isinstance(self.reuse_logits, bool):
             raise MaskKVConfigError(
                 f"reuse_logits must be True or False, got {self.reuse_logits!r}"
@@ -423,6 +439,7 @@ class MaskKVConfig:
             "seed",
             "block_length",
             "prefill_chunk",
+            "token_modules",
             "revote",
             "second_tier",
             "revote_voters",
@@ -466,6 +483,11 @@ class MaskKVConfig:
         return f"MaskKVConfig({', '.join(parts)})"
 
     __repr__ = describe
+
+
+def _as_names(names: Any) -> Any:
+    """A list of names as the tuple the config holds (anything else is validated as given)."""
+    return tuple(names) if isinstance(names, list) else names
 
 
 def detect_family(model: Any = None, graph: Any = None) -> str:
