@@ -20,7 +20,9 @@ op                          what it computes
 
 The policy ops ``maskkv::selection_scores`` and ``maskkv::head_budgets`` are policy code, not
 kernels: they live in ``maskkv_compile/policy_ops.py``, registered when
-``maskkv_compile.policies`` is imported. Nothing here imports a policy.
+``maskkv_compile.policies`` is imported. Nothing here imports a policy. Nor is
+``maskkv::token_module`` (a submodule dynamo cannot trace, run eagerly as one op): it lives in
+``maskkv_compile/token_modules.py``.
 """
 
 # Absolute imports: this folder is the package maskkv_compile.kernels. Where the repository
