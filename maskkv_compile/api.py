@@ -10,7 +10,6 @@ from typing import Optional
 
 import torch
 
-from maskkv_compile import token_modules
 from maskkv_compile._torch_private import (
     BackendCompilerFailed,
     GuardOnDataDependentSymNode,
@@ -28,6 +27,11 @@ from maskkv_compile.profile import model_fingerprint
 from maskkv_compile.runtime import Counts, MaskKVRuntime, padding
 from maskkv_compile.tensor_parallel import check_model as check_tensor_parallel
 from maskkv_compile.tensor_parallel import mixed_dtensor_error
+from maskkv_compile.token_modules import (
+    find_token_modules,
+    probe_token_modules,
+    token_modules_installed,
+)
 
 # forward arguments a MaskKV model cannot honour: the graphs compute the response rows only
 _REFUSED = {
@@ -90,7 +94,7 @@ class MaskKVModel(torch.nn.Module):
         self.mask_token_id = mask_token_id
         self.backend = MaskKVBackend(config, mask_token_id)
         self._compiled = torch.compile(model, backend=self.backend, fullgraph=True)
-        self._token_modules = token_modules.find(model, config.token_modules)
+        self._token_modules = find_token_modules(model, config.token_modules)
         self._token_handles: Optional[list[int]] = None  # registered at the first call
         parameters = inspect.signature(model.forward).parameters
         self._takes_use_cache = "use_cache" in parameters
@@ -181,12 +185,12 @@ class MaskKVModel(torch.nn.Module):
         calls_before = {id(r): r.counts.prefills + r.counts.steps for r in self.backend.runtimes}
         if self._token_modules and self._token_handles is None:
             extra = {"use_cache": False} if self._takes_use_cache else {}
-            self._token_handles = token_modules.probe(
+            self._token_handles = probe_token_modules(
                 lambda: self.wrapped(input_ids=input_ids[:1, :2], **extra), self._token_modules
             )
         try:
             with (
-                token_modules.installed(self._token_modules, self._token_handles or []),
+                token_modules_installed(self._token_modules, self._token_handles or []),
                 dynamo_config.patch(
                     recompile_limit=RECOMPILE_LIMIT,
                     accumulated_recompile_limit=RECOMPILE_LIMIT,
@@ -427,6 +431,11 @@ def optimize(
     from maskkv_compile.diffusion_gemma import DiffusionGemmaMaskKV, is_diffusion_gemma
 
     if is_diffusion_gemma(model):  # encoder cache + canvas: its own routing (diffusion_gemma.py)
+        if config.token_modules:
+            raise MaskKVConfigError(
+                "token_modules does not apply to DiffusionGemma: MaskKV runs its modules as they "
+                "are (no graph is traced); drop the option"
+            )
         return DiffusionGemmaMaskKV(model, config)
     token = (
         config.mask_token_id

@@ -10,13 +10,13 @@ shaped by the rows of its input. The step graph then runs the module on the comp
 only, as it does every other row-wise op.
 
 Invariants, checked once per optimized model before its first trace, on a probe of the model
-with the first two tokens of its first call (``probe``):
+with the first two tokens of its first call (``probe_token_modules``):
 - each named module is reached, takes one tensor (B, S, H) and returns a tensor or a (nested)
   tuple or list of tensors, each shaped (B, S, ...);
 - it is token-wise: each row's output equals its output on that row alone, to float rounding
   (an MoE without capacity limits is; anything that mixes tokens is refused);
 - the wrapped model is unchanged outside the optimized model's calls: the forwards are swapped
-  in around each call and back after it (``installed``).
+  in around each call and back after it (``token_modules_installed``).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _(x: torch.Tensor, handle: int) -> list[torch.Tensor]:
     return [x.new_empty((*rows, *rest), dtype=dtype) for rest, dtype in _ENTRIES[handle].leaves]
 
 
-def find(model: torch.nn.Module, classes: Sequence[str]) -> list[torch.nn.Module]:
+def find_token_modules(model: torch.nn.Module, classes: Sequence[str]) -> list[torch.nn.Module]:
     """The submodules of ``model`` whose class is named in ``classes``; every name must match."""
     found = [m for m in model.modules() if type(m).__name__ in classes]
     missing = sorted(set(classes) - {type(m).__name__ for m in found})
@@ -69,7 +69,7 @@ def find(model: torch.nn.Module, classes: Sequence[str]) -> list[torch.nn.Module
     return found
 
 
-def probe(run: Callable[[], Any], modules: list[torch.nn.Module]) -> list[int]:
+def probe_token_modules(run: Callable[[], Any], modules: list[torch.nn.Module]) -> list[int]:
     """Register each module as a ``maskkv::token_module``: run the model once (``run``), read
     what each module takes and returns, and check the invariants above. Returns the handles,
     one per module."""
@@ -138,7 +138,7 @@ def _check_token_wise(name: str, module, x: torch.Tensor, leaves: list) -> None:
 
 
 @contextlib.contextmanager
-def installed(modules: list[torch.nn.Module], handles: list[int]):
+def token_modules_installed(modules: list[torch.nn.Module], handles: list[int]):
     """Each module's forward is its ``maskkv::token_module`` op for the duration."""
 
     def op_forward(handle: int) -> Callable:
