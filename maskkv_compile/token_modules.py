@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -32,7 +33,7 @@ import torch.utils._pytree as pytree
 
 @dataclass(frozen=True)
 class _Entry:
-    forward: Callable  # the module's own forward, bound
+    forward: weakref.WeakMethod  # the module's own forward (the registry keeps no module alive)
     spec: Any  # pytree spec of its output
     leaves: tuple  # per output tensor: (shape after the input's (B, S), dtype)
 
@@ -44,8 +45,11 @@ _HANDLES = itertools.count()
 @torch.library.custom_op("maskkv::token_module", mutates_args=())
 def token_module(x: torch.Tensor, handle: int) -> list[torch.Tensor]:
     """Run the registered module ``handle`` on ``x`` (B, S, H): its output tensors, flat."""
+    forward = _ENTRIES[handle].forward()
+    if forward is None:
+        raise RuntimeError(f"maskkv::token_module {handle}: its module no longer exists")
     with torch.no_grad():
-        leaves = pytree.tree_leaves(_ENTRIES[handle].forward(x))
+        leaves = pytree.tree_leaves(forward(x))
     # an op's outputs own their storage: copy a view (of x or of an intermediate)
     return [leaf if leaf._base is None and leaf is not x else leaf.clone() for leaf in leaves]
 
@@ -111,7 +115,9 @@ def probe_token_modules(run: Callable[[], Any], modules: list[torch.nn.Module]) 
         _check_token_wise(name, module, x, leaves)
         handle = next(_HANDLES)
         _ENTRIES[handle] = _Entry(
-            module.forward, spec, tuple((tuple(v.shape[len(rows) :]), v.dtype) for v in leaves)
+            weakref.WeakMethod(module.forward),
+            spec,
+            tuple((tuple(v.shape[len(rows) :]), v.dtype) for v in leaves),
         )
         handles.append(handle)
     return handles

@@ -5,6 +5,8 @@ counts read with ``.cpu()``, empty experts skipped with an ``if``): dynamo break
 there. Written for these tests from that file's structure, not copied.
 """
 
+import weakref
+
 import pytest
 import torch
 from block_loops import sdar_generate, tiny_qwen3
@@ -144,8 +146,8 @@ def test_what_token_modules_refuses():
 def test_token_module_opcheck():
     moe = HostDispatchMoE(16)
     handle = max(_ENTRIES, default=-1) + 1000  # a handle of this test's own
-    _ENTRIES[handle] = _Entry(moe.forward, None, (((16,), torch.float32), ((4,), torch.float32),
-                                                  ((2,), torch.int64)))  # fmt: skip
+    leaves = (((16,), torch.float32), ((4,), torch.float32), ((2,), torch.int64))
+    _ENTRIES[handle] = _Entry(weakref.WeakMethod(moe.forward), None, leaves)
     x = torch.randn(2, 5, 16)
     try:
         outputs = token_module(x, handle)
