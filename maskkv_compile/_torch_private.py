@@ -12,6 +12,7 @@ from torch._dynamo.exc import (
 from torch._dynamo.utils import lazy_format_graph_code  # noqa: F401  (graph dumps depyf/TORCH_LOGS see)
 from torch._logging import trace_structured  # noqa: F401  (tlparse artifacts)
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: F401
+from torch.utils import _pytree as pytree  # noqa: F401  (token_modules' outputs, flat and back)
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass  # noqa: F401  (DTensor parameters)
 
 

@@ -61,17 +61,23 @@ def _fresh_strides(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.clone(memory_format=torch.contiguous_format)
 
 
-def _log_calls() -> set:
-    """The logging methods dynamo may trace as no-ops: every ``logging.Logger`` method that logs,
-    including ones a library adds to the class (transformers' ``warning_once``, which its
-    deprecated config attributes call from inside a model's forward). A log call cannot be part
-    of a graph; without this, dynamo refuses the forward under ``fullgraph=True``. The message
-    is not printed from a traced forward."""
+@functools.cache
+def _logger_methods() -> frozenset:
+    """Every ``logging.Logger`` method that logs, including ones a library adds to the class
+    (transformers' ``warning_once``, which its deprecated config attributes call from inside a
+    model's forward)."""
     names = ["debug", "info", "warning", "warn", "error", "exception", "critical", "log"]
     names += [name for name in vars(logging.Logger) if name.endswith("_once")]
-    return set(dynamo_config.ignore_logging_functions) | {
+    return frozenset(
         getattr(logging.Logger, name) for name in names if hasattr(logging.Logger, name)
-    }
+    )
+
+
+def _log_calls() -> set:
+    """The logging functions dynamo may trace as no-ops: the config's own and the logger's. A log
+    call cannot be part of a graph; without this, dynamo refuses the forward under
+    ``fullgraph=True``. The message is not printed from a traced forward."""
+    return set(dynamo_config.ignore_logging_functions) | _logger_methods()
 
 
 class MaskKVModel(torch.nn.Module):

@@ -28,14 +28,15 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.utils._pytree as pytree
+
+from maskkv_compile._torch_private import pytree
 
 
 @dataclass(frozen=True)
 class _Entry:
     forward: weakref.WeakMethod  # the module's own forward (the registry keeps no module alive)
-    spec: Any  # pytree spec of its output
     leaves: tuple  # per output tensor: (shape after the input's (B, S), dtype)
+    op_forward: Callable  # what the module's forward is while installed: the op, outputs re-nested
 
 
 _ENTRIES: dict[int, _Entry] = {}
@@ -116,8 +117,8 @@ def probe_token_modules(run: Callable[[], Any], modules: list[torch.nn.Module]) 
         handle = next(_HANDLES)
         _ENTRIES[handle] = _Entry(
             weakref.WeakMethod(module.forward),
-            spec,
             tuple((tuple(v.shape[len(rows) :]), v.dtype) for v in leaves),
+            _op_forward(handle, spec),
         )
         handles.append(handle)
     return handles
@@ -143,20 +144,18 @@ def _check_token_wise(name: str, module, x: torch.Tensor, leaves: list) -> None:
                     )
 
 
+def _op_forward(handle: int, spec: Any) -> Callable:
+    def forward(hidden_states):
+        return pytree.tree_unflatten(torch.ops.maskkv.token_module(hidden_states, handle), spec)
+
+    return forward
+
+
 @contextlib.contextmanager
 def token_modules_installed(modules: list[torch.nn.Module], handles: list[int]):
     """Each module's forward is its ``maskkv::token_module`` op for the duration."""
-
-    def op_forward(handle: int) -> Callable:
-        spec = _ENTRIES[handle].spec
-
-        def forward(hidden_states):
-            return pytree.tree_unflatten(torch.ops.maskkv.token_module(hidden_states, handle), spec)
-
-        return forward
-
     for module, handle in zip(modules, handles):
-        module.forward = op_forward(handle)
+        module.forward = _ENTRIES[handle].op_forward
     try:
         yield
     finally:

@@ -52,7 +52,7 @@ def _name(node: fx.Node) -> str:
     return ""
 
 
-def written(node: fx.Node) -> Optional[fx.Node]:
+def _written(node: fx.Node) -> Optional[fx.Node]:
     """The tensor node an in-place call writes (None: not an in-place call)."""
     if node.op not in ("call_method", "call_function"):
         return None
@@ -79,15 +79,15 @@ def _owner(node: fx.Node) -> fx.Node:
 def eliminate_dead_code(graph: fx.Graph) -> bool:
     """``graph.eliminate_dead_code`` that keeps every in-place write whose storage may be read
     (see the module docstring). Returns whether anything was removed."""
-    views: dict[fx.Node, list[fx.Node]] = {}  # storage owner -> the nodes that may alias it
+    views: dict[fx.Node, set[fx.Node]] = {}  # storage owner -> the nodes that may alias it
     for node in graph.nodes:
-        views.setdefault(_owner(node), []).append(node)
+        views.setdefault(_owner(node), set()).add(node)
 
     def may_be_read(node: fx.Node) -> bool:
-        owner = _owner(written(node))
+        owner = _owner(_written(node))
         if owner.op in ("placeholder", "get_attr"):
             return True
-        aliases = views.get(owner, [owner])
+        aliases = views.get(owner, {owner})
         return any(
             user is not node and user not in aliases and not user._erased
             for alias in aliases
@@ -98,6 +98,6 @@ def eliminate_dead_code(graph: fx.Graph) -> bool:
     def impure(node: fx.Node) -> bool:
         if node.is_impure():
             return True
-        return written(node) is not None and may_be_read(node)
+        return _written(node) is not None and may_be_read(node)
 
     return graph.eliminate_dead_code(is_impure_node=impure)

@@ -16,10 +16,6 @@ import maskkv_compile
 from maskkv_compile.generate import generate
 
 
-def _traced(fn) -> fx.GraphModule:
-    return fx.symbolic_trace(fn)
-
-
 def _names(gm: fx.GraphModule) -> list[str]:
     return [str(n.target) for n in gm.graph.nodes if n.op in ("call_method", "call_function")]
 
@@ -59,22 +55,22 @@ def _writes_an_input(x, idx):
 def test_writes_that_are_read_stay_and_dead_code_goes():
     x, idx = torch.randn(3, 4), torch.tensor([[1], [0], [3]])
     for fn in (_scatter_read, _write_through_a_view, _inplace_kwarg_and_out):
-        gm = _traced(fn)
+        gm = fx.symbolic_trace(fn)
         expected = fn(x.clone(), idx.flatten() if fn is _write_through_a_view else idx)
         eliminate_dead_code(gm.graph)
         gm.recompile()
         got = gm(x.clone(), idx.flatten() if fn is _write_through_a_view else idx)
         assert torch.equal(got, expected), fn.__name__
     # FX's own DCE drops the scatter_ (the reason for this module)
-    plain = _traced(_scatter_read)
+    plain = fx.symbolic_trace(_scatter_read)
     plain.graph.eliminate_dead_code()
     assert "scatter_" not in _names(plain)
 
-    gm = _traced(_dead_write)
+    gm = fx.symbolic_trace(_dead_write)
     assert eliminate_dead_code(gm.graph)
     assert _names(gm) == ["<built-in function add>"]  # the dead write and product are gone
 
-    gm = _traced(_writes_an_input)
+    gm = fx.symbolic_trace(_writes_an_input)
     eliminate_dead_code(gm.graph)
     assert "add_" in _names(gm)  # a graph input's storage: a side effect
 

@@ -147,7 +147,7 @@ def test_token_module_opcheck():
     moe = HostDispatchMoE(16)
     handle = max(_ENTRIES, default=-1) + 1000  # a handle of this test's own
     leaves = (((16,), torch.float32), ((4,), torch.float32), ((2,), torch.int64))
-    _ENTRIES[handle] = _Entry(weakref.WeakMethod(moe.forward), None, leaves)
+    _ENTRIES[handle] = _Entry(weakref.WeakMethod(moe.forward), leaves, None)
     x = torch.randn(2, 5, 16)
     try:
         outputs = token_module(x, handle)
