@@ -411,6 +411,10 @@ def read_model_masks(masks, batch: int, seq: int) -> Optional[torch.Tensor]:
             "layers; MaskKV needs one mask for every layer"
         )
     name = "the attention mask the model builds in forward"
+    if bool(_allowed(name, masks[0]).all()):
+        # masks nothing (BERT-style eager code builds an all-open additive mask when called
+        # without one): plain bidirectional attention, not a window of one block
+        return None
     valid, end = read_mask(name, masks[0], batch, seq)
     if valid is not None:
         raise UnsupportedModelError(

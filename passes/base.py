@@ -182,12 +182,14 @@ def _as_module(name: str, gm: fx.GraphModule) -> str:
     return header + _readable(gm) + "\n"
 
 
-def is_call(node: fx.Node, *targets: Any) -> bool:
-    return node.op == "call_function" and node.target in targets
+def is_call(node: Any, *targets: Any) -> bool:
+    """``node`` is a graph node calling one of ``targets`` (False for a constant or None)."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
 
 
-def is_method(node: fx.Node, *names: str) -> bool:
-    return node.op == "call_method" and node.target in names
+def is_method(node: Any, *names: str) -> bool:
+    """``node`` is a graph node calling a method named one of ``names`` (False otherwise)."""
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target in names
 
 
 def placeholder(gm: fx.GraphModule, name: str) -> fx.Node:

@@ -18,6 +18,10 @@ A mask the model builds from the sequence length alone (``mask_proofs.length_onl
 ``AttentionSite.graph_mask``: the pipeline computes it again for each call's length
 (``MaskKVGraphs.mask_fn``) and the runtime reads it like a mask the caller passed.
 
+A softmax over an axis of fixed size while the sequence length is symbolic (an MoE router's
+softmax over its experts) normalizes each token's own scores: it is not attention over the
+tokens, and is left alone. (With a static trace, an axis of the sequence's size is a candidate.)
+
 Refuses (recorded in ``skipped``, turned into an error by the pipeline): causal attention,
 an attention mask computed from the call's tensors (padding: the caller passes it, and the
 optimized model reads it from the call; unless ``mask_proofs`` proves it all-True: it then
@@ -47,6 +51,20 @@ SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_
 SOFTMAX_TARGETS = (F.softmax, torch.softmax, torch.nn.functional.softmax)
 MATMUL_TARGETS = (torch.matmul, operator.matmul, torch.bmm)
 DROPOUT_TARGETS = (F.dropout, torch.dropout)
+# a constant scale on the scores (in place too: Falcon's ``scores /= sqrt(d)``)
+_SCALES = (operator.mul, operator.imul, torch.mul)
+_DIVIDES = (operator.truediv, operator.itruediv, torch.div)
+# ways scores are combined with another tensor before the softmax (for refusals that say so)
+_COMBINED = {
+    operator.add: "added to",
+    operator.iadd: "added to",
+    torch.add: "added to",
+    "add": "added to",
+    "add_": "added to",
+    "masked_fill": "masked by",
+    "masked_fill_": "masked by",
+    torch.masked_fill: "masked by",
+}
 
 
 @dataclass(frozen=True)
@@ -119,6 +137,30 @@ def _transposed_key(node: fx.Node) -> fx.Node:
     )
 
 
+def _sequence_length(gm: fx.GraphModule):
+    """The sequence length's expression (``graph_info.analyse``), or None for a graph without
+    token ids (every softmax is then a candidate)."""
+    from .graph_info import UnsupportedModelError, analyse
+
+    try:
+        return analyse(gm).seq_expr
+    except UnsupportedModelError:
+        return None
+
+
+def _may_normalize_over_tokens(softmax: fx.Node, seq) -> bool:
+    """False when the softmax's axis has a fixed size that cannot be the sequence's: its input
+    is then normalized within each token's own scores."""
+    value = example_value(softmax.args[0]) if isinstance(softmax.args[0], fx.Node) else None
+    dim = _kwarg(softmax, "dim", 1)
+    if not isinstance(value, torch.Tensor) or not isinstance(dim, int):
+        return True
+    size = value.shape[dim]
+    if isinstance(size, torch.SymInt) or seq is None:
+        return True
+    return isinstance(seq, int) and size == seq
+
+
 class FindAttentionPass(GraphPass):
     name = "FindAttentionPass"
 
@@ -126,11 +168,14 @@ class FindAttentionPass(GraphPass):
         graph = gm.graph
         skipped: list[str] = []
         sites = 0
+        seq = _sequence_length(gm)
         for node in list(graph.nodes):
             try:
                 if is_call(node, *SDPA_TARGETS):
                     match = self._match_sdpa(node)
                 elif is_call(node, *SOFTMAX_TARGETS) or is_method(node, "softmax"):
+                    if not _may_normalize_over_tokens(node, seq):
+                        continue  # a per-token softmax (an MoE router): not attention
                     match = self._match_eager(node)
                 else:
                     continue
@@ -200,9 +245,7 @@ class FindAttentionPass(GraphPass):
                     _single_user(scores, "score tensor")
                     mask, scaled = candidate, scores
                     break
-        while isinstance(scaled, fx.Node) and is_call(
-            scaled, operator.mul, operator.truediv, torch.mul, torch.div
-        ):
+        while is_call(scaled, *_SCALES, *_DIVIDES):
             a, b = scaled.args[:2]
             const, tensor = (b, a) if isinstance(b, (int, float)) else (a, b)
             if not isinstance(const, (int, float)):
@@ -210,11 +253,29 @@ class FindAttentionPass(GraphPass):
                     f"scores are combined with a tensor ({readable_name(scaled.name)}): an "
                     "attention mask or bias"
                 )
-            scale = (
-                scale / const if scaled.target in (operator.truediv, torch.div) else scale * const
-            )
+            if scaled.target in _DIVIDES and not isinstance(b, (int, float)):
+                raise SiteRefused(
+                    f"a constant is divided by the scores ({readable_name(scaled.name)}), not "
+                    "the scores by a constant"
+                )
+            scale = scale / const if scaled.target in _DIVIDES else scale * const
             _single_user(tensor, "score tensor")
             scaled = tensor
+        if is_call(scaled, torch.tanh) or is_method(scaled, "tanh"):
+            raise SiteRefused(
+                f"the scores are soft-capped ({readable_name(scaled.name)}: tanh(scores / c) * c, "
+                "as Gemma 2's attn_logit_softcapping); maskkv::attention computes "
+                "softmax(scale * q @ k^T) only"
+            )
+        combined = _COMBINED.get(getattr(scaled, "target", None))
+        if combined is not None and getattr(scaled, "op", None) in ("call_function", "call_method"):
+            raise SiteRefused(
+                f"the scores are {combined} a tensor ({readable_name(scaled.name)}) computed from "
+                "the call's values, not from its length alone (a relative-position bias, as "
+                "DeBERTa's and MPNet's, or a padding mask built inside forward); "
+                "maskkv::attention computes softmax(scale * q @ k^T) under the caller's padding "
+                "and block masks only"
+            )
         if not (isinstance(scaled, fx.Node) and (is_call(scaled, *MATMUL_TARGETS))):
             raise SiteRefused(
                 "softmax input "

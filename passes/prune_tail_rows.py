@@ -38,10 +38,10 @@ import torch.nn.functional as F
 
 from maskkv_compile._torch_private import example_value, sym_expr
 
-from .base import GraphPass, PassResult, graph_outputs, is_call, is_method, placeholder
+from .base import GraphPass, PassResult, is_call, is_method, placeholder
 from .dead_code import eliminate_dead_code
 from .graph_info import GraphInfo
-from .mask_only_head import HEAD_TARGETS, PASS_THROUGH_METHODS
+from .mask_only_head import HEAD_TARGETS, logits_head
 
 ATTENTION = torch.ops.maskkv.attention.default
 
@@ -137,10 +137,8 @@ class PruneTailRowsPass(GraphPass):
             return PassResult(self.name, 0, False, skipped=(why,))
 
         graph = gm.graph
-        head = graph_outputs(gm)[self.info.logits_index]
-        while is_method(head, *PASS_THROUGH_METHODS) and len(head.users) == 1:
-            head = head.args[0]
-        select = head.args[0] if is_call(head, *HEAD_TARGETS) else None
+        head = logits_head(gm, self.info.logits_index)
+        select = None if isinstance(head, str) else head.args[0]
         if not (is_call(select, torch.index_select) and select.args[1] == 1):
             return skip("the LM head reads no selection of the response rows")
         if isinstance(self.info.seq_expr, int):
