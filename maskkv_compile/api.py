@@ -25,6 +25,7 @@ from maskkv_compile.masks import MaskReader
 from maskkv_compile.passes import UnsupportedModelError
 from maskkv_compile.profile import model_fingerprint
 from maskkv_compile.runtime import Counts, MaskKVRuntime, padding
+from maskkv_compile.shared_trace import active, shared_trace
 from maskkv_compile.tensor_parallel import check_model as check_tensor_parallel
 from maskkv_compile.tensor_parallel import mixed_dtensor_error
 from maskkv_compile.token_modules import (
@@ -41,8 +42,8 @@ _REFUSED = {
     "past_key_values": "MaskKV keeps its own prompt cache; call without past_key_values",
 }
 
-# Every MaskKVModel compiles the same forward code object with its own backend; dynamo
-# counts each as a recompile of that code. Allow many before it would fall back to eager.
+# Every model class's forward is one code object: dynamo counts each model (and each guard set:
+# batch size, dtype) as a recompile of it. Allow many before it would fall back to eager.
 RECOMPILE_LIMIT = 256
 
 
@@ -90,7 +91,8 @@ class MaskKVModel(torch.nn.Module):
     bound to a view of it whose calls (``self(...)``, ``self.forward(...)``) go through
     MaskKV. So a loop that is a method of the model (Dream's ``diffusion_generate``) runs
     unmodified on the optimized model, and a method whose name ends in ``generate`` starts
-    from an empty cache. The MaskKV options are ``maskkv_config``.
+    from an empty cache. The MaskKV options are ``maskkv_config``. Every ``optimize`` of one
+    model shares its dynamo trace (``shared_trace.py``); runtimes and sessions are each its own.
     """
 
     def __init__(self, model: torch.nn.Module, config: MaskKVConfig, mask_token_id: int):
@@ -99,8 +101,10 @@ class MaskKVModel(torch.nn.Module):
         self.maskkv_config = config
         self.mask_token_id = mask_token_id
         self.backend = MaskKVBackend(config, mask_token_id)
-        self._compiled = torch.compile(model, backend=self.backend, fullgraph=True)
         self._token_modules = find_token_modules(model, config.token_modules)
+        # one dynamo trace for every optimize() of this model (shared_trace.py)
+        trace = shared_trace(model, tuple(sorted(config.token_modules)))
+        self._compiled = torch.compile(model, backend=trace, fullgraph=True)
         self._token_handles: Optional[list[int]] = None  # registered at the first call
         parameters = inspect.signature(model.forward).parameters
         self._takes_use_cache = "use_cache" in parameters
@@ -203,6 +207,7 @@ class MaskKVModel(torch.nn.Module):
                     ignore_logging_functions=_log_calls(),
                 ),
                 padding(key_valid, key_end),
+                active(self.backend),
             ):
                 out = self._compiled(input_ids=input_ids, **kwargs)
         except BackendCompilerFailed as failure:  # our own error, raised inside the backend

@@ -121,6 +121,17 @@ class MaskKVBackend:
         self.mask_token_id = mask_token_id if mask_token_id is not None else config.mask_token_id
         self.inductor_options = inductor_options(mode, config.backend)
         self.runtimes: list[MaskKVRuntime] = []
+        # shared_trace.Captured -> what __call__ built from it (optimize's shared dynamo trace)
+        self._from_captured: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+
+    def run_captured(self, captured, args):
+        """Run a graph captured by the dynamo trace this backend shares with other configs of
+        the same model (``shared_trace.py``), building its runtime on the first call."""
+        built = self._from_captured.get(captured)
+        if built is None:
+            built = self(captured.gm, captured.example_inputs())
+            self._from_captured[captured] = built
+        return built(*args)
 
     def __call__(self, gm, example_inputs):
         if self.mask_token_id is None:

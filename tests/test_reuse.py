@@ -326,3 +326,45 @@ def test_a_mask_that_is_not_padding_is_named_for_what_it_is(kind, words):
     optimized = maskkv_compile.optimize(model, budget=4, backend="eager")
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
         optimized(x, attention_mask=additive)
+
+
+def test_optimizes_of_one_model_share_its_trace_and_nothing_else(monkeypatch):
+    """Two configurations of one model: dynamo traces it once (``shared_trace.py``), and each
+    configuration keeps its own runtime, sessions and counts, calls interleaved. A weight change
+    is a new trace, which both then use."""
+    from maskkv_compile.shared_trace import SharedTrace
+
+    traces = []
+    handed_over = SharedTrace.__call__
+    monkeypatch.setattr(
+        SharedTrace, "__call__", lambda self, gm, ex: traces.append(1) or handed_over(self, gm, ex)
+    )
+    model = build("llada", dtype=torch.float64)
+    mask = model.config.mask_token_id
+    prompt, x = prompt_and_masks(model, P, L)
+    evicting = maskkv_compile.optimize(model, budget=3, backend="eager")
+    exact_model = exact(model)
+    alone = maskkv_compile.optimize(build("llada", dtype=torch.float64), budget=3, backend="eager")
+    assert torch.equal(
+        llada_loop(evicting, prompt, mask, L, 3), llada_loop(alone, prompt, mask, L, 3)
+    )
+    assert torch.equal(
+        llada_loop(exact_model, prompt, mask, L, 3), llada_loop(model, prompt, mask, L, 3)
+    )
+    assert len(traces) == 2  # the model's and the separately built one's; none for exact_model
+    assert evicting.cache_stats()["transitions"] == {"new": 1, "step": 2}
+    assert exact_model.cache_stats()["transitions"] == {"new": 1, "refresh": 2}
+    assert not set(map(id, evicting.runtimes)) & set(map(id, exact_model.runtimes))
+
+    evicting.reset()
+    with torch.no_grad():  # as the loops ran (grad mode is one of dynamo's guards)
+        evicting(x)  # interleaved: a call of the other configuration leaves this session alone
+        exact_model(x)
+        evicting(x)
+        assert evicting.cache_stats()["transitions"] == {"new": 1, "step": 1}
+
+        model.to(torch.float32)  # a weight change: one new trace, which both configurations run
+        evicting(x)
+        exact_model(x)
+    assert len(traces) == 3
+    assert evicting.cache_stats()["transitions"] == {"new": 2, "step": 1}

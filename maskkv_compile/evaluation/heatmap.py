@@ -110,7 +110,6 @@ def heatmap(
                 rows.append(row)
         out["exact_match"][label] = rows  # [length][depth]
         del net
-        torch._dynamo.reset()
     return out
 
 

@@ -498,7 +498,6 @@ class Suite:
                     if bar is not None:
                         bar.update(1)
             del net
-            torch._dynamo.reset()  # each optimized model holds its own compiled graphs; drop them
             self.save()
         if bar is not None:
             bar.close()
