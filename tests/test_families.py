@@ -40,7 +40,7 @@ SIZES = dict(
 )
 NO_SPECIAL_TOKENS = dict(pad_token_id=None, bos_token_id=None, eos_token_id=None)
 
-# name -> (config and model class prefix, head class suffix, config fields, attention, dtype)
+# name -> (config and model class prefix, config fields, attention implementation)
 DECODERS = {
     "mixtral": ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2), "sdpa"),
     "qwen3_moe": (
