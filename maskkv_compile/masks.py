@@ -411,14 +411,14 @@ def read_model_masks(masks, batch: int, seq: int) -> Optional[torch.Tensor]:
             "layers; MaskKV needs one mask for every layer"
         )
     name = "the attention mask the model builds in forward"
-    if bool(_allowed(name, masks[0]).all()):
-        # masks nothing (BERT-style eager code builds an all-open additive mask when called
-        # without one): plain bidirectional attention, not a window of one block
-        return None
     valid, end = read_mask(name, masks[0], batch, seq)
     if valid is not None:
         raise UnsupportedModelError(
             f"{name} hides keys from every query (padding from the length alone); MaskKV reads "
             "padding from the call's attention_mask"
         )
+    if end is not None and bool((end == seq).all()):
+        # one block (an all-open mask, as BERT-style eager code builds when called without
+        # one): plain bidirectional attention, not a window of one block with nothing to cache
+        return None
     return end
