@@ -23,7 +23,10 @@ What MaskKV does to it:
 - **Evict in place.** Right after that call, each full-attention layer of the user's cache
   object keeps its top-``budget`` entries per KV head, in position order. The decoder's later
   calls then concatenate [kept ; canvas]. The next encoder call appends the finished canvas
-  to the kept entries, and the next canvas votes over [kept ; new canvas].
+  to the kept entries, and the next canvas votes over [kept ; new canvas]. An evicted layer
+  still answers ``get_seq_length()`` with the tokens written (``_held_layer``), so a later
+  ``generate`` on the returned cache (a chat's next turn) places its tokens where the plain
+  model does.
 - **Sliding-window layers** keep their window: it is already bounded.
 - **Prefill in chunks.** ``generate`` encodes the prompt in one encoder call; here a prompt
   longer than ``prefill_chunk`` goes in chunks of that many tokens onto the same cache, each
@@ -66,6 +69,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import inspect
 import weakref
 from dataclasses import dataclass, field
@@ -308,6 +312,45 @@ def _register() -> None:
         AttentionInterface.register(ATTENTION, _attention)
     if ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
         ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
+
+
+@functools.cache
+def _held_layer() -> type:
+    """The class of a full-attention cache layer MaskKV has evicted from: a transformers
+    ``DynamicLayer`` that holds fewer slots than the tokens written to it. ``get_seq_length``
+    answers the tokens written, as the plain model's layer does (``generate`` counts the
+    positions of a later call on the cache from it, and transformers' masks their queries'
+    offset); ``get_mask_sizes`` the slots held (the keys a call attends to). An evicted layer
+    of the user's cache becomes one in place. A padded batch's masks over held slots are
+    MaskKV's own (``_slot_mask``)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class MaskKVHeldLayer(DynamicLayer):
+        written: int  # tokens written to the layer, evicted ones included
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            self.written += key_states.shape[-2]
+            return super().update(key_states, value_states, *args, **kwargs)
+
+        def get_seq_length(self) -> int:
+            return self.written
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            # the held slots read as the positions right before the call's own: a mask built
+            # from these sizes lets every query see them, and the call's keys sit at their true
+            # positions (causal among themselves, as the queries' offset is the tokens written)
+            held = 0 if self.keys is None or self.keys.numel() == 0 else self.keys.shape[-2]
+            return held + query_length, self.written - held
+
+        def crop(self, tokens_to_remove: int) -> None:
+            if tokens_to_remove == 0:
+                return
+            raise NotImplementedError(
+                "MaskKV evicted entries of this cache layer: its slots are no longer the "
+                "positions 0..n-1, so it cannot be cropped to a length; start a new cache"
+            )
+
+    return MaskKVHeldLayer
 
 
 # the encoder's keyword arguments a chunked prefill handles (any other, given: one call)
@@ -641,10 +684,19 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
 
     def _check_evictable(self, cache) -> None:
         from transformers import StaticCache
+        from transformers.cache_utils import DynamicLayer
 
         if isinstance(cache, StaticCache):
             raise UnsupportedModelError(
                 "MaskKV cannot evict from a StaticCache (its slots are fixed): use the default "
+                "dynamic cache, or a budget of at least the cache length"
+            )
+        kinds = {type(cache.layers[layer]) for layer in self.full_layers}
+        other = kinds - {DynamicLayer, _held_layer()}
+        if other:  # a quantized or offloaded layer keeps more than ``keys`` / ``values``
+            raise UnsupportedModelError(
+                "MaskKV evicts from plain DynamicCache layers only; the full-attention layers of "
+                f"this cache are {sorted(kind.__name__ for kind in other)}: use the default "
                 "dynamic cache, or a budget of at least the cache length"
             )
 
@@ -710,6 +762,9 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         order = torch.where(held, index, index + length).argsort(-1)  # held ones by position
         index, held = index.gather(-1, order), held.gather(-1, order)
         cache_layer = cache.layers[layer]
+        if type(cache_layer) is not _held_layer():  # it counts the tokens written from now on
+            cache_layer.__class__ = _held_layer()
+            cache_layer.written = cache_layer.keys.shape[-2]
         for name in ("keys", "values"):
             tensor = getattr(cache_layer, name)
             setattr(

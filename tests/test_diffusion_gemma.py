@@ -305,6 +305,81 @@ def test_the_users_cache_holds_kept_plus_each_new_canvas(model):
     assert stats["seen"] == 50 + 2 * canvas
 
 
+def _two_turns(net, model, padded):
+    """Two ``generate`` calls on one cache, a chat's second turn: the first canvas (returned,
+    never encoded) and a new message as the uncached ids. Returns both outputs' sequences, the
+    position ids every encoder and decoder call got, the cache's length after each turn, and the
+    cache."""
+    gen = torch.Generator().manual_seed(3)
+    first = torch.randint(3, 120, (2 if padded else 1, 40), generator=gen)
+    mask = torch.ones_like(first)
+    if padded:
+        first[1, :11], mask[1, :11] = 0, 0
+    message = torch.randint(3, 120, (first.shape[0], 12), generator=gen)
+    positions = []
+
+    def record(module, args, kwargs):
+        where = kwargs.get("position_ids", kwargs.get("decoder_position_ids"))
+        positions.append(where.clone())
+
+    hooks = [
+        m.register_forward_pre_hook(record, with_kwargs=True)
+        for m in (model.model.encoder, model.model.decoder)
+    ]
+    try:
+        torch.manual_seed(0)
+        out = net.generate(
+            first,
+            attention_mask=mask,
+            max_new_tokens=16,
+            max_denoising_steps=3,
+            return_dict_in_generate=True,
+        )
+        lengths = [out.cache.get_seq_length()]
+        ids = torch.cat([out.sequences[:, 40:], message], 1)
+        mask = torch.cat([mask, torch.ones_like(ids)], 1)  # the canvas and the message: real
+        torch.manual_seed(1)
+        again = net.generate(
+            ids,
+            cache=out.cache,
+            attention_mask=mask,
+            max_new_tokens=16,
+            max_denoising_steps=3,
+            return_dict_in_generate=True,
+        )
+        lengths.append(again.cache.get_seq_length())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return out.sequences, again.sequences, positions, lengths, again.cache
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_second_turn_on_an_evicted_cache_gets_the_plain_models_positions(padded):
+    """A chat's second turn passes the returned cache back to ``generate``, which counts the
+    new tokens' positions from ``cache.get_seq_length()``. An evicted full layer still answers
+    the tokens written (here the first layer is a full one, the layer transformers asks): every
+    encoder and decoder call gets the plain model's positions, and at full budget the tokens
+    are the plain model's over both turns."""
+    kinds = ["full_attention", "sliding_attention", "full_attention"]
+    model = tiny_diffusion_gemma(dtype=torch.float64, layers=3, layer_types=kinds)
+    first, second, positions, lengths, _ = _two_turns(model, model, padded)
+    full = _two_turns(maskkv_compile.optimize(model, budget=4096), model, padded)
+    assert torch.equal(full[0], first) and torch.equal(full[1], second)
+    net = maskkv_compile.optimize(model, budget=6)
+    evicted = _two_turns(net, model, padded)
+    assert net.cache_stats()["votes"] == 2 and net.cache_stats()["evictions"] == 2
+    assert evicted[3] == lengths == [40, 40 + 16 + 12]
+    assert len(evicted[2]) == len(positions)
+    assert all(torch.equal(a, b) for a, b in zip(evicted[2], positions))
+    assert bool(torch.isfinite(evicted[1].float()).all())
+    for layer in net.cache_stats()["layers"]:
+        kept = torch.tensor(layer["positions"])
+        assert kept.shape[-1] <= 6 and int(kept.max()) < lengths[1]
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        evicted[4].crop(-4)
+
+
 def test_refusals(model):
     prompt = torch.randint(3, 120, (2, 30))
     with pytest.raises(UnsupportedModelError, match="StaticCache"):
@@ -318,6 +393,17 @@ def test_refusals(model):
         maskkv_compile.optimize(model, budget=4, policy="snapkv")
     with pytest.raises(UnsupportedModelError, match="does not support revote"):
         maskkv_compile.optimize(model, budget=4, revote=2)
+    # a cache layer of another kind keeps more than keys and values: no silent gather
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class OwnLayer(DynamicLayer):
+        pass
+
+    cache = DynamicCache(config=model.config)
+    cache.layers[-1] = OwnLayer()
+    with pytest.raises(UnsupportedModelError, match=r"plain DynamicCache layers only.*OwnLayer"):
+        _generate(maskkv_compile.optimize(model, budget=4), prompt[:1], cache=cache)
 
 
 def _three_full_layers():
