@@ -51,7 +51,7 @@ def lift_recent(scores: torch.Tensor, valid: torch.Tensor, recent: int) -> torch
     nearest column gets the highest, so a top-k of ``k < recent`` keeps the ``k`` nearest.
     The lift is ``1 + max |finite score|`` plus the column's rank in the window (1 to
     ``recent``), exact in the float32/float64 scores the votes are accumulated in."""
-    if recent <= 0:
+    if recent <= 0 or scores.shape[-1] == 0:  # nothing to lift
         return scores
     after = valid.flip(-1).cumsum(-1).flip(-1)  # valid columns at or after this one, per row
     near = valid & (after <= recent)  # broadcast over the heads below
@@ -70,6 +70,8 @@ def selection_scores(
     seed: int,
     recent: int,
 ) -> torch.Tensor:
+    if votes.shape[-1] == 0:  # no prompt column to score (a window with nothing before it)
+        return votes.clone()
     return lift_recent(
         _policy_scores(votes, prompt_valid, policy, kernel, sink, seed),
         prompt_valid[:, None, :],

@@ -583,6 +583,27 @@ def test_a_short_prompt_is_kept_whole_and_the_generation_grows_it_only_to_the_bu
         assert layer["kept_per_kv_head"] == [min(budget, 20)] * len(layer["kept_per_kv_head"])
 
 
+@pytest.mark.parametrize("policy", ["maskkv", "mask_voting_uniform", "snapkv"])
+def test_a_prompt_inside_the_first_block_with_recent_runs_and_keeps_the_nearest(policy):
+    """Prompt 3, blocks of 4: the first window has no prefix before its block, so its vote
+    selects over nothing (``recent`` lifted the last columns of an empty row: an IndexError,
+    found by a randomized run). The later windows keep ``recent`` nearest entries of every
+    head first; at a budget above the window the tokens are the uncached loop's."""
+    model = _zero_mask_row(tiny_qwen3(dtype=torch.float64))
+    prompt, kwargs = _prompt(1, 3), dict(gen_length=8, block_length=4, mask_id=MASK, steps=4)
+    for budget in (3, 64):
+        optimized = maskkv_compile.optimize(
+            model, budget=budget, policy=policy, recent=2, backend="eager"
+        )
+        got = sdar_generate(optimized, prompt, **kwargs)
+        stats = optimized.cache_stats()
+        assert stats["transitions"]["new"] == 1 and stats["transitions"]["extend"] == 1
+        if budget == 64:
+            assert torch.equal(got, sdar_generate(model, prompt, **kwargs))
+        for layer in stats["layers"]:  # the prefix at the last growth: 8 entries
+            assert layer["kept_per_kv_head"] == [min(budget, 8)] * len(layer["kept_per_kv_head"])
+
+
 def test_under_eviction_every_step_gives_real_logits_and_the_cache_stays_bounded():
     model = _zero_mask_row(tiny_qwen3(dtype=torch.float64))
     optimized = maskkv_compile.optimize(model, budget=6, backend="eager")
