@@ -29,7 +29,9 @@ The rules, in the order they are tried:
    is a plain STEP. ``revote`` marks the plan (``Plan.revote``) at a due step
    (every k-th step) or block refresh (``revote="block"``).
 6. EXTEND: a block-causal call (block diffusion) that is a live block session's window grown
-   by one block (same prefix, the old window's block ends kept, one new block) extends it:
+   by one block (same prefix, the old window's block ends kept, one new block) extends it
+   (tried before CONTINUE when the continued session is older than the grown one, or the call
+   restarts it: a block loop run again on one prompt meets its earlier run's sessions):
    the finished block is computed once with its final tokens and joins the cached prefix, and
    the new block runs as a step (``runtime._run_extend``). A block-causal call that holds the
    mask token before its last block runs UNCACHED (``Fallback.BLOCK_NOT_LAST``).
@@ -171,11 +173,13 @@ def decide(
     live = [None if i in stale else f for i, f in enumerate(facts)]
     match = next((i for i, f in enumerate(live) if f is not None and f.continues), None)
     grown = next((i for i, f in enumerate(live) if f is not None and f.extends), None)
-    if grown is not None and (match is None or facts[match].restarted):
-        # A window grown by one block is stronger evidence than a finished session of the
-        # same window whose block holds masks again: a block loop run twice on one prompt
-        # reaches, at its last window, the first run's finished session as well as its own
-        # grown one. The extend is what a first run does there (exact and cheaper).
+    if grown is not None and (match is None or facts[match].restarted or grown < match):
+        # A window grown by one block is stronger evidence than a session of the same window
+        # from an earlier run of the loop: a block loop run twice on one prompt reaches, at
+        # each window, its own grown session as well as the earlier run's session of that
+        # window (whose block holds masks again, or, with one step a block, the very same
+        # call). The grown session is the loop's when it ran more recently (sessions are most
+        # recent first). The extend is what a first run does there: exact, and cheaper.
         return Plan(Transition.EXTEND, grown, revote=schedule.revote is not None, stale=stale)
     if match is None:
         continued_stale = any(facts[i] is not None and facts[i].continues for i in stale)

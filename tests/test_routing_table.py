@@ -213,12 +213,22 @@ TABLE = [
         Plan(T.EXTEND, 0),
     ),
     (
-        "a continuing session beats an extendable one",
+        "a continuing session beats an older extendable one",
+        [live(), live()],
+        [CONT, SessionFacts(False, extends=True)],
+        CallFacts(W),
+        Schedule(),
+        Plan(T.STEP, 0),
+    ),
+    (
+        # a block loop run again with one step a block: its last call was on the grown
+        # session; the earlier run's session of the same window gets the very same call
+        "a grown window beats an older session it continues",
         [live(), live()],
         [SessionFacts(False, extends=True), CONT],
         CallFacts(W),
         Schedule(),
-        Plan(T.STEP, 1),
+        Plan(T.EXTEND, 0),
     ),
     (
         "a grown window beats a finished session of that window with masks again",
