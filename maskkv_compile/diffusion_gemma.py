@@ -717,6 +717,15 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         (B, Hkv, L) each; which slots hold a kept real token, per layer (B, Hkv, L) each; the
         absolute length written so far)."""
         state = self._state if self._holds(cache) else None
+        if state is None and any(
+            type(cache.layers[layer]) is _held_layer() for layer in self.full_layers
+        ):
+            raise UnsupportedModelError(
+                "this cache holds entries MaskKV evicted, but not under this model's current "
+                "state (reset() was called since, or another optimized model evicted it): which "
+                "position each kept slot holds is unknown. Start from a new cache (leave cache "
+                "unset), or keep using it on the model that evicted it without reset()"
+            )
         previous = state.seen if state is not None else 0
         grown = max(
             lengths[l] - (state.lengths.get(l, 0) if state else 0) for l in self.full_layers

@@ -378,6 +378,9 @@ def test_a_second_turn_on_an_evicted_cache_gets_the_plain_models_positions(padde
         assert kept.shape[-1] <= 6 and int(kept.max()) < lengths[1]
     with pytest.raises(NotImplementedError, match="cannot be cropped"):
         evicted[4].crop(-4)
+    net.reset()  # the positions of the kept slots are gone with the model's state
+    with pytest.raises(UnsupportedModelError, match="Start from a new cache"):
+        net.generate(torch.randint(3, 120, (evicted[1].shape[0], 4)), cache=evicted[4])
 
 
 def test_refusals(model):
