@@ -350,7 +350,15 @@ def _held_layer() -> type:
                 "positions 0..n-1, so it cannot be cropped to a length; start a new cache"
             )
 
+    MaskKVHeldLayer.__module__, MaskKVHeldLayer.__qualname__ = __name__, "MaskKVHeldLayer"
     return MaskKVHeldLayer
+
+
+def __getattr__(name: str):
+    # pickle (torch.save of the user's cache) finds the held layer class by this name
+    if name == "MaskKVHeldLayer":
+        return _held_layer()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # the encoder's keyword arguments a chunked prefill handles (any other, given: one call)

@@ -3,6 +3,8 @@ canvas queries' top-k under eviction, the user's cache object stays consistent, 
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from maskkv_compile.passes import UnsupportedModelError
@@ -378,6 +380,12 @@ def test_a_second_turn_on_an_evicted_cache_gets_the_plain_models_positions(padde
         assert kept.shape[-1] <= 6 and int(kept.max()) < lengths[1]
     with pytest.raises(NotImplementedError, match="cannot be cropped"):
         evicted[4].crop(-4)
+    saved = io.BytesIO()  # the user's cache saves and loads with its evicted layers
+    torch.save(evicted[4], saved)
+    saved.seek(0)
+    loaded = torch.load(saved, weights_only=False)
+    assert loaded.get_seq_length() == lengths[1]
+    assert all(torch.equal(a.keys, b.keys) for a, b in zip(loaded.layers, evicted[4].layers))
     net.reset()  # the positions of the kept slots are gone with the model's state
     with pytest.raises(UnsupportedModelError, match="Start from a new cache"):
         net.generate(torch.randint(3, 120, (evicted[1].shape[0], 4)), cache=evicted[4])
