@@ -18,7 +18,9 @@ The rules, in the order they are tried:
    position, and the same values of every other tensor input.
 3. RESTART: a continuing call in which a response position that held a committed token at
    the session's last call holds the mask token again is a new generation: NEW layout,
-   prefill (``Transition.RESTART``).
+   prefill (``Transition.RESTART``). So is, for a block window whose last call was its
+   prefill, the very same call again (block loops commit a token at every call: it is a
+   generation of one call per window run again).
 4. REFRESH: a continuing call that is the ``prompt_refresh``-th since the prefill reruns
    the prefill on the same layout.
 5. STEP / BLOCK_REFRESH / BLOCK_STEP: any other continuing call runs the step graph. With

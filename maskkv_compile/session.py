@@ -191,8 +191,14 @@ class Session:
 
     def restarted(self, call: Call) -> torch.Tensor:
         """0-d bool: a response position that held a committed token at the last call holds the
-        mask token again (a new generation of the same prompt)."""
-        return ((call.masked > self.masked) & self.layout.response).any()  # masked now, not then
+        mask token again (a new generation of the same prompt). For a block window whose last
+        call was its prefill, also the very same call again: block loops commit a token at
+        every call, so it is the generation run again (a window refined in one call), and its
+        first call attends to the whole prefix, not to the kept one."""
+        again = ((call.masked > self.masked) & self.layout.response).any()  # masked now, not then
+        if self.layout.block_start is not None and self.steps_since_prefill == 0:
+            again = again | (call.ids == self.ids).all()
+        return again
 
 
 class Feature:

@@ -651,6 +651,21 @@ def test_a_block_loop_run_twice_on_one_prompt_extends_at_its_last_window_as_the_
     assert all(torch.equal(tokens, runs[0][0]) for tokens, _ in runs)
 
 
+def test_a_one_call_generation_run_again_is_prefilled_again():
+    """Prompt 16, gen 8, blocks of 8, one step a block: the generation is one call. Run again,
+    that call is the very same as the session's only one; a block loop commits a token at every
+    call, so it is a new generation (a restart: its window attends to the whole prefix again),
+    and every run gives the first run's tokens under eviction. Found by a randomized run."""
+    model = _zero_mask_row(tiny_qwen3(dtype=torch.float64))
+    optimized = maskkv_compile.optimize(model, budget=6, backend="eager")
+    prompt = _prompt(1, 16)
+    kwargs = dict(gen_length=8, block_length=8, mask_id=MASK, steps=1)
+    first = sdar_generate(optimized, prompt, **kwargs)
+    for _ in range(2):
+        assert torch.equal(sdar_generate(optimized, prompt, **kwargs), first)
+    assert optimized.cache_stats()["transitions"] == {"new": 1, "restart": 2}
+
+
 class ReleasedEraRotary(torch.nn.Module):
     """Rotary cos/sin spelled as transformers 4.x (and LLaDA2's released file) spell them:
     ``inv_freq[None, :, None] @ position_ids[:, None, :]``, which ties the position ids' strides
