@@ -14,9 +14,11 @@ and the model family, and never changes until the next prefill of a new layout:
   - the same row of the *previous* call (CFG as two calls, the unconditional call right
     after the conditional one): masked at every prompt position of that call's session,
     equal to its tokens at every one of its response positions (masked where they were
-    masked, the same token where committed), and mirroring no other live session so. An
-    all-mask row after two prompts at step 0 mirrors both: it is nobody's copy (a prefill
-    without a cache), never a copy of the wrong one.
+    masked, the same token where committed), and mirroring no other live session that puts
+    that row's response elsewhere. An all-mask row at step 0 after two prompts of other
+    lengths mirrors both: it is nobody's copy (a prefill without a cache), never a copy of
+    the wrong one. After two prompts of one length, both readings give the row one layout
+    (the copy is a session of its own), so it is read as the previous call's copy.
   The masked prompt positions of a copy are the one place where a mask token gets no logits
   (zeros): CFG combines them with the conditional row's prompt, which a loop never commits;
 * prompt of row b: its real positions that are not response;
@@ -198,7 +200,7 @@ def infer_layout(
     """The layout of a new prompt. ``previous``: (last ids, layout) of the session the previous
     call ran on, when it has this call's shape and padding (a masked copy sent in its own call,
     CFG as two calls); ``others``: the other live sessions of that shape and padding, which a
-    copy of ``previous`` must not mirror too."""
+    copy of ``previous`` must not mirror too with another response."""
     masked = (ids == mask_token_id) & key_valid  # (B, S)
     batch = ids.shape[0]
     response = masked.clone()
@@ -210,7 +212,11 @@ def infer_layout(
         elif (
             previous is not None
             and _mirrors(ids, masked, row, *previous)
-            and not any(_mirrors(ids, masked, row, *other) for other in others)
+            and not any(
+                _mirrors(ids, masked, row, *other)
+                and not torch.equal(other[1].response[row], previous[1].response[row])
+                for other in others
+            )
         ):
             response[row] = previous[1].response[row]
         twins[row] = ref

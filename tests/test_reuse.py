@@ -5,6 +5,9 @@ The exactness checks run at a budget of at least the prompt with ``prompt_refres
 float64, where every call must equal the uncached model at every position holding the mask
 token (invariant I1/I2 of ``test_invariants.py``)."""
 
+import warnings
+from collections import Counter
+
 import pytest
 import torch
 from dream_model import tiny_dream_style
@@ -72,6 +75,31 @@ def test_cfg_as_two_calls_for_two_prompts_never_takes_the_wrong_response():
     with pytest.warns(CacheFallbackWarning):
         assert_real_logits(optimized(uncond_a).logits, model, uncond_a)
     assert optimized.cache_stats()["transitions"] == {"new": 2, "uncached": 1}
+
+
+def test_cfg_as_two_calls_after_an_abandoned_prompt_of_the_same_length_runs_cached():
+    """A generation abandoned after its first call leaves a session whose response is all
+    masks. The next prompt, of the same length, under CFG as two calls: its all-mask
+    unconditional call mirrors both sessions, which put the response at the same positions,
+    so it is the previous call's copy, as on a fresh model: cached, and the same tokens.
+    (Found by a randomized run: it ran without a cache, then re-prefilled at its next call.)"""
+    model = build("llada", dtype=torch.float64)
+    mask_id = model.config.mask_token_id
+    abandoned, _ = prompt_and_masks(model, P, L, seed=3)
+    prompt, _ = prompt_and_masks(model, P, L)
+    fresh = maskkv_compile.optimize(model, budget=3, backend="eager")
+    reused = maskkv_compile.optimize(model, budget=3, backend="eager")
+    with torch.no_grad():  # a loop's first call (under no_grad, as the loop's), then given up
+        reused(torch.cat([abandoned, torch.full((1, L), mask_id)], 1))
+    before = Counter(reused.cache_stats()["transitions"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CacheFallbackWarning)
+        tokens = llada_loop(reused, prompt, mask_id, L, L, cfg_scale=1.0, batched_cfg=False)
+    ran = Counter(reused.cache_stats()["transitions"]) - before
+    assert ran == {"new": 2, "step": 2 * (L - 1)}
+    assert torch.equal(
+        tokens, llada_loop(fresh, prompt, mask_id, L, L, cfg_scale=1.0, batched_cfg=False)
+    )
 
 
 def test_cfg_as_two_calls_reads_the_unconditional_call_as_a_copy_of_the_previous_one_only():
