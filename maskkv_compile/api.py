@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import sys
 import warnings
 from typing import Optional
 
@@ -42,9 +43,13 @@ _REFUSED = {
     "past_key_values": "MaskKV keeps its own prompt cache; call without past_key_values",
 }
 
-# Every model class's forward is one code object: dynamo counts each model (and each guard set:
-# batch size, dtype) as a recompile of it. Allow many before it would fall back to eager.
-RECOMPILE_LIMIT = 256
+# Every model class's forward is one code object (transformers wraps every model's forward in
+# one decorator function), and dynamo counts each model, and each guard set of one (batch size,
+# dtype, grad mode), as a recompile of it, for the life of the process: the entries of models
+# that are gone still count, and its limits refuse any compile past them. One process that
+# optimizes model after model (an evaluation harness, a server that reloads weights) must not
+# run out, so MaskKV's compiles are not capped.
+RECOMPILE_LIMIT = sys.maxsize
 
 
 def _fresh_strides(tensor: torch.Tensor) -> torch.Tensor:
