@@ -212,9 +212,9 @@ def infer_layout(
         elif (
             previous is not None
             and _mirrors(ids, masked, row, *previous)
-            and not any(
-                _mirrors(ids, masked, row, *other)
-                and not torch.equal(other[1].response[row], previous[1].response[row])
+            and not any(  # another session that puts this row's response elsewhere
+                not torch.equal(other[1].response[row], previous[1].response[row])
+                and _mirrors(ids, masked, row, *other)
                 for other in others
             )
         ):
