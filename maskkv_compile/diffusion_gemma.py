@@ -28,6 +28,11 @@ What MaskKV does to it:
   ``generate`` on the returned cache (a chat's next turn) places its tokens where the plain
   model does.
 - **Sliding-window layers** keep their window: it is already bounded.
+- **Encoder calls write the cache and stop.** ``generate`` reads an encoder call for its cache
+  alone. The encoder's last attention, once its K/V are in the cache, raises
+  (``_CacheWritten``), so that layer's attention, MLP and experts and the final norm do not
+  run (a model-specific rule: transformers' DiffusionGemma writes the cache before its
+  attention; a call that did not write it is an error). A direct encoder call is untouched.
 - **Prefill in chunks.** ``generate`` encodes the prompt in one encoder call; here a prompt
   longer than ``prefill_chunk`` goes in chunks of that many tokens onto the same cache, each
   with the masks ``generate`` builds for a call on that cache (it asks for them right before
@@ -92,6 +97,11 @@ _RECORDER: contextvars.ContextVar[Optional["_Votes"]] = contextvars.ContextVar(
 _SLOTS: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar(
     "maskkv_dg_slots", default=None
 )
+# id(attention module) of the encoder's last layer, during an encoder call whose output is its
+# cache alone (``generate``'s): that attention raises _CacheWritten once it has written the cache
+_CACHE_ONLY: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar(
+    "maskkv_dg_cache_only", default=None
+)
 MASK_VOTING_POLICIES = ("maskkv", "mask_voting_uniform")
 
 
@@ -125,6 +135,11 @@ def layer_fingerprint(model: torch.nn.Module) -> dict:
             [a.k_proj.out_features // a.head_dim, a.head_dim] for a in attention
         ],
     }
+
+
+class _CacheWritten(Exception):
+    """Raised by the encoder's last attention under ``generate``: the cache is written, and
+    nothing after it in the encoder feeds what ``generate`` reads."""
 
 
 class _FirstDecoderCallDone(Exception):
@@ -259,6 +274,8 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
     its band of keys."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if _CACHE_ONLY.get() == id(module):  # the module wrote its K/V to the cache before this call
+        raise _CacheWritten
     slots = _SLOTS.get()
     held = None if slots is None else slots.get(id(module))  # (B, Hkv, L)
     if held is not None:  # a full layer whose slots are evicted per head or padding
@@ -431,6 +448,7 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
             "evictions": 0,
             "encoder_calls": 0,
             "prefill_chunks": 0,  # encoder calls that long prefills were split into
+            "cache_only_encoder_calls": 0,  # encoder calls stopped once the cache was written
         }
 
     # ------------------------------------------------------------------ public surface
@@ -574,26 +592,35 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         return _DeferredMasks(inspect.signature(build).bind(*args, **kwargs).arguments)
 
     def _encoder_forward(self, *args, **kwargs):
-        """The encoder's forward. Under ``generate``, a prompt longer than ``prefill_chunk``
-        onto a dynamic cache goes in chunks of that many tokens: exact, since the encoder is
-        causal (a chunk's rows attend to the cached rows before them and causally to their own,
-        as in the whole call). Each chunk gets the masks ``generate`` builds for a call on that
-        cache, from the same 2-D mask and positions."""
+        """The encoder's forward. Under ``generate`` (masks deferred here), whose encoder call
+        is read for its cache alone, a text-only call:
+
+        - writes the cache and stops there: the last layer's attention raises once its K/V are
+          in the cache, so its attention, MLP and experts and the final norm, which feed
+          nothing ``generate`` reads, never run (``last_hidden_state`` is None);
+        - goes in chunks of ``prefill_chunk`` tokens when longer, onto a dynamic cache: exact,
+          since the encoder is causal (a chunk's rows attend to the cached rows before them and
+          causally to their own, as in the whole call). Each chunk gets the masks ``generate``
+          builds for a call on that cache, from the same 2-D mask and positions."""
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
         encoder = self.model.model.encoder
         masks = kwargs.get("attention_mask")
         if not isinstance(masks, _DeferredMasks):
             return type(encoder).forward(encoder, *args, **kwargs)
-        if not self._chunks(args, kwargs, masks.kwargs):
-            kwargs["attention_mask"] = type(encoder).create_masks_for_generate(**masks.kwargs)
+        build = type(encoder).create_masks_for_generate
+        if not self._text_only(args, kwargs, masks.kwargs):
+            kwargs["attention_mask"] = build(**masks.kwargs)
             return type(encoder).forward(encoder, *args, **kwargs)
         ids, cache = kwargs["input_ids"], kwargs["cache"]
         keys, positions = masks.kwargs["attention_mask"], kwargs["position_ids"]
         seen = keys.shape[1] - ids.shape[1]  # (B, seen + new) keys: the cached ones first
-        build = type(encoder).create_masks_for_generate
-        hidden = []
-        for start in range(0, ids.shape[1], self.config.prefill_chunk):
-            stop = min(start + self.config.prefill_chunk, ids.shape[1])
-            chunk, where = ids[:, start:stop], positions[:, start:stop]  # (B, C), (1 or B, C)
+        chunk = self.config.prefill_chunk
+        if chunk is None or cache.is_compileable or self._encoder_slots is not None:
+            chunk = ids.shape[1]  # one call (a static cache, or one with evicted slots)
+        for start in range(0, ids.shape[1], chunk):
+            stop = min(start + chunk, ids.shape[1])
+            where = positions[:, start:stop]  # (1 or B, C)
             chunk_masks = build(
                 **{
                     **masks.kwargs,
@@ -602,33 +629,43 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
                     "position_ids": where,
                 }
             )
-            out = type(encoder).forward(
-                encoder,
-                input_ids=chunk,
-                attention_mask=chunk_masks,
-                cache=cache,
-                position_ids=where,
-            )
-            hidden.append(out.last_hidden_state)
-            self.counts["prefill_chunks"] += 1
-        out.last_hidden_state = torch.cat(hidden, 1)  # (B, P, hidden)
-        return out
+            self._write_cache(ids[:, start:stop], chunk_masks, cache, where)
+            if chunk < ids.shape[1]:
+                self.counts["prefill_chunks"] += 1
+        return BaseModelOutputWithPast(last_hidden_state=None, cache=cache)
 
-    def _chunks(self, args, kwargs, mask_kwargs) -> bool:
-        """Whether ``generate``'s encoder call goes in prefill chunks: text only (no image or
-        other inputs), longer than ``prefill_chunk``, onto a dynamic cache this model does not
-        hold evicted slots of, with the 2-D mask and positions of those tokens."""
-        ids, chunk = kwargs.get("input_ids"), self.config.prefill_chunk
+    def _write_cache(self, ids, masks, cache, positions) -> None:
+        """One encoder call that stops once its last layer has written the cache."""
+        encoder = self.model.model.encoder
+        text = encoder.language_model
+        last = text.config.num_hidden_layers - 1
+        before = cache.get_seq_length(last)
+        token = _CACHE_ONLY.set(id(text.layers[last].self_attn))
+        try:
+            type(encoder).forward(
+                encoder, input_ids=ids, attention_mask=masks, cache=cache, position_ids=positions
+            )
+        except _CacheWritten:
+            self.counts["cache_only_encoder_calls"] += 1
+        finally:
+            _CACHE_ONLY.reset(token)
+        if cache.get_seq_length(last) != before + ids.shape[1]:
+            raise RuntimeError(
+                f"the encoder's last layer wrote {cache.get_seq_length(last) - before} tokens to "
+                f"the cache, not the call's {ids.shape[1]}: this transformers version's "
+                "DiffusionGemma encoder does not write its cache before its attention"
+            )
+
+    def _text_only(self, args, kwargs, mask_kwargs) -> bool:
+        """Whether ``generate``'s encoder call is text only (no image or other inputs), onto a
+        cache, with the 2-D mask and positions of those tokens: a call ``_encoder_forward``
+        writes the cache with (in chunks where it is long)."""
+        ids, cache = kwargs.get("input_ids"), kwargs.get("cache")
         keys, positions = mask_kwargs.get("attention_mask"), kwargs.get("position_ids")
-        cache = kwargs.get("cache")
         return (
-            chunk is not None
-            and not args
+            not args
             and isinstance(ids, torch.Tensor)
-            and ids.shape[-1] > chunk
             and cache is not None
-            and not cache.is_compileable
-            and self._encoder_slots is None
             and all(value is None or key in _PREFILL_KWARGS for key, value in kwargs.items())
             and mask_kwargs.get("mm_token_type_ids") is None
             and isinstance(keys, torch.Tensor)

@@ -286,6 +286,43 @@ def test_a_long_prefill_goes_in_chunks_and_gives_the_same_tokens(model, chunk, p
     assert chunked.cache_stats()["layers"] == whole.cache_stats()["layers"]
 
 
+@pytest.mark.parametrize("budget", [6, 4096])
+def test_generates_encoder_calls_stop_once_the_cache_is_written(model, budget):
+    """``generate`` reads its encoder calls for the cache alone: on the optimized model the last
+    encoder layer writes its K/V and stops, so its MLP and the final norm never run, in chunks
+    and whole, on a fresh cache and on an evicted one. Tokens equal the plain model's at full
+    budget and, under eviction, a model whose encoder runs whole (a direct encoder call still
+    returns its hidden states)."""
+    encoder = model.model.encoder.language_model
+    ran = []
+    hooks = [
+        module.register_forward_hook(lambda *_, name=name: ran.append(name))
+        for name, module in (("mlp", encoder.layers[-1].mlp), ("norm", encoder.norm))
+    ]
+    try:
+        prompt, mask = _left_padded(3, (45, 33))
+        kwargs = dict(attention_mask=mask, max_new_tokens=48)
+        want = _generate(model, prompt, 1, **kwargs)
+        assert ran.count("mlp") == ran.count("norm") == 3  # the prompt and two canvases
+        ran.clear()
+        net = maskkv_compile.optimize(model, budget=budget, prefill_chunk=16)
+        got = _generate(net, prompt, 1, **kwargs)
+        assert ran == []
+        stats = net.cache_stats()
+        assert stats["cache_only_encoder_calls"] == 3 + 2  # the prompt in 3 chunks, 2 canvases
+        assert stats["encoder_calls"] == 3 and stats["prefill_chunks"] == 3
+        assert stats["evictions"] == (3 if budget == 6 else 0)
+        if budget == 4096:
+            assert torch.equal(got, want)
+        with net._routed():
+            out = model.model.encoder(input_ids=prompt[:1, :20])
+        assert out.last_hidden_state.shape == (1, 20, model.config.get_text_config().hidden_size)
+        assert ran == ["mlp", "norm"]
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def test_the_users_cache_holds_kept_plus_each_new_canvas(model):
     """Across canvases the full layer's cache is the budget after every vote, the encoder
     appends each finished canvas to it, and every kept position is a real earlier one."""
