@@ -323,6 +323,44 @@ def test_generates_encoder_calls_stop_once_the_cache_is_written(model, budget):
             hook.remove()
 
 
+def test_sliding_attention_in_bands_of_a_quarter_window_equals_the_whole_call():
+    """A long sliding-window call goes in bands of a quarter of the window (128 queries for a
+    window of 512, each against the 639 keys it may see), and equals SDPA over the whole
+    (S, S + cached) mask (float64)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from maskkv_compile import diffusion_gemma
+
+    net = tiny_diffusion_gemma(sliding_window=512, dtype=torch.float64)
+    module = net.model.encoder.language_model.layers[0].self_attn
+    assert module.sliding_window == 512 and diffusion_gemma._query_chunk(module) == 128
+    rows, cached, heads = 1024, 511, module.config.num_attention_heads
+    kv_heads = heads // module.num_key_value_groups
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(1, heads, rows, module.head_dim, generator=gen, dtype=torch.float64)
+    key, value = (
+        torch.randn(1, kv_heads, cached + rows, module.head_dim, generator=gen, dtype=torch.float64)
+        for _ in range(2)
+    )
+    at = torch.arange(rows)[:, None] + cached  # (S, 1) absolute query positions
+    keys = torch.arange(cached + rows)[None]  # (1, S + cached)
+    mask = ((keys <= at) & (keys > at - 512))[None, None]  # (1, 1, S, S + cached)
+    kwargs = dict(dropout=0.0, scaling=1.0, sliding_window=512, is_causal=True)
+    seen = []
+    ranges = diffusion_gemma.banded_key_ranges
+
+    def spy(m, chunk):
+        seen.append(ranges(m, chunk))
+        return seen[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(diffusion_gemma, "banded_key_ranges", spy)
+        got, _ = diffusion_gemma._attention(module, query, key, value, mask, **kwargs)
+    want, _ = sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+    assert len(seen[0]) == rows // 128 and all(hi - lo == 639 for _, lo, hi in seen[0])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
 def test_the_users_cache_holds_kept_plus_each_new_canvas(model):
     """Across canvases the full layer's cache is the budget after every vote, the encoder
     appends each finished canvas to it, and every kept position is a real earlier one."""
