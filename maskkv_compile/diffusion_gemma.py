@@ -638,24 +638,27 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
                     "position_ids": where,
                 }
             )
-            self._write_cache(ids[:, start:stop], chunk_masks, cache, where)
+            stopped = self._write_cache(ids[:, start:stop], chunk_masks, cache, where)
             if chunk < ids.shape[1]:
                 self.counts["prefill_chunks"] += 1
+        self.counts["cache_only_encoder_calls"] += stopped
         return BaseModelOutputWithPast(last_hidden_state=None, cache=cache)
 
-    def _write_cache(self, ids, masks, cache, positions) -> None:
-        """One encoder call that stops once its last layer has written the cache."""
+    def _write_cache(self, ids, masks, cache, positions) -> bool:
+        """One encoder call that stops once its last layer has written the cache. Returns
+        whether it stopped there (it always does on transformers' DiffusionGemma)."""
         encoder = self.model.model.encoder
         text = encoder.language_model
         last = text.config.num_hidden_layers - 1
         before = cache.get_seq_length(last)
         token = _CACHE_ONLY.set(id(text.layers[last].self_attn))
+        stopped = False
         try:
             type(encoder).forward(
                 encoder, input_ids=ids, attention_mask=masks, cache=cache, position_ids=positions
             )
         except _CacheWritten:
-            self.counts["cache_only_encoder_calls"] += 1
+            stopped = True
         finally:
             _CACHE_ONLY.reset(token)
         if cache.get_seq_length(last) != before + ids.shape[1]:
@@ -664,6 +667,7 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
                 f"the cache, not the call's {ids.shape[1]}: this transformers version's "
                 "DiffusionGemma encoder does not write its cache before its attention"
             )
+        return stopped
 
     def _text_only(self, args, kwargs, mask_kwargs) -> bool:
         """Whether ``generate``'s encoder call is text only (no image or other inputs), onto a
