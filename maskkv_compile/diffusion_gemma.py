@@ -678,6 +678,7 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         return (
             not args
             and isinstance(ids, torch.Tensor)
+            and ids.shape[-1] > 0
             and cache is not None
             and all(value is None or key in _PREFILL_KWARGS for key, value in kwargs.items())
             and mask_kwargs.get("mm_token_type_ids") is None
