@@ -54,7 +54,10 @@ def test_block_diffusion_example(script):
 
 def test_diffusion_gemma_example(script):
     out = script("examples/diffusion_gemma.py")
-    assert "1. full budget, prefill in 3 chunks == plain model: True" in out  # 48 tokens
+    assert (  # 48 tokens; the prompt's and the first canvas's encoder calls
+        "1. full budget, prefill in 3 chunks, 2 of 2 encoder calls stopped once the cache was "
+        "written == plain model: True" in out
+    )
     assert (
         "2. budget 8: 2 votes, 2 encoder calls, 8 decoder calls; full layer 1 keeps 8 of 64" in out
     )
