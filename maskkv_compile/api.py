@@ -446,7 +446,7 @@ def optimize(
         raise TypeError(f"optimize() takes a torch.nn.Module, got {type(model).__name__}")
     from maskkv_compile.diffusion_gemma import DiffusionGemmaMaskKV, is_diffusion_gemma
 
-    if is_diffusion_gemma(model):  # encoder cache + canvas: its own routing (diffusion_gemma.py)
+    if is_diffusion_gemma(model):  # encoder cache + canvas: its own routing (diffusion_gemma/)
         if config.token_modules:
             raise MaskKVConfigError(
                 "token_modules does not apply to DiffusionGemma: MaskKV runs its modules as they "

@@ -16,12 +16,13 @@ import warnings
 import torch
 
 import maskkv_compile
-from maskkv_compile import diffusion_gemma as dg
 from maskkv_compile.bench_gemma import build_model
+from maskkv_compile.diffusion_gemma import attention
 
 
 class _NeverStop:
-    """Stands in for ``_CACHE_ONLY``: no encoder layer is marked as the last one to run."""
+    """Stands in for ``attention.CACHE_ONLY``: the attention never finds its module marked as
+    the encoder's last one to run, so it never stops the call."""
 
     def set(self, value):
         return None
@@ -35,12 +36,13 @@ class _NeverStop:
 
 @contextlib.contextmanager
 def _before():
-    saved = dg._CACHE_ONLY, dg._query_chunk
-    dg._CACHE_ONLY, dg._query_chunk = _NeverStop(), (lambda module: dg.QUERY_CHUNK)
+    saved = attention.CACHE_ONLY, attention.query_chunk
+    attention.CACHE_ONLY = _NeverStop()
+    attention.query_chunk = lambda module: attention.QUERY_CHUNK
     try:
         yield
     finally:
-        dg._CACHE_ONLY, dg._query_chunk = saved
+        attention.CACHE_ONLY, attention.query_chunk = saved
 
 
 def main(prompt_len: int = 8192) -> None:

@@ -259,13 +259,13 @@ def test_a_long_prefill_goes_in_chunks_and_gives_the_same_tokens(model, chunk, p
     chunk in query chunks of 4 against each one's band of keys). Over two canvases the tokens
     are the plain model's at full budget, and under eviction those of one whole prefill, with
     the same kept positions; batch 1 and a left-padded batch of 2."""
-    from maskkv_compile import diffusion_gemma
+    from maskkv_compile.diffusion_gemma import attention
 
-    monkeypatch.setattr(diffusion_gemma, "QUERY_CHUNK", 4)
+    monkeypatch.setattr(attention, "QUERY_CHUNK", 4)
     banded = []
-    ranges = diffusion_gemma.banded_key_ranges
+    ranges = attention.banded_key_ranges
     monkeypatch.setattr(
-        diffusion_gemma,
+        attention,
         "banded_key_ranges",
         lambda mask, rows: banded.append(ranges(mask, rows)) or banded[-1],
     )
@@ -329,11 +329,11 @@ def test_sliding_attention_in_bands_of_a_quarter_window_equals_the_whole_call():
     (S, S + cached) mask (float64)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from maskkv_compile import diffusion_gemma
+    from maskkv_compile.diffusion_gemma import attention
 
     net = tiny_diffusion_gemma(sliding_window=512, dtype=torch.float64)
     module = net.model.encoder.language_model.layers[0].self_attn
-    assert module.sliding_window == 512 and diffusion_gemma._query_chunk(module) == 128
+    assert module.sliding_window == 512 and attention.query_chunk(module) == 128
     rows, cached, heads = 1024, 511, module.config.num_attention_heads
     kv_heads = heads // module.num_key_value_groups
     gen = torch.Generator().manual_seed(0)
@@ -347,15 +347,15 @@ def test_sliding_attention_in_bands_of_a_quarter_window_equals_the_whole_call():
     mask = ((keys <= at) & (keys > at - 512))[None, None]  # (1, 1, S, S + cached)
     kwargs = dict(dropout=0.0, scaling=1.0, sliding_window=512, is_causal=True)
     seen = []
-    ranges = diffusion_gemma.banded_key_ranges
+    ranges = attention.banded_key_ranges
 
     def spy(m, chunk):
         seen.append(ranges(m, chunk))
         return seen[-1]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(diffusion_gemma, "banded_key_ranges", spy)
-        got, _ = diffusion_gemma._attention(module, query, key, value, mask, **kwargs)
+        patch.setattr(attention, "banded_key_ranges", spy)
+        got, _ = attention.maskkv_sdpa(module, query, key, value, mask, **kwargs)
     want, _ = sdpa_attention_forward(module, query, key, value, mask, **kwargs)
     assert len(seen[0]) == rows // 128 and all(hi - lo == 639 for _, lo, hi in seen[0])
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)

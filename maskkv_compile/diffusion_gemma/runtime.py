@@ -1,393 +1,35 @@
-"""MaskKV for DiffusionGemma: canvas-query voting over the encoder cache, under transformers' own
-``generate``.
-
-This file is the one place that knows DiffusionGemma. Every model-specific rule lives here:
-how its ``generate`` calls the encoder and the decoder, and which cache layers are full
-attention. The rest is MaskKV's own machinery: the ``maskkv::mask_votes`` op and the policies'
-top-k.
-
-What DiffusionGemma does (transformers >= 5.24, ``DiffusionGemmaForBlockDiffusion``):
-- A causal encoder writes the prompt's K/V into a transformers ``Cache``.
-- A bidirectional decoder with the same weights denoises a canvas of random tokens, in up to
-  48 calls of ``self.forward(decoder_input_ids=canvas, cache=cache, ...)``.
-- Each decoder call concatenates [cache K/V ; canvas K/V] and never writes the cache.
-- A finished canvas is encoded into the cache, and the next canvas starts.
-
-What MaskKV does to it:
-
-- **Vote.** The first decoder call that sees a cache the encoder has grown votes. Its
-  canvas queries vote, per KV head of every full-attention layer, over that layer's cache
-  entries with ``maskkv::mask_votes``, on the attention's own post-norm, post-RoPE q and k (a
-  transformers attention function, ``maskkv_dg_sdpa``, wraps SDPA and reads them). That call
-  itself attends to the whole cache, as the plain model does.
-- **Evict in place.** Right after that call, each full-attention layer of the user's cache
-  object keeps its top-``budget`` entries per KV head, in position order. The decoder's later
-  calls then concatenate [kept ; canvas]. The next encoder call appends the finished canvas
-  to the kept entries, and the next canvas votes over [kept ; new canvas]. An evicted layer
-  still answers ``get_seq_length()`` with the tokens written (``_held_layer``), so a later
-  ``generate`` on the returned cache (a chat's next turn) places its tokens where the plain
-  model does.
-- **Sliding-window layers** keep their window: it is already bounded.
-- **Encoder calls write the cache and stop.** ``generate`` reads an encoder call for its cache
-  alone. The encoder's last attention, once its K/V are in the cache, raises
-  (``_CacheWritten``), so that layer's attention, MLP and experts and the final norm do not
-  run (a model-specific rule: transformers' DiffusionGemma writes the cache before its
-  attention; a call that did not write it is an error). A direct encoder call is untouched.
-- **Prefill in chunks.** ``generate`` encodes the prompt in one encoder call; here a prompt
-  longer than ``prefill_chunk`` goes in chunks of that many tokens onto the same cache, each
-  with the masks ``generate`` builds for a call on that cache (it asks for them right before
-  the encoder call; they are built at the call, per chunk). Exact: the encoder is causal. A
-  long call's sliding-window (or causal) attention runs 512 queries at a time against the
-  keys their mask lets them see (``banded_key_ranges``), not the whole (S, S).
-- **Budgets** over the full layers: uniform, or with a layer profile measured by
-  ``maskkv_compile.calibrate(model, prompts)`` (which runs :func:`calibrate` here: the
-  importance of each full layer's attention sub-layer on the first decoder call's canvas)
-  MaskKV's boundary-aware split over the full layers. A layer's budget is split over its KV
-  heads by the policy: ``maskkv``'s prompt-preference allocation from the
-  canvas queries' attention mass on the cache (the paper's head budgets), or uniform
-  (``mask_voting_uniform``). A cache layer is one (B, Hkv, L, D) tensor, so a layer's heads
-  are padded to its largest budget with slots marked not held; every later call on that cache
-  (decoder and encoder) attends to the held slots only (``_slot_mask``), and a vote runs per
-  KV head with that head's slots. Mask-voting policies only: the canvas queries are the
-  voters.
-
-Invariants:
-- With a budget of at least the cache length nothing is evicted, and ``generate`` gives the
-  plain model's tokens (bit for bit in float64; in float32 a chunked prefill's matmuls round
-  differently from the whole call's, as any change of shape does).
-- Under eviction, the kept positions of a layer and head are the top-``budget`` of that
-  head's canvas votes at the first decoder call of the canvas
-  (``tests/test_diffusion_gemma.py`` checks both against the unoptimized model).
-
-Padded batches: a full layer's slots carry a (B, Hkv, L) pattern of which hold a real, kept
-token (the prompt's padding is not held). A row's kept slots are its top real entries in
-position order; a row with fewer real entries than its budget keeps them all. Slots not held
-get no votes and no attention: the full-attention masks that transformers builds from the
-2-D padding mask assume an unevicted cache, so on a cache this model holds, the decoder's and
-the encoder's full layers attend through masks built from the slots as held.
-
-Refused with an error that says what to do: eviction under a ``StaticCache``, whose slots are
-fixed. At full budget it runs the plain model unchanged.
+"""``DiffusionGemmaMaskKV``: the optimized DiffusionGemma. It routes transformers' ``generate``
+(its encoder and decoder calls) through MaskKV: the first decoder call of each canvas votes, the
+full-attention layers of the user's cache are evicted in place right after it, encoder calls
+under ``generate`` write the cache in chunks and stop, and every later call on the cache attends
+to the slots as held (package docstring: the whole design and its invariants).
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import functools
 import inspect
 import weakref
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from maskkv_compile.config import MaskKVConfig
-from maskkv_compile.kernels.attention import QUERY_CHUNK, banded_key_ranges
+from maskkv_compile.diffusion_gemma.attention import (
+    ATTENTION,
+    CACHE_ONLY,
+    RECORDER,
+    SLOTS,
+    CacheWritten,
+    Votes,
+    register,
+)
+from maskkv_compile.diffusion_gemma.held_cache import CacheState, held_layer_class
+from maskkv_compile.diffusion_gemma.model_rules import MASK_VOTING_POLICIES, layer_fingerprint
 from maskkv_compile.passes import UnsupportedModelError
 from maskkv_compile.passes.evict_kv import layer_budgets
 from maskkv_compile.policy_ops import lift_recent
 
-ATTENTION = "maskkv_dg_sdpa"
-_RECORDER: contextvars.ContextVar[Optional["_Votes"]] = contextvars.ContextVar(
-    "maskkv_dg_votes", default=None
-)
-# id(attention module) -> (B, Hkv, L) which cached slots hold a kept real token, for a call on a
-# cache this model has evicted from or holds padding in (unset: transformers' own masks hold)
-_SLOTS: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar(
-    "maskkv_dg_slots", default=None
-)
-# id(attention module) of the encoder's last layer, during an encoder call whose output is its
-# cache alone (``generate``'s): that attention raises _CacheWritten once it has written the cache
-_CACHE_ONLY: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar(
-    "maskkv_dg_cache_only", default=None
-)
-MASK_VOTING_POLICIES = ("maskkv", "mask_voting_uniform")
-
-
-def is_diffusion_gemma(model: torch.nn.Module) -> bool:
-    """The model-specific rule: transformers' DiffusionGemma (encoder + decoder + canvas)."""
-    config = getattr(model, "config", None)
-    return getattr(config, "model_type", None) == "diffusion_gemma" and hasattr(
-        getattr(model, "model", None), "decoder"
-    )
-
-
-def full_layers(model: torch.nn.Module) -> tuple[int, ...]:
-    """The indices of the full-attention layers: the layers MaskKV evicts from."""
-    kinds = model.config.get_text_config().layer_types
-    return tuple(i for i, kind in enumerate(kinds) if kind == "full_attention")
-
-
-def layer_fingerprint(model: torch.nn.Module) -> dict:
-    """The layer-profile fingerprint of a DiffusionGemma model: its profile's layers are the
-    full-attention layers (``n_layers`` counts them, ``full_layers`` lists them). Head shapes
-    are read from the decoder's attention modules: transformers refuses per-layer fields of a
-    heterogeneous config at its top level."""
-    full = full_layers(model)
-    attention = [model.model.decoder.layers[i].self_attn for i in full]
-    return {
-        "model_class": type(model).__name__,
-        "n_layers": len(full),
-        "full_layers": list(full),
-        "hidden_size": int(model.config.get_text_config().hidden_size),
-        "kv_heads_x_head_dim": [
-            [a.k_proj.out_features // a.head_dim, a.head_dim] for a in attention
-        ],
-    }
-
-
-class _CacheWritten(Exception):
-    """Raised by the encoder's last attention under ``generate``: the cache is written, and
-    nothing after it in the encoder feeds what ``generate`` reads."""
-
-
-class _FirstDecoderCallDone(Exception):
-    """Raised by :func:`calibrate`'s hook: the voting call has been measured."""
-
-
-@torch.no_grad()
-def calibrate(model: torch.nn.Module, prompts):
-    """The layer profile of a DiffusionGemma model (``maskkv_compile.calibrate`` runs this).
-
-    Per prompt ((1, P) or (P,) token ids), transformers' ``generate`` runs up to its first
-    decoder call (the call whose canvas queries vote), and each full-attention layer's
-    importance ``I_l = 1 - mean_i cos(h_in[i], h_out[i])`` is measured on its canvas rows, with
-    ``h_in`` the decoder layer's input and ``h_out = h_in +`` its normed attention output (the
-    residual after the attention sub-layer). The canvas is drawn with a fixed seed, and the
-    caller's RNG is left as it was."""
-    from maskkv_compile.profile import LayerProfile, attention_importance
-
-    full = full_layers(model)
-    layers = model.model.decoder.layers
-    captured: dict[int, list[torch.Tensor]] = {}
-
-    def layer_input(layer):
-        def hook(module, args, kwargs):
-            captured[layer] = [args[0] if args else kwargs["hidden_states"]]
-
-        return hook
-
-    def attention_output(layer):
-        def hook(module, args, output):
-            captured[layer].append(output)
-
-        return hook
-
-    def stop(module, args, output):
-        raise _FirstDecoderCallDone
-
-    hooks = [layers[i].register_forward_pre_hook(layer_input(i), with_kwargs=True) for i in full]
-    hooks += [
-        layers[i].post_attention_layernorm.register_forward_hook(attention_output(i)) for i in full
-    ]
-    hooks.append(model.model.decoder.register_forward_hook(stop))
-    per_prompt = []
-    model.eval()
-    try:
-        for prompt in prompts:
-            prompt = prompt if prompt.dim() == 2 else prompt[None]
-            if prompt.shape[0] != 1:
-                raise ValueError(f"calibrate takes one prompt at a time, got {tuple(prompt.shape)}")
-            captured.clear()
-            device = prompt.device
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(0)
-                try:
-                    model.generate(prompt, max_new_tokens=model.config.canvas_length)
-                except _FirstDecoderCallDone:
-                    pass
-            missing = [i for i in full if len(captured.get(i, ())) != 2]
-            if missing:
-                raise RuntimeError(f"calibrate: no decoder call reached full layers {missing}")
-            per_prompt.append(
-                [attention_importance(h, h + a) for h, a in (captured[i] for i in full)]
-            )
-    finally:
-        for hook in hooks:
-            hook.remove()
-    if not per_prompt:
-        raise ValueError("calibrate needs at least one prompt")
-    return LayerProfile.from_measurements(
-        per_prompt,
-        layer_fingerprint(model),
-        layers="full_attention",
-        canvas_length=model.config.canvas_length,
-    )
-
-
-@dataclass
-class _Votes:
-    """What one decoder call records: per full-attention layer, the canvas votes (B, Hkv, P).
-    ``modules``: the decoder's full-attention modules -> their layer (the vision tower and the
-    encoder share the attention function, never these modules)."""
-
-    modules: dict[int, int]  # id(attention module) -> layer index
-    votes: dict[int, torch.Tensor] = field(default_factory=dict)
-    mass: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, H) on the cache
-    voters: int = 0  # canvas rows
-
-
-def _slot_mask(valid: torch.Tensor, heads: int, new: int, causal: bool) -> torch.Tensor:
-    """(B, H, new, L + new) bool: each query head sees its KV head's held slots (``valid``
-    (B, Hkv, L)) and the call's own ``new`` keys (all of them, or causally)."""
-    batch, kv_heads, _ = valid.shape
-    cached = valid.repeat_interleave(heads // kv_heads, 1)[:, :, None, :]  # (B, H, 1, L)
-    fresh = torch.ones(new, new, dtype=torch.bool, device=valid.device)
-    fresh = fresh.tril() if causal else fresh
-    return torch.cat(
-        [cached.expand(-1, -1, new, -1), fresh.expand(batch, heads, -1, -1)], -1
-    )  # (B, H, new, L + new)
-
-
-def _votes(query, key, scale, key_valid, kv_valid=None):
-    """The canvas queries' votes (B, Hkv, P) over the cache part of ``key`` and their prompt
-    mass (B, H): ``maskkv::mask_votes`` with every canvas row voting. ``key_valid`` (B, K) the
-    keys every head sees; ``kv_valid`` (B, Hkv, P): per KV head, its held cache slots (one
-    call per KV head, each with its own key mask)."""
-    canvas, cached = query.shape[2], key.shape[2] - query.shape[2]
-    device = query.device
-    voters, prompt = torch.arange(canvas, device=device), torch.arange(cached, device=device)
-    if kv_valid is None:
-        return torch.ops.maskkv.mask_votes(query, key, voters, prompt, scale, 64, key_valid)
-    group = query.shape[1] // key.shape[1]
-    canvas_keys = kv_valid.new_ones(kv_valid.shape[0], canvas)
-    parts = [
-        torch.ops.maskkv.mask_votes(
-            query[:, h * group : (h + 1) * group],
-            key[:, h : h + 1],
-            voters,
-            prompt,
-            scale,
-            64,
-            torch.cat([kv_valid[:, h], canvas_keys], -1),  # (B, K)
-        )
-        for h in range(key.shape[1])
-    ]
-    return torch.cat([v for v, _ in parts], 1), torch.cat([m for _, m in parts], 1)
-
-
-def _query_chunk(module) -> int:
-    """Query rows per band of a long banded call. A band of ``c`` queries under a sliding window
-    ``w`` spans ``w + c - 1`` keys: a quarter of the window wastes a fifth of its scores on
-    masked ones (``QUERY_CHUNK`` queries against a window of 512 waste half)."""
-    window = getattr(module, "sliding_window", None)
-    return QUERY_CHUNK if not window else min(QUERY_CHUNK, max(64, window // 4))
-
-
-def _attention(module, query, key, value, attention_mask, **kwargs):
-    """SDPA over the cache's slots as held, and when a decoder call is voting, the canvas
-    queries' votes over the cache part of ``key`` (everything before the canvas) at the
-    full-attention layers. A long call under a banded mask goes in query chunks, each against
-    its band of keys."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if _CACHE_ONLY.get() == id(module):  # the module wrote its K/V to the cache before this call
-        raise _CacheWritten
-    slots = _SLOTS.get()
-    held = None if slots is None else slots.get(id(module))  # (B, Hkv, L)
-    if held is not None:  # a full layer whose slots are evicted per head or padding
-        if held.shape[-1] != key.shape[2] - query.shape[2]:
-            raise RuntimeError(
-                f"MaskKV tracks {held.shape[-1]} cache slots of a full-attention layer, the call "
-                f"has {key.shape[2] - query.shape[2]}: the cache changed outside MaskKV"
-            )
-        causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
-        held = held.to(query.device)
-        attention_mask = _slot_mask(held, query.shape[1], query.shape[2], causal)
-    recorder = _RECORDER.get()
-    layer = None if recorder is None else recorder.modules.get(id(module))
-    if layer is not None and key.shape[2] > query.shape[2]:
-        key_valid = None
-        if held is None and attention_mask is not None:  # (B, 1, C, K): padding keys False
-            key_valid = (
-                attention_mask[:, 0].any(1)
-                if attention_mask.dtype == torch.bool
-                else (attention_mask[:, 0] > float("-inf")).any(1)
-            )
-        scale = float(kwargs.get("scaling") or module.scaling)
-        votes, mass = _votes(query, key, scale, key_valid, held)
-        recorder.votes[layer], recorder.mass[layer] = votes, mass  # (B, Hkv, cached), (B, H)
-        recorder.voters = query.shape[2]
-    rows = _query_chunk(module)
-    ranges = None if attention_mask is None else banded_key_ranges(attention_mask, rows)
-    if ranges is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    # a long sliding-window (or causal) call: each chunk of queries against its band of keys
-    chunks = [
-        sdpa_attention_forward(
-            module,
-            query[:, :, start : start + rows],
-            key[:, :, lo:hi],
-            value[:, :, lo:hi],
-            attention_mask[:, :, start : start + rows, lo:hi],
-            **kwargs,
-        )[0]  # (B, chunk, H, Dv)
-        for start, lo, hi in ranges
-    ]
-    return torch.cat(chunks, 1), None  # (B, S, H, Dv), as SDPA's
-
-
-def _register() -> None:
-    """Register the attention function (and SDPA's mask builder under its name) with
-    transformers: done once, when a DiffusionGemma model is first optimized."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    if ATTENTION not in AttentionInterface._global_mapping:
-        AttentionInterface.register(ATTENTION, _attention)
-    if ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
-
-
-@functools.cache
-def _held_layer() -> type:
-    """The class of a full-attention cache layer MaskKV has evicted from: a transformers
-    ``DynamicLayer`` that holds fewer slots than the tokens written to it. ``get_seq_length``
-    answers the tokens written, as the plain model's layer does (``generate`` counts the
-    positions of a later call on the cache from it, and transformers' masks their queries'
-    offset); ``get_mask_sizes`` the slots held (the keys a call attends to). An evicted layer
-    of the user's cache becomes one in place. A padded batch's masks over held slots are
-    MaskKV's own (``_slot_mask``)."""
-    from transformers.cache_utils import DynamicLayer
-
-    class MaskKVHeldLayer(DynamicLayer):
-        written: int  # tokens written to the layer, evicted ones included
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            self.written += key_states.shape[-2]
-            return super().update(key_states, value_states, *args, **kwargs)
-
-        def get_seq_length(self) -> int:
-            return self.written
-
-        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-            # the held slots read as the positions right before the call's own: a mask built
-            # from these sizes lets every query see them, and the call's keys sit at their true
-            # positions (causal among themselves, as the queries' offset is the tokens written)
-            held = 0 if self.keys is None or self.keys.numel() == 0 else self.keys.shape[-2]
-            return held + query_length, self.written - held
-
-        def crop(self, tokens_to_remove: int) -> None:
-            if tokens_to_remove == 0:
-                return
-            raise NotImplementedError(
-                "MaskKV evicted entries of this cache layer: its slots are no longer the "
-                "positions 0..n-1, so it cannot be cropped to a length; start a new cache"
-            )
-
-    MaskKVHeldLayer.__module__, MaskKVHeldLayer.__qualname__ = __name__, "MaskKVHeldLayer"
-    return MaskKVHeldLayer
-
-
-def __getattr__(name: str):
-    # pickle (torch.save of the user's cache) finds the held layer class by this name
-    if name == "MaskKVHeldLayer":
-        return _held_layer()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# the encoder's keyword arguments a chunked prefill handles (any other, given: one call)
 _PREFILL_KWARGS = ("input_ids", "attention_mask", "cache", "position_ids")
 
 
@@ -399,17 +41,6 @@ class _DeferredMasks(dict):
     def __init__(self, kwargs: dict):
         super().__init__()
         self.kwargs = kwargs
-
-
-@dataclass
-class _CacheState:
-    """What this model last did to one cache object."""
-
-    cache: "weakref.ref"  # the cache object (a new one, even at a reused address, is new)
-    lengths: dict[int, int]  # full layer -> entries after the last eviction
-    positions: dict[int, torch.Tensor]  # full layer -> (B, Hkv, L) absolute position per slot
-    valid: dict[int, torch.Tensor]  # full layer -> (B, Hkv, L): the slot holds a kept real token
-    seen: int  # tokens the encoder has written so far (absolute length)
 
 
 class DiffusionGemmaMaskKV(torch.nn.Module):
@@ -440,7 +71,7 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         fingerprint = layer_fingerprint(model)
         if config.profile is not None:
             config.profile.check_compatible(fingerprint)
-        _register()
+        register()
         self.model = model.eval()
         self.config = config
         self.full_layers = tuple(fingerprint["full_layers"])
@@ -448,9 +79,9 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         # integral slots per layer as for every other model)
         kv_heads = [heads for heads, _ in fingerprint["kv_heads_x_head_dim"]]
         self.budgets = dict(zip(self.full_layers, layer_budgets(config, kv_heads)))
-        self._state: Optional[_CacheState] = None
+        self._state: Optional[CacheState] = None
         self._padding: Optional[torch.Tensor] = None  # (B, P) of the running generate
-        self._encoder_slots = None  # the _SLOTS token of a running encoder call
+        self._encoder_slots = None  # the SLOTS token of a running encoder call
         self.counts = {
             "decoder_calls": 0,
             "votes": 0,
@@ -571,7 +202,7 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         return {id(stack.layers[i].self_attn): i for i in self.full_layers}
 
     def _held(self, valid: dict, stack) -> Optional[dict]:
-        """_SLOTS for a call on ``stack`` (the encoder's or decoder's layers): the full layers
+        """SLOTS for a call on ``stack`` (the encoder's or decoder's layers): the full layers
         whose slots are not all held (evicted per head, or padding), or every full layer when
         the batch is padded or the full layers hold different numbers of slots (transformers
         builds one full-attention mask, from the 2-D padding mask and one layer's length, for
@@ -591,7 +222,7 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         cache = kwargs.get("cache")
         if self._holds(cache):
             valid = self._slots(cache, self._full_lengths(cache))[1]
-            self._encoder_slots = _SLOTS.set(self._held(valid, module.language_model))
+            self._encoder_slots = SLOTS.set(self._held(valid, module.language_model))
         return None
 
     def _encoder_masks(self, *args, **kwargs) -> "_DeferredMasks":
@@ -651,16 +282,16 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         text = encoder.language_model
         last = text.config.num_hidden_layers - 1
         before = cache.get_seq_length(last)
-        token = _CACHE_ONLY.set(id(text.layers[last].self_attn))
+        token = CACHE_ONLY.set(id(text.layers[last].self_attn))
         stopped = False
         try:
             type(encoder).forward(
                 encoder, input_ids=ids, attention_mask=masks, cache=cache, position_ids=positions
             )
-        except _CacheWritten:
+        except CacheWritten:
             stopped = True
         finally:
-            _CACHE_ONLY.reset(token)
+            CACHE_ONLY.reset(token)
         if cache.get_seq_length(last) != before + ids.shape[1]:
             raise RuntimeError(
                 f"the encoder's last layer wrote {cache.get_seq_length(last) - before} tokens to "
@@ -691,7 +322,7 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
 
     def _encoder_done(self, module, args, output):
         if self._encoder_slots is not None:
-            _SLOTS.reset(self._encoder_slots)
+            SLOTS.reset(self._encoder_slots)
             self._encoder_slots = None
 
     def _decoder_forward(self, *args, **kwargs):
@@ -708,7 +339,7 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         decoder = self.model.model.decoder
         # on a cache this model holds, the full layers attend to the slots as held (a new cache
         # is unevicted: transformers' own masks hold)
-        slot_token = _SLOTS.set(
+        slot_token = SLOTS.set(
             self._held(slots[1] if fresh else self._state.valid, decoder) if held else None
         )
         try:
@@ -717,14 +348,14 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
                     self._track(cache, slots)
                 return type(model).forward(model, *args, **kwargs)
             self._check_evictable(cache)
-            recorder = _Votes(self._attention_modules(decoder))
-            token = _RECORDER.set(recorder)
+            recorder = Votes(self._attention_modules(decoder))
+            token = RECORDER.set(recorder)
             try:
                 out = type(model).forward(model, *args, **kwargs)
             finally:
-                _RECORDER.reset(token)
+                RECORDER.reset(token)
         finally:
-            _SLOTS.reset(slot_token)
+            SLOTS.reset(slot_token)
         self.counts["votes"] += 1
         self._track(cache, slots, recorder)
         return out
@@ -751,7 +382,7 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
                 "dynamic cache, or a budget of at least the cache length"
             )
         kinds = {type(cache.layers[layer]) for layer in self.full_layers}
-        other = kinds - {DynamicLayer, _held_layer()}
+        other = kinds - {DynamicLayer, held_layer_class()}
         if other:  # a quantized or offloaded layer keeps more than ``keys`` / ``values``
             raise UnsupportedModelError(
                 "MaskKV evicts from plain DynamicCache layers only; the full-attention layers of "
@@ -777,7 +408,7 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         absolute length written so far)."""
         state = self._state if self._holds(cache) else None
         if state is None and any(
-            type(cache.layers[layer]) is _held_layer() for layer in self.full_layers
+            type(cache.layers[layer]) is held_layer_class() for layer in self.full_layers
         ):
             raise UnsupportedModelError(
                 "this cache holds entries MaskKV evicted, but not under this model's current "
@@ -803,12 +434,12 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
             valid[layer] = torch.cat([old_valid, self._valid_at(new)], -1)
         return positions, valid, seen
 
-    def _evict(self, cache, recorder: _Votes, layer: int, valid: torch.Tensor):
+    def _evict(self, cache, recorder: Votes, layer: int, valid: torch.Tensor):
         """Keep each KV head's budget of one full layer's slots: the policy's head allocation
         (``head_budgets_rows``: MaskKV's prompt preference from the canvas queries' prompt mass,
         or uniform) over the held real slots, each head's top canvas votes among them, in
         position order. A layer's heads are padded to its largest budget with slots marked not
-        held (masked in every later call, ``_slot_mask``). Returns (the slot indices kept
+        held (masked in every later call, ``slot_mask``). Returns (the slot indices kept
         (B, Hkv, Kmax), which of them are held (B, Hkv, Kmax))."""
         votes = recorder.votes[layer]  # (B, Hkv, L)
         batch, kv_heads, length = votes.shape
@@ -830,8 +461,8 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         order = torch.where(held, index, index + length).argsort(-1)  # held ones by position
         index, held = index.gather(-1, order), held.gather(-1, order)
         cache_layer = cache.layers[layer]
-        if type(cache_layer) is not _held_layer():  # it counts the tokens written from now on
-            cache_layer.__class__ = _held_layer()
+        if type(cache_layer) is not held_layer_class():  # it counts the tokens written from now on
+            cache_layer.__class__ = held_layer_class()
             cache_layer.written = cache_layer.keys.shape[-2]
         for name in ("keys", "values"):
             tensor = getattr(cache_layer, name)
@@ -842,7 +473,7 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
             )
         return index, held
 
-    def _track(self, cache, slots, recorder: Optional[_Votes] = None) -> None:
+    def _track(self, cache, slots, recorder: Optional[Votes] = None) -> None:
         """Record the cache's full-layer slots (``_slots``) after this call, evicting first
         when ``recorder`` holds votes."""
         positions, valid, seen = slots
@@ -861,6 +492,6 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
                 positions[layer] = positions[layer].gather(-1, index.cpu())
                 valid[layer] = held.cpu()
             self.counts["evictions"] += 1
-        self._state = _CacheState(
+        self._state = CacheState(
             weakref.ref(cache), self._full_lengths(cache), positions, valid, seen
         )
