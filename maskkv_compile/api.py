@@ -40,7 +40,12 @@ _REFUSED = {
     "labels": "MaskKV computes logits for the response rows only, so the model cannot compute its "
     "loss over the sequence; call the original model for training or evaluation losses, or compute "
     "the loss from the returned logits at the response positions",
-    "past_key_values": "MaskKV keeps its own prompt cache; call without past_key_values",
+    "past_key_values": "MaskKV keeps its own prompt cache, so the model cannot fill the caller's. "
+    "Call it on the whole sequence each step (LLaDA, Dream), or for block diffusion on the window "
+    "[prompt ; finished blocks ; current block] with its block-causal mask, as LLaDA2's generate "
+    "and diffusers' LLaDA2Pipeline do; loops that keep their own cache (SDAR's "
+    "block_diffusion_generate, Fast-dLLM v2's batch_sample) need that change (README.md, "
+    "'Block diffusion')",
 }
 
 # Every model class's forward is one code object (transformers wraps every model's forward in

@@ -236,6 +236,11 @@ def test_plain_inputs_get_clear_errors_or_work():
         optimized(x, labels=x)
     with pytest.raises(ValueError, match="logits_to_keep=3"):
         optimized(x, logits_to_keep=3)
+    from transformers import DynamicCache
+
+    # a loop that keeps its own cache (SDAR's, Fast-dLLM v2's) is told what to call instead
+    with pytest.raises(ValueError, match=r"past_key_values=.*\[prompt ; finished blocks"):
+        optimized(x, past_key_values=DynamicCache(), use_cache=True)
     with pytest.raises(ValueError, match=r"\(2, 0\) holds no token"):
         optimized(torch.zeros((2, 0), dtype=torch.long))
     assert optimized(x, logits_to_keep=0).logits.shape[:2] == x.shape
