@@ -66,7 +66,7 @@ from maskkv_compile.layout import Layout, NoMaskTokenError, block_layout, infer_
 from maskkv_compile.logits_buffers import LogitsBuffers
 from maskkv_compile.masks import read_model_masks
 from maskkv_compile.passes.base import output_groups, split_outputs
-from maskkv_compile.passes.graph_info import is_weight
+from maskkv_compile.passes.graph_info import UnsupportedModelError, is_weight
 from maskkv_compile.pipeline import MaskKVGraphs, build_graphs
 from maskkv_compile.policies import format_budget_table
 from maskkv_compile.revote import Revote
@@ -312,10 +312,38 @@ class MaskKVRuntime:
         key = (*ids.shape, ids.device)
         if key not in self._model_masks:
             end = read_model_masks(self.graphs.mask_fn(*args), *ids.shape)
+            if end is None and self._blocks_beyond(args, ids):
+                # a window of one block (a prompt shorter than the block): nothing to cache
+                end = torch.full((ids.shape[1],), ids.shape[1], dtype=torch.long)
             if len(self._model_masks) >= 8:
                 self._model_masks.pop(next(iter(self._model_masks)))
             self._model_masks[key] = None if end is None else end.to(ids.device)
         return self._model_masks[key]
+
+    def _blocks_beyond(self, args, ids: torch.Tensor) -> bool:
+        """Whether a mask the model builds that hides nothing at this length (S) is one block of
+        a model that makes blocks: at twice the length and more (up to 512), it is block-causal
+        with the first S positions in its first block. An all-open mask at every length is
+        plain bidirectional attention (BERT-style code that builds a mask of ones). The mask
+        depends on the length alone (``mask_proofs.length_only``), so the longer calls get
+        zeros of the longer length for the per-token inputs (and the length for S's SymInts)."""
+        batch, seq = ids.shape
+        length = 2 * seq
+        while length <= max(2 * seq, 512):
+            longer = list(args)
+            for i in (self.tokens_pos, *self.per_token_pos):
+                arg = args[i]  # (B, S, ...) -> (B, length, ...)
+                longer[i] = arg.new_zeros((arg.shape[0], length, *arg.shape[2:]))
+            for i in self.seq_pos:  # the SymInts equal to S
+                longer[i] = length
+            try:
+                end = read_model_masks(self.graphs.mask_fn(*longer), batch, length)
+            except (UnsupportedModelError, ValueError):  # refused at a length this call
+                return False  # does not have: no evidence of blocks
+            if end is not None:
+                return bool((end[:seq] >= seq).all())
+            length *= 2
+        return False
 
     def _facts(self, call: Call) -> tuple[list[Optional[SessionFacts]], Optional[Fallback]]:
         """Every live session's facts, and whether the call continues a dropped session, from

@@ -393,6 +393,31 @@ def test_a_model_that_builds_its_block_mask_in_forward_runs_through_maskkv():
     assert all(layer["kept_per_row"] == [[5, 5]] for layer in stats["layers"])
 
 
+@pytest.mark.parametrize("shift", [0, 1], ids=["sdar", "token shift"])
+def test_a_window_of_one_block_from_a_mask_built_in_forward_runs_whole(shift):
+    """A prompt shorter than the block: the first window is one block, and the mask the model
+    builds for it hides nothing, as a bidirectional model's would. At twice the length the model
+    makes blocks, so the window is one block of a block model and runs whole, as with a mask the
+    loop passes (Fast-dLLM v2's released model did the opposite here: its first window's later
+    steps read the prompt's K/V from the first step, and its tokens differed)."""
+    model = _zero_mask_row(tiny_self_blocked_qwen3(8, dtype=torch.float64))
+    prompt = _prompt(1, 3)
+    kwargs = dict(gen_length=13, block_length=8, mask_id=MASK, steps=4, shift=shift)
+    reference = sdar_generate(model, prompt, mask_kind="none", **kwargs)
+    options = {"family": "dream"} if shift else {}
+    seen = []
+    for kind in ("none", "bool"):  # built in forward, and passed by the loop: one reading
+        optimized = maskkv_compile.optimize(model, budget=10**6, backend="eager", **options)
+        with Checked(optimized, model, 8, shift=shift) as checked:
+            assert torch.equal(
+                sdar_generate(optimized, prompt, mask_kind=kind, **kwargs), reference
+            )
+        assert checked.calls > 0 and checked.worst < 1e-12, (kind, checked.worst)
+        seen.append(optimized.cache_stats()["transitions"])
+    # the first window's calls (its steps after the first included) ran whole, both ways
+    assert seen[0] == seen[1] and seen[0]["uncached"] >= 2 and seen[0]["new"] == 1, seen
+
+
 def test_a_mask_built_in_forward_must_be_block_causal_and_from_the_length_alone():
     causal = maskkv_compile.optimize(
         _zero_mask_row(tiny_self_blocked_qwen3(1, dtype=torch.float64)), budget=4, backend="eager"
