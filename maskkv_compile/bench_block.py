@@ -19,8 +19,10 @@ confidence), run unmodified on each of:
   * MaskKV at the last budget with ``revote`` (each window's growth re-selects over the whole
     prefix, kept in a second tier).
 
-Each MaskKV run is timed on its second whole generation (the first compiles its graphs).
-Every ratio is measured in this run. Peak RSS is the resident-memory peak above the level
+Each MaskKV run is timed from its second whole generation on (the first compiles its graphs),
+``repeats`` times, the cached runs taking turns (the median is reported: this CPU is shared,
+and single timings of one run drifted by 30% between invocations). Every ratio is measured in
+this run. Peak RSS is the resident-memory peak above the level
 before each run (``measure``); KV bytes is what the cache holds at the end of the generation
 (``cache_stats()["bytes"]``: the kept prefix of every layer, padded per layer).
 """
@@ -113,10 +115,15 @@ def run_block_benchmark(
     vocab: int = 1024,
     backend: str = "inductor",
     uncached: bool = True,
+    repeats: int = 1,
     print_fn: Optional[Callable] = print,
 ) -> list[dict]:
     """One row per (prompt length, run); ``uncached=False`` leaves out the two uncached runs
-    (their ratios are then None; the prefix cache is the baseline left)."""
+    (their ratios are then None; the prefix cache is the baseline left). ``repeats``: each
+    cached run (prefix cache, MaskKV) is timed that many times, the runs taking turns within
+    each round so that a slower stretch of a shared machine falls on all of them alike; a row
+    reports the median time and the highest peak. The uncached runs, 30x and more slower, are
+    timed once."""
     model = build_model(layers, hidden, vocab, max(prompt_lens) + gen_length + block_length)
     rows = []
     for prompt_len in prompt_lens:
@@ -125,45 +132,52 @@ def run_block_benchmark(
         )
         prompt[prompt == MASK_ID] = 0
         kwargs = dict(gen_length=gen_length, block_length=block_length, steps=steps)
-        configs = [("uncached", model), ("uncached, torch.compile", None)] if uncached else []
-        configs.append(("prefix cache (exact)", ("prefix", 10**9)))
-        configs += [(f"MaskKV budget {b}", ("maskkv", b)) for b in budgets]
+        runs = []  # (name, the callable the loop drives, whether it is a MaskKV model)
+        if uncached:
+            # warm-up: the compiled model sees its timed shapes first (the first two windows)
+            compiled = torch.compile(model, dynamic=True, backend=backend)
+            block_generate(compiled, prompt, **{**kwargs, "gen_length": 2 * block_length})
+            runs += [("uncached", model, False), ("uncached, torch.compile", compiled, False)]
+        cached = [("prefix cache (exact)", 10**9, {})]
+        cached += [(f"MaskKV budget {b}", b, {}) for b in budgets]
         # the other choice at a window's growth: re-select over the whole prefix (second tier)
-        configs.append((f"MaskKV budget {budgets[-1]} + revote", ("revote", budgets[-1])))
-        reference = None
-        for name, how in configs:
-            # warm-up: the compiled runs see their timed shapes first (the uncached model the
-            # first two windows of this prompt, MaskKV a whole generation), so no compile is timed
-            if how is None:
-                runner = torch.compile(model, dynamic=True, backend=backend)
-                block_generate(runner, prompt, **{**kwargs, "gen_length": 2 * block_length})
-            elif isinstance(how, tuple):
-                options = {"revote": 10**9} if how[0] == "revote" else {}  # at extends only
-                runner = maskkv_compile.optimize(model, budget=how[1], backend=backend, **options)
-                block_generate(runner, prompt, **kwargs)
-                runner.reset()
-            else:
-                runner = model
-            with measure() as m:
-                out = block_generate(runner, prompt, **kwargs)
-            if reference is None:
-                reference = out
+        cached.append((f"MaskKV budget {budgets[-1]} + revote", budgets[-1], {"revote": 10**9}))
+        for name, budget, options in cached:
+            runner = maskkv_compile.optimize(model, budget=budget, backend=backend, **options)
+            block_generate(runner, prompt, **kwargs)  # warm-up: compiles every graph it times
+            runs.append((name, runner, True))
+        timed = {name: [] for name, _, _ in runs}
+        outputs = {}
+        for round_ in range(repeats):
+            for name, runner, is_maskkv in runs:
+                if round_ and not is_maskkv:
+                    continue
+                if is_maskkv:
+                    runner.reset()
+                with measure() as m:
+                    outputs[name] = block_generate(runner, prompt, **kwargs)
+                timed[name].append(m)
+        reference = outputs[runs[0][0]]
+        for name, runner, is_maskkv in runs:
+            seconds = sorted(m.seconds for m in timed[name])
             row = {
                 "prompt_len": prompt_len,
                 "run": name,
-                "seconds": m.seconds,
-                "tokens_per_s": gen_length / m.seconds,
-                "peak_rss": m.peak_rss_delta,
+                "seconds": seconds[len(seconds) // 2],
+                "seconds_all": [m.seconds for m in timed[name]],
+                "tokens_per_s": gen_length / seconds[len(seconds) // 2],
+                "peak_rss": max(m.peak_rss_delta for m in timed[name]),
                 "kv_bytes": None,
-                "same_tokens": bool(torch.equal(out, reference)),
+                "same_tokens": bool(torch.equal(outputs[name], reference)),
             }
-            if isinstance(how, tuple):
-                stats = runner.cache_stats()
+            if is_maskkv:
+                stats = runner.cache_stats()  # of the last timed generation (reset before it)
                 row["kv_bytes"] = stats["bytes"]
                 row["transitions"] = stats["transitions"]
             rows.append(row)
             if print_fn is not None:
-                print_fn(f"  {prompt_len:>6} {name:<26} {m.seconds:8.2f} s", flush=True)
+                times = " / ".join(f"{t:.2f}" for t in row["seconds_all"])
+                print_fn(f"  {prompt_len:>6} {name:<26} {times} s", flush=True)
     base = {r["prompt_len"]: r for r in rows if r["run"] == "uncached"}
     compiled = {r["prompt_len"]: r for r in rows if r["run"] == "uncached, torch.compile"}
     prefix = {r["prompt_len"]: r for r in rows if r["run"] == "prefix cache (exact)"}

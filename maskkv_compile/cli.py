@@ -148,7 +148,14 @@ def cmd_bench(args) -> int:
 
 
 QUICK_BLOCK_BENCH = dict(
-    prompt_lens=[40], gen_length=8, steps=2, budgets=[8], layers=1, hidden=128, block_length=4
+    prompt_lens=[40],
+    gen_length=8,
+    steps=2,
+    budgets=[8],
+    layers=1,
+    hidden=128,
+    block_length=4,
+    repeats=2,
 )
 
 
@@ -193,6 +200,7 @@ def cmd_bench_block(args) -> int:
         hidden=args.hidden,
         backend=args.backend,
         uncached=not args.no_uncached,
+        repeats=args.repeats,
         print_fn=print,
     )
     command = "maskkv-compile " + " ".join(sys.argv[1:])
@@ -479,6 +487,12 @@ def build_parser() -> argparse.ArgumentParser:
     block.add_argument("--layers", type=int, default=2)
     block.add_argument("--hidden", type=int, default=512, help="heads: hidden / 128, KV heads / 4")
     block.add_argument("--backend", choices=["inductor", "eager"], default="inductor")
+    block.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timings of each cached run, taking turns; the median is reported (uncached: one)",
+    )
     block.add_argument("--threads", type=int, default=None)
     block.add_argument("--json", metavar="PATH")
     block.add_argument("--plots", metavar="DIR")

@@ -110,8 +110,11 @@ def test_the_block_benchmark_runs_maskkv_on_the_loops_mask_token_and_its_cached_
     )
     assert [r["run"] for r in rows][0] == "prefix cache (exact)" and len(rows) == 3
     for row in rows:
+        # counts of the last timed generation alone: reset before each of the repeats
         assert set(row["transitions"]) == {"new", "step", "extend"}, row
         assert row["transitions"]["new"] == 1 and row["transitions"]["extend"] >= 1, row
+        times = sorted(row["seconds_all"])
+        assert len(times) == QUICK_BLOCK_BENCH["repeats"] == 2 and row["seconds"] == times[1]
 
 
 def test_dream_padded_batch_example(script):

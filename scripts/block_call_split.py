@@ -1,0 +1,54 @@
+"""Where a cached block generation spends its time, per kind of call, side by side in one process.
+
+``bench-block``'s model, prompt and loop (8 steps a block of 32, gen 256, Inductor); for the exact
+prefix cache and MaskKV at budgets 256 and 64, the seconds of the ``new`` call (the prefill of
+the first window), of the 56 ``step`` calls and of the 7 ``extend`` calls of one generation, timed
+after a warm-up generation. Each call is classed by the transition ``cache_stats()`` counted for
+it. Usage: ``python scripts/block_call_split.py [prompt_len]`` (default 8192).
+"""
+
+import collections
+import sys
+import time
+import warnings
+
+import torch
+
+import maskkv_compile
+from maskkv_compile.bench_block import MASK_ID, block_generate, build_model
+
+
+def main(prompt_len: int) -> None:
+    torch.set_num_threads(2)
+    warnings.simplefilter("ignore")  # the uniform layer budgets' notice, once per run
+    gen, block = 256, 32
+    model = build_model(2, 512, 1024, prompt_len + gen + block)
+    prompt = torch.randint(0, 1023, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    prompt[prompt == MASK_ID] = 0
+    kwargs = dict(gen_length=gen, block_length=block, steps=8)
+    for name, budget in [("prefix cache", 10**9), ("MaskKV 256", 256), ("MaskKV 64", 64)]:
+        runner = maskkv_compile.optimize(model, budget=budget)
+        block_generate(runner, prompt, **kwargs)
+        runner.reset()
+        seconds, calls = collections.defaultdict(float), collections.Counter()
+
+        def timed(*args, **kw):
+            before = dict(runner.cache_stats()["transitions"])
+            start = time.perf_counter()
+            out = runner(*args, **kw)
+            elapsed = time.perf_counter() - start
+            after = runner.cache_stats()["transitions"]
+            (kind,) = [k for k in after if after[k] != before.get(k, 0)]
+            seconds[kind] += elapsed
+            calls[kind] += 1
+            return out
+
+        start = time.perf_counter()
+        block_generate(timed, prompt, **kwargs)
+        total = time.perf_counter() - start
+        split = ", ".join(f"{k} {calls[k]}x {seconds[k]:.2f} s" for k in ("new", "step", "extend"))
+        print(f"{prompt_len:>6} {name:<13} total {total:.2f} s: {split}", flush=True)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 8192)
