@@ -124,6 +124,8 @@ def run_block_benchmark(
     each round so that a slower stretch of a shared machine falls on all of them alike; a row
     reports the median time and the highest peak. The uncached runs, 30x and more slower, are
     timed once."""
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats}: each run is timed at least once; pass 1 or more")
     model = build_model(layers, hidden, vocab, max(prompt_lens) + gen_length + block_length)
     rows = []
     for prompt_len in prompt_lens:

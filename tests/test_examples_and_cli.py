@@ -115,6 +115,8 @@ def test_the_block_benchmark_runs_maskkv_on_the_loops_mask_token_and_its_cached_
         assert row["transitions"]["new"] == 1 and row["transitions"]["extend"] >= 1, row
         times = sorted(row["seconds_all"])
         assert len(times) == QUICK_BLOCK_BENCH["repeats"] == 2 and row["seconds"] == times[1]
+    with pytest.raises(ValueError, match="repeats=0: each run is timed at least once"):
+        run_block_benchmark(prompt_lens=[8], repeats=0, print_fn=None)
 
 
 def test_dream_padded_batch_example(script):
