@@ -21,14 +21,15 @@ confidence), run unmodified on each of:
 
 Each MaskKV run is timed from its second whole generation on (the first compiles its graphs),
 ``repeats`` times, the cached runs taking turns (the median is reported: this CPU is shared,
-and single timings of one run drifted by 30% between invocations). Every ratio is measured in
-this run. Peak RSS is the resident-memory peak above the level
-before each run (``measure``); KV bytes is what the cache holds at the end of the generation
+and single timings of one run drifted by up to 30% between invocations). Every ratio is
+measured in this run. Peak RSS is the resident-memory peak above the level before each run
+(``measure``); KV bytes is what the cache holds at the end of the generation
 (``cache_stats()["bytes"]``: the kept prefix of every layer, padded per layer).
 """
 
 from __future__ import annotations
 
+import statistics
 from typing import Callable, Optional
 
 import torch
@@ -161,13 +162,13 @@ def run_block_benchmark(
                 timed[name].append(m)
         reference = outputs[runs[0][0]]
         for name, runner, is_maskkv in runs:
-            seconds = sorted(m.seconds for m in timed[name])
+            seconds = statistics.median_high(m.seconds for m in timed[name])
             row = {
                 "prompt_len": prompt_len,
                 "run": name,
-                "seconds": seconds[len(seconds) // 2],
+                "seconds": seconds,
                 "seconds_all": [m.seconds for m in timed[name]],
-                "tokens_per_s": gen_length / seconds[len(seconds) // 2],
+                "tokens_per_s": gen_length / seconds,
                 "peak_rss": max(m.peak_rss_delta for m in timed[name]),
                 "kv_bytes": None,
                 "same_tokens": bool(torch.equal(outputs[name], reference)),
