@@ -214,8 +214,6 @@ def _case(seed):
     gen = rng.randint(1, 2) * block + rng.choice([0, rng.randint(1, block - 1)])
     batch = 1 if loop == "llada2" else rng.choice([1, 2, 3])
     padded = batch > 1 and rng.random() < 0.7
-    if padded and loop != "diffusers":  # a padded one-block window reads as a LLaDA prompt
-        prompt_len = max(prompt_len, block)
     family = (
         "llada2" if loop in ("llada2", "diffusers") else rng.choice(["llada2", "qwen2", "qwen3"])
     )
@@ -856,6 +854,36 @@ def test_each_row_of_a_padded_batch_under_eviction_is_the_row_alone():
             alone, prompt[row : row + 1], attention_mask=pad[row : row + 1], **kwargs
         )
         assert torch.equal(together[row : row + 1], one), row
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+@pytest.mark.parametrize("sliced", [True, False], ids=["sliced", "fresh"])
+def test_a_padded_first_window_of_one_block_runs_whole_and_the_next_are_cached(kind, sliced):
+    """Prompts shorter than the block in a left-padded batch: the first window is one block,
+    with padding. Its mask, a slice of the whole-length mask or built fresh for the window
+    (each padding row keeping its own key, as these loops make it), reads as one block: it runs
+    whole (no prefix to cache, so no fallback), and the later windows are a new prompt and its
+    extends, with the plain loop's tokens."""
+    model = _zero_mask_row(tiny_qwen3(dtype=torch.float64))
+    prompt = _prompt(2, 5, seed=3)
+    pad = torch.ones_like(prompt)
+    pad[1, :2] = 0
+    prompt = prompt.masked_fill(pad == 0, 0)
+    # windows end at 8 (the prompt's tail and 3 masks: one call), 16 and 24 (two calls each)
+    kwargs = dict(gen_length=19, block_length=8, mask_id=MASK, steps=2, mask_kind=kind)
+    optimized = maskkv_compile.optimize(model, budget=10**6, backend="eager")
+
+    def call(x, attention_mask, **rest):  # a loop that builds each window's mask anew
+        return optimized(x, attention_mask=attention_mask.clone(), **rest)
+
+    reference = sdar_generate(model, prompt, attention_mask=pad, **kwargs)
+    got = sdar_generate(
+        optimized, prompt, attention_mask=pad, call=None if sliced else call, **kwargs
+    )
+    assert torch.equal(got, reference)
+    stats = optimized.cache_stats()
+    assert dict(stats["transitions"]) == {"uncached": 1, "new": 1, "step": 2, "extend": 1}
+    assert stats["fallbacks"] == {}
 
 
 @pytest.mark.parametrize("where", ["device", "host"])
