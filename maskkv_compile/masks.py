@@ -37,6 +37,7 @@ from maskkv_compile.passes.graph_info import UnsupportedModelError
 MASK_NAMES = ("attention_mask", "attention_bias")
 _BLOCKED = -1e4  # an additive bias at or below this blocks a key
 _ROW_CHUNK = 256  # query rows a (B, 1, S, S) mask is read in at once
+_CHUNK_BYTES = 1 << 20  # the mask rows ``_grid_block_ends`` checks at once (in the core's cache)
 
 
 def _refuse(name: str, value, why: str) -> ValueError:
@@ -153,6 +154,46 @@ def _unpadded_block_ends(rows: torch.Tensor) -> Optional[torch.Tensor]:
     return end
 
 
+def _grid_block_ends(mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """The loops' usual mask read in one pass, before any conversion: block-causal on a uniform
+    grid from position 0 (blocks of ``b``, the last one possibly shorter), without padding, the
+    same in every row of the batch -> its (S,) block ends; None for anything else, which the
+    general reading then decides. ``b`` is the first query's run of attended keys; every entry of
+    the (B or 1, 1, S, S) bool or float mask is then checked against that grid (True / 0 where it
+    allows, False / at most ``_BLOCKED`` elsewhere) in chunks of whole blocks of rows, small
+    enough to stay in the core's cache: per chunk, the keys every row of it attends, the keys
+    none attends, and the staircase between. So the (S, S) mask is read once, mostly by plain
+    reductions (at 8k: 288 MB of float32; the general reading makes four passes and a bool
+    copy)."""
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        return None
+    seq = mask.shape[-1]
+    first = mask[0, 0, 0] if mask.dtype == torch.bool else mask[0, 0, 0] == 0  # (S,)
+    b = seq if bool(first.all()) else int(first.to(torch.uint8).argmin())
+    if b < 2 or b == seq:  # blocks of one (causal), or one block: the general reading
+        return None
+    pos = torch.arange(seq, device=mask.device)
+    end = ((pos // b + 1) * b).clamp(max=seq)  # (S,)
+    rows = -(-max(1, _CHUNK_BYTES // (seq * mask.element_size())) // b) * b  # whole blocks
+    ok = []  # 0-d bools, read once at the end
+    for start in range(0, seq, rows):
+        part = mask[:, 0, start : start + rows]  # (B, r, S)
+        lo, hi = int(end[start]), int(end[min(start + rows, seq) - 1])
+        stair = part[..., lo:hi]  # (B, r, hi - lo): each row attends up to its own end
+        allowed = pos[None, lo:hi] < end[start : start + rows, None]  # (r, hi - lo)
+        if mask.dtype == torch.bool:
+            ok += [part[..., :lo].all(), ~part[..., hi:].any(), (stair == allowed).all()]
+        else:
+            low, high = part[..., :lo].aminmax()  # every row attends these keys: all 0
+            ok += [
+                (low == 0) & (high == 0),
+                torch.where(allowed, stair == 0, stair <= _BLOCKED).all(),
+            ]
+            if hi < seq:  # no row attends these: at most _BLOCKED (NaN fails every test)
+                ok.append(part[..., hi:].amax() <= _BLOCKED)
+    return end if bool(torch.stack(ok).all()) else None
+
+
 def _block_ends(rows: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """A (B, S, S) 'may attend' pattern read as block-causal: ((B, S) real keys, (S,) one past
     the last key each position's query sees), or None when it is not of that form.
@@ -222,6 +263,15 @@ def read_mask(name: str, mask, batch: int, seq: int):
         return None, None
     if not isinstance(mask, torch.Tensor):
         raise _refuse(name, mask, "not a tensor")
+    if (
+        mask.dim() == 4
+        and mask.shape[0] in (1, batch)
+        and mask.shape[1] == 1
+        and tuple(mask.shape[2:]) == (seq, seq)
+    ):
+        end = _grid_block_ends(mask)  # the loops' usual mask, read in one pass
+        if end is not None:
+            return None, end
     allowed = _allowed(name, mask)
     end = None
     if allowed.dim() == 2 and allowed.shape == (batch, seq):
