@@ -8,7 +8,9 @@ on the growing window [prompt ; finished blocks ; current block] with a block-ca
 2. diffusers' ``LLaDA2Pipeline`` (a 2-D mask and position ids: the model makes the blocks);
 3. an SDAR-style loop (``bench_block.block_generate``: a 4-D mask, on a Qwen3);
 4. the same loop with Fast-dLLM v2's token shift (a position's logits one row earlier) on a
-   Qwen2, optimized with ``family="dream"``.
+   Qwen2, optimized with ``family="dream"``;
+5. SDAR's released loop, which keeps its own KV cache and sends only the block, with
+   ``store_kv=`` saying which calls store (``maskkv_compile.sdar_standin``; ``kv_loop.py``).
 
 At a budget above the prompt each equals the plain model token for token; at a small budget the
 prefix cache keeps the entries the block's mask tokens voted for, and each new block's votes
@@ -20,6 +22,7 @@ import torch
 import maskkv_compile
 from maskkv_compile.bench_block import block_generate, build_model
 from maskkv_compile.llada2_standin import tiny_llada2
+from maskkv_compile.sdar_standin import sdar_cached_generate, tiny_sdar
 from maskkv_compile.tiny_models import tiny_dream
 
 MASK = 255
@@ -89,3 +92,19 @@ same = torch.equal(
     block_generate(exact, prompt, **shifted), block_generate(qwen2, prompt, **shifted)
 )
 print("4. token-shift loop == plain model:", same, "|", exact.cache_stats()["transitions"])
+
+# 5. SDAR's released loop: its own KV cache, only the block sent, store_kv= on prefill and commits
+sdar = tiny_sdar()
+with torch.no_grad():
+    sdar.lm_head.weight[MASK] = 0
+cached = dict(gen_length=32, block_length=16, steps=4, mask_id=MASK)
+exact = maskkv_compile.optimize(sdar, budget=1024, backend="eager")
+same = torch.equal(
+    sdar_cached_generate(exact, long_prompt, **cached),
+    sdar_cached_generate(sdar, long_prompt, **cached),
+)
+print("5. SDAR's cached loop == plain model:", same, "|", exact.cache_stats()["transitions"])
+evicting = maskkv_compile.optimize(sdar, budget=32, backend="eager")
+out = sdar_cached_generate(evicting, long_prompt, **cached)
+kept = evicting.cache_stats()["layers"][0]["kept_per_kv_head"]
+print("   at budget 32: layer 0 keeps", kept, "per KV head | masks left:", int((out == MASK).sum()))

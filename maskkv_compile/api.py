@@ -21,6 +21,7 @@ from maskkv_compile._torch_private import (
 from maskkv_compile.backend import MaskKVBackend
 from maskkv_compile.config import MaskKVConfig, MaskKVConfigError, resolve
 from maskkv_compile.dual_cache import generation_block_length
+from maskkv_compile.kv_loop import STORE_FLAG, KVLoop
 from maskkv_compile.mask_rule import grid_ends, probe_block_length
 from maskkv_compile.masks import MaskReader
 from maskkv_compile.passes import UnsupportedModelError
@@ -43,8 +44,9 @@ _REFUSED = {
     "past_key_values": "MaskKV keeps its own prompt cache, so the model cannot fill the caller's. "
     "Call it on the whole sequence each step (LLaDA, Dream), or for block diffusion on the window "
     "[prompt ; finished blocks ; current block] with its block-causal mask, as LLaDA2's generate "
-    "and diffusers' LLaDA2Pipeline do; loops that keep their own cache (SDAR's "
-    "block_diffusion_generate, Fast-dLLM v2's batch_sample) need that change (README.md, "
+    "and diffusers' LLaDA2Pipeline do. A loop that keeps its own cache and says which calls "
+    "store (SDAR's block_diffusion_generate, store_kv=) runs as it is (kv_loop.py); others "
+    "(Fast-dLLM v2's batch_sample, update_past_key_values=) need that change (README.md, "
     "'Block diffusion')",
 }
 
@@ -127,6 +129,7 @@ class MaskKVModel(torch.nn.Module):
         self._warned_block = False
         self._two_d_block = "unprobed"  # what the model makes of a 2-D mask (``_block_rule``)
         self._masks = MaskReader()  # the caller's masks, read once per mask tensor
+        self._kv_loop = KVLoop(mask_token_id, functools.partial(_logits_like, model))
         object.__setattr__(
             self, "_view", _routed_view(model, self)
         )  # not a submodule: it shares the model's state
@@ -167,8 +170,9 @@ class MaskKVModel(torch.nn.Module):
                 f"arguments, got {1 + len(args)}"
             )
         kwargs.update(zip(named, args))
+        kv_loop = kwargs.get("past_key_values") is not None and STORE_FLAG in kwargs
         for name, why in _REFUSED.items():
-            if kwargs.get(name) is not None:
+            if kwargs.get(name) is not None and not (kv_loop and name == "past_key_values"):
                 raise ValueError(f"{name}= is not supported by a MaskKV model: {why}")
         keep = kwargs.pop("logits_to_keep", 0)
         if not (isinstance(keep, int) and keep == 0):
@@ -178,6 +182,10 @@ class MaskKVModel(torch.nn.Module):
                 "maskkv_compile.response_logits_only() to get only those, or "
                 "leave logits_to_keep at 0"
             )
+        if kv_loop:  # a loop that keeps its own cache (SDAR's): its calls as windows
+            return self._kv_loop(
+                input_ids, kwargs, lambda ids, kw, ends: self._run(ids, kw, None, ends)
+            )
         two_d = isinstance(kwargs.get("attention_mask"), torch.Tensor) and (
             kwargs["attention_mask"].dim() == 2
         )
@@ -185,6 +193,11 @@ class MaskKVModel(torch.nn.Module):
         if two_d and key_end is None and self._block_rule() is not None:
             # the model makes blocks of a 2-D mask inside its forward (``mask_rule.py``)
             key_end = grid_ends(input_ids.shape[1], self._block_rule(), input_ids.device)
+        return self._run(input_ids, kwargs, key_valid, key_end)
+
+    def _run(self, input_ids, kwargs: dict, key_valid, key_end):
+        """The call through the traced model and the runtime, its masks already read: padding
+        ``key_valid`` (B, S) or None, block ends ``key_end`` (S,) or None."""
         # per-token inputs (token_type_ids, position_ids) vary with S too
         per_token = [
             name
@@ -302,6 +315,7 @@ class MaskKVModel(torch.nn.Module):
         """Forget every cached prompt (the next call is a prefill) and zero the counts."""
         for runtime in self.backend.runtimes:
             runtime.reset()
+        self._kv_loop.reset()
 
     def generate(self, *args, **kwargs) -> torch.Tensor:
         """The wrapped model's own ``generate`` when its class defines one (LLaDA2's block loop,
@@ -325,6 +339,18 @@ class MaskKVModel(torch.nn.Module):
         )
         with generation_block_length(block):
             return generate(self, input_ids, mask_token_id=self.mask_token_id, **kwargs)
+
+
+def _logits_like(model: torch.nn.Module) -> tuple[int, torch.dtype]:
+    """(vocabulary size, dtype) of the model's logits: its output embeddings' rows, else its
+    config's ``vocab_size``."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, torch.nn.Module) and isinstance(
+        getattr(head, "weight", None), torch.Tensor
+    ):
+        return head.weight.shape[0], head.weight.dtype
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return model.config.vocab_size, dtype
 
 
 def _own_generate(model: torch.nn.Module) -> bool:

@@ -50,6 +50,11 @@ def test_block_diffusion_example(script):
     assert "layer 0 keeps [32] per KV head of 224 prefix entries" in out
     assert "(2 re-selections)" in out
     assert "4. token-shift loop == plain model: True | {'new': 1, 'step': 10, 'extend': 3}" in out
+    # 3 windows after a 192-token prefill: the first block holds the prompt's last 8 tokens and 8
+    # masks (2 refinement calls), the others 16 masks (4 each); each window's first call is the
+    # new / an extend, every other call a step, the three commits too: 2 + 4 + 4
+    assert "5. SDAR's cached loop == plain model: True | {'new': 1, 'step': 10, 'extend': 2}" in out
+    assert "at budget 32: layer 0 keeps [32, 32] per KV head | masks left: 0" in out
 
 
 def test_diffusion_gemma_example(script):

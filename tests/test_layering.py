@@ -30,6 +30,7 @@ TOOLS = (
     "maskkv_compile.evaluation",
     "maskkv_compile.tiny_models",
     "maskkv_compile.llada2_standin",
+    "maskkv_compile.sdar_standin",
 )
 
 

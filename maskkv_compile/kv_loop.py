@@ -1,0 +1,189 @@
+"""Block loops that keep their own KV cache (SDAR's released ``block_diffusion_generate``).
+
+Such a loop sends the model only the new tokens and a cache object, with a flag saying whether
+the call's K/V are to be stored:
+
+* a prefill, ``store_kv=True``, of the prompt's whole blocks at positions ``[0, P)``;
+* per block, refinement calls, ``store_kv=False``, of the block at ``[P, P + b)`` (all its
+  rows see every stored key and the whole block);
+* a commit, ``store_kv=True``, of the finished block, after which the cache holds ``P + b``.
+
+Each call stands for the window [everything stored in this cache ; the call's tokens] with the
+block-causal mask of blocks of ``b`` on the grid from 0 (what the loop's masks slice), which is
+what MaskKV's block runtime routes (``routing.py``). :class:`KVLoop` keeps, per cache object of
+the loop (weakly), the tokens stored so far, and turns each call into that window call:
+
+* a prefill stores its tokens and computes nothing: it returns zero logits (a stride-0 view, no
+  memory), as a MaskKV model returns for every prompt row (the drop-in contract), and the first
+  refinement call prefills the whole window, where the block's mask tokens vote;
+* a refinement call or a commit runs the window and returns the logits of the call's rows
+  (a commit is a step on the finished block: its rows' real logits);
+* a commit then appends its tokens to what the cache holds.
+
+The loop's cache object itself is never written (its model does that, and MaskKV is the cache).
+
+Invariants, each checked with an error naming what was seen: the call's positions continue what
+the cache holds (a cache is one generation); the block length is the first refinement call's
+length and every later call is on its grid; a call with ``store_kv=True`` holds no mask token;
+the call's mask, when given, is what the window's block-causal mask gives its rows (all keys for
+a refinement call or commit, a block-causal mask for a prefill), as bool or 1/0 (1 = attend).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from maskkv_compile.mask_rule import grid_ends
+
+STORE_FLAG = "store_kv"  # SDAR's flag: store this call's K/V in the cache
+
+
+@dataclass
+class _Stored:
+    tokens: torch.Tensor  # (B, P): the tokens the loop has stored in this cache, in order
+    block: Optional[int] = None  # the block length, from the first refinement call
+    prefill_block: Optional[int] = None  # the block length the prefill's mask showed
+
+
+def _allowed(mask: torch.Tensor) -> torch.Tensor:
+    """The loop's mask as bool 'may attend': bool as is, else 1/0 with 1 = attend (SDAR's float
+    mask, which its model casts to bool)."""
+    if mask.dtype == torch.bool:
+        return mask
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(
+            f"{STORE_FLAG} loop: attention_mask {tuple(mask.shape)} holds values other than 0 and "
+            "1; a loop that keeps its own cache passes a bool or 1/0 mask (1 = attend)"
+        )
+    return mask == 1
+
+
+class KVLoop:
+    """The state of every cache object a loop passes to one MaskKV model (see module doc)."""
+
+    def __init__(self, mask_token_id: int, logits_like: Callable[[], tuple[int, torch.dtype]]):
+        self.mask_token_id = mask_token_id
+        self.logits_like = logits_like  # () -> (vocabulary size, logits dtype) of the model
+        self._stored: "weakref.WeakKeyDictionary[object, _Stored]" = weakref.WeakKeyDictionary()
+
+    def reset(self) -> None:
+        self._stored.clear()
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        kwargs: dict,
+        run: Callable[[torch.Tensor, dict, torch.Tensor], object],
+    ):
+        """The call, routed as its window: ``run(window_ids, kwargs, key_end)`` runs the model
+        on the window (block ends ``key_end``, no padding) and returns its output."""
+        cache = kwargs.pop("past_key_values")
+        store = bool(kwargs.pop(STORE_FLAG))
+        kwargs.pop("use_cache", None)
+        mask = kwargs.pop("attention_mask", None)
+        positions = kwargs.pop("position_ids", None)
+        try:
+            stored = self._stored.setdefault(cache, _Stored(input_ids[:, :0]))
+        except TypeError:
+            raise ValueError(
+                f"past_key_values of type {type(cache).__name__} cannot be tracked (no weak "
+                "reference): pass a transformers Cache object, one per generation"
+            ) from None
+        batch, n = input_ids.shape
+        start = stored.tokens.shape[1]
+        where = f"{STORE_FLAG}={store} call at positions [{start}, {start + n})"
+        if stored.tokens.shape[0] != batch:
+            raise ValueError(
+                f"{where}: batch {batch}, but this cache holds {stored.tokens.shape[0]} rows; "
+                "pass a fresh cache object for a new generation"
+            )
+        if positions is not None:
+            seen = positions.reshape(-1, positions.shape[-1])[0]  # (n,) of the first row
+            if positions.shape[-1] != n or not bool(
+                (positions == torch.arange(start, start + n, device=positions.device)).all()
+            ):
+                raise ValueError(
+                    f"{where}: position_ids {seen.tolist()} do not continue the {start} tokens "
+                    "this cache holds; a cache object is one generation (pass a fresh one for a "
+                    "new prompt)"
+                )
+        if store and bool((input_ids == self.mask_token_id).any()):
+            raise ValueError(
+                f"{where}: {STORE_FLAG}=True with the mask token {self.mask_token_id} among the "
+                "tokens; a loop stores only prompt tokens and finished blocks"
+            )
+        window = torch.cat([stored.tokens.to(input_ids.device), input_ids], dim=1)  # (B, P + n)
+        if store and stored.block is None:  # the prefill: stored, computed at the first step
+            if mask is not None:
+                stored.prefill_block = _prefill_block(_allowed(mask), where)
+            stored.tokens = window
+            vocab, dtype = self.logits_like()
+            zeros = torch.zeros((), dtype=dtype, device=input_ids.device)
+            return _Output(zeros.expand(batch, n, vocab))  # (B, n, V), no memory
+        if stored.block is None:
+            stored.block = n
+        block = stored.block
+        seen = stored.prefill_block
+        if start % block or n != block or (seen is not None and seen < start and seen != block):
+            raise ValueError(
+                f"{where}: the loop's blocks are {block} long on the grid from 0 (its prefill's "
+                f"mask: {seen}), but this call is {n} tokens from {start}; a refinement call or "
+                "a commit is one whole block of the grid"
+            )
+        if mask is not None and not bool(_allowed(mask).all()):
+            raise ValueError(
+                f"{where}: the call's attention_mask {tuple(mask.shape)} hides some keys; the "
+                "current block's rows see every stored key and the whole block"
+            )
+        ends = grid_ends(start + n, block, input_ids.device)
+        positions = torch.arange(start + n, device=input_ids.device).expand(batch, -1)
+        out = run(window, {**kwargs, "position_ids": positions}, ends)
+        if store:
+            stored.tokens = window
+        if out["logits"].shape[1] != start + n:
+            raise ValueError(
+                f"{where}: the window's logits are {tuple(out['logits'].shape)}, not one row per "
+                "position (response_logits_only() is not supported for a loop that keeps its "
+                "own cache: it reads the call's rows)"
+            )
+        out["logits"] = out["logits"][:, start:]  # (B, n, V): the call's rows
+        if "past_key_values" in out or hasattr(out, "past_key_values"):
+            out["past_key_values"] = cache
+        return out
+
+
+def _prefill_block(allowed: torch.Tensor, where: str) -> int:
+    """The block length of the prefill's mask, which must be block-causal on a grid from 0 (each
+    query sees its own block and every earlier one); the whole length for one block."""
+    rows = allowed.reshape(-1, *allowed.shape[-2:])  # (B or 1, P, P)
+    seq = rows.shape[-1]
+    first = rows[0, 0]
+    block = seq if bool(first.all()) else int(first.to(torch.uint8).argmin())
+    grid = grid_ends(seq, max(block, 1), rows.device)[:, None] > torch.arange(
+        seq, device=rows.device
+    )
+    if block < 2 or not bool((rows == grid).all()):
+        raise ValueError(
+            f"{where}: the prefill's attention_mask {tuple(allowed.shape)} is not block-causal "
+            "on a grid from position 0 (each query sees its own block, of 2 or more tokens, and "
+            "every earlier one)"
+        )
+    return block
+
+
+class _Output(dict):
+    """The prefill's output: ``.logits`` (zeros: no prompt row is computed), as a mapping and
+    by attribute, like transformers' ``ModelOutput``."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __init__(self, logits):
+        super().__init__(logits=logits)

@@ -1,0 +1,93 @@
+"""SDAR's released loop (its own KV cache, ``store_kv=``), side by side in one process: on the plain
+model, where the loop's ``DynamicCache`` is already an exact prefix cache, and on MaskKV models.
+
+``bench-block``'s shapes (a Qwen3 with head_dim 128 and four query heads per KV head, hidden 512,
+2 layers, vocab 1024, the LM head's mask row zeroed), with SDAR's cache protocol
+(``maskkv_compile.sdar_standin``); gen 256, blocks of 32, 8 refinement steps a block. Each run is
+warmed on one generation, then timed ``--repeats`` times, the runs taking turns in each round;
+the median is reported with every timing. Usage: ``python scripts/bench_sdar_loop.py [--prompt-lens
+1024 4096 8192] [--repeats 3] [--json PATH]``.
+"""
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+
+import torch
+
+import maskkv_compile
+from maskkv_compile.bench_block import MASK_ID
+from maskkv_compile.sdar_standin import sdar_cached_generate, tiny_sdar
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt-lens", type=int, nargs="+", default=[1024, 4096, 8192])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    warnings.simplefilter("ignore")  # the uniform layer budgets' notice; transformers' renames
+    gen, block = 256, 32
+    model = tiny_sdar(
+        layers=2,
+        hidden=512,
+        heads=4,
+        kv_heads=1,
+        vocab=1024,
+        max_positions=max(args.prompt_lens) + gen + block,
+    )
+    model.config.mask_token_id = MASK_ID
+    with torch.no_grad():
+        model.get_output_embeddings().weight[MASK_ID] = 0
+    kwargs = dict(gen_length=gen, block_length=block, steps=args.steps, mask_id=MASK_ID)
+    rows = []
+    for prompt_len in args.prompt_lens:
+        prompt = torch.randint(0, 1023, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+        prompt[prompt == MASK_ID] = 0
+        runs = [("plain model, its own cache (exact)", model)]
+        runs += [
+            (f"MaskKV {name}", maskkv_compile.optimize(model, budget=budget))
+            for name, budget in (("prefix cache (exact)", 10**9), ("256", 256), ("64", 64))
+        ]
+        outputs, seconds = {}, {name: [] for name, _ in runs}
+        for _, runner in runs:
+            sdar_cached_generate(runner, prompt, **kwargs)  # warm-up: compiles what it times
+        for _ in range(args.repeats):
+            for name, runner in runs:
+                if hasattr(runner, "reset"):
+                    runner.reset()
+                start = time.perf_counter()
+                outputs[name] = sdar_cached_generate(runner, prompt, **kwargs)
+                seconds[name].append(time.perf_counter() - start)
+        base = statistics.median_high(seconds[runs[0][0]])
+        for name, runner in runs:
+            median = statistics.median_high(seconds[name])
+            row = {
+                "prompt_len": prompt_len,
+                "run": name,
+                "seconds": median,
+                "seconds_all": seconds[name],
+                "vs_plain": base / median,
+                "same_tokens": bool(torch.equal(outputs[name], outputs[runs[0][0]])),
+                "transitions": (
+                    dict(runner.cache_stats()["transitions"]) if hasattr(runner, "reset") else None
+                ),
+            }
+            rows.append(row)
+            times = " / ".join(f"{t:.2f}" for t in seconds[name])
+            print(
+                f"{prompt_len:>6}  {name:<36} {times} s  {row['vs_plain']:.2f}x  "
+                f"same tokens: {row['same_tokens']}  {row['transitions'] or ''}",
+                flush=True,
+            )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
