@@ -87,7 +87,9 @@ class KVLoop:
         mask = kwargs.pop("attention_mask", None)
         positions = kwargs.pop("position_ids", None)
         try:
-            stored = self._stored.setdefault(cache, _Stored(input_ids[:, :0]))
+            stored = self._stored.setdefault(
+                cache, _Stored(input_ids.new_empty((len(input_ids), 0)))
+            )
         except TypeError:
             raise ValueError(
                 f"past_key_values of type {type(cache).__name__} cannot be tracked (no weak "
