@@ -182,3 +182,33 @@ def test_a_cache_without_the_store_flag_is_still_refused(pair):
     _, optimized = pair
     with pytest.raises(ValueError, match="past_key_values= is not supported.*store_kv"):
         optimized(torch.full((1, 4), MASK), past_key_values=_cache(), use_cache=True)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_sequences_of_generations_leak_nothing(seed):
+    """One optimized model drives a seeded sequence of cached-loop generations (prompts, blocks,
+    batch sizes, remasking), window-loop generations, resets and in-place weight changes mixed
+    in; every generation equals the plain model's with the weights of the moment."""
+    rng = random.Random(seed)
+    model = _model()
+    optimized = maskkv_compile.optimize(model, budget=10**6, backend="eager")
+    for _ in range(12):
+        action = rng.choice(["cached", "cached", "window", "reset", "weights"])
+        if action == "reset":
+            optimized.reset()
+            continue
+        if action == "weights":
+            with torch.no_grad():
+                model.model.layers[rng.randrange(2)].mlp.up_proj.weight.mul_(1.05)
+            continue
+        block = rng.choice([4, 8])
+        prompt = _prompt(rng.choice([1, 2]), rng.randint(2, 2 * block + 3), rng.randrange(100))
+        kwargs = dict(gen_length=rng.randint(1, 2 * block), block_length=block, mask_id=MASK)
+        kwargs["steps"] = rng.choice([1, 2, 4])
+        if action == "cached":
+            got = sdar_cached_generate(optimized, prompt, **kwargs)
+            reference = sdar_cached_generate(model, prompt, **kwargs)
+        else:
+            got = sdar_generate(optimized, prompt, mask_kind="bool", **kwargs)
+            reference = sdar_generate(model, prompt, mask_kind="bool", **kwargs)
+        assert torch.equal(got, reference), (action, kwargs, prompt.shape)
