@@ -212,3 +212,17 @@ def test_random_sequences_of_generations_leak_nothing(seed):
             got = sdar_generate(optimized, prompt, mask_kind="bool", **kwargs)
             reference = sdar_generate(model, prompt, mask_kind="bool", **kwargs)
         assert torch.equal(got, reference), (action, kwargs, prompt.shape)
+
+
+@pytest.mark.inductor
+def test_inductor_matches_eager_on_the_cached_loop_under_eviction():
+    model = _model(torch.float32)
+    prompt = _prompt(1, 45, seed=7)
+    kwargs = dict(gen_length=24, block_length=8, mask_id=MASK, steps=2)
+    runs = {}
+    for backend in ("eager", "inductor"):
+        optimized = maskkv_compile.optimize(model, budget=12, backend=backend)
+        runs[backend] = sdar_cached_generate(optimized, prompt, **kwargs)
+        transitions = dict(optimized.cache_stats()["transitions"])
+        assert transitions["new"] == 1 and transitions["extend"] == 3, transitions  # 4 windows
+    assert torch.equal(runs["inductor"], runs["eager"])
