@@ -20,7 +20,7 @@ the loop (weakly), the tokens stored so far, and turns each call into that windo
   (a commit is a step on the finished block: its rows' real logits);
 * a commit then appends its tokens to what the cache holds.
 
-The loop's cache object itself is never written (its model does that, and MaskKV is the cache).
+The loop's cache object is never written: MaskKV holds the K/V, and the object stays empty.
 
 Invariants, each checked with an error naming what was seen: the call's positions continue what
 the cache holds (a cache is one generation); the block length is the first refinement call's
@@ -165,9 +165,8 @@ def _prefill_block(allowed: torch.Tensor, where: str) -> int:
     seq = rows.shape[-1]
     first = rows[0, 0]
     block = seq if bool(first.all()) else int(first.to(torch.uint8).argmin())
-    grid = grid_ends(seq, max(block, 1), rows.device)[:, None] > torch.arange(
-        seq, device=rows.device
-    )
+    pos = torch.arange(seq, device=rows.device)
+    grid = pos[None, :] < grid_ends(seq, max(block, 1), rows.device)[:, None]  # (P, P)
     if block < 2 or not bool((rows == grid).all()):
         raise ValueError(
             f"{where}: the prefill's attention_mask {tuple(allowed.shape)} is not block-causal "
@@ -181,11 +180,11 @@ class _Output(dict):
     """The prefill's output: ``.logits`` (zeros: no prompt row is computed), as a mapping and
     by attribute, like transformers' ``ModelOutput``."""
 
+    def __init__(self, logits):
+        super().__init__(logits=logits)
+
     def __getattr__(self, name):
         try:
             return self[name]
         except KeyError:
             raise AttributeError(name) from None
-
-    def __init__(self, logits):
-        super().__init__(logits=logits)
