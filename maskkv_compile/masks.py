@@ -178,7 +178,8 @@ def _grid_block_ends(mask: torch.Tensor) -> Optional[torch.Tensor]:
     ok = []  # 0-d bools, read once at the end
     for start in range(0, seq, rows):
         part = mask[:, 0, start : start + rows]  # (B, r, S)
-        lo, hi = int(end[start]), int(end[min(start + rows, seq) - 1])
+        # block ends of the chunk's first and last rows, from host ints (no device read)
+        lo, hi = (min((row // b + 1) * b, seq) for row in (start, min(start + rows, seq) - 1))
         stair = part[..., lo:hi]  # (B, r, hi - lo): each row attends up to its own end
         allowed = pos[None, lo:hi] < end[start : start + rows, None]  # (r, hi - lo)
         if mask.dtype == torch.bool:
