@@ -24,7 +24,8 @@ The loop's cache object is never written: MaskKV holds the K/V, and the object s
 
 Invariants, each checked with an error naming what was seen: the call's positions continue what
 the cache holds (a cache is one generation); the block length is the first refinement call's
-length and every later call is on its grid; a call with ``store_kv=True`` holds no mask token;
+length, the prefill's mask (whole blocks) shows the same, and every later call is one block of
+that grid; a call with ``store_kv=True`` holds no mask token;
 the call's mask, when given, is what the window's block-causal mask gives its rows (all keys for
 a refinement call or commit, a block-causal mask for a prefill), as bool or 1/0 (1 = attend).
 """
@@ -129,12 +130,12 @@ class KVLoop:
         if stored.block is None:
             stored.block = n
         block = stored.block
-        seen = stored.prefill_block
-        if start % block or n != block or (seen is not None and seen < start and seen != block):
+        prefill = stored.prefill_block  # the prefill's blocks (whole blocks: one is its length)
+        if start % block or n != block or (prefill is not None and prefill != block):
             raise ValueError(
                 f"{where}: the loop's blocks are {block} long on the grid from 0 (its prefill's "
-                f"mask: {seen}), but this call is {n} tokens from {start}; a refinement call or "
-                "a commit is one whole block of the grid"
+                f"mask: {prefill}), but this call is {n} tokens from {start}; a refinement call "
+                "or a commit is one whole block of the grid"
             )
         if mask is not None and not bool(_allowed(mask).all()):
             raise ValueError(

@@ -144,8 +144,9 @@ def _cache():
         ([(8, True, {}), (4, True, {"mask_at": 0})], "mask token"),
         # a refinement call that is not one whole block of the grid
         ([(8, True, {}), (4, False, {}), (3, False, {})], "one whole block"),
-        # a prefill of blocks of 4, then blocks of 8
+        # a prefill of blocks of 4, then blocks of 8; a prefill of one block of 8, then of 4
         ([(8, True, {"prefill_block": 4}), (8, False, {})], "one whole block"),
+        ([(8, True, {"prefill_block": 8}), (4, False, {})], "one whole block"),
         # a refinement call whose mask hides keys
         ([(8, True, {}), (4, False, {"hide": True})], "hides some keys"),
         # a prefill mask that is not block-causal
