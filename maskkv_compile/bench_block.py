@@ -88,9 +88,11 @@ def block_generate(
     return x[:, : p + gen_length]
 
 
-def build_model(layers: int, hidden: int, vocab: int, max_positions: int):
+def build_model(layers: int, hidden: int, vocab: int, max_positions: int, factory=tiny_qwen3):
+    """The benchmark's model: ``factory`` (``tiny_qwen3``'s keywords; ``sdar_standin.tiny_sdar``
+    for SDAR's cache protocol) at LLaDA2-mini-like attention shapes, its mask row zeroed."""
     heads = hidden // 128
-    model = tiny_qwen3(
+    model = factory(
         layers=layers,
         hidden=hidden,
         heads=heads,

@@ -39,6 +39,7 @@ from typing import Callable, Optional
 import torch
 
 from maskkv_compile.mask_rule import grid_ends
+from maskkv_compile.masks import grid_block_ends
 
 STORE_FLAG = "store_kv"  # SDAR's flag: store this call's K/V in the cache
 
@@ -162,19 +163,17 @@ class KVLoop:
 def _prefill_block(allowed: torch.Tensor, where: str) -> int:
     """The block length of the prefill's mask, which must be block-causal on a grid from 0 (each
     query sees its own block and every earlier one); the whole length for one block."""
-    rows = allowed.reshape(-1, *allowed.shape[-2:])  # (B or 1, P, P)
-    seq = rows.shape[-1]
-    first = rows[0, 0]
-    block = seq if bool(first.all()) else int(first.to(torch.uint8).argmin())
-    pos = torch.arange(seq, device=rows.device)
-    grid = pos[None, :] < grid_ends(seq, max(block, 1), rows.device)[:, None]  # (P, P)
-    if block < 2 or not bool((rows == grid).all()):
+    seq = allowed.shape[-1]
+    if bool(allowed.all()):
+        return seq
+    end = grid_block_ends(allowed.reshape(-1, 1, seq, seq))  # (S,) or None
+    if end is None:
         raise ValueError(
             f"{where}: the prefill's attention_mask {tuple(allowed.shape)} is not block-causal "
             "on a grid from position 0 (each query sees its own block, of 2 or more tokens, and "
             "every earlier one)"
         )
-    return block
+    return int(end[0])
 
 
 class _Output(dict):

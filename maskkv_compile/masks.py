@@ -32,12 +32,13 @@ from typing import Optional
 
 import torch
 
+from maskkv_compile.mask_rule import grid_ends
 from maskkv_compile.passes.graph_info import UnsupportedModelError
 
 MASK_NAMES = ("attention_mask", "attention_bias")
 _BLOCKED = -1e4  # an additive bias at or below this blocks a key
 _ROW_CHUNK = 256  # query rows a (B, 1, S, S) mask is read in at once
-_CHUNK_BYTES = 1 << 20  # the mask rows ``_grid_block_ends`` checks at once (in the core's cache)
+_CHUNK_BYTES = 1 << 20  # the mask rows ``grid_block_ends`` checks at once (in the core's cache)
 
 
 def _refuse(name: str, value, why: str) -> ValueError:
@@ -154,7 +155,7 @@ def _unpadded_block_ends(rows: torch.Tensor) -> Optional[torch.Tensor]:
     return end
 
 
-def _grid_block_ends(mask: torch.Tensor) -> Optional[torch.Tensor]:
+def grid_block_ends(mask: torch.Tensor) -> Optional[torch.Tensor]:
     """The loops' usual mask read in one pass, before any conversion: block-causal on a uniform
     grid from position 0 (blocks of ``b``, the last one possibly shorter), without padding, the
     same in every row of the batch -> its (S,) block ends; None for anything else, which the
@@ -173,10 +174,11 @@ def _grid_block_ends(mask: torch.Tensor) -> Optional[torch.Tensor]:
     if b < 2 or b == seq:  # blocks of one (causal), or one block: the general reading
         return None
     pos = torch.arange(seq, device=mask.device)
-    end = ((pos // b + 1) * b).clamp(max=seq)  # (S,)
+    end = grid_ends(seq, b, mask.device)  # (S,)
     rows = -(-max(1, _CHUNK_BYTES // (seq * mask.element_size())) // b) * b  # whole blocks
-    ok = []  # 0-d bools, read once at the end
+    ok = []  # 0-d bools: read once at the end, or at each chunk on the CPU (no sync to save)
     for start in range(0, seq, rows):
+        checked = len(ok)
         part = mask[:, 0, start : start + rows]  # (B, r, S)
         # block ends of the chunk's first and last rows, from host ints (no device read)
         lo, hi = (min((row // b + 1) * b, seq) for row in (start, min(start + rows, seq) - 1))
@@ -192,6 +194,8 @@ def _grid_block_ends(mask: torch.Tensor) -> Optional[torch.Tensor]:
             ]
             if hi < seq:  # no row attends these: at most _BLOCKED (NaN fails every test)
                 ok.append(part[..., hi:].amax() <= _BLOCKED)
+        if mask.device.type == "cpu" and not all(bool(t) for t in ok[checked:]):
+            return None  # off the grid: the general reading reads it, once
     return end if bool(torch.stack(ok).all()) else None
 
 
@@ -270,7 +274,7 @@ def read_mask(name: str, mask, batch: int, seq: int):
         and mask.shape[1] == 1
         and tuple(mask.shape[2:]) == (seq, seq)
     ):
-        end = _grid_block_ends(mask)  # the loops' usual mask, read in one pass
+        end = grid_block_ends(mask)  # the loops' usual mask, read in one pass
         if end is not None:
             return None, end
     allowed = _allowed(name, mask)

@@ -20,7 +20,7 @@ import warnings
 import torch
 
 import maskkv_compile
-from maskkv_compile.bench_block import MASK_ID
+from maskkv_compile.bench_block import MASK_ID, build_model
 from maskkv_compile.sdar_standin import sdar_cached_generate, tiny_sdar
 
 
@@ -34,17 +34,7 @@ def main() -> None:
     torch.set_num_threads(2)
     warnings.simplefilter("ignore")  # the uniform layer budgets' notice; transformers' renames
     gen, block = 256, 32
-    model = tiny_sdar(
-        layers=2,
-        hidden=512,
-        heads=4,
-        kv_heads=1,
-        vocab=1024,
-        max_positions=max(args.prompt_lens) + gen + block,
-    )
-    model.config.mask_token_id = MASK_ID
-    with torch.no_grad():
-        model.get_output_embeddings().weight[MASK_ID] = 0
+    model = build_model(2, 512, 1024, max(args.prompt_lens) + gen + block, factory=tiny_sdar)
     kwargs = dict(gen_length=gen, block_length=block, steps=args.steps, mask_id=MASK_ID)
     compiled = torch.compile(model, dynamic=True)  # the strongest baseline: warmed like the rest
     rows = []

@@ -138,7 +138,7 @@ def test_an_unpadded_block_mask_is_read_fast_as_the_general_reading_does(seed):
 
 @pytest.mark.parametrize("seed", range(16))
 def test_a_grid_mask_is_read_in_one_pass_and_any_changed_entry_falls_through(seed, monkeypatch):
-    """The one-pass reading of a block mask on a uniform grid from 0 (``_grid_block_ends``) gives
+    """The one-pass reading of a block mask on a uniform grid from 0 (``grid_block_ends``) gives
     the general reading's block ends, in every spelling, dtype, batch and chunking; any entry
     changed off the grid (a key opened or closed, a bias that is neither 0 nor blocking, a NaN)
     makes it answer None, so the general reading decides (and refuses what it refuses)."""
@@ -153,9 +153,9 @@ def test_a_grid_mask_is_read_in_one_pass_and_any_changed_entry_falls_through(see
     mask = block_causal_mask(seq, block, kind=kind, dtype=dtype).expand(batch, 1, seq, seq)
     if rng.random() < 0.5:
         mask = mask.clone()
-    fast = masks._grid_block_ends(mask)
+    fast = masks.grid_block_ends(mask)
     with monkeypatch.context() as general:
-        general.setattr(masks, "_grid_block_ends", lambda mask: None)
+        general.setattr(masks, "grid_block_ends", lambda mask: None)
         expected = read_mask("m", mask, batch, seq)[1]
     if block >= seq:  # one block: left to the general reading
         assert fast is None
@@ -169,10 +169,10 @@ def test_a_grid_mask_is_read_in_one_pass_and_any_changed_entry_falls_through(see
         changed[row, 0, i, j] = not opened
     else:
         changed[row, 0, i, j] = rng.choice([float("nan"), -5.0, 1.0] + ([] if opened else [0.0]))
-    assert masks._grid_block_ends(changed) is None
+    assert masks.grid_block_ends(changed) is None
     if kind == "additive" and not opened:  # another blocking value: the same grid
         changed[row, 0, i, j] = -1e9
-        assert torch.equal(masks._grid_block_ends(changed), expected)
+        assert torch.equal(masks.grid_block_ends(changed), expected)
 
 
 @pytest.mark.parametrize(
