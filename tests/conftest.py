@@ -26,9 +26,12 @@ _CONFIGS = (torch._dynamo.config, torch._inductor.config, torch._functorch.confi
 
 
 @pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    """Each test compiles from scratch: no dynamo cache entries carried between tests."""
-    torch._dynamo.reset()
+def _fresh_dynamo(request):
+    """Each test compiles from scratch: no dynamo cache entries carried between tests. A test
+    marked ``shares_dynamo`` keeps them: its cases reuse one module-scoped optimized model, whose
+    compiled frames a reset would throw away (each case still starts from an empty runtime)."""
+    if request.node.get_closest_marker("shares_dynamo") is None:
+        torch._dynamo.reset()
     yield
 
 

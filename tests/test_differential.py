@@ -64,13 +64,6 @@ _models: dict = {}  # (family, attn) -> model
 _optimized: dict = {}  # (family, attn, budget) -> its optimized form
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    """Overrides conftest's per-test dynamo reset: the cases share their optimized models
-    (each case still starts from an empty runtime)."""
-    yield
-
-
 def optimized_for(family, attn, budget):
     """The (family, attn) model, built once, and its optimized form at ``budget``: the budgets
     of one model share its trace (``optimize`` traces a model once), as a user's would."""
@@ -99,6 +92,7 @@ def commit_one(x, logits_rows, response, mask_id):
         x[b, masked[pick]] = token[pick]
 
 
+@pytest.mark.shares_dynamo
 @pytest.mark.parametrize("seed", range(CASES))
 def test_case_against_reference(seed):
     family, attn, budget, layout, x, valid, _ = make_case(seed)

@@ -39,6 +39,7 @@ def pair():
     return model, maskkv_compile.optimize(model, budget=10**6, backend="eager")
 
 
+@pytest.mark.shares_dynamo
 @pytest.mark.parametrize("seed", range(12))
 def test_full_budget_gives_the_plain_loops_tokens_on_the_cached_path(pair, seed):
     model, optimized = pair

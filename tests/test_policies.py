@@ -29,10 +29,17 @@ def policy_with(name, **options):
     return policy
 
 
+@pytest.fixture(scope="module")
+def three_layers():
+    """family -> its 3-layer model, built once for the module (the policies share its trace)."""
+    return {family: build(family, layers=3) for family in ("llada", "dream")}
+
+
+@pytest.mark.shares_dynamo
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 @pytest.mark.parametrize("family", ["llada", "dream"])
-def test_policy_keeps_what_its_reference_keeps(policy, family):
-    model = build(family, layers=3)
+def test_policy_keeps_what_its_reference_keeps(policy, family, three_layers):
+    model = three_layers[family]
     _, x = prompt_and_masks(model, prompt_len=40, gen_len=8)
     resp = torch.arange(40, 48)
     profile = profile_for(model, [0.05, 0.3, 0.2])
@@ -53,9 +60,15 @@ def test_policy_keeps_what_its_reference_keeps(policy, family):
     )
 
 
+@pytest.fixture(scope="module")
+def dream3():
+    return build("dream", layers=3, dtype=torch.float64)
+
+
+@pytest.mark.shares_dynamo
 @pytest.mark.parametrize("policy", sorted(POLICIES))
-def test_budget_at_least_prompt_is_exact_for_every_policy(policy):
-    model = build("dream", layers=3, dtype=torch.float64)
+def test_budget_at_least_prompt_is_exact_for_every_policy(policy, dream3):
+    model = dream3
     prompt, _ = prompt_and_masks(model, prompt_len=12, gen_len=8)
     kwargs = dict(gen_length=8, steps=8, block_length=8)
     profile = profile_for(model, [0.05, 0.3, 0.2])

@@ -434,9 +434,15 @@ def test_host_second_tier_runs_the_same_revotes():
     assert host_stats["second_tier"]["bytes"] == stats["second_tier"]["bytes"] > 0
 
 
+@pytest.fixture(scope="module")
+def dream():
+    return build("dream")
+
+
+@pytest.mark.shares_dynamo
 @pytest.mark.parametrize("policy", sorted(POLICIES))
-def test_every_policy_revotes_under_its_budgets(policy):
-    model = build("dream")
+def test_every_policy_revotes_under_its_budgets(policy, dream):
+    model = dream
     mask = model.config.mask_token_id
     _, x = prompt_and_masks(model, 24, 4)
     with pytest.warns(UserWarning) if get_policy(policy).needs_profile else _nothing():
