@@ -10,7 +10,10 @@ on the growing window [prompt ; finished blocks ; current block] with a block-ca
 4. the same loop with Fast-dLLM v2's token shift (a position's logits one row earlier) on a
    Qwen2, optimized with ``family="dream"``;
 5. SDAR's released loop, which keeps its own KV cache and sends only the block, with
-   ``store_kv=`` saying which calls store (``maskkv_compile.sdar_standin``; ``kv_loop.py``).
+   ``store_kv=`` saying which calls store (``maskkv_compile.sdar_standin``; ``kv_loop.py``);
+6. Fast-dLLM v2's released loop (``batch_sample`` without its block cache): its own cache too,
+   ``update_past_key_values=`` on the prefill and commits, the prefill's and each commit's last
+   row read as the next block's first token (``maskkv_compile.fastdllm_standin``).
 
 At a budget above the prompt each equals the plain model token for token; at a small budget the
 prefix cache keeps the entries the block's mask tokens voted for, and each new block's votes
@@ -21,6 +24,7 @@ import torch
 
 import maskkv_compile
 from maskkv_compile.bench_block import block_generate, build_model
+from maskkv_compile.fastdllm_standin import fastdllm_cached_generate, tiny_fastdllm
 from maskkv_compile.llada2_standin import tiny_llada2
 from maskkv_compile.sdar_standin import sdar_cached_generate, tiny_sdar
 from maskkv_compile.tiny_models import tiny_dream
@@ -106,5 +110,23 @@ same = torch.equal(
 print("5. SDAR's cached loop == plain model:", same, "|", exact.cache_stats()["transitions"])
 evicting = maskkv_compile.optimize(sdar, budget=32, backend="eager")
 out = sdar_cached_generate(evicting, long_prompt, **cached)
+kept = evicting.cache_stats()["layers"][0]["kept_per_kv_head"]
+print("   at budget 32: layer 0 keeps", kept, "per KV head | masks left:", int((out == MASK).sum()))
+
+# 6. Fast-dLLM v2's released loop: its own cache, update_past_key_values= on prefill and commits
+fast = tiny_fastdllm()
+with torch.no_grad():
+    fast.lm_head.weight[MASK] = 0
+loop = dict(block_size=16, max_new_tokens=32, small_block_size=8, mask_id=MASK)
+exact = maskkv_compile.optimize(fast, budget=1024, backend="eager", family="dream")
+same = torch.equal(
+    fastdllm_cached_generate(exact, long_prompt, **loop),
+    fastdllm_cached_generate(fast, long_prompt, **loop),
+)
+print(
+    "6. Fast-dLLM v2's cached loop == plain model:", same, "|", exact.cache_stats()["transitions"]
+)
+evicting = maskkv_compile.optimize(fast, budget=32, backend="eager", family="dream")
+out = fastdllm_cached_generate(evicting, long_prompt, **loop)
 kept = evicting.cache_stats()["layers"][0]["kept_per_kv_head"]
 print("   at budget 32: layer 0 keeps", kept, "per KV head | masks left:", int((out == MASK).sum()))

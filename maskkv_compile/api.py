@@ -21,7 +21,7 @@ from maskkv_compile._torch_private import (
 from maskkv_compile.backend import MaskKVBackend
 from maskkv_compile.config import MaskKVConfig, MaskKVConfigError, resolve
 from maskkv_compile.dual_cache import generation_block_length
-from maskkv_compile.kv_loop import STORE_FLAG, KVLoop
+from maskkv_compile.kv_loop import KVLoop, protocol_of
 from maskkv_compile.mask_rule import grid_ends, probe_block_length
 from maskkv_compile.masks import MaskReader
 from maskkv_compile.passes import UnsupportedModelError
@@ -45,9 +45,8 @@ _REFUSED = {
     "Call it on the whole sequence each step (LLaDA, Dream), or for block diffusion on the window "
     "[prompt ; finished blocks ; current block] with its block-causal mask, as LLaDA2's generate "
     "and diffusers' LLaDA2Pipeline do. A loop that keeps its own cache and says which calls "
-    "store (SDAR's block_diffusion_generate, store_kv=) runs as it is (kv_loop.py); others "
-    "(Fast-dLLM v2's batch_sample, update_past_key_values=) need that change (README.md, "
-    "'Block diffusion')",
+    "store runs as it is (kv_loop.py): SDAR's block_diffusion_generate (store_kv=) and "
+    "Fast-dLLM v2's batch_sample (update_past_key_values=)",
 }
 
 # Every model class's forward is one code object (transformers wraps every model's forward in
@@ -170,9 +169,11 @@ class MaskKVModel(torch.nn.Module):
                 f"arguments, got {1 + len(args)}"
             )
         kwargs.update(zip(named, args))
-        kv_loop = kwargs.get("past_key_values") is not None and STORE_FLAG in kwargs
+        kv_loop = protocol_of(kwargs)
         for name, why in _REFUSED.items():
-            if kwargs.get(name) is not None and not (kv_loop and name == "past_key_values"):
+            if kwargs.get(name) is not None and not (
+                kv_loop is not None and name == "past_key_values"
+            ):
                 raise ValueError(f"{name}= is not supported by a MaskKV model: {why}")
         keep = kwargs.pop("logits_to_keep", 0)
         if not (isinstance(keep, int) and keep == 0):
@@ -182,9 +183,9 @@ class MaskKVModel(torch.nn.Module):
                 "maskkv_compile.response_logits_only() to get only those, or "
                 "leave logits_to_keep at 0"
             )
-        if kv_loop:  # a loop that keeps its own cache (SDAR's): its calls as windows
+        if kv_loop is not None:  # a loop that keeps its own cache: its calls as windows
             return self._kv_loop(
-                input_ids, kwargs, lambda ids, kw, ends: self._run(ids, kw, None, ends)
+                input_ids, kwargs, lambda ids, kw, ends: self._run(ids, kw, None, ends), kv_loop
             )
         two_d = isinstance(kwargs.get("attention_mask"), torch.Tensor) and (
             kwargs["attention_mask"].dim() == 2

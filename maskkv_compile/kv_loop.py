@@ -1,33 +1,43 @@
-"""Block loops that keep their own KV cache (SDAR's released ``block_diffusion_generate``).
+"""Block loops that keep their own KV cache (SDAR's ``block_diffusion_generate``, Fast-dLLM v2's
+``batch_sample``).
 
 Such a loop sends the model only the new tokens and a cache object, with a flag saying whether
-the call's K/V are to be stored:
+the call's K/V are to be stored (SDAR: ``store_kv``; Fast-dLLM v2: ``update_past_key_values``):
 
-* a prefill, ``store_kv=True``, of the prompt's whole blocks at positions ``[0, P)``;
-* per block, refinement calls, ``store_kv=False``, of the block at ``[P, P + b)`` (all its
-  rows see every stored key and the whole block);
-* a commit, ``store_kv=True``, of the finished block, after which the cache holds ``P + b``.
+* a prefill, flag set, of the prompt's whole blocks at positions ``[0, P)``;
+* per block, refinement calls, flag unset, of the block at ``[P, P + b)`` (all its rows see
+  every stored key and the whole block);
+* a commit, flag set, of the finished block, after which the cache holds ``P + b``.
 
 Each call stands for the window [everything stored in this cache ; the call's tokens] with the
 block-causal mask of blocks of ``b`` on the grid from 0 (what the loop's masks slice), which is
 what MaskKV's block runtime routes (``routing.py``). :class:`KVLoop` keeps, per cache object of
-the loop (weakly), the tokens stored so far, and turns each call into that window call:
+the loop (weakly), the tokens stored so far, and turns each call into that window call. The two
+loops differ in what they read of the prefill and in who makes the cache object
+(:class:`Protocol`):
 
-* a prefill stores its tokens and computes nothing: it returns zero logits (a stride-0 view, no
-  memory), as a MaskKV model returns for every prompt row (the drop-in contract), and the first
+* SDAR reads nothing of its prefill: the prefill stores its tokens and computes nothing (zero
+  logits, a stride-0 view, as a MaskKV model returns for every prompt row), and the first
   refinement call prefills the whole window, where the block's mask tokens vote;
-* a refinement call or a commit runs the window and returns the logits of the call's rows
-  (a commit is a step on the finished block: its rows' real logits);
-* a commit then appends its tokens to what the cache holds.
+* Fast-dLLM v2 reads its prefill's last row (the next block's first token, a token-shift
+  model: row i predicts token i + 1), and passes no cache until the model returns one. Its
+  prefill runs as the window [prompt ; one block of mask tokens]: the block's mask queries vote
+  over the prompt there (its tokens are not known yet, so all of them vote), the prompt's last
+  row is computed (the row before the block, which a shifted family reads), and the refinement
+  calls that follow continue that window. The model returns a :class:`LoopCache` in
+  ``past_key_values`` for the loop to pass back.
 
-The loop's cache object is never written: MaskKV holds the K/V, and the object stays empty.
+Either way, a refinement call or a commit runs the window and returns the logits of the call's
+rows (a commit is a step on the finished block: its rows' real logits), and a commit then
+appends its tokens to what the cache holds. The loop's cache object is never written: MaskKV
+holds the K/V, and the object stays empty.
 
 Invariants, each checked with an error naming what was seen: the call's positions continue what
 the cache holds (a cache is one generation); the block length is the first refinement call's
-length, the prefill's mask (whole blocks) shows the same, and every later call is one block of
-that grid; a call with ``store_kv=True`` holds no mask token;
-the call's mask, when given, is what the window's block-causal mask gives its rows (all keys for
-a refinement call or commit, a block-causal mask for a prefill), as bool or 1/0 (1 = attend).
+length, the prefill's mask (whole blocks) or ``block_size`` shows the same, and every later call
+is one block of that grid; a call with the flag set holds no mask token; the call's mask, when
+given, is what the window's block-causal mask gives its rows (all keys for a refinement call or
+commit, a block-causal mask for a prefill), as bool or 1/0 (1 = attend).
 """
 
 from __future__ import annotations
@@ -42,6 +52,46 @@ from maskkv_compile.mask_rule import grid_ends
 from maskkv_compile.masks import grid_block_ends
 
 STORE_FLAG = "store_kv"  # SDAR's flag: store this call's K/V in the cache
+UPDATE_FLAG = "update_past_key_values"  # Fast-dLLM v2's
+# Fast-dLLM v2's block cache (its small-block calls rewrite a per-block K/V buffer in place)
+BLOCK_CACHE_KWARGS = ("use_block_cache", "block_past_key_values", "replace_position")
+# the block length Fast-dLLM v2's model gives a call that passes no ``block_size`` (its
+# refinement calls): their mask is block-causal on this grid
+FAST_DLLM_DEFAULT_BLOCK = 32
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a loop that keeps its own cache calls the model (module docstring)."""
+
+    flag: str  # the keyword that says "store this call's K/V"
+    reads_prefill: bool  # the prefill's logits are read: it runs as [prompt ; a mask block]
+    makes_cache: bool  # the model makes the cache object (the loop passes None until then)
+
+
+SDAR = Protocol(STORE_FLAG, reads_prefill=False, makes_cache=False)
+FAST_DLLM = Protocol(UPDATE_FLAG, reads_prefill=True, makes_cache=True)
+
+
+def protocol_of(kwargs: dict) -> Optional[Protocol]:
+    """The cached-loop protocol a call's keywords show, or None for an ordinary call."""
+    if UPDATE_FLAG in kwargs:
+        return FAST_DLLM
+    if STORE_FLAG in kwargs and kwargs.get("past_key_values") is not None:
+        return SDAR
+    return None
+
+
+class LoopCache:
+    """The cache object a MaskKV model returns to a loop that lets the model make it (Fast-dLLM
+    v2): a handle the loop passes back. MaskKV holds the K/V; ``get_seq_length()`` is the
+    number of tokens the loop has stored, as a transformers ``Cache`` reports it."""
+
+    def __init__(self):
+        self.stored = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.stored
 
 
 @dataclass
@@ -80,26 +130,39 @@ class KVLoop:
         input_ids: torch.Tensor,
         kwargs: dict,
         run: Callable[[torch.Tensor, dict, torch.Tensor], object],
+        protocol: Protocol = SDAR,
     ):
         """The call, routed as its window: ``run(window_ids, kwargs, key_end)`` runs the model
         on the window (block ends ``key_end``, no padding) and returns its output."""
-        cache = kwargs.pop("past_key_values")
-        store = bool(kwargs.pop(STORE_FLAG))
+        cache = kwargs.pop("past_key_values", None)
+        store = bool(kwargs.pop(protocol.flag, False))
         kwargs.pop("use_cache", None)
         mask = kwargs.pop("attention_mask", None)
         positions = kwargs.pop("position_ids", None)
-        try:
-            stored = self._stored.setdefault(
-                cache, _Stored(input_ids.new_empty((len(input_ids), 0)))
-            )
-        except TypeError:
-            raise ValueError(
-                f"past_key_values of type {type(cache).__name__} cannot be tracked (no weak "
-                "reference): pass a transformers Cache object, one per generation"
-            ) from None
+        block_size = kwargs.pop("block_size", None) if protocol.makes_cache else None
+        for name in BLOCK_CACHE_KWARGS if protocol.makes_cache else ():
+            if kwargs.pop(name, None) not in (None, False):
+                raise ValueError(
+                    f"{name}= is not supported by a MaskKV model: Fast-dLLM v2's block cache "
+                    "rewrites a per-block K/V buffer in place at its small-block calls; run "
+                    "batch_sample with use_block_cache=False (each refinement call then sends "
+                    "the whole block, which MaskKV computes against its kept prefix)"
+                )
+        if cache is None and store:  # the model makes the loop's cache (Fast-dLLM v2)
+            cache = LoopCache()
         batch, n = input_ids.shape
+        if cache is None:  # a read call before anything is stored: the call alone
+            stored = _Stored(input_ids.new_empty((batch, 0)))
+        else:
+            try:
+                stored = self._stored.setdefault(cache, _Stored(input_ids.new_empty((batch, 0))))
+            except TypeError:
+                raise ValueError(
+                    f"past_key_values of type {type(cache).__name__} cannot be tracked (no weak "
+                    "reference): pass a transformers Cache object, one per generation"
+                ) from None
         start = stored.tokens.shape[1]
-        where = f"{STORE_FLAG}={store} call at positions [{start}, {start + n})"
+        where = f"{protocol.flag}={store} call at positions [{start}, {start + n})"
         if stored.tokens.shape[0] != batch:
             raise ValueError(
                 f"{where}: batch {batch}, but this cache holds {stored.tokens.shape[0]} rows; "
@@ -117,14 +180,16 @@ class KVLoop:
                 )
         if store and bool((input_ids == self.mask_token_id).any()):
             raise ValueError(
-                f"{where}: {STORE_FLAG}=True with the mask token {self.mask_token_id} among the "
-                "tokens; a loop stores only prompt tokens and finished blocks"
+                f"{where}: {protocol.flag}=True with the mask token {self.mask_token_id} among "
+                "the tokens; a loop stores only prompt tokens and finished blocks"
             )
         window = torch.cat([stored.tokens.to(input_ids.device), input_ids], dim=1)  # (B, P + n)
-        if store and stored.block is None:  # the prefill: stored, computed at the first step
+        if store and stored.block is None:  # the prefill
+            if protocol.reads_prefill:
+                return self._prefill_window(input_ids, kwargs, run, stored, cache, block_size)
             if mask is not None:
                 stored.prefill_block = _prefill_block(_allowed(mask), where)
-            stored.tokens = window
+            stored.tokens = window  # computed at the first step
             vocab, dtype = self.logits_like()
             zeros = torch.zeros((), dtype=dtype, device=input_ids.device)
             return _Output(zeros.expand(batch, n, vocab))  # (B, n, V), no memory
@@ -143,21 +208,66 @@ class KVLoop:
                 f"{where}: the call's attention_mask {tuple(mask.shape)} hides some keys; the "
                 "current block's rows see every stored key and the whole block"
             )
+        if protocol.makes_cache:
+            _check_block_size(block_size, block, where)
         ends = grid_ends(start + n, block, input_ids.device)
         positions = torch.arange(start + n, device=input_ids.device).expand(batch, -1)
         out = run(window, {**kwargs, "position_ids": positions}, ends)
         if store:
             stored.tokens = window
-        if out["logits"].shape[1] != start + n:
+        return self._call_rows(out, start, n, where, cache, protocol, stored)
+
+    def _prefill_window(self, input_ids, kwargs, run, stored, cache, block_size):
+        """Fast-dLLM v2's prefill: the window [prompt ; one block of mask tokens], whose mask
+        queries vote; the prompt rows' logits are returned (its last row is computed: a shifted
+        family reads the row before the block)."""
+        batch, n = input_ids.shape
+        block = FAST_DLLM_DEFAULT_BLOCK if block_size is None else int(block_size)
+        where = f"{UPDATE_FLAG}=True prefill of positions [0, {n})"
+        if block < 2 or n % block:
+            raise ValueError(
+                f"{where}: a prefill is the prompt's whole blocks, but block_size={block} does "
+                f"not divide its {n} tokens"
+            )
+        stored.block = stored.prefill_block = block
+        masks = input_ids.new_full((batch, block), self.mask_token_id)
+        window = torch.cat([input_ids, masks], dim=1)  # (B, n + block)
+        ends = grid_ends(n + block, block, input_ids.device)
+        positions = torch.arange(n + block, device=input_ids.device).expand(batch, -1)
+        out = run(window, {**kwargs, "position_ids": positions}, ends)
+        stored.tokens = input_ids
+        return self._call_rows(out, 0, n, where, cache, FAST_DLLM, stored)
+
+    @staticmethod
+    def _call_rows(out, start, n, where, cache, protocol, stored):
+        """The window's output with the logits of the call's rows [start, start + n) only, and
+        the loop's cache object in ``past_key_values``."""
+        if out["logits"].shape[1] < start + n:
             raise ValueError(
                 f"{where}: the window's logits are {tuple(out['logits'].shape)}, not one row per "
                 "position (response_logits_only() is not supported for a loop that keeps its "
                 "own cache: it reads the call's rows)"
             )
-        out["logits"] = out["logits"][:, start:]  # (B, n, V): the call's rows
-        if "past_key_values" in out or hasattr(out, "past_key_values"):
+        out["logits"] = out["logits"][:, start : start + n]  # (B, n, V): the call's rows
+        if isinstance(cache, LoopCache):
+            cache.stored = stored.tokens.shape[1]
+        if protocol.makes_cache or "past_key_values" in out or hasattr(out, "past_key_values"):
             out["past_key_values"] = cache
         return out
+
+
+def _check_block_size(given, block: int, where: str) -> None:
+    """Fast-dLLM v2's model makes each call's mask from its ``block_size`` keyword (a commit
+    passes the loop's; a refinement call passes none, and gets blocks of 32): the window's
+    mask is the one it makes only when that grid puts the call's rows in one block."""
+    grid = FAST_DLLM_DEFAULT_BLOCK if given is None else int(given)
+    if grid % block:
+        raise ValueError(
+            f"{where}: the loop's blocks are {block} long, but the model makes this call's mask "
+            f"on blocks of {grid} (block_size={given}; a refinement call passes none, and gets "
+            f"{FAST_DLLM_DEFAULT_BLOCK}), which would hide part of the block from its rows; use "
+            f"a block length that divides {FAST_DLLM_DEFAULT_BLOCK}"
+        )
 
 
 def _prefill_block(allowed: torch.Tensor, where: str) -> int:

@@ -54,7 +54,14 @@ def test_block_diffusion_example(script):
     # masks (2 refinement calls), the others 16 masks (4 each); each window's first call is the
     # new / an extend, every other call a step, the three commits too: 2 + 4 + 4
     assert "5. SDAR's cached loop == plain model: True | {'new': 1, 'step': 10, 'extend': 2}" in out
-    assert "at budget 32: layer 0 keeps [32, 32] per KV head | masks left: 0" in out
+    assert out.count("at budget 32: layer 0 keeps [32, 32] per KV head | masks left: 0") == 2
+    # the prefill (192 tokens) is the new: its window [prompt ; 16 masks] is continued by the
+    # first block's calls (the prompt's last 8 tokens and 8 masks; then its commit), the next
+    # block extends it; greedy above 0.95 commits about one token a call
+    assert (
+        "6. Fast-dLLM v2's cached loop == plain model: True | {'new': 1, 'step': 24, 'extend': 1}"
+        in out
+    )
 
 
 def test_diffusion_gemma_example(script):

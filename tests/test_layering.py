@@ -31,6 +31,7 @@ TOOLS = (
     "maskkv_compile.tiny_models",
     "maskkv_compile.llada2_standin",
     "maskkv_compile.sdar_standin",
+    "maskkv_compile.fastdllm_standin",
 )
 
 

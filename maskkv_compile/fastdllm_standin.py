@@ -1,0 +1,168 @@
+"""A small Fast-dLLM-v2-style block-diffusion model and the model calls of its released cached
+loop, ``batch_sample`` (random weights): what the tests run MaskKV's cached-loop protocol
+(``kv_loop.py``) against, as ``sdar_standin`` does for SDAR.
+
+Written from reading Fast-dLLM v2's released model file and sampler (``docs/kv_loops.md``,
+section 2; read, not copied). Fast-dLLM v2 is a Qwen2.5 with a token shift (row i predicts
+token i + 1) whose forward makes its own mask and positions from the cache's length:
+
+* :func:`tiny_fastdllm`: ``tiny_dream`` (a bidirectional Qwen2, same weights) whose
+  ``forward(input_ids, past_key_values=None, use_cache=..., update_past_key_values=False,
+  block_size=32)`` puts the call at positions ``[P, P + n)`` after the ``P`` tokens its cache
+  holds, masks it block-causally on the grid of ``block_size`` (a query sees a key when the
+  key's block is not after its own), makes a ``DynamicCache`` when given none with
+  ``use_cache``, and stores the call's K/V only with ``update_past_key_values=True`` (else the
+  cache is cropped back after the call). Any ``attention_mask`` passed is replaced, as the
+  released model does in eval. Its block cache (``use_block_cache``) is not modelled.
+* :func:`fastdllm_cached_generate`: the loop's model calls, greedy, without the block cache.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from maskkv_compile.tiny_models import tiny_dream
+
+DEFAULT_BLOCK = 32  # the released forward's ``block_size`` default
+
+
+def tiny_fastdllm(**options):
+    """``tiny_dream(**options)`` with Fast-dLLM v2's cache protocol (module docstring)."""
+    from transformers import DynamicCache, Qwen2ForCausalLM
+
+    class FastDllmStyleQwen2(Qwen2ForCausalLM):
+        def forward(
+            self,
+            input_ids=None,
+            attention_mask=None,
+            position_ids=None,
+            past_key_values=None,
+            use_cache=None,
+            update_past_key_values=False,
+            block_size=DEFAULT_BLOCK,
+            **kwargs,
+        ):
+            if use_cache and past_key_values is None:
+                past_key_values = DynamicCache(config=self.config)
+            held = 0 if past_key_values is None else past_key_values.get_seq_length()
+            n = input_ids.shape[1]
+            device = input_ids.device
+            query = torch.arange(held, held + n, device=device)  # (n,) positions
+            key = torch.arange(held + n, device=device)  # (P + n,)
+            allowed = (key[None, :] // block_size) <= (query[:, None] // block_size)
+            if position_ids is None:
+                position_ids = query[None]
+            out = super().forward(
+                input_ids=input_ids,
+                attention_mask=allowed[None, None],  # (1, 1, n, P + n), True = attend
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
+            grown = 0 if past_key_values is None else past_key_values.get_seq_length() - held
+            if grown and not update_past_key_values:
+                past_key_values.crop(-grown)  # transformers 5: a negative count drops the last
+            return out
+
+    base = tiny_dream(**options)
+    model = FastDllmStyleQwen2(base.config).to(base.dtype)
+    model.load_state_dict(base.state_dict())
+    return model.eval()
+
+
+@torch.no_grad()
+def fastdllm_cached_generate(
+    model,
+    prompt: torch.Tensor,
+    *,
+    block_size: int,
+    max_new_tokens: int,
+    small_block_size: int,
+    mask_id: int,
+    threshold: float = 0.95,
+    stop_token: Optional[int] = None,
+    pad_id: int = 0,
+    call: Optional[Callable] = None,
+) -> torch.Tensor:
+    """Fast-dLLM v2's ``batch_sample`` without its block cache, greedy, for prompts of one
+    length; returns the canvas ``[B, T]`` (the prompt, then every block it decoded).
+
+    The prompt's whole blocks are prefilled (only when the prompt is longer than a block, as
+    released) with ``update_past_key_values=True``, and when the prompt fills its last block,
+    the prefill's last row gives the next block's first token. Per block: the canvas is filled
+    with the mask token to the block's end; the block's small blocks are decoded in order, each
+    by calls of the whole block (``update_past_key_values=False``, no ``block_size``) whose
+    logits are shifted one row (row j - 1 for position j; position 0 takes row 0), committing
+    every masked position of the small block above ``threshold`` and the most confident one;
+    the finished block is sent again with ``update_past_key_values=True`` and its last row
+    gives the next block's first token. A row that commits ``stop_token`` is finished: its later
+    blocks are ``pad_id``; the loop ends when every row is. Unlike the released loop, finished
+    rows stay in the batch (it slices them out of the cache's ``key_cache`` lists, which
+    transformers 5's ``DynamicCache`` no longer has); the other rows' tokens are the same.
+    ``call`` (default ``model``) is what the loop calls."""
+    if block_size % small_block_size:
+        raise ValueError(f"small_block_size {small_block_size} must divide {block_size}")
+    call = call if call is not None else model
+    batch, p = prompt.shape
+    x = prompt.clone()
+    cache = None
+    if p > block_size:
+        out = call(
+            input_ids=x[:, : p // block_size * block_size],
+            use_cache=True,
+            update_past_key_values=True,
+            block_size=block_size,
+        )
+        cache = out.past_key_values
+        if p % block_size == 0:
+            x = torch.cat([x, out.logits[:, -1:].argmax(-1)], dim=1)
+    finished = torch.zeros(batch, dtype=torch.bool, device=x.device)
+    rows = torch.arange(batch, device=x.device)
+    for b in range(p // block_size, max_new_tokens // block_size + p // block_size):
+        if bool(finished.all()):
+            break
+        end = (b + 1) * block_size
+        fill = x.new_full((batch, end - x.shape[1]), mask_id)
+        x = torch.cat([x, fill], dim=1)  # (B, end): the block's known tokens, then masks
+        x[finished, -block_size:] = pad_id
+        while True:
+            block = x[:, -block_size:]  # a view: commits write the canvas
+            if not bool((block == mask_id).any()):
+                out = call(
+                    input_ids=block,
+                    use_cache=True,
+                    past_key_values=cache,
+                    update_past_key_values=True,
+                    block_size=block_size,
+                )
+                cache = out.past_key_values
+                token = out.logits[:, -1:].argmax(-1)  # (B, 1): the next block's first token
+                x = torch.cat([x, token.masked_fill(finished[:, None], pad_id)], dim=1)
+                break
+            for lo in range(0, block_size, small_block_size):
+                hi = lo + small_block_size
+                while True:
+                    masked = block[:, lo:hi] == mask_id  # (B, sbs)
+                    if not bool(masked.any()):
+                        break
+                    logits = call(
+                        input_ids=block,
+                        use_cache=True,
+                        past_key_values=cache,
+                        update_past_key_values=False,
+                    ).logits
+                    logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)[:, lo:hi]
+                    confidence, token = logits.float().softmax(-1).max(-1)  # (B, sbs)
+                    confidence = confidence.masked_fill(~masked, -torch.inf)
+                    commit = confidence > threshold
+                    commit[rows, confidence.argmax(-1)] = True
+                    commit &= masked
+                    block[:, lo:hi][commit] = token[commit]
+                    if stop_token is not None:
+                        finished |= ((token == stop_token) & commit).any(-1)
+            if bool(finished.all()):
+                break
+    return x

@@ -1,0 +1,225 @@
+"""Issue 23: Fast-dLLM v2's released cached loop (``batch_sample``, without its block cache),
+run unmodified on a MaskKV model (``kv_loop.py``'s ``FAST_DLLM`` protocol).
+
+* exactness: at a budget above the window, the tokens equal the same loop on the plain model
+  (with its real cache), in float64, over seeded cases (blocks 4-32, small blocks, prompts
+  shorter than a block, of one block and not multiples of it, batch 1-2, thresholds), and the
+  path that ran is the cached one (one ``new``, an ``extend`` for each later block);
+* the prefill returns the plain model's last row and a cache handle the loop passes back;
+* eviction: every refinement call's logits are finite and the cache stays within the budget;
+* seeded sequences of generations with resets and weight changes mixed in leak nothing;
+* calls off the protocol (the block cache, blocks the model's mask would cut) are refused.
+"""
+
+import random
+
+import pytest
+import torch
+
+import maskkv_compile
+from maskkv_compile.fastdllm_standin import fastdllm_cached_generate, tiny_fastdllm
+from maskkv_compile.kv_loop import LoopCache
+
+MASK = 255
+
+
+def _model(dtype=torch.float64):
+    model = tiny_fastdllm(dtype=dtype)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[MASK] = 0  # a trained dLLM never predicts the mask
+    return model
+
+
+def _optimize(model, budget):
+    # Fast-dLLM v2 reads logits one row early: the shifted family (LLaDA's reads them in place)
+    return maskkv_compile.optimize(
+        model, budget=budget, backend="eager", family="dream", mask_token_id=MASK
+    )
+
+
+def _prompt(batch, length, seed):
+    ids = torch.randint(1, MASK, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return ids.expand(batch, -1).clone()  # prompts of one length, as batch_sample's batches
+
+
+class _Calls:
+    """The loop's calls, logged: (stores, cache given) of each."""
+
+    def __init__(self, target):
+        self.target, self.log = target, []
+
+    def __call__(self, **kwargs):
+        self.log.append(
+            (bool(kwargs.get("update_past_key_values")), kwargs.get("past_key_values") is not None)
+        )
+        return self.target(**kwargs)
+
+    def cached_read_runs(self) -> int:
+        """Runs of consecutive refinement calls on a cache: one per block decoded on it."""
+        runs, before = 0, None
+        for stores, cached in self.log:
+            if not stores and cached and before != (False, True):
+                runs += 1
+            before = (stores, cached)
+        return runs
+
+
+@pytest.fixture(scope="module")
+def pair():
+    model = _model()
+    return model, _optimize(model, 10**6)
+
+
+@pytest.mark.shares_dynamo
+@pytest.mark.parametrize("seed", range(16))
+def test_full_budget_gives_the_plain_loops_tokens_on_the_cached_path(pair, seed):
+    model, optimized = pair
+    rng = random.Random(seed)
+    block = rng.choice([4, 8, 16, 32])
+    small = rng.choice([s for s in (2, 4, 8, block) if block % s == 0])
+    length = rng.choice([rng.randint(2, block), block, 2 * block, rng.randint(block + 1, 60)])
+    prompt = _prompt(rng.choice([1, 2]), length, seed)
+    kwargs = dict(
+        block_size=block,
+        max_new_tokens=rng.randint(1, 3) * block,
+        small_block_size=small,
+        mask_id=MASK,
+        threshold=rng.choice([0.95, 0.02]),
+    )
+    reference = fastdllm_cached_generate(model, prompt, **kwargs)
+    optimized.reset()
+    calls = _Calls(optimized)
+    got = fastdllm_cached_generate(model, prompt, call=calls, **kwargs)
+    assert torch.equal(got, reference), kwargs
+    stats = optimized.cache_stats()
+    transitions = stats["transitions"]
+    assert stats["fallbacks"] == {}
+    assert transitions.get("new", 0) == 1, transitions  # the prefill, or the first commit
+    # the first block read on a cache continues the prefill's window; every later one extends
+    assert transitions.get("extend", 0) == max(calls.cached_read_runs() - 1, 0), (
+        transitions,
+        kwargs,
+    )
+    assert stats["prompt_len"] > 0
+
+
+def test_the_prefill_returns_the_last_row_and_a_cache_the_loop_passes_back(pair):
+    model, optimized = pair
+    optimized.reset()
+    prompt = _prompt(1, 16, seed=1)
+    out = optimized(input_ids=prompt, use_cache=True, update_past_key_values=True, block_size=8)
+    cache = out.past_key_values
+    assert isinstance(cache, LoopCache) and cache.get_seq_length() == 16
+    plain = model(input_ids=prompt, use_cache=True, update_past_key_values=True, block_size=8)
+    torch.testing.assert_close(out.logits[:, -1], plain.logits[:, -1])  # the next block's first
+    assert not out.logits[:, :-1].any()  # prompt rows are not computed (the drop-in contract)
+    assert dict(optimized.cache_stats()["transitions"]) == {"new": 1}
+    block = torch.full((1, 8), MASK)
+    block[0, 0] = int(plain.logits[0, -1].argmax())
+    logits = optimized(
+        input_ids=block, use_cache=True, past_key_values=cache, update_past_key_values=False
+    ).logits
+    theirs = model(
+        input_ids=block,
+        use_cache=True,
+        past_key_values=plain.past_key_values,
+        update_past_key_values=False,
+    ).logits
+    assert dict(optimized.cache_stats()["transitions"]) == {"new": 1, "step": 1}
+    torch.testing.assert_close(logits[:, :-1], theirs[:, :-1])  # the rows the loop reads
+
+
+def test_under_eviction_every_step_has_real_logits_and_the_cache_stays_bounded():
+    model = _model(torch.float32)
+    optimized = _optimize(model, 6)
+    seen = []
+
+    def call(**kwargs):
+        out = optimized(**kwargs)
+        if not kwargs["update_past_key_values"]:
+            rows = out.logits[:, :-1]  # the rows the loop reads (shifted)
+            seen.append(bool(torch.isfinite(rows).all() and rows.abs().sum(-1).gt(0).all()))
+        return out
+
+    prompt = _prompt(1, 37, seed=2)
+    kwargs = dict(block_size=8, max_new_tokens=24, small_block_size=4, mask_id=MASK)
+    out = fastdllm_cached_generate(model, prompt, call=call, **kwargs)
+    assert out.shape[1] >= 37 + 24 - 8 and not (out == MASK).any()
+    assert seen and all(seen)
+    stats = optimized.cache_stats()
+    assert stats["transitions"]["extend"] >= 2 and stats["fallbacks"] == {}
+    for layer in stats["layers"]:
+        assert max(layer["kept_per_kv_head"]) <= 6
+
+
+def test_a_row_that_stops_ends_the_loop_as_on_the_plain_model(pair):
+    model, optimized = pair
+    optimized.reset()
+    prompt = _prompt(1, 20, seed=3)
+    kwargs = dict(block_size=8, max_new_tokens=32, small_block_size=8, mask_id=MASK)
+    free = fastdllm_cached_generate(model, prompt, **kwargs)
+    stop = int(free[0, 26])  # a token the loop commits in its second block
+    reference = fastdllm_cached_generate(model, prompt, stop_token=stop, **kwargs)
+    assert reference.shape[1] < free.shape[1]
+    assert torch.equal(
+        fastdllm_cached_generate(optimized, prompt, stop_token=stop, **kwargs), reference
+    )
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_random_sequences_of_generations_leak_nothing(seed):
+    """One optimized model drives a seeded sequence of cached-loop generations (prompts, blocks,
+    batch sizes), resets and in-place weight changes; every generation equals the plain
+    model's with the weights of the moment."""
+    rng = random.Random(seed)
+    model = _model()
+    optimized = _optimize(model, 10**6)
+    for _ in range(10):
+        action = rng.choice(["generate", "generate", "generate", "reset", "weights"])
+        if action == "reset":
+            optimized.reset()
+            continue
+        if action == "weights":
+            with torch.no_grad():
+                model.model.layers[rng.randrange(2)].mlp.up_proj.weight.mul_(1.05)
+            continue
+        block = rng.choice([4, 8])
+        prompt = _prompt(rng.choice([1, 2]), rng.randint(2, 3 * block + 1), rng.randrange(100))
+        kwargs = dict(
+            block_size=block, max_new_tokens=2 * block, small_block_size=block, mask_id=MASK
+        )
+        got = fastdllm_cached_generate(optimized, prompt, **kwargs)
+        assert torch.equal(got, fastdllm_cached_generate(model, prompt, **kwargs)), kwargs
+
+
+def test_calls_off_the_protocol_are_refused_with_what_was_seen(pair):
+    _, optimized = pair
+    optimized.reset()
+    prompt = _prompt(1, 16, seed=4)
+    with pytest.raises(ValueError, match="use_block_cache= is not supported"):
+        optimized(
+            input_ids=prompt, use_cache=True, update_past_key_values=False, use_block_cache=True
+        )
+    with pytest.raises(ValueError, match="block_size=8 does not divide its 12 tokens"):
+        optimized(
+            input_ids=prompt[:, :12], use_cache=True, update_past_key_values=True, block_size=8
+        )
+    # blocks of 64: the model's refinement calls make their mask on blocks of 32
+    long = _prompt(1, 64, seed=5)
+    cache = optimized(
+        input_ids=long, use_cache=True, update_past_key_values=True, block_size=64
+    ).past_key_values
+    with pytest.raises(ValueError, match="on blocks of 32.*divides 32"):
+        optimized(
+            input_ids=torch.full((1, 64), MASK),
+            use_cache=True,
+            past_key_values=cache,
+            update_past_key_values=False,
+        )
+    with pytest.raises(ValueError, match="mask token"):
+        optimized(
+            input_ids=torch.full((1, 8), MASK),
+            use_cache=True,
+            update_past_key_values=True,
+            block_size=8,
+        )
