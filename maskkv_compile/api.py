@@ -128,7 +128,9 @@ class MaskKVModel(torch.nn.Module):
         self._warned_block = False
         self._two_d_block = "unprobed"  # what the model makes of a 2-D mask (``_block_rule``)
         self._masks = MaskReader()  # the caller's masks, read once per mask tensor
-        self._kv_loop = KVLoop(mask_token_id, functools.partial(_logits_like, model))
+        self._kv_loop = KVLoop(
+            mask_token_id, functools.partial(_logits_like, model), config.logits_shift
+        )
         object.__setattr__(
             self, "_view", _routed_view(model, self)
         )  # not a submodule: it shares the model's state

@@ -117,8 +117,14 @@ def _allowed(mask: torch.Tensor) -> torch.Tensor:
 class KVLoop:
     """The state of every cache object a loop passes to one MaskKV model (see module doc)."""
 
-    def __init__(self, mask_token_id: int, logits_like: Callable[[], tuple[int, torch.dtype]]):
+    def __init__(
+        self,
+        mask_token_id: int,
+        logits_like: Callable[[], tuple[int, torch.dtype]],
+        logits_shift: int = 0,
+    ):
         self.mask_token_id = mask_token_id
+        self.logits_shift = logits_shift  # the family's: 1 computes the row before the block
         self.logits_like = logits_like  # () -> (vocabulary size, logits dtype) of the model
         self._stored: "weakref.WeakKeyDictionary[object, _Stored]" = weakref.WeakKeyDictionary()
 
@@ -134,6 +140,13 @@ class KVLoop:
     ):
         """The call, routed as its window: ``run(window_ids, kwargs, key_end)`` runs the model
         on the window (block ends ``key_end``, no padding) and returns its output."""
+        if protocol.reads_prefill and not self.logits_shift:
+            raise ValueError(
+                f"{protocol.flag}= (Fast-dLLM v2's batch_sample) reads the next block's first "
+                "token from the last row of its prefill and of each commit, a token-shift "
+                "model's row; this MaskKV model computes logits in place (LLaDA's family), so "
+                'that row would be zeros: optimize with family="dream"'
+            )
         cache = kwargs.pop("past_key_values", None)
         store = bool(kwargs.pop(protocol.flag, False))
         kwargs.pop("use_cache", None)

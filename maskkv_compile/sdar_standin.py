@@ -1,5 +1,5 @@
 """A small SDAR-style block-diffusion model and the model calls of SDAR's released loop (random
-weights): what the tests, the block-diffusion example and ``scripts/bench_sdar_loop.py`` run
+weights): what the tests, the block-diffusion example and ``scripts/bench_cached_loop.py`` run
 MaskKV's cached-loop protocol (``kv_loop.py``) against, as ``llada2_standin`` does for LLaDA2.
 
 Written from SDAR's released ``generate.py`` and ``modeling_sdar.py`` (read, not copied;

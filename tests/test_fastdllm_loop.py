@@ -193,9 +193,12 @@ def test_random_sequences_of_generations_leak_nothing(seed):
 
 
 def test_calls_off_the_protocol_are_refused_with_what_was_seen(pair):
-    _, optimized = pair
+    model, optimized = pair
     optimized.reset()
     prompt = _prompt(1, 16, seed=4)
+    in_place = maskkv_compile.optimize(model, budget=10**6, backend="eager", mask_token_id=MASK)
+    with pytest.raises(ValueError, match='would be zeros: optimize with family="dream"'):
+        in_place(input_ids=prompt, use_cache=True, update_past_key_values=True, block_size=8)
     with pytest.raises(ValueError, match="use_block_cache= is not supported"):
         optimized(
             input_ids=prompt, use_cache=True, update_past_key_values=False, use_block_cache=True

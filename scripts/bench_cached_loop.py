@@ -1,14 +1,18 @@
-"""SDAR's released loop (its own KV cache, ``store_kv=``), side by side in one process: on the plain
-model, where the loop's ``DynamicCache`` is already an exact prefix cache, and on MaskKV models.
+"""A block loop that keeps its own KV cache, side by side in one process: on the plain model, where
+the loop's ``DynamicCache`` is already an exact prefix cache, and on MaskKV models.
 
-The plain model runs eager and under ``torch.compile(dynamic=True)`` (the loop's cache and flag
-as they are). ``bench-block``'s shapes (a Qwen3 with head_dim 128 and four query heads per KV
-head, hidden 512, 2 layers, vocab 1024, the LM head's mask row zeroed), with SDAR's cache
-protocol (``maskkv_compile.sdar_standin``); gen 256, blocks of 32, 8 refinement steps a block.
-Each run is warmed on one generation, then timed ``--repeats`` times, the runs taking turns in
-each round; the median is reported with every timing, and the ratios against both plain runs.
-Usage: ``python scripts/bench_sdar_loop.py [--prompt-lens 1024 4096 8192] [--repeats 3]
-[--json PATH]``.
+``--loop sdar``: SDAR's released ``block_diffusion_generate`` (``store_kv=``; 8 refinement
+steps a block, ``--steps``). ``--loop fastdllm``: Fast-dLLM v2's released ``batch_sample``
+without its block cache (``update_past_key_values=``; small blocks of 8, threshold 0.95, which
+on a random-weight model commits about one token a call), MaskKV optimized with
+``family="dream"`` (its token shift). The plain model runs eager and under
+``torch.compile(dynamic=True)`` (the loop's cache and flag as they are). ``bench-block``'s
+shapes (head_dim 128, four query heads per KV head, hidden 512, 2 layers, vocab 1024, the LM
+head's mask row zeroed: a Qwen3 with SDAR's cache protocol, or a Qwen2 with Fast-dLLM v2's);
+gen 256, blocks of 32. Each run is warmed on one generation, then timed ``--repeats`` times,
+the runs taking turns in each round; the median is reported with every timing, and the ratios
+against both plain runs. Usage: ``python scripts/bench_cached_loop.py [--loop sdar|fastdllm]
+[--prompt-lens 1024 4096 8192] [--repeats 3] [--json PATH]``.
 """
 
 import argparse
@@ -21,11 +25,13 @@ import torch
 
 import maskkv_compile
 from maskkv_compile.bench_block import MASK_ID, build_model
+from maskkv_compile.fastdllm_standin import fastdllm_cached_generate, tiny_fastdllm
 from maskkv_compile.sdar_standin import sdar_cached_generate, tiny_sdar
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--loop", choices=["sdar", "fastdllm"], default="sdar")
     parser.add_argument("--prompt-lens", type=int, nargs="+", default=[1024, 4096, 8192])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
@@ -34,8 +40,15 @@ def main() -> None:
     torch.set_num_threads(2)
     warnings.simplefilter("ignore")  # the uniform layer budgets' notice; transformers' renames
     gen, block = 256, 32
-    model = build_model(2, 512, 1024, max(args.prompt_lens) + gen + block, factory=tiny_sdar)
-    kwargs = dict(gen_length=gen, block_length=block, steps=args.steps, mask_id=MASK_ID)
+    length = max(args.prompt_lens) + gen + 2 * block
+    if args.loop == "sdar":
+        model = build_model(2, 512, 1024, length, factory=tiny_sdar)
+        kwargs = dict(gen_length=gen, block_length=block, steps=args.steps, mask_id=MASK_ID)
+        generate, options = sdar_cached_generate, {}
+    else:
+        model = build_model(2, 512, 1024, length, factory=tiny_fastdllm)
+        kwargs = dict(block_size=block, max_new_tokens=gen, small_block_size=8, mask_id=MASK_ID)
+        generate, options = fastdllm_cached_generate, {"family": "dream"}
     compiled = torch.compile(model, dynamic=True)  # the strongest baseline: warmed like the rest
     rows = []
     for prompt_len in args.prompt_lens:
@@ -46,18 +59,18 @@ def main() -> None:
             ("the same, torch.compile", compiled),
         ]
         runs += [
-            (f"MaskKV {name}", maskkv_compile.optimize(model, budget=budget))
+            (f"MaskKV {name}", maskkv_compile.optimize(model, budget=budget, **options))
             for name, budget in (("prefix cache (exact)", 10**9), ("256", 256), ("64", 64))
         ]
         outputs, seconds = {}, {name: [] for name, _ in runs}
         for _, runner in runs:
-            sdar_cached_generate(runner, prompt, **kwargs)  # warm-up: compiles what it times
+            generate(runner, prompt, **kwargs)  # warm-up: compiles what it times
         for _ in range(args.repeats):
             for name, runner in runs:
                 if hasattr(runner, "reset"):
                     runner.reset()
                 start = time.perf_counter()
-                outputs[name] = sdar_cached_generate(runner, prompt, **kwargs)
+                outputs[name] = generate(runner, prompt, **kwargs)
                 seconds[name].append(time.perf_counter() - start)
         base = statistics.median_high(seconds[runs[0][0]])
         best = statistics.median_high(seconds[runs[1][0]])
