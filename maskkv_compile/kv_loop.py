@@ -97,8 +97,9 @@ class LoopCache:
 @dataclass
 class _Stored:
     tokens: torch.Tensor  # (B, P): the tokens the loop has stored in this cache, in order
-    block: Optional[int] = None  # the block length, from the first refinement call
-    prefill_block: Optional[int] = None  # the block length the prefill's mask showed
+    block: Optional[int] = None  # the block length: the first refinement call's (SDAR) or
+    # the prefill's block_size (Fast-dLLM v2)
+    prefill_block: Optional[int] = None  # the block length the prefill showed
 
 
 def _allowed(mask: torch.Tensor) -> torch.Tensor:
@@ -164,10 +165,12 @@ class KVLoop:
         if cache is None and store:  # the model makes the loop's cache (Fast-dLLM v2)
             cache = LoopCache()
         batch, n = input_ids.shape
+        known = False  # the cache object was seen before (this model stored into it)
         if cache is None:  # a read call before anything is stored: the call alone
             stored = _Stored(input_ids.new_empty((batch, 0)))
         else:
             try:
+                known = cache in self._stored
                 stored = self._stored.setdefault(cache, _Stored(input_ids.new_empty((batch, 0))))
             except TypeError:
                 raise ValueError(
@@ -176,6 +179,14 @@ class KVLoop:
                 ) from None
         start = stored.tokens.shape[1]
         where = f"{protocol.flag}={store} call at positions [{start}, {start + n})"
+        held = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+        if cache is not None and not known and held:  # another model's, or one before a reset
+            del self._stored[cache]
+            raise ValueError(
+                f"{where}: past_key_values holds {held} tokens this MaskKV model did not store; "
+                "a cache object is one generation on one model (pass the one this model "
+                "returned, or a fresh one)"
+            )
         if stored.tokens.shape[0] != batch:
             raise ValueError(
                 f"{where}: batch {batch}, but this cache holds {stored.tokens.shape[0]} rows; "

@@ -219,6 +219,15 @@ def test_calls_off_the_protocol_are_refused_with_what_was_seen(pair):
             past_key_values=cache,
             update_past_key_values=False,
         )
+    # the plain model's cache, holding a prefill MaskKV never saw
+    theirs = model(input_ids=long, use_cache=True, update_past_key_values=True, block_size=32)
+    with pytest.raises(ValueError, match="holds 64 tokens this MaskKV model did not store"):
+        optimized(
+            input_ids=torch.full((1, 32), MASK),
+            use_cache=True,
+            past_key_values=theirs.past_key_values,
+            update_past_key_values=False,
+        )
     with pytest.raises(ValueError, match="mask token"):
         optimized(
             input_ids=torch.full((1, 8), MASK),
