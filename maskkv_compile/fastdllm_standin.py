@@ -82,23 +82,27 @@ def fastdllm_cached_generate(
     max_new_tokens: int,
     small_block_size: int,
     mask_id: int,
+    lengths: Optional[torch.Tensor] = None,
     threshold: float = 0.95,
     stop_token: Optional[int] = None,
     pad_id: int = 0,
     call: Optional[Callable] = None,
 ) -> torch.Tensor:
-    """Fast-dLLM v2's ``batch_sample`` without its block cache, greedy, for prompts of one
-    length; returns the canvas ``[B, T]`` (the prompt, then every block it decoded).
+    """Fast-dLLM v2's ``batch_sample`` without its block cache, greedy; returns the canvas
+    ``[B, T]`` (the prompts, then every block decoded).
 
-    The prompt's whole blocks are prefilled (only when the prompt is longer than a block, as
-    released) with ``update_past_key_values=True``, and when the prompt fills its last block,
-    the prefill's last row gives the next block's first token. Per block: the canvas is filled
-    with the mask token to the block's end; the block's small blocks are decoded in order, each
-    by calls of the whole block (``update_past_key_values=False``, no ``block_size``) whose
-    logits are shifted one row (row j - 1 for position j; position 0 takes row 0), committing
-    every masked position of the small block above ``threshold`` and the most confident one;
-    the finished block is sent again with ``update_past_key_values=True`` and its last row
-    gives the next block's first token. A row that commits ``stop_token`` is finished: its later
+    ``prompt`` is ``[B, L]``; with ``lengths`` (B,) its rows are prompts of those lengths,
+    right-padded with ``mask_id`` (the released harness's batches: a shorter prompt's padding is
+    where it starts generating). The shortest prompt's whole blocks are prefilled (only when it
+    is longer than a block, as released) with ``update_past_key_values=True``; when it fills its
+    last block, the prefill's last row gives the next token of the rows that end there. Per
+    block: the canvas is filled with the mask token to the block's end; the block's small blocks
+    are decoded in order, each by calls of the whole block (``update_past_key_values=False``, no
+    ``block_size``) whose logits are shifted one row (row j - 1 for position j; position 0 takes
+    row 0), committing every masked position of the small block above ``threshold`` and the most
+    confident one; the finished block is sent again with ``update_past_key_values=True``, and
+    its last row gives the next token of the rows whose prompt ended in the block (a longer
+    prompt keeps its own token there). A row that commits ``stop_token`` is finished: its later
     blocks are ``pad_id``; the loop ends when every row is. Unlike the released loop, finished
     rows stay in the batch (it slices them out of the cache's ``key_cache`` lists, which
     transformers 5's ``DynamicCache`` no longer has); the other rows' tokens are the same.
@@ -106,30 +110,40 @@ def fastdllm_cached_generate(
     if block_size % small_block_size:
         raise ValueError(f"small_block_size {small_block_size} must divide {block_size}")
     call = call if call is not None else model
-    batch, p = prompt.shape
+    batch, width = prompt.shape
+    if lengths is None:
+        lengths = torch.full((batch,), width, device=prompt.device)
+    shortest, longest = int(lengths.min()), int(lengths.max())
     x = prompt.clone()
     cache = None
-    if p > block_size:
+    if shortest > block_size:
         out = call(
-            input_ids=x[:, : p // block_size * block_size],
+            input_ids=x[:, : shortest // block_size * block_size],
             use_cache=True,
             update_past_key_values=True,
             block_size=block_size,
         )
         cache = out.past_key_values
-        if p % block_size == 0:
-            x = torch.cat([x, out.logits[:, -1:].argmax(-1)], dim=1)
+        if shortest % block_size == 0:
+            ends = lengths == shortest  # (B,) the rows whose prompt ends here
+            token = out.logits[ends, -1].argmax(-1)  # (k,)
+            if width <= shortest:
+                x = torch.cat([x, token[:, None]], dim=1)
+            else:
+                x[ends, shortest] = token
+    prompt_block = lengths // block_size  # (B,) the block each row's prompt ends in
     finished = torch.zeros(batch, dtype=torch.bool, device=x.device)
     rows = torch.arange(batch, device=x.device)
-    for b in range(p // block_size, max_new_tokens // block_size + p // block_size):
+    for b in range(shortest // block_size, max_new_tokens // block_size + longest // block_size):
         if bool(finished.all()):
             break
         end = (b + 1) * block_size
-        fill = x.new_full((batch, end - x.shape[1]), mask_id)
-        x = torch.cat([x, fill], dim=1)  # (B, end): the block's known tokens, then masks
-        x[finished, -block_size:] = pad_id
+        if bool((prompt_block == b).all()):  # every prompt ends here: masks to the block's end
+            x = torch.cat([x, x.new_full((batch, end - x.shape[1]), mask_id)], dim=1)
+        canvas = x[:, :end].clone()  # (B, end)
+        canvas[finished, -block_size:] = pad_id
+        block = canvas[:, -block_size:]  # a view: commits write the canvas
         while True:
-            block = x[:, -block_size:]  # a view: commits write the canvas
             if not bool((block == mask_id).any()):
                 out = call(
                     input_ids=block,
@@ -139,8 +153,8 @@ def fastdllm_cached_generate(
                     block_size=block_size,
                 )
                 cache = out.past_key_values
-                token = out.logits[:, -1:].argmax(-1)  # (B, 1): the next block's first token
-                x = torch.cat([x, token.masked_fill(finished[:, None], pad_id)], dim=1)
+                token = out.logits[:, -1:].argmax(-1)  # (B, 1): the next position's token
+                canvas = torch.cat([canvas, token.masked_fill(finished[:, None], pad_id)], dim=1)
                 break
             for lo in range(0, block_size, small_block_size):
                 hi = lo + small_block_size
@@ -165,4 +179,15 @@ def fastdllm_cached_generate(
                         finished |= ((token == stop_token) & commit).any(-1)
             if bool(finished.all()):
                 break
+        # the block joins the canvas, and the next position takes the committed token: in
+        # every row when the canvas is as long, else in the rows whose prompt ended in this
+        # block (a longer prompt keeps its own token there), as released
+        if x.shape[1] == canvas.shape[1] or x.shape[1] <= end:
+            x = canvas
+        else:
+            x[:, :end] = canvas[:, :end]
+            if canvas.shape[1] > end:
+                here = prompt_block == b
+                x[here, end] = canvas[here, end]
+        prompt_block[prompt_block == b] = b + 1
     return x

@@ -3,8 +3,9 @@ run unmodified on a MaskKV model (``kv_loop.py``'s ``FAST_DLLM`` protocol).
 
 * exactness: at a budget above the window, the tokens equal the same loop on the plain model
   (with its real cache), in float64, over seeded cases (blocks 4-32, small blocks, prompts
-  shorter than a block, of one block and not multiples of it, batch 1-2, thresholds), and the
-  path that ran is the cached one (one ``new``, an ``extend`` for each later block);
+  shorter than a block, of one block and not multiples of it, batch 1-3, prompts of one length
+  and of several, right-padded with the mask token as the released harness does, thresholds),
+  and the path that ran is the cached one (one ``new``, an ``extend`` for each later block);
 * the prefill returns the plain model's last row and a cache handle the loop passes back;
 * eviction: every refinement call's logits are finite and the cache stays within the budget;
 * seeded sequences of generations with resets and weight changes mixed in leak nothing;
@@ -78,7 +79,7 @@ def test_full_budget_gives_the_plain_loops_tokens_on_the_cached_path(pair, seed)
     block = rng.choice([4, 8, 16, 32])
     small = rng.choice([s for s in (2, 4, 8, block) if block % s == 0])
     length = rng.choice([rng.randint(2, block), block, 2 * block, rng.randint(block + 1, 60)])
-    prompt = _prompt(rng.choice([1, 2]), length, seed)
+    prompt = _prompt(rng.choice([1, 2, 3]), length, seed)
     kwargs = dict(
         block_size=block,
         max_new_tokens=rng.randint(1, 3) * block,
@@ -86,6 +87,11 @@ def test_full_budget_gives_the_plain_loops_tokens_on_the_cached_path(pair, seed)
         mask_id=MASK,
         threshold=rng.choice([0.95, 0.02]),
     )
+    if len(prompt) > 1 and rng.random() < 0.6:  # prompts of other lengths, right-padded
+        lengths = torch.tensor([rng.randint(max(length - block, 1), length) for _ in prompt])
+        lengths[0] = length
+        prompt[torch.arange(length)[None, :] >= lengths[:, None]] = MASK
+        kwargs["lengths"] = lengths
     reference = fastdllm_cached_generate(model, prompt, **kwargs)
     optimized.reset()
     calls = _Calls(optimized)
@@ -101,6 +107,30 @@ def test_full_budget_gives_the_plain_loops_tokens_on_the_cached_path(pair, seed)
         kwargs,
     )
     assert stats["prompt_len"] > 0
+
+
+@pytest.mark.shares_dynamo
+@pytest.mark.parametrize("lengths", [(45, 37, 41), (48, 40, 44)], ids=["tails", "on the grid"])
+def test_a_batch_of_prompts_of_other_lengths_right_padded_with_the_mask(pair, lengths):
+    """The released harness's batches: the shortest prompt's whole blocks are prefilled, the
+    longer prompts' tails share the next blocks with the shorter ones' first masks; with the
+    shortest on the grid (40), the prefill's last row is the next token of that row alone."""
+    model, optimized = pair
+    lengths = torch.tensor(lengths)
+    prompt = _prompt(3, int(lengths.max()), seed=9)
+    prompt[torch.arange(prompt.shape[1])[None, :] >= lengths[:, None]] = MASK
+    kwargs = dict(
+        block_size=8, max_new_tokens=16, small_block_size=4, mask_id=MASK, lengths=lengths
+    )
+    reference = fastdllm_cached_generate(model, prompt, **kwargs)
+    optimized.reset()
+    calls = _Calls(optimized)
+    assert torch.equal(fastdllm_cached_generate(model, prompt, call=calls, **kwargs), reference)
+    stats = optimized.cache_stats()
+    assert stats["transitions"]["new"] == 1 and stats["fallbacks"] == {}
+    assert stats["transitions"]["extend"] == calls.cached_read_runs() - 1 >= 2
+    for row, n in enumerate(lengths.tolist()):
+        assert torch.equal(reference[row, :n], prompt[row, :n])  # every prompt kept
 
 
 def test_the_prefill_returns_the_last_row_and_a_cache_the_loop_passes_back(pair):
