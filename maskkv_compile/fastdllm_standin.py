@@ -23,6 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
+from maskkv_compile.sdar_standin import keep_if_stored, with_weights_of
 from maskkv_compile.tiny_models import tiny_dream
 
 DEFAULT_BLOCK = 32  # the released forward's ``block_size`` default
@@ -62,15 +63,10 @@ def tiny_fastdllm(**options):
                 use_cache=use_cache,
                 **kwargs,
             )
-            grown = 0 if past_key_values is None else past_key_values.get_seq_length() - held
-            if grown and not update_past_key_values:
-                past_key_values.crop(-grown)  # transformers 5: a negative count drops the last
+            keep_if_stored(past_key_values, held, update_past_key_values)
             return out
 
-    base = tiny_dream(**options)
-    model = FastDllmStyleQwen2(base.config).to(base.dtype)
-    model.load_state_dict(base.state_dict())
-    return model.eval()
+    return with_weights_of(tiny_dream(**options), FastDllmStyleQwen2)
 
 
 @torch.no_grad()

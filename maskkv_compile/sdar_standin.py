@@ -49,13 +49,24 @@ def tiny_sdar(**options):
                 use_cache=use_cache,
                 **kwargs,
             )
-            grown = 0 if past_key_values is None else past_key_values.get_seq_length() - held
-            if grown and not store_kv:
-                past_key_values.crop(-grown)  # transformers 5: a negative count drops the last
+            keep_if_stored(past_key_values, held, store_kv)
             return out
 
-    base = tiny_qwen3(**options)
-    model = SdarStyleQwen3(base.config).to(base.dtype)
+    return with_weights_of(tiny_qwen3(**options), SdarStyleQwen3)
+
+
+def keep_if_stored(cache, held: int, store: bool) -> None:
+    """After a call on ``cache`` that held ``held`` tokens: keep what the call appended only if
+    the call stores (a read call's K/V are dropped again)."""
+    grown = 0 if cache is None else cache.get_seq_length() - held
+    if grown and not store:
+        cache.crop(-grown)  # transformers 5: a negative count drops the last ones
+
+
+def with_weights_of(base: torch.nn.Module, model_class) -> torch.nn.Module:
+    """``model_class`` (a subclass of ``base``'s class that adds a cache protocol) with ``base``'s
+    configuration and weights, in eval mode."""
+    model = model_class(base.config).to(base.dtype)
     model.load_state_dict(base.state_dict())
     return model.eval()
 
