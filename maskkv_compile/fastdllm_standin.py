@@ -23,10 +23,9 @@ from typing import Callable, Optional
 
 import torch
 
+from maskkv_compile.kv_loop import FAST_DLLM_DEFAULT_BLOCK
 from maskkv_compile.sdar_standin import keep_if_stored, with_weights_of
 from maskkv_compile.tiny_models import tiny_dream
-
-DEFAULT_BLOCK = 32  # the released forward's ``block_size`` default
 
 
 def tiny_fastdllm(**options):
@@ -42,7 +41,7 @@ def tiny_fastdllm(**options):
             past_key_values=None,
             use_cache=None,
             update_past_key_values=False,
-            block_size=DEFAULT_BLOCK,
+            block_size=FAST_DLLM_DEFAULT_BLOCK,  # the released forward's default
             **kwargs,
         ):
             if use_cache and past_key_values is None:
