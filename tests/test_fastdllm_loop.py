@@ -16,6 +16,8 @@ import random
 
 import pytest
 import torch
+from block_loops import block_causal_mask
+from helpers import kept_positions
 
 import maskkv_compile
 from maskkv_compile.fastdllm_standin import fastdllm_cached_generate, tiny_fastdllm
@@ -157,6 +159,21 @@ def test_the_prefill_returns_the_last_row_and_a_cache_the_loop_passes_back(pair)
     ).logits
     assert dict(optimized.cache_stats()["transitions"]) == {"new": 1, "step": 1}
     torch.testing.assert_close(logits[:, :-1], theirs[:, :-1])  # the rows the loop reads
+
+
+def test_under_eviction_the_prefill_keeps_what_the_window_loops_first_call_keeps():
+    """The prefill runs as the window [prompt ; a block of masks]: its kept sets are those of a
+    MaskKV model called on that window with its block-causal mask (whose kept sets are the
+    reference top-k of the block's votes: ``test_block_diffusion.py``)."""
+    model = _model()
+    prompt = _prompt(1, 24, seed=7)
+    cached, window = _optimize(model, 5), _optimize(model, 5)
+    cached(input_ids=prompt, use_cache=True, update_past_key_values=True, block_size=8)
+    ids = torch.cat([prompt, torch.full((1, 8), MASK)], dim=1)  # (1, 32)
+    window(ids, attention_mask=block_causal_mask(32, 8, kind="bool"))
+    ours, theirs = cached.runtime.last_session.layers, window.runtime.last_session.layers
+    assert [kept_positions(c) for c in ours] == [kept_positions(c) for c in theirs]
+    assert all(max(map(len, kept_positions(c)[0])) == 5 for c in ours)  # evicted to the budget
 
 
 def test_under_eviction_every_step_has_real_logits_and_the_cache_stays_bounded():
