@@ -122,7 +122,7 @@ def sdar_cached_generate(
             store_kv=True,
             **kv,
         )
-    schedule = [block_length // steps + (i < block_length % steps) for i in range(steps)]
+    schedule = num_transfer_tokens(block_length, steps).tolist()
     for b in range(p // block_length, blocks):
         start, end = b * block_length, (b + 1) * block_length
         window = dict(attention_mask=mask[:, start:end, :end], position_ids=positions[:, start:end])
@@ -136,15 +136,34 @@ def sdar_cached_generate(
             confidence, token = logits.float().softmax(-1).max(-1)  # (B, block)
             confidence = confidence.masked_fill(~masked, -torch.inf)
             n = schedule[min(step, steps - 1)]
-            transfer = torch.zeros_like(masked)
-            for row in range(batch):
-                if remasking == "low_confidence_dynamic":
-                    high = confidence[row] > threshold
-                    if int(high.sum()) >= n:
-                        transfer[row] = high
-                        continue
-                k = min(n, int(masked[row].sum()))
-                if k > 0:
-                    transfer[row, confidence[row].topk(k).indices] = True
+            transfer = select_transfer(confidence, masked, n, remasking, threshold)
             block[transfer] = token[transfer]
     return x[:, : p + gen_length]
+
+
+def num_transfer_tokens(block_length: int, steps: int) -> torch.Tensor:
+    """The (steps,) tokens committed per step of a block: ``block_length // steps``, the
+    remainder on the first steps (LLaDA2's and SDAR's schedule)."""
+    out = torch.full((steps,), block_length // steps, dtype=torch.int64)
+    out[: block_length % steps] += 1
+    return out
+
+
+def select_transfer(
+    confidence: torch.Tensor, masked: torch.Tensor, n: int, remasking: str, threshold: float
+) -> torch.Tensor:
+    """The (B, block) positions a step commits, from the confidence of each position's token
+    (``-inf`` where the block holds no mask): per row the ``n`` most confident masked ones
+    (``low_confidence_static``), or every one above ``threshold`` when there are at least ``n``
+    (``low_confidence_dynamic``)."""
+    transfer = torch.zeros_like(masked)
+    for row in range(masked.shape[0]):
+        if remasking == "low_confidence_dynamic":
+            high = confidence[row] > threshold
+            if int(high.sum()) >= n:
+                transfer[row] = high
+                continue
+        k = min(n, int(masked[row].sum()))
+        if k > 0:
+            transfer[row, confidence[row].topk(k).indices] = True
+    return transfer

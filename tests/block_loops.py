@@ -34,6 +34,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from maskkv_compile.sdar_standin import num_transfer_tokens, select_transfer
 from maskkv_compile.tiny_models import tiny_dream as tiny_qwen2  # noqa: F401  (a Qwen2, bidirectional)
 from maskkv_compile.tiny_models import tiny_qwen3  # noqa: F401
 
@@ -109,12 +110,6 @@ def block_causal_mask(
     if kind == "bool":
         return allowed
     return torch.zeros((), dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
-
-
-def num_transfer_tokens(block_length: int, steps: int) -> torch.Tensor:
-    out = torch.full((steps,), block_length // steps, dtype=torch.int64)
-    out[: block_length % steps] += 1
-    return out
 
 
 def sample_tokens(
@@ -219,17 +214,7 @@ def sdar_generate(
             read = (torch.arange(end - block_length, end, device=device) - shift).clamp(min=0)
             x0, p0 = sample_tokens(logits[:, read], temperature, top_k, top_p, generator)
             conf = torch.where(masked, p0, torch.full_like(p0, -torch.inf))
-            n = int(schedule[step])
-            transfer = torch.zeros_like(masked)
-            for row in range(bsz):
-                k = min(n, int(masked[row].sum()))
-                if remasking == "low_confidence_dynamic":
-                    high = conf[row] > threshold
-                    if int(high.sum()) >= n:
-                        transfer[row] = high
-                        continue
-                if k > 0:
-                    transfer[row, conf[row].topk(k).indices] = True
+            transfer = select_transfer(conf, masked, int(schedule[step]), remasking, threshold)
             block[transfer] = x0[transfer]
         if eos_id is not None and bool((x[:, p:end] == eos_id).any(-1).all()):
             break
