@@ -16,6 +16,23 @@ from torch.utils import _pytree as pytree  # noqa: F401  (token_modules' outputs
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass  # noqa: F401  (DTensor parameters)
 
 
+def structured_trace_on() -> bool:
+    """Whether torch's structured trace (``TORCH_TRACE``, read by tlparse) writes what
+    ``trace_structured`` is given, so that a payload is worth formatting.
+
+    torch always installs a lazy handler on the trace logger; without a trace directory it
+    removes itself at the first record. Other handlers there (a test harness's log capture) are
+    not a trace."""
+    from torch._logging import _internal
+
+    handler = _internal.LOG_TRACE_HANDLER
+    return (
+        handler is not None
+        and handler in _internal.trace_log.handlers
+        and (handler.root_dir is not None or handler.stream is not None)
+    )
+
+
 def example_value(node):
     """The fake value dynamo recorded for an FX node (None for nodes we inserted)."""
     return node.meta.get("example_value", node.meta.get("val"))

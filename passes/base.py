@@ -132,7 +132,11 @@ class PassManager:
         the format TORCH_LOGS and depyf read), as a tlparse artifact, and to ``debug_dir``.
         Every consumer formats the graph right here, so a "before" dump shows the graph
         before the pass mutates it."""
-        from maskkv_compile._torch_private import lazy_format_graph_code, trace_structured
+        from maskkv_compile._torch_private import (
+            lazy_format_graph_code,
+            structured_trace_on,
+            trace_structured,
+        )
 
         if graph_log.isEnabledFor(logging.DEBUG):
             graph_log.debug(
@@ -141,11 +145,12 @@ class PassManager:
                     lazy_format_graph_code(name, gm, include_stride=True, include_device=True)
                 ),
             )
-        trace_structured(
-            "artifact",
-            metadata_fn=lambda: {"name": name, "encoding": "string"},
-            payload_fn=lambda: _readable(gm),
-        )
+        if structured_trace_on():  # formatting a graph costs more than the pass that made it
+            trace_structured(
+                "artifact",
+                metadata_fn=lambda: {"name": name, "encoding": "string"},
+                payload_fn=lambda: _readable(gm),
+            )
         if self.debug_dir:
             os.makedirs(self.debug_dir, exist_ok=True)
             with open(os.path.join(self.debug_dir, f"{name}.py"), "w") as f:

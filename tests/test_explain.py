@@ -346,13 +346,18 @@ class Collect(logging.Handler):
         self.records.append(record)
 
 
-def test_graphs_go_to_the_graph_logger_and_to_structured_trace():
+def test_graphs_go_to_the_graph_logger_and_to_structured_trace(tmp_path, monkeypatch):
+    from torch._logging import _internal
+
     graph_log = logging.getLogger("maskkv_compile.graph")
     trace_log = logging.getLogger("torch.__trace")  # what TORCH_TRACE / tlparse read
     graph_handler, trace_handler = Collect(), Collect()
+    tlparse = _internal.LazyTraceHandler(str(tmp_path))  # what TORCH_TRACE=<dir> installs
+    monkeypatch.setattr(_internal, "LOG_TRACE_HANDLER", tlparse)
     level = graph_log.level
     graph_log.setLevel(logging.DEBUG)
     graph_log.addHandler(graph_handler)
+    trace_log.addHandler(tlparse)
     trace_log.addHandler(trace_handler)
     try:
         explain("llada", "eager")
@@ -360,6 +365,8 @@ def test_graphs_go_to_the_graph_logger_and_to_structured_trace():
         graph_log.removeHandler(graph_handler)
         graph_log.setLevel(level)
         trace_log.removeHandler(trace_handler)
+        trace_log.removeHandler(tlparse)
+        tlparse.close()
     names = {stem[:-3] for stem in expected_dump_names()}
     logged = [record.getMessage() for record in graph_handler.records]
     assert len(logged) == len(names)
@@ -386,6 +393,29 @@ def test_graphs_go_to_the_graph_logger_and_to_structured_trace():
     )
     for payload in artifacts.values():
         assert_readable(payload)
+
+
+def test_without_a_trace_no_graph_is_formatted(monkeypatch):
+    """A handler on the trace logger that is not torch's trace (pytest's log capture adds some)
+    formats nothing: the readable dumps cost more than the passes that made the graphs."""
+    from maskkv_compile.passes import base
+
+    trace_log = logging.getLogger("torch.__trace")
+    stray = Collect()
+    trace_log.addHandler(stray)
+
+    def refuse(gm):
+        raise AssertionError("a graph was formatted with no trace to read it")
+
+    monkeypatch.setattr(base, "_readable", refuse)
+    try:
+        explain("llada", "eager")
+    finally:
+        trace_log.removeHandler(stray)
+    assert not any(
+        "artifact" in getattr(r, "metadata", {}) and "maskkv." in str(r.metadata)
+        for r in stray.records
+    )
 
 
 # -- graphs follow the config ---------------------------------------------------------------------

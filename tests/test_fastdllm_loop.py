@@ -9,6 +9,7 @@ run unmodified on a MaskKV model (``kv_loop.py``'s ``FAST_DLLM`` protocol).
 * the prefill returns the plain model's last row and a cache handle the loop passes back;
 * eviction: every refinement call's logits are finite and the cache stays within the budget;
 * seeded sequences of generations with resets and weight changes mixed in leak nothing;
+* Inductor gives eager's tokens under eviction;
 * calls off the protocol (the block cache, blocks the model's mask would cut) are refused.
 """
 
@@ -197,6 +198,24 @@ def test_under_eviction_every_step_has_real_logits_and_the_cache_stays_bounded()
     assert stats["transitions"]["extend"] >= 2 and stats["fallbacks"] == {}
     for layer in stats["layers"]:
         assert max(layer["kept_per_kv_head"]) <= 6
+
+
+def test_inductor_matches_eager_on_the_cached_loop_under_eviction():
+    """The loop's calls (a prefill window, block steps, commits that extend) under Inductor give
+    eager's tokens, on the cached path."""
+    model = _model(torch.float32)
+    prompt = _prompt(1, 37, seed=5)
+    kwargs = dict(block_size=8, max_new_tokens=24, small_block_size=4, mask_id=MASK)
+    runs = {}
+    for backend in ("eager", "inductor"):
+        optimized = maskkv_compile.optimize(
+            model, budget=6, backend=backend, family="dream", mask_token_id=MASK
+        )
+        runs[backend] = fastdllm_cached_generate(optimized, prompt, **kwargs)
+        stats = optimized.cache_stats()
+        assert stats["transitions"]["new"] == 1 and stats["transitions"]["extend"] >= 2, stats
+        assert stats["fallbacks"] == {}
+    assert torch.equal(runs["inductor"], runs["eager"])
 
 
 def test_a_row_that_stops_ends_the_loop_as_on_the_plain_model(pair):
