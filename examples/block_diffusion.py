@@ -11,9 +11,11 @@ on the growing window [prompt ; finished blocks ; current block] with a block-ca
    Qwen2, optimized with ``family="dream"``;
 5. SDAR's released loop, which keeps its own KV cache and sends only the block, with
    ``store_kv=`` saying which calls store (``maskkv_compile.sdar_standin``; ``kv_loop.py``);
-6. Fast-dLLM v2's released loop (``batch_sample`` without its block cache): its own cache too,
+6. Fast-dLLM v2's released loop (``batch_sample``): its own cache too,
    ``update_past_key_values=`` on the prefill and commits, the prefill's and each commit's last
-   row read as the next block's first token (``maskkv_compile.fastdllm_standin``).
+   row read as the next block's first token (``maskkv_compile.fastdllm_standin``); then with its
+   block cache on, whose small-block calls MaskKV computes as the whole block (so the tokens
+   are those of the loop without it).
 
 At a budget above the prompt each equals the plain model token for token; at a small budget the
 prefix cache keeps the entries the block's mask tokens voted for, and each new block's votes
@@ -126,7 +128,13 @@ same = torch.equal(
 print(
     "6. Fast-dLLM v2's cached loop == plain model:", same, "|", exact.cache_stats()["transitions"]
 )
+exact.reset()
+same = torch.equal(
+    fastdllm_cached_generate(exact, long_prompt, use_block_cache=True, **loop),
+    fastdllm_cached_generate(fast, long_prompt, **loop),
+)
+print("   with its block cache == without:", same, "|", exact.cache_stats()["transitions"])
 evicting = maskkv_compile.optimize(fast, budget=32, backend="eager", family="dream")
-out = fastdllm_cached_generate(evicting, long_prompt, **loop)
+out = fastdllm_cached_generate(evicting, long_prompt, use_block_cache=True, **loop)
 kept = evicting.cache_stats()["layers"][0]["kept_per_kv_head"]
 print("   at budget 32: layer 0 keeps", kept, "per KV head | masks left:", int((out == MASK).sum()))

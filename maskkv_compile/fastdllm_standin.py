@@ -13,8 +13,13 @@ token i + 1) whose forward makes its own mask and positions from the cache's len
   key's block is not after its own), makes a ``DynamicCache`` when given none with
   ``use_cache``, and stores the call's K/V only with ``update_past_key_values=True`` (else the
   cache is cropped back after the call). Any ``attention_mask`` passed is replaced, as the
-  released model does in eval. Its block cache (``use_block_cache``) is not modelled.
-* :func:`fastdllm_cached_generate`: the loop's model calls, greedy, without the block cache.
+  released model does in eval. Its block cache: a call with ``use_block_cache=True`` and no
+  ``block_past_key_values`` (a refresh, the whole block) also returns the block's K/V in
+  ``block_past_key_values``; a call with one (a small-block call, ``replace_position`` its
+  offset in the block) writes its K/V into that buffer in place and its rows see the stored
+  keys and the whole buffer (the block's other small blocks as of the last refresh).
+* :func:`fastdllm_cached_generate`: the loop's model calls, greedy, with or without the block
+  cache.
 """
 
 from __future__ import annotations
@@ -32,6 +37,33 @@ def tiny_fastdllm(**options):
     """``tiny_dream(**options)`` with Fast-dLLM v2's cache protocol (module docstring)."""
     from transformers import DynamicCache, Qwen2ForCausalLM
 
+    class BufferView(DynamicCache):
+        """The keys of a small-block call: [the stored K/V ; the block buffer], the call's K/V
+        written into the buffer at ``at`` first (in place: the buffer keeps them)."""
+
+        def __init__(self, stored, buffer, at: int):
+            super().__init__()
+            self.stored, self.buffer, self.at = stored, buffer, at
+
+        def get_seq_length(self, layer_idx: int = 0) -> int:
+            return self.stored.get_seq_length(layer_idx)
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            keys, values = self.buffer.layers[layer_idx].keys, self.buffer.layers[layer_idx].values
+            end = self.at + key_states.shape[2]
+            keys[:, :, self.at : end], values[:, :, self.at : end] = key_states, value_states
+            if self.stored.get_seq_length(layer_idx) == 0:
+                return keys, values
+            layer = self.stored.layers[layer_idx]
+            return torch.cat([layer.keys, keys], dim=2), torch.cat([layer.values, values], dim=2)
+
+    def block_kv(cache, held: int):
+        """A cache of what the call appended to ``cache`` after its first ``held`` tokens."""
+        block = DynamicCache()
+        for i, layer in enumerate(cache.layers):
+            block.update(layer.keys[:, :, held:].clone(), layer.values[:, :, held:].clone(), i)
+        return block
+
     class FastDllmStyleQwen2(Qwen2ForCausalLM):
         def forward(
             self,
@@ -42,6 +74,9 @@ def tiny_fastdllm(**options):
             use_cache=None,
             update_past_key_values=False,
             block_size=FAST_DLLM_DEFAULT_BLOCK,  # the released forward's default
+            use_block_cache=False,
+            block_past_key_values=None,
+            replace_position=0,
             **kwargs,
         ):
             if use_cache and past_key_values is None:
@@ -49,19 +84,32 @@ def tiny_fastdllm(**options):
             held = 0 if past_key_values is None else past_key_values.get_seq_length()
             n = input_ids.shape[1]
             device = input_ids.device
-            query = torch.arange(held, held + n, device=device)  # (n,) positions
-            key = torch.arange(held + n, device=device)  # (P + n,)
-            allowed = (key[None, :] // block_size) <= (query[:, None] // block_size)
+            small_block = use_block_cache and block_past_key_values is not None
+            if small_block:  # every row sees the stored keys and the whole buffer
+                width = block_past_key_values.get_seq_length()
+                query = torch.arange(n, device=device) + held + replace_position
+                allowed = torch.ones(n, held + width, dtype=torch.bool, device=device)
+                cache = BufferView(past_key_values, block_past_key_values, replace_position)
+            else:
+                query = torch.arange(held, held + n, device=device)  # (n,) positions
+                key = torch.arange(held + n, device=device)  # (P + n,)
+                allowed = (key[None, :] // block_size) <= (query[:, None] // block_size)
+                cache = past_key_values
             if position_ids is None:
                 position_ids = query[None]
             out = super().forward(
                 input_ids=input_ids,
-                attention_mask=allowed[None, None],  # (1, 1, n, P + n), True = attend
+                attention_mask=allowed[None, None],  # (1, 1, n, keys), True = attend
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                past_key_values=cache,
                 use_cache=use_cache,
                 **kwargs,
             )
+            out["past_key_values"] = past_key_values
+            if use_block_cache:
+                if not small_block:  # a refresh: the block's K/V become the buffer
+                    block_past_key_values = block_kv(past_key_values, held)
+                out["block_past_key_values"] = block_past_key_values
             keep_if_stored(past_key_values, held, update_past_key_values)
             return out
 
@@ -81,10 +129,11 @@ def fastdllm_cached_generate(
     threshold: float = 0.95,
     stop_token: Optional[int] = None,
     pad_id: int = 0,
+    use_block_cache: bool = False,
     call: Optional[Callable] = None,
 ) -> torch.Tensor:
-    """Fast-dLLM v2's ``batch_sample`` without its block cache, greedy; returns the canvas
-    ``[B, T]`` (the prompts, then every block decoded).
+    """Fast-dLLM v2's ``batch_sample``, greedy; returns the canvas ``[B, T]`` (the prompts, then
+    every block decoded).
 
     ``prompt`` is ``[B, L]``; with ``lengths`` (B,) its rows are prompts of those lengths,
     right-padded with ``mask_id`` (the released harness's batches: a shorter prompt's padding is
@@ -95,10 +144,15 @@ def fastdllm_cached_generate(
     are decoded in order, each by calls of the whole block (``update_past_key_values=False``, no
     ``block_size``) whose logits are shifted one row (row j - 1 for position j; position 0 takes
     row 0), committing every masked position of the small block above ``threshold`` and the most
-    confident one; the finished block is sent again with ``update_past_key_values=True``, and
-    its last row gives the next token of the rows whose prompt ended in the block (a longer
-    prompt keeps its own token there). A row that commits ``stop_token`` is finished: its later
-    blocks are ``pad_id``; the loop ends when every row is. Unlike the released loop, finished
+    confident one. With ``use_block_cache``, such a call also passes ``use_block_cache=True`` and
+    keeps the ``block_past_key_values`` it returns (a refresh); while the small block's first
+    token is known in every row and a buffer is held, a call sends only the small block with
+    that buffer and ``replace_position`` (its logits shifted within the small block); the
+    buffer is dropped at each new block. The finished block is sent again with
+    ``update_past_key_values=True``, and its last row gives the next token of the rows whose
+    prompt ended in the block (a longer prompt keeps its own token there). A row that commits
+    ``stop_token`` is finished: its later blocks are ``pad_id``; the loop ends when every row
+    is. Unlike the released loop, finished
     rows stay in the batch (it slices them out of the cache's ``key_cache`` lists, which
     transformers 5's ``DynamicCache`` no longer has); the other rows' tokens are the same.
     ``call`` (default ``model``) is what the loop calls."""
@@ -138,6 +192,7 @@ def fastdllm_cached_generate(
         canvas = x[:, :end].clone()  # (B, end)
         canvas[finished, -block_size:] = pad_id
         block = canvas[:, -block_size:]  # a view: commits write the canvas
+        buffer = None  # the block cache: the block's K/V as of its last refresh
         while True:
             if not bool((block == mask_id).any()):
                 out = call(
@@ -157,13 +212,24 @@ def fastdllm_cached_generate(
                     masked = block[:, lo:hi] == mask_id  # (B, sbs)
                     if not bool(masked.any()):
                         break
-                    logits = call(
-                        input_ids=block,
-                        use_cache=True,
-                        past_key_values=cache,
-                        update_past_key_values=False,
-                    ).logits
-                    logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)[:, lo:hi]
+                    read = dict(use_cache=True, past_key_values=cache, update_past_key_values=False)
+                    if use_block_cache and buffer is not None and not bool(masked[:, 0].any()):
+                        logits = call(  # a small-block call: (B, sbs, V)
+                            input_ids=block[:, lo:hi],
+                            use_block_cache=True,
+                            block_past_key_values=buffer,
+                            replace_position=lo,
+                            **read,
+                        ).logits
+                        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+                    else:  # the whole block: (B, bs, V)
+                        if use_block_cache:
+                            out = call(input_ids=block, use_block_cache=True, **read)
+                            buffer = out.block_past_key_values
+                        else:
+                            out = call(input_ids=block, **read)
+                        logits = torch.cat([out.logits[:, :1], out.logits[:, :-1]], dim=1)
+                        logits = logits[:, lo:hi]
                     confidence, token = logits.float().softmax(-1).max(-1)  # (B, sbs)
                     confidence = confidence.masked_fill(~masked, -torch.inf)
                     commit = confidence > threshold

@@ -30,7 +30,11 @@ loops differ in what they read of the prefill and in who makes the cache object
 Either way, a refinement call or a commit runs the window and returns the logits of the call's
 rows (a commit is a step on the finished block: its rows' real logits), and a commit then
 appends its tokens to what the cache holds. The loop's cache object is never written: MaskKV
-holds the K/V, and the object stays empty.
+holds the K/V, and the object stays empty. Fast-dLLM v2's block cache (``use_block_cache``)
+runs on the same windows: a refresh (the whole block, no buffer) also returns a
+:class:`BlockBuffer` of the block's tokens, and a small-block call (its tokens, that buffer,
+``replace_position``) writes its tokens into the buffer and runs the whole block, returning the
+small block's rows: the block is computed whole, never from stale K/V.
 
 Invariants, each checked with an error naming what was seen: the call's positions continue what
 the cache holds (a cache is one generation); the block length is the first refinement call's
@@ -94,6 +98,49 @@ class LoopCache:
         return self.stored
 
 
+class BlockBuffer:
+    """The ``block_past_key_values`` a MaskKV model returns at a refresh of Fast-dLLM v2's
+    block cache (a refinement call with ``use_block_cache=True`` and no buffer): the block's
+    tokens as the loop sent them, ``(B, b)``, from position ``start``. A small-block call writes
+    its tokens into it at ``replace_position``, as the loop's buffer takes the call's K/V, and
+    runs as a refinement call of the whole block: MaskKV computes the block's rows against its
+    kept prefix, where the released model reuses the other small blocks' K/V of the last
+    refresh. So a small-block call gives what the loop without the block cache would."""
+
+    def __init__(self, tokens: torch.Tensor, start: int):
+        self.tokens, self.start = tokens, start
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.tokens.shape[1]
+
+
+def _whole_block(input_ids, buffered: dict, start: int, where: str):
+    """A small-block call's block: its buffer's tokens with the call's written in at
+    ``replace_position`` (in the buffer too); returns (block (B, b), replace_position)."""
+    buffer, at = buffered["block_past_key_values"], buffered["replace_position"]
+    if not isinstance(buffer, BlockBuffer):
+        raise ValueError(
+            f"{where}: block_past_key_values of type {type(buffer).__name__} was not made by this "
+            "MaskKV model; pass the one it returned at the block's refresh (the call with "
+            "use_block_cache=True and no block_past_key_values)"
+        )
+    batch, n = input_ids.shape
+    at = 0 if at is None else int(at)
+    if (
+        buffer.start != start
+        or buffer.tokens.shape[0] != batch
+        or not 0 <= at <= buffer.tokens.shape[1] - n
+    ):
+        raise ValueError(
+            f"{where}: block_past_key_values holds the block at {buffer.start} of "
+            f"{tuple(buffer.tokens.shape)} tokens, and this call writes {n} tokens of {batch} "
+            f"rows at replace_position={at}; a buffer serves the block of its refresh (the "
+            "loop drops it at each new block)"
+        )
+    buffer.tokens[:, at : at + n] = input_ids
+    return buffer.tokens.clone(), at
+
+
 @dataclass
 class _Stored:
     tokens: torch.Tensor  # (B, P): the tokens the loop has stored in this cache, in order
@@ -154,14 +201,12 @@ class KVLoop:
         mask = kwargs.pop("attention_mask", None)
         positions = kwargs.pop("position_ids", None)
         block_size = kwargs.pop("block_size", None) if protocol.makes_cache else None
-        for name in BLOCK_CACHE_KWARGS if protocol.makes_cache else ():
-            if kwargs.pop(name, None) not in (None, False):
-                raise ValueError(
-                    f"{name}= is not supported by a MaskKV model: Fast-dLLM v2's block cache "
-                    "rewrites a per-block K/V buffer in place at its small-block calls; run "
-                    "batch_sample with use_block_cache=False (each refinement call then sends "
-                    "the whole block, which MaskKV computes against its kept prefix)"
-                )
+        buffered = {name: kwargs.pop(name, None) for name in BLOCK_CACHE_KWARGS}
+        if not protocol.makes_cache and any(v not in (None, False) for v in buffered.values()):
+            raise ValueError(
+                f"{', '.join(BLOCK_CACHE_KWARGS)} are Fast-dLLM v2's block cache keywords, which "
+                f"its loop sends with {UPDATE_FLAG}=; this call sends {STORE_FLAG}= (SDAR's loop)"
+            )
         if cache is None and store:  # the model makes the loop's cache (Fast-dLLM v2)
             cache = LoopCache()
         batch, n = input_ids.shape
@@ -192,10 +237,20 @@ class KVLoop:
                 f"{where}: batch {batch}, but this cache holds {stored.tokens.shape[0]} rows; "
                 "pass a fresh cache object for a new generation"
             )
+        use_buffer, lo, rows = bool(buffered["use_block_cache"]), 0, n
+        if use_buffer and store:
+            raise ValueError(
+                f"{where}: use_block_cache=True on a call that stores its K/V; Fast-dLLM v2's "
+                "block cache serves the refinement calls of one block (its commit passes none)"
+            )
+        if use_buffer and buffered["block_past_key_values"] is not None:  # a small-block call
+            input_ids, lo = _whole_block(input_ids, buffered, start, where)
+            n = input_ids.shape[1]
         if positions is not None:
-            seen = positions.reshape(-1, positions.shape[-1])[0]  # (n,) of the first row
-            if positions.shape[-1] != n or not bool(
-                (positions == torch.arange(start, start + n, device=positions.device)).all()
+            seen = positions.reshape(-1, positions.shape[-1])[0]  # (rows,) of the first row
+            first = start + lo
+            if positions.shape[-1] != rows or not bool(
+                (positions == torch.arange(first, first + rows, device=positions.device)).all()
             ):
                 raise ValueError(
                     f"{where}: position_ids {seen.tolist()} do not continue the {start} tokens "
@@ -239,7 +294,13 @@ class KVLoop:
         out = run(window, {**kwargs, "position_ids": positions}, ends)
         if store:
             stored.tokens = window
-        return self._call_rows(out, start, n, where, cache, protocol, stored)
+        out = self._call_rows(out, start + lo, rows, where, cache, protocol, stored)
+        if use_buffer:  # a refresh makes the buffer, a small-block call passes its own back
+            buffer = buffered["block_past_key_values"]
+            out["block_past_key_values"] = (
+                BlockBuffer(input_ids.clone(), start) if buffer is None else buffer
+            )
+        return out
 
     def _prefill_window(self, input_ids, kwargs, run, stored, cache, block_size):
         """Fast-dLLM v2's prefill: the window [prompt ; one block of mask tokens], whose mask

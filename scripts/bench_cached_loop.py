@@ -6,13 +6,16 @@ steps a block, ``--steps``). ``--loop fastdllm``: Fast-dLLM v2's released ``batc
 without its block cache (``update_past_key_values=``; small blocks of 8, threshold 0.95, which
 on a random-weight model commits about one token a call), MaskKV optimized with
 ``family="dream"`` (its token shift). The plain model runs eager and under
-``torch.compile(dynamic=True)`` (the loop's cache and flag as they are). ``bench-block``'s
+``torch.compile(dynamic=True)`` (the loop's cache and flag as they are). ``--block-cache``: every
+run with Fast-dLLM v2's block cache on (``use_block_cache=True``; a MaskKV model computes each
+small-block call from the whole block, the plain model reuses the block's K/V of the last
+refresh). ``bench-block``'s
 shapes (head_dim 128, four query heads per KV head, hidden 512, 2 layers, vocab 1024, the LM
 head's mask row zeroed: a Qwen3 with SDAR's cache protocol, or a Qwen2 with Fast-dLLM v2's);
 gen 256, blocks of 32. Each run is warmed on one generation, then timed ``--repeats`` times,
 the runs taking turns in each round; the median is reported with every timing, and the ratios
 against both plain runs. Usage: ``python scripts/bench_cached_loop.py [--loop sdar|fastdllm]
-[--prompt-lens 1024 4096 8192] [--repeats 3] [--json PATH]``.
+[--block-cache] [--prompt-lens 1024 4096 8192] [--repeats 3] [--json PATH]``.
 """
 
 import argparse
@@ -35,6 +38,7 @@ def main() -> None:
     parser.add_argument("--prompt-lens", type=int, nargs="+", default=[1024, 4096, 8192])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--block-cache", action="store_true", help="fastdllm: use_block_cache")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -48,14 +52,16 @@ def main() -> None:
     else:
         model = build_model(2, 512, 1024, length, factory=tiny_fastdllm)
         kwargs = dict(block_size=block, max_new_tokens=gen, small_block_size=8, mask_id=MASK_ID)
+        kwargs["use_block_cache"] = args.block_cache
         generate, options = fastdllm_cached_generate, {"family": "dream"}
     compiled = torch.compile(model, dynamic=True)  # the strongest baseline: warmed like the rest
     rows = []
     for prompt_len in args.prompt_lens:
         prompt = torch.randint(0, 1023, (1, prompt_len), generator=torch.Generator().manual_seed(0))
         prompt[prompt == MASK_ID] = 0
+        plain = "its own cache and block cache" if args.block_cache else "its own cache (exact)"
         runs = [
-            ("plain model, its own cache (exact)", model),
+            (f"plain model, {plain}", model),
             ("the same, torch.compile", compiled),
         ]
         runs += [

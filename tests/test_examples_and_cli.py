@@ -62,6 +62,8 @@ def test_block_diffusion_example(script):
         "6. Fast-dLLM v2's cached loop == plain model: True | {'new': 1, 'step': 24, 'extend': 1}"
         in out
     )
+    # its block cache: the same calls (refreshes and small-block calls are steps of the block)
+    assert "with its block cache == without: True | {'new': 1, 'step': 24, 'extend': 1}" in out
 
 
 def test_diffusion_gemma_example(script):

@@ -10,7 +10,10 @@ run unmodified on a MaskKV model (``kv_loop.py``'s ``FAST_DLLM`` protocol).
 * eviction: every refinement call's logits are finite and the cache stays within the budget;
 * seeded sequences of generations with resets and weight changes mixed in leak nothing;
 * Inductor gives eager's tokens under eviction;
-* calls off the protocol (the block cache, blocks the model's mask would cut) are refused.
+* the block cache (``use_block_cache``): refreshes and small-block calls run on the cached path
+  and give the tokens of the loop without it (MaskKV computes the whole block at each call);
+* calls off the protocol (a foreign or outdated block buffer, blocks the model's mask would
+  cut) are refused.
 """
 
 import random
@@ -50,12 +53,13 @@ class _Calls:
     """The loop's calls, logged: (stores, cache given) of each."""
 
     def __init__(self, target):
-        self.target, self.log = target, []
+        self.target, self.log, self.small_block_calls = target, [], 0
 
     def __call__(self, **kwargs):
         self.log.append(
             (bool(kwargs.get("update_past_key_values")), kwargs.get("past_key_values") is not None)
         )
+        self.small_block_calls += kwargs.get("block_past_key_values") is not None
         return self.target(**kwargs)
 
     def cached_read_runs(self) -> int:
@@ -98,8 +102,11 @@ def test_full_budget_gives_the_plain_loops_tokens_on_the_cached_path(pair, seed)
     reference = fastdllm_cached_generate(model, prompt, **kwargs)
     optimized.reset()
     calls = _Calls(optimized)
-    got = fastdllm_cached_generate(model, prompt, call=calls, **kwargs)
-    assert torch.equal(got, reference), kwargs
+    # with the block cache on, MaskKV computes each small-block call from the whole block: the
+    # tokens of the loop without it
+    block_cache = rng.random() < 0.5
+    got = fastdllm_cached_generate(model, prompt, call=calls, use_block_cache=block_cache, **kwargs)
+    assert torch.equal(got, reference), (kwargs, block_cache)
     stats = optimized.cache_stats()
     transitions = stats["transitions"]
     assert stats["fallbacks"] == {}
@@ -177,7 +184,8 @@ def test_under_eviction_the_prefill_keeps_what_the_window_loops_first_call_keeps
     assert all(max(map(len, kept_positions(c)[0])) == 5 for c in ours)  # evicted to the budget
 
 
-def test_under_eviction_every_step_has_real_logits_and_the_cache_stays_bounded():
+@pytest.mark.parametrize("block_cache", [False, True], ids=["whole block", "block cache"])
+def test_under_eviction_every_step_has_real_logits_and_the_cache_stays_bounded(block_cache):
     model = _model(torch.float32)
     optimized = _optimize(model, 6)
     seen = []
@@ -191,6 +199,7 @@ def test_under_eviction_every_step_has_real_logits_and_the_cache_stays_bounded()
 
     prompt = _prompt(1, 37, seed=2)
     kwargs = dict(block_size=8, max_new_tokens=24, small_block_size=4, mask_id=MASK)
+    kwargs["use_block_cache"] = block_cache
     out = fastdllm_cached_generate(model, prompt, call=call, **kwargs)
     assert out.shape[1] >= 37 + 24 - 8 and not (out == MASK).any()
     assert seen and all(seen)
@@ -216,6 +225,100 @@ def test_inductor_matches_eager_on_the_cached_loop_under_eviction():
         assert stats["transitions"]["new"] == 1 and stats["transitions"]["extend"] >= 2, stats
         assert stats["fallbacks"] == {}
     assert torch.equal(runs["inductor"], runs["eager"])
+
+
+def test_the_stand_ins_block_cache_reuses_the_refreshs_buffer():
+    """The reference the block-cache tests stand on: a small-block call right after a refresh
+    of the same tokens gives the refresh's rows; after the block's other tokens change, it
+    still sees the refresh's K/V of them (the released approximation), a whole call does not."""
+    model = _model()
+    block = _prompt(1, 8, seed=11)
+    read = dict(use_cache=True, update_past_key_values=False, use_block_cache=True)
+    refresh = model(input_ids=block, **read)
+    small = model(
+        input_ids=block[:, 4:],
+        block_past_key_values=refresh.block_past_key_values,
+        replace_position=4,
+        **read,
+    )
+    torch.testing.assert_close(small.logits, refresh.logits[:, 4:])
+    changed = block.clone()
+    changed[:, :4] = MASK
+    stale = model(
+        input_ids=changed[:, 4:],
+        block_past_key_values=refresh.block_past_key_values,
+        replace_position=4,
+        **read,
+    )
+    fresh = model(input_ids=changed, use_cache=True, update_past_key_values=False)
+    torch.testing.assert_close(stale.logits, small.logits)
+    assert not torch.allclose(fresh.logits[:, 4:], small.logits)
+
+
+def test_the_block_cache_runs_small_block_calls_on_the_cached_path(pair):
+    """Fast-dLLM v2 with ``use_block_cache=True``: refreshes and small-block calls are steps of
+    the block's window, and the tokens are the loop's without the block cache (at full budget;
+    the plain model's own block cache reuses stale K/V and may differ)."""
+    model, optimized = pair
+    prompt = _prompt(2, 70, seed=12)
+    kwargs = dict(block_size=32, max_new_tokens=64, small_block_size=8, mask_id=MASK)
+    kwargs["threshold"] = 0.3
+    reference = fastdllm_cached_generate(model, prompt, **kwargs)
+    optimized.reset()
+    calls = _Calls(optimized)
+    got = fastdllm_cached_generate(model, prompt, call=calls, use_block_cache=True, **kwargs)
+    assert torch.equal(got, reference)
+    stats = optimized.cache_stats()
+    assert calls.small_block_calls > 0 and stats["fallbacks"] == {}
+    # the prefill, the second block's first call extends, every other call is a step
+    assert dict(stats["transitions"]) == {"new": 1, "step": len(calls.log) - 2, "extend": 1}
+
+
+def test_block_cache_calls_off_the_protocol_are_refused(pair):
+    model, optimized = pair
+    optimized.reset()
+    prompt = _prompt(1, 32, seed=13)
+    cache = optimized(
+        input_ids=prompt, use_cache=True, update_past_key_values=True, block_size=8
+    ).past_key_values
+    block = torch.full((1, 8), MASK)
+    read = dict(use_cache=True, past_key_values=cache, update_past_key_values=False)
+    refresh = optimized(input_ids=block, use_block_cache=True, **read)
+    buffer = refresh.block_past_key_values
+    assert buffer.get_seq_length() == 8
+    theirs = model(input_ids=block, use_block_cache=True, use_cache=True).block_past_key_values
+    with pytest.raises(ValueError, match="DynamicCache was not made by this MaskKV model"):
+        optimized(
+            input_ids=block[:, :4], use_block_cache=True, block_past_key_values=theirs, **read
+        )
+    with pytest.raises(ValueError, match="replace_position=6"):
+        optimized(
+            input_ids=block[:, :4],
+            use_block_cache=True,
+            block_past_key_values=buffer,
+            replace_position=6,
+            **read,
+        )
+    with pytest.raises(ValueError, match="use_block_cache=True on a call that stores"):
+        optimized(
+            input_ids=_prompt(1, 8, seed=14),
+            use_cache=True,
+            past_key_values=cache,
+            update_past_key_values=True,
+            use_block_cache=True,
+        )
+    finished = _prompt(1, 8, seed=15)
+    optimized(
+        input_ids=finished, use_cache=True, past_key_values=cache, update_past_key_values=True
+    )
+    with pytest.raises(ValueError, match="holds the block at 32"):  # the buffer of a block done
+        optimized(
+            input_ids=block[:, :4],
+            use_block_cache=True,
+            block_past_key_values=buffer,
+            replace_position=0,
+            **read,
+        )
 
 
 def test_a_row_that_stops_ends_the_loop_as_on_the_plain_model(pair):
@@ -265,10 +368,6 @@ def test_calls_off_the_protocol_are_refused_with_what_was_seen(pair):
     in_place = maskkv_compile.optimize(model, budget=10**6, backend="eager", mask_token_id=MASK)
     with pytest.raises(ValueError, match='would be zeros: optimize with family="dream"'):
         in_place(input_ids=prompt, use_cache=True, update_past_key_values=True, block_size=8)
-    with pytest.raises(ValueError, match="use_block_cache= is not supported"):
-        optimized(
-            input_ids=prompt, use_cache=True, update_past_key_values=False, use_block_cache=True
-        )
     with pytest.raises(ValueError, match="block_size=8 does not divide its 12 tokens"):
         optimized(
             input_ids=prompt[:, :12], use_cache=True, update_past_key_values=True, block_size=8
