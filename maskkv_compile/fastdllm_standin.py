@@ -152,10 +152,9 @@ def fastdllm_cached_generate(
     ``update_past_key_values=True``, and its last row gives the next token of the rows whose
     prompt ended in the block (a longer prompt keeps its own token there). A row that commits
     ``stop_token`` is finished: its later blocks are ``pad_id``; the loop ends when every row
-    is. Unlike the released loop, finished
-    rows stay in the batch (it slices them out of the cache's ``key_cache`` lists, which
-    transformers 5's ``DynamicCache`` no longer has); the other rows' tokens are the same.
-    ``call`` (default ``model``) is what the loop calls."""
+    is. Unlike the released loop, finished rows stay in the batch (it slices them out of the
+    cache's ``key_cache`` lists, which transformers 5's ``DynamicCache`` no longer has); the
+    other rows' tokens are the same. ``call`` (default ``model``) is what the loop calls."""
     if block_size % small_block_size:
         raise ValueError(f"small_block_size {small_block_size} must divide {block_size}")
     call = call if call is not None else model

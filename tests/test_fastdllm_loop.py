@@ -22,6 +22,7 @@ import pytest
 import torch
 from block_loops import block_causal_mask
 from helpers import kept_positions
+from transformers import DynamicCache
 
 import maskkv_compile
 from maskkv_compile.fastdllm_standin import fastdllm_cached_generate, tiny_fastdllm
@@ -318,6 +319,13 @@ def test_block_cache_calls_off_the_protocol_are_refused(pair):
             block_past_key_values=buffer,
             replace_position=0,
             **read,
+        )
+    with pytest.raises(ValueError, match="block cache keywords.*sends store_kv="):  # SDAR's
+        optimized(
+            input_ids=block,
+            past_key_values=DynamicCache(),
+            store_kv=False,
+            use_block_cache=True,
         )
 
 
