@@ -212,22 +212,23 @@ def fastdllm_cached_generate(
                     if not bool(masked.any()):
                         break
                     read = dict(use_cache=True, past_key_values=cache, update_past_key_values=False)
-                    if use_block_cache and buffer is not None and not bool(masked[:, 0].any()):
-                        logits = call(  # a small-block call: (B, sbs, V)
+                    small = use_block_cache and buffer is not None and not bool(masked[:, 0].any())
+                    if small:  # only the small block: (B, sbs, V)
+                        out = call(
                             input_ids=block[:, lo:hi],
                             use_block_cache=True,
                             block_past_key_values=buffer,
                             replace_position=lo,
                             **read,
-                        ).logits
-                        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+                        )
+                    elif use_block_cache:  # a refresh: the whole block, and its buffer
+                        out = call(input_ids=block, use_block_cache=True, **read)
+                        buffer = out.block_past_key_values
                     else:  # the whole block: (B, bs, V)
-                        if use_block_cache:
-                            out = call(input_ids=block, use_block_cache=True, **read)
-                            buffer = out.block_past_key_values
-                        else:
-                            out = call(input_ids=block, **read)
-                        logits = torch.cat([out.logits[:, :1], out.logits[:, :-1]], dim=1)
+                        out = call(input_ids=block, **read)
+                    # position j takes row j - 1 (position 0 row 0) of the rows the call sent
+                    logits = torch.cat([out.logits[:, :1], out.logits[:, :-1]], dim=1)
+                    if not small:
                         logits = logits[:, lo:hi]
                     confidence, token = logits.float().softmax(-1).max(-1)  # (B, sbs)
                     confidence = confidence.masked_fill(~masked, -torch.inf)

@@ -81,3 +81,15 @@ def check_invariants(results: dict, policies, budgets, sample_ids):
                 if budget != FULL and 4 * budget <= prompt_len:
                     kept = cells[f"{policy}@{budget}"][sid]["kept"]
                     assert budget - 1e-9 <= kept <= 1.1 * budget, (policy, budget, kept)
+
+
+def reset_or_perturb(action: str, rng, model, optimized) -> bool:
+    """The actions of a seeded call sequence that generate nothing: ``"reset"`` resets the
+    optimized model, ``"weights"`` scales one of the first two layers' MLP weights in place (a
+    weight change between calls). True when ``action`` was one of them."""
+    if action == "reset":
+        optimized.reset()
+    elif action == "weights":
+        with torch.no_grad():
+            model.model.layers[rng.randrange(2)].mlp.up_proj.weight.mul_(1.05)
+    return action in ("reset", "weights")

@@ -21,7 +21,7 @@ import random
 import pytest
 import torch
 from block_loops import block_causal_mask
-from helpers import kept_positions
+from helpers import kept_positions, reset_or_perturb
 from transformers import DynamicCache
 
 import maskkv_compile
@@ -353,12 +353,7 @@ def test_random_sequences_of_generations_leak_nothing(seed):
     optimized = _optimize(model, 10**6)
     for _ in range(10):
         action = rng.choice(["generate", "generate", "generate", "reset", "weights"])
-        if action == "reset":
-            optimized.reset()
-            continue
-        if action == "weights":
-            with torch.no_grad():
-                model.model.layers[rng.randrange(2)].mlp.up_proj.weight.mul_(1.05)
+        if reset_or_perturb(action, rng, model, optimized):
             continue
         block = rng.choice([4, 8])
         prompt = _prompt(rng.choice([1, 2]), rng.randint(2, 3 * block + 1), rng.randrange(100))

@@ -14,6 +14,7 @@ import random
 import pytest
 import torch
 from block_loops import block_causal_mask, sdar_generate
+from helpers import reset_or_perturb
 
 import maskkv_compile
 from maskkv_compile.sdar_standin import sdar_cached_generate, tiny_sdar
@@ -196,12 +197,7 @@ def test_random_sequences_of_generations_leak_nothing(seed):
     optimized = maskkv_compile.optimize(model, budget=10**6, backend="eager")
     for _ in range(12):
         action = rng.choice(["cached", "cached", "window", "reset", "weights"])
-        if action == "reset":
-            optimized.reset()
-            continue
-        if action == "weights":
-            with torch.no_grad():
-                model.model.layers[rng.randrange(2)].mlp.up_proj.weight.mul_(1.05)
+        if reset_or_perturb(action, rng, model, optimized):
             continue
         block = rng.choice([4, 8])
         prompt = _prompt(rng.choice([1, 2]), rng.randint(2, 2 * block + 3), rng.randrange(100))
