@@ -14,8 +14,8 @@ on the growing window [prompt ; finished blocks ; current block] with a block-ca
 6. Fast-dLLM v2's released loop (``batch_sample``): its own cache too,
    ``update_past_key_values=`` on the prefill and commits, the prefill's and each commit's last
    row read as the next block's first token (``maskkv_compile.fastdllm_standin``); then with its
-   block cache on, whose small-block calls MaskKV computes as the whole block (so the tokens
-   are those of the loop without it).
+   block cache on: a refresh keeps the block's K/V, a small-block call computes only its own
+   rows against them (``block_refresh`` and ``block_step``), as the released model does.
 
 At a budget above the prompt each equals the plain model token for token; at a small budget the
 prefix cache keeps the entries the block's mask tokens voted for, and each new block's votes
@@ -131,9 +131,9 @@ print(
 exact.reset()
 same = torch.equal(
     fastdllm_cached_generate(exact, long_prompt, use_block_cache=True, **loop),
-    fastdllm_cached_generate(fast, long_prompt, **loop),
+    fastdllm_cached_generate(fast, long_prompt, use_block_cache=True, **loop),
 )
-print("   with its block cache == without:", same, "|", exact.cache_stats()["transitions"])
+print("   with its block cache == plain model:", same, "|", exact.cache_stats()["transitions"])
 evicting = maskkv_compile.optimize(fast, budget=32, backend="eager", family="dream")
 out = fastdllm_cached_generate(evicting, long_prompt, use_block_cache=True, **loop)
 kept = evicting.cache_stats()["layers"][0]["kept_per_kv_head"]

@@ -187,7 +187,11 @@ class MaskKVModel(torch.nn.Module):
             )
         if kv_loop is not None:  # a loop that keeps its own cache: its calls as windows
             return self._kv_loop(
-                input_ids, kwargs, lambda ids, kw, ends: self._run(ids, kw, None, ends), kv_loop
+                input_ids,
+                kwargs,
+                lambda ids, kw, ends: self._run(ids, kw, None, ends),
+                kv_loop,
+                plain=self.wrapped,
             )
         two_d = isinstance(kwargs.get("attention_mask"), torch.Tensor) and (
             kwargs["attention_mask"].dim() == 2
@@ -290,7 +294,9 @@ class MaskKVModel(torch.nn.Module):
     def cache_stats(self) -> dict:
         """The last prompt's cache (kept tokens per layer and KV head, bytes held, lengths), and
         the counts (prefills, steps, transitions, fallbacks, revotes) summed over every runtime
-        of the model (``runtime_counts`` has them per runtime)."""
+        of the model (``runtime_counts`` has them per runtime). ``plain_calls``: calls a loop
+        that keeps its own cache made before anything was stored, which ran on the unoptimized
+        model (``kv_loop.KVLoop``: Fast-dLLM v2's block cache on a block without a prefix)."""
         if self._last_runtime is None:
             return {
                 "prompt_len": 0,
@@ -298,6 +304,7 @@ class MaskKVModel(torch.nn.Module):
                 "bytes": 0,
                 **MaskKVRuntime.count_stats(Counts()),
                 "runtime_counts": [],
+                "plain_calls": self._kv_loop.plain_calls,
             }
         stats = self.runtime.cache_stats()
         total = Counts()
@@ -307,6 +314,7 @@ class MaskKVModel(torch.nn.Module):
         stats["runtime_counts"] = [
             MaskKVRuntime.count_stats(r.counts) for r in self.backend.runtimes
         ]
+        stats["plain_calls"] = self._kv_loop.plain_calls
         return stats
 
     def explain_budgets(self) -> str:

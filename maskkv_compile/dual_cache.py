@@ -234,13 +234,13 @@ class DualCache(Feature):
         state = session.state[self.name]
         if plan.leave_dual_cache:
             state.positions, state.block, state.fallback = None, None, plan.fallback
-        if plan.transition is Transition.BLOCK_STEP:
+        if plan.transition is Transition.BLOCK_STEP and state.block is not None:
             return StepView(state.block.layout, state.block.layers, state.block)
-        return None
+        return None  # (a BLOCK_STEP of a block-causal window is the block cache's)
 
     def step_outputs(self, session: Session, plan: Plan, named: dict) -> None:
-        if plan.transition is Transition.BLOCK_REFRESH:
-            state = session.state[self.name]
+        state = session.state[self.name]
+        if plan.transition is Transition.BLOCK_REFRESH and state.positions is not None:
             state.block = build_block_cache(
                 plan.block,
                 state.block_length,

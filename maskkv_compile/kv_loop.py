@@ -33,8 +33,12 @@ appends its tokens to what the cache holds. The loop's cache object is never wri
 holds the K/V, and the object stays empty. Fast-dLLM v2's block cache (``use_block_cache``)
 runs on the same windows: a refresh (the whole block, no buffer) also returns a
 :class:`BlockBuffer` of the block's tokens, and a small-block call (its tokens, that buffer,
-``replace_position``) writes its tokens into the buffer and runs the whole block, returning the
-small block's rows: the block is computed whole, never from stale K/V.
+``replace_position``) writes its tokens into the buffer and runs on the whole block's window,
+returning the small block's rows. The runtime computes only those rows, against the kept prefix
+and the K/V of the block's other rows as of the refresh, as the released model does
+(``block_buffer.py``); where it does not hold them, it computes the whole block. A block-cache
+call before anything is stored (a prompt of one block or less, which the loop does not
+prefill) has no prefix to cache or evict: it runs on the unoptimized model (``plain``).
 
 Invariants, each checked with an error naming what was seen: the call's positions continue what
 the cache holds (a cache is one generation); the block length is the first refinement call's
@@ -52,6 +56,7 @@ from typing import Callable, Optional
 
 import torch
 
+from maskkv_compile.block_buffer import BufferCall, buffer_call
 from maskkv_compile.mask_rule import grid_ends
 from maskkv_compile.masks import grid_block_ends
 
@@ -103,9 +108,8 @@ class BlockBuffer:
     block cache (a refinement call with ``use_block_cache=True`` and no buffer): the block's
     tokens as the loop sent them, ``(B, b)``, from position ``start``. A small-block call writes
     its tokens into it at ``replace_position``, as the loop's buffer takes the call's K/V, and
-    runs as a refinement call of the whole block: MaskKV computes the block's rows against its
-    kept prefix, where the released model reuses the other small blocks' K/V of the last
-    refresh. So a small-block call gives what the loop without the block cache would."""
+    runs on the window of the whole block; the K/V of the block's rows live in the runtime's
+    session, keyed by this object (``block_buffer.py``)."""
 
     def __init__(self, tokens: torch.Tensor, start: int):
         self.tokens, self.start = tokens, start
@@ -175,9 +179,11 @@ class KVLoop:
         self.logits_shift = logits_shift  # the family's: 1 computes the row before the block
         self.logits_like = logits_like  # () -> (vocabulary size, logits dtype) of the model
         self._stored: "weakref.WeakKeyDictionary[object, _Stored]" = weakref.WeakKeyDictionary()
+        self.plain_calls = 0  # calls run on the unoptimized model (``__call__``'s ``plain``)
 
     def reset(self) -> None:
         self._stored.clear()
+        self.plain_calls = 0
 
     def __call__(
         self,
@@ -185,9 +191,23 @@ class KVLoop:
         kwargs: dict,
         run: Callable[[torch.Tensor, dict, torch.Tensor], object],
         protocol: Protocol = SDAR,
+        plain: Optional[Callable[..., object]] = None,
     ):
         """The call, routed as its window: ``run(window_ids, kwargs, key_end)`` runs the model
-        on the window (block ends ``key_end``, no padding) and returns its output."""
+        on the window (block ends ``key_end``, no padding) and returns its output.
+        ``plain(input_ids, **kwargs)`` runs the unoptimized model: Fast-dLLM v2's block-cache
+        calls on a block before anything is stored (a prompt of one block or less, which the
+        loop does not prefill) go there, block cache and all: with no prefix, MaskKV has nothing
+        to cache or evict, and the released model's buffer is what such a call reads."""
+        if (
+            plain is not None
+            and protocol.makes_cache
+            and kwargs.get("use_block_cache")
+            and not kwargs.get(protocol.flag)
+            and self._stored_tokens(kwargs.get("past_key_values")) == 0
+        ):
+            self.plain_calls += 1
+            return plain(input_ids, **kwargs)
         if protocol.reads_prefill and not self.logits_shift:
             raise ValueError(
                 f"{protocol.flag}= (Fast-dLLM v2's batch_sample) reads the next block's first "
@@ -243,9 +263,13 @@ class KVLoop:
                 f"{where}: use_block_cache=True on a call that stores its K/V; Fast-dLLM v2's "
                 "block cache serves the refinement calls of one block (its commit passes none)"
             )
+        marked = None  # what the call is to the block cache (block_buffer.py)
         if use_buffer and buffered["block_past_key_values"] is not None:  # a small-block call
             input_ids, lo = _whole_block(input_ids, buffered, start, where)
+            marked = BufferCall(buffered["block_past_key_values"], lo, rows)
             n = input_ids.shape[1]
+        elif use_buffer:  # a refresh: the buffer it returns
+            marked = BufferCall(BlockBuffer(input_ids.clone(), start))
         if positions is not None:
             seen = positions.reshape(-1, positions.shape[-1])[0]  # (rows,) of the first row
             first = start + lo
@@ -291,16 +315,25 @@ class KVLoop:
             _check_block_size(block_size, block, where)
         ends = grid_ends(start + n, block, input_ids.device)
         positions = torch.arange(start + n, device=input_ids.device).expand(batch, -1)
-        out = run(window, {**kwargs, "position_ids": positions}, ends)
+        with buffer_call(marked):
+            out = run(window, {**kwargs, "position_ids": positions}, ends)
         if store:
             stored.tokens = window
         out = self._call_rows(out, start + lo, rows, where, cache, protocol, stored)
-        if use_buffer:  # a refresh makes the buffer, a small-block call passes its own back
-            buffer = buffered["block_past_key_values"]
-            out["block_past_key_values"] = (
-                BlockBuffer(input_ids.clone(), start) if buffer is None else buffer
-            )
+        if marked is not None:  # a refresh makes the buffer, a small-block call passes it back
+            out["block_past_key_values"] = marked.buffer
         return out
+
+    def _stored_tokens(self, cache) -> int:
+        """How many tokens the loop's cache object holds: what this model stored in it, or for
+        an object it has not seen (None: 0) what the object says."""
+        try:
+            stored = None if cache is None else self._stored.get(cache)
+        except TypeError:  # no weak reference: refused where the call is routed
+            return -1
+        if stored is not None:
+            return stored.tokens.shape[1]
+        return cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
 
     def _prefill_window(self, input_ids, kwargs, run, stored, cache, block_size):
         """Fast-dLLM v2's prefill: the window [prompt ; one block of mask tokens], whose mask

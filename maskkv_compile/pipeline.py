@@ -11,9 +11,10 @@ the response K/V); otherwise it runs on a copy, ``step_kv``, which block diffusi
 With ``config.revote`` the prefill also runs KeepPromptKV (each layer's prompt K/V as outputs: the
 second tier). A third graph is derived from the step graph, the one that re-selects (from the
 second tier with ``revote``; from each head's [kept prefix ; finished block] at a block
-diffusion window's growth otherwise); it is compiled only if it runs:
+diffusion window's growth otherwise), with the response K/V out as ``step_kv``; it is compiled
+only if it runs:
 
-                                                     step --> revote (RevoteKV)
+                                                     step_kv --> revote (RevoteKV)
 
 Each derived graph is a copy, so the canonical graph stays available to ``explain``.
 """
@@ -171,8 +172,10 @@ def build_graphs(gm: fx.GraphModule, config: MaskKVConfig, *, strict: bool = Tru
         "step": step_passes.records,
     }
     # the step graph that re-selects (revote.py: from the second tier; block_diffusion.py:
-    # from each head's [kept prefix ; finished block]); runs only when the runtime asks for it
-    revote = copy_graph_module(step)
+    # from each head's [kept prefix ; finished block]); runs only when the runtime asks for it.
+    # It returns the computed rows' K/V too: a block's first step, which re-selects, is also
+    # where Fast-dLLM v2's block cache takes the block's K/V (block_buffer.py)
+    revote = copy_graph_module(step_kv)
     revote_passes = PassManager("revote", [RevoteKVPass(config)])
     revote_passes(revote)
     records["revote"] = revote_passes.records

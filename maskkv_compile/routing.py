@@ -29,7 +29,11 @@ The rules, in the order they are tried:
    A loop that committed a token outside the cached block since the last call does not
    follow the block grid: the session leaves the dual cache (``Fallback``), and the call
    is a plain STEP. ``revote`` marks the plan (``Plan.revote``) at a due step
-   (every k-th step) or block refresh (``revote="block"``).
+   (every k-th step) or block refresh (``revote="block"``). Fast-dLLM v2's block cache
+   (``block_buffer.py``) says what a call is itself (``CallFacts.block_buffer``): a refresh
+   is a BLOCK_REFRESH, a small-block call a BLOCK_STEP when the session holds its buffer's
+   K/V and no re-vote is due, else a STEP of the whole block (``Fallback.BLOCK_BUFFER_LOST``
+   when the buffer is not held).
 6. EXTEND: a block-causal call (block diffusion) that is a live block session's window grown
    by one block (same prefix, the old window's block ends kept, one new block) extends it
    (tried before CONTINUE when the continued session is older than the grown one, or the call
@@ -63,10 +67,10 @@ class Transition(str, enum.Enum):
     RESTART = "restart"  # prefill of a new generation of a live session's prompt
     REFRESH = "refresh"  # prefill on a live session's layout (``prompt_refresh``)
     STEP = "step"  # the step graph over every computed row
-    BLOCK_REFRESH = (
-        "block_refresh"  # the step graph over every row; the block's dual cache is built
-    )
-    BLOCK_STEP = "block_step"  # the step graph over the current block's rows
+    # the step graph over every row; the block's dual cache (or block-cache buffer) is built
+    BLOCK_REFRESH = "block_refresh"
+    # the step graph over the current block's (or small block's) rows
+    BLOCK_STEP = "block_step"
     EXTEND = "extend"  # a block-causal window grown by one block (``Plan.session``'s)
     UNCACHED = "uncached"  # a prefill whose session cannot be kept (``Plan.reason`` says why)
 
@@ -107,6 +111,12 @@ class Fallback(str, enum.Enum):
         "blocks too, or refines a block that is not the last): it ran whole, without a cache; "
         "call the model on the window [prompt ; finished blocks ; current block]"
     )
+    BLOCK_BUFFER_LOST = (
+        "a small-block call of Fast-dLLM v2's block cache came to a session that does not hold "
+        "its buffer's K/V (the buffer is another session's, or its block was prefilled again: "
+        "another prompt, reset(), a weight change): the whole block was computed, as without "
+        "the block cache"
+    )
     RAGGED_BLOCKS = (
         "the dual cache is off for this prompt: rows have different numbers of response "
         "positions; plain steps run"
@@ -121,6 +131,7 @@ class SessionState:
     cached_block: Optional[int]  # the block whose dual cache is built (None: none)
     dual_cache: bool  # the dual cache applies to it
     weights: object  # the weight signature of its prefill
+    buffer_held: bool = False  # it holds the K/V of the call's block-cache buffer
 
 
 @dataclass(frozen=True)
@@ -140,6 +151,7 @@ class SessionFacts:
 class CallFacts:
     weights: object  # the weight signature now
     dropped: Optional[Fallback] = None  # the call continues a session this runtime dropped, and why
+    block_buffer: Optional[str] = None  # Fast-dLLM v2's block cache: "refresh" or "small"
 
 
 @dataclass(frozen=True)
@@ -195,6 +207,15 @@ def decide(
         and state.steps_since_prefill + 1 >= schedule.prompt_refresh
     ):
         return Plan(Transition.REFRESH, match, stale=stale)
+    every = schedule.revote if isinstance(schedule.revote, int) else None
+    due = every is not None and (state.steps_since_prefill + 1) % every == 0
+    if call.block_buffer == "refresh":
+        return Plan(Transition.BLOCK_REFRESH, match, revote=due, stale=stale)
+    if call.block_buffer == "small":
+        if state.buffer_held and not due:
+            return Plan(Transition.BLOCK_STEP, match, stale=stale)
+        lost = None if state.buffer_held else Fallback.BLOCK_BUFFER_LOST
+        return Plan(Transition.STEP, match, revote=due, stale=stale, fallback=lost)
     if state.dual_cache and fact.off_grid:
         return Plan(
             Transition.STEP,
@@ -213,8 +234,6 @@ def decide(
             revote=schedule.revote == "block",
             stale=stale,
         )
-    every = schedule.revote if isinstance(schedule.revote, int) else None
-    due = every is not None and (state.steps_since_prefill + 1) % every == 0
     return Plan(Transition.STEP, match, revote=due, stale=stale)
 
 

@@ -16,7 +16,8 @@ Each call goes through three stages, each in one place:
    facts; every rule is written there, in order, with its reason.
 3. **Execution**: a prefill (NEW, RESTART, REFRESH, UNCACHED) or a step (STEP,
    BLOCK_REFRESH, BLOCK_STEP), with the features (``dual_cache.DualCache``,
-   ``revote.Revote``) plugged in at their hooks (``session.Feature``). Graph inputs and
+   ``revote.Revote``, ``block_diffusion.BlockReselect``, ``block_buffer.BlockBufferCache``)
+   plugged in at their hooks (``session.Feature``). Graph inputs and
    outputs are found by name (``passes.base.append_outputs``), never by position.
 
 Returned logits are (B, S, V) like the original model's: each row's response rows (and,
@@ -53,6 +54,7 @@ from typing import Optional
 
 import torch
 
+from maskkv_compile.block_buffer import BlockBufferCache, current_call
 from maskkv_compile.block_diffusion import (
     BlockReselect,
     append_block,
@@ -186,8 +188,11 @@ class MaskKVRuntime:
         self.weight_pos = [i for i in tensors if is_weight(names[i])]
         self.other_pos = [i for i in tensors if not is_weight(names[i])]
         self.routing = Schedule(prompt_refresh=config.prompt_refresh, revote=config.revote)
-        # in hook order: re-selection first, so the dual cache merges the new selection
-        self.features = []
+        # in hook order: Fast-dLLM v2's block cache first, so a re-selecting graph wins over its
+        # step_kv (it returns the K/V too); re-selection before the dual cache, so the dual
+        # cache merges the new selection
+        self.block_buffer = BlockBufferCache()
+        self.features = [self.block_buffer]
         if config.revote is not None:
             self.features.append(
                 Revote(
@@ -382,13 +387,14 @@ class MaskKVRuntime:
         came_back = any(f is not None and (f.get("continues") or f.get("extends")) for f in dropped)
         return facts, Fallback.SESSION_DROPPED if came_back else None
 
-    def _state(self, session: Session) -> SessionState:
+    def _state(self, session: Session, buffered) -> SessionState:
         dual = self.dual is not None and self.dual.active(session)
         return SessionState(
             session.steps_since_prefill,
             self.dual.cached_block(session) if dual else None,
             dual,
             session.weights,
+            buffer_held=self.block_buffer.holds(session, buffered),
         )
 
     # -- 2. decision, 3. execution ------------------------------------------------------------
@@ -396,10 +402,12 @@ class MaskKVRuntime:
         with torch.no_grad():
             call = self._call(args)
             facts, dropped = self._facts(call)
+            buffered = current_call()
+            buffer_kind = None if buffered is None else buffered.kind
             plan = decide(
-                [self._state(s) for s in self.sessions],
+                [self._state(s, buffered) for s in self.sessions],
                 facts,
-                CallFacts(call.weights, dropped),
+                CallFacts(call.weights, dropped, block_buffer=buffer_kind),
                 self.routing,
             )
             session, plan = self._session_for(plan, call)

@@ -7,9 +7,9 @@ without its block cache (``update_past_key_values=``; small blocks of 8, thresho
 on a random-weight model commits about one token a call), MaskKV optimized with
 ``family="dream"`` (its token shift). The plain model runs eager and under
 ``torch.compile(dynamic=True)`` (the loop's cache and flag as they are). ``--block-cache``: every
-run with Fast-dLLM v2's block cache on (``use_block_cache=True``; a MaskKV model computes each
-small-block call from the whole block, the plain model reuses the block's K/V of the last
-refresh). ``bench-block``'s
+run with Fast-dLLM v2's block cache on (``use_block_cache=True``: a small-block call computes
+its rows against the block's K/V of the last refresh, on the plain model and on MaskKV models
+alike). ``bench-block``'s
 shapes (head_dim 128, four query heads per KV head, hidden 512, 2 layers, vocab 1024, the LM
 head's mask row zeroed: a Qwen3 with SDAR's cache protocol, or a Qwen2 with Fast-dLLM v2's);
 gen 256, blocks of 32. Each run is warmed on one generation, then timed ``--repeats`` times,

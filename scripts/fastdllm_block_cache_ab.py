@@ -1,7 +1,9 @@
-"""What Fast-dLLM v2's block cache costs a MaskKV model, side by side in one process: the same
+"""What Fast-dLLM v2's block cache does for a MaskKV model, side by side in one process: the same
 optimized model (budget 256, ``bench_cached_loop.py``'s shapes) runs ``batch_sample`` with and
-without ``use_block_cache``, alternating, three runs each after a warm-up; prints the timings
-and the ratio of medians. Usage: ``python scripts/fastdllm_block_cache_ab.py [prompt_len]``.
+without ``use_block_cache``, alternating, three runs each after a warm-up. The two loops make
+other calls (a small-block call commits other tokens than a whole-block one), so each run's
+transitions and seconds per call are printed with the ratio of median seconds. Usage:
+``python scripts/fastdllm_block_cache_ab.py [prompt_len]``.
 """
 
 import statistics
@@ -25,6 +27,7 @@ def main(prompt_len: int = 4096) -> None:
     kwargs = dict(block_size=32, max_new_tokens=256, small_block_size=8, mask_id=MASK_ID)
     net = maskkv_compile.optimize(model, budget=256, family="dream")
     seconds = {False: [], True: []}
+    transitions = {}
     for rounds in (1, 3):  # a warm-up round, then the timed ones
         for _ in range(rounds):
             for block_cache in (False, True):
@@ -33,10 +36,16 @@ def main(prompt_len: int = 4096) -> None:
                 fastdllm_cached_generate(net, prompt, use_block_cache=block_cache, **kwargs)
                 if rounds == 3:
                     seconds[block_cache].append(time.perf_counter() - start)
+                transitions[block_cache] = dict(net.cache_stats()["transitions"])
     for block_cache, times in seconds.items():
-        print(f"use_block_cache={block_cache}: " + " / ".join(f"{t:.2f}" for t in times) + " s")
-    ratio = statistics.median(seconds[True]) / statistics.median(seconds[False])
-    print(f"with / without: {ratio:.2f}x")
+        calls = sum(transitions[block_cache].values())
+        per_call = 1e3 * statistics.median(times) / calls
+        print(
+            f"use_block_cache={block_cache}: " + " / ".join(f"{t:.2f}" for t in times) + " s, "
+            f"{calls} calls ({per_call:.1f} ms a call) {transitions[block_cache]}"
+        )
+    ratio = statistics.median(seconds[False]) / statistics.median(seconds[True])
+    print(f"without / with: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -62,8 +62,12 @@ def test_block_diffusion_example(script):
         "6. Fast-dLLM v2's cached loop == plain model: True | {'new': 1, 'step': 24, 'extend': 1}"
         in out
     )
-    # its block cache: the same calls (refreshes and small-block calls are steps of the block)
-    assert "with its block cache == without: True | {'new': 1, 'step': 24, 'extend': 1}" in out
+    # its block cache: refreshes keep the block's K/V, small-block calls compute their 8 rows;
+    # the two commits are steps, the second block's first call (a refresh) extends
+    assert (
+        "with its block cache == plain model: True | {'new': 1, 'block_refresh': 7, "
+        "'block_step': 15, 'step': 2, 'extend': 1}" in out
+    )
 
 
 def test_diffusion_gemma_example(script):

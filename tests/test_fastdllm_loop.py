@@ -10,8 +10,12 @@ run unmodified on a MaskKV model (``kv_loop.py``'s ``FAST_DLLM`` protocol).
 * eviction: every refinement call's logits are finite and the cache stays within the budget;
 * seeded sequences of generations with resets and weight changes mixed in leak nothing;
 * Inductor gives eager's tokens under eviction;
-* the block cache (``use_block_cache``): refreshes and small-block calls run on the cached path
-  and give the tokens of the loop without it (MaskKV computes the whole block at each call);
+* the block cache (``use_block_cache``): at full budget the tokens equal the plain model's
+  loop with its block cache (whose small-block calls read stale K/V of the block's other rows,
+  which can change tokens); refreshes are BLOCK_REFRESHes, and every small-block call on a
+  cache is a BLOCK_STEP that computes only the small block's rows; a block before anything
+  is stored runs on the plain model (``plain_calls``); a buffer the session no longer holds
+  gets the whole block, counted;
 * calls off the protocol (a foreign or outdated block buffer, blocks the model's mask would
   cut) are refused.
 """
@@ -54,13 +58,20 @@ class _Calls:
     """The loop's calls, logged: (stores, cache given) of each."""
 
     def __init__(self, target):
-        self.target, self.log, self.small_block_calls = target, [], 0
+        self.target, self.log = target, []
+        self.small_block_calls = self.refreshes = self.before_any_store = 0
 
     def __call__(self, **kwargs):
-        self.log.append(
-            (bool(kwargs.get("update_past_key_values")), kwargs.get("past_key_values") is not None)
+        stores, cached = (
+            bool(kwargs.get("update_past_key_values")),
+            kwargs.get("past_key_values") is not None,
         )
-        self.small_block_calls += kwargs.get("block_past_key_values") is not None
+        self.log.append((stores, cached))
+        if kwargs.get("use_block_cache"):
+            small = kwargs.get("block_past_key_values") is not None
+            self.before_any_store += not cached
+            self.small_block_calls += small and cached
+            self.refreshes += not small and cached
         return self.target(**kwargs)
 
     def cached_read_runs(self) -> int:
@@ -100,14 +111,12 @@ def test_full_budget_gives_the_plain_loops_tokens_on_the_cached_path(pair, seed)
         lengths[0] = length
         prompt[torch.arange(length)[None, :] >= lengths[:, None]] = MASK
         kwargs["lengths"] = lengths
+    kwargs["use_block_cache"] = rng.random() < 0.5
     reference = fastdllm_cached_generate(model, prompt, **kwargs)
     optimized.reset()
     calls = _Calls(optimized)
-    # with the block cache on, MaskKV computes each small-block call from the whole block: the
-    # tokens of the loop without it
-    block_cache = rng.random() < 0.5
-    got = fastdllm_cached_generate(model, prompt, call=calls, use_block_cache=block_cache, **kwargs)
-    assert torch.equal(got, reference), (kwargs, block_cache)
+    got = fastdllm_cached_generate(model, prompt, call=calls, **kwargs)
+    assert torch.equal(got, reference), kwargs
     stats = optimized.cache_stats()
     transitions = stats["transitions"]
     assert stats["fallbacks"] == {}
@@ -117,6 +126,13 @@ def test_full_budget_gives_the_plain_loops_tokens_on_the_cached_path(pair, seed)
         transitions,
         kwargs,
     )
+    # every small-block call on a cache computed the small block alone; every refresh kept
+    # the block's K/V (the first call of each later block, a refresh, is its extend)
+    assert transitions.get("block_step", 0) == calls.small_block_calls, (transitions, kwargs)
+    if kwargs["use_block_cache"]:
+        refreshes = transitions.get("block_refresh", 0) + transitions.get("extend", 0)
+        assert refreshes == calls.refreshes, (transitions, kwargs)
+    assert stats["plain_calls"] == calls.before_any_store
     assert stats["prompt_len"] > 0
 
 
@@ -211,8 +227,8 @@ def test_under_eviction_every_step_has_real_logits_and_the_cache_stays_bounded(b
 
 
 def test_inductor_matches_eager_on_the_cached_loop_under_eviction():
-    """The loop's calls (a prefill window, block steps, commits that extend) under Inductor give
-    eager's tokens, on the cached path."""
+    """The loop's calls (a prefill window, block-cache refreshes and small-block steps, commits
+    that extend) under Inductor give eager's tokens, on the cached path."""
     model = _model(torch.float32)
     prompt = _prompt(1, 37, seed=5)
     kwargs = dict(block_size=8, max_new_tokens=24, small_block_size=4, mask_id=MASK)
@@ -221,9 +237,11 @@ def test_inductor_matches_eager_on_the_cached_loop_under_eviction():
         optimized = maskkv_compile.optimize(
             model, budget=6, backend=backend, family="dream", mask_token_id=MASK
         )
-        runs[backend] = fastdllm_cached_generate(optimized, prompt, **kwargs)
+        runs[backend] = fastdllm_cached_generate(optimized, prompt, use_block_cache=True, **kwargs)
         stats = optimized.cache_stats()
-        assert stats["transitions"]["new"] == 1 and stats["transitions"]["extend"] >= 2, stats
+        transitions = stats["transitions"]
+        assert transitions["new"] == 1 and transitions["extend"] >= 2, stats
+        assert transitions["block_refresh"] >= 1 and transitions["block_step"] >= 1, stats
         assert stats["fallbacks"] == {}
     assert torch.equal(runs["inductor"], runs["eager"])
 
@@ -256,23 +274,66 @@ def test_the_stand_ins_block_cache_reuses_the_refreshs_buffer():
     assert not torch.allclose(fresh.logits[:, 4:], small.logits)
 
 
-def test_the_block_cache_runs_small_block_calls_on_the_cached_path(pair):
-    """Fast-dLLM v2 with ``use_block_cache=True``: refreshes and small-block calls are steps of
-    the block's window, and the tokens are the loop's without the block cache (at full budget;
-    the plain model's own block cache reuses stale K/V and may differ)."""
+def test_the_block_cache_reads_the_stale_kv_the_plain_model_reads(pair):
+    """Fast-dLLM v2 with ``use_block_cache=True``: a small-block call computes the small block's
+    rows against the K/V of the block's other rows as of the last refresh, as the released
+    model does. Here that changes tokens against the loop without the block cache, and MaskKV
+    gives the block-cache loop's."""
     model, optimized = pair
-    prompt = _prompt(2, 70, seed=12)
+    prompt = _prompt(2, 70, seed=13)
     kwargs = dict(block_size=32, max_new_tokens=64, small_block_size=8, mask_id=MASK)
-    kwargs["threshold"] = 0.3
-    reference = fastdllm_cached_generate(model, prompt, **kwargs)
+    kwargs["threshold"] = 0.02
+    reference = fastdllm_cached_generate(model, prompt, use_block_cache=True, **kwargs)
+    whole = fastdllm_cached_generate(model, prompt, **kwargs)
+    assert not torch.equal(whole, reference)  # the stale K/V changed tokens
     optimized.reset()
     calls = _Calls(optimized)
     got = fastdllm_cached_generate(model, prompt, call=calls, use_block_cache=True, **kwargs)
     assert torch.equal(got, reference)
     stats = optimized.cache_stats()
     assert calls.small_block_calls > 0 and stats["fallbacks"] == {}
-    # the prefill, the second block's first call extends, every other call is a step
-    assert dict(stats["transitions"]) == {"new": 1, "step": len(calls.log) - 2, "extend": 1}
+    # the prefill; the second block's first call extends (a refresh); the commits are steps
+    commits = sum(stores for stores, _ in calls.log) - 1
+    assert dict(stats["transitions"]) == {
+        "new": 1,
+        "block_refresh": calls.refreshes - 1,
+        "block_step": calls.small_block_calls,
+        "step": commits,
+        "extend": 1,
+    }
+    buffer = stats["block_buffer"]
+    assert buffer["small_steps"] == calls.small_block_calls and buffer["rows"] == 33  # +shift
+
+
+def test_a_buffer_the_session_no_longer_holds_gets_the_whole_block(pair):
+    """A small-block call with an older buffer of the block (a later refresh made another):
+    the session holds the later one's K/V, so the whole block is computed (counted), and the
+    rows are the whole block's."""
+    model, optimized = pair
+    optimized.reset()
+    prompt = _prompt(1, 32, seed=16)
+    cache = optimized(
+        input_ids=prompt, use_cache=True, update_past_key_values=True, block_size=8
+    ).past_key_values
+    block = torch.full((1, 8), MASK)
+    block[0, 0] = 7
+    read = dict(use_cache=True, past_key_values=cache, update_past_key_values=False)
+    older = optimized(input_ids=block, use_block_cache=True, **read).block_past_key_values
+    block[0, 4] = 9
+    optimized(input_ids=block, use_block_cache=True, **read)
+    with pytest.warns(maskkv_compile.CacheFallbackWarning, match="does not hold its buffer"):
+        small = optimized(
+            input_ids=block[:, 4:],
+            use_block_cache=True,
+            block_past_key_values=older,
+            replace_position=4,
+            **read,
+        )
+    whole = optimized(input_ids=older.tokens, **read)  # the older buffer's tokens, updated
+    torch.testing.assert_close(small.logits, whole.logits[:, 4:])
+    stats = optimized.cache_stats()
+    assert stats["fallbacks"] == {"block_buffer_lost": 1}
+    assert dict(stats["transitions"]) == {"new": 1, "block_refresh": 2, "step": 2}
 
 
 def test_block_cache_calls_off_the_protocol_are_refused(pair):
@@ -357,9 +418,9 @@ def test_random_sequences_of_generations_leak_nothing(seed):
             continue
         block = rng.choice([4, 8])
         prompt = _prompt(rng.choice([1, 2]), rng.randint(2, 3 * block + 1), rng.randrange(100))
-        kwargs = dict(
-            block_size=block, max_new_tokens=2 * block, small_block_size=block, mask_id=MASK
-        )
+        kwargs = dict(block_size=block, max_new_tokens=2 * block, mask_id=MASK)
+        kwargs["small_block_size"] = rng.choice([block // 2, block])
+        kwargs["use_block_cache"] = rng.random() < 0.5
         got = fastdllm_cached_generate(optimized, prompt, **kwargs)
         assert torch.equal(got, fastdllm_cached_generate(model, prompt, **kwargs)), kwargs
 

@@ -21,9 +21,13 @@ W, W2 = ("w", 1), ("w", 2)  # two weight signatures
 T = Transition
 
 
-def live(steps=0, block=None, dual=False, weights=W):
+def live(steps=0, block=None, dual=False, weights=W, buffer=False):
     return SessionState(
-        steps_since_prefill=steps, cached_block=block, dual_cache=dual, weights=weights
+        steps_since_prefill=steps,
+        cached_block=block,
+        dual_cache=dual,
+        weights=weights,
+        buffer_held=buffer,
     )
 
 
@@ -237,6 +241,54 @@ TABLE = [
         CallFacts(W),
         Schedule(),
         Plan(T.EXTEND, 1),
+    ),
+    (
+        "a block-cache refresh: block refresh",
+        [live(steps=2)],
+        [CONT],
+        CallFacts(W, block_buffer="refresh"),
+        Schedule(),
+        Plan(T.BLOCK_REFRESH, 0),
+    ),
+    (
+        "a small-block call with its buffer held: block step",
+        [live(steps=2, buffer=True)],
+        [CONT],
+        CallFacts(W, block_buffer="small"),
+        Schedule(),
+        Plan(T.BLOCK_STEP, 0),
+    ),
+    (
+        "a small-block call whose buffer is not held: the whole block, counted",
+        [live(steps=2)],
+        [CONT],
+        CallFacts(W, block_buffer="small"),
+        Schedule(),
+        Plan(T.STEP, 0, fallback=Fallback.BLOCK_BUFFER_LOST),
+    ),
+    (
+        "a small-block call at a due re-vote: the whole block re-votes",
+        [live(steps=2, buffer=True)],
+        [CONT],
+        CallFacts(W, block_buffer="small"),
+        Schedule(revote=3),
+        Plan(T.STEP, 0, revote=True),
+    ),
+    (
+        "a block-cache refresh that grew the window: extend",
+        [live(steps=2, buffer=True)],
+        [SessionFacts(False, extends=True)],
+        CallFacts(W, block_buffer="refresh"),
+        Schedule(),
+        Plan(T.EXTEND, 0),
+    ),
+    (
+        "a small-block call of a restarted session: restart",
+        [live(steps=2, buffer=True)],
+        [SessionFacts(True, restarted=True)],
+        CallFacts(W, block_buffer="small"),
+        Schedule(),
+        Plan(T.RESTART, 0),
     ),
     (
         "an extendable session with stale weights is dropped: new",
