@@ -123,6 +123,8 @@ def small_block_view(
         rows=rows,
         resp_valid=layout.key_valid[:, rows],
         returned=torch.ones((batch, n), dtype=torch.bool, device=rows.device),
+        # (B, n): each small-block row's own logits (kv_loop reads the call's rows of the
+        # (B, S, V) form and refuses response_logits_only(); kept well-formed)
         read_idx=torch.arange(n, device=rows.device).expand(batch, n),
         block_shift=0,  # the small block's rows see each other: no row limit
     )
