@@ -54,6 +54,17 @@ def _prompt(batch, length, seed):
     return ids.expand(batch, -1).clone()  # prompts of one length, as batch_sample's batches
 
 
+def _prefilled(optimized, seed):
+    """A 32-token prompt prefilled on the reset model in blocks of 8: (the loop's cache, the
+    keywords of a refinement call on it)."""
+    optimized.reset()
+    prompt = _prompt(1, 32, seed=seed)
+    cache = optimized(
+        input_ids=prompt, use_cache=True, update_past_key_values=True, block_size=8
+    ).past_key_values
+    return cache, dict(use_cache=True, past_key_values=cache, update_past_key_values=False)
+
+
 class _Calls:
     """The loop's calls, logged: (stores, cache given) of each."""
 
@@ -310,14 +321,9 @@ def test_a_buffer_the_session_no_longer_holds_gets_the_whole_block(pair):
     the session holds the later one's K/V, so the whole block is computed (counted), and the
     rows are the whole block's."""
     model, optimized = pair
-    optimized.reset()
-    prompt = _prompt(1, 32, seed=16)
-    cache = optimized(
-        input_ids=prompt, use_cache=True, update_past_key_values=True, block_size=8
-    ).past_key_values
+    _, read = _prefilled(optimized, seed=16)
     block = torch.full((1, 8), MASK)
     block[0, 0] = 7
-    read = dict(use_cache=True, past_key_values=cache, update_past_key_values=False)
     older = optimized(input_ids=block, use_block_cache=True, **read).block_past_key_values
     block[0, 4] = 9
     optimized(input_ids=block, use_block_cache=True, **read)
@@ -338,13 +344,8 @@ def test_a_buffer_the_session_no_longer_holds_gets_the_whole_block(pair):
 
 def test_block_cache_calls_off_the_protocol_are_refused(pair):
     model, optimized = pair
-    optimized.reset()
-    prompt = _prompt(1, 32, seed=13)
-    cache = optimized(
-        input_ids=prompt, use_cache=True, update_past_key_values=True, block_size=8
-    ).past_key_values
+    cache, read = _prefilled(optimized, seed=13)
     block = torch.full((1, 8), MASK)
-    read = dict(use_cache=True, past_key_values=cache, update_past_key_values=False)
     refresh = optimized(input_ids=block, use_block_cache=True, **read)
     buffer = refresh.block_past_key_values
     assert buffer.get_seq_length() == 8
