@@ -21,6 +21,7 @@ run unmodified on a MaskKV model (``kv_loop.py``'s ``FAST_DLLM`` protocol).
 """
 
 import random
+import threading
 
 import pytest
 import torch
@@ -340,6 +341,51 @@ def test_a_buffer_the_session_no_longer_holds_gets_the_whole_block(pair):
     stats = optimized.cache_stats()
     assert stats["fallbacks"] == {"block_buffer_lost": 1}
     assert dict(stats["transitions"]) == {"new": 1, "block_refresh": 2, "step": 2}
+
+
+def test_two_loops_taking_turns_on_one_model_each_get_the_plain_models_tokens(pair):
+    """Two block-cache generations (other prompts and batch sizes) call one MaskKV model in
+    turns, one call each: each session holds its own buffer's K/V, so every small-block call is
+    still a block step, and each loop gets the plain model's tokens."""
+    model, optimized = pair
+    prompts = [_prompt(1, 40, seed=21), _prompt(2, 52, seed=22)]
+    kwargs = dict(block_size=8, max_new_tokens=24, small_block_size=4, mask_id=MASK)
+    kwargs.update(use_block_cache=True, threshold=0.3)
+    references = [fastdllm_cached_generate(model, p, **kwargs) for p in prompts]
+    optimized.reset()
+    turn = threading.Condition()
+    state = {"next": 0, "done": [False, False], "small": 0, "order": []}
+    outputs = [None, None]
+
+    def loop(me):
+        def call(**kw):
+            with turn:
+                turn.wait_for(lambda: state["next"] == me or state["done"][1 - me])
+                state["small"] += kw.get("block_past_key_values") is not None
+                state["order"].append(me)
+                out = optimized(**kw)
+                state["next"] = 1 - me
+                turn.notify_all()
+            return out
+
+        try:
+            outputs[me] = fastdllm_cached_generate(model, prompts[me], call=call, **kwargs)
+        finally:
+            with turn:
+                state["done"][me] = True
+                turn.notify_all()
+
+    threads = [threading.Thread(target=loop, args=(me,)) for me in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for got, reference in zip(outputs, references):
+        assert got is not None and torch.equal(got, reference)
+    stats = optimized.cache_stats()
+    assert stats["fallbacks"] == {}
+    assert stats["transitions"]["new"] == 2 and stats["transitions"]["block_step"] == state["small"]
+    assert state["small"] > 0 and state["order"][:20] == [0, 1] * 10  # they took turns
 
 
 def test_block_cache_calls_off_the_protocol_are_refused(pair):
