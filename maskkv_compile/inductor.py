@@ -6,8 +6,11 @@ each layer's kept length K) are symbolic, so one compile serves every prompt. Co
 code checks no guards, so the runtime keeps the guards' worth itself:
   * sizes 0 and 1 are specialized by the shape environment, so an input with such a size
     gets its own compile (the key records which dynamic sizes are 0/1);
-  * if the compile produced any other guard, the artifact is only reused for exactly the
-    same sizes;
+  * every guard the compile produced (``s0 >= 2``, and relations such as ``Eq(s3, s7)`` or
+    ``Ne(s2, 16*s5)`` that a graph's views and broadcasts ask for) is kept with the artifact,
+    as an expression over the input dims its symbols stand for, and evaluated on the sizes of
+    a call before the artifact serves it: once per new size class, remembered after. A guard
+    over a symbol no input dim carries makes the artifact serve exactly its own sizes;
   * the batch size is compiled static and always part of the key (a runtime serves every
     batch size its dynamo graph admits: under ``dynamic=True`` one graph serves them all).
 (Dynamo's own ``torch.compile`` cannot be used here: the rewritten graphs run inside the
@@ -24,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
 import sympy
@@ -60,16 +64,29 @@ def inductor_config_patches(patches: Mapping[str, object]):
         _CONFIG_PATCHES.reset(token)
 
 
-def _only_size_bounds(guards) -> bool:
-    """True when every guard is a bound like ``s >= 2`` / ``s != 1`` (what 0/1 specialization
-    adds)."""
-    for guard in guards:
-        expr = guard.expr
-        if not isinstance(expr, (sympy.Ge, sympy.Gt, sympy.Le, sympy.Lt, sympy.Ne)):
+@dataclass
+class _Artifact:
+    """A compiled graph and the guards its compile produced, each an expression over symbols
+    that stand for inputs' sizes and strides (``symbols``: symbol -> (argument index, "size" or
+    "stride", dim)); ``exact``: the call key it alone serves, when some guard's symbol is
+    neither."""
+
+    fn: Callable
+    guards: list
+    symbols: dict
+    exact: Optional[tuple] = None  # InductorGraph._key: (sizes, strides)
+
+    def admits(self, args, key: tuple) -> bool:
+        if self.exact is not None:
+            return key == self.exact
+        values = {
+            symbol: sympy.Integer(int(args[i].shape[d] if kind == "size" else args[i].stride(d)))
+            for symbol, (i, kind, d) in self.symbols.items()
+        }
+        try:
+            return all(bool(guard.xreplace(values)) for guard in self.guards)
+        except TypeError:  # a guard that does not evaluate to a truth value on these sizes
             return False
-        if not any(isinstance(side, sympy.Integer) and abs(int(side)) <= 2 for side in expr.args):
-            return False
-    return True
 
 
 class InductorGraph:
@@ -95,31 +112,40 @@ class InductorGraph:
         self.names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         self.dynamic = dynamic
         self.tokens = tokens
-        self.compiled: dict[tuple, Callable] = {}
+        self.artifacts: dict[tuple, list[_Artifact]] = {}  # by the 0/1 pattern of the sizes
+        self.compiled: dict[tuple, Callable] = {}  # sizes -> the artifact that admitted them
         self.compiles = 0
 
-    def _sizes(self, args) -> tuple[int, ...]:
-        """The call's size class: the batch (compiled static) and every dynamic dim."""
-        sizes = [int(args[self.names.index(self.tokens)].shape[0])]
+    def _key(self, args) -> tuple[tuple[int, ...], tuple]:
+        """The call's sizes (the batch, compiled static, and every dynamic dim) and the strides
+        of the inputs with dynamic dims (a guard may hold of a stride: whether a slice is
+        contiguous)."""
+        sizes, strides = [int(args[self.names.index(self.tokens)].shape[0])], []
         for name, arg in zip(self.names, args):
             dims = self.dynamic.get(name)
             if isinstance(dims, (list, tuple)):
                 sizes += [int(arg.shape[d]) for d in dims]
-        return tuple(sizes)
+                strides.append(arg.stride())
+        return tuple(sizes), tuple(strides)
 
     def __call__(self, *args):
-        sizes = self._sizes(args)
-        small = (
-            sizes[0],
-            *(s if s < 2 else None for s in sizes[1:]),
-        )  # the batch is always part of the key
-        fn = self.compiled.get(small) or self.compiled.get(sizes)
+        key = self._key(args)
+        fn = self.compiled.get(key)
         if fn is None:
-            fn, generic = self._compile(args)
-            self.compiled[small if generic else sizes] = fn
+            sizes = key[0]
+            small = (
+                sizes[0],
+                *(s if s < 2 else None for s in sizes[1:]),
+            )  # the batch is always part of the key
+            mine = self.artifacts.setdefault(small, [])
+            artifact = next((a for a in mine if a.admits(args, key)), None)
+            if artifact is None:
+                artifact = self._compile(args, key)
+                mine.append(artifact)
+            fn = self.compiled[key] = artifact.fn
         return fn(*args)
 
-    def _compile(self, args) -> tuple[Callable, bool]:
+    def _compile(self, args, key: tuple) -> _Artifact:
         env = ShapeEnv()
         mode = FakeTensorMode(shape_env=env)
         fakes: list = [None] * len(args)
@@ -143,13 +169,24 @@ class InductorGraph:
         for i, (name, arg) in enumerate(zip(self.names, args)):
             if fakes[i] is None:
                 fakes[i] = seq if self.dynamic.get(name) == SEQ else arg
+        symbols = {}  # symbol -> (argument index, "size" or "stride", dim) it stands for
+        for i, fake in enumerate(fakes):
+            if isinstance(fake, torch.Tensor) and not is_traceable_wrapper_subclass(fake):
+                for kind, values in (("size", fake.shape), ("stride", fake.stride())):
+                    for d, value in enumerate(values):
+                        if isinstance(value, torch.SymInt) and isinstance(
+                            value.node.expr, sympy.Symbol
+                        ):
+                            symbols.setdefault(value.node.expr, (i, kind, d))
         with tracing(TracingContext(mode)):
             fn = compile_fx(self.gm, fakes, config_patches=self.config_patches or None)
         self.compiles += 1
-        generic = _only_size_bounds(env.guards)
+        guards = [guard.expr for guard in env.guards]
+        unknown = set().union(*(g.free_symbols for g in guards)) - set(symbols) if guards else ()
         log.info(
-            "compiled %s graph with Inductor (%s)",
-            "generic" if generic else "size-specialized",
-            self._sizes(args),
+            "compiled graph with Inductor (%s): %d guards%s",
+            key[0],
+            len(guards),
+            ", serving these sizes only" if unknown else "",
         )
-        return fn, generic
+        return _Artifact(fn, guards, symbols, exact=key if unknown else None)

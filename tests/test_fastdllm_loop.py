@@ -240,22 +240,31 @@ def test_under_eviction_every_step_has_real_logits_and_the_cache_stays_bounded(b
 
 def test_inductor_matches_eager_on_the_cached_loop_under_eviction():
     """The loop's calls (a prefill window, block-cache refreshes and small-block steps, commits
-    that extend) under Inductor give eager's tokens, on the cached path."""
+    that extend) under Inductor give eager's tokens, on the cached path, for two prompts of
+    other lengths; the windows growing block by block, and the second prompt, compile nothing
+    new (each graph's guards admit the new sizes)."""
     model = _model(torch.float32)
-    prompt = _prompt(1, 37, seed=5)
+    prompts = [_prompt(1, 37, seed=5), _prompt(1, 53, seed=6)]
     kwargs = dict(block_size=8, max_new_tokens=24, small_block_size=4, mask_id=MASK)
     runs = {}
     for backend in ("eager", "inductor"):
         optimized = maskkv_compile.optimize(
             model, budget=6, backend=backend, family="dream", mask_token_id=MASK
         )
-        runs[backend] = fastdllm_cached_generate(optimized, prompt, use_block_cache=True, **kwargs)
+        for i, prompt in enumerate(prompts):
+            out = fastdllm_cached_generate(optimized, prompt, use_block_cache=True, **kwargs)
+            runs[backend, i] = out
         stats = optimized.cache_stats()
         transitions = stats["transitions"]
-        assert transitions["new"] == 1 and transitions["extend"] >= 2, stats
+        assert transitions["new"] == 2 and transitions["extend"] >= 4, stats
         assert transitions["block_refresh"] >= 1 and transitions["block_step"] >= 1, stats
         assert stats["fallbacks"] == {}
-    assert torch.equal(runs["inductor"], runs["eager"])
+    for i in range(len(prompts)):
+        assert torch.equal(runs["inductor", i], runs["eager", i])
+    runtime = optimized.runtime
+    # one compile a graph, but for the small-block steps' own size class (row_end of size 0)
+    compiles = {g: runtime.compiled(g).compiles for g in ("prefill", "step", "step_kv", "reselect")}
+    assert compiles == {"prefill": 1, "step": 1, "step_kv": 2, "reselect": 1}, compiles
 
 
 def test_the_stand_ins_block_cache_reuses_the_refreshs_buffer():

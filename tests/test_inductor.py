@@ -46,3 +46,42 @@ def test_inductor_matches_eager_and_does_not_recompile(family):
     assert (
         counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"] == 2
     )
+
+
+def _graph(fn):
+    return torch.fx.symbolic_trace(fn)
+
+
+def test_an_artifact_serves_every_size_its_guards_admit():
+    """A guard relating two dims (a broadcast add asks ``Eq(s0, s1)``) is evaluated on each new
+    size class: sizes that satisfy it reuse the artifact, sizes that do not compile anew."""
+    from maskkv_compile.inductor import InductorGraph
+
+    def add(tokens, x, y):
+        return (tokens.float().sum() + (x + y),)  # a tuple, as the rewritten graphs return
+
+    graph = InductorGraph(_graph(add), {"tokens": (1,), "x": (0,), "y": (0,)}, "tokens")
+    tokens = torch.ones((1, 4), dtype=torch.long)
+    for n in (3, 5, 9):  # x and y of one length: one compile serves them all
+        x, y = torch.randn(n), torch.randn(n)
+        torch.testing.assert_close(graph(tokens, x, y), add(tokens, x, y))
+    assert graph.compiles == 1
+    x, y = torch.randn(6), torch.randn(1)  # broadcasting: another size class (y of size 1)
+    torch.testing.assert_close(graph(tokens, x, y), add(tokens, x, y))
+    assert graph.compiles == 2
+
+
+def test_a_guard_on_a_stride_is_checked_before_reuse():
+    """A slice of a wider buffer and a contiguous tensor of the same sizes differ in a stride;
+    each gets an artifact whose guards admit it, and both give eager's result."""
+    from maskkv_compile.inductor import InductorGraph
+
+    def total(tokens, kept):
+        return (tokens.float().sum() + kept.exp().sum(-1),)
+
+    graph = InductorGraph(_graph(total), {"tokens": (1,), "kept": (1,)}, "tokens")
+    tokens = torch.ones((1, 4), dtype=torch.long)
+    wide = torch.randn(3, 12)
+    for kept in (wide[:, :5], wide[:, :7], torch.randn(3, 5), torch.randn(3, 7)):
+        torch.testing.assert_close(graph(tokens, kept), total(tokens, kept))
+    assert graph.compiles == 2  # one per layout (sliced, contiguous), whatever the width
