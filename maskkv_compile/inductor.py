@@ -10,7 +10,9 @@ code checks no guards, so the runtime keeps the guards' worth itself:
     ``Ne(s2, 16*s5)`` that a graph's views and broadcasts ask for) is kept with the artifact,
     as an expression over the input dims its symbols stand for, and evaluated on the sizes of
     a call before the artifact serves it: once per new size class, remembered after. A guard
-    over a symbol no input dim carries makes the artifact serve exactly its own sizes;
+    over a symbol no input dim carries makes the artifact serve exactly its own sizes. The
+    shape environment does no duck sizing: two dims (or strides) equal at the compile by
+    coincidence (a window of 128 and a head dim of 128) get symbols of their own, never one;
   * the batch size is compiled static and always part of the key (a runtime serves every
     batch size its dynamo graph admits: under ``dynamic=True`` one graph serves them all).
 (Dynamo's own ``torch.compile`` cannot be used here: the rewritten graphs run inside the
@@ -146,7 +148,7 @@ class InductorGraph:
         return fn(*args)
 
     def _compile(self, args, key: tuple) -> _Artifact:
-        env = ShapeEnv()
+        env = ShapeEnv(duck_shape=False)  # no symbol shared by equal values of unrelated dims
         mode = FakeTensorMode(shape_env=env)
         fakes: list = [None] * len(args)
         by_name = dict(zip(self.names, range(len(args))))

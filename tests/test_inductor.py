@@ -85,3 +85,26 @@ def test_a_guard_on_a_stride_is_checked_before_reuse():
     for kept in (wide[:, :5], wide[:, :7], torch.randn(3, 5), torch.randn(3, 7)):
         torch.testing.assert_close(graph(tokens, kept), total(tokens, kept))
     assert graph.compiles == 2  # one per layout (sliced, contiguous), whatever the width
+
+
+def test_block_windows_of_every_length_reuse_one_compile_each():
+    """LLaDA2's block loop under Inductor, over prompts of three lengths: every window a
+    generation grows to (one passes 128, the head dim, as the width its (B, S) inputs are sliced
+    from: a coincidence that must not tie the two sizes together) reuses one compile of each
+    graph, and the tokens are eager's."""
+    from maskkv_compile.bench_block import block_generate, build_model
+
+    model = build_model(2, 128, 512, 1024)  # hidden 128: one head of 128
+    loop = dict(gen_length=64, block_length=16, steps=4)
+    runs = {}
+    for backend in ("eager", "inductor"):
+        optimized = maskkv_compile.optimize(model, budget=16, backend=backend)
+        for length in (100, 150, 203):
+            prompt = torch.randint(0, 250, (1, length), generator=torch.Generator().manual_seed(1))
+            runs[backend, length] = block_generate(optimized, prompt, **loop)
+    for length in (100, 150, 203):
+        assert torch.equal(runs["inductor", length], runs["eager", length])
+    runtime = optimized.runtime
+    compiles = {g: runtime.compiled(g).compiles for g in ("prefill", "step", "step_kv", "reselect")}
+    assert compiles == {"prefill": 1, "step": 1, "step_kv": 1, "reselect": 1}, compiles
+    assert optimized.cache_stats()["transitions"]["extend"] == 12
