@@ -672,7 +672,9 @@ class MaskKVRuntime:
         re-selected over [kept prefix ; finished block] (``block_diffusion.BlockReselect``);
         second_tier: with ``revote``, the bytes of
         the full prompt K/V the session keeps outside the hot cache; block_cache: with
-        ``block_length``, the dual cache of the current block.
+        ``block_length``, the dual cache of the current block; block_buffer: under Fast-dLLM
+        v2's block cache, the block rows' K/V held for its buffer and the session's refreshes
+        and small-block steps (``block_buffer.py``).
         """
         session = self.last_session
         stats = {
