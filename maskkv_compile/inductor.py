@@ -50,6 +50,7 @@ from maskkv_compile._torch_private import (
 log = logging.getLogger("maskkv_compile.inductor")
 
 SEQ = "seq"  # marks a SymInt input that equals the token length
+_MEMO = 4096  # call keys remembered per graph
 
 _CONFIG_PATCHES: contextvars.ContextVar[Mapping[str, object]] = contextvars.ContextVar(
     "maskkv_inductor_config_patches", default=None
@@ -115,7 +116,9 @@ class InductorGraph:
         self.dynamic = dynamic
         self.tokens = tokens
         self.artifacts: dict[tuple, list[_Artifact]] = {}  # by the 0/1 pattern of the sizes
-        self.compiled: dict[tuple, Callable] = {}  # sizes -> the artifact that admitted them
+        # call key (``_key``) -> the artifact that admitted it; forgotten past _MEMO keys (a
+        # forgotten key's guards are evaluated again)
+        self.compiled: dict[tuple, Callable] = {}
         self.compiles = 0
 
     def _key(self, args) -> tuple[tuple[int, ...], tuple]:
@@ -144,6 +147,8 @@ class InductorGraph:
             if artifact is None:
                 artifact = self._compile(args, key)
                 mine.append(artifact)
+            if len(self.compiled) >= _MEMO:
+                self.compiled.clear()
             fn = self.compiled[key] = artifact.fn
         return fn(*args)
 
