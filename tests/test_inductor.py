@@ -88,7 +88,7 @@ def test_a_guard_on_a_stride_is_checked_before_reuse():
 
 
 def test_block_windows_of_every_length_reuse_one_compile_each():
-    """LLaDA2's block loop under Inductor, over prompts of three lengths: every window a
+    """LLaDA2's block loop under Inductor, over prompts of two lengths: every window a
     generation grows to (one passes 128, the head dim, as the width its (B, S) inputs are sliced
     from: a coincidence that must not tie the two sizes together) reuses one compile of each
     graph, and the tokens are eager's."""
@@ -99,12 +99,12 @@ def test_block_windows_of_every_length_reuse_one_compile_each():
     runs = {}
     for backend in ("eager", "inductor"):
         optimized = maskkv_compile.optimize(model, budget=16, backend=backend)
-        for length in (100, 150, 203):
+        for length in (100, 150):
             prompt = torch.randint(0, 250, (1, length), generator=torch.Generator().manual_seed(1))
             runs[backend, length] = block_generate(optimized, prompt, **loop)
-    for length in (100, 150, 203):
+    for length in (100, 150):
         assert torch.equal(runs["inductor", length], runs["eager", length])
     runtime = optimized.runtime
     compiles = {g: runtime.compiled(g).compiles for g in ("prefill", "step", "step_kv", "reselect")}
     assert compiles == {"prefill": 1, "step": 1, "step_kv": 1, "reselect": 1}, compiles
-    assert optimized.cache_stats()["transitions"]["extend"] == 12
+    assert optimized.cache_stats()["transitions"]["extend"] == 8
