@@ -15,9 +15,11 @@ feature runs them on a block-causal session:
   (:class:`Held`).
 * **Small-block call** (``Transition.BLOCK_STEP``): a step whose computed rows are the small
   block's, against [kept prefix ; the held K/V of every other computed row of the refresh]
-  (``dual_cache.merge_layer``), and the small block's fresh K/V written into the held ones,
-  as the released buffer takes them. At a budget of at least the prefix this is the released
-  model's computation, stale K/V included: tokens equal its loop's.
+  (``dual_cache.merge_layer``, merged once per small block and reused by its later calls), and
+  the small block's fresh K/V written into the held ones, as the released buffer takes them.
+  At a budget of at least the prefix this is the released model's computation, stale K/V
+  included: tokens equal its loop's. Built from host integers, it reads nothing from the
+  device beyond routing's one read.
 
 Routing (``routing.decide``) sends a small-block call to BLOCK_STEP only when the session holds
 the K/V of the very buffer object the call passes and no re-vote is due; otherwise the whole
@@ -25,9 +27,10 @@ block is computed, as without the block cache (``Fallback.BLOCK_BUFFER_LOST`` wh
 is not held: another session's buffer, or the window was prefilled again). A prefill or an
 extend drops what the session held.
 
-Invariants: the held K/V cover exactly the refresh's computed rows (``Held.rows``: the block,
-and for a shifted family the row before it); a small-block step computes only rows of the
-block, each sees every kept prefix entry and every other row of the block once.
+Invariants: the held K/V cover exactly the refresh's computed rows (``Held.rows`` of them,
+contiguous from ``Held.first``: the block, and for a shifted family the row before it); a
+small-block step computes only rows of the block, each sees every kept prefix entry and every
+other row of the block once.
 """
 
 from __future__ import annotations
@@ -80,17 +83,21 @@ def buffer_call(call: Optional[BufferCall]):
         _CALL.reset(token)
 
 
-def current_call() -> Optional[BufferCall]:
-    return _CALL.get()
-
-
 @dataclass
 class Held:
-    """The K/V of a refresh's computed rows, for the buffer object it made."""
+    """The K/V of a refresh's computed rows, for the buffer object it made, and the step view of
+    the last small block (its (at, n), the view, and its first column), which the small block's
+    later calls reuse: between a refresh and the next step of another kind nothing it merges
+    changes (the kept prefix, the other rows' K/V)."""
 
     buffer: weakref.ref  # the kv_loop.BlockBuffer
-    rows: torch.Tensor  # (C,) the refresh's computed rows, ascending
+    first: int  # the position of the refresh's first computed row: column c is row first + c
     kv: list  # per layer (k, v), (B, Hkv, C, D)
+    view: Optional[tuple[tuple[int, int], StepView, int]] = None
+
+    @property
+    def rows(self) -> int:
+        return self.kv[0][0].shape[2]
 
     @property
     def bytes(self) -> int:
@@ -107,33 +114,40 @@ class SmallBlock:
     stop: int
 
 
-def small_block_view(
-    session: Session, held: Held, at: int, n: int
-) -> tuple[StepView, torch.Tensor]:
-    """The step view of a small-block call of ``n`` rows at ``at`` in the block, and (n,) the
-    columns of those rows in ``held.rows``."""
+def small_block_view(session: Session, held: Held, at: int, n: int) -> tuple[StepView, int]:
+    """The step view of a small-block call of ``n`` rows at ``at`` in the block, and the column
+    of its first row among the refresh's rows. Built from host integers: no device read."""
     layout = session.layout
-    first = layout.block_start + at
-    mine = (held.rows >= first) & (held.rows < first + n)  # (C,)
-    columns = mine.nonzero().flatten()  # (n,)
-    rows = held.rows[columns]
+    position = layout.block_start + at  # the small block's first row
+    column = position - held.first
     batch = layout.key_valid.shape[0]
+    device = layout.rows.device
     small = dataclasses.replace(
         layout,
-        rows=rows,
-        resp_valid=layout.key_valid[:, rows],
-        returned=torch.ones((batch, n), dtype=torch.bool, device=rows.device),
+        rows=layout.rows[column : column + n],  # (n,): the refresh's rows are contiguous
+        resp_valid=layout.key_valid[:, position : position + n],
+        returned=torch.ones((batch, n), dtype=torch.bool, device=device),
         # (B, n): each small-block row's own logits (kv_loop reads the call's rows of the
         # (B, S, V) form and refuses response_logits_only(); kept well-formed)
-        read_idx=torch.arange(n, device=rows.device).expand(batch, n),
+        read_idx=torch.arange(n, device=device).expand(batch, n),
         block_shift=0,  # the small block's rows see each other: no row limit
     )
-    others = (~mine).nonzero().flatten().expand(batch, -1)  # (B, C - n)
+    # host facts known by construction, so no step reads them from the device
+    vars(small).update(all_returned=True, read_plan=("all", None))
+    others = torch.cat(
+        [torch.arange(column, device=device), torch.arange(column + n, held.rows, device=device)]
+    ).expand(batch, -1)  # (B, C - n): the columns of every other row of the refresh
     kept = [
         merge_layer(cache.kept_k, cache.kept_v, cache.kept_len, k, v, others)
         for cache, (k, v) in zip(session.layers, held.kv)
     ]
-    return StepView(small, kept, SmallBlock(small, at, at + n)), columns
+    return StepView(small, kept, SmallBlock(small, at, at + n)), column
+
+
+def call_kind() -> Optional[str]:
+    """What the call being routed is to the block cache: "refresh", "small", or None."""
+    call = _CALL.get()
+    return None if call is None else call.kind
 
 
 class BlockBufferCache(Feature):
@@ -145,9 +159,9 @@ class BlockBufferCache(Feature):
         session.state[self.name] = _State()
         return None
 
-    def holds(self, session: Session, call: Optional[BufferCall]) -> bool:
-        """The session holds the K/V of this small-block call's buffer."""
-        held = session.state[self.name].held
+    def holds(self, session: Session) -> bool:
+        """The session holds the K/V of the buffer the small-block call being routed passes."""
+        held, call = session.state[self.name].held, _CALL.get()
         return (
             call is not None
             and call.kind == "small"
@@ -163,41 +177,32 @@ class BlockBufferCache(Feature):
         return False
 
     def step_view(self, session: Session, plan: "Plan") -> Optional[StepView]:
-        state = session.state[self.name]
-        state.columns = None
-        if plan.transition is not Transition.BLOCK_STEP or session.layout.block_start is None:
+        if not _small(session, plan):
             return None
-        call = current_call()
-        view, state.columns = small_block_view(session, state.held, call.at, call.n)
-        return view
+        held, call = session.state[self.name].held, _CALL.get()
+        if held.view is None or held.view[0] != (call.at, call.n):
+            held.view = ((call.at, call.n), *small_block_view(session, held, call.at, call.n))
+        return held.view[1]
 
     def step_graph(self, session: Session, plan: "Plan", call: "Call", inputs: dict):
-        if self._refresh(session, plan) or session.state[self.name].columns is not None:
+        if _refresh(session, plan) or _small(session, plan):
             return "step_kv"  # a re-selecting graph chosen after this returns them too
         return None
 
     def step_outputs(self, session: Session, plan: "Plan", named: dict) -> None:
         state = session.state[self.name]
-        if self._refresh(session, plan):
+        if _refresh(session, plan):
             kv = [(k.clone(), v.clone()) for k, v in named["response_kv"]]
-            state.held = Held(weakref.ref(current_call().buffer), session.layout.rows, kv)
+            state.held = Held(weakref.ref(_CALL.get().buffer), session.layout.first_row, kv)
             state.refreshes += 1
-        elif state.columns is not None:  # the small block's fresh K/V into the buffer
+        elif _small(session, plan):  # the small block's fresh K/V into the buffer
+            (_, n), _, column = state.held.view
             for (k, v), (fresh_k, fresh_v) in zip(state.held.kv, named["response_kv"]):
-                k[:, :, state.columns] = fresh_k.to(k.dtype)
-                v[:, :, state.columns] = fresh_v.to(v.dtype)
+                k[:, :, column : column + n] = fresh_k
+                v[:, :, column : column + n] = fresh_v
             state.small_steps += 1
-            state.columns = None
-
-    @staticmethod
-    def _refresh(session: Session, plan: "Plan") -> bool:
-        call = current_call()
-        return (
-            call is not None
-            and call.kind == "refresh"
-            and session.layout.block_start is not None
-            and plan.transition in (Transition.BLOCK_REFRESH, Transition.EXTEND)
-        )
+        elif state.held is not None:  # another step may change the kept prefix: merge again
+            state.held.view = None
 
     def stats(self, session: Optional[Session]) -> dict:
         """``cache_stats()["block_buffer"]``: the K/V held for Fast-dLLM v2's block cache (bytes,
@@ -208,7 +213,7 @@ class BlockBufferCache(Feature):
         held = state.held
         return {
             "block_buffer": {
-                "rows": None if held is None else held.rows.numel(),
+                "rows": None if held is None else held.rows,
                 "bytes": 0 if held is None else held.bytes,
                 "refreshes": state.refreshes,
                 "small_steps": state.small_steps,
@@ -216,9 +221,22 @@ class BlockBufferCache(Feature):
         }
 
 
+def _refresh(session: Session, plan: "Plan") -> bool:
+    """The step is a block-cache refresh: it keeps the block rows' K/V."""
+    return (
+        call_kind() == "refresh"
+        and session.layout.block_start is not None
+        and plan.transition in (Transition.BLOCK_REFRESH, Transition.EXTEND)
+    )
+
+
+def _small(session: Session, plan: "Plan") -> bool:
+    """The step is a small-block call on the K/V the session holds (routing made it so)."""
+    return plan.transition is Transition.BLOCK_STEP and session.layout.block_start is not None
+
+
 @dataclass
 class _State:
     held: Optional[Held] = None
-    columns: Optional[torch.Tensor] = None  # (n,) the small block's columns in held.rows
     refreshes: int = 0  # of this session
     small_steps: int = 0

@@ -115,6 +115,7 @@ class InductorGraph:
         self.names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         self.dynamic = dynamic
         self.tokens = tokens
+        self._tokens_pos = self.names.index(tokens)
         self.artifacts: dict[tuple, list[_Artifact]] = {}  # by the 0/1 pattern of the sizes
         # call key (``_key``) -> the artifact that admitted it; forgotten past _MEMO keys (a
         # forgotten key's guards are evaluated again)
@@ -125,7 +126,7 @@ class InductorGraph:
         """The call's sizes (the batch, compiled static, and every dynamic dim) and the strides
         of the inputs with dynamic dims (a guard may hold of a stride: whether a slice is
         contiguous)."""
-        sizes, strides = [int(args[self.names.index(self.tokens)].shape[0])], []
+        sizes, strides = [int(args[self._tokens_pos].shape[0])], []
         for name, arg in zip(self.names, args):
             dims = self.dynamic.get(name)
             if isinstance(dims, (list, tuple)):

@@ -142,7 +142,7 @@ def _whole_block(input_ids, buffered: dict, start: int, where: str):
             "loop drops it at each new block)"
         )
     buffer.tokens[:, at : at + n] = input_ids
-    return buffer.tokens.clone(), at
+    return buffer.tokens, at  # the window copies it
 
 
 @dataclass

@@ -54,7 +54,7 @@ from typing import Optional
 
 import torch
 
-from maskkv_compile.block_buffer import BlockBufferCache, current_call
+from maskkv_compile.block_buffer import BlockBufferCache, call_kind
 from maskkv_compile.block_diffusion import (
     BlockReselect,
     append_block,
@@ -387,14 +387,14 @@ class MaskKVRuntime:
         came_back = any(f is not None and (f.get("continues") or f.get("extends")) for f in dropped)
         return facts, Fallback.SESSION_DROPPED if came_back else None
 
-    def _state(self, session: Session, buffered) -> SessionState:
+    def _state(self, session: Session) -> SessionState:
         dual = self.dual is not None and self.dual.active(session)
         return SessionState(
             session.steps_since_prefill,
             self.dual.cached_block(session) if dual else None,
             dual,
             session.weights,
-            buffer_held=self.block_buffer.holds(session, buffered),
+            buffer_held=self.block_buffer.holds(session),
         )
 
     # -- 2. decision, 3. execution ------------------------------------------------------------
@@ -402,22 +402,21 @@ class MaskKVRuntime:
         with torch.no_grad():
             call = self._call(args)
             facts, dropped = self._facts(call)
-            buffered = current_call()
-            buffer_kind = None if buffered is None else buffered.kind
             plan = decide(
-                [self._state(s, buffered) for s in self.sessions],
+                [self._state(s) for s in self.sessions],
                 facts,
-                CallFacts(call.weights, dropped, block_buffer=buffer_kind),
+                CallFacts(call.weights, dropped, block_buffer=call_kind()),
                 self.routing,
             )
             session, plan = self._session_for(plan, call)
-            log.debug(
-                "%s: %s (prompt %s, response %s)",
-                plan.transition.value,
-                tuple(call.ids.shape),
-                session.layout.prompt_lens,
-                session.layout.response_lens,
-            )
+            if log.isEnabledFor(logging.DEBUG):  # the lengths are host reads of a new layout
+                log.debug(
+                    "%s: %s (prompt %s, response %s)",
+                    plan.transition.value,
+                    tuple(call.ids.shape),
+                    session.layout.prompt_lens,
+                    session.layout.response_lens,
+                )
             self.counts.transitions[plan.transition.value] += 1
             if plan.fallback is not None:
                 self._fall_back(plan.fallback)
@@ -588,6 +587,7 @@ class MaskKVRuntime:
             )
         _, named = self._run("step_kv", tuple(args), inputs)
         session.layout = self._new_layout(call)
+        _ = session.layout.has_prompt  # its host facts read here, not at the window's next step
         session.ids, session.masked = call.ids.clone(), call.masked
         session.per_token = [x.clone() for x in call.per_token]
         # the old computed rows that join the prefix: all of them, but for a shifted family the

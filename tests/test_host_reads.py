@@ -153,6 +153,22 @@ def test_a_block_step_reads_the_device_once(recorded):
     )  # the step graph, over every response row
 
 
+def test_a_small_block_step_of_fast_dllms_block_cache_reads_the_device_once(recorded):
+    """Fast-dLLM v2's block cache: a small-block call (``block_step``) computes its rows
+    against the block's K/V of the refresh with no read beyond routing's, and so does every
+    other step of its loop (the step after an extend reads nothing of the new window)."""
+    from maskkv_compile.fastdllm_standin import fastdllm_cached_generate, tiny_fastdllm
+
+    model = tiny_fastdllm()
+    opt = maskkv_compile.optimize(model, budget=8, backend="eager", family="dream")
+    mask = model.config.mask_token_id
+    prompt = torch.randint(1, mask, (1, 37), generator=torch.Generator().manual_seed(0))
+    loop = dict(block_size=8, max_new_tokens=24, small_block_size=4, mask_id=mask)
+    fastdllm_cached_generate(opt, prompt, use_block_cache=True, threshold=0.3, **loop)
+    assert opt.cache_stats()["transitions"]["block_step"] > 1
+    _check(recorded, {"block_step", "block_refresh", "step"})
+
+
 def test_a_revote_step_reads_the_device_once(recorded):
     """A re-vote (revote=1: every step) runs the re-vote graph, which reads nothing either: the
     votes, the top-k threshold and the gathers keep every size static."""
