@@ -15,9 +15,14 @@ Padding slots (index >= kept_len[b, h]) and keys with resp_valid False get no at
 weight. With every prompt entry
 kept, this equals attention over the concatenation of the prompt's and the response's K/V.
 
-CPU: SDPA over the concatenated K/V with a key mask. CUDA with triton installed (fp16,
-bf16, fp32): the two-segment flash kernel of ``kernels/triton_cached_attention.py``, which
-never concatenates; under torch.compile Inductor sees that kernel (``triton_op``).
+CPU, from ``TWO_SEGMENTS_FROM`` kept slots on (a long exact prefix): two SDPA calls, one over
+the kept K/V and one over the computed rows' K/V, merged by their log-sum-exps, so the kept
+K/V are never copied; a KV head's query heads go as one block of rows (B, Hkv, group * R, D),
+so GQA copies nothing either. Below that, SDPA over the concatenation (faster when the copy is
+small). CUDA with triton installed (fp16, bf16, fp32): the two-segment flash kernel of
+``kernels/triton_cached_attention.py``, which never concatenates either; under torch.compile
+Inductor sees that kernel (``triton_op``). Elsewhere, and for a softmax in another dtype than
+q's: the reference, over the concatenation.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+from maskkv_compile._torch_private import sdpa_with_logsumexp_cpu
 
 from . import triton_cached_attention
 from .attention import attention_reference, expand_kv_heads
@@ -52,10 +59,52 @@ def cached_attention_reference(
 def cached_attention_torch(
     q, k, v, kept_k, kept_v, kept_len, resp_valid, row_end, scale, softmax_dtype=None
 ):
-    """The CPU path: SDPA over the concatenation with a key mask."""
-    return cached_attention_reference(
-        q, k, v, kept_k, kept_v, kept_len, resp_valid, row_end, scale, softmax_dtype
-    ).contiguous()
+    """The op without triton: on CPU from ``TWO_SEGMENTS_FROM`` kept slots on, two segments
+    merged; else the reference."""
+    if (
+        q.device.type != "cpu"
+        or softmax_dtype not in (None, q.dtype)
+        or kept_k.shape[2] < TWO_SEGMENTS_FROM
+    ):
+        return cached_attention_reference(
+            q, k, v, kept_k, kept_v, kept_len, resp_valid, row_end, scale, softmax_dtype
+        ).contiguous()
+    return _two_segments_cpu(q, k, v, kept_k, kept_v, kept_len, resp_valid, row_end, scale)
+
+
+# Kept slots (per layer) from which the CPU path runs two segments: below, one SDPA call over
+# the concatenation is faster (the copy is small, the second call and the merge are not); at
+# 2048 and more the copy dominates (scripts/cached_attention_ab.py measures both).
+TWO_SEGMENTS_FROM = 1024
+
+
+def _additive(valid: torch.Tensor, dtype) -> torch.Tensor:
+    return torch.zeros(valid.shape, dtype=dtype).masked_fill_(~valid, float("-inf"))
+
+
+def _two_segments_cpu(q, k, v, kept_k, kept_v, kept_len, resp_valid, row_end, scale):
+    batch, heads, resp, _ = q.shape
+    kv_heads, num_kept = k.shape[1], kept_k.shape[2]
+    group = heads // kv_heads
+    rows = group * resp
+    qg = q.reshape(batch, kv_heads, rows, q.shape[3])  # (B, Hkv, group*R, D): head-major rows
+    computed = resp_valid[:, None, None, :]  # (B, 1, 1, R): the computed keys each row sees
+    if row_end.numel():  # query r sees computed key j < row_end[r]: (B, 1, group*R, R)
+        ends = torch.arange(resp) < row_end[:, None]  # (R, R)
+        computed = computed & ends.repeat(group, 1)[None, None]
+    # masks always (reading whether they hide anything would be a host read; they cost nothing)
+    out_c, lse_c = sdpa_with_logsumexp_cpu(qg, k, v, _additive(computed, q.dtype), scale)
+    if num_kept:
+        kept = torch.arange(num_kept) < kept_len[..., None, None]  # (B, Hkv, 1, K)
+        out_k, lse_k = sdpa_with_logsumexp_cpu(qg, kept_k, kept_v, _additive(kept, q.dtype), scale)
+        # a segment a row sees no key of weighs nothing (the kernel reports 0 there, not -inf)
+        lse_k = lse_k.masked_fill(~kept.any(-1), float("-inf"))
+        lse_c = lse_c.masked_fill(~computed.any(-1), float("-inf"))
+        # weight of the kept segment: e^lse_k / (e^lse_k + e^lse_c); both empty: 0.5 of zeros
+        w = torch.sigmoid((lse_k - lse_c).nan_to_num(nan=0.0))[..., None]
+        out_c = torch.lerp(out_c.to(w.dtype), out_k.to(w.dtype), w).to(q.dtype)
+    # (B, H, R, Dv), contiguous as the fake kernel's output (the flash kernel's is not)
+    return out_c.reshape(batch, heads, resp, v.shape[3]).contiguous()
 
 
 @torch.library.custom_op("maskkv::cached_attention", mutates_args=())

@@ -105,3 +105,15 @@ def storage_use_count(tensor) -> int:
     import torch
 
     return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) - 1
+
+
+def sdpa_with_logsumexp_cpu(q, k, v, attn_mask, scale):
+    """SDPA on CPU that also returns each query row's log-sum-exp of its scores (aten's
+    flash kernel for CPU): what merging attention over two key segments needs. ``attn_mask``
+    additive, in q's dtype, or None. A row whose keys are all masked gets zeros and a
+    log-sum-exp of 0 (not -inf): the caller must know which rows see no key."""
+    import torch
+
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=attn_mask, scale=scale
+    )

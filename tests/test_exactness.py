@@ -191,3 +191,27 @@ def test_drop_in_loop_equals_generate():
     via_generate = optimized.generate(prompt, gen_length=8, steps=8, block_length=8)
     assert torch.equal(via_loop, via_generate)
     assert optimized.runtime.counts.steps > 0
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_a_long_exact_prefix_runs_two_attention_segments_and_keeps_the_uncached_tokens(
+    family, monkeypatch
+):
+    """A prompt past ``TWO_SEGMENTS_FROM``: the steps attend over the kept prompt and the
+    response as two segments (the kept K/V are not copied), and at full budget the tokens are
+    still the uncached loop's (float64, both steps and prefills counted)."""
+    from maskkv_compile.kernels import cached_attention as op
+
+    calls = []
+    two_segments = op._two_segments_cpu
+    monkeypatch.setattr(op, "_two_segments_cpu", lambda *a: calls.append(1) or two_segments(*a))
+    model = build(family, dtype=torch.float64)
+    prompt, _ = prompt_and_masks(model, prompt_len=op.TWO_SEGMENTS_FROM + 37, gen_len=8)
+    optimized = maskkv_compile.optimize(model, budget=10**6, backend="eager")
+    kwargs = dict(gen_length=8, steps=8, block_length=8)
+    ours = optimized.generate(prompt, **kwargs)
+    uncached = generate(model, prompt, mask_token_id=model.config.mask_token_id, **kwargs)
+    assert torch.equal(ours, uncached)
+    counts = optimized.runtime.counts
+    assert counts.prefills == 1 and counts.steps == 7
+    assert len(calls) == 7 * model.config.num_hidden_layers  # every layer of every step

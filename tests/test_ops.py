@@ -561,6 +561,67 @@ def test_cached_attention_row_ends():
     )
 
 
+@pytest.mark.parametrize("seed", range(24))
+def test_cached_attention_cpu_segments_equal_the_concatenation(seed):
+    """The CPU path for long kept prefixes (the kept and the computed keys as two SDPA
+    segments, merged by their log-sum-exps) equals the reference over the concatenation:
+    random shapes, GQA groups 1-3, float64 / float32 / bfloat16, ragged kept lengths with zeros
+    (and none kept at all), padded computed keys, row ends, rows that see no key, a
+    non-contiguous q."""
+    from maskkv_compile.kernels.cached_attention import _two_segments_cpu
+
+    rng = random.Random(seed)
+    dtype = [torch.float64, torch.float32, torch.bfloat16][seed % 3]
+    batch, kv_heads, group = rng.randint(1, 3), rng.randint(1, 2), rng.randint(1, 3)
+    resp, kept, dim = rng.randint(1, 9), rng.choice([0, 1, 7, 40]), rng.choice([4, 8, 16])
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, resp, kv_heads * group, dim, generator=gen).to(dtype).transpose(1, 2)
+    k, v = (torch.randn(batch, kv_heads, resp, dim, generator=gen).to(dtype) for _ in "kv")
+    kept_k, kept_v = (
+        torch.randn(batch, kv_heads, kept, dim, generator=gen).to(dtype) for _ in "kv"
+    )
+    kept_len = torch.randint(0, kept + 1, (batch, kv_heads), generator=gen)
+    if seed % 4 == 0:
+        kept_len.fill_(kept)  # every slot real
+    resp_valid = torch.rand(batch, resp, generator=gen) < (0.7 if seed % 2 else 1.0)
+    row_end = NO_LIMIT
+    if seed % 3 == 1:
+        row_end = torch.randint(0, resp + 1, (resp,), generator=gen)
+    args = (q, k, v, kept_k, kept_v, kept_len, resp_valid, row_end, 0.3)
+    ours = _two_segments_cpu(*args)
+    theirs = cached_attention_reference(*args)
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+    assert ours.is_contiguous()  # as the fake kernel says: Inductor checks the strides
+    tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(ours, theirs, atol=tol, rtol=tol)
+
+
+def test_cached_attention_cpu_never_copies_the_kept_kv():
+    """At a long kept prefix the kept K/V are read where they are: no op of the CPU path
+    returns a tensor as large as them (the concatenation did, twice, at every step)."""
+    from maskkv_compile.kernels.cached_attention import TWO_SEGMENTS_FROM, cached_attention_torch
+    from torch.overrides import TorchFunctionMode
+
+    q, k, v = qkv(batch=1, heads=4, kv_heads=2, seq=3, dim=16)
+    kept = TWO_SEGMENTS_FROM
+    _, kept_k, kept_v = qkv(batch=1, heads=4, kv_heads=2, seq=kept, dim=16, seed=1)
+    kept_len = torch.tensor([[kept, kept - 56]])  # ragged: the masked segment too
+    largest = []
+
+    class Sizes(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple) else (out,):
+                if isinstance(t, torch.Tensor):
+                    largest.append((t.numel(), getattr(func, "__name__", str(func))))
+            return out
+
+    resp_valid = torch.ones(1, 3, dtype=torch.bool)
+    with Sizes():
+        cached_attention_torch(q, k, v, kept_k, kept_v, kept_len, resp_valid, NO_LIMIT, 0.3)
+    assert largest and max(largest)[0] < kept_k.numel(), max(largest)
+
+
 @pytest.mark.parametrize("policy", ["maskkv", "snapkv", "streaming", "random"])
 def test_selection_scores_recent_window_comes_first(policy):
     """``recent``: each row's last ``recent`` valid prompt columns outrank every other column,
