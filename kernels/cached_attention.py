@@ -83,6 +83,8 @@ def _additive(valid: torch.Tensor, dtype) -> torch.Tensor:
 
 
 def _two_segments_cpu(q, k, v, kept_k, kept_v, kept_len, resp_valid, row_end, scale):
+    """``cached_attention`` as two SDPA segments merged by their log-sum-exps (module
+    docstring); the same contract and result as the reference."""
     batch, heads, resp, _ = q.shape
     kv_heads, num_kept = k.shape[1], kept_k.shape[2]
     group = heads // kv_heads
