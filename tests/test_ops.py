@@ -620,6 +620,10 @@ def test_cached_attention_cpu_never_copies_the_kept_kv():
     with Sizes():
         cached_attention_torch(q, k, v, kept_k, kept_v, kept_len, resp_valid, NO_LIMIT, 0.3)
     assert largest and max(largest)[0] < kept_k.numel(), max(largest)
+    opcheck(  # the op on this path: its output's layout is the fake kernel's
+        torch.ops.maskkv.cached_attention.default,
+        (q, k, v, kept_k, kept_v, kept_len, resp_valid, NO_LIMIT, 0.3, None),
+    )
 
 
 @pytest.mark.parametrize("policy", ["maskkv", "snapkv", "streaming", "random"])
