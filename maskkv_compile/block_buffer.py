@@ -40,7 +40,7 @@ import contextvars
 import dataclasses
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 
@@ -83,6 +83,15 @@ def buffer_call(call: Optional[BufferCall]):
         _CALL.reset(token)
 
 
+class SmallView(NamedTuple):
+    """The step view of one small block: its (at, n) in the block, the view, and the column of
+    its first row among the refresh's rows."""
+
+    at_n: tuple[int, int]
+    view: StepView
+    column: int
+
+
 @dataclass
 class Held:
     """The K/V of a refresh's computed rows, for the buffer object it made, and the step view of
@@ -93,7 +102,7 @@ class Held:
     buffer: weakref.ref  # the kv_loop.BlockBuffer
     first: int  # the position of the refresh's first computed row: column c is row first + c
     kv: list  # per layer (k, v), (B, Hkv, C, D)
-    view: Optional[tuple[tuple[int, int], StepView, int]] = None
+    view: Optional[SmallView] = None
 
     @property
     def rows(self) -> int:
@@ -180,9 +189,11 @@ class BlockBufferCache(Feature):
         if not _small(session, plan):
             return None
         held, call = session.state[self.name].held, _CALL.get()
-        if held.view is None or held.view[0] != (call.at, call.n):
-            held.view = ((call.at, call.n), *small_block_view(session, held, call.at, call.n))
-        return held.view[1]
+        if held.view is None or held.view.at_n != (call.at, call.n):
+            held.view = SmallView(
+                (call.at, call.n), *small_block_view(session, held, call.at, call.n)
+            )
+        return held.view.view
 
     def step_graph(self, session: Session, plan: "Plan", call: "Call", inputs: dict):
         if _refresh(session, plan) or _small(session, plan):
@@ -196,10 +207,10 @@ class BlockBufferCache(Feature):
             state.held = Held(weakref.ref(_CALL.get().buffer), session.layout.first_row, kv)
             state.refreshes += 1
         elif _small(session, plan):  # the small block's fresh K/V into the buffer
-            (_, n), _, column = state.held.view
+            cols = slice(state.held.view.column, state.held.view.column + state.held.view.at_n[1])
             for (k, v), (fresh_k, fresh_v) in zip(state.held.kv, named["response_kv"]):
-                k[:, :, column : column + n] = fresh_k
-                v[:, :, column : column + n] = fresh_v
+                k[:, :, cols] = fresh_k
+                v[:, :, cols] = fresh_v
             state.small_steps += 1
         elif state.held is not None:  # another step may change the kept prefix: merge again
             state.held.view = None
