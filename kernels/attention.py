@@ -12,7 +12,9 @@ the layout is made, so the op never reads the mask to find out.
 optional key_end (S,) int64, for block-causal attention (block diffusion: LLaDA2, SDAR): query
 i attends key j only if ``j < key_end[i]`` (one past the end of i's block), on top of the
 padding. A query that would see no key at all (a padding row in a block of padding) sees every
-real key instead, so no row is NaN. ``None`` or an empty (0,) tensor: no such limit.
+real key instead, so no row is NaN. ``None`` or an empty (0,) tensor: no such limit. Long
+windows without padding go in query chunks against the keys before each chunk's last block end
+(:func:`block_causal_attention`), on CPU as two segments merged by their log-sum-exps.
 Query head h reads KV head h // (H // Hkv), the grouping of Hugging Face's ``repeat_kv``.
 
 ``softmax_dtype`` keeps the eager spelling's numerics: when the model computed the softmax
@@ -26,6 +28,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from maskkv_compile._torch_private import sdpa_with_logsumexp_cpu
 
 
 def expand_kv_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -99,12 +103,21 @@ def block_causal_attention(q, k, v, scale, softmax_dtype, key_end):
     diffusion): queries [a, b) attend to keys [0, max(key_end[a:b])) only, the keys some query
     of the chunk may see; the masked keys past them would get zero weight. Same result as the
     whole masked attention, for one host read of the block ends. (With padding, a query that
-    sees no real key sees every real key instead: that stays with the whole attention.)"""
+    sees no real key sees every real key instead: that stays with the whole attention.)
+
+    On CPU with the softmax in q's dtype, each chunk is two segments (:func:`_chunk_segments`):
+    the keys every query of the chunk sees, without a mask, and the rest, masked."""
     ends = key_end.tolist()
+    segments = q.device.type == "cpu" and softmax_dtype in (None, q.dtype)
     out = []
     for start in range(0, q.shape[2], QUERY_CHUNK):
         stop = min(start + QUERY_CHUNK, q.shape[2])
-        hi = max(ends[start:stop])  # the chunk's keys: [0, hi)
+        lo, hi = min(ends[start:stop]), max(ends[start:stop])  # seen by all / by some row
+        if segments and lo > 0:
+            out.append(
+                _chunk_segments(q[:, :, start:stop], k, v, scale, key_end[start:stop], lo, hi)
+            )
+            continue
         mask = attention_mask(None, key_end[start:stop], hi)
         out.append(
             attention_reference(
@@ -112,6 +125,37 @@ def block_causal_attention(q, k, v, scale, softmax_dtype, key_end):
             )
         )
     return torch.cat(out, dim=2)  # (B, H, S, Dv)
+
+
+def _chunk_segments(q, k, v, scale, ends, lo: int, hi: int):
+    """One chunk of :func:`block_causal_attention` on CPU: q (B, H, R, D) with block ends (R,),
+    every row seeing keys [0, lo) and row r keys [lo, ends[r]) too (lo >= 1). Keys [0, lo) go
+    through aten's flash kernel without a mask (most of the chunk's scores, at the kernel's
+    full speed), keys [lo, hi) with an additive mask, and the two merge by their log-sum-exps.
+    A KV head's query heads go as one block of rows, so GQA copies no K/V."""
+    batch, heads, rows, dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    qg = q.reshape(batch, kv_heads, group * rows, dim)  # (B, Hkv, group*R, D): head-major rows
+    out, lse = sdpa_with_logsumexp_cpu(qg, k[:, :, :lo], v[:, :, :lo], None, scale)
+    if hi > lo:
+        seen = torch.arange(lo, hi) < ends[:, None]  # (R, hi-lo)
+        additive = torch.zeros((), dtype=q.dtype).masked_fill(~seen, float("-inf"))
+        out_m, lse_m = sdpa_with_logsumexp_cpu(
+            qg, k[:, :, lo:hi], v[:, :, lo:hi], additive.repeat(group, 1)[None, None], scale
+        )
+        # rows that see none of [lo, hi) (the chunk's first block): that segment weighs nothing
+        lse_m = lse_m.masked_fill((ends <= lo).repeat(group), float("-inf"))
+        out = merge_segments(out, lse, out_m, lse_m)
+    return out.reshape(batch, heads, rows, v.shape[3])  # (B, H, R, Dv)
+
+
+def merge_segments(out_a, lse_a, out_b, lse_b):
+    """Softmax attention over two key segments from each one's output (..., Dv) and log-sum-exp
+    (...): ``out_a + w (out_b - out_a)`` with ``w = e^lse_b / (e^lse_a + e^lse_b)``. A segment
+    a row sees no key of must come with lse -inf (weight 0); both empty: half of each."""
+    w = torch.sigmoid((lse_b - lse_a).nan_to_num(nan=0.0))[..., None]
+    return torch.lerp(out_a.to(w.dtype), out_b.to(w.dtype), w).to(out_a.dtype)
 
 
 def banded_key_ranges(mask: torch.Tensor, chunk: int) -> Optional[list[tuple[int, int, int]]]:

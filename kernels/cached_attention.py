@@ -34,7 +34,7 @@ import torch
 from maskkv_compile._torch_private import sdpa_with_logsumexp_cpu
 
 from . import triton_cached_attention
-from .attention import attention_reference, expand_kv_heads
+from .attention import attention_reference, expand_kv_heads, merge_segments
 
 
 def cached_attention_reference(
@@ -102,9 +102,7 @@ def _two_segments_cpu(q, k, v, kept_k, kept_v, kept_len, resp_valid, row_end, sc
         # a segment a row sees no key of weighs nothing (the kernel reports 0 there, not -inf)
         lse_k = lse_k.masked_fill(~kept.any(-1), float("-inf"))
         lse_c = lse_c.masked_fill(~computed.any(-1), float("-inf"))
-        # weight of the kept segment: e^lse_k / (e^lse_k + e^lse_c); both empty: 0.5 of zeros
-        w = torch.sigmoid((lse_k - lse_c).nan_to_num(nan=0.0))[..., None]
-        out_c = torch.lerp(out_c.to(w.dtype), out_k.to(w.dtype), w).to(q.dtype)
+        out_c = merge_segments(out_c, lse_c, out_k, lse_k)
     # (B, H, R, Dv), contiguous as the fake kernel's output (the flash kernel's is not)
     return out_c.reshape(batch, heads, resp, v.shape[3]).contiguous()
 

@@ -447,6 +447,35 @@ def test_a_model_that_builds_its_block_mask_in_forward_runs_through_maskkv():
     assert all(layer["kept_per_row"] == [[5, 5]] for layer in stats["layers"])
 
 
+def test_a_long_window_is_prefilled_in_two_segment_chunks_and_stays_exact(monkeypatch):
+    """A window past 2 * QUERY_CHUNK rows is prefilled in query chunks, on CPU each as two
+    segments (kernels/attention.py): the SDAR loop over a prompt of 1030 (its tail inside the
+    first block) gives the unoptimized loop's tokens and, at every call, its logits to 1e-10
+    (float64), and every chunk of the prefill's first attention took the two segments."""
+    from kernels import attention as attention_kernels
+
+    chunks = []
+    segments = attention_kernels._chunk_segments
+    monkeypatch.setattr(
+        attention_kernels,
+        "_chunk_segments",
+        lambda q, *a: chunks.append(q.shape[2]) or segments(q, *a),
+    )
+    model = _zero_mask_row(tiny_qwen3(dtype=torch.float64))
+    prompt = _prompt(1, 1030, seed=5)
+    kwargs = dict(gen_length=8, block_length=4, mask_id=MASK, steps=2)
+    reference = sdar_generate(model, prompt, **kwargs)
+    assert chunks == []  # the plain model's own attention
+    exact = maskkv_compile.optimize(model, budget=10**6, backend="eager")
+    with Checked(exact, model, 4) as checked:
+        assert torch.equal(sdar_generate(exact, prompt, **kwargs), reference)
+    assert checked.calls > 0 and checked.worst < 1e-10
+    assert exact.cache_stats()["transitions"]["new"] == 1
+    window = 1032  # the prefill's window: the prompt and its first block
+    chunk = attention_kernels.QUERY_CHUNK
+    assert chunks == [min(chunk, window - a) for a in range(0, window, chunk)]
+
+
 @pytest.mark.parametrize("shift", [0, 1], ids=["sdar", "token shift"])
 def test_a_window_of_one_block_from_a_mask_built_in_forward_runs_whole(shift):
     """A prompt shorter than the block: the first window is one block, and the mask the model

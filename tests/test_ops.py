@@ -162,11 +162,12 @@ def test_banded_key_ranges_cover_every_attended_key_and_attention_over_them_is_t
     assert banded_key_ranges(mask[:, :, : 2 * chunk - 1], chunk) is None  # too few rows
 
 
-@pytest.mark.parametrize("softmax_dtype", [None, torch.float32])
-def test_long_block_causal_attention_in_query_chunks_equals_the_whole(softmax_dtype, monkeypatch):
+def test_long_block_causal_attention_in_query_chunks_equals_the_whole(monkeypatch):
     """Past 2 * QUERY_CHUNK queries without padding, block-causal attention goes in query chunks
     against the keys before each chunk's last block end: the same as the whole masked
-    attention, over uneven blocks (a prompt block, then blocks of 5)."""
+    attention, over uneven blocks (a prompt block, then blocks of 5). A softmax in another
+    dtype than q's takes the reference per chunk (on CPU, q's own dtype takes two segments:
+    the next test)."""
     from kernels import attention as attention_kernels
 
     monkeypatch.setattr(attention_kernels, "QUERY_CHUNK", 8)
@@ -181,17 +182,52 @@ def test_long_block_causal_attention_in_query_chunks_equals_the_whole(softmax_dt
         "attention_reference",
         lambda q, k, *a, **kw: chunks.append(k.shape[2]) or original(q, k, *a, **kw),
     )
-    out = torch.ops.maskkv.attention(q, k, v, 0.3, softmax_dtype, None, key_end)
+    out = torch.ops.maskkv.attention(q, k, v, 0.3, torch.float32, None, key_end)
     assert chunks == [13, 18, 28, 33, 43, 43]  # each chunk's keys end at its last block end
     whole = original(
-        q, k, v, 0.3, softmax_dtype, attention_kernels.attention_mask(None, key_end, 43)
+        q, k, v, 0.3, torch.float32, attention_kernels.attention_mask(None, key_end, 43)
     )
-    tol = dict(atol=1e-6, rtol=1e-6) if softmax_dtype else dict(atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(out, whole, **tol)
+    torch.testing.assert_close(out, whole, atol=1e-6, rtol=1e-6)
     for i in (0, 12, 13, 20, 42):  # and each row against the naive definition
         keys = list(range(int(key_end[i])))
         want = naive_attention(q[:, :, i : i + 1], k, v, 0.3, [[keys] * 2] * 2)
         torch.testing.assert_close(out[:, :, i : i + 1], want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_block_causal_chunks_on_cpu_as_two_segments_equal_the_whole(seed, monkeypatch):
+    """On CPU with the softmax in q's dtype, each query chunk of a long block-causal window is
+    two segments (the keys every row of the chunk sees, unmasked; the rest, masked) merged by
+    their log-sum-exps, and never the reference: equal to the whole masked attention over
+    random block layouts (a prompt block longer or shorter than a chunk, blocks that straddle
+    chunks, a chunk whose rows all see the same keys), GQA groups 1-3, float64 / float32 /
+    bfloat16, a non-contiguous q."""
+    from kernels import attention as attention_kernels
+
+    rng = random.Random(seed)
+    chunk = rng.choice([4, 8, 16])
+    monkeypatch.setattr(attention_kernels, "QUERY_CHUNK", chunk)
+    dtype = [torch.float64, torch.float32, torch.bfloat16][seed % 3]
+    prompt, block = rng.randint(1, 3 * chunk), rng.randint(1, chunk + 3)
+    blocks = max(rng.randint(2, 5), -(-(2 * chunk - prompt) // block))  # >= 2 chunks of rows
+    seq = prompt + block * blocks
+    ends = [prompt] * prompt + [
+        min(prompt + block * (1 + i // block), seq) for i in range(seq - prompt)
+    ]
+    key_end = torch.tensor(ends)
+    batch, kv_heads, group, dim = rng.randint(1, 2), rng.randint(1, 2), rng.randint(1, 3), 8
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, seq, kv_heads * group, dim, generator=gen).to(dtype).transpose(1, 2)
+    k, v = (torch.randn(batch, kv_heads, seq, dim, generator=gen).to(dtype) for _ in "kv")
+    original = attention_kernels.attention_reference
+    whole = original(q, k, v, 0.3, None, attention_kernels.attention_mask(None, key_end, seq))
+    monkeypatch.setattr(attention_kernels, "attention_reference", None)  # must not be called
+    out = torch.ops.maskkv.attention(q, k, v, 0.3, None, None, key_end)
+    assert out.shape == whole.shape and out.dtype == dtype and out.is_contiguous()
+    tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(out, whole, atol=tol, rtol=tol)
+    if seed < 3:  # the op on this path, its layout the fake kernel's
+        opcheck(torch.ops.maskkv.attention.default, (q, k, v, 0.3, None, None, key_end))
 
 
 @pytest.mark.parametrize("softmax_dtype", [None, torch.float32])
