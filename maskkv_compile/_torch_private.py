@@ -5,11 +5,9 @@ When torch moves, this is the file to fix.
 
 from __future__ import annotations
 
-from torch._dynamo.exc import (
-    BackendCompilerFailed,  # noqa: F401  (unwrapped to show our own errors)
-    Unsupported,  # noqa: F401  (a graph break under fullgraph=True)
-)
-from torch._dynamo.utils import lazy_format_graph_code  # noqa: F401  (graph dumps depyf/TORCH_LOGS see)
+import importlib
+
+from torch._guards import TracingContext, tracing  # noqa: F401  (a fresh context per Inductor compile)
 from torch._logging import trace_structured  # noqa: F401  (tlparse artifacts)
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: F401
 from torch.utils import _pytree as pytree  # noqa: F401  (token_modules' outputs, flat and back)
@@ -57,17 +55,41 @@ def sym_hint(value) -> int:
     return int(value)
 
 
-from torch._dynamo import config as dynamo_config  # noqa: E402,F401  (recompile limits)
-from torch._dynamo import mark_dynamic  # noqa: E402,F401
-from torch._guards import TracingContext, tracing  # noqa: E402,F401  (a fresh context per Inductor compile)
-from torch._inductor import list_mode_options  # noqa: E402,F401  (torch.compile's mode -> Inductor options)
-from torch._inductor.compile_fx import compile_fx  # noqa: E402,F401
-from torch.fx.experimental.symbolic_shapes import (  # noqa: E402,F401
-    DimDynamic,
-    GuardOnDataDependentSymNode,  # dynamo's trace branched on a tensor's value
-    ShapeEnv,
-    StatelessSymbolicContext,
-)
+# Dynamo, Inductor and the symbolic shapes (sympy) take seconds to import, and most uses of the
+# package (the eager path, the CLI's help, an explain of a cached graph) need none of them:
+# these names are imported at their first use, ``_torch_private.compile_fx`` and the like
+# (PEP 562). Read them as attributes of this module inside functions, never with
+# ``from ... import`` at the top of a module, which would import them right there.
+_LAZY = {
+    "BackendCompilerFailed": ("torch._dynamo.exc", "BackendCompilerFailed"),  # our own errors
+    "Unsupported": ("torch._dynamo.exc", "Unsupported"),  # a graph break under fullgraph=True
+    "lazy_format_graph_code": ("torch._dynamo.utils", "lazy_format_graph_code"),  # graph dumps
+    "dynamo_config": ("torch._dynamo.config", None),  # recompile limits
+    "mark_dynamic": ("torch._dynamo", "mark_dynamic"),
+    "list_mode_options": ("torch._inductor", "list_mode_options"),  # torch.compile's modes
+    "compile_fx": ("torch._inductor.compile_fx", "compile_fx"),
+    "DimDynamic": ("torch.fx.experimental.symbolic_shapes", "DimDynamic"),
+    # dynamo's trace branched on a tensor's value
+    "GuardOnDataDependentSymNode": (
+        "torch.fx.experimental.symbolic_shapes",
+        "GuardOnDataDependentSymNode",
+    ),
+    "ShapeEnv": ("torch.fx.experimental.symbolic_shapes", "ShapeEnv"),
+    "StatelessSymbolicContext": (
+        "torch.fx.experimental.symbolic_shapes",
+        "StatelessSymbolicContext",
+    ),
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = importlib.import_module(module)
+    value = value if attr is None else getattr(value, attr)
+    globals()[name] = value  # imported once
+    return value
 
 
 def original_module(compiled):

@@ -11,13 +11,7 @@ from typing import Optional
 
 import torch
 
-from maskkv_compile._torch_private import (
-    BackendCompilerFailed,
-    GuardOnDataDependentSymNode,
-    Unsupported,
-    dynamo_config,
-    mark_dynamic,
-)
+from maskkv_compile import _torch_private
 from maskkv_compile.backend import MaskKVBackend
 from maskkv_compile.config import MaskKVConfig, MaskKVConfigError, resolve
 from maskkv_compile.dual_cache import generation_block_length
@@ -89,7 +83,7 @@ def _log_calls() -> set:
     """The logging functions dynamo may trace as no-ops: the config's own and the logger's. A log
     call cannot be part of a graph; without this, dynamo refuses the forward under
     ``fullgraph=True``. The message is not printed from a traced forward."""
-    return set(dynamo_config.ignore_logging_functions) | _logger_methods()
+    return set(_torch_private.dynamo_config.ignore_logging_functions) | _logger_methods()
 
 
 class MaskKVModel(torch.nn.Module):
@@ -216,8 +210,8 @@ class MaskKVModel(torch.nn.Module):
         input_ids = _fresh_strides(input_ids)
         for name in per_token:
             kwargs[name] = _fresh_strides(kwargs[name])
-            mark_dynamic(kwargs[name], 1)
-        mark_dynamic(input_ids, 1)
+            _torch_private.mark_dynamic(kwargs[name], 1)
+        _torch_private.mark_dynamic(input_ids, 1)
         if self._takes_use_cache:
             kwargs.setdefault(
                 "use_cache", False
@@ -231,7 +225,7 @@ class MaskKVModel(torch.nn.Module):
         try:
             with (
                 token_modules_installed(self._token_modules, self._token_handles or []),
-                dynamo_config.patch(
+                _torch_private.dynamo_config.patch(
                     recompile_limit=RECOMPILE_LIMIT,
                     accumulated_recompile_limit=RECOMPILE_LIMIT,
                     ignore_logging_functions=_log_calls(),
@@ -240,9 +234,10 @@ class MaskKVModel(torch.nn.Module):
                 active(self.backend),
             ):
                 out = self._compiled(input_ids=input_ids, **kwargs)
-        except BackendCompilerFailed as failure:  # our own error, raised inside the backend
-            raise failure.inner_exception from None
-        except (Unsupported, GuardOnDataDependentSymNode) as failure:  # a graph break
+        except _torch_private.BackendCompilerFailed as failure:
+            raise failure.inner_exception from None  # our own error, raised inside the backend
+        except (_torch_private.Unsupported, _torch_private.GuardOnDataDependentSymNode) as failure:
+            # a graph break
             reason = str(failure).strip().splitlines()[0]
             raise UnsupportedModelError(
                 f"dynamo cannot trace {type(self.wrapped).__name__}.forward as one graph "

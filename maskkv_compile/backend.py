@@ -45,7 +45,8 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from maskkv_compile._torch_private import list_mode_options, original_module
+from maskkv_compile import _torch_private
+from maskkv_compile._torch_private import original_module
 from maskkv_compile.config import MaskKVConfig, MaskKVConfigError, resolve
 from maskkv_compile.inductor import inductor_config_patches
 from maskkv_compile.passes import PassManager, UnsupportedModelError, analyse
@@ -70,7 +71,7 @@ _GRAPH_BREAK_HINT = (
 
 def inductor_options(mode: Optional[str], backend: str) -> dict[str, Any]:
     """The Inductor config patches for ``torch.compile``'s ``mode`` (validated)."""
-    modes = list_mode_options()
+    modes = _torch_private.list_mode_options()
     if mode is None:
         return {}
     if not isinstance(mode, str) or mode not in modes:
@@ -78,7 +79,7 @@ def inductor_options(mode: Optional[str], backend: str) -> dict[str, Any]:
             f"mode={mode!r} is not a torch.compile mode; valid modes: {', '.join(modes)}. The mode "
             "is passed to Inductor; MaskKV's own settings go in options={...}"
         )
-    patches = dict(list_mode_options(mode))
+    patches = dict(_torch_private.list_mode_options(mode))
     if backend == "eager" and patches:
         warnings.warn(
             f"mode={mode!r} is ignored: options={{'backend': 'eager'}} runs the rewritten "

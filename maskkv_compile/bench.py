@@ -50,7 +50,7 @@ from collections import Counter
 import torch
 
 import maskkv_compile
-from maskkv_compile._torch_private import dynamo_config
+from maskkv_compile import _torch_private
 from maskkv_compile.api import RECOMPILE_LIMIT
 from maskkv_compile.generate import generate
 from maskkv_compile.measure import human_bytes, measure, table
@@ -163,7 +163,7 @@ class CompiledUncached:
         )
 
     def __call__(self, *args, **kwargs):
-        with dynamo_config.patch(
+        with _torch_private.dynamo_config.patch(
             recompile_limit=RECOMPILE_LIMIT, accumulated_recompile_limit=RECOMPILE_LIMIT
         ):
             return self.compiled(*args, **kwargs)

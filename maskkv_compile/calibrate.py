@@ -18,7 +18,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from maskkv_compile._torch_private import mark_dynamic
+from maskkv_compile import _torch_private
 from maskkv_compile.config import MaskKVConfig
 from maskkv_compile.passes import FindAttentionPass, PassManager, UnsupportedModelError, analyse
 from maskkv_compile.passes.base import extra_inputs
@@ -172,7 +172,7 @@ def calibrate(
         masks = gen_length if block_length is None else (p // block_length + 1) * block_length - p
         tail = torch.full((prompt.shape[0], masks), token, dtype=prompt.dtype, device=prompt.device)
         x = torch.cat([prompt, tail], 1)
-        mark_dynamic(x, 1)
+        _torch_private.mark_dynamic(x, 1)
         backend.ids, backend.prompt_len = x, p
         compiled(input_ids=x, use_cache=False)
     fingerprint = model_fingerprint(getattr(model, "config", model), type(model).__name__)

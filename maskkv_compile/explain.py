@@ -42,12 +42,8 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from maskkv_compile._torch_private import (
-    BackendCompilerFailed,
-    dynamo_config,
-    example_value,
-    mark_dynamic,
-)
+from maskkv_compile import _torch_private
+from maskkv_compile._torch_private import example_value
 from maskkv_compile.api import RECOMPILE_LIMIT  # explain's capture counts as a recompile too
 from maskkv_compile.config import MaskKVConfig, MaskKVConfigError
 from maskkv_compile.graph_diff import SiteDiff, folded_diff, structural_diff, structural_text
@@ -441,7 +437,7 @@ def capture(model: torch.nn.Module, input_ids: torch.Tensor) -> fx.GraphModule:
     """The dynamo graph of ``model(input_ids)`` as optimize() would see it (eval mode, no
     grad, sequence dim symbolic, ``use_cache=False`` where the forward takes it)."""
     ids = input_ids.clone()  # mark_dynamic marks the tensor object: leave the caller's alone
-    mark_dynamic(ids, 1)
+    _torch_private.mark_dynamic(ids, 1)
     kwargs: dict[str, Any] = {}
     try:
         params = inspect.signature(model.forward).parameters
@@ -462,14 +458,14 @@ def capture(model: torch.nn.Module, input_ids: torch.Tensor) -> fx.GraphModule:
     try:
         with (
             torch.no_grad(),
-            dynamo_config.patch(
+            _torch_private.dynamo_config.patch(
                 recompile_limit=RECOMPILE_LIMIT,
                 accumulated_recompile_limit=RECOMPILE_LIMIT,
                 suppress_errors=False,
             ),
         ):
             compiled(*args, **kwargs)
-    except BackendCompilerFailed as failure:
+    except _torch_private.BackendCompilerFailed as failure:
         if isinstance(failure.inner_exception, _Captured):
             return failure.inner_exception.gm
         raise

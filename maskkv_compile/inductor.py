@@ -32,17 +32,13 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
-import sympy
 import torch
 import torch.fx as fx
 
+from maskkv_compile import _torch_private
 from maskkv_compile._torch_private import (
-    DimDynamic,
     FakeTensorMode,
-    ShapeEnv,
-    StatelessSymbolicContext,
     TracingContext,
-    compile_fx,
     is_traceable_wrapper_subclass,
     tracing,
 )
@@ -82,6 +78,8 @@ class _Artifact:
     def admits(self, args, key: tuple) -> bool:
         if self.exact is not None:
             return key == self.exact
+        import sympy  # (here: importing it costs a third of a second)
+
         values = {
             symbol: sympy.Integer(int(args[i].shape[d] if kind == "size" else args[i].stride(d)))
             for symbol, (i, kind, d) in self.symbols.items()
@@ -154,8 +152,10 @@ class InductorGraph:
         return fn(*args)
 
     def _compile(self, args, key: tuple) -> _Artifact:
-        env = ShapeEnv(duck_shape=False)  # no symbol shared by equal values of unrelated dims
+        # no symbol shared by equal values of unrelated dims
+        env = _torch_private.ShapeEnv(duck_shape=False)
         mode = FakeTensorMode(shape_env=env)
+        DYNAMIC, STATIC = _torch_private.DimDynamic.DYNAMIC, _torch_private.DimDynamic.STATIC
         fakes: list = [None] * len(args)
         by_name = dict(zip(self.names, range(len(args))))
         for i, (name, arg) in enumerate(zip(self.names, args)):
@@ -166,17 +166,15 @@ class InductorGraph:
             elif isinstance(arg, torch.Tensor):
                 dims = self.dynamic.get(name, ())
                 dims = dims if isinstance(dims, (list, tuple)) else ()
-                context = StatelessSymbolicContext(
-                    dynamic_sizes=[
-                        DimDynamic.DYNAMIC if d in dims else DimDynamic.STATIC
-                        for d in range(arg.dim())
-                    ]
-                )
+                kinds = [DYNAMIC if d in dims else STATIC for d in range(arg.dim())]
+                context = _torch_private.StatelessSymbolicContext(dynamic_sizes=kinds)
                 fakes[i] = mode.from_tensor(arg, symbolic_context=context)
         seq = fakes[by_name[self.tokens]].shape[1]
         for i, (name, arg) in enumerate(zip(self.names, args)):
             if fakes[i] is None:
                 fakes[i] = seq if self.dynamic.get(name) == SEQ else arg
+        import sympy
+
         symbols = {}  # symbol -> (argument index, "size" or "stride", dim) it stands for
         for i, fake in enumerate(fakes):
             if isinstance(fake, torch.Tensor) and not is_traceable_wrapper_subclass(fake):
@@ -187,7 +185,9 @@ class InductorGraph:
                         ):
                             symbols.setdefault(value.node.expr, (i, kind, d))
         with tracing(TracingContext(mode)):
-            fn = compile_fx(self.gm, fakes, config_patches=self.config_patches or None)
+            fn = _torch_private.compile_fx(
+                self.gm, fakes, config_patches=self.config_patches or None
+            )
         self.compiles += 1
         guards = [guard.expr for guard in env.guards]
         unknown = set().union(*(g.free_symbols for g in guards)) - set(symbols) if guards else ()

@@ -26,26 +26,21 @@ and every tensor's shape is its symbolic shape evaluated there.
 from __future__ import annotations
 
 import operator
+from typing import TYPE_CHECKING
 
-import sympy
 import torch
 import torch.fx as fx
 
-from maskkv_compile._torch_private import (
-    DimDynamic,
-    FakeTensorMode,
-    ShapeEnv,
-    StatelessSymbolicContext,
-    example_value,
-    sym_expr,
-    sym_hint,
-    tracing,
-)
+from maskkv_compile import _torch_private
+from maskkv_compile._torch_private import FakeTensorMode, example_value, sym_expr, sym_hint, tracing
 from maskkv_compile.naming import readable_code, readable_name  # messages name nodes by module path
 from maskkv_compile.tensor_parallel import fake_like, is_dtensor, real_object
 
 from .base import GraphPass, PassResult, is_call
 from .graph_info import UnsupportedModelError, analyse
+
+if TYPE_CHECKING:
+    import sympy
 
 TRIAL_OFFSET, TRIAL_PRIME = 7, 761  # the trial lengths: S + 7 and a prime no model dim is
 
@@ -292,11 +287,12 @@ def _propagate(
     gm: fx.GraphModule, tokens: fx.Node, per_token: list[fx.Node], S: int
 ) -> sympy.Symbol:
     """Recompute every node's ``example_value`` with dim 1 of the token inputs one symbol s."""
-    env = ShapeEnv()
+    env = _torch_private.ShapeEnv()
     mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
     value = example_value(tokens)
-    batch = DimDynamic.DYNAMIC if isinstance(value.shape[0], torch.SymInt) else DimDynamic.STATIC
-    context = StatelessSymbolicContext(dynamic_sizes=[batch, DimDynamic.DYNAMIC])
+    dim = _torch_private.DimDynamic
+    batch = dim.DYNAMIC if isinstance(value.shape[0], torch.SymInt) else dim.STATIC
+    context = _torch_private.StatelessSymbolicContext(dynamic_sizes=[batch, dim.DYNAMIC])
     hints = tuple(sym_hint(d) for d in value.shape)
     fake_tokens = mode.from_tensor(torch.zeros(hints, dtype=value.dtype), symbolic_context=context)
     length = fake_tokens.shape[1]  # SymInt s, hint S

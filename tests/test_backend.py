@@ -264,7 +264,7 @@ def test_mode_reaches_inductor_as_config_patches(tiny, monkeypatch):
     """options mode="max-autotune" -> compile_fx(config_patches=...) for the prefill and step
     graphs. compile_fx is replaced by a recorder that runs the graph as FX code (no Inductor
     compile)."""
-    import maskkv_compile.inductor as inductor
+    from maskkv_compile import _torch_private
 
     seen = []
 
@@ -272,7 +272,7 @@ def test_mode_reaches_inductor_as_config_patches(tiny, monkeypatch):
         seen.append(config_patches)
         return lambda *args: gm(*args)
 
-    monkeypatch.setattr(inductor, "compile_fx", recorder)
+    monkeypatch.setattr(_torch_private, "compile_fx", recorder)
     options = {"budget": 8, "mask_token_id": 255, "mode": "max-autotune"}
     compiled = torch.compile(tiny, backend="maskkv", options=options)
     _, x = prompt_and_masks(tiny, 12, 5)  # 17 tokens: no model dim is 17

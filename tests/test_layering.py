@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 # installed name -> folder (pyproject.toml's package-dir)
 FOLDERS = {
@@ -140,20 +142,36 @@ def test_the_core_imports_no_tool():
     assert not [e for e in import_graph(top_level_only=True)["maskkv_compile"] if is_tool(e)]
 
 
+HEAVY = ("matplotlib", "tabulate", "torch._dynamo", "torch._inductor", "sympy")
+
+
 def test_import_loads_no_tool_module():
+    """``import maskkv_compile`` loads no tool module, and neither dynamo, Inductor nor sympy
+    (seconds to import: ``_torch_private`` imports them at their first use)."""
     loaded = json.loads(
         python(
             "import json, sys; import maskkv_compile; "
             "print(json.dumps(sorted(m for m in sys.modules if m.startswith('maskkv_compile') or m "
-            "in ('matplotlib', 'tabulate'))))"
+            f"in {HEAVY!r})))"
         )
     )
-    assert [m for m in loaded if is_tool(m) or m in ("matplotlib", "tabulate")] == []
+    assert [m for m in loaded if is_tool(m) or m in HEAVY] == []
     assert (
         "maskkv_compile.naming" in loaded
         and "maskkv_compile.passes" in loaded
         and "maskkv_compile.kernels" in loaded
     )
+
+
+def test_every_lazy_private_name_resolves():
+    """The private torch names ``_torch_private`` imports at first use all exist in this torch
+    (a moved one fails here, not at a user's first compile)."""
+    from maskkv_compile import _torch_private
+
+    for name in _torch_private._LAZY:
+        assert getattr(_torch_private, name) is not None, name
+    with pytest.raises(AttributeError, match="no_such_name"):
+        _ = _torch_private.no_such_name
 
 
 def test_lazy_entry_points_stay_functions():
