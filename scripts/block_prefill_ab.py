@@ -1,0 +1,105 @@
+"""The CPU prefill of a long block-causal window side by side, in one process: each query chunk
+as one masked SDPA call over the keys before its last block end, against two segments merged
+by their log-sum-exps (``kernels/attention.py``: the keys every row of the chunk sees, through
+the flash kernel without a mask, and the rest, masked).
+
+1. The op alone (``maskkv::attention`` with block ends, no padding), per window: ``bench-block``'s
+   attention shapes (4 query heads on one KV head of 128, float32), blocks of 32.
+2. The whole block loop of ``bench-block`` (LLaDA2's loop, gen 256, blocks of 32, 8 steps a
+   block) at each ``--prompt-lens``: the exact prefix cache and MaskKV 256, each path timed
+   ``--repeats`` times taking turns (medians), and whether the tokens are the same. Each
+   window's first call is a prefill of the whole window.
+
+Usage: ``python scripts/block_prefill_ab.py [--prompt-lens 4096 8192] [--repeats 3]
+[--backend inductor|eager]``.
+"""
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+from maskkv_compile.kernels import attention as attention_kernels
+
+import maskkv_compile
+from maskkv_compile.bench_block import block_generate, build_model
+
+SEGMENTS = attention_kernels._chunk_segments  # as shipped
+
+
+def _one_call(q, k, v, scale, ends, lo, hi):
+    """A chunk as one masked SDPA call over keys [0, hi) (the path before the segments)."""
+    mask = attention_kernels.attention_mask(None, ends, hi)
+    return attention_kernels.attention_reference(q, k[:, :, :hi], v[:, :, :hi], scale, None, mask)
+
+
+PATHS = (("one call", _one_call), ("two segments", SEGMENTS))
+
+
+def _op_table() -> None:
+    print("op alone, milliseconds a call: window | one masked call | two segments")
+    for window in [1024, 2048, 4096, 8192, 16384]:
+        q = torch.randn(1, window, 4, 128).transpose(1, 2)  # the graphs' layout
+        k, v = torch.randn(2, 1, 1, window, 128)
+        key_end = (torch.arange(window) // 32 + 1) * 32
+        times = []
+        for _, chunk_fn in PATHS:
+            attention_kernels._chunk_segments = chunk_fn
+            call = lambda: torch.ops.maskkv.attention(q, k, v, 128**-0.5, None, None, key_end)  # noqa: E731
+            call()
+            runs = max(3, 8192 // window)
+            start = time.perf_counter()
+            for _ in range(runs):
+                call()
+            times.append((time.perf_counter() - start) / runs * 1e3)
+        attention_kernels._chunk_segments = SEGMENTS
+        print(f"  {window:6d} | {times[0]:7.1f} | {times[1]:7.1f} | {times[0] / times[1]:.2f}x")
+
+
+def _loop_table(prompt_lens, repeats, backend) -> None:
+    for prompt_len in prompt_lens:
+        model = build_model(2, 512, 1024, prompt_len + 512)
+        prompt = torch.randint(0, 255, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+        kwargs = dict(gen_length=256, block_length=32, steps=8)
+        runs = {
+            "exact prefix cache": maskkv_compile.optimize(model, budget=10**9, backend=backend),
+            "MaskKV 256": maskkv_compile.optimize(model, budget=256, backend=backend),
+        }
+        for runner in runs.values():
+            block_generate(runner, prompt, **kwargs)  # warm-up: compiles what it times
+        seconds, tokens = {}, {}
+        for _ in range(repeats):
+            for path, chunk_fn in PATHS:
+                attention_kernels._chunk_segments = chunk_fn
+                for name, runner in runs.items():
+                    runner.reset()
+                    start = time.perf_counter()
+                    tokens[name, path] = block_generate(runner, prompt, **kwargs)
+                    seconds.setdefault((name, path), []).append(time.perf_counter() - start)
+        attention_kernels._chunk_segments = SEGMENTS
+        for name in runs:
+            old = statistics.median(seconds[name, "one call"])
+            new = statistics.median(seconds[name, "two segments"])
+            same = torch.equal(tokens[name, "one call"], tokens[name, "two segments"])
+            print(
+                f"  {prompt_len:>5} {backend} {name:<19} one call {old:.3f} s, two segments "
+                f"{new:.3f} s: {old / new:.2f}x, same tokens {same}"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt-lens", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--backend", default="inductor", choices=["inductor", "eager"])
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    warnings.simplefilter("ignore")  # the uniform layer budgets' notice
+    _op_table()
+    print("the block loop (medians):")
+    _loop_table(args.prompt_lens, args.repeats, args.backend)
+
+
+if __name__ == "__main__":
+    main()
