@@ -13,8 +13,8 @@ optional key_end (S,) int64, for block-causal attention (block diffusion: LLaDA2
 i attends key j only if ``j < key_end[i]`` (one past the end of i's block), on top of the
 padding. A query that would see no key at all (a padding row in a block of padding) sees every
 real key instead, so no row is NaN. ``None`` or an empty (0,) tensor: no such limit. Long
-windows without padding go in query chunks against the keys before each chunk's last block end
-(:func:`block_causal_attention`), on CPU as two segments merged by their log-sum-exps.
+windows (padded or not) go in query chunks against the keys before each chunk's last block
+end (:func:`block_causal_attention`), on CPU as two segments merged by their log-sum-exps.
 Query head h reads KV head h // (H // Hkv), the grouping of Hugging Face's ``repeat_kv``.
 
 ``softmax_dtype`` keeps the eager spelling's numerics: when the model computed the softmax
@@ -82,12 +82,10 @@ def attention(
     key_end: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     _check(q, k, v)
-    if (
-        key_end is not None
-        and key_end.numel() >= 2 * QUERY_CHUNK
-        and key_padding(key_valid) is None
-    ):
-        return block_causal_attention(q, k, v, scale, softmax_dtype, key_end)
+    if key_end is not None and key_end.numel() >= 2 * QUERY_CHUNK:
+        return block_causal_attention(
+            q, k, v, scale, softmax_dtype, key_end, key_padding(key_valid)
+        )
     return attention_reference(
         q, k, v, scale, softmax_dtype, key_mask=attention_mask(key_valid, key_end, k.shape[2])
     ).contiguous()
@@ -98,56 +96,75 @@ def attention(
 QUERY_CHUNK = 512
 
 
-def block_causal_attention(q, k, v, scale, softmax_dtype, key_end):
-    """``attention`` with block ends (S,) and no padding (the block-causal windows of block
-    diffusion): queries [a, b) attend to keys [0, max(key_end[a:b])) only, the keys some query
-    of the chunk may see; the masked keys past them would get zero weight. Same result as the
-    whole masked attention, for one host read of the block ends. (With padding, a query that
-    sees no real key sees every real key instead: that stays with the whole attention.)
+def block_causal_attention(q, k, v, scale, softmax_dtype, key_end, key_valid=None):
+    """``attention`` with block ends (S,) and optional padding (B, Sk) (the block-causal
+    windows of block diffusion): queries [a, b) attend to keys [0, max(key_end[a:b])) only, the
+    keys some query of the chunk may see; the masked keys past them would get zero weight. A
+    query that sees no real key before its block end sees every real key instead (the op's
+    contract): a chunk holding one takes every key. Same result as the whole masked
+    attention, for one host read of the block ends (and, with padding, one of those queries).
 
     On CPU with the softmax in q's dtype, each chunk is two segments (:func:`_chunk_segments`):
-    the keys every query of the chunk sees, without a mask, and the rest, masked."""
+    the keys before the chunk's first block end, which every query of it may see (only the
+    padding masked), and the rest, masked per query."""
     ends = key_end.tolist()
+    blind = [False] * len(ends)
+    if key_valid is not None:  # per row of the window: some batch row sees no real key
+        real = key_valid.cumsum(1)  # (B, Sk): real keys up to and including each
+        last = (key_end - 1).clamp(min=0)[None].expand(real.shape[0], -1)  # (B, S)
+        blind = ((real.gather(1, last) == 0) | (key_end <= 0)).any(0).tolist()
     segments = q.device.type == "cpu" and softmax_dtype in (None, q.dtype)
     out = []
     for start in range(0, q.shape[2], QUERY_CHUNK):
         stop = min(start + QUERY_CHUNK, q.shape[2])
+        rows = q[:, :, start:stop]
         lo, hi = min(ends[start:stop]), max(ends[start:stop])  # seen by all / by some row
+        if any(blind[start:stop]):
+            lo, hi = 0, k.shape[2]
         if segments and lo > 0:
-            out.append(
-                _chunk_segments(q[:, :, start:stop], k, v, scale, key_end[start:stop], lo, hi)
-            )
+            out.append(_chunk_segments(rows, k, v, scale, key_end[start:stop], lo, hi, key_valid))
             continue
-        mask = attention_mask(None, key_end[start:stop], hi)
+        padding = None if key_valid is None else key_valid[:, :hi]
+        mask = attention_mask(padding, key_end[start:stop], hi)
         out.append(
-            attention_reference(
-                q[:, :, start:stop], k[:, :, :hi], v[:, :, :hi], scale, softmax_dtype, mask
-            )
+            attention_reference(rows, k[:, :, :hi], v[:, :, :hi], scale, softmax_dtype, mask)
         )
     return torch.cat(out, dim=2)  # (B, H, S, Dv)
 
 
-def _chunk_segments(q, k, v, scale, ends, lo: int, hi: int):
+def _chunk_segments(q, k, v, scale, ends, lo: int, hi: int, key_valid=None):
     """One chunk of :func:`block_causal_attention` on CPU: q (B, H, R, D) with block ends (R,),
-    every row seeing keys [0, lo) and row r keys [lo, ends[r]) too (lo >= 1). Keys [0, lo) go
-    through aten's flash kernel without a mask (most of the chunk's scores, at the kernel's
-    full speed), keys [lo, hi) with an additive mask, and the two merge by their log-sum-exps.
-    A KV head's query heads go as one block of rows, so GQA copies no K/V."""
+    row r seeing the real keys of [0, ends[r]), ends[r] >= lo >= 1. Keys [0, lo) go through
+    aten's flash kernel with no mask (most of the chunk's scores, at the kernel's full speed)
+    or the padding's alone, keys [lo, hi) with a mask per query, and the two merge by their
+    log-sum-exps. A KV head's query heads go as one block of rows, so GQA copies no K/V.
+    Every batch row has a real key in [0, lo): the chunk's row whose block ends at lo sees
+    one (no query of the chunk is blind), so only the second segment can be empty."""
     batch, heads, rows, dim = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
     qg = q.reshape(batch, kv_heads, group * rows, dim)  # (B, Hkv, group*R, D): head-major rows
-    out, lse = sdpa_with_logsumexp_cpu(qg, k[:, :, :lo], v[:, :, :lo], None, scale)
+    padding = None  # of the first segment: (B, 1, 1, lo), the same for every query
+    if key_valid is not None:
+        padding = additive_mask(key_valid[:, None, None, :lo], q.dtype)
+    out, lse = sdpa_with_logsumexp_cpu(qg, k[:, :, :lo], v[:, :, :lo], padding, scale)
     if hi > lo:
-        seen = torch.arange(lo, hi) < ends[:, None]  # (R, hi-lo)
-        additive = torch.zeros((), dtype=q.dtype).masked_fill(~seen, float("-inf"))
+        seen = (torch.arange(lo, hi) < ends[:, None])[None, None]  # (1, 1, R, hi-lo)
+        if key_valid is not None:
+            seen = seen & key_valid[:, None, None, lo:hi]  # (B, 1, R, hi-lo)
+        seen = seen.repeat(1, 1, group, 1)  # (B or 1, 1, group*R, hi-lo), head-major as qg
         out_m, lse_m = sdpa_with_logsumexp_cpu(
-            qg, k[:, :, lo:hi], v[:, :, lo:hi], additive.repeat(group, 1)[None, None], scale
+            qg, k[:, :, lo:hi], v[:, :, lo:hi], additive_mask(seen, q.dtype), scale
         )
         # rows that see none of [lo, hi) (the chunk's first block): that segment weighs nothing
-        lse_m = lse_m.masked_fill((ends <= lo).repeat(group), float("-inf"))
+        lse_m = lse_m.masked_fill(~seen.any(-1), float("-inf"))
         out = merge_segments(out, lse, out_m, lse_m)
     return out.reshape(batch, heads, rows, v.shape[3])  # (B, H, R, Dv)
+
+
+def additive_mask(allowed: torch.Tensor, dtype) -> torch.Tensor:
+    """A bool mask (True = attend) as the additive one aten's CPU flash kernel takes."""
+    return torch.zeros((), dtype=dtype).masked_fill(~allowed, float("-inf"))
 
 
 def merge_segments(out_a, lse_a, out_b, lse_b):

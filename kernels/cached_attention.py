@@ -34,7 +34,7 @@ import torch
 from maskkv_compile._torch_private import sdpa_with_logsumexp_cpu
 
 from . import triton_cached_attention
-from .attention import attention_reference, expand_kv_heads, merge_segments
+from .attention import additive_mask, attention_reference, expand_kv_heads, merge_segments
 
 
 def cached_attention_reference(
@@ -78,10 +78,6 @@ def cached_attention_torch(
 TWO_SEGMENTS_FROM = 1024
 
 
-def _additive(valid: torch.Tensor, dtype) -> torch.Tensor:
-    return torch.zeros(valid.shape, dtype=dtype).masked_fill_(~valid, float("-inf"))
-
-
 def _two_segments_cpu(q, k, v, kept_k, kept_v, kept_len, resp_valid, row_end, scale):
     """``cached_attention`` as two SDPA segments merged by their log-sum-exps (module
     docstring); the same contract and result as the reference."""
@@ -95,10 +91,12 @@ def _two_segments_cpu(q, k, v, kept_k, kept_v, kept_len, resp_valid, row_end, sc
         ends = torch.arange(resp) < row_end[:, None]  # (R, R)
         computed = computed & ends.repeat(group, 1)[None, None]
     # masks always (reading whether they hide anything would be a host read; they cost nothing)
-    out_c, lse_c = sdpa_with_logsumexp_cpu(qg, k, v, _additive(computed, q.dtype), scale)
+    out_c, lse_c = sdpa_with_logsumexp_cpu(qg, k, v, additive_mask(computed, q.dtype), scale)
     if num_kept:
         kept = torch.arange(num_kept) < kept_len[..., None, None]  # (B, Hkv, 1, K)
-        out_k, lse_k = sdpa_with_logsumexp_cpu(qg, kept_k, kept_v, _additive(kept, q.dtype), scale)
+        out_k, lse_k = sdpa_with_logsumexp_cpu(
+            qg, kept_k, kept_v, additive_mask(kept, q.dtype), scale
+        )
         # a segment a row sees no key of weighs nothing (the kernel reports 0 there, not -inf)
         lse_k = lse_k.masked_fill(~kept.any(-1), float("-inf"))
         lse_c = lse_c.masked_fill(~computed.any(-1), float("-inf"))

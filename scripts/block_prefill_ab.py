@@ -4,7 +4,8 @@ by their log-sum-exps (``kernels/attention.py``: the keys every row of the chunk
 the flash kernel without a mask, and the rest, masked).
 
 1. The op alone (``maskkv::attention`` with block ends, no padding), per window: ``bench-block``'s
-   attention shapes (4 query heads on one KV head of 128, float32), blocks of 32.
+   attention shapes (4 query heads on one KV head of 128, float32), blocks of 32. And a
+   left-padded batch of 2, which took the whole masked (S, S) attention before it was chunked.
 2. The whole block loop of ``bench-block`` (LLaDA2's loop, gen 256, blocks of 32, 8 steps a
    block) at each ``--prompt-lens``: the exact prefix cache and MaskKV 256, each path timed
    ``--repeats`` times taking turns (medians), and whether the tokens are the same. Each
@@ -28,9 +29,10 @@ from maskkv_compile.bench_block import block_generate, build_model
 SEGMENTS = attention_kernels._chunk_segments  # as shipped
 
 
-def _one_call(q, k, v, scale, ends, lo, hi):
+def _one_call(q, k, v, scale, ends, lo, hi, key_valid=None):
     """A chunk as one masked SDPA call over keys [0, hi) (the path before the segments)."""
-    mask = attention_kernels.attention_mask(None, ends, hi)
+    padding = None if key_valid is None else key_valid[:, :hi]
+    mask = attention_kernels.attention_mask(padding, ends, hi)
     return attention_kernels.attention_reference(q, k[:, :, :hi], v[:, :, :hi], scale, None, mask)
 
 
@@ -54,6 +56,29 @@ def _op_table() -> None:
                 call()
             times.append((time.perf_counter() - start) / runs * 1e3)
         attention_kernels._chunk_segments = SEGMENTS
+        print(f"  {window:6d} | {times[0]:7.1f} | {times[1]:7.1f} | {times[0] / times[1]:.2f}x")
+    print(
+        "a left-padded batch of 2 (row 0 by 100), milliseconds a call: window | the whole "
+        "masked (S, S) attention (padded windows before the chunks) | chunks, two segments"
+    )
+    for window in [2048, 8192]:
+        q = torch.randn(2, window, 4, 128).transpose(1, 2)
+        k, v = torch.randn(2, 2, 1, window, 128)
+        key_end = (torch.arange(window) // 32 + 1) * 32
+        key_valid = torch.ones(2, window, dtype=torch.bool)
+        key_valid[0, :100] = False
+        mask = attention_kernels.attention_mask(key_valid, key_end, window)
+        calls = (
+            lambda: attention_kernels.attention_reference(q, k, v, 128**-0.5, None, mask),
+            lambda: torch.ops.maskkv.attention(q, k, v, 128**-0.5, None, key_valid, key_end),
+        )
+        times = []
+        for call in calls:
+            call()
+            start = time.perf_counter()
+            for _ in range(3):
+                call()
+            times.append((time.perf_counter() - start) / 3 * 1e3)
         print(f"  {window:6d} | {times[0]:7.1f} | {times[1]:7.1f} | {times[0] / times[1]:.2f}x")
 
 

@@ -447,11 +447,13 @@ def test_a_model_that_builds_its_block_mask_in_forward_runs_through_maskkv():
     assert all(layer["kept_per_row"] == [[5, 5]] for layer in stats["layers"])
 
 
-def test_a_long_window_is_prefilled_in_two_segment_chunks_and_stays_exact(monkeypatch):
+@pytest.mark.parametrize("padded", [False, True], ids=["alone", "padded batch"])
+def test_a_long_window_is_prefilled_in_two_segment_chunks_and_stays_exact(padded, monkeypatch):
     """A window past 2 * QUERY_CHUNK rows is prefilled in query chunks, on CPU each as two
     segments (kernels/attention.py): the SDAR loop over a prompt of 1030 (its tail inside the
-    first block) gives the unoptimized loop's tokens and, at every call, its logits to 1e-10
-    (float64), and every chunk of the prefill's first attention took the two segments."""
+    first block; in a batch of 2, the second row left-padded by 37) gives the unoptimized
+    loop's tokens and, at every call, its logits to 1e-10 (float64), and the chunks of the
+    prefill's first attention took the two segments."""
     from kernels import attention as attention_kernels
 
     chunks = []
@@ -462,8 +464,12 @@ def test_a_long_window_is_prefilled_in_two_segment_chunks_and_stays_exact(monkey
         lambda q, *a: chunks.append(q.shape[2]) or segments(q, *a),
     )
     model = _zero_mask_row(tiny_qwen3(dtype=torch.float64))
-    prompt = _prompt(1, 1030, seed=5)
-    kwargs = dict(gen_length=8, block_length=4, mask_id=MASK, steps=2)
+    prompt, pad = _prompt(1 + padded, 1030, seed=5), None
+    if padded:
+        pad = torch.ones_like(prompt)
+        pad[1, :37] = 0
+        prompt = prompt.masked_fill(pad == 0, 0)
+    kwargs = dict(gen_length=8, block_length=4, mask_id=MASK, steps=2, attention_mask=pad)
     reference = sdar_generate(model, prompt, **kwargs)
     assert chunks == []  # the plain model's own attention
     exact = maskkv_compile.optimize(model, budget=10**6, backend="eager")
@@ -473,7 +479,10 @@ def test_a_long_window_is_prefilled_in_two_segment_chunks_and_stays_exact(monkey
     assert exact.cache_stats()["transitions"]["new"] == 1
     window = 1032  # the prefill's window: the prompt and its first block
     chunk = attention_kernels.QUERY_CHUNK
-    assert chunks == [min(chunk, window - a) for a in range(0, window, chunk)]
+    expected = [min(chunk, window - a) for a in range(0, window, chunk)]
+    # padded: the first chunk holds row 1's padding queries whose blocks hold no real key
+    # (they see every real key, as the op's contract says): that chunk takes the reference
+    assert chunks == expected[padded:]
 
 
 @pytest.mark.parametrize("shift", [0, 1], ids=["sdar", "token shift"])

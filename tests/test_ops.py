@@ -194,14 +194,16 @@ def test_long_block_causal_attention_in_query_chunks_equals_the_whole(monkeypatc
         torch.testing.assert_close(out[:, :, i : i + 1], want, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("seed", range(16))
+@pytest.mark.parametrize("seed", range(24))
 def test_block_causal_chunks_on_cpu_as_two_segments_equal_the_whole(seed, monkeypatch):
     """On CPU with the softmax in q's dtype, each query chunk of a long block-causal window is
-    two segments (the keys every row of the chunk sees, unmasked; the rest, masked) merged by
-    their log-sum-exps, and never the reference: equal to the whole masked attention over
-    random block layouts (a prompt block longer or shorter than a chunk, blocks that straddle
-    chunks, a chunk whose rows all see the same keys), GQA groups 1-3, float64 / float32 /
-    bfloat16, a non-contiguous q."""
+    two segments (the keys before the chunk's first block end, only the padding masked; the
+    rest, masked per query) merged by their log-sum-exps: equal to the whole masked attention
+    over random block layouts (a prompt block longer or shorter than a chunk, or LLaDA2's grid
+    of blocks from 0; blocks that straddle chunks; chunks whose rows all see the same keys),
+    with and without padding (left padding longer than a block, holes), GQA groups 1-3,
+    float64 / float32 / bfloat16, a non-contiguous q. The reference runs only for a chunk
+    holding a query that sees no real key before its block end (which sees every real key)."""
     from kernels import attention as attention_kernels
 
     rng = random.Random(seed)
@@ -211,23 +213,42 @@ def test_block_causal_chunks_on_cpu_as_two_segments_equal_the_whole(seed, monkey
     prompt, block = rng.randint(1, 3 * chunk), rng.randint(1, chunk + 3)
     blocks = max(rng.randint(2, 5), -(-(2 * chunk - prompt) // block))  # >= 2 chunks of rows
     seq = prompt + block * blocks
-    ends = [prompt] * prompt + [
-        min(prompt + block * (1 + i // block), seq) for i in range(seq - prompt)
-    ]
+    if rng.random() < 0.5:  # the prompt as its own block (SDAR), else blocks from 0 (LLaDA2)
+        ends = [prompt] * prompt + [prompt + block * (1 + i // block) for i in range(seq - prompt)]
+    else:
+        ends = [min(block * (1 + i // block), seq) for i in range(seq)]
     key_end = torch.tensor(ends)
     batch, kv_heads, group, dim = rng.randint(1, 2), rng.randint(1, 2), rng.randint(1, 3), 8
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, seq, kv_heads * group, dim, generator=gen).to(dtype).transpose(1, 2)
     k, v = (torch.randn(batch, kv_heads, seq, dim, generator=gen).to(dtype) for _ in "kv")
+    key_valid = None
+    if seed % 2:
+        key_valid = torch.ones(batch, seq, dtype=torch.bool)
+        for b in range(batch):
+            key_valid[b, : rng.randint(0, seq // 2)] = False  # left padding
+            key_valid[b, rng.randrange(seq)] = bool(rng.random() < 0.5)  # maybe a hole
+            key_valid[b, -1] = True  # some real key
     original = attention_kernels.attention_reference
-    whole = original(q, k, v, 0.3, None, attention_kernels.attention_mask(None, key_end, seq))
-    monkeypatch.setattr(attention_kernels, "attention_reference", None)  # must not be called
-    out = torch.ops.maskkv.attention(q, k, v, 0.3, None, None, key_end)
+    mask = attention_kernels.attention_mask(key_valid, key_end, seq)
+    whole = original(q, k, v, 0.3, None, mask)
+    blind = [  # queries that see no real key before their block end
+        key_valid is not None and not key_valid[:, : ends[i]].any(1).all() for i in range(seq)
+    ]
+    calls = []
+    monkeypatch.setattr(
+        attention_kernels,
+        "attention_reference",
+        lambda q, *a, **kw: calls.append(q.shape[2]) or original(q, *a, **kw),
+    )
+    out = torch.ops.maskkv.attention(q, k, v, 0.3, None, key_valid, key_end)
     assert out.shape == whole.shape and out.dtype == dtype and out.is_contiguous()
     tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2}[dtype]
     torch.testing.assert_close(out, whole, atol=tol, rtol=tol)
-    if seed < 3:  # the op on this path, its layout the fake kernel's
-        opcheck(torch.ops.maskkv.attention.default, (q, k, v, 0.3, None, None, key_end))
+    assert len(calls) == sum(any(blind[a : a + chunk]) for a in range(0, seq, chunk))
+    if seed < 4:  # the op on this path, its layout the fake kernel's
+        args = (q, k, v, 0.3, None, key_valid, key_end)
+        opcheck(torch.ops.maskkv.attention.default, args)
 
 
 @pytest.mark.parametrize("softmax_dtype", [None, torch.float32])
