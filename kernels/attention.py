@@ -94,6 +94,10 @@ def attention(
 # Block-causal attention goes in chunks of this many queries, each against the keys before its
 # last block end only: about half the scores of the whole (S, S), the rest being masked anyway.
 QUERY_CHUNK = 512
+# On CPU, a chunk whose queries all see at least this many keys goes as two segments: below,
+# the second call, its mask and the merge cost more than the unmasked keys save
+# (scripts/block_prefill_ab.py times one chunk both ways per number of such keys).
+SEGMENTS_FROM = 1024
 
 
 def block_causal_attention(q, k, v, scale, softmax_dtype, key_end, key_valid=None):
@@ -104,9 +108,9 @@ def block_causal_attention(q, k, v, scale, softmax_dtype, key_end, key_valid=Non
     contract): a chunk holding one takes every key. Same result as the whole masked
     attention, for one host read of the block ends (and, with padding, one of those queries).
 
-    On CPU with the softmax in q's dtype, each chunk is two segments (:func:`_chunk_segments`):
-    the keys before the chunk's first block end, which every query of it may see (only the
-    padding masked), and the rest, masked per query."""
+    On CPU with the softmax in q's dtype, a chunk whose first block ends at ``SEGMENTS_FROM``
+    or later is two segments (:func:`_chunk_segments`): the keys before that end, which every
+    query of it may see (only the padding masked), and the rest, masked per query."""
     ends = key_end.tolist()
     blind = [False] * len(ends)
     if key_valid is not None:  # per row of the window: some batch row sees no real key
@@ -121,7 +125,7 @@ def block_causal_attention(q, k, v, scale, softmax_dtype, key_end, key_valid=Non
         lo, hi = min(ends[start:stop]), max(ends[start:stop])  # seen by all / by some row
         if any(blind[start:stop]):
             lo, hi = 0, k.shape[2]
-        if segments and lo > 0:
+        if segments and lo >= SEGMENTS_FROM:
             out.append(_chunk_segments(rows, k, v, scale, key_end[start:stop], lo, hi, key_valid))
             continue
         padding = None if key_valid is None else key_valid[:, :hi]
@@ -152,12 +156,11 @@ def _chunk_segments(q, k, v, scale, ends, lo: int, hi: int, key_valid=None):
         seen = (torch.arange(lo, hi) < ends[:, None])[None, None]  # (1, 1, R, hi-lo)
         if key_valid is not None:
             seen = seen & key_valid[:, None, None, lo:hi]  # (B, 1, R, hi-lo)
-        seen = seen.repeat(1, 1, group, 1)  # (B or 1, 1, group*R, hi-lo), head-major as qg
-        out_m, lse_m = sdpa_with_logsumexp_cpu(
-            qg, k[:, :, lo:hi], v[:, :, lo:hi], additive_mask(seen, q.dtype), scale
-        )
         # rows that see none of [lo, hi) (the chunk's first block): that segment weighs nothing
-        lse_m = lse_m.masked_fill(~seen.any(-1), float("-inf"))
+        empty = ~seen.any(-1)  # (B or 1, 1, R)
+        mask = additive_mask(seen, q.dtype).repeat(1, 1, group, 1)  # head-major rows, as qg
+        out_m, lse_m = sdpa_with_logsumexp_cpu(qg, k[:, :, lo:hi], v[:, :, lo:hi], mask, scale)
+        lse_m = lse_m.masked_fill(empty.repeat(1, 1, group), float("-inf"))
         out = merge_segments(out, lse, out_m, lse_m)
     return out.reshape(batch, heads, rows, v.shape[3])  # (B, H, R, Dv)
 

@@ -3,6 +3,8 @@ as one masked SDPA call over the keys before its last block end, against two seg
 by their log-sum-exps (``kernels/attention.py``: the keys every row of the chunk sees, through
 the flash kernel without a mask, and the rest, masked).
 
+0. One chunk of 512 queries per number of keys they all see (the evidence for
+   ``SEGMENTS_FROM``, from which a chunk goes as two segments).
 1. The op alone (``maskkv::attention`` with block ends, no padding), per window: ``bench-block``'s
    attention shapes (4 query heads on one KV head of 128, float32), blocks of 32. And a
    left-padded batch of 2, which took the whole masked (S, S) attention before it was chunked.
@@ -37,6 +39,29 @@ def _one_call(q, k, v, scale, ends, lo, hi, key_valid=None):
 
 
 PATHS = (("one call", _one_call), ("two segments", SEGMENTS))
+
+
+def _clock(fn, runs: int) -> float:
+    """Milliseconds a call, after one call to warm up."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(runs):
+        fn()
+    return (time.perf_counter() - start) / runs * 1e3
+
+
+def _chunk_table() -> None:
+    """One chunk of 512 queries whose first block ends at ``lo``: the evidence for
+    ``SEGMENTS_FROM`` (the paths take turns, medians of 15 rounds)."""
+    print("one chunk of 512 queries, milliseconds: keys all see | one masked call | two segments")
+    for lo in [32, 256, 512, 1024, 2048, 4096]:
+        q = torch.randn(1, 512, 4, 128).transpose(1, 2)
+        k, v = torch.randn(2, 1, 1, lo + 512, 128)
+        ends = (torch.arange(512) // 32 + 1) * 32 + lo - 32  # blocks of 32, the first ends at lo
+        args = (q, k, v, 128**-0.5, ends, lo, int(ends.max()))
+        rounds = [[_clock(lambda: fn(*args), 5) for _, fn in PATHS] for _ in range(15)]
+        one, two = (statistics.median(r[i] for r in rounds) for i in range(2))
+        print(f"  {lo:5d} | {one:6.2f} | {two:6.2f} | {one / two:.2f}x")
 
 
 def _op_table() -> None:
@@ -121,6 +146,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     warnings.simplefilter("ignore")  # the uniform layer budgets' notice
+    _chunk_table()
     _op_table()
     print("the block loop (medians):")
     _loop_table(args.prompt_lens, args.repeats, args.backend)

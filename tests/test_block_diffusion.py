@@ -463,6 +463,7 @@ def test_a_long_window_is_prefilled_in_two_segment_chunks_and_stays_exact(padded
         "_chunk_segments",
         lambda q, *a: chunks.append(q.shape[2]) or segments(q, *a),
     )
+    monkeypatch.setattr(attention_kernels, "SEGMENTS_FROM", 1)  # every chunk that can
     model = _zero_mask_row(tiny_qwen3(dtype=torch.float64))
     prompt, pad = _prompt(1 + padded, 1030, seed=5), None
     if padded:

@@ -203,12 +203,15 @@ def test_block_causal_chunks_on_cpu_as_two_segments_equal_the_whole(seed, monkey
     of blocks from 0; blocks that straddle chunks; chunks whose rows all see the same keys),
     with and without padding (left padding longer than a block, holes), GQA groups 1-3,
     float64 / float32 / bfloat16, a non-contiguous q. The reference runs only for a chunk
-    holding a query that sees no real key before its block end (which sees every real key)."""
+    holding a query that sees no real key before its block end (which sees every real key),
+    or whose first block ends before ``SEGMENTS_FROM``."""
     from kernels import attention as attention_kernels
 
     rng = random.Random(seed)
     chunk = rng.choice([4, 8, 16])
+    segments_from = rng.choice([1, 1, 2 * chunk])  # and the chunks before it in one call
     monkeypatch.setattr(attention_kernels, "QUERY_CHUNK", chunk)
+    monkeypatch.setattr(attention_kernels, "SEGMENTS_FROM", segments_from)
     dtype = [torch.float64, torch.float32, torch.bfloat16][seed % 3]
     prompt, block = rng.randint(1, 3 * chunk), rng.randint(1, chunk + 3)
     blocks = max(rng.randint(2, 5), -(-(2 * chunk - prompt) // block))  # >= 2 chunks of rows
@@ -245,7 +248,12 @@ def test_block_causal_chunks_on_cpu_as_two_segments_equal_the_whole(seed, monkey
     assert out.shape == whole.shape and out.dtype == dtype and out.is_contiguous()
     tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2}[dtype]
     torch.testing.assert_close(out, whole, atol=tol, rtol=tol)
-    assert len(calls) == sum(any(blind[a : a + chunk]) for a in range(0, seq, chunk))
+    one_call = [  # the chunks that go as one call: a blind query, or too few keys seen by all
+        any(blind[a : a + chunk]) or min(ends[a : a + chunk]) < segments_from
+        for a in range(0, seq, chunk)
+    ]
+    assert len(calls) == sum(one_call)
+    assert not any(one_call) or key_valid is not None or segments_from > 1
     if seed < 4:  # the op on this path, its layout the fake kernel's
         args = (q, k, v, 0.3, None, key_valid, key_end)
         opcheck(torch.ops.maskkv.attention.default, args)
