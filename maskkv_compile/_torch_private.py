@@ -60,7 +60,8 @@ def sym_hint(value) -> int:
 # these names are imported at their first use, ``_torch_private.compile_fx`` and the like
 # (PEP 562). Read them as attributes of this module inside functions, never with
 # ``from ... import`` at the top of a module, which would import them right there.
-_LAZY = {
+_SHAPES = "torch.fx.experimental.symbolic_shapes"
+_LAZY = {  # name -> (module, attribute; None: the module itself)
     "BackendCompilerFailed": ("torch._dynamo.exc", "BackendCompilerFailed"),  # our own errors
     "Unsupported": ("torch._dynamo.exc", "Unsupported"),  # a graph break under fullgraph=True
     "lazy_format_graph_code": ("torch._dynamo.utils", "lazy_format_graph_code"),  # graph dumps
@@ -68,17 +69,11 @@ _LAZY = {
     "mark_dynamic": ("torch._dynamo", "mark_dynamic"),
     "list_mode_options": ("torch._inductor", "list_mode_options"),  # torch.compile's modes
     "compile_fx": ("torch._inductor.compile_fx", "compile_fx"),
-    "DimDynamic": ("torch.fx.experimental.symbolic_shapes", "DimDynamic"),
+    "DimDynamic": (_SHAPES, "DimDynamic"),
     # dynamo's trace branched on a tensor's value
-    "GuardOnDataDependentSymNode": (
-        "torch.fx.experimental.symbolic_shapes",
-        "GuardOnDataDependentSymNode",
-    ),
-    "ShapeEnv": ("torch.fx.experimental.symbolic_shapes", "ShapeEnv"),
-    "StatelessSymbolicContext": (
-        "torch.fx.experimental.symbolic_shapes",
-        "StatelessSymbolicContext",
-    ),
+    "GuardOnDataDependentSymNode": (_SHAPES, "GuardOnDataDependentSymNode"),
+    "ShapeEnv": (_SHAPES, "ShapeEnv"),
+    "StatelessSymbolicContext": (_SHAPES, "StatelessSymbolicContext"),
 }
 
 

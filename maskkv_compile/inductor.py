@@ -78,7 +78,7 @@ class _Artifact:
     def admits(self, args, key: tuple) -> bool:
         if self.exact is not None:
             return key == self.exact
-        import sympy  # (here: importing it costs a third of a second)
+        import sympy  # at first use: importing it takes a third of a second
 
         values = {
             symbol: sympy.Integer(int(args[i].shape[d] if kind == "size" else args[i].stride(d)))

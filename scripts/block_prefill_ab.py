@@ -17,16 +17,12 @@ Usage: ``python scripts/block_prefill_ab.py [--prompt-lens 4096 8192] [--repeats
 [--backend inductor|eager]``.
 """
 
-import argparse
 import statistics
 import time
-import warnings
 
 import torch
+from block_loop_ab import arguments, loop_table
 from maskkv_compile.kernels import attention as attention_kernels
-
-import maskkv_compile
-from maskkv_compile.bench_block import block_generate, build_model
 
 SEGMENTS = attention_kernels._chunk_segments  # as shipped
 
@@ -107,49 +103,16 @@ def _op_table() -> None:
         print(f"  {window:6d} | {times[0]:7.1f} | {times[1]:7.1f} | {times[0] / times[1]:.2f}x")
 
 
-def _loop_table(prompt_lens, repeats, backend) -> None:
-    for prompt_len in prompt_lens:
-        model = build_model(2, 512, 1024, prompt_len + 512)
-        prompt = torch.randint(0, 255, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-        kwargs = dict(gen_length=256, block_length=32, steps=8)
-        runs = {
-            "exact prefix cache": maskkv_compile.optimize(model, budget=10**9, backend=backend),
-            "MaskKV 256": maskkv_compile.optimize(model, budget=256, backend=backend),
-        }
-        for runner in runs.values():
-            block_generate(runner, prompt, **kwargs)  # warm-up: compiles what it times
-        seconds, tokens = {}, {}
-        for _ in range(repeats):
-            for path, chunk_fn in PATHS:
-                attention_kernels._chunk_segments = chunk_fn
-                for name, runner in runs.items():
-                    runner.reset()
-                    start = time.perf_counter()
-                    tokens[name, path] = block_generate(runner, prompt, **kwargs)
-                    seconds.setdefault((name, path), []).append(time.perf_counter() - start)
-        attention_kernels._chunk_segments = SEGMENTS
-        for name in runs:
-            old = statistics.median(seconds[name, "one call"])
-            new = statistics.median(seconds[name, "two segments"])
-            same = torch.equal(tokens[name, "one call"], tokens[name, "two segments"])
-            print(
-                f"  {prompt_len:>5} {backend} {name:<19} one call {old:.3f} s, two segments "
-                f"{new:.3f} s: {old / new:.2f}x, same tokens {same}"
-            )
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompt-lens", type=int, nargs="+", default=[4096, 8192])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--backend", default="inductor", choices=["inductor", "eager"])
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    warnings.simplefilter("ignore")  # the uniform layer budgets' notice
+    args = arguments(__doc__.splitlines()[0])
     _chunk_table()
     _op_table()
     print("the block loop (medians):")
-    _loop_table(args.prompt_lens, args.repeats, args.backend)
+    switches = [
+        (name, lambda fn=fn: setattr(attention_kernels, "_chunk_segments", fn))
+        for name, fn in PATHS
+    ]
+    loop_table(args.prompt_lens, args.repeats, args.backend, switches)
 
 
 if __name__ == "__main__":
