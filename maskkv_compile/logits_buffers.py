@@ -42,7 +42,12 @@ MIN_SPARE_ROWS = 64  # room for a growing window: S/8 more rows, at least this m
 class LogitsBuffers:
     """One session's logits buffers: each entry is [flat buffer, the (B, S, V) shape last
     viewed, the rows last written, the buffer's version counter after that write (a caller
-    that wrote into a returned tensor, say ``logits[..., mask_id] = -inf``, moved it on)]."""
+    that wrote into a returned tensor, say ``logits[..., mask_id] = -inf``, moved it on)].
+
+    A pooled flat buffer is zero everywhere but at the rows last written of the shape last
+    viewed (and wherever in that view the caller wrote): so a window that grows clears those
+    rows where they were, not the whole buffer (at 8k and a vocabulary of 1024, 10 us instead of
+    3 ms). ``shared`` (``reuse_logits``) keeps no such invariant."""
 
     def __init__(self, shared: bool = False):
         self.shared = shared  # reuse_logits: one buffer, reused unchecked
@@ -69,9 +74,14 @@ class LogitsBuffers:
                 and (self.shared or self._free(entry))
             ):
                 out = entry[0][:numel].view(shape)
-                if entry[1] != shape or (not self.shared and entry[0]._version != entry[3]):
-                    out.zero_()  # another window (everything moved), or written by the caller
-                elif not self.shared and entry[2] is not rows:  # another layout's rows
+                if self.shared:  # rows from earlier calls stay; another window moved them all
+                    if entry[1] != shape:
+                        out.zero_()
+                elif entry[0]._version != entry[3]:  # the caller wrote into the last view
+                    entry[0][: math.prod(entry[1])].zero_()
+                elif entry[1] != shape:  # another window: clear the last rows where they were
+                    entry[0][: math.prod(entry[1])].view(entry[1]).index_fill_(1, entry[2], 0)
+                elif entry[2] is not rows:  # another layout's rows
                     out.index_fill_(1, entry[2], 0)
                 entry[1], entry[2] = shape, rows
                 return out, entry
@@ -83,8 +93,8 @@ class LogitsBuffers:
         batch, seq, vocab = shape
         row_bytes = batch * vocab * like.element_size()
         capacity = max(seq, min(seq + max(seq // 8, MIN_SPARE_ROWS), MAX_POOLED_BYTES // row_bytes))
-        flat = like.new_empty(batch * capacity * vocab)
-        out = flat[:numel].view(shape).zero_()
+        flat = like.new_zeros(batch * capacity * vocab)  # zero past the view too (invariant)
+        out = flat[:numel].view(shape)
         entry = [flat, shape, rows, None]
         self.entries = [entry] if self.shared else [*self.entries[-(POOL_SIZE - 1) :], entry]
         return out, entry

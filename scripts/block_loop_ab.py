@@ -19,13 +19,16 @@ import maskkv_compile
 from maskkv_compile.bench_block import block_generate, build_model
 
 
-def arguments(description: str) -> argparse.Namespace:
-    """The A/B scripts' command line (``--prompt-lens``, ``--repeats``, ``--backend``); also
-    sets two threads and silences the uniform layer budgets' notice."""
+def arguments(description: str, **more) -> argparse.Namespace:
+    """The A/B scripts' command line (``--prompt-lens``, ``--repeats``, ``--backend``, and
+    ``more``: option name -> its default, a string); also sets two threads and silences the
+    uniform layer budgets' notice."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--prompt-lens", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backend", default="inductor", choices=["inductor", "eager"])
+    for name, default in more.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", default=default)
     torch.set_num_threads(2)
     warnings.simplefilter("ignore")
     return parser.parse_args()
@@ -54,11 +57,16 @@ def loop_table(prompt_lens, repeats, backend, paths: list[tuple[str, Callable[[]
                     start = time.perf_counter()
                     tokens[name, path] = block_generate(runner, prompt, **kwargs)
                     seconds.setdefault((name, path), []).append(time.perf_counter() - start)
+        medians = {key: statistics.median(times) for key, times in seconds.items()}
         for name in runs:
-            old = statistics.median(seconds[name, old_name])
-            new = statistics.median(seconds[name, new_name])
+            old, new = medians[name, old_name], medians[name, new_name]
             same = torch.equal(tokens[name, old_name], tokens[name, new_name])
             print(
                 f"  {prompt_len:>5} {backend} {name:<19} {old_name} {old:.3f} s, {new_name} "
                 f"{new:.3f} s: {old / new:.2f}x, same tokens {same}"
             )
+        vs = [
+            medians["exact prefix cache", p] / medians["MaskKV 256", p]
+            for p in (old_name, new_name)
+        ]
+        print(f"  {prompt_len:>5} MaskKV 256 vs the exact prefix cache: {vs[0]:.2f}x, {vs[1]:.2f}x")

@@ -3,7 +3,10 @@ nothing outside the pool holds them (``maskkv_compile/logits_buffers.py``): a lo
 caller keeps never changes, every returned tensor is zero outside the rows the call computed,
 and a loop that drops its logits gets buffers back instead of fresh (B, S, V) allocations."""
 
+import random
+
 import numpy as np
+import pytest
 import torch
 from helpers import build, prompt_and_masks
 
@@ -94,6 +97,39 @@ def test_a_reused_buffer_is_zero_outside_the_new_rows_and_serves_a_grown_window(
         grown = _fill(pool, (2, 6, 3), rows)  # a window one longer: the same memory, zeros
         assert _ptr(grown) == ptr and grown.is_contiguous()
         assert (grown[:, rows] == 1).all() and (grown[:, [0, 3, 4, 5]] == 0).all()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_windows_rows_and_edits_always_give_zeros_outside_the_rows(seed):
+    """Random calls (windows that grow, shrink or stay, batch 1-2, other rows, a caller that
+    edits its logits in place or keeps them): every returned tensor holds the call's logits at
+    its rows and zeros elsewhere, a kept tensor never changes, and buffers do come back. A
+    grown window clears only the rows last written (the buffer is zero elsewhere)."""
+    rng = random.Random(seed)
+    pool, kept, reused, seen = LogitsBuffers(), [], 0, set()
+    batch, seq = rng.randint(1, 2), rng.randint(4, 9)
+    with torch.no_grad():
+        for call in range(40):
+            if rng.random() < 0.3:
+                seq = max(2, seq + rng.choice([-3, 1, 1, 2, 4]))  # mostly growing
+            if rng.random() < 0.1:
+                batch = rng.randint(1, 2)
+            rows = torch.tensor(sorted(rng.sample(range(seq), rng.randint(1, min(3, seq)))))
+            value = float(call + 1)
+            out = _fill(pool, (batch, seq, 5), rows, value)
+            reused += _ptr(out) in seen
+            seen.add(_ptr(out))
+            expected = torch.zeros(batch, seq, 5)
+            expected[:, rows] = value
+            assert torch.equal(out, expected), (seed, call)
+            if rng.random() < 0.3:  # the caller edits every row in place
+                out[..., 1] = -1.0
+            if rng.random() < 0.2:
+                kept.append((out, out.clone()))
+            del out
+            for held, copy in kept:
+                assert torch.equal(held, copy)
+    assert reused > 10
 
 
 def test_a_buffer_the_caller_wrote_into_comes_back_zeroed():
