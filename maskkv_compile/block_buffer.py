@@ -91,6 +91,11 @@ class SmallView(NamedTuple):
     view: StepView
     column: int
 
+    @property
+    def columns(self) -> slice:
+        """The small block's columns among the refresh's rows."""
+        return slice(self.column, self.column + self.at_n[1])
+
 
 @dataclass
 class Held:
@@ -207,7 +212,7 @@ class BlockBufferCache(Feature):
             state.held = Held(weakref.ref(_CALL.get().buffer), session.layout.first_row, kv)
             state.refreshes += 1
         elif _small(session, plan):  # the small block's fresh K/V into the buffer
-            cols = slice(state.held.view.column, state.held.view.column + state.held.view.at_n[1])
+            cols = state.held.view.columns
             for (k, v), (fresh_k, fresh_v) in zip(state.held.kv, named["response_kv"]):
                 k[:, :, cols] = fresh_k
                 v[:, :, cols] = fresh_v
