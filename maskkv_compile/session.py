@@ -125,6 +125,9 @@ class Session:
             self.layout.has_prompt
             and call.ids.shape == self.ids.shape
             and call.ids.device == self.ids.device
+            # a block-causal call continues a block session only, and a call without blocks
+            # one without (the block ends themselves are compared on the device)
+            and (call.key_end is None) == (self.layout.key_end is None)
             and len(call.per_token) == len(self.per_token)
             and len(call.others) == len(self.others)
             and all(x.shape == y.shape for x, y in zip(call.per_token, self.per_token))
@@ -134,14 +137,17 @@ class Session:
         )
 
     def continues(self, call: Call) -> torch.Tensor:
-        """0-d bool on the call's device: the call has this session's padding, and its tokens,
-        per-token inputs (at every prompt position) and other inputs are the session's.
-        Computed without reading the device (routing reads every fact of a call at once)."""
+        """0-d bool on the call's device: the call has this session's padding and block ends
+        (its attention mask), and its tokens, per-token inputs (at every prompt position) and
+        other inputs are the session's. Computed without reading the device (routing reads
+        every fact of a call at once)."""
         layout = self.layout
         prompt = layout.prompt  # (B, S)
         differs = (call.key_valid != layout.key_valid).any() | (
             prompt & (call.ids != self.ids)
         ).any()
+        if call.key_end is not None:  # (S,) both: ``matches`` held
+            differs = differs | (call.key_end != layout.key_end).any()
         for x, y in zip(call.per_token, self.per_token):
             at_prompt = prompt.view(*prompt.shape, *[1] * (x.dim() - 2))  # (B, S, 1, ...)
             differs = differs | (at_prompt & (x != y)).any()

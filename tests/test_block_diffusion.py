@@ -784,6 +784,35 @@ def test_a_one_call_generation_run_again_is_prefilled_again():
     assert optimized.cache_stats()["transitions"] == {"new": 1, "restart": 2}
 
 
+@pytest.mark.parametrize(
+    "first, second",
+    [(8, 4), (4, 8), (None, 4), (4, None)],
+    ids=["blocks 8 then 4", "blocks 4 then 8", "no mask then blocks", "blocks then no mask"],
+)
+def test_a_call_with_the_same_tokens_and_another_mask_is_a_new_prompt(first, second):
+    """The same 16-token window (a prompt of 12, 4 masks) called again with another attention
+    mask: blocks of another length, or a mask where there was none. The tokens alone said it
+    continued the session, whose cached prefix was computed under the other mask; it is a new
+    prompt, and its block's logits are the plain model's. Found by a randomized hunt."""
+    model = _zero_mask_row(tiny_qwen3(dtype=torch.float64))
+    optimized = maskkv_compile.optimize(model, budget=10**6, backend="eager")
+    x = _prompt(1, 16)
+    x[:, 12:] = MASK
+
+    def kwargs(block):
+        mask = None if block is None else block_causal_mask(16, block, dtype=torch.float64)
+        return {} if mask is None else {"attention_mask": mask}
+
+    with torch.no_grad():
+        optimized(x, **kwargs(first))
+        x[:, 13] = 5  # the loop committed a token
+        got = optimized(x, **kwargs(second)).logits
+        want = model(x, **kwargs(second)).logits
+    rows = [12, 14, 15]  # the masks: their logits are what a loop reads
+    assert (got - want)[:, rows].abs().max() < 1e-10
+    assert optimized.cache_stats()["transitions"] == {"new": 2}
+
+
 class ReleasedEraRotary(torch.nn.Module):
     """Rotary cos/sin spelled as transformers 4.x (and LLaDA2's released file) spell them:
     ``inv_freq[None, :, None] @ position_ids[:, None, :]``, which ties the position ids' strides
