@@ -35,7 +35,8 @@ The rules, in the order they are tried:
    K/V and no re-vote is due, else a STEP of the whole block (``Fallback.BLOCK_BUFFER_LOST``
    when the buffer is not held).
 6. EXTEND: a block-causal call (block diffusion) that is a live block session's window grown
-   by one block (same prefix, the old window's block ends kept, one new block) extends it
+   by one block (same prefix, the old window's block ends kept, one new block, no mask token
+   left before it) extends it
    (tried before CONTINUE when the continued session is older than the grown one, or the call
    restarts it: a block loop run again on one prompt meets its earlier run's sessions):
    the finished block is computed once with its final tokens and joins the cached prefix, and

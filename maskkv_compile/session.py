@@ -178,8 +178,10 @@ class Session:
     def extends(self, call: Call) -> torch.Tensor:
         """0-d bool: the call is this session's window grown by one block, whatever the loop
         committed in the finished block: the same prefix (tokens, padding, per-token inputs,
-        other inputs), the same block ends up to the old window's end, and one new block from
-        there to the end (``may_extend`` held)."""
+        other inputs), the same block ends up to the old window's end, one new block from there
+        to the end, and no mask token left in the old window (a loop that moves on before its
+        block is done passes masks before its last block: that call runs whole, as a new
+        window would) (``may_extend`` held)."""
         layout, seq = self.layout, self.ids.shape[1]
         prefix = layout.prompt  # (B, S_old)
         differs = (
@@ -187,6 +189,7 @@ class Session:
             | (prefix & (call.ids[:, :seq] != self.ids)).any()
             | (call.key_end[:seq] != layout.key_end).any()
             | (call.key_end[seq:] != call.ids.shape[1]).any()
+            | (call.masked[:, :seq] & call.key_valid[:, :seq]).any()
         )
         for x, y in zip(call.per_token, self.per_token):
             at_prefix = prefix.view(*prefix.shape, *[1] * (x.dim() - 2))  # (B, S_old, 1, ...)

@@ -205,6 +205,28 @@ def test_a_blocked_call_with_masks_before_its_last_block_runs_whole():
     assert optimized.cache_stats()["fallbacks"] == {"block_not_last": 1}
 
 
+def test_a_window_grown_before_its_block_is_done_runs_whole():
+    """A loop that caps its steps per block moves on with a mask left in the block it leaves.
+    The grown window looked like an extension (same prefix, one more block) and its finished
+    block was appended to the prefix while the new layout computed it again: the block's
+    logits were off. It holds masks before its last block, so it runs whole, as the same
+    call on a fresh model does. Found by a randomized hunt."""
+    model = _zero_mask_row(tiny_qwen3(dtype=torch.float64))
+    optimized = maskkv_compile.optimize(model, budget=10**6, backend="eager")
+    x = _prompt(1, 16)
+    x[:, 10:] = MASK  # a prompt of 10; the window [0, 12) refines the block [8, 12)
+    with torch.no_grad():
+        optimized(x[:, :12], attention_mask=block_causal_mask(12, 4, dtype=torch.float64))
+        x[:, 10] = 5  # one token committed; position 11 still holds the mask
+        mask = block_causal_mask(16, 4, dtype=torch.float64)
+        with pytest.warns(maskkv_compile.CacheFallbackWarning, match="before its last block"):
+            got = optimized(x, attention_mask=mask).logits
+        want = model(x, attention_mask=mask).logits
+    # every block from the one holding the first mask carries the model's logits
+    assert (got - want)[:, 8:].abs().max() < 1e-10
+    assert optimized.cache_stats()["transitions"] == {"new": 1, "uncached": 1}
+
+
 def test_a_new_window_without_a_mask_in_its_last_block_runs_whole_and_says_so():
     """Nothing would vote for the prefix to keep (a scoring call, or a loop whose mask token is
     not ``mask_token_id``): the call runs uncached with a warning that names the likely cause,
