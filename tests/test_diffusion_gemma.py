@@ -384,15 +384,20 @@ def test_the_users_cache_holds_kept_plus_each_new_canvas(model):
 
 def _two_turns(net, model, padded):
     """Two ``generate`` calls on one cache, a chat's second turn: the first canvas (returned,
-    never encoded) and a new message as the uncached ids. Returns both outputs' sequences, the
-    position ids every encoder and decoder call got, the cache's length after each turn, and the
-    cache."""
+    never encoded) and a new message as the uncached ids. ``padded``: a batch of 2 whose second
+    row's prompt is left-padded (True), or whose second row's message is (``"message"``: the
+    padding then lies inside the encoder call on the held cache). Returns both outputs'
+    sequences, the position ids every encoder and decoder call got, the cache's length after
+    each turn, and the cache."""
     gen = torch.Generator().manual_seed(3)
     first = torch.randint(3, 120, (2 if padded else 1, 40), generator=gen)
     mask = torch.ones_like(first)
-    if padded:
+    if padded is True:
         first[1, :11], mask[1, :11] = 0, 0
     message = torch.randint(3, 120, (first.shape[0], 12), generator=gen)
+    message_mask = torch.ones_like(message)
+    if padded == "message":
+        message[1, :7], message_mask[1, :7] = 0, 0
     positions = []
 
     def record(module, args, kwargs):
@@ -414,7 +419,8 @@ def _two_turns(net, model, padded):
         )
         lengths = [out.cache.get_seq_length()]
         ids = torch.cat([out.sequences[:, 40:], message], 1)
-        mask = torch.cat([mask, torch.ones_like(ids)], 1)  # the canvas and the message: real
+        canvas = torch.ones_like(out.sequences[:, 40:])
+        mask = torch.cat([mask, canvas, message_mask], 1)  # the canvas is real
         torch.manual_seed(1)
         again = net.generate(
             ids,
@@ -431,18 +437,22 @@ def _two_turns(net, model, padded):
     return out.sequences, again.sequences, positions, lengths, again.cache
 
 
-@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("padded", [False, True, "message"])
 def test_a_second_turn_on_an_evicted_cache_gets_the_plain_models_positions(padded):
     """A chat's second turn passes the returned cache back to ``generate``, which counts the
     new tokens' positions from ``cache.get_seq_length()``. An evicted full layer still answers
     the tokens written (here the first layer is a full one, the layer transformers asks): every
     encoder and decoder call gets the plain model's positions, and at full budget the tokens
-    are the plain model's over both turns."""
+    are the plain model's over both turns, also when the new message is padded (the encoder's
+    full layers before its last saw the message's padding: found by a randomized hunt)."""
     kinds = ["full_attention", "sliding_attention", "full_attention"]
     model = tiny_diffusion_gemma(dtype=torch.float64, layers=3, layer_types=kinds)
-    first, second, positions, lengths, _ = _two_turns(model, model, padded)
+    first, second, positions, lengths, cache = _two_turns(model, model, padded)
     full = _two_turns(maskkv_compile.optimize(model, budget=4096), model, padded)
     assert torch.equal(full[0], first) and torch.equal(full[1], second)
+    for got, want in zip(full[4].layers, cache.layers):  # every layer's K/V after two turns
+        torch.testing.assert_close(got.keys, want.keys, rtol=0, atol=1e-12)
+        torch.testing.assert_close(got.values, want.values, rtol=0, atol=1e-12)
     net = maskkv_compile.optimize(model, budget=6)
     evicted = _two_turns(net, model, padded)
     assert net.cache_stats()["votes"] == 2 and net.cache_stats()["evictions"] == 2

@@ -61,15 +61,28 @@ class Votes:
     voters: int = 0  # canvas rows
 
 
-def slot_mask(valid: torch.Tensor, heads: int, new: int, causal: bool) -> torch.Tensor:
+def slot_mask(
+    valid: torch.Tensor,
+    heads: int,
+    new: int,
+    causal: bool,
+    given: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """(B, H, new, L + new) bool: each query head sees its KV head's held slots (``valid``
-    (B, Hkv, L)) and the call's own ``new`` keys (all of them, or causally)."""
+    (B, Hkv, L)) and the call's own ``new`` keys as the mask transformers built for the call
+    lets it (``given``: (B or 1, 1 or H, new, K), bool or additive, its last ``new`` columns
+    are the call's own keys, padding included), or without one all of them (or causally)."""
     batch, kv_heads, _ = valid.shape
     cached = valid.repeat_interleave(heads // kv_heads, 1)[:, :, None, :]  # (B, H, 1, L)
-    fresh = torch.ones(new, new, dtype=torch.bool, device=valid.device)
-    fresh = fresh.tril() if causal else fresh
+    if given is not None and given.dim() == 4 and given.shape[-1] >= new:
+        own = given[..., -new:]  # (B or 1, 1 or H, new, new)
+        fresh = own if own.dtype == torch.bool else own > float("-inf")
+    else:
+        fresh = torch.ones(new, new, dtype=torch.bool, device=valid.device)
+        fresh = fresh.tril() if causal else fresh
     return torch.cat(
-        [cached.expand(-1, -1, new, -1), fresh.expand(batch, heads, -1, -1)], -1
+        [cached.expand(-1, -1, new, -1), fresh.to(valid.device).expand(batch, heads, new, new)],
+        -1,
     )  # (B, H, new, L + new)
 
 
@@ -127,7 +140,7 @@ def maskkv_sdpa(module, query, key, value, attention_mask, **kwargs):
             )
         causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
         held = held.to(query.device)
-        attention_mask = slot_mask(held, query.shape[1], query.shape[2], causal)
+        attention_mask = slot_mask(held, query.shape[1], query.shape[2], causal, attention_mask)
     recorder = RECORDER.get()
     layer = None if recorder is None else recorder.modules.get(id(module))
     if layer is not None and key.shape[2] > query.shape[2]:
