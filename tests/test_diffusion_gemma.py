@@ -644,3 +644,33 @@ def test_random_call_sequences_leak_nothing(seed):
         stats = net.cache_stats()
         assert stats["cache_only_encoder_calls"] == stats["encoder_calls"] > 0
     assert fresh.cache_stats()["prefill_chunks"] == 0
+
+
+def test_a_call_that_raises_in_the_encoder_leaves_no_state_behind():
+    """An encoder call on a cache the model holds sets its full layers' slots for the call. A
+    call that raised inside the encoder (a user's mismatched image tokens, a Ctrl-C in a long
+    prefill) left them set for the process: every later generate of any optimized model then
+    refused its cache ("the cache changed outside MaskKV"). Found by a randomized hunt."""
+    kinds = ["full_attention", "sliding_attention", "full_attention"]
+    model = tiny_diffusion_gemma(dtype=torch.float64, layers=3, layer_types=kinds)
+    net = maskkv_compile.optimize(model, budget=4096)
+    prompt, mask = _left_padded(0, (30, 24))  # padding: the encoder's full layers get slots
+    torch.manual_seed(0)
+    out = net.generate(prompt, attention_mask=mask, max_new_tokens=16, return_dict_in_generate=True)
+    mask = torch.cat([mask, torch.ones(2, 36, dtype=mask.dtype)], 1)
+
+    def interrupt(module, args):
+        raise KeyboardInterrupt
+
+    hook = model.model.encoder.language_model.layers[0].register_forward_pre_hook(interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            net.generate(
+                out.sequences[:, -20:], cache=out.cache, attention_mask=mask, max_new_tokens=16
+            )
+    finally:
+        hook.remove()
+    other = torch.randint(3, 120, (1, 21), generator=torch.Generator().manual_seed(1))
+    want = _generate(model, other, 2, max_new_tokens=32)
+    for runner in (net, maskkv_compile.optimize(model, budget=4096)):
+        assert torch.equal(_generate(runner, other, 2, max_new_tokens=32), want)

@@ -191,6 +191,9 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         try:
             yield
         finally:
+            # an encoder call that raised (a Ctrl-C included) ran no forward hook: its slots
+            # must not reach the process's next call
+            self._encoder_done(encoder, (), None)
             for hook in hooks:
                 hook.remove()
             del model.forward, encoder.forward
