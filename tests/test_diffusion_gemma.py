@@ -476,6 +476,42 @@ def test_a_second_turn_on_an_evicted_cache_gets_the_plain_models_positions(padde
         net.generate(torch.randint(3, 120, (evicted[1].shape[0], 4)), cache=evicted[4])
 
 
+@pytest.mark.parametrize(
+    "how, length",
+    [("static", 62), ("hybrid", 62), ("default length", 286), ("max_length", 62), ("cache", 64)],
+)
+def test_a_static_cache_runs_the_plain_model_at_full_budget_and_is_refused_under_eviction(
+    model, how, length
+):
+    """Every way ``generate`` gets a static cache: transformers' static implementations (their
+    deprecated names too), the length from its default ``max_new_tokens`` or from
+    ``max_length``, or a ``StaticCache`` passed in. With a budget of at least the cache's
+    length the plain model runs; under it, a refusal that names the length. Found by a
+    randomized hunt: a cache passed in crashed, the deprecated names and the default length
+    were misread."""
+    from transformers import StaticCache
+
+    prompt = torch.randint(3, 120, (1, 30), generator=torch.Generator().manual_seed(0))
+
+    def kwargs():  # a fresh cache for every call
+        given = {"disable_compile": True, "max_new_tokens": 32}
+        if how == "cache":
+            config = model.config.get_text_config(decoder=True)
+            return {**given, "cache": StaticCache(config=config, max_cache_len=64)}
+        if how == "default length":
+            del given["max_new_tokens"]
+        if how == "max_length":
+            given = {"disable_compile": True, "max_length": 62}
+        return {**given, "cache_implementation": "hybrid" if how == "hybrid" else "static"}
+
+    want = _generate(model, prompt, **kwargs())
+    assert torch.equal(
+        _generate(maskkv_compile.optimize(model, budget=4096), prompt, **kwargs()), want
+    )
+    with pytest.raises(UnsupportedModelError, match=rf"StaticCache.*cache length \({length};"):
+        _generate(maskkv_compile.optimize(model, budget=6), prompt, **kwargs())
+
+
 def test_refusals(model):
     prompt = torch.randint(3, 120, (2, 30))
     with pytest.raises(UnsupportedModelError, match="StaticCache"):

@@ -115,22 +115,36 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
             return self.model.generate(*args, **kwargs)
 
     def _static(self, kwargs) -> bool:
+        """Whether ``generate`` runs on a static cache: one passed in, or any of transformers'
+        static cache implementations (its deprecated names too)."""
         from transformers import StaticCache
+        from transformers.generation.configuration_utils import (
+            ALL_STATIC_CACHE_IMPLEMENTATIONS,
+        )
 
         config = kwargs.get("generation_config") or self.model.generation_config
         implementation = kwargs.get("cache_implementation", config.cache_implementation)
-        return isinstance(kwargs.get("cache"), StaticCache) or implementation == "static"
+        return (
+            isinstance(kwargs.get("cache"), StaticCache)
+            or implementation in ALL_STATIC_CACHE_IMPLEMENTATIONS
+        )
 
     def _static_capacity(self, args, kwargs) -> Optional[int]:
+        """The length of the static cache ``generate`` fills: a cache's own, or the length it
+        makes one of (the prompt and the tokens to generate, as its generation config and
+        keyword arguments say)."""
         cache = kwargs.get("cache")
         if cache is not None:
-            return int(cache.get_max_cache_shape())
+            return int(cache.get_max_length())
         ids = args[0] if args else kwargs.get("input_ids")
-        new = kwargs.get("max_new_tokens")
-        if ids is None or new is None:
+        if ids is None:
             return None
-        canvas = self.model.config.canvas_length
-        return int(ids.shape[-1]) + -(-int(new) // canvas) * canvas
+        # transformers' DiffusionGemma's own reading of its generation config, the keyword
+        # arguments and its defaults (max_new_tokens 256), and of max_length against them
+        rest = {k: v for k, v in kwargs.items() if k not in ("generation_config", "input_ids")}
+        config, _ = self.model._prepare_generation_config(kwargs.get("generation_config"), **rest)
+        length, _ = self.model._prepare_generated_length(config, int(ids.shape[-1]))
+        return int(length)
 
     def forward(self, *args, **kwargs):
         with self._routed():
