@@ -523,8 +523,15 @@ def test_refusals(model):
         )
     with pytest.raises(UnsupportedModelError, match="mask-voting policies only"):
         maskkv_compile.optimize(model, budget=4, policy="snapkv")
-    with pytest.raises(UnsupportedModelError, match="does not support revote"):
+    with pytest.raises(UnsupportedModelError, match="does not take revote"):
         maskkv_compile.optimize(model, budget=4, revote=2)
+    for option in ({"mask_token_id": 5}, {"family": "dream"}):  # no [MASK] token, no shift
+        with pytest.raises(UnsupportedModelError, match=f"does not take {next(iter(option))}"):
+            maskkv_compile.optimize(model, budget=4, **option)
+    net = maskkv_compile.optimize(model, budget=4)  # the model's attributes, as transformers reads
+    assert (net.config, net.generation_config) == (model.config, model.generation_config)
+    assert (net.device, net.dtype) == (model.device, model.dtype)
+    assert net.maskkv_config.budget == 4
     # a cache layer of another kind keeps more than keys and values: no silent gather
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer

@@ -58,6 +58,8 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
                 f"policy {policy!r}"
             )
         unsupported = {
+            "mask_token_id": config.mask_token_id,  # no [MASK] token: the canvas queries vote
+            "family": config.family,  # its logits live at the canvas's own rows
             "prompt_refresh": config.prompt_refresh,
             "block_length": config.block_length,
             "revote": config.reselection,
@@ -65,15 +67,16 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         given = [name for name, value in unsupported.items() if value is not None]
         if given:
             raise UnsupportedModelError(
-                f"DiffusionGemma does not support {', '.join(given)}: each canvas re-votes at "
-                "its first decoder call already; leave them unset"
+                f"DiffusionGemma does not take {', '.join(given)}: it has no [MASK] token (its "
+                "canvas queries vote) and each canvas re-votes at its first decoder call "
+                "already; leave them unset"
             )
         fingerprint = layer_fingerprint(model)
         if config.profile is not None:
             config.profile.check_compatible(fingerprint)
         register()
         self.model = model.eval()
-        self.config = config
+        self.maskkv_config = config
         self.full_layers = tuple(fingerprint["full_layers"])
         # full layer -> its budget per KV head on average (the policy's layer allocation, in
         # integral slots per layer as for every other model)
@@ -92,6 +95,24 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         }
 
     # ------------------------------------------------------------------ public surface
+
+    # the wrapped model's, as transformers-style code reads them (``ids.to(model.device)``);
+    # the MaskKV options are ``maskkv_config``, as on every optimized model
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def generation_config(self):
+        return self.model.generation_config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
 
     def generate(self, *args, **kwargs):
         """transformers' ``DiffusionGemmaForBlockDiffusion.generate``, with MaskKV routing.
@@ -172,9 +193,9 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
                         }
                     )
         return {
-            "policy": self.config.eviction.name,
-            "budget": self.config.budget,
-            "layer_allocation": f"{self.config.eviction.layer_allocation()} over the full "
+            "policy": self.maskkv_config.eviction.name,
+            "budget": self.maskkv_config.budget,
+            "layer_allocation": f"{self.maskkv_config.eviction.layer_allocation()} over the full "
             "layers; per KV head by the policy",
             "layer_budgets": {layer: round(b, 3) for layer, b in self.budgets.items()},
             "seen": 0 if state is None else state.seen,
@@ -272,7 +293,7 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         ids, cache = kwargs["input_ids"], kwargs["cache"]
         keys, positions = masks.kwargs["attention_mask"], kwargs["position_ids"]
         seen = keys.shape[1] - ids.shape[1]  # (B, seen + new) keys: the cached ones first
-        chunk = self.config.prefill_chunk
+        chunk = self.maskkv_config.prefill_chunk
         if chunk is None or cache.is_compileable or self._encoder_slots is not None:
             chunk = ids.shape[1]  # one call (a static cache, or one with evicted slots)
         for start in range(0, ids.shape[1], chunk):
@@ -462,17 +483,19 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         batch, kv_heads, length = votes.shape
         real = valid.to(votes.device)
         available = real.sum(-1)  # (B, Hkv)
-        budgets = self.config.eviction.head_budgets_rows(
+        budgets = self.maskkv_config.eviction.head_budgets_rows(
             self.budgets[layer],
             n_kv_heads=kv_heads,
             prompt_len=available.amax(1),
-            min_keep=self.config.min_keep,
+            min_keep=self.maskkv_config.min_keep,
             prompt_mass=recorder.mass[layer],
             n_voters=torch.full((batch,), recorder.voters, device=votes.device),
         )
         budgets = torch.minimum(budgets.to(available.device), available)  # (B, Hkv)
         widest = int(budgets.max())
-        scores = lift_recent(votes.masked_fill(~real, float("-inf")), real, self.config.recent)
+        scores = lift_recent(
+            votes.masked_fill(~real, float("-inf")), real, self.maskkv_config.recent
+        )
         index = scores.topk(widest, dim=-1).indices  # (B, Hkv, Kmax), best first
         held = torch.arange(widest, device=index.device) < budgets[..., None]
         order = torch.where(held, index, index + length).argsort(-1)  # held ones by position
