@@ -717,3 +717,103 @@ def test_a_call_that_raises_in_the_encoder_leaves_no_state_behind():
     want = _generate(model, other, 2, max_new_tokens=32)
     for runner in (net, maskkv_compile.optimize(model, budget=4096)):
         assert torch.equal(_generate(runner, other, 2, max_new_tokens=32), want)
+
+
+def test_the_models_one_shot_call_runs_as_the_plain_models():
+    """The model's own forward with input_ids and decoder_input_ids (encoder then decoder in
+    one call) crashed through the optimized model, on an empty cache and on one the plain
+    encoder filled. Its decoder's view of the cache exists only once its encoder has run, so
+    it neither votes nor evicts: the plain model's logits, at any budget; on a cache MaskKV
+    evicted from, a refusal that says to encode first. Found by a randomized hunt."""
+    from transformers import DynamicCache
+
+    model = tiny_diffusion_gemma(dtype=torch.float64)
+    config = model.config.get_text_config(decoder=True)
+    gen = torch.Generator().manual_seed(0)
+    prompt, canvas = torch.randint(3, 100, (1, 30), generator=gen), torch.randint(3, 100, (1, 16))
+
+    def call(net, cache, ids, start):
+        n = ids.shape[1]
+        return net(
+            input_ids=ids,
+            cache=cache,
+            position_ids=torch.arange(start, start + n)[None],
+            decoder_input_ids=canvas,
+            decoder_position_ids=torch.arange(start + n, start + n + 16)[None],
+        ).logits
+
+    net = maskkv_compile.optimize(model, budget=6)
+    with torch.no_grad():
+        want = call(model, DynamicCache(config=config), prompt, 0)
+        assert torch.equal(call(net, DynamicCache(config=config), prompt, 0), want)
+        caches = [DynamicCache(config=config) for _ in range(2)]
+        for cache in caches:  # a cache of 30 tokens, then 5 more and a canvas in one call
+            call(model, cache, prompt, 0)
+        assert torch.equal(
+            call(net, caches[1], prompt[:, :5], 46), call(model, caches[0], prompt[:, :5], 46)
+        )
+        torch.manual_seed(0)
+        out = net.generate(prompt, max_new_tokens=16, return_dict_in_generate=True)
+        with pytest.raises(UnsupportedModelError, match="encode them first"):
+            call(net, out.cache, prompt[:, :5], 46)
+    assert net.cache_stats()["votes"] == 1  # generate's; the one-shot calls never vote
+
+
+@pytest.mark.parametrize("four_d", [False, True])
+def test_a_hand_written_padded_loop_reads_its_padding_and_attends_to_the_held_slots(four_d):
+    """``generate``'s steps by hand on a left-padded batch: the encoder fills the cache, then
+    decoder calls through the optimized model with a 2-D mask or the dict of 4-D masks
+    ``generate`` builds once per canvas (for the unevicted cache). A direct call read no
+    padding (padding slots were kept as real tokens), and after the eviction a 4-D mask built
+    before it reached the attention (a shape error). Now: the plain model's logits at full
+    budget; under eviction finite logits and only real tokens kept. Found by a randomized
+    hunt."""
+    from transformers import DynamicCache
+
+    model = tiny_diffusion_gemma(dtype=torch.float64)
+    ids, mask = _left_padded(0, (30, 9))  # row 1: 21 padding tokens
+    batch, length = ids.shape
+    where = torch.arange(length)[None]
+
+    def loop(net):
+        cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+        encoder = model.model.encoder
+        masks = encoder.create_masks_for_generate(
+            config=model.config,
+            inputs_embeds=torch.empty(batch, length, 0, dtype=torch.float64),
+            attention_mask=mask.bool(),
+            cache=None,
+            position_ids=where,
+        )
+        encoder(input_ids=ids, attention_mask=masks, cache=cache, position_ids=where)
+        keys = torch.nn.functional.pad(mask.bool(), (0, 16), value=True)  # (B, P + canvas)
+        canvas = torch.randint(3, 100, (batch, 16), generator=torch.Generator().manual_seed(1))
+        if four_d:
+            keys = model.model.decoder.create_diffusion_decoder_attention_mask(
+                config=model.config,
+                inputs_embeds=canvas.unsqueeze(-1),
+                cache=cache,
+                decoder_attention_mask=keys,
+            )
+        logits = []
+        for _ in range(3):
+            out = net(
+                cache=cache,
+                decoder_input_ids=canvas,
+                decoder_attention_mask=keys,
+                decoder_position_ids=torch.arange(length, length + 16)[None],
+            )
+            logits.append(out.logits)
+            canvas = out.logits.argmax(-1)
+        return logits
+
+    with torch.no_grad():
+        want = loop(model)
+        full = loop(maskkv_compile.optimize(model, budget=4096))
+        assert all(torch.equal(a, b) for a, b in zip(full, want))
+        net = maskkv_compile.optimize(model, budget=6)
+        evicted = loop(net)
+    assert all(bool(torch.isfinite(x).all()) for x in evicted)
+    assert net.cache_stats()["votes"] == 1 and net.cache_stats()["evictions"] == 1
+    kept = torch.tensor(net.cache_stats()["layers"][0]["positions"][1])  # row 1, (Hkv, K)
+    assert bool((kept[kept >= 0] >= 21).all())  # real tokens only

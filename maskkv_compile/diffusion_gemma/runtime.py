@@ -43,6 +43,20 @@ class _DeferredMasks(dict):
         self.kwargs = kwargs
 
 
+def _padding_of(mask) -> Optional[torch.Tensor]:
+    """(B, K) which keys of a direct decoder call are real, from its ``decoder_attention_mask``:
+    the 2-D mask over the tokens written and the canvas, or the keys some query sees in the
+    full-attention mask of a 4-D one (a tensor, or the dict of them ``generate`` builds)."""
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention")
+    if not isinstance(mask, torch.Tensor):
+        return None
+    if mask.dim() == 2:
+        return mask
+    seen = mask if mask.dtype == torch.bool else mask > float("-inf")  # (B, 1, Q, K)
+    return seen.any(-2)[:, 0]
+
+
 class DiffusionGemmaMaskKV(torch.nn.Module):
     """``optimize(diffusion_gemma_model, budget=...)``: the model with MaskKV on its encoder
     cache. ``generate`` is transformers' own, run with the decoder routed through MaskKV;
@@ -168,7 +182,9 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         return int(length)
 
     def forward(self, *args, **kwargs):
-        with self._routed():
+        """The model's own forward, routed: a decoder call on a cache (``generate``'s steps by
+        hand) votes and evicts as under ``generate``; its padding is read from its mask."""
+        with self._routed(_padding_of(kwargs.get("decoder_attention_mask"))):
             return self.model(*args, **kwargs)
 
     def reset(self) -> None:
@@ -239,17 +255,22 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         """id(attention module) -> layer, for the full-attention layers of a layer stack."""
         return {id(stack.layers[i].self_attn): i for i in self.full_layers}
 
-    def _held(self, valid: dict, stack) -> Optional[dict]:
+    def _held(self, valid: dict, stack, cache) -> Optional[dict]:
         """SLOTS for a call on ``stack`` (the encoder's or decoder's layers): the full layers
-        whose slots are not all held (evicted per head, or padding), or every full layer when
-        the batch is padded or the full layers hold different numbers of slots (transformers
-        builds one full-attention mask, from the 2-D padding mask and one layer's length, for
-        an unevicted cache), else None."""
+        that were evicted or whose slots are not all held (evicted per head, or padding), or
+        every full layer when the batch is padded or the full layers hold different numbers of
+        slots (transformers builds one full-attention mask, from the 2-D padding mask and one
+        layer's length, for an unevicted cache, and a caller may pass one it built before the
+        eviction), else None."""
         ragged = len({valid[layer].shape[-1] for layer in self.full_layers}) > 1
+        evicted = held_layer_class()
         held = {
             id(stack.layers[layer].self_attn): valid[layer]
             for layer in self.full_layers
-            if self._padding is not None or ragged or not bool(valid[layer].all())
+            if self._padding is not None
+            or ragged
+            or type(cache.layers[layer]) is evicted
+            or not bool(valid[layer].all())
         }
         return held or None
 
@@ -260,7 +281,7 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         cache = kwargs.get("cache")
         if self._holds(cache):
             valid = self._slots(cache, self._full_lengths(cache))[1]
-            self._encoder_slots = SLOTS.set(self._held(valid, module.language_model))
+            self._encoder_slots = SLOTS.set(self._held(valid, module.language_model, cache))
         return None
 
     def _encoder_masks(self, *args, **kwargs) -> "_DeferredMasks":
@@ -368,6 +389,16 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         model = self.model
         if cache is None or kwargs.get("decoder_input_ids") is None:
             return type(model).forward(model, *args, **kwargs)
+        if args or any(kwargs.get(k) is not None for k in ("input_ids", "inputs_embeds")):
+            # the model's one-shot call, encoder then decoder: what this call's decoder sees is
+            # known only once its encoder has run, so it neither votes nor evicts
+            if self._holds(cache):
+                raise UnsupportedModelError(
+                    "a call that encodes input_ids and decodes in one go, on a cache MaskKV "
+                    "evicted from: encode them first (the encoder alone, as generate does), "
+                    "then call the decoder with decoder_input_ids"
+                )
+            return type(model).forward(model, *args, **kwargs)
         self.counts["decoder_calls"] += 1
         lengths = self._full_lengths(cache)
         held = self._holds(cache)
@@ -378,7 +409,7 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         # on a cache this model holds, the full layers attend to the slots as held (a new cache
         # is unevicted: transformers' own masks hold)
         slot_token = SLOTS.set(
-            self._held(slots[1] if fresh else self._state.valid, decoder) if held else None
+            self._held(slots[1] if fresh else self._state.valid, decoder, cache) if held else None
         )
         try:
             if not fresh or all(n <= self.budgets[layer] for layer, n in lengths.items()):
