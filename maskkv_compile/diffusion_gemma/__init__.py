@@ -73,7 +73,8 @@ fixed. At full budget it runs the plain model unchanged.
 Modules:
 - ``model_rules``: which models and layers are DiffusionGemma's (the model-specific facts);
 - ``attention``: the registered attention function (votes, held slots, banded long calls);
-- ``held_cache``: the cache layer class an evicted layer becomes, and what is tracked per cache;
+- ``held_cache``: the cache layer class an evicted layer becomes, and the record of its slots
+  that each cache object carries;
 - ``canvas_profile``: ``calibrate``'s layer importance on the voting call;
 - ``runtime``: ``DiffusionGemmaMaskKV``, which routes ``generate``'s encoder and decoder calls.
 """

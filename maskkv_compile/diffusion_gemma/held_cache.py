@@ -1,5 +1,5 @@
 """The user's cache after MaskKV evicted from it: the class an evicted full-attention layer
-becomes (in place), and what the runtime tracks per cache object.
+becomes (in place), and MaskKV's record of the slots, which each cache object carries.
 
 Invariant: an evicted layer answers ``get_seq_length()`` with the tokens written (evicted ones
 included), as the plain model's layer does, and refuses ``crop``: its slots are no longer the
@@ -9,7 +9,6 @@ positions 0..n-1.
 from __future__ import annotations
 
 import functools
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -64,10 +63,23 @@ def __getattr__(name: str):
 
 @dataclass
 class CacheState:
-    """What this model last did to one cache object."""
+    """MaskKV's record of one cache object's full-attention layers, kept on the cache itself
+    (``keep_state``), so that it goes wherever the cache goes: to another ``generate`` of any
+    optimized model, through ``copy.deepcopy`` (a branched chat) and ``torch.save``."""
 
-    cache: "weakref.ref"  # the cache object (a new one, even at a reused address, is new)
     lengths: dict[int, int]  # full layer -> entries after the last eviction
     positions: dict[int, torch.Tensor]  # full layer -> (B, Hkv, L) absolute position per slot
     valid: dict[int, torch.Tensor]  # full layer -> (B, Hkv, L): the slot holds a kept real token
     seen: int  # tokens the encoder has written so far (absolute length)
+
+
+_STATE = "maskkv_slots"  # the attribute of a cache object that holds its CacheState
+
+
+def state_of(cache) -> "CacheState | None":
+    """The record MaskKV keeps on ``cache`` (None for a cache it never tracked)."""
+    return None if cache is None else getattr(cache, _STATE, None)
+
+
+def keep_state(cache, state: CacheState) -> None:
+    setattr(cache, _STATE, state)

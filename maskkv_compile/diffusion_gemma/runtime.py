@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import weakref
 from typing import Optional
 
 import torch
@@ -24,7 +23,12 @@ from maskkv_compile.diffusion_gemma.attention import (
     Votes,
     register,
 )
-from maskkv_compile.diffusion_gemma.held_cache import CacheState, held_layer_class
+from maskkv_compile.diffusion_gemma.held_cache import (
+    CacheState,
+    held_layer_class,
+    keep_state,
+    state_of,
+)
 from maskkv_compile.diffusion_gemma.model_rules import MASK_VOTING_POLICIES, layer_fingerprint
 from maskkv_compile.passes import UnsupportedModelError
 from maskkv_compile.passes.evict_kv import layer_budgets
@@ -96,7 +100,9 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         # integral slots per layer as for every other model)
         kv_heads = [heads for heads, _ in fingerprint["kv_heads_x_head_dim"]]
         self.budgets = dict(zip(self.full_layers, layer_budgets(config, kv_heads)))
-        self._state: Optional[CacheState] = None
+        # the record of the last cache a decoder call tracked, for cache_stats (the cache
+        # keeps its own: ``held_cache.state_of``)
+        self._last: Optional[CacheState] = None
         self._padding: Optional[torch.Tensor] = None  # (B, P) of the running generate
         self._encoder_slots = None  # the SLOTS token of a running encoder call
         self.counts = {
@@ -144,8 +150,6 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
                     f"({capacity or 'unknown'}; the smallest layer budget is {smallest:g})"
                 )
             return self.model.generate(*args, **kwargs)
-        if kwargs.get("cache") is None:  # a new cache: nothing of the last one carries over
-            self._state = None
         with self._routed(kwargs.get("attention_mask"), generating=True):
             return self.model.generate(*args, **kwargs)
 
@@ -188,13 +192,14 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
             return self.model(*args, **kwargs)
 
     def reset(self) -> None:
-        """Forget the last cache (the next decoder call votes afresh)."""
-        self._state = None
+        """Forget the last cache (``cache_stats`` reports none). A cache keeps its own record
+        of which position each held slot holds, so a chat goes on with it after a reset."""
+        self._last = None
 
     def cache_stats(self) -> dict:
         """Kept entries per full-attention layer and KV head for the last cache, their absolute
         positions, and the counts of decoder calls, votes and evictions."""
-        state = self._state
+        state = self._last
         layers = []
         if state is not None:
             for layer in self.full_layers:
@@ -402,14 +407,15 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         self.counts["decoder_calls"] += 1
         lengths = self._full_lengths(cache)
         held = self._holds(cache)
-        fresh = not held or self._state.lengths != lengths
+        state = state_of(cache)
+        fresh = not held or state.lengths != lengths
         # the slots as the encoder left them: only a fresh cache has any this model has not seen
         slots = self._slots(cache, lengths) if fresh else None
         decoder = self.model.model.decoder
         # on a cache this model holds, the full layers attend to the slots as held (a new cache
         # is unevicted: transformers' own masks hold)
         slot_token = SLOTS.set(
-            self._held(slots[1] if fresh else self._state.valid, decoder, cache) if held else None
+            self._held(slots[1] if fresh else state.valid, decoder, cache) if held else None
         )
         try:
             if not fresh or all(n <= self.budgets[layer] for layer, n in lengths.items()):
@@ -438,8 +444,10 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
             out[layer] = 0 if keys is None or keys.numel() == 0 else int(keys.shape[-2])
         return out
 
-    def _holds(self, cache) -> bool:
-        return cache is not None and self._state is not None and self._state.cache() is cache
+    @staticmethod
+    def _holds(cache) -> bool:
+        """Whether MaskKV tracks the cache's full-layer slots (its record is on the cache)."""
+        return state_of(cache) is not None
 
     def _check_evictable(self, cache) -> None:
         from transformers import StaticCache
@@ -475,15 +483,15 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
         last call, plus whatever the encoder appended since. Returns (positions per layer,
         (B, Hkv, L) each; which slots hold a kept real token, per layer (B, Hkv, L) each; the
         absolute length written so far)."""
-        state = self._state if self._holds(cache) else None
+        state = state_of(cache)
         if state is None and any(
             type(cache.layers[layer]) is held_layer_class() for layer in self.full_layers
         ):
             raise UnsupportedModelError(
-                "this cache holds entries MaskKV evicted, but not under this model's current "
-                "state (reset() was called since, or another optimized model evicted it): which "
-                "position each kept slot holds is unknown. Start from a new cache (leave cache "
-                "unset), or keep using it on the model that evicted it without reset()"
+                "this cache holds entries MaskKV evicted, but not MaskKV's record of which "
+                "position each kept slot holds (a cache object built anew from the layers of an "
+                "evicted one?). Start from a new cache (leave cache unset), or pass the cache "
+                "object generate returned (a copy of it, or one saved and loaded, will do)"
             )
         previous = state.seen if state is not None else 0
         grown = max(
@@ -563,6 +571,5 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
                 positions[layer] = positions[layer].gather(-1, index.cpu())
                 valid[layer] = held.cpu()
             self.counts["evictions"] += 1
-        self._state = CacheState(
-            weakref.ref(cache), self._full_lengths(cache), positions, valid, seen
-        )
+        self._last = CacheState(self._full_lengths(cache), positions, valid, seen)
+        keep_state(cache, self._last)
