@@ -67,6 +67,7 @@ _LAZY = {  # name -> (module, attribute; None: the module itself)
     "lazy_format_graph_code": ("torch._dynamo.utils", "lazy_format_graph_code"),  # graph dumps
     "dynamo_config": ("torch._dynamo.config", None),  # recompile limits
     "mark_dynamic": ("torch._dynamo", "mark_dynamic"),
+    "maybe_mark_dynamic": ("torch._dynamo", "maybe_mark_dynamic"),  # dynamic unless it is 1
     "list_mode_options": ("torch._inductor", "list_mode_options"),  # torch.compile's modes
     "compile_fx": ("torch._inductor.compile_fx", "compile_fx"),
     "DimDynamic": (_SHAPES, "DimDynamic"),

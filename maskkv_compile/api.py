@@ -171,6 +171,13 @@ class MaskKVModel(torch.nn.Module):
                 kv_loop is not None and name == "past_key_values"
             ):
                 raise ValueError(f"{name}= is not supported by a MaskKV model: {why}")
+        for name in ("output_hidden_states", "output_attentions"):
+            if kwargs.get(name):
+                raise ValueError(
+                    f"{name}=True is not supported by a MaskKV model: its steps compute the "
+                    "response rows only (a block's rows in block diffusion), so the other rows' "
+                    "hidden states and attentions do not exist; call the original model for them"
+                )
         keep = kwargs.pop("logits_to_keep", 0)
         if not (isinstance(keep, int) and keep == 0):
             raise ValueError(
@@ -210,8 +217,12 @@ class MaskKVModel(torch.nn.Module):
         input_ids = _fresh_strides(input_ids)
         for name in per_token:
             kwargs[name] = _fresh_strides(kwargs[name])
-            _torch_private.mark_dynamic(kwargs[name], 1)
-        _torch_private.mark_dynamic(input_ids, 1)
+        # S dynamic; the batch too, from the first trace (where it is not 1): a batch size that
+        # made dynamo recompile would get a new runtime, and the sessions of the calls at the
+        # first one would be lost to their next calls (interleaved generations of two sizes)
+        for tensor in [input_ids] + [kwargs[name] for name in per_token]:
+            _torch_private.mark_dynamic(tensor, 1)
+            _torch_private.maybe_mark_dynamic(tensor, 0)
         if self._takes_use_cache:
             kwargs.setdefault(
                 "use_cache", False

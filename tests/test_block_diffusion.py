@@ -835,6 +835,60 @@ def test_a_call_with_the_same_tokens_and_another_mask_is_a_new_prompt(first, sec
     assert optimized.cache_stats()["transitions"] == {"new": 2}
 
 
+def _greedy_blocks(call, prompt, gen_length, block):
+    """A block loop as a generator (it yields after every model call, so that tests can run
+    generations interleaved): greedy, one token a call, blocks of ``block``, float64 masks.
+    Returns the (B, P + gen_length) tokens."""
+    batch, p = prompt.shape
+    total = -(-(p + gen_length) // block) * block
+    mask = block_causal_mask(total, block, dtype=torch.float64)
+    x = torch.full((batch, total), MASK)
+    x[:, :p] = prompt
+    rows = torch.arange(batch)
+    for end in range((p // block + 1) * block, total + 1, block):
+        while (x[:, end - block : end] == MASK).any():
+            with torch.no_grad():
+                out = call(x[:, :end], attention_mask=mask[:, :, :end, :end])
+            yield
+            confidence, token = out.logits[:, end - block : end].softmax(-1).max(-1)
+            masked = x[:, end - block : end] == MASK
+            pick = confidence.masked_fill(~masked, -1).argmax(-1)  # (B,)
+            x[rows, end - block + pick] = token[rows, pick]
+    return x[:, : p + gen_length]
+
+
+def _interleaved(generators) -> list:
+    """Run generators a call each in turn; their return values."""
+    results, live = [None] * len(generators), dict(enumerate(generators))
+    while live:
+        for i, gen in list(live.items()):
+            try:
+                next(gen)
+            except StopIteration as done:
+                results[i] = done.value
+                del live[i]
+    return results
+
+
+@pytest.mark.parametrize("batches", [(3, 2), (1, 2), (2, 1, 3)])
+def test_generations_of_other_batch_sizes_interleaved_keep_their_sessions(batches):
+    """Generations of different batch sizes served a call each in turn (a server's requests).
+    A batch size that made dynamo recompile got a new runtime, and the sessions of the sizes
+    before it were lost: their next call ran the prefill again, silently, and under eviction
+    re-voted mid-block, so the tokens depended on what the process had compiled before. Each
+    generation now gets what it gets alone on a fresh model, with one prefill per generation.
+    Found by a randomized hunt."""
+    model = _zero_mask_row(tiny_qwen3(dtype=torch.float64))
+    prompts = [_prompt(b, 10 + 3 * i, seed=i) for i, b in enumerate(batches)]
+    optimized = maskkv_compile.optimize(model, budget=5, backend="eager")
+    got = _interleaved([_greedy_blocks(optimized, p, 8, 4) for p in prompts])
+    for prompt, tokens in zip(prompts, got):
+        fresh = maskkv_compile.optimize(model, budget=5, backend="eager")
+        assert torch.equal(tokens, _interleaved([_greedy_blocks(fresh, prompt, 8, 4)])[0])
+    transitions = optimized.cache_stats()["transitions"]
+    assert transitions["new"] == len(batches) and set(transitions) == {"new", "step", "extend"}
+
+
 class ReleasedEraRotary(torch.nn.Module):
     """Rotary cos/sin spelled as transformers 4.x (and LLaDA2's released file) spell them:
     ``inv_freq[None, :, None] @ position_ids[:, None, :]``, which ties the position ids' strides

@@ -236,6 +236,12 @@ def test_plain_inputs_get_clear_errors_or_work():
         optimized(x, labels=x)
     with pytest.raises(ValueError, match="logits_to_keep=3"):
         optimized(x, logits_to_keep=3)
+    # a step computes the response rows only: the other rows' states do not exist (a block
+    # step returned the block's rows alone, found by a randomized hunt)
+    for name in ("output_hidden_states", "output_attentions"):
+        with pytest.raises(ValueError, match=f"{name}=True.*call the original model"):
+            optimized(x, **{name: True})
+    assert optimized(x, output_hidden_states=False).logits.shape[:2] == x.shape
     from transformers import DynamicCache
 
     # a loop that keeps its own cache (SDAR's, Fast-dLLM v2's) is told what to call instead
