@@ -14,11 +14,15 @@ The rules, in the order they are tried:
    an optimizer step, ``.to(dtype)``) is dropped before anything else; a call that continues
    it is a NEW prompt, counted as a re-prefill for "weights changed".
 2. CONTINUE: the first live session (most recent first) whose facts say the call continues
-   it: same shape, device and padding, same tokens and per-token inputs at every prompt
-   position, and the same values of every other tensor input.
+   it: same shape, device, padding and block ends, same tokens and per-token inputs at every
+   prompt position, and the same values of every other tensor input. Of several, one it
+   continues without a restart (3.) first, and of those one whose committed response tokens
+   the call holds (two generations of one prompt served in turn: each goes on with the
+   session its own last call left).
 3. RESTART: a continuing call in which a response position that held a committed token at
    the session's last call holds the mask token again is a new generation: NEW layout,
-   prefill (``Transition.RESTART``). So is, for a block window whose last call was its
+   prefill (``Transition.RESTART``), in a session of its own; the restarted one stays live
+   for the generation that left it. So is, for a block window whose last call was its
    prefill, the very same call again (block loops commit a token at every call: it is a
    generation of one call per window run again).
 4. REFRESH: a continuing call that is the ``prompt_refresh``-th since the prefill reruns
@@ -36,9 +40,10 @@ The rules, in the order they are tried:
    when the buffer is not held).
 6. EXTEND: a block-causal call (block diffusion) that is a live block session's window grown
    by one block (same prefix, the old window's block ends kept, one new block, no mask token
-   left before it) extends it
-   (tried before CONTINUE when the continued session is older than the grown one, or the call
-   restarts it: a block loop run again on one prompt meets its earlier run's sessions):
+   left before it) extends it, one whose committed block tokens the call holds first
+   (tried before CONTINUE when the continued session is older than the grown one, unless
+   only the continued one holds the call's committed tokens, or when the call restarts it: a
+   block loop run again on one prompt meets its earlier run's sessions):
    the finished block is computed once with its final tokens and joins the cached prefix, and
    the new block runs as a step (``runtime._run_extend``). A block-causal call that holds the
    mask token before its last block runs UNCACHED (``Fallback.BLOCK_NOT_LAST``).
@@ -146,6 +151,9 @@ class SessionFacts:
     )
     off_grid: bool = False  # a token was committed outside the cached block since the last call
     extends: bool = False  # the call is its block-causal window grown by one block
+    # the call holds the tokens the session's last call had committed in its response (one of
+    # two sessions of one prompt is this generation's: the one its last call left)
+    agrees: bool = True
 
 
 @dataclass(frozen=True)
@@ -186,9 +194,17 @@ def decide(
     (:func:`new_prompt`)."""
     stale = tuple(i for i, s in enumerate(sessions) if s.weights != call.weights)
     live = [None if i in stale else f for i, f in enumerate(facts)]
-    match = next((i for i, f in enumerate(live) if f is not None and f.continues), None)
-    grown = next((i for i, f in enumerate(live) if f is not None and f.extends), None)
-    if grown is not None and (match is None or facts[match].restarted or grown < match):
+    continued = [i for i, f in enumerate(live) if f is not None and f.continues]
+    # Generations of one prompt served in turn each go on with the session their last call
+    # left: among sessions the call continues, one it steps on beats one it would restart, and
+    # one whose committed tokens it holds beats one whose it does not (most recent first else)
+    steps = [i for i in continued if not facts[i].restarted]
+    match = _agreeing(steps, facts) if steps else (continued[0] if continued else None)
+    grown = _agreeing([i for i, f in enumerate(live) if f is not None and f.extends], facts)
+    newer = grown is not None and match is not None and grown < match
+    if newer and facts[match].agrees and not facts[grown].agrees:
+        newer = False  # the session this generation's last call left
+    if grown is not None and (match is None or facts[match].restarted or newer):
         # A window grown by one block is stronger evidence than a session of the same window
         # from an earlier run of the loop: a block loop run twice on one prompt reaches, at
         # each window, its own grown session as well as the earlier run's session of that
@@ -236,6 +252,11 @@ def decide(
             stale=stale,
         )
     return Plan(Transition.STEP, match, revote=due, stale=stale)
+
+
+def _agreeing(candidates: list[int], facts) -> Optional[int]:
+    """The first candidate session whose committed tokens the call holds, else the first."""
+    return next((i for i in candidates if facts[i].agrees), candidates[0] if candidates else None)
 
 
 def new_prompt(

@@ -356,13 +356,17 @@ class MaskKVRuntime:
         pending, keys = [], []  # 0-d tensors to read; per session the names of its facts
         for session in (*self.sessions, *self.dropped):
             if session.may_extend(call):  # another shape: a block window grown, or nothing
-                keys.append(["extends"])
-                pending.append(session.extends(call))
+                keys.append(["extends", "agrees"])
+                pending += [session.extends(call), session.agrees(call)]
                 continue
             if not session.matches(call):
                 keys.append(None)
                 continue
-            facts = {"continues": session.continues(call), "restarted": session.restarted(call)}
+            facts = {
+                "continues": session.continues(call),
+                "restarted": session.restarted(call),
+                "agrees": session.agrees(call),
+            }
             for feature in self.features if session in self.sessions else ():
                 facts.update(feature.evidence(session, call))
             keys.append(list(facts))
@@ -379,6 +383,7 @@ class MaskKVRuntime:
                 continues=bool(f.get("continues", 0)),
                 restarted=bool(f.get("restarted", 0)),
                 extends=bool(f.get("extends", 0)),
+                agrees=bool(f.get("agrees", 1)),
                 current_block=f["current_block"] if f.get("current_block", -1) >= 0 else None,
                 off_grid=bool(f.get("off_grid", 0)),
             )
@@ -437,12 +442,13 @@ class MaskKVRuntime:
         if plan.stale:
             # their prefill ran with other weights: never continued, never a CFG reference
             self.sessions = [s for i, s in enumerate(live) if i not in plan.stale]
-        if plan.session is not None:
+        if plan.session is not None and plan.transition is not Transition.RESTART:
             session = live[plan.session]
             self.sessions.remove(session)
-            if plan.transition is not Transition.RESTART:
-                self.sessions.insert(0, session)
-                return session, plan
+            self.sessions.insert(0, session)
+            return session, plan
+        # a new prompt, or a restart: a new session; a restarted one stays, for the generation
+        # that left it (``routing.py``, rule 3)
         layout = self._new_layout(call)
         plan = new_prompt(
             plan,

@@ -199,6 +199,15 @@ class Session:
             differs = differs | (x != y).any()
         return ~differs
 
+    def agrees(self, call: Call) -> torch.Tensor:
+        """0-d bool: the call holds the tokens this session's last call had committed in its
+        response (its block, for a block window), at the same positions (for a grown window,
+        in its first ``S`` positions). A preference between sessions, not a condition: an
+        editing loop rewrites committed tokens."""
+        seq = self.ids.shape[1]
+        committed = self.layout.response & ~self.masked  # (B, S)
+        return ~(committed & (call.ids[:, :seq] != self.ids)).any()
+
     def restarted(self, call: Call) -> torch.Tensor:
         """0-d bool: a response position that held a committed token at the last call holds the
         mask token again (a new generation of the same prompt). For a block window whose last

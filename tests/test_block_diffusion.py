@@ -835,10 +835,10 @@ def test_a_call_with_the_same_tokens_and_another_mask_is_a_new_prompt(first, sec
     assert optimized.cache_stats()["transitions"] == {"new": 2}
 
 
-def _greedy_blocks(call, prompt, gen_length, block):
+def _greedy_blocks(call, prompt, gen_length, block, per_call=1):
     """A block loop as a generator (it yields after every model call, so that tests can run
-    generations interleaved): greedy, one token a call, blocks of ``block``, float64 masks.
-    Returns the (B, P + gen_length) tokens."""
+    generations interleaved): greedy, ``per_call`` tokens a call, blocks of ``block``, float64
+    masks. Returns the (B, P + gen_length) tokens."""
     batch, p = prompt.shape
     total = -(-(p + gen_length) // block) * block
     mask = block_causal_mask(total, block, dtype=torch.float64)
@@ -852,8 +852,12 @@ def _greedy_blocks(call, prompt, gen_length, block):
             yield
             confidence, token = out.logits[:, end - block : end].softmax(-1).max(-1)
             masked = x[:, end - block : end] == MASK
-            pick = confidence.masked_fill(~masked, -1).argmax(-1)  # (B,)
-            x[rows, end - block + pick] = token[rows, pick]
+            for _ in range(per_call):
+                pick = confidence.masked_fill(~masked, -1).argmax(-1)  # (B,)
+                x[rows, end - block + pick] = torch.where(
+                    masked[rows, pick], token[rows, pick], x[rows, end - block + pick]
+                )
+                masked[rows, pick] = False
     return x[:, : p + gen_length]
 
 
@@ -887,6 +891,26 @@ def test_generations_of_other_batch_sizes_interleaved_keep_their_sessions(batche
         assert torch.equal(tokens, _interleaved([_greedy_blocks(fresh, prompt, 8, 4)])[0])
     transitions = optimized.cache_stats()["transitions"]
     assert transitions["new"] == len(batches) and set(transitions) == {"new", "step", "extend"}
+
+
+def test_generations_of_one_prompt_served_in_turn_each_keep_their_own_session():
+    """Two generations of one prompt, one committing a token a call and the other two, served
+    a call each in turn (a server's requests; sampling n answers to one prompt). Their first
+    calls are the very same call: the second restarted the first's session in place, so the
+    first then extended it and the second, left without a session, ran its prefill again in
+    the middle of its block, and re-voted there. A restarted session now stays live, and a call
+    continues a session it steps on before one it would restart: each generation gets what it
+    gets alone. Found by a randomized hunt."""
+    model = _zero_mask_row(tiny_qwen3(dtype=torch.float64))
+    prompt = _prompt(1, 12)
+    optimized = maskkv_compile.optimize(model, budget=5, backend="eager")
+    got = _interleaved([_greedy_blocks(optimized, prompt, 12, 4, n) for n in (1, 2)])
+    for per_call, tokens in zip((1, 2), got):
+        fresh = maskkv_compile.optimize(model, budget=5, backend="eager")
+        alone = _interleaved([_greedy_blocks(fresh, prompt, 12, 4, per_call)])[0]
+        assert torch.equal(tokens, alone)
+    transitions = optimized.cache_stats()["transitions"]
+    assert (transitions["new"], transitions.get("restart", 0)) == (1, 1)  # two prefills
 
 
 class ReleasedEraRotary(torch.nn.Module):

@@ -192,3 +192,58 @@ def test_a_row_masking_part_of_another_rows_prompt_is_its_own_row_not_a_cfg_copy
     assert layout.twins == (None, None)
     assert layout.response[1].nonzero().flatten().tolist() == [2, 3, 4, 14, 15, 16, 17]
     assert bool((logits[1, 2:5] != 0).any(-1).all())  # the extra span's logits are returned
+
+
+def _greedy(call, prompt, gen_length, mask_id, per_call):
+    """LLaDA's loop as a generator (it yields after every model call, so that generations can
+    be served in turn): greedy, ``per_call`` tokens a call. Returns the (1, P + L) tokens."""
+    x = torch.cat([prompt, torch.full((1, gen_length), mask_id)], 1)
+    while (x == mask_id).any():
+        with torch.no_grad():
+            logits = call(x).logits
+        yield
+        confidence, token = logits.softmax(-1).max(-1)
+        confidence = confidence.masked_fill(x != mask_id, -1)
+        pick = confidence.topk(min(per_call, int((x == mask_id).sum())), -1).indices
+        x[0, pick[0]] = token[0, pick[0]]
+    return x
+
+
+def test_a_generation_of_the_same_prompt_started_meanwhile_keeps_the_first_ones_session():
+    """A second generation of one prompt (two tokens a call) starts while the first (one token a
+    call) is under way, and the two are served a call each in turn: a server's requests, or n
+    samples of one prompt. The second's first call restarted the first's session in place, and
+    from then on each call restarted the session the other had left: a prefill per call,
+    re-voted with what masks were left. A restarted session now stays live, and a call goes on
+    with the session its own last call left: each generation gets its tokens alone, with one
+    prefill each. (Started together, their first calls are the very same call, which a loop
+    that commits nothing at a call also makes: the second then steps on the first's prefill.)
+    Found by a randomized hunt."""
+    model = build("llada", dtype=torch.float64)
+    mask_id = model.config.mask_token_id
+    prompt, _ = prompt_and_masks(model, P, L)
+
+    def finish(run):
+        while True:
+            try:
+                next(run)
+            except StopIteration as done:
+                return done.value
+
+    optimized = maskkv_compile.optimize(model, budget=4, backend="eager")
+    first, second = (_greedy(optimized, prompt, L, mask_id, n) for n in (1, 2))
+    next(first)  # the first generation's first call
+    live, got = {0: first, 1: second}, {}
+    while live:
+        for i, run in list(live.items()):
+            try:
+                next(run)
+            except StopIteration as done:
+                got[i] = done.value
+                del live[i]
+    for i, per_call in enumerate((1, 2)):
+        fresh = maskkv_compile.optimize(model, budget=4, backend="eager")
+        assert torch.equal(got[i], finish(_greedy(fresh, prompt, L, mask_id, per_call)))
+    counts = transitions(optimized)
+    assert (counts["new"], counts.get("restart", 0)) == (1, 1)
+    assert counts["step"] == (L - 1) + (L // 2 - 1)
