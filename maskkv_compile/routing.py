@@ -201,10 +201,12 @@ def decide(
     steps = [i for i in continued if not facts[i].restarted]
     match = _agreeing(steps, facts) if steps else (continued[0] if continued else None)
     grown = _agreeing([i for i, f in enumerate(live) if f is not None and f.extends], facts)
-    newer = grown is not None and match is not None and grown < match
-    if newer and facts[match].agrees and not facts[grown].agrees:
-        newer = False  # the session this generation's last call left
-    if grown is not None and (match is None or facts[match].restarted or newer):
+    if grown is not None and (
+        match is None
+        or facts[match].restarted
+        # the newer one, unless only the continued one is what this generation's call left
+        or (grown < match and (facts[grown].agrees or not facts[match].agrees))
+    ):
         # A window grown by one block is stronger evidence than a session of the same window
         # from an earlier run of the loop: a block loop run twice on one prompt reaches, at
         # each window, its own grown session as well as the earlier run's session of that
