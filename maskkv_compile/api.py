@@ -438,6 +438,10 @@ def optimize(
     recent: Optional[int] = None,
     prefill_chunk: Optional[int] = None,
     token_modules=None,
+    max_sessions: Optional[int] = None,
+    reuse_logits: Optional[bool] = None,
+    min_keep: Optional[int] = None,
+    vote_chunk: Optional[int] = None,
     config: Optional[MaskKVConfig] = None,
 ) -> MaskKVModel:
     """Rewrite ``model`` for MaskKV; nothing about the model itself changes.
@@ -465,6 +469,11 @@ def optimize(
         1024); 0 encodes the prompt in one call.
     token_modules: class names of token-wise submodules dynamo cannot trace (an MoE block that
         dispatches on the host), each run as one op (see ``maskkv_compile/token_modules.py``).
+    max_sessions: prompts cached at once (default 2).
+    reuse_logits: the drop-in (B, S, V) logits in one buffer per prompt, rewritten in place
+        (default False).
+    min_keep: fewest entries any KV head keeps (default 1).
+    vote_chunk: voter rows per chunk in ``maskkv::mask_votes`` (default 64).
     config: a full :class:`MaskKVConfig`; the keyword arguments above override its fields.
     """
     overrides = {
@@ -484,6 +493,10 @@ def optimize(
             recent=recent,
             prefill_chunk=prefill_chunk,
             token_modules=token_modules,
+            max_sessions=max_sessions,
+            reuse_logits=reuse_logits,
+            min_keep=min_keep,
+            vote_chunk=vote_chunk,
         ).items()
         if v is not None
     }

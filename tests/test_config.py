@@ -4,7 +4,9 @@ spellings they replace, the runtime's view, printing, and the family detection t
 
 import ast
 import dataclasses
+import inspect
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -344,3 +346,20 @@ def test_the_cli_takes_policy_names_validated_by_the_config():
         ["eval", "--policies", "maskkv", "adakv", "--heatmap-policies", "streaming"]
     )
     assert args.policies == ["maskkv", "adakv"] and args.heatmap_policies == ["streaming"]
+
+
+def test_optimize_takes_every_option_the_readme_lists():
+    """The README's options table is the contract of ``optimize`` as of ``MaskKVConfig``:
+    ``optimize`` refused four of them (max_sessions, reuse_logits, min_keep, vote_chunk) with
+    a TypeError. Found by a randomized hunt."""
+    from helpers import build
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("## Options (`MaskKVConfig`", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^\| `(\w+)` \|", table, flags=re.M)
+    assert len(listed) >= 15
+    taken = inspect.signature(maskkv_compile.optimize).parameters
+    assert [name for name in listed if name not in taken] == []
+    values = dict(max_sessions=3, reuse_logits=True, min_keep=2, vote_chunk=32)
+    optimized = maskkv_compile.optimize(build("llada"), budget=4, backend="eager", **values)
+    assert {k: getattr(optimized.maskkv_config, k) for k in values} == values
