@@ -20,7 +20,7 @@ from maskkv_compile.mask_rule import grid_ends, probe_block_length
 from maskkv_compile.masks import MaskReader
 from maskkv_compile.passes import UnsupportedModelError
 from maskkv_compile.profile import model_fingerprint
-from maskkv_compile.runtime import Counts, MaskKVRuntime, padding
+from maskkv_compile.runtime import Counts, MaskKVRuntime, owned_by, padding
 from maskkv_compile.shared_trace import active, shared_trace
 from maskkv_compile.tensor_parallel import check_model as check_tensor_parallel
 from maskkv_compile.tensor_parallel import mixed_dtensor_error
@@ -190,7 +190,7 @@ class MaskKVModel(torch.nn.Module):
             return self._kv_loop(
                 input_ids,
                 kwargs,
-                lambda ids, kw, ends: self._run(ids, kw, None, ends),
+                self._run_owned,
                 kv_loop,
                 plain=self.wrapped,
             )
@@ -202,6 +202,11 @@ class MaskKVModel(torch.nn.Module):
             # the model makes blocks of a 2-D mask inside its forward (``mask_rule.py``)
             key_end = grid_ends(input_ids.shape[1], self._block_rule(), input_ids.device)
         return self._run(input_ids, kwargs, key_valid, key_end)
+
+    def _run_owned(self, input_ids, kwargs: dict, key_end, cache):
+        """A call of a loop that keeps its own cache object (``kv_loop.py``), as its window."""
+        with owned_by(cache):
+            return self._run(input_ids, kwargs, None, key_end)
 
     def _run(self, input_ids, kwargs: dict, key_valid, key_end):
         """The call through the traced model and the runtime, its masks already read: padding

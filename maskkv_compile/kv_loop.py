@@ -193,8 +193,9 @@ class KVLoop:
         protocol: Protocol = SDAR,
         plain: Optional[Callable[..., object]] = None,
     ):
-        """The call, routed as its window: ``run(window_ids, kwargs, key_end)`` runs the model
-        on the window (block ends ``key_end``, no padding) and returns its output.
+        """The call, routed as its window: ``run(window_ids, kwargs, key_end, cache)`` runs the
+        model on the window (block ends ``key_end``, no padding) as a call of the loop whose
+        cache object is ``cache`` (its sessions are that object's alone) and returns its output.
         ``plain(input_ids, **kwargs)`` runs the unoptimized model: Fast-dLLM v2's block-cache
         calls on a block before anything is stored (a prompt of one block or less, which the
         loop does not prefill) go there, block cache and all: with no prefix, MaskKV has nothing
@@ -316,7 +317,7 @@ class KVLoop:
         ends = grid_ends(start + n, block, input_ids.device)
         positions = torch.arange(start + n, device=input_ids.device).expand(batch, -1)
         with buffer_call(marked):
-            out = run(window, {**kwargs, "position_ids": positions}, ends)
+            out = run(window, {**kwargs, "position_ids": positions}, ends, cache)
         if store:
             stored.tokens = window
         out = self._call_rows(out, start + lo, rows, where, cache, protocol, stored)
@@ -352,7 +353,7 @@ class KVLoop:
         window = torch.cat([input_ids, masks], dim=1)  # (B, n + block)
         ends = grid_ends(n + block, block, input_ids.device)
         positions = torch.arange(n + block, device=input_ids.device).expand(batch, -1)
-        out = run(window, {**kwargs, "position_ids": positions}, ends)
+        out = run(window, {**kwargs, "position_ids": positions}, ends, cache)
         stored.tokens = input_ids
         return self._call_rows(out, 0, n, where, cache, FAST_DLLM, stored)
 

@@ -48,9 +48,10 @@ import contextlib
 import contextvars
 import logging
 import warnings
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -105,6 +106,9 @@ _KEY_VALID: contextvars.ContextVar[Optional[torch.Tensor]] = contextvars.Context
 _KEY_END: contextvars.ContextVar[Optional[torch.Tensor]] = contextvars.ContextVar(
     "maskkv_key_end", default=None
 )
+_OWNER: contextvars.ContextVar[Optional[weakref.ref]] = contextvars.ContextVar(
+    "maskkv_owner", default=None
+)
 
 
 class CacheFallbackWarning(UserWarning):
@@ -120,6 +124,17 @@ def response_logits_only():
         yield
     finally:
         _RESPONSE_ONLY.reset(token)
+
+
+@contextlib.contextmanager
+def owned_by(cache) -> Iterator[None]:
+    """The calls made in this block are a loop's that keeps its own cache object ``cache``
+    (``kv_loop.py``): they go on with sessions of that object only."""
+    token = _OWNER.set(None if cache is None else weakref.ref(cache))
+    try:
+        yield
+    finally:
+        _OWNER.reset(token)
 
 
 @contextlib.contextmanager
@@ -309,6 +324,7 @@ class MaskKVRuntime:
             weight_signature([args[i] for i in self.weight_pos]),
             ids == self.mask_token_id,
             key_end,
+            _OWNER.get(),
         )
 
     def _model_mask(self, args, ids: torch.Tensor) -> Optional[torch.Tensor]:
@@ -465,6 +481,7 @@ class MaskKVRuntime:
             [x.clone() for x in call.per_token],
             [x.clone() for x in call.others],
             call.weights,
+            owner=call.owner,
         )
         for feature in self.features:
             fallback = feature.start(session)
@@ -478,7 +495,13 @@ class MaskKVRuntime:
                 self.dropped.insert(
                     0,
                     Session(
-                        old.layout, old.ids, old.masked, old.per_token, old.others, old.weights
+                        old.layout,
+                        old.ids,
+                        old.masked,
+                        old.per_token,
+                        old.others,
+                        old.weights,
+                        owner=old.owner,
                     ),
                 )
             del self.sessions[self.config.max_sessions :]

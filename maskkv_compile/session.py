@@ -65,6 +65,9 @@ class Call:
     weights: tuple  # the weight signature (``weight_signature``)
     masked: torch.Tensor  # (B, S) bool: ids == the mask token
     key_end: Optional[torch.Tensor] = None  # (S,) block ends of a block-causal call (``masks``)
+    # the cache object of a loop that keeps its own (``kv_loop.py``), weakly: its calls go on
+    # with its own sessions only (None: a drop-in call)
+    owner: Optional[Any] = None
 
 
 def weight_signature(tensors: list) -> tuple:
@@ -96,6 +99,7 @@ class Session:
     layers: list[LayerCache] = field(default_factory=list)
     steps_since_prefill: int = 0
     logits: Optional[LogitsBuffers] = None  # the (B, S, V) buffers of the drop-in call
+    owner: Optional[Any] = None  # the call's ``owner``: the loop's cache object, weakly
     state: dict[str, Any] = field(
         default_factory=dict
     )  # feature name -> its state for this session
@@ -124,6 +128,7 @@ class Session:
         """Host facts allow the call to continue this session (shape, device, inputs)."""
         return (
             self.layout.has_prompt
+            and self.owned_like(call)
             and call.ids.shape == self.ids.shape
             and call.ids.device == self.ids.device
             # a block-causal call continues a block session only, and a call without blocks
@@ -136,6 +141,14 @@ class Session:
                 x.shape == y.shape and x.dtype == y.dtype for x, y in zip(call.others, self.others)
             )
         )
+
+    def owned_like(self, call: Call) -> bool:
+        """The call and this session come from the same loop's cache object, or both from
+        drop-in calls: two loops of one prompt, each with its own cache, never share a
+        session."""
+        if self.owner is None or call.owner is None:
+            return self.owner is call.owner
+        return self.owner() is not None and self.owner() is call.owner()
 
     def continues(self, call: Call) -> torch.Tensor:
         """0-d bool on the call's device: the call has this session's padding and block ends
@@ -160,6 +173,7 @@ class Session:
         """Host facts allow the call to be this block session's window grown by blocks."""
         return (
             self.layout.block_start is not None
+            and self.owned_like(call)
             and call.key_end is not None
             and self.layout.has_prompt
             and call.ids.shape[0] == self.ids.shape[0]

@@ -352,16 +352,9 @@ def test_a_buffer_the_session_no_longer_holds_gets_the_whole_block(pair):
     assert dict(stats["transitions"]) == {"new": 1, "block_refresh": 2, "step": 2}
 
 
-def test_two_loops_taking_turns_on_one_model_each_get_the_plain_models_tokens(pair):
-    """Two block-cache generations (other prompts and batch sizes) call one MaskKV model in
-    turns, one call each: each session holds its own buffer's K/V, so every small-block call is
-    still a block step, and each loop gets the plain model's tokens."""
-    model, optimized = pair
-    prompts = [_prompt(1, 40, seed=21), _prompt(2, 52, seed=22)]
-    kwargs = dict(block_size=8, max_new_tokens=24, small_block_size=4, mask_id=MASK)
-    kwargs.update(use_block_cache=True, threshold=0.3)
-    references = [fastdllm_cached_generate(model, p, **kwargs) for p in prompts]
-    optimized.reset()
+def _taking_turns(optimized, model, runs) -> tuple[list, dict]:
+    """Each (prompt, keywords) of ``runs`` as its own generation on ``optimized``, the loops
+    calling it in turns, one call each (threads); their tokens, and what the calls were."""
     turn = threading.Condition()
     state = {"next": 0, "done": [False, False], "small": 0, "order": []}
     outputs = [None, None]
@@ -378,7 +371,8 @@ def test_two_loops_taking_turns_on_one_model_each_get_the_plain_models_tokens(pa
             return out
 
         try:
-            outputs[me] = fastdllm_cached_generate(model, prompts[me], call=call, **kwargs)
+            prompt, kwargs = runs[me]
+            outputs[me] = fastdllm_cached_generate(model, prompt, call=call, **kwargs)
         finally:
             with turn:
                 state["done"][me] = True
@@ -389,12 +383,74 @@ def test_two_loops_taking_turns_on_one_model_each_get_the_plain_models_tokens(pa
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
+    return outputs, state
+
+
+def test_two_loops_taking_turns_on_one_model_each_get_the_plain_models_tokens(pair):
+    """Two block-cache generations (other prompts and batch sizes) call one MaskKV model in
+    turns, one call each: each session holds its own buffer's K/V, so every small-block call is
+    still a block step, and each loop gets the plain model's tokens."""
+    model, optimized = pair
+    prompts = [_prompt(1, 40, seed=21), _prompt(2, 52, seed=22)]
+    kwargs = dict(block_size=8, max_new_tokens=24, small_block_size=4, mask_id=MASK)
+    kwargs.update(use_block_cache=True, threshold=0.3)
+    references = [fastdllm_cached_generate(model, p, **kwargs) for p in prompts]
+    optimized.reset()
+    outputs, state = _taking_turns(optimized, model, [(p, kwargs) for p in prompts])
     for got, reference in zip(outputs, references):
         assert got is not None and torch.equal(got, reference)
     stats = optimized.cache_stats()
     assert stats["fallbacks"] == {}
     assert stats["transitions"]["new"] == 2 and stats["transitions"]["block_step"] == state["small"]
     assert state["small"] > 0 and state["order"][:20] == [0, 1] * 10  # they took turns
+
+
+@pytest.mark.parametrize("budget", [10**6, 3], ids=["full budget, block cache", "evicting"])
+def test_two_loops_of_one_prompt_taking_turns_keep_their_own_sessions(budget):
+    """Two generations of one prompt (other small blocks and thresholds), each with its own
+    cache object, calling one MaskKV model in turns. Routing matched sessions by the window's
+    tokens, so the two shared one: with the block cache, one loop's refresh dropped the other's
+    buffer (its small-block calls then read fresh K/V where the plain model reads stale ones),
+    and under eviction one loop's prefill re-selected the other's prefix. A loop's calls now go
+    on with its own cache object's sessions only: each gets what it gets alone. Found by a
+    randomized hunt."""
+    model = _model()
+    if budget > 3:
+        prompt, block, smalls, thresholds, new = (
+            _prompt(2, 18, seed=10),
+            16,
+            (16, 4),
+            (0.95, 0.3),
+            (32, 16),
+        )
+    else:
+        prompt, block, smalls, thresholds, new = (
+            _prompt(1, 35, seed=5),
+            8,
+            (8, 4),
+            (0.3, 0.3),
+            (16, 16),
+        )
+    runs = [
+        (
+            prompt,
+            dict(
+                block_size=block,
+                small_block_size=small,
+                threshold=threshold,
+                max_new_tokens=tokens,
+                mask_id=MASK,
+                use_block_cache=budget > 3,
+            ),
+        )
+        for small, threshold, tokens in zip(smalls, thresholds, new)
+    ]
+    optimized = _optimize(model, budget)
+    outputs, state = _taking_turns(optimized, model, runs)
+    for got, (_, kwargs) in zip(outputs, runs):
+        alone = fastdllm_cached_generate(model, prompt, call=_optimize(model, budget), **kwargs)
+        assert got is not None and torch.equal(got, alone)
+    assert optimized.cache_stats()["fallbacks"] == {} and state["order"][:6] == [0, 1] * 3
 
 
 def test_block_cache_calls_off_the_protocol_are_refused(pair):
