@@ -88,3 +88,17 @@ def block_loop(
                     x[row, picked] = predicted[row, picked]
             step += 1
     return x
+
+
+def interleaved(generators) -> list:
+    """Run loops written as generators (each yields after every model call) a call each in
+    turn, as a server serves requests; their return values."""
+    results, live = [None] * len(generators), dict(enumerate(generators))
+    while live:
+        for i, gen in list(live.items()):
+            try:
+                next(gen)
+            except StopIteration as done:
+                results[i] = done.value
+                del live[i]
+    return results

@@ -25,6 +25,7 @@ from block_loops import (
     tiny_qwen3,
     tiny_self_blocked_qwen3,
 )
+from loops import interleaved
 from maskkv_compile.passes import UnsupportedModelError
 
 import maskkv_compile
@@ -861,19 +862,6 @@ def _greedy_blocks(call, prompt, gen_length, block, per_call=1):
     return x[:, : p + gen_length]
 
 
-def _interleaved(generators) -> list:
-    """Run generators a call each in turn; their return values."""
-    results, live = [None] * len(generators), dict(enumerate(generators))
-    while live:
-        for i, gen in list(live.items()):
-            try:
-                next(gen)
-            except StopIteration as done:
-                results[i] = done.value
-                del live[i]
-    return results
-
-
 @pytest.mark.parametrize("batches", [(3, 2), (1, 2), (2, 1, 3)])
 def test_generations_of_other_batch_sizes_interleaved_keep_their_sessions(batches):
     """Generations of different batch sizes served a call each in turn (a server's requests).
@@ -885,10 +873,10 @@ def test_generations_of_other_batch_sizes_interleaved_keep_their_sessions(batche
     model = _zero_mask_row(tiny_qwen3(dtype=torch.float64))
     prompts = [_prompt(b, 10 + 3 * i, seed=i) for i, b in enumerate(batches)]
     optimized = maskkv_compile.optimize(model, budget=5, backend="eager")
-    got = _interleaved([_greedy_blocks(optimized, p, 8, 4) for p in prompts])
+    got = interleaved([_greedy_blocks(optimized, p, 8, 4) for p in prompts])
     for prompt, tokens in zip(prompts, got):
         fresh = maskkv_compile.optimize(model, budget=5, backend="eager")
-        assert torch.equal(tokens, _interleaved([_greedy_blocks(fresh, prompt, 8, 4)])[0])
+        assert torch.equal(tokens, interleaved([_greedy_blocks(fresh, prompt, 8, 4)])[0])
     transitions = optimized.cache_stats()["transitions"]
     assert transitions["new"] == len(batches) and set(transitions) == {"new", "step", "extend"}
 
@@ -904,10 +892,10 @@ def test_generations_of_one_prompt_served_in_turn_each_keep_their_own_session():
     model = _zero_mask_row(tiny_qwen3(dtype=torch.float64))
     prompt = _prompt(1, 12)
     optimized = maskkv_compile.optimize(model, budget=5, backend="eager")
-    got = _interleaved([_greedy_blocks(optimized, prompt, 12, 4, n) for n in (1, 2)])
+    got = interleaved([_greedy_blocks(optimized, prompt, 12, 4, n) for n in (1, 2)])
     for per_call, tokens in zip((1, 2), got):
         fresh = maskkv_compile.optimize(model, budget=5, backend="eager")
-        alone = _interleaved([_greedy_blocks(fresh, prompt, 12, 4, per_call)])[0]
+        alone = interleaved([_greedy_blocks(fresh, prompt, 12, 4, per_call)])[0]
         assert torch.equal(tokens, alone)
     transitions = optimized.cache_stats()["transitions"]
     assert (transitions["new"], transitions.get("restart", 0)) == (1, 1)  # two prefills

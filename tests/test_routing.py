@@ -6,7 +6,7 @@ test drives an unmodified loop and asserts which path ran."""
 import pytest
 import torch
 from helpers import build, prompt_and_masks
-from loops import llada_loop
+from loops import interleaved, llada_loop
 
 import maskkv_compile
 
@@ -223,27 +223,14 @@ def test_a_generation_of_the_same_prompt_started_meanwhile_keeps_the_first_ones_
     mask_id = model.config.mask_token_id
     prompt, _ = prompt_and_masks(model, P, L)
 
-    def finish(run):
-        while True:
-            try:
-                next(run)
-            except StopIteration as done:
-                return done.value
-
     optimized = maskkv_compile.optimize(model, budget=4, backend="eager")
     first, second = (_greedy(optimized, prompt, L, mask_id, n) for n in (1, 2))
     next(first)  # the first generation's first call
-    live, got = {0: first, 1: second}, {}
-    while live:
-        for i, run in list(live.items()):
-            try:
-                next(run)
-            except StopIteration as done:
-                got[i] = done.value
-                del live[i]
+    got = interleaved([first, second])
     for i, per_call in enumerate((1, 2)):
         fresh = maskkv_compile.optimize(model, budget=4, backend="eager")
-        assert torch.equal(got[i], finish(_greedy(fresh, prompt, L, mask_id, per_call)))
+        alone = interleaved([_greedy(fresh, prompt, L, mask_id, per_call)])[0]
+        assert torch.equal(got[i], alone)
     counts = transitions(optimized)
     assert (counts["new"], counts.get("restart", 0)) == (1, 1)
     assert counts["step"] == (L - 1) + (L // 2 - 1)
