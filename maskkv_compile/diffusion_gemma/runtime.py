@@ -406,8 +406,8 @@ class DiffusionGemmaMaskKV(torch.nn.Module):
             return type(model).forward(model, *args, **kwargs)
         self.counts["decoder_calls"] += 1
         lengths = self._full_lengths(cache)
-        held = self._holds(cache)
-        state = state_of(cache)
+        state = state_of(cache)  # MaskKV's record on the cache (None: a cache it never held)
+        held = state is not None
         fresh = not held or state.lengths != lengths
         # the slots as the encoder left them: only a fresh cache has any this model has not seen
         slots = self._slots(cache, lengths) if fresh else None
